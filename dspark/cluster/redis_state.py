@@ -1,0 +1,539 @@
+"""Cluster-wide state in Redis (redis-py asyncio). This module owns every key.
+
+Key layout, all under a configurable prefix P (default "dspark"):
+
+    P:hb:<role>:<member>         string  JSON info of a live member; expires after its TTL
+    P:members:<role>             set     members that ever heartbeated (expired ones pruned on read)
+    P:demand:<group>             hash    Demand fields of a verifier group; expires (demand_ttl_s)
+    P:demand_groups              set     groups that reported demand (pruned on read)
+    P:arrivals:<unix_second>     string  requests that reached a router in that second; expires
+    P:arrivals_total             string  requests that reached a router, ever
+    P:cost:<group>               string  CostTable JSON of a verifier group
+    P:policy_version:<group>     string  policy version counter (INCR)
+    P:policy:<group>             hash    {version, policy (JSON without version), published_at}
+    P:policy_updates:<group>     channel pub/sub poke; the message is the new version number
+
+Roles are "router", "verifier", "drafter" and "scheduler". Heartbeat expiry
+uses Redis's clock (key TTLs), so hosts need not agree on time; arrival
+buckets use the writer's clock (hosts are assumed NTP-synced).
+
+Failure model: every method raises RedisUnavailable (a ConnectionError)
+when Redis cannot be reached, fast (short socket timeouts, one retry), and
+flips `connected` to False; the next call simply tries again, since redis-py
+reconnects on demand. PolicyFollower wraps this for verifiers: it keeps the
+last good policy (or a safe default) through outages.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from dspark.cluster.state_types import BUDGET_MODES, CostTable, Demand, Policy
+
+log = logging.getLogger(__name__)
+
+ROLES: tuple[str, ...] = ("router", "verifier", "drafter", "scheduler")
+
+__all__ = [
+    "BUDGET_MODES",
+    "ROLES",
+    "CostTable",
+    "Demand",
+    "Keys",
+    "Policy",
+    "PolicyFollower",
+    "PolicySubscription",
+    "RedisState",
+    "RedisUnavailable",
+    "StateConfig",
+]
+
+
+class RedisUnavailable(ConnectionError):
+    """Redis could not be reached (refused, timed out, or dropped the connection)."""
+
+
+def _check_name(kind: str, value: str) -> str:
+    # Names end up inside key names: keep them printable and bounded.
+    if not isinstance(value, str) or not value or len(value) > 200:
+        raise ValueError(f"{kind} must be a non-empty string of at most 200 characters, got {value!r}")
+    if any(c.isspace() or not c.isprintable() for c in value):
+        raise ValueError(f"{kind} must not contain whitespace or control characters: {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class StateConfig:
+    """Where the cluster state lives and how patiently to talk to it."""
+
+    url: str = "redis://127.0.0.1:6379/0"
+    """Redis server URL (DSPARK_REDIS_URL in deployments)."""
+    prefix: str = "dspark"
+    """Namespace of every key and channel; lets clusters share one Redis."""
+    socket_timeout_s: float = 0.5
+    """Per-command read timeout; keeps a dead Redis from stalling a step."""
+    connect_timeout_s: float = 0.5
+    """TCP connect timeout."""
+    retries: int = 1
+    """Immediate retries after a connection error (one covers a dropped pooled socket)."""
+    heartbeat_ttl_s: float = 5.0
+    """Default lifetime of a heartbeat; members heartbeat several times per TTL."""
+    demand_ttl_s: float = 30.0
+    """Demand of a group that stops reporting disappears after this long."""
+    arrival_retention_s: int = 300
+    """How long per-second arrival buckets are kept; the longest rate window."""
+
+    def __post_init__(self) -> None:
+        _check_name("prefix", self.prefix)
+        for name in ("socket_timeout_s", "connect_timeout_s", "heartbeat_ttl_s", "demand_ttl_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0")
+        if self.retries < 0 or self.arrival_retention_s < 1:
+            raise ValueError("retries must be >= 0 and arrival_retention_s >= 1")
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Every Redis key and channel name used by dspark (see the module doc)."""
+
+    prefix: str = "dspark"
+
+    def heartbeat(self, role: str, member: str) -> str:
+        return f"{self.prefix}:hb:{role}:{member}"
+
+    def members(self, role: str) -> str:
+        return f"{self.prefix}:members:{role}"
+
+    def demand(self, group: str) -> str:
+        return f"{self.prefix}:demand:{group}"
+
+    def demand_groups(self) -> str:
+        return f"{self.prefix}:demand_groups"
+
+    def arrivals_bucket(self, unix_second: int) -> str:
+        return f"{self.prefix}:arrivals:{unix_second}"
+
+    def arrivals_total(self) -> str:
+        return f"{self.prefix}:arrivals_total"
+
+    def cost_table(self, group: str) -> str:
+        return f"{self.prefix}:cost:{group}"
+
+    def policy_version(self, group: str) -> str:
+        return f"{self.prefix}:policy_version:{group}"
+
+    def policy(self, group: str) -> str:
+        return f"{self.prefix}:policy:{group}"
+
+    def policy_channel(self, group: str) -> str:
+        return f"{self.prefix}:policy_updates:{group}"
+
+
+# INCR the version (never below the publisher's last version, so a Redis that
+# lost its data does not hand out old numbers again), store the policy and
+# poke subscribers, atomically.
+_PUBLISH_POLICY_LUA = """
+local v = redis.call('INCR', KEYS[1])
+local floor = tonumber(ARGV[2])
+if v <= floor then
+  v = floor + 1
+  redis.call('SET', KEYS[1], v)
+end
+redis.call('HSET', KEYS[2], 'version', v, 'policy', ARGV[1], 'published_at', ARGV[3])
+redis.call('PUBLISH', ARGV[4], v)
+return v
+"""
+
+
+def _redis_errors() -> tuple[type[BaseException], ...]:
+    import redis.exceptions as rex
+
+    return (rex.ConnectionError, rex.TimeoutError, ConnectionError, TimeoutError, OSError)
+
+
+class RedisState:
+    """Async access to the cluster state. One instance per process is enough.
+
+        state = RedisState(StateConfig(url=url))
+        await state.heartbeat("verifier", "vg0", {"address": "127.0.0.1:5000"})
+        await state.put_demand("vg0", Demand(active_requests=3))
+        version = (await state.publish_policy("vg0", Policy(max_block_len=4))).version
+        await state.close()
+    """
+
+    def __init__(self, config: StateConfig | None = None) -> None:
+        import redis.asyncio as aioredis  # lazy: redis is a serving extra
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+
+        self.config = config or StateConfig()
+        self.keys = Keys(self.config.prefix)
+        self._errors = _redis_errors()
+        self._redis = aioredis.Redis.from_url(
+            self.config.url,
+            socket_timeout=self.config.socket_timeout_s,
+            socket_connect_timeout=self.config.connect_timeout_s,
+            retry=Retry(NoBackoff(), self.config.retries),
+            decode_responses=True,
+            health_check_interval=0,
+        )
+        self._publish_script = self._redis.register_script(_PUBLISH_POLICY_LUA)
+        self._last_published: dict[str, int] = {}
+        self._connected = False
+
+    @property
+    def connected(self) -> bool:
+        """Whether the most recent call reached Redis."""
+        return self._connected
+
+    async def _run(self, what: str, op):
+        """Await op(), translating connection failures into RedisUnavailable."""
+        try:
+            result = await op()
+        except self._errors as exc:
+            if self._connected:
+                log.warning("redis unreachable during %s: %s", what, exc)
+            self._connected = False
+            raise RedisUnavailable(f"redis unreachable during {what}: {exc}") from exc
+        if not self._connected:
+            log.info("redis reachable at %s", self.config.url)
+        self._connected = True
+        return result
+
+    async def ping(self) -> bool:
+        """True if Redis answers; never raises for connection problems."""
+        try:
+            return bool(await self._run("ping", self._redis.ping))
+        except RedisUnavailable:
+            return False
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+
+    async def __aenter__(self) -> "RedisState":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # ------------------------------------------------------------ heartbeats
+
+    async def heartbeat(
+        self,
+        role: str,
+        member: str,
+        info: Mapping[str, Any] | None = None,
+        ttl_s: float | None = None,
+    ) -> None:
+        """Mark `member` of `role` alive for ttl_s seconds (default config.heartbeat_ttl_s).
+
+        `info` (JSON-serialisable, e.g. the member's address) is returned by alive().
+        """
+        role = self._check_role(role)
+        _check_name("member", member)
+        ttl_s = self.config.heartbeat_ttl_s if ttl_s is None else ttl_s
+        if not ttl_s > 0:
+            raise ValueError(f"ttl_s must be > 0, got {ttl_s!r}")
+        ttl_ms = max(1, int(round(ttl_s * 1000)))
+        try:
+            payload = json.dumps(dict(info or {}), sort_keys=True, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"heartbeat info must be JSON-serialisable: {exc}") from exc
+
+        async def op():
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.set(self.keys.heartbeat(role, member), payload, px=ttl_ms)
+                pipe.sadd(self.keys.members(role), member)
+                await pipe.execute()
+
+        await self._run("heartbeat", op)
+
+    async def alive(self, role: str) -> dict[str, dict[str, Any]]:
+        """Members of `role` whose heartbeat has not expired: {member: info}."""
+        role = self._check_role(role)
+
+        async def op():
+            members = sorted(await self._redis.smembers(self.keys.members(role)))
+            if not members:
+                return {}
+            values = await self._redis.mget([self.keys.heartbeat(role, m) for m in members])
+            dead = [m for m, v in zip(members, values) if v is None]
+            if dead:
+                await self._redis.srem(self.keys.members(role), *dead)
+            return {m: v for m, v in zip(members, values) if v is not None}
+
+        raw = await self._run("alive", op)
+        out = {}
+        for member, value in raw.items():
+            try:
+                info = json.loads(value)
+            except json.JSONDecodeError:
+                info = None
+            out[member] = info if isinstance(info, dict) else {}
+        return out
+
+    async def remove_member(self, role: str, member: str) -> None:
+        """Drop a member at once (graceful shutdown) instead of waiting for its TTL."""
+        role = self._check_role(role)
+        _check_name("member", member)
+
+        async def op():
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.delete(self.keys.heartbeat(role, member))
+                pipe.srem(self.keys.members(role), member)
+                await pipe.execute()
+
+        await self._run("remove_member", op)
+
+    @staticmethod
+    def _check_role(role: str) -> str:
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+        return role
+
+    # ------------------------------------------------------------ demand
+
+    async def put_demand(self, group: str, demand: Demand) -> Demand:
+        """Store a group's demand (stamped with the current time if its timestamp is 0)."""
+        _check_name("group", group)
+        if demand.timestamp <= 0:
+            demand = dataclasses.replace(demand, timestamp=time.time())
+        key = self.keys.demand(group)
+
+        async def op():
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.hset(key, mapping=demand.to_fields())
+                pipe.pexpire(key, int(self.config.demand_ttl_s * 1000))
+                pipe.sadd(self.keys.demand_groups(), group)
+                await pipe.execute()
+
+        await self._run("put_demand", op)
+        return demand
+
+    async def get_demand(self, group: str) -> Demand | None:
+        """A group's latest demand, or None if it never reported or it expired."""
+        _check_name("group", group)
+        fields = await self._run("get_demand", lambda: self._redis.hgetall(self.keys.demand(group)))
+        return Demand.from_fields(fields) if fields else None
+
+    async def all_demand(self) -> dict[str, Demand]:
+        """{group: demand} for every group with unexpired demand."""
+
+        async def op():
+            groups = sorted(await self._redis.smembers(self.keys.demand_groups()))
+            if not groups:
+                return {}
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for g in groups:
+                    pipe.hgetall(self.keys.demand(g))
+                rows = await pipe.execute()
+            gone = [g for g, row in zip(groups, rows) if not row]
+            if gone:
+                await self._redis.srem(self.keys.demand_groups(), *gone)
+            return {g: row for g, row in zip(groups, rows) if row}
+
+        rows = await self._run("all_demand", op)
+        out = {}
+        for group, row in rows.items():
+            try:
+                out[group] = Demand.from_fields(row)
+            except ValueError as exc:
+                log.warning("ignoring malformed demand of group %s: %s", group, exc)
+        return out
+
+    # ------------------------------------------------------------ arrivals
+
+    async def record_arrivals(self, count: int = 1, now: float | None = None) -> None:
+        """Count `count` requests arriving at a router at time `now` (default: now)."""
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise ValueError(f"count must be a positive int, got {count!r}")
+        second = int(math.floor(time.time() if now is None else now))
+        key = self.keys.arrivals_bucket(second)
+
+        async def op():
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.incrby(key, count)
+                pipe.expire(key, self.config.arrival_retention_s + 1)
+                pipe.incrby(self.keys.arrivals_total(), count)
+                await pipe.execute()
+
+        await self._run("record_arrivals", op)
+
+    async def arrival_rate(self, window_s: int = 10, now: float | None = None) -> float:
+        """Requests per second over the last `window_s` complete seconds.
+
+        The current, partial second is left out, so the figure lags by under a
+        second but never reads low because a second has only just begun.
+        """
+        if isinstance(window_s, bool) or not isinstance(window_s, int):
+            raise ValueError(f"window_s must be an int, got {window_s!r}")
+        if not 1 <= window_s <= self.config.arrival_retention_s:
+            raise ValueError(f"window_s must be in [1, {self.config.arrival_retention_s}]")
+        current = int(math.floor(time.time() if now is None else now))
+        keys = [self.keys.arrivals_bucket(s) for s in range(current - window_s, current)]
+        counts = await self._run("arrival_rate", lambda: self._redis.mget(keys))
+        return sum(int(c) for c in counts if c is not None) / window_s
+
+    async def arrivals_total(self) -> int:
+        """All arrivals ever recorded (since Redis last lost its data)."""
+        value = await self._run("arrivals_total", lambda: self._redis.get(self.keys.arrivals_total()))
+        return int(value or 0)
+
+    # ------------------------------------------------------------ cost table
+
+    async def put_cost_table(self, group: str, table: CostTable) -> None:
+        """Publish a verifier group's profiled cost table (replaces the previous one)."""
+        _check_name("group", group)
+        payload = table.to_json()
+        await self._run("put_cost_table", lambda: self._redis.set(self.keys.cost_table(group), payload))
+
+    async def get_cost_table(self, group: str) -> CostTable | None:
+        _check_name("group", group)
+        raw = await self._run("get_cost_table", lambda: self._redis.get(self.keys.cost_table(group)))
+        return CostTable.from_json(raw) if raw is not None else None
+
+    # ------------------------------------------------------------ policy
+
+    async def publish_policy(self, group: str, policy: Policy) -> Policy:
+        """Store `policy` for `group` under a new version and poke subscribers.
+
+        The version comes from Redis (INCR), never lower than the last one this
+        instance published for the group. Returns the policy with its version.
+        """
+        _check_name("group", group)
+        body = json.dumps(
+            {k: v for k, v in policy.to_dict().items() if k != "version"},
+            sort_keys=True,
+            allow_nan=False,
+        )
+        keys = [self.keys.policy_version(group), self.keys.policy(group)]
+        args = [body, self._last_published.get(group, 0), repr(time.time()), self.keys.policy_channel(group)]
+        version = int(await self._run("publish_policy", lambda: self._publish_script(keys=keys, args=args)))
+        self._last_published[group] = version
+        return policy.with_version(version)
+
+    async def get_policy_version(self, group: str) -> int:
+        """Latest published version for `group` (0 if none). One cheap GET."""
+        _check_name("group", group)
+        value = await self._run("get_policy_version", lambda: self._redis.get(self.keys.policy_version(group)))
+        return int(value or 0)
+
+    async def get_policy(self, group: str) -> Policy | None:
+        """The latest published policy for `group`, or None if none was published."""
+        _check_name("group", group)
+        row = await self._run("get_policy", lambda: self._redis.hgetall(self.keys.policy(group)))
+        if not row:
+            return None
+        try:
+            version = int(row["version"])
+            return Policy.from_json(row["policy"]).with_version(version)
+        except (KeyError, ValueError) as exc:
+            raise ValueError(f"malformed policy for group {group}: {exc}") from exc
+
+    def subscribe_policy(self, group: str) -> "PolicySubscription":
+        """Pub/sub pokes for `group`'s policy; use as `async with`."""
+        _check_name("group", group)
+        return PolicySubscription(self, self.keys.policy_channel(group))
+
+
+class PolicySubscription:
+    """Receives the version numbers published for one group.
+
+        async with state.subscribe_policy("vg0") as sub:
+            version = await sub.get(timeout_s=1.0)   # None if nothing came
+
+    Pokes are hints: one can be lost (e.g. while Redis is down), so readers
+    also poll get_policy_version now and then (PolicyFollower does).
+    """
+
+    def __init__(self, state: RedisState, channel: str) -> None:
+        self._state = state
+        self.channel = channel
+        self._pubsub = None
+
+    async def __aenter__(self) -> "PolicySubscription":
+        await self._subscribe()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def _subscribe(self) -> None:
+        if self._pubsub is None:
+            self._pubsub = self._state._redis.pubsub(ignore_subscribe_messages=True)
+        pubsub = self._pubsub
+        await self._state._run("subscribe", lambda: pubsub.subscribe(self.channel))
+
+    async def get(self, timeout_s: float = 1.0) -> int | None:
+        """The next poked version, or None if none arrived within timeout_s."""
+        if self._pubsub is None:
+            await self._subscribe()
+        pubsub = self._pubsub
+        deadline = time.monotonic() + timeout_s
+        while True:
+            remaining = max(0.0, deadline - time.monotonic())
+            msg = await self._state._run(
+                "policy subscription", lambda: pubsub.get_message(timeout=remaining)
+            )
+            if msg is not None and msg.get("type") == "message":
+                try:
+                    return int(msg["data"])
+                except (TypeError, ValueError):
+                    log.warning("ignoring malformed policy poke %r", msg.get("data"))
+            if time.monotonic() >= deadline:
+                return None
+
+    async def close(self) -> None:
+        if self._pubsub is not None:
+            try:
+                await self._pubsub.aclose()
+            except self._state._errors:
+                pass
+            self._pubsub = None
+
+
+class PolicyFollower:
+    """A verifier group's view of its policy that survives Redis outages.
+
+    `current` starts as `default` (a safe Policy) and changes only when
+    refresh() reads a different published version; while Redis is
+    unreachable it keeps the last policy and `stale` is True. A version
+    lower than the current one means Redis lost its data and the scheduler
+    started over, so any differing version is adopted.
+    """
+
+    def __init__(self, state: RedisState, group: str, default: Policy | None = None) -> None:
+        self._state = state
+        self.group = _check_name("group", group)
+        self.current: Policy = default or Policy()
+        self.stale = False
+
+    async def refresh(self) -> Policy:
+        """Poll Redis (one GET, plus one HGETALL on change); return the policy to use."""
+        try:
+            version = await self._state.get_policy_version(self.group)
+            if version and version != self.current.version:
+                policy = await self._state.get_policy(self.group)
+                if policy is not None:
+                    if policy.version < self.current.version:
+                        log.warning(
+                            "policy version for %s went back from %d to %d (redis reset); adopting it",
+                            self.group, self.current.version, policy.version,
+                        )  # fmt: skip
+                    self.current = policy
+        except RedisUnavailable:
+            if not self.stale:
+                log.warning("keeping policy v%d for %s: redis unreachable", self.current.version, self.group)
+            self.stale = True
+        except ValueError as exc:
+            log.warning("keeping policy v%d for %s: %s", self.current.version, self.group, exc)
+        else:
+            self.stale = False
+        return self.current

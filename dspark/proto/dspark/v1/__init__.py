@@ -1,0 +1,1 @@
+"""Generated gRPC/protobuf code for the dspark.v1 protocol (see *.proto)."""
