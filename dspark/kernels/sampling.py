@@ -1,0 +1,117 @@
+"""Token sampling: the one place that turns target logits into a distribution.
+
+Plain decoding and speculative verification both call :func:`logits_to_probs`, so the
+distribution a speculative step preserves is exactly the one plain sampling draws from.
+
+Conventions (per row of a batch):
+  * ``temperature == 0`` means greedy: the row's distribution is one-hot on the argmax of the
+    raw logits (ties broken towards the lowest id, as ``torch.argmax`` does);
+  * ``top_k <= 0`` disables top-k, ``top_p >= 1`` disables top-p;
+  * order: temperature, then top-k, then top-p (the same order vLLM applies them).
+
+Randomness is always an argument: :func:`sample_from_probs` takes exponential noise, so a
+caller that owns one ``torch.Generator`` per request gets reproducible, per-request streams.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["logits_to_probs", "sample_from_probs", "exponential_noise", "apply_top_k_top_p"]
+
+
+def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Mask (to -inf) the logits outside each row's top-k set and top-p nucleus.
+
+    logits: [R, V] float, top_k: [R] int (<= 0: off), top_p: [R] float (>= 1: off).
+
+    Example:
+        >>> x = torch.tensor([[3.0, 2.0, 1.0, 0.0]])
+        >>> apply_top_k_top_p(x, torch.tensor([2]), torch.tensor([1.0]))
+        tensor([[3., 2., -inf, -inf]])
+    """
+    vocab = logits.shape[-1]
+    use_k = bool((top_k > 0).any())
+    use_p = bool((top_p < 1.0).any())
+    if not (use_k or use_p):
+        return logits
+    # One descending sort serves both filters.  sorted_logits: [R, V]
+    sorted_logits, sorted_idx = torch.sort(logits, dim=-1, descending=True)
+    keep_sorted = torch.ones_like(sorted_logits, dtype=torch.bool)
+    if use_k:
+        k = torch.where(top_k > 0, top_k, vocab).clamp(1, vocab)
+        # Keep every entry >= the k-th largest value (ties at the boundary stay in).
+        kth = sorted_logits.gather(-1, (k - 1).unsqueeze(-1))  # [R, 1]
+        keep_sorted &= sorted_logits >= kth
+    if use_p:
+        masked = sorted_logits.masked_fill(~keep_sorted, float("-inf"))
+        probs = torch.softmax(masked.float(), dim=-1)
+        # Mass strictly before each entry; an entry stays while that mass is < top_p, so the
+        # nucleus is the smallest prefix whose mass reaches top_p (never empty).
+        before = torch.cumsum(probs, dim=-1) - probs
+        keep_sorted &= before < top_p.unsqueeze(-1).to(before.dtype)
+    keep = torch.zeros_like(keep_sorted).scatter(-1, sorted_idx, keep_sorted)
+    return logits.masked_fill(~keep, float("-inf"))
+
+
+def logits_to_probs(
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    top_k: torch.Tensor | None = None,
+    top_p: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Target distribution per row after temperature / top-k / top-p, in float32.
+
+    logits: [R, V]; temperature: [R] (0 = greedy -> one-hot argmax); top_k: [R]; top_p: [R].
+    Returns probs: [R, V] float32, each row sums to 1.
+
+    Example:
+        >>> logits_to_probs(torch.tensor([[0.0, 1.0]]), torch.tensor([0.0]))
+        tensor([[0., 1.]])
+    """
+    rows = logits.shape[0]
+    device = logits.device
+    logits = logits.float()
+    temperature = temperature.to(device=device, dtype=torch.float32)
+    greedy = temperature <= 0
+    # Greedy rows divide by 1 (their result is replaced by a one-hot below).
+    scaled = logits / torch.where(greedy, torch.ones_like(temperature), temperature).unsqueeze(-1)
+    if top_k is None:
+        top_k = torch.zeros(rows, dtype=torch.long, device=device)
+    if top_p is None:
+        top_p = torch.ones(rows, dtype=torch.float32, device=device)
+    scaled = apply_top_k_top_p(scaled, top_k.to(device), top_p.to(device=device, dtype=torch.float32))
+    probs = torch.softmax(scaled, dim=-1)
+    if bool(greedy.any()):
+        onehot = torch.zeros_like(probs).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
+        probs = torch.where(greedy.unsqueeze(-1), onehot, probs)
+    return probs
+
+
+def exponential_noise(
+    rows: int, vocab: int, generators: list[torch.Generator | None], device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """Draw Exp(1) noise [rows, vocab], row i from ``generators[i]`` (None: the global RNG).
+
+    Rows are drawn one by one so each request's stream depends only on its own seed, never on
+    which other requests happen to share the batch.
+    """
+    out = torch.empty(rows, vocab, dtype=torch.float32, device=device)
+    for i in range(rows):
+        out[i].exponential_(generator=generators[i] if i < len(generators) else None)
+    return out
+
+
+def sample_from_probs(probs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """Sample one token per row: ``argmax(probs / E)`` with E ~ Exp(1) (no host sync).
+
+    This "exponential race" picks index v with probability probs[v] exactly.  Rows whose
+    distribution is one-hot (greedy) return that index whatever the noise.
+
+    probs: [R, V], noise: [R, V] positive.  Returns [R] int64.
+
+    Example:
+        >>> sample_from_probs(torch.tensor([[0.0, 1.0, 0.0]]), torch.ones(1, 3))
+        tensor([1])
+    """
+    return (probs / noise).argmax(dim=-1)

@@ -1,0 +1,116 @@
+"""Architecture description of a Llama-family decoder (Llama 2/3, SmolLM, Qwen2, Mistral)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Llama-3 style frequency-dependent RoPE scaling ("rope_type": "llama3")."""
+
+    factor: float = 8.0  # how much longer than the original context the model reaches
+    low_freq_factor: float = 1.0  # wavelengths above original/low_freq_factor are fully scaled
+    high_freq_factor: float = 4.0  # wavelengths below original/high_freq_factor are kept
+    original_max_position_embeddings: int = 8192  # context length the base frequencies were trained at
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    """Shapes and hyper-parameters of the decoder; every field has a default."""
+
+    vocab_size: int = 49152  # number of token embeddings (rows of the LM head)
+    dim: int = 576  # hidden size
+    n_layers: int = 30  # decoder blocks
+    n_heads: int = 9  # query heads
+    n_kv_heads: int = 3  # key/value heads (grouped-query attention when < n_heads)
+    head_dim: int = 64  # per-head width; dim // n_heads for most checkpoints
+    intermediate_size: int = 1536  # SwiGLU inner width
+    norm_eps: float = 1e-5  # RMSNorm epsilon
+    rope_theta: float = 100000.0  # RoPE base
+    rope_scaling: RopeScaling | None = None  # llama3-style scaling, None for plain RoPE
+    max_position_embeddings: int = 8192  # longest context the checkpoint supports
+    tie_word_embeddings: bool = True  # LM head shares the embedding matrix
+    attention_bias: bool = False  # Qwen2-style bias on q/k/v projections
+    rope_freq_factors: tuple[float, ...] | None = None  # per-frequency divisors (GGUF rope_freqs)
+    name: str = "llama"  # free-form name, used in logs and /v1/models
+
+    @property
+    def n_rep(self) -> int:
+        """Query heads per key/value head."""
+        return self.n_heads // self.n_kv_heads
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict[str, Any]) -> "ModelArgs":
+        """Build from a Hugging Face ``config.json`` dict (Llama, Mistral, Qwen2 families)."""
+        n_heads = cfg["num_attention_heads"]
+        dim = cfg["hidden_size"]
+        scaling = None
+        rs = cfg.get("rope_scaling") or None
+        if rs:
+            kind = rs.get("rope_type", rs.get("type"))
+            if kind == "llama3":
+                scaling = RopeScaling(
+                    factor=float(rs["factor"]),
+                    low_freq_factor=float(rs["low_freq_factor"]),
+                    high_freq_factor=float(rs["high_freq_factor"]),
+                    original_max_position_embeddings=int(rs["original_max_position_embeddings"]),
+                )
+            elif kind not in (None, "default"):
+                raise ValueError(f"unsupported rope_scaling type {kind!r}")
+        arch = (cfg.get("architectures") or [cfg.get("model_type", "llama")])[0]
+        return cls(
+            vocab_size=cfg["vocab_size"],
+            dim=dim,
+            n_layers=cfg["num_hidden_layers"],
+            n_heads=n_heads,
+            n_kv_heads=cfg.get("num_key_value_heads", n_heads),
+            head_dim=cfg.get("head_dim") or dim // n_heads,
+            intermediate_size=cfg["intermediate_size"],
+            norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            rope_theta=cfg.get("rope_theta", 10000.0),
+            rope_scaling=scaling,
+            max_position_embeddings=cfg.get("max_position_embeddings", 4096),
+            tie_word_embeddings=cfg.get("tie_word_embeddings", False),
+            attention_bias=cfg.get("attention_bias", cfg.get("model_type") == "qwen2"),
+            name=str(arch),
+        )
+
+    def replace(self, **changes: Any) -> "ModelArgs":
+        return dataclasses.replace(self, **changes)
+
+
+def rope_inv_freq(args: ModelArgs) -> list[float]:
+    """Inverse frequencies of RoPE, with llama3 scaling applied when configured.
+
+    Example: head_dim 4, theta 10000 -> [1.0, 0.01].
+    """
+    half = args.head_dim // 2
+    inv = [1.0 / (args.rope_theta ** (2 * i / args.head_dim)) for i in range(half)]
+    if args.rope_freq_factors is not None:
+        # GGUF files of llama3-scaled models store the scaling as explicit per-frequency factors.
+        return [f / d for f, d in zip(inv, args.rope_freq_factors)]
+    s = args.rope_scaling
+    if s is None:
+        return inv
+    low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+    high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+    out = []
+    for f in inv:
+        wavelen = 2 * math.pi / f
+        if wavelen < high_wavelen:  # high frequency: untouched
+            out.append(f)
+        elif wavelen > low_wavelen:  # low frequency: fully interpolated
+            out.append(f / s.factor)
+        else:  # smooth blend in between
+            smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
+                s.high_freq_factor - s.low_freq_factor
+            )
+            out.append((1 - smooth) * f / s.factor + smooth * f)
+    return out
+
+
+__all__ = ["ModelArgs", "RopeScaling", "rope_inv_freq"]

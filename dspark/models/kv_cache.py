@@ -1,0 +1,137 @@
+"""Slot-based KV cache shared by many concurrent requests.
+
+Each request owns one slot: a contiguous [n_kv, max_seq, hd] region per layer.  The cache tracks
+how many positions of each slot are valid; truncating a request (dropping rejected draft tokens)
+only moves that length back, and the next write overwrites the stale entries.
+
+A step is described by a :class:`VarlenBatch`: for every request its slot and how many new tokens
+it feeds.  Prefill chunks, decode steps and verification blocks all use the same description.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from dspark.kernels.attention import AttentionPlan, build_plan
+
+
+class CacheFullError(RuntimeError):
+    """No free slot, or a request would grow past ``max_seq``."""
+
+
+class KVCache:
+    """Keys and values for ``n_slots`` requests of up to ``max_seq`` tokens each."""
+
+    def __init__(
+        self,
+        n_layers: int,
+        n_slots: int,
+        n_kv_heads: int,
+        max_seq: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> None:
+        shape = (n_layers, n_slots, n_kv_heads, max_seq, head_dim)
+        # zeros, not empty: masked-out stale entries must still be finite numbers.
+        self.k = torch.zeros(shape, dtype=dtype, device=device)  # [L, S, n_kv, max_seq, hd]
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.n_slots = n_slots
+        self.max_seq = max_seq
+        self.lengths = [0] * n_slots
+        self._free = list(range(n_slots - 1, -1, -1))  # pop() hands out the lowest slot first
+
+    @property
+    def device(self) -> torch.device:
+        return self.k.device
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def allocate(self) -> int:
+        if not self._free:
+            raise CacheFullError(f"all {self.n_slots} cache slots are in use")
+        slot = self._free.pop()
+        self.lengths[slot] = 0
+        return slot
+
+    def free(self, slot: int) -> None:
+        if slot in self._free:
+            raise ValueError(f"slot {slot} is already free")
+        self.lengths[slot] = 0
+        self._free.append(slot)
+        self._free.sort(reverse=True)
+
+    def truncate(self, slot: int, length: int) -> None:
+        """Forget every position >= length (e.g. rejected draft tokens)."""
+        if not 0 <= length <= self.lengths[slot]:
+            raise ValueError(f"cannot truncate slot {slot} of length {self.lengths[slot]} to {length}")
+        self.lengths[slot] = length
+
+    def nbytes(self) -> int:
+        return self.k.numel() * self.k.element_size() * 2
+
+
+@dataclass
+class VarlenBatch:
+    """A flattened variable-length step: request i feeds ``q_lens[i]`` tokens into ``slots[i]``.
+
+    positions: [T] absolute positions of the new tokens; token_slots: [T] their slots.
+    """
+
+    slots: list[int]
+    starts: list[int]
+    q_lens: list[int]
+    positions: torch.Tensor
+    token_slots: torch.Tensor
+    plan: AttentionPlan
+
+    @property
+    def num_tokens(self) -> int:
+        return self.plan.cu_q[-1]
+
+    @property
+    def cu_q(self) -> list[int]:
+        return self.plan.cu_q
+
+    def last_token_index(self) -> torch.Tensor:
+        """[B] flat index of each request's last new token (where prefill logits are read)."""
+        return torch.tensor([c - 1 for c in self.plan.cu_q[1:]], device=self.positions.device)
+
+
+def make_batch(
+    cache: KVCache, slots: list[int], q_lens: list[int], n_rep: int, padded: bool | None = None
+) -> VarlenBatch:
+    """Describe a step that appends ``q_lens[i]`` tokens to ``slots[i]`` and advance lengths.
+
+    The lengths move forward immediately: the caller runs the forward pass next, and rolls back
+    with :meth:`KVCache.truncate` what verification rejects.
+    """
+    if len(slots) != len(q_lens) or not slots:
+        raise ValueError("need one q_len per slot and at least one request")
+    if len(set(slots)) != len(slots):
+        raise ValueError("a slot appears twice in one batch")
+    starts = [cache.lengths[s] for s in slots]
+    for s, st, q in zip(slots, starts, q_lens):
+        if q < 1:
+            raise ValueError("every request feeds at least one token")
+        if st + q > cache.max_seq:
+            raise CacheFullError(f"slot {s} would grow to {st + q} > max_seq {cache.max_seq}")
+    device = cache.device
+    if padded is None:
+        padded = device.type != "cpu"
+    pos = [p for st, q in zip(starts, q_lens) for p in range(st, st + q)]
+    tok_slots = [s for s, q in zip(slots, q_lens) for _ in range(q)]
+    for s, st, q in zip(slots, starts, q_lens):
+        cache.lengths[s] = st + q
+    return VarlenBatch(
+        slots=list(slots),
+        starts=starts,
+        q_lens=list(q_lens),
+        positions=torch.tensor(pos, dtype=torch.long, device=device),
+        token_slots=torch.tensor(tok_slots, dtype=torch.long, device=device),
+        plan=build_plan(slots, starts, q_lens, n_rep, device, padded=padded),
+    )

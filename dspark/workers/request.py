@@ -1,0 +1,164 @@
+"""Request-level types shared by the engine, the drafters and the servers."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from dspark.models.tokenizer import IncrementalDetokenizer, Tokenizer
+
+MAX_STOP_STRINGS = 16
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request samples; validated at construction (bad input -> ValueError)."""
+
+    max_tokens: int = 128  # new tokens at most
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    seed: int | None = None  # per-request RNG seed; None = fresh entropy
+    stop: tuple[str, ...] = ()  # stop strings (not included in the output text)
+    stop_token_ids: tuple[int, ...] = ()  # extra stop tokens besides the model's end-of-turn ids
+    ignore_eos: bool = False  # keep going past end-of-turn tokens (benchmarks)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
+            raise ValueError("max_tokens must be a positive integer")
+        if not _finite(self.temperature) or not 0.0 <= self.temperature <= 100.0:
+            raise ValueError("temperature must be a number in [0, 100]")
+        if not _finite(self.top_p) or not 0.0 < self.top_p <= 1.0:
+            raise ValueError("top_p must be in (0, 1]")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError("top_k must be a non-negative integer")
+        if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**63):
+            raise ValueError("seed must be a non-negative 63-bit integer")
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise ValueError("stop strings must be non-empty strings")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+@dataclass
+class SpecMetrics:
+    """Speculative-decoding counters with vLLM's names and meaning.
+
+    num_drafts: verification rounds that carried >= 1 draft token; num_draft_tokens: draft
+    tokens verified; num_accepted_tokens: of those, accepted; accepted_per_pos[k]: accepted at
+    block position k.  Mean acceptance length counts the bonus/recovered token too:
+    1 + accepted / drafts (1.0 when nothing was drafted).
+    """
+
+    num_drafts: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    accepted_per_pos: list[int] = field(default_factory=list)
+    drafted_per_pos: list[int] = field(default_factory=list)
+
+    def record(self, num_draft: int, num_accepted: int) -> None:
+        if num_draft <= 0:
+            return
+        self.num_drafts += 1
+        self.num_draft_tokens += num_draft
+        self.num_accepted_tokens += num_accepted
+        for arr, n in ((self.accepted_per_pos, num_accepted), (self.drafted_per_pos, num_draft)):
+            if len(arr) < num_draft:
+                arr.extend([0] * (num_draft - len(arr)))
+            for k in range(n):
+                arr[k] += 1
+
+    def merge(self, other: "SpecMetrics") -> None:
+        self.num_drafts += other.num_drafts
+        self.num_draft_tokens += other.num_draft_tokens
+        self.num_accepted_tokens += other.num_accepted_tokens
+        for mine, theirs in ((self.accepted_per_pos, other.accepted_per_pos), (self.drafted_per_pos, other.drafted_per_pos)):
+            if len(mine) < len(theirs):
+                mine.extend([0] * (len(theirs) - len(mine)))
+            for k, v in enumerate(theirs):
+                mine[k] += v
+
+    @property
+    def mean_acceptance_length(self) -> float:
+        return 1.0 + (self.num_accepted_tokens / self.num_drafts if self.num_drafts else 0.0)
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            "num_drafts": self.num_drafts,
+            "num_draft_tokens": self.num_draft_tokens,
+            "num_accepted_tokens": self.num_accepted_tokens,
+            "accepted_per_pos": list(self.accepted_per_pos),
+            "mean_acceptance_length": round(self.mean_acceptance_length, 4),
+        }
+
+
+@dataclass
+class Sequence:
+    """Engine-side state of one request.
+
+    Invariant between steps: every token of ``prompt_ids + output_ids`` except the last is in the
+    target KV cache (``num_cached`` of them); the last sampled token is the next step's input
+    (the *anchor* of the next draft block).
+    """
+
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    generator: torch.Generator
+    slot: int = -1
+    num_cached: int = 0
+    output_ids: list[int] = field(default_factory=list)
+    finished: bool = False
+    finish_reason: str | None = None
+    metrics: SpecMetrics = field(default_factory=SpecMetrics)
+    detok: IncrementalDetokenizer | None = None
+    text: str = ""  # output text so far (after stop-string truncation)
+    draft_enabled: bool = True  # False: plain decoding for this request (e.g. its drafter is gone)
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def in_prefill(self) -> bool:
+        return not self.output_ids
+
+    @property
+    def last_token(self) -> int:
+        return self.output_ids[-1]
+
+
+@dataclass
+class RequestOutput:
+    """What one engine step produced for one request."""
+
+    request_id: str
+    new_token_ids: list[int]
+    text_delta: str
+    finished: bool
+    finish_reason: str | None
+    num_prompt_tokens: int
+    num_output_tokens: int
+    metrics: SpecMetrics
+
+
+def make_detokenizer(tokenizer: Tokenizer | None) -> IncrementalDetokenizer | None:
+    return IncrementalDetokenizer(tokenizer) if tokenizer is not None else None

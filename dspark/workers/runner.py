@@ -1,0 +1,250 @@
+"""Model runners: execute one flattened varlen step on one device or a tensor-parallel group.
+
+The engine owns request bookkeeping (which slot, how many tokens are valid); a runner only runs
+``StepInput`` -> ``ForwardOutput``.  Because every step carries each request's current length
+(``starts``), truncation after rejected drafts needs no message to the other ranks: the next
+step simply writes over the stale positions.
+
+Tensor parallel group: rank 0 lives in the driver process (the engine); ranks 1..N-1 run
+:func:`tp_rank_loop`, receiving each step by broadcast (plain int64 tensors, never pickles) and
+joining the collectives inside the forward pass.  The same loop runs in spawned processes
+(:class:`TPGroup`) or in Ray actors (the cluster's verifier group).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from dspark.models.kv_cache import KVCache, make_batch
+from dspark.models.llama import ForwardOutput, Transformer
+
+CMD_STEP, CMD_STOP = 1, 2
+HEADER = 8
+
+
+@dataclass
+class StepInput:
+    """One step: request i appends ``q_lens[i]`` tokens to ``slots[i]`` at ``starts[i]``."""
+
+    tokens: list[int]
+    slots: list[int]
+    starts: list[int]
+    q_lens: list[int]
+    logits_rows: list[int] | None = None  # flat rows whose logits are wanted (None: all)
+    feature_layers: tuple[int, ...] = ()
+    n_layers: int | None = None  # early exit (layer-skip drafting); None = full depth
+    return_hidden: bool = False
+
+    def __post_init__(self) -> None:
+        if sum(self.q_lens) != len(self.tokens):
+            raise ValueError("q_lens do not add up to the number of tokens")
+
+
+@dataclass
+class RunnerConfig:
+    """How a runner sizes its cache."""
+
+    n_slots: int = 32  # concurrent requests one runner holds
+    max_seq: int = 2048  # longest request (prompt + output + one draft block)
+
+
+class LocalRunner:
+    """Runs the (possibly TP-sharded) model of this process on its own KV cache."""
+
+    def __init__(self, model: Transformer, cfg: RunnerConfig = RunnerConfig()) -> None:
+        self.model = model
+        self.cfg = cfg
+        self.cache: KVCache = model.make_cache(cfg.n_slots, cfg.max_seq)
+        self.n_rep = model.args.n_rep
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @torch.inference_mode()
+    def forward(self, step: StepInput) -> ForwardOutput:
+        for s, st in zip(step.slots, step.starts):
+            self.cache.lengths[s] = st
+        batch = make_batch(self.cache, step.slots, step.q_lens, self.n_rep)
+        dev = self.device
+        tokens = torch.tensor(step.tokens, dtype=torch.long, device=dev)
+        rows = None if step.logits_rows is None else torch.tensor(step.logits_rows, dtype=torch.long, device=dev)
+        return self.model(
+            tokens,
+            self.cache,
+            batch,
+            logits_index=rows,
+            feature_layers=step.feature_layers,
+            n_layers=step.n_layers,
+            return_hidden=step.return_hidden,
+        )
+
+    def close(self) -> None:
+        pass
+
+
+# --------------------------------------------------------------------------------------------
+# Tensor-parallel plumbing
+# --------------------------------------------------------------------------------------------
+def _encode(step: StepInput) -> tuple[torch.Tensor, torch.Tensor]:
+    rows = step.logits_rows
+    header = torch.tensor(
+        [
+            CMD_STEP,
+            len(step.slots),
+            len(step.tokens),
+            -1 if rows is None else len(rows),
+            len(step.feature_layers),
+            -1 if step.n_layers is None else step.n_layers,
+            int(step.return_hidden),
+            0,
+        ],
+        dtype=torch.long,
+    )
+    payload = torch.tensor(
+        [*step.slots, *step.starts, *step.q_lens, *step.tokens, *(rows or []), *step.feature_layers], dtype=torch.long
+    )
+    return header, payload
+
+
+def _decode(header: torch.Tensor, payload: torch.Tensor) -> StepInput:
+    h = header.tolist()
+    B, T, R, F, n_layers, ret_hidden = h[1], h[2], h[3], h[4], h[5], h[6]
+    p = payload.tolist()
+    o = 0
+    slots, o = p[o : o + B], o + B
+    starts, o = p[o : o + B], o + B
+    q_lens, o = p[o : o + B], o + B
+    tokens, o = p[o : o + T], o + T
+    rows = None
+    if R >= 0:
+        rows, o = p[o : o + R], o + R
+    feats = tuple(p[o : o + F])
+    return StepInput(tokens, slots, starts, q_lens, rows, feats, None if n_layers < 0 else n_layers, bool(ret_hidden))
+
+
+def _comm_device(backend: str, local: torch.device) -> torch.device:
+    return local if backend == "nccl" else torch.device("cpu")
+
+
+class TPDriver(LocalRunner):
+    """Rank 0 of a tensor-parallel group: broadcasts each step, then runs its own shard."""
+
+    def __init__(self, model: Transformer, cfg: RunnerConfig, backend: str, group=None) -> None:
+        super().__init__(model, cfg)
+        self.backend = backend
+        self.group = group
+        self._comm = _comm_device(backend, model.device)
+
+    def forward(self, step: StepInput) -> ForwardOutput:
+        header, payload = _encode(step)
+        dist.broadcast(header.to(self._comm), src=0, group=self.group)
+        dist.broadcast(payload.to(self._comm), src=0, group=self.group)
+        return super().forward(step)
+
+    def close(self) -> None:
+        header = torch.zeros(HEADER, dtype=torch.long)
+        header[0] = CMD_STOP
+        try:
+            dist.broadcast(header.to(self._comm), src=0, group=self.group)
+        except Exception:  # peers already gone: nothing left to stop
+            pass
+
+
+def tp_rank_loop(runner: LocalRunner, backend: str, group=None) -> None:
+    """Ranks 1..N-1: mirror every step rank 0 broadcasts until it says stop."""
+    comm = _comm_device(backend, runner.device)
+    header = torch.zeros(HEADER, dtype=torch.long, device=comm)
+    while True:
+        dist.broadcast(header, src=0, group=group)
+        if int(header[0]) == CMD_STOP:
+            return
+        h = header.tolist()
+        size = 3 * h[1] + h[2] + max(h[3], 0) + h[4]
+        payload = torch.empty(size, dtype=torch.long, device=comm)
+        dist.broadcast(payload, src=0, group=group)
+        runner.forward(_decode(header.cpu(), payload.cpu()))
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def default_backend(device: torch.device | str) -> str:
+    return "nccl" if torch.device(device).type == "cuda" else "gloo"
+
+
+@dataclass
+class TPSpec:
+    """What every rank needs to build its shard."""
+
+    model_path: str | None
+    dtype: str = "bf16"
+    device: str = "cpu"  # "cuda" -> each rank takes cuda:<rank>
+    world_size: int = 1
+    runner: RunnerConfig = field(default_factory=RunnerConfig)
+    threads_per_rank: int = 0  # 0: leave torch's default
+
+
+def build_rank(spec: TPSpec, rank: int, init_method: str) -> tuple[LocalRunner, str]:
+    """Join the process group as ``rank`` and build this rank's sharded model + cache."""
+    from dspark.models.loader import load_model
+    from dspark.models.tp import apply_tp
+
+    device = torch.device(f"cuda:{rank}" if spec.device == "cuda" else spec.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if spec.threads_per_rank:
+        torch.set_num_threads(spec.threads_per_rank)
+    backend = default_backend(device)
+    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=spec.world_size)
+    lm = load_model(spec.model_path, dtype=spec.dtype, device=device, progress=(rank == 0))
+    model = apply_tp(lm.model, rank, spec.world_size)
+    runner = TPDriver(model, spec.runner, backend) if rank == 0 else LocalRunner(model, spec.runner)
+    return runner, backend
+
+
+def _spawned_rank(spec: TPSpec, rank: int, init_method: str) -> None:
+    runner, backend = build_rank(spec, rank, init_method)
+    try:
+        tp_rank_loop(runner, backend)
+    finally:
+        dist.destroy_process_group()
+
+
+class TPGroup:
+    """A tensor-parallel group on this host: rank 0 here, ranks 1.. in spawned processes."""
+
+    def __init__(self, spec: TPSpec) -> None:
+        import torch.multiprocessing as mp
+
+        self.spec = spec
+        init_method = f"tcp://127.0.0.1:{free_port()}"
+        ctx = mp.get_context("spawn")
+        self.procs = [
+            ctx.Process(target=_spawned_rank, args=(spec, r, init_method), daemon=True)
+            for r in range(1, spec.world_size)
+        ]
+        for p in self.procs:
+            p.start()
+        self.driver, _ = build_rank(spec, 0, init_method)
+
+    def close(self) -> None:
+        self.driver.close()
+        for p in self.procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def env_threads() -> int:
+    return int(os.environ.get("DSPARK_THREADS", "0") or 0)
