@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["logits_to_probs", "sample_from_probs", "exponential_noise", "apply_top_k_top_p"]
+__all__ = ["logits_to_probs", "sample_from_probs", "exponential_noise", "apply_top_k_top_p", "sample_proposal"]
 
 
 def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
@@ -115,3 +115,34 @@ def sample_from_probs(probs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         tensor([1])
     """
     return (probs / noise).argmax(dim=-1)
+
+
+def sample_proposal(
+    logits: torch.Tensor, temperature: torch.Tensor, top_k: int, noise: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Draft-side sampling from a top-k truncated, renormalised softmax, reported sparsely.
+
+    A drafter may propose from any distribution q as long as it reports q exactly; truncating to
+    the top-k entries keeps what travels to the verifier small.  Greedy rows (temperature 0)
+    propose the argmax with q one-hot (all mass on entry 0 of the returned ids).
+
+    logits: [R, V]; temperature: [R]; top_k: K >= 1; noise: [R, K] Exp(1).
+    Returns (tokens [R], q_values [R, K], q_ids [R, K], q_of_token [R]).
+
+    Example:
+        >>> t, q, ids, p = sample_proposal(torch.tensor([[0.0, 5.0, 1.0]]), torch.tensor([0.0]), 2, torch.ones(1, 2))
+        >>> t.tolist(), q.tolist(), ids.tolist()
+        ([1], [[1.0, 0.0]], [[1, 2]])
+    """
+    k = max(1, min(top_k, logits.shape[-1]))
+    top_vals, top_ids = torch.topk(logits.float(), k, dim=-1)  # [R, K], descending
+    temperature = temperature.to(logits.device, torch.float32)
+    greedy = temperature <= 0
+    t = torch.where(greedy, torch.ones_like(temperature), temperature).unsqueeze(-1)
+    q = torch.softmax(top_vals / t, dim=-1)
+    onehot = torch.zeros_like(q)
+    onehot[:, 0] = 1.0
+    q = torch.where(greedy.unsqueeze(-1), onehot, q)
+    choice = (q / noise).argmax(dim=-1)  # [R] index into the K entries
+    tokens = top_ids.gather(-1, choice.unsqueeze(-1)).squeeze(-1)
+    return tokens, q, top_ids, q.gather(-1, choice.unsqueeze(-1)).squeeze(-1)

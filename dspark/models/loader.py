@@ -7,6 +7,7 @@ rotate-half RoPE serves both sources.  Nothing is ever downloaded.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from dspark.models.config import ModelArgs
+from dspark.models.config import ModelArgs, RopeScaling
 from dspark.models.llama import Transformer
 from dspark.models.tokenizer import Tokenizer
 
@@ -118,7 +119,67 @@ def gguf_fields(reader) -> dict:
     return out
 
 
+_TOKENIZER_FIELDS = (
+    "tokenizer.ggml.model", "tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges",
+    "tokenizer.ggml.pre", "tokenizer.ggml.eos_token_id", "tokenizer.ggml.bos_token_id",
+    "tokenizer.ggml.add_bos_token", "tokenizer.chat_template",
+)
+
+
+def cache_dir() -> Path:
+    """Where converted checkpoints are kept ($DSPARK_CACHE_DIR, else ~/.cache/dspark)."""
+    return Path(os.environ.get("DSPARK_CACHE_DIR") or Path.home() / ".cache" / "dspark")
+
+
 def _read_gguf(path: Path, progress: bool) -> tuple[ModelArgs, dict[str, torch.Tensor], Tokenizer]:
+    """GGUF -> (args, tensors in our layout, tokenizer), through a converted-copy cache.
+
+    Parsing a GGUF's metadata and dequantizing takes seconds; tests, TP ranks and draft workers
+    load the same file many times, so the first load writes a float32 safetensors copy that
+    later loads memory-map.  The cache key is the file's name, size and mtime.
+    """
+    from safetensors.torch import load_file, save_file
+
+    st = path.stat()
+    entry = cache_dir() / "gguf" / f"{path.stem}-{st.st_size}-{st.st_mtime_ns}"
+    meta_file, tensor_file = entry / "meta.json", entry / "tensors.safetensors"
+    if meta_file.exists() and tensor_file.exists():
+        try:
+            meta = json.loads(meta_file.read_text())
+            args = _args_from_json(meta["args"])
+            return args, load_file(str(tensor_file)), Tokenizer.from_gguf_fields(meta["tokenizer"])
+        except Exception:  # a damaged cache entry: convert again
+            pass
+    args, tensors, fields = _convert_gguf(path, progress)
+    try:
+        entry.mkdir(parents=True, exist_ok=True)
+        tmp = entry / f".tmp-{os.getpid()}"
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+        os.replace(tmp, tensor_file)
+        meta = {"args": _args_to_json(args), "tokenizer": {k: fields[k] for k in _TOKENIZER_FIELDS if k in fields}}
+        tmp_meta = entry / f".meta-{os.getpid()}"
+        tmp_meta.write_text(json.dumps(meta))
+        os.replace(tmp_meta, meta_file)
+    except OSError:  # read-only home: the cache is an optimisation only
+        pass
+    return args, tensors, Tokenizer.from_gguf_fields(fields)
+
+
+def _args_to_json(args: ModelArgs) -> dict:
+    d = dataclasses.asdict(args)
+    return d
+
+
+def _args_from_json(d: dict) -> ModelArgs:
+    d = dict(d)
+    if d.get("rope_scaling"):
+        d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
+    if d.get("rope_freq_factors") is not None:
+        d["rope_freq_factors"] = tuple(d["rope_freq_factors"])
+    return ModelArgs(**d)
+
+
+def _convert_gguf(path: Path, progress: bool) -> tuple[ModelArgs, dict[str, torch.Tensor], dict]:
     from gguf import GGUFReader
     from gguf.quants import dequantize
 
@@ -150,7 +211,7 @@ def _read_gguf(path: Path, progress: bool) -> tuple[ModelArgs, dict[str, torch.T
     )
     # llama.cpp permutes q/k only for the "llama" architecture family.
     permuted = arch in ("llama", "mistral")
-    T = lambda name: torch.from_numpy(np.ascontiguousarray(raw[name]))  # noqa: E731
+    T = lambda name: torch.from_numpy(np.array(raw[name], dtype=np.float32))  # noqa: E731
     out: dict[str, torch.Tensor] = {"tok_embeddings.weight": T("token_embd.weight"), "norm.weight": T("output_norm.weight")}
     if "output.weight" in raw:
         out["output.weight"] = T("output.weight")
@@ -171,7 +232,7 @@ def _read_gguf(path: Path, progress: bool) -> tuple[ModelArgs, dict[str, torch.T
         out[d + "feed_forward.w2.weight"] = T(p + "ffn_down.weight")
         out[d + "attention_norm.weight"] = T(p + "attn_norm.weight")
         out[d + "ffn_norm.weight"] = T(p + "ffn_norm.weight")
-    return args, out, Tokenizer.from_gguf_fields(f)
+    return args, out, f
 
 
 # --------------------------------------------------------------------------------------------

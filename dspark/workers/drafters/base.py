@@ -80,3 +80,68 @@ class StatelessDrafter:
 
     def release(self, request_id: str) -> None:
         return None
+
+
+def draft_generator(seq: Sequence, device: torch.device | str = "cpu") -> torch.Generator:
+    """The drafter's own RNG for a request: seeded from the request seed when there is one.
+
+    Drafting randomness never touches the verifier's stream, so a remote drafter and an
+    in-process one behave alike, and the target-side sampling stays reproducible per seed.
+    """
+    g = torch.Generator(device=device)
+    if seq.params.seed is not None:
+        g.manual_seed((seq.params.seed * 1_000_003 + 0x5EED) % (2**63))
+    else:
+        g.seed()
+    return g
+
+
+class OnlineConfidence:
+    """Per-request estimate of P(draft at position k accepted | positions < k accepted).
+
+    For drafters without a confidence head (n-gram, draft model): counts of accepted / tried
+    per block position with a Beta(prior_a, prior_b) prior, updated from what verification kept.
+    """
+
+    def __init__(self, prior_accept: float = 0.5, prior_weight: float = 2.0) -> None:
+        self.a0 = prior_accept * prior_weight
+        self.b0 = (1 - prior_accept) * prior_weight
+        self._tried: dict[str, list[int]] = {}
+        self._accepted: dict[str, list[int]] = {}
+
+    def update(self, request_id: str, num_drafted: int, num_accepted: int) -> None:
+        tried = self._tried.setdefault(request_id, [])
+        acc = self._accepted.setdefault(request_id, [])
+        # Position k was "tried" iff all earlier ones were accepted.
+        reached = min(num_drafted, num_accepted + 1)
+        while len(tried) < reached:
+            tried.append(0)
+            acc.append(0)
+        for k in range(reached):
+            tried[k] += 1
+            if k < num_accepted:
+                acc[k] += 1
+
+    def confidences(self, request_id: str, n: int) -> list[float]:
+        tried = self._tried.get(request_id, [])
+        acc = self._accepted.get(request_id, [])
+        out = []
+        for k in range(n):
+            t = tried[k] if k < len(tried) else 0
+            a = acc[k] if k < len(acc) else 0
+            out.append((a + self.a0) / (t + self.a0 + self.b0))
+        return out
+
+    def release(self, request_id: str) -> None:
+        self._tried.pop(request_id, None)
+        self._accepted.pop(request_id, None)
+
+
+def count_accepted(proposed: list[int], fed: list[int]) -> int:
+    """Accepted drafts, from the proposal and the tokens the verifier kept (anchor first)."""
+    n = 0
+    for a, b in zip(proposed, fed[1:]):
+        if a != b:
+            break
+        n += 1
+    return n

@@ -1,0 +1,163 @@
+"""`dspark` command line: generate | serve | demo | bench | train-draft.
+
+Subcommands live next to what they drive and are imported only when invoked, so `dspark --help`
+stays fast and a command never pays for another's heavy imports (ray, grpc, transformers).
+Benchmarks are scripts under the repository's ``bench/`` folder.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+import click
+
+# name -> ("module:attribute" of a click command, one-line help shown without importing it)
+COMMANDS = {
+    "serve": ("dspark.cluster.commands:serve", "Start the local cluster (Ray Serve, gRPC, Redis) and serve."),
+    "demo": ("dspark.cluster.commands:demo", "Start the cluster, send a few prompts, print a table, stop."),
+    "train-draft": ("dspark.train.commands:train_draft", "Train a DSpark draft head by self-distillation."),
+}
+BENCHMARKS = {
+    "engine": ("bench.engine:main", "Decode tokens/s vs Hugging Face, and the bandwidth floor."),
+    "spec": ("bench.spec:main", "Speculative vs plain decoding per drafter, vs HF prompt lookup."),
+    "drafters": ("bench.drafters:main", "Acceptance, calibration and speedup of the drafters."),
+    "cluster": ("bench.cluster:main", "Per-user and aggregate tokens/s through the full cluster."),
+    "load": ("bench.load:main", "Load sweep: plain vs fixed depths vs adaptive verification."),
+    "soak": ("bench.soak:main", "Many streaming clients for minutes: errors, latency, memory."),
+}
+
+
+def _load(target: str) -> click.Command:
+    module, attr = target.split(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+class LazyGroup(click.Group):
+    def __init__(self, *args, lazy: dict[str, str], **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.lazy = lazy
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(set(super().list_commands(ctx)) | set(self.lazy))
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in self.lazy:
+            target = self.lazy[name][0]
+            if target.startswith("bench."):
+                _add_bench_path()
+            return _load(target)
+        return super().get_command(ctx, name)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = [(n, c.get_short_help_str()) for n, c in self.commands.items()]
+        rows += [(n, h) for n, (_, h) in self.lazy.items()]
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(sorted(rows))
+
+
+def _add_bench_path() -> None:
+    root = Path(__file__).resolve().parents[1]
+    if (root / "bench").is_dir() and str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+
+
+@click.group(cls=LazyGroup, lazy=COMMANDS)
+def main() -> None:
+    """DSpark: distributed LLM serving with lossless speculative decoding."""
+
+
+@main.group(cls=LazyGroup, lazy=BENCHMARKS)
+def bench() -> None:
+    """Benchmarks that print side-by-side ratios (see docs/BENCHMARKS.md)."""
+
+
+def engine_options(f):
+    """Options shared by every command that builds an in-process engine."""
+    opts = [
+        click.option("--model", "model", default=None, help="GGUF file or HF folder (default: embedded SmolLM2-135M-Instruct)"),
+        click.option("--dtype", type=click.Choice(["bf16", "fp32", "fp16"]), default="bf16", show_default=True),
+        click.option("--device", default="cpu", show_default=True, help="cpu or cuda"),
+        click.option("--tp", type=int, default=1, show_default=True, help="tensor-parallel ranks"),
+        click.option("--draft", type=click.Choice(["none", "ngram", "draft_model", "layerskip", "dspark"]), default="none", show_default=True),
+        click.option("--block", "block_len", type=int, default=4, show_default=True, help="draft block length"),
+        click.option("--draft-option", "draft_options", multiple=True, metavar="KEY=VALUE", help="drafter setting, repeatable"),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def parse_kv(items: tuple[str, ...]) -> tuple[tuple[str, object], ...]:
+    out = []
+    for item in items:
+        if "=" not in item:
+            raise click.BadParameter(f"{item!r} is not KEY=VALUE")
+        k, v = item.split("=", 1)
+        try:
+            val: object = int(v)
+        except ValueError:
+            try:
+                val = float(v)
+            except ValueError:
+                val = v
+        out.append((k.strip(), val))
+    return tuple(out)
+
+
+@main.command()
+@click.argument("prompt")
+@click.option("--max-tokens", type=int, default=128, show_default=True)
+@click.option("--temperature", type=float, default=0.0, show_default=True)
+@click.option("--top-p", type=float, default=1.0, show_default=True)
+@click.option("--top-k", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=None)
+@click.option("--raw", is_flag=True, help="do not apply the chat template")
+@engine_options
+def generate(prompt, max_tokens, temperature, top_p, top_k, seed, raw, model, dtype, device, tp, draft, block_len, draft_options):
+    """Generate a completion for PROMPT; the text goes to stdout, statistics to stderr."""
+    import time
+
+    from dspark.workers.factory import EngineSpec, build_engine
+    from dspark.workers.request import SamplingParams
+    from dspark.workers.runner import RunnerConfig
+
+    try:
+        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from e
+    spec = EngineSpec(
+        model=model, dtype=dtype, device=device, tp=tp, draft=draft, block_len=block_len,
+        runner=RunnerConfig(n_slots=2, max_seq=max(1024, max_tokens + 1024)), draft_options=parse_kv(draft_options),
+    )
+    built = build_engine(spec)
+    try:
+        tok = built.loaded.tokenizer
+        ids = tok.encode(prompt) if raw else tok.encode_chat([{"role": "user", "content": prompt}])
+        t0 = time.perf_counter()
+        first = None
+        seq = built.engine.add_request(ids, params)
+        while built.engine.has_work:
+            for out in built.engine.step():
+                if first is None and out.new_token_ids:
+                    first = time.perf_counter() - t0
+                if out.text_delta:
+                    click.echo(out.text_delta, nl=False)
+        click.echo("")
+        dt = time.perf_counter() - t0
+        n = len(seq.output_ids)
+        m = seq.metrics
+        click.echo(
+            f"[{n} tokens in {dt:.2f}s: {n / dt:.1f} tokens/s, first token {1000 * (first or 0):.0f} ms, "
+            f"finish={seq.finish_reason}, draft={draft}, acceptance length={m.mean_acceptance_length:.2f}, "
+            f"drafts={m.num_drafts}, accepted={m.num_accepted_tokens}/{m.num_draft_tokens}]",
+            err=True,
+        )
+    finally:
+        built.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""Drafters that run a language model left to right: ``layerskip`` and ``draft_model``.
+
+Both feed the anchor, sample a token, feed it back, ``block_len`` times, batched over requests.
+
+* ``layerskip`` is self-speculation: the first L layers of the target, its final norm and LM head.
+  It writes into the *target's* KV cache (layers < L) at the positions the verifier is about to
+  fill: those entries are exactly what the verifier would compute for the same tokens, and the
+  verification pass overwrites them anyway, so the drafter needs no cache or weights of its own.
+* ``draft_model`` is an independent smaller model (same tokenizer) with its own KV cache; it keeps
+  the tokens it has cached per request and re-syncs with the accepted tokens at each proposal.
+
+Proposals are sampled from the top-k of the drafter's softmax at the request's temperature
+(greedy requests: argmax, one-hot q).  Confidence is the drafter's own probability of the token.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dspark.kernels.sampling import sample_proposal
+from dspark.workers.drafters.base import DraftBlock, draft_generator
+from dspark.workers.request import Sequence
+from dspark.workers.runner import StepInput
+
+
+class AutoregressiveDrafter:
+    name = "autoregressive"
+    feature_layers: tuple[int, ...] = ()
+
+    def __init__(self, runner, n_layers: int | None, proposal_top_k: int = 8) -> None:
+        self.runner = runner
+        self.n_layers = n_layers
+        self.top_k = proposal_top_k
+        self._gens: dict[str, torch.Generator] = {}
+
+    # Subclasses say where each request's tokens go and what must be (re)fed.
+    def _placement(self, seq: Sequence) -> tuple[int, int, list[int]]:
+        """(slot, start position, tokens to feed before the first draft token)."""
+        raise NotImplementedError
+
+    def _drafted(self, seq: Sequence, fed_tail: list[int]) -> None:
+        """Called after drafting with the block tokens that were fed (all but the last)."""
+
+    def propose(self, seqs: list[Sequence], block_len: int) -> list[DraftBlock]:
+        if block_len <= 0 or not seqs:
+            return [DraftBlock.empty() for _ in seqs]
+        dev = self.runner.device
+        places = [self._placement(s) for s in seqs]
+        slots = [p[0] for p in places]
+        starts = [p[1] for p in places]
+        feeds = [p[2] for p in places]
+        temps = torch.tensor([s.params.temperature for s in seqs], device=dev)
+        gens = [self._gens.setdefault(s.request_id, draft_generator(s)) for s in seqs]
+        tokens: list[list[int]] = [[] for _ in seqs]
+        q_vals, q_ids, confs = [[] for _ in seqs], [[] for _ in seqs], [[] for _ in seqs]
+        for k in range(block_len):
+            flat = [t for f in feeds for t in f]
+            q_lens = [len(f) for f in feeds]
+            rows, acc = [], 0
+            for n in q_lens:
+                acc += n
+                rows.append(acc - 1)
+            out = self.runner.forward(StepInput(flat, slots, starts, q_lens, rows, n_layers=self.n_layers))
+            noise = torch.stack([torch.empty(self.top_k).exponential_(generator=g) for g in gens]).to(dev)
+            tok, q, ids, _ = sample_proposal(out.logits, temps, self.top_k, noise)
+            conf = torch.softmax(out.logits.float(), dim=-1).gather(-1, tok.unsqueeze(-1)).squeeze(-1)
+            tok_l, conf_l = tok.tolist(), conf.tolist()
+            for i in range(len(seqs)):
+                tokens[i].append(tok_l[i])
+                q_vals[i].append(q[i])
+                q_ids[i].append(ids[i])
+                confs[i].append(conf_l[i])
+                starts[i] += q_lens[i]
+            feeds = [[t] for t in tok_l]
+        blocks = []
+        for i, seq in enumerate(seqs):
+            self._drafted(seq, tokens[i][:-1])
+            all_greedy = seq.params.greedy
+            blocks.append(
+                DraftBlock(
+                    token_ids=tokens[i],
+                    probs=None if all_greedy else torch.stack(q_vals[i]),
+                    prob_ids=None if all_greedy else torch.stack(q_ids[i]),
+                    confidence=confs[i],
+                )
+            )
+        return blocks
+
+    def observe(self, seq: Sequence, token_ids: list[int], features: torch.Tensor | None) -> None:
+        return None
+
+    def release(self, request_id: str) -> None:
+        self._gens.pop(request_id, None)
+
+
+class LayerSkipDrafter(AutoregressiveDrafter):
+    """Early exit of the target itself: no extra weights, shares the target's KV cache."""
+
+    name = "layerskip"
+
+    def __init__(self, target_runner, n_layers: int, proposal_top_k: int = 8) -> None:
+        super().__init__(target_runner, n_layers, proposal_top_k)
+
+    def _placement(self, seq: Sequence) -> tuple[int, int, list[int]]:
+        return seq.slot, seq.num_cached, [seq.last_token]
+
+
+class DraftModelDrafter(AutoregressiveDrafter):
+    """An independent small model with its own KV cache and slot per request."""
+
+    name = "draft_model"
+
+    def __init__(self, runner, proposal_top_k: int = 8) -> None:
+        super().__init__(runner, None, proposal_top_k)
+        self._slot: dict[str, int] = {}
+        self._cached: dict[str, list[int]] = {}
+
+    def _placement(self, seq: Sequence) -> tuple[int, int, list[int]]:
+        rid = seq.request_id
+        if rid not in self._slot:
+            self._slot[rid] = self.runner.cache.allocate()
+            self._cached[rid] = []
+        ids = seq.all_ids
+        cached = self._cached[rid]
+        common = 0
+        for a, b in zip(cached, ids):
+            if a != b:
+                break
+            common += 1
+        common = min(common, len(ids) - 1)  # always feed the anchor to get its logits
+        self._cached[rid] = ids[:]  # after this proposal the cache holds ids + drafted[:-1]
+        return self._slot[rid], common, ids[common:]
+
+    def _drafted(self, seq: Sequence, fed_tail: list[int]) -> None:
+        self._cached[seq.request_id].extend(fed_tail)
+
+    def release(self, request_id: str) -> None:
+        super().release(request_id)
+        slot = self._slot.pop(request_id, None)
+        self._cached.pop(request_id, None)
+        if slot is not None:
+            self.runner.cache.free(slot)

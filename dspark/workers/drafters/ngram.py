@@ -1,0 +1,60 @@
+"""Prompt-lookup drafting: continue the most recent earlier occurrence of the current suffix.
+
+Zero model cost.  For the last n tokens (n from ``max_ngram`` down to ``min_ngram``) we look for
+the latest earlier position where the same n tokens occur, and propose what followed them.
+Proposals are deterministic (q one-hot), so verification accepts token x with probability p(x).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from dspark.workers.drafters.base import DraftBlock, OnlineConfidence, StatelessDrafter, count_accepted
+from dspark.workers.request import Sequence
+
+
+def find_continuation(ids: np.ndarray, block_len: int, max_ngram: int, min_ngram: int) -> list[int]:
+    """Tokens following the most recent earlier match of the longest matching suffix n-gram.
+
+    Example: ids = [1 2 3 4 1 2], block 2 -> suffix [1 2] matched at 0 -> propose [3, 4].
+    """
+    n_total = len(ids)
+    for n in range(min(max_ngram, n_total - 1), min_ngram - 1, -1):
+        suffix = ids[n_total - n :]
+        # windows[i] = ids[i : i + n] for every start i whose match is strictly earlier.
+        windows = np.lib.stride_tricks.sliding_window_view(ids[: n_total - 1], n)
+        hits = np.nonzero((windows == suffix).all(axis=1))[0]
+        hits = hits[hits + n < n_total]  # must be followed by at least one token
+        if hits.size:
+            start = int(hits[-1]) + n
+            return ids[start : start + block_len].tolist()
+    return []
+
+
+class NgramDrafter(StatelessDrafter):
+    name = "ngram"
+
+    def __init__(self, max_ngram: int = 4, min_ngram: int = 1) -> None:
+        self.max_ngram = max_ngram
+        self.min_ngram = min_ngram
+        self.conf = OnlineConfidence(prior_accept=0.5)
+        self._last: dict[str, list[int]] = {}
+
+    def propose(self, seqs: list[Sequence], block_len: int) -> list[DraftBlock]:
+        out = []
+        for seq in seqs:
+            ids = np.asarray(seq.all_ids, dtype=np.int64)
+            toks = find_continuation(ids, block_len, self.max_ngram, self.min_ngram)
+            self._last[seq.request_id] = toks
+            out.append(DraftBlock(token_ids=toks, confidence=self.conf.confidences(seq.request_id, len(toks))))
+        return out
+
+    def observe(self, seq: Sequence, token_ids: list[int], features: torch.Tensor | None) -> None:
+        last = self._last.pop(seq.request_id, None)
+        if last:
+            self.conf.update(seq.request_id, len(last), count_accepted(last, token_ids))
+
+    def release(self, request_id: str) -> None:
+        self._last.pop(request_id, None)
+        self.conf.release(request_id)
