@@ -1,0 +1,134 @@
+"""Markov-head block sampling for the DSpark drafter (paper, section 3.1, eq. 4-5).
+
+The parallel backbone gives base logits U_1..U_G for a block in one pass; the Markov head then
+samples left to right, adding a low-rank bias from the previous token:
+
+    logits_k = U_k + W1[x_{k-1}] @ W2,    q_k = softmax(logits_k / T),    x_k ~ q_k,
+
+with x_0 the anchor (the last token the target emitted).  q_k may be truncated to its top-k
+entries and renormalised; either way the returned q_k is *exactly* the distribution x_k was
+drawn from, which is what lossless rejection sampling needs (``rejection.py``).
+
+Randomness: one uniform per position, [B, G], sampled by inverse CDF.  That is the least
+randomness an exact draw needs and costs one cumsum over the (truncated) row, where the
+exponential race of ``sampling.sample_from_probs`` would need B * G * V noise values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["MarkovDraft", "markov_block_sample", "inverse_cdf_sample"]
+
+
+@dataclass(frozen=True)
+class MarkovDraft:
+    """A sampled block and the exact proposal it came from.
+
+    tokens: [B, G] int64, the drafts x_1..x_G.
+    draft_probs: [B, G, V] float32 dense q, or [B, G, K] float32 values of a sparse q.
+    draft_prob_ids: [B, G, K] int64 vocabulary ids of the sparse entries; None when dense.
+        Entries with value 0 are padding (an id may then repeat).
+    prev_embeddings: [B, G, r], W1[x_{k-1}] for k = 1..G (the confidence head's input).
+    """
+
+    tokens: torch.Tensor
+    draft_probs: torch.Tensor
+    draft_prob_ids: torch.Tensor | None
+    prev_embeddings: torch.Tensor
+
+
+def inverse_cdf_sample(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Index i with cdf[i-1] <= u * total < cdf[i]: a draw from probs (unnormalised is fine).
+
+    probs: [R, K] >= 0 with positive row sums; uniforms: [R] in [0, 1).  Returns [R] int64.
+    The cumsum runs in float64, so the realised law matches probs to ~1e-15 given a float64
+    uniform (a float32 uniform only resolves 2^-24).  Zero entries are never returned.
+
+    Example:
+        >>> inverse_cdf_sample(torch.tensor([[0.5, 0.0, 0.5]]), torch.tensor([0.6]))
+        tensor([2])
+    """
+    cdf = torch.cumsum(probs.double(), dim=-1)  # [R, K]
+    target = uniforms.double().unsqueeze(-1) * cdf[:, -1:]  # [R, 1]
+    return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp_(max=probs.shape[-1] - 1)
+
+
+def markov_block_sample(
+    base_logits: torch.Tensor,
+    anchor_ids: torch.Tensor,
+    w1: torch.Tensor,
+    w2: torch.Tensor,
+    temperature: torch.Tensor,
+    top_k: int,
+    uniforms: torch.Tensor,
+) -> MarkovDraft:
+    """Sample a draft block left to right through the Markov head.
+
+    base_logits: [B, G, V] from the parallel backbone.
+    anchor_ids: [B] int64, x_0.
+    w1: [V, r] previous-token embedding; w2: [r, V] logit projection.
+    temperature: [B]; <= 0 means greedy (x_k = argmax logits_k, lowest id on ties).
+    top_k: 0 = dense q over the vocabulary; > 0 = q truncated to the top_k logits.
+    uniforms: [B, G] in [0, 1) (float64 recommended), one draw per position.
+
+    Proposal format: sparse ``[B, G, K]`` values + ids when top_k > 0 (K = min(top_k, V)) or
+    when every request is greedy (K = 1); dense ``[B, G, V]`` otherwise.  A greedy row's q is
+    one-hot on its token (slot 0 of a sparse row, the other slots padding).
+
+    Returns a :class:`MarkovDraft`.
+
+    Example (V = 3, r = 1, one greedy request; the bias makes token 2 follow token 1):
+        >>> w1 = torch.tensor([[0.0], [1.0], [0.0]]); w2 = torch.tensor([[0.0, 0.0, 5.0]])
+        >>> d = markov_block_sample(torch.tensor([[[0.0, 1.0, 0.0], [0.0, 1.0, 0.0]]]),
+        ...     torch.tensor([0]), w1, w2, torch.tensor([0.0]), 0, torch.zeros(1, 2))
+        >>> d.tokens, d.draft_probs.squeeze(-1), d.draft_prob_ids.squeeze(-1)
+        (tensor([[1, 2]]), tensor([[1., 1.]]), tensor([[1, 2]]))
+    """
+    num_reqs, block, vocab = base_logits.shape
+    device = base_logits.device
+    temperature = temperature.to(device=device, dtype=torch.float32)
+    greedy = temperature <= 0  # [B]
+    any_greedy = bool(greedy.any())
+    sparse = top_k > 0 or bool(greedy.all())
+    width = min(top_k, vocab) if top_k > 0 else (1 if sparse else vocab)
+    temp = torch.where(greedy, 1.0, temperature).unsqueeze(1)  # greedy rows divide by 1: [B, 1]
+    rows = torch.arange(num_reqs, device=device)  # [B]
+
+    tokens = torch.empty(num_reqs, block, dtype=torch.long, device=device)
+    probs = torch.empty(num_reqs, block, width, dtype=torch.float32, device=device)
+    ids = torch.empty(num_reqs, block, width, dtype=torch.long, device=device) if sparse else None
+    prev_emb = torch.empty(num_reqs, block, w1.shape[1], dtype=w1.dtype, device=device)
+    prev = anchor_ids.to(device=device, dtype=torch.long)  # x_{k-1}: [B]
+    for k in range(block):
+        emb = w1[prev]  # W1[x_{k-1}]: [B, r]
+        prev_emb[:, k] = emb
+        logits = base_logits[:, k].float() + (emb @ w2).float()  # [B, V]
+        if sparse:
+            if top_k > 0:
+                vals, cand = torch.topk(logits, width, dim=-1)  # [B, K] each, descending
+                q = torch.softmax(vals / temp, dim=-1)
+            else:  # all greedy, K = 1
+                cand = logits.argmax(-1, keepdim=True)
+                q = torch.ones(num_reqs, 1, dtype=torch.float32, device=device)
+            if any_greedy:
+                # Greedy: one-hot on the argmax in slot 0 (topk's tie order may differ).
+                cand = cand.clone()
+                cand[:, 0] = torch.where(greedy, logits.argmax(-1), cand[:, 0])
+                onehot = torch.zeros_like(q)
+                onehot[:, 0] = 1.0
+                q = torch.where(greedy.unsqueeze(1), onehot, q)
+            tok = cand[rows, inverse_cdf_sample(q, uniforms[:, k])]  # [B]
+            ids[:, k] = cand
+        else:
+            q = torch.softmax(logits / temp, dim=-1)  # [B, V]
+            if any_greedy:
+                onehot = torch.zeros_like(q).scatter_(1, logits.argmax(-1, keepdim=True), 1.0)
+                q = torch.where(greedy.unsqueeze(1), onehot, q)
+            tok = inverse_cdf_sample(q, uniforms[:, k])
+        probs[:, k] = q
+        tokens[:, k] = tok
+        prev = tok
+    return MarkovDraft(tokens=tokens, draft_probs=probs, draft_prob_ids=ids, prev_embeddings=prev_emb)

@@ -1,0 +1,195 @@
+"""dspark.kernels.sampling: top-k / top-p masks, greedy rows, seeded sampling."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from scipy import stats
+
+from dspark.kernels.sampling import (
+    apply_top_k_top_p,
+    exponential_noise,
+    logits_to_probs,
+    sample_from_probs,
+    sample_proposal,
+)
+
+NEG = float("-inf")
+
+
+def kept(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
+    """Boolean [R, V] of the entries apply_top_k_top_p leaves unmasked."""
+    out = apply_top_k_top_p(logits, torch.tensor(top_k), torch.tensor(top_p, dtype=torch.float32))
+    return torch.isfinite(out)
+
+
+# ------------------------------------------------------------------ top-k
+
+
+def test_top_k_per_row_incl_disabled_and_oversized():
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.0]] * 4)
+    mask = kept(logits, [1, 2, 0, 9], [1.0] * 4)
+    assert mask.tolist() == [
+        [False, True, False, False],  # k = 1: the max only
+        [False, True, False, True],  # k = 2
+        [True, True, True, True],  # k = 0: off
+        [True, True, True, True],  # k > V: everything
+    ]
+
+
+def test_top_k_keeps_ties_at_the_boundary():
+    logits = torch.tensor([[3.0, 2.0, 2.0, 1.0]])
+    out = apply_top_k_top_p(logits, torch.tensor([2]), torch.tensor([1.0]))
+    assert out.tolist() == [[3.0, 2.0, 2.0, NEG]]
+
+
+def test_mask_leaves_values_untouched_and_is_identity_when_off():
+    logits = torch.randn(3, 7, generator=torch.Generator().manual_seed(0))
+    out = apply_top_k_top_p(logits, torch.tensor([0, 0, 0]), torch.tensor([1.0, 1.0, 1.0]))
+    assert torch.equal(out, logits)
+    out = apply_top_k_top_p(logits, torch.tensor([3, 3, 3]), torch.tensor([1.0, 1.0, 1.0]))
+    finite = torch.isfinite(out)
+    assert torch.equal(out[finite], logits[finite])
+
+
+# ------------------------------------------------------------------ top-p
+
+
+def test_top_p_keeps_smallest_prefix_reaching_p():
+    # probs ~ [0.5, 0.25, 0.125, 0.125], mass before each entry ~ [0, 0.5, 0.75, 0.875]
+    # (not exact in float, so the top_p values stay clear of those boundaries).
+    logits = torch.tensor([[math.log(0.5), math.log(0.25), math.log(0.125), math.log(0.125)]] * 5)
+    mask = kept(logits, [0] * 5, [0.1, 0.49, 0.6, 0.8, 0.95])
+    assert mask.sum(1).tolist() == [1, 1, 2, 3, 4]
+    assert mask[:, :2].all(1).tolist() == [False, False, True, True, True]
+    # top_p = 0.8 needs one of the two tied 0.125 entries: exactly one is kept.
+    assert int(mask[3, 2:].sum()) == 1
+
+
+def test_top_p_exact_boundaries_with_uniform_probs():
+    # Equal logits give exactly 0.25 each, so the cumulative masses are exact.
+    logits = torch.zeros(4, 4)
+    mask = kept(logits, [0] * 4, [0.25, 0.25000003, 0.5, 1.0])
+    # An entry stays while the mass strictly before it is < top_p.
+    assert mask.sum(1).tolist() == [1, 2, 2, 4]
+
+
+def test_top_p_tiny_keeps_only_the_argmax():
+    logits = torch.tensor([[0.3, 2.0, -1.0, 1.9]])
+    assert kept(logits, [0], [1e-9]).tolist() == [[False, True, False, False]]
+
+
+def test_top_k_applies_before_top_p():
+    # Full softmax [.64, .24, .09, .03]: top-p 0.7 alone keeps two entries.  After top-k = 2 the
+    # renormalised masses are [.73, .27], so the same top-p keeps one.
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]] * 2)
+    mask = kept(logits, [0, 2], [0.7, 0.7])
+    assert mask.tolist() == [[True, True, False, False], [True, False, False, False]]
+
+
+# ------------------------------------------------------------------ logits_to_probs
+
+
+def test_greedy_rows_are_one_hot_on_lowest_tied_argmax():
+    logits = torch.tensor([[1.0, 5.0, 5.0, 0.0], [1.0, 2.0, 3.0, 0.0]])
+    probs = logits_to_probs(logits, torch.tensor([0.0, 1.0]))
+    assert probs[0].tolist() == [0.0, 1.0, 0.0, 0.0]
+    assert torch.allclose(probs[1], torch.softmax(logits[1], -1))
+    assert probs.dtype == torch.float32
+
+
+def test_logits_to_probs_temperature_and_filters():
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(3, 9, generator=g)
+    temp = torch.tensor([0.5, 1.0, 2.0])
+    probs = logits_to_probs(logits, temp, torch.tensor([0, 3, 0]), torch.tensor([1.0, 1.0, 0.5]))
+    assert torch.allclose(probs.sum(1), torch.ones(3))
+    assert torch.allclose(probs[0], torch.softmax(logits[0] / 0.5, -1))
+    assert int((probs[1] > 0).sum()) == 3
+    expected2 = torch.softmax(apply_top_k_top_p(logits[2:] / 2.0, torch.tensor([0]), torch.tensor([0.5])), -1)
+    assert torch.allclose(probs[2], expected2[0])
+
+
+# ------------------------------------------------------------------ sampling
+
+
+def test_sample_from_probs_one_hot_ignores_noise():
+    probs = torch.eye(5)[[3, 0, 4]]
+    noise = torch.empty(3, 5).exponential_(generator=torch.Generator().manual_seed(0))
+    assert sample_from_probs(probs, noise).tolist() == [3, 0, 4]
+
+
+def test_exponential_noise_is_per_request_reproducible():
+    def gen(seed: int) -> torch.Generator:
+        return torch.Generator().manual_seed(seed)
+
+    a = exponential_noise(3, 11, [gen(1), gen(2), gen(3)])
+    b = exponential_noise(3, 11, [gen(1), gen(2), gen(3)])
+    assert torch.equal(a, b)
+    assert (a > 0).all()
+    # A request's stream does not depend on its batch neighbours or its row.
+    c = exponential_noise(2, 11, [gen(9), gen(2)])
+    assert torch.equal(c[1], a[1])
+    assert not torch.equal(c[0], a[0])
+    # Same seeds -> same samples.
+    probs = torch.softmax(torch.randn(3, 11, generator=gen(4)), -1)
+    assert torch.equal(sample_from_probs(probs, a), sample_from_probs(probs, b))
+
+
+def test_exponential_noise_none_generator_uses_global_rng():
+    torch.manual_seed(123)
+    a = exponential_noise(2, 5, [None, None])
+    torch.manual_seed(123)
+    b = exponential_noise(2, 5, [None])  # missing entries count as None too
+    assert torch.equal(a, b)
+
+
+def test_sample_from_probs_matches_distribution():
+    g = torch.Generator().manual_seed(7)
+    probs = torch.softmax(torch.randn(8, generator=g), -1)
+    n = 200_000
+    noise = torch.empty(n, 8).exponential_(generator=g)
+    draws = sample_from_probs(probs.expand(n, 8), noise)
+    counts = torch.bincount(draws, minlength=8).double()
+    p_value = stats.chisquare(counts.numpy(), (probs.double() * n).numpy()).pvalue
+    assert p_value > 1e-3
+
+
+@pytest.mark.parametrize("top_p", [0.3, 0.9])
+def test_sampling_never_leaves_the_nucleus(top_p):
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(4, 16, generator=g)
+    probs = logits_to_probs(logits, torch.ones(4), None, torch.full((4,), top_p))
+    noise = torch.empty(4, 16).exponential_(generator=g)
+    for _ in range(20):
+        noise.exponential_(generator=g)
+        draws = sample_from_probs(probs, noise)
+        assert (probs.gather(1, draws[:, None]) > 0).all()
+
+
+# ------------------------------------------------------------------ draft-side proposals
+
+
+def test_sample_proposal_greedy_is_one_hot_on_argmax():
+    logits = torch.tensor([[0.0, 5.0, 1.0, 4.0], [2.0, 0.0, 3.0, 1.0]])
+    noise = torch.empty(2, 3).exponential_(generator=torch.Generator().manual_seed(0))
+    tokens, q, ids, q_tok = sample_proposal(logits, torch.tensor([0.0, 0.0]), 3, noise)
+    assert tokens.tolist() == [1, 2]
+    assert q.tolist() == [[1.0, 0.0, 0.0]] * 2
+    assert ids[:, 0].tolist() == [1, 2] and q_tok.tolist() == [1.0, 1.0]
+
+
+def test_sample_proposal_follows_its_reported_sparse_q():
+    g = torch.Generator().manual_seed(5)
+    n, v, k = 200_000, 12, 4
+    logits = torch.randn(1, v, generator=g).expand(n, v)
+    tokens, q, ids, q_tok = sample_proposal(logits, torch.full((n,), 0.8), k, torch.empty(n, k).exponential_(generator=g))
+    assert torch.equal(ids, ids[:1].expand_as(ids)) and torch.allclose(q.sum(1), torch.ones(n))
+    expected = torch.softmax(logits[0, ids[0]].double() / 0.8, -1)
+    assert torch.allclose(q[0].double(), expected)
+    assert torch.equal(q_tok, q.gather(1, (ids == tokens[:, None]).long().argmax(1, keepdim=True)).squeeze(1))
+    counts = torch.bincount(tokens, minlength=v)[ids[0]].double()
+    assert int(counts.sum()) == n  # nothing outside the top-k
+    assert stats.chisquare(counts.numpy(), (expected * n).numpy()).pvalue > 1e-3
