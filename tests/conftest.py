@@ -18,7 +18,7 @@ def _start_redis():
     try:
         return RedisServer().start()
     except RedisServerError as exc:
-        pytest.skip(str(exc))
+        pytest.fail(f"redis-server is required (make test installs it): {exc}")
 
 
 @pytest.fixture(scope="session")
@@ -42,3 +42,42 @@ def private_redis_server():
 def redis_prefix() -> str:
     """A key prefix unique to the test, so tests sharing a server never collide."""
     return f"test-{uuid.uuid4().hex[:12]}"
+
+
+# ------------------------------------------------------------------ Model
+# The real default model (SmolLM2-135M-Instruct GGUF), loaded once per session.
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _torch_threads():
+    import torch
+
+    torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def model_fp32():
+    """LoadedModel (fp32, CPU) of the default checkpoint, shared read-only by tests."""
+    from dspark.models.loader import load_model
+
+    return load_model(dtype="fp32", progress=False)
+
+
+@pytest.fixture(scope="session")
+def hf_model():
+    """Hugging Face transformers' reading of the same GGUF file (fp32), the reference."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from dspark.models.loader import default_model_path
+
+    p = default_model_path()
+    return AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def prompts20():
+    """20 chat prompts from the shared data, alternating WizardLM and MBPP+."""
+    from dspark.datasets import load_prompts
+
+    return [p.text for p in load_prompts("all", limit=20)]

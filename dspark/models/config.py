@@ -49,7 +49,10 @@ class ModelArgs:
         n_heads = cfg["num_attention_heads"]
         dim = cfg["hidden_size"]
         scaling = None
-        rs = cfg.get("rope_scaling") or None
+        # transformers >= 5 nests RoPE settings under "rope_parameters".
+        rp = cfg.get("rope_parameters") or {}
+        theta = cfg.get("rope_theta", rp.get("rope_theta", 10000.0))
+        rs = cfg.get("rope_scaling") or (rp if rp.get("rope_type") not in (None, "default") else None)
         if rs:
             kind = rs.get("rope_type", rs.get("type"))
             if kind == "llama3":
@@ -71,7 +74,7 @@ class ModelArgs:
             head_dim=cfg.get("head_dim") or dim // n_heads,
             intermediate_size=cfg["intermediate_size"],
             norm_eps=cfg.get("rms_norm_eps", 1e-6),
-            rope_theta=cfg.get("rope_theta", 10000.0),
+            rope_theta=float(theta),
             rope_scaling=scaling,
             max_position_embeddings=cfg.get("max_position_embeddings", 4096),
             tie_word_embeddings=cfg.get("tie_word_embeddings", False),

@@ -147,7 +147,7 @@ class Tokenizer:
                 v = v.get("content")
             return tok.token_to_id(v) if isinstance(v, str) else None
 
-        eos = gen.get("eos_token_id", model_cfg.get("eos_token_id", tid("eos_token")))
+        eos = next((e for e in (gen.get("eos_token_id"), model_cfg.get("eos_token_id"), tid("eos_token")) if e is not None), None)
         eos_ids = eos if isinstance(eos, list) else [eos]
         eos_ids = [int(e) for e in eos_ids if e is not None]
         if not eos_ids:

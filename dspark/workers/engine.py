@@ -308,10 +308,10 @@ class Engine:
             reason = "length"  # the cache cannot hold another block
         delta = ""
         if seq.detok is not None:
-            delta = "".join(seq.detok.push(t) for t in new)
+            piece = "".join(seq.detok.push(t) for t in new)
             if reason is not None:
-                delta += seq.detok.flush()
-            delta, hit = self._apply_stop_strings(seq, delta)
+                piece += seq.detok.flush()
+            delta, hit = self._release_text(seq, piece, final=reason is not None)
             if hit:
                 reason = "stop"
         seq.text += delta
@@ -329,20 +329,33 @@ class Engine:
         )
 
     @staticmethod
-    def _apply_stop_strings(seq: Sequence, delta: str) -> tuple[str, bool]:
-        if not seq.params.stop or not delta:
-            return delta, False
-        # Search the tail of the previous text too: a stop string may straddle two deltas.
-        longest = max(len(s) for s in seq.params.stop)
-        tail = seq.text[-(longest - 1) :] if longest > 1 else ""
-        window = tail + delta
-        cut = min((i for i in (window.find(s) for s in seq.params.stop) if i >= 0), default=-1)
-        if cut < 0:
-            return delta, False
-        keep = cut - len(tail)
-        if keep < 0:  # the stop string began inside text already sent; drop nothing more
-            return "", True
-        return delta[:keep], True
+    def _release_text(seq: Sequence, piece: str, final: bool) -> tuple[str, bool]:
+        """Text that may be sent now, and whether a stop string was hit.
+
+        Text that could be the beginning of a stop string is held back until it is known not
+        to be one, so a client never receives part of a stop string.
+        """
+        stops = seq.params.stop
+        if not stops:
+            return piece, False
+        seq.held += piece
+        cut = min((i for i in (seq.held.find(s) for s in stops) if i >= 0), default=-1)
+        if cut >= 0:
+            out, seq.held = seq.held[:cut], ""
+            return out, True
+        if final:
+            out, seq.held = seq.held, ""
+            return out, False
+        # Keep the longest suffix of the held text that is a proper prefix of a stop string.
+        keep = 0
+        for s in stops:
+            for n in range(min(len(s) - 1, len(seq.held)), keep, -1):
+                if seq.held.endswith(s[:n]):
+                    keep = n
+                    break
+        out = seq.held[: len(seq.held) - keep]
+        seq.held = seq.held[len(seq.held) - keep :]
+        return out, False
 
     # -- convenience --------------------------------------------------------------------------
     def run_until_done(self, on_output: Callable[[RequestOutput], None] | None = None) -> None:

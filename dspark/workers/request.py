@@ -126,7 +126,8 @@ class Sequence:
     finish_reason: str | None = None
     metrics: SpecMetrics = field(default_factory=SpecMetrics)
     detok: IncrementalDetokenizer | None = None
-    text: str = ""  # output text so far (after stop-string truncation)
+    text: str = ""  # output text released so far (after stop-string truncation)
+    held: str = ""  # decoded text held back because it may start a stop string
     draft_enabled: bool = True  # False: plain decoding for this request (e.g. its drafter is gone)
 
     @property

@@ -1,0 +1,346 @@
+"""The DSpark draft head: a block drafter conditioned on target features (paper, sections 2.2, 3.1, 3.2.1).
+
+One draft step turns the target's context into ``G`` draft positions in a single non-causal pass:
+
+    context   H_ctx = RMSNorm(W_c [h^(l1); ...; h^(lm)])      hidden states of chosen target layers
+    inputs    x = [E(anchor), m, m, ..., m]                  anchor embedding + G-1 learned mask vectors
+    layers    each draft layer attends over [K_i H_ctx ; K_i x]  ("KV injection", eq. 3): every block
+              position sees all context positions *before* the anchor and the whole block
+    base      U_k = LM_head(RMSNorm(h_k))                      the target's LM head, shared and frozen
+    Markov    logits_k = U_k + W1[x_{k-1}] @ W2                low-rank transition bias (eq. 5)
+    confidence c_k = sigmoid(w . [h_k ; W1[x_{k-1}]] + b)        P(x_k accepted | x_<k accepted) (eq. 7)
+
+Position k (0-based) predicts the token after x_k, where x_0 is the anchor: the last token the target
+emitted, not yet in its KV cache.  The target's embedding and LM head are borrowed (``bind_target``)
+and never stored in the head's file.  Sequential temperature scaling (STS) of the confidences is a
+per-position temperature on the confidence logit, kept in the config (``sts``).
+
+Shapes: B = requests (or training sequences), Q = block query positions (G at inference; anchors * G in
+training), S = context positions, D = dim, r = Markov rank, V = vocabulary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dspark.models.llama import RMSNorm, apply_rope
+
+HEADS_DIR = Path(__file__).resolve().parent / "heads"
+
+
+@dataclass(frozen=True)
+class DSparkHeadConfig:
+    """Architecture of a draft head and the target it belongs to; every field has a default."""
+
+    target_name: str = "SmolLM2-135M-Instruct"  # target model this head was trained for
+    dim: int = 576  # target hidden size = draft width
+    vocab_size: int = 49152  # target vocabulary (shared embedding and LM head)
+    feature_layers: tuple[int, ...] = (2, 8, 14, 20, 27)  # target blocks whose outputs form the context
+    n_layers: int = 2  # draft transformer blocks
+    n_heads: int = 9  # query heads per draft layer
+    n_kv_heads: int = 3  # key/value heads per draft layer
+    head_dim: int = 64  # per-head width
+    intermediate_size: int = 1536  # SwiGLU inner width of the draft layers
+    norm_eps: float = 1e-5  # RMSNorm epsilon
+    rope_theta: float = 100000.0  # RoPE base of the draft layers (absolute positions, as the target)
+    block_len: int = 7  # G the head was trained for (positions beyond reuse the last STS temperature)
+    markov_rank: int = 128  # r of the Markov head W1 [V, r] @ W2 [r, V]; 0 = no Markov head (DFlash-style)
+    init_from_layers: tuple[int, ...] = ()  # target blocks copied into the draft layers at init (training only)
+    sts: dict = field(default_factory=dict)  # {"greedy": [T_1..T_G], "sampled": [...]} STS temperatures
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict) -> "DSparkHeadConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        d = {k: v for k, v in d.items() if k in known}
+        for k in ("feature_layers", "init_from_layers"):
+            if k in d:
+                d[k] = tuple(int(x) for x in d[k])
+        return cls(**d)
+
+    def replace(self, **changes) -> "DSparkHeadConfig":
+        return dataclasses.replace(self, **changes)
+
+    def sts_temperatures(self, greedy: bool, n: int) -> list[float]:
+        """Per-position STS temperatures for n positions (1.0 = uncalibrated)."""
+        temps = list(self.sts.get("greedy" if greedy else "sampled", []))
+        if not temps:
+            return [1.0] * n
+        return [temps[min(k, len(temps) - 1)] for k in range(n)]
+
+
+def rope_tables(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """cos/sin at ``positions`` (any shape P) -> each [*P, 1, head_dim] in ``dtype``."""
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device=positions.device) / head_dim))
+    freqs = positions.to(torch.float64).unsqueeze(-1) * inv  # [*P, hd/2]
+    emb = torch.cat((freqs, freqs), dim=-1).unsqueeze(-2)  # [*P, 1, hd]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+class DraftLayer(nn.Module):
+    """Llama-style block whose attention keys/values are [context ; block] (KV injection)."""
+
+    def __init__(self, cfg: DSparkHeadConfig) -> None:
+        super().__init__()
+        self.nh, self.nkv, self.hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.wqkv = nn.Linear(cfg.dim, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.w13 = nn.Linear(cfg.dim, 2 * cfg.intermediate_size, bias=False)
+        self.w2 = nn.Linear(cfg.intermediate_size, cfg.dim, bias=False)
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.inter = cfg.intermediate_size
+
+    def context_kv(self, ctx: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys/values of projected context features (eq. 3, H_ctx is already normalised).
+
+        ctx: [*P, D]; cos/sin: [*P, 1, hd].  Returns k, v: [*P, nkv, hd].
+        """
+        w = self.wqkv.weight[self.nh * self.hd :]  # the k | v rows: [2 nkv hd, D]
+        kv = F.linear(ctx, w)
+        k, v = kv.split(self.nkv * self.hd, dim=-1)
+        k = apply_rope(k.unflatten(-1, (self.nkv, self.hd)), cos, sin)
+        return k, v.unflatten(-1, (self.nkv, self.hd))
+
+    def forward(self, x, cos, sin, ctx_k, ctx_v, mask) -> torch.Tensor:
+        """x: [B, Q, D]; cos/sin: [B, Q, 1, hd]; ctx_k/ctx_v: [B, nkv, S, hd]; mask: [B, 1, Q, S + Q] bool."""
+        B, Q, _ = x.shape
+        nh, nkv, hd = self.nh, self.nkv, self.hd
+        q, k, v = self.wqkv(self.attention_norm(x)).split([nh * hd, nkv * hd, nkv * hd], dim=-1)
+        q = apply_rope(q.view(B, Q, nh, hd), cos, sin).transpose(1, 2)  # [B, nh, Q, hd]
+        k = apply_rope(k.view(B, Q, nkv, hd), cos, sin).transpose(1, 2)  # [B, nkv, Q, hd]
+        v = v.view(B, Q, nkv, hd).transpose(1, 2)
+        keys = torch.cat([ctx_k, k], dim=2)  # [B, nkv, S + Q, hd]
+        values = torch.cat([ctx_v, v], dim=2)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)  # [B, nh, Q, hd]
+        h = x + self.wo(out.transpose(1, 2).reshape(B, Q, nh * hd))
+        gate, up = self.w13(self.ffn_norm(h)).split(self.inter, dim=-1)
+        return h + self.w2(F.silu(gate) * up)
+
+
+class DSparkHead(nn.Module):
+    """Trainable part of the drafter; call :meth:`bind_target` before use."""
+
+    def __init__(self, cfg: DSparkHeadConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        D, m = cfg.dim, len(cfg.feature_layers)
+        self.fc = nn.Linear(m * D, D, bias=False)  # W_c of eq. 2
+        self.ctx_norm = RMSNorm(D, cfg.norm_eps)
+        self.layers = nn.ModuleList(DraftLayer(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(D, cfg.norm_eps)
+        self.mask_embedding = nn.Parameter(torch.zeros(D))
+        r = cfg.markov_rank
+        if r > 0:
+            self.markov_w1 = nn.Parameter(torch.zeros(cfg.vocab_size, r))  # W1: previous-token embedding
+            self.markov_w2 = nn.Parameter(torch.empty(r, cfg.vocab_size))  # W2: logit projection
+        self.confidence = nn.Linear(D + r, 1)
+        # Borrowed from the target, frozen, deliberately not registered (not in state_dict).
+        self._target: list = []
+
+    # -- target weights ---------------------------------------------------------------------
+    def bind_target(self, target: nn.Module) -> "DSparkHead":
+        """Share the target's token embedding and LM head matrix (kept frozen, not saved)."""
+        emb = target.tok_embeddings.weight
+        if emb.shape != (self.cfg.vocab_size, self.cfg.dim):
+            raise ValueError(f"target embedding {tuple(emb.shape)} does not match the head ({self.cfg.vocab_size}, {self.cfg.dim})")
+        self._target = [target]
+        return self
+
+    @property
+    def embedding(self) -> torch.Tensor:
+        return self._target[0].tok_embeddings.weight  # [V, D]
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        return self._target[0].output.weight  # [V, D]
+
+    # -- initialisation ---------------------------------------------------------------------
+    def reset_parameters(self, target: nn.Module | None = None, seed: int = 0) -> None:
+        """Fresh training init; optionally copy target blocks into the draft layers.
+
+        With ``init_from_layers``, draft layer i starts as target block ``init_from_layers[i]`` and W_c
+        starts as a selection of the last feature layer, so layer 0 first sees roughly the keys and
+        values the target itself computes over the context.
+        """
+        g = torch.Generator().manual_seed(seed)
+        cfg = self.cfg
+        for p in self.parameters():
+            if p.dim() >= 2:
+                with torch.no_grad():
+                    p.copy_(torch.randn(p.shape, generator=g) * (1.0 / math.sqrt(p.shape[-1])))
+        with torch.no_grad():
+            for mod in self.modules():
+                if isinstance(mod, RMSNorm):
+                    mod.weight.fill_(1.0)
+            for layer in self.layers:  # residual branches start small
+                layer.wo.weight.mul_(0.1)
+                layer.w2.weight.mul_(0.1)
+            if cfg.markov_rank > 0:
+                self.markov_w1.zero_()  # unseen previous tokens keep a zero bias
+                self.markov_w2.copy_(torch.randn(self.markov_w2.shape, generator=g) * 0.02)
+            self.confidence.weight.zero_()
+            self.confidence.bias.fill_(1.0)
+            if target is not None:
+                emb = target.tok_embeddings.weight.float()
+                self.mask_embedding.copy_(emb.mean(0))
+                if cfg.init_from_layers:
+                    D = cfg.dim
+                    self.fc.weight.zero_()
+                    self.fc.weight[:, -D:] = torch.eye(D)
+                    src = cfg.init_from_layers
+                    self.ctx_norm.weight.copy_(target.layers[src[0]].attention_norm.weight.float())
+                    for layer, i in zip(self.layers, src):
+                        t = target.layers[i]
+                        layer.wqkv.weight.copy_(t.attention.wqkv.weight.float())
+                        layer.wo.weight.copy_(t.attention.wo.weight.float())
+                        layer.w13.weight.copy_(t.feed_forward.w13.weight.float())
+                        layer.w2.weight.copy_(t.feed_forward.w2.weight.float())
+                        layer.attention_norm.weight.copy_(t.attention_norm.weight.float())
+                        layer.ffn_norm.weight.copy_(t.ffn_norm.weight.float())
+                    self.norm.weight.copy_(target.norm.weight.float())
+
+    # -- pieces of the forward pass ----------------------------------------------------------
+    def context(self, features: torch.Tensor) -> torch.Tensor:
+        """H_ctx = RMSNorm(W_c features).  features: [*P, m D] -> [*P, D]."""
+        return self.ctx_norm(self.fc(features.to(self.fc.weight.dtype)))
+
+    def context_kv(self, features: torch.Tensor, positions: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per draft layer (k, v) of the context.  features: [*P, m D]; positions: [*P] -> each [*P, nkv, hd]."""
+        ctx = self.context(features)
+        cos, sin = rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta, ctx.dtype)
+        return [layer.context_kv(ctx, cos, sin) for layer in self.layers]
+
+    def block_inputs(self, anchor_ids: torch.Tensor, block_len: int) -> torch.Tensor:
+        """[E(anchor), m, ..., m].  anchor_ids: [*A] -> [*A, G, D]."""
+        dtype = self.mask_embedding.dtype
+        first = F.embedding(anchor_ids, self.embedding).to(dtype).unsqueeze(-2)  # [*A, 1, D]
+        masks = self.mask_embedding.expand(*anchor_ids.shape, block_len - 1, self.cfg.dim)
+        return torch.cat([first, masks], dim=-2)
+
+    def backbone(self, x, positions, ctx_kv, mask) -> torch.Tensor:
+        """The parallel stage.  x: [B, Q, D]; positions: [B, Q]; ctx_kv: per layer (k, v) [B, nkv, S, hd];
+        mask: [B, Q, S + Q] bool (True = attend).  Returns normalised hidden states h: [B, Q, D]."""
+        cos, sin = rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)  # [B, Q, 1, hd]
+        m = mask.unsqueeze(1)  # [B, 1, Q, S + Q]
+        for layer, (k, v) in zip(self.layers, ctx_kv):
+            x = layer(x, cos, sin, k, v, m)
+        return self.norm(x)
+
+    def base_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """U = LM head(h), float32.  h: [*R, D] -> [*R, V]."""
+        w = self.lm_head_weight
+        return F.linear(h.to(w.dtype), w).float()
+
+    def markov_embedding(self, prev_ids: torch.Tensor) -> torch.Tensor:
+        """W1[x_{k-1}]: [*R] -> [*R, r] (r = 0 without a Markov head)."""
+        if self.cfg.markov_rank == 0:
+            return self.mask_embedding.new_zeros(*prev_ids.shape, 0)
+        return F.embedding(prev_ids, self.markov_w1)
+
+    def markov_bias(self, prev_emb: torch.Tensor) -> torch.Tensor:
+        """B(x_{k-1}, .) = W1[x_{k-1}] @ W2, float32.  prev_emb: [*R, r] -> [*R, V]."""
+        return (prev_emb @ self.markov_w2).float()
+
+    def confidence_logit(self, h: torch.Tensor, prev_emb: torch.Tensor) -> torch.Tensor:
+        """z_k with c_k = sigmoid(z_k).  h: [*R, D], prev_emb: [*R, r] -> [*R] float32."""
+        z = self.confidence(torch.cat([h, prev_emb.to(h.dtype)], dim=-1))
+        return z.squeeze(-1).float()
+
+
+def block_attention_mask(ctx_lens: torch.Tensor, anchors: torch.Tensor, block_len: int, ctx_size: int) -> torch.Tensor:
+    """Mask of block queries over [context (ctx_size) ; blocks (A * G)] keys.
+
+    ctx_lens: [B] valid context positions per row (unused padding beyond); anchors: [B, A] anchor
+    positions (block a sees context positions < anchors[b, a], never later ones, and its own G
+    positions in both directions).  Returns bool [B, A*G, ctx_size + A*G].
+
+    Example (B=1, one anchor at 2, G=2, ctx_size=3):
+        [[T, T, F, T, T],
+         [T, T, F, T, T]]
+    """
+    B, A = anchors.shape
+    dev = anchors.device
+    kpos = torch.arange(ctx_size, device=dev)
+    ctx = (kpos.view(1, 1, -1) < anchors.unsqueeze(-1)) & (kpos.view(1, 1, -1) < ctx_lens.view(-1, 1, 1))  # [B, A, S]
+    ctx = ctx.unsqueeze(2).expand(B, A, block_len, ctx_size).reshape(B, A * block_len, ctx_size)
+    blk = torch.arange(A, device=dev).repeat_interleave(block_len)  # [A G] block index of each row
+    own = (blk.view(-1, 1) == blk.view(1, -1)).expand(B, -1, -1)  # [B, A G, A G]
+    return torch.cat([ctx, own], dim=-1)
+
+
+# ------------------------------------------------------------------------------------------------
+# Files: <name>.safetensors (weights) + <name>.json (config); the target's weights are never stored.
+# ------------------------------------------------------------------------------------------------
+def save_head(head: DSparkHead, path: str | Path, dtype: torch.dtype = torch.bfloat16, extra: dict | None = None) -> Path:
+    """Write ``path`` (.safetensors) and its config next to it (.json).  Returns the weights path."""
+    from safetensors.torch import save_file
+
+    path = Path(path).with_suffix(".safetensors")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in head.state_dict().items()}
+    save_file(state, str(path))
+    meta = {"config": head.cfg.to_json(), **(extra or {})}
+    path.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
+    return path
+
+
+def read_head_config(path: str | Path) -> tuple[DSparkHeadConfig, dict]:
+    meta = json.loads(Path(path).with_suffix(".json").read_text())
+    return DSparkHeadConfig.from_json(meta["config"]), meta
+
+
+def load_head(path: str | Path, target: nn.Module, target_name: str | None = None,
+              dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> DSparkHead:
+    """Load a head and bind it to ``target``, checking that it was made for this target.
+
+    Checks dim, vocabulary and that the feature layers exist; a differing ``target_name`` is only
+    an error when both names are known and the shapes also disagree (renamed copies still load).
+    """
+    from safetensors.torch import load_file
+
+    path = Path(path).with_suffix(".safetensors")
+    if not path.exists():
+        raise FileNotFoundError(f"draft head {path} not found")
+    cfg, _ = read_head_config(path)
+    args = target.args
+    problems = []
+    if cfg.dim != args.dim:
+        problems.append(f"dim {cfg.dim} != target dim {args.dim}")
+    if cfg.vocab_size != args.vocab_size:
+        problems.append(f"vocab {cfg.vocab_size} != target vocab {args.vocab_size}")
+    bad = [i for i in cfg.feature_layers if not 0 <= i < args.n_layers]
+    if bad:
+        problems.append(f"feature layers {bad} outside the target's {args.n_layers} blocks")
+    if problems:
+        where = f" (head trained for {cfg.target_name}, target is {target_name})" if target_name else ""
+        raise ValueError(f"draft head {path.name} does not fit the target{where}: " + "; ".join(problems))
+    dtype = dtype or target.dtype
+    device = device or target.device
+    head = DSparkHead(cfg)
+    state = load_file(str(path))
+    missing, unexpected = head.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"draft head {path.name}: missing={missing} unexpected={unexpected}")
+    return head.to(device=device, dtype=dtype).eval().requires_grad_(False).bind_target(target)
+
+
+def default_head_path(target_name: str) -> Path:
+    """The head shipped for a target model: dspark/models/heads/<name>.safetensors."""
+    return HEADS_DIR / f"{target_name}.safetensors"
+
+
+__all__ = [
+    "DSparkHeadConfig", "DSparkHead", "DraftLayer", "block_attention_mask", "rope_tables",
+    "save_head", "load_head", "read_head_config", "default_head_path", "HEADS_DIR",
+]

@@ -1,0 +1,144 @@
+"""Model-level tests of the engine foundation on the real default model (fp32 unless noted)."""
+
+from __future__ import annotations
+
+import torch
+
+from dspark.kernels.attention import build_plan
+from dspark.models.kv_cache import KVCache, make_batch
+from dspark.workers.engine import Engine, EngineConfig
+from dspark.workers.request import SamplingParams
+from dspark.workers.runner import LocalRunner, RunnerConfig, StepInput
+
+
+def chat_ids(lm, text: str) -> list[int]:
+    return lm.tokenizer.encode_chat([{"role": "user", "content": text}])
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def test_logits_match_transformers(model_fp32, hf_model, prompts20):
+    runner = LocalRunner(model_fp32.model, RunnerConfig(n_slots=1, max_seq=1024))
+    for text in prompts20[:4]:
+        ids = chat_ids(model_fp32, text)
+        ours = runner.forward(StepInput(ids, [0], [0], [len(ids)])).logits
+        with torch.no_grad():
+            ref = hf_model(torch.tensor([ids])).logits[0].float()
+        assert rel_err(ours, ref) <= 1e-4
+
+
+def test_tokenizer_matches_transformers(model_fp32, prompts20):
+    from transformers import AutoTokenizer
+
+    from dspark.models.loader import default_model_path
+
+    p = default_model_path()
+    hf_tok = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+    texts = prompts20 + ["héllo wörld 12345 ünïcödé 🙂 日本語", "  leading spaces\n\n\ttabs", "x=1;y=22;z=333"]
+    for t in texts:
+        assert model_fp32.tokenizer.encode(t) == hf_tok.encode(t, add_special_tokens=False)
+        msgs = [{"role": "user", "content": t}]
+        ref = hf_tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+        ref = ref["input_ids"] if not isinstance(ref, list) else ref
+        assert model_fp32.tokenizer.encode_chat(msgs) == list(ref)
+
+
+def test_greedy_matches_transformers_generate(model_fp32, hf_model, prompts20):
+    tok = model_fp32.tokenizer
+    prompts = [chat_ids(model_fp32, t) for t in prompts20]
+    engine = Engine(LocalRunner(model_fp32.model, RunnerConfig(n_slots=20, max_seq=1024)), tok, EngineConfig(max_batch=20))
+    ours = engine.generate(prompts, SamplingParams(max_tokens=64, ignore_eos=True))
+    same = 0
+    for seq, ids in zip(ours, prompts):
+        with torch.no_grad():
+            ref = hf_model.generate(
+                torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                max_new_tokens=64, min_new_tokens=64, do_sample=False, pad_token_id=tok.eos_token_id,
+            )[0, len(ids):].tolist()
+        same += int(ref == seq.output_ids)
+    assert same >= 19, f"only {same}/20 greedy continuations identical to transformers"
+
+
+def test_varlen_batch_equals_each_alone(model_fp32):
+    """Requests of different lengths and new-token counts in one forward = each alone."""
+    model = model_fp32.model
+    prompts = [list(range(100, 100 + n)) for n in (5, 17, 40)]
+    runner = LocalRunner(model, RunnerConfig(n_slots=3, max_seq=128))
+    alone = []
+    for i, p in enumerate(prompts):
+        runner.forward(StepInput(p[:-3], [i], [0], [len(p) - 3]))
+        alone.append(runner.forward(StepInput(p[-3:], [i], [len(p) - 3], [3])).logits)
+    # Batched: prefix of request 0 only, then one step mixing a prefill and two continuations.
+    runner2 = LocalRunner(model, RunnerConfig(n_slots=3, max_seq=128))
+    runner2.forward(StepInput(prompts[0][:-3] + prompts[1][:-3], [0, 1], [0, 0], [2, 14]))
+    step = StepInput(
+        prompts[0][-3:] + prompts[1][-3:] + prompts[2], [0, 1, 2], [2, 14, 0], [3, 3, 40],
+    )
+    out = runner2.forward(step).logits
+    assert rel_err(out[0:3], alone[0]) < 1e-5
+    assert rel_err(out[3:6], alone[1]) < 1e-5
+    assert rel_err(out[-3:], alone[2]) < 1e-5
+
+
+def test_padded_attention_equals_loop(model_fp32):
+    """The GPU-oriented padded attention path gives the loop path's results (on CPU here)."""
+    torch.manual_seed(0)
+    n_kv, rep, hd = 3, 3, 64
+    cache_k = torch.randn(4, n_kv, 64, hd)
+    cache_v = torch.randn(4, n_kv, 64, hd)
+    slots, starts, q_lens = [2, 0, 3], [10, 0, 30], [1, 7, 4]
+    T = sum(q_lens)
+    q = torch.randn(T, n_kv * rep, hd)
+    from dspark.kernels.attention import varlen_attention
+
+    a = varlen_attention(q, cache_k, cache_v, build_plan(slots, starts, q_lens, rep, "cpu", padded=False))
+    b = varlen_attention(q, cache_k, cache_v, build_plan(slots, starts, q_lens, rep, "cpu", padded=True))
+    assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_truncate_and_refeed(model_fp32):
+    model = model_fp32.model
+    cache = KVCache(model.args.n_layers, 2, model.args.n_kv_heads, 64, model.args.head_dim, torch.float32, "cpu")
+    slot = cache.allocate()
+    ids = torch.arange(200, 220)
+    b = make_batch(cache, [slot], [20], model.args.n_rep)
+    with torch.inference_mode():
+        ref = model(ids, cache, b).logits
+        # Pretend the last 6 were rejected drafts: drop them, feed different tokens, then the originals.
+        cache.truncate(slot, 14)
+        model(torch.tensor([7, 8, 9]), cache, make_batch(cache, [slot], [3], model.args.n_rep))
+        cache.truncate(slot, 14)
+        again = model(ids[14:], cache, make_batch(cache, [slot], [6], model.args.n_rep)).logits
+    assert rel_err(again, ref[14:]) < 1e-5
+    cache.free(slot)
+    assert cache.allocate() == slot  # slots are reused
+
+
+def test_seeded_sampling_is_reproducible(model_fp32):
+    tok = model_fp32.tokenizer
+    ids = chat_ids(model_fp32, "Tell me a short story about a cat.")
+
+    def run(seed, others):
+        eng = Engine(LocalRunner(model_fp32.model, RunnerConfig(n_slots=4, max_seq=256)), tok, EngineConfig())
+        params = SamplingParams(max_tokens=24, temperature=1.0, top_p=0.9, seed=seed)
+        seqs = eng.generate([ids] + [chat_ids(model_fp32, o) for o in others], [params] + [SamplingParams(max_tokens=5, temperature=1.0)] * len(others))
+        return seqs[0].output_ids
+
+    a = run(1234, [])
+    assert a == run(1234, ["other request", "and another"])  # batch-mates do not change the stream
+    assert a != run(4321, [])
+
+
+def test_stop_strings_and_max_tokens(model_fp32):
+    tok = model_fp32.tokenizer
+    eng = Engine(LocalRunner(model_fp32.model, RunnerConfig(n_slots=2, max_seq=256)), tok, EngineConfig())
+    ids = chat_ids(model_fp32, "Count from 1 to 20 separated by commas.")
+    full = eng.generate([ids], SamplingParams(max_tokens=40))[0]
+    assert len(full.output_ids) <= 40
+    # Pick a stop string that occurs in the greedy output; the text must end right before it.
+    stop = full.text[5:8]
+    cut = eng.generate([ids], SamplingParams(max_tokens=40, stop=(stop,)))[0]
+    assert cut.finish_reason == "stop"
+    assert cut.text == full.text[: full.text.find(stop)]
