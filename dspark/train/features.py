@@ -1,0 +1,138 @@
+"""Target features for training, cached on disk.
+
+For every cached response (prompt + output tokens) we run the target once and keep, per token,
+the hidden states of the head's feature layers and the final hidden state (before the final
+norm), both in bf16.  Target distributions are *not* stored: the trainer recomputes them from the
+final hidden state with the frozen LM head (one bf16 matmul, cheaper than reading V floats per
+token from disk).  Cost: (m + 1) * D * 2 bytes per token, ~6.9 KB for SmolLM2-135M with m = 5.
+
+Layout: ``<dir>/<split>/shard_NNNN.safetensors`` holding ``tokens`` [N] int32, ``features``
+[N, m D] bf16, ``final`` [N, D] bf16, ``offsets`` [n + 1] int64, ``prompt_lens`` [n] int64, and
+``index.json`` listing finished shards (resume skips them).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from dspark.models.kv_cache import make_batch
+
+
+@dataclass
+class FeatureStore:
+    """All sequences of one split, concatenated in memory.
+
+    tokens [N] int64; features [N, m D] bf16; final [N, D] bf16; starts/lengths/prompt_lens [n];
+    greedy [n] bool (response generated at temperature 0).
+    """
+
+    tokens: torch.Tensor
+    features: torch.Tensor
+    final: torch.Tensor
+    starts: torch.Tensor
+    lengths: torch.Tensor
+    prompt_lens: torch.Tensor
+    greedy: torch.Tensor
+
+    @property
+    def num_seqs(self) -> int:
+        return int(self.starts.numel())
+
+    def num_anchors(self) -> torch.Tensor:
+        """Anchors per sequence: positions P..L-2 (the anchor needs at least one token after it)."""
+        return (self.lengths - 1 - self.prompt_lens).clamp(min=0)
+
+
+@torch.inference_mode()
+def target_features(model, sequences: list[list[int]], feature_layers: tuple[int, ...]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """One target pass over several sequences: per sequence (features [L, m D], final hidden [L, D])."""
+    lens = [len(s) for s in sequences]
+    cache = model.make_cache(len(sequences), max(lens))
+    slots = [cache.allocate() for _ in sequences]
+    batch = make_batch(cache, slots, lens, model.args.n_rep)
+    tokens = torch.tensor([t for s in sequences for t in s], dtype=torch.long, device=model.device)
+    out = model(tokens, cache, batch, logits_index=tokens.new_zeros(0), feature_layers=feature_layers, return_hidden=True)
+    res, o = [], 0
+    for n in lens:
+        res.append((out.features[o : o + n], out.hidden[o : o + n]))
+        o += n
+    return res
+
+
+def build_feature_cache(model, rows: list[dict], feature_layers: tuple[int, ...], out_dir: Path,
+                        shard_size: int = 64, batch_tokens: int = 4096) -> None:
+    """Compute and store features for ``rows`` (responses of one split) under ``out_dir``."""
+    from safetensors.torch import save_file
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    index_file = out_dir / "index.json"
+    index = json.loads(index_file.read_text()) if index_file.exists() else {"feature_layers": list(feature_layers), "shards": {}}
+    if tuple(index["feature_layers"]) != tuple(feature_layers):
+        raise ValueError(f"{out_dir} holds features of layers {index['feature_layers']}, not {list(feature_layers)}")
+    rows = sorted(rows, key=lambda r: r["key"])
+    shards = [rows[i : i + shard_size] for i in range(0, len(rows), shard_size)]
+    bar = tqdm(total=sum(len(r["prompt_ids"]) + len(r["output_ids"]) for r in rows), desc=f"features {out_dir.name}", unit="tok")
+    for si, shard in enumerate(shards):
+        name = f"shard_{si:04d}.safetensors"
+        keys = [r["key"] for r in shard]
+        n_tok = sum(len(r["prompt_ids"]) + len(r["output_ids"]) for r in shard)
+        if index["shards"].get(name) == keys and (out_dir / name).exists():
+            bar.update(n_tok)
+            continue
+        seqs = [r["prompt_ids"] + r["output_ids"] for r in shard]
+        feats, finals = [], []
+        group: list[list[int]] = []
+        for s in seqs + [None]:  # None flushes the last group
+            if s is None or (group and sum(map(len, group)) + len(s) > batch_tokens):
+                for f, h in target_features(model, group, feature_layers):
+                    feats.append(f.to(torch.bfloat16))
+                    finals.append(h.to(torch.bfloat16))
+                bar.update(sum(map(len, group)))
+                group = []
+            if s is not None:
+                group.append(s)
+        offsets = torch.tensor([0] + [len(s) for s in seqs]).cumsum(0)
+        tensors = {
+            "tokens": torch.tensor([t for s in seqs for t in s], dtype=torch.int32),
+            "features": torch.cat(feats).contiguous(),
+            "final": torch.cat(finals).contiguous(),
+            "offsets": offsets,
+            "prompt_lens": torch.tensor([len(r["prompt_ids"]) for r in shard]),
+            "greedy": torch.tensor([r["temperature"] == 0 for r in shard]),
+        }
+        save_file(tensors, str(out_dir / name))
+        index["shards"][name] = keys
+        index_file.write_text(json.dumps(index))
+    bar.close()
+
+
+def load_feature_store(out_dir: Path) -> FeatureStore:
+    """Concatenate every shard of a split into one in-memory store."""
+    from safetensors.torch import load_file
+
+    index = json.loads((out_dir / "index.json").read_text())
+    toks, feats, finals, starts, lens, plens, greedy = [], [], [], [], [], [], []
+    base = 0
+    for name in sorted(index["shards"]):
+        t = load_file(str(out_dir / name))
+        off = t["offsets"]
+        toks.append(t["tokens"].long())
+        feats.append(t["features"])
+        finals.append(t["final"])
+        starts.append(off[:-1] + base)
+        lens.append(off[1:] - off[:-1])
+        plens.append(t["prompt_lens"])
+        greedy.append(t["greedy"])
+        base += int(off[-1])
+    return FeatureStore(
+        tokens=torch.cat(toks), features=torch.cat(feats), final=torch.cat(finals), starts=torch.cat(starts),
+        lengths=torch.cat(lens), prompt_lens=torch.cat(plens), greedy=torch.cat(greedy),
+    )
+
+
+__all__ = ["FeatureStore", "target_features", "build_feature_cache", "load_feature_store"]

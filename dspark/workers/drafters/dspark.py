@@ -1,0 +1,187 @@
+"""The ``dspark`` drafter: block drafting from target features with a Markov head and confidences.
+
+Per request the drafter keeps the *context* keys/values of every draft layer (one slot of a small
+KV cache).  ``observe`` projects the target features of the tokens that just entered the target's
+cache (prefill chunks, then anchor + accepted drafts) and appends them, so drafting a block costs
+one pass over G tokens, whatever the context length.
+
+``propose`` drafts all requests at once: one backbone pass over a [B, G] batch (anchor embedding +
+G-1 mask vectors, attending to each request's context), the frozen LM head, then the Markov loop
+(``dspark.kernels.markov``), which samples x_k from the exact top-k-truncated softmax of
+U_k + W1[x_{k-1}] W2 at the request's temperature and reports that q (greedy: argmax, one-hot q).
+Confidences are the head's conditional survival estimates after STS calibration.
+
+Options (``--draft-option KEY=VALUE``): head=PATH (default: the head shipped for the target),
+proposal_top_k=8, markov=1 (0: drop the Markov bias, DFlash-style ablation with the same weights),
+calibrated=1 (0: raw confidences), trace=0 (1: keep per-block confidence/acceptance records).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from dspark.kernels.markov import markov_block_sample
+from dspark.models.dspark_head import DSparkHead, default_head_path, load_head
+from dspark.models.kv_cache import KVCache
+from dspark.workers.drafters.base import DraftBlock, count_accepted, draft_generator
+from dspark.workers.request import Sequence
+
+
+@dataclass
+class BlockTrace:
+    """One proposed block and what verification made of it (for calibration and benchmarks)."""
+
+    conf_logits: list[float]  # raw confidence logits z_k
+    greedy: bool
+    num_verifiable: int  # positions the engine could verify (block length, capped by max_tokens)
+    num_accepted: int = -1  # filled in by observe()
+
+
+class DSparkDrafter:
+    name = "dspark"
+
+    def __init__(self, head: DSparkHead, n_slots: int, max_seq: int, proposal_top_k: int = 8,
+                 markov: bool = True, calibrated: bool = True, trace: bool = False) -> None:
+        cfg = head.cfg
+        self.head = head
+        self.cfg = cfg
+        self.feature_layers = tuple(cfg.feature_layers)
+        self.top_k = proposal_top_k
+        self.markov = markov and cfg.markov_rank > 0
+        self.calibrated = calibrated
+        self.trace = trace
+        self.traces: list[BlockTrace] = []
+        dev, dtype = head.fc.weight.device, head.fc.weight.dtype
+        self.cache = KVCache(cfg.n_layers, n_slots, cfg.n_kv_heads, max_seq, cfg.head_dim, dtype, dev)
+        self._slot: dict[str, int] = {}
+        self._gens: dict[str, torch.Generator] = {}
+        self._pending: dict[str, tuple[list[int], BlockTrace | None]] = {}
+        # The kernel always adds a bias; without the Markov head it adds W1[x] @ W2 = 0.
+        self._zero_w1 = torch.zeros(cfg.vocab_size, 1, dtype=dtype, device=dev)
+        self._zero_w2 = torch.zeros(1, cfg.vocab_size, dtype=dtype, device=dev)
+
+    @property
+    def device(self) -> torch.device:
+        return self.cache.device
+
+    # -- context -------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def observe(self, seq: Sequence, token_ids: list[int], features: torch.Tensor | None) -> None:
+        rid = seq.request_id
+        pending = self._pending.pop(rid, None)
+        if pending is not None and pending[1] is not None:
+            pending[1].num_accepted = count_accepted(pending[0], token_ids)
+            self.traces.append(pending[1])
+        if features is None or not token_ids:
+            return
+        if rid not in self._slot:
+            self._slot[rid] = self.cache.allocate()
+        slot = self._slot[rid]
+        start, n = self.cache.lengths[slot], len(token_ids)
+        if start + n > self.cache.max_seq:
+            return  # past the drafter's context: propose() falls back to empty blocks
+        pos = torch.arange(start, start + n, device=self.device)
+        for i, (k, v) in enumerate(self.head.context_kv(features.to(self.device), pos)):  # [n, nkv, hd]
+            self.cache.k[i, slot, :, start : start + n] = k.transpose(0, 1)
+            self.cache.v[i, slot, :, start : start + n] = v.transpose(0, 1)
+        self.cache.lengths[slot] = start + n
+
+    def release(self, request_id: str) -> None:
+        slot = self._slot.pop(request_id, None)
+        if slot is not None:
+            self.cache.free(slot)
+        self._gens.pop(request_id, None)
+        self._pending.pop(request_id, None)
+
+    # -- drafting ------------------------------------------------------------------------------
+    def block_logits(self, batch: list[Sequence], anchors: torch.Tensor, block_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The parallel stage for requests whose context is cached: (h [B, G, D], base logits [B, G, V])."""
+        G, dev, head = block_len, self.device, self.head
+        slots = torch.tensor([self._slot[s.request_id] for s in batch], device=dev)
+        ctx_lens = torch.tensor([s.num_cached for s in batch], device=dev)  # [B] anchor positions
+        S = int(ctx_lens.max())
+        ctx_kv = [(self.cache.k[i][slots, :, :S], self.cache.v[i][slots, :, :S]) for i in range(self.cfg.n_layers)]
+        x = head.block_inputs(anchors, G)  # [B, G, D]
+        qpos = ctx_lens.unsqueeze(1) + torch.arange(G, device=dev)  # [B, G]
+        # Every block position sees the whole context (all of it precedes the anchor) and the whole block.
+        ctx_mask = torch.arange(S, device=dev).view(1, 1, S) < ctx_lens.view(-1, 1, 1)  # [B, 1, S]
+        mask = torch.cat([ctx_mask, ctx_mask.new_ones(len(batch), 1, G)], -1).expand(-1, G, -1)  # [B, G, S + G]
+        h = head.backbone(x, qpos, ctx_kv, mask)
+        return h, head.base_logits(h)
+
+    @torch.inference_mode()
+    def propose(self, seqs: list[Sequence], block_len: int) -> list[DraftBlock]:
+        t0 = time.perf_counter()
+        out = [DraftBlock.empty() for _ in seqs]
+        # Requests whose context is complete: everything before the anchor has been observed.
+        ready = [i for i, s in enumerate(seqs)
+                 if s.request_id in self._slot and self.cache.lengths[self._slot[s.request_id]] == s.num_cached
+                 and s.num_cached + block_len <= self.cache.max_seq]
+        if block_len <= 0 or not ready:
+            return out
+        G, dev, head = block_len, self.device, self.head
+        batch = [seqs[i] for i in ready]
+        anchors = torch.tensor([s.last_token for s in batch], device=dev)  # [B]
+        h, base = self.block_logits(batch, anchors, G)  # [B, G, D], [B, G, V]
+        temps = torch.tensor([s.params.temperature for s in batch], device=dev)
+        uniforms = torch.stack([
+            torch.rand(G, dtype=torch.float64, generator=self._gens.setdefault(s.request_id, draft_generator(s)))
+            for s in batch
+        ]).to(dev)  # [B, G]
+        w1, w2 = (head.markov_w1, head.markov_w2) if self.markov else (self._zero_w1, self._zero_w2)
+        draft = markov_block_sample(base, anchors, w1, w2, temps, self.top_k, uniforms)
+        prev = torch.cat([anchors.unsqueeze(1), draft.tokens[:, :-1]], dim=1)  # [B, G] x_{k-1}
+        z = head.confidence_logit(h, head.markov_embedding(prev))  # [B, G]
+        tokens = draft.tokens.tolist()
+        z_rows = z.tolist()
+        seconds = (time.perf_counter() - t0) / len(batch)
+        for j, (i, seq) in enumerate(zip(ready, batch)):
+            greedy = seq.params.greedy
+            temps_k = self.cfg.sts_temperatures(greedy, G) if self.calibrated else [1.0] * G
+            conf = torch.sigmoid(z[j] / torch.tensor(temps_k, device=dev)).tolist()
+            out[i] = DraftBlock(
+                token_ids=tokens[j],
+                probs=draft.draft_probs[j],
+                prob_ids=draft.draft_prob_ids[j],
+                confidence=conf,
+                draft_seconds=seconds,
+            )
+            trace = None
+            if self.trace:
+                room = seq.params.max_tokens - len(seq.output_ids) - 1
+                trace = BlockTrace(z_rows[j], greedy, max(0, min(G, room)))
+            self._pending[seq.request_id] = (tokens[j], trace)
+        return out
+
+
+def _flag(opts: dict, key: str, default: bool) -> bool:
+    v = opts.get(key, default)
+    if isinstance(v, str):
+        return v.strip().lower() not in ("0", "false", "no", "off", "")
+    return bool(v)
+
+
+def make_dspark_drafter(loaded, opts: dict, spec) -> DSparkDrafter:
+    """Build the drafter for ``loaded`` (the target) from ``opts``; see the module docstring."""
+    path = opts.get("head") or default_head_path(loaded.name)
+    if not opts.get("head") and not path.exists():
+        raise FileNotFoundError(
+            f"no DSpark head is shipped for {loaded.name}; train one with `dspark train-draft` and pass "
+            f"--draft-option head=PATH"
+        )
+    head = load_head(path, loaded.model, target_name=loaded.name)
+    return DSparkDrafter(
+        head,
+        n_slots=spec.runner.n_slots,
+        max_seq=spec.runner.max_seq,
+        proposal_top_k=int(opts.get("proposal_top_k", 8)),
+        markov=_flag(opts, "markov", True),
+        calibrated=_flag(opts, "calibrated", True),
+        trace=_flag(opts, "trace", False),
+    )
+
+
+__all__ = ["DSparkDrafter", "BlockTrace", "make_dspark_drafter"]
