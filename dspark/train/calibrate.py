@@ -41,6 +41,16 @@ def ece(pred: torch.Tensor, label: torch.Tensor, n_bins: int = 15) -> float:
     return float((sp - sl).abs().sum() / pred.numel())
 
 
+def _ece_columns(pred: torch.Tensor, label: torch.Tensor, n_bins: int) -> torch.Tensor:
+    """ECE of every column of pred [N, T] against label [N] at once -> [T]."""
+    N, T = pred.shape
+    bins = (pred * n_bins).long().clamp(0, n_bins - 1) + n_bins * torch.arange(T)  # [N, T] bucket ids
+    flat = bins.flatten()
+    sp = torch.zeros(T * n_bins, dtype=torch.float64).index_add_(0, flat, pred.flatten())
+    sl = torch.zeros(T * n_bins, dtype=torch.float64).index_add_(0, flat, label.double().unsqueeze(1).expand(N, T).flatten())
+    return (sp - sl).abs().view(T, n_bins).sum(1) / N
+
+
 def trace_arrays(traces, block_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(z [N, G], survived [N, G] float, known [N, G] bool) from block traces.
 
@@ -79,12 +89,9 @@ def fit_sts(z: torch.Tensor, survived: torch.Tensor, known: torch.Tensor, grid: 
         if int(m.sum()) == 0:
             temps.append(temps[-1] if temps else 1.0)
             continue
-        best_t, best_e = 1.0, float("inf")
-        for t in grid.tolist():
-            a = prev[m] * torch.sigmoid(z[m, k].double() / t)
-            e = ece(a, survived[m, k], n_bins)
-            if e < best_e - 1e-12:
-                best_t, best_e = t, e
+        a = prev[m].unsqueeze(1) * torch.sigmoid(z[m, k].double().unsqueeze(1) / grid.double())  # [n, T]
+        errs = _ece_columns(a, survived[m, k], n_bins)  # [T]
+        best_t = float(grid[int(errs.argmin())])  # the first minimum: ties go to the smallest T
         temps.append(best_t)
         prev = prev * torch.sigmoid(z[:, k].double() / best_t)
     return temps

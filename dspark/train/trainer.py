@@ -239,6 +239,7 @@ def train(cfg: TrainConfig, run_dir: Path, target, train_store: FeatureStore, va
     slices; ``resume`` continues from ``<run>/checkpoints/last``.
     """
     torch.manual_seed(cfg.run.seed)
+    run_dir.mkdir(parents=True, exist_ok=True)
     head = DSparkHead(cfg.head)
     head.reset_parameters(target, seed=cfg.run.seed)
     head.bind_target(target)
