@@ -39,10 +39,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 as the reference implementations do, then cast back.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        # One fused kernel (it accumulates in fp32 for bf16 inputs, like the reference code).
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -66,11 +64,11 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, cache: KVCache, batch: VarlenBatch) -> torch.Tensor:
         T = x.shape[0]
         hd, nh, nkv = self.head_dim, self.n_heads, self.n_kv_heads
-        qkv = self.wqkv(x)  # [T, (nh + 2 nkv) hd]
-        q, k, v = qkv.split([nh * hd, nkv * hd, nkv * hd], dim=-1)
-        q = apply_rope(q.view(T, nh, hd), cos, sin)  # [T, nh, hd]
-        k = apply_rope(k.view(T, nkv, hd), cos, sin)  # [T, nkv, hd]
-        v = v.view(T, nkv, hd)
+        qkv = self.wqkv(x).view(T, nh + 2 * nkv, hd)  # [T, nh + 2 nkv, hd]
+        # q and k heads rotate together: one RoPE call instead of two.
+        qk = apply_rope(qkv[:, : nh + nkv], cos, sin)
+        q, k = qk[:, :nh], qk[:, nh:]  # [T, nh, hd], [T, nkv, hd]
+        v = qkv[:, nh + nkv :]  # [T, nkv, hd]
         kc, vc = cache.k[self.layer_id], cache.v[self.layer_id]  # [S, nkv, max_seq, hd]
         kc[batch.token_slots, :, batch.positions] = k
         vc[batch.token_slots, :, batch.positions] = v

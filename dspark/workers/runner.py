@@ -57,6 +57,9 @@ class LocalRunner:
     """Runs the (possibly TP-sharded) model of this process on its own KV cache."""
 
     def __init__(self, model: Transformer, cfg: RunnerConfig = RunnerConfig()) -> None:
+        from dspark.models.packing import pack_linears
+
+        pack_linears(model)  # CPU + bf16 only; a no-op elsewhere and when already packed
         self.model = model
         self.cfg = cfg
         self.cache: KVCache = model.make_cache(cfg.n_slots, cfg.max_seq)

@@ -1,0 +1,125 @@
+"""`dspark bench engine`: plain decoding tokens/s, our engine vs Hugging Face transformers.
+
+Same model file, same dtype, same prompts, greedy, a fixed number of new tokens; batch 1, 8 and
+32; each configuration in its own process (clean peak memory).  Also reports the step time over
+its floor: the bytes of weights one decode step must read, divided by the memory bandwidth of a
+large tensor copy measured in the same run.
+"""
+
+from __future__ import annotations
+
+import time
+
+import click
+
+from bench.common import chat_prompts, load_hf, peak_rss_mb, run_isolated, table, write_json
+
+
+def ours(dtype: str, batch: int, new_tokens: int) -> dict:
+    from dspark.workers.factory import EngineSpec, build_engine
+    from dspark.workers.request import SamplingParams
+    from dspark.workers.runner import RunnerConfig
+
+    built = build_engine(EngineSpec(dtype=dtype, runner=RunnerConfig(n_slots=max(batch, 1), max_seq=1024)), progress=False)
+    eng = built.engine
+    prompts = chat_prompts(built.loaded.tokenizer, batch)
+    params = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
+    eng.generate(prompts[:1], SamplingParams(max_tokens=8, ignore_eos=True))  # warm-up
+    t0 = time.perf_counter()
+    seqs = [eng.add_request(p, params) for p in prompts]
+    steps, t_first = 0, None
+    while eng.has_work:
+        eng.step()
+        steps += 1
+        if t_first is None and all(s.output_ids for s in seqs):
+            t_first = time.perf_counter()  # every prompt prefilled: decoding starts
+    t_end = time.perf_counter()
+    n = sum(len(s.output_ids) for s in seqs)
+    decode_steps = max(1, steps - 1)
+    return {
+        "tokens_per_s": n / (t_end - t0),
+        "decode_step_ms": 1000 * (t_end - t_first) / decode_steps,
+        "peak_rss_mb": peak_rss_mb(),
+        "tokens": n,
+    }
+
+
+def hf(dtype: str, batch: int, new_tokens: int) -> dict:
+    import torch
+
+    from dspark.models.loader import load_model
+
+    tok = load_model(dtype="fp32", progress=False).tokenizer
+    model = load_hf(dtype)
+    prompts = chat_prompts(tok, batch)
+    width = max(len(p) for p in prompts)
+    pad = tok.eos_token_id
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])  # left padding
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    kw = dict(do_sample=False, pad_token_id=pad, attention_mask=mask)
+    with torch.inference_mode():
+        model.generate(ids[:1], max_new_tokens=8, min_new_tokens=8, **dict(kw, attention_mask=mask[:1]))
+        t0 = time.perf_counter()
+        out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kw)
+        dt = time.perf_counter() - t0
+    n = (out.shape[1] - width) * batch
+    return {"tokens_per_s": n / dt, "peak_rss_mb": peak_rss_mb(), "tokens": n}
+
+
+def bandwidth_and_weights(dtype: str) -> dict:
+    """Bytes of weights a decode step reads, and copy bandwidth (GB/s, read + write)."""
+    import torch
+
+    from dspark.models.loader import load_model
+
+    lm = load_model(dtype=dtype, progress=False)
+    m = lm.model
+    per = torch.tensor([], dtype=m.dtype).element_size()
+    # Every linear weight plus the LM head once (the embedding lookup reads one row).
+    linear = sum(p.numel() for n, p in m.named_parameters() if "layers." in n and p.dim() == 2)
+    head = m.args.vocab_size * m.args.dim
+    weight_bytes = (linear + head) * per
+    src = torch.empty(256 * 2**20, dtype=torch.uint8).fill_(1)
+    dst = torch.empty_like(src)
+    best = 0.0
+    for _ in range(5):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        best = max(best, 2 * src.numel() / (time.perf_counter() - t0) / 1e9)
+    return {"weight_bytes": weight_bytes, "copy_gb_s": best, "floor_ms": 1000 * weight_bytes / (best * 1e9)}
+
+
+@click.command()
+@click.option("--batches", default="1,8,32", show_default=True)
+@click.option("--dtypes", default="bf16,fp32", show_default=True)
+@click.option("--new-tokens", type=int, default=128, show_default=True)
+@click.option("--threads", type=int, default=2, show_default=True)
+@click.option("--skip-hf", is_flag=True, help="only our engine")
+@click.option("--json", "json_path", default=None, help="where to write the results")
+def main(batches, dtypes, new_tokens, threads, skip_hf, json_path):
+    """Decode tokens/s: our engine vs Hugging Face transformers, same model and dtype."""
+    rows = []
+    for dtype in dtypes.split(","):
+        floor = run_isolated("bench.engine", "bandwidth_and_weights", {"dtype": dtype}, threads)
+        for b in (int(x) for x in batches.split(",")):
+            o = run_isolated("bench.engine", "ours", {"dtype": dtype, "batch": b, "new_tokens": new_tokens}, threads)
+            h = None if skip_hf else run_isolated("bench.engine", "hf", {"dtype": dtype, "batch": b, "new_tokens": new_tokens}, threads)
+            row = {
+                "dtype": dtype, "batch": b,
+                "ours_tok_s": o["tokens_per_s"], "hf_tok_s": h["tokens_per_s"] if h else None,
+                "speedup": o["tokens_per_s"] / h["tokens_per_s"] if h else None,
+                "step_ms": o["decode_step_ms"], "floor_ms": floor["floor_ms"],
+                "step_over_floor": o["decode_step_ms"] / floor["floor_ms"],
+                "ours_peak_mb": o["peak_rss_mb"], "hf_peak_mb": h["peak_rss_mb"] if h else None,
+            }
+            rows.append(row)
+            click.echo(table([row], list(row)), err=True)
+        rows_floor = floor
+    cols = ["dtype", "batch", "ours_tok_s", "hf_tok_s", "speedup", "step_ms", "floor_ms", "step_over_floor", "ours_peak_mb", "hf_peak_mb"]
+    click.echo(table(rows, cols))
+    out = write_json(json_path, "engine.json", {"threads": threads, "new_tokens": new_tokens, "rows": rows, "copy_gb_s": rows_floor["copy_gb_s"]})
+    click.echo(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
