@@ -3,7 +3,11 @@ self-contained and its heavy imports inside the fixture."""
 
 from __future__ import annotations
 
+import os
 import uuid
+
+# Before anything loads torch's OpenMP runtime (see dspark/__init__.py for why).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest
 

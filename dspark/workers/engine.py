@@ -85,16 +85,26 @@ class Engine:
         self.stop_ids = tokenizer.stop_token_ids if tokenizer is not None else frozenset()
 
     # -- request management -----------------------------------------------------------------
-    def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> Sequence:
+    def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Raise ValueError for a request this engine cannot serve (no state is touched)."""
+        if not isinstance(params, SamplingParams):
+            raise ValueError("params must be SamplingParams")
         if not prompt_ids:
             raise ValueError("the prompt is empty")
         vocab = self.tokenizer.vocab_size if self.tokenizer is not None else None
-        if vocab is not None and any(not 0 <= t < vocab for t in prompt_ids):
+        if vocab is not None and any(not isinstance(t, int) or not 0 <= t < vocab for t in prompt_ids):
             raise ValueError("prompt token id out of the vocabulary")
-        # One draft block of headroom beyond prompt + output.
-        need = len(prompt_ids) + 1 + self.cfg.block_len
-        if need > self.max_seq:
-            raise ValueError(f"prompt of {len(prompt_ids)} tokens exceeds the context of {self.max_seq - self.cfg.block_len - 1}")
+        limit = self.max_context
+        if len(prompt_ids) >= limit:
+            raise ValueError(f"the prompt has {len(prompt_ids)} tokens; this model serves at most {limit - 1}")
+
+    @property
+    def max_context(self) -> int:
+        """Longest prompt + output a request may reach (one draft block of headroom kept)."""
+        return self.max_seq - self.cfg.block_len - 1
+
+    def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> Sequence:
+        self.validate(prompt_ids, params)
         gen = torch.Generator(device=self.runner.device)
         gen.manual_seed(params.seed if params.seed is not None else random.getrandbits(63))
         seq = Sequence(
@@ -153,11 +163,21 @@ class Engine:
         t0 = time.perf_counter()
         prefill, decode = self._partition()
         blocks = self._draft(decode)
+        if blocks:
+            # A remote drafter may not have this request's block yet: it sits this step out
+            # instead of stalling everybody else (the verifier never waits on one drafter).
+            ready = [i for i, b in enumerate(blocks) if b is not None]
+            decode, blocks = [decode[i] for i in ready], [blocks[i] for i in ready]
+            if not prefill and not decode:
+                wait = getattr(self.drafter, "wait_for_blocks", None)
+                if wait is not None:
+                    wait(0.05)
+                return []
         verify_lens = self.budget(decode, blocks, self.cfg.block_len) if blocks else []
 
         tokens: list[int] = []
         slots, starts, q_lens, rows = [], [], [], []
-        plan: list[tuple[Sequence, int, list[int]]] = []  # (seq, first flat row, draft tokens)
+        plan: list[tuple[Sequence, int, list[int]]] = []  # (seq, index into blocks, verified drafts)
         for seq, chunk in prefill:
             slots.append(seq.slot)
             starts.append(seq.num_cached)
@@ -188,35 +208,37 @@ class Engine:
                 samplers.append((seq, [], None))
         for seq, i, drafts in plan:
             samplers.append((seq, drafts, blocks[i] if blocks else None))
-        results = self._verify(samplers, logits) if samplers else []
+        results = iter(self._verify(samplers, logits) if samplers else [])
 
         outputs: list[RequestOutput] = []
         flat = 0
         feats = out.features
         for seq, chunk in prefill:
             n = len(chunk)
-            if self.drafter is not None:
-                self.drafter.observe(seq, chunk, None if feats is None else feats[flat : flat + n])
             seq.num_cached += n
+            if seq.num_cached == len(seq.prompt_ids):
+                outputs.append(self._append(seq, next(results), 0, 0))
+            self._observe(seq, chunk, feats, flat)
             flat += n
-        res_iter = iter(results)
-        for seq, chunk in prefill:
-            if seq.num_cached == len(seq.prompt_ids) and not seq.output_ids:
-                outputs.append(self._append(seq, next(res_iter), 0, 0))
         for seq, i, drafts in plan:
-            emitted = next(res_iter)
+            emitted = next(results)
             accepted = len(emitted) - 1
-            if self.drafter is not None:
-                fed = [seq.last_token] + drafts[:accepted]
-                self.drafter.observe(seq, fed, None if feats is None else feats[flat : flat + 1 + accepted])
-            # Cache keeps the anchor + accepted drafts; rejected positions are overwritten later.
+            fed = [seq.last_token] + drafts[:accepted]
+            # The cache keeps the anchor + accepted drafts; rejected positions are overwritten later.
             seq.num_cached += 1 + accepted
-            flat += 1 + len(drafts)
             outputs.append(self._append(seq, emitted, len(drafts), accepted))
+            self._observe(seq, fed, feats, flat)
+            flat += 1 + len(drafts)
         self.num_steps += 1
         self.last_step_tokens = len(tokens)
         self.last_step_seconds = time.perf_counter() - t0
         return outputs
+
+    def _observe(self, seq: Sequence, fed: list[int], feats: torch.Tensor | None, flat: int) -> None:
+        """Tell the drafter which tokens entered the target cache (after the new anchor is known)."""
+        if self.drafter is None or seq.finished:
+            return
+        self.drafter.observe(seq, fed, None if feats is None else feats[flat : flat + len(fed)])
 
     def _partition(self) -> tuple[list[tuple[Sequence, list[int]]], list[Sequence]]:
         prefill, decode = [], []
@@ -238,7 +260,7 @@ class Engine:
         left_cache = self.max_seq - seq.num_cached - 1
         return max(0, min(left_out, left_cache))
 
-    def _draft(self, decode: list[Sequence]) -> list[DraftBlock]:
+    def _draft(self, decode: list[Sequence]) -> list[DraftBlock | None]:
         if self.drafter is None or not decode or self.cfg.block_len <= 0:
             return []
         want = [s for s in decode if s.draft_enabled and self._draft_room(s) > 0]
