@@ -1,0 +1,65 @@
+"""What the router's client APIs need from whoever generates tokens.
+
+The HTTP and gRPC front ends only see a :class:`GenerationBackend`: a verifier worker in this
+process (:class:`LocalBackend`), or a Ray Serve deployment handle wrapped by the cluster app.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, AsyncIterator, Protocol, runtime_checkable
+
+from dspark.workers.request import RequestOutput, SamplingParams
+
+if TYPE_CHECKING:
+    from dspark.workers.verifier import VerifierWorker
+
+
+@runtime_checkable
+class GenerationBackend(Protocol):
+    """A source of request outputs.
+
+    ``generate`` is an async generator: invalid requests raise ValueError no later than the
+    first ``__anext__`` (before any output), engine failures raise ``EngineError``; closing the
+    iterator early (``aclose``, task cancellation) must abort the request and free its slot.
+    """
+
+    model_name: str  # the name clients address the model by
+
+    @property
+    def max_context(self) -> int:
+        """Longest prompt + output one request may reach, in tokens."""
+        ...
+
+    def generate(
+        self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None
+    ) -> AsyncIterator[RequestOutput]: ...
+
+    async def health(self) -> dict[str, object]:
+        """Small status figures; raise (or never return) when the backend cannot serve."""
+        ...
+
+
+class LocalBackend:
+    """A :class:`VerifierWorker` of this process, served as a backend."""
+
+    def __init__(self, worker: VerifierWorker, model_name: str) -> None:
+        self.worker = worker
+        self.model_name = model_name
+
+    @property
+    def max_context(self) -> int:
+        return self.worker.engine.max_context
+
+    def generate(
+        self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None
+    ) -> AsyncIterator[RequestOutput]:
+        return self.worker.generate(prompt_ids, params, request_id)
+
+    async def health(self) -> dict[str, object]:
+        s = self.worker.stats()
+        return {
+            "active_requests": s.active_requests,
+            "queued_requests": s.queued_requests,
+            "steps": s.steps,
+            "mean_acceptance_length": round(s.mean_acceptance_length, 4),
+        }

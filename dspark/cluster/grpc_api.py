@@ -1,0 +1,208 @@
+"""The router's gRPC API (``dspark.v1.GenerationService``) over any :class:`GenerationBackend`.
+
+    server, port = await start_grpc_server(backend, tokenizer, RouterConfig())
+    ...
+    await server.stop(grace=5)
+
+The servicer is thin: it turns a ``GenerateRequest`` into the protocol-neutral
+:class:`GenerationRequest` (:func:`request_from_proto`), applies the rules shared with the HTTP
+API (:func:`dspark.cluster.validation.prepare_request`) and turns request outputs back into
+``GenerateResponse`` messages.  Protobuf types stop here.  Status codes: INVALID_ARGUMENT
+(bad input), NOT_FOUND (unknown model), UNAUTHENTICATED (API key), INTERNAL (engine failure).
+A client that cancels or goes away cancels the handler, which aborts the request.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import AsyncIterator
+
+import grpc
+
+from dspark.cluster.backend import GenerationBackend
+from dspark.cluster.validation import (
+    ChatTurn,
+    ErrorKind,
+    GenerationRequest,
+    PreparedRequest,
+    RequestError,
+    RouterConfig,
+    check_bearer,
+    prepare_request,
+)
+from dspark.models.tokenizer import Tokenizer
+from dspark.proto.dspark.v1 import generate_pb2, generate_pb2_grpc
+from dspark.proto.health import GENERATION_SERVICE, add_health_and_reflection, bind_loopback
+from dspark.workers.request import RequestOutput
+
+log = logging.getLogger(__name__)
+
+STATUS_OF_KIND = {
+    ErrorKind.INVALID: grpc.StatusCode.INVALID_ARGUMENT,
+    ErrorKind.UNAUTHENTICATED: grpc.StatusCode.UNAUTHENTICATED,
+    ErrorKind.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+    ErrorKind.TOO_LARGE: grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
+_FINISH = {
+    "stop": generate_pb2.FINISH_REASON_STOP,
+    "length": generate_pb2.FINISH_REASON_LENGTH,
+}
+
+
+def request_from_proto(req: generate_pb2.GenerateRequest) -> GenerationRequest:
+    """The protocol-neutral form of a GenerateRequest (unset optional fields stay None)."""
+    form = req.WhichOneof("input")
+    prompt = messages = None
+    if form == "prompt":
+        prompt = req.prompt
+    elif form == "messages":
+        messages = [ChatTurn(m.role, m.content) for m in req.messages.items]
+    elif form == "prompt_token_ids":
+        prompt = list(req.prompt_token_ids.ids)
+    else:
+        raise RequestError("set one input: prompt, messages or prompt_token_ids", param="input")
+    return GenerationRequest(
+        model=req.model or None,
+        prompt=prompt,
+        messages=messages,
+        max_tokens=req.max_tokens if req.HasField("max_tokens") else None,
+        temperature=req.temperature if req.HasField("temperature") else None,
+        top_p=req.top_p if req.HasField("top_p") else None,
+        top_k=req.top_k if req.HasField("top_k") else None,
+        seed=req.seed if req.HasField("seed") else None,
+        stop=list(req.stop),
+    )
+
+
+def response_from_output(
+    out: RequestOutput, request_id: str, model: str, text: str | None = None, token_ids: list[int] | None = None
+) -> generate_pb2.GenerateResponse:
+    """One GenerateResponse; the final one (``out.finished``) carries finish reason, usage, metrics."""
+    msg = generate_pb2.GenerateResponse(
+        request_id=request_id,
+        text=out.text_delta if text is None else text,
+        token_ids=out.new_token_ids if token_ids is None else token_ids,
+        model=model,
+    )
+    if out.finished:
+        msg.finish_reason = _FINISH.get(out.finish_reason or "", generate_pb2.FINISH_REASON_ABORT)
+        msg.usage.prompt_tokens = out.num_prompt_tokens
+        msg.usage.completion_tokens = out.num_output_tokens
+        m = out.metrics
+        msg.spec_metrics.num_drafts = m.num_drafts
+        msg.spec_metrics.num_draft_tokens = m.num_draft_tokens
+        msg.spec_metrics.num_accepted_tokens = m.num_accepted_tokens
+        msg.spec_metrics.mean_acceptance_length = m.mean_acceptance_length
+    return msg
+
+
+class GenerationServicer(generate_pb2_grpc.GenerationServiceServicer):
+    """grpc.aio servicer of GenerationService."""
+
+    def __init__(self, backend: GenerationBackend, tokenizer: Tokenizer, cfg: RouterConfig = RouterConfig()) -> None:
+        self.backend = backend
+        self.tokenizer = tokenizer
+        self.cfg = cfg
+        self.api_key = cfg.resolved_api_key()
+
+    async def Generate(self, request, context: grpc.aio.ServicerContext):
+        prepared, client_id = await self._admit(request, context)
+        outputs = self.backend.generate(prepared.prompt_ids, prepared.params, f"grpc-{uuid.uuid4().hex}")
+        failure = None
+        try:
+            async for out in outputs:
+                yield response_from_output(out, client_id, prepared.model)
+                if out.finished:
+                    break
+            else:
+                failure = _failure(RuntimeError("the backend ended the request without a final output"))
+        except Exception as exc:  # noqa: BLE001 - mapped to a status below
+            failure = _failure(exc)
+        finally:
+            await _close(outputs)
+        if failure is not None:
+            await context.abort(*failure)
+
+    async def GenerateUnary(self, request, context: grpc.aio.ServicerContext):
+        prepared, client_id = await self._admit(request, context)
+        outputs = self.backend.generate(prepared.prompt_ids, prepared.params, f"grpc-{uuid.uuid4().hex}")
+        pieces: list[str] = []
+        token_ids: list[int] = []
+        last: RequestOutput | None = None
+        failure = None
+        try:
+            async for out in outputs:
+                pieces.append(out.text_delta)
+                token_ids.extend(out.new_token_ids)
+                last = out
+                if out.finished:
+                    break
+            if last is None or not last.finished:
+                raise RuntimeError("the backend ended the request without a final output")
+        except Exception as exc:  # noqa: BLE001
+            failure = _failure(exc)
+        finally:
+            await _close(outputs)
+        if failure is not None:
+            await context.abort(*failure)
+        return response_from_output(last, client_id, prepared.model, "".join(pieces), token_ids)
+
+    async def _admit(self, request, context: grpc.aio.ServicerContext) -> tuple[PreparedRequest, str]:
+        """Authenticate and validate; aborts the call with the matching status on failure."""
+        try:
+            auth = next((v for k, v in context.invocation_metadata() or () if k == "authorization"), None)
+            check_bearer(auth if isinstance(auth, str) else None, self.api_key)
+            client_id = request.request_id
+            if len(client_id) > self.cfg.max_request_id_chars:
+                raise RequestError(
+                    f"request_id is longer than {self.cfg.max_request_id_chars} characters", param="request_id"
+                )
+            prepared = prepare_request(request_from_proto(request), self.tokenizer, self.backend, self.cfg)
+        except RequestError as exc:
+            failure = (STATUS_OF_KIND[exc.kind], exc.message)
+        else:
+            return prepared, client_id or f"gen-{uuid.uuid4().hex}"
+        await context.abort(*failure)
+        raise AssertionError("unreachable: abort raises")
+
+
+def _failure(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    if isinstance(exc, RequestError):
+        return STATUS_OF_KIND[exc.kind], exc.message
+    if isinstance(exc, ValueError):  # the backend's own validation
+        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    log.error("generation failed: %s", exc, exc_info=exc)
+    return grpc.StatusCode.INTERNAL, f"generation failed: {exc}"
+
+
+async def _close(outputs: AsyncIterator[RequestOutput]) -> None:
+    aclose = getattr(outputs, "aclose", None)
+    if aclose is not None:
+        await aclose()
+
+
+async def start_grpc_server(
+    backend: GenerationBackend,
+    tokenizer: Tokenizer,
+    cfg: RouterConfig = RouterConfig(),
+    host: str = "127.0.0.1",
+    port: int = 0,
+) -> tuple[grpc.aio.Server, int]:
+    """Start a grpc.aio server with GenerationService, health checking (SERVING) and reflection.
+
+    Port 0 picks a free one; returns (server, bound port).  Messages above
+    ``cfg.max_request_bytes`` are refused by gRPC itself (RESOURCE_EXHAUSTED).
+    """
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", cfg.max_request_bytes)])
+    generate_pb2_grpc.add_GenerationServiceServicer_to_server(GenerationServicer(backend, tokenizer, cfg), server)
+    if host == "127.0.0.1":
+        bound = bind_loopback(server, port)
+    else:
+        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        bound = server.add_insecure_port(address)
+        if bound == 0:
+            raise OSError(f"could not bind {address}")
+    await add_health_and_reflection(server, [GENERATION_SERVICE])
+    await server.start()
+    return server, bound

@@ -1,0 +1,232 @@
+"""gRPC GenerationService end to end: a real grpc.aio server on 127.0.0.1 (its own event loop
+thread) over a real VerifierWorker and engine, called with the synchronous grpc client."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from types import SimpleNamespace
+
+import pytest
+
+grpc = pytest.importorskip("grpc")
+pytest.importorskip("grpc_health")
+pytest.importorskip("grpc_reflection")
+
+from dspark.cluster.backend import LocalBackend  # noqa: E402
+from dspark.cluster.grpc_api import start_grpc_server  # noqa: E402
+from dspark.cluster.validation import RouterConfig  # noqa: E402
+from dspark.proto.dspark.v1 import generate_pb2 as pb  # noqa: E402
+from dspark.proto.dspark.v1 import generate_pb2_grpc  # noqa: E402
+from dspark.proto.health import GENERATION_SERVICE  # noqa: E402
+from dspark.workers.request import SamplingParams  # noqa: E402
+
+PROMPT = "The three primary colors are"
+PROMPT_MAX = 16
+CHAT = [("user", "What is the capital of France? Answer in one sentence.")]
+CHAT_MAX = 24
+API_KEY = "grpc-test-key"
+LONG_PROMPT = "Count from 1 to 300, separated by commas."  # greedy output runs to max_tokens
+
+
+class LoopThread:
+    """An asyncio loop on a daemon thread, for servers the synchronous tests talk to."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coro, timeout: float = 60):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+        self.loop.close()
+
+
+@pytest.fixture(scope="module")
+def stack():
+    from dspark.workers.factory import EngineSpec, build_engine
+    from dspark.workers.runner import RunnerConfig
+    from dspark.workers.verifier import VerifierWorker
+
+    spec = EngineSpec(dtype="fp32", draft="ngram", runner=RunnerConfig(n_slots=8, max_seq=512))
+    built = build_engine(spec, progress=False)
+    eng, tok = built.engine, built.loaded.tokenizer
+    prompt_ids = tok.encode(PROMPT)
+    chat_ids = tok.encode_chat([{"role": r, "content": c} for r, c in CHAT])
+    prompt_ref, chat_ref = eng.generate(
+        [prompt_ids, chat_ids],
+        [SamplingParams(max_tokens=n, temperature=0.0) for n in (PROMPT_MAX, CHAT_MAX)],
+    )
+    worker = VerifierWorker(eng)
+    loop = LoopThread()
+    backend = LocalBackend(worker, built.loaded.name)
+    open_server, open_port = loop.run(start_grpc_server(backend, tok, RouterConfig(api_key="")))
+    keyed_server, keyed_port = loop.run(start_grpc_server(backend, tok, RouterConfig(api_key=API_KEY)))
+    yield SimpleNamespace(
+        engine=eng, worker=worker, model=built.loaded.name, port=open_port, keyed_port=keyed_port,
+        prompt_ids=prompt_ids, prompt_ref=prompt_ref, chat_ref=chat_ref,
+    )
+    for server in (open_server, keyed_server):
+        loop.run(server.stop(grace=1))
+    loop.close()
+    worker.close()
+    built.close()
+
+
+@pytest.fixture(scope="module")
+def channel(stack):
+    with grpc.insecure_channel(f"127.0.0.1:{stack.port}") as ch:
+        yield ch
+
+
+@pytest.fixture(scope="module")
+def stub(channel):
+    return generate_pb2_grpc.GenerationServiceStub(channel)
+
+
+def chat_request(**kw) -> pb.GenerateRequest:
+    msgs = pb.ChatMessages(items=[pb.ChatMessage(role=r, content=c) for r, c in CHAT])
+    return pb.GenerateRequest(messages=msgs, **kw)
+
+
+def wait_idle(stack, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while stack.engine.num_active or stack.engine.waiting or stack.worker.num_requests:
+        assert time.monotonic() < deadline, "the engine still holds requests"
+        time.sleep(0.05)
+
+
+def test_generate_stream_equals_in_process_greedy(stack, stub):
+    ref = stack.prompt_ref
+    req = pb.GenerateRequest(prompt=PROMPT, max_tokens=PROMPT_MAX, temperature=0.0, request_id="my-id")
+    msgs = list(stub.Generate(req, timeout=60))
+    assert "".join(m.text for m in msgs) == ref.text
+    assert [t for m in msgs for t in m.token_ids] == ref.output_ids
+    assert all(m.request_id == "my-id" and m.model == stack.model for m in msgs)
+    assert all(m.finish_reason == pb.FINISH_REASON_UNSPECIFIED for m in msgs[:-1])
+    last = msgs[-1]
+    assert last.finish_reason == {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH}[ref.finish_reason]
+    assert last.usage.prompt_tokens == len(stack.prompt_ids)
+    assert last.usage.completion_tokens == len(ref.output_ids)
+    assert last.spec_metrics.mean_acceptance_length >= 1.0
+    assert last.spec_metrics.num_accepted_tokens <= last.spec_metrics.num_draft_tokens
+
+
+def test_generate_unary_chat_and_token_ids(stack, stub):
+    r = stub.GenerateUnary(chat_request(max_tokens=CHAT_MAX, temperature=0.0, model=stack.model), timeout=60)
+    assert r.text == stack.chat_ref.text
+    assert list(r.token_ids) == stack.chat_ref.output_ids
+    assert r.request_id and r.usage.completion_tokens == len(stack.chat_ref.output_ids)
+    r = stub.GenerateUnary(
+        pb.GenerateRequest(prompt_token_ids=pb.TokenIds(ids=stack.prompt_ids), max_tokens=PROMPT_MAX, temperature=0.0),
+        timeout=60,
+    )
+    assert r.text == stack.prompt_ref.text
+    # Stop strings follow the same rules as over HTTP.
+    stop = stack.chat_ref.text.split()[2]
+    r = stub.GenerateUnary(chat_request(max_tokens=CHAT_MAX, temperature=0.0, stop=[stop]), timeout=60)
+    assert r.text == stack.chat_ref.text[: stack.chat_ref.text.find(stop)]
+    assert r.finish_reason == pb.FINISH_REASON_STOP
+
+
+def test_health_serving_and_reflection(channel):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    health = health_pb2_grpc.HealthStub(channel)
+    for name in ("", GENERATION_SERVICE):
+        resp = health.Check(health_pb2.HealthCheckRequest(service=name), timeout=10)
+        assert resp.status == health_pb2.HealthCheckResponse.SERVING
+    reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+    ask = iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+    replies = list(reflection.ServerReflectionInfo(ask, timeout=10))
+    listed = {s.name for s in replies[0].list_services_response.service}
+    assert GENERATION_SERVICE == "dspark.v1.GenerationService"
+    assert {GENERATION_SERVICE, "grpc.health.v1.Health"} <= listed
+
+
+BAD = [
+    ("no-input", pb.GenerateRequest(max_tokens=4), grpc.StatusCode.INVALID_ARGUMENT, "prompt"),
+    ("empty-prompt", pb.GenerateRequest(prompt=""), grpc.StatusCode.INVALID_ARGUMENT, "empty"),
+    ("empty-messages", pb.GenerateRequest(messages=pb.ChatMessages()), grpc.StatusCode.INVALID_ARGUMENT, "empty"),
+    ("empty-token-ids", pb.GenerateRequest(prompt_token_ids=pb.TokenIds()), grpc.StatusCode.INVALID_ARGUMENT, "empty"),
+    ("token-out-of-vocab", pb.GenerateRequest(prompt_token_ids=pb.TokenIds(ids=[5, 2**30])),
+     grpc.StatusCode.INVALID_ARGUMENT, "vocabulary"),
+    ("negative-temperature", pb.GenerateRequest(prompt="x", temperature=-1.0), grpc.StatusCode.INVALID_ARGUMENT,
+     "temperature"),
+    ("huge-temperature", pb.GenerateRequest(prompt="x", temperature=1e9), grpc.StatusCode.INVALID_ARGUMENT,
+     "temperature"),
+    ("top-p", pb.GenerateRequest(prompt="x", top_p=1.5), grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
+    ("top-k", pb.GenerateRequest(prompt="x", top_k=-7), grpc.StatusCode.INVALID_ARGUMENT, "top_k"),
+    ("seed", pb.GenerateRequest(prompt="x", seed=2**64 - 1), grpc.StatusCode.INVALID_ARGUMENT, "seed"),
+    ("max-tokens-zero", pb.GenerateRequest(prompt="x", max_tokens=0), grpc.StatusCode.INVALID_ARGUMENT, "max_tokens"),
+    ("max-tokens-huge", pb.GenerateRequest(prompt="x", max_tokens=10**9), grpc.StatusCode.INVALID_ARGUMENT,
+     "max_tokens"),
+    ("too-many-stops", pb.GenerateRequest(prompt="x", stop=[f"s{i}" for i in range(17)]),
+     grpc.StatusCode.INVALID_ARGUMENT, "stop"),
+    ("unknown-role", pb.GenerateRequest(messages=pb.ChatMessages(items=[pb.ChatMessage(role="wizard", content="x")])),
+     grpc.StatusCode.INVALID_ARGUMENT, "role"),
+    ("prompt-too-long", pb.GenerateRequest(prompt_token_ids=pb.TokenIds(ids=[42] * 600)),
+     grpc.StatusCode.INVALID_ARGUMENT, "context length"),
+    ("request-id-too-long", pb.GenerateRequest(prompt="x", request_id="r" * 500), grpc.StatusCode.INVALID_ARGUMENT,
+     "request_id"),
+    ("unknown-model", pb.GenerateRequest(prompt="x", model="gpt-9"), grpc.StatusCode.NOT_FOUND, "gpt-9"),
+]
+
+
+@pytest.mark.parametrize("req,code,needle", [b[1:] for b in BAD], ids=[b[0] for b in BAD])
+def test_bad_input_status(stub, req, code, needle):
+    with pytest.raises(grpc.RpcError) as unary:
+        stub.GenerateUnary(req, timeout=30)
+    assert unary.value.code() == code and needle in unary.value.details(), unary.value.details()
+    with pytest.raises(grpc.RpcError) as streamed:
+        list(stub.Generate(req, timeout=30))
+    assert streamed.value.code() == code
+
+
+def test_oversized_message_is_refused(stub):
+    with pytest.raises(grpc.RpcError) as err:
+        stub.GenerateUnary(pb.GenerateRequest(prompt="a" * (2 << 20)), timeout=30)
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_api_key(stack):
+    with grpc.insecure_channel(f"127.0.0.1:{stack.keyed_port}") as ch:
+        stub = generate_pb2_grpc.GenerationServiceStub(ch)
+        req = pb.GenerateRequest(prompt=PROMPT, max_tokens=2, temperature=0.0)
+        for metadata in (None, [("authorization", "Bearer wrong")], [("authorization", API_KEY)]):
+            with pytest.raises(grpc.RpcError) as err:
+                stub.GenerateUnary(req, metadata=metadata, timeout=30)
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            with pytest.raises(grpc.RpcError) as err:
+                list(stub.Generate(req, metadata=metadata, timeout=30))
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        ok = stub.GenerateUnary(req, metadata=[("authorization", f"Bearer {API_KEY}")], timeout=30)
+        assert ok.usage.completion_tokens >= 1
+        # Health stays open, as over HTTP.
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
+        assert resp.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_cancel_aborts_the_request(stack, stub):
+    wait_idle(stack)
+    finished_before = stack.worker.stats().finished_requests
+    req = pb.GenerateRequest(
+        messages=pb.ChatMessages(items=[pb.ChatMessage(role="user", content=LONG_PROMPT)]),
+        max_tokens=400,
+        temperature=0.0,
+    )
+    call = stub.Generate(req, timeout=60)
+    for i, _ in enumerate(call):
+        if i == 2:
+            break
+    call.cancel()
+    wait_idle(stack, timeout=10)
+    assert stack.worker.stats().finished_requests == finished_before
