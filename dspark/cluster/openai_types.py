@@ -65,6 +65,7 @@ class _SamplingFields(BaseModel):
     top_p: float | None = None
     top_k: int | None = Field(None, description="DSpark extension: keep the k most likely tokens (0 or -1: off).")
     seed: int | None = None
+    speculative: bool | None = Field(None, description="DSpark extension: false = plain decoding for this request.")
     stop: str | list[str] | None = Field(None, description="Up to 16 stop strings (not included in the output).")
     n: int | None = Field(None, description="Completions per request; only 1 is supported.")
     stream: bool | None = False
@@ -85,6 +86,7 @@ class _SamplingFields(BaseModel):
             seed=self.seed,
             stop=self.stop,
             n=self.n,
+            speculative=self.speculative,
         )
 
     @property

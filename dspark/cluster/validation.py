@@ -100,6 +100,7 @@ class GenerationRequest:
     seed: int | None = None
     stop: str | Sequence[str] | None = None
     n: int | None = None
+    speculative: bool | None = None  # False: plain decoding (A/B comparisons); None: server default
 
 
 @dataclass(frozen=True)
@@ -207,6 +208,7 @@ def prepare_request(
             top_k=top_k,
             seed=req.seed,
             stop=stop,
+            speculative=req.speculative is not False,
         )
     except ValueError as exc:  # SamplingParams owns the ranges; name the field it complained about
         raise RequestError(str(exc), param=_param_of(str(exc))) from None

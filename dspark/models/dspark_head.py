@@ -238,9 +238,12 @@ class DSparkHead(nn.Module):
         return self.norm(x)
 
     def base_logits(self, h: torch.Tensor) -> torch.Tensor:
-        """U = LM head(h), float32.  h: [*R, D] -> [*R, V]."""
-        w = self.lm_head_weight
-        return F.linear(h.to(w.dtype), w).float()
+        """U = LM head(h), float32.  h: [*R, D] -> [*R, V].
+
+        Calls the target's own output layer, so a serving-side fast path (packed bf16 weights)
+        serves the drafter too.
+        """
+        return self._target[0].output(h.to(self.lm_head_weight.dtype)).float()
 
     def markov_embedding(self, prev_ids: torch.Tensor) -> torch.Tensor:
         """W1[x_{k-1}]: [*R] -> [*R, r] (r = 0 without a Markov head)."""

@@ -84,6 +84,28 @@ def load_model(
     return LoadedModel(model=model, tokenizer=tokenizer, args=args, source=str(path), name=name)
 
 
+def load_tokenizer(path: str | Path | None = None) -> tuple[Tokenizer, ModelArgs, str]:
+    """Tokenizer, architecture and short name of a checkpoint, without building the model.
+
+    Routers need only these; for a GGUF file the converted-copy cache usually answers without
+    touching the weights.
+    """
+    path = Path(path) if path else default_model_path()
+    if path.is_dir():
+        args = ModelArgs.from_hf_config(json.loads((path / "config.json").read_text()))
+        return Tokenizer.from_hf_dir(path), args, path.name
+    name = DEFAULT_MODEL_NAME if path.name.startswith(DEFAULT_MODEL_NAME) else path.stem
+    meta_file = _gguf_cache_entry(path) / "meta.json"
+    if meta_file.exists():
+        try:
+            meta = json.loads(meta_file.read_text())
+            return Tokenizer.from_gguf_fields(meta["tokenizer"]), _args_from_json(meta["args"]), name
+        except Exception:
+            pass
+    args, _, tok = _read_gguf(path, progress=False)
+    return tok, args, name
+
+
 def build_model(args: ModelArgs, tensors: dict[str, torch.Tensor], dtype, device) -> Transformer:
     with torch.device("meta"):
         model = Transformer(args)
@@ -140,8 +162,7 @@ def _read_gguf(path: Path, progress: bool) -> tuple[ModelArgs, dict[str, torch.T
     """
     from safetensors.torch import load_file, save_file
 
-    st = path.stat()
-    entry = cache_dir() / "gguf" / f"{path.stem}-{st.st_size}-{st.st_mtime_ns}"
+    entry = _gguf_cache_entry(path)
     meta_file, tensor_file = entry / "meta.json", entry / "tensors.safetensors"
     if meta_file.exists() and tensor_file.exists():
         try:
@@ -165,9 +186,13 @@ def _read_gguf(path: Path, progress: bool) -> tuple[ModelArgs, dict[str, torch.T
     return args, tensors, Tokenizer.from_gguf_fields(fields)
 
 
+def _gguf_cache_entry(path: Path) -> Path:
+    st = path.stat()
+    return cache_dir() / "gguf" / f"{path.stem}-{st.st_size}-{st.st_mtime_ns}"
+
+
 def _args_to_json(args: ModelArgs) -> dict:
-    d = dataclasses.asdict(args)
-    return d
+    return dataclasses.asdict(args)
 
 
 def _args_from_json(d: dict) -> ModelArgs:

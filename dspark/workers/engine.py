@@ -113,6 +113,7 @@ class Engine:
             params=params,
             generator=gen,
             detok=make_detokenizer(self.tokenizer),
+            draft_enabled=params.speculative,
         )
         self.waiting.append(seq)
         return seq

@@ -24,6 +24,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()  # stop strings (not included in the output text)
     stop_token_ids: tuple[int, ...] = ()  # extra stop tokens besides the model's end-of-turn ids
     ignore_eos: bool = False  # keep going past end-of-turn tokens (benchmarks)
+    speculative: bool = True  # False: plain decoding for this request (A/B comparisons)
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:

@@ -1,0 +1,260 @@
+"""The Ray Serve application: Router, Verifier, DraftWorker (and Scheduler) deployments.
+
+Deployment classes only wire components together; the work happens in ``dspark.workers``
+(engine, verifier worker, draft worker, remote drafter) and in the router's API modules.
+
+    client --HTTP/gRPC--> Router --Serve handle, streaming--> Verifier (rank 0 + TP rank actors)
+                                                                 |  gRPC bidi stream per worker
+                                                                 v
+                                                          DraftWorker x N (drafters)
+    every role heartbeats into Redis; draft workers publish their gRPC address there, which
+    is how verifiers find them.
+
+``build_app(args)`` is the import path for ``serve run`` / ``serve deploy`` / KubeRay.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import socket
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
+
+log = logging.getLogger(__name__)
+
+DRAFT_KINDS_REMOTE = ("ngram", "draft_model", "dspark")
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """Application arguments (the ``args`` of the Serve config); every field has a default."""
+
+    model: str | None = None  # GGUF file or HF folder; None/"default" = embedded SmolLM2-135M-Instruct
+    dtype: str = "bf16"  # bf16 | fp32 | fp16
+    device: str = "cpu"  # cpu | cuda
+    tp: int = 1  # tensor-parallel ranks per verifier group
+    draft: str = "dspark"  # none | ngram | draft_model | layerskip | dspark
+    draft_workers: int = 2  # DraftWorker replicas (remote drafter kinds)
+    block_len: int = 7  # draft block length (gamma)
+    verify_policy: str = "fixed"  # fixed | adaptive (confidence-scheduled, global scheduler)
+    redis_url: str | None = None  # Redis for heartbeats, discovery, demand and policy
+    redis_url_env: str = "DSPARK_REDIS_URL"  # env var read when redis_url is not given
+    redis_prefix: str = "dspark"  # key prefix (several clusters can share one Redis)
+    n_slots: int = 32  # concurrent requests per verifier group (KV cache slots)
+    max_seq: int = 2048  # longest request: prompt + output + one block
+    max_prefill_tokens: int = 512  # chunked-prefill budget per step
+    torch_threads: int = 0  # threads per compute process; 0 = cores / compute processes
+    grpc_port: int = 0  # router's GenerationService port; 0 = disabled
+    bind_host: str = "127.0.0.1"  # where draft workers and the gRPC API listen ("auto": node IP)
+    draft_options: dict = field(default_factory=dict)  # drafter settings (e.g. head=PATH)
+    internal_token_env: str = "DSPARK_INTERNAL_TOKEN"  # verifier <-> draft worker shared secret
+    api_key_env: str = "DSPARK_API_KEY"  # client API key (HTTP Bearer, gRPC metadata)
+    block_timeout_s: float = 10.0  # a draft block later than this -> plain decoding for that request
+    scheduler_interval_s: float = 0.5  # global scheduler period (adaptive policy)
+    target_tokens_per_s_per_user: float = 0.0  # per-user speed target for the scheduler (0: none)
+
+    @classmethod
+    def from_args(cls, args: dict[str, Any] | None) -> "ClusterConfig":
+        args = dict(args or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(args) - known)
+        if unknown:
+            raise ValueError(f"unknown application arguments: {', '.join(unknown)}")
+        if args.get("model") in ("default", ""):
+            args["model"] = None
+        cfg = cls(**args)
+        if cfg.draft not in ("none", "layerskip", *DRAFT_KINDS_REMOTE):
+            raise ValueError(f"unknown draft kind {cfg.draft!r}")
+        if cfg.verify_policy not in ("fixed", "adaptive"):
+            raise ValueError("verify_policy must be fixed or adaptive")
+        if cfg.tp < 1 or cfg.block_len < 0 or cfg.draft_workers < 0:
+            raise ValueError("tp >= 1, block_len >= 0 and draft_workers >= 0 are required")
+        return cfg
+
+    @property
+    def remote_draft(self) -> bool:
+        return self.draft in DRAFT_KINDS_REMOTE and self.draft_workers > 0
+
+    @property
+    def max_context(self) -> int:
+        return self.max_seq - self.block_len - 1
+
+    def redis(self) -> str:
+        url = self.redis_url or os.environ.get(self.redis_url_env)
+        if not url:
+            raise RuntimeError(f"no Redis: set redis_url or ${self.redis_url_env}")
+        return url
+
+    def threads(self) -> int:
+        if self.torch_threads > 0:
+            return self.torch_threads
+        procs = self.tp + (self.draft_workers if self.remote_draft else 0)
+        return max(1, (os.cpu_count() or 1) // max(1, procs))
+
+    def host(self) -> str:
+        if self.bind_host != "auto":
+            return self.bind_host
+        try:
+            import ray
+
+            return ray.util.get_node_ip_address()
+        except Exception:
+            return socket.gethostbyname(socket.gethostname())
+
+
+def _secret(env: str) -> str | None:
+    return os.environ.get(env) or None
+
+
+def _state(cfg: ClusterConfig):
+    from dspark.cluster.redis_state import RedisState, StateConfig
+
+    return RedisState(StateConfig(url=cfg.redis(), prefix=cfg.redis_prefix))
+
+
+def feature_layers_for(cfg: ClusterConfig, model_name: str) -> tuple[int, ...]:
+    """Target layers the configured drafter needs, known without loading the drafter."""
+    if cfg.draft != "dspark":
+        return ()
+    from dspark.models.dspark_head import default_head_path, read_head_config
+
+    path = cfg.draft_options.get("head") or default_head_path(model_name)
+    head_cfg, _ = read_head_config(path)
+    return tuple(head_cfg.feature_layers)
+
+
+# --------------------------------------------------------------------------------------------
+# Deployments (defined lazily so importing this module does not import Ray)
+# --------------------------------------------------------------------------------------------
+def _deployments():
+    from ray import serve
+
+    @serve.deployment(name="DraftWorker")
+    class DraftWorkerDeployment:
+        def __init__(self, args: dict) -> None:
+            import torch
+
+            from dspark.models.loader import load_model
+            from dspark.workers.draft_worker import DraftWorkerConfig, DraftWorkerServer
+            from dspark.workers.drafters import make_drafter
+            from dspark.workers.factory import EngineSpec
+            from dspark.workers.runner import RunnerConfig
+
+            cfg = self.cfg = ClusterConfig.from_args(args)
+            torch.set_num_threads(cfg.threads())
+            spec = EngineSpec(model=cfg.model, dtype=cfg.dtype, device=cfg.device, draft=cfg.draft,
+                              block_len=cfg.block_len, runner=RunnerConfig(n_slots=4 * cfg.n_slots, max_seq=cfg.max_seq),
+                              draft_options=tuple(cfg.draft_options.items()))
+
+            def factory():
+                needs_target = cfg.draft in ("dspark", "draft_model")
+                loaded = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device, progress=False) if needs_target else None
+                return make_drafter(cfg.draft, loaded, None, spec)
+
+            self.server = DraftWorkerServer(
+                factory, DraftWorkerConfig(host=cfg.host(), port=0, token=_secret(cfg.internal_token_env))
+            ).start()
+            self.member = self.server.address
+            self._register()
+
+        def _register(self) -> None:
+            from dspark.cluster.background import BackgroundLoop
+
+            self.bg = BackgroundLoop("draft-heartbeat")
+            state = _state(self.cfg)
+
+            async def beat() -> None:
+                await state.heartbeat("drafter", self.member, {"address": self.member, "kind": self.cfg.draft, "pid": os.getpid()})
+
+            self.bg.every(1.0, beat, "drafter heartbeat")
+
+        def address(self) -> str:
+            return self.member
+
+        def check_health(self) -> None:
+            if not self.server._thread.is_alive():
+                raise RuntimeError("draft worker server stopped")
+
+        def __del__(self) -> None:
+            try:
+                self.server.stop()
+                self.bg.stop()
+            except Exception:
+                pass
+
+    @serve.deployment(name="Verifier")
+    class VerifierDeployment:
+        def __init__(self, args: dict, drafters=None) -> None:
+            from dspark.cluster.verifier_group import build_verifier_group
+
+            self.cfg = ClusterConfig.from_args(args)
+            self.drafters = drafters  # keeps the draft workers in the application
+            self.group = build_verifier_group(self.cfg)
+
+        async def generate(self, prompt_ids: list[int], params, request_id: str | None = None) -> AsyncIterator:
+            async for out in self.group.worker.generate(prompt_ids, params, request_id):
+                yield out
+
+        def stats(self) -> dict:
+            return dataclasses.asdict(self.group.worker.stats())
+
+        def check_health(self) -> None:
+            self.group.check_health()
+
+        def __del__(self) -> None:
+            try:
+                self.group.close()
+            except Exception:
+                pass
+
+    @serve.deployment(name="Router")
+    @serve.ingress()
+    class RouterDeployment:
+        def __init__(self, verifier, args: dict) -> None:
+            from dspark.cluster.router_app import RouterRuntime
+
+            self.cfg = ClusterConfig.from_args(args)
+            self.runtime = RouterRuntime(self.cfg, verifier)
+
+        def __serve_build_asgi_app__(self):
+            return self.runtime.http_app()
+
+        def __del__(self) -> None:
+            try:
+                self.runtime.close()
+            except Exception:
+                pass
+
+    return RouterDeployment, VerifierDeployment, DraftWorkerDeployment
+
+
+def build_app(args: dict | None = None):
+    """Serve application builder (``import_path: dspark.cluster.app:build_app``)."""
+    cfg = ClusterConfig.from_args(args)
+    args = dataclasses.asdict(cfg)
+    Router, Verifier, DraftWorker = _deployments()
+    gpu = cfg.device == "cuda"
+    rank_bundle = {"CPU": 1.0, "GPU": 1.0} if gpu else {"CPU": 0.5}
+    drafters = None
+    if cfg.remote_draft:
+        # Draft workers are reached over gRPC, not through Serve; binding them into the
+        # verifier's arguments is what makes Serve deploy (and health-check) them.
+        drafters = DraftWorker.options(
+            num_replicas=cfg.draft_workers,
+            ray_actor_options={"num_cpus": 1.0 if gpu else 0.5, "num_gpus": 1.0 if gpu else 0},
+            health_check_period_s=5,
+        ).bind(args)
+    verifier = Verifier.options(
+        ray_actor_options={"num_cpus": rank_bundle["CPU"], "num_gpus": rank_bundle.get("GPU", 0)},
+        placement_group_bundles=[dict(rank_bundle) for _ in range(cfg.tp)],
+        placement_group_strategy="STRICT_PACK",
+        max_ongoing_requests=4 * cfg.n_slots,
+        health_check_period_s=5,
+        graceful_shutdown_timeout_s=60,
+    ).bind(args, drafters)
+    return Router.options(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=1024).bind(verifier, args)
+
+
+__all__ = ["ClusterConfig", "build_app", "feature_layers_for"]

@@ -1,0 +1,126 @@
+"""`dspark serve` and `dspark demo`."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+
+import click
+
+from dspark.cluster.app import ClusterConfig
+
+
+def _default_draft() -> str:
+    """The DSpark head when one ships for the default model, else prompt lookup."""
+    try:
+        from dspark.models.dspark_head import default_head_path
+        from dspark.models.loader import DEFAULT_MODEL_NAME
+
+        return "dspark" if default_head_path(DEFAULT_MODEL_NAME).exists() else "ngram"
+    except Exception:
+        return "ngram"
+
+
+def cluster_options(f):
+    opts = [
+        click.option("--model", default=None, help="GGUF file or HF folder (default: embedded SmolLM2-135M-Instruct)"),
+        click.option("--dtype", type=click.Choice(["bf16", "fp32", "fp16"]), default="bf16", show_default=True),
+        click.option("--device", default="cpu", show_default=True),
+        click.option("--tp", type=int, default=1, show_default=True, help="tensor-parallel ranks per verifier group"),
+        click.option("--draft-workers", type=int, default=1, show_default=True),
+        click.option("--draft", type=click.Choice(["none", "ngram", "draft_model", "layerskip", "dspark"]), default=None,
+                     help="drafter kind (default: dspark when a head ships, else ngram)"),
+        click.option("--block", "block_len", type=int, default=7, show_default=True),
+        click.option("--verify-policy", type=click.Choice(["fixed", "adaptive"]), default="fixed", show_default=True),
+        click.option("--redis-url", default=None, help="existing Redis (default: start a local redis-server)"),
+        click.option("--slots", "n_slots", type=int, default=32, show_default=True, help="concurrent requests per verifier"),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def make_config(model, dtype, device, tp, draft_workers, draft, block_len, verify_policy, n_slots, **extra) -> ClusterConfig:
+    return ClusterConfig(
+        model=model, dtype=dtype, device=device, tp=tp, draft=draft or _default_draft(), draft_workers=draft_workers,
+        block_len=block_len, verify_policy=verify_policy, n_slots=n_slots, **extra,
+    )
+
+
+@click.command()
+@cluster_options
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=int, default=8000, show_default=True)
+@click.option("--grpc-port", type=int, default=50051, show_default=True, help="GenerationService port (0: off)")
+def serve(host, port, grpc_port, redis_url, **kw):
+    """Start Ray, Redis (unless --redis-url) and the DSpark app; serve until interrupted."""
+    from dspark.cluster.local import LocalCluster
+
+    cfg = make_config(grpc_port=grpc_port, bind_host=host, **kw)
+    cluster = LocalCluster(cfg, host=host, http_port=port, redis_url=redis_url)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    click.echo(f"starting DSpark ({cfg.draft} drafter, TP={cfg.tp}, {cfg.draft_workers} draft workers)...", err=True)
+    cluster.start()
+    click.echo(f"serving OpenAI API at {cluster.base_url}/v1" + (f", gRPC at {host}:{grpc_port}" if grpc_port else ""), err=True)
+    try:
+        stop.wait()
+    finally:
+        click.echo("shutting down (in-flight requests finish first)...", err=True)
+        cluster.stop()
+
+
+DEMO_PROMPTS = [
+    "Write a Python function that checks whether a string is a palindrome.",
+    "Explain in two sentences why the sky is blue.",
+    "List five fruits and one fact about each.",
+    "Write a function to find the shared elements from two lists.",
+]
+
+
+@click.command()
+@cluster_options
+@click.option("--max-tokens", type=int, default=96, show_default=True)
+@click.option("--port", type=int, default=0, help="HTTP port (0: a free one)")
+def demo(max_tokens, port, redis_url, **kw):
+    """Start the cluster, send a few prompts through the openai client, print a table, stop."""
+    from openai import OpenAI
+
+    from dspark.cluster.local import LocalCluster
+    from dspark.workers.runner import free_port
+
+    cfg = make_config(**kw)
+    port = port or free_port()
+    click.echo(f"starting the local DSpark cluster ({cfg.draft} drafter, {cfg.draft_workers} draft worker(s))...", err=True)
+    with LocalCluster(cfg, http_port=port, redis_url=redis_url) as cluster:
+        client = OpenAI(base_url=cluster.base_url + "/v1", api_key="demo")
+        model = client.models.list().data[0].id
+        rows = []
+        for prompt in DEMO_PROMPTS:
+            res = {}
+            for mode, spec in (("plain", False), ("spec", True)):
+                t0 = time.perf_counter()
+                r = client.chat.completions.create(
+                    model=model, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens,
+                    temperature=0, extra_body={"speculative": spec},
+                )
+                dt = time.perf_counter() - t0
+                res[mode] = (r, r.usage.completion_tokens / dt)
+            r, tps = res["spec"]
+            sd = (r.model_extra or {}).get("spec_decode") or {}
+            same = r.choices[0].message.content == res["plain"][0].choices[0].message.content
+            rows.append((prompt[:44], r.usage.completion_tokens, tps, sd.get("mean_acceptance_length", 1.0),
+                         tps / res["plain"][1], "yes" if same else "NO"))
+            click.echo(f"\n> {prompt}\n{r.choices[0].message.content.strip()}\n", err=True)
+        head = f"{'prompt':46}{'tokens':>7}{'tok/s':>8}{'accept len':>11}{'speedup':>9}{'same text':>11}"
+        click.echo(head)
+        click.echo("-" * len(head))
+        for p, n, tps, acc, sp, same in rows:
+            click.echo(f"{p:46}{n:>7}{tps:>8.1f}{acc:>11.2f}{sp:>8.2f}x{same:>11}")
+        click.echo(f"\nspeedup = tokens/s of speculative vs plain decoding through the same cluster "
+                   f"({cfg.dtype}, greedy, {cfg.draft} drafter, block {cfg.block_len}).")
+        if cfg.dtype != "fp32" and any(r[-1] == "NO" for r in rows):
+            click.echo("Texts can differ in bf16: a verification pass multiplies several tokens at once, which rounds "
+                       "differently from one-token decoding. In fp32 (--dtype fp32) they are token-identical.")

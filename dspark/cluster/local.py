@@ -1,0 +1,104 @@
+"""Start and stop the whole cluster on this machine: Redis, Ray, Serve, the DSpark app.
+
+Used by ``dspark serve``, ``dspark demo``, the end-to-end tests and the cluster benchmarks, so
+all of them run exactly the deployment a user gets.  With ``RAY_ADDRESS`` set, the app is
+deployed to that existing Ray cluster instead of a local one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+import urllib.request
+from dataclasses import dataclass, field
+
+from dspark.cluster.app import ClusterConfig, build_app
+
+log = logging.getLogger(__name__)
+APP_NAME = "dspark"
+
+
+@dataclass
+class LocalCluster:
+    cfg: ClusterConfig
+    host: str = "127.0.0.1"
+    http_port: int = 8000
+    redis_url: str | None = None  # None: start a private redis-server on a free port
+    ray_cpus: int = 0  # logical CPUs for a local Ray (0: enough for fractional actors)
+    env: dict[str, str] = field(default_factory=dict)  # extra env for every Ray worker
+    _redis: object = None
+    _ray_started: bool = False
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.http_port}"
+
+    def start(self, timeout_s: float = 600.0) -> "LocalCluster":
+        import ray
+        from ray import serve
+
+        from dspark.cluster.redis_server import RedisServer
+
+        if self.redis_url is None:
+            self._redis = RedisServer().start()
+            self.redis_url = self._redis.url
+        cfg = dataclasses.replace(self.cfg, redis_url=self.redis_url)
+        env = {"OMP_WAIT_POLICY": "PASSIVE", "TOKENIZERS_PARALLELISM": "false", **self.env}
+        for k in (cfg.internal_token_env, cfg.api_key_env, "DSPARK_CACHE_DIR", "DSPARK_DATA_DIR", "DSPARK_MODEL"):
+            if os.environ.get(k):
+                env.setdefault(k, os.environ[k])
+        if not ray.is_initialized():
+            if os.environ.get("RAY_ADDRESS"):
+                ray.init(runtime_env={"env_vars": env}, logging_level=logging.WARNING)
+            else:
+                cpus = self.ray_cpus or max(16, 4 * (os.cpu_count() or 1))
+                ray.init(num_cpus=cpus, include_dashboard=False, runtime_env={"env_vars": env},
+                         logging_level=logging.WARNING, log_to_driver=bool(os.environ.get("DSPARK_RAY_LOGS")))
+            self._ray_started = True
+        serve.start(http_options={"host": self.host, "port": self.http_port})
+        serve.run(build_app(dataclasses.asdict(cfg)), name=APP_NAME, route_prefix="/", blocking=False)
+        self._wait_healthy(timeout_s)
+        return self
+
+    def _wait_healthy(self, timeout_s: float) -> None:
+        from ray import serve
+
+        deadline = time.monotonic() + timeout_s
+        last = None
+        while time.monotonic() < deadline:
+            status = serve.status().applications.get(APP_NAME)
+            if status is not None and status.status == "RUNNING":
+                try:
+                    with urllib.request.urlopen(self.base_url + "/health", timeout=5) as r:
+                        if r.status == 200:
+                            return
+                except Exception as exc:  # proxy not up yet
+                    last = exc
+            elif status is not None and status.status in ("DEPLOY_FAILED", "UNHEALTHY"):
+                raise RuntimeError(f"deployment failed: {status.message}")
+            time.sleep(0.5)
+        raise TimeoutError(f"cluster not healthy after {timeout_s:.0f}s (last error: {last})")
+
+    def stop(self) -> None:
+        import ray
+        from ray import serve
+
+        try:
+            serve.delete(APP_NAME)
+            serve.shutdown()
+        except Exception as exc:
+            log.warning("serve shutdown: %s", exc)
+        if self._ray_started:
+            ray.shutdown()
+            self._ray_started = False
+        if self._redis is not None:
+            self._redis.close()
+            self._redis = None
+
+    def __enter__(self) -> "LocalCluster":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,293 @@
+"""Draft worker: a gRPC DraftService hosting a local drafter for many requests.
+
+One bidirectional stream per verifier; many requests multiplexed on it by id:
+
+  verifier -> worker   Open(request, prompt, options) | Step(new cached tokens + their target
+                       features, anchor, block length) | Close(request)
+  worker -> verifier   DraftBlock(tokens, sparse proposal q, confidences) | DraftError
+
+The worker mirrors each request's accepted tokens in a small ``Sequence`` so the very same
+drafter classes serve in-process and remote drafting.  Steps that arrive together are drafted
+together (one batched ``propose``), on one executor thread: drafters are not thread-safe and the
+event loop must stay free to read the streams.  When a stream breaks, every request it carried
+is released; nothing outlives its verifier.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable
+
+import grpc
+import torch
+
+from dspark.proto.dspark.v1 import draft_pb2, draft_pb2_grpc
+from dspark.proto.tensors import tensor_from_proto
+from dspark.workers.drafters.base import DraftBlock, Drafter
+from dspark.workers.request import SamplingParams, Sequence
+
+log = logging.getLogger(__name__)
+
+MAX_FEATURE_BYTES = 64 * 2**20  # one Step's features; larger messages are refused
+
+
+@dataclass(frozen=True)
+class DraftWorkerConfig:
+    """How a draft worker serves."""
+
+    host: str = "127.0.0.1"  # bind address (0.0.0.0 / pod IP on real clusters)
+    port: int = 0  # 0: pick a free port
+    token: str | None = None  # shared secret verifiers must present (metadata authorization)
+    max_message_bytes: int = 128 * 2**20  # gRPC receive limit
+
+
+class _Remote:
+    """Worker-side mirror of one request."""
+
+    def __init__(self, request_id: str, prompt: list[int], params: SamplingParams) -> None:
+        self.seq = Sequence(request_id=request_id, prompt_ids=list(prompt), params=params, generator=torch.Generator())
+        self.cached: list[int] = []  # tokens in the verifier's target cache, in order
+
+    def apply(self, new_tokens: list[int], anchor: int) -> None:
+        self.cached.extend(new_tokens)
+        full = self.cached + [anchor]
+        n_prompt = len(self.seq.prompt_ids)
+        if full[:n_prompt] != self.seq.prompt_ids:
+            raise ValueError("step tokens do not continue the prompt")
+        self.seq.output_ids = full[n_prompt:]
+        self.seq.num_cached = len(self.cached)
+
+
+class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
+    def __init__(self, drafter: Drafter, cfg: DraftWorkerConfig = DraftWorkerConfig()) -> None:
+        self.drafter = drafter
+        self.cfg = cfg
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="drafter")
+        self.active: dict[str, _Remote] = {}  # all streams' requests (ids are globally unique)
+        self.blocks_served = 0
+
+    # -- auth -------------------------------------------------------------------------------
+    def _authorized(self, context) -> bool:
+        if not self.cfg.token:
+            return True
+        md = dict(context.invocation_metadata() or ())
+        return md.get("authorization") == f"Bearer {self.cfg.token}"
+
+    # -- the stream ---------------------------------------------------------------------------
+    async def Draft(self, request_iterator, context):
+        if not self._authorized(context):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong internal token")
+        mine: set[str] = set()
+        inbox: asyncio.Queue = asyncio.Queue()
+        outbox: asyncio.Queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+
+        async def read() -> None:
+            try:
+                async for msg in request_iterator:
+                    await inbox.put(msg)
+            finally:
+                await inbox.put(None)
+
+        reader = asyncio.create_task(read())
+        worker = asyncio.create_task(self._work(inbox, outbox, mine, loop))
+        try:
+            while True:
+                item = await outbox.get()
+                if item is None:
+                    break
+                yield item
+        finally:
+            reader.cancel()
+            worker.cancel()
+            # The stream is gone: release everything it carried.
+            await loop.run_in_executor(self.pool, self._release_all, list(mine))
+
+    async def _work(self, inbox: asyncio.Queue, outbox: asyncio.Queue, mine: set[str], loop) -> None:
+        try:
+            while True:
+                msg = await inbox.get()
+                batch = [msg]
+                while not inbox.empty():  # everything that arrived together drafts together
+                    batch.append(inbox.get_nowait())
+                done = any(m is None for m in batch)
+                batch = [m for m in batch if m is not None]
+                if batch:
+                    replies = await loop.run_in_executor(self.pool, self._handle, batch, mine)
+                    for r in replies:
+                        await outbox.put(r)
+                if done:
+                    return
+        finally:
+            await outbox.put(None)
+
+    # -- drafter thread -----------------------------------------------------------------------
+    def _handle(self, batch: list, mine: set[str]) -> list:
+        replies = []
+        steps: list[tuple[_Remote, int, int]] = []  # (request, step id, block length)
+        for msg in batch:
+            kind = msg.WhichOneof("kind")
+            try:
+                if kind == "open":
+                    self._open(msg.open, mine)
+                elif kind == "close":
+                    self._close(msg.close.request_id, mine)
+                elif kind == "step":
+                    st = msg.step
+                    r = self.active.get(st.request_id)
+                    if r is None:
+                        raise KeyError(f"unknown request {st.request_id!r}")
+                    feats = tensor_from_proto(st.features, ndim=2, max_bytes=MAX_FEATURE_BYTES) if st.features.data else None
+                    new = list(st.new_token_ids)
+                    if feats is not None and feats.shape[0] != len(new):
+                        raise ValueError("features rows do not match new tokens")
+                    r.apply(new, st.anchor_token_id)
+                    if st.context_len and st.context_len != len(r.cached):
+                        raise ValueError(f"context length {st.context_len} != mirrored {len(r.cached)}")
+                    self.drafter.observe(r.seq, new, feats)
+                    steps.append((r, st.step_id, st.block_len))
+            except Exception as exc:  # a bad message fails its request, never the stream
+                rid = getattr(getattr(msg, kind, None), "request_id", "") if kind else ""
+                step_id = msg.step.step_id if kind == "step" else 0
+                replies.append(draft_pb2.DraftResponse(error=draft_pb2.DraftError(request_id=rid, step_id=step_id, message=str(exc))))
+                if rid:
+                    self._close(rid, mine)
+        by_len: dict[int, list[tuple[_Remote, int]]] = {}
+        for r, step_id, blen in steps:
+            if r.seq.request_id in self.active:
+                by_len.setdefault(blen, []).append((r, step_id))
+        for blen, group in by_len.items():
+            t0 = time.perf_counter()
+            try:
+                blocks = self.drafter.propose([r.seq for r, _ in group], blen)
+            except Exception as exc:
+                log.exception("drafting failed")
+                for r, step_id in group:
+                    replies.append(draft_pb2.DraftResponse(error=draft_pb2.DraftError(
+                        request_id=r.seq.request_id, step_id=step_id, message=f"drafting failed: {exc}")))
+                continue
+            us = int(1e6 * (time.perf_counter() - t0) / max(1, len(group)))
+            for (r, step_id), blk in zip(group, blocks):
+                replies.append(draft_pb2.DraftResponse(block=block_to_proto(r.seq.request_id, step_id, blk, us)))
+                self.blocks_served += 1
+        return replies
+
+    def _open(self, o, mine: set[str]) -> None:
+        if o.request_id in self.active:
+            raise ValueError(f"request {o.request_id!r} is already open")
+        opts = o.options
+        params = SamplingParams(
+            max_tokens=2**31 - 1,  # the verifier enforces limits; the drafter just drafts
+            temperature=float(opts.temperature),
+            seed=int(opts.seed) if opts.HasField("seed") else None,
+        )
+        self.active[o.request_id] = _Remote(o.request_id, list(o.prompt_token_ids), params)
+        mine.add(o.request_id)
+
+    def _close(self, rid: str, mine: set[str]) -> None:
+        if self.active.pop(rid, None) is not None:
+            self.drafter.release(rid)
+        mine.discard(rid)
+
+    def _release_all(self, rids: list[str]) -> None:
+        for rid in rids:
+            if self.active.pop(rid, None) is not None:
+                self.drafter.release(rid)
+
+
+def block_to_proto(request_id: str, step_id: int, blk: DraftBlock, draft_us: int) -> draft_pb2.DraftBlock:
+    k = 0 if blk.probs is None else int(blk.probs.shape[-1])
+    msg = draft_pb2.DraftBlock(
+        request_id=request_id,
+        step_id=step_id,
+        draft_token_ids=blk.token_ids,
+        proposal_k=k,
+        confidences=[float(c) for c in blk.confidence],
+        draft_time_us=draft_us,
+    )
+    if k:
+        n = len(blk.token_ids)
+        msg.proposal_token_ids.extend(blk.prob_ids[:n].reshape(-1).tolist())
+        msg.proposal_probs.extend(blk.probs[:n].float().reshape(-1).tolist())
+    return msg
+
+
+def block_from_proto(msg: draft_pb2.DraftBlock) -> DraftBlock:
+    n, k = len(msg.draft_token_ids), msg.proposal_k
+    probs = ids = None
+    if k:
+        if len(msg.proposal_probs) != n * k or len(msg.proposal_token_ids) != n * k:
+            raise ValueError("proposal arrays do not match draft length x proposal_k")
+        probs = torch.tensor(list(msg.proposal_probs), dtype=torch.float32).view(n, k)
+        ids = torch.tensor(list(msg.proposal_token_ids), dtype=torch.long).view(n, k)
+    conf = list(msg.confidences) or [1.0] * n
+    return DraftBlock(token_ids=list(msg.draft_token_ids), probs=probs, prob_ids=ids, confidence=conf,
+                      draft_seconds=msg.draft_time_us / 1e6)
+
+
+class DraftWorkerServer:
+    """A grpc.aio DraftService (+ health, reflection) on its own thread and event loop."""
+
+    def __init__(self, drafter_factory: Callable[[], Drafter], cfg: DraftWorkerConfig = DraftWorkerConfig()) -> None:
+        self.cfg = cfg
+        self._factory = drafter_factory
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self.port = 0
+        self.servicer: DraftServicer | None = None
+        self._server = None
+        self._thread = threading.Thread(target=self._main, name="draft-worker", daemon=True)
+
+    @property
+    def address(self) -> str:
+        return f"{self.cfg.host}:{self.port}"
+
+    def start(self, timeout: float = 300.0) -> "DraftWorkerServer":
+        self._thread.start()
+        if not self._ready.wait(timeout):
+            raise TimeoutError("draft worker did not start")
+        if self._error is not None:
+            raise self._error
+        return self
+
+    def _main(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        try:
+            self._loop.run_until_complete(self._start())
+        except BaseException as exc:  # surfaced by start()
+            self._error = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        self._loop.run_forever()
+
+    async def _start(self) -> None:
+        from dspark.proto.health import DRAFT_SERVICE, add_health_and_reflection
+
+        drafter = self._factory()
+        self.servicer = DraftServicer(drafter, self.cfg)
+        opts = [
+            ("grpc.max_receive_message_length", self.cfg.max_message_bytes),
+            ("grpc.max_send_message_length", self.cfg.max_message_bytes),
+        ]
+        self._server = grpc.aio.server(options=opts)
+        draft_pb2_grpc.add_DraftServiceServicer_to_server(self.servicer, self._server)
+        await add_health_and_reflection(self._server, [DRAFT_SERVICE])
+        self.port = self._server.add_insecure_port(f"{self.cfg.host}:{self.cfg.port}")
+        await self._server.start()
+
+    def stop(self, grace: float = 1.0) -> None:
+        if self._server is None or not self._loop.is_running():
+            return
+        fut = asyncio.run_coroutine_threadsafe(self._server.stop(grace), self._loop)
+        try:
+            fut.result(timeout=grace + 5)
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=5)

@@ -1,0 +1,252 @@
+"""Verifier-side drafter that drafts on remote draft workers over gRPC streams.
+
+Implements the engine's drafter protocol without ever blocking the engine on one worker:
+
+* ``observe`` (after each verification) sends the request's newly cached tokens, their target
+  features and the new anchor as a ``Step``; the block comes back asynchronously;
+* ``propose`` hands back the blocks that have arrived and ``None`` ("not ready, sit this step
+  out") for those still in flight, so the verifier batches whoever is ready;
+* a request whose worker died, answered with an error or timed out continues with plain decoding
+  (``seq.draft_enabled = False``): output is unchanged, only speed is lost.
+
+One bidirectional stream per (verifier, worker) pair carries all of that pair's requests.
+Requests go to the live worker with the fewest open requests.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import grpc
+import torch
+
+from dspark.proto.dspark.v1 import draft_pb2, draft_pb2_grpc
+from dspark.proto.tensors import tensor_to_proto
+from dspark.workers.draft_worker import block_from_proto
+from dspark.workers.drafters.base import DraftBlock
+from dspark.workers.request import Sequence
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RemoteDrafterConfig:
+    """How the verifier talks to draft workers."""
+
+    kind: str = "dspark"  # drafter the workers run
+    feature_layers: tuple[int, ...] = ()  # target layers whose features the drafter needs
+    proposal_top_k: int = 8  # sparse proposal width
+    block_timeout_s: float = 10.0  # a block later than this: the request falls back to plain decoding
+    token: str | None = None  # internal auth token (metadata authorization: Bearer ...)
+    feature_dtype: torch.dtype = torch.bfloat16  # features travel in this dtype
+    max_message_bytes: int = 128 * 2**20
+
+
+class _Link:
+    """One bidirectional stream to one draft worker."""
+
+    def __init__(self, address: str, cfg: RemoteDrafterConfig, on_response, on_broken) -> None:
+        self.address = address
+        self.alive = True
+        self.requests: set[str] = set()
+        self._out: queue.Queue = queue.Queue()
+        opts = [("grpc.max_send_message_length", cfg.max_message_bytes),
+                ("grpc.max_receive_message_length", cfg.max_message_bytes)]
+        self._channel = grpc.insecure_channel(address, options=opts)
+        stub = draft_pb2_grpc.DraftServiceStub(self._channel)
+        md = (("authorization", f"Bearer {cfg.token}"),) if cfg.token else None
+        self._call = stub.Draft(iter(self._out.get, None), metadata=md)
+        self._on_response, self._on_broken = on_response, on_broken
+        self._reader = threading.Thread(target=self._read, name=f"draft-link-{address}", daemon=True)
+        self._reader.start()
+
+    def send(self, msg: draft_pb2.DraftRequest) -> None:
+        if self.alive:
+            self._out.put(msg)
+
+    def _read(self) -> None:
+        try:
+            for resp in self._call:
+                self._on_response(self, resp)
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.CANCELLED:
+                log.warning("draft worker %s stream broke: %s", self.address, exc.code())
+        except Exception:
+            log.exception("draft worker %s stream failed", self.address)
+        finally:
+            self.alive = False
+            self._on_broken(self)
+
+    def close(self) -> None:
+        self.alive = False
+        self._out.put(None)
+        self._call.cancel()
+        self._channel.close()
+
+
+@dataclass
+class _Req:
+    link: _Link
+    opened: bool = False
+    step_id: int = 0
+    awaiting: int = 0  # step id whose block we wait for (0: none)
+    sent_at: float = 0.0
+    block: DraftBlock | None = None
+    pending_tokens: list[int] = field(default_factory=list)
+    pending_feats: list[torch.Tensor] = field(default_factory=list)
+    failed: bool = False
+
+
+class RemoteDrafter:
+    name = "remote"
+
+    def __init__(self, addresses: Callable[[], list[str]] | list[str], cfg: RemoteDrafterConfig, block_len: int) -> None:
+        self.cfg = cfg
+        self.name = f"remote-{cfg.kind}"
+        self.feature_layers = tuple(cfg.feature_layers)
+        self.block_len = block_len
+        self._addresses = addresses if callable(addresses) else (lambda a=list(addresses): a)
+        self._links: dict[str, _Link] = {}
+        self._reqs: dict[str, _Req] = {}
+        self._lock = threading.Lock()
+        self._arrived = threading.Condition(self._lock)
+        self._ids = itertools.count(1)
+        self.fallbacks = 0  # requests moved to plain decoding
+
+    # -- links ------------------------------------------------------------------------------
+    def _pick_link(self) -> _Link | None:
+        for addr in self._addresses():
+            link = self._links.get(addr)
+            if link is None or not link.alive:
+                try:
+                    self._links[addr] = _Link(addr, self.cfg, self._on_response, self._on_broken)
+                except Exception:
+                    log.warning("cannot reach draft worker %s", addr)
+        live = [link for link in self._links.values() if link.alive]
+        return min(live, key=lambda link: len(link.requests)) if live else None
+
+    def _on_response(self, link: _Link, resp: draft_pb2.DraftResponse) -> None:
+        kind = resp.WhichOneof("kind")
+        msg = getattr(resp, kind)
+        with self._arrived:
+            r = self._reqs.get(msg.request_id)
+            if r is None or r.link is not link:
+                return
+            if kind == "error":
+                log.warning("draft worker %s: request %s: %s", link.address, msg.request_id, msg.message)
+                r.failed = True
+            elif msg.step_id == r.awaiting:
+                try:
+                    r.block = block_from_proto(msg)
+                except ValueError:
+                    r.failed = True
+                r.awaiting = 0
+            self._arrived.notify_all()
+
+    def _on_broken(self, link: _Link) -> None:
+        with self._arrived:
+            for rid in list(link.requests):
+                r = self._reqs.get(rid)
+                if r is not None:
+                    r.failed = True
+            self._arrived.notify_all()
+
+    # -- drafter protocol ---------------------------------------------------------------------
+    def observe(self, seq: Sequence, token_ids: list[int], features: torch.Tensor | None) -> None:
+        rid = seq.request_id
+        with self._lock:
+            r = self._reqs.get(rid)
+            if r is None:
+                link = self._pick_link()
+                if link is None:
+                    seq.draft_enabled = False
+                    return
+                r = self._reqs[rid] = _Req(link=link)
+                link.requests.add(rid)
+            if r.failed:
+                return
+            r.pending_tokens.extend(token_ids)
+            if features is not None:
+                r.pending_feats.append(features.to("cpu", self.cfg.feature_dtype))
+            if not seq.output_ids:
+                return  # still prefilling: the first Step goes out with the anchor
+            if not r.opened:
+                opts = draft_pb2.DrafterOptions(kind=self.cfg.kind, block_len=self.block_len,
+                                                temperature=seq.params.temperature,
+                                                proposal_top_k=self.cfg.proposal_top_k)
+                if seq.params.seed is not None:
+                    opts.seed = seq.params.seed
+                r.link.send(draft_pb2.DraftRequest(open=draft_pb2.Open(
+                    request_id=rid, prompt_token_ids=seq.prompt_ids, options=opts)))
+                r.opened = True
+            r.step_id = next(self._ids)
+            step = draft_pb2.Step(request_id=rid, step_id=r.step_id, new_token_ids=r.pending_tokens,
+                                  context_len=seq.num_cached, anchor_token_id=seq.last_token,
+                                  block_len=self.block_len)
+            if r.pending_feats:
+                step.features.CopyFrom(tensor_to_proto(torch.cat(r.pending_feats)))
+            r.pending_tokens, r.pending_feats = [], []
+            r.awaiting, r.sent_at, r.block = r.step_id, time.monotonic(), None
+            r.link.send(draft_pb2.DraftRequest(step=step))
+
+    def propose(self, seqs: list[Sequence], block_len: int) -> list[DraftBlock | None]:
+        out: list[DraftBlock | None] = []
+        now = time.monotonic()
+        with self._lock:
+            for seq in seqs:
+                r = self._reqs.get(seq.request_id)
+                if r is not None and not r.failed and r.awaiting and now - r.sent_at > self.cfg.block_timeout_s:
+                    log.warning("request %s: no block within %.1fs", seq.request_id, self.cfg.block_timeout_s)
+                    r.failed = True
+                if r is None or r.failed or not r.link.alive:
+                    seq.draft_enabled = False  # plain decoding from now on
+                    self.fallbacks += 1
+                    out.append(DraftBlock.empty())
+                elif r.block is not None:
+                    blk, r.block = r.block, None
+                    out.append(_trim(blk, block_len))
+                else:
+                    out.append(None)
+        return out
+
+    def wait_for_blocks(self, timeout: float) -> None:
+        with self._arrived:
+            self._arrived.wait(timeout)
+
+    def release(self, request_id: str) -> None:
+        with self._lock:
+            r = self._reqs.pop(request_id, None)
+            if r is None:
+                return
+            r.link.requests.discard(request_id)
+            if r.opened and r.link.alive:
+                r.link.send(draft_pb2.DraftRequest(close=draft_pb2.Close(
+                    request_id=request_id, reason=draft_pb2.CLOSE_REASON_FINISHED)))
+
+    def close(self) -> None:
+        with self._lock:
+            for link in self._links.values():
+                link.close()
+            self._links.clear()
+
+    @property
+    def live_workers(self) -> int:
+        return sum(1 for link in self._links.values() if link.alive)
+
+
+def _trim(blk: DraftBlock, n: int) -> DraftBlock:
+    if len(blk.token_ids) <= n:
+        return blk
+    return DraftBlock(
+        token_ids=blk.token_ids[:n],
+        probs=None if blk.probs is None else blk.probs[:n],
+        prob_ids=None if blk.prob_ids is None else blk.prob_ids[:n],
+        confidence=blk.confidence[:n],
+        draft_seconds=blk.draft_seconds,
+    )
