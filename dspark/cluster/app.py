@@ -200,6 +200,9 @@ def _deployments():
         def stats(self) -> dict:
             return dataclasses.asdict(self.group.worker.stats())
 
+        def record_routing_stats(self) -> dict:
+            return self.group.routing_stats()
+
         def check_health(self) -> None:
             self.group.check_health()
 
@@ -209,13 +212,39 @@ def _deployments():
             except Exception:
                 pass
 
+    @serve.deployment(name="Scheduler", num_replicas=1)
+    class SchedulerDeployment:
+        def __init__(self, args: dict) -> None:
+            from dspark.cluster.background import BackgroundLoop
+            from dspark.cluster.scheduler import GlobalScheduler, SchedulerConfig
+
+            cfg = ClusterConfig.from_args(args)
+            scfg = SchedulerConfig(interval_s=cfg.scheduler_interval_s, max_block_len=cfg.block_len,
+                                   target_tokens_per_s_per_user=cfg.target_tokens_per_s_per_user,
+                                   default_slots=cfg.n_slots)
+            self.scheduler = GlobalScheduler(_state(cfg), scfg)
+            self.bg = BackgroundLoop("scheduler")
+            self.bg.every(scfg.interval_s, self._tick, "scheduler tick")
+
+        async def _tick(self) -> None:
+            from dspark.cluster.redis_state import RedisUnavailable
+
+            try:
+                await self.scheduler.tick()
+            except RedisUnavailable as exc:
+                log.warning("scheduler: redis unreachable (%s); verifiers keep their last policy", exc)
+
+        def policies(self) -> dict:
+            return {g: p.to_dict() for g, p in self.scheduler.published.items()}
+
     @serve.deployment(name="Router")
     @serve.ingress()
     class RouterDeployment:
-        def __init__(self, verifier, args: dict) -> None:
+        def __init__(self, verifier, args: dict, scheduler=None) -> None:
             from dspark.cluster.router_app import RouterRuntime
 
             self.cfg = ClusterConfig.from_args(args)
+            self.scheduler = scheduler  # keeps the global scheduler in the application
             self.runtime = RouterRuntime(self.cfg, verifier)
 
         def __serve_build_asgi_app__(self):
@@ -227,14 +256,16 @@ def _deployments():
             except Exception:
                 pass
 
-    return RouterDeployment, VerifierDeployment, DraftWorkerDeployment
+    return RouterDeployment, VerifierDeployment, DraftWorkerDeployment, SchedulerDeployment
 
 
 def build_app(args: dict | None = None):
     """Serve application builder (``import_path: dspark.cluster.app:build_app``)."""
     cfg = ClusterConfig.from_args(args)
     args = dataclasses.asdict(cfg)
-    Router, Verifier, DraftWorker = _deployments()
+    from ray.serve.config import RequestRouterConfig
+
+    Router, Verifier, DraftWorker, Scheduler = _deployments()
     gpu = cfg.device == "cuda"
     rank_bundle = {"CPU": 1.0, "GPU": 1.0} if gpu else {"CPU": 0.5}
     drafters = None
@@ -253,8 +284,15 @@ def build_app(args: dict | None = None):
         max_ongoing_requests=4 * cfg.n_slots,
         health_check_period_s=5,
         graceful_shutdown_timeout_s=60,
+        # New requests go to the group with the most headroom (see cluster/routing.py).
+        request_router_config=RequestRouterConfig(
+            request_router_class="dspark.cluster.routing:HeadroomRouter", request_routing_stats_period_s=1.0,
+        ),
     ).bind(args, drafters)
-    return Router.options(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=1024).bind(verifier, args)
+    scheduler = None
+    if cfg.verify_policy == "adaptive":
+        scheduler = Scheduler.options(ray_actor_options={"num_cpus": 0.1}).bind(args)
+    return Router.options(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=1024).bind(verifier, args, scheduler)
 
 
 __all__ = ["ClusterConfig", "build_app", "feature_layers_for"]

@@ -35,6 +35,10 @@ def cluster_options(f):
         click.option("--verify-policy", type=click.Choice(["fixed", "adaptive"]), default="fixed", show_default=True),
         click.option("--redis-url", default=None, help="existing Redis (default: start a local redis-server)"),
         click.option("--slots", "n_slots", type=int, default=32, show_default=True, help="concurrent requests per verifier"),
+        click.option("--scheduler-interval", "scheduler_interval_s", type=float, default=0.5, show_default=True,
+                     help="global scheduler period, seconds (adaptive policy)"),
+        click.option("--target-user-tps", "target_tokens_per_s_per_user", type=float, default=0.0, show_default=True,
+                     help="per-user tokens/s the scheduler protects (0: none)"),
     ]
     for o in reversed(opts):
         f = o(f)

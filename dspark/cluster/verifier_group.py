@@ -14,6 +14,8 @@ import uuid
 
 from dspark.cluster.app import ClusterConfig, _secret, _state, feature_layers_for
 from dspark.cluster.background import BackgroundLoop
+from dspark.workers.budget_policy import AdaptiveBudget, VerifyPolicy, profile_step_costs
+from dspark.workers.engine import fixed_budget
 
 log = logging.getLogger(__name__)
 
@@ -67,12 +69,27 @@ class VerifierGroup:
             drafter = RemoteDrafter(lambda: list(self._drafter_addrs), rcfg, cfg.block_len)
         self.drafter = drafter
         ecfg = EngineConfig(max_batch=cfg.n_slots, max_prefill_tokens=cfg.max_prefill_tokens, block_len=cfg.block_len)
-        self.engine = Engine(runner, tokenizer, ecfg, drafter=drafter)
+        self.budget = None
+        self.costs = None
+        budget_fn = fixed_budget
+        if cfg.verify_policy == "adaptive":
+            # Profile before serving, while every cache slot is free.
+            self.costs = profile_step_costs(runner)
+            self.local_drafting = drafter is not None and not cfg.remote_draft
+            self.budget = budget_fn = AdaptiveBudget(self.costs, VerifyPolicy(max_block_len=cfg.block_len))
+        self.engine = Engine(runner, tokenizer, ecfg, drafter=drafter, budget=budget_fn)
         self.worker = VerifierWorker(self.engine, name=self.group_id)
         self.bg = BackgroundLoop(f"{self.group_id}-redis")
         self.state = _state(cfg)
+        self._draft_curve: dict[int, float] = {}
         self.bg.every(1.0, self._discover, "drafter discovery")
         self.bg.every(0.5, self._report, "verifier report")
+        if self.budget is not None:
+            from dspark.cluster.redis_state import PolicyFollower
+
+            self.follower = PolicyFollower(self.state, self.group_id)
+            self.bg.every(0.25, self._follow_policy, "policy follow")
+            self.bg.every(5.0, self._publish_costs, "cost table")
         if cfg.remote_draft:
             self._wait_for_drafters(timeout_s=120.0)
 
@@ -82,11 +99,45 @@ class VerifierGroup:
         if addrs:
             self._drafter_addrs = addrs
 
+    async def _follow_policy(self) -> None:
+        p = await self.follower.refresh()
+        if p.version and (self.budget.policy.version != p.version):
+            self.budget.set_policy(VerifyPolicy(
+                version=p.version, max_block_len=p.max_block_len, survival_floor=p.survival_floor,
+                budget_mode=p.budget_mode, max_batch_size=p.max_batch_size,
+            ))
+            self.engine.max_batch = max(1, min(self.cfg.n_slots, p.max_batch_size))
+
+    async def _publish_costs(self) -> None:
+        from dspark.cluster.state_types import CostTable
+
+        eng = self.engine
+        if eng.last_drafted_requests:  # drafting time by request count, from what we observe
+            n = eng.last_drafted_requests
+            old = self._draft_curve.get(n, eng.last_draft_seconds)
+            self._draft_curve[n] = 0.8 * old + 0.2 * eng.last_draft_seconds
+            if self.local_drafting:  # remote drafting overlaps verification; local drafting adds to it
+                self.budget.costs.draft_seconds = self._draft_curve[n]
+        c = self.costs
+        await self.state.put_cost_table(self.group_id, CostTable(
+            step_seconds=dict(zip(c.token_counts, c.step_seconds)),
+            draft_seconds=dict(sorted(self._draft_curve.items())), measured_at=c.measured_at,
+        ))
+
+    def routing_stats(self) -> dict:
+        """Headroom for the router: free request capacity under the current policy."""
+        st = self.worker.stats()
+        cap = self.engine.max_batch
+        return {"headroom": cap - st.active_requests - st.queued_requests, "active": st.active_requests,
+                "queued": st.queued_requests, "group": self.group_id}
+
     async def _report(self) -> None:
         from dspark.cluster.state_types import Demand
 
         st = self.worker.stats()
-        await self.state.heartbeat("verifier", self.group_id, {"model": self.model_name, "tp": self.cfg.tp})
+        info = {"model": self.model_name, "tp": self.cfg.tp, "n_slots": self.cfg.n_slots,
+                "policy_version": self.budget.policy.version if self.budget else 0}
+        await self.state.heartbeat("verifier", self.group_id, info)
         await self.state.put_demand(self.group_id, Demand(
             active_requests=st.active_requests, queued_requests=st.queued_requests,
             tokens_per_step=st.tokens_per_step, step_latency_s=st.step_latency_s,

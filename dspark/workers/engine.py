@@ -78,6 +78,9 @@ class Engine:
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
         self.metrics = SpecMetrics()
+        self.max_batch = min(cfg.max_batch, self.n_slots)  # the scheduler may lower it at run time
+        self.last_draft_seconds = 0.0
+        self.last_drafted_requests = 0
         self.num_steps = 0
         self.last_step_tokens = 0
         self.last_step_seconds = 0.0
@@ -135,7 +138,7 @@ class Engine:
         return len(self.running)
 
     def _admit(self) -> None:
-        while self.waiting and self._free_slots and len(self.running) < self.cfg.max_batch:
+        while self.waiting and self._free_slots and len(self.running) < self.max_batch:
             seq = self.waiting.pop(0)
             seq.slot = self._free_slots.pop()
             self.running.append(seq)
@@ -267,7 +270,10 @@ class Engine:
         want = [s for s in decode if s.draft_enabled and self._draft_room(s) > 0]
         if not want:
             return [DraftBlock.empty() for _ in decode]
+        t0 = time.perf_counter()
         proposed = dict(zip((s.request_id for s in want), self.drafter.propose(want, self.cfg.block_len)))
+        self.last_draft_seconds = time.perf_counter() - t0
+        self.last_drafted_requests = len(want)
         return [proposed.get(s.request_id, DraftBlock.empty()) for s in decode]
 
     def _verify(self, samplers, logits: torch.Tensor) -> list[list[int]]:

@@ -10,7 +10,8 @@ Both feed the anchor, sample a token, feed it back, ``block_len`` times, batched
   the tokens it has cached per request and re-syncs with the accepted tokens at each proposal.
 
 Proposals are sampled from the top-k of the drafter's softmax at the request's temperature
-(greedy requests: argmax, one-hot q).  Confidence is the drafter's own probability of the token.
+(greedy requests: argmax, one-hot q).  Confidence is the drafter's top probability at that
+position (for greedy requests, the probability of the drafted token).
 """
 
 from __future__ import annotations
@@ -63,7 +64,10 @@ class AutoregressiveDrafter:
             out = self.runner.forward(StepInput(flat, slots, starts, q_lens, rows, n_layers=self.n_layers))
             noise = torch.stack([torch.empty(self.top_k).exponential_(generator=g) for g in gens]).to(dev)
             tok, q, ids, _ = sample_proposal(out.logits, temps, self.top_k, noise)
-            conf = torch.softmax(out.logits.float(), dim=-1).gather(-1, tok.unsqueeze(-1)).squeeze(-1)
+            # Confidence must not depend on the sampled token itself (only on what came before it),
+            # or pruning blocks by confidence would bias acceptance (DSpark paper, Appendix A):
+            # the drafter's top probability qualifies, the probability of the drawn token does not.
+            conf = torch.softmax(out.logits.float(), dim=-1).amax(dim=-1)
             tok_l, conf_l = tok.tolist(), conf.tolist()
             for i in range(len(seqs)):
                 tokens[i].append(tok_l[i])

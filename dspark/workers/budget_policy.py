@@ -1,0 +1,144 @@
+"""Confidence-scheduled verification on the verifier: cost profile + per-step budget.
+
+* :func:`profile_step_costs` measures, at start-up, how long one target forward takes as a
+  function of the number of tokens it carries (the paper's SPS(B) curve) on this very hardware.
+* :class:`AdaptiveBudget` is the engine's ``VerifyBudget``: from the drafts' confidences it forms
+  survivals a_{r,j} = prod_{i<=j} c_{r,i} and lets the budget kernels choose how many of each
+  block to verify (Algorithm 1 with its early stop, or the section-5.2 production variant), under
+  the policy the global scheduler publishes (max block length, survival floor, mode, batch cap).
+
+The policy arrives from outside through :meth:`AdaptiveBudget.set_policy` (the cluster owns
+Redis; workers never import it).  Swapping the policy is one reference assignment, safe to do
+from another thread between engine steps.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from dspark.kernels.budget import select_budget_async, select_budget_greedy, survival
+from dspark.workers.drafters.base import DraftBlock
+from dspark.workers.request import Sequence
+from dspark.workers.runner import StepInput
+
+BUDGET_MODES = ("fixed", "algorithm1", "production")
+
+
+@dataclass(frozen=True)
+class VerifyPolicy:
+    """What the global scheduler tells a verifier group; every field has a default."""
+
+    version: int = 0  # scheduler's version number (0: local default)
+    max_block_len: int = 64  # verify at most this many drafts per request
+    survival_floor: float = 0.0  # never verify a draft whose survival is below this
+    budget_mode: str = "algorithm1"  # fixed | algorithm1 | production
+    max_batch_size: int = 1024  # requests decoding at once in the group
+
+
+@dataclass
+class CostModel:
+    """Seconds per target step by token count, and drafting seconds per step."""
+
+    token_counts: list[int]
+    step_seconds: list[float]
+    draft_seconds: float = 0.0
+    measured_at: float = field(default_factory=time.time)
+
+    def table(self, max_tokens: int) -> torch.Tensor:
+        """step_time[T] for T = 0..max_tokens, linearly interpolated (extrapolated past the end)."""
+        xs, ys = self.token_counts, self.step_seconds
+        out = torch.empty(max_tokens + 1, dtype=torch.float64)
+        for t in range(max_tokens + 1):
+            if t <= xs[0]:
+                out[t] = ys[0]
+                continue
+            i = next((k for k in range(1, len(xs)) if xs[k] >= t), len(xs) - 1)
+            x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
+            out[t] = y0 + (y1 - y0) * (t - x0) / max(1, x1 - x0)
+        return out
+
+
+def profile_step_costs(runner, token_counts: list[int] | None = None, repeats: int = 3, slot: int | None = None) -> CostModel:
+    """Time one forward pass of T tokens (spread over requests of up to 8 tokens) for each T.
+
+    Uses the runner's last cache slots with dummy tokens; call it before serving (the slots are
+    free then).  The minimum over ``repeats`` runs is kept (noise only ever adds time).
+    """
+    cache = runner.cache
+    if token_counts is None:
+        cap = cache.n_slots * 8
+        token_counts = sorted({t for t in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512) if t <= cap} | {cap})
+    times = []
+    for T in token_counts:
+        per = 8
+        n_req = min(cache.n_slots, -(-T // per))
+        q_lens = [per] * (T // per) + ([T % per] if T % per else [])
+        q_lens = q_lens[:n_req]
+        slots = list(range(cache.n_slots - len(q_lens), cache.n_slots))
+        step = StepInput([1] * sum(q_lens), slots, [16] * len(q_lens), q_lens, logits_rows=list(range(sum(q_lens))))
+        best = float("inf")
+        for _ in range(repeats + 1):  # the first run warms up
+            t0 = time.perf_counter()
+            runner.forward(step)
+            best = min(best, time.perf_counter() - t0)
+        times.append(best)
+    # Monotone envelope: a larger batch never costs less than a smaller one.
+    for i in range(1, len(times)):
+        times[i] = max(times[i], times[i - 1])
+    return CostModel(token_counts=list(token_counts), step_seconds=times)
+
+
+class AdaptiveBudget:
+    """Per-step verification budget from confidences, a cost model and the current policy."""
+
+    def __init__(self, costs: CostModel, policy: VerifyPolicy = VerifyPolicy()) -> None:
+        self.costs = costs
+        self.policy = policy
+        self._table = costs.table(4096)
+        self._history: collections.deque = collections.deque(maxlen=2)  # survivals of past steps
+        self.last_lengths: list[int] = []
+        self.verified_tokens = 0
+        self.steps = 0
+
+    def set_policy(self, policy: VerifyPolicy) -> None:
+        if policy.budget_mode not in BUDGET_MODES:
+            raise ValueError(f"unknown budget mode {policy.budget_mode!r}")
+        self.policy = policy
+
+    def set_costs(self, costs: CostModel) -> None:
+        self.costs = costs
+        self._table = costs.table(4096)
+
+    def __call__(self, seqs: list[Sequence], blocks: list[DraftBlock], block_len: int) -> list[int]:
+        pol = self.policy
+        G = max(0, min(block_len, pol.max_block_len))
+        B = len(blocks)
+        if B == 0 or G == 0:
+            return [0] * B
+        lengths = torch.tensor([min(len(b.token_ids), G) for b in blocks])
+        conf = torch.zeros(B, G, dtype=torch.float64)
+        for r, b in enumerate(blocks):
+            n = int(lengths[r])
+            if n:
+                conf[r, :n] = torch.tensor(b.confidence[:n], dtype=torch.float64).clamp(0.0, 1.0)
+        surv = survival(conf, lengths)  # [B, G], zero past each block
+        if pol.survival_floor > 0:
+            surv = torch.where(surv >= pol.survival_floor, surv, torch.zeros_like(surv))
+        floor_lengths = (surv > 0).sum(dim=1)
+        if pol.budget_mode == "fixed":
+            out = floor_lengths
+        elif pol.budget_mode == "algorithm1":
+            out = select_budget_greedy(surv, self._table, self.costs.draft_seconds).lengths
+        else:
+            stale = self._history[0] if len(self._history) == 2 else surv
+            out = select_budget_async(stale, surv, self._table, self.costs.draft_seconds).lengths
+        self._history.append(surv)
+        res = [int(x) for x in torch.minimum(out.to(torch.long), floor_lengths)]
+        self.last_lengths = res
+        self.verified_tokens += sum(res)
+        self.steps += 1
+        return res

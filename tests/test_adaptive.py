@@ -1,0 +1,119 @@
+"""Confidence-scheduled verification: budget policy, cost profile, global scheduler on Redis."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from dspark.cluster.scheduler import GlobalScheduler, SchedulerConfig, compute_policy, pressure_of
+from dspark.cluster.state_types import Demand
+from dspark.workers.budget_policy import AdaptiveBudget, CostModel, VerifyPolicy, profile_step_costs
+from dspark.workers.drafters.base import DraftBlock
+from dspark.workers.engine import Engine, EngineConfig
+from dspark.workers.request import SamplingParams
+from dspark.workers.runner import LocalRunner, RunnerConfig
+
+# A made-up cost curve: flat up to 8 tokens, then each token costs as much as a whole step.
+COSTS = CostModel(token_counts=[1, 8, 16], step_seconds=[1.0, 1.0, 9.0])
+
+
+def blocks(*confs):
+    return [DraftBlock(token_ids=list(range(len(c))), confidence=list(c)) for c in confs]
+
+
+def test_budget_fixed_mode_respects_block_cap_and_floor():
+    b = AdaptiveBudget(COSTS, VerifyPolicy(budget_mode="fixed", max_block_len=3))
+    assert b([None] * 2, blocks([0.9] * 5, [0.5] * 2), 7) == [3, 2]
+    b.set_policy(VerifyPolicy(budget_mode="fixed", max_block_len=7, survival_floor=0.5))
+    # survivals 0.9, 0.81, 0.729, 0.656, 0.59 | 0.5, 0.25
+    assert b([None] * 2, blocks([0.9] * 5, [0.5] * 2), 7) == [5, 1]
+
+
+def test_budget_algorithm1_spends_only_where_it_pays():
+    b = AdaptiveBudget(COSTS, VerifyPolicy(budget_mode="algorithm1"))
+    # 2 anchors + up to 6 drafts fit the flat part of the curve: the 6 most likely are admitted
+    # (greedy by survival), the 7th token would cost a whole extra step for < 1 expected token.
+    out = b([None] * 2, blocks([0.9, 0.9, 0.9, 0.9], [0.8, 0.8, 0.8, 0.8]), 7)
+    assert sum(out) == 6 and out == [4, 2]
+
+
+def test_budget_production_mode_uses_stale_capacity():
+    b = AdaptiveBudget(COSTS, VerifyPolicy(budget_mode="production"))
+    for _ in range(3):
+        out = b([None] * 2, blocks([0.95] * 7, [0.95] * 7), 7)
+    assert sum(out) <= 16 - 2 and all(n > 0 for n in out)
+
+
+def test_policy_follows_pressure():
+    cfg = SchedulerConfig(max_block_len=7, min_block_len=2, max_survival_floor=0.5)
+    idle, mid, busy = (compute_policy(p, cfg) for p in (0.1, 0.6, 2.0))
+    assert (idle.max_block_len, idle.survival_floor) == (7, 0.0)
+    assert (busy.max_block_len, busy.survival_floor) == (2, 0.5)
+    assert busy.max_block_len < mid.max_block_len < idle.max_block_len
+    assert pressure_of(Demand(active_requests=16, queued_requests=16), slots=32) == 1.0
+
+
+def test_per_user_target_caps_the_batch():
+    cfg = SchedulerConfig(target_tokens_per_s_per_user=50.0)
+    slow = Demand(active_requests=10, step_latency_s=0.1, mean_acceptance_length=2.0)  # 20 tok/s/user
+    assert compute_policy(0.5, cfg, slow, slots=32).max_batch_size == 10
+    fast = Demand(active_requests=10, step_latency_s=0.01, mean_acceptance_length=2.0)  # 200 tok/s/user
+    assert compute_policy(0.5, cfg, fast, slots=32).max_batch_size == 32
+
+
+def test_scheduler_publishes_policy_that_follows_demand_in_redis(redis_server, redis_prefix):
+    from dspark.cluster.redis_state import PolicyFollower, RedisState, StateConfig
+
+    async def run():
+        async with RedisState(StateConfig(url=redis_server.url, prefix=redis_prefix)) as st:
+            sched = GlobalScheduler(st, SchedulerConfig(max_block_len=7, smoothing=0.5))
+            follower = PolicyFollower(st, "g1")
+            await st.heartbeat("verifier", "g1", {"n_slots": 8})
+
+            async def at(active, queued, ticks=1):
+                await st.put_demand("g1", Demand(active_requests=active, queued_requests=queued, step_latency_s=0.05))
+                for _ in range(ticks):
+                    await sched.tick()
+                return await follower.refresh()
+
+            idle = await at(1, 0)
+            busy = await at(8, 24)  # a simulated rise in queued requests
+            relaxed = await at(1, 0, ticks=8)  # demand falls: verification deepens again
+            return idle, busy, relaxed
+
+    idle, busy, relaxed = asyncio.run(run())
+    assert idle.version >= 1 and idle.max_block_len == 7 and idle.survival_floor == 0.0
+    assert busy.version > idle.version and busy.max_block_len == 2 and busy.survival_floor > 0
+    assert relaxed.version > busy.version and relaxed.max_block_len == 7
+
+
+def test_profile_step_costs_is_monotone(model_fp32):
+    runner = LocalRunner(model_fp32.model, RunnerConfig(n_slots=4, max_seq=64))
+    costs = profile_step_costs(runner, token_counts=[1, 4, 16, 32], repeats=1)
+    assert costs.token_counts == [1, 4, 16, 32]
+    assert all(b >= a > 0 for a, b in zip(costs.step_seconds, costs.step_seconds[1:]))
+    table = costs.table(64)
+    assert table.shape == (65,) and float(table[32]) == pytest.approx(costs.step_seconds[-1])
+
+
+@pytest.mark.parametrize("mode", ["algorithm1", "production"])
+def test_adaptive_engine_is_lossless_and_shortens_under_load(model_fp32, prompts20, mode):
+    """Greedy output with the adaptive budget equals plain decoding; a busy policy verifies less."""
+    from dspark.workers.drafters.autoregressive import LayerSkipDrafter
+
+    tok = model_fp32.tokenizer
+    prompts = [tok.encode_chat([{"role": "user", "content": t}]) for t in prompts20[:4]]
+    runner = LocalRunner(model_fp32.model, RunnerConfig(n_slots=4, max_seq=512))
+    plain = Engine(runner, tok, EngineConfig(max_batch=4)).generate(prompts, SamplingParams(max_tokens=24))
+    costs = profile_step_costs(runner, token_counts=[1, 8, 32], repeats=1)
+    verified = {}
+    for name, pol in (("idle", VerifyPolicy(budget_mode=mode, max_block_len=6)),
+                      ("busy", VerifyPolicy(budget_mode=mode, max_block_len=2, survival_floor=0.5))):
+        budget = AdaptiveBudget(costs, pol)
+        eng = Engine(runner, tok, EngineConfig(max_batch=4, block_len=6), drafter=LayerSkipDrafter(runner, 20), budget=budget)
+        out = eng.generate(prompts, SamplingParams(max_tokens=24))
+        assert [s.output_ids for s in out] == [s.output_ids for s in plain]
+        verified[name] = budget.verified_tokens / max(1, budget.steps)
+    assert verified["busy"] < verified["idle"]
