@@ -74,17 +74,19 @@ def logits_to_probs(
     logits = logits.float()
     temperature = temperature.to(device=device, dtype=torch.float32)
     greedy = temperature <= 0
-    # Greedy rows divide by 1 (their result is replaced by a one-hot below).
-    scaled = logits / torch.where(greedy, torch.ones_like(temperature), temperature).unsqueeze(-1)
+    probs = torch.zeros_like(logits)
+    # Greedy rows are one-hot on the argmax of the raw logits; only sampled rows pay for a softmax.
+    probs.scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
+    sampled = (~greedy).nonzero().flatten()
+    if sampled.numel() == 0:
+        return probs
     if top_k is None:
         top_k = torch.zeros(rows, dtype=torch.long, device=device)
     if top_p is None:
         top_p = torch.ones(rows, dtype=torch.float32, device=device)
-    scaled = apply_top_k_top_p(scaled, top_k.to(device), top_p.to(device=device, dtype=torch.float32))
-    probs = torch.softmax(scaled, dim=-1)
-    if bool(greedy.any()):
-        onehot = torch.zeros_like(probs).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
-        probs = torch.where(greedy.unsqueeze(-1), onehot, probs)
+    scaled = logits[sampled] / temperature[sampled].unsqueeze(-1)
+    scaled = apply_top_k_top_p(scaled, top_k.to(device)[sampled], top_p.to(device=device, dtype=torch.float32)[sampled])
+    probs[sampled] = torch.softmax(scaled, dim=-1)
     return probs
 
 

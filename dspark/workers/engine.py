@@ -36,6 +36,7 @@ class EngineConfig:
     max_batch: int = 32  # running requests at most (<= cache slots)
     max_prefill_tokens: int = 512  # prompt tokens fed per step, over all requests (chunked prefill)
     block_len: int = 4  # draft tokens requested per block (gamma)
+    max_block_wait_s: float = 0.02  # longest wait for in-flight remote blocks before a step starts
 
 
 class VerifyBudget(Protocol):
@@ -272,6 +273,18 @@ class Engine:
             return [DraftBlock.empty() for _ in decode]
         t0 = time.perf_counter()
         proposed = dict(zip((s.request_id for s in want), self.drafter.propose(want, self.cfg.block_len)))
+        late = [s for s in want if proposed[s.request_id] is None]
+        wait = getattr(self.drafter, "wait_for_blocks", None)
+        if late and wait is not None and len(late) < len(want):
+            # Blocks still in flight usually land within a fraction of a step; waiting that long
+            # beats making those requests sit a whole step out.
+            deadline = t0 + min(self.cfg.max_block_wait_s, 0.25 * self.last_step_seconds)
+            while late and time.perf_counter() < deadline:
+                wait(max(0.0, deadline - time.perf_counter()))
+                again = self.drafter.propose(late, self.cfg.block_len)
+                for seq, blk in zip(late, again):
+                    proposed[seq.request_id] = blk
+                late = [s for s in late if proposed[s.request_id] is None]
         self.last_draft_seconds = time.perf_counter() - t0
         self.last_drafted_requests = len(want)
         return [proposed.get(s.request_id, DraftBlock.empty()) for s in decode]

@@ -1,0 +1,215 @@
+"""`dspark bench load`: verification depth under load, through the real cluster.
+
+Closed loop: C clients each send streaming requests back to back for a fixed time, at
+C = 1, 4, 16, 64.  Open loop: Poisson arrivals at a sweep of rates.  Configurations, each a fresh
+cluster (same model, drafter, dtype and slots): fixed verification depth 2, 4 and 7, adaptive
+(confidence-scheduled with the global scheduler), and plain decoding (requests with
+``speculative: false`` on the depth-7 cluster).  Reported per level: per-user tokens/s (mean over
+requests of output tokens / request time), aggregate tokens/s, p50/p99 inter-token latency,
+verified draft tokens per verification step, acceptance length.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import random
+import time
+
+import click
+
+from bench.common import RESULTS, table, write_json
+
+PROMPTS = [
+    "Write a Python function that returns the n-th Fibonacci number.",
+    "Explain what a hash table is in three sentences.",
+    "Write a function to check whether a list is sorted.",
+    "Give three tips for writing clear emails.",
+    "Write a function that counts the vowels in a string.",
+    "Summarize the water cycle in two sentences.",
+]
+
+
+async def _one(client, url: str, prompt: str, max_tokens: int, speculative: bool) -> dict:
+    body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens, "temperature": 0,
+            "stream": True, "stream_options": {"include_usage": True}, "speculative": speculative}
+    t0 = time.perf_counter()
+    stamps, spec, n_tokens, finish = [], {}, 0, None
+    async with client.stream("POST", url, json=body) as r:
+        if r.status_code != 200:
+            return {"error": r.status_code}
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                return {"error": chunk["error"].get("message")}
+            for c in chunk.get("choices") or []:
+                if (c.get("delta") or {}).get("content"):
+                    stamps.append(time.perf_counter())
+                finish = c.get("finish_reason") or finish
+            if chunk.get("usage"):
+                n_tokens = chunk["usage"]["completion_tokens"]
+            spec = chunk.get("spec_decode") or spec
+    t1 = time.perf_counter()
+    itl = [b - a for a, b in zip(stamps, stamps[1:])]
+    return {"tokens": n_tokens, "seconds": t1 - t0, "ttft": (stamps[0] - t0) if stamps else None, "itl": itl,
+            "finish": finish, "spec": spec}
+
+
+def _summarise(results: list[dict], wall: float) -> dict:
+    ok = [r for r in results if "error" not in r and r.get("finish")]
+    errors = len(results) - len(ok)
+    itl = sorted(x for r in ok for x in r["itl"])
+    pct = lambda q: itl[min(len(itl) - 1, int(q * len(itl)))] if itl else None  # noqa: E731
+    drafts = sum(r["spec"].get("num_drafts", 0) for r in ok)
+    dtoks = sum(r["spec"].get("num_draft_tokens", 0) for r in ok)
+    acc = sum(r["spec"].get("num_accepted_tokens", 0) for r in ok)
+    return {
+        "requests": len(ok), "errors": errors,
+        "per_user_tok_s": sum(r["tokens"] / r["seconds"] for r in ok) / max(1, len(ok)),
+        "aggregate_tok_s": sum(r["tokens"] for r in ok) / wall,
+        "itl_p50_ms": 1000 * pct(0.5) if itl else None, "itl_p99_ms": 1000 * pct(0.99) if itl else None,
+        "verified_per_step": dtoks / drafts if drafts else 0.0,
+        "acceptance_length": 1 + acc / drafts if drafts else 1.0,
+    }
+
+
+async def closed_loop(base: str, concurrency: int, seconds: float, max_tokens: int, speculative: bool) -> dict:
+    import httpx
+
+    url = base + "/v1/chat/completions"
+    results: list[dict] = []
+    stop_at = time.perf_counter() + seconds
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=concurrency + 4)) as client:
+        async def user(i: int) -> None:
+            k = i
+            while time.perf_counter() < stop_at:
+                results.append(await _one(client, url, PROMPTS[k % len(PROMPTS)], max_tokens, speculative))
+                k += concurrency
+        t0 = time.perf_counter()
+        await asyncio.gather(*(user(i) for i in range(concurrency)))
+        wall = time.perf_counter() - t0
+    return _summarise(results, wall)
+
+
+async def open_loop(base: str, rate: float, seconds: float, max_tokens: int, speculative: bool, seed: int = 0) -> dict:
+    import httpx
+
+    url = base + "/v1/chat/completions"
+    rng = random.Random(seed)
+    tasks = []
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=512)) as client:
+        t0 = time.perf_counter()
+        k = 0
+        while time.perf_counter() - t0 < seconds:
+            tasks.append(asyncio.create_task(_one(client, url, PROMPTS[k % len(PROMPTS)], max_tokens, speculative)))
+            k += 1
+            await asyncio.sleep(rng.expovariate(rate))
+        results = await asyncio.gather(*tasks)
+        wall = time.perf_counter() - t0
+    return _summarise(list(results), wall)
+
+
+def _cluster_cfg(depth: int, adaptive: bool, draft: str, slots: int, dtype: str):
+    from dspark.cluster.app import ClusterConfig
+
+    return ClusterConfig(dtype=dtype, draft=draft, draft_workers=1, block_len=depth, n_slots=slots, max_seq=1024,
+                         verify_policy="adaptive" if adaptive else "fixed", scheduler_interval_s=0.25)
+
+
+@click.command()
+@click.option("--levels", default="1,4,16,64", show_default=True, help="closed-loop concurrencies")
+@click.option("--rates", default="0.5,1,2", show_default=True, help="open-loop arrival rates, requests/s ('' to skip)")
+@click.option("--seconds", type=float, default=20.0, show_default=True, help="duration per level")
+@click.option("--max-tokens", type=int, default=48, show_default=True)
+@click.option("--depths", default="2,4,7", show_default=True, help="fixed verification depths")
+@click.option("--draft", default=None, help="drafter kind (default: dspark if a head ships, else ngram)")
+@click.option("--slots", type=int, default=64, show_default=True)
+@click.option("--dtype", default="bf16", show_default=True)
+@click.option("--json", "json_path", default=None)
+@click.option("--plot", "plot_path", default=None, help="PNG of the per-user vs aggregate frontier")
+def main(levels, rates, seconds, max_tokens, depths, draft, slots, dtype, json_path, plot_path):
+    """Plain vs fixed depths vs adaptive verification across load levels, through the cluster."""
+    from dspark.cluster.commands import _default_draft
+    from dspark.cluster.local import LocalCluster
+    from dspark.workers.runner import free_port
+
+    draft = draft or _default_draft()
+    levels_l = [int(x) for x in levels.split(",") if x]
+    rates_l = [float(x) for x in rates.split(",") if x]
+    configs = [(f"fixed{d}", int(d), False) for d in depths.split(",")] + [("adaptive", max(int(d) for d in depths.split(",")), True)]
+    rows = []
+    for name, depth, adaptive in configs:
+        click.echo(f"== {name}: starting cluster", err=True)
+        with LocalCluster(_cluster_cfg(depth, adaptive, draft, slots, dtype), http_port=free_port()) as c:
+            asyncio.run(closed_loop(c.base_url, 1, 3.0, 8, True))  # warm-up
+            modes = [(name, True)] + ([("plain", False)] if depth == max(int(d) for d in depths.split(",")) and not adaptive else [])
+            for label, spec in modes:
+                for conc in levels_l:
+                    s = asyncio.run(closed_loop(c.base_url, conc, seconds, max_tokens, spec))
+                    rows.append({"config": label, "loop": "closed", "level": conc, **s})
+                    click.echo(table([rows[-1]], list(rows[-1])), err=True)
+                if adaptive or label == "plain":
+                    for rate in rates_l:
+                        s = asyncio.run(open_loop(c.base_url, rate, seconds, max_tokens, spec))
+                        rows.append({"config": label, "loop": "open", "level": rate, **s})
+                        click.echo(table([rows[-1]], list(rows[-1])), err=True)
+    cols = ["config", "loop", "level", "requests", "errors", "per_user_tok_s", "aggregate_tok_s", "itl_p50_ms",
+            "itl_p99_ms", "verified_per_step", "acceptance_length"]
+    click.echo(table(rows, cols))
+    verdict = _verdict(rows, levels_l)
+    for line in verdict:
+        click.echo(line)
+    out = write_json(json_path, "load.json", {"draft": draft, "dtype": dtype, "seconds": seconds,
+                                              "max_tokens": max_tokens, "rows": rows, "verdict": verdict})
+    click.echo(f"wrote {out}")
+    _plot(rows, plot_path or str(RESULTS / "load.png"))
+
+
+def _verdict(rows: list[dict], levels: list[int]) -> list[str]:
+    out = []
+    closed = [r for r in rows if r["loop"] == "closed"]
+    for lvl in levels:
+        at = {r["config"]: r for r in closed if r["level"] == lvl}
+        fixed = {k: v for k, v in at.items() if k.startswith("fixed")}
+        if "adaptive" not in at or not fixed:
+            continue
+        best_name, best = max(fixed.items(), key=lambda kv: kv[1]["aggregate_tok_s"])
+        a = at["adaptive"]
+        ratio = a["aggregate_tok_s"] / max(1e-9, best["aggregate_tok_s"])
+        user_ratio = a["per_user_tok_s"] / max(1e-9, max(f["per_user_tok_s"] for f in fixed.values()))
+        plain = at.get("plain")
+        vs_plain = a["aggregate_tok_s"] / plain["aggregate_tok_s"] if plain else float("nan")
+        out.append(f"concurrency {lvl}: adaptive aggregate = {ratio:.2f}x best fixed ({best_name}), per-user = "
+                   f"{user_ratio:.2f}x best fixed, aggregate vs plain = {vs_plain:.2f}x")
+    return out
+
+
+def _plot(rows: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for cfg in sorted({r["config"] for r in rows}):
+        pts = sorted(((r["aggregate_tok_s"], r["per_user_tok_s"], r["level"]) for r in rows
+                      if r["config"] == cfg and r["loop"] == "closed"), key=lambda p: p[2])
+        if not pts:
+            continue
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=cfg)
+        for x, y, lvl in pts:
+            ax.annotate(str(lvl), (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("aggregate tokens/s")
+    ax.set_ylabel("per-user tokens/s")
+    ax.set_title("Per-user vs aggregate throughput (labels: concurrency)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
