@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,8 +31,38 @@ def data_dir() -> Path:
     return Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
+# Used only when the shared data folder is absent (e.g. a bare checkout): prompts written for
+# this project, half code, half general, so tests and demos still have something to chew on.
+BUILTIN = [
+    ("code", "Write a Python function that returns the largest element of a list."),
+    ("general", "Explain why the sky is blue in two sentences."),
+    ("code", "Write a function to reverse the words in a sentence."),
+    ("general", "List three benefits of regular exercise."),
+    ("code", "Write a Python function that checks whether a number is prime."),
+    ("general", "What is the difference between weather and climate?"),
+    ("code", "Write a function to count how often each character appears in a string."),
+    ("general", "Give a short definition of photosynthesis."),
+    ("code", "Write a Python function that merges two sorted lists into one sorted list."),
+    ("general", "Describe a cat to someone who has never seen one."),
+    ("code", "Write a function that returns the n-th Fibonacci number iteratively."),
+    ("general", "Name five countries in Europe and their capitals."),
+    ("code", "Write a function to remove duplicates from a list while keeping the order."),
+    ("general", "Why do we have seasons on Earth?"),
+    ("code", "Write a Python function that converts Celsius to Fahrenheit."),
+    ("general", "Suggest a healthy breakfast and explain why it is healthy."),
+    ("code", "Write a function that checks whether two strings are anagrams."),
+    ("general", "What are the three states of matter? Give an example of each."),
+    ("code", "Write a Python function that flattens a list of lists."),
+    ("general", "Write a haiku about the ocean."),
+]
+
+
 def load_prompts(source: str | Path = "all", limit: int | None = None) -> list[Prompt]:
     """Prompts from ``wizardlm``, ``mbpp``, ``all`` (interleaved) or a JSONL file path."""
+    if str(source) in ("all", *FILES) and not data_dir().exists():
+        warnings.warn(f"shared prompt data not found at {data_dir()}; using the built-in prompt sample")
+        out = [Prompt(id=f"builtin-{i}", text=t, category=c, source="builtin") for i, (c, t) in enumerate(BUILTIN)]
+        return out[:limit] if limit else out
     if source == "all":
         a, b = load_prompts("wizardlm"), load_prompts("mbpp")
         mixed = [p for pair in zip(a, b) for p in pair] + a[len(b):] + b[len(a):]

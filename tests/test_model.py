@@ -50,14 +50,15 @@ def test_greedy_matches_transformers_generate(model_fp32, hf_model, prompts20):
     prompts = [chat_ids(model_fp32, t) for t in prompts20]
     engine = Engine(LocalRunner(model_fp32.model, RunnerConfig(n_slots=20, max_seq=1024)), tok, EngineConfig(max_batch=20))
     ours = engine.generate(prompts, SamplingParams(max_tokens=64, ignore_eos=True))
-    same = 0
-    for seq, ids in zip(ours, prompts):
-        with torch.no_grad():
-            ref = hf_model.generate(
-                torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                max_new_tokens=64, min_new_tokens=64, do_sample=False, pad_token_id=tok.eos_token_id,
-            )[0, len(ids):].tolist()
-        same += int(ref == seq.output_ids)
+    # transformers generates the 20 prompts as one left-padded batch (its own batching path).
+    width = max(len(p) for p in prompts)
+    pad = tok.eos_token_id
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    with torch.no_grad():
+        ref = hf_model.generate(ids, attention_mask=mask, max_new_tokens=64, min_new_tokens=64, do_sample=False,
+                                pad_token_id=pad)[:, width:].tolist()
+    same = sum(int(r == seq.output_ids) for r, seq in zip(ref, ours))
     assert same >= 19, f"only {same}/20 greedy continuations identical to transformers"
 
 
