@@ -41,6 +41,8 @@ class AttentionPlan:
     padded: bool = False
     pad_mask: torch.Tensor | None = None  # [B, 1, n_rep * max_q, max_L] bool
     slot_index: torch.Tensor | None = None  # [B] long
+    pad_batch: torch.Tensor | None = None  # [T] request index of each flat token
+    pad_rows: torch.Tensor | None = None  # [T] position of each flat token within its request
     max_q: int = 0
     max_len: int = 0
 
@@ -84,6 +86,9 @@ def build_plan(
     mask = torch.where(valid_q.unsqueeze(-1), mask, k_pos.view(1, 1, -1) == 0)
     plan.pad_mask = mask.repeat(1, n_rep, 1).unsqueeze(1)  # [B, 1, n_rep*max_q, max_len]
     plan.slot_index = torch.tensor(slots, device=device, dtype=torch.long)
+    # Flat token -> (request, row) maps, built once per step on the host (no per-layer copies).
+    plan.pad_batch = torch.tensor([b for b, n in enumerate(q_lens) for _ in range(n)], device=device)
+    plan.pad_rows = torch.tensor([i for n in q_lens for i in range(n)], device=device)
     plan.max_q, plan.max_len = max_q, max_len
     return plan
 
@@ -120,8 +125,7 @@ def _padded_attention(q, k_cache, v_cache, plan: AttentionPlan) -> torch.Tensor:
     B, max_q = len(plan.slots), plan.max_q
     # Scatter the flat queries into a padded [B, max_q, n_heads, hd] block.
     q_pad = q.new_zeros(B, max_q, n_heads, hd)
-    rows = torch.cat([torch.arange(n, device=q.device) for n in plan.q_lens])
-    batch = torch.repeat_interleave(torch.arange(B, device=q.device), torch.tensor(plan.q_lens, device=q.device))
+    batch, rows = plan.pad_batch, plan.pad_rows
     q_pad[batch, rows] = q
     qb = q_pad.view(B, max_q, n_kv, plan.n_rep, hd).permute(0, 2, 3, 1, 4).reshape(B, n_kv, plan.n_rep * max_q, hd)
     kb = k_cache[plan.slot_index, :, : plan.max_len]  # [B, n_kv, max_len, hd]

@@ -1,0 +1,168 @@
+"""GPU checks, prepared to run as one script on a CUDA machine (``bench/gpu_check.sh``).
+
+1. CUDA logits vs the CPU fp32 reference (fp32 with TF32 off, and bf16).
+2. Greedy speculative decoding on CUDA (n-gram and layer-skip drafters) = plain decoding.
+3. Triton kernels on CUDA vs their torch references (rejection sampling, top-K admission).
+4. NCCL tensor parallelism when >= 2 GPUs are visible (TP=1 vs TP=N logits).
+5. Decode tokens/s on the GPU at batch 1, 8, 32 (bf16), plain and speculative.
+Writes a JSON report (``--json``) and exits non-zero if a correctness check fails.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import torch
+
+
+def logits_check(report: dict) -> bool:
+    from dspark.models.loader import load_model
+    from dspark.workers.runner import LocalRunner, RunnerConfig, StepInput
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    cpu = load_model(dtype="fp32", device="cpu", progress=False)
+    ids = cpu.tokenizer.encode_chat([{"role": "user", "content": "Explain speculative decoding in one paragraph."}])
+    step = StepInput(ids, [0], [0], [len(ids)])
+    ref = LocalRunner(cpu.model, RunnerConfig(1, 512)).forward(step).logits
+    ok = True
+    for dtype, tol in (("fp32", 1e-3), ("bf16", 6e-2)):
+        gpu = load_model(dtype=dtype, device="cuda", progress=False)
+        out = LocalRunner(gpu.model, RunnerConfig(1, 512)).forward(step).logits.cpu()
+        err = float((out - ref).abs().max() / ref.abs().max())
+        agree = float((out.argmax(-1) == ref.argmax(-1)).float().mean())
+        report[f"logits_{dtype}"] = {"max_rel_err": err, "top1_agreement": agree, "tolerance": tol}
+        ok &= err <= tol
+    return ok
+
+
+def spec_check(report: dict) -> bool:
+    from dspark.workers.factory import EngineSpec, build_engine
+    from dspark.workers.request import SamplingParams
+    from dspark.workers.runner import RunnerConfig
+
+    prompts = ["Write a Python function to sort a list.", "What is the capital of Italy?", "List three animals."]
+    outs = {}
+    for draft, opts in (("none", ()), ("ngram", ()), ("layerskip", (("layers", 20),))):
+        b = build_engine(EngineSpec(dtype="fp32", device="cuda", draft=draft, block_len=4,
+                                    runner=RunnerConfig(8, 512), draft_options=opts), progress=False)
+        ids = [b.loaded.tokenizer.encode_chat([{"role": "user", "content": p}]) for p in prompts]
+        outs[draft] = [s.output_ids for s in b.engine.generate(ids, SamplingParams(max_tokens=48))]
+    same = {k: outs[k] == outs["none"] for k in outs}
+    report["greedy_spec_identical"] = same
+    return all(same.values())
+
+
+def triton_check(report: dict) -> bool:
+    import os
+
+    from dspark.kernels import budget, rejection
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    B, V, K = 16, 49152, 8
+    n = torch.randint(0, 6, (B,), generator=g, device="cuda")
+    cu = torch.cumsum(n, 0)
+    N = int(cu[-1])
+    args = dict(
+        draft_token_ids=torch.randint(0, V, (N,), generator=g, device="cuda"),
+        cu_num_draft_tokens=cu,
+        draft_probs=torch.softmax(torch.randn(N, K, generator=g, device="cuda"), -1),
+        draft_prob_ids=torch.randint(0, V, (N, K), generator=g, device="cuda"),
+        target_probs=torch.softmax(torch.randn(N + B, V, generator=g, device="cuda") * 3, -1),
+        is_greedy=torch.rand(B, generator=g, device="cuda") < 0.3,
+        uniforms=torch.rand(N, generator=g, device="cuda"),
+        recovery_noise=torch.empty(B, V, device="cuda").exponential_(generator=g),
+    )
+    from dspark.kernels.triton_rejection import rejection_sample_triton
+
+    a = rejection.rejection_sample_torch(**args)
+    b = rejection_sample_triton(**args)
+    same_rej = bool(torch.equal(a.output_token_ids, b.output_token_ids))
+    surv = torch.sort(torch.rand(B, 7, generator=g, device="cuda"), dim=1, descending=True).values
+    os.environ["DSPARK_KERNELS"] = "torch"
+    ref = budget.top_k_admission(surv, 20)
+    os.environ["DSPARK_KERNELS"] = "triton"
+    tri = budget.top_k_admission(surv, 20)
+    os.environ.pop("DSPARK_KERNELS")
+    same_topk = bool(torch.equal(ref.cpu(), tri.cpu()))
+    report["triton"] = {"rejection_identical": same_rej, "top_k_identical": same_topk}
+    return same_rej and same_topk
+
+
+def nccl_check(report: dict) -> bool:
+    n = torch.cuda.device_count()
+    if n < 2:
+        report["nccl"] = f"skipped: {n} GPU visible"
+        return True
+    from dspark.models.loader import load_model
+    from dspark.workers.runner import LocalRunner, RunnerConfig, StepInput, TPGroup, TPSpec
+
+    tp = 3 if n >= 3 else 1
+    if tp == 1:
+        report["nccl"] = "skipped: SmolLM2-135M (9 heads, 3 KV heads) needs TP 3"
+        return True
+    lm = load_model(dtype="fp32", device="cuda:0", progress=False)
+    ids = lm.tokenizer.encode("The quick brown fox jumps over the lazy dog.")
+    step = StepInput(ids, [0], [0], [len(ids)])
+    ref = LocalRunner(lm.model, RunnerConfig(1, 256)).forward(step).logits.cpu()
+    del lm
+    group = TPGroup(TPSpec(None, "fp32", "cuda", tp, RunnerConfig(1, 256)))
+    try:
+        out = group.driver.forward(step).logits.cpu()
+    finally:
+        group.close()
+    err = float((out - ref).abs().max() / ref.abs().max())
+    report["nccl"] = {"tp": tp, "max_rel_err": err}
+    return err < 1e-3
+
+
+def decode_timing(report: dict) -> None:
+    from dspark.workers.factory import EngineSpec, build_engine
+    from dspark.workers.request import SamplingParams
+    from dspark.workers.runner import RunnerConfig
+
+    rows = []
+    for draft in ("none", "ngram"):
+        b = build_engine(EngineSpec(dtype="bf16", device="cuda", draft=draft, block_len=4, runner=RunnerConfig(32, 1024)),
+                         progress=False)
+        tok = b.loaded.tokenizer
+        for batch in (1, 8, 32):
+            ids = [tok.encode_chat([{"role": "user", "content": f"Write a story about robot number {i}."}]) for i in range(batch)]
+            b.engine.generate(ids[:1], SamplingParams(max_tokens=8, ignore_eos=True))
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            seqs = b.engine.generate(ids, SamplingParams(max_tokens=128, ignore_eos=True))
+            torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+            rows.append({"draft": draft, "batch": batch, "tokens_per_s": sum(len(s.output_ids) for s in seqs) / dt,
+                         "acceptance_length": b.engine.metrics.mean_acceptance_length})
+    report["decode"] = rows
+
+
+def main(out: str | None) -> int:
+    if not torch.cuda.is_available():
+        print("CUDA is not available", file=sys.stderr)
+        return 2
+    report = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
+    ok = True
+    for check in (logits_check, spec_check, triton_check, nccl_check):
+        try:
+            passed = check(report)
+        except Exception as exc:  # report and go on with the other checks
+            report[check.__name__] = f"error: {exc!r}"
+            passed = False
+        report[check.__name__ + "_passed"] = passed
+        ok &= passed
+    decode_timing(report)
+    text = json.dumps(report, indent=2)
+    print(text)
+    if out:
+        with open(out, "w") as f:
+            f.write(text)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1] if len(sys.argv) > 1 else None))
