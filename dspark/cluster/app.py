@@ -39,7 +39,7 @@ class ClusterConfig:
     draft_workers: int = 2  # DraftWorker replicas (remote drafter kinds)
     block_len: int = 7  # draft block length (gamma)
     verify_policy: str = "fixed"  # fixed | adaptive (confidence-scheduled, global scheduler)
-    redis_url: str | None = None  # Redis for heartbeats, discovery, demand and policy
+    redis_url: str | None = field(default=None, repr=False)  # Redis for heartbeats, discovery, demand, policy
     redis_url_env: str = "DSPARK_REDIS_URL"  # env var read when redis_url is not given
     redis_prefix: str = "dspark"  # key prefix (several clusters can share one Redis)
     n_slots: int = 32  # concurrent requests per verifier group (KV cache slots)
@@ -50,6 +50,10 @@ class ClusterConfig:
     bind_host: str = "127.0.0.1"  # where draft workers and the gRPC API listen ("auto": node IP)
     draft_options: dict = field(default_factory=dict)  # drafter settings (e.g. head=PATH)
     internal_token_env: str = "DSPARK_INTERNAL_TOKEN"  # verifier <-> draft worker shared secret
+    internal_tls_cert_env: str = "DSPARK_INTERNAL_TLS_CERT"  # draft workers' PEM certificate file (TLS when set)
+    internal_tls_key_env: str = "DSPARK_INTERNAL_TLS_KEY"  # draft workers' PEM private key file
+    internal_tls_ca_env: str = "DSPARK_INTERNAL_TLS_CA"  # PEM CA file verifiers trust for draft workers
+    internal_tls_name_env: str = "DSPARK_INTERNAL_TLS_SERVER_NAME"  # name checked in workers' certificates
     api_key_env: str = "DSPARK_API_KEY"  # client API key (HTTP Bearer, gRPC metadata)
     block_timeout_s: float = 10.0  # a draft block later than this -> plain decoding for that request
     scheduler_interval_s: float = 0.5  # global scheduler period (adaptive policy)
@@ -108,6 +112,24 @@ def _secret(env: str) -> str | None:
     return os.environ.get(env) or None
 
 
+@dataclass(frozen=True)
+class InternalTLS:
+    """TLS of the verifier <-> draft worker link, from the environment (all None: plaintext)."""
+
+    cert_file: str | None = None  # draft worker side
+    key_file: str | None = None
+    ca_file: str | None = None  # verifier side
+    server_name: str | None = None  # checked instead of the address (workers register IPs)
+
+    @classmethod
+    def from_env(cls, cfg: "ClusterConfig") -> "InternalTLS":
+        tls = cls(_secret(cfg.internal_tls_cert_env), _secret(cfg.internal_tls_key_env),
+                  _secret(cfg.internal_tls_ca_env), _secret(cfg.internal_tls_name_env))
+        if bool(tls.cert_file) != bool(tls.key_file):
+            raise ValueError(f"set both ${cfg.internal_tls_cert_env} and ${cfg.internal_tls_key_env}, or neither")
+        return tls
+
+
 def _state(cfg: ClusterConfig):
     from dspark.cluster.redis_state import RedisState, StateConfig
 
@@ -128,6 +150,25 @@ def feature_layers_for(cfg: ClusterConfig, model_name: str) -> tuple[int, ...]:
 # --------------------------------------------------------------------------------------------
 # Deployments (defined lazily so importing this module does not import Ray)
 # --------------------------------------------------------------------------------------------
+# Graceful shutdown: Serve stops routing to a replica, waits for its ongoing requests, then
+# awaits its ``__del__`` (async here, so the event loop keeps streaming meanwhile), all within
+# ``graceful_shutdown_timeout_s``; after that the replica is killed.
+GRACEFUL_SHUTDOWN_S = 60.0
+DRAIN_S = GRACEFUL_SHUTDOWN_S - 10.0  # our own drain inside __del__, leaving time to close
+
+
+async def _wait_until(done, timeout_s: float, period_s: float = 0.1) -> bool:
+    import asyncio
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while not done():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(period_s)
+    return True
+
+
 def _deployments():
     from ray import serve
 
@@ -153,9 +194,11 @@ def _deployments():
                 loaded = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device, progress=False) if needs_target else None
                 return make_drafter(cfg.draft, loaded, None, spec)
 
-            self.server = DraftWorkerServer(
-                factory, DraftWorkerConfig(host=cfg.host(), port=0, token=_secret(cfg.internal_token_env))
-            ).start()
+            tls = InternalTLS.from_env(cfg)
+            self.server = DraftWorkerServer(factory, DraftWorkerConfig(
+                host=cfg.host(), port=0, token=_secret(cfg.internal_token_env),
+                tls_cert_file=tls.cert_file, tls_key_file=tls.key_file,
+            )).start()
             self.member = self.server.address
             self._register()
 
@@ -177,9 +220,14 @@ def _deployments():
             if not self.server._thread.is_alive():
                 raise RuntimeError("draft worker server stopped")
 
-        def __del__(self) -> None:
+        async def __del__(self) -> None:
+            # Serve calls this on shutdown (bounded by graceful_shutdown_timeout_s).  Verifiers
+            # reach us over gRPC, not Serve, so Serve cannot see our work: drain it here.
+            import asyncio
+
+            await _wait_until(lambda: not (self.server.servicer and self.server.servicer.active), DRAIN_S)
             try:
-                self.server.stop()
+                await asyncio.to_thread(self.server.stop)
                 self.bg.stop()
             except Exception:
                 pass
@@ -198,7 +246,7 @@ def _deployments():
                 yield out
 
         def stats(self) -> dict:
-            return dataclasses.asdict(self.group.worker.stats())
+            return self.group.stats()
 
         def record_routing_stats(self) -> dict:
             return self.group.routing_stats()
@@ -206,11 +254,16 @@ def _deployments():
         def check_health(self) -> None:
             self.group.check_health()
 
-        def __del__(self) -> None:
+        async def __del__(self) -> None:
+            # Serve has already waited for the generate() calls it routed here; wait for any
+            # stragglers without blocking the loop that streams them, then stop the engine.
+            import asyncio
+
+            await _wait_until(lambda: self.group.worker.num_requests == 0, DRAIN_S)
             try:
-                self.group.close()
+                await asyncio.to_thread(self.group.close)
             except Exception:
-                pass
+                log.exception("verifier group close failed")
 
     @serve.deployment(name="Scheduler", num_replicas=1)
     class SchedulerDeployment:
@@ -250,9 +303,12 @@ def _deployments():
         def __serve_build_asgi_app__(self):
             return self.runtime.http_app()
 
-        def __del__(self) -> None:
+        async def __del__(self) -> None:
+            import asyncio
+
+            await self.runtime.drain(DRAIN_S)  # gRPC streams (Serve drains the HTTP ones)
             try:
-                self.runtime.close()
+                await asyncio.to_thread(self.runtime.close)
             except Exception:
                 pass
 
@@ -276,6 +332,7 @@ def build_app(args: dict | None = None):
             num_replicas=cfg.draft_workers,
             ray_actor_options={"num_cpus": 1.0 if gpu else 0.5, "num_gpus": 1.0 if gpu else 0},
             health_check_period_s=5,
+            graceful_shutdown_timeout_s=GRACEFUL_SHUTDOWN_S,
         ).bind(args)
     verifier = Verifier.options(
         ray_actor_options={"num_cpus": rank_bundle["CPU"], "num_gpus": rank_bundle.get("GPU", 0)},
@@ -283,7 +340,7 @@ def build_app(args: dict | None = None):
         placement_group_strategy="STRICT_PACK",
         max_ongoing_requests=4 * cfg.n_slots,
         health_check_period_s=5,
-        graceful_shutdown_timeout_s=60,
+        graceful_shutdown_timeout_s=GRACEFUL_SHUTDOWN_S,
         # New requests go to the group with the most headroom (see cluster/routing.py).
         request_router_config=RequestRouterConfig(
             request_router_class="dspark.cluster.routing:HeadroomRouter", request_routing_stats_period_s=1.0,
@@ -292,7 +349,9 @@ def build_app(args: dict | None = None):
     scheduler = None
     if cfg.verify_policy == "adaptive":
         scheduler = Scheduler.options(ray_actor_options={"num_cpus": 0.1}).bind(args)
-    return Router.options(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=1024).bind(verifier, args, scheduler)
+    return Router.options(
+        ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=1024, graceful_shutdown_timeout_s=GRACEFUL_SHUTDOWN_S,
+    ).bind(verifier, args, scheduler)
 
 
-__all__ = ["ClusterConfig", "build_app", "feature_layers_for"]
+__all__ = ["ClusterConfig", "InternalTLS", "build_app", "feature_layers_for"]

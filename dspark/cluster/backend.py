@@ -14,13 +14,22 @@ if TYPE_CHECKING:
     from dspark.workers.verifier import VerifierWorker
 
 
+class BackendUnavailable(RuntimeError):
+    """The backend cannot serve this request now (its replica died, none is up yet).
+
+    Front ends answer HTTP 503 / gRPC UNAVAILABLE: the client may retry, unlike an INTERNAL
+    error of the engine itself.
+    """
+
+
 @runtime_checkable
 class GenerationBackend(Protocol):
     """A source of request outputs.
 
     ``generate`` is an async generator: invalid requests raise ValueError no later than the
-    first ``__anext__`` (before any output), engine failures raise ``EngineError``; closing the
-    iterator early (``aclose``, task cancellation) must abort the request and free its slot.
+    first ``__anext__`` (before any output), engine failures raise ``EngineError``, a backend
+    that is gone raises :class:`BackendUnavailable`; closing the iterator early (``aclose``,
+    task cancellation) must abort the request and free its slot.
     """
 
     model_name: str  # the name clients address the model by

@@ -8,7 +8,8 @@ The servicer is thin: it turns a ``GenerateRequest`` into the protocol-neutral
 :class:`GenerationRequest` (:func:`request_from_proto`), applies the rules shared with the HTTP
 API (:func:`dspark.cluster.validation.prepare_request`) and turns request outputs back into
 ``GenerateResponse`` messages.  Protobuf types stop here.  Status codes: INVALID_ARGUMENT
-(bad input), NOT_FOUND (unknown model), UNAUTHENTICATED (API key), INTERNAL (engine failure).
+(bad input), NOT_FOUND (unknown model), UNAUTHENTICATED (API key), UNAVAILABLE (the verifier
+replica is gone; retry), INTERNAL (engine failure).
 A client that cancels or goes away cancels the handler, which aborts the request.
 """
 
@@ -20,7 +21,7 @@ from typing import AsyncIterator
 
 import grpc
 
-from dspark.cluster.backend import GenerationBackend
+from dspark.cluster.backend import BackendUnavailable, GenerationBackend
 from dspark.cluster.validation import (
     ChatTurn,
     ErrorKind,
@@ -172,6 +173,9 @@ def _failure(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return STATUS_OF_KIND[exc.kind], exc.message
     if isinstance(exc, ValueError):  # the backend's own validation
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    if isinstance(exc, BackendUnavailable):
+        log.warning("generation interrupted: %s", exc)
+        return grpc.StatusCode.UNAVAILABLE, str(exc)
     log.error("generation failed: %s", exc, exc_info=exc)
     return grpc.StatusCode.INTERNAL, f"generation failed: {exc}"
 

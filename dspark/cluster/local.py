@@ -46,7 +46,10 @@ class LocalCluster:
             self.redis_url = self._redis.url
         cfg = dataclasses.replace(self.cfg, redis_url=self.redis_url)
         env = {"OMP_WAIT_POLICY": "PASSIVE", "TOKENIZERS_PARALLELISM": "false", **self.env}
-        for k in (cfg.internal_token_env, cfg.api_key_env, "DSPARK_CACHE_DIR", "DSPARK_DATA_DIR", "DSPARK_MODEL"):
+        forwarded = (cfg.internal_token_env, cfg.api_key_env, cfg.internal_tls_cert_env, cfg.internal_tls_key_env,
+                     cfg.internal_tls_ca_env, cfg.internal_tls_name_env, "DSPARK_CACHE_DIR", "DSPARK_DATA_DIR",
+                     "DSPARK_MODEL")
+        for k in forwarded:
             if os.environ.get(k):
                 env.setdefault(k, os.environ[k])
         if not ray.is_initialized():
@@ -82,14 +85,18 @@ class LocalCluster:
         raise TimeoutError(f"cluster not healthy after {timeout_s:.0f}s (last error: {last})")
 
     def stop(self) -> None:
+        """Delete the app gracefully (in-flight requests finish, within each deployment's
+        ``graceful_shutdown_timeout_s``), then stop Serve, Ray and the Redis we started.
+        Safe to call twice."""
         import ray
         from ray import serve
 
-        try:
-            serve.delete(APP_NAME)
-            serve.shutdown()
-        except Exception as exc:
-            log.warning("serve shutdown: %s", exc)
+        if ray.is_initialized():
+            try:
+                serve.delete(APP_NAME)
+                serve.shutdown()
+            except Exception as exc:
+                log.warning("serve shutdown: %s", exc)
         if self._ray_started:
             ray.shutdown()
             self._ray_started = False

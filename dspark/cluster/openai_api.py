@@ -4,8 +4,9 @@
     uvicorn.run(app, host="127.0.0.1", port=8000)
 
 Endpoints: ``POST /v1/chat/completions``, ``POST /v1/completions`` (both streaming as SSE or
-whole), ``GET /v1/models``, ``GET /v1/models/{id}``, ``GET /health`` and FastAPI's
-``/openapi.json``.  Request rules live in :mod:`dspark.cluster.validation` (shared with gRPC);
+whole), ``GET /v1/models``, ``GET /v1/models/{id}``, ``GET /health``, ``GET /metrics``
+(Prometheus text, when the app is given :class:`~dspark.cluster.metrics.RouterMetrics`) and
+FastAPI's ``/openapi.json``.  Request rules live in :mod:`dspark.cluster.validation` (shared with gRPC);
 this module parses, streams and maps errors to OpenAI's error body
 ``{"error": {"message", "type", "param", "code"}}``.
 
@@ -34,7 +35,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import dspark
 from dspark.cluster import openai_types as T
-from dspark.cluster.backend import GenerationBackend
+from dspark.cluster.backend import BackendUnavailable, GenerationBackend
 from dspark.cluster.validation import ErrorKind, PreparedRequest, RequestError, RouterConfig, check_bearer, check_model
 from dspark.cluster.validation import prepare_request
 from dspark.models.tokenizer import Tokenizer
@@ -50,8 +51,14 @@ _SSE_HEADERS = [
 _DONE = b"data: [DONE]\n\n"
 
 
-def make_http_app(backend: GenerationBackend, tokenizer: Tokenizer, cfg: RouterConfig = RouterConfig()) -> FastAPI:
-    """The FastAPI app of the OpenAI-compatible API (see the module docstring)."""
+def make_http_app(
+    backend: GenerationBackend, tokenizer: Tokenizer, cfg: RouterConfig = RouterConfig(), metrics=None
+) -> FastAPI:
+    """The FastAPI app of the OpenAI-compatible API (see the module docstring).
+
+    ``metrics`` (a :class:`~dspark.cluster.metrics.RouterMetrics`) adds ``GET /metrics``; the
+    backend should then be the matching ``MeteredBackend`` so requests are counted.
+    """
     api_key = cfg.resolved_api_key()
     started = int(time.time())
     app = FastAPI(
@@ -71,6 +78,14 @@ def make_http_app(backend: GenerationBackend, tokenizer: Tokenizer, cfg: RouterC
         except Exception as exc:  # noqa: BLE001 - any failure means "not ready"
             return JSONResponse({"status": "unavailable", "error": str(exc) or type(exc).__name__}, status_code=503)
         return JSONResponse({"status": "ok", "model": backend.model_name, **details})
+
+    if metrics is not None:
+        from dspark.cluster.metrics import CONTENT_TYPE
+
+        @app.get("/metrics", tags=["health"], response_class=Response)
+        async def prometheus_metrics() -> Response:
+            """Prometheus text exposition of this router's metrics (no API key: scraped in-cluster)."""
+            return Response(await metrics.exposition(), media_type=CONTENT_TYPE)
 
     # The bearer scheme only documents the key in the OpenAPI schema; _RequestGuard enforces it.
     deps = [Depends(HTTPBearer(auto_error=False))] if api_key else []
@@ -283,6 +298,9 @@ def _backend_error(exc: BaseException) -> tuple[int, dict]:
         return exc.kind.value, _error_body(exc.message, exc.param, exc.code)
     if isinstance(exc, ValueError):  # the backend's own validation
         return 400, _error_body(str(exc))
+    if isinstance(exc, BackendUnavailable):
+        log.warning("generation interrupted: %s", exc)
+        return 503, _error_body(str(exc), type_="server_error", code="backend_unavailable")
     log.error("generation failed: %s", exc, exc_info=exc)
     return 500, _error_body(f"generation failed: {exc}", type_="server_error", code="engine_error")
 

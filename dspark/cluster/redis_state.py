@@ -32,7 +32,7 @@ import logging
 import math
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from dspark.cluster.state_types import BUDGET_MODES, CostTable, Demand, Policy
@@ -60,6 +60,25 @@ class RedisUnavailable(ConnectionError):
     """Redis could not be reached (refused, timed out, or dropped the connection)."""
 
 
+def redact_url(url: str) -> str:
+    """``url`` with any password replaced, for logs and errors.
+
+    >>> redact_url("rediss://user:s3cret@redis:6380/0")
+    'rediss://user:***@redis:6380/0'
+    """
+    from urllib.parse import urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+        user = parts.username or ""
+        host = parts.netloc.rsplit("@", 1)[1]
+        return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    except ValueError:
+        return "<unparsable url>"
+
+
 def _check_name(kind: str, value: str) -> str:
     # Names end up inside key names: keep them printable and bounded.
     if not isinstance(value, str) or not value or len(value) > 200:
@@ -73,8 +92,8 @@ def _check_name(kind: str, value: str) -> str:
 class StateConfig:
     """Where the cluster state lives and how patiently to talk to it."""
 
-    url: str = "redis://127.0.0.1:6379/0"
-    """Redis server URL (DSPARK_REDIS_URL in deployments)."""
+    url: str = field(default="redis://127.0.0.1:6379/0", repr=False)
+    """Redis server URL (DSPARK_REDIS_URL in deployments); may hold a password, so never logged."""
     prefix: str = "dspark"
     """Namespace of every key and channel; lets clusters share one Redis."""
     socket_timeout_s: float = 0.5
@@ -203,7 +222,7 @@ class RedisState:
             self._connected = False
             raise RedisUnavailable(f"redis unreachable during {what}: {exc}") from exc
         if not self._connected:
-            log.info("redis reachable at %s", self.config.url)
+            log.info("redis reachable at %s", redact_url(self.config.url))
         self._connected = True
         return result
 

@@ -4,13 +4,17 @@ the gRPC GenerationService, and its Redis heartbeat / arrival counts.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+import time
 import uuid
 from typing import AsyncIterator
 
 from dspark.cluster.app import ClusterConfig, _state
+from dspark.cluster.backend import BackendUnavailable
 from dspark.cluster.background import BackgroundLoop
+from dspark.cluster.metrics import MeteredBackend, RouterMetrics
 from dspark.cluster.validation import RouterConfig
 
 log = logging.getLogger(__name__)
@@ -29,8 +33,10 @@ class ServeBackend:
     async def generate(self, prompt_ids, params, request_id=None) -> AsyncIterator:
         self.arrivals += 1
         gen = self.handle.generate.remote(prompt_ids, params, request_id)
+        done = False
         try:
             async for out in gen:
+                done = done or out.finished
                 yield out
         except ValueError:
             raise
@@ -39,11 +45,28 @@ class ServeBackend:
             cause = getattr(exc, "cause", None)
             if isinstance(cause, ValueError):
                 raise ValueError(str(cause)) from None
+            if _replica_gone(exc):
+                raise BackendUnavailable(f"the verifier serving this request is gone ({type(exc).__name__}); "
+                                         "retry the request") from exc
             raise
+        finally:
+            if not done:  # the client left (or the call failed): abort the verifier side too
+                gen.cancel()
+
+    async def stats(self) -> dict:
+        return await self._stats.stats.remote()
 
     async def health(self) -> dict:
-        stats = await self._stats.stats.remote()
-        return {"model": self.model_name, "verifier": stats}
+        return {"model": self.model_name, "verifier": await self.stats()}
+
+
+def _replica_gone(exc: BaseException) -> bool:
+    """Whether ``exc`` says the Verifier replica died or none can take the request."""
+    from ray.exceptions import RayActorError, WorkerCrashedError
+    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
+
+    return isinstance(exc, (RayActorError, WorkerCrashedError, BackPressureError, DeploymentUnavailableError,
+                            ReplicaUnavailableError))
 
 
 class RouterRuntime:
@@ -53,7 +76,10 @@ class RouterRuntime:
         self.cfg = cfg
         self.member = f"router-{uuid.uuid4().hex[:8]}"
         self.tokenizer, _, name = load_tokenizer(cfg.model)
-        self.backend = ServeBackend(verifier_handle, cfg.max_context, name)
+        self.serve_backend = ServeBackend(verifier_handle, cfg.max_context, name)
+        self.metrics = RouterMetrics(name)
+        self.metrics.on_scrape(self._refresh_gauges)
+        self.backend = MeteredBackend(self.serve_backend, self.metrics)
         self.router_cfg = RouterConfig(api_key=os.environ.get(cfg.api_key_env) or "")
         self.bg = BackgroundLoop("router-bg")
         self.grpc_server = None
@@ -70,16 +96,36 @@ class RouterRuntime:
         self.bg.every(1.0, self._report, "router report")
 
     async def _report(self) -> None:
-        await self.state.heartbeat("router", self.member, {"model": self.backend.model_name})
-        new = self.backend.arrivals - self._reported
-        if new:
-            await self.state.record_arrivals(new)
-            self._reported += new
+        try:
+            await self.state.heartbeat("router", self.member, {"model": self.backend.model_name})
+            new = self.serve_backend.arrivals - self._reported
+            if new:
+                await self.state.record_arrivals(new)
+                self._reported += new
+        finally:
+            self.metrics.set_redis_connected(self.state.connected)
+
+    async def _refresh_gauges(self) -> None:
+        stats = await asyncio.wait_for(self.serve_backend.stats(), timeout=self.router_cfg.health_timeout_s)
+        self.metrics.set_verifier_stats(stats)
 
     def http_app(self):
         from dspark.cluster.openai_api import make_http_app
 
-        return make_http_app(self.backend, self.tokenizer, self.router_cfg)
+        return make_http_app(self.backend, self.tokenizer, self.router_cfg, metrics=self.metrics)
+
+    async def drain(self, timeout_s: float) -> None:
+        """Wait (bounded) until no request streams through this router, HTTP or gRPC.
+
+        Serve already waits for the HTTP requests it routed here before shutting the replica
+        down; the gRPC API is our own server, so its streams are waited for here.
+        """
+        deadline = time.monotonic() + timeout_s
+        while self.metrics.requests_in_flight > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        if self.metrics.requests_in_flight:
+            log.warning("router %s: %d requests still streaming at shutdown", self.member,
+                        self.metrics.requests_in_flight)
 
     def close(self) -> None:
         if self.grpc_server is not None:

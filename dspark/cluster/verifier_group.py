@@ -8,11 +8,13 @@ down never stops serving: discovery keeps the last known workers and reports res
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
 import time
 import uuid
 
-from dspark.cluster.app import ClusterConfig, _secret, _state, feature_layers_for
+from dspark.cluster.app import ClusterConfig, InternalTLS, _secret, _state, feature_layers_for
 from dspark.cluster.background import BackgroundLoop
 from dspark.workers.budget_policy import AdaptiveBudget, VerifyPolicy, profile_step_costs
 from dspark.workers.engine import fixed_budget
@@ -59,12 +61,15 @@ class VerifierGroup:
         elif cfg.remote_draft:
             from dspark.workers.remote_drafter import RemoteDrafter, RemoteDrafterConfig
 
+            tls = InternalTLS.from_env(cfg)
             rcfg = RemoteDrafterConfig(
                 kind=cfg.draft,
                 feature_layers=feature_layers_for(cfg, name),
                 proposal_top_k=int(cfg.draft_options.get("proposal_top_k", 8)),
                 block_timeout_s=cfg.block_timeout_s,
                 token=_secret(cfg.internal_token_env),
+                tls_ca_file=tls.ca_file,
+                tls_server_name=tls.server_name,
             )
             drafter = RemoteDrafter(lambda: list(self._drafter_addrs), rcfg, cfg.block_len)
         self.drafter = drafter
@@ -77,7 +82,8 @@ class VerifierGroup:
             self.costs = profile_step_costs(runner)
             self.local_drafting = drafter is not None and not cfg.remote_draft
             self.budget = budget_fn = AdaptiveBudget(self.costs, VerifyPolicy(max_block_len=cfg.block_len))
-        self.engine = Engine(runner, tokenizer, ecfg, drafter=drafter, budget=budget_fn)
+        self.budget_meter = BudgetMeter(budget_fn)
+        self.engine = Engine(runner, tokenizer, ecfg, drafter=drafter, budget=self.budget_meter)
         self.worker = VerifierWorker(self.engine, name=self.group_id)
         self.bg = BackgroundLoop(f"{self.group_id}-redis")
         self.state = _state(cfg)
@@ -131,11 +137,17 @@ class VerifierGroup:
         return {"headroom": cap - st.active_requests - st.queued_requests, "active": st.active_requests,
                 "queued": st.queued_requests, "group": self.group_id}
 
+    def stats(self) -> dict:
+        """The worker's demand figures plus what metrics want: budget, policy version, pid."""
+        return {**dataclasses.asdict(self.worker.stats()), "verification_budget": self.budget_meter.value,
+                "policy_version": self.budget.policy.version if self.budget else 0, "pid": os.getpid(),
+                "group": self.group_id}
+
     async def _report(self) -> None:
         from dspark.cluster.state_types import Demand
 
         st = self.worker.stats()
-        info = {"model": self.model_name, "tp": self.cfg.tp, "n_slots": self.cfg.n_slots,
+        info = {"model": self.model_name, "tp": self.cfg.tp, "n_slots": self.cfg.n_slots, "pid": os.getpid(),
                 "policy_version": self.budget.policy.version if self.budget else 0}
         await self.state.heartbeat("verifier", self.group_id, info)
         await self.state.put_demand(self.group_id, Demand(
@@ -163,6 +175,26 @@ class VerifierGroup:
             self.drafter.close()
         if self.tp_group is not None:
             self.tp_group.close()
+
+
+class BudgetMeter:
+    """Wraps the engine's verification budget function to measure what it grants.
+
+    ``value`` is an exponential moving average (over steps) of the mean number of drafts
+    verified per request in a step: the ``dspark:verification_budget`` gauge.
+    """
+
+    def __init__(self, budget, alpha: float = 0.2) -> None:
+        self.budget = budget
+        self.alpha = alpha
+        self.value = 0.0
+
+    def __call__(self, seqs, blocks, block_len: int) -> list[int]:
+        lengths = self.budget(seqs, blocks, block_len)
+        if lengths:
+            mean = sum(lengths) / len(lengths)
+            self.value = mean if self.value == 0.0 else (1 - self.alpha) * self.value + self.alpha * mean
+        return lengths
 
 
 def build_verifier_group(cfg: ClusterConfig) -> VerifierGroup:

@@ -16,6 +16,7 @@ is released; nothing outlives its verifier.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import threading
 import time
@@ -44,6 +45,20 @@ class DraftWorkerConfig:
     port: int = 0  # 0: pick a free port
     token: str | None = None  # shared secret verifiers must present (metadata authorization)
     max_message_bytes: int = 128 * 2**20  # gRPC receive limit
+    tls_cert_file: str | None = None  # PEM certificate chain: serve TLS instead of plaintext
+    tls_key_file: str | None = None  # PEM private key of that certificate
+
+    def server_credentials(self) -> grpc.ServerCredentials | None:
+        """TLS credentials from the certificate and key files (None: plaintext)."""
+        if not self.tls_cert_file and not self.tls_key_file:
+            return None
+        if not (self.tls_cert_file and self.tls_key_file):
+            raise ValueError("TLS needs both a certificate file and a key file")
+        with open(self.tls_key_file, "rb") as f:
+            key = f.read()
+        with open(self.tls_cert_file, "rb") as f:
+            chain = f.read()
+        return grpc.ssl_server_credentials([(key, chain)])
 
 
 class _Remote:
@@ -76,7 +91,11 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
         if not self.cfg.token:
             return True
         md = dict(context.invocation_metadata() or ())
-        return md.get("authorization") == f"Bearer {self.cfg.token}"
+        got = md.get("authorization")
+        if not isinstance(got, str):
+            return False
+        # Constant time, on bytes (non-ASCII input must not raise).
+        return hmac.compare_digest(got.encode("utf-8", "surrogateescape"), f"Bearer {self.cfg.token}".encode())
 
     # -- the stream ---------------------------------------------------------------------------
     async def Draft(self, request_iterator, context):
@@ -279,7 +298,14 @@ class DraftWorkerServer:
         self._server = grpc.aio.server(options=opts)
         draft_pb2_grpc.add_DraftServiceServicer_to_server(self.servicer, self._server)
         await add_health_and_reflection(self._server, [DRAFT_SERVICE])
-        self.port = self._server.add_insecure_port(f"{self.cfg.host}:{self.cfg.port}")
+        address = f"{self.cfg.host}:{self.cfg.port}"
+        creds = self.cfg.server_credentials()
+        if creds is None:
+            self.port = self._server.add_insecure_port(address)
+        else:
+            self.port = self._server.add_secure_port(address, creds)
+        if self.port == 0:
+            raise OSError(f"could not bind {address}")
         await self._server.start()
 
     def stop(self, grace: float = 1.0) -> None:

@@ -44,6 +44,8 @@ class RemoteDrafterConfig:
     proposal_top_k: int = 8  # sparse proposal width
     block_timeout_s: float = 10.0  # a block later than this: the request falls back to plain decoding
     token: str | None = None  # internal auth token (metadata authorization: Bearer ...)
+    tls_ca_file: str | None = None  # PEM CA bundle: connect with TLS, trusting these roots
+    tls_server_name: str | None = None  # name to verify in the worker's certificate (default: its host)
     feature_dtype: torch.dtype = torch.bfloat16  # features travel in this dtype
     max_message_bytes: int = 128 * 2**20
 
@@ -58,7 +60,14 @@ class _Link:
         self._out: queue.Queue = queue.Queue()
         opts = [("grpc.max_send_message_length", cfg.max_message_bytes),
                 ("grpc.max_receive_message_length", cfg.max_message_bytes)]
-        self._channel = grpc.insecure_channel(address, options=opts)
+        if cfg.tls_ca_file:
+            with open(cfg.tls_ca_file, "rb") as f:
+                creds = grpc.ssl_channel_credentials(root_certificates=f.read())
+            if cfg.tls_server_name:  # workers register IP addresses; certificates carry names
+                opts.append(("grpc.ssl_target_name_override", cfg.tls_server_name))
+            self._channel = grpc.secure_channel(address, creds, options=opts)
+        else:
+            self._channel = grpc.insecure_channel(address, options=opts)
         stub = draft_pb2_grpc.DraftServiceStub(self._channel)
         md = (("authorization", f"Bearer {cfg.token}"),) if cfg.token else None
         self._call = stub.Draft(iter(self._out.get, None), metadata=md)
