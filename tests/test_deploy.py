@@ -46,7 +46,7 @@ placement_problems, BUILTIN_RESOURCES = validate.placement_problems, validate.BU
 APP_NAME = "dspark"
 IMPORT_PATH = "dspark.cluster.app:build_app"
 ROLES = ("Router", "Verifier", "DraftWorker", "Scheduler")
-APP_ARGS = {"model", "dtype", "tp", "draft", "draft_workers", "block_len", "verify_policy", "redis_url_env"}
+APP_ARGS = {"model", "dtype", "tp", "draft", "draft_workers", "block_len", "verify_policy", "redis_url_env", "grpc_port", "bind_host"}
 DSPARK_ENV = {"DSPARK_REDIS_URL", "DSPARK_INTERNAL_TOKEN", "DSPARK_API_KEY"}
 
 
@@ -230,7 +230,7 @@ def test_cluster_and_local_configs_describe_the_same_app(cluster_serve, local_se
     assert set(cluster["args"]) == set(local["args"]) == APP_ARGS
     for key in ("model", "dtype", "draft", "block_len", "verify_policy", "redis_url_env"):
         assert cluster["args"][key] == local["args"][key], key
-    assert cluster_serve["grpc_options"] == local_serve["grpc_options"]
+    assert cluster["args"]["grpc_port"] == local["args"]["grpc_port"]
     assert cluster_serve["http_options"]["port"] == local_serve["http_options"]["port"]
 
 
@@ -238,16 +238,19 @@ def test_app_args(cluster_serve, local_serve):
     assert the_app(cluster_serve)["args"] == {
         "model": "default", "dtype": "bf16", "tp": 2, "draft": "dspark", "draft_workers": 2,
         "block_len": 7, "verify_policy": "adaptive", "redis_url_env": "DSPARK_REDIS_URL",
+        "grpc_port": 9000, "bind_host": "auto",
     }
     local = the_app(local_serve)["args"]
     assert (local["tp"], local["draft_workers"]) == (1, 1)
 
 
-def test_grpc_servicer_function_resolves(cluster_serve):
-    pytest.importorskip("grpc")
-    for target in cluster_serve["grpc_options"]["grpc_servicer_functions"]:
-        module, _, attr = target.rpartition(".")
-        assert callable(getattr(importlib.import_module(module), attr)), target
+def test_app_args_are_accepted_by_the_app(cluster_serve, local_serve):
+    """The application's own config parser takes both argument sets (unknown keys would fail)."""
+    from dspark.cluster.app import ClusterConfig
+
+    for cfg in (cluster_serve, local_serve):
+        parsed = ClusterConfig.from_args(the_app(cfg)["args"])
+        assert parsed.model is None and parsed.draft == "dspark"
 
 
 def test_app_import_path_resolves():
@@ -306,9 +309,9 @@ def test_tp_matches_gpu_bundles_and_pods(rayservice, cluster_serve, local_serve)
     for cfg, gpus_per_rank in ((cluster_serve, 1), (local_serve, 0)):
         tp = the_app(cfg)["args"]["tp"]
         bundles = _verifier(cfg)["placement_group_bundles"]
-        assert len(bundles) == tp + 1, "bundle 0 for the replica, then one per TP rank"
-        assert bundles[0].get("GPU", 0) == 0
-        assert [b.get("GPU", 0) for b in bundles[1:]] == [gpus_per_rank] * tp
+        assert len(bundles) == tp, "one bundle per TP rank; the replica itself is rank 0 in bundle 0"
+        assert [b.get("GPU", 0) for b in bundles] == [gpus_per_rank] * tp
+        assert _verifier(cfg)["ray_actor_options"].get("num_gpus", 0) == gpus_per_rank
     tp = the_app(cluster_serve)["args"]["tp"]
     assert groups["verifier"]["resources"]["GPU"] == tp, "a verifier pod holds exactly one TP group"
     assert groups["draft"]["resources"]["GPU"] == 1
@@ -350,7 +353,7 @@ def test_ports_agree(rayservice, cluster_serve):
     head = rayservice["spec"]["rayClusterConfig"]["headGroupSpec"]
     ports = {p["name"]: p["containerPort"] for p in ray_container(head)["ports"]}
     assert ports["serve"] == cluster_serve["http_options"]["port"] == 8000
-    assert ports["grpc"] == cluster_serve["grpc_options"]["port"] == 9000
+    assert ports["grpc"] == the_app(cluster_serve)["args"]["grpc_port"] == 9000
     assert ports["dashboard"] == 8265
     for name, group in ray_groups(rayservice):
         metrics = {p["name"]: p["containerPort"] for p in ray_container(group)["ports"]}["metrics"]
