@@ -25,6 +25,7 @@ from typing import Any, AsyncIterator
 log = logging.getLogger(__name__)
 
 DRAFT_KINDS_REMOTE = ("ngram", "draft_model", "dspark")
+_LOCAL_REDIS = None  # a redis-server build_app started because none was configured
 
 
 @dataclass(frozen=True)
@@ -318,6 +319,15 @@ def _deployments():
 def build_app(args: dict | None = None):
     """Serve application builder (``import_path: dspark.cluster.app:build_app``)."""
     cfg = ClusterConfig.from_args(args)
+    if not (cfg.redis_url or os.environ.get(cfg.redis_url_env)):
+        # `serve run deploy/serve_config.yaml` without Redis configured: start a private one on
+        # loopback for this single-node cluster (it lives as long as this process).
+        from dspark.cluster.redis_server import RedisServer
+
+        global _LOCAL_REDIS
+        _LOCAL_REDIS = RedisServer().start()
+        log.warning("no Redis configured ($%s); started a local redis-server at %s", cfg.redis_url_env, _LOCAL_REDIS.url)
+        cfg = dataclasses.replace(cfg, redis_url=_LOCAL_REDIS.url)
     args = dataclasses.asdict(cfg)
     from ray.serve.config import RequestRouterConfig
 
