@@ -61,7 +61,8 @@ def train_form(head: DSparkHead, feats: torch.Tensor, anchors: torch.Tensor, anc
     """Block hidden states computed the way the trainer does.  feats [1, S, F]; anchors/anchor_ids [1, A]."""
     B, S = feats.shape[:2]
     A = anchors.shape[1]
-    kv = [(k.transpose(1, 2), v.transpose(1, 2)) for k, v in head.context_kv(feats, torch.arange(S).expand(B, -1))]
+    ctx = head.context(feats)
+    kv = [(k.transpose(1, 2), v.transpose(1, 2)) for k, v in head.context_kv(ctx, torch.arange(S).expand(B, -1))]
     x = head.block_inputs(anchor_ids, G).reshape(B, A * G, -1)
     qpos = (anchors.unsqueeze(-1) + torch.arange(G)).reshape(B, A * G)
     mask = block_attention_mask(torch.full((B,), S), anchors, G, S)

@@ -215,9 +215,8 @@ class DSparkHead(nn.Module):
         """H_ctx = RMSNorm(W_c features).  features: [*P, m D] -> [*P, D]."""
         return self.ctx_norm(self.fc(features.to(self.fc.weight.dtype)))
 
-    def context_kv(self, features: torch.Tensor, positions: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per draft layer (k, v) of the context.  features: [*P, m D]; positions: [*P] -> each [*P, nkv, hd]."""
-        ctx = self.context(features)
+    def context_kv(self, ctx: torch.Tensor, positions: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per draft layer (k, v) of the context.  ctx: [*P, D] from :meth:`context`; positions: [*P] -> each [*P, nkv, hd]."""
         cos, sin = rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta, ctx.dtype)
         return [layer.context_kv(ctx, cos, sin) for layer in self.layers]
 

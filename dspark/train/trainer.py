@@ -97,7 +97,8 @@ def forward_batch(head: DSparkHead, target, store: FeatureStore, batch: Batch, c
     """Draft forward (teacher-forced Markov head) and the loss, for one batch."""
     B, A, G = batch.prev_ids.shape
     positions = torch.arange(batch.ctx_features.shape[1]).expand(B, -1)  # [B, S]
-    ctx_kv = [(k.transpose(1, 2), v.transpose(1, 2)) for k, v in head.context_kv(batch.ctx_features, positions)]
+    ctx = head.context(batch.ctx_features)  # [B, S, D]
+    ctx_kv = [(k.transpose(1, 2), v.transpose(1, 2)) for k, v in head.context_kv(ctx, positions)]
     x = head.block_inputs(batch.anchor_ids, G).reshape(B, A * G, -1)  # [B, A G, D]
     qpos = (batch.anchors.unsqueeze(-1) + torch.arange(G)).reshape(B, A * G)  # [B, A G]
     mask = block_attention_mask(batch.ctx_lens, batch.anchors, G, batch.ctx_features.shape[1])

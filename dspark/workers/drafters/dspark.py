@@ -84,7 +84,8 @@ class DSparkDrafter:
         if start + n > self.cache.max_seq:
             return  # past the drafter's context: propose() falls back to empty blocks
         pos = torch.arange(start, start + n, device=self.device)
-        for i, (k, v) in enumerate(self.head.context_kv(features.to(self.device), pos)):  # [n, nkv, hd]
+        ctx = self.head.context(features.to(self.device))  # [n, D]
+        for i, (k, v) in enumerate(self.head.context_kv(ctx, pos)):  # [n, nkv, hd]
             self.cache.k[i, slot, :, start : start + n] = k.transpose(0, 1)
             self.cache.v[i, slot, :, start : start + n] = v.transpose(0, 1)
         self.cache.lengths[slot] = start + n
