@@ -124,8 +124,9 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
         finally:
             reader.cancel()
             worker.cancel()
-            # The stream is gone: release everything it carried.
-            await loop.run_in_executor(self.pool, self._release_all, list(mine))
+            # The stream is gone: release everything it carried.  ``mine`` is read on the drafter
+            # thread, after any batch still running there (a cancelled _work does not stop it).
+            await loop.run_in_executor(self.pool, self._release_all, mine)
 
     async def _work(self, inbox: asyncio.Queue, outbox: asyncio.Queue, mine: set[str], loop) -> None:
         try:
@@ -213,8 +214,8 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
             self.drafter.release(rid)
         mine.discard(rid)
 
-    def _release_all(self, rids: list[str]) -> None:
-        for rid in rids:
+    def _release_all(self, rids: set[str]) -> None:
+        for rid in list(rids):
             if self.active.pop(rid, None) is not None:
                 self.drafter.release(rid)
 
