@@ -124,10 +124,10 @@ async def client_loop(client, prompts: list[str], max_tokens: int, stop_at: floa
 
 
 async def run_clients(base_url: str, api_key: str | None, prompts: list[str], clients: int, duration_s: float,
-                      max_tokens: int, drain_timeout_s: float) -> tuple[Tally, float]:
+                      max_tokens: int, drain_timeout_s: float, tally: Tally | None = None) -> tuple[Tally, float]:
     import httpx
 
-    tally = Tally()
+    tally = tally if tally is not None else Tally()
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     limits = httpx.Limits(max_connections=clients + 8, max_keepalive_connections=clients + 8)
     async with httpx.AsyncClient(base_url=base_url, headers=headers, limits=limits) as client:
@@ -152,6 +152,32 @@ def cluster_processes():
     import psutil
 
     return psutil.Process(os.getpid()).children(recursive=True)
+
+
+def role_of(p) -> str:
+    """A short name for a cluster process: the Serve replica's deployment, redis, or Ray's own."""
+    title = " ".join(p.cmdline()) or p.name()
+    if "ServeReplica:" in title:
+        return title.split("ServeReplica:", 1)[1].split()[0].split(":")[-1]  # Router, Verifier, ...
+    if "ServeController" in title or "ProxyActor" in title:
+        return "serve-system"
+    if "redis-server" in title:
+        return "redis"
+    return "ray-system"
+
+
+def rss_by_role() -> dict[str, float]:
+    """RSS in MiB of the cluster processes, summed by role."""
+    import psutil
+
+    out: dict[str, float] = {}
+    for p in cluster_processes():
+        try:
+            role = role_of(p)
+            out[role] = out.get(role, 0.0) + p.memory_info().rss / 2**20
+        except psutil.Error:
+            pass
+    return {k: round(v, 1) for k, v in sorted(out.items())}
 
 
 def rss_mb() -> tuple[float, int]:
@@ -227,9 +253,11 @@ def default_draft() -> str:
 @click.option("--policy", type=click.Choice(["fixed", "adaptive"]), default="fixed", show_default=True)
 @click.option("--drain-timeout", "drain_timeout_s", type=float, default=300.0, show_default=True,
               help="after the duration, how long requests in flight may take to finish")
+@click.option("--rounds", type=int, default=1, show_default=True,
+              help="repeat the load this many times on the same cluster (memory growth per round shows leaks)")
 @click.option("--out", default=None, help="JSON path (default bench/results/soak.json)")
 def main(clients, duration_s, max_tokens, draft, dtype, n_slots, max_seq, block_len, draft_workers, policy,
-         drain_timeout_s, out):
+         drain_timeout_s, rounds, out):
     """Many streaming clients for minutes: errors, lost requests, latency, memory."""
     from dspark.cluster.app import ClusterConfig
     from dspark.cluster.local import LocalCluster
@@ -250,12 +278,22 @@ def main(clients, duration_s, max_tokens, draft, dtype, n_slots, max_seq, block_
         # Warm-up: a few requests through every path before measuring memory.
         warm, _ = asyncio.run(run_clients(cluster.base_url, api_key, prompts, min(clients, 8), 5.0, max_tokens, 120))
         rss_before, n_procs = rss_mb()
+        roles_before = rss_by_role()
         metrics_before = scrape_metrics(cluster.base_url)
         sampler = RssSampler()
-        tally, wall_s = asyncio.run(run_clients(cluster.base_url, api_key, prompts, clients, duration_s, max_tokens,
-                                                drain_timeout_s))
+        tally, wall_s, rounds_out = Tally(), 0.0, []
+        for r in range(rounds):
+            before = (tally.completed, sum(tally.errors.values()), tally.lost)
+            _, secs = asyncio.run(run_clients(cluster.base_url, api_key, prompts, clients, duration_s, max_tokens,
+                                              drain_timeout_s, tally))
+            wall_s += secs
+            rounds_out.append({"round": r + 1, "wall_s": round(secs, 1), "completed": tally.completed - before[0],
+                               "errors": sum(tally.errors.values()) - before[1], "lost": tally.lost - before[2],
+                               "rss_mb": round(rss_mb()[0], 1), "rss_by_role": rss_by_role()})
+            click.echo(f"round {r + 1}: {rounds_out[-1]}", err=True)
         sampler.stop()
         rss_after, n_procs_after = rss_mb()
+        roles_after = rss_by_role()
         metrics_after = scrape_metrics(cluster.base_url)
         health = json.loads(get(cluster.base_url + "/health"))
     finally:
@@ -269,7 +307,7 @@ def main(clients, duration_s, max_tokens, draft, dtype, n_slots, max_seq, block_
 
     drafts = d("dspark:spec_decode_num_drafts_total")
     result = {
-        "config": {"clients": clients, "duration_s": duration_s, "max_tokens": max_tokens, "dtype": dtype,
+        "config": {"clients": clients, "duration_s": duration_s, "rounds": rounds, "max_tokens": max_tokens, "dtype": dtype,
                    "draft": draft, "n_slots": n_slots, "max_seq": max_seq, "block_len": block_len,
                    "draft_workers": draft_workers, "policy": policy, "cpu_count": os.cpu_count()},
         "startup_s": round(startup_s, 1),
@@ -292,6 +330,10 @@ def main(clients, duration_s, max_tokens, draft, dtype, n_slots, max_seq, block_
         "rss_mb": {"before": round(rss_before, 1), "after": round(rss_after, 1),
                    "peak": round(max([rss_before, rss_after] + [v for _, v in sampler.samples]), 1),
                    "growth": round(rss_after - rss_before, 1), "processes": [n_procs, n_procs_after],
+                   "by_role_before": roles_before, "by_role_after": roles_after,
+                   # Leak indicator: growth over the second half of the run, once every slot was used.
+                   "growth_second_half": round(sampler.samples[-1][1] - sampler.samples[len(sampler.samples) // 2][1], 1)
+                   if len(sampler.samples) >= 2 else None,
                    "samples": sampler.samples},
         "server": {
             "requests_succeeded": d("dspark:request_success_total|finished_reason=length")
@@ -303,6 +345,7 @@ def main(clients, duration_s, max_tokens, draft, dtype, n_slots, max_seq, block_
             "redis_connected": metrics_after.get("dspark:redis_connected"),
             "verifier_finished_requests": health.get("verifier", {}).get("finished_requests"),
         },
+        "rounds": rounds_out,
         "warmup": {"completed": warm.completed, "errors": sum(warm.errors.values())},
     }
     path = write_json(out, "soak.json", result)
