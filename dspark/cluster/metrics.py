@@ -34,6 +34,7 @@ several apps (and tests) in one process never share series.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from typing import AsyncIterator, Awaitable, Callable
 
@@ -91,7 +92,10 @@ class RouterMetrics:
                   self.prompt_tokens, self.generation_tokens, self.ttft, self.itl, self.budget,
                   self.policy_version, self.queue_depth, self.running, self.in_flight, self.redis_connected):
             self.labels(m)
-        self.requests_in_flight = 0  # the same figure as a plain int (graceful drain reads it)
+        # The same figure as a plain int (graceful drain reads it).  HTTP and gRPC requests run on
+        # different threads' event loops, hence the lock.
+        self.requests_in_flight = 0
+        self._lock = threading.Lock()
         self._refresh: Callable[[], Awaitable[None]] | None = None
 
     def labels(self, metric, **extra):
@@ -116,7 +120,8 @@ class RouterMetrics:
         (``time.perf_counter()``).  Closing this iterator closes ``outputs``."""
         last = None
         finished = False
-        self.requests_in_flight += 1
+        with self._lock:
+            self.requests_in_flight += 1
         self.labels(self.in_flight).inc()
         try:
             async for out in outputs:
@@ -139,7 +144,8 @@ class RouterMetrics:
             self.labels(self.request_failure).inc()
             raise
         finally:
-            self.requests_in_flight -= 1
+            with self._lock:
+                self.requests_in_flight -= 1
             self.labels(self.in_flight).dec()
             aclose = getattr(outputs, "aclose", None)
             if aclose is not None:
