@@ -104,16 +104,16 @@ def test_adaptive_engine_is_lossless_and_shortens_under_load(model_fp32, prompts
     from dspark.workers.drafters.autoregressive import LayerSkipDrafter
 
     tok = model_fp32.tokenizer
-    prompts = [tok.encode_chat([{"role": "user", "content": t}]) for t in prompts20[:4]]
+    prompts = [tok.encode_chat([{"role": "user", "content": t}]) for t in prompts20[:3]]
     runner = LocalRunner(model_fp32.model, RunnerConfig(n_slots=4, max_seq=512))
-    plain = Engine(runner, tok, EngineConfig(max_batch=4)).generate(prompts, SamplingParams(max_tokens=24))
+    plain = Engine(runner, tok, EngineConfig(max_batch=4)).generate(prompts, SamplingParams(max_tokens=16))
     costs = profile_step_costs(runner, token_counts=[1, 8, 32], repeats=1)
     verified = {}
     for name, pol in (("idle", VerifyPolicy(budget_mode=mode, max_block_len=6)),
                       ("busy", VerifyPolicy(budget_mode=mode, max_block_len=2, survival_floor=0.5))):
         budget = AdaptiveBudget(costs, pol)
         eng = Engine(runner, tok, EngineConfig(max_batch=4, block_len=6), drafter=LayerSkipDrafter(runner, 20), budget=budget)
-        out = eng.generate(prompts, SamplingParams(max_tokens=24))
+        out = eng.generate(prompts, SamplingParams(max_tokens=16))
         assert [s.output_ids for s in out] == [s.output_ids for s in plain]
         verified[name] = budget.verified_tokens / max(1, budget.steps)
     assert verified["busy"] < verified["idle"]

@@ -28,7 +28,7 @@ def chat20(model_fp32, prompts20):
 @pytest.fixture(scope="module")
 def plain20(model_fp32, chat20):
     eng = Engine(LocalRunner(model_fp32.model, RunnerConfig(n_slots=20, max_seq=512)), model_fp32.tokenizer, EngineConfig(max_batch=20))
-    return [s.output_ids for s in eng.generate(chat20, SamplingParams(max_tokens=40))]
+    return [s.output_ids for s in eng.generate(chat20, SamplingParams(max_tokens=32))]
 
 
 @pytest.mark.parametrize("draft", list(DRAFTERS))
@@ -36,7 +36,7 @@ def test_greedy_identical_to_plain_on_20_prompts(draft, chat20, plain20):
     built = build_engine(EngineSpec(dtype="fp32", draft=draft, block_len=4, runner=RunnerConfig(n_slots=20, max_seq=512),
                                     draft_options=DRAFTERS[draft]), progress=False)
     try:
-        seqs = built.engine.generate(chat20, SamplingParams(max_tokens=40))
+        seqs = built.engine.generate(chat20, SamplingParams(max_tokens=32))
         assert [s.output_ids for s in seqs] == plain20
         m = built.engine.metrics
         assert m.num_drafts > 0 and m.num_draft_tokens >= m.num_accepted_tokens > 0
@@ -46,10 +46,10 @@ def test_greedy_identical_to_plain_on_20_prompts(draft, chat20, plain20):
 
 
 def test_batch_of_8_equals_each_alone(chat20):
-    built = build_engine(EngineSpec(dtype="fp32", draft="draft_model", block_len=5, runner=RunnerConfig(n_slots=8, max_seq=512),
-                                    draft_options=DRAFTERS["draft_model"]), progress=False)
+    built = build_engine(EngineSpec(dtype="fp32", draft="ngram", block_len=5, runner=RunnerConfig(n_slots=8, max_seq=512)),
+                         progress=False)
     try:
-        params = SamplingParams(max_tokens=32)
+        params = SamplingParams(max_tokens=24)
         together = [s.output_ids for s in built.engine.generate(chat20[:8], params)]
         alone = [built.engine.generate([p], params)[0].output_ids for p in chat20[:8]]
         assert together == alone
@@ -88,7 +88,7 @@ def test_sampled_distribution_matches_target(model_fp32):
     forward pass.  The drafter (a 26-layer early exit, top-8 proposals) is chosen so that about
     half of the drafts are rejected and its q differs from p where it matters: sampling the
     recovered token from p instead of the residual would shift the law by a chi-square
-    non-centrality of ~300 at this sample size (checked while writing this test).
+    non-centrality of ~200 at this sample size (checked while writing this test).
     """
     tok = model_fp32.tokenizer
     prompt = tok.encode("Once upon a time")  # first token "," with p = 0.93, then a broad choice
@@ -103,9 +103,9 @@ def test_sampled_distribution_matches_target(model_fp32):
     from dspark.workers.drafters.autoregressive import LayerSkipDrafter
 
     engine = Engine(runner, tok, EngineConfig(max_batch=64, block_len=3), drafter=LayerSkipDrafter(runner, n_layers=26))
-    counts = _second_token_counts(engine, prompt, 1500, temperature, x1)
+    counts = _second_token_counts(engine, prompt, 1000, temperature, x1)
     total = sum(counts.values())
-    assert total > 800, "the first token should be nearly deterministic for this prompt"
+    assert total > 700, "the first token should be nearly deterministic for this prompt"
     assert engine.metrics.num_draft_tokens > 0 and engine.metrics.acceptance_rate < 0.9
     # Chi-square over the tokens with expected count >= 5, the rest pooled.
     probs = p.double()
