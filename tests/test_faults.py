@@ -118,6 +118,28 @@ def test_verifier_replica_shutdown_drains_then_closes():
     assert closed == [0]
 
 
+def test_draft_worker_drain_waits_only_for_requests_in_flight():
+    """A draft worker's shutdown waits for requests that are drafting, not for one whose
+    verifier went quiet without a Close (that would stall every rollout by the full grace
+    period); state of a long-silent request is dropped. No cluster."""
+    from dspark.proto.dspark.v1 import draft_pb2
+    from dspark.workers import draft_worker as dw
+    from dspark.workers.drafters.ngram import NgramDrafter
+
+    sv = dw.DraftServicer(NgramDrafter())
+    mine: set[str] = set()
+    prompt = [5, 6, 7, 5, 6]
+    sv._handle([draft_pb2.DraftRequest(open=draft_pb2.Open(request_id="a", prompt_token_ids=prompt)),
+                draft_pb2.DraftRequest(step=draft_pb2.Step(request_id="a", step_id=1, new_token_ids=prompt[:-1],
+                                                           anchor_token_id=prompt[-1], block_len=3))], mine)
+    assert sv.busy() == 1
+    sv.active["a"].last_seen -= dw.IDLE_S + 1  # quiet: no Step since
+    assert sv.busy() == 0 and "a" in sv.active
+    sv.active["a"].last_seen -= dw.STALE_S
+    sv._handle([], mine)
+    assert "a" not in sv.active
+
+
 # ---------------------------------------------------------------------------- security
 def test_api_key_http_and_grpc(cluster, http):
     from dspark.proto.dspark.v1 import generate_pb2_grpc

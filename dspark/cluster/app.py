@@ -226,10 +226,10 @@ def _deployments():
             # reach us over gRPC, not Serve, so Serve cannot see our work: drain it here.
             import asyncio
 
-            drained = await _wait_until(lambda: not (self.server.servicer and self.server.servicer.active), DRAIN_S)
+            drained = await _wait_until(lambda: not (self.server.servicer and self.server.servicer.busy()), DRAIN_S)
             if not drained:
-                log.warning("draft worker %s: %d requests still open at shutdown: %s", self.member,
-                            len(self.server.servicer.active), sorted(self.server.servicer.active)[:8])
+                log.warning("draft worker %s: %d requests still drafting at shutdown", self.member,
+                            self.server.servicer.busy())
             try:
                 await asyncio.to_thread(self.server.stop)
                 self.bg.stop()

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import time
 import uuid
 from typing import AsyncIterator
 
@@ -118,11 +117,17 @@ class RouterRuntime:
         """Wait (bounded) until no request streams through this router, HTTP or gRPC.
 
         Serve already waits for the HTTP requests it routed here before shutting the replica
-        down; the gRPC API is our own server, so its streams are waited for here.
+        down; the gRPC API is our own server: stopping it with a grace period refuses new calls
+        and returns as soon as the calls in flight have ended (gRPC's own bookkeeping, so a call
+        that ended abnormally can never hold the shutdown up).
         """
-        deadline = time.monotonic() + timeout_s
-        while self.metrics.requests_in_flight > 0 and time.monotonic() < deadline:
-            await asyncio.sleep(0.1)
+        if self.grpc_server is not None:
+            server, self.grpc_server = self.grpc_server, None
+            done = asyncio.run_coroutine_threadsafe(server.stop(timeout_s), self.bg.loop)
+            try:
+                await asyncio.wait_for(asyncio.wrap_future(done), timeout_s + 5.0)
+            except Exception as exc:  # noqa: BLE001 - shutting down regardless
+                log.warning("router %s: gRPC server stop: %s", self.member, exc)
         if self.metrics.requests_in_flight:
             log.warning("router %s: %d requests still streaming at shutdown", self.member,
                         self.metrics.requests_in_flight)

@@ -35,6 +35,8 @@ from dspark.workers.request import SamplingParams, Sequence
 log = logging.getLogger(__name__)
 
 MAX_FEATURE_BYTES = 64 * 2**20  # one Step's features; larger messages are refused
+IDLE_S = 5.0  # a request with no Step for this long is not in flight (graceful drain)
+STALE_S = 900.0  # ... and after this long its state is dropped
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,7 @@ class _Remote:
     def __init__(self, request_id: str, prompt: list[int], params: SamplingParams) -> None:
         self.seq = Sequence(request_id=request_id, prompt_ids=list(prompt), params=params, generator=torch.Generator())
         self.cached: list[int] = []  # tokens in the verifier's target cache, in order
+        self.last_seen = time.monotonic()  # the last Open or Step for it
 
     def apply(self, new_tokens: list[int], anchor: int) -> None:
         self.cached.extend(new_tokens)
@@ -147,7 +150,24 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
             await outbox.put(None)
 
     # -- drafter thread -----------------------------------------------------------------------
+    def busy(self, idle_s: float = IDLE_S) -> int:
+        """Requests that had an Open or Step within ``idle_s``: those a shutdown waits for.  A
+        request whose verifier went quiet (it finished without a Close reaching us, or is stuck)
+        does not hold a drain up."""
+        now = time.monotonic()
+        return sum(1 for r in list(self.active.values()) if now - r.last_seen < idle_s)
+
+    def _reap(self) -> None:
+        """Drop requests with no Open or Step for ``STALE_S``: a lost Close must not leak state."""
+        now = time.monotonic()
+        for rid, r in list(self.active.items()):
+            if now - r.last_seen > STALE_S:
+                log.warning("request %s: no step for %.0fs, released", rid, now - r.last_seen)
+                self.active.pop(rid, None)
+                self.drafter.release(rid)
+
     def _handle(self, batch: list, mine: set[str]) -> list:
+        self._reap()
         replies = []
         steps: list[tuple[_Remote, int, int]] = []  # (request, step id, block length)
         for msg in batch:
@@ -166,6 +186,7 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
                     new = list(st.new_token_ids)
                     if feats is not None and feats.shape[0] != len(new):
                         raise ValueError("features rows do not match new tokens")
+                    r.last_seen = time.monotonic()
                     r.apply(new, st.anchor_token_id)
                     if st.context_len and st.context_len != len(r.cached):
                         raise ValueError(f"context length {st.context_len} != mirrored {len(r.cached)}")
