@@ -326,8 +326,9 @@ def test_load_head_checks_the_target(tmp_path: Path):
 
 
 SHIPPED = default_head_path("SmolLM2-135M-Instruct")
-# Measured on the held-out test split: see docs/DRAFTER.md.  The floor sits well below it.
-ACCEPTANCE_FLOOR = 2.5
+# Measured on held-out prompts: about 1.65 (fp32/bf16 greedy, block 7; docs/DRAFTER.md).  A head
+# that learned nothing scores about 1.0; the floor sits between, below the measured figure.
+ACCEPTANCE_FLOOR = 1.3
 
 
 @pytest.fixture(scope="module")
