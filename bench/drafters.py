@@ -9,7 +9,9 @@ training and calibration never saw), block 7, temperature 0 and 1:
   P(draft k accepted) and conditional P(k accepted | 1..k-1 accepted), from the engine's counters;
 * for dspark: ECE of the cumulative confidence prod_{i<=k} c_i against observed prefix survival,
   raw (T = 1) and after the head's STS temperatures;
-* per-user tokens/s at concurrency 1 in bf16, relative to plain decoding of the same prompts.
+* per-user tokens/s at concurrency 1 in bf16, relative to plain decoding of the same prompts;
+  dspark also with the adaptive verification budget (``dspark+adaptive``: Algorithm 1 over the
+  head's confidences and the step costs profiled at start-up).
 
 Drafters: dspark, dspark without its Markov head (same weights, bias dropped), layerskip (first
 half of the target) and ngram (prompt lookup).  Writes bench/results/drafters.json and a PNG.
@@ -107,8 +109,13 @@ def acceptance_run(name: str, prompts: list[list[int]], temperature: float, bloc
         built.close()
 
 
-def speed_run(name: str | None, prompts: list[list[int]], temperature: float, block: int, max_tokens: int) -> dict:
-    """Concurrency 1, bf16: prompts one after another; per-user tokens/s over the whole set."""
+def speed_run(name: str | None, prompts: list[list[int]], temperature: float, block: int, max_tokens: int,
+              adaptive: bool = False) -> dict:
+    """Concurrency 1, bf16: prompts one after another; per-user tokens/s over the whole set.
+
+    ``adaptive``: verify a confidence-chosen prefix of each block (Algorithm 1 on the step
+    costs profiled at start-up, as the cluster's Verifier does with ``--verify-policy
+    adaptive``) instead of the whole block."""
     from dspark.workers.request import SamplingParams
 
     kind, opts = DRAFTERS[name] if name else ("none", ())
@@ -116,6 +123,10 @@ def speed_run(name: str | None, prompts: list[list[int]], temperature: float, bl
     built = _engine(kind, opts, block, "bf16", 1, max_seq)
     try:
         eng = built.engine
+        if adaptive:
+            from dspark.workers.budget_policy import AdaptiveBudget, VerifyPolicy, profile_step_costs
+
+            eng.budget = AdaptiveBudget(profile_step_costs(eng.runner), VerifyPolicy(max_block_len=block))
         # Warm-up (first-call allocations, oneDNN kernel selection) on a short request.
         eng.generate([prompts[0]], SamplingParams(max_tokens=8, temperature=temperature, seed=1))
         n, dt = 0, 0.0
@@ -202,10 +213,12 @@ def main(prompts_file, json_out, plot_out, max_prompts, max_tokens, speed_prompt
             speed[key] = {"plain": base}
             click.echo(f"{key:6s} {'plain':16s} {base['tokens_per_s']:.2f} tokens/s (concurrency 1, bf16)")
             for name in names:
-                r = speed_run(name, sp, t, block, max_tokens)
-                r["speedup"] = round(r["tokens_per_s"] / base["tokens_per_s"], 2)
-                speed[key][name] = r
-                click.echo(f"{key:6s} {name:16s} {r['tokens_per_s']:.2f} tokens/s  speedup {r['speedup']:.2f}x")
+                for adaptive in ((False, True) if name == "dspark" else (False,)):
+                    r = speed_run(name, sp, t, block, max_tokens, adaptive=adaptive)
+                    r["speedup"] = round(r["tokens_per_s"] / base["tokens_per_s"], 2)
+                    label = name + ("+adaptive" if adaptive else "")
+                    speed[key][label] = r
+                    click.echo(f"{key:6s} {label:16s} {r['tokens_per_s']:.2f} tokens/s  speedup {r['speedup']:.2f}x")
     out = {
         "prompts": where, "num_prompts": len(prompts), "max_tokens": max_tokens, "block_len": block,
         "acceptance_dtype": dtype, "concurrency": concurrency, "threads": threads,
