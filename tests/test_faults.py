@@ -136,6 +136,7 @@ def test_draft_worker_drain_waits_only_for_requests_in_flight():
     sv.active["a"].last_seen -= dw.IDLE_S + 1  # quiet: no Step since
     assert sv.busy() == 0 and "a" in sv.active
     sv.active["a"].last_seen -= dw.STALE_S
+    sv._next_reap = 0.0  # the scan is throttled; the first one already ran at open
     sv._handle([], mine)
     assert "a" not in sv.active
 
