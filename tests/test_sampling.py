@@ -89,6 +89,30 @@ def test_top_k_applies_before_top_p():
     assert mask.tolist() == [[True, True, False, False], [True, False, False, False]]
 
 
+@pytest.mark.parametrize(
+    "top_k, top_p",
+    [
+        ([0, 0, 40, 0], [1.0, 0.9, 1.0, 0.5]),  # top-p neighbours (and a top-k-only row among them)
+        ([0, 50, 40, 1], [1.0, 1.0, 1.0, 1.0]),  # top-k neighbours
+        ([0, 50, 0, 7], [1.0, 0.95, 1.0, 0.3]),  # both
+    ],
+)
+def test_row_distribution_does_not_depend_on_batch_neighbours(top_k, top_p):
+    # A real-size vocabulary: float32 cumsum rounding over 49k entries is what once dropped the
+    # tail of top_p = 1 rows batched with top_p < 1 rows.
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 49152, generator=g) * 3  # [R, V]
+    temp = torch.tensor([0.8, 1.0, 1.3, 0.7])
+    k, p = torch.tensor(top_k), torch.tensor(top_p, dtype=torch.float32)
+    mixed = logits_to_probs(logits, temp, k, p)  # [R, V]
+    for i in range(4):
+        alone = logits_to_probs(logits[i : i + 1], temp[i : i + 1], k[i : i + 1], p[i : i + 1])
+        assert torch.equal(mixed[i], alone[0]), i
+        if top_p[i] >= 1.0 and top_k[i] <= 0:  # filters off: the plain softmax, every token kept
+            assert torch.equal(mixed[i], torch.softmax(logits[i] / temp[i], -1))
+            assert bool((mixed[i] > 0).all())
+
+
 # ------------------------------------------------------------------ logits_to_probs
 
 

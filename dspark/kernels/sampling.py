@@ -38,18 +38,23 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Te
     # One descending sort serves both filters.  sorted_logits: [R, V]
     sorted_logits, sorted_idx = torch.sort(logits, dim=-1, descending=True)
     keep_sorted = torch.ones_like(sorted_logits, dtype=torch.bool)
+    # A row whose filter is off keeps everything whatever its neighbours use: masks are computed
+    # for the whole batch, and without this a row would depend on which batch it lands in.
     if use_k:
         k = torch.where(top_k > 0, top_k, vocab).clamp(1, vocab)
         # Keep every entry >= the k-th largest value (ties at the boundary stay in).
         kth = sorted_logits.gather(-1, (k - 1).unsqueeze(-1))  # [R, 1]
-        keep_sorted &= sorted_logits >= kth
+        keep_sorted &= (sorted_logits >= kth) | (top_k <= 0).unsqueeze(-1)
     if use_p:
         masked = sorted_logits.masked_fill(~keep_sorted, float("-inf"))
         probs = torch.softmax(masked.float(), dim=-1)
         # Mass strictly before each entry; an entry stays while that mass is < top_p, so the
-        # nucleus is the smallest prefix whose mass reaches top_p (never empty).
-        before = torch.cumsum(probs, dim=-1) - probs
-        keep_sorted &= before < top_p.unsqueeze(-1).to(before.dtype)
+        # nucleus is the smallest prefix whose mass reaches top_p (never empty).  Rows with
+        # top_p >= 1 skip the test: float32 cumsum rounding over a large vocabulary reaches 1
+        # before the tail and would drop tokens those rows must keep.
+        before = torch.cumsum(probs, dim=-1) - probs  # [R, V]
+        p_off = (top_p >= 1.0).unsqueeze(-1)  # [R, 1]
+        keep_sorted &= (before < top_p.unsqueeze(-1).to(before.dtype)) | p_off
     keep = torch.zeros_like(keep_sorted).scatter(-1, sorted_idx, keep_sorted)
     return logits.masked_fill(~keep, float("-inf"))
 
