@@ -236,3 +236,38 @@ def test_appendix_a_early_stop_is_lossless_global_search_is_not():
     for policy in (greedy, async_stale):
         counts, pval = _first_token_law(policy)
         assert pval > 1e-3
+
+
+# ------------------------------------------------------------------ the verifier's AdaptiveBudget
+
+
+def _adaptive_policy(mode: str, warmup_steps: int):
+    """Appendix A's decision through a fresh ``AdaptiveBudget`` after ``warmup_steps`` steps.
+
+    The warm-up steps verify an unrelated block (survival 0.8, 0.72), as a verifier does before
+    the request of interest arrives; then the block whose second confidence depends on x_1.
+    """
+    from dspark.workers.budget_policy import AdaptiveBudget, CostModel, VerifyPolicy
+    from dspark.workers.drafters.base import DraftBlock
+
+    # The same curve as APPENDIX_A_TABLE: 1, 2 and 1/0.45 s for 1, 2 and 3 tokens.
+    costs = CostModel(token_counts=[1, 2, 3], step_seconds=[1.0, 2.0, 1 / 0.45])
+
+    def policy(a: torch.Tensor) -> int:
+        budget = AdaptiveBudget(costs, VerifyPolicy(budget_mode=mode))
+        for _ in range(warmup_steps):
+            budget([None], [DraftBlock(token_ids=[0, 0], confidence=[0.8, 0.9])], 2)
+        c2 = float(a[0, 1]) / float(a[0, 0])
+        return budget([None], [DraftBlock(token_ids=[0, 0], confidence=[float(a[0, 0]), c2])], 2)[0]
+
+    return policy
+
+
+@pytest.mark.parametrize("warmup_steps", [0, 1, 2, 5])
+@pytest.mark.parametrize("mode", ["algorithm1", "production"])
+def test_adaptive_budget_is_lossless_from_its_first_step(mode, warmup_steps):
+    """Production mode used to pick its capacity from the current block until two steps of
+    history existed: P(first token = A) was 0.85 instead of 0.70 on the first two steps."""
+    counts, pval = _first_token_law(_adaptive_policy(mode, warmup_steps), n=100_000, seed=warmup_steps)
+    assert pval > 1e-3, (mode, warmup_steps, counts)
+    assert counts[0] / counts.sum() == pytest.approx(0.70, abs=0.01)

@@ -133,9 +133,14 @@ class AdaptiveBudget:
             out = floor_lengths
         elif pol.budget_mode == "algorithm1":
             out = select_budget_greedy(surv, self._table, self.costs.draft_seconds).lengths
+        elif len(self._history) < 2:
+            # No settled survivals from two steps ago yet (a fresh verifier, or one that was
+            # just switched to this mode).  The 5.2 capacity search must never look at the
+            # block being verified (Appendix A: an argmax over its own survivals biases the
+            # output), so the first steps use the lossless early-stop walk instead.
+            out = select_budget_greedy(surv, self._table, self.costs.draft_seconds).lengths
         else:
-            stale = self._history[0] if len(self._history) == 2 else surv
-            out = select_budget_async(stale, surv, self._table, self.costs.draft_seconds).lengths
+            out = select_budget_async(self._history[0], surv, self._table, self.costs.draft_seconds).lengths
         self._history.append(surv)
         res = [int(x) for x in torch.minimum(out.to(torch.long), floor_lengths)]
         self.last_lengths = res
