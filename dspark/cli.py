@@ -132,7 +132,10 @@ def generate(prompt, max_tokens, temperature, top_p, top_k, seed, raw, model, dt
         model=model, dtype=dtype, device=device, tp=tp, draft=draft, block_len=block_len,
         runner=RunnerConfig(n_slots=2, max_seq=max(1024, max_tokens + 1024)), draft_options=parse_kv(draft_options),
     )
-    built = build_engine(spec)
+    try:
+        built = build_engine(spec)
+    except (ValueError, FileNotFoundError) as e:
+        raise click.ClickException(str(e)) from None
     try:
         tok = built.loaded.tokenizer
         ids = tok.encode(prompt) if raw else tok.encode_chat([{"role": "user", "content": prompt}])

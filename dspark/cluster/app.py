@@ -76,6 +76,10 @@ class ClusterConfig:
             raise ValueError("verify_policy must be fixed or adaptive")
         if cfg.tp < 1 or cfg.block_len < 0 or cfg.draft_workers < 0:
             raise ValueError("tp >= 1, block_len >= 0 and draft_workers >= 0 are required")
+        if cfg.draft != "none":
+            from dspark.workers.drafters.base import proposal_top_k
+
+            proposal_top_k(cfg.draft_options)
         return cfg
 
     @property

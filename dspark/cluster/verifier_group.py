@@ -59,13 +59,14 @@ class VerifierGroup:
 
             drafter = LayerSkipDrafter(runner, int(cfg.draft_options.get("layers", max(1, args.n_layers // 2))))
         elif cfg.remote_draft:
+            from dspark.workers.drafters.base import proposal_top_k
             from dspark.workers.remote_drafter import RemoteDrafter, RemoteDrafterConfig
 
             tls = InternalTLS.from_env(cfg)
             rcfg = RemoteDrafterConfig(
                 kind=cfg.draft,
                 feature_layers=feature_layers_for(cfg, name),
-                proposal_top_k=int(cfg.draft_options.get("proposal_top_k", 8)),
+                proposal_top_k=proposal_top_k(cfg.draft_options),
                 block_timeout_s=cfg.block_timeout_s,
                 token=_secret(cfg.internal_token_env),
                 tls_ca_file=tls.ca_file,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from dspark.workers.drafters.base import DraftBlock, Drafter
+from dspark.workers.drafters.base import DraftBlock, Drafter, proposal_top_k
 
 if TYPE_CHECKING:
     from dspark.models.loader import LoadedModel
@@ -22,7 +22,7 @@ def make_drafter(kind: str, loaded: "LoadedModel", target_runner, spec: "EngineS
         from dspark.workers.drafters.autoregressive import LayerSkipDrafter
 
         n_layers = int(opts.get("layers", max(1, loaded.args.n_layers // 2)))
-        return LayerSkipDrafter(target_runner, n_layers, proposal_top_k=int(opts.get("proposal_top_k", 8)))
+        return LayerSkipDrafter(target_runner, n_layers, proposal_top_k=proposal_top_k(opts))
     if kind == "draft_model":
         from dspark.models.loader import load_model
         from dspark.workers.drafters.autoregressive import DraftModelDrafter
@@ -35,7 +35,7 @@ def make_drafter(kind: str, loaded: "LoadedModel", target_runner, spec: "EngineS
         n_layers = opts.get("draft_layers")
         if n_layers:  # a smaller independent model: keep only the first layers
             draft.model.layers = draft.model.layers[: int(n_layers)]
-        return DraftModelDrafter(LocalRunner(draft.model, spec.runner), proposal_top_k=int(opts.get("proposal_top_k", 8)))
+        return DraftModelDrafter(LocalRunner(draft.model, spec.runner), proposal_top_k=proposal_top_k(opts))
     if kind == "dspark":
         from dspark.workers.drafters.dspark import make_dspark_drafter
 

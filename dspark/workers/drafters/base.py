@@ -82,6 +82,27 @@ class StatelessDrafter:
         return None
 
 
+def proposal_top_k(opts: dict, default: int = 8) -> int:
+    """The ``proposal_top_k`` drafter option, validated: an integer >= 1.
+
+    Sampled drafts travel with the top-k entries of the distribution they were drawn from, so
+    the verifier can apply the exact acceptance rule.  A dense q over the whole vocabulary
+    (k = 0) would put ~V floats per draft token on the wire and is refused.
+
+    Example:
+        >>> proposal_top_k({"proposal_top_k": "4"})
+        4
+    """
+    raw = opts.get("proposal_top_k", default)
+    try:
+        k = int(raw)
+    except (TypeError, ValueError):
+        k = 0
+    if k < 1 or str(raw).strip() not in (str(k), f"{k}.0"):
+        raise ValueError(f"drafter option proposal_top_k must be an integer >= 1 (got {raw!r})")
+    return k
+
+
 def draft_generator(seq: Sequence, device: torch.device | str = "cpu") -> torch.Generator:
     """The drafter's own RNG for a request: seeded from the request seed when there is one.
 

@@ -26,7 +26,7 @@ import torch
 from dspark.kernels.markov import markov_block_sample
 from dspark.models.dspark_head import DSparkHead, default_head_path, load_head
 from dspark.models.kv_cache import KVCache
-from dspark.workers.drafters.base import DraftBlock, count_accepted, draft_generator
+from dspark.workers.drafters.base import DraftBlock, count_accepted, draft_generator, proposal_top_k
 from dspark.workers.request import Sequence
 
 
@@ -45,6 +45,8 @@ class DSparkDrafter:
 
     def __init__(self, head: DSparkHead, n_slots: int, max_seq: int, proposal_top_k: int = 8,
                  markov: bool = True, calibrated: bool = True, trace: bool = False) -> None:
+        if proposal_top_k < 1:
+            raise ValueError(f"proposal_top_k must be >= 1 (got {proposal_top_k})")
         cfg = head.cfg
         self.head = head
         self.cfg = cfg
@@ -167,6 +169,7 @@ def _flag(opts: dict, key: str, default: bool) -> bool:
 
 def make_dspark_drafter(loaded, opts: dict, spec) -> DSparkDrafter:
     """Build the drafter for ``loaded`` (the target) from ``opts``; see the module docstring."""
+    top_k = proposal_top_k(opts)  # validated before the head is loaded
     path = opts.get("head") or default_head_path(loaded.name)
     if not opts.get("head") and not path.exists():
         raise FileNotFoundError(
@@ -178,7 +181,7 @@ def make_dspark_drafter(loaded, opts: dict, spec) -> DSparkDrafter:
         head,
         n_slots=spec.runner.n_slots,
         max_seq=spec.runner.max_seq,
-        proposal_top_k=int(opts.get("proposal_top_k", 8)),
+        proposal_top_k=top_k,
         markov=_flag(opts, "markov", True),
         calibrated=_flag(opts, "calibrated", True),
         trace=_flag(opts, "trace", False),
