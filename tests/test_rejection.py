@@ -123,7 +123,7 @@ def test_sampling_hand_made():
 def test_acceptance_corner_cases():
     # V = 2, one draft per request (token 0), dense q:
     #   req 0: p(x) = 0 and u = 0      -> rejected (never emit what the target cannot)
-    #   req 1: q(x) = 0 < p(x)         -> accepted (p/q = inf), then the bonus
+    #   req 1: q(x) = 0 < p(x)         -> rejected (q did not propose x), residual [.5, 0] -> 0
     #   req 2: u * q(x) == p(x)        -> rejected (accept iff u * q < p)
     #   req 3: p == q with p(x) = 0    -> rejected, residual all zero -> sampled from p
     target = torch.tensor(
@@ -143,9 +143,48 @@ def test_acceptance_corner_cases():
         is_greedy=torch.zeros(4, dtype=torch.bool),
         uniforms=torch.tensor([0.0, 0.9, 0.25, 0.0]),
     )
-    assert out.num_accepted.tolist() == [0, 1, 0, 0]
+    assert out.num_accepted.tolist() == [0, 0, 0, 0]
     # req 3 would emit token 0 (probability 0) without the fallback: all race scores are 0.
-    assert out.output_token_ids.tolist() == [[1, -1], [0, 0], [1, -1], [1, -1]]
+    assert out.output_token_ids.tolist() == [[1, -1], [0, -1], [1, -1], [1, -1]]
+
+
+def zero_q_draft_step(q_mode: str, n: int = 1000, seed: int = 0) -> dict:
+    """n requests of two drafts [0, 1] each: q(0) = .5 > 0 = q(1), with p(1) = .145.
+
+    V = 4; p = [.3, .145, .4, .155] and q = [.5, 0, .5, 0] on every row, so draft 0 passes
+    the ratio test iff u < .6, and the recovered token after rejecting draft 1 comes from the
+    residual [0, .145, 0, .155] (token 1 or 3).
+    """
+    g = torch.Generator().manual_seed(seed)
+    p = torch.tensor([0.3, 0.145, 0.4, 0.155])
+    q = torch.tensor([0.5, 0.0, 0.5, 0.0])
+    kw = dict(
+        draft_token_ids=torch.tensor([0, 1]).repeat(n),  # [2n]
+        cu_num_draft_tokens=torch.arange(1, n + 1) * 2,  # [n]
+        target_probs=p.repeat(3 * n, 1),  # [3n, V]: two verify rows and a bonus row each
+        is_greedy=torch.zeros(n, dtype=torch.bool),
+        uniforms=torch.rand(2 * n, generator=g),
+        recovery_noise=torch.empty(n, 4).exponential_(generator=g),
+    )
+    if q_mode == "dense":
+        kw.update(draft_probs=q.repeat(2 * n, 1), draft_prob_ids=None)
+    else:  # sparse, with a zero-valued padding slot that names the draft itself
+        kw.update(draft_probs=torch.tensor([[0.5, 0.5, 0.0]]).repeat(2 * n, 1),
+                  draft_prob_ids=torch.tensor([[0, 2, 1]]).repeat(2 * n, 1))
+    return kw
+
+
+@pytest.mark.parametrize("q_mode", ["dense", "sparse"])
+def test_draft_with_zero_proposal_probability_is_rejected(q_mode):
+    # A drafter that sends a token its own q gives probability 0 broke the contract; accepting it
+    # (the limit p/q -> inf) would emit it whenever p(x) > 0.  vLLM rejects it; so do we.
+    kw = zero_q_draft_step(q_mode)
+    out = rejection_sample_torch(**kw)
+    first_ok = kw["uniforms"][0::2] < 0.6  # [n]: draft 0's ratio test
+    assert first_ok.any() and not first_ok.all()
+    assert torch.equal(out.num_accepted, first_ok.long())  # draft 1 never accepted
+    emitted = out.output_token_ids.gather(1, out.num_accepted[:, None]).squeeze(1)  # [n]
+    assert set(emitted.tolist()) == {1, 3}  # both rejections recover from the residual [0, .145, 0, .155]
 
 
 def test_all_requests_without_drafts():

@@ -93,6 +93,35 @@ def test_rejection_parity_multi_block_vocab(mode):
     assert_same(make_batch(7, mode, b=4, v=1500, k=20))
 
 
+@pytest.mark.parametrize("mode", ["dense", "sparse"])
+def test_triton_rejects_drafts_with_zero_proposal_probability(mode):
+    # V = 4, two drafts [0, 1] per request; p = [.3, .145, .4, .155], q = [.5, 0, .5, 0]: draft 1
+    # has q(x) = 0 and must never be accepted, whatever u (parity alone would not see a bug that
+    # both kernels share).
+    n = 64
+    g = torch.Generator().manual_seed(0)
+    kw = dict(
+        draft_token_ids=torch.tensor([0, 1]).repeat(n),  # [2n]
+        cu_num_draft_tokens=torch.arange(1, n + 1) * 2,  # [n]
+        target_probs=torch.tensor([0.3, 0.145, 0.4, 0.155]).repeat(3 * n, 1),  # [3n, V]
+        is_greedy=torch.zeros(n, dtype=torch.bool),
+        uniforms=torch.rand(2 * n, generator=g),
+        recovery_noise=torch.empty(n, 4).exponential_(generator=g),
+    )
+    if mode == "dense":
+        kw.update(draft_probs=torch.tensor([0.5, 0.0, 0.5, 0.0]).repeat(2 * n, 1), draft_prob_ids=None)
+    else:
+        kw.update(draft_probs=torch.tensor([[0.5, 0.5, 0.0]]).repeat(2 * n, 1),
+                  draft_prob_ids=torch.tensor([[0, 2, 1]]).repeat(2 * n, 1))
+    tri = triton_rejection.rejection_sample_triton(**kw)
+    first_ok = kw["uniforms"][0::2] < 0.6  # [n]: draft 0's ratio test, p/q = .6
+    assert first_ok.any() and not first_ok.all()
+    assert torch.equal(tri.num_accepted, first_ok.long())
+    emitted = tri.output_token_ids.gather(1, tri.num_accepted[:, None]).squeeze(1)  # [n]
+    assert set(emitted.tolist()) == {1, 3}  # recovered from the residual [0, .145, 0, .155]
+    assert_same(kw)
+
+
 def test_rejection_parity_all_greedy_with_soft_rows():
     kw = make_batch(3, "dense")
     kw["is_greedy"] = torch.ones_like(kw["is_greedy"])  # rows are not one-hot: the argmax path

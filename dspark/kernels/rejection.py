@@ -5,7 +5,7 @@ Terms, used the same way across the project:
   * **draft tokens**: the tokens a drafter proposed for a request, x_1..x_n (n may be 0);
   * **accepted tokens**: the longest prefix of the drafts the target keeps.  Draft x_j is
     accepted with probability min(1, p_j(x_j) / q_j(x_j)), p_j the target distribution and q_j
-    the distribution the drafter *actually sampled x_j from*;
+    the distribution the drafter *actually sampled x_j from* (never if q_j(x_j) = 0);
   * **recovered token**: at the first rejected position j, a replacement sampled from the
     residual normalize(max(0, p_j - q_j));
   * **bonus token**: when every draft is accepted, one extra token sampled from the target
@@ -176,12 +176,13 @@ def rejection_sample_torch(
     recovery_noise: [B, V] Exp(1) noise; the recovered/bonus token is argmax(w / noise) with w
         the residual or the bonus row (the exponential race of ``sample_from_probs``).
 
-    Acceptance: draft x is accepted iff ``u * q(x) < p(x)``, i.e. with probability
-    min(1, p(x)/q(x)) for u ~ U[0, 1).  The strict inequality defines the corner cases: p(x) = 0
-    always rejects (even for u = 0); q(x) = 0 with p(x) > 0 accepts (the limit of p/q -> inf).
-    A correct drafter never sends a draft with q(x) = 0, so this choice costs no exactness and
-    never emits a token outside p's support.  If the residual of a rejection is all zero
-    (p == q up to rounding) the recovered token is sampled from p instead.
+    Acceptance: draft x is accepted iff ``q(x) > 0 and u * q(x) < p(x)``, i.e. with probability
+    min(1, p(x)/q(x)) for u ~ U[0, 1).  The corner cases: p(x) = 0 always rejects (even for
+    u = 0); q(x) = 0 always rejects too (vLLM's choice): q could not have proposed x, so the
+    drafter broke its contract and its draft is not trusted; the recovered token then comes from
+    the residual as for any rejection.  A correct drafter never sends such a draft, so this costs
+    no exactness.  If the residual of a rejection is all zero (p == q up to rounding) the
+    recovered token is sampled from p instead.
 
     Greedy requests accept iff x == argmax p (lowest id on ties) and emit argmax p of the next
     row.  With rows summing to 1, p(x) > 1/2 already proves x is the argmax and p(x) = 0 that it
@@ -229,7 +230,7 @@ def rejection_sample_torch(
     tok_row = tok_flat + tok_req  # its target row (each earlier request adds a bonus row): [N]
     p_x = target_probs[tok_row, draft_token_ids].float()  # [N]
     q_x = _draft_prob_of_drafted(draft_token_ids, draft_probs, draft_prob_ids)  # [N]
-    accepted = uniforms.float() * q_x < p_x  # [N]
+    accepted = (q_x > 0) & (uniforms.float() * q_x < p_x)  # [N]
     tok_greedy = is_greedy[tok_req]  # [N]
     # Greedy: accept iff x == argmax p.  A row summing to 1 with p(x) > 1/2 has x as its unique
     # argmax and p(x) == 0 cannot be the argmax, so only rows with 0 < p(x) <= 1/2 need the

@@ -92,7 +92,7 @@ def _rejection_kernel(
                 vals = tl.load(q_ptr + i * K + k0 + offs_k, mask=km, other=0.0)
                 q_x += tl.sum(tl.where(ids == x, vals, 0.0), axis=0)
         u = tl.load(u_ptr + i)
-        ok = u * q_x < p_x
+        ok = (q_x > 0) & (u * q_x < p_x)  # q(x) = 0: q could not propose x, reject (as vLLM)
         if greedy:
             # Same shortcut as the reference: p(x) > 1/2 is the argmax, p(x) == 0 is not.
             ok = p_x > 0.5
