@@ -8,18 +8,25 @@ The servicer is thin: it turns a ``GenerateRequest`` into the protocol-neutral
 :class:`GenerationRequest` (:func:`request_from_proto`), applies the rules shared with the HTTP
 API (:func:`dspark.cluster.validation.prepare_request`) and turns request outputs back into
 ``GenerateResponse`` messages.  Protobuf types stop here.  Status codes: INVALID_ARGUMENT
-(bad input), NOT_FOUND (unknown model), UNAUTHENTICATED (API key), UNAVAILABLE (the verifier
-replica is gone; retry), INTERNAL (engine failure).
+(bad input, including a payload that is not a ``GenerateRequest``), NOT_FOUND (unknown model),
+UNAUTHENTICATED (API key), UNAVAILABLE (the verifier replica is gone; retry), INTERNAL (engine
+failure).
 A client that cancels or goes away cancels the handler, which aborts the request.
+
+A server interceptor (:class:`_Gate`) runs before any servicer code: it checks the API key from
+the metadata alone, so an unauthenticated client learns nothing about how its payload would be
+read, and only then decodes the payload, answering INVALID_ARGUMENT when it is not a valid
+message (gRPC's own deserializer would answer UNKNOWN naming the protobuf exception).
 """
 
 from __future__ import annotations
 
 import logging
 import uuid
-from typing import AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from dspark.cluster.backend import BackendUnavailable, GenerationBackend
 from dspark.cluster.validation import (
@@ -105,7 +112,6 @@ class GenerationServicer(generate_pb2_grpc.GenerationServiceServicer):
         self.backend = backend
         self.tokenizer = tokenizer
         self.cfg = cfg
-        self.api_key = cfg.resolved_api_key()
 
     async def Generate(self, request, context: grpc.aio.ServicerContext):
         prepared, client_id = await self._admit(request, context)
@@ -150,10 +156,8 @@ class GenerationServicer(generate_pb2_grpc.GenerationServiceServicer):
         return response_from_output(last, client_id, prepared.model, "".join(pieces), token_ids)
 
     async def _admit(self, request, context: grpc.aio.ServicerContext) -> tuple[PreparedRequest, str]:
-        """Authenticate and validate; aborts the call with the matching status on failure."""
+        """Validate (the interceptor has authenticated); aborts the call with the matching status on failure."""
         try:
-            auth = next((v for k, v in context.invocation_metadata() or () if k == "authorization"), None)
-            check_bearer(auth if isinstance(auth, str) else None, self.api_key)
             client_id = request.request_id
             if len(client_id) > self.cfg.max_request_id_chars:
                 raise RequestError(
@@ -186,6 +190,81 @@ async def _close(outputs: AsyncIterator[RequestOutput]) -> None:
         await aclose()
 
 
+_UNDECODABLE = object()  # what the lenient deserializer hands the handler for a payload that does not decode
+_MALFORMED = "the request payload is not a valid GenerateRequest message"
+
+
+def _lenient(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any]:
+    def decode(raw: bytes) -> Any:
+        try:
+            return deserialize(raw) if deserialize is not None else raw
+        except DecodeError:
+            return _UNDECODABLE
+
+    return decode
+
+
+class _Gate(grpc.aio.ServerInterceptor):
+    """Authenticates GenerationService calls from their metadata, then decodes leniently.
+
+    A refused call gets a handler whose deserializer is the identity, so its payload is never
+    parsed.  Health checking and reflection stay open, like ``/health`` over HTTP.
+    """
+
+    def __init__(self, api_key: str | None) -> None:
+        self.api_key = api_key
+
+    async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
+        handler = await continuation(details)
+        if handler is None or not details.method.startswith(f"/{GENERATION_SERVICE}/"):
+            return handler
+        try:
+            auth = next((v for k, v in details.invocation_metadata or () if k == "authorization"), None)
+            check_bearer(auth if isinstance(auth, str) else None, self.api_key)
+        except RequestError as exc:
+            return _refusal(handler, STATUS_OF_KIND[exc.kind], exc.message)
+        return _decoding(handler)
+
+
+def _with_behaviour(handler: grpc.RpcMethodHandler, deserializer, behaviour) -> grpc.RpcMethodHandler:
+    """A handler of ``handler``'s kind (unary or server streaming) running ``behaviour``."""
+    make = grpc.unary_stream_rpc_method_handler if handler.response_streaming else grpc.unary_unary_rpc_method_handler
+    return make(behaviour, request_deserializer=deserializer, response_serializer=handler.response_serializer)
+
+
+def _refusal(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
+    """A handler that ends the call with ``code`` without reading its payload."""
+
+    async def refuse(request, context):  # a coroutine, not a generator: gRPC awaits it
+        await context.abort(code, message)
+
+    return _with_behaviour(handler, None, refuse)
+
+
+def _decoding(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """``handler`` with a deserializer that turns DecodeError into INVALID_ARGUMENT."""
+    if handler.request_streaming:
+        return handler  # GenerationService has none; a client stream would need per-message checks
+    if handler.response_streaming:
+        inner = handler.unary_stream
+
+        async def stream(request, context):
+            if request is _UNDECODABLE:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _MALFORMED)
+            async for response in inner(request, context):
+                yield response
+
+        return _with_behaviour(handler, _lenient(handler.request_deserializer), stream)
+    inner = handler.unary_unary
+
+    async def unary(request, context):
+        if request is _UNDECODABLE:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _MALFORMED)
+        return await inner(request, context)
+
+    return _with_behaviour(handler, _lenient(handler.request_deserializer), unary)
+
+
 async def start_grpc_server(
     backend: GenerationBackend,
     tokenizer: Tokenizer,
@@ -198,7 +277,10 @@ async def start_grpc_server(
     Port 0 picks a free one; returns (server, bound port).  Messages above
     ``cfg.max_request_bytes`` are refused by gRPC itself (RESOURCE_EXHAUSTED).
     """
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", cfg.max_request_bytes)])
+    server = grpc.aio.server(
+        interceptors=[_Gate(cfg.resolved_api_key())],
+        options=[("grpc.max_receive_message_length", cfg.max_request_bytes)],
+    )
     generate_pb2_grpc.add_GenerationServiceServicer_to_server(GenerationServicer(backend, tokenizer, cfg), server)
     if host == "127.0.0.1":
         bound = bind_loopback(server, port)

@@ -1,0 +1,99 @@
+"""Router hardening against hostile clients, through real servers on 127.0.0.1: the gRPC
+GenerationService (auth before decoding, malformed payloads, duplicate credentials) over a real
+engine (SmolLM2 fp32, ngram drafter)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+grpc = pytest.importorskip("grpc")
+
+from test_grpc_api import LoopThread  # noqa: E402
+
+from dspark.cluster.backend import LocalBackend  # noqa: E402
+from dspark.cluster.grpc_api import start_grpc_server  # noqa: E402
+from dspark.cluster.validation import RouterConfig  # noqa: E402
+from dspark.proto.dspark.v1 import generate_pb2 as pb  # noqa: E402
+
+API_KEY = "hardening-test-key"
+GOOD = (("authorization", f"Bearer {API_KEY}"),)
+METHODS = ("/dspark.v1.GenerationService/Generate", "/dspark.v1.GenerationService/GenerateUnary")
+# Bytes that are no GenerateRequest: a truncated varint, a length prefix past the end, field 0.
+GARBAGE = [b"\xff\xff\xff\xff", b"\x0a\x7fshort", b"\x00\x01"]
+
+
+@pytest.fixture(scope="module")
+def stack():
+    from dspark.workers.factory import EngineSpec, build_engine
+    from dspark.workers.runner import RunnerConfig
+    from dspark.workers.verifier import VerifierWorker
+
+    built = build_engine(EngineSpec(dtype="fp32", draft="ngram", runner=RunnerConfig(n_slots=4, max_seq=512)),
+                         progress=False)
+    worker = VerifierWorker(built.engine)
+    yield SimpleNamespace(engine=built.engine, worker=worker, tok=built.loaded.tokenizer,
+                          backend=LocalBackend(worker, built.loaded.name))
+    worker.close()
+    built.close()
+
+
+@pytest.fixture(scope="module")
+def grpc_ports(stack):
+    """(open port, keyed port): GenerationService without and with an API key."""
+    loop = LoopThread()
+    servers = [loop.run(start_grpc_server(stack.backend, stack.tok, RouterConfig(api_key=key))) for key in ("", API_KEY)]
+    yield tuple(port for _, port in servers)
+    for server, _ in servers:
+        loop.run(server.stop(grace=1))
+    loop.close()
+
+
+def _raw_call(port: int, method: str, payload: bytes, metadata=None):
+    """Send ``payload`` as-is (identity serializers); returns the responses or the RpcError."""
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        if method.endswith("/Generate"):
+            call = channel.unary_stream(method, request_serializer=None, response_deserializer=None)
+            try:
+                return list(call(payload, metadata=metadata, timeout=60))
+            except grpc.RpcError as exc:
+                return exc
+        call = channel.unary_unary(method, request_serializer=None, response_deserializer=None)
+        try:
+            return [call(payload, metadata=metadata, timeout=60)]
+        except grpc.RpcError as exc:
+            return exc
+
+
+def _valid_payload() -> bytes:
+    return pb.GenerateRequest(prompt="The three primary colors are", max_tokens=3, temperature=0.0).SerializeToString()
+
+
+# ---------------------------------------------------------------------------- gRPC payloads
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("payload", GARBAGE, ids=["varint", "length", "field0"])
+def test_malformed_payload_is_invalid_argument(grpc_ports, method, payload):
+    open_port, keyed_port = grpc_ports
+    for port, metadata in ((open_port, None), (keyed_port, GOOD)):
+        err = _raw_call(port, method, payload, metadata)
+        assert isinstance(err, grpc.RpcError), err
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, (err.code(), err.details())
+        assert "GenerateRequest" in err.details() and "Error" not in err.details() and "class" not in err.details()
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("payload", [GARBAGE[0], b""], ids=["garbage", "empty"])
+@pytest.mark.parametrize("metadata", [None, (("authorization", "Bearer wrong"),)], ids=["missing", "wrong"])
+def test_unauthenticated_before_the_payload_is_read(grpc_ports, method, payload, metadata):
+    """With a key configured, a client without it gets UNAUTHENTICATED whatever it sent."""
+    err = _raw_call(grpc_ports[1], method, payload, metadata)
+    assert isinstance(err, grpc.RpcError) and err.code() == grpc.StatusCode.UNAUTHENTICATED, err
+
+
+def test_valid_raw_payload_still_generates(grpc_ports):
+    for method in METHODS:
+        out = _raw_call(grpc_ports[1], method, _valid_payload(), GOOD)
+        assert not isinstance(out, grpc.RpcError), out
+        last = pb.GenerateResponse.FromString(out[-1])
+        assert last.finish_reason == pb.FINISH_REASON_LENGTH and last.usage.completion_tokens == 3
