@@ -1,6 +1,6 @@
-"""Router hardening against hostile clients, through real servers on 127.0.0.1: the gRPC
-GenerationService (auth before decoding, malformed payloads, duplicate credentials) over a real
-engine (SmolLM2 fp32, ngram drafter)."""
+"""Router hardening against hostile clients, through real servers on 127.0.0.1 over a real
+engine (SmolLM2 fp32, ngram drafter): the gRPC GenerationService (auth before decoding, malformed
+payloads) and both APIs with duplicate credentials."""
 
 from __future__ import annotations
 
@@ -9,11 +9,14 @@ from types import SimpleNamespace
 import pytest
 
 grpc = pytest.importorskip("grpc")
+httpx = pytest.importorskip("httpx")
 
 from test_grpc_api import LoopThread  # noqa: E402
+from test_openai_api import serve  # noqa: E402
 
 from dspark.cluster.backend import LocalBackend  # noqa: E402
 from dspark.cluster.grpc_api import start_grpc_server  # noqa: E402
+from dspark.cluster.openai_api import make_http_app  # noqa: E402
 from dspark.cluster.validation import RouterConfig  # noqa: E402
 from dspark.proto.dspark.v1 import generate_pb2 as pb  # noqa: E402
 
@@ -48,6 +51,14 @@ def grpc_ports(stack):
     for server, _ in servers:
         loop.run(server.stop(grace=1))
     loop.close()
+
+
+@pytest.fixture(scope="module")
+def http_urls(stack):
+    """(open base URL, keyed base URL): the OpenAI API without and with an API key."""
+    with serve(make_http_app(stack.backend, stack.tok, RouterConfig(api_key=""))) as open_url, \
+            serve(make_http_app(stack.backend, stack.tok, RouterConfig(api_key=API_KEY))) as keyed_url:
+        yield open_url, keyed_url
 
 
 def _raw_call(port: int, method: str, payload: bytes, metadata=None):
@@ -97,3 +108,29 @@ def test_valid_raw_payload_still_generates(grpc_ports):
         assert not isinstance(out, grpc.RpcError), out
         last = pb.GenerateResponse.FromString(out[-1])
         assert last.finish_reason == pb.FINISH_REASON_LENGTH and last.usage.completion_tokens == 3
+
+
+# ---------------------------------------------------------------------------- duplicate credentials
+TWO_KEYS = [("Bearer wrong", f"Bearer {API_KEY}"), (f"Bearer {API_KEY}", "Bearer wrong"),
+            (f"Bearer {API_KEY}", f"Bearer {API_KEY}")]
+
+
+@pytest.mark.parametrize("values", TWO_KEYS, ids=["wrong-right", "right-wrong", "right-right"])
+def test_two_authorization_headers_are_refused_over_http(http_urls, values):
+    for base in http_urls:
+        headers = [("Authorization", v) for v in values]
+        r = httpx.get(f"{base}/v1/models", headers=headers, timeout=30)
+        assert r.status_code == 400, (base, r.status_code, r.text)
+        err = r.json()["error"]
+        assert err["code"] == "duplicate_authorization" and "more than one Authorization header" in err["message"]
+    r = httpx.get(f"{http_urls[1]}/v1/models", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30)
+    assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize("values", TWO_KEYS, ids=["wrong-right", "right-wrong", "right-right"])
+def test_two_authorization_entries_are_refused_over_grpc(grpc_ports, values):
+    for port in grpc_ports:
+        for method in METHODS:
+            err = _raw_call(port, method, _valid_payload(), [("authorization", v) for v in values])
+            assert isinstance(err, grpc.RpcError), (port, method, err)
+            assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "more than one" in err.details(), err

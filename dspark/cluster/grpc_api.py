@@ -207,6 +207,7 @@ def _lenient(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], An
 class _Gate(grpc.aio.ServerInterceptor):
     """Authenticates GenerationService calls from their metadata, then decodes leniently.
 
+    More than one ``authorization`` entry is INVALID_ARGUMENT, key or no key.
     A refused call gets a handler whose deserializer is the identity, so its payload is never
     parsed.  Health checking and reflection stay open, like ``/health`` over HTTP.
     """
@@ -219,8 +220,11 @@ class _Gate(grpc.aio.ServerInterceptor):
         if handler is None or not details.method.startswith(f"/{GENERATION_SERVICE}/"):
             return handler
         try:
-            auth = next((v for k, v in details.invocation_metadata or () if k == "authorization"), None)
-            check_bearer(auth if isinstance(auth, str) else None, self.api_key)
+            auths = [v for k, v in details.invocation_metadata or () if k == "authorization"]
+            if len(auths) > 1:  # proxies and servers disagree on which one counts: refuse, never pick
+                raise RequestError("more than one authorization metadata entry: send exactly one",
+                                   code="duplicate_authorization")
+            check_bearer(auths[0] if auths and isinstance(auths[0], str) else None, self.api_key)
         except RequestError as exc:
             return _refusal(handler, STATUS_OF_KIND[exc.kind], exc.message)
         return _decoding(handler)

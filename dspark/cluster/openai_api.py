@@ -407,6 +407,7 @@ def _add_error_handlers(app: FastAPI) -> None:
 class _RequestGuard:
     """ASGI middleware: API key on /v1/* and the body size limit, before anything is parsed.
 
+    A /v1 request with more than one Authorization header is 400, key or no key.
     The body is read here (counting bytes, so a missing or lying Content-Length cannot get past
     the limit) and replayed to the app; later ``receive`` calls (disconnect) pass through.
     """
@@ -422,9 +423,12 @@ class _RequestGuard:
             return
         headers = {k.lower(): v for k, v in scope.get("headers", ())}
         try:
-            if self.api_key and scope["path"].startswith("/v1"):
-                auth = headers.get(b"authorization")
-                check_bearer(auth.decode("latin-1") if auth is not None else None, self.api_key)
+            if scope["path"].startswith("/v1"):
+                auths = [v for k, v in scope.get("headers", ()) if k.lower() == b"authorization"]
+                if len(auths) > 1:  # servers and proxies disagree on which one counts: refuse, never pick
+                    raise RequestError("more than one Authorization header: send exactly one",
+                                       code="duplicate_authorization")
+                check_bearer(auths[0].decode("latin-1") if auths else None, self.api_key)
             body, pending = await self._read_body(headers, receive)
             _check_utf8(body)
         except RequestError as exc:
