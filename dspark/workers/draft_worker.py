@@ -11,6 +11,9 @@ drafter classes serve in-process and remote drafting.  Steps that arrive togethe
 together (one batched ``propose``), on one executor thread: drafters are not thread-safe and the
 event loop must stay free to read the streams.  When a stream breaks, every request it carried
 is released; nothing outlives its verifier.
+
+A request id belongs to the stream that opened it: Open, Step or Close for it from any other
+stream is answered with a DraftError and changes nothing.
 """
 
 from __future__ import annotations
@@ -64,10 +67,11 @@ class DraftWorkerConfig:
 
 
 class _Remote:
-    """Worker-side mirror of one request."""
+    """Worker-side mirror of one request, owned by the stream that opened it."""
 
-    def __init__(self, request_id: str, prompt: list[int], params: SamplingParams) -> None:
+    def __init__(self, request_id: str, prompt: list[int], params: SamplingParams, owner: set[str]) -> None:
         self.seq = Sequence(request_id=request_id, prompt_ids=list(prompt), params=params, generator=torch.Generator())
+        self.owner = owner  # the opening stream's set of request ids (compared by identity)
         self.cached: list[int] = []  # tokens in the verifier's target cache, in order
         self.last_seen = time.monotonic()  # the last Open or Step for it
 
@@ -165,10 +169,12 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
         if now < self._next_reap:
             return
         self._next_reap = now + STALE_S / 10
-        stale = {rid for rid, r in list(self.active.items()) if now - r.last_seen > STALE_S}
+        stale = [r for r in list(self.active.values()) if now - r.last_seen > STALE_S]
         if stale:
-            log.warning("released %d requests with no step for %.0fs: %s", len(stale), STALE_S, sorted(stale)[:8])
-            self._release_all(stale)
+            log.warning("released %d requests with no step for %.0fs: %s", len(stale), STALE_S,
+                        sorted(r.seq.request_id for r in stale)[:8])
+            for r in stale:
+                self._release(r.seq.request_id, r.owner)
 
     def _handle(self, batch: list, mine: set[str]) -> list:
         self._reap()
@@ -183,9 +189,7 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
                     self._close(msg.close.request_id, mine)
                 elif kind == "step":
                     st = msg.step
-                    r = self.active.get(st.request_id)
-                    if r is None:
-                        raise KeyError(f"unknown request {st.request_id!r}")
+                    r = self._owned(st.request_id, mine)
                     feats = tensor_from_proto(st.features, ndim=2, max_bytes=MAX_FEATURE_BYTES) if st.features.data else None
                     new = list(st.new_token_ids)
                     if feats is not None and feats.shape[0] != len(new):
@@ -201,10 +205,10 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
                 step_id = msg.step.step_id if kind == "step" else 0
                 replies.append(draft_pb2.DraftResponse(error=draft_pb2.DraftError(request_id=rid, step_id=step_id, message=str(exc))))
                 if rid:
-                    self._close(rid, mine)
+                    self._release(rid, mine)  # only if this stream owns it
         by_len: dict[int, list[tuple[_Remote, int]]] = {}
         for r, step_id, blen in steps:
-            if r.seq.request_id in self.active:
+            if self.active.get(r.seq.request_id) is r:  # not closed by a later message of the batch
                 by_len.setdefault(blen, []).append((r, step_id))
         for blen, group in by_len.items():
             t0 = time.perf_counter()
@@ -222,27 +226,49 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
                 self.blocks_served += 1
         return replies
 
+    def _owned(self, rid: str, mine: set[str]) -> _Remote:
+        """The request ``rid`` if this stream opened it; another stream's id is as unknown."""
+        r = self.active.get(rid)
+        if r is None or r.owner is not mine:
+            raise LookupError(f"request {rid!r} is not open on this stream")
+        return r
+
     def _open(self, o, mine: set[str]) -> None:
-        if o.request_id in self.active:
-            raise ValueError(f"request {o.request_id!r} is already open")
+        rid = o.request_id
+        if not rid:
+            raise ValueError("Open needs a request_id")
+        r = self.active.get(rid)
+        if r is not None:
+            if r.owner is not mine:  # another stream's request: refuse, and leave it alone
+                raise ValueError(f"request id {rid!r} is in use")
+            raise ValueError(f"request {rid!r} is already open")
         opts = o.options
         params = SamplingParams(
             max_tokens=2**31 - 1,  # the verifier enforces limits; the drafter just drafts
             temperature=float(opts.temperature),
             seed=int(opts.seed) if opts.HasField("seed") else None,
         )
-        self.active[o.request_id] = _Remote(o.request_id, list(o.prompt_token_ids), params)
-        mine.add(o.request_id)
+        self.active[rid] = _Remote(rid, list(o.prompt_token_ids), params, owner=mine)
+        mine.add(rid)
 
     def _close(self, rid: str, mine: set[str]) -> None:
-        if self.active.pop(rid, None) is not None:
-            self.drafter.release(rid)
-        mine.discard(rid)
+        """Close from the owning stream; an id already gone is a no-op (Close is idempotent)."""
+        if rid in self.active:
+            self._owned(rid, mine)
+            self._release(rid, mine)
 
-    def _release_all(self, rids: set[str]) -> None:
-        for rid in list(rids):
-            if self.active.pop(rid, None) is not None:
-                self.drafter.release(rid)
+    def _release(self, rid: str, owner: set[str]) -> None:
+        """Forget ``rid`` and free its drafter state, if ``owner`` is the stream that opened it."""
+        r = self.active.get(rid)
+        if r is not None and r.owner is owner:
+            del self.active[rid]
+            self.drafter.release(rid)
+        owner.discard(rid)
+
+    def _release_all(self, mine: set[str]) -> None:
+        """The stream that opened ``mine`` is gone: release every request it still holds."""
+        for rid in list(mine):
+            self._release(rid, mine)
 
 
 def block_to_proto(request_id: str, step_id: int, blk: DraftBlock, draft_us: int) -> draft_pb2.DraftBlock:
