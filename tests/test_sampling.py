@@ -6,6 +6,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from scipy import stats
 
 from dspark.kernels.sampling import (
@@ -79,6 +81,55 @@ def test_top_p_exact_boundaries_with_uniform_probs():
 def test_top_p_tiny_keeps_only_the_argmax():
     logits = torch.tensor([[0.3, 2.0, -1.0, 1.9]])
     assert kept(logits, [0], [1e-9]).tolist() == [[False, True, False, False]]
+
+
+@pytest.mark.parametrize("top_p", [0.0, 1e-46, 1e-45, 1e-30, torch.finfo(torch.float32).tiny])
+def test_top_p_below_float32_precision_keeps_the_argmax(top_p):
+    # top_p arrives as a Python float; in float32 1e-46 is 0, and an empty nucleus would be a
+    # NaN row.  The argmax always stays, the lowest id among tied maxima (as greedy picks).
+    logits = torch.tensor([[0.3, 2.0, -1.0, 2.0, 1.9]])  # [1, V]
+    for _ in range(5):  # the sort must not pick another of the tied maxima
+        assert kept(logits, [0], [top_p]).tolist() == [[False, True, False, False, False]]
+    probs = logits_to_probs(logits, torch.tensor([0.7]), None, torch.tensor([top_p]))
+    assert probs.tolist() == [[0.0, 1.0, 0.0, 0.0, 0.0]]
+
+
+_EXTREME_TOP_P = [0.0, 1e-46, 1e-45, 1e-30, torch.finfo(torch.float32).tiny, 1e-7, 0.5, 0.99999999, 1.0]
+_EXTREME_TEMPERATURE = [1e-46, 1e-40, 1e-30, 1e-6, 0.01, 1.0, 100.0]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    scale=st.sampled_from([0.0, 1e-3, 1.0, 30.0, 1e4]),
+    rows=st.lists(
+        st.tuples(
+            st.sampled_from(_EXTREME_TEMPERATURE) | st.floats(1e-45, 100.0),
+            st.sampled_from([0, 1, 2, 64, 1000]),
+            st.sampled_from(_EXTREME_TOP_P) | st.floats(0.0, 1.0),
+        ),
+        min_size=1,
+        max_size=5,
+    ),
+)
+def test_no_nan_distribution_reaches_sampling(seed, scale, rows):
+    # Whatever the sampling parameters (as Python floats, which the engine casts to float32),
+    # every row is a distribution: finite, non-negative, summing to 1, with the argmax in it.
+    g = torch.Generator().manual_seed(seed)
+    v = 64
+    logits = torch.randn(len(rows), v, generator=g) * scale  # [R, V]; scale 0: all tied
+    logits[:, v // 2 :] = logits[:, : v // 2]  # exact ties everywhere
+    temp = torch.tensor([t for t, _, _ in rows])  # [R] float32
+    top_k = torch.tensor([k for _, k, _ in rows])  # [R]
+    top_p = torch.tensor([p for _, _, p in rows])  # [R] float32
+    probs = logits_to_probs(logits, temp, top_k, top_p)  # [R, V]
+    assert bool(torch.isfinite(probs).all()), (temp, top_p)
+    assert bool((probs >= 0).all())
+    assert torch.allclose(probs.sum(-1), torch.ones(len(rows)), atol=1e-5)
+    assert bool((probs.gather(1, logits.argmax(-1, keepdim=True)) > 0).all())
+    noise = torch.empty(len(rows), v).exponential_(generator=g)
+    draws = sample_from_probs(probs, noise)  # [R]
+    assert bool((probs.gather(1, draws[:, None]) > 0).all())
 
 
 def test_top_k_applies_before_top_p():

@@ -24,6 +24,8 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Te
     """Mask (to -inf) the logits outside each row's top-k set and top-p nucleus.
 
     logits: [R, V] float, top_k: [R] int (<= 0: off), top_p: [R] float (>= 1: off).
+    Rows whose filter is off are untouched by it; the argmax (lowest id on ties) is never
+    masked, whatever top_p is (even 0), so no row is left empty.
 
     Example:
         >>> x = torch.tensor([[3.0, 2.0, 1.0, 0.0]])
@@ -35,8 +37,9 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Te
     use_p = bool((top_p < 1.0).any())
     if not (use_k or use_p):
         return logits
-    # One descending sort serves both filters.  sorted_logits: [R, V]
-    sorted_logits, sorted_idx = torch.sort(logits, dim=-1, descending=True)
+    # One descending sort serves both filters; stable, so the first of tied maxima is the lowest
+    # id, the token greedy decoding picks.  sorted_logits: [R, V]
+    sorted_logits, sorted_idx = torch.sort(logits, dim=-1, descending=True, stable=True)
     keep_sorted = torch.ones_like(sorted_logits, dtype=torch.bool)
     # A row whose filter is off keeps everything whatever its neighbours use: masks are computed
     # for the whole batch, and without this a row would depend on which batch it lands in.
@@ -55,6 +58,9 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Te
         before = torch.cumsum(probs, dim=-1) - probs  # [R, V]
         p_off = (top_p >= 1.0).unsqueeze(-1)  # [R, 1]
         keep_sorted &= (before < top_p.unsqueeze(-1).to(before.dtype)) | p_off
+        # The argmax always stays: a top_p that is 0 in float32 (1e-46 is, as a request's float)
+        # would otherwise mask every token and leave a NaN row.
+        keep_sorted[:, 0] = True
     keep = torch.zeros_like(keep_sorted).scatter(-1, sorted_idx, keep_sorted)
     return logits.masked_fill(~keep, float("-inf"))
 
@@ -89,7 +95,15 @@ def logits_to_probs(
         top_k = torch.zeros(rows, dtype=torch.long, device=device)
     if top_p is None:
         top_p = torch.ones(rows, dtype=torch.float32, device=device)
-    scaled = logits[sampled] / temperature[sampled].unsqueeze(-1)
+    rows_logits = logits[sampled]  # [S, V]
+    t = temperature[sampled].unsqueeze(-1)  # [S, 1]
+    scaled = rows_logits / t  # [S, V]
+    # A tiny temperature (1e-40 is subnormal in float32) overflows logits / t to inf, and the
+    # softmax's inf - inf is NaN.  Such rows subtract their max first, so it maps to 0 and the
+    # rest to at most 0: the limit t -> 0, all mass on the maximum.  Other rows keep logits / t
+    # bit for bit.
+    overflow = torch.isposinf(scaled.amax(-1, keepdim=True))  # [S, 1]
+    scaled = torch.where(overflow, (rows_logits - rows_logits.amax(-1, keepdim=True)) / t, scaled)
     scaled = apply_top_k_top_p(scaled, top_k.to(device)[sampled], top_p.to(device=device, dtype=torch.float32)[sampled])
     probs[sampled] = torch.softmax(scaled, dim=-1)
     return probs

@@ -10,6 +10,7 @@ import torch
 from dspark.models.tokenizer import IncrementalDetokenizer, Tokenizer
 
 MAX_STOP_STRINGS = 16
+_FLOAT32_TINY = float(torch.finfo(torch.float32).tiny)  # smallest normal float32, ~1.2e-38
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,10 @@ class SamplingParams:
             raise ValueError("temperature must be a number in [0, 100]")
         if not _finite(self.top_p) or not 0.0 < self.top_p <= 1.0:
             raise ValueError("top_p must be in (0, 1]")
+        if self.top_p < _FLOAT32_TINY:
+            # Sampling runs in float32, where 1e-46 is 0 (an empty nucleus).  Any top_p below the
+            # argmax's mass (>= 1/V) keeps the argmax alone, so this keeps the request's meaning.
+            object.__setattr__(self, "top_p", _FLOAT32_TINY)
         if not isinstance(self.top_k, int) or self.top_k < 0:
             raise ValueError("top_k must be a non-negative integer")
         if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**63):
