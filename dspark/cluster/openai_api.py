@@ -306,7 +306,12 @@ def _backend_error(exc: BaseException) -> tuple[int, dict]:
 
 
 class _WatchedResponse(Response):
-    """Runs ``handler(send)`` while watching the client; a disconnect cancels the handler."""
+    """Runs ``handler(send)`` while watching the client; a disconnect cancels the handler.
+
+    A client that leaves is normal: one debug line, no error and no traceback, whether the
+    server says so with ``http.disconnect`` (uvicorn) or by raising from ``receive`` (Ray Serve's
+    proxy cancels the call that fetches messages: ``TaskCancelledError``).
+    """
 
     def __init__(self, handler: Callable[[Send], Awaitable[None]]) -> None:
         super().__init__()  # the handler sends its own status and headers
@@ -316,8 +321,12 @@ class _WatchedResponse(Response):
         async with anyio.create_task_group() as tg:
 
             async def watch() -> None:
-                while (await receive())["type"] != "http.disconnect":
-                    pass
+                try:
+                    while (await receive())["type"] != "http.disconnect":
+                        pass
+                    log.debug("client disconnected mid-response; aborting its request")
+                except Exception as exc:  # noqa: BLE001 - Ray Serve's receive raises once the client is gone
+                    log.debug("client gone mid-response (%s); aborting its request", type(exc).__name__)
                 tg.cancel_scope.cancel()
 
             tg.start_soon(watch)
