@@ -1,5 +1,6 @@
 """The verifier <-> draft worker link under hostile or careless peers, over real gRPC on loopback:
-stream ownership of request ids.
+stream ownership of request ids, per-stream quotas and idle release, and the internal token and
+bind address the cluster configuration gives a draft worker by default.
 
 Every test starts its own DraftWorkerServer (ngram drafter: no model to load) on 127.0.0.1 and
 talks to it with raw Draft streams, as a second verifier or a probe would.
@@ -150,3 +151,88 @@ def test_request_id_belongs_to_the_stream_that_opened_it(worker):
     a.close_request("r1")
     a.step("r1", 3, [5], anchor=6, context_len=len(PROMPT) + 2)
     assert "not open" in a.error("r1").message
+
+
+@pytest.mark.parametrize("worker", [DraftWorkerConfig(idle_release_s=1.0)], indirect=True)
+def test_a_stream_ending_releases_only_what_it_still_owns(worker):
+    """A's idle request is released; B then opens the same id.  When A's stream ends, its
+    clean-up must not take B's request with it."""
+    a, b = worker.connect(), worker.connect()
+    first_step(a, "r1")
+    time.sleep(1.3)
+    first_step(b, "r1")  # A's r1 went idle and was released: the id is free again
+    a.end()
+    time.sleep(0.3)  # the worker notices the stream ended and cleans up after it
+    b.step("r1", 2, [7], anchor=5, context_len=len(PROMPT) + 1)
+    assert list(b.block("r1", 2).draft_token_ids) == [6, 7, 5]
+
+
+# ---------------------------------------------------------------------------- quotas
+@pytest.mark.parametrize("worker", [DraftWorkerConfig(max_requests=4)], indirect=True)
+def test_one_stream_cannot_take_every_slot(worker):
+    assert DraftWorkerConfig(max_requests=4).stream_quota == 2  # default: half of the slots
+    greedy, fair = worker.connect(), worker.connect()
+    for i in range(4):
+        greedy.open(f"g{i}")
+    for i in (2, 3):
+        err = greedy.error(f"g{i}")
+        assert "max_requests_per_stream=2" in err.message, err.message
+    greedy.quiet()
+    # The admitted ones draft; the refused ones were never opened.
+    greedy.step("g0", 1, PROMPT, anchor=7, context_len=len(PROMPT))
+    assert list(greedy.block("g0", 1).draft_token_ids) == [5, 6, 7]
+    greedy.step("g3", 1, PROMPT, anchor=7, context_len=len(PROMPT))
+    assert "not open" in greedy.error("g3").message
+
+    # Another stream still gets slots and drafts.
+    first_step(fair, "f0")
+    first_step(fair, "f1")
+    # Every slot is now taken: a third stream is told so, by name.
+    third = worker.connect()
+    third.open("t0")
+    assert "max_requests=4" in third.error("t0").message
+
+    # Closing frees the slot for anyone.
+    greedy.close_request("g1")
+    greedy.step("g1", 1, PROMPT, anchor=7, context_len=len(PROMPT))
+    assert "not open" in greedy.error("g1").message  # the Close was handled
+    first_step(third, "t1")
+
+
+@pytest.mark.parametrize("worker", [DraftWorkerConfig(max_requests=4, max_requests_per_stream=3, idle_release_s=0.5)],
+                         indirect=True)
+def test_idle_requests_give_their_slots_back(worker):
+    idle, busy = worker.connect(), worker.connect()
+    for i in range(3):
+        idle.open(f"i{i}")
+    wait_for(lambda: len(worker.servicer.active) == 3)  # Opens are not answered when they succeed
+    first_step(busy, "b0")  # four of four slots taken
+    busy.open("b1")
+    assert "max_requests=4" in busy.error("b1").message
+
+    time.sleep(0.8)  # the idle stream's requests pass the deadline; nothing else has to happen
+    first_step(busy, "b2")
+    # busy's own request went idle too and was released with them: its Step is refused.
+    busy.step("b0", 2, [7], anchor=5, context_len=len(PROMPT) + 1)
+    assert "not open" in busy.error("b0").message
+    idle.step("i0", 1, PROMPT, anchor=7, context_len=len(PROMPT))
+    assert "not open" in idle.error("i0").message
+    assert set(worker.servicer.active) == {"b2"}
+
+
+def test_quota_options_are_checked():
+    with pytest.raises(ValueError, match="max_requests"):
+        DraftWorkerConfig(max_requests=0)
+    with pytest.raises(ValueError, match="idle_release_s"):
+        DraftWorkerConfig(idle_release_s=0)
+    assert DraftWorkerConfig(max_requests=1).stream_quota == 1
+    assert DraftWorkerConfig(max_requests=8, max_requests_per_stream=20).stream_quota == 8
+
+
+def test_cluster_config_passes_quotas_to_draft_workers():
+    from dspark.cluster.app import ClusterConfig
+
+    for bad in ({"draft_stream_quota": -1}, {"draft_idle_release_s": 0}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            ClusterConfig.from_args(bad)
+    assert ClusterConfig(n_slots=16).draft_slots == 64

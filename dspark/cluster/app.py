@@ -48,6 +48,7 @@ class ClusterConfig:
     max_prefill_tokens: int = 512  # chunked-prefill budget per step
     torch_threads: int = 0  # threads per compute process; 0 = cores / compute processes
     grpc_port: int = 0  # router's GenerationService port; 0 = disabled
+    http_body_timeout_s: float = 30.0  # an HTTP request body not received in full by then is answered 408
     bind_host: str = "127.0.0.1"  # where draft workers and the gRPC API listen ("auto": node IP)
     draft_options: dict = field(default_factory=dict)  # drafter settings (e.g. head=PATH)
     internal_token_env: str = "DSPARK_INTERNAL_TOKEN"  # verifier <-> draft worker shared secret
@@ -57,6 +58,8 @@ class ClusterConfig:
     internal_tls_name_env: str = "DSPARK_INTERNAL_TLS_SERVER_NAME"  # name checked in workers' certificates
     api_key_env: str = "DSPARK_API_KEY"  # client API key (HTTP Bearer, gRPC metadata)
     block_timeout_s: float = 10.0  # a draft block later than this -> plain decoding for that request
+    draft_stream_quota: int = 0  # requests one verifier may hold open on a draft worker (0: half its slots)
+    draft_idle_release_s: float = 60.0  # a draft worker frees a request with no step for this long
     scheduler_interval_s: float = 0.5  # global scheduler period (adaptive policy)
     target_tokens_per_s_per_user: float = 0.0  # per-user speed target for the scheduler (0: none)
 
@@ -76,6 +79,8 @@ class ClusterConfig:
             raise ValueError("verify_policy must be fixed or adaptive")
         if cfg.tp < 1 or cfg.block_len < 0 or cfg.draft_workers < 0:
             raise ValueError("tp >= 1, block_len >= 0 and draft_workers >= 0 are required")
+        if cfg.draft_stream_quota < 0 or cfg.draft_idle_release_s <= 0:
+            raise ValueError("draft_stream_quota >= 0 and draft_idle_release_s > 0 are required")
         if cfg.draft != "none":
             from dspark.workers.drafters.base import proposal_top_k
 
@@ -89,6 +94,11 @@ class ClusterConfig:
     @property
     def max_context(self) -> int:
         return self.max_seq - self.block_len - 1
+
+    @property
+    def draft_slots(self) -> int:
+        """Requests one draft worker holds at once (its drafter's cache slots): four groups' worth."""
+        return 4 * self.n_slots
 
     def redis(self) -> str:
         url = self.redis_url or os.environ.get(self.redis_url_env)
@@ -191,7 +201,7 @@ def _deployments():
             cfg = self.cfg = ClusterConfig.from_args(args)
             torch.set_num_threads(cfg.threads())
             spec = EngineSpec(model=cfg.model, dtype=cfg.dtype, device=cfg.device, draft=cfg.draft,
-                              block_len=cfg.block_len, runner=RunnerConfig(n_slots=4 * cfg.n_slots, max_seq=cfg.max_seq),
+                              block_len=cfg.block_len, runner=RunnerConfig(n_slots=cfg.draft_slots, max_seq=cfg.max_seq),
                               draft_options=tuple(cfg.draft_options.items()))
 
             def factory():
@@ -202,7 +212,8 @@ def _deployments():
             tls = InternalTLS.from_env(cfg)
             self.server = DraftWorkerServer(factory, DraftWorkerConfig(
                 host=cfg.host(), port=0, token=_secret(cfg.internal_token_env),
-                tls_cert_file=tls.cert_file, tls_key_file=tls.key_file,
+                tls_cert_file=tls.cert_file, tls_key_file=tls.key_file, max_requests=cfg.draft_slots,
+                max_requests_per_stream=cfg.draft_stream_quota, idle_release_s=cfg.draft_idle_release_s,
             )).start()
             self.member = self.server.address
             self._register()

@@ -13,7 +13,9 @@ event loop must stay free to read the streams.  When a stream breaks, every requ
 is released; nothing outlives its verifier.
 
 A request id belongs to the stream that opened it: Open, Step or Close for it from any other
-stream is answered with a DraftError and changes nothing.
+stream is answered with a DraftError and changes nothing.  Admission is bounded per stream
+(``max_requests_per_stream``) and per worker (``max_requests``, the drafter's cache slots), so
+one stream cannot take every slot; requests idle past ``idle_release_s`` give theirs back.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ log = logging.getLogger(__name__)
 
 MAX_FEATURE_BYTES = 64 * 2**20  # one Step's features; larger messages are refused
 IDLE_S = 5.0  # a request with no Step for this long is not in flight (graceful drain)
-STALE_S = 900.0  # ... and after this long its state is dropped
+STALE_S = 60.0  # default idle_release_s: after this long without a Step its state is dropped
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,19 @@ class DraftWorkerConfig:
     max_message_bytes: int = 128 * 2**20  # gRPC receive limit
     tls_cert_file: str | None = None  # PEM certificate chain: serve TLS instead of plaintext
     tls_key_file: str | None = None  # PEM private key of that certificate
+    max_requests: int = 128  # requests open at once over all streams (the drafter's cache slots)
+    max_requests_per_stream: int = 0  # open requests one stream may hold (0: half of max_requests, >= 1)
+    idle_release_s: float = STALE_S  # a request with no Open or Step for this long is released
+
+    def __post_init__(self) -> None:
+        if self.max_requests < 1 or self.max_requests_per_stream < 0 or self.idle_release_s <= 0:
+            raise ValueError("max_requests >= 1, max_requests_per_stream >= 0 and idle_release_s > 0 are required")
+
+    @property
+    def stream_quota(self) -> int:
+        """Open requests one stream may hold: the configured cap, or half of the slots."""
+        quota = self.max_requests_per_stream or self.max_requests // 2
+        return max(1, min(quota, self.max_requests))
 
     def server_credentials(self) -> grpc.ServerCredentials | None:
         """TLS credentials from the certificate and key files (None: plaintext)."""
@@ -162,16 +177,18 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
         now = time.monotonic()
         return sum(1 for r in list(self.active.values()) if now - r.last_seen < idle_s)
 
-    def _reap(self) -> None:
-        """Drop requests with no Open or Step for ``STALE_S``: a lost Close must not leak state.
-        Scans at most once per ``STALE_S / 10``, so the drafting path does not pay for it."""
+    def _reap(self, force: bool = False) -> None:
+        """Drop requests with no Open or Step for ``idle_release_s``: a lost Close or an idle
+        stream must not hold state or slots.  Scans at most once per ``idle_release_s / 10``, so
+        the drafting path does not pay for it; an Open that would exceed a quota forces a scan."""
         now = time.monotonic()
-        if now < self._next_reap:
+        if now < self._next_reap and not force:
             return
-        self._next_reap = now + STALE_S / 10
-        stale = [r for r in list(self.active.values()) if now - r.last_seen > STALE_S]
+        idle = self.cfg.idle_release_s
+        self._next_reap = now + idle / 10
+        stale = [r for r in list(self.active.values()) if now - r.last_seen > idle]
         if stale:
-            log.warning("released %d requests with no step for %.0fs: %s", len(stale), STALE_S,
+            log.warning("released %d requests with no step for %gs: %s", len(stale), idle,
                         sorted(r.seq.request_id for r in stale)[:8])
             for r in stale:
                 self._release(r.seq.request_id, r.owner)
@@ -242,6 +259,14 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
             if r.owner is not mine:  # another stream's request: refuse, and leave it alone
                 raise ValueError(f"request id {rid!r} is in use")
             raise ValueError(f"request {rid!r} is already open")
+        quota, slots = self.cfg.stream_quota, self.cfg.max_requests
+        if len(mine) >= quota or len(self.active) >= slots:
+            self._reap(force=True)  # idle requests give their slots back first
+        if len(mine) >= quota:
+            raise ValueError(f"stream quota exceeded: {len(mine)} requests open on this stream "
+                             f"(max_requests_per_stream={quota})")
+        if len(self.active) >= slots:
+            raise ValueError(f"draft worker full: {len(self.active)} requests open (max_requests={slots})")
         opts = o.options
         params = SamplingParams(
             max_tokens=2**31 - 1,  # the verifier enforces limits; the drafter just drafts
