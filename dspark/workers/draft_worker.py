@@ -215,7 +215,7 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
                     r.apply(new, st.anchor_token_id)
                     if st.context_len and st.context_len != len(r.cached):
                         raise ValueError(f"context length {st.context_len} != mirrored {len(r.cached)}")
-                    self.drafter.observe(r.seq, new, feats)
+                    self.drafter.observe(r.seq, new, feats, st.num_verified if st.HasField("num_verified") else None)
                     steps.append((r, st.step_id, st.block_len))
             except Exception as exc:  # a bad message fails its request, never the stream
                 rid = getattr(getattr(msg, kind, None), "request_id", "") if kind else ""

@@ -232,18 +232,20 @@ class Engine:
             # The cache keeps the anchor + accepted drafts; rejected positions are overwritten later.
             seq.num_cached += 1 + accepted
             outputs.append(self._append(seq, emitted, len(drafts), accepted))
-            self._observe(seq, fed, feats, flat)
+            self._observe(seq, fed, feats, flat, num_verified=len(drafts) if blocks else None)
             flat += 1 + len(drafts)
         self.num_steps += 1
         self.last_step_tokens = len(tokens)
         self.last_step_seconds = time.perf_counter() - t0
         return outputs
 
-    def _observe(self, seq: Sequence, fed: list[int], feats: torch.Tensor | None, flat: int) -> None:
+    def _observe(
+        self, seq: Sequence, fed: list[int], feats: torch.Tensor | None, flat: int, num_verified: int | None = None
+    ) -> None:
         """Tell the drafter which tokens entered the target cache (after the new anchor is known)."""
         if self.drafter is None or seq.finished:
             return
-        self.drafter.observe(seq, fed, None if feats is None else feats[flat : flat + len(fed)])
+        self.drafter.observe(seq, fed, None if feats is None else feats[flat : flat + len(fed)], num_verified)
 
     def _partition(self) -> tuple[list[tuple[Sequence, list[int]]], list[Sequence]]:
         prefill, decode = [], []

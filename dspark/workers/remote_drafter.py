@@ -167,7 +167,9 @@ class RemoteDrafter:
             self._arrived.notify_all()
 
     # -- drafter protocol ---------------------------------------------------------------------
-    def observe(self, seq: Sequence, token_ids: list[int], features: torch.Tensor | None) -> None:
+    def observe(
+        self, seq: Sequence, token_ids: list[int], features: torch.Tensor | None, num_verified: int | None = None
+    ) -> None:
         rid = seq.request_id
         with self._lock:
             r = self._reqs.get(rid)
@@ -198,6 +200,8 @@ class RemoteDrafter:
             step = draft_pb2.Step(request_id=rid, step_id=r.step_id, new_token_ids=r.pending_tokens,
                                   context_len=seq.num_cached, anchor_token_id=seq.last_token,
                                   block_len=self.block_len)
+            if num_verified is not None:
+                step.num_verified = num_verified
             if r.pending_feats:
                 step.features.CopyFrom(tensor_to_proto(torch.cat(r.pending_feats)))
             r.pending_tokens, r.pending_feats = [], []

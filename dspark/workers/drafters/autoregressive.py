@@ -90,7 +90,9 @@ class AutoregressiveDrafter:
             )
         return blocks
 
-    def observe(self, seq: Sequence, token_ids: list[int], features: torch.Tensor | None) -> None:
+    def observe(
+        self, seq: Sequence, token_ids: list[int], features: torch.Tensor | None, num_verified: int | None = None
+    ) -> None:
         return None
 
     def release(self, request_id: str) -> None:

@@ -60,8 +60,15 @@ class Drafter(Protocol):
         """One block per sequence, at most ``block_len`` tokens each."""
         ...
 
-    def observe(self, seq: Sequence, token_ids: list[int], features: torch.Tensor | None) -> None:
-        """``token_ids`` were just written to the target cache (features: [n, F] or None)."""
+    def observe(
+        self, seq: Sequence, token_ids: list[int], features: torch.Tensor | None, num_verified: int | None = None
+    ) -> None:
+        """``token_ids`` were just written to the target cache (features: [n, F] or None).
+
+        ``num_verified``: how many drafts of this request's last proposed block verification
+        checked (a prefix; the budget may cut it); None when no block was verified (prefill).
+        ``token_ids`` is the anchor followed by the accepted ones among them.
+        """
         ...
 
     def release(self, request_id: str) -> None:
@@ -75,7 +82,9 @@ class StatelessDrafter:
     name = "base"
     feature_layers: tuple[int, ...] = ()
 
-    def observe(self, seq: Sequence, token_ids: list[int], features: torch.Tensor | None) -> None:
+    def observe(
+        self, seq: Sequence, token_ids: list[int], features: torch.Tensor | None, num_verified: int | None = None
+    ) -> None:
         return None
 
     def release(self, request_id: str) -> None:
@@ -130,11 +139,16 @@ class OnlineConfidence:
         self._tried: dict[str, list[int]] = {}
         self._accepted: dict[str, list[int]] = {}
 
-    def update(self, request_id: str, num_drafted: int, num_accepted: int) -> None:
+    def update(self, request_id: str, num_verified: int, num_accepted: int) -> None:
+        """Record one verified block: its first ``num_verified`` drafts were checked and the first
+        ``num_accepted`` of them accepted.  Drafts the budget did not verify are not evidence
+        either way and must not be passed in (they would count as rejections and, under an
+        adaptive budget, pull the confidence down and the verified depth with it)."""
+        num_accepted = min(num_accepted, num_verified)
         tried = self._tried.setdefault(request_id, [])
         acc = self._accepted.setdefault(request_id, [])
-        # Position k was "tried" iff all earlier ones were accepted.
-        reached = min(num_drafted, num_accepted + 1)
+        # Position k was "tried" iff it was verified and all earlier ones were accepted.
+        reached = min(num_verified, num_accepted + 1)
         while len(tried) < reached:
             tried.append(0)
             acc.append(0)

@@ -71,10 +71,14 @@ class DSparkDrafter:
 
     # -- context -------------------------------------------------------------------------------
     @torch.inference_mode()
-    def observe(self, seq: Sequence, token_ids: list[int], features: torch.Tensor | None) -> None:
+    def observe(
+        self, seq: Sequence, token_ids: list[int], features: torch.Tensor | None, num_verified: int | None = None
+    ) -> None:
         rid = seq.request_id
         pending = self._pending.pop(rid, None)
         if pending is not None and pending[1] is not None:
+            if num_verified is not None:  # the budget may have verified only a prefix
+                pending[1].num_verifiable = min(pending[1].num_verifiable, num_verified)
             pending[1].num_accepted = count_accepted(pending[0], token_ids)
             self.traces.append(pending[1])
         if features is None or not token_ids:

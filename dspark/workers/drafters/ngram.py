@@ -50,10 +50,13 @@ class NgramDrafter(StatelessDrafter):
             out.append(DraftBlock(token_ids=toks, confidence=self.conf.confidences(seq.request_id, len(toks))))
         return out
 
-    def observe(self, seq: Sequence, token_ids: list[int], features: torch.Tensor | None) -> None:
+    def observe(
+        self, seq: Sequence, token_ids: list[int], features: torch.Tensor | None, num_verified: int | None = None
+    ) -> None:
         last = self._last.pop(seq.request_id, None)
-        if last:
-            self.conf.update(seq.request_id, len(last), count_accepted(last, token_ids))
+        if last and num_verified:
+            verified = last[: min(len(last), num_verified)]
+            self.conf.update(seq.request_id, len(verified), count_accepted(verified, token_ids))
 
     def release(self, request_id: str) -> None:
         self._last.pop(request_id, None)

@@ -73,7 +73,7 @@ class Open(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., options: _Optional[_Union[DrafterOptions, _Mapping]] = ...) -> None: ...
 
 class Step(_message.Message):
-    __slots__ = ("request_id", "step_id", "new_token_ids", "features", "context_len", "anchor_token_id", "block_len")
+    __slots__ = ("request_id", "step_id", "new_token_ids", "features", "context_len", "anchor_token_id", "block_len", "num_verified")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     NEW_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -81,6 +81,7 @@ class Step(_message.Message):
     CONTEXT_LEN_FIELD_NUMBER: _ClassVar[int]
     ANCHOR_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     BLOCK_LEN_FIELD_NUMBER: _ClassVar[int]
+    NUM_VERIFIED_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     step_id: int
     new_token_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -88,7 +89,8 @@ class Step(_message.Message):
     context_len: int
     anchor_token_id: int
     block_len: int
-    def __init__(self, request_id: _Optional[str] = ..., step_id: _Optional[int] = ..., new_token_ids: _Optional[_Iterable[int]] = ..., features: _Optional[_Union[Tensor, _Mapping]] = ..., context_len: _Optional[int] = ..., anchor_token_id: _Optional[int] = ..., block_len: _Optional[int] = ...) -> None: ...
+    num_verified: int
+    def __init__(self, request_id: _Optional[str] = ..., step_id: _Optional[int] = ..., new_token_ids: _Optional[_Iterable[int]] = ..., features: _Optional[_Union[Tensor, _Mapping]] = ..., context_len: _Optional[int] = ..., anchor_token_id: _Optional[int] = ..., block_len: _Optional[int] = ..., num_verified: _Optional[int] = ...) -> None: ...
 
 class Close(_message.Message):
     __slots__ = ("request_id", "reason")
