@@ -140,10 +140,50 @@ def test_two_authorization_entries_are_refused_over_grpc(grpc_ports, values):
             assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "more than one" in err.details(), err
 
 
+# ---------------------------------------------------------------------------- slow clients
+def _slow_body(port: int, wait_s: float = 20.0) -> tuple[float, bytes]:
+    """Send headers announcing 1,000 body bytes, then only 12; return (seconds until the server
+    closed the connection, what it answered).  ``wait_s`` bounds the wait."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=wait_s)
+    try:
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 1000\r\n\r\n" + b'{"messages":')
+        t0 = time.monotonic()
+        answer = b""
+        try:
+            while chunk := s.recv(4096):
+                answer += chunk
+        except socket.timeout:
+            pytest.fail(f"the connection was still open after {wait_s} s (answer so far: {answer!r})")
+        return time.monotonic() - t0, answer
+    finally:
+        s.close()
+
+
+def _assert_timed_out(elapsed: float, answer: bytes, timeout_s: float) -> None:
+    assert elapsed < timeout_s + 3.0, f"closed only after {elapsed:.1f} s"
+    assert answer == b"" or answer.startswith(b"HTTP/1.1 408"), answer[:300]
+    if answer:
+        body = json.loads(answer.split(b"\r\n\r\n", 1)[1])
+        assert body["error"]["code"] == "request_timeout", body
+
+
+def test_slow_body_is_answered_408_and_closed(stack):
+    timeout_s = 1.0
+    with serve(make_http_app(stack.backend, stack.tok, RouterConfig(api_key=""), body_timeout_s=timeout_s)) as url:
+        port = int(url.rsplit(":", 1)[1])
+        elapsed, answer = _slow_body(port)
+        _assert_timed_out(elapsed, answer, timeout_s)
+        assert elapsed > 0.8 * timeout_s, f"answered after {elapsed:.2f} s, before the deadline"
+        r = httpx.get(f"{url}/v1/models", timeout=30)  # the server itself is fine
+        assert r.status_code == 200
+
+
 # ---------------------------------------------------------------------------- through the real cluster
 # One local cluster (Ray Serve, Redis, no draft workers) for the rest of the file: Serve's own
 # HTTP proxy sits in front of the router, which is where the log noise and timeouts arise.
 CLUSTER_MODEL = "SmolLM2-135M-Instruct"
+CLUSTER_BODY_TIMEOUT_S = 2.0
 COUNT = [{"role": "user", "content": "Count from 1 to 300, separated by commas."}]
 
 
@@ -153,7 +193,8 @@ def cluster():
     from dspark.cluster.local import LocalCluster
     from dspark.workers.runner import free_port
 
-    cfg = ClusterConfig(dtype="fp32", draft="none", draft_workers=0, n_slots=4, max_seq=512, torch_threads=1)
+    cfg = ClusterConfig(dtype="fp32", draft="none", draft_workers=0, n_slots=4, max_seq=512, torch_threads=1,
+                        http_body_timeout_s=CLUSTER_BODY_TIMEOUT_S)
     c = LocalCluster(cfg, http_port=free_port()).start(timeout_s=600)
     yield c
     c.stop()
@@ -206,3 +247,10 @@ def test_client_disconnect_mid_stream_is_not_an_error(cluster):
     text = _new_log_text(before)
     for needle in ("Traceback", "ERROR", "unhandled error", "TaskCancelledError", "exception was never retrieved"):
         assert needle not in text, f"{needle!r} in the cluster logs:\n{text[-3000:]}"
+
+
+def test_slow_body_through_the_serve_proxy(cluster):
+    """Serve's HTTP proxy (uvicorn) never times a request being received; the router's deadline
+    (``ClusterConfig.http_body_timeout_s``) answers 408 and the proxy closes the connection."""
+    elapsed, answer = _slow_body(cluster.http_port)
+    _assert_timed_out(elapsed, answer, CLUSTER_BODY_TIMEOUT_S)

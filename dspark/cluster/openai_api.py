@@ -10,8 +10,9 @@ FastAPI's ``/openapi.json``.  Request rules live in :mod:`dspark.cluster.validat
 this module parses, streams and maps errors to OpenAI's error body
 ``{"error": {"message", "type", "param", "code"}}``.
 
-Two things happen before FastAPI parses anything (:class:`_RequestGuard`): the API key check on
-``/v1/*`` and the body size limit.  Every generation runs under a watch for the client leaving:
+Three things happen before FastAPI parses anything (:class:`_RequestGuard`): the API key check on
+``/v1/*``, the body size limit and the body read deadline (``body_timeout_s``: a client that
+sends its body slowly, or not at all, gets ``408`` and the connection is closed).  Every generation runs under a watch for the client leaving:
 a disconnect cancels the handler, which closes the backend iterator and so aborts the request.
 """
 
@@ -49,16 +50,24 @@ _SSE_HEADERS = [
     (b"x-accel-buffering", b"no"),  # proxies (nginx) must not buffer the stream
 ]
 _DONE = b"data: [DONE]\n\n"
+BODY_TIMEOUT_S = 30.0  # a request body not received in full by then is answered 408
 
 
 def make_http_app(
-    backend: GenerationBackend, tokenizer: Tokenizer, cfg: RouterConfig = RouterConfig(), metrics=None
+    backend: GenerationBackend,
+    tokenizer: Tokenizer,
+    cfg: RouterConfig = RouterConfig(),
+    metrics=None,
+    body_timeout_s: float = BODY_TIMEOUT_S,
 ) -> FastAPI:
     """The FastAPI app of the OpenAI-compatible API (see the module docstring).
 
     ``metrics`` (a :class:`~dspark.cluster.metrics.RouterMetrics`) adds ``GET /metrics``; the
     backend should then be the matching ``MeteredBackend`` so requests are counted.
+    ``body_timeout_s`` bounds how long reading one request body may take (408 after it).
     """
+    if not body_timeout_s > 0:
+        raise ValueError(f"body_timeout_s must be > 0, got {body_timeout_s}")
     api_key = cfg.resolved_api_key()
     started = int(time.time())
     app = FastAPI(
@@ -66,7 +75,7 @@ def make_http_app(
         version=dspark.__version__,
         description="Lossless speculative decoding behind the OpenAI chat and completions API.",
     )
-    app.add_middleware(_RequestGuard, api_key=api_key, max_bytes=cfg.max_request_bytes)
+    app.add_middleware(_RequestGuard, api_key=api_key, max_bytes=cfg.max_request_bytes, body_timeout_s=body_timeout_s)
     _add_error_handlers(app)
 
     @app.get("/health", tags=["health"])
@@ -360,7 +369,9 @@ def _error_body(
 
 def _error_response(status: int, body: dict) -> Response:
     # ASCII-escaped JSON: an error message may quote client text that is not valid Unicode.
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else {}
+    if status == 408:  # the rest of the body may still arrive: this connection cannot carry another request
+        headers["Connection"] = "close"
     return Response(json.dumps(body), status_code=status, headers=headers, media_type="application/json")
 
 
@@ -418,13 +429,15 @@ class _RequestGuard:
 
     A /v1 request with more than one Authorization header is 400, key or no key.
     The body is read here (counting bytes, so a missing or lying Content-Length cannot get past
-    the limit) and replayed to the app; later ``receive`` calls (disconnect) pass through.
+    the limit), within ``body_timeout_s`` (uvicorn itself never times a request that is being
+    received), and replayed to the app; later ``receive`` calls (disconnect) pass through.
     """
 
-    def __init__(self, app: ASGIApp, api_key: str | None, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, api_key: str | None, max_bytes: int, body_timeout_s: float) -> None:
         self.app = app
         self.api_key = api_key
         self.max_bytes = max_bytes
+        self.body_timeout_s = body_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -438,19 +451,28 @@ class _RequestGuard:
                     raise RequestError("more than one Authorization header: send exactly one",
                                        code="duplicate_authorization")
                 check_bearer(auths[0].decode("latin-1") if auths else None, self.api_key)
-            body, pending = await self._read_body(headers, receive)
+            with anyio.fail_after(self.body_timeout_s):
+                body = await self._read_body(headers, receive)
             _check_utf8(body)
         except RequestError as exc:
             await _error_response(exc.kind.value, _error_body(exc.message, exc.param, exc.code))(scope, receive, send)
             return
-        replay: list[Message] = [{"type": "http.request", "body": body, "more_body": False}, *pending]
+        except TimeoutError:
+            log.debug("request body not received within %g s; answering 408", self.body_timeout_s)
+            message = f"the request body was not received within {self.body_timeout_s:g} s"
+            await _error_response(408, _error_body(message, code="request_timeout"))(scope, receive, send)
+            return
+        except _ClientGone as exc:
+            log.debug("client left while sending the request body (%s)", exc)
+            return
+        replay: list[Message] = [{"type": "http.request", "body": body, "more_body": False}]
 
         async def replayed() -> Message:
             return replay.pop(0) if replay else await receive()
 
         await self.app(scope, replayed, send)
 
-    async def _read_body(self, headers: dict[bytes, bytes], receive: Receive) -> tuple[bytes, list[Message]]:
+    async def _read_body(self, headers: dict[bytes, bytes], receive: Receive) -> bytes:
         too_large = RequestError(
             f"the request body is larger than {self.max_bytes} bytes",
             code="request_too_large",
@@ -462,16 +484,23 @@ class _RequestGuard:
         chunks: list[bytes] = []
         size = 0
         while True:
-            msg = await receive()
+            try:
+                msg = await receive()
+            except Exception as exc:  # noqa: BLE001 - Ray Serve's receive raises once the client is gone
+                raise _ClientGone(type(exc).__name__) from None
             if msg["type"] != "http.request":
-                return b"".join(chunks), [msg]  # disconnected while sending the body
+                raise _ClientGone(msg["type"])  # nobody is left to answer
             chunk = msg.get("body", b"")
             size += len(chunk)
             if size > self.max_bytes:
                 raise too_large
             chunks.append(chunk)
             if not msg.get("more_body", False):
-                return b"".join(chunks), []
+                return b"".join(chunks)
+
+
+class _ClientGone(Exception):
+    """The client went away before its request body was complete."""
 
 
 def _check_utf8(body: bytes) -> None:

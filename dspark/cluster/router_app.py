@@ -111,7 +111,8 @@ class RouterRuntime:
     def http_app(self):
         from dspark.cluster.openai_api import make_http_app
 
-        return make_http_app(self.backend, self.tokenizer, self.router_cfg, metrics=self.metrics)
+        return make_http_app(self.backend, self.tokenizer, self.router_cfg, metrics=self.metrics,
+                             body_timeout_s=self.cfg.http_body_timeout_s)
 
     async def drain(self, timeout_s: float) -> None:
         """Wait (bounded) until no request streams through this router, HTTP or gRPC.
