@@ -15,6 +15,12 @@ training and calibration never saw), block 7, temperature 0 and 1:
 
 Drafters: dspark, dspark without its Markov head (same weights, bias dropped), layerskip (first
 half of the target) and ngram (prompt lookup).  Writes bench/results/drafters.json and a PNG.
+
+Draft vocabulary: ``--draft-vocabs 4096,8192,0`` adds ``dspark-v<N>`` rows (the shipped head
+drafting over the first N ids of its id map; 0 = the full vocabulary), and ``--timing`` times
+one drafted block per batch size and N in one process, side by side with a plain decode step:
+
+    dspark bench drafters --timing --draft-vocabs 4096,8192,16384,32768,0 --timing-batches 1,8,64
 """
 
 from __future__ import annotations
@@ -32,6 +38,89 @@ DRAFTERS = {
     "layerskip": ("layerskip", ()),
     "ngram": ("ngram", ()),
 }
+
+
+def vocab_variants(sizes: list[int]) -> dict:
+    """``dspark-v<N>`` entries for DRAFTERS (N = 0: the full vocabulary, named dspark-full)."""
+    return {("dspark-full" if n == 0 else f"dspark-v{n}"): ("dspark", (("draft_vocab", n),)) for n in sizes}
+
+
+def draft_timing(prompts: list[list[int]], sizes: list[int], batches: list[int], block: int, dtype: str = "bf16",
+                 context: int = 256, reps: int = 20, decode_tokens: int = 64) -> dict:
+    """Milliseconds per drafted block (one ``propose`` for the whole batch) for each N and batch.
+
+    Every request has ``context`` observed tokens (held-out prompts, cycled and cut); greedy rows
+    draft with K = 1, temperature-1 rows with the default top-8 proposal.  Median of ``reps``
+    calls after 3 warm-up calls.  Also times plain decoding at batch 1 (ms per token) so a block
+    can be read as a share of one decode step.
+    """
+    import statistics
+
+    import torch
+
+    from dspark.models.dspark_head import default_head_path, load_head
+    from dspark.models.loader import DEFAULT_MODEL_NAME, load_model
+    from dspark.train.features import target_features
+    from dspark.workers.drafters.dspark import DSparkDrafter
+    from dspark.workers.request import SamplingParams, Sequence
+
+    loaded = load_model(None, dtype=dtype, progress=False)
+    model, path = loaded.model, default_head_path(DEFAULT_MODEL_NAME)
+    flat = [t for p in prompts for t in p]
+    ctx_ids = [(flat * (1 + context * max(batches) // max(1, len(flat))))[i * 7 : i * 7 + context] for i in range(max(batches))]
+    head0 = load_head(path, model, draft_vocab=0)
+    feats = [f for i in range(0, len(ctx_ids), 8) for f, _ in target_features(model, ctx_ids[i : i + 8], head0.cfg.feature_layers)]
+    out: dict = {"context": context, "block": block, "dtype": dtype, "threads": torch.get_num_threads(),
+                 "ms_per_block": {}, "ms_per_block_min": {}}
+    cases = []  # (N label, "B=..,T=..", drafter, seqs)
+    for n in sizes:
+        head = head0 if n == 0 else load_head(path, model, draft_vocab=n)
+        for B in batches:
+            for temp in (0.0, 1.0):
+                drafter = DSparkDrafter(head, n_slots=B, max_seq=context + block + 8)
+                seqs = []
+                for i in range(B):
+                    s = Sequence(request_id=f"r{i}", prompt_ids=list(ctx_ids[i]), generator=torch.Generator(),
+                                 params=SamplingParams(max_tokens=64, temperature=temp, seed=i))
+                    s.output_ids = [ctx_ids[i][-1]]
+                    s.num_cached = context
+                    drafter.observe(s, s.prompt_ids, feats[i])
+                    seqs.append(s)
+                cases.append(("full" if n == 0 else str(n), f"B={B},T={temp:g}", drafter, seqs))
+    # Interleaved: every repetition times every case once, so load from other processes hits all alike.
+    times: dict = {(c[0], c[1]): [] for c in cases}
+    for r in range(reps + 3):
+        for label, key, drafter, seqs in cases:
+            t0 = time.perf_counter()
+            drafter.propose(seqs, block)
+            if r >= 3:
+                times[(label, key)].append(time.perf_counter() - t0)
+    for (label, key), ts in times.items():
+        out["ms_per_block"].setdefault(label, {})[key] = round(1000 * statistics.median(ts), 2)
+        out["ms_per_block_min"].setdefault(label, {})[key] = round(1000 * min(ts), 2)
+    for label, row in out["ms_per_block"].items():
+        click.echo(f"draft_vocab {label:>6s} (median ms): " + "  ".join(f"{k} {v:.2f}" for k, v in row.items()))
+    del cases
+    del head0
+    built = _engine("none", (), block, dtype, 1, max(map(len, prompts)) + decode_tokens + 8)
+    try:
+        from dspark.workers.request import SamplingParams as SP
+
+        eng = built.engine
+        eng.generate([prompts[0]], SP(max_tokens=8))
+
+        def timed(n: int) -> float:
+            t0 = time.perf_counter()
+            eng.generate([prompts[0]], SP(max_tokens=n, ignore_eos=True))
+            return time.perf_counter() - t0
+
+        # Decode steps only: the difference between a long and a one-token request (same prefill).
+        per_tok = statistics.median((timed(decode_tokens) - timed(1)) / (decode_tokens - 1) for _ in range(3))
+        out["plain_ms_per_decode_step_b1"] = round(1000 * per_tok, 2)
+    finally:
+        built.close()
+    click.echo(f"plain decoding, batch 1: {out['plain_ms_per_decode_step_b1']:.2f} ms per decode step")
+    return out
 
 
 def _prompt_ids(tokenizer, prompts_file: str | None, head_meta: dict, limit: int) -> tuple[list[list[int]], str]:
@@ -173,14 +262,20 @@ def plot(results: dict, path: Path, block: int) -> None:
 @click.option("--max-prompts", type=int, default=24, show_default=True, help="prompts for the acceptance runs")
 @click.option("--max-tokens", type=int, default=128, show_default=True)
 @click.option("--speed-prompts", type=int, default=4, show_default=True, help="prompts for the concurrency-1 timing (0: skip)")
-@click.option("--drafters", default=",".join(DRAFTERS), show_default=True)
+@click.option("--drafters", default=None, help=f"comma-separated, from {', '.join(DRAFTERS)} (default: all, or "
+              "none when --draft-vocabs is given)")
+@click.option("--draft-vocabs", default="", help="comma-separated N: add dspark drafting over the first N ids of the "
+              "head's id map (0 = full vocabulary)")
+@click.option("--timing", is_flag=True, help="time one drafted block per N and batch size (see --timing-batches)")
+@click.option("--timing-batches", default="1,8,64", show_default=True)
+@click.option("--timing-threads", type=int, default=2, show_default=True, help="torch threads for --timing")
 @click.option("--temperatures", default="0,1", show_default=True)
 @click.option("--block", type=int, default=7, show_default=True)
 @click.option("--dtype", type=click.Choice(["bf16", "fp32"]), default="bf16", show_default=True, help="dtype of the acceptance runs")
 @click.option("--concurrency", type=int, default=8, show_default=True, help="batch of the acceptance runs")
 @click.option("--threads", type=int, default=1, show_default=True, help="torch threads (1 is fastest on a shared host)")
-def main(prompts_file, json_out, plot_out, max_prompts, max_tokens, speed_prompts, drafters, temperatures, block,
-         dtype, concurrency, threads):
+def main(prompts_file, json_out, plot_out, max_prompts, max_tokens, speed_prompts, drafters, draft_vocabs, timing,
+         timing_batches, timing_threads, temperatures, block, dtype, concurrency, threads):
     """Acceptance, calibration and speedup of the drafters on held-out prompts."""
     import torch
 
@@ -188,7 +283,11 @@ def main(prompts_file, json_out, plot_out, max_prompts, max_tokens, speed_prompt
     from dspark.models.loader import DEFAULT_MODEL_NAME, load_model
 
     torch.set_num_threads(threads)
-    names = [d.strip() for d in drafters.split(",") if d.strip()]
+    sizes = [int(n) for n in draft_vocabs.split(",") if n.strip()]
+    DRAFTERS.update(vocab_variants(sizes))
+    if drafters is None:
+        drafters = "" if sizes else ",".join(d for d in DRAFTERS if not d.startswith("dspark-v") and d != "dspark-full")
+    names = [d.strip() for d in drafters.split(",") if d.strip()] + list(vocab_variants(sizes))
     unknown = set(names) - set(DRAFTERS)
     if unknown:
         raise click.BadParameter(f"unknown drafters {sorted(unknown)}; choose from {', '.join(DRAFTERS)}")
@@ -198,6 +297,14 @@ def main(prompts_file, json_out, plot_out, max_prompts, max_tokens, speed_prompt
     temps = [float(t) for t in temperatures.split(",")]
     results: dict = {}
     speed: dict = {}
+    timing_out = None
+    if timing:
+        torch.set_num_threads(timing_threads)
+        timing_prompts = _prompt_ids(tok, prompts_file, head_meta, 8)[0]
+        timing_out = draft_timing(timing_prompts, sizes or [0], [int(b) for b in timing_batches.split(",")], block)
+        torch.set_num_threads(threads)
+        if max_prompts == 0:
+            temps = []
     for t in temps:
         key = f"T={t:g}"
         results[key] = {}
@@ -222,7 +329,7 @@ def main(prompts_file, json_out, plot_out, max_prompts, max_tokens, speed_prompt
     out = {
         "prompts": where, "num_prompts": len(prompts), "max_tokens": max_tokens, "block_len": block,
         "acceptance_dtype": dtype, "concurrency": concurrency, "threads": threads,
-        "speed_prompts": speed_prompts, "acceptance": results, "speed": speed,
+        "speed_prompts": speed_prompts, "acceptance": results, "speed": speed, "draft_timing": timing_out,
         "head": {"file": default_head_path(DEFAULT_MODEL_NAME).name, "training": head_meta.get("training", {}).get("steps")},
         "generated_at": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
@@ -230,7 +337,8 @@ def main(prompts_file, json_out, plot_out, max_prompts, max_tokens, speed_prompt
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(out, indent=2) + "\n")
     png = Path(plot_out) if plot_out else RESULTS / "drafters_acceptance.png"
-    plot(results, png, block)
+    if results:
+        plot(results, png, block)
     click.echo(f"wrote {json_path} and {png}")
 
 

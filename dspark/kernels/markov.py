@@ -64,19 +64,24 @@ def markov_block_sample(
     temperature: torch.Tensor,
     top_k: int,
     uniforms: torch.Tensor,
+    vocab_ids: torch.Tensor | None = None,
 ) -> MarkovDraft:
     """Sample a draft block left to right through the Markov head.
 
-    base_logits: [B, G, V] from the parallel backbone.
-    anchor_ids: [B] int64, x_0.
-    w1: [V, r] previous-token embedding; w2: [r, V] logit projection.
-    temperature: [B]; <= 0 means greedy (x_k = argmax logits_k, lowest id on ties).
-    top_k: 0 = dense q over the vocabulary; > 0 = q truncated to the top_k logits.
+    base_logits: [B, G, N] from the parallel backbone (N = V without ``vocab_ids``).
+    anchor_ids: [B] int64, x_0 (a vocabulary id).
+    w1: [V, r] previous-token embedding (any vocabulary id); w2: [r, N] logit projection.
+    temperature: [B]; <= 0 means greedy (x_k = argmax logits_k, lowest column on ties).
+    top_k: 0 = q over all N columns; > 0 = q truncated to the top_k logits.
     uniforms: [B, G] in [0, 1) (float64 recommended), one draw per position.
+    vocab_ids: [N] int64 vocabulary id of each logit column (a draft vocabulary), or None when
+        the columns are the vocabulary itself.  q's support is then inside ``vocab_ids``; tokens
+        and sparse ids are reported as vocabulary ids, so the verifier needs nothing else.
 
-    Proposal format: sparse ``[B, G, K]`` values + ids when top_k > 0 (K = min(top_k, V)) or
-    when every request is greedy (K = 1); dense ``[B, G, V]`` otherwise.  A greedy row's q is
-    one-hot on its token (slot 0 of a sparse row, the other slots padding).
+    Proposal format: sparse ``[B, G, K]`` values + ids when top_k > 0 (K = min(top_k, N)), when
+    every request is greedy (K = 1) or with ``vocab_ids`` (K = N when top_k = 0); dense
+    ``[B, G, V]`` otherwise.  A greedy row's q is one-hot on its token (slot 0 of a sparse row,
+    the other slots padding).
 
     Returns a :class:`MarkovDraft`.
 
@@ -91,9 +96,12 @@ def markov_block_sample(
     device = base_logits.device
     temperature = temperature.to(device=device, dtype=torch.float32)
     greedy = temperature <= 0  # [B]
-    any_greedy = bool(greedy.any())
-    sparse = top_k > 0 or bool(greedy.all())
-    width = min(top_k, vocab) if top_k > 0 else (1 if sparse else vocab)
+    any_greedy, all_greedy = bool(greedy.any()), bool(greedy.all())
+    mapped = vocab_ids is not None
+    sparse = top_k > 0 or all_greedy or mapped
+    width = min(top_k, vocab) if top_k > 0 else (1 if all_greedy else vocab)
+    if mapped:
+        vocab_ids = vocab_ids.to(device=device, dtype=torch.long)  # [N]
     temp = torch.where(greedy, 1.0, temperature).unsqueeze(1)  # greedy rows divide by 1: [B, 1]
     rows = torch.arange(num_reqs, device=device)  # [B]
 
@@ -105,14 +113,17 @@ def markov_block_sample(
     for k in range(block):
         emb = w1[prev]  # W1[x_{k-1}]: [B, r]
         prev_emb[:, k] = emb
-        logits = base_logits[:, k].float() + (emb @ w2).float()  # [B, V]
+        logits = base_logits[:, k].float() + (emb @ w2).float()  # [B, N]
         if sparse:
             if top_k > 0:
                 vals, cand = torch.topk(logits, width, dim=-1)  # [B, K] each, descending
                 q = torch.softmax(vals / temp, dim=-1)
-            else:  # all greedy, K = 1
+            elif all_greedy:  # K = 1
                 cand = logits.argmax(-1, keepdim=True)
                 q = torch.ones(num_reqs, 1, dtype=torch.float32, device=device)
+            else:  # every column of a draft vocabulary, K = N
+                cand = torch.arange(vocab, device=device).expand(num_reqs, vocab)
+                q = torch.softmax(logits / temp, dim=-1)
             if any_greedy:
                 # Greedy: one-hot on the argmax in slot 0 (topk's tie order may differ).
                 cand = cand.clone()
@@ -120,7 +131,9 @@ def markov_block_sample(
                 onehot = torch.zeros_like(q)
                 onehot[:, 0] = 1.0
                 q = torch.where(greedy.unsqueeze(1), onehot, q)
-            tok = cand[rows, inverse_cdf_sample(q, uniforms[:, k])]  # [B]
+            tok = cand[rows, inverse_cdf_sample(q, uniforms[:, k])]  # [B] column
+            if mapped:  # columns -> vocabulary ids
+                tok, cand = vocab_ids[tok], vocab_ids[cand]
             ids[:, k] = cand
         else:
             q = torch.softmax(logits / temp, dim=-1)  # [B, V]

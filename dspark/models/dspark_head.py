@@ -15,13 +15,21 @@ emitted, not yet in its KV cache.  The target's embedding and LM head are borrow
 and never stored in the head's file.  Sequential temperature scaling (STS) of the confidences is a
 per-position temperature on the confidence logit, kept in the config (``sts``).
 
+Draft vocabulary: a head may draft over the N most frequent ids of the target's own outputs (an id
+map ranked by frequency, ``dspark.train.vocab``) instead of all V.  Its output layer is then those N
+rows of the target's LM head (gathered once, never stored) and W2 is N columns; W1 still covers the
+full vocabulary, since the previous token can be any id.  Logits, q and W2 columns are indexed by
+draft index n (0..N-1), whose vocabulary id is ``draft_ids[n]``.
+
 Shapes: B = requests (or training sequences), Q = block query positions (G at inference; anchors * G in
-training), S = context positions, D = dim, r = Markov rank, V = vocabulary.
+training), S = context positions, D = dim, r = Markov rank, V = vocabulary, N = draft vocabulary
+(N = V without a map), M = ids in the map.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -55,6 +63,9 @@ class DSparkHeadConfig:
     markov_rank: int = 128  # r of the Markov head W1 [V, r] @ W2 [r, V]; 0 = no Markov head (DFlash-style)
     init_from_layers: tuple[int, ...] = ()  # target blocks copied into the draft layers at init (training only)
     sts: dict = field(default_factory=dict)  # {"greedy": [T_1..T_G], "sampled": [...]} STS temperatures
+    draft_vocab: int = 0  # N drafted ids: the first N of the id map (0 = the full vocabulary, no map needed)
+    trained_vocab: int = 0  # W2 columns: 0 = all V ids in id order; N = the map's first N ids (reduced training)
+    vocab_map: dict = field(default_factory=dict)  # {"size": M, "sha256": ...} of <head>.vocab.safetensors; {} = none
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -143,10 +154,16 @@ class DSparkHead(nn.Module):
         r = cfg.markov_rank
         if r > 0:
             self.markov_w1 = nn.Parameter(torch.zeros(cfg.vocab_size, r))  # W1: previous-token embedding
-            self.markov_w2 = nn.Parameter(torch.empty(r, cfg.vocab_size))  # W2: logit projection
+            self.markov_w2 = nn.Parameter(torch.empty(r, cfg.trained_vocab or cfg.vocab_size))  # W2: logit projection
         self.confidence = nn.Linear(D + r, 1)
         # Borrowed from the target, frozen, deliberately not registered (not in state_dict).
         self._target: list = []
+        # Frequency-ranked id map [M] (int64), set by load_head / the trainer; not in state_dict.
+        self.vocab_ids: torch.Tensor | None = None
+        # The drafted vocabulary (use_draft_vocab): ids [N], LM-head rows [N, D], W2 columns [r, N].
+        self.draft_ids: torch.Tensor | None = None
+        self._out_rows: torch.Tensor | None = None
+        self._w2_cols: torch.Tensor | None = None
 
     # -- target weights ---------------------------------------------------------------------
     def bind_target(self, target: nn.Module) -> "DSparkHead":
@@ -155,7 +172,47 @@ class DSparkHead(nn.Module):
         if emb.shape != (self.cfg.vocab_size, self.cfg.dim):
             raise ValueError(f"target embedding {tuple(emb.shape)} does not match the head ({self.cfg.vocab_size}, {self.cfg.dim})")
         self._target = [target]
+        if self.draft_ids is not None:
+            self.use_draft_vocab(int(self.draft_ids.numel()))  # re-gather the rows of this target
         return self
+
+    def use_draft_vocab(self, n: int) -> "DSparkHead":
+        """Draft over the first ``n`` ids of the map (0 = the full vocabulary, today's path).
+
+        Gathers the n LM-head rows of the bound target and, for a head trained over the full
+        vocabulary, copies W2's columns of those ids; a head trained over N ids keeps its first n
+        columns (n <= N).  Call after the head has its final device and dtype.
+        """
+        V, N_train = self.cfg.vocab_size, self.cfg.trained_vocab
+        if n < 0 or n > V:
+            raise ValueError(f"draft_vocab={n}: expected 0 (full vocabulary) or 1..{V}")
+        if N_train and not 0 < n <= N_train:
+            raise ValueError(f"draft_vocab={n}: this head was trained over {N_train} ids; choose 1..{N_train}")
+        if n == 0:
+            self.draft_ids = self._out_rows = self._w2_cols = None
+            return self
+        if self.vocab_ids is None:
+            raise ValueError(f"draft_vocab={n} needs the head's id map (<head>.vocab.safetensors), and this head has none")
+        if n > self.vocab_ids.numel():
+            raise ValueError(f"draft_vocab={n} exceeds the head's id map of {self.vocab_ids.numel()} ids")
+        dev = self.mask_embedding.device
+        ids = self.vocab_ids[:n].to(dev)  # [N]
+        self.draft_ids = ids
+        self._out_rows = self.lm_head_weight.detach()[ids].contiguous() if self._target else None  # [N, D]
+        if self.cfg.markov_rank == 0 or N_train:
+            self._w2_cols = None  # W2 is indexed by draft index already (sliced in markov_w2_draft)
+        else:
+            self._w2_cols = self.markov_w2.detach()[:, ids].contiguous()  # [r, N]
+        return self
+
+    @property
+    def markov_w2_draft(self) -> torch.Tensor:
+        """W2 over the drafted vocabulary: [r, N] (the parameter itself when nothing is sliced)."""
+        if self._w2_cols is not None:
+            return self._w2_cols
+        if self.draft_ids is not None and self.cfg.trained_vocab and self.draft_ids.numel() < self.cfg.trained_vocab:
+            return self.markov_w2[:, : self.draft_ids.numel()]
+        return self.markov_w2
 
     @property
     def embedding(self) -> torch.Tensor:
@@ -237,11 +294,15 @@ class DSparkHead(nn.Module):
         return self.norm(x)
 
     def base_logits(self, h: torch.Tensor) -> torch.Tensor:
-        """U = LM head(h), float32.  h: [*R, D] -> [*R, V].
+        """U = LM head(h), float32.  h: [*R, D] -> [*R, N] (N = V without a draft vocabulary).
 
-        Calls the target's own output layer, so a serving-side fast path (packed bf16 weights)
-        serves the drafter too.
+        Full vocabulary: calls the target's own output layer, so a serving-side fast path (packed
+        bf16 weights) serves the drafter too.  Draft vocabulary: the gathered rows only.
         """
+        if self.draft_ids is not None:
+            return F.linear(h.to(self._out_rows.dtype), self._out_rows).float()
+        if self.cfg.trained_vocab:
+            raise ValueError(f"this head was trained over {self.cfg.trained_vocab} ids: set its id map and call use_draft_vocab")
         return self._target[0].output(h.to(self.lm_head_weight.dtype)).float()
 
     def markov_embedding(self, prev_ids: torch.Tensor) -> torch.Tensor:
@@ -251,8 +312,8 @@ class DSparkHead(nn.Module):
         return F.embedding(prev_ids, self.markov_w1)
 
     def markov_bias(self, prev_emb: torch.Tensor) -> torch.Tensor:
-        """B(x_{k-1}, .) = W1[x_{k-1}] @ W2, float32.  prev_emb: [*R, r] -> [*R, V]."""
-        return (prev_emb @ self.markov_w2).float()
+        """B(x_{k-1}, .) = W1[x_{k-1}] @ W2, float32.  prev_emb: [*R, r] -> [*R, N]."""
+        return (prev_emb @ self.markov_w2_draft).float()
 
     def confidence_logit(self, h: torch.Tensor, prev_emb: torch.Tensor) -> torch.Tensor:
         """z_k with c_k = sigmoid(z_k).  h: [*R, D], prev_emb: [*R, r] -> [*R] float32."""
@@ -282,17 +343,76 @@ def block_attention_mask(ctx_lens: torch.Tensor, anchors: torch.Tensor, block_le
 
 
 # ------------------------------------------------------------------------------------------------
-# Files: <name>.safetensors (weights) + <name>.json (config); the target's weights are never stored.
+# Files: <name>.safetensors (weights) + <name>.json (config) + <name>.vocab.safetensors (id map, when
+# the head has one; its size and sha256 are in the JSON config); the target's weights are never stored.
 # ------------------------------------------------------------------------------------------------
+def vocab_map_path(path: str | Path) -> Path:
+    """The id map stored next to a head: <name>.vocab.safetensors."""
+    path = Path(path)
+    return path.with_name(path.with_suffix(".safetensors").stem + ".vocab.safetensors")
+
+
+def vocab_map_sha256(ids: torch.Tensor) -> str:
+    """Content hash of an id map: sha256 of the ids as little-endian int32."""
+    return hashlib.sha256(ids.to(torch.int32).cpu().contiguous().numpy().astype("<i4").tobytes()).hexdigest()
+
+
+def write_vocab_map(path: str | Path, ids: torch.Tensor, counts: torch.Tensor | None = None) -> dict:
+    """Write a ranked id map ``ids`` [M] (and optional per-rank counts [M]) as safetensors.
+
+    Returns the record a head's config keeps: ``{"size": M, "sha256": ...}``.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {"ids": ids.to(torch.int32).cpu().contiguous()}
+    if counts is not None:
+        tensors["counts"] = counts.to(torch.int64).cpu().contiguous()
+    record = {"size": int(ids.numel()), "sha256": vocab_map_sha256(ids)}
+    save_file(tensors, str(path), metadata={"sha256": record["sha256"]})
+    return record
+
+
+def read_vocab_map(path: str | Path) -> torch.Tensor:
+    """The ranked ids of an id map file: [M] int64."""
+    from safetensors.torch import load_file
+
+    return load_file(str(path))["ids"].long()
+
+
+def check_vocab_map(ids: torch.Tensor, cfg: DSparkHeadConfig, name: str) -> None:
+    """Refuse a map that does not belong to this head: one-line ValueError naming the problem."""
+    rec, V = cfg.vocab_map, cfg.vocab_size
+    if ids.dim() != 1 or ids.numel() != int(rec.get("size", -1)):
+        raise ValueError(f"draft head {name}: id map has {ids.numel()} ids, the head's config says {rec.get('size')}")
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= V):
+        raise ValueError(f"draft head {name}: id map holds ids outside the vocabulary 0..{V - 1}")
+    if ids.unique().numel() != ids.numel():
+        raise ValueError(f"draft head {name}: id map repeats ids")
+    if vocab_map_sha256(ids) != rec.get("sha256"):
+        raise ValueError(f"draft head {name}: id map hash does not match the head's config (sha256 mismatch)")
+    if cfg.trained_vocab > ids.numel():
+        raise ValueError(f"draft head {name}: trained over {cfg.trained_vocab} ids but the map has {ids.numel()}")
+
+
 def save_head(head: DSparkHead, path: str | Path, dtype: torch.dtype = torch.bfloat16, extra: dict | None = None) -> Path:
-    """Write ``path`` (.safetensors) and its config next to it (.json).  Returns the weights path."""
+    """Write ``path`` (.safetensors), its config next to it (.json) and the id map when the head has one.
+
+    Returns the weights path.
+    """
     from safetensors.torch import save_file
 
     path = Path(path).with_suffix(".safetensors")
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in head.state_dict().items()}
     save_file(state, str(path))
-    meta = {"config": head.cfg.to_json(), **(extra or {})}
+    cfg = head.cfg
+    if head.vocab_ids is not None:
+        cfg = cfg.replace(vocab_map=write_vocab_map(vocab_map_path(path), head.vocab_ids))
+    elif cfg.vocab_map or cfg.trained_vocab or cfg.draft_vocab:
+        raise ValueError("the head's config names an id map, but the head has none to save")
+    meta = {"config": cfg.to_json(), **(extra or {})}
     path.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
     return path
 
@@ -303,11 +423,15 @@ def read_head_config(path: str | Path) -> tuple[DSparkHeadConfig, dict]:
 
 
 def load_head(path: str | Path, target: nn.Module, target_name: str | None = None,
-              dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> DSparkHead:
+              dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+              draft_vocab: int | None = None) -> DSparkHead:
     """Load a head and bind it to ``target``, checking that it was made for this target.
 
     Checks dim, vocabulary and that the feature layers exist; a differing ``target_name`` is only
     an error when both names are known and the shapes also disagree (renamed copies still load).
+    The id map (when the config names one) must match the config's size and hash and hold distinct
+    ids of the target's vocabulary.  ``draft_vocab``: N drafted ids (None = the config's
+    ``draft_vocab``, or its ``trained_vocab``; 0 = the full vocabulary).
     """
     from safetensors.torch import load_file
 
@@ -327,6 +451,15 @@ def load_head(path: str | Path, target: nn.Module, target_name: str | None = Non
     if problems:
         where = f" (head trained for {cfg.target_name}, target is {target_name})" if target_name else ""
         raise ValueError(f"draft head {path.name} does not fit the target{where}: " + "; ".join(problems))
+    ids = None
+    if cfg.vocab_map:
+        vpath = vocab_map_path(path)
+        if not vpath.exists():
+            raise ValueError(f"draft head {path.name}: its id map {vpath.name} is missing")
+        ids = read_vocab_map(vpath)
+        check_vocab_map(ids, cfg, path.name)
+    elif cfg.trained_vocab or cfg.draft_vocab:
+        raise ValueError(f"draft head {path.name}: config asks for a draft vocabulary but names no id map")
     dtype = dtype or target.dtype
     device = device or target.device
     head = DSparkHead(cfg)
@@ -334,7 +467,10 @@ def load_head(path: str | Path, target: nn.Module, target_name: str | None = Non
     missing, unexpected = head.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(f"draft head {path.name}: missing={missing} unexpected={unexpected}")
-    return head.to(device=device, dtype=dtype).eval().requires_grad_(False).bind_target(target)
+    head = head.to(device=device, dtype=dtype).eval().requires_grad_(False).bind_target(target)
+    head.vocab_ids = ids
+    n = (cfg.draft_vocab or cfg.trained_vocab) if draft_vocab is None else draft_vocab
+    return head.use_draft_vocab(n)
 
 
 def default_head_path(target_name: str) -> Path:
@@ -345,4 +481,5 @@ def default_head_path(target_name: str) -> Path:
 __all__ = [
     "DSparkHeadConfig", "DSparkHead", "DraftLayer", "block_attention_mask", "rope_tables",
     "save_head", "load_head", "read_head_config", "default_head_path", "HEADS_DIR",
+    "vocab_map_path", "vocab_map_sha256", "write_vocab_map", "read_vocab_map", "check_vocab_map",
 ]

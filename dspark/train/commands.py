@@ -1,4 +1,7 @@
-"""`dspark train-draft`: self-distillation data -> features -> training -> STS calibration -> export.
+"""`dspark train-draft`: self-distillation data -> vocab -> features -> training -> STS calibration -> export.
+
+The vocab stage ranks the ids of the run's training-split responses by frequency (the head's id
+map, ``dspark.train.vocab``); a head with ``head.trained_vocab = N`` is trained over the first N.
 
 Every stage caches its output in the run directory and picks up where it stopped, so the same
 command line resumes an interrupted run (``--resume`` continues the optimiser from its last
@@ -14,7 +17,7 @@ from pathlib import Path
 
 import click
 
-STAGES = ("data", "features", "train", "calibrate")
+STAGES = ("data", "vocab", "features", "train", "calibrate")
 
 
 def _split_record(cfg) -> dict:
@@ -64,6 +67,14 @@ def train_draft(config_path, out_dir, resume, max_steps, stages, threads, ship):
         rows = generate_responses(cfg.data, responses, model=cfg.model)
         click.echo(f"responses: {len(rows)} cached in {responses}")
 
+    vocab_file = Path(cfg.vocab_map) if cfg.vocab_map else run / "vocab.safetensors"
+    if "vocab" in todo and not cfg.vocab_map:
+        from dspark.train.data import read_responses
+        from dspark.train.vocab import rank_responses
+
+        record = rank_responses(read_responses(responses), cfg.data, cfg.head.vocab_size, vocab_file)
+        click.echo(f"vocab: {record['seen_ids']} distinct ids in {record['tokens']} response tokens -> {vocab_file}")
+
     if "features" in todo or "train" in todo:
         from dspark.train.data import read_responses
         from dspark.train.features import build_feature_cache, load_feature_store
@@ -83,7 +94,11 @@ def train_draft(config_path, out_dir, resume, max_steps, stages, threads, ship):
             valid_store = load_feature_store(run / "features" / "valid")
             click.echo(f"training on {train_store.num_seqs} sequences / {int(train_store.num_anchors().sum())} anchors")
             t0 = time.perf_counter()
-            head = train(cfg, run, target.model, train_store, valid_store, resume=resume, max_steps=max_steps)
+            from dspark.models.dspark_head import read_vocab_map
+
+            vocab_ids = read_vocab_map(vocab_file) if vocab_file.exists() else None
+            head = train(cfg, run, target.model, train_store, valid_store, resume=resume, max_steps=max_steps,
+                         vocab_ids=vocab_ids)
             state = json.loads((ckpt / "state.json").read_text())
             summary = {
                 "steps": state["step"], "train_seconds_this_call": round(time.perf_counter() - t0),
@@ -113,6 +128,10 @@ def train_draft(config_path, out_dir, resume, max_steps, stages, threads, ship):
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(run / "head.safetensors", dest)
         shutil.copyfile(run / "head.json", dest.with_suffix(".json"))
+        from dspark.models.dspark_head import vocab_map_path
+
+        if vocab_map_path(run / "head").exists():
+            shutil.copyfile(vocab_map_path(run / "head"), vocab_map_path(dest))
         click.echo(f"shipped {dest}")
     click.echo(f"done in {time.perf_counter() - t_start:.0f}s")
 

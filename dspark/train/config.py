@@ -82,6 +82,7 @@ class TrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
     model: str | None = None  # target GGUF / HF folder; None = the embedded default model
     name: str = "SmolLM2-135M-Instruct"  # name of the shipped head file
+    vocab_map: str | None = None  # id map file (dspark.train.vocab); None = <run>/vocab.safetensors (vocab stage)
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -102,7 +103,7 @@ class TrainConfig:
         return cls(
             head=head, data=sub(DataConfig, "data"), optim=sub(OptimConfig, "optim"),
             loss=sub(LossConfig, "loss"), run=sub(RunConfig, "run"),
-            model=d.get("model"), name=d.get("name", cls.name),
+            model=d.get("model"), name=d.get("name", cls.name), vocab_map=d.get("vocab_map"),
         )
 
     @classmethod

@@ -94,14 +94,15 @@ def generate_responses(cfg: DataConfig, out_path: Path, model: str | None = None
     """Generate (or finish generating) the responses of ``splits`` into ``out_path`` (JSONL).
 
     Plain decoding with our engine, ``cfg.gen_batch`` requests at a time (continuous batching).
-    Returns every cached row.
+    ``limit`` caps the planned jobs (the first ``limit``, done or not), so a resumed run finishes
+    the same set.  Returns every cached row.
     """
     from dspark.workers.factory import EngineSpec, build_engine
     from dspark.workers.request import SamplingParams
     from dspark.workers.runner import RunnerConfig
 
     done = {r["key"] for r in read_responses(out_path)}
-    jobs = [j for j in plan_jobs(cfg, splits) if j.key not in done][:limit]
+    jobs = [j for j in plan_jobs(cfg, splits)[:limit] if j.key not in done]
     if jobs:
         max_seq = cfg.max_prompt_tokens + cfg.max_new_tokens + 16
         spec = EngineSpec(model=model, dtype=cfg.dtype, runner=RunnerConfig(n_slots=cfg.gen_batch, max_seq=max_seq))

@@ -108,19 +108,33 @@ def forward_batch(head: DSparkHead, target, store: FeatureStore, batch: Batch, c
     h = h.reshape(B * A * G, -1)[rows]  # [R, D]
     prev = batch.prev_ids.reshape(-1)[rows]
     k_pos = torch.arange(G).repeat(B * A)[rows]
-    logits = head.base_logits(h)  # [R, V]
+    logits = head.base_logits(h)  # [R, N] (N = V without a draft vocabulary)
     prev_emb = head.markov_embedding(prev)
     if markov and head.cfg.markov_rank > 0:
         logits = logits + head.markov_bias(prev_emb)
     conf = head.confidence_logit(h, prev_emb)
+    target_ids = batch.target_ids.reshape(-1)[rows]  # [R] vocabulary ids
+    ids = head.draft_ids  # [N] or None
     with torch.no_grad():
         # Target distribution from the cached final hidden state, once per distinct position.
         idx = batch.final_index.reshape(-1)[rows]
         uniq, inv = torch.unique(idx, return_inverse=True)
         t_logits = target.lm_head(store.final[uniq].to(target.dtype))  # [U, V] float32
         target_probs = torch.softmax(t_logits, dim=-1)[inv]  # [R, V]
-    loss = dspark_loss(logits, conf, target_probs, batch.target_ids.reshape(-1)[rows], k_pos, cfg.loss)
-    top1 = (logits.detach().argmax(-1), t_logits.argmax(-1)[inv]) if with_top1 else (None, None)
+        mass = None
+        if ids is not None:
+            # Draft vocabulary S: the L1 target is p_t restricted to S and renormalised (loss.py).
+            inside = target_probs[:, ids]  # [R, N]
+            mass = inside.sum(-1)  # [R] p_t(S)
+            target_probs = inside / mass.clamp_min(1e-30).unsqueeze(-1)
+            column = torch.full((head.cfg.vocab_size,), -1, dtype=torch.long)
+            column[ids] = torch.arange(ids.numel())
+            target_ids = column[target_ids]  # draft index, -1 outside S
+    loss = dspark_loss(logits, conf, target_probs, target_ids, k_pos, cfg.loss, target_mass=mass)
+    draft_top1 = logits.detach().argmax(-1)
+    if ids is not None:
+        draft_top1 = ids[draft_top1]
+    top1 = (draft_top1, t_logits.argmax(-1)[inv]) if with_top1 else (None, None)
     return StepResult(loss=loss, positions=k_pos, draft_top1=top1[0], target_top1=top1[1], row_index=rows)
 
 
@@ -236,17 +250,25 @@ def load_checkpoint(ckpt_dir: Path, head: DSparkHead, opt: torch.optim.Optimizer
 # The loop
 # ------------------------------------------------------------------------------------------------
 def train(cfg: TrainConfig, run_dir: Path, target, train_store: FeatureStore, valid_store: FeatureStore | None,
-          resume: bool = False, max_steps: int | None = None, progress: bool = True) -> DSparkHead:
+          resume: bool = False, max_steps: int | None = None, progress: bool = True,
+          vocab_ids: torch.Tensor | None = None) -> DSparkHead:
     """Train (or continue training) a head; returns it with the target bound.
 
     ``max_steps`` stops early (the schedule still follows ``cfg.optim.steps``), e.g. to run in
-    slices; ``resume`` continues from ``<run>/checkpoints/last``.
+    slices; ``resume`` continues from ``<run>/checkpoints/last``.  ``vocab_ids``: the frequency-
+    ranked id map [M]; required when ``cfg.head.trained_vocab`` > 0 (the head then drafts and is
+    trained over its first N ids), and saved with the head either way.
     """
     torch.manual_seed(cfg.run.seed)
     run_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.head.trained_vocab and vocab_ids is None:
+        raise ValueError(f"head.trained_vocab={cfg.head.trained_vocab} needs an id map (run the vocab stage)")
     head = DSparkHead(cfg.head)
     head.reset_parameters(target, seed=cfg.run.seed)
     head.bind_target(target)
+    if vocab_ids is not None:
+        head.vocab_ids = vocab_ids.long()
+        head.use_draft_vocab(cfg.head.trained_vocab)
     head.train()
     opt = make_optimizer(head, cfg)
     gen = torch.Generator().manual_seed(cfg.run.seed)

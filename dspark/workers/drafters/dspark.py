@@ -11,9 +11,14 @@ G-1 mask vectors, attending to each request's context), the frozen LM head, then
 U_k + W1[x_{k-1}] W2 at the request's temperature and reports that q (greedy: argmax, one-hot q).
 Confidences are the head's conditional survival estimates after STS calibration.
 
+With a draft vocabulary (the head's frequency-ranked id map, first N ids) the LM head and the
+Markov head's W2 cover only those N ids, so q's support is inside the map; tokens and q's ids are
+reported as vocabulary ids and verification is unchanged (the rejection sampler takes sparse q).
+
 Options (``--draft-option KEY=VALUE``): head=PATH (default: the head shipped for the target),
-proposal_top_k=8, markov=1 (0: drop the Markov bias, DFlash-style ablation with the same weights),
-calibrated=1 (0: raw confidences), trace=0 (1: keep per-block confidence/acceptance records).
+draft_vocab=N (draft over the map's first N ids; 0 = the full vocabulary; default: the head's
+config), proposal_top_k=8, markov=1 (0: drop the Markov bias, DFlash-style ablation with the same
+weights), calibrated=1 (0: raw confidences), trace=0 (1: keep per-block confidence/acceptance records).
 """
 
 from __future__ import annotations
@@ -61,9 +66,12 @@ class DSparkDrafter:
         self._slot: dict[str, int] = {}
         self._gens: dict[str, torch.Generator] = {}
         self._pending: dict[str, tuple[list[int], BlockTrace | None]] = {}
+        # Draft vocabulary: [N] vocabulary id of each logit column, None = the full vocabulary.
+        self.draft_ids = head.draft_ids
+        n_cols = cfg.vocab_size if head.draft_ids is None else int(head.draft_ids.numel())
         # The kernel always adds a bias; without the Markov head it adds W1[x] @ W2 = 0.
         self._zero_w1 = torch.zeros(cfg.vocab_size, 1, dtype=dtype, device=dev)
-        self._zero_w2 = torch.zeros(1, cfg.vocab_size, dtype=dtype, device=dev)
+        self._zero_w2 = torch.zeros(1, n_cols, dtype=dtype, device=dev)
 
     @property
     def device(self) -> torch.device:
@@ -105,7 +113,7 @@ class DSparkDrafter:
 
     # -- drafting ------------------------------------------------------------------------------
     def block_logits(self, batch: list[Sequence], anchors: torch.Tensor, block_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The parallel stage for requests whose context is cached: (h [B, G, D], base logits [B, G, V])."""
+        """The parallel stage for requests whose context is cached: (h [B, G, D], base logits [B, G, N])."""
         G, dev, head = block_len, self.device, self.head
         slots = torch.tensor([self._slot[s.request_id] for s in batch], device=dev)
         ctx_lens = torch.tensor([s.num_cached for s in batch], device=dev)  # [B] anchor positions
@@ -132,14 +140,14 @@ class DSparkDrafter:
         G, dev, head = block_len, self.device, self.head
         batch = [seqs[i] for i in ready]
         anchors = torch.tensor([s.last_token for s in batch], device=dev)  # [B]
-        h, base = self.block_logits(batch, anchors, G)  # [B, G, D], [B, G, V]
+        h, base = self.block_logits(batch, anchors, G)  # [B, G, D], [B, G, N]
         temps = torch.tensor([s.params.temperature for s in batch], device=dev)
         uniforms = torch.stack([
             torch.rand(G, dtype=torch.float64, generator=self._gens.setdefault(s.request_id, draft_generator(s)))
             for s in batch
         ]).to(dev)  # [B, G]
-        w1, w2 = (head.markov_w1, head.markov_w2) if self.markov else (self._zero_w1, self._zero_w2)
-        draft = markov_block_sample(base, anchors, w1, w2, temps, self.top_k, uniforms)
+        w1, w2 = (head.markov_w1, head.markov_w2_draft) if self.markov else (self._zero_w1, self._zero_w2)
+        draft = markov_block_sample(base, anchors, w1, w2, temps, self.top_k, uniforms, vocab_ids=self.draft_ids)
         prev = torch.cat([anchors.unsqueeze(1), draft.tokens[:, :-1]], dim=1)  # [B, G] x_{k-1}
         z = head.confidence_logit(h, head.markov_embedding(prev))  # [B, G]
         tokens = draft.tokens.tolist()
@@ -180,7 +188,8 @@ def make_dspark_drafter(loaded, opts: dict, spec) -> DSparkDrafter:
             f"no DSpark head is shipped for {loaded.name}; train one with `dspark train-draft` and pass "
             f"--draft-option head=PATH"
         )
-    head = load_head(path, loaded.model, target_name=loaded.name)
+    n = opts.get("draft_vocab")
+    head = load_head(path, loaded.model, target_name=loaded.name, draft_vocab=None if n in (None, "") else int(n))
     return DSparkDrafter(
         head,
         n_slots=spec.runner.n_slots,
