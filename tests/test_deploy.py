@@ -46,7 +46,8 @@ placement_problems, BUILTIN_RESOURCES = validate.placement_problems, validate.BU
 APP_NAME = "dspark"
 IMPORT_PATH = "dspark.cluster.app:build_app"
 ROLES = ("Router", "Verifier", "DraftWorker", "Scheduler")
-APP_ARGS = {"model", "dtype", "tp", "draft", "draft_workers", "block_len", "verify_policy", "redis_url_env", "grpc_port", "bind_host"}
+APP_ARGS = {"model", "dtype", "tp", "draft", "draft_workers", "block_len", "verify_policy", "redis_url_env", "grpc_port", "bind_host",
+            "internal_host"}
 DSPARK_ENV = {"DSPARK_REDIS_URL", "DSPARK_INTERNAL_TOKEN", "DSPARK_API_KEY"}
 
 
@@ -238,7 +239,7 @@ def test_app_args(cluster_serve, local_serve):
     assert the_app(cluster_serve)["args"] == {
         "model": "default", "dtype": "bf16", "tp": 2, "draft": "dspark", "draft_workers": 2,
         "block_len": 7, "verify_policy": "adaptive", "redis_url_env": "DSPARK_REDIS_URL",
-        "grpc_port": 9000, "bind_host": "auto",
+        "grpc_port": 9000, "bind_host": "auto", "internal_host": "auto",
     }
     local = the_app(local_serve)["args"]
     assert (local["tp"], local["draft_workers"]) == (1, 1)

@@ -8,6 +8,7 @@ talks to it with raw Draft streams, as a second verifier or a probe would.
 
 from __future__ import annotations
 
+import logging
 import queue
 import socket
 import threading
@@ -236,3 +237,90 @@ def test_cluster_config_passes_quotas_to_draft_workers():
         with pytest.raises(ValueError, match=next(iter(bad))):
             ClusterConfig.from_args(bad)
     assert ClusterConfig(n_slots=16).draft_slots == 64
+
+
+# ---------------------------------------------------------------------------- internal auth, bind address
+def _connects(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+def _remote_block(address: str, token: str | None) -> list[int] | None:
+    """Draft one block through the verifier's own client (RemoteDrafter), as a verifier does."""
+    from dspark.workers.remote_drafter import RemoteDrafter, RemoteDrafterConfig
+    from dspark.workers.request import SamplingParams, Sequence
+
+    drafter = RemoteDrafter([address], RemoteDrafterConfig(kind="ngram", token=token), block_len=3)
+    seq = Sequence(request_id="verifier-1", prompt_ids=list(PROMPT), params=SamplingParams(), generator=None)
+    try:
+        seq.output_ids, seq.num_cached = [7], len(PROMPT)  # prefilled: prompt cached, anchor 7
+        drafter.observe(seq, list(PROMPT), None)
+        deadline = time.monotonic() + WAIT_S
+        block = None
+        while block is None and time.monotonic() < deadline:
+            block = drafter.propose([seq], 3)[0]
+            if block is None:
+                drafter.wait_for_blocks(0.1)
+        return block.token_ids if block is not None and seq.draft_enabled else None
+    finally:
+        drafter.release(seq.request_id)
+        drafter.close()
+
+
+def test_cluster_draft_worker_is_authenticated_and_internal_by_default(monkeypatch, caplog):
+    """`dspark serve --host 0.0.0.0` without DSPARK_INTERNAL_TOKEN: the draft worker the cluster
+    configuration starts binds loopback (not 0.0.0.0), refuses a stream without the cluster's
+    token, and serves the verifier's client, which has it.  The token is never logged."""
+    from dspark.cluster.app import draft_worker_config
+    from dspark.cluster.commands import serve, serve_config
+
+    monkeypatch.delenv("DSPARK_INTERNAL_TOKEN", raising=False)
+    params = serve.make_context("serve", ["--host", "0.0.0.0", "--draft", "ngram"]).params
+    with caplog.at_level(logging.DEBUG):
+        cfg = serve_config(**params).with_internal_token()  # what build_app does at start-up
+        token = cfg.internal_secret()
+        assert cfg.bind_host == "0.0.0.0" and token
+        server = DraftWorkerServer(NgramDrafter, draft_worker_config(cfg)).start()
+        try:
+            assert server.address.startswith("127.0.0.1:")
+            assert _connects("127.0.0.1", server.port)
+            # 127.0.0.2 is loopback too: a socket bound to 0.0.0.0 would accept it.
+            assert not _connects("127.0.0.2", server.port), "draft port bound beyond 127.0.0.1"
+
+            probe = Stream(server.address)  # no token
+            probe.open("p1")
+            with pytest.raises(AssertionError, match="stream ended"):
+                probe.recv()
+            assert probe.status is not None and probe.status.code() == grpc.StatusCode.UNAUTHENTICATED
+            probe.end()
+            wrong = Stream(server.address, token="not-the-cluster-token")
+            wrong.open("p2")
+            with pytest.raises(AssertionError, match="stream ended"):
+                wrong.recv()
+            assert wrong.status.code() == grpc.StatusCode.UNAUTHENTICATED
+            wrong.end()
+
+            assert _remote_block(server.address, cfg.internal_secret()) == [5, 6, 7]
+        finally:
+            server.stop()
+    assert token not in repr(cfg)
+    assert not [r for r in caplog.records if token in r.getMessage()]
+
+
+def test_internal_token_is_generated_once_per_cluster_unless_configured(monkeypatch):
+    from dspark.cluster.app import ClusterConfig, draft_worker_config
+
+    monkeypatch.delenv("DSPARK_INTERNAL_TOKEN", raising=False)
+    a, b = ClusterConfig().with_internal_token(), ClusterConfig().with_internal_token()
+    assert a.internal_secret() and b.internal_secret() and a.internal_secret() != b.internal_secret()
+    assert a.with_internal_token() == a  # start-up keeps the cluster's token
+    with pytest.raises(ValueError, match="DSPARK_INTERNAL_TOKEN"):
+        draft_worker_config(ClusterConfig())  # a draft worker never opens its port without one
+    monkeypatch.setenv("DSPARK_INTERNAL_TOKEN", "operator-token")
+    configured = ClusterConfig().with_internal_token()
+    assert configured.internal_token is None and configured.internal_secret() == "operator-token"
+    assert draft_worker_config(configured).token == "operator-token"
+    assert ClusterConfig(internal_host="10.0.0.5").internal_bind() == "10.0.0.5"

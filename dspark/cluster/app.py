@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import secrets
 import socket
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
@@ -49,9 +50,11 @@ class ClusterConfig:
     torch_threads: int = 0  # threads per compute process; 0 = cores / compute processes
     grpc_port: int = 0  # router's GenerationService port; 0 = disabled
     http_body_timeout_s: float = 30.0  # an HTTP request body not received in full by then is answered 408
-    bind_host: str = "127.0.0.1"  # where draft workers and the gRPC API listen ("auto": node IP)
+    bind_host: str = "127.0.0.1"  # where the router's gRPC API listens ("auto": node IP)
+    internal_host: str = "127.0.0.1"  # where draft workers listen, apart from the public API ("auto": node IP)
     draft_options: dict = field(default_factory=dict)  # drafter settings (e.g. head=PATH)
     internal_token_env: str = "DSPARK_INTERNAL_TOKEN"  # verifier <-> draft worker shared secret
+    internal_token: str | None = field(default=None, repr=False)  # the secret itself; build_app generates one if unset
     internal_tls_cert_env: str = "DSPARK_INTERNAL_TLS_CERT"  # draft workers' PEM certificate file (TLS when set)
     internal_tls_key_env: str = "DSPARK_INTERNAL_TLS_KEY"  # draft workers' PEM private key file
     internal_tls_ca_env: str = "DSPARK_INTERNAL_TLS_CA"  # PEM CA file verifiers trust for draft workers
@@ -113,14 +116,35 @@ class ClusterConfig:
         return max(1, (os.cpu_count() or 1) // max(1, procs))
 
     def host(self) -> str:
-        if self.bind_host != "auto":
-            return self.bind_host
-        try:
-            import ray
+        """Bind address of the public gRPC API."""
+        return _resolve_host(self.bind_host)
 
-            return ray.util.get_node_ip_address()
-        except Exception:
-            return socket.gethostbyname(socket.gethostname())
+    def internal_bind(self) -> str:
+        """Bind address of the draft workers' DraftService: ``internal_host``, never ``bind_host``."""
+        return _resolve_host(self.internal_host)
+
+    def internal_secret(self) -> str | None:
+        """The verifier <-> draft worker token: the configured one, else ``$internal_token_env``."""
+        return self.internal_token or _secret(self.internal_token_env)
+
+    def with_internal_token(self) -> "ClusterConfig":
+        """This config with a fresh random internal token when none is configured, so the internal
+        link is authenticated by default.  Called once at start-up (``build_app``); the token then
+        reaches every role through the application arguments and is never logged."""
+        if self.internal_secret():
+            return self
+        return dataclasses.replace(self, internal_token=secrets.token_urlsafe(32))
+
+
+def _resolve_host(host: str) -> str:
+    if host != "auto":
+        return host
+    try:
+        import ray
+
+        return ray.util.get_node_ip_address()
+    except Exception:
+        return socket.gethostbyname(socket.gethostname())
 
 
 def _secret(env: str) -> str | None:
@@ -143,6 +167,21 @@ class InternalTLS:
         if bool(tls.cert_file) != bool(tls.key_file):
             raise ValueError(f"set both ${cfg.internal_tls_cert_env} and ${cfg.internal_tls_key_env}, or neither")
         return tls
+
+
+def draft_worker_config(cfg: ClusterConfig):
+    """How a draft worker of this cluster serves: internal bind address, token, TLS, quotas."""
+    from dspark.workers.draft_worker import DraftWorkerConfig
+
+    token = cfg.internal_secret()
+    if not token:  # build_app always sets one; refuse to open the port without it
+        raise ValueError(f"no internal token: set ${cfg.internal_token_env} or start the app through build_app")
+    tls = InternalTLS.from_env(cfg)
+    return DraftWorkerConfig(
+        host=cfg.internal_bind(), port=0, token=token, tls_cert_file=tls.cert_file, tls_key_file=tls.key_file,
+        max_requests=cfg.draft_slots, max_requests_per_stream=cfg.draft_stream_quota,
+        idle_release_s=cfg.draft_idle_release_s,
+    )
 
 
 def _state(cfg: ClusterConfig):
@@ -193,7 +232,7 @@ def _deployments():
             import torch
 
             from dspark.models.loader import load_model
-            from dspark.workers.draft_worker import DraftWorkerConfig, DraftWorkerServer
+            from dspark.workers.draft_worker import DraftWorkerServer
             from dspark.workers.drafters import make_drafter
             from dspark.workers.factory import EngineSpec
             from dspark.workers.runner import RunnerConfig
@@ -209,12 +248,7 @@ def _deployments():
                 loaded = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device, progress=False) if needs_target else None
                 return make_drafter(cfg.draft, loaded, None, spec)
 
-            tls = InternalTLS.from_env(cfg)
-            self.server = DraftWorkerServer(factory, DraftWorkerConfig(
-                host=cfg.host(), port=0, token=_secret(cfg.internal_token_env),
-                tls_cert_file=tls.cert_file, tls_key_file=tls.key_file, max_requests=cfg.draft_slots,
-                max_requests_per_stream=cfg.draft_stream_quota, idle_release_s=cfg.draft_idle_release_s,
-            )).start()
+            self.server = DraftWorkerServer(factory, draft_worker_config(cfg)).start()
             self.member = self.server.address
             self._register()
 
@@ -336,7 +370,8 @@ def _deployments():
 
 def build_app(args: dict | None = None):
     """Serve application builder (``import_path: dspark.cluster.app:build_app``)."""
-    cfg = ClusterConfig.from_args(args)
+    # One internal token per cluster unless one is configured: the same arguments go to every role.
+    cfg = ClusterConfig.from_args(args).with_internal_token()
     if not (cfg.redis_url or os.environ.get(cfg.redis_url_env)):
         # `serve run deploy/serve_config.yaml` without Redis configured: start a private one on
         # loopback for this single-node cluster (it lives as long as this process).
@@ -382,4 +417,4 @@ def build_app(args: dict | None = None):
     ).bind(verifier, args, scheduler)
 
 
-__all__ = ["ClusterConfig", "InternalTLS", "build_app", "feature_layers_for"]
+__all__ = ["ClusterConfig", "InternalTLS", "build_app", "draft_worker_config", "feature_layers_for"]

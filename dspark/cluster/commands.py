@@ -52,16 +52,24 @@ def make_config(model, dtype, device, tp, draft_workers, draft, block_len, verif
     )
 
 
+def serve_config(host, grpc_port, internal_host, port=None, redis_url=None, **kw) -> ClusterConfig:
+    """The cluster configuration `dspark serve` runs with these options (``port`` and
+    ``redis_url`` belong to the local cluster, not to the application)."""
+    return make_config(grpc_port=grpc_port, bind_host=host, internal_host=internal_host, **kw)
+
+
 @click.command()
 @cluster_options
-@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--host", default="127.0.0.1", show_default=True, help="public bind address (HTTP and gRPC API)")
 @click.option("--port", type=int, default=8000, show_default=True)
 @click.option("--grpc-port", type=int, default=50051, show_default=True, help="GenerationService port (0: off)")
-def serve(host, port, grpc_port, redis_url, **kw):
+@click.option("--internal-host", default="127.0.0.1", show_default=True,
+              help="bind address of the draft workers' internal port, independent of --host ('auto': node IP)")
+def serve(host, port, grpc_port, internal_host, redis_url, **kw):
     """Start Ray, Redis (unless --redis-url) and the DSpark app; serve until interrupted."""
     from dspark.cluster.local import LocalCluster
 
-    cfg = make_config(grpc_port=grpc_port, bind_host=host, **kw)
+    cfg = serve_config(host=host, grpc_port=grpc_port, internal_host=internal_host, **kw)
     cluster = LocalCluster(cfg, host=host, http_port=port, redis_url=redis_url)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

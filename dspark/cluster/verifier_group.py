@@ -14,7 +14,7 @@ import os
 import time
 import uuid
 
-from dspark.cluster.app import ClusterConfig, InternalTLS, _secret, _state, feature_layers_for
+from dspark.cluster.app import ClusterConfig, InternalTLS, _state, feature_layers_for
 from dspark.cluster.background import BackgroundLoop
 from dspark.workers.budget_policy import AdaptiveBudget, VerifyPolicy, profile_step_costs
 from dspark.workers.engine import fixed_budget
@@ -68,7 +68,7 @@ class VerifierGroup:
                 feature_layers=feature_layers_for(cfg, name),
                 proposal_top_k=proposal_top_k(cfg.draft_options),
                 block_timeout_s=cfg.block_timeout_s,
-                token=_secret(cfg.internal_token_env),
+                token=cfg.internal_secret(),
                 tls_ca_file=tls.ca_file,
                 tls_server_name=tls.server_name,
             )
