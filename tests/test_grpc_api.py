@@ -62,6 +62,15 @@ def stack():
         [prompt_ids, chat_ids],
         [SamplingParams(max_tokens=n, temperature=0.0) for n in (PROMPT_MAX, CHAT_MAX)],
     )
+    # Plain-decoding references for stop strings that the ngram drafter's blocks run past: it
+    # copies " capital of France" from the prompt, so the block after "The capital" is accepted
+    # whole and " of" completes inside it; the longer stop starts earlier but completes later.
+    words = chat_ref.text.split()
+    stop_sets = [(" " + words[2],), (" " + " ".join(words[1:4]), " " + words[2])]
+    stop_refs = eng.generate(
+        [chat_ids] * len(stop_sets),
+        [SamplingParams(max_tokens=CHAT_MAX, temperature=0.0, stop=s, speculative=False) for s in stop_sets],
+    )
     worker = VerifierWorker(eng)
     loop = LoopThread()
     backend = LocalBackend(worker, built.loaded.name)
@@ -69,7 +78,7 @@ def stack():
     keyed_server, keyed_port = loop.run(start_grpc_server(backend, tok, RouterConfig(api_key=API_KEY)))
     yield SimpleNamespace(
         engine=eng, worker=worker, model=built.loaded.name, port=open_port, keyed_port=keyed_port,
-        prompt_ids=prompt_ids, prompt_ref=prompt_ref, chat_ref=chat_ref,
+        prompt_ids=prompt_ids, prompt_ref=prompt_ref, chat_ref=chat_ref, stop_sets=stop_sets, stop_refs=stop_refs,
     )
     for server in (open_server, keyed_server):
         loop.run(server.stop(grace=1))
@@ -132,6 +141,22 @@ def test_generate_unary_chat_and_token_ids(stack, stub):
     r = stub.GenerateUnary(chat_request(max_tokens=CHAT_MAX, temperature=0.0, stop=[stop]), timeout=60)
     assert r.text == stack.chat_ref.text[: stack.chat_ref.text.find(stop)]
     assert r.finish_reason == pb.FINISH_REASON_STOP
+
+
+def test_stop_strings_inside_a_draft_block_match_plain_decoding(stack, stub):
+    """Text, token ids, finish reason and usage equal plain decoding's when a stop string
+    completes inside an accepted block (the API has no per-request switch: the references
+    were decoded in-process with speculation off)."""
+    for stops, ref in zip(stack.stop_sets, stack.stop_refs):
+        assert ref.finish_reason == "stop" and ref.metrics.num_drafts == 0
+        r = stub.GenerateUnary(chat_request(max_tokens=CHAT_MAX, temperature=0.0, stop=list(stops)), timeout=60)
+        assert r.spec_metrics.num_accepted_tokens > 0, stops  # speculation took part
+        assert (r.text, list(r.token_ids), r.finish_reason) == (ref.text, ref.output_ids, pb.FINISH_REASON_STOP), stops
+        assert r.usage.completion_tokens == len(ref.output_ids)
+        msgs = list(stub.Generate(chat_request(max_tokens=CHAT_MAX, temperature=0.0, stop=list(stops)), timeout=60))
+        assert "".join(m.text for m in msgs) == ref.text
+        assert [t for m in msgs for t in m.token_ids] == ref.output_ids
+        assert msgs[-1].usage.completion_tokens == len(ref.output_ids)
 
 
 def test_health_serving_and_reflection(channel):

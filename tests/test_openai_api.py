@@ -181,6 +181,25 @@ def test_stop_strings_cut_the_text(stack, client):
     assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == expected
 
 
+def test_stop_strings_inside_a_draft_block_match_plain_decoding(stack, client):
+    """The ngram drafter copies " capital of France" from the prompt, so the block after "The
+    capital" is accepted whole and " of" completes inside it (the longer stop starts earlier
+    but completes later).  Text, finish reason and usage must equal plain decoding's."""
+    words = stack.chat_ref.text.split()
+    for stop in ([" " + words[2]], [" " + " ".join(words[1:4]), " " + words[2]]):
+        kw = dict(model=stack.model, messages=CHAT, max_tokens=CHAT_MAX, temperature=0, stop=stop)
+        spec = client.chat.completions.create(**kw, extra_body={"speculative": True})
+        plain = client.chat.completions.create(**kw, extra_body={"speculative": False})
+        assert spec.model_extra["spec_decode"]["num_accepted_tokens"] > 0, stop  # speculation took part
+        assert plain.model_extra["spec_decode"]["num_drafts"] == 0
+        assert spec.choices[0].message.content == plain.choices[0].message.content, stop
+        assert spec.choices[0].finish_reason == plain.choices[0].finish_reason == "stop"
+        assert spec.usage == plain.usage, stop
+        streamed = list(client.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
+        assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == plain.choices[0].message.content
+        assert streamed[-1].usage == plain.usage
+
+
 def test_max_tokens_alias_default_and_clipping(stack, client, http):
     r = client.chat.completions.create(model=stack.model, messages=CHAT, max_completion_tokens=3, temperature=0)
     assert r.usage.completion_tokens <= 3

@@ -332,32 +332,38 @@ class Engine:
         return [[t for t in row if t >= 0] for row in out_ids]
 
     def _append(self, seq: Sequence, emitted: list[int], n_draft: int, n_accepted: int) -> RequestOutput:
-        """Append verified tokens, applying stop tokens, max_tokens and stop strings."""
+        """Append verified tokens one at a time, applying stop tokens, max_tokens and stop strings.
+
+        Every check runs after each token, exactly as plain decoding (one token per step) runs
+        it, so a block ends where plain decoding would have: at the first token that is a stop
+        token, reaches a length limit or completes a stop string; the tokens after it are
+        dropped (the request finishes, so the cache positions they took are never read).
+        """
         seq.metrics.record(n_draft, n_accepted)
         self.metrics.record(n_draft, n_accepted)
         new: list[int] = []
+        delta = ""
         reason = None
         stops = () if seq.params.ignore_eos else self.stop_ids
         for t in emitted:
-            if t in stops or t in seq.params.stop_token_ids:
-                new.append(t)
-                reason = "stop"
-                break
             new.append(t)
-            if len(seq.output_ids) + len(new) >= seq.params.max_tokens:
-                reason = "length"
-                break
-        seq.output_ids.extend(new)
-        if reason is None and seq.num_tokens + 1 + self.cfg.block_len > self.max_seq:
-            reason = "length"  # the cache cannot hold another block
-        delta = ""
-        if seq.detok is not None:
-            piece = "".join(seq.detok.push(t) for t in new)
-            if reason is not None:
-                piece += seq.detok.flush()
-            delta, hit = self._release_text(seq, piece, final=reason is not None)
-            if hit:
+            seq.output_ids.append(t)
+            if t in stops or t in seq.params.stop_token_ids:
                 reason = "stop"
+            elif len(seq.output_ids) >= seq.params.max_tokens:
+                reason = "length"
+            elif seq.num_tokens + 1 + self.cfg.block_len > self.max_seq:
+                reason = "length"  # the cache cannot hold another block
+            if seq.detok is not None:
+                piece = seq.detok.push(t)
+                if reason is not None:
+                    piece += seq.detok.flush()
+                out, hit = self._release_text(seq, piece, final=reason is not None)
+                delta += out
+                if hit:
+                    reason = "stop"
+            if reason is not None:
+                break
         seq.text += delta
         if reason is not None:
             self._finish(seq, reason)
@@ -376,8 +382,11 @@ class Engine:
     def _release_text(seq: Sequence, piece: str, final: bool) -> tuple[str, bool]:
         """Text that may be sent now, and whether a stop string was hit.
 
-        Text that could be the beginning of a stop string is held back until it is known not
-        to be one, so a client never receives part of a stop string.
+        Called once per token with that token's text, so the first stop string found is the
+        one completed earliest (as in plain decoding); when one token completes several, the
+        text is cut at the start of the earliest.  Text that could be the beginning of a stop
+        string is held back until it is known not to be one, so a client never receives part
+        of a stop string.
         """
         stops = seq.params.stop
         if not stops:
