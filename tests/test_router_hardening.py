@@ -1,10 +1,16 @@
 """Router hardening against hostile clients, through real servers on 127.0.0.1 over a real
 engine (SmolLM2 fp32, ngram drafter): the gRPC GenerationService (auth before decoding, malformed
-payloads) and both APIs with duplicate credentials."""
+payloads), both APIs with duplicate credentials, slow request bodies; the cluster's own
+redis-server (password, supervision) with the real redis-server; and, at the end, one local
+cluster (Ray Serve, Redis) for what only Serve's proxy and the cluster's Redis show."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
+import os
+import signal
 import socket
 import time
 from pathlib import Path
@@ -179,6 +185,69 @@ def test_slow_body_is_answered_408_and_closed(stack):
         assert r.status_code == 200
 
 
+# ---------------------------------------------------------------------------- the cluster's Redis
+def _unauthenticated_ping(port: int) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(b"*1\r\n$4\r\nPING\r\n")
+        return s.recv(256)
+
+
+def _wait_for(predicate, timeout_s: float, period_s: float = 0.1):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if value := predicate():
+            return value
+        time.sleep(period_s)
+    return None
+
+
+def test_cluster_redis_requires_a_password_and_comes_back_after_a_crash(caplog):
+    """The redis-server a cluster starts refuses clients without its password (NOAUTH); killed
+    from outside, it is back on the same port with the same password within seconds, and a
+    state client that was connected before carries on."""
+    from dspark.cluster.redis_server import ping, start_cluster_redis
+    from dspark.cluster.redis_state import RedisState, StateConfig
+
+    caplog.set_level(logging.DEBUG)
+    server = start_cluster_redis()
+    try:
+        port, url, password = server.port, server.url, server.password
+        assert password and len(password) >= 24 and f":{password}@" in url
+        assert _unauthenticated_ping(port).startswith(b"-NOAUTH"), "the cluster's Redis accepts anyone"
+        assert password not in " ".join(server.process.args), "the password is on the command line"
+
+        async def beat(state: RedisState, member: str) -> set:
+            await state.heartbeat("router", member, {"n": 1})
+            return set(await state.alive("router"))
+
+        async def scenario() -> None:
+            async with RedisState(StateConfig(url=url, prefix="hardening")) as state:
+                assert await beat(state, "before") == {"before"}
+                os.kill(server.process.pid, signal.SIGKILL)  # a crash the owner did not ask for
+                t0 = time.monotonic()
+                back = await asyncio.to_thread(_wait_for, lambda: ping("127.0.0.1", port, 0.2, password), 8.0)
+                assert back, "redis-server did not come back"
+                assert time.monotonic() - t0 < 8.0 and server.port == port and server.url == url
+                # The same client reconnects on its own; the restarted server starts empty.
+                members = None
+                for _ in range(50):
+                    try:
+                        members = await beat(state, "after")
+                        break
+                    except ConnectionError:
+                        await asyncio.sleep(0.1)
+                assert members == {"after"}, members
+
+        asyncio.run(scenario())
+        assert server.restarts == 1
+        assert _unauthenticated_ping(port).startswith(b"-NOAUTH")
+        text = "\n".join(r.getMessage() for r in caplog.records) + repr(server)
+        assert "restarting" in text and password not in text
+    finally:
+        server.close()
+    assert not ping("127.0.0.1", port, 0.2, password), "close() left the server running"
+
+
 # ---------------------------------------------------------------------------- through the real cluster
 # One local cluster (Ray Serve, Redis, no draft workers) for the rest of the file: Serve's own
 # HTTP proxy sits in front of the router, which is where the log noise and timeouts arise.
@@ -254,3 +323,31 @@ def test_slow_body_through_the_serve_proxy(cluster):
     (``ClusterConfig.http_body_timeout_s``) answers 408 and the proxy closes the connection."""
     elapsed, answer = _slow_body(cluster.http_port)
     _assert_timed_out(elapsed, answer, CLUSTER_BODY_TIMEOUT_S)
+
+
+def test_cluster_redis_is_supervised_and_password_protected(cluster):
+    """The local cluster's Redis: NOAUTH without the password; killed, it comes back on the
+    same port and the router's state client writes its heartbeat into the new server."""
+    import redis
+
+    from dspark.cluster.redis_server import ping
+
+    server = cluster._redis
+    assert _unauthenticated_ping(server.port).startswith(b"-NOAUTH"), "the cluster's Redis accepts anyone"
+    port, password = server.port, server.password
+    assert password and f":{password}@" in cluster.redis_url
+    client = redis.Redis.from_url(cluster.redis_url, socket_timeout=2)
+    assert client.keys("dspark:hb:router:*"), "no router heartbeat in the cluster's Redis"
+    os.kill(server.process.pid, signal.SIGKILL)
+    assert _wait_for(lambda: ping("127.0.0.1", port, 0.2, password), 8.0), "redis-server did not come back"
+
+    def router_heartbeat():
+        try:
+            return client.keys("dspark:hb:router:*")
+        except redis.ConnectionError:
+            return None
+
+    assert _wait_for(router_heartbeat, 15.0), "the router did not reconnect to the restarted Redis"
+    r = httpx.post(f"{cluster.base_url}/v1/chat/completions", timeout=120,
+                   json={"model": CLUSTER_MODEL, "messages": COUNT, "max_tokens": 4, "temperature": 0})
+    assert r.status_code == 200, r.text

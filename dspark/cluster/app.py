@@ -375,11 +375,13 @@ def build_app(args: dict | None = None):
     if not (cfg.redis_url or os.environ.get(cfg.redis_url_env)):
         # `serve run deploy/serve_config.yaml` without Redis configured: start a private one on
         # loopback for this single-node cluster (it lives as long as this process).
-        from dspark.cluster.redis_server import RedisServer
+        from dspark.cluster.redis_server import start_cluster_redis
+        from dspark.cluster.redis_state import redact_url
 
         global _LOCAL_REDIS
-        _LOCAL_REDIS = RedisServer().start()
-        log.warning("no Redis configured ($%s); started a local redis-server at %s", cfg.redis_url_env, _LOCAL_REDIS.url)
+        _LOCAL_REDIS = start_cluster_redis()  # password-protected, supervised
+        log.warning("no Redis configured ($%s); started a local redis-server at %s", cfg.redis_url_env,
+                    redact_url(_LOCAL_REDIS.url))
         cfg = dataclasses.replace(cfg, redis_url=_LOCAL_REDIS.url)
     args = dataclasses.asdict(cfg)
     from ray.serve.config import RequestRouterConfig

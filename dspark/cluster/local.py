@@ -25,7 +25,7 @@ class LocalCluster:
     cfg: ClusterConfig
     host: str = "127.0.0.1"
     http_port: int = 8000
-    redis_url: str | None = None  # None: start a private redis-server on a free port
+    redis_url: str | None = field(default=None, repr=False)  # None: start a private redis-server (see below)
     ray_cpus: int = 0  # logical CPUs for a local Ray (0: enough for fractional actors)
     env: dict[str, str] = field(default_factory=dict)  # extra env for every Ray worker
     _redis: object = None
@@ -39,10 +39,10 @@ class LocalCluster:
         import ray
         from ray import serve
 
-        from dspark.cluster.redis_server import RedisServer
+        from dspark.cluster.redis_server import start_cluster_redis
 
-        if self.redis_url is None:
-            self._redis = RedisServer().start()
+        if self.redis_url is None:  # password-protected and supervised; the URL carries the password
+            self._redis = start_cluster_redis()
             self.redis_url = self._redis.url
         cfg = dataclasses.replace(self.cfg, redis_url=self.redis_url)
         env = {"OMP_WAIT_POLICY": "PASSIVE", "TOKENIZERS_PARALLELISM": "false", **self.env}

@@ -7,8 +7,15 @@ listens on 127.0.0.1 only, keeps nothing on disk (`--save ''`,
     with RedisServer() as redis:
         state = RedisState(StateConfig(url=redis.url))
         ...
-        redis.kill()      # simulate a crash (SIGKILL)
-        redis.restart()   # same port, empty data set
+        redis.kill()      # SIGKILL it; it stays down (supervision paused)
+        redis.restart()   # same port and password, empty data set
+
+The server a cluster starts for itself (:func:`start_cluster_redis`: `dspark
+serve`, the local cluster, `serve run` without Redis configured) requires a
+password generated for that cluster (`requirepass`, written to a config file
+in the private working directory, never on the command line; clients get it
+in `url`) and is supervised: if it dies on its own, a thread starts it again
+on the same port with the same password, backing off while it keeps failing.
 
 This module speaks RESP over a raw socket for its readiness probe, so it
 needs no Redis client library.
@@ -16,15 +23,21 @@ needs no Redis client library.
 
 from __future__ import annotations
 
+import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 import weakref
 from pathlib import Path
+from urllib.parse import quote
+
+log = logging.getLogger(__name__)
 
 REDIS_URL_ENV = "DSPARK_REDIS_URL"
 _LOOPBACK = "127.0.0.1"
@@ -60,13 +73,23 @@ def find_free_port(host: str = _LOOPBACK) -> int:
         return s.getsockname()[1]
 
 
-def ping(host: str, port: int, timeout: float = 0.5) -> bool:
-    """True if a Redis server at host:port answers PING with PONG."""
+def _resp(*args: bytes) -> bytes:
+    return b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in args)
+
+
+def ping(host: str, port: int, timeout: float = 0.5, password: str | None = None) -> bool:
+    """True if a Redis server at host:port answers PING with PONG (after AUTH with `password`)."""
+    request, expected = _resp(b"PING"), b"+PONG\r\n"
+    if password:
+        request, expected = _resp(b"AUTH", password.encode()) + request, b"+OK\r\n" + expected
     try:
         with socket.create_connection((host, port), timeout=timeout) as s:
             s.settimeout(timeout)
-            s.sendall(b"*1\r\n$4\r\nPING\r\n")
-            return s.recv(64).startswith(b"+PONG")
+            s.sendall(request)
+            answer = b""
+            while len(answer) < len(expected) and (chunk := s.recv(64)):
+                answer += chunk
+            return answer.startswith(expected)
     except OSError:
         return False
 
@@ -81,8 +104,14 @@ def _terminate(proc: subprocess.Popen) -> None:
 class RedisServer:
     """A local redis-server child process. Context manager; see module doc.
 
-    Attributes: host ("127.0.0.1"), port, url ("redis://127.0.0.1:<port>/0"),
-    workdir (temp dir holding the log), process (subprocess.Popen or None).
+    Attributes: host ("127.0.0.1"), port, url ("redis://[:<password>@]127.0.0.1:<port>/0"),
+    workdir (temp dir holding the log), process (subprocess.Popen or None),
+    restarts (how many times supervision brought it back).
+
+    `password`: required of clients (`requirepass`); None: none.  `supervise`:
+    restart the server when it exits without being asked to, after
+    `min_backoff_s`, doubling up to `max_backoff_s` while restarts fail or
+    the server keeps dying within a minute.
     """
 
     def __init__(
@@ -92,6 +121,10 @@ class RedisServer:
         executable: str | None = None,
         startup_timeout_s: float = 10.0,
         extra_args: tuple[str, ...] = (),
+        password: str | None = None,
+        supervise: bool = False,
+        min_backoff_s: float = 0.5,
+        max_backoff_s: float = 10.0,
     ) -> None:
         self.executable = ensure_redis_server(executable)
         self.host = _LOOPBACK
@@ -100,16 +133,29 @@ class RedisServer:
         self.port = port or 0
         self.startup_timeout_s = startup_timeout_s
         self.extra_args = tuple(extra_args)
-        self.workdir = Path(tempfile.mkdtemp(prefix="dspark-redis-"))
+        if password is not None and not all(c.isprintable() and c.isascii() and c not in '"\\ ' for c in password):
+            raise ValueError("the Redis password must be printable ASCII without spaces, quotes or backslashes")
+        self.password = password
+        self.workdir = Path(tempfile.mkdtemp(prefix="dspark-redis-"))  # mode 0700
         self.process: subprocess.Popen | None = None
+        self.restarts = 0
         self._finalizer: weakref.finalize | None = None
         self._cleanup_dir = weakref.finalize(self, shutil.rmtree, str(self.workdir), True)
+        # Supervision: `_wanted` is the owner's intent (start() sets it; stop()/kill() clear it),
+        # `_lock` orders the owner's calls against the supervisor's restarts.
+        self.supervise = supervise
+        self.min_backoff_s, self.max_backoff_s = min_backoff_s, max_backoff_s
+        self._lock = threading.RLock()
+        self._wanted = False
+        self._closed = threading.Event()
+        self._supervisor: threading.Thread | None = None
 
     # -------------------------------------------------------------- state
 
     @property
     def url(self) -> str:
-        return f"redis://{self.host}:{self.port}/0"
+        auth = f":{quote(self.password, safe='')}@" if self.password else ""
+        return f"redis://{auth}{self.host}:{self.port}/0"
 
     @property
     def log_path(self) -> Path:
@@ -120,14 +166,24 @@ class RedisServer:
         return self.process is not None and self.process.poll() is None
 
     def ping(self, timeout: float = 0.5) -> bool:
-        return self.running and ping(self.host, self.port, timeout)
+        return self.running and ping(self.host, self.port, timeout, self.password)
 
     # -------------------------------------------------------------- lifecycle
 
     def start(self) -> "RedisServer":
         """Start the server and wait until it answers PING. Returns self."""
+        with self._lock:
+            self._start()
+            self._wanted = True
+        if self.supervise and self._supervisor is None:
+            self._supervisor = threading.Thread(target=self._supervise, name=f"redis-supervisor-{self.port}",
+                                                daemon=True)
+            self._supervisor.start()
+        return self
+
+    def _start(self) -> None:
         if self.running:
-            return self
+            return
         # A free port can be taken between probing and binding; retry with a
         # new one unless the caller fixed the port.
         attempts = 1 if self._fixed_port else 5
@@ -137,7 +193,7 @@ class RedisServer:
                 self.port = find_free_port(self.host)
             try:
                 self._spawn_and_wait()
-                return self
+                return
             except RedisServerError as exc:
                 last_error = exc
                 if not self._fixed_port:
@@ -146,8 +202,13 @@ class RedisServer:
         raise last_error
 
     def _command(self) -> list[str]:
+        # The password goes in a config file only we can read, not on the command line (ps).
+        conf = self.workdir / "redis.conf"
+        conf.touch(mode=0o600)
+        conf.write_text(f'requirepass "{self.password}"\n' if self.password else "")
         return [
             self.executable,
+            str(conf),
             "--bind", self.host,
             "--port", str(self.port),
             "--protected-mode", "yes",
@@ -174,7 +235,7 @@ class RedisServer:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 break
-            if ping(self.host, self.port, timeout=0.2):
+            if ping(self.host, self.port, timeout=0.2, password=self.password):
                 return
             time.sleep(0.02)
         stderr = b""
@@ -191,38 +252,84 @@ class RedisServer:
 
     def stop(self, timeout_s: float = 5.0) -> None:
         """Graceful shutdown (SIGTERM, then SIGKILL after timeout_s). Idempotent."""
-        proc = self.process
-        if proc is None:
-            return
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        self._reap()
+        with self._lock:
+            self._wanted = False
+            proc = self.process
+            if proc is None:
+                return
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout_s)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+            self._reap()
 
     def kill(self) -> None:
-        """Crash the server with SIGKILL (no shutdown work). Idempotent."""
-        proc = self.process
-        if proc is None:
-            return
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-        self._reap()
+        """SIGKILL the server (no shutdown work); it stays down until restart(). Idempotent."""
+        with self._lock:
+            self._wanted = False
+            proc = self.process
+            if proc is None:
+                return
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+            self._reap()
 
     def restart(self) -> "RedisServer":
-        """Stop if running, then start again on the same port (data is gone)."""
-        self.stop()
-        self._fixed_port = True  # clients hold the old URL
-        return self.start()
+        """Stop if running, then start again on the same port and password (data is gone)."""
+        with self._lock:
+            self.stop()
+            self._fixed_port = True  # clients hold the old URL
+            return self.start()
 
     def close(self) -> None:
-        """Stop the server and delete its working directory."""
+        """Stop the server (and its supervision) and delete its working directory."""
+        self._closed.set()
         self.stop()
+        if self._supervisor is not None and self._supervisor is not threading.current_thread():
+            self._supervisor.join(timeout=5)
         self._cleanup_dir()
+
+    # -------------------------------------------------------------- supervision
+
+    def _supervise(self) -> None:
+        """Restart the server whenever it dies while wanted: same port, same password."""
+        backoff = self.min_backoff_s
+        up_since = time.monotonic()
+        while not self._closed.wait(0.1):
+            with self._lock:
+                proc = self.process
+                died = self._wanted and (proc is None or proc.poll() is not None)
+                code = proc.poll() if proc is not None else None
+            if not died:
+                continue
+            if time.monotonic() - up_since > 60.0:
+                backoff = self.min_backoff_s  # it had been stable: this is a fresh failure
+            log.warning("redis-server on %s:%d exited (code %s); restarting in %.1f s",
+                        self.host, self.port, code, backoff)
+            if self._closed.wait(backoff):
+                return
+            with self._lock:
+                if not self._wanted or self.running:
+                    continue  # the owner stopped or restarted it meanwhile
+                if self.process is not None:
+                    self._reap()
+                self._fixed_port = True  # clients hold the URL
+                try:
+                    self._start()
+                except (RedisServerError, OSError) as exc:
+                    log.warning("redis-server on %s:%d did not come back: %s", self.host, self.port,
+                                str(exc).splitlines()[0])
+                    backoff = min(2 * backoff, self.max_backoff_s)
+                    continue
+                self.restarts += 1
+            log.warning("redis-server on %s:%d is back (restart %d); its data set starts empty",
+                        self.host, self.port, self.restarts)
+            up_since = time.monotonic()
+            backoff = min(2 * backoff, self.max_backoff_s)
 
     def _reap(self) -> None:
         if self.process is not None and self.process.stderr is not None:
@@ -239,12 +346,18 @@ class RedisServer:
         self.close()
 
     def __repr__(self) -> str:
-        return f"RedisServer(url={self.url!r}, running={self.running})"
+        auth = ":***@" if self.password else ""  # never the password itself
+        return f"RedisServer(url='redis://{auth}{self.host}:{self.port}/0', running={self.running})"
 
 
 def start_redis_server(**kwargs) -> RedisServer:
     """Start a RedisServer (see its arguments) and return it running."""
     return RedisServer(**kwargs).start()
+
+
+def start_cluster_redis() -> RedisServer:
+    """The redis-server a cluster starts for itself: a password of its own, supervised."""
+    return start_redis_server(password=secrets.token_urlsafe(24), supervise=True)
 
 
 def redis_url_from_env(env: dict[str, str] | None = None) -> tuple[str, RedisServer | None]:
@@ -256,5 +369,5 @@ def redis_url_from_env(env: dict[str, str] | None = None) -> tuple[str, RedisSer
     url = env.get(REDIS_URL_ENV, "").strip()
     if url:
         return url, None
-    server = start_redis_server()
+    server = start_cluster_redis()
     return server.url, server
