@@ -127,8 +127,16 @@ def test_chat_whole_and_streamed_equal_in_process_greedy(stack, client):
     assert whole.usage.total_tokens == len(stack.chat_ids) + len(ref.output_ids)
     spec = whole.model_extra["spec_decode"]
     assert set(spec) == {"num_drafts", "num_draft_tokens", "num_accepted_tokens", "mean_acceptance_length"}
+    # The ngram drafter copies from this prompt, so drafts are verified; speculation off: none.
+    assert spec["num_drafts"] > 0 and spec["num_draft_tokens"] >= spec["num_drafts"]
     assert spec["num_accepted_tokens"] <= spec["num_draft_tokens"]
     assert whole.id.startswith("chatcmpl-") and whole.model == stack.model
+    plain = client.chat.completions.create(
+        model=stack.model, messages=CHAT, max_tokens=CHAT_MAX, temperature=0, extra_body={"speculative": False}
+    )
+    assert plain.choices[0].message.content == ref.text and plain.usage == whole.usage
+    off = plain.model_extra["spec_decode"]
+    assert (off["num_drafts"], off["num_draft_tokens"]) == (0, 0)
 
     chunks = list(
         client.chat.completions.create(
@@ -141,7 +149,7 @@ def test_chat_whole_and_streamed_equal_in_process_greedy(stack, client):
     assert text == ref.text
     finals = [c for c in chunks if c.choices and c.choices[0].finish_reason]
     assert len(finals) == 1 and finals[0].choices[0].finish_reason == ref.finish_reason
-    assert finals[0].model_extra["spec_decode"]["num_drafts"] >= 0
+    assert finals[0].model_extra["spec_decode"]["num_drafts"] == spec["num_drafts"] > 0
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == len(ref.output_ids)
     assert len({c.id for c in chunks}) == 1
 
