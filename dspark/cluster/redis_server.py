@@ -23,6 +23,7 @@ needs no Redis client library.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import secrets
@@ -176,6 +177,9 @@ class RedisServer:
             self._start()
             self._wanted = True
         if self.supervise and self._supervisor is None:
+            # At exit, stop supervising before the finalizers kill the server (atexit runs this
+            # first: it is registered later); otherwise it would restart an orphan.
+            atexit.register(self._closed.set)
             self._supervisor = threading.Thread(target=self._supervise, name=f"redis-supervisor-{self.port}",
                                                 daemon=True)
             self._supervisor.start()
@@ -313,6 +317,8 @@ class RedisServer:
             if self._closed.wait(backoff):
                 return
             with self._lock:
+                if self._closed.is_set():
+                    return
                 if not self._wanted or self.running:
                     continue  # the owner stopped or restarted it meanwhile
                 if self.process is not None:
