@@ -324,3 +324,43 @@ def test_internal_token_is_generated_once_per_cluster_unless_configured(monkeypa
     assert configured.internal_token is None and configured.internal_secret() == "operator-token"
     assert draft_worker_config(configured).token == "operator-token"
     assert ClusterConfig(internal_host="10.0.0.5").internal_bind() == "10.0.0.5"
+
+
+@pytest.mark.slow
+def test_real_cluster_generates_the_internal_token(monkeypatch):
+    """The whole local cluster (Ray Serve, Redis, one draft worker) started with no
+    DSPARK_INTERNAL_TOKEN and bind_host 0.0.0.0 (the public gRPC API off, HTTP on loopback):
+    the verifier drafts, while a stream without the token is refused and the draft port is on
+    loopback only."""
+    import asyncio
+
+    from openai import OpenAI
+
+    from dspark.cluster.app import ClusterConfig
+    from dspark.cluster.local import LocalCluster
+    from dspark.cluster.redis_state import RedisState, StateConfig
+    from dspark.workers.runner import free_port
+
+    monkeypatch.delenv("DSPARK_INTERNAL_TOKEN", raising=False)
+    cfg = ClusterConfig(dtype="fp32", draft="ngram", draft_workers=1, block_len=4, n_slots=4, max_seq=512,
+                        torch_threads=1, grpc_port=0, bind_host="0.0.0.0", block_timeout_s=30.0)
+    with LocalCluster(cfg, http_port=free_port()) as cluster:
+        client = OpenAI(base_url=cluster.base_url + "/v1", api_key="unused", timeout=300)
+        r = client.chat.completions.create(
+            model="SmolLM2-135M-Instruct", max_tokens=24, temperature=0,
+            messages=[{"role": "user", "content": "Count from 1 to 20, separated by commas."}])
+        assert r.model_extra["spec_decode"]["num_drafts"] > 0  # the verifier's stream was accepted
+
+        async def drafters():
+            async with RedisState(StateConfig(url=cluster.redis_url, prefix=cfg.redis_prefix)) as st:
+                return await st.alive("drafter")
+
+        address = next(iter(asyncio.run(drafters()).values()))["address"]
+        host, port = address.rsplit(":", 1)
+        assert host == "127.0.0.1" and not _connects("127.0.0.2", int(port))
+        probe = Stream(address)
+        probe.open("probe-1")
+        with pytest.raises(AssertionError, match="stream ended"):
+            probe.recv()
+        assert probe.status.code() == grpc.StatusCode.UNAUTHENTICATED
+        probe.end()

@@ -48,7 +48,7 @@ STALE_S = 60.0  # default idle_release_s: after this long without a Step its sta
 class DraftWorkerConfig:
     """How a draft worker serves."""
 
-    host: str = "127.0.0.1"  # bind address (0.0.0.0 / pod IP on real clusters)
+    host: str = "127.0.0.1"  # bind address: the cluster's internal_host (pod IP on real clusters), never the public one
     port: int = 0  # 0: pick a free port
     token: str | None = None  # shared secret verifiers must present (metadata authorization)
     max_message_bytes: int = 128 * 2**20  # gRPC receive limit
