@@ -56,7 +56,8 @@ def stack():
 def grpc_ports(stack):
     """(open port, keyed port): GenerationService without and with an API key."""
     loop = LoopThread()
-    servers = [loop.run(start_grpc_server(stack.backend, stack.tok, RouterConfig(api_key=key))) for key in ("", API_KEY)]
+    servers = [loop.run(start_grpc_server(stack.backend, stack.tok, RouterConfig(api_key=key)))
+               for key in ("", API_KEY)]
     yield tuple(port for _, port in servers)
     for server, _ in servers:
         loop.run(server.stop(grace=1))
@@ -295,6 +296,7 @@ def _sse_request(port: int, body: dict) -> socket.socket:
     return s
 
 
+@pytest.mark.slow
 def test_client_disconnect_mid_stream_is_not_an_error(cluster):
     """Streaming clients that hang up after a few chunks leave no ERROR line and no traceback in
     any router or verifier log, and the cluster serves the next request."""
@@ -318,6 +320,7 @@ def test_client_disconnect_mid_stream_is_not_an_error(cluster):
         assert needle not in text, f"{needle!r} in the cluster logs:\n{text[-3000:]}"
 
 
+@pytest.mark.slow
 def test_slow_body_through_the_serve_proxy(cluster):
     """Serve's HTTP proxy (uvicorn) never times a request being received; the router's deadline
     (``ClusterConfig.http_body_timeout_s``) answers 408 and the proxy closes the connection."""
@@ -325,6 +328,7 @@ def test_slow_body_through_the_serve_proxy(cluster):
     _assert_timed_out(elapsed, answer, CLUSTER_BODY_TIMEOUT_S)
 
 
+@pytest.mark.slow
 def test_cluster_redis_is_supervised_and_password_protected(cluster):
     """The local cluster's Redis: NOAUTH without the password; killed, it comes back on the
     same port and the router's state client writes its heartbeat into the new server."""

@@ -12,8 +12,9 @@ this module parses, streams and maps errors to OpenAI's error body
 
 Three things happen before FastAPI parses anything (:class:`_RequestGuard`): the API key check on
 ``/v1/*``, the body size limit and the body read deadline (``body_timeout_s``: a client that
-sends its body slowly, or not at all, gets ``408`` and the connection is closed).  Every generation runs under a watch for the client leaving:
-a disconnect cancels the handler, which closes the backend iterator and so aborts the request.
+sends its body slowly, or not at all, gets ``408`` and the connection is closed).  Every
+generation runs under a watch for the client leaving: a disconnect cancels the handler, which
+closes the backend iterator and so aborts the request (one debug line, never an error).
 """
 
 from __future__ import annotations
