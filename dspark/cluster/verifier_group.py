@@ -17,6 +17,7 @@ import uuid
 from dspark.cluster.app import ClusterConfig, InternalTLS, _state, feature_layers_for
 from dspark.cluster.background import BackgroundLoop
 from dspark.workers.budget_policy import AdaptiveBudget, VerifyPolicy, profile_step_costs
+from dspark.workers.spec_gate import SpeculationGate
 from dspark.workers.engine import fixed_budget
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,7 @@ class VerifierGroup:
         self.cfg = cfg
         self.group_id = f"verifier-{uuid.uuid4().hex[:8]}"
         torch.set_num_threads(cfg.threads())
-        runner_cfg = RunnerConfig(n_slots=cfg.n_slots, max_seq=cfg.max_seq)
+        runner_cfg = RunnerConfig(n_slots=cfg.n_slots, max_seq=cfg.max_seq, deterministic=cfg.deterministic)
         self.tp_group = None
         if cfg.tp > 1:
             import ray
@@ -84,7 +85,9 @@ class VerifierGroup:
             self.local_drafting = drafter is not None and not cfg.remote_draft
             self.budget = budget_fn = AdaptiveBudget(self.costs, VerifyPolicy(max_block_len=cfg.block_len))
         self.budget_meter = BudgetMeter(budget_fn)
-        self.engine = Engine(runner, tokenizer, ecfg, drafter=drafter, budget=self.budget_meter)
+        # Adaptive verification also decides whether to speculate at all, by measured throughput.
+        gate = SpeculationGate() if self.budget is not None and drafter is not None else None
+        self.engine = Engine(runner, tokenizer, ecfg, drafter=drafter, budget=self.budget_meter, gate=gate)
         self.worker = VerifierWorker(self.engine, name=self.group_id)
         self.bg = BackgroundLoop(f"{self.group_id}-redis")
         self.state = _state(cfg)

@@ -27,6 +27,7 @@ from dspark.models.tokenizer import Tokenizer
 from dspark.workers.drafters.base import DraftBlock, Drafter
 from dspark.workers.request import RequestOutput, SamplingParams, Sequence, SpecMetrics, make_detokenizer
 from dspark.workers.runner import StepInput
+from dspark.workers.spec_gate import SpeculationGate
 
 
 @dataclass(frozen=True)
@@ -66,12 +67,14 @@ class Engine:
         budget: VerifyBudget = fixed_budget,
         n_slots: int | None = None,
         max_seq: int | None = None,
+        gate: SpeculationGate | None = None,
     ) -> None:
         self.runner = runner
         self.tokenizer = tokenizer
         self.cfg = cfg
         self.drafter = drafter
         self.budget = budget
+        self.gate = gate  # None: always speculate when a drafter is configured
         cache = getattr(runner, "cache", None)
         self.n_slots = n_slots or (cache.n_slots if cache is not None else cfg.max_batch)
         self.max_seq = max_seq or (cache.max_seq if cache is not None else 2048)
@@ -167,7 +170,9 @@ class Engine:
             return []
         t0 = time.perf_counter()
         prefill, decode = self._partition()
-        blocks = self._draft(decode)
+        # The gate sees only past steps, so whether this step speculates never depends on its drafts.
+        speculate = self.gate is None or not decode or self.gate.speculate(len(decode))
+        blocks = self._draft(decode) if speculate else []
         if blocks:
             # A remote drafter may not have this request's block yet: it sits this step out
             # instead of stalling everybody else (the verifier never waits on one drafter).
@@ -225,8 +230,10 @@ class Engine:
                 outputs.append(self._append(seq, next(results), 0, 0))
             self._observe(seq, chunk, feats, flat)
             flat += n
+        emitted_total = 0
         for seq, i, drafts in plan:
             emitted = next(results)
+            emitted_total += len(emitted)
             accepted = len(emitted) - 1
             fed = [seq.last_token] + drafts[:accepted]
             # The cache keeps the anchor + accepted drafts; rejected positions are overwritten later.
@@ -237,6 +244,8 @@ class Engine:
         self.num_steps += 1
         self.last_step_tokens = len(tokens)
         self.last_step_seconds = time.perf_counter() - t0
+        if self.gate is not None and plan and not prefill:  # a pure decode step measures one arm
+            self.gate.record(len(plan), speculate and self.drafter is not None, emitted_total, self.last_step_seconds)
         return outputs
 
     def _observe(
