@@ -51,8 +51,9 @@ def draft_timing(prompts: list[list[int]], sizes: list[int], batches: list[int],
 
     Every request has ``context`` observed tokens (held-out prompts, cycled and cut); greedy rows
     draft with K = 1, temperature-1 rows with the default top-8 proposal.  Median of ``reps``
-    calls after 3 warm-up calls.  Also times plain decoding at batch 1 (ms per token) so a block
-    can be read as a share of one decode step.
+    calls after 3 warm-up calls (and the minimum), the cases interleaved so that load from other
+    processes falls on all alike.  Also times a plain decode step at batch 1, so a block can be
+    read as a share of one decode step.
     """
     import statistics
 
@@ -160,6 +161,8 @@ def _per_position(metrics, block: int) -> tuple[list[float], list[float]]:
 
 def acceptance_run(name: str, prompts: list[list[int]], temperature: float, block: int, max_tokens: int,
                    dtype: str, concurrency: int) -> dict:
+    import torch
+
     from dspark.train.calibrate import calibration_report, trace_arrays
     from dspark.workers.request import SamplingParams
 
@@ -182,6 +185,13 @@ def acceptance_run(name: str, prompts: list[list[int]], temperature: float, bloc
             "drafts": m.num_drafts, "draft_tokens": m.num_draft_tokens, "accepted_tokens": m.num_accepted_tokens,
             "output_tokens": sum(len(s.output_ids) for s in seqs), "seconds": round(dt, 1),
         }
+        if kind == "dspark":
+            # Share of the target's output tokens inside the drafted vocabulary (at T=0: its greedy tokens).
+            ids = eng.drafter.draft_ids
+            out_ids = torch.tensor([t for s in seqs for t in s.output_ids], dtype=torch.long)
+            inside = torch.isin(out_ids, ids.cpu()) if ids is not None else torch.ones_like(out_ids, dtype=torch.bool)
+            row["draft_vocab"] = 0 if ids is None else int(ids.numel())
+            row["coverage"] = round(float(inside.float().mean()), 4)
         if kind == "dspark" and eng.drafter.traces:
             d = eng.drafter
             z, s, known = trace_arrays(d.traces, block)
@@ -312,6 +322,7 @@ def main(prompts_file, json_out, plot_out, max_prompts, max_tokens, speed_prompt
             r = acceptance_run(name, prompts, t, block, max_tokens, dtype, concurrency)
             results[key][name] = r
             extra = f"  ECE {r['ece_raw']:.3f} -> {r['ece_sts']:.3f}" if "ece_raw" in r else ""
+            extra += f"  coverage {r['coverage']:.4f}" if "coverage" in r else ""
             click.echo(f"{key:6s} {name:16s} acceptance length {r['acceptance_length']:.2f}  "
                        f"per position {' '.join(f'{x:.2f}' for x in r['per_position_survival'])}{extra}")
         if speed_prompts > 0:

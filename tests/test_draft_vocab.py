@@ -112,6 +112,21 @@ def test_map_round_trip_and_draft_vocab_option(tmp_path: Path):
         load_head(path, target, draft_vocab=V + 1)
 
 
+def test_attach_gives_an_existing_head_its_map(tmp_path: Path):
+    from dspark.train.vocab import attach_vocab_map
+
+    target = tiny_target()
+    path = save_head(tiny_head(target), tmp_path / "h")  # a head saved without a map
+    with pytest.raises(ValueError, match="needs the head's id map"):
+        load_head(path, target, draft_vocab=8)
+    ids = torch.randperm(V, generator=torch.Generator().manual_seed(7))
+    write_vocab_map(tmp_path / "counted.safetensors", ids)
+    attach_vocab_map(path, tmp_path / "counted.safetensors", 8, {"tokens": 123})
+    head = load_head(path, target)
+    assert torch.equal(head.draft_ids, ids[:8])
+    assert json.loads(path.with_suffix(".json").read_text())["config"]["vocab_map"]["tokens"] == 123
+
+
 def _expect_refusal(path: Path, target, match: str) -> None:
     with pytest.raises(ValueError, match=match) as err:
         load_head(path, target)
@@ -268,6 +283,7 @@ def test_reduced_vocabulary_greedy_spec_equals_plain_fp32():
         out[draft] = [s.output_ids for s in seqs]
         if draft == "dspark":
             assert built.engine.drafter.draft_ids.numel() == 4096
-            assert built.engine.metrics.num_accepted_tokens > 0
+            # Drafts mapped to the wrong ids would almost never be accepted (about 1.0).
+            assert built.engine.metrics.mean_acceptance_length >= 1.2, built.engine.metrics.to_dict()
         built.close()
     assert out["dspark"] == out["none"]

@@ -29,7 +29,7 @@ import torch
 from dspark.models.dspark_head import write_vocab_map
 from dspark.train.config import DataConfig
 
-__all__ = ["count_tokens", "rank_ids", "rank_responses", "coverage", "main"]
+__all__ = ["count_tokens", "rank_ids", "rank_responses", "coverage", "attach_vocab_map", "main"]
 
 
 def count_tokens(rows: list[dict], vocab_size: int) -> torch.Tensor:
@@ -89,6 +89,30 @@ def rank_responses(rows: list[dict], cfg: DataConfig, vocab_size: int, path: str
     return {**record, "responses": len(train), "tokens": int(counts.sum()), "seen_ids": int((counts > 0).sum())}
 
 
+def attach_vocab_map(head_path: str | Path, map_path: str | Path, draft_vocab: int, record: dict | None = None) -> Path:
+    """Give an existing head an id map: copy it next to the head and record it in the head's JSON.
+
+    ``draft_vocab``: the N the head drafts over by default (0 = full vocabulary).  Returns the
+    copied map's path.  The loader checks the copy against the recorded size and hash.
+    """
+    import shutil
+
+    from dspark.models.dspark_head import read_vocab_map, vocab_map_path, vocab_map_sha256
+
+    head_path = Path(head_path).with_suffix(".safetensors")
+    ids = read_vocab_map(map_path)
+    dest = vocab_map_path(head_path)
+    if Path(map_path).resolve() != dest.resolve():
+        shutil.copyfile(map_path, dest)
+    meta_file = head_path.with_suffix(".json")
+    meta = json.loads(meta_file.read_text())
+    rec = {**(record or {}), "size": int(ids.numel()), "sha256": vocab_map_sha256(ids)}
+    meta["config"]["vocab_map"] = rec
+    meta["config"]["draft_vocab"] = int(draft_vocab)
+    meta_file.write_text(json.dumps(meta, indent=2) + "\n")
+    return dest
+
+
 @click.command()
 @click.option("--config", "config_path", required=True, type=click.Path(exists=True, dir_okay=False),
               help="training config (its data section: prompts, split, sampling)")
@@ -99,7 +123,11 @@ def rank_responses(rows: list[dict], cfg: DataConfig, vocab_size: int, path: str
               help="test-split prompts answered greedily for the coverage figure (0: skip)")
 @click.option("--threads", type=int, default=1, show_default=True)
 @click.option("--count-only", is_flag=True, help="rank the responses cached so far, generate nothing")
-def main(config_path, out_dir, max_prompts, max_new_tokens, heldout_prompts, threads, count_only):
+@click.option("--attach", "attach_head", default=None, type=click.Path(dir_okay=False),
+              help="also give this head (.safetensors) the map, drafting over --draft-vocab ids by default")
+@click.option("--draft-vocab", type=int, default=0, show_default=True, help="N for --attach (0 = full vocabulary)")
+def main(config_path, out_dir, max_prompts, max_new_tokens, heldout_prompts, threads, count_only, attach_head,
+         draft_vocab):
     """Count the target's own output tokens on training prompts and write the frequency-ranked ids."""
     import dataclasses
 
@@ -130,6 +158,10 @@ def main(config_path, out_dir, max_prompts, max_new_tokens, heldout_prompts, thr
                                     "coverage": {str(n): round(c, 4) for n, c in coverage(ids, toks, sizes).items()}}
     (out / "vocab.json").write_text(json.dumps(record, indent=2) + "\n")
     click.echo(json.dumps(record, indent=2))
+    if attach_head:
+        keep = {k: record[k] for k in ("responses", "tokens", "seen_ids", "max_new_tokens", "prompts", "split_seed")}
+        dest = attach_vocab_map(attach_head, out / "vocab.safetensors", draft_vocab, keep)
+        click.echo(f"attached {dest} (draft_vocab={draft_vocab})")
 
 
 if __name__ == "__main__":
