@@ -84,6 +84,8 @@ def engine_options(f):
         click.option("--draft", type=click.Choice(["none", "ngram", "draft_model", "layerskip", "dspark"]), default="none", show_default=True),
         click.option("--block", "block_len", type=int, default=4, show_default=True, help="draft block length"),
         click.option("--draft-option", "draft_options", multiple=True, metavar="KEY=VALUE", help="drafter setting, repeatable"),
+        click.option("--deterministic/--no-deterministic", default=False, show_default=True,
+                     help="row-invariant kernels: greedy speculative output equals plain decoding in bf16 too"),
     ]
     for o in reversed(opts):
         f = o(f)
@@ -116,7 +118,8 @@ def parse_kv(items: tuple[str, ...]) -> tuple[tuple[str, object], ...]:
 @click.option("--seed", type=int, default=None)
 @click.option("--raw", is_flag=True, help="do not apply the chat template")
 @engine_options
-def generate(prompt, max_tokens, temperature, top_p, top_k, seed, raw, model, dtype, device, tp, draft, block_len, draft_options):
+def generate(prompt, max_tokens, temperature, top_p, top_k, seed, raw, model, dtype, device, tp, draft, block_len, draft_options,
+             deterministic):
     """Generate a completion for PROMPT; the text goes to stdout, statistics to stderr."""
     import time
 
@@ -130,7 +133,8 @@ def generate(prompt, max_tokens, temperature, top_p, top_k, seed, raw, model, dt
         raise click.BadParameter(str(e)) from e
     spec = EngineSpec(
         model=model, dtype=dtype, device=device, tp=tp, draft=draft, block_len=block_len,
-        runner=RunnerConfig(n_slots=2, max_seq=max(1024, max_tokens + 1024)), draft_options=parse_kv(draft_options),
+        runner=RunnerConfig(n_slots=2, max_seq=max(1024, max_tokens + 1024), deterministic=deterministic),
+        draft_options=parse_kv(draft_options),
     )
     try:
         built = build_engine(spec)

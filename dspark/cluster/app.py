@@ -47,6 +47,7 @@ class ClusterConfig:
     n_slots: int = 32  # concurrent requests per verifier group (KV cache slots)
     max_seq: int = 2048  # longest request: prompt + output + one block
     max_prefill_tokens: int = 512  # chunked-prefill budget per step
+    deterministic: bool = False  # row-invariant verifier kernels (RunnerConfig.deterministic)
     torch_threads: int = 0  # threads per compute process; 0 = cores / compute processes
     grpc_port: int = 0  # router's GenerationService port; 0 = disabled
     http_body_timeout_s: float = 30.0  # an HTTP request body not received in full by then is answered 408

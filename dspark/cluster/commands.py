@@ -39,6 +39,8 @@ def cluster_options(f):
                      help="global scheduler period, seconds (adaptive policy)"),
         click.option("--target-user-tps", "target_tokens_per_s_per_user", type=float, default=0.0, show_default=True,
                      help="per-user tokens/s the scheduler protects (0: none)"),
+        click.option("--deterministic/--no-deterministic", default=False, show_default=True,
+                     help="row-invariant verifier kernels: greedy speculative output equals plain decoding in bf16 too"),
     ]
     for o in reversed(opts):
         f = o(f)

@@ -11,6 +11,12 @@ Two implementations with the same result:
   * ``padded``: gather all requests' keys/values into one padded batch and make one SDPA call
     (best on GPU where launches dominate and bandwidth is plentiful).
 
+A third, ``row_invariant`` (the deterministic mode), trades speed for bitwise reproducibility: a
+query's output does not depend on how many other queries its request or the step carries.  SDPA
+does not give that: its CPU kernel picks its query and key blocking from the call's shape, so a
+verification block of k tokens rounds differently from k one-token decode steps (measured: 1 in 3
+outputs of a 2..16-token block differ in some element from the same query alone).
+
 Grouped-query attention is handled without repeating keys/values: the ``n_rep`` query heads that
 share a key/value head are folded into the query-length axis, so each KV head is read once.
 """
@@ -45,6 +51,16 @@ class AttentionPlan:
     pad_rows: torch.Tensor | None = None  # [T] position of each flat token within its request
     max_q: int = 0
     max_len: int = 0
+    row_invariant: bool = False
+    # Row-invariant path: (slot, first flat token, tokens, key length, bool mask or None) per tile.
+    tiles: list[tuple[int, int, int, int, torch.Tensor | None]] | None = None
+
+
+# Most queries one row-invariant tile holds.  A verification block (block length + 1 <= 8 by
+# default) is one tile.  Measured on oneDNN bf16: products with up to 16 queries x 3 folded heads
+# give every row the same bits as one query alone; at 32 queries (96 rows) and ~1,000 keys the
+# P @ V product switches blocking and some rows change.
+ROW_TILE = 8
 
 
 def causal_mask(start: int, q_len: int, n_rep: int, device: torch.device | str) -> torch.Tensor:
@@ -67,11 +83,20 @@ def build_plan(
     n_rep: int,
     device: torch.device | str,
     padded: bool = False,
+    row_invariant: bool = False,
 ) -> AttentionPlan:
     cu = [0]
     for n in q_lens:
         cu.append(cu[-1] + n)
-    plan = AttentionPlan(slots, starts, q_lens, cu, n_rep, masks=[], padded=padded)
+    plan = AttentionPlan(slots, starts, q_lens, cu, n_rep, masks=[], padded=padded, row_invariant=row_invariant)
+    if row_invariant:
+        plan.tiles = []
+        for slot, start, a, q_len in zip(slots, starts, cu, q_lens):
+            for t in range(0, q_len, ROW_TILE):
+                n = min(ROW_TILE, q_len - t)
+                mask = None if n == 1 else causal_mask(start + t, n, n_rep, device)
+                plan.tiles.append((slot, a + t, n, start + t + n, mask))
+        return plan
     if not padded:
         plan.masks = [None if q == 1 else causal_mask(s, q, n_rep, device) for s, q in zip(starts, q_lens)]
         return plan
@@ -101,6 +126,8 @@ def varlen_attention(
     q: [T, n_heads, hd] (T = sum of q_lens); k_cache/v_cache: [S, n_kv, max_seq, hd] for one
     layer, already holding this step's keys/values.  Returns [T, n_heads, hd].
     """
+    if plan.row_invariant:
+        return row_invariant_attention(q, k_cache, v_cache, plan)
     if plan.padded:
         return _padded_attention(q, k_cache, v_cache, plan)
     T, n_heads, hd = q.shape
@@ -133,3 +160,36 @@ def _padded_attention(q, k_cache, v_cache, plan: AttentionPlan) -> torch.Tensor:
     ob = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=plan.pad_mask)
     ob = ob.view(B, n_kv, plan.n_rep, max_q, hd).permute(0, 3, 1, 2, 4).reshape(B, max_q, n_heads, hd)
     return ob[batch, rows]
+
+
+def row_invariant_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: AttentionPlan
+) -> torch.Tensor:
+    """Attention whose every query row rounds the same whatever else the step carries.
+
+    Same arguments and result shape as :func:`varlen_attention`.  Queries run in tiles of at most
+    ``ROW_TILE`` tokens of one request, computed like the reference implementation's eager
+    attention: scaled scores in the cache dtype, softmax in float32 (masked keys at -inf add exact
+    zeros), probabilities back in the cache dtype times values.  Every product stays in the shape range where the
+    matmul kernel's per-row reduction order is fixed, and a lone decode token (no mask) takes the
+    same operations as a row of a verification tile.  Example: a 5-token verification block gives
+    bit for bit the rows of 5 successive one-token decode steps.
+    """
+    T, n_heads, hd = q.shape
+    n_rep = plan.n_rep
+    n_kv = n_heads // n_rep
+    scale = hd**-0.5
+    out = torch.empty_like(q)
+    for slot, a, n, total, mask in plan.tiles:
+        # [n, n_kv, rep, hd] -> [n_kv, rep * n, hd]: the heads sharing a KV head fold into rows
+        qi = q[a : a + n].view(n, n_kv, n_rep, hd).permute(1, 2, 0, 3).reshape(n_kv, n_rep * n, hd)
+        # Contiguous copies: bmm on the cache's strided views is twice as slow as copy + bmm.
+        ki = k_cache[slot, :, :total].contiguous()  # [n_kv, L, hd]
+        vi = v_cache[slot, :, :total].contiguous()
+        s = torch.bmm(qi, ki.transpose(1, 2)) * scale  # [n_kv, rep * n, L] in the cache dtype
+        if mask is not None:
+            s = s.masked_fill(~mask, float("-inf"))
+        p = torch.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype)
+        oi = torch.bmm(p, vi)  # [n_kv, rep * n, hd]
+        out[a : a + n] = oi.view(n_kv, n_rep, n, hd).permute(2, 0, 1, 3).reshape(n, n_heads, hd)
+    return out

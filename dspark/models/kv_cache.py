@@ -103,9 +103,17 @@ class VarlenBatch:
 
 
 def make_batch(
-    cache: KVCache, slots: list[int], q_lens: list[int], n_rep: int, padded: bool | None = None
+    cache: KVCache,
+    slots: list[int],
+    q_lens: list[int],
+    n_rep: int,
+    padded: bool | None = None,
+    row_invariant: bool = False,
 ) -> VarlenBatch:
     """Describe a step that appends ``q_lens[i]`` tokens to ``slots[i]`` and advance lengths.
+
+    ``row_invariant`` selects the attention of the deterministic mode (see
+    :func:`dspark.kernels.attention.row_invariant_attention`).
 
     The lengths move forward immediately: the caller runs the forward pass next, and rolls back
     with :meth:`KVCache.truncate` what verification rejects.
@@ -133,5 +141,5 @@ def make_batch(
         q_lens=list(q_lens),
         positions=torch.tensor(pos, dtype=torch.long, device=device),
         token_slots=torch.tensor(tok_slots, dtype=torch.long, device=device),
-        plan=build_plan(slots, starts, q_lens, n_rep, device, padded=padded),
+        plan=build_plan(slots, starts, q_lens, n_rep, device, padded=padded, row_invariant=row_invariant),
     )

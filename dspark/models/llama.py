@@ -32,6 +32,26 @@ class TPHooks:
     world_size: int = 1
 
 
+@dataclass
+class Numerics:
+    """Rounding choices shared by every layer; the runner sets them (as ``apply_tp`` sets ``tp``).
+
+    row_invariant: every row's result is bitwise independent of how many rows the step carries
+    (the deterministic mode).  Measured on oneDNN bf16 (AVX512-BF16): a product of one row takes
+    another kernel than a product of 2..1,024 rows, and for the 1,536-wide down projection it
+    rounds about 1 element in 7,000 differently; every count from 2 rows up gives the same bits.
+    So one-row products run as two identical rows.
+    """
+
+    row_invariant: bool = False
+
+    def linear(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """``layer(x)`` for x: [T, in]; with ``row_invariant`` never a one-row product."""
+        if self.row_invariant and x.shape[0] == 1:
+            return layer(torch.cat((x, x)))[:1]
+        return layer(x)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -51,7 +71,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Attention(nn.Module):
-    def __init__(self, args: ModelArgs, layer_id: int, tp: TPHooks) -> None:
+    def __init__(self, args: ModelArgs, layer_id: int, tp: TPHooks, num: Numerics) -> None:
         super().__init__()
         self.layer_id = layer_id
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
@@ -60,11 +80,12 @@ class Attention(nn.Module):
         self.wqkv = nn.Linear(args.dim, qkv_out, bias=args.attention_bias)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
         self.tp = tp
+        self.num = num
 
     def forward(self, x, cos, sin, cache: KVCache, batch: VarlenBatch) -> torch.Tensor:
         T = x.shape[0]
         hd, nh, nkv = self.head_dim, self.n_heads, self.n_kv_heads
-        qkv = self.wqkv(x).view(T, nh + 2 * nkv, hd)  # [T, nh + 2 nkv, hd]
+        qkv = self.num.linear(self.wqkv, x).view(T, nh + 2 * nkv, hd)  # [T, nh + 2 nkv, hd]
         # q and k heads rotate together: one RoPE call instead of two.
         qk = apply_rope(qkv[:, : nh + nkv], cos, sin)
         q, k = qk[:, :nh], qk[:, nh:]  # [T, nh, hd], [T, nkv, hd]
@@ -73,27 +94,28 @@ class Attention(nn.Module):
         kc[batch.token_slots, :, batch.positions] = k
         vc[batch.token_slots, :, batch.positions] = v
         out = varlen_attention(q, kc, vc, batch.plan)  # [T, nh, hd]
-        return self.tp.all_reduce(self.wo(out.reshape(T, nh * hd)))
+        return self.tp.all_reduce(self.num.linear(self.wo, out.reshape(T, nh * hd)))
 
 
 class FeedForward(nn.Module):
-    def __init__(self, args: ModelArgs, tp: TPHooks) -> None:
+    def __init__(self, args: ModelArgs, tp: TPHooks, num: Numerics) -> None:
         super().__init__()
         self.inter = args.intermediate_size
         self.w13 = nn.Linear(args.dim, 2 * args.intermediate_size, bias=False)  # gate | up fused
         self.w2 = nn.Linear(args.intermediate_size, args.dim, bias=False)
         self.tp = tp
+        self.num = num
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.w13(x).split([self.inter, self.inter], dim=-1)
-        return self.tp.all_reduce(self.w2(F.silu(gate) * up))
+        gate, up = self.num.linear(self.w13, x).split([self.inter, self.inter], dim=-1)
+        return self.tp.all_reduce(self.num.linear(self.w2, F.silu(gate) * up))
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, args: ModelArgs, layer_id: int, tp: TPHooks) -> None:
+    def __init__(self, args: ModelArgs, layer_id: int, tp: TPHooks, num: Numerics) -> None:
         super().__init__()
-        self.attention = Attention(args, layer_id, tp)
-        self.feed_forward = FeedForward(args, tp)
+        self.attention = Attention(args, layer_id, tp, num)
+        self.feed_forward = FeedForward(args, tp, num)
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
@@ -114,8 +136,9 @@ class Transformer(nn.Module):
         super().__init__()
         self.args = args
         self.tp = TPHooks()
+        self.num = Numerics()
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
-        self.layers = nn.ModuleList(TransformerBlock(args, i, self.tp) for i in range(args.n_layers))
+        self.layers = nn.ModuleList(TransformerBlock(args, i, self.tp, self.num) for i in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_word_embeddings:
@@ -189,4 +212,4 @@ class Transformer(nn.Module):
 
     def lm_head(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm + LM head -> float32 logits over the full vocabulary.  h: [R, D]."""
-        return self.tp.gather_vocab(self.output(self.norm(h))).float()
+        return self.tp.gather_vocab(self.num.linear(self.output, self.norm(h))).float()

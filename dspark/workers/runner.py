@@ -47,10 +47,13 @@ class StepInput:
 
 @dataclass
 class RunnerConfig:
-    """How a runner sizes its cache."""
+    """How a runner sizes its cache and rounds."""
 
     n_slots: int = 32  # concurrent requests one runner holds
     max_seq: int = 2048  # longest request (prompt + output + one draft block)
+    # Row-invariant kernels: a request's logits are bitwise the same whatever the step's row count
+    # and neighbours, so greedy speculative output equals plain decoding in bf16 too.
+    deterministic: bool = False
 
 
 class LocalRunner:
@@ -60,10 +63,40 @@ class LocalRunner:
         from dspark.models.packing import pack_linears
 
         pack_linears(model)  # CPU + bf16 only; a no-op elsewhere and when already packed
+        model.num.row_invariant = cfg.deterministic
         self.model = model
         self.cfg = cfg
         self.cache: KVCache = model.make_cache(cfg.n_slots, cfg.max_seq)
         self.n_rep = model.args.n_rep
+        if cfg.deterministic and model.tp.world_size == 1 and cfg.n_slots >= 2:
+            self._check_row_invariance()
+
+    @torch.inference_mode()
+    def _check_row_invariance(self) -> None:
+        """Refuse the deterministic mode where this device's kernels break it.
+
+        Four one-token steps and one four-token verification pass (beside another request) must
+        give bitwise the same logits.  A tensor-parallel group skips the check (its ranks would
+        have to join it); the test suite covers the single-device path.
+        """
+        vocab = self.model.args.vocab_size
+        ids = [(i * 7919 + 13) % vocab for i in range(24)]
+        dev = self.device
+
+        def run(slots: list[int], q_lens: list[int], tokens: list[int]) -> torch.Tensor:
+            batch = make_batch(self.cache, slots, q_lens, self.n_rep, row_invariant=True)
+            return self.model(torch.tensor(tokens, device=dev), self.cache, batch).logits
+
+        run([0], [16], ids[:16])
+        alone = torch.cat([run([0], [1], [t]) for t in ids[16:20]])
+        self.cache.truncate(0, 16)
+        together = run([1, 0], [3, 4], ids[20:23] + ids[16:20])[3:]
+        self.cache.lengths[0] = self.cache.lengths[1] = 0
+        if not torch.equal(alone, together):
+            raise RuntimeError(
+                f"deterministic mode is not supported for {self.model.dtype} on {dev}: a verification pass "
+                "rounds differently from one-token steps here; run without --deterministic"
+            )
 
     @property
     def device(self) -> torch.device:
@@ -73,7 +106,7 @@ class LocalRunner:
     def forward(self, step: StepInput) -> ForwardOutput:
         for s, st in zip(step.slots, step.starts):
             self.cache.lengths[s] = st
-        batch = make_batch(self.cache, step.slots, step.q_lens, self.n_rep)
+        batch = make_batch(self.cache, step.slots, step.q_lens, self.n_rep, row_invariant=self.cfg.deterministic)
         dev = self.device
         tokens = torch.tensor(step.tokens, dtype=torch.long, device=dev)
         rows = None if step.logits_rows is None else torch.tensor(step.logits_rows, dtype=torch.long, device=dev)
