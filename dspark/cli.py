@@ -84,8 +84,9 @@ def engine_options(f):
         click.option("--draft", type=click.Choice(["none", "ngram", "draft_model", "layerskip", "dspark"]), default="none", show_default=True),
         click.option("--block", "block_len", type=int, default=4, show_default=True, help="draft block length"),
         click.option("--draft-option", "draft_options", multiple=True, metavar="KEY=VALUE", help="drafter setting, repeatable"),
-        click.option("--deterministic/--no-deterministic", default=False, show_default=True,
-                     help="row-invariant kernels: greedy speculative output equals plain decoding in bf16 too"),
+        click.option("--deterministic/--no-deterministic", default=None,
+                     help="row-invariant kernels: greedy speculative output equals plain decoding in bf16 too "
+                          "(default: on for bf16 on CPU)"),
     ]
     for o in reversed(opts):
         f = o(f)
@@ -125,8 +126,10 @@ def generate(prompt, max_tokens, temperature, top_p, top_k, seed, raw, model, dt
 
     from dspark.workers.factory import EngineSpec, build_engine
     from dspark.workers.request import SamplingParams
-    from dspark.workers.runner import RunnerConfig
+    from dspark.workers.runner import RunnerConfig, deterministic_default
 
+    if deterministic is None:
+        deterministic = deterministic_default(dtype, device)
     try:
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
     except ValueError as e:

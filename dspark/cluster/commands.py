@@ -39,8 +39,9 @@ def cluster_options(f):
                      help="global scheduler period, seconds (adaptive policy)"),
         click.option("--target-user-tps", "target_tokens_per_s_per_user", type=float, default=0.0, show_default=True,
                      help="per-user tokens/s the scheduler protects (0: none)"),
-        click.option("--deterministic/--no-deterministic", default=False, show_default=True,
-                     help="row-invariant verifier kernels: greedy speculative output equals plain decoding in bf16 too"),
+        click.option("--deterministic/--no-deterministic", default=None,
+                     help="row-invariant verifier kernels: greedy speculative output equals plain decoding in bf16 too "
+                          "(default: on for bf16 on CPU)"),
     ]
     for o in reversed(opts):
         f = o(f)
@@ -48,6 +49,10 @@ def cluster_options(f):
 
 
 def make_config(model, dtype, device, tp, draft_workers, draft, block_len, verify_policy, n_slots, **extra) -> ClusterConfig:
+    if extra.get("deterministic", False) is None:
+        from dspark.workers.runner import deterministic_default
+
+        extra["deterministic"] = deterministic_default(dtype, device)
     return ClusterConfig(
         model=model, dtype=dtype, device=device, tp=tp, draft=draft or _default_draft(), draft_workers=draft_workers,
         block_len=block_len, verify_policy=verify_policy, n_slots=n_slots, **extra,
@@ -136,5 +141,5 @@ def demo(max_tokens, port, redis_url, **kw):
         click.echo(f"\nspeedup = tokens/s of speculative vs plain decoding through the same cluster "
                    f"({cfg.dtype}, greedy, {cfg.draft} drafter, block {cfg.block_len}).")
         if cfg.dtype != "fp32" and any(r[-1] == "NO" for r in rows):
-            click.echo("Texts can differ in bf16: a verification pass multiplies several tokens at once, which rounds "
-                       "differently from one-token decoding. In fp32 (--dtype fp32) they are token-identical.")
+            click.echo("Texts can differ in bf16 without --deterministic: a verification pass multiplies several tokens at "
+                       "once, which rounds differently from one-token decoding. In fp32 (--dtype fp32) they are token-identical.")
