@@ -2,7 +2,7 @@
 
     dspark bench spec [--prompts FILE|wizardlm|mbpp|all] [--max-prompts N] [--max-tokens N]
                       [--concurrency 1,8] [--drafters ngram,draft_model,layerskip,dspark]
-                      [--block 4|NAME=N,...] [--json FILE] [--plot FILE]
+                      [--block 4|NAME=N,...] [--deterministic off|on|both] [--json FILE] [--plot FILE]
 
 What it measures (bf16, greedy, requests stop at end-of-turn or after ``--max-tokens``):
 
@@ -18,6 +18,11 @@ What it measures (bf16, greedy, requests stop at end-of-turn or after ``--max-to
 * mean acceptance length (vLLM's meaning: 1 + accepted / verification rounds with drafts) and
   tokens per target forward pass after prefill (comparable with HF, where the passes are counted
   with a forward hook).
+* ``same_text``: the share of prompts whose greedy speculative output ids equal plain decoding's
+  in the same mode.  ``--deterministic both`` runs every configuration also in the deterministic
+  mode (row-invariant kernels, ``RunnerConfig.deterministic``), named ``NAME+det`` and compared
+  with ``plain+det``; the summary then adds each one's tokens/s against its default-mode twin
+  (the speed cost of the mode).
 
 Block length is a per-drafter default (ngram, layerskip, draft_model: 4; dspark: 7, what its
 head was trained for); ``--block 6`` sets all, ``--block ngram=6,dspark=5`` some.  ``draft_model``
@@ -130,12 +135,12 @@ class OursRunner:
     """Our engine (plain when ``drafter`` is "none") with a fixed number of cache slots."""
 
     def __init__(self, drafter: str, block: int, options: list, max_seq: int, concurrency: int,
-                 warm_prompt: list[int], max_prefill: int = 512) -> None:
+                 warm_prompt: list[int], max_prefill: int = 512, deterministic: bool = False) -> None:
         from dspark.workers.factory import EngineSpec, build_engine
         from dspark.workers.request import SamplingParams, SpecMetrics
 
         spec = EngineSpec(dtype=DTYPE, draft=drafter, block_len=block or EngineSpec.block_len,
-                          runner=_runner_config(concurrency, max_seq), max_prefill_tokens=max_prefill,
+                          runner=_runner_config(concurrency, max_seq, deterministic), max_prefill_tokens=max_prefill,
                           draft_options=tuple(tuple(kv) for kv in options))
         self.built = build_engine(spec, progress=False)
         self.eng = self.built.engine
@@ -191,16 +196,17 @@ class OursRunner:
         self.built.close()
 
 
-def _runner_config(n_slots: int, max_seq: int):
+def _runner_config(n_slots: int, max_seq: int, deterministic: bool = False):
     from dspark.workers.runner import RunnerConfig
 
-    return RunnerConfig(n_slots=n_slots, max_seq=max_seq)
+    return RunnerConfig(n_slots=n_slots, max_seq=max_seq, deterministic=deterministic)
 
 
-def ours(drafter: str, block: int, options: list, prompts: list[list[int]], max_tokens: int, concurrency: int) -> dict:
+def ours(drafter: str, block: int, options: list, prompts: list[list[int]], max_tokens: int, concurrency: int,
+         deterministic: bool = False) -> dict:
     """One configuration over all prompts in a fresh process (``run_isolated``)."""
     max_seq = max(map(len, prompts)) + max_tokens + block + 8
-    r = OursRunner(drafter, block, options, max_seq, concurrency, prompts[0])
+    r = OursRunner(drafter, block, options, max_seq, concurrency, prompts[0], deterministic=deterministic)
     try:
         return {"requests": r.run(prompts, max_tokens)}
     finally:
@@ -337,10 +343,10 @@ def summarize(recs: list[dict], meta: list[dict], plain: list[dict] | None) -> d
 def _interleaved(configs, options, ids, meta, max_tokens, threads, blocks, tok, skip_hf, errors) -> dict:
     """Concurrency 1: every configuration in its own live process; prompt by prompt, each runs in
     turn (order reversed every other prompt), so drifts in machine speed hit all alike."""
-    max_seq = max(map(len, ids)) + max_tokens + max(b for _, _, b in configs) + 8
+    max_seq = max(map(len, ids)) + max_tokens + max(c[2] for c in configs) + 8
     workers = {name: Worker(name, "ours", {"drafter": kind, "block": block, "options": options[kind], "max_seq": max_seq,
-                                           "concurrency": 1, "warm_prompt": ids[0]}, threads)
-               for name, kind, block in configs}
+                                           "concurrency": 1, "warm_prompt": ids[0], "deterministic": det}, threads)
+               for name, kind, block, det in configs}
     if not skip_hf:
         workers["hf"] = Worker("hf", "hf", {"lookup_tokens": blocks.get("ngram", DEFAULT_BLOCK["ngram"]),
                                             "stop_ids": sorted(tok.stop_token_ids), "warm_prompt": ids[0]}, threads)
@@ -386,12 +392,12 @@ def _bracketed(configs, options, ids, max_tokens, level, threads, errors) -> dic
     names = [c[0] for c in configs]
     cheap = [n for n in ("plain", "ngram") if n in names]
     order = cheap + [n for n in names if n not in cheap] + list(reversed(cheap))
-    spec = {name: (kind, block) for name, kind, block in configs}
+    spec = {name: (kind, block, det) for name, kind, block, det in configs}
     runs: dict[str, list[list[dict]]] = {}
     for name in order:
-        kind, block = spec[name]
+        kind, block, det = spec[name]
         kw = {"drafter": kind, "block": block, "options": options[kind], "prompts": ids, "max_tokens": max_tokens,
-              "concurrency": level}
+              "concurrency": level, "deterministic": det}
         t0 = time.perf_counter()
         try:
             res = run_isolated("bench.spec", "ours", kw, threads)["requests"]
@@ -463,9 +469,11 @@ def _parse_blocks(text: str | None, names: list[str]) -> dict[str, int]:
 @click.option("--block", "block_text", default=None, help="block length: N for all, or NAME=N,... (default per drafter)")
 @click.option("--threads", type=int, default=1, show_default=True, help="torch threads per process (1 is fastest on a shared host)")
 @click.option("--skip-hf", is_flag=True, help="leave out the transformers runs")
+@click.option("--deterministic", "det_mode", type=click.Choice(["off", "on", "both"]), default="off", show_default=True,
+              help="engine mode: default kernels, row-invariant kernels, or both side by side")
 @click.option("--json", "json_path", default=None, help="output (default bench/results/spec.json)")
 @click.option("--plot", "plot_path", default=None, help="PNG (default bench/results/spec.png)")
-def main(source, max_prompts, max_tokens, concurrency, drafters, block_text, threads, skip_hf, json_path, plot_path):
+def main(source, max_prompts, max_tokens, concurrency, drafters, block_text, threads, skip_hf, det_mode, json_path, plot_path):
     """Per-user tokens/s and acceptance per drafter and category, vs plain and vs HF prompt lookup."""
     from dspark.models.dspark_head import default_head_path
     from dspark.models.loader import DEFAULT_MODEL_NAME, load_tokenizer
@@ -491,11 +499,14 @@ def main(source, max_prompts, max_tokens, concurrency, drafters, block_text, thr
     block_list = ", ".join(f"{n}={b}" for n, b in blocks.items())
     click.echo(f"{len(meta)} prompts ({counts}), {max_tokens} new tokens, {DTYPE}, greedy; blocks: {block_list}", err=True)
 
-    configs = [("plain", "none", 0)] + [(n, n, blocks[n]) for n in names]
+    base = [("plain", "none", 0)] + [(n, n, blocks[n]) for n in names]
+    configs = [(n, k, b, False) for n, k, b in base] if det_mode != "on" else []
+    if det_mode != "off":
+        configs += [(n + "+det", k, b, True) for n, k, b in base]
     raw: dict[str, dict[str, list[dict]]] = {}
     errors: dict[str, str] = {}
 
-    options = {kind: [list(kv) for kv in DRAFT_OPTIONS.get(kind, ())] for _, kind, _ in configs}
+    options = {kind: [list(kv) for kv in DRAFT_OPTIONS.get(kind, ())] for _, kind, _, _ in configs}
     for level in levels:
         key = f"c{level}"
         click.echo(f"concurrency {level}", err=True)
@@ -518,6 +529,7 @@ def main(source, max_prompts, max_tokens, concurrency, drafters, block_text, thr
                 for k, v in raw.items()}
     out = write_json(json_path, "spec.json", {
         "dtype": DTYPE, "temperature": 0.0, "max_tokens": max_tokens, "threads": threads, "source": source,
+        "deterministic": det_mode,
         "prompts_per_bucket": max_prompts, "blocks": blocks, "draft_options": {k: dict(v) for k, v in DRAFT_OPTIONS.items()},
         "hf_lookup_tokens": blocks.get("ngram", DEFAULT_BLOCK["ngram"]), "buckets": buckets,
         "prompts": [{k: m[k] for k in ("id", "bucket", "category", "split")} for m in meta],
@@ -538,10 +550,10 @@ def report(raw: dict, meta: list[dict], blocks: dict[str, int]) -> tuple[dict, l
     for key, by_method in raw.items():
         results[key] = {}
         for name, recs in by_method.items():
-            base_name = "hf_plain" if name.startswith("hf_") else "plain"
+            base_name = "hf_plain" if name.startswith("hf_") else ("plain+det" if name.endswith("+det") else "plain")
             base = by_method.get(base_name) if name != base_name else None
             s = summarize(recs, meta, base)
-            entry = {"label": _label(name, blocks), "block": lookup if name == "hf_lookup" else blocks.get(name),
+            entry = {"label": _label(name, blocks), "block": lookup if name == "hf_lookup" else blocks.get(twin_name(name) if name.endswith("+det") else name),
                      "per_category": s}
             if base is not None:
                 sb = summarize(base, meta, None)
@@ -558,7 +570,18 @@ def report(raw: dict, meta: list[dict], blocks: dict[str, int]) -> tuple[dict, l
             sp = results[key].get(name, {}).get("speedup")
             if sp:
                 summary.append({"conc": key[1:], "ratio": label, **{c: sp.get(c) for c in (*BUCKETS, "all")}})
+        for name, entry in results[key].items():  # speed of the deterministic mode vs the default
+            twin = results[key].get(name[: -len("+det")]) if name.endswith("+det") else None
+            if twin:
+                a, b = entry["per_category"], twin["per_category"]
+                summary.append({"conc": key[1:], "ratio": f"{name} vs {twin_name(name)}",
+                                **{c: a[c]["tokens_per_s"] / b[c]["tokens_per_s"] if c in a and c in b else None
+                                   for c in (*BUCKETS, "all")}})
     return results, rows, summary
+
+
+def twin_name(name: str) -> str:
+    return name[: -len("+det")]
 
 
 def _label(name: str, blocks: dict[str, int]) -> str:
@@ -566,9 +589,10 @@ def _label(name: str, blocks: dict[str, int]) -> str:
         return f"HF prompt lookup ({blocks.get('ngram', DEFAULT_BLOCK['ngram'])}) vs HF plain"
     if name == "hf_plain":
         return "HF plain"
-    if name == "plain":
-        return "ours, plain"
-    return f"{name} (block {blocks[name]})"
+    if name in ("plain", "plain+det"):
+        return "ours, " + name
+    kind = twin_name(name) if name.endswith("+det") else name
+    return f"{name} (block {blocks[kind]})"
 
 
 if __name__ == "__main__":
