@@ -41,7 +41,10 @@ def cluster():
 
     cfg = ClusterConfig(dtype="fp32", tp=3, draft=_draft_kind(), draft_workers=2, block_len=5, n_slots=16,
                         max_seq=512, torch_threads=1, grpc_port=free_port(), block_timeout_s=20.0,
-                        verify_policy="adaptive", scheduler_interval_s=0.25)
+                        verify_policy="adaptive", scheduler_interval_s=0.25,
+                        # Every step speculates, so the sampled test below checks verification
+                        # (the gate's own choice is covered in-process by tests/test_spec_gate.py).
+                        speculation_gate=False)
     c = LocalCluster(cfg, http_port=free_port()).start(timeout_s=900)
     yield c
     c.stop()
@@ -166,3 +169,52 @@ def test_draft_worker_killed_mid_request(cluster, client, reference):
     assert results == [reference[p] for p in PROMPTS]
     # Requests after the failure are served too (by the survivor, Serve's replacement, or plainly).
     assert _chat(client, PROMPTS[0]).choices[0].message.content == reference[PROMPTS[0]]
+
+
+def test_sampled_first_speculative_token_follows_the_target(cluster, model_fp32):
+    """The matrix row dspark x adaptive through the cluster, sampled: the token that comes out
+    of the first speculative step (the 2nd output token, given the nearly certain 1st) is
+    distributed as the target's p(x2 | prompt, x1), by a chi-square test."""
+    import collections
+
+    import torch
+    from scipy import stats
+
+    from dspark.proto.dspark.v1 import generate_pb2, generate_pb2_grpc
+    from dspark.workers.runner import StepInput
+
+    tok = model_fp32.tokenizer
+    text = "Once upon a time"
+    prompt = tok.encode(text)
+    runner = LocalRunner(model_fp32.model, RunnerConfig(n_slots=1, max_seq=64))
+    with torch.inference_mode():
+        x1 = int(runner.forward(StepInput(prompt, [0], [0], [len(prompt)], [len(prompt) - 1])).logits[0].argmax())
+        logits = runner.forward(StepInput(prompt + [x1], [0], [0], [len(prompt) + 1], [len(prompt)])).logits[0]
+    p = torch.softmax(logits.double(), -1)
+    n = 192
+
+    async def run():
+        sem = asyncio.Semaphore(8)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{cluster.cfg.grpc_port}") as ch:
+            stub = generate_pb2_grpc.GenerationServiceStub(ch)
+
+            async def one(seed):
+                async with sem:
+                    r = await stub.GenerateUnary(generate_pb2.GenerateRequest(
+                        prompt=text, max_tokens=3, temperature=1.0, seed=seed), timeout=300)
+                    return list(r.token_ids), r.spec_metrics.num_drafts
+
+            return await asyncio.gather(*(one(s) for s in range(n)))
+
+    results = asyncio.run(run())
+    counts = collections.Counter(ids[1] for ids, _ in results if len(ids) >= 2 and ids[0] == x1)
+    total = sum(counts.values())
+    assert total > 0.75 * n
+    assert sum(1 for _, d in results if d > 0) > n // 2, "most requests should verify a draft"
+    big = [int(t) for t in torch.nonzero(p * total >= 5).flatten()]
+    obs = [counts.get(t, 0) for t in big]
+    exp = [float(p[t]) * total for t in big]
+    obs.append(total - sum(obs))
+    exp.append(total - sum(exp))
+    res = stats.chisquare(obs, exp)
+    assert res.pvalue > 1e-3, f"p = {res.pvalue:.2e}, observed {counts.most_common(5)}"

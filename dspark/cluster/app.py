@@ -41,6 +41,8 @@ class ClusterConfig:
     draft_workers: int = 2  # DraftWorker replicas (remote drafter kinds)
     block_len: int = 7  # draft block length (gamma)
     verify_policy: str = "fixed"  # fixed | adaptive (confidence-scheduled, global scheduler)
+    # adaptive only: skip drafting on steps where measured throughput says speculation does not pay
+    speculation_gate: bool = True
     redis_url: str | None = field(default=None, repr=False)  # Redis for heartbeats, discovery, demand, policy
     redis_url_env: str = "DSPARK_REDIS_URL"  # env var read when redis_url is not given
     redis_prefix: str = "dspark"  # key prefix (several clusters can share one Redis)

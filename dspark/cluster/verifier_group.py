@@ -86,7 +86,7 @@ class VerifierGroup:
             self.budget = budget_fn = AdaptiveBudget(self.costs, VerifyPolicy(max_block_len=cfg.block_len))
         self.budget_meter = BudgetMeter(budget_fn)
         # Adaptive verification also decides whether to speculate at all, by measured throughput.
-        gate = SpeculationGate() if self.budget is not None and drafter is not None else None
+        gate = SpeculationGate() if cfg.speculation_gate and self.budget is not None and drafter is not None else None
         self.engine = Engine(runner, tokenizer, ecfg, drafter=drafter, budget=self.budget_meter, gate=gate)
         self.worker = VerifierWorker(self.engine, name=self.group_id)
         self.bg = BackgroundLoop(f"{self.group_id}-redis")
