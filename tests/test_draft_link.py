@@ -250,7 +250,7 @@ def _connects(host: str, port: int) -> bool:
 
 def _remote_block(address: str, token: str | None) -> list[int] | None:
     """Draft one block through the verifier's own client (RemoteDrafter), as a verifier does."""
-    from dspark.workers.remote_drafter import RemoteDrafter, RemoteDrafterConfig
+    from dspark.workers.drafters.remote import RemoteDrafter, RemoteDrafterConfig
     from dspark.workers.request import SamplingParams, Sequence
 
     drafter = RemoteDrafter([address], RemoteDrafterConfig(kind="ngram", token=token), block_len=3)

@@ -16,7 +16,7 @@ import pytest
 from dspark.proto.dspark.v1 import draft_pb2, draft_pb2_grpc
 from dspark.workers.draft_worker import DraftWorkerConfig, DraftWorkerServer
 from dspark.workers.drafters.ngram import NgramDrafter
-from dspark.workers.remote_drafter import RemoteDrafter, RemoteDrafterConfig
+from dspark.workers.drafters.remote import RemoteDrafter, RemoteDrafterConfig
 from dspark.workers.request import SamplingParams, Sequence
 
 TOKEN = "internal-token-for-tests"

@@ -61,7 +61,7 @@ class VerifierGroup:
             drafter = LayerSkipDrafter(runner, int(cfg.draft_options.get("layers", max(1, args.n_layers // 2))))
         elif cfg.remote_draft:
             from dspark.workers.drafters.base import proposal_top_k
-            from dspark.workers.remote_drafter import RemoteDrafter, RemoteDrafterConfig
+            from dspark.workers.drafters.remote import RemoteDrafter, RemoteDrafterConfig
 
             tls = InternalTLS.from_env(cfg)
             rcfg = RemoteDrafterConfig(

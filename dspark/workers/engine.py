@@ -24,7 +24,8 @@ import torch
 from dspark.kernels.rejection import rejection_sample
 from dspark.kernels.sampling import logits_to_probs
 from dspark.models.tokenizer import Tokenizer
-from dspark.workers.drafters.base import DraftBlock, Drafter
+from dspark.models.kv_cache import KVCache
+from dspark.workers.drafters.base import AsyncDrafter, DraftBlock, Drafter
 from dspark.workers.request import RequestOutput, SamplingParams, Sequence, SpecMetrics, make_detokenizer
 from dspark.workers.runner import StepInput
 from dspark.workers.spec_gate import SpeculationGate
@@ -53,6 +54,7 @@ def fixed_budget(seqs: list[Sequence], blocks: list[DraftBlock], block_len: int)
 
 class Runner(Protocol):
     device: torch.device
+    cache: KVCache  # the target's KV cache (its slots and length bound the engine's)
 
     def forward(self, step: StepInput): ...
 
@@ -75,9 +77,8 @@ class Engine:
         self.drafter = drafter
         self.budget = budget
         self.gate = gate  # None: always speculate when a drafter is configured
-        cache = getattr(runner, "cache", None)
-        self.n_slots = n_slots or (cache.n_slots if cache is not None else cfg.max_batch)
-        self.max_seq = max_seq or (cache.max_seq if cache is not None else 2048)
+        self.n_slots = n_slots or runner.cache.n_slots
+        self.max_seq = max_seq or runner.cache.max_seq
         self._free_slots = list(range(self.n_slots - 1, -1, -1))
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
@@ -179,9 +180,8 @@ class Engine:
             ready = [i for i, b in enumerate(blocks) if b is not None]
             decode, blocks = [decode[i] for i in ready], [blocks[i] for i in ready]
             if not prefill and not decode:
-                wait = getattr(self.drafter, "wait_for_blocks", None)
-                if wait is not None:
-                    wait(0.05)
+                if isinstance(self.drafter, AsyncDrafter):
+                    self.drafter.wait_for_blocks(0.05)
                 return []
         verify_lens = self.budget(decode, blocks, self.cfg.block_len) if blocks else []
 
@@ -285,13 +285,12 @@ class Engine:
         t0 = time.perf_counter()
         proposed = dict(zip((s.request_id for s in want), self.drafter.propose(want, self.cfg.block_len)))
         late = [s for s in want if proposed[s.request_id] is None]
-        wait = getattr(self.drafter, "wait_for_blocks", None)
-        if late and wait is not None and len(late) < len(want):
+        if late and len(late) < len(want) and isinstance(self.drafter, AsyncDrafter):
             # Blocks still in flight usually land within a fraction of a step; waiting that long
             # beats making those requests sit a whole step out.
             deadline = t0 + min(self.cfg.max_block_wait_s, 0.25 * self.last_step_seconds)
             while late and time.perf_counter() < deadline:
-                wait(max(0.0, deadline - time.perf_counter()))
+                self.drafter.wait_for_blocks(max(0.0, deadline - time.perf_counter()))
                 again = self.drafter.propose(late, self.cfg.block_len)
                 for seq, blk in zip(late, again):
                     proposed[seq.request_id] = blk

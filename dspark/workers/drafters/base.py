@@ -53,11 +53,18 @@ class DraftBlock:
 
 @runtime_checkable
 class Drafter(Protocol):
+    """What the engine uses of every drafter; ``AsyncDrafter`` adds the one optional capability."""
+
     name: str
     feature_layers: tuple[int, ...]  # target layers whose hidden states observe() must receive
 
-    def propose(self, seqs: list[Sequence], block_len: int) -> list[DraftBlock]:
-        """One block per sequence, at most ``block_len`` tokens each."""
+    def propose(self, seqs: list[Sequence], block_len: int) -> list[DraftBlock | None]:
+        """One entry per sequence: a block of at most ``block_len`` tokens, or None.
+
+        An empty block means "no drafts": the request decodes one plain token this step.  None
+        means "the block is still being drafted": the request sits this step out and keeps its
+        place.  Only an ``AsyncDrafter`` returns None (in-process drafters always answer).
+        """
         ...
 
     def observe(
@@ -73,6 +80,19 @@ class Drafter(Protocol):
 
     def release(self, request_id: str) -> None:
         """The request ended: drop its state."""
+        ...
+
+
+@runtime_checkable
+class AsyncDrafter(Drafter, Protocol):
+    """A drafter whose blocks arrive in the background (the remote drafter of a verifier group).
+
+    ``propose`` returns None for a request whose block has not arrived; the engine then waits
+    at most a fraction of a step on ``wait_for_blocks`` before leaving that request out.
+    """
+
+    def wait_for_blocks(self, timeout: float) -> None:
+        """Return when a block has arrived, or after ``timeout`` seconds."""
         ...
 
 

@@ -28,7 +28,7 @@ import torch
 
 from dspark.proto.dspark.v1 import draft_pb2, draft_pb2_grpc
 from dspark.proto.tensors import tensor_to_proto
-from dspark.workers.draft_worker import block_from_proto
+from dspark.workers.draft_codec import block_from_proto
 from dspark.workers.drafters.base import DraftBlock
 from dspark.workers.request import Sequence
 
@@ -113,6 +113,11 @@ class _Req:
 
 
 class RemoteDrafter:
+    """An ``AsyncDrafter`` over the draft workers' streams (see the module docstring).
+
+    Its owner closes it (``close``): the links are threads and channels the engine knows nothing of.
+    """
+
     name = "remote"
 
     def __init__(self, addresses: Callable[[], list[str]] | list[str], cfg: RemoteDrafterConfig, block_len: int) -> None:
