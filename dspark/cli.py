@@ -13,6 +13,8 @@ from pathlib import Path
 
 import click
 
+from dspark.workers.drafters import registry
+
 # name -> ("module:attribute" of a click command, one-line help shown without importing it)
 COMMANDS = {
     "serve": ("dspark.cluster.commands:serve", "Start the local cluster (Ray Serve, gRPC, Redis) and serve."),
@@ -81,7 +83,7 @@ def engine_options(f):
         click.option("--dtype", type=click.Choice(["bf16", "fp32", "fp16"]), default="bf16", show_default=True),
         click.option("--device", default="cpu", show_default=True, help="cpu or cuda"),
         click.option("--tp", type=int, default=1, show_default=True, help="tensor-parallel ranks"),
-        click.option("--draft", type=click.Choice(["none", "ngram", "draft_model", "layerskip", "dspark"]), default="none", show_default=True),
+        click.option("--draft", type=click.Choice(registry.choices()), default="none", show_default=True),
         click.option("--block", "block_len", type=int, default=4, show_default=True, help="draft block length"),
         click.option("--draft-option", "draft_options", multiple=True, metavar="KEY=VALUE", help="drafter setting, repeatable"),
         click.option("--deterministic/--no-deterministic", default=None,

@@ -23,9 +23,10 @@ import socket
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
+from dspark.workers.drafters import registry
+
 log = logging.getLogger(__name__)
 
-DRAFT_KINDS_REMOTE = ("ngram", "draft_model", "dspark")
 _LOCAL_REDIS = None  # a redis-server build_app started because none was configured
 
 
@@ -37,8 +38,8 @@ class ClusterConfig:
     dtype: str = "bf16"  # bf16 | fp32 | fp16
     device: str = "cpu"  # cpu | cuda
     tp: int = 1  # tensor-parallel ranks per verifier group
-    draft: str = "dspark"  # none | ngram | draft_model | layerskip | dspark
-    draft_workers: int = 2  # DraftWorker replicas (remote drafter kinds)
+    draft: str = "dspark"  # "none" or a registered drafter kind (dspark.workers.drafters.registry)
+    draft_workers: int = 2  # DraftWorker replicas (drafter kinds that can run remotely)
     block_len: int = 7  # draft block length (gamma)
     verify_policy: str = "fixed"  # fixed | adaptive (confidence-scheduled, global scheduler)
     # adaptive only: skip drafting on steps where measured throughput says speculation does not pay
@@ -79,23 +80,20 @@ class ClusterConfig:
         if args.get("model") in ("default", ""):
             args["model"] = None
         cfg = cls(**args)
-        if cfg.draft not in ("none", "layerskip", *DRAFT_KINDS_REMOTE):
-            raise ValueError(f"unknown draft kind {cfg.draft!r}")
         if cfg.verify_policy not in ("fixed", "adaptive"):
             raise ValueError("verify_policy must be fixed or adaptive")
         if cfg.tp < 1 or cfg.block_len < 0 or cfg.draft_workers < 0:
             raise ValueError("tp >= 1, block_len >= 0 and draft_workers >= 0 are required")
         if cfg.draft_stream_quota < 0 or cfg.draft_idle_release_s <= 0:
             raise ValueError("draft_stream_quota >= 0 and draft_idle_release_s > 0 are required")
-        if cfg.draft != "none":
-            from dspark.workers.drafters.base import proposal_top_k
-
-            proposal_top_k(cfg.draft_options)
+        if cfg.draft != "none":  # an unknown kind or option is refused here, naming it
+            registry.parse_options(cfg.draft, cfg.draft_options)
         return cfg
 
     @property
     def remote_draft(self) -> bool:
-        return self.draft in DRAFT_KINDS_REMOTE and self.draft_workers > 0
+        """Drafting happens on draft workers: the kind can run remotely and there are workers."""
+        return self.draft != "none" and registry.get(self.draft).remote and self.draft_workers > 0
 
     @property
     def max_context(self) -> int:
@@ -195,13 +193,7 @@ def _state(cfg: ClusterConfig):
 
 def feature_layers_for(cfg: ClusterConfig, model_name: str) -> tuple[int, ...]:
     """Target layers the configured drafter needs, known without loading the drafter."""
-    if cfg.draft != "dspark":
-        return ()
-    from dspark.models.dspark_head import default_head_path, read_head_config
-
-    path = cfg.draft_options.get("head") or default_head_path(model_name)
-    head_cfg, _ = read_head_config(path)
-    return tuple(head_cfg.feature_layers)
+    return registry.feature_layers(cfg.draft, cfg.draft_options, model_name) if cfg.draft != "none" else ()
 
 
 # --------------------------------------------------------------------------------------------
@@ -236,20 +228,22 @@ def _deployments():
 
             from dspark.models.loader import load_model
             from dspark.workers.draft_worker import DraftWorkerServer
-            from dspark.workers.drafters import make_drafter
-            from dspark.workers.factory import EngineSpec
             from dspark.workers.runner import RunnerConfig
 
             cfg = self.cfg = ClusterConfig.from_args(args)
             torch.set_num_threads(cfg.threads())
-            spec = EngineSpec(model=cfg.model, dtype=cfg.dtype, device=cfg.device, draft=cfg.draft,
-                              block_len=cfg.block_len, runner=RunnerConfig(n_slots=cfg.draft_slots, max_seq=cfg.max_seq),
-                              draft_options=tuple(cfg.draft_options.items()))
 
             def factory():
-                needs_target = cfg.draft in ("dspark", "draft_model")
-                loaded = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device, progress=False) if needs_target else None
-                return make_drafter(cfg.draft, loaded, None, spec)
+                # No target runner here: the kinds that run remotely draft from the target's weights
+                # (when they need any) and the features the verifier sends.
+                needs_weights = registry.get(cfg.draft).needs_weights
+                loaded = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device, progress=False) if needs_weights else None
+                ctx = registry.DraftContext(
+                    loaded=loaded, args=loaded.args if loaded else None, target_runner=None,
+                    runner=RunnerConfig(n_slots=cfg.draft_slots, max_seq=cfg.max_seq), model=cfg.model,
+                    dtype=cfg.dtype, device=cfg.device,
+                )
+                return registry.build_drafter(cfg.draft, ctx, cfg.draft_options)
 
             self.server = DraftWorkerServer(factory, draft_worker_config(cfg)).start()
             self.member = self.server.address

@@ -9,6 +9,7 @@ import time
 import click
 
 from dspark.cluster.app import ClusterConfig
+from dspark.workers.drafters import registry
 
 
 def _default_draft() -> str:
@@ -29,7 +30,7 @@ def cluster_options(f):
         click.option("--device", default="cpu", show_default=True),
         click.option("--tp", type=int, default=1, show_default=True, help="tensor-parallel ranks per verifier group"),
         click.option("--draft-workers", type=int, default=1, show_default=True),
-        click.option("--draft", type=click.Choice(["none", "ngram", "draft_model", "layerskip", "dspark"]), default=None,
+        click.option("--draft", type=click.Choice(registry.choices()), default=None,
                      help="drafter kind (default: dspark when a head ships, else ngram)"),
         click.option("--block", "block_len", type=int, default=7, show_default=True),
         click.option("--verify-policy", type=click.Choice(["fixed", "adaptive"]), default="fixed", show_default=True),

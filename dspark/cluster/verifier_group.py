@@ -17,6 +17,7 @@ import uuid
 from dspark.cluster.app import ClusterConfig, InternalTLS, _state, feature_layers_for
 from dspark.cluster.background import BackgroundLoop
 from dspark.workers.budget_policy import AdaptiveBudget, VerifyPolicy, profile_step_costs
+from dspark.workers.drafters import registry
 from dspark.workers.spec_gate import SpeculationGate
 from dspark.workers.engine import fixed_budget
 
@@ -55,19 +56,19 @@ class VerifierGroup:
         self.model_name = name
         self._drafter_addrs: list[str] = []
         drafter = None
-        if cfg.draft == "layerskip":
-            from dspark.workers.drafters.autoregressive import LayerSkipDrafter
-
-            drafter = LayerSkipDrafter(runner, int(cfg.draft_options.get("layers", max(1, args.n_layers // 2))))
+        if cfg.draft != "none" and not registry.get(cfg.draft).remote:  # drafts in the target's own cache
+            ctx = registry.DraftContext(loaded=None if cfg.tp > 1 else loaded, args=args, target_runner=runner,
+                                        runner=runner_cfg, model=cfg.model, dtype=cfg.dtype, device=runner.device)
+            drafter = registry.build_drafter(cfg.draft, ctx, cfg.draft_options)
         elif cfg.remote_draft:
-            from dspark.workers.drafters.base import proposal_top_k
             from dspark.workers.drafters.remote import RemoteDrafter, RemoteDrafterConfig
 
             tls = InternalTLS.from_env(cfg)
+            opts = registry.parse_options(cfg.draft, cfg.draft_options)
             rcfg = RemoteDrafterConfig(
                 kind=cfg.draft,
                 feature_layers=feature_layers_for(cfg, name),
-                proposal_top_k=proposal_top_k(cfg.draft_options),
+                proposal_top_k=opts.get("proposal_top_k", RemoteDrafterConfig.proposal_top_k),
                 block_timeout_s=cfg.block_timeout_s,
                 token=cfg.internal_secret(),
                 tls_ca_file=tls.ca_file,

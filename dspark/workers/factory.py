@@ -10,9 +10,6 @@ from dspark.models.loader import LoadedModel, load_model
 from dspark.workers.engine import Engine, EngineConfig, VerifyBudget, fixed_budget
 from dspark.workers.runner import LocalRunner, RunnerConfig, TPGroup, TPSpec
 
-DRAFT_KINDS = ("none", "ngram", "draft_model", "layerskip", "dspark")
-
-
 @dataclass(frozen=True)
 class EngineSpec:
     """Everything needed to build an engine in this process."""
@@ -21,11 +18,11 @@ class EngineSpec:
     dtype: str = "bf16"  # bf16 | fp32 | fp16
     device: str = "cpu"  # cpu | cuda
     tp: int = 1  # tensor-parallel ranks (spawned processes on this host)
-    draft: str = "none"  # one of DRAFT_KINDS
+    draft: str = "none"  # "none" or a registered drafter kind (dspark.workers.drafters.registry)
     block_len: int = 4  # draft tokens per block
     runner: RunnerConfig = field(default_factory=RunnerConfig)
     max_prefill_tokens: int = 512  # chunked-prefill budget per step
-    draft_options: tuple[tuple[str, object], ...] = ()  # drafter-specific settings
+    draft_options: tuple[tuple[str, object], ...] = ()  # drafter settings, checked against the kind's options
 
 
 @dataclass
@@ -44,8 +41,10 @@ class BuiltEngine:
 
 
 def build_engine(spec: EngineSpec, budget: VerifyBudget = fixed_budget, progress: bool = True) -> BuiltEngine:
-    if spec.draft not in DRAFT_KINDS:
-        raise ValueError(f"unknown drafter {spec.draft!r}; choose from {', '.join(DRAFT_KINDS)}")
+    from dspark.workers.drafters import registry
+
+    if spec.draft != "none":  # unknown kinds and options are refused before anything loads
+        registry.parse_options(spec.draft, spec.draft_options)
     if spec.device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda requested but CUDA is not available")
     tp_group = None
@@ -60,8 +59,10 @@ def build_engine(spec: EngineSpec, budget: VerifyBudget = fixed_budget, progress
     cfg = EngineConfig(
         max_batch=spec.runner.n_slots, max_prefill_tokens=spec.max_prefill_tokens, block_len=spec.block_len
     )
-    from dspark.workers.drafters import make_drafter
-
-    drafter = make_drafter(spec.draft, loaded, runner, spec) if spec.draft != "none" else None
+    drafter = None
+    if spec.draft != "none":
+        ctx = registry.DraftContext(loaded=loaded, args=loaded.args, target_runner=runner, runner=spec.runner,
+                                    model=spec.model, dtype=spec.dtype, device=runner.device)
+        drafter = registry.build_drafter(spec.draft, ctx, spec.draft_options)
     engine = Engine(runner, loaded.tokenizer, cfg, drafter=drafter, budget=budget)
     return BuiltEngine(engine=engine, loaded=loaded, tp_group=tp_group)

@@ -20,6 +20,9 @@ import torch
 
 from dspark.kernels.sampling import sample_proposal
 from dspark.workers.drafters.base import DraftBlock, draft_generator
+from dspark.workers.drafters.registry import (
+    DraftContext, DrafterKind, DraftOption, integer, optional_integer, proposal_top_k_option, text,
+)
 from dspark.workers.request import Sequence
 from dspark.workers.runner import StepInput
 
@@ -146,3 +149,43 @@ class DraftModelDrafter(AutoregressiveDrafter):
         self._cached.pop(request_id, None)
         if slot is not None:
             self.runner.cache.free(slot)
+
+
+def _layerskip(ctx: DraftContext, o: dict) -> LayerSkipDrafter:
+    n_layers = o["layers"] if o["layers"] is not None else max(1, ctx.args.n_layers // 2)
+    return LayerSkipDrafter(ctx.target_runner, n_layers, proposal_top_k=o["proposal_top_k"])
+
+
+def _draft_model(ctx: DraftContext, o: dict) -> DraftModelDrafter:
+    from dspark.models.loader import load_model
+    from dspark.workers.runner import LocalRunner
+
+    draft = load_model(o["draft_model"] or ctx.model, dtype=ctx.dtype, device=ctx.device, progress=False)
+    if draft.tokenizer.vocab_size != ctx.loaded.tokenizer.vocab_size:
+        raise ValueError("the draft model must share the target's tokenizer")
+    if o["draft_layers"]:  # a smaller independent model: keep only the first layers
+        draft.model.layers = draft.model.layers[: o["draft_layers"]]
+    return DraftModelDrafter(LocalRunner(draft.model, ctx.runner), proposal_top_k=o["proposal_top_k"])
+
+
+LAYERSKIP = DrafterKind(
+    name="layerskip",
+    doc="self-speculation: the target's first layers, final norm and LM head, in its own KV cache",
+    build=_layerskip,
+    options=(
+        DraftOption("layers", integer(1), None, "target layers the drafter runs (default: half of them)"),
+        proposal_top_k_option(),
+    ),
+)
+DRAFT_MODEL = DrafterKind(
+    name="draft_model",
+    doc="an independent smaller model with the target's tokenizer and its own KV cache",
+    build=_draft_model,
+    options=(
+        DraftOption("draft_model", text, None, "GGUF file or HF folder of the draft model (default: the target's)"),
+        DraftOption("draft_layers", optional_integer(0), None, "keep only the draft model's first N layers (default: all)"),
+        proposal_top_k_option(),
+    ),
+    remote=True,
+    needs_weights=True,
+)

@@ -122,14 +122,13 @@ def proposal_top_k(opts: dict, default: int = 8) -> int:
         >>> proposal_top_k({"proposal_top_k": "4"})
         4
     """
+    from dspark.workers.drafters.registry import integer
+
     raw = opts.get("proposal_top_k", default)
     try:
-        k = int(raw)
-    except (TypeError, ValueError):
-        k = 0
-    if k < 1 or str(raw).strip() not in (str(k), f"{k}.0"):
-        raise ValueError(f"drafter option proposal_top_k must be an integer >= 1 (got {raw!r})")
-    return k
+        return integer(1)(raw)
+    except ValueError as exc:
+        raise ValueError(f"drafter option proposal_top_k must be {exc} (got {raw!r})") from None
 
 
 def draft_generator(seq: Sequence, device: torch.device | str = "cpu") -> torch.Generator:

@@ -32,6 +32,9 @@ from dspark.kernels.markov import markov_block_sample
 from dspark.models.dspark_head import DSparkHead, default_head_path, load_head
 from dspark.models.kv_cache import KVCache
 from dspark.workers.drafters.base import DraftBlock, count_accepted, draft_generator, proposal_top_k
+from dspark.workers.drafters.registry import (
+    DrafterKind, DraftOption, flag, optional_integer, proposal_top_k_option, text,
+)
 from dspark.workers.request import Sequence
 
 
@@ -172,15 +175,11 @@ class DSparkDrafter:
         return out
 
 
-def _flag(opts: dict, key: str, default: bool) -> bool:
-    v = opts.get(key, default)
-    if isinstance(v, str):
-        return v.strip().lower() not in ("0", "false", "no", "off", "")
-    return bool(v)
-
-
 def make_dspark_drafter(loaded, opts: dict, spec) -> DSparkDrafter:
-    """Build the drafter for ``loaded`` (the target) from ``opts``; see the module docstring."""
+    """Build the drafter for ``loaded`` (the target) from ``opts``; see the module docstring.
+
+    ``spec.runner`` sizes the drafter's context cache (a ``DraftContext`` or an ``EngineSpec``).
+    """
     top_k = proposal_top_k(opts)  # validated before the head is loaded
     path = opts.get("head") or default_head_path(loaded.name)
     if not opts.get("head") and not path.exists():
@@ -195,10 +194,40 @@ def make_dspark_drafter(loaded, opts: dict, spec) -> DSparkDrafter:
         n_slots=spec.runner.n_slots,
         max_seq=spec.runner.max_seq,
         proposal_top_k=top_k,
-        markov=_flag(opts, "markov", True),
-        calibrated=_flag(opts, "calibrated", True),
-        trace=_flag(opts, "trace", False),
+        markov=flag(opts.get("markov", True)),
+        calibrated=flag(opts.get("calibrated", True)),
+        trace=flag(opts.get("trace", False)),
     )
 
 
-__all__ = ["DSparkDrafter", "BlockTrace", "make_dspark_drafter"]
+def head_feature_layers(opts: dict, target_name: str) -> tuple[int, ...]:
+    """Target layers the head of ``opts`` (default: the shipped one) reads, from its config alone."""
+    from dspark.models.dspark_head import read_head_config
+
+    head_cfg, _ = read_head_config(opts.get("head") or default_head_path(target_name))
+    return tuple(head_cfg.feature_layers)
+
+
+# The options a DSpark head takes (the hybrid drafter reuses them).
+HEAD_OPTIONS = (
+    DraftOption("head", text, None, "head checkpoint (default: the head shipped for the target)"),
+    DraftOption("draft_vocab", optional_integer(0), None, "draft over the id map's first N ids; 0: full vocabulary "
+                "(default: the head's config)"),
+    proposal_top_k_option(),
+    DraftOption("markov", flag, True, "0: drop the Markov bias (DFlash-style ablation, same weights)"),
+    DraftOption("calibrated", flag, True, "0: raw confidences instead of the STS-calibrated ones"),
+    DraftOption("trace", flag, False, "1: keep per-block confidence/acceptance records"),
+)
+
+KIND = DrafterKind(
+    name="dspark",
+    doc="block drafting from target features with a Markov head and calibrated confidences",
+    build=lambda ctx, o: make_dspark_drafter(ctx.loaded, o, ctx),
+    options=HEAD_OPTIONS,
+    remote=True,
+    needs_weights=True,
+    feature_layers=head_feature_layers,
+)
+
+
+__all__ = ["DSparkDrafter", "BlockTrace", "HEAD_OPTIONS", "head_feature_layers", "make_dspark_drafter"]

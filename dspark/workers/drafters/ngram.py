@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from dspark.workers.drafters.base import DraftBlock, OnlineConfidence, StatelessDrafter, count_accepted
+from dspark.workers.drafters.registry import DrafterKind, DraftOption, integer
 from dspark.workers.request import Sequence
 
 
@@ -61,3 +62,15 @@ class NgramDrafter(StatelessDrafter):
     def release(self, request_id: str) -> None:
         self._last.pop(request_id, None)
         self.conf.release(request_id)
+
+
+KIND = DrafterKind(
+    name="ngram",
+    doc="prompt lookup: continue the latest earlier occurrence of the current suffix (no model)",
+    build=lambda ctx, o: NgramDrafter(max_ngram=o["max_ngram"], min_ngram=o["min_ngram"]),
+    options=(
+        DraftOption("max_ngram", integer(1), 4, "longest suffix looked up"),
+        DraftOption("min_ngram", integer(1), 1, "shortest suffix looked up"),
+    ),
+    remote=True,
+)
