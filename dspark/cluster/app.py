@@ -191,11 +191,6 @@ def _state(cfg: ClusterConfig):
     return RedisState(StateConfig(url=cfg.redis(), prefix=cfg.redis_prefix))
 
 
-def feature_layers_for(cfg: ClusterConfig, model_name: str) -> tuple[int, ...]:
-    """Target layers the configured drafter needs, known without loading the drafter."""
-    return registry.feature_layers(cfg.draft, cfg.draft_options, model_name) if cfg.draft != "none" else ()
-
-
 # --------------------------------------------------------------------------------------------
 # Deployments (defined lazily so importing this module does not import Ray)
 # --------------------------------------------------------------------------------------------
@@ -241,7 +236,7 @@ def _deployments():
                 ctx = registry.DraftContext(
                     loaded=loaded, args=loaded.args if loaded else None, target_runner=None,
                     runner=RunnerConfig(n_slots=cfg.draft_slots, max_seq=cfg.max_seq), model=cfg.model,
-                    dtype=cfg.dtype, device=cfg.device,
+                    dtype=cfg.dtype, device=cfg.device, name=loaded.name if loaded else "",
                 )
                 return registry.build_drafter(cfg.draft, ctx, cfg.draft_options)
 
@@ -416,4 +411,4 @@ def build_app(args: dict | None = None):
     ).bind(verifier, args, scheduler)
 
 
-__all__ = ["ClusterConfig", "InternalTLS", "build_app", "draft_worker_config", "feature_layers_for"]
+__all__ = ["ClusterConfig", "InternalTLS", "build_app", "draft_worker_config"]

@@ -13,13 +13,15 @@ import logging
 import os
 import time
 import uuid
+from typing import TYPE_CHECKING
 
-from dspark.cluster.app import ClusterConfig, InternalTLS, _state, feature_layers_for
+from dspark.cluster.app import ClusterConfig, InternalTLS, _state
 from dspark.cluster.background import BackgroundLoop
-from dspark.workers.budget_policy import AdaptiveBudget, VerifyPolicy, profile_step_costs
+from dspark.workers.budget_policy import VerifyPolicy
 from dspark.workers.drafters import registry
-from dspark.workers.spec_gate import SpeculationGate
-from dspark.workers.engine import fixed_budget
+
+if TYPE_CHECKING:
+    from dspark.workers.drafters.remote import RemoteDrafter
 
 log = logging.getLogger(__name__)
 
@@ -28,67 +30,35 @@ class VerifierGroup:
     def __init__(self, cfg: ClusterConfig) -> None:
         import torch
 
-        from dspark.models.loader import load_model, load_tokenizer
-        from dspark.workers.engine import Engine, EngineConfig
-        from dspark.workers.runner import LocalRunner, RunnerConfig, TPSpec
+        from dspark.workers.factory import EngineParts, EngineSpec, build_engine
+        from dspark.workers.runner import RunnerConfig
         from dspark.workers.verifier import VerifierWorker
 
         self.cfg = cfg
         self.group_id = f"verifier-{uuid.uuid4().hex[:8]}"
         torch.set_num_threads(cfg.threads())
-        runner_cfg = RunnerConfig(n_slots=cfg.n_slots, max_seq=cfg.max_seq, deterministic=cfg.deterministic)
-        self.tp_group = None
-        if cfg.tp > 1:
-            import ray
-
-            from dspark.workers.tp_ray import RayTPGroup
-
-            spec = TPSpec(cfg.model, cfg.dtype, cfg.device, cfg.tp, runner_cfg, threads_per_rank=cfg.threads())
-            pg = ray.util.get_current_placement_group()
-            gpu = cfg.device == "cuda"
-            self.tp_group = RayTPGroup(spec, pg, num_cpus=1.0 if gpu else 0.5, num_gpus=1.0 if gpu else 0)
-            runner = self.tp_group.driver
-            tokenizer, args, name = load_tokenizer(cfg.model)
-        else:
-            loaded = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device, progress=False)
-            runner = LocalRunner(loaded.model, runner_cfg)
-            tokenizer, args, name = loaded.tokenizer, loaded.args, loaded.name
-        self.model_name = name
         self._drafter_addrs: list[str] = []
-        drafter = None
-        if cfg.draft != "none" and not registry.get(cfg.draft).remote:  # drafts in the target's own cache
-            ctx = registry.DraftContext(loaded=None if cfg.tp > 1 else loaded, args=args, target_runner=runner,
-                                        runner=runner_cfg, model=cfg.model, dtype=cfg.dtype, device=runner.device)
-            drafter = registry.build_drafter(cfg.draft, ctx, cfg.draft_options)
-        elif cfg.remote_draft:
-            from dspark.workers.drafters.remote import RemoteDrafter, RemoteDrafterConfig
-
-            tls = InternalTLS.from_env(cfg)
-            opts = registry.parse_options(cfg.draft, cfg.draft_options)
-            rcfg = RemoteDrafterConfig(
-                kind=cfg.draft,
-                feature_layers=feature_layers_for(cfg, name),
-                proposal_top_k=opts.get("proposal_top_k", RemoteDrafterConfig.proposal_top_k),
-                block_timeout_s=cfg.block_timeout_s,
-                token=cfg.internal_secret(),
-                tls_ca_file=tls.ca_file,
-                tls_server_name=tls.server_name,
-            )
-            drafter = RemoteDrafter(lambda: list(self._drafter_addrs), rcfg, cfg.block_len)
-        self.drafter = drafter
-        ecfg = EngineConfig(max_batch=cfg.n_slots, max_prefill_tokens=cfg.max_prefill_tokens, block_len=cfg.block_len)
-        self.budget = None
-        self.costs = None
-        budget_fn = fixed_budget
-        if cfg.verify_policy == "adaptive":
-            # Profile before serving, while every cache slot is free.
-            self.costs = profile_step_costs(runner)
-            self.local_drafting = drafter is not None and not cfg.remote_draft
-            self.budget = budget_fn = AdaptiveBudget(self.costs, VerifyPolicy(max_block_len=cfg.block_len))
-        self.budget_meter = BudgetMeter(budget_fn)
-        # Adaptive verification also decides whether to speculate at all, by measured throughput.
-        gate = SpeculationGate() if cfg.speculation_gate and self.budget is not None and drafter is not None else None
-        self.engine = Engine(runner, tokenizer, ecfg, drafter=drafter, budget=self.budget_meter, gate=gate)
+        self.remote: RemoteDrafter | None = None
+        # The drafter that runs here: a kind that drafts in the target's own cache (layerskip),
+        # or the remote drafter for the kind the draft workers run.  A kind that only runs
+        # remotely with no draft worker configured means plain decoding.
+        in_process = cfg.draft != "none" and not registry.get(cfg.draft).remote
+        self.local_drafting = in_process
+        spec = EngineSpec(
+            model=cfg.model, dtype=cfg.dtype, device=cfg.device, tp=cfg.tp,
+            draft=cfg.draft if in_process or cfg.remote_draft else "none", block_len=cfg.block_len,
+            runner=RunnerConfig(n_slots=cfg.n_slots, max_seq=cfg.max_seq, deterministic=cfg.deterministic),
+            max_prefill_tokens=cfg.max_prefill_tokens, draft_options=tuple(cfg.draft_options.items()),
+            verify_policy=cfg.verify_policy, speculation_gate=cfg.speculation_gate,
+        )
+        parts = EngineParts(tp_group=self._ray_tp_group if cfg.tp > 1 else None,
+                            drafter=self._remote_drafter if cfg.remote_draft else None)
+        self.built = build_engine(spec, progress=False, parts=parts)
+        self.engine = self.built.engine
+        self.model_name = self.built.model_name
+        self.costs, self.budget = self.built.costs, self.built.adaptive
+        # The verification-budget gauge measures what the engine's budget grants.
+        self.budget_meter = self.engine.budget = BudgetMeter(self.engine.budget)
         self.worker = VerifierWorker(self.engine, name=self.group_id)
         self.bg = BackgroundLoop(f"{self.group_id}-redis")
         self.state = _state(cfg)
@@ -103,6 +73,36 @@ class VerifierGroup:
             self.bg.every(5.0, self._publish_costs, "cost table")
         if cfg.remote_draft:
             self._wait_for_drafters(timeout_s=120.0)
+
+    def _ray_tp_group(self, tp_spec):
+        """Ranks 1.. as Ray actors in this replica's placement group (this process is rank 0)."""
+        import ray
+
+        from dspark.workers.tp_ray import RayTPGroup
+
+        gpu = self.cfg.device == "cuda"
+        return RayTPGroup(dataclasses.replace(tp_spec, threads_per_rank=self.cfg.threads()),
+                          ray.util.get_current_placement_group(), num_cpus=1.0 if gpu else 0.5,
+                          num_gpus=1.0 if gpu else 0)
+
+    def _remote_drafter(self, ctx) -> "RemoteDrafter":
+        """Drafts on the draft workers found in Redis (``_discover``); this group closes it."""
+        from dspark.workers.drafters.remote import RemoteDrafter, RemoteDrafterConfig
+
+        cfg = self.cfg
+        tls = InternalTLS.from_env(cfg)
+        opts = registry.parse_options(cfg.draft, cfg.draft_options)
+        rcfg = RemoteDrafterConfig(
+            kind=cfg.draft,
+            feature_layers=registry.feature_layers(cfg.draft, cfg.draft_options, ctx.name),
+            proposal_top_k=opts.get("proposal_top_k", RemoteDrafterConfig.proposal_top_k),
+            block_timeout_s=cfg.block_timeout_s,
+            token=cfg.internal_secret(),
+            tls_ca_file=tls.ca_file,
+            tls_server_name=tls.server_name,
+        )
+        self.remote = RemoteDrafter(lambda: list(self._drafter_addrs), rcfg, cfg.block_len)
+        return self.remote
 
     async def _discover(self) -> None:
         alive = await self.state.alive("drafter")
@@ -170,16 +170,15 @@ class VerifierGroup:
             log.warning("%s: no draft worker registered; serving with plain decoding until one does", self.group_id)
 
     def check_health(self) -> None:
-        if not self.worker._thread.is_alive():
+        if not self.worker.alive:
             raise RuntimeError("engine thread died")
 
     def close(self) -> None:
         self.worker.close(drain_s=30.0)
         self.bg.stop()
-        if self.drafter is not None and hasattr(self.drafter, "close"):
-            self.drafter.close()
-        if self.tp_group is not None:
-            self.tp_group.close()
+        if self.remote is not None:
+            self.remote.close()
+        self.built.close()
 
 
 class BudgetMeter:

@@ -107,6 +107,11 @@ class VerifierWorker:
     def num_requests(self) -> int:
         return len(self._streams)
 
+    @property
+    def alive(self) -> bool:
+        """The engine thread is running (a health check reads this)."""
+        return self._thread.is_alive()
+
     def close(self, drain_s: float = 0.0) -> None:
         """Stop the engine thread; with ``drain_s`` > 0, let running requests finish first."""
         deadline = time.monotonic() + drain_s

@@ -65,6 +65,7 @@ class DraftContext:
     model: str | None = None  # target checkpoint (None: the embedded default)
     dtype: str = "bf16"
     device: Any = "cpu"  # where the drafter runs (the target runner's device when there is one)
+    name: str = ""  # the target's short name (which shipped head belongs to it)
 
 
 @dataclass(frozen=True)
