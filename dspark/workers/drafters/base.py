@@ -176,14 +176,18 @@ class OnlineConfidence:
             if k < num_accepted:
                 acc[k] += 1
 
-    def confidences(self, request_id: str, n: int) -> list[float]:
+    def confidences(self, request_id: str, n: int, prior: list[float] | None = None) -> list[float]:
+        """Posterior means for positions 0..n-1; ``prior``: per-position prior means replacing
+        ``prior_accept`` (same weight), e.g. a pooled table's estimates for a finer one."""
         tried = self._tried.get(request_id, [])
         acc = self._accepted.get(request_id, [])
+        w = self.a0 + self.b0
         out = []
         for k in range(n):
             t = tried[k] if k < len(tried) else 0
             a = acc[k] if k < len(acc) else 0
-            out.append((a + self.a0) / (t + self.a0 + self.b0))
+            a0 = self.a0 if prior is None else prior[k] * w
+            out.append((a + a0) / (t + w))
         return out
 
     def release(self, request_id: str) -> None:

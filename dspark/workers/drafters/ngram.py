@@ -15,10 +15,12 @@ from dspark.workers.drafters.registry import DrafterKind, DraftOption, integer
 from dspark.workers.request import Sequence
 
 
-def find_continuation(ids: np.ndarray, block_len: int, max_ngram: int, min_ngram: int) -> list[int]:
-    """Tokens following the most recent earlier match of the longest matching suffix n-gram.
+def find_match(ids: np.ndarray, block_len: int, max_ngram: int, min_ngram: int) -> tuple[list[int], int]:
+    """(tokens following the most recent earlier match of the longest matching suffix n-gram, n).
 
-    Example: ids = [1 2 3 4 1 2], block 2 -> suffix [1 2] matched at 0 -> propose [3, 4].
+    n = 0 and no tokens when no suffix of length >= ``min_ngram`` occurs earlier.
+
+    Example: ids = [1 2 3 4 1 2], block 2 -> suffix [1 2] matched at 0 -> ([3, 4], 2).
     """
     n_total = len(ids)
     for n in range(min(max_ngram, n_total - 1), min_ngram - 1, -1):
@@ -29,38 +31,67 @@ def find_continuation(ids: np.ndarray, block_len: int, max_ngram: int, min_ngram
         hits = hits[hits + n < n_total]  # must be followed by at least one token
         if hits.size:
             start = int(hits[-1]) + n
-            return ids[start : start + block_len].tolist()
-    return []
+            return ids[start : start + block_len].tolist(), n
+    return [], 0
+
+
+def find_continuation(ids: np.ndarray, block_len: int, max_ngram: int, min_ngram: int) -> list[int]:
+    """Tokens following the most recent earlier match of the longest matching suffix n-gram.
+
+    Example: ids = [1 2 3 4 1 2], block 2 -> suffix [1 2] matched at 0 -> propose [3, 4].
+    """
+    return find_match(ids, block_len, max_ngram, min_ngram)[0]
 
 
 class NgramDrafter(StatelessDrafter):
+    """Prompt lookup with an online confidence per request.
+
+    ``by_order``: also keep one confidence table per match length n (a 4-token match is usually
+    far more reliable than a 1-token one), whose prior is the request's pooled table: a request
+    whose short matches keep failing still gets its own estimate when long matches appear, and a
+    length never tried starts from what the request's other blocks showed.  Either way the
+    tables learn only from this drafter's own verified blocks.
+    """
+
     name = "ngram"
 
-    def __init__(self, max_ngram: int = 4, min_ngram: int = 1) -> None:
+    def __init__(self, max_ngram: int = 4, min_ngram: int = 1, by_order: bool = False) -> None:
         self.max_ngram = max_ngram
         self.min_ngram = min_ngram
+        self.by_order = by_order
         self.conf = OnlineConfidence(prior_accept=0.5)
-        self._last: dict[str, list[int]] = {}
+        self._last: dict[str, tuple[list[int], str]] = {}  # request -> (proposed block, confidence key)
+
+    def _key(self, request_id: str, n: int) -> str:
+        return f"{request_id}/{n}" if self.by_order else request_id
 
     def propose(self, seqs: list[Sequence], block_len: int) -> list[DraftBlock]:
         out = []
         for seq in seqs:
             ids = np.asarray(seq.all_ids, dtype=np.int64)
-            toks = find_continuation(ids, block_len, self.max_ngram, self.min_ngram)
-            self._last[seq.request_id] = toks
-            out.append(DraftBlock(token_ids=toks, confidence=self.conf.confidences(seq.request_id, len(toks))))
+            toks, n = find_match(ids, block_len, self.max_ngram, self.min_ngram)
+            key = self._key(seq.request_id, n)
+            self._last[seq.request_id] = (toks, key)
+            pooled = self.conf.confidences(seq.request_id, len(toks))
+            conf = self.conf.confidences(key, len(toks), prior=pooled) if self.by_order else pooled
+            out.append(DraftBlock(token_ids=toks, confidence=conf))
         return out
 
     def observe(
         self, seq: Sequence, token_ids: list[int], features: torch.Tensor | None, num_verified: int | None = None
     ) -> None:
-        last = self._last.pop(seq.request_id, None)
+        last, key = self._last.pop(seq.request_id, ([], ""))
         if last and num_verified:
             verified = last[: min(len(last), num_verified)]
-            self.conf.update(seq.request_id, len(verified), count_accepted(verified, token_ids))
+            accepted = count_accepted(verified, token_ids)
+            self.conf.update(seq.request_id, len(verified), accepted)
+            if key != seq.request_id:
+                self.conf.update(key, len(verified), accepted)
 
     def release(self, request_id: str) -> None:
         self._last.pop(request_id, None)
+        for n in range(self.min_ngram, self.max_ngram + 1) if self.by_order else ():
+            self.conf.release(self._key(request_id, n))
         self.conf.release(request_id)
 
 
