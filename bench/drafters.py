@@ -239,6 +239,43 @@ def speed_run(name: str | None, prompts: list[list[int]], temperature: float, bl
         built.close()
 
 
+def speed_side_by_side(names: list[str], prompts: list[list[int]], temperature: float, block: int,
+                       max_tokens: int) -> dict:
+    """Like :func:`speed_run` for plain decoding and every drafter in ``names`` at once, interleaved.
+
+    All engines are built first; each prompt then runs on every engine in turn (the order rotates
+    per prompt), so a change in load from other processes falls on all of them alike.  Returns
+    {"plain": {...}, name: {..., "speedup": x}}.
+    """
+    from dspark.workers.request import SamplingParams
+
+    max_seq = max(map(len, prompts)) + max_tokens + block + 8
+    labels = ["plain"] + list(names)
+    built = {}
+    try:
+        for label in labels:
+            kind, opts = DRAFTERS[label] if label != "plain" else ("none", ())
+            built[label] = _engine(kind, opts, block, "bf16", 1, max_seq)
+            built[label].engine.generate([prompts[0]], SamplingParams(max_tokens=8, temperature=temperature, seed=1))
+        n = {label: 0 for label in labels}
+        dt = {label: 0.0 for label in labels}
+        for i, p in enumerate(prompts):
+            for label in labels[i % len(labels):] + labels[: i % len(labels)]:
+                params = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=2000 + i)
+                t0 = time.perf_counter()
+                (seq,) = built[label].engine.generate([p], params)
+                dt[label] += time.perf_counter() - t0
+                n[label] += len(seq.output_ids)
+        out = {label: {"tokens": n[label], "seconds": round(dt[label], 2), "tokens_per_s": round(n[label] / dt[label], 2)}
+               for label in labels}
+        for label in names:
+            out[label]["speedup"] = round(out[label]["tokens_per_s"] / out["plain"]["tokens_per_s"], 2)
+        return out
+    finally:
+        for b in built.values():
+            b.close()
+
+
 def plot(results: dict, path: Path, block: int) -> None:
     import matplotlib
 
@@ -279,13 +316,15 @@ def plot(results: dict, path: Path, block: int) -> None:
 @click.option("--timing", is_flag=True, help="time one drafted block per N and batch size (see --timing-batches)")
 @click.option("--timing-batches", default="1,8,64", show_default=True)
 @click.option("--timing-threads", type=int, default=2, show_default=True, help="torch threads for --timing")
+@click.option("--interleave", is_flag=True, help="speed: all engines built at once, prompts run on each in turn "
+              "(fairer on a shared host; no adaptive variant)")
 @click.option("--temperatures", default="0,1", show_default=True)
 @click.option("--block", type=int, default=7, show_default=True)
 @click.option("--dtype", type=click.Choice(["bf16", "fp32"]), default="bf16", show_default=True, help="dtype of the acceptance runs")
 @click.option("--concurrency", type=int, default=8, show_default=True, help="batch of the acceptance runs")
 @click.option("--threads", type=int, default=1, show_default=True, help="torch threads (1 is fastest on a shared host)")
 def main(prompts_file, json_out, plot_out, max_prompts, max_tokens, speed_prompts, drafters, draft_vocabs, timing,
-         timing_batches, timing_threads, temperatures, block, dtype, concurrency, threads):
+         timing_batches, timing_threads, interleave, temperatures, block, dtype, concurrency, threads):
     """Acceptance, calibration and speedup of the drafters on held-out prompts."""
     import torch
 
@@ -325,7 +364,12 @@ def main(prompts_file, json_out, plot_out, max_prompts, max_tokens, speed_prompt
             extra += f"  coverage {r['coverage']:.4f}" if "coverage" in r else ""
             click.echo(f"{key:6s} {name:16s} acceptance length {r['acceptance_length']:.2f}  "
                        f"per position {' '.join(f'{x:.2f}' for x in r['per_position_survival'])}{extra}")
-        if speed_prompts > 0:
+        if speed_prompts > 0 and interleave:
+            speed[key] = speed_side_by_side(names, prompts[:speed_prompts], t, block, max_tokens)
+            for label, r in speed[key].items():
+                click.echo(f"{key:6s} {label:16s} {r['tokens_per_s']:.2f} tokens/s  speedup {r.get('speedup', 1.0):.2f}x"
+                           " (interleaved)")
+        elif speed_prompts > 0:
             sp = prompts[:speed_prompts]
             base = speed_run(None, sp, t, block, max_tokens)
             speed[key] = {"plain": base}
@@ -339,7 +383,7 @@ def main(prompts_file, json_out, plot_out, max_prompts, max_tokens, speed_prompt
                     click.echo(f"{key:6s} {label:16s} {r['tokens_per_s']:.2f} tokens/s  speedup {r['speedup']:.2f}x")
     out = {
         "prompts": where, "num_prompts": len(prompts), "max_tokens": max_tokens, "block_len": block,
-        "acceptance_dtype": dtype, "concurrency": concurrency, "threads": threads,
+        "acceptance_dtype": dtype, "concurrency": concurrency, "threads": threads, "interleaved_speed": interleave,
         "speed_prompts": speed_prompts, "acceptance": results, "speed": speed, "draft_timing": timing_out,
         "head": {"file": default_head_path(DEFAULT_MODEL_NAME).name, "training": head_meta.get("training", {}).get("steps")},
         "generated_at": time.strftime("%Y-%m-%d %H:%M:%S"),
