@@ -72,7 +72,10 @@ def train_draft(config_path, out_dir, resume, max_steps, stages, threads, ship):
         from dspark.train.data import read_responses
         from dspark.train.vocab import rank_responses
 
-        record = rank_responses(read_responses(responses), cfg.data, cfg.head.vocab_size, vocab_file)
+        rows = read_responses(responses)
+        if not rows:
+            raise click.UsageError(f"no responses in {responses}: run the data stage first")
+        record = rank_responses(rows, cfg.data, cfg.head.vocab_size, vocab_file)
         click.echo(f"vocab: {record['seen_ids']} distinct ids in {record['tokens']} response tokens -> {vocab_file}")
 
     if "features" in todo or "train" in todo:
