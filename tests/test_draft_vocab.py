@@ -287,3 +287,10 @@ def test_reduced_vocabulary_greedy_spec_equals_plain_fp32():
             assert built.engine.metrics.mean_acceptance_length >= 1.2, built.engine.metrics.to_dict()
         built.close()
     assert out["dspark"] == out["none"]
+
+
+def test_draft_vocab_option_refuses_a_non_number(model_fp32):
+    from dspark.workers.drafters.dspark import make_dspark_drafter
+
+    with pytest.raises(ValueError, match="draft_vocab='many'"):
+        make_dspark_drafter(model_fp32, {"draft_vocab": "many"}, None)
