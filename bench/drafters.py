@@ -14,7 +14,9 @@ training and calibration never saw), block 7, temperature 0 and 1:
   head's confidences and the step costs profiled at start-up).
 
 Drafters: dspark, dspark without its Markov head (same weights, bias dropped), layerskip (first
-half of the target) and ngram (prompt lookup).  Writes bench/results/drafters.json and a PNG.
+half of the target), ngram (prompt lookup) and hybrid (per request and step, the ngram block or
+the head's, whichever is expected to be accepted further).  Writes bench/results/drafters.json
+and a PNG.
 
 Draft vocabulary: ``--draft-vocabs 4096,8192,0`` adds ``dspark-v<N>`` rows (the shipped head
 drafting over the first N ids of its id map; 0 = the full vocabulary), and ``--timing`` times
@@ -37,6 +39,7 @@ DRAFTERS = {
     "dspark-nomarkov": ("dspark", (("markov", 0),)),
     "layerskip": ("layerskip", ()),
     "ngram": ("ngram", ()),
+    "hybrid": ("hybrid", ()),
 }
 
 

@@ -1,7 +1,7 @@
 """`dspark bench spec`: speculative vs plain decoding per drafter and prompt category, vs HF.
 
     dspark bench spec [--prompts FILE|wizardlm|mbpp|all] [--max-prompts N] [--max-tokens N]
-                      [--concurrency 1,8] [--drafters ngram,draft_model,layerskip,dspark]
+                      [--concurrency 1,8] [--drafters ngram,draft_model,layerskip,dspark,hybrid]
                       [--block 4|NAME=N,...] [--deterministic off|on|both] [--json FILE] [--plot FILE]
 
 What it measures (bf16, greedy, requests stop at end-of-turn or after ``--max-tokens``):
@@ -24,13 +24,14 @@ What it measures (bf16, greedy, requests stop at end-of-turn or after ``--max-to
   with ``plain+det``; the summary then adds each one's tokens/s against its default-mode twin
   (the speed cost of the mode).
 
-Block length is a per-drafter default (ngram, layerskip, draft_model: 4; dspark: 7, what its
-head was trained for); ``--block 6`` sets all, ``--block ngram=6,dspark=5`` some.  ``draft_model``
+Block length is a per-drafter default (ngram, layerskip, draft_model: 4; dspark and hybrid: 7,
+what the head was trained for); ``--block 6`` sets all, ``--block ngram=6,dspark=5`` some.  ``draft_model``
 is an independent 10-layer truncation of the target with its own KV cache (no smaller model with
 the same tokenizer ships); ``layerskip`` drafts with the first half of the target.  HF prompt
 lookup proposes as many tokens as our ngram block (4 by default) with transformers' default
-matching n-gram size.  The dspark drafter runs only when a head ships in dspark/models/heads/;
-otherwise it is skipped with a note.
+matching n-gram size.  ``hybrid`` proposes, per request and step, the prompt-lookup block or the
+head's, whichever is expected to be accepted further.  The dspark and hybrid drafters run only
+when a head ships in dspark/models/heads/; otherwise they are skipped with a note.
 
 Prompt categories (WizardLM skills grouped in four buckets, ``BUCKET_OF``):
 
@@ -77,7 +78,7 @@ BUCKET_OF = {
     "Complex Format": "format", "Academic Writing": "format",
     "Math": "math", "Reasoning": "math",
 }  # any other skill: chat
-DEFAULT_BLOCK = {"ngram": 4, "draft_model": 4, "layerskip": 4, "dspark": 7}
+DEFAULT_BLOCK = {"ngram": 4, "draft_model": 4, "layerskip": 4, "dspark": 7, "hybrid": 7}
 DRAFT_OPTIONS = {"draft_model": (("draft_layers", 10),)}
 DTYPE = "bf16"
 
@@ -465,7 +466,7 @@ def _parse_blocks(text: str | None, names: list[str]) -> dict[str, int]:
 @click.option("--max-prompts", type=int, default=3, show_default=True, help="prompts per category bucket")
 @click.option("--max-tokens", type=int, default=96, show_default=True)
 @click.option("--concurrency", default="1,8", show_default=True)
-@click.option("--drafters", default="ngram,draft_model,layerskip,dspark", show_default=True)
+@click.option("--drafters", default="ngram,draft_model,layerskip,dspark,hybrid", show_default=True)
 @click.option("--block", "block_text", default=None, help="block length: N for all, or NAME=N,... (default per drafter)")
 @click.option("--threads", type=int, default=1, show_default=True, help="torch threads per process (1 is fastest on a shared host)")
 @click.option("--skip-hf", is_flag=True, help="leave out the transformers runs")
@@ -485,9 +486,10 @@ def main(source, max_prompts, max_tokens, concurrency, drafters, block_text, thr
     if unknown:
         raise click.BadParameter(f"unknown drafters {sorted(unknown)}; choose from {', '.join(DEFAULT_BLOCK)}")
     notes = []
-    if "dspark" in names and not default_head_path(DEFAULT_MODEL_NAME).exists():
-        names.remove("dspark")
-        notes.append(f"dspark skipped: no head shipped ({default_head_path(DEFAULT_MODEL_NAME).name} not in dspark/models/heads/)")
+    for headed in ("dspark", "hybrid"):  # both draft with the shipped head
+        if headed in names and not default_head_path(DEFAULT_MODEL_NAME).exists():
+            names.remove(headed)
+            notes.append(f"{headed} skipped: no head shipped ({default_head_path(DEFAULT_MODEL_NAME).name} not in dspark/models/heads/)")
     blocks = _parse_blocks(block_text, names)
     levels = [int(c) for c in concurrency.split(",")]
     meta = select_prompts(source, max_prompts)

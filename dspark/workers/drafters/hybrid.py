@@ -7,9 +7,13 @@ edits, extraction, reformatting); the head wins on new text.  Each step, for eac
 1. the n-gram drafter proposes (or not) a block n with confidences from its online tables, one
    per match length, learned from its own verified blocks only; its expected accepted length is
    E_ng = sum_j prod_{i<=j} c_i;
-2. the head runs only for requests where it may win: no n-gram block, or E_ng below the running
-   mean of the head's expected length on earlier steps of the request (skipping it is what keeps
-   copy-heavy requests as cheap as plain prompt lookup);
+2. the head runs only for requests where it is expected to pay for itself: tokens per step are
+   1 + E and drafting with the head lengthens a step by ``head_cost`` (its measured share), so it
+   runs when 1 + E_head > (1 + E_ng)(1 + head_cost), with E_head the running mean of the head's
+   expected length on the request's earlier steps (and at least every ``refresh_every`` steps,
+   so that mean stays current).  Skipping it is what keeps copy-heavy requests as cheap as plain
+   prompt lookup, and open-ended ones where the head barely beats nothing as cheap as plain
+   decoding (no block at all when neither drafter pays);
 3. the head's expected length E_head is compared with E_ng and the larger one's block is
    proposed, whole, with the q and confidences of the drafter that produced it (one-hot q for
    the n-gram block, the head's sparse top-k q for its block).  Ties go to the n-gram block.
@@ -58,7 +62,9 @@ real ``num_verified`` only for its own chosen block, 0 otherwise, so its tables 
 the head's drafts.
 
 Options (``--draft-option KEY=VALUE``): those of ``dspark`` (head, draft_vocab, proposal_top_k,
-markov, calibrated, trace) and of ``ngram`` (max_ngram, min_ngram).
+markov, calibrated, trace), those of ``ngram`` (max_ngram, min_ngram), and head_cost (a fixed
+share instead of the measured one).  The choice of source and whether the head runs read the
+measured cost, a function of past steps' timing only.
 """
 
 from __future__ import annotations
@@ -73,7 +79,7 @@ from dspark.workers.drafters.base import DraftBlock
 from dspark.workers.drafters.dspark import HEAD_OPTIONS, DSparkDrafter, head_feature_layers, make_dspark_drafter
 from dspark.workers.drafters.ngram import KIND as NGRAM_KIND
 from dspark.workers.drafters.ngram import NgramDrafter
-from dspark.workers.drafters.registry import DrafterKind
+from dspark.workers.drafters.registry import DrafterKind, DraftOption
 from dspark.workers.request import Sequence
 
 SOURCES = ("ngram", "dspark")
@@ -114,25 +120,53 @@ class RunningMean:
 class HybridDrafter:
     name = "hybrid"
 
-    def __init__(self, head: DSparkDrafter, ngram: NgramDrafter, mean_weight: float = 0.3) -> None:
+    def __init__(self, head: DSparkDrafter, ngram: NgramDrafter, mean_weight: float = 0.3,
+                 head_cost: float | None = None, refresh_every: int = 8) -> None:
         self.head = head
         self.ngram = ngram
         self.feature_layers = head.feature_layers
+        self.refresh_every = refresh_every
         self._head_len = RunningMean(mean_weight)  # the head's E over whole blocks (decides whether it runs)
         self._head_tail = RunningMean(mean_weight)  # its E beyond position 1, given position 1 (sampled choice)
+        self._idle: dict[str, int] = {}  # request -> steps since the head last drafted for it
+        # Drafting a head block costs this share of the rest of a step: measured (head seconds over
+        # the time between two propose calls less them, starting from 0.3) unless given.
+        self.measure_cost = head_cost is None
+        self.head_cost = 0.3 if head_cost is None else head_cost
+        self._last_call: tuple[float, float] | None = None  # (start of the last propose, head seconds in it)
         self._source: dict[str, str] = {}  # request -> source of the block proposed this step
         # Non-empty blocks proposed per source (the engine verifies them unless its budget cuts
         # them to nothing), for tests and benchmarks.
         self.source_counts: dict[str, int] = dict.fromkeys(SOURCES, 0)
 
+    def _head_pays(self, request_id: str, e_ng: float) -> bool:
+        """Whether drafting with the head is expected to beat the n-gram block (or none) per second.
+
+        Tokens per step (1 + E) over step time: the head adds ``head_cost`` of a step, so it runs
+        when (1 + E_head) > (1 + E_ng) (1 + head_cost), E_head from the request's earlier head
+        blocks (unknown: it runs); every ``refresh_every`` steps it runs anyway, so the estimate
+        follows the request.  A function of the history only.
+        """
+        idle = self._idle.get(request_id, 0)
+        est = self._head_len.get(request_id, math.inf)
+        return idle + 1 >= self.refresh_every or 1.0 + est > (1.0 + e_ng) * (1.0 + self.head_cost)
+
     def propose(self, seqs: list[Sequence], block_len: int) -> list[DraftBlock]:
         t0 = time.perf_counter()
+        if self.measure_cost and self._last_call is not None and self._last_call[1] > 0:
+            rest = t0 - self._last_call[0] - self._last_call[1]  # verification and everything else since
+            if rest > 0:
+                self.head_cost += 0.1 * (self._last_call[1] / rest - self.head_cost)
         out = self.ngram.propose(seqs, block_len)
         e_ng = [expected_length(b.confidence) for b in out]
         ngram_seconds = (time.perf_counter() - t0) / max(1, len(seqs))
-        # The head runs where it may win: on its past blocks it expected more than E_ng.
-        run = [i for i, s in enumerate(seqs) if not out[i].token_ids or e_ng[i] < self._head_len.get(s.request_id, math.inf)]
+        run = [i for i, s in enumerate(seqs) if self._head_pays(s.request_id, e_ng[i])]
+        running = set(run)
+        for i, s in enumerate(seqs):
+            self._idle[s.request_id] = 0 if i in running else self._idle.get(s.request_id, 0) + 1
+        t_head = time.perf_counter()
         drafted = self.head.propose([seqs[i] for i in run], block_len) if run else []
+        self._last_call = (t0, time.perf_counter() - t_head if run else 0.0)
         source = ["ngram"] * len(seqs)
         for i, hb in zip(run, drafted):
             rid = seqs[i].request_id
@@ -168,6 +202,7 @@ class HybridDrafter:
         self._source.pop(request_id, None)
         self._head_len.release(request_id)
         self._head_tail.release(request_id)
+        self._idle.pop(request_id, None)
         self.ngram.release(request_id)
         self.head.release(request_id)
 
@@ -176,14 +211,29 @@ def make_hybrid_drafter(ctx, opts: dict) -> HybridDrafter:
     """The hybrid of the shipped (or ``head=``) DSpark head and prompt lookup; see the module docstring."""
     head = make_dspark_drafter(ctx.loaded, {o.name: opts[o.name] for o in HEAD_OPTIONS}, ctx)
     ngram = NgramDrafter(max_ngram=opts["max_ngram"], min_ngram=opts["min_ngram"], by_order=True)
-    return HybridDrafter(head, ngram)
+    return HybridDrafter(head, ngram, head_cost=opts["head_cost"])
+
+
+def _share(raw) -> float | None:
+    """A number >= 0 (an empty string: not set)."""
+    if raw is None or (isinstance(raw, str) and not raw.strip()):
+        return None
+    try:
+        x = float(raw)
+    except (TypeError, ValueError):
+        raise ValueError("a number >= 0") from None
+    if isinstance(raw, bool) or not x >= 0 or math.isinf(x):
+        raise ValueError("a number >= 0")
+    return x
 
 
 KIND = DrafterKind(
     name="hybrid",
     doc="per request and step, the prompt-lookup block or the DSpark head's, whichever is expected to be accepted further",
     build=make_hybrid_drafter,
-    options=(*HEAD_OPTIONS, *NGRAM_KIND.options),
+    options=(*HEAD_OPTIONS, *NGRAM_KIND.options,
+             DraftOption("head_cost", _share, None, "a head block's drafting time as a share of the rest of a step "
+                         "(default: measured while serving)")),
     remote=True,
     needs_weights=True,
     feature_layers=head_feature_layers,
