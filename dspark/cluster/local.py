@@ -52,6 +52,10 @@ class LocalCluster:
         for k in forwarded:
             if os.environ.get(k):
                 env.setdefault(k, os.environ[k])
+        if not cfg.internal_token and env.get(cfg.internal_token_env):
+            # The roles get this token through their environment, but build_app runs here, where
+            # it may not be set: carry it in the config so no other token is generated for them.
+            cfg = dataclasses.replace(cfg, internal_token=env[cfg.internal_token_env])
         if not ray.is_initialized():
             if os.environ.get("RAY_ADDRESS"):
                 ray.init(runtime_env={"env_vars": env}, logging_level=logging.WARNING)
