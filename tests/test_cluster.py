@@ -177,20 +177,13 @@ def test_sampled_first_speculative_token_follows_the_target(cluster, model_fp32)
     distributed as the target's p(x2 | prompt, x1), by a chi-square test."""
     import collections
 
-    import torch
-    from scipy import stats
+    from spec_stats import chisquare_pvalue, second_token_law
 
     from dspark.proto.dspark.v1 import generate_pb2, generate_pb2_grpc
-    from dspark.workers.runner import StepInput
 
     tok = model_fp32.tokenizer
     text = "Once upon a time"
-    prompt = tok.encode(text)
-    runner = LocalRunner(model_fp32.model, RunnerConfig(n_slots=1, max_seq=64))
-    with torch.inference_mode():
-        x1 = int(runner.forward(StepInput(prompt, [0], [0], [len(prompt)], [len(prompt) - 1])).logits[0].argmax())
-        logits = runner.forward(StepInput(prompt + [x1], [0], [0], [len(prompt) + 1], [len(prompt)])).logits[0]
-    p = torch.softmax(logits.double(), -1)
+    x1, p = second_token_law(LocalRunner(model_fp32.model, RunnerConfig(n_slots=1, max_seq=64)), tok.encode(text))
     n = 192
 
     async def run():
@@ -211,10 +204,5 @@ def test_sampled_first_speculative_token_follows_the_target(cluster, model_fp32)
     total = sum(counts.values())
     assert total > 0.75 * n
     assert sum(1 for _, d in results if d > 0) > n // 2, "most requests should verify a draft"
-    big = [int(t) for t in torch.nonzero(p * total >= 5).flatten()]
-    obs = [counts.get(t, 0) for t in big]
-    exp = [float(p[t]) * total for t in big]
-    obs.append(total - sum(obs))
-    exp.append(total - sum(exp))
-    res = stats.chisquare(obs, exp)
-    assert res.pvalue > 1e-3, f"p = {res.pvalue:.2e}, observed {counts.most_common(5)}"
+    pval = chisquare_pvalue(counts, p)
+    assert pval > 1e-3, f"p = {pval:.2e}, observed {counts.most_common(5)}"

@@ -14,7 +14,6 @@ import collections
 
 import pytest
 import torch
-from scipy import stats
 
 from dspark.models.dspark_head import default_head_path
 from dspark.models.loader import DEFAULT_MODEL_NAME
@@ -23,7 +22,8 @@ from dspark.workers.drafters.hybrid import HybridDrafter, expected_length
 from dspark.workers.drafters.ngram import NgramDrafter
 from dspark.workers.factory import EngineSpec, build_engine
 from dspark.workers.request import SamplingParams, Sequence
-from dspark.workers.runner import RunnerConfig, StepInput
+from dspark.workers.runner import RunnerConfig
+from spec_stats import chisquare_pvalue, second_token_law
 
 needs_head = pytest.mark.skipif(not default_head_path(DEFAULT_MODEL_NAME).exists(), reason="no DSpark head shipped")
 
@@ -183,15 +183,6 @@ def test_sources_follow_the_prompt(built):
     assert fresh["dspark"] > 2 * fresh["ngram"], fresh
 
 
-def _target_law(built, prompt: list[int]) -> tuple[int, torch.Tensor]:
-    """(x1 = argmax of the first step, p(x2 | prompt, x1) at T = 1) from plain forward passes."""
-    runner = built.engine.runner
-    with torch.inference_mode():
-        x1 = int(runner.forward(StepInput(prompt, [0], [0], [len(prompt)], [len(prompt) - 1])).logits[0].argmax())
-        logits = runner.forward(StepInput(prompt + [x1], [0], [0], [len(prompt) + 1], [len(prompt)])).logits[0]
-    return x1, torch.softmax(logits.double(), -1)
-
-
 # Prompts whose first token is nearly certain and whose second is a broad choice.  The repeated
 # pattern gives prompt lookup a block whose prior expected length beats the head's first-position
 # confidence; the story opening has nothing to look up, so the head's block is proposed.
@@ -203,7 +194,7 @@ SAMPLED = {"ngram": "A B C D E F G\nA B C D E F G\nA B C D E F G\nA B C", "dspar
 def test_sampled_second_token_follows_the_target(built, source):
     eng = built.engine
     prompt = built.loaded.tokenizer.encode(SAMPLED[source])
-    x1, p = _target_law(built, prompt)
+    x1, p = second_token_law(built.engine.runner, prompt)
     n = 320
     params = [SamplingParams(max_tokens=3, temperature=1.0, seed=7000 + s, ignore_eos=True) for s in range(n)]
     seqs, used = _run(eng, [prompt] * n, params)
@@ -211,11 +202,5 @@ def test_sampled_second_token_follows_the_target(built, source):
     counts = collections.Counter(s.output_ids[1] for s in seqs if s.output_ids[0] == x1)
     total = sum(counts.values())
     assert total > 0.75 * n, "the first token should be nearly deterministic for this prompt"
-    big = [int(t) for t in torch.nonzero(p * total >= 5).flatten()]
-    obs = [counts.get(t, 0) for t in big] + [total - sum(counts.get(t, 0) for t in big)]
-    exp = [float(p[t]) * total for t in big]
-    exp.append(total - sum(exp))
-    if exp[-1] < 1e-9:
-        obs, exp = obs[:-1], exp[:-1]
-    res = stats.chisquare(obs, exp)
-    assert res.pvalue > 1e-3, f"{source}: p = {res.pvalue:.2e}, observed {counts.most_common(5)}"
+    pval = chisquare_pvalue(counts, p)
+    assert pval > 1e-3, f"{source}: p = {pval:.2e}, observed {counts.most_common(5)}"

@@ -19,14 +19,13 @@ from __future__ import annotations
 import collections
 
 import pytest
-import torch
-from scipy import stats
 
 from dspark.workers.budget_policy import AdaptiveBudget, CostModel, VerifyPolicy
 from dspark.workers.engine import fixed_budget
 from dspark.workers.factory import EngineSpec, build_engine
 from dspark.workers.request import SamplingParams
-from dspark.workers.runner import RunnerConfig, StepInput
+from dspark.workers.runner import RunnerConfig
+from spec_stats import chisquare_pvalue, second_token_law
 
 DRAFTERS = {
     "ngram": (),
@@ -93,21 +92,12 @@ def test_greedy_identical_to_plain(built, policy, greedy_prompts, plain_outputs)
 SAMPLED_PROMPTS = {"ngram": "A B C D E F G\nA B C D E F G\nA B C D E F G\nA B C", "default": "Once upon a time"}
 
 
-def _target_law(built, prompt: list[int]) -> tuple[int, torch.Tensor]:
-    """(x1 = argmax of the first step, p(x2 | prompt, x1) at T = 1) from plain forward passes."""
-    runner = built.engine.runner
-    with torch.inference_mode():
-        x1 = int(runner.forward(StepInput(prompt, [0], [0], [len(prompt)], [len(prompt) - 1])).logits[0].argmax())
-        logits = runner.forward(StepInput(prompt + [x1], [0], [0], [len(prompt) + 1], [len(prompt)])).logits[0]
-    return x1, torch.softmax(logits.double(), -1)
-
-
 @pytest.mark.parametrize("policy", POLICIES)
 def test_sampled_second_token_follows_the_target(built, policy):
     eng = built.engine
     tok = built.loaded.tokenizer
     prompt = tok.encode(SAMPLED_PROMPTS.get(built.kind, SAMPLED_PROMPTS["default"]))
-    x1, p = _target_law(built, prompt)
+    x1, p = second_token_law(built.engine.runner, prompt)
     eng.budget = _budget(policy)
     n = 192
     before = eng.metrics.num_draft_tokens
@@ -120,11 +110,5 @@ def test_sampled_second_token_follows_the_target(built, policy):
     total = sum(counts.values())
     assert total > 0.75 * n, "the first token should be nearly deterministic for this prompt"
     assert eng.metrics.num_draft_tokens > before, "no draft was verified: the case would be vacuous"
-    big = [int(t) for t in torch.nonzero(p * total >= 5).flatten()]
-    obs = [counts.get(t, 0) for t in big] + [total - sum(counts.get(t, 0) for t in big)]
-    exp = [float(p[t]) * total for t in big]
-    exp.append(total - sum(exp))
-    if exp[-1] < 1e-9:  # nothing left to pool
-        obs, exp = obs[:-1], exp[:-1]
-    res = stats.chisquare(obs, exp)
-    assert res.pvalue > 1e-3, f"{built.kind} x {policy}: p = {res.pvalue:.2e}, observed {counts.most_common(5)}"
+    pval = chisquare_pvalue(counts, p)
+    assert pval > 1e-3, f"{built.kind} x {policy}: p = {pval:.2e}, observed {counts.most_common(5)}"
