@@ -256,29 +256,27 @@ class RedisServer:
 
     def stop(self, timeout_s: float = 5.0) -> None:
         """Graceful shutdown (SIGTERM, then SIGKILL after timeout_s). Idempotent."""
-        with self._lock:
-            self._wanted = False
-            proc = self.process
-            if proc is None:
-                return
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout_s)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-            self._reap()
+        self._end(graceful=True, timeout_s=timeout_s)
 
     def kill(self) -> None:
         """SIGKILL the server (no shutdown work); it stays down until restart(). Idempotent."""
+        self._end(graceful=False)
+
+    def _end(self, graceful: bool, timeout_s: float = 5.0) -> None:
         with self._lock:
-            self._wanted = False
+            self._wanted = False  # on purpose: supervision must not bring it back
             proc = self.process
             if proc is None:
                 return
             if proc.poll() is None:
-                proc.kill()
+                if graceful:
+                    proc.send_signal(signal.SIGTERM)
+                    try:
+                        proc.wait(timeout_s)
+                    except subprocess.TimeoutExpired:
+                        proc.kill()
+                else:
+                    proc.kill()
             proc.wait()
             self._reap()
 
