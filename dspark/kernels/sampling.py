@@ -103,7 +103,8 @@ def logits_to_probs(
     # rest to at most 0: the limit t -> 0, all mass on the maximum.  Other rows keep logits / t
     # bit for bit.
     overflow = torch.isposinf(scaled.amax(-1, keepdim=True))  # [S, 1]
-    scaled = torch.where(overflow, (rows_logits - rows_logits.amax(-1, keepdim=True)) / t, scaled)
+    if bool(overflow.any()):  # rare; the common step pays one amax, not a second [S, V] pass
+        scaled = torch.where(overflow, (rows_logits - rows_logits.amax(-1, keepdim=True)) / t, scaled)
     scaled = apply_top_k_top_p(scaled, top_k.to(device)[sampled], top_p.to(device=device, dtype=torch.float32)[sampled])
     probs[sampled] = torch.softmax(scaled, dim=-1)
     return probs
