@@ -25,7 +25,7 @@ from dspark.train.config import OptimConfig, RunConfig, TrainConfig
 from dspark.train.loss import dspark_loss
 from dspark.train.vocab import count_tokens, coverage, rank_ids
 from dspark.workers.drafters.dspark import DSparkDrafter
-from tests.test_dspark_head import TINY_HEAD, V, make_seq, synthetic_store, tiny_head, tiny_target
+from test_dspark_head import TINY_HEAD, V, make_seq, synthetic_store, tiny_head, tiny_target
 
 D_FEATS = 2 * TINY_HEAD.dim  # two feature layers
 
