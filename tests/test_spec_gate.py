@@ -90,3 +90,30 @@ def test_engine_gate_settles_on_the_faster_arm(setup, wrong):
     else:  # free, always-accepted drafts: 9 tokens per step instead of 1
         assert gate.speculative_steps > gate.plain_steps
         assert seq.metrics.num_accepted_tokens > 0
+
+
+def test_remote_drafter_drafts_nothing_for_plain_steps(setup):
+    """The gate chooses the next step's arm before the step's tokens go to the draft worker, so a
+    worker is asked for a block only ahead of speculative steps (it used to draft after every
+    step, busy for nothing while the verifier decoded plainly).  Output stays plain decoding's."""
+    from dspark.workers.draft_worker import DraftWorkerServer
+    from dspark.workers.drafters.ngram import NgramDrafter
+    from dspark.workers.drafters.remote import RemoteDrafter, RemoteDrafterConfig
+
+    runner, tok, prompt, plain = setup
+    server = DraftWorkerServer(NgramDrafter).start()
+    drafter = RemoteDrafter([server.address], RemoteDrafterConfig(kind="ngram"), block_len=4)
+    try:
+        gate = SpeculationGate(explore_every=4, warmup_steps=1)
+        gate.record(1, True, 1.0, 60.0)  # speculation measured hopeless, plain fast:
+        gate.record(1, False, 1.0, 0.001)  # plain steps, with a speculative probe every 4th
+        eng = Engine(runner, tok, EngineConfig(max_batch=1, block_len=4), drafter=drafter, gate=gate)
+        seq = eng.generate([prompt], SamplingParams(max_tokens=48, ignore_eos=True))[0]
+        assert seq.output_ids == plain[: len(seq.output_ids)] and len(seq.output_ids) == 48
+        assert gate.plain_steps >= 2 * gate.speculative_steps > 0, (gate.plain_steps, gate.speculative_steps)
+        # One block per speculative step, at most: none for the plain ones.
+        assert 0 < server.servicer.blocks_served <= gate.speculative_steps, (
+            server.servicer.blocks_served, gate.speculative_steps, gate.plain_steps)
+    finally:
+        drafter.close()
+        server.stop()

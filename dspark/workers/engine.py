@@ -89,6 +89,7 @@ class Engine:
         self.num_steps = 0
         self.last_step_tokens = 0
         self.last_step_seconds = 0.0
+        self._next_speculate: bool | None = None  # the gate's choice for the coming step, made after the last
         self._ids = itertools.count()
         self.stop_ids = tokenizer.stop_token_ids if tokenizer is not None else frozenset()
 
@@ -171,8 +172,7 @@ class Engine:
             return []
         t0 = time.perf_counter()
         prefill, decode = self._partition()
-        # The gate sees only past steps, so whether this step speculates never depends on its drafts.
-        speculate = self.gate is None or not decode or self.gate.speculate(len(decode))
+        speculate = self._speculate(decode)
         blocks = self._draft(decode) if speculate else []
         if blocks:
             # A remote drafter may not have this request's block yet: it sits this step out
@@ -180,6 +180,7 @@ class Engine:
             ready = [i for i, b in enumerate(blocks) if b is not None]
             decode, blocks = [decode[i] for i in ready], [blocks[i] for i in ready]
             if not prefill and not decode:
+                self._next_speculate = True  # still the choice: do not ask the gate again
                 if isinstance(self.drafter, AsyncDrafter):
                     self.drafter.wait_for_blocks(0.05)
                 return []
@@ -223,12 +224,13 @@ class Engine:
         outputs: list[RequestOutput] = []
         flat = 0
         feats = out.features
+        observed: list[tuple[Sequence, list[int], int, int | None]] = []  # told to the drafter after the gate
         for seq, chunk in prefill:
             n = len(chunk)
             seq.num_cached += n
             if seq.num_cached == len(seq.prompt_ids):
                 outputs.append(self._append(seq, next(results), 0, 0))
-            self._observe(seq, chunk, feats, flat)
+            observed.append((seq, chunk, flat, None))
             flat += n
         emitted_total = 0
         for seq, i, drafts in plan:
@@ -239,14 +241,42 @@ class Engine:
             # The cache keeps the anchor + accepted drafts; rejected positions are overwritten later.
             seq.num_cached += 1 + accepted
             outputs.append(self._append(seq, emitted, len(drafts), accepted))
-            self._observe(seq, fed, feats, flat, num_verified=len(drafts) if blocks else None)
+            observed.append((seq, fed, flat, len(drafts) if blocks else None))
             flat += 1 + len(drafts)
         self.num_steps += 1
         self.last_step_tokens = len(tokens)
         self.last_step_seconds = time.perf_counter() - t0
         if self.gate is not None and plan and not prefill:  # a pure decode step measures one arm
             self.gate.record(len(plan), speculate and self.drafter is not None, emitted_total, self.last_step_seconds)
+        self._choose_next()
+        for seq, fed, at, num_verified in observed:
+            self._observe(seq, fed, feats, at, num_verified)
         return outputs
+
+    def _speculate(self, decode: list[Sequence]) -> bool:
+        """Whether this step drafts: the choice made at the end of the last step, else the gate's now.
+
+        The gate sees only past steps, so whether a step speculates never depends on its drafts.
+        """
+        chosen, self._next_speculate = self._next_speculate, None
+        if self.gate is None or not decode:
+            return True
+        return chosen if chosen is not None else self.gate.speculate(len(decode))
+
+    def _choose_next(self) -> None:
+        """Ask the gate now about the next step, and tell each request whether a block is wanted.
+
+        A remote drafter reads ``seq.wants_block`` when it is told the step's tokens: for a plain
+        next step it keeps them and drafts nothing, instead of drafting a block nobody verifies.
+        """
+        if self.gate is None or self.drafter is None:
+            return
+        nxt = [s for s in self.running if not s.finished and s.num_cached >= len(s.prompt_ids)]
+        if not nxt:
+            return
+        self._next_speculate = self.gate.speculate(len(nxt))
+        for s in nxt:
+            s.wants_block = self._next_speculate
 
     def _observe(
         self, seq: Sequence, fed: list[int], feats: torch.Tensor | None, flat: int, num_verified: int | None = None

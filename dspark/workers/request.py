@@ -135,6 +135,7 @@ class Sequence:
     text: str = ""  # output text released so far (after stop-string truncation)
     held: str = ""  # decoded text held back because it may start a stop string
     draft_enabled: bool = True  # False: plain decoding for this request (e.g. its drafter is gone)
+    wants_block: bool = True  # False: the next step decodes plainly, so no block need be drafted for it
 
     @property
     def all_ids(self) -> list[int]:

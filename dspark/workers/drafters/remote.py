@@ -3,9 +3,12 @@
 Implements the engine's drafter protocol without ever blocking the engine on one worker:
 
 * ``observe`` (after each verification) sends the request's newly cached tokens, their target
-  features and the new anchor as a ``Step``; the block comes back asynchronously;
+  features and the new anchor as a ``Step``; the block comes back asynchronously.  When the
+  engine's next step will not speculate (``seq.wants_block`` is False) it keeps them instead, so
+  plain steps cost the draft worker nothing;
 * ``propose`` hands back the blocks that have arrived and ``None`` ("not ready, sit this step
-  out") for those still in flight, so the verifier batches whoever is ready;
+  out") for those still in flight, so the verifier batches whoever is ready; a request whose
+  tokens were kept gets its ``Step`` sent now (and sits this step out);
 * a request whose worker died, answered with an error or timed out continues with plain decoding
   (``seq.draft_enabled = False``): output is unchanged, only speed is lost.
 
@@ -109,6 +112,7 @@ class _Req:
     block: DraftBlock | None = None
     pending_tokens: list[int] = field(default_factory=list)
     pending_feats: list[torch.Tensor] = field(default_factory=list)
+    num_verified: int | None = None  # of the last verified step, sent with the next Step
     failed: bool = False
 
 
@@ -190,28 +194,34 @@ class RemoteDrafter:
             r.pending_tokens.extend(token_ids)
             if features is not None:
                 r.pending_feats.append(features.to("cpu", self.cfg.feature_dtype))
-            if not seq.output_ids:
-                return  # still prefilling: the first Step goes out with the anchor
-            if not r.opened:
-                opts = draft_pb2.DrafterOptions(kind=self.cfg.kind, block_len=self.block_len,
-                                                temperature=seq.params.temperature,
-                                                proposal_top_k=self.cfg.proposal_top_k)
-                if seq.params.seed is not None:
-                    opts.seed = seq.params.seed
-                r.link.send(draft_pb2.DraftRequest(open=draft_pb2.Open(
-                    request_id=rid, prompt_token_ids=seq.prompt_ids, options=opts)))
-                r.opened = True
-            r.step_id = next(self._ids)
-            step = draft_pb2.Step(request_id=rid, step_id=r.step_id, new_token_ids=r.pending_tokens,
-                                  context_len=seq.num_cached, anchor_token_id=seq.last_token,
-                                  block_len=self.block_len)
             if num_verified is not None:
-                step.num_verified = num_verified
-            if r.pending_feats:
-                step.features.CopyFrom(tensor_to_proto(torch.cat(r.pending_feats)))
-            r.pending_tokens, r.pending_feats = [], []
-            r.awaiting, r.sent_at, r.block = r.step_id, time.monotonic(), None
-            r.link.send(draft_pb2.DraftRequest(step=step))
+                r.num_verified = num_verified
+            if seq.output_ids and seq.wants_block:  # else: still prefilling, or a plain step comes next
+                self._send_step(r, seq)
+
+    def _send_step(self, r: _Req, seq: Sequence) -> None:
+        """Send what ``r`` holds (tokens, features, the anchor) and wait for the block (lock held)."""
+        rid = seq.request_id
+        if not r.opened:
+            opts = draft_pb2.DrafterOptions(kind=self.cfg.kind, block_len=self.block_len,
+                                            temperature=seq.params.temperature,
+                                            proposal_top_k=self.cfg.proposal_top_k)
+            if seq.params.seed is not None:
+                opts.seed = seq.params.seed
+            r.link.send(draft_pb2.DraftRequest(open=draft_pb2.Open(
+                request_id=rid, prompt_token_ids=seq.prompt_ids, options=opts)))
+            r.opened = True
+        r.step_id = next(self._ids)
+        step = draft_pb2.Step(request_id=rid, step_id=r.step_id, new_token_ids=r.pending_tokens,
+                              context_len=seq.num_cached, anchor_token_id=seq.last_token,
+                              block_len=self.block_len)
+        if r.num_verified is not None:
+            step.num_verified = r.num_verified
+        if r.pending_feats:
+            step.features.CopyFrom(tensor_to_proto(torch.cat(r.pending_feats)))
+        r.pending_tokens, r.pending_feats, r.num_verified = [], [], None
+        r.awaiting, r.sent_at, r.block = r.step_id, time.monotonic(), None
+        r.link.send(draft_pb2.DraftRequest(step=step))
 
     def propose(self, seqs: list[Sequence], block_len: int) -> list[DraftBlock | None]:
         out: list[DraftBlock | None] = []
@@ -230,6 +240,8 @@ class RemoteDrafter:
                     blk, r.block = r.block, None
                     out.append(_trim(blk, block_len))
                 else:
+                    if not r.awaiting and r.pending_tokens:  # kept during plain steps: draft now
+                        self._send_step(r, seq)
                     out.append(None)
         return out
 
