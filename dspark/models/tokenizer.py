@@ -86,11 +86,21 @@ class Tokenizer:
         )
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        text = self.apply_chat_template(messages, add_generation_prompt=True)
-        # Templates that write the BOS token themselves must not get a second one.
+        return self.encode_rendered(self.apply_chat_template(messages, add_generation_prompt=True))
+
+    def encode_rendered(self, text: str) -> list[int]:
+        """Ids of text rendered by the chat template (one BOS, whether or not the template wrote it)."""
         bos_text = self.id_to_token(self.bos_token_id) if self.bos_token_id is not None else None
         add_bos = self.add_bos and not (bos_text and text.startswith(bos_text))
         return self.encode(text, add_bos=add_bos)
+
+    def user_turn_prefix(self) -> list[int]:
+        """Ids of the chat template up to where the user's message starts (the model then writes it)."""
+        marker = "\x00user message\x00"
+        text = self.apply_chat_template([{"role": "user", "content": marker}], add_generation_prompt=False)
+        if marker not in text:
+            raise ValueError("the chat template does not place the user's message verbatim")
+        return self.encode_rendered(text[: text.index(marker)])
 
     # -- construction ---------------------------------------------------------------------
     @classmethod

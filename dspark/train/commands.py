@@ -64,7 +64,12 @@ def train_draft(config_path, out_dir, resume, max_steps, stages, threads, ship):
     t_start = time.perf_counter()
 
     if "data" in todo:
-        rows = generate_responses(cfg.data, responses, model=cfg.model)
+        from dspark.train.data import generate_self_prompts
+
+        written = generate_self_prompts(cfg.data, run / "data" / "self_prompts.jsonl", model=cfg.model)
+        if cfg.data.self_prompts:
+            click.echo(f"self-written prompts: {len(written)} of {cfg.data.self_prompts} wanted")
+        rows = generate_responses(cfg.data, responses, model=cfg.model, extra=written)
         click.echo(f"responses: {len(rows)} cached in {responses}")
 
     vocab_file = Path(cfg.vocab_map) if cfg.vocab_map else run / "vocab.safetensors"

@@ -27,6 +27,10 @@ class DataConfig:
     greedy_responses: int = 1  # responses per training prompt at temperature 0
     sampled_responses: int = 1  # responses per training prompt sampled at ``sample_temperature``
     sample_temperature: float = 1.0  # temperature of the sampled responses
+    self_prompts: int = 0  # extra prompts written by the target itself (train / valid only, never test)
+    self_prompt_max_tokens: int = 128  # length cap of a self-written prompt
+    self_prompt_temperature: float = 1.0  # sampling temperature when the target writes a prompt
+    self_prompt_top_p: float = 0.95  # nucleus for the self-written prompts (cuts the rare garbage tail)
     max_new_tokens: int = 256  # response length cap
     max_prompt_tokens: int = 640  # longer prompts are skipped
     gen_batch: int = 48  # concurrent requests while generating
