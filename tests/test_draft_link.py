@@ -47,9 +47,12 @@ class Stream:
         finally:
             self._in.put(None)
 
-    def open(self, rid: str, prompt: list[int] = PROMPT) -> None:
+    def open(self, rid: str, prompt: list[int] = PROMPT, legacy: bool = False) -> None:
+        """Open ``rid``: the prompt's length only (its tokens follow in the first Step), or, as
+        older verifiers did, the whole prompt (``legacy``)."""
+        form = {"prompt_token_ids": prompt} if legacy else {"prompt_len": len(prompt)}
         self._out.put(draft_pb2.DraftRequest(open=draft_pb2.Open(
-            request_id=rid, prompt_token_ids=prompt, options=draft_pb2.DrafterOptions(kind="ngram", block_len=3))))
+            request_id=rid, options=draft_pb2.DrafterOptions(kind="ngram", block_len=3), **form)))
 
     def step(self, rid: str, step_id: int, new_tokens: list[int], anchor: int, context_len: int) -> None:
         self._out.put(draft_pb2.DraftRequest(step=draft_pb2.Step(
@@ -125,6 +128,51 @@ def worker(request):
     for s in streams:
         s.end()
     server.stop()
+
+
+# ---------------------------------------------------------------------------- the prompt crosses once
+def test_prompt_crosses_once_and_older_verifiers_still_work(worker):
+    s = worker.connect()
+    first_step(s, "new")  # Open carries prompt_len; the first Step the prompt's tokens
+    s.open("old", legacy=True)  # an older verifier: the prompt in Open and again in the Step
+    s.step("old", 1, PROMPT, anchor=7, context_len=len(PROMPT))
+    assert list(s.block("old", 1).draft_token_ids) == [5, 6, 7]
+    s.open("short")  # a first Step without the whole prompt is refused, for that request only
+    s.step("short", 1, PROMPT[:2], anchor=7, context_len=2)
+    assert "prompt has 5" in s.error("short").message
+    s.open("wrong", legacy=True)  # an old-style Open that the Step contradicts
+    s.step("wrong", 1, [9, 9, 9, 9, 9], anchor=7, context_len=5)
+    assert "continue the prompt" in s.error("wrong").message
+    s._out.put(draft_pb2.DraftRequest(open=draft_pb2.Open(request_id="none")))
+    assert "prompt_len" in s.error("none").message
+    s.step("new", 2, [7], anchor=5, context_len=len(PROMPT) + 1)  # "new" went on unharmed
+    assert len(s.block("new", 2).draft_token_ids) == 3
+
+
+def test_remote_drafter_sends_the_prompt_once(worker):
+    """The verifier's client opens with the prompt's length only; the worker's mirror gets the
+    prompt from the first Step."""
+    from dspark.workers.drafters.remote import RemoteDrafter, RemoteDrafterConfig
+    from dspark.workers.request import SamplingParams, Sequence
+
+    drafter = RemoteDrafter([worker.address], RemoteDrafterConfig(kind="ngram"), block_len=3)
+    seq = Sequence(request_id="verifier-1", prompt_ids=list(PROMPT), params=SamplingParams(), generator=None)
+    try:
+        seq.output_ids, seq.num_cached = [7], len(PROMPT)  # prefilled: prompt cached, anchor 7
+        drafter.observe(seq, list(PROMPT), None)
+        block = None
+        deadline = time.monotonic() + WAIT_S
+        while block is None and time.monotonic() < deadline:
+            block = drafter.propose([seq], 3)[0]
+            if block is None:
+                drafter.wait_for_blocks(0.1)
+        assert block is not None and block.token_ids == [5, 6, 7]
+        mirror = worker.servicer.active["verifier-1"]
+        assert mirror.prompt is None  # Open carried no prompt tokens
+        assert mirror.seq.prompt_ids == PROMPT and mirror.seq.output_ids == [7]
+    finally:
+        drafter.release(seq.request_id)
+        drafter.close()
 
 
 # ---------------------------------------------------------------------------- ownership

@@ -2,7 +2,7 @@
 
 One bidirectional stream per verifier; many requests multiplexed on it by id:
 
-  verifier -> worker   Open(request, prompt, options) | Step(new cached tokens + their target
+  verifier -> worker   Open(request, prompt length, options) | Step(new cached tokens + their target
                        features, anchor, block length) | Close(request)
   worker -> verifier   DraftBlock(tokens, sparse proposal q, confidences) | DraftError
 
@@ -85,19 +85,25 @@ class DraftWorkerConfig:
 class _Remote:
     """Worker-side mirror of one request, owned by the stream that opened it."""
 
-    def __init__(self, request_id: str, prompt: list[int], params: SamplingParams, owner: set[str]) -> None:
-        self.seq = Sequence(request_id=request_id, prompt_ids=list(prompt), params=params, generator=torch.Generator())
+    def __init__(self, request_id: str, prompt_len: int, params: SamplingParams, owner: set[str],
+                 prompt: list[int] | None = None) -> None:
+        self.seq = Sequence(request_id=request_id, prompt_ids=[], params=params, generator=torch.Generator())
+        self.prompt_len = prompt_len
+        self.prompt = prompt  # from an older verifier's Open, checked against the first Step
         self.owner = owner  # the opening stream's set of request ids (compared by identity)
         self.cached: list[int] = []  # tokens in the verifier's target cache, in order
         self.last_seen = time.monotonic()  # the last Open or Step for it
 
     def apply(self, new_tokens: list[int], anchor: int) -> None:
+        """Mirror a Step: the prompt is the first ``prompt_len`` tokens the Steps carried."""
+        if len(self.cached) + len(new_tokens) < self.prompt_len:
+            raise ValueError(f"the first Step carries {len(new_tokens)} tokens; the prompt has {self.prompt_len}")
         self.cached.extend(new_tokens)
-        full = self.cached + [anchor]
-        n_prompt = len(self.seq.prompt_ids)
-        if full[:n_prompt] != self.seq.prompt_ids:
-            raise ValueError("step tokens do not continue the prompt")
-        self.seq.output_ids = full[n_prompt:]
+        if not self.seq.prompt_ids:
+            self.seq.prompt_ids = self.cached[: self.prompt_len]
+            if self.prompt is not None and self.seq.prompt_ids != self.prompt:
+                raise ValueError("step tokens do not continue the prompt")
+        self.seq.output_ids = (self.cached + [anchor])[self.prompt_len:]
         self.seq.num_cached = len(self.cached)
 
 
@@ -274,7 +280,13 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
             temperature=float(opts.temperature),
             seed=int(opts.seed) if opts.HasField("seed") else None,
         )
-        self.active[rid] = _Remote(rid, list(o.prompt_token_ids), params, owner=mine)
+        legacy = list(o.prompt_token_ids) or None
+        prompt_len = o.prompt_len or len(legacy or ())
+        if prompt_len < 1:
+            raise ValueError("Open needs prompt_len >= 1")
+        if legacy is not None and len(legacy) != prompt_len:
+            raise ValueError(f"Open: prompt_len {o.prompt_len} != {len(legacy)} prompt_token_ids")
+        self.active[rid] = _Remote(rid, prompt_len, params, owner=mine, prompt=legacy)
         mine.add(rid)
 
     def _close(self, rid: str, mine: set[str]) -> None:

@@ -209,7 +209,7 @@ class RemoteDrafter:
             if seq.params.seed is not None:
                 opts.seed = seq.params.seed
             r.link.send(draft_pb2.DraftRequest(open=draft_pb2.Open(
-                request_id=rid, prompt_token_ids=seq.prompt_ids, options=opts)))
+                request_id=rid, prompt_len=len(seq.prompt_ids), options=opts)))
             r.opened = True
         r.step_id = next(self._ids)
         step = draft_pb2.Step(request_id=rid, step_id=r.step_id, new_token_ids=r.pending_tokens,

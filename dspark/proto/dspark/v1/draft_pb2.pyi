@@ -63,14 +63,16 @@ class DrafterOptions(_message.Message):
     def __init__(self, kind: _Optional[str] = ..., block_len: _Optional[int] = ..., temperature: _Optional[float] = ..., proposal_top_k: _Optional[int] = ..., seed: _Optional[int] = ..., extra: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class Open(_message.Message):
-    __slots__ = ("request_id", "prompt_token_ids", "options")
+    __slots__ = ("request_id", "prompt_token_ids", "options", "prompt_len")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_LEN_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     options: DrafterOptions
-    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., options: _Optional[_Union[DrafterOptions, _Mapping]] = ...) -> None: ...
+    prompt_len: int
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., options: _Optional[_Union[DrafterOptions, _Mapping]] = ..., prompt_len: _Optional[int] = ...) -> None: ...
 
 class Step(_message.Message):
     __slots__ = ("request_id", "step_id", "new_token_ids", "features", "context_len", "anchor_token_id", "block_len", "num_verified")
