@@ -13,7 +13,6 @@ joining the collectives inside the forward pass.  The same loop runs in spawned 
 
 from __future__ import annotations
 
-import os
 import socket
 from dataclasses import dataclass, field
 
@@ -291,7 +290,3 @@ class TPGroup:
                 p.kill()
         if dist.is_initialized():
             dist.destroy_process_group()
-
-
-def env_threads() -> int:
-    return int(os.environ.get("DSPARK_THREADS", "0") or 0)
