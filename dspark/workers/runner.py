@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import socket
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -23,7 +24,6 @@ from dspark.models.kv_cache import KVCache, make_batch
 from dspark.models.llama import ForwardOutput, Transformer
 
 CMD_STEP, CMD_STOP = 1, 2
-HEADER = 8
 
 
 @dataclass
@@ -37,7 +37,6 @@ class StepInput:
     logits_rows: list[int] | None = None  # flat rows whose logits are wanted (None: all)
     feature_layers: tuple[int, ...] = ()
     n_layers: int | None = None  # early exit (layer-skip drafting); None = full depth
-    return_hidden: bool = False
 
     def __post_init__(self) -> None:
         if sum(self.q_lens) != len(self.tokens):
@@ -127,7 +126,6 @@ class LocalRunner:
             logits_index=rows,
             feature_layers=step.feature_layers,
             n_layers=step.n_layers,
-            return_hidden=step.return_hidden,
         )
 
     def close(self) -> None:
@@ -137,30 +135,42 @@ class LocalRunner:
 # --------------------------------------------------------------------------------------------
 # Tensor-parallel plumbing
 # --------------------------------------------------------------------------------------------
+class _Header(NamedTuple):
+    """The fixed-size int64 message that opens every broadcast from rank 0: what follows."""
+
+    command: int  # CMD_STEP or CMD_STOP
+    n_requests: int  # B: the payload starts with B slots, B starts, B q_lens
+    n_tokens: int  # T tokens follow them
+    n_rows: int  # then this many logits rows; -1: all rows (none sent)
+    n_features: int  # then the feature layers
+    n_layers: int  # early-exit depth; -1: the full model
+
+    def payload_len(self) -> int:
+        return 3 * self.n_requests + self.n_tokens + max(self.n_rows, 0) + self.n_features
+
+
+HEADER_LEN = len(_Header._fields)
+_STOP = _Header(CMD_STOP, 0, 0, 0, 0, 0)
+
+
 def _encode(step: StepInput) -> tuple[torch.Tensor, torch.Tensor]:
     rows = step.logits_rows
-    header = torch.tensor(
-        [
-            CMD_STEP,
-            len(step.slots),
-            len(step.tokens),
-            -1 if rows is None else len(rows),
-            len(step.feature_layers),
-            -1 if step.n_layers is None else step.n_layers,
-            int(step.return_hidden),
-            0,
-        ],
-        dtype=torch.long,
+    header = _Header(
+        command=CMD_STEP,
+        n_requests=len(step.slots),
+        n_tokens=len(step.tokens),
+        n_rows=-1 if rows is None else len(rows),
+        n_features=len(step.feature_layers),
+        n_layers=-1 if step.n_layers is None else step.n_layers,
     )
     payload = torch.tensor(
         [*step.slots, *step.starts, *step.q_lens, *step.tokens, *(rows or []), *step.feature_layers], dtype=torch.long
     )
-    return header, payload
+    return torch.tensor(header, dtype=torch.long), payload
 
 
-def _decode(header: torch.Tensor, payload: torch.Tensor) -> StepInput:
-    h = header.tolist()
-    B, T, R, F, n_layers, ret_hidden = h[1], h[2], h[3], h[4], h[5], h[6]
+def _decode(h: _Header, payload: torch.Tensor) -> StepInput:
+    B, T = h.n_requests, h.n_tokens
     p = payload.tolist()
     o = 0
     slots, o = p[o : o + B], o + B
@@ -168,10 +178,10 @@ def _decode(header: torch.Tensor, payload: torch.Tensor) -> StepInput:
     q_lens, o = p[o : o + B], o + B
     tokens, o = p[o : o + T], o + T
     rows = None
-    if R >= 0:
-        rows, o = p[o : o + R], o + R
-    feats = tuple(p[o : o + F])
-    return StepInput(tokens, slots, starts, q_lens, rows, feats, None if n_layers < 0 else n_layers, bool(ret_hidden))
+    if h.n_rows >= 0:
+        rows, o = p[o : o + h.n_rows], o + h.n_rows
+    feats = tuple(p[o : o + h.n_features])
+    return StepInput(tokens, slots, starts, q_lens, rows, feats, None if h.n_layers < 0 else h.n_layers)
 
 
 def _comm_device(backend: str, local: torch.device) -> torch.device:
@@ -194,10 +204,8 @@ class TPDriver(LocalRunner):
         return super().forward(step)
 
     def close(self) -> None:
-        header = torch.zeros(HEADER, dtype=torch.long)
-        header[0] = CMD_STOP
         try:
-            dist.broadcast(header.to(self._comm), src=0, group=self.group)
+            dist.broadcast(torch.tensor(_STOP, dtype=torch.long, device=self._comm), src=0, group=self.group)
         except Exception:  # peers already gone: nothing left to stop
             pass
 
@@ -205,16 +213,15 @@ class TPDriver(LocalRunner):
 def tp_rank_loop(runner: LocalRunner, backend: str, group=None) -> None:
     """Ranks 1..N-1: mirror every step rank 0 broadcasts until it says stop."""
     comm = _comm_device(backend, runner.device)
-    header = torch.zeros(HEADER, dtype=torch.long, device=comm)
+    header = torch.zeros(HEADER_LEN, dtype=torch.long, device=comm)
     while True:
         dist.broadcast(header, src=0, group=group)
-        if int(header[0]) == CMD_STOP:
+        h = _Header(*header.tolist())
+        if h.command == CMD_STOP:
             return
-        h = header.tolist()
-        size = 3 * h[1] + h[2] + max(h[3], 0) + h[4]
-        payload = torch.empty(size, dtype=torch.long, device=comm)
+        payload = torch.empty(h.payload_len(), dtype=torch.long, device=comm)
         dist.broadcast(payload, src=0, group=group)
-        runner.forward(_decode(header.cpu(), payload.cpu()))
+        runner.forward(_decode(h, payload.cpu()))
 
 
 def free_port() -> int:
