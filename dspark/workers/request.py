@@ -84,16 +84,6 @@ class SpecMetrics:
             for k in range(n):
                 arr[k] += 1
 
-    def merge(self, other: "SpecMetrics") -> None:
-        self.num_drafts += other.num_drafts
-        self.num_draft_tokens += other.num_draft_tokens
-        self.num_accepted_tokens += other.num_accepted_tokens
-        for mine, theirs in ((self.accepted_per_pos, other.accepted_per_pos), (self.drafted_per_pos, other.drafted_per_pos)):
-            if len(mine) < len(theirs):
-                mine.extend([0] * (len(theirs) - len(mine)))
-            for k, v in enumerate(theirs):
-                mine[k] += v
-
     @property
     def mean_acceptance_length(self) -> float:
         return 1.0 + (self.num_accepted_tokens / self.num_drafts if self.num_drafts else 0.0)
@@ -144,10 +134,6 @@ class Sequence:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
-
-    @property
-    def in_prefill(self) -> bool:
-        return not self.output_ids
 
     @property
     def last_token(self) -> int:
