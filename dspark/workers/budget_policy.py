@@ -62,7 +62,7 @@ class CostModel:
         return out
 
 
-def profile_step_costs(runner, token_counts: list[int] | None = None, repeats: int = 3, slot: int | None = None) -> CostModel:
+def profile_step_costs(runner, token_counts: list[int] | None = None, repeats: int = 3) -> CostModel:
     """Time one forward pass of T tokens (spread over requests of up to 8 tokens) for each T.
 
     Uses the runner's last cache slots with dummy tokens; call it before serving (the slots are
@@ -100,7 +100,6 @@ class AdaptiveBudget:
         self.policy = policy
         self._table = costs.table(4096)
         self._history: collections.deque = collections.deque(maxlen=2)  # survivals of past steps
-        self.last_lengths: list[int] = []
         self.verified_tokens = 0
         self.steps = 0
 
@@ -143,7 +142,6 @@ class AdaptiveBudget:
             out = select_budget_async(self._history[0], surv, self._table, self.costs.draft_seconds).lengths
         self._history.append(surv)
         res = [int(x) for x in torch.minimum(out.to(torch.long), floor_lengths)]
-        self.last_lengths = res
         self.verified_tokens += sum(res)
         self.steps += 1
         return res
