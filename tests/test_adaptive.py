@@ -25,24 +25,24 @@ def blocks(*confs):
 
 def test_budget_fixed_mode_respects_block_cap_and_floor():
     b = AdaptiveBudget(COSTS, VerifyPolicy(budget_mode="fixed", max_block_len=3))
-    assert b([None] * 2, blocks([0.9] * 5, [0.5] * 2), 7) == [3, 2]
+    assert b(blocks([0.9] * 5, [0.5] * 2), 7) == [3, 2]
     b.set_policy(VerifyPolicy(budget_mode="fixed", max_block_len=7, survival_floor=0.5))
     # survivals 0.9, 0.81, 0.729, 0.656, 0.59 | 0.5, 0.25
-    assert b([None] * 2, blocks([0.9] * 5, [0.5] * 2), 7) == [5, 1]
+    assert b(blocks([0.9] * 5, [0.5] * 2), 7) == [5, 1]
 
 
 def test_budget_algorithm1_spends_only_where_it_pays():
     b = AdaptiveBudget(COSTS, VerifyPolicy(budget_mode="algorithm1"))
     # 2 anchors + up to 6 drafts fit the flat part of the curve: the 6 most likely are admitted
     # (greedy by survival), the 7th token would cost a whole extra step for < 1 expected token.
-    out = b([None] * 2, blocks([0.9, 0.9, 0.9, 0.9], [0.8, 0.8, 0.8, 0.8]), 7)
+    out = b(blocks([0.9, 0.9, 0.9, 0.9], [0.8, 0.8, 0.8, 0.8]), 7)
     assert sum(out) == 6 and out == [4, 2]
 
 
 def test_budget_production_mode_uses_stale_capacity():
     b = AdaptiveBudget(COSTS, VerifyPolicy(budget_mode="production"))
     for _ in range(3):
-        out = b([None] * 2, blocks([0.95] * 7, [0.95] * 7), 7)
+        out = b(blocks([0.95] * 7, [0.95] * 7), 7)
     assert sum(out) <= 16 - 2 and all(n > 0 for n in out)
 
 

@@ -256,9 +256,9 @@ def _adaptive_policy(mode: str, warmup_steps: int):
     def policy(a: torch.Tensor) -> int:
         budget = AdaptiveBudget(costs, VerifyPolicy(budget_mode=mode))
         for _ in range(warmup_steps):
-            budget([None], [DraftBlock(token_ids=[0, 0], confidence=[0.8, 0.9])], 2)
+            budget([DraftBlock(token_ids=[0, 0], confidence=[0.8, 0.9])], 2)
         c2 = float(a[0, 1]) / float(a[0, 0])
-        return budget([None], [DraftBlock(token_ids=[0, 0], confidence=[float(a[0, 0]), c2])], 2)[0]
+        return budget([DraftBlock(token_ids=[0, 0], confidence=[float(a[0, 0]), c2])], 2)[0]
 
     return policy
 

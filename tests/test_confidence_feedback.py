@@ -51,7 +51,7 @@ def test_engine_feedback_with_a_truncating_budget(model_fp32):
     drafter = NgramDrafter()
     seen: list[list[float]] = []
 
-    def first_draft_only(seqs, blocks, block_len):
+    def first_draft_only(blocks, block_len):
         seen.extend(b.confidence for b in blocks if len(b.token_ids) >= 3)
         return [min(1, len(b.token_ids)) for b in blocks]
 

@@ -43,6 +43,6 @@ def test_fixed_policy_has_no_gate_and_adaptive_refuses_a_second_budget():
     finally:
         built.close()
     with pytest.raises(ValueError, match="not both"):
-        build_engine(EngineSpec(dtype="fp32", verify_policy="adaptive"), budget=lambda s, b, n: [0] * len(b))
+        build_engine(EngineSpec(dtype="fp32", verify_policy="adaptive"), budget=lambda b, n: [0] * len(b))
     with pytest.raises(ValueError, match="verify_policy must be one of fixed, adaptive"):
         build_engine(EngineSpec(dtype="fp32", verify_policy="dynamic"))

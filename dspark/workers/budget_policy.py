@@ -22,7 +22,6 @@ import torch
 
 from dspark.kernels.budget import select_budget_async, select_budget_greedy, survival
 from dspark.workers.drafters.base import DraftBlock
-from dspark.workers.request import Sequence
 from dspark.workers.runner import StepInput
 
 BUDGET_MODES = ("fixed", "algorithm1", "production")
@@ -112,7 +111,7 @@ class AdaptiveBudget:
         self.costs = costs
         self._table = costs.table(4096)
 
-    def __call__(self, seqs: list[Sequence], blocks: list[DraftBlock], block_len: int) -> list[int]:
+    def __call__(self, blocks: list[DraftBlock], block_len: int) -> list[int]:
         pol = self.policy
         G = max(0, min(block_len, pol.max_block_len))
         B = len(blocks)

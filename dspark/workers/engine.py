@@ -42,12 +42,12 @@ class EngineConfig:
 
 
 class VerifyBudget(Protocol):
-    """Chooses how many draft tokens of each block to verify this step."""
+    """Chooses how many draft tokens of each block to verify this step (one count per block)."""
 
-    def __call__(self, seqs: list[Sequence], blocks: list[DraftBlock], block_len: int) -> list[int]: ...
+    def __call__(self, blocks: list[DraftBlock], block_len: int) -> list[int]: ...
 
 
-def fixed_budget(seqs: list[Sequence], blocks: list[DraftBlock], block_len: int) -> list[int]:
+def fixed_budget(blocks: list[DraftBlock], block_len: int) -> list[int]:
     """Verify every drafted token up to the block length."""
     return [min(len(b.token_ids), block_len) for b in blocks]
 
@@ -184,7 +184,7 @@ class Engine:
                 if isinstance(self.drafter, AsyncDrafter):
                     self.drafter.wait_for_blocks(0.05)
                 return []
-        verify_lens = self.budget(decode, blocks, self.cfg.block_len) if blocks else []
+        verify_lens = self.budget(blocks, self.cfg.block_len) if blocks else []
 
         tokens: list[int] = []
         slots, starts, q_lens, rows = [], [], [], []
