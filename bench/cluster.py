@@ -45,7 +45,7 @@ from bench.common import run_isolated, table, write_json
 
 
 def _config(draft: str, block: int | None) -> dict:
-    from dspark.cluster.app import ClusterConfig
+    from dspark.cluster.config import ClusterConfig
 
     kw = {"draft": draft, "draft_workers": 1, "tp": 1, "dtype": "bf16"}
     if block is not None:
@@ -169,7 +169,7 @@ def through_cluster(cfg: dict, levels: list[int], texts: list[str], max_tokens: 
     from openai import OpenAI
     from ray import serve
 
-    from dspark.cluster.app import ClusterConfig
+    from dspark.cluster.config import ClusterConfig
     from dspark.cluster.local import APP_NAME, LocalCluster
     from dspark.workers.runner import free_port
 
@@ -253,7 +253,7 @@ def through_cluster(cfg: dict, levels: list[int], texts: list[str], max_tokens: 
 @click.option("--json", "json_path", default=None, help="output (default bench/results/cluster.json)")
 def main(concurrency, max_tokens, min_requests, repeats, draft, block, json_path):
     """Through the full cluster vs in-process speculative and plain decoding, side by side."""
-    from dspark.cluster.app import ClusterConfig
+    from dspark.cluster.config import ClusterConfig
     from dspark.cluster.commands import _default_draft
 
     t_begin = time.perf_counter()

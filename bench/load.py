@@ -113,7 +113,7 @@ async def open_loop(base: str, rate: float, seconds: float, max_tokens: int, spe
 
 
 def _cluster_cfg(depth: int, adaptive: bool, draft: str, slots: int, dtype: str):
-    from dspark.cluster.app import ClusterConfig
+    from dspark.cluster.config import ClusterConfig
 
     return ClusterConfig(dtype=dtype, draft=draft, draft_workers=1, block_len=depth, n_slots=slots, max_seq=1024,
                          verify_policy="adaptive" if adaptive else "fixed", scheduler_interval_s=0.25)

@@ -259,7 +259,7 @@ def default_draft() -> str:
 def main(clients, duration_s, max_tokens, draft, dtype, n_slots, max_seq, block_len, draft_workers, policy,
          drain_timeout_s, rounds, out):
     """Many streaming clients for minutes: errors, lost requests, latency, memory."""
-    from dspark.cluster.app import ClusterConfig
+    from dspark.cluster.config import ClusterConfig
     from dspark.cluster.local import LocalCluster
     from dspark.datasets import load_prompts
     from dspark.workers.runner import free_port

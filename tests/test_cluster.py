@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 
-from dspark.cluster.app import ClusterConfig
+from dspark.cluster.config import ClusterConfig
 from dspark.workers.engine import Engine, EngineConfig
 from dspark.workers.request import SamplingParams
 from dspark.workers.runner import LocalRunner, RunnerConfig, free_port

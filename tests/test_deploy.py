@@ -247,7 +247,7 @@ def test_app_args(cluster_serve, local_serve):
 
 def test_app_args_are_accepted_by_the_app(cluster_serve, local_serve):
     """The application's own config parser takes both argument sets (unknown keys would fail)."""
-    from dspark.cluster.app import ClusterConfig
+    from dspark.cluster.config import ClusterConfig
 
     for cfg in (cluster_serve, local_serve):
         parsed = ClusterConfig.from_args(the_app(cfg)["args"])

@@ -279,7 +279,7 @@ def test_quota_options_are_checked():
 
 
 def test_cluster_config_passes_quotas_to_draft_workers():
-    from dspark.cluster.app import ClusterConfig
+    from dspark.cluster.config import ClusterConfig
 
     for bad in ({"draft_stream_quota": -1}, {"draft_idle_release_s": 0}):
         with pytest.raises(ValueError, match=next(iter(bad))):
@@ -322,7 +322,7 @@ def test_cluster_draft_worker_is_authenticated_and_internal_by_default(monkeypat
     """`dspark serve --host 0.0.0.0` without DSPARK_INTERNAL_TOKEN: the draft worker the cluster
     configuration starts binds loopback (not 0.0.0.0), refuses a stream without the cluster's
     token, and serves the verifier's client, which has it.  The token is never logged."""
-    from dspark.cluster.app import draft_worker_config
+    from dspark.cluster.config import draft_worker_config
     from dspark.cluster.commands import serve, serve_config
 
     monkeypatch.delenv("DSPARK_INTERNAL_TOKEN", raising=False)
@@ -359,7 +359,7 @@ def test_cluster_draft_worker_is_authenticated_and_internal_by_default(monkeypat
 
 
 def test_internal_token_is_generated_once_per_cluster_unless_configured(monkeypatch):
-    from dspark.cluster.app import ClusterConfig, draft_worker_config
+    from dspark.cluster.config import ClusterConfig, draft_worker_config
 
     monkeypatch.delenv("DSPARK_INTERNAL_TOKEN", raising=False)
     a, b = ClusterConfig().with_internal_token(), ClusterConfig().with_internal_token()
@@ -384,7 +384,7 @@ def test_real_cluster_generates_the_internal_token(monkeypatch):
 
     from openai import OpenAI
 
-    from dspark.cluster.app import ClusterConfig
+    from dspark.cluster.config import ClusterConfig
     from dspark.cluster.local import LocalCluster
     from dspark.cluster.redis_state import RedisState, StateConfig
     from dspark.workers.runner import free_port

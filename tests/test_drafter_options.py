@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from dspark.cli import main
-from dspark.cluster.app import ClusterConfig
+from dspark.cluster.config import ClusterConfig
 from dspark.workers.drafters.base import proposal_top_k
 
 

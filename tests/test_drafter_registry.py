@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from dspark.cli import generate, main
-from dspark.cluster.app import ClusterConfig
+from dspark.cluster.config import ClusterConfig
 from dspark.cluster.commands import serve
 from dspark.workers.drafters import registry
 from dspark.workers.factory import EngineSpec, build_engine

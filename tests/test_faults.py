@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 
-from dspark.cluster.app import ClusterConfig
+from dspark.cluster.config import ClusterConfig
 from dspark.workers.runner import free_port
 
 httpx = pytest.importorskip("httpx")

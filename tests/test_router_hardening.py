@@ -259,7 +259,7 @@ COUNT = [{"role": "user", "content": "Count from 1 to 300, separated by commas."
 
 @pytest.fixture(scope="module")
 def cluster():
-    from dspark.cluster.app import ClusterConfig
+    from dspark.cluster.config import ClusterConfig
     from dspark.cluster.local import LocalCluster
     from dspark.workers.runner import free_port
 

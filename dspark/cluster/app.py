@@ -10,7 +10,8 @@ Deployment classes only wire components together; the work happens in ``dspark.w
     every role heartbeats into Redis; draft workers publish their gRPC address there, which
     is how verifiers find them.
 
-``build_app(args)`` is the import path for ``serve run`` / ``serve deploy`` / KubeRay.
+``build_app(args)`` is the import path for ``serve run`` / ``serve deploy`` / KubeRay.  The
+application arguments are a :class:`~dspark.cluster.config.ClusterConfig` (``cluster/config.py``).
 """
 
 from __future__ import annotations
@@ -18,177 +19,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import secrets
-import socket
-from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import AsyncIterator
 
+from dspark.cluster.config import ClusterConfig, cluster_state, draft_worker_config
 from dspark.workers.drafters import registry
 
 log = logging.getLogger(__name__)
 
 _LOCAL_REDIS = None  # a redis-server build_app started because none was configured
-
-
-@dataclass(frozen=True)
-class ClusterConfig:
-    """Application arguments (the ``args`` of the Serve config); every field has a default."""
-
-    model: str | None = None  # GGUF file or HF folder; None/"default" = embedded SmolLM2-135M-Instruct
-    dtype: str = "bf16"  # bf16 | fp32 | fp16
-    device: str = "cpu"  # cpu | cuda
-    tp: int = 1  # tensor-parallel ranks per verifier group
-    draft: str = "dspark"  # "none" or a registered drafter kind (dspark.workers.drafters.registry)
-    draft_workers: int = 2  # DraftWorker replicas (drafter kinds that can run remotely)
-    block_len: int = 7  # draft block length (gamma)
-    verify_policy: str = "fixed"  # fixed | adaptive (confidence-scheduled, global scheduler)
-    # adaptive only: skip drafting on steps where measured throughput says speculation does not pay
-    speculation_gate: bool = True
-    redis_url: str | None = field(default=None, repr=False)  # Redis for heartbeats, discovery, demand, policy
-    redis_url_env: str = "DSPARK_REDIS_URL"  # env var read when redis_url is not given
-    redis_prefix: str = "dspark"  # key prefix (several clusters can share one Redis)
-    n_slots: int = 32  # concurrent requests per verifier group (KV cache slots)
-    max_seq: int = 2048  # longest request: prompt + output + one block
-    max_prefill_tokens: int = 512  # chunked-prefill budget per step
-    deterministic: bool = False  # row-invariant verifier kernels (RunnerConfig.deterministic)
-    torch_threads: int = 0  # threads per compute process; 0 = cores / compute processes
-    grpc_port: int = 0  # router's GenerationService port; 0 = disabled
-    http_body_timeout_s: float = 30.0  # an HTTP request body not received in full by then is answered 408
-    bind_host: str = "127.0.0.1"  # where the router's gRPC API listens ("auto": node IP)
-    internal_host: str = "127.0.0.1"  # where draft workers listen, apart from the public API ("auto": node IP)
-    draft_options: dict = field(default_factory=dict)  # drafter settings (e.g. head=PATH)
-    internal_token_env: str = "DSPARK_INTERNAL_TOKEN"  # verifier <-> draft worker shared secret
-    internal_token: str | None = field(default=None, repr=False)  # the secret itself; build_app generates one if unset
-    internal_tls_cert_env: str = "DSPARK_INTERNAL_TLS_CERT"  # draft workers' PEM certificate file (TLS when set)
-    internal_tls_key_env: str = "DSPARK_INTERNAL_TLS_KEY"  # draft workers' PEM private key file
-    internal_tls_ca_env: str = "DSPARK_INTERNAL_TLS_CA"  # PEM CA file verifiers trust for draft workers
-    internal_tls_name_env: str = "DSPARK_INTERNAL_TLS_SERVER_NAME"  # name checked in workers' certificates
-    api_key_env: str = "DSPARK_API_KEY"  # client API key (HTTP Bearer, gRPC metadata)
-    block_timeout_s: float = 10.0  # a draft block later than this -> plain decoding for that request
-    draft_stream_quota: int = 0  # requests one verifier may hold open on a draft worker (0: half its slots)
-    draft_idle_release_s: float = 60.0  # a draft worker frees a request with no step for this long
-    scheduler_interval_s: float = 0.5  # global scheduler period (adaptive policy)
-    target_tokens_per_s_per_user: float = 0.0  # per-user speed target for the scheduler (0: none)
-
-    @classmethod
-    def from_args(cls, args: dict[str, Any] | None) -> "ClusterConfig":
-        args = dict(args or {})
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(args) - known)
-        if unknown:
-            raise ValueError(f"unknown application arguments: {', '.join(unknown)}")
-        if args.get("model") in ("default", ""):
-            args["model"] = None
-        cfg = cls(**args)
-        if cfg.verify_policy not in ("fixed", "adaptive"):
-            raise ValueError("verify_policy must be fixed or adaptive")
-        if cfg.tp < 1 or cfg.block_len < 0 or cfg.draft_workers < 0:
-            raise ValueError("tp >= 1, block_len >= 0 and draft_workers >= 0 are required")
-        if cfg.draft_stream_quota < 0 or cfg.draft_idle_release_s <= 0:
-            raise ValueError("draft_stream_quota >= 0 and draft_idle_release_s > 0 are required")
-        if cfg.draft != "none":  # an unknown kind or option is refused here, naming it
-            registry.parse_options(cfg.draft, cfg.draft_options)
-        return cfg
-
-    @property
-    def remote_draft(self) -> bool:
-        """Drafting happens on draft workers: the kind can run remotely and there are workers."""
-        return self.draft != "none" and registry.get(self.draft).remote and self.draft_workers > 0
-
-    @property
-    def max_context(self) -> int:
-        return self.max_seq - self.block_len - 1
-
-    @property
-    def draft_slots(self) -> int:
-        """Requests one draft worker holds at once (its drafter's cache slots): four groups' worth."""
-        return 4 * self.n_slots
-
-    def redis(self) -> str:
-        url = self.redis_url or os.environ.get(self.redis_url_env)
-        if not url:
-            raise RuntimeError(f"no Redis: set redis_url or ${self.redis_url_env}")
-        return url
-
-    def threads(self) -> int:
-        if self.torch_threads > 0:
-            return self.torch_threads
-        procs = self.tp + (self.draft_workers if self.remote_draft else 0)
-        return max(1, (os.cpu_count() or 1) // max(1, procs))
-
-    def host(self) -> str:
-        """Bind address of the public gRPC API."""
-        return _resolve_host(self.bind_host)
-
-    def internal_bind(self) -> str:
-        """Bind address of the draft workers' DraftService: ``internal_host``, never ``bind_host``."""
-        return _resolve_host(self.internal_host)
-
-    def internal_secret(self) -> str | None:
-        """The verifier <-> draft worker token: the configured one, else ``$internal_token_env``."""
-        return self.internal_token or _secret(self.internal_token_env)
-
-    def with_internal_token(self) -> "ClusterConfig":
-        """This config with a fresh random internal token when none is configured, so the internal
-        link is authenticated by default.  Called once at start-up (``build_app``); the token then
-        reaches every role through the application arguments and is never logged."""
-        if self.internal_secret():
-            return self
-        return dataclasses.replace(self, internal_token=secrets.token_urlsafe(32))
-
-
-def _resolve_host(host: str) -> str:
-    if host != "auto":
-        return host
-    try:
-        import ray
-
-        return ray.util.get_node_ip_address()
-    except Exception:
-        return socket.gethostbyname(socket.gethostname())
-
-
-def _secret(env: str) -> str | None:
-    return os.environ.get(env) or None
-
-
-@dataclass(frozen=True)
-class InternalTLS:
-    """TLS of the verifier <-> draft worker link, from the environment (all None: plaintext)."""
-
-    cert_file: str | None = None  # draft worker side
-    key_file: str | None = None
-    ca_file: str | None = None  # verifier side
-    server_name: str | None = None  # checked instead of the address (workers register IPs)
-
-    @classmethod
-    def from_env(cls, cfg: "ClusterConfig") -> "InternalTLS":
-        tls = cls(_secret(cfg.internal_tls_cert_env), _secret(cfg.internal_tls_key_env),
-                  _secret(cfg.internal_tls_ca_env), _secret(cfg.internal_tls_name_env))
-        if bool(tls.cert_file) != bool(tls.key_file):
-            raise ValueError(f"set both ${cfg.internal_tls_cert_env} and ${cfg.internal_tls_key_env}, or neither")
-        return tls
-
-
-def draft_worker_config(cfg: ClusterConfig):
-    """How a draft worker of this cluster serves: internal bind address, token, TLS, quotas."""
-    from dspark.workers.draft_worker import DraftWorkerConfig
-
-    token = cfg.internal_secret()
-    if not token:  # build_app always sets one; refuse to open the port without it
-        raise ValueError(f"no internal token: set ${cfg.internal_token_env} or start the app through build_app")
-    tls = InternalTLS.from_env(cfg)
-    return DraftWorkerConfig(
-        host=cfg.internal_bind(), port=0, token=token, tls_cert_file=tls.cert_file, tls_key_file=tls.key_file,
-        max_requests=cfg.draft_slots, max_requests_per_stream=cfg.draft_stream_quota,
-        idle_release_s=cfg.draft_idle_release_s,
-    )
-
-
-def _state(cfg: ClusterConfig):
-    from dspark.cluster.redis_state import RedisState, StateConfig
-
-    return RedisState(StateConfig(url=cfg.redis(), prefix=cfg.redis_prefix))
 
 
 # --------------------------------------------------------------------------------------------
@@ -248,7 +86,7 @@ def _deployments():
             from dspark.cluster.background import BackgroundLoop
 
             self.bg = BackgroundLoop("draft-heartbeat")
-            state = _state(self.cfg)
+            state = cluster_state(self.cfg)
 
             async def beat() -> None:
                 await state.heartbeat("drafter", self.member, {"address": self.member, "kind": self.cfg.draft, "pid": os.getpid()})
@@ -320,7 +158,7 @@ def _deployments():
             scfg = SchedulerConfig(interval_s=cfg.scheduler_interval_s, max_block_len=cfg.block_len,
                                    target_tokens_per_s_per_user=cfg.target_tokens_per_s_per_user,
                                    default_slots=cfg.n_slots)
-            self.scheduler = GlobalScheduler(_state(cfg), scfg)
+            self.scheduler = GlobalScheduler(cluster_state(cfg), scfg)
             self.bg = BackgroundLoop("scheduler")
             self.bg.every(scfg.interval_s, self._tick, "scheduler tick")
 
@@ -378,6 +216,8 @@ def build_app(args: dict | None = None):
     args = dataclasses.asdict(cfg)
     from ray.serve.config import RequestRouterConfig
 
+    from dspark.cluster.routing import HeadroomRouter
+
     Router, Verifier, DraftWorker, Scheduler = _deployments()
     gpu = cfg.device == "cuda"
     rank_bundle = {"CPU": 1.0, "GPU": 1.0} if gpu else {"CPU": 0.5}
@@ -400,7 +240,7 @@ def build_app(args: dict | None = None):
         graceful_shutdown_timeout_s=GRACEFUL_SHUTDOWN_S,
         # New requests go to the group with the most headroom (see cluster/routing.py).
         request_router_config=RequestRouterConfig(
-            request_router_class="dspark.cluster.routing:HeadroomRouter", request_routing_stats_period_s=1.0,
+            request_router_class=HeadroomRouter, request_routing_stats_period_s=1.0,
         ),
     ).bind(args, drafters)
     scheduler = None
@@ -411,4 +251,4 @@ def build_app(args: dict | None = None):
     ).bind(verifier, args, scheduler)
 
 
-__all__ = ["ClusterConfig", "InternalTLS", "build_app", "draft_worker_config"]
+__all__ = ["build_app"]

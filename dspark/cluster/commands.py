@@ -8,7 +8,7 @@ import time
 
 import click
 
-from dspark.cluster.app import ClusterConfig
+from dspark.cluster.config import ClusterConfig
 from dspark.workers.drafters import registry
 
 

@@ -14,7 +14,8 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 
-from dspark.cluster.app import ClusterConfig, build_app
+from dspark.cluster.app import build_app
+from dspark.cluster.config import ClusterConfig
 
 log = logging.getLogger(__name__)
 APP_NAME = "dspark"

@@ -10,7 +10,7 @@ import os
 import uuid
 from typing import AsyncIterator
 
-from dspark.cluster.app import ClusterConfig, _state
+from dspark.cluster.config import ClusterConfig, cluster_state
 from dspark.cluster.backend import BackendUnavailable
 from dspark.cluster.background import BackgroundLoop
 from dspark.cluster.metrics import MeteredBackend, RouterMetrics
@@ -90,7 +90,7 @@ class RouterRuntime:
                 start_grpc_server(self.backend, self.tokenizer, self.router_cfg, host=host, port=cfg.grpc_port)
             )
             log.info("gRPC GenerationService on %s:%d", host, port)
-        self.state = _state(cfg)
+        self.state = cluster_state(cfg)
         self._reported = 0
         self.bg.every(1.0, self._report, "router report")
 
