@@ -15,7 +15,7 @@ import time
 import uuid
 from typing import TYPE_CHECKING
 
-from dspark.cluster.app import ClusterConfig, InternalTLS, _state
+from dspark.cluster.config import ClusterConfig, InternalTLS, cluster_state
 from dspark.cluster.background import BackgroundLoop
 from dspark.workers.budget_policy import VerifyPolicy
 from dspark.workers.drafters import registry
@@ -61,7 +61,7 @@ class VerifierGroup:
         self.budget_meter = self.engine.budget = BudgetMeter(self.engine.budget)
         self.worker = VerifierWorker(self.engine, name=self.group_id)
         self.bg = BackgroundLoop(f"{self.group_id}-redis")
-        self.state = _state(cfg)
+        self.state = cluster_state(cfg)
         self._draft_curve: dict[int, float] = {}
         self.bg.every(1.0, self._discover, "drafter discovery")
         self.bg.every(0.5, self._report, "verifier report")
