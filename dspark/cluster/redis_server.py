@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import atexit
 import logging
-import os
 import secrets
 import shutil
 import signal
@@ -40,7 +39,6 @@ from urllib.parse import quote
 
 log = logging.getLogger(__name__)
 
-REDIS_URL_ENV = "DSPARK_REDIS_URL"
 _LOOPBACK = "127.0.0.1"
 
 INSTALL_HINT = (
@@ -362,16 +360,3 @@ def start_redis_server(**kwargs) -> RedisServer:
 def start_cluster_redis() -> RedisServer:
     """The redis-server a cluster starts for itself: a password of its own, supervised."""
     return start_redis_server(password=secrets.token_urlsafe(24), supervise=True)
-
-
-def redis_url_from_env(env: dict[str, str] | None = None) -> tuple[str, RedisServer | None]:
-    """(url, owned_server): DSPARK_REDIS_URL if set, else a freshly started local server.
-
-    The caller owns a returned server and must close() it.
-    """
-    env = os.environ if env is None else env
-    url = env.get(REDIS_URL_ENV, "").strip()
-    if url:
-        return url, None
-    server = start_cluster_redis()
-    return server.url, server
