@@ -135,7 +135,6 @@ class RemoteDrafter:
         self._lock = threading.Lock()
         self._arrived = threading.Condition(self._lock)
         self._ids = itertools.count(1)
-        self.fallbacks = 0  # requests moved to plain decoding
 
     # -- links ------------------------------------------------------------------------------
     def _pick_link(self) -> _Link | None:
@@ -234,7 +233,6 @@ class RemoteDrafter:
                     r.failed = True
                 if r is None or r.failed or not r.link.alive:
                     seq.draft_enabled = False  # plain decoding from now on
-                    self.fallbacks += 1
                     out.append(DraftBlock.empty())
                 elif r.block is not None:
                     blk, r.block = r.block, None
@@ -264,10 +262,6 @@ class RemoteDrafter:
             for link in self._links.values():
                 link.close()
             self._links.clear()
-
-    @property
-    def live_workers(self) -> int:
-        return sum(1 for link in self._links.values() if link.alive)
 
 
 def _trim(blk: DraftBlock, n: int) -> DraftBlock:
