@@ -82,12 +82,12 @@ class AutoregressiveDrafter:
         blocks = []
         for i, seq in enumerate(seqs):
             self._drafted(seq, tokens[i][:-1])
-            all_greedy = seq.params.greedy
+            greedy = seq.params.greedy  # a greedy draft is a one-hot proposal (probs None)
             blocks.append(
                 DraftBlock(
                     token_ids=tokens[i],
-                    probs=None if all_greedy else torch.stack(q_vals[i]),
-                    prob_ids=None if all_greedy else torch.stack(q_ids[i]),
+                    probs=None if greedy else torch.stack(q_vals[i]),
+                    prob_ids=None if greedy else torch.stack(q_ids[i]),
                     confidence=confs[i],
                 )
             )
