@@ -97,7 +97,10 @@ class AsyncDrafter(Drafter, Protocol):
 
 
 class StatelessDrafter:
-    """Base for drafters that need no per-request state and no features."""
+    """Base for drafters that keep nothing per request and need no features (scripted drafters).
+
+    ``observe`` and ``release`` do nothing; a subclass writes ``name`` and ``propose``.
+    """
 
     name = "base"
     feature_layers: tuple[int, ...] = ()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from dspark.workers.drafters.base import DraftBlock, OnlineConfidence, StatelessDrafter, count_accepted
+from dspark.workers.drafters.base import DraftBlock, OnlineConfidence, count_accepted
 from dspark.workers.drafters.registry import DrafterKind, DraftOption, integer
 from dspark.workers.request import Sequence
 
@@ -43,7 +43,7 @@ def find_continuation(ids: np.ndarray, block_len: int, max_ngram: int, min_ngram
     return find_match(ids, block_len, max_ngram, min_ngram)[0]
 
 
-class NgramDrafter(StatelessDrafter):
+class NgramDrafter:
     """Prompt lookup with an online confidence per request.
 
     ``by_order``: also keep one confidence table per match length n (a 4-token match is usually
@@ -54,6 +54,7 @@ class NgramDrafter(StatelessDrafter):
     """
 
     name = "ngram"
+    feature_layers: tuple[int, ...] = ()
 
     def __init__(self, max_ngram: int = 4, min_ngram: int = 1, by_order: bool = False) -> None:
         self.max_ngram = max_ngram
