@@ -60,6 +60,16 @@ class Runner(Protocol):
 
 
 class Engine:
+    """Continuous batching over one runner: requests take cache slots, each step is one target forward.
+
+    ``add_request`` queues a request, ``step`` runs one forward pass for the running requests
+    (prefill chunks, plain decode tokens and verification blocks together) and returns what each
+    produced, ``abort`` ends one.  With a ``drafter``, decoding requests get draft blocks,
+    ``budget`` chooses how many drafts of each to verify and ``gate`` (optional) whether a step
+    speculates at all; the output distribution is plain decoding's either way.  Not thread-safe:
+    one thread drives it (``VerifierWorker`` in a server).
+    """
+
     def __init__(
         self,
         runner: Runner,

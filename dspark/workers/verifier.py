@@ -42,6 +42,14 @@ class WorkerStats:
 
 
 class VerifierWorker:
+    """Serves an ``Engine`` to asyncio callers; the engine steps on a thread of its own.
+
+    ``generate`` (an async stream of ``RequestOutput``) and ``abort`` may be called from any event
+    loop: they queue commands that the engine thread applies between steps, and outputs go back
+    to each caller's loop.  ``stats`` gives the demand figures the cluster reports, ``alive``
+    whether the engine thread runs, ``close`` stops it (after draining, when asked).
+    """
+
     def __init__(self, engine: Engine, name: str = "verifier") -> None:
         self.engine = engine
         self.name = name

@@ -49,6 +49,15 @@ class BlockTrace:
 
 
 class DSparkDrafter:
+    """The DSpark head as a drafter: one block per request per pass (see the module docstring).
+
+    Each request's draft-layer context lives in a slot of the drafter's own KV cache: ``observe``
+    appends the target features of the tokens that entered the target's cache, ``propose`` drafts
+    every request whose context is complete (the others get an empty block: plain decoding this
+    step), ``release`` frees the slot.  With ``trace``, ``traces`` collects one ``BlockTrace``
+    per proposed block with what verification kept of it (calibration and benchmarks read them).
+    """
+
     name = "dspark"
 
     def __init__(self, head: DSparkHead, n_slots: int, max_seq: int, proposal_top_k: int = 8,
