@@ -42,3 +42,42 @@ def test_self_prompts_never_land_in_the_test_split_and_jobs_go_round_by_round():
     # Every prompt's greedy response first, then every first sample, then every second one.
     assert kinds == ["greedy0"] * n + ["sample0"] * n + ["sample1"] * n
     assert len({j.key for j in jobs}) == len(jobs)
+
+
+def test_train_draft_runs_every_stage_end_to_end(tmp_path: Path):
+    """`dspark train-draft` on a tiny config: data (with self-written prompts) -> vocab -> features
+    -> train (with validation and the learning curve) -> calibrate -> export; then resumes."""
+    import json
+
+    from click.testing import CliRunner
+
+    from dspark.models.dspark_head import load_head
+    from dspark.models.loader import load_model
+    from dspark.train.commands import train_draft
+
+    prompts = tmp_path / "prompts.jsonl"
+    texts = ["Name three colours.", "Write a haiku about rain.", "What is 2 + 2?", "Say hello in French.",
+             "List two fruits.", "Describe a cat.", "Count to five.", "What is the capital of Italy?"]
+    prompts.write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in enumerate(texts)))
+    cfg = json.loads((Path(__file__).resolve().parents[1] / "dspark/train/configs/smollm2-135m.json").read_text())
+    cfg["head"]["trained_vocab"] = 512
+    cfg["data"].update(prompts=str(prompts), valid_fraction=0.4, test_fraction=0.1, sampled_responses=1,
+                       self_prompts=2, self_prompt_max_tokens=24, max_new_tokens=12, gen_batch=8)
+    cfg["optim"].update(steps=4, warmup_steps=1, seqs_per_step=2, anchors_per_seq=4)
+    cfg["run"].update(eval_every=2, checkpoint_every=2, eval_blocks=8, calib_max_tokens=8, calib_prompts=2)
+    path = tmp_path / "tiny.json"
+    path.write_text(json.dumps(cfg))
+    run = tmp_path / "run"
+    res = CliRunner().invoke(train_draft, ["--config", str(path), "--out", str(run), "--threads", "2"])
+    assert res.exit_code == 0, res.output
+    rows = [json.loads(line) for line in (run / "data" / "responses.jsonl").read_text().splitlines()]
+    assert any(r["prompt_id"].startswith("self:") for r in rows) and {r["split"] for r in rows} == {"train", "valid"}
+    curve = json.loads((run / "learning_curve.json").read_text())
+    assert [c["step"] for c in curve] == [2, 4] and (run / "learning_curve.png").stat().st_size > 0
+    head = load_head(run / "head", load_model(None, dtype="fp32", progress=False).model)
+    assert head.cfg.trained_vocab == 512 and head.cfg.sts  # trained over the map's first 512 ids, calibrated
+    # Same command again: every stage is cached or refuses to clobber the checkpoint.
+    again = CliRunner().invoke(train_draft, ["--config", str(path), "--out", str(run), "--stages", "data,vocab"])
+    assert again.exit_code == 0 and "responses: %d" % len(rows) in again.output
+    refused = CliRunner().invoke(train_draft, ["--config", str(path), "--out", str(run), "--stages", "train"])
+    assert refused.exit_code != 0 and "--resume" in refused.output

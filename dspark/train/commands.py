@@ -116,6 +116,13 @@ def train_draft(config_path, out_dir, resume, max_steps, stages, threads, ship):
             }
             export_head(head, run / "head", cfg, summary)
             click.echo(f"exported {run / 'head.safetensors'} at step {state['step']}")
+            if state["history"]:
+                from dspark.train.curve import curve_rows, plot_learning_curve
+
+                (run / "learning_curve.json").write_text(json.dumps(curve_rows(state["history"], cfg), indent=1) + "\n")
+                png = plot_learning_curve(state["history"], cfg, run / "learning_curve.png",
+                                          train_tokens=summary["train_tokens"])
+                click.echo(f"learning curve: {png}")
 
     if "calibrate" in todo:
         from dspark.train.calibrate import calibrate_head
