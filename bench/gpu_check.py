@@ -75,10 +75,11 @@ def triton_check(report: dict) -> bool:
         uniforms=torch.rand(N, generator=g, device="cuda"),
         recovery_noise=torch.empty(B, V, device="cuda").exponential_(generator=g),
     )
+    from dspark.kernels.rejection_types import RejectionInputs
     from dspark.kernels.triton_rejection import rejection_sample_triton
 
-    a = rejection.rejection_sample_torch(**args)
-    b = rejection_sample_triton(**args)
+    a = rejection.rejection_sample_torch(RejectionInputs(**args))
+    b = rejection_sample_triton(RejectionInputs(**args))
     same_rej = bool(torch.equal(a.output_token_ids, b.output_token_ids))
     surv = torch.sort(torch.rand(B, 7, generator=g, device="cuda"), dim=1, descending=True).values
     os.environ["DSPARK_KERNELS"] = "torch"

@@ -14,7 +14,7 @@ import torch
 from scipy import stats
 
 from dspark.kernels import dispatch
-from dspark.kernels.rejection import RejectionOutput, rejection_sample, rejection_sample_torch
+from dspark.kernels.rejection import RejectionInputs, RejectionOutput, rejection_sample, rejection_sample_torch
 from dspark.kernels.sampling import logits_to_probs
 
 ALPHA = 1e-3
@@ -31,7 +31,7 @@ def run(**kw) -> RejectionOutput:
     kw.setdefault("draft_prob_ids", None)
     kw.setdefault("uniforms", torch.full((n,), 0.5))
     kw.setdefault("recovery_noise", torch.ones(b, v))
-    return rejection_sample_torch(**kw)
+    return rejection_sample_torch(RejectionInputs(**kw))
 
 
 # ====================================================================== exact cases
@@ -179,7 +179,7 @@ def test_draft_with_zero_proposal_probability_is_rejected(q_mode):
     # A drafter that sends a token its own q gives probability 0 broke the contract; accepting it
     # (the limit p/q -> inf) would emit it whenever p(x) > 0.  vLLM rejects it; so do we.
     kw = zero_q_draft_step(q_mode)
-    out = rejection_sample_torch(**kw)
+    out = rejection_sample_torch(RejectionInputs(**kw))
     first_ok = kw["uniforms"][0::2] < 0.6  # [n]: draft 0's ratio test
     assert first_ok.any() and not first_ok.all()
     assert torch.equal(out.num_accepted, first_ok.long())  # draft 1 never accepted
@@ -246,8 +246,8 @@ def _random_step(seed: int, b: int = 12, v: int = 50, k: int = 6):
 @pytest.mark.parametrize("seed", range(5))
 def test_sparse_and_dense_q_give_identical_results(seed):
     common, (vals, ids), dense = _random_step(seed)
-    a = rejection_sample_torch(draft_probs=dense, draft_prob_ids=None, **common)
-    b = rejection_sample_torch(draft_probs=vals, draft_prob_ids=ids, **common)
+    a = rejection_sample_torch(RejectionInputs(draft_probs=dense, draft_prob_ids=None, **common))
+    b = rejection_sample_torch(RejectionInputs(draft_probs=vals, draft_prob_ids=ids, **common))
     assert torch.equal(a.output_token_ids, b.output_token_ids)
     assert torch.equal(a.num_accepted, b.num_accepted)
 
@@ -258,9 +258,9 @@ def test_one_hot_q_equals_dense_one_hot_and_sparse_k1(seed):
     drafts = common["draft_token_ids"]
     n = drafts.shape[0]
     onehot = torch.zeros(n, common["target_probs"].shape[1]).scatter_(1, drafts[:, None], 1.0)
-    a = rejection_sample_torch(draft_probs=None, draft_prob_ids=None, **common)
-    b = rejection_sample_torch(draft_probs=onehot, draft_prob_ids=None, **common)
-    c = rejection_sample_torch(draft_probs=torch.ones(n, 1), draft_prob_ids=drafts[:, None], **common)
+    a = rejection_sample_torch(RejectionInputs(draft_probs=None, draft_prob_ids=None, **common))
+    b = rejection_sample_torch(RejectionInputs(draft_probs=onehot, draft_prob_ids=None, **common))
+    c = rejection_sample_torch(RejectionInputs(draft_probs=torch.ones(n, 1), draft_prob_ids=drafts[:, None], **common))
     assert torch.equal(a.output_token_ids, b.output_token_ids)
     assert torch.equal(a.output_token_ids, c.output_token_ids)
 
@@ -275,6 +275,18 @@ def test_dispatcher_uses_reference_on_cpu(monkeypatch):
     monkeypatch.setenv(dispatch.ENV_VAR, "cuda-please")
     with pytest.raises(ValueError):
         rejection_sample(draft_probs=vals, draft_prob_ids=ids, **common)
+
+
+def test_dispatcher_takes_the_inputs_or_their_fields_not_both():
+    common, (vals, ids), _ = _random_step(1)
+    inputs = RejectionInputs(draft_probs=vals, draft_prob_ids=ids, **common)
+    a = rejection_sample(inputs)
+    b = rejection_sample(draft_probs=vals, draft_prob_ids=ids, **common)
+    assert torch.equal(a.output_token_ids, b.output_token_ids)
+    with pytest.raises(TypeError, match="not both"):
+        rejection_sample(inputs, uniforms=common["uniforms"])
+    with pytest.raises(TypeError):
+        rejection_sample(draft_probs=vals, draft_prob_ids=ids)  # a field missing
 
 
 # ====================================================================== statistics

@@ -17,7 +17,7 @@ triton = pytest.importorskip("triton")
 
 from dspark.kernels import dispatch  # noqa: E402
 from dspark.kernels.budget import survival, top_k_admission, top_k_admission_torch  # noqa: E402
-from dspark.kernels.rejection import rejection_sample, rejection_sample_torch  # noqa: E402
+from dspark.kernels.rejection import RejectionInputs, rejection_sample, rejection_sample_torch  # noqa: E402
 from dspark.kernels.sampling import logits_to_probs  # noqa: E402
 from dspark.kernels import triton_budget, triton_rejection  # noqa: E402
 
@@ -71,8 +71,8 @@ def make_batch(seed: int, mode: str, b: int = 10, v: int = 40, k: int = 6) -> di
 
 
 def assert_same(kw: dict) -> None:
-    ref = rejection_sample_torch(**kw)
-    tri = triton_rejection.rejection_sample_triton(**kw)
+    ref = rejection_sample_torch(RejectionInputs(**kw))
+    tri = triton_rejection.rejection_sample_triton(RejectionInputs(**kw))
     assert torch.equal(ref.output_token_ids, tri.output_token_ids)
     assert torch.equal(ref.num_accepted, tri.num_accepted)
     assert torch.equal(ref.num_emitted, tri.num_emitted)
@@ -82,7 +82,7 @@ def assert_same(kw: dict) -> None:
 @pytest.mark.parametrize("seed", range(3))
 def test_rejection_parity(mode, seed):
     kw = make_batch(seed, mode)
-    ref = rejection_sample_torch(**kw)
+    ref = rejection_sample_torch(RejectionInputs(**kw))
     assert ref.num_accepted[1] == 0  # p(x) = 0 rejects (and with dense/sparse q the residual is 0)
     assert_same(kw)
 
@@ -113,7 +113,7 @@ def test_triton_rejects_drafts_with_zero_proposal_probability(mode):
     else:
         kw.update(draft_probs=torch.tensor([[0.5, 0.5, 0.0]]).repeat(2 * n, 1),
                   draft_prob_ids=torch.tensor([[0, 2, 1]]).repeat(2 * n, 1))
-    tri = triton_rejection.rejection_sample_triton(**kw)
+    tri = triton_rejection.rejection_sample_triton(RejectionInputs(**kw))
     first_ok = kw["uniforms"][0::2] < 0.6  # [n]: draft 0's ratio test, p/q = .6
     assert first_ok.any() and not first_ok.all()
     assert torch.equal(tri.num_accepted, first_ok.long())
@@ -147,16 +147,16 @@ def test_dispatcher_runs_triton_when_forced(monkeypatch):
     calls = []
     real = triton_rejection.rejection_sample_triton
 
-    def spy(**kw):
+    def spy(inputs):
         calls.append(1)
-        return real(**kw)
+        return real(inputs)
 
     monkeypatch.setattr(triton_rejection, "rejection_sample_triton", spy)
     monkeypatch.setenv(dispatch.ENV_VAR, "triton")
     kw = make_batch(11, "sparse")
     out = rejection_sample(**kw)
     assert calls == [1]
-    assert torch.equal(out.output_token_ids, rejection_sample_torch(**kw).output_token_ids)
+    assert torch.equal(out.output_token_ids, rejection_sample_torch(RejectionInputs(**kw)).output_token_ids)
 
 
 # ------------------------------------------------------------------ budget

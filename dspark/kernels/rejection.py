@@ -25,101 +25,43 @@ Greedy requests (their target rows are one-hot, see ``sampling.logits_to_probs``
 the draft equals the target argmax and then emit the target argmax: identical to greedy decoding.
 
 Which backend runs: :func:`rejection_sample` dispatches (see ``dispatch.py``) between the
-torch reference :func:`rejection_sample_torch` and ``triton_rejection.rejection_sample_triton``.
+torch reference :func:`rejection_sample_torch` and ``triton_rejection.rejection_sample_triton``;
+both take one :class:`~dspark.kernels.rejection_types.RejectionInputs` (``rejection_types.py``,
+the contract both backends import).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from dspark.kernels.dispatch import use_triton
+from dspark.kernels.rejection_types import PLACEHOLDER_TOKEN_ID, RejectionInputs, RejectionOutput
 
 __all__ = [
     "PLACEHOLDER_TOKEN_ID",
+    "RejectionInputs",
     "RejectionOutput",
     "rejection_sample",
     "rejection_sample_torch",
-    "check_rejection_inputs",
 ]
 
-# Pads output_token_ids past each request's emitted tokens (vLLM's placeholder).
-PLACEHOLDER_TOKEN_ID = -1
 
-
-@dataclass(frozen=True)
-class RejectionOutput:
-    """Result of one verification step for B requests.
-
-    output_token_ids: [B, max_n + 1] int64, per row the accepted drafts, then one recovered or
-        bonus token, then PLACEHOLDER_TOKEN_ID.
-    num_accepted: [B] int64, accepted drafts per request (0..n_r).
-    num_emitted: [B] int64, num_accepted + 1 (the acceptance length incl. the bonus/recovered).
-    """
-
-    output_token_ids: torch.Tensor
-    num_accepted: torch.Tensor
-    num_emitted: torch.Tensor
-
-
-def check_rejection_inputs(
-    draft_token_ids: torch.Tensor,
-    cu_num_draft_tokens: torch.Tensor,
-    draft_probs: torch.Tensor | None,
-    draft_prob_ids: torch.Tensor | None,
-    target_probs: torch.Tensor,
-    is_greedy: torch.Tensor,
-    uniforms: torch.Tensor,
-    recovery_noise: torch.Tensor,
-) -> None:
-    """Shape checks shared by both backends (no data-dependent checks: those would sync)."""
-    n = draft_token_ids.shape[0]
-    b = cu_num_draft_tokens.shape[0]
-    if target_probs.dim() != 2 or target_probs.shape[0] != n + b:
-        raise ValueError(f"target_probs must be [N+B, V] = [{n + b}, V], got {tuple(target_probs.shape)}")
-    v = target_probs.shape[1]
-    if draft_prob_ids is not None:
-        if draft_probs is None or draft_probs.shape != draft_prob_ids.shape or draft_probs.shape[0] != n:
-            raise ValueError("sparse q needs draft_probs and draft_prob_ids both [N, K]")
-    elif draft_probs is not None and tuple(draft_probs.shape) != (n, v):
-        raise ValueError(f"dense draft_probs must be [N, V] = [{n}, {v}], got {tuple(draft_probs.shape)}")
-    if tuple(is_greedy.shape) != (b,) or tuple(uniforms.shape) != (n,):
-        raise ValueError("is_greedy must be [B] and uniforms [N]")
-    if tuple(recovery_noise.shape) != (b, v):
-        raise ValueError(f"recovery_noise must be [B, V] = [{b}, {v}], got {tuple(recovery_noise.shape)}")
-
-
-def rejection_sample(
-    draft_token_ids: torch.Tensor,
-    cu_num_draft_tokens: torch.Tensor,
-    draft_probs: torch.Tensor | None,
-    draft_prob_ids: torch.Tensor | None,
-    target_probs: torch.Tensor,
-    is_greedy: torch.Tensor,
-    uniforms: torch.Tensor,
-    recovery_noise: torch.Tensor,
-) -> RejectionOutput:
+def rejection_sample(inputs: RejectionInputs | None = None, /, **fields: torch.Tensor | None) -> RejectionOutput:
     """Verify B requests' draft blocks; Triton on CUDA when available, else the torch reference.
 
-    Same contract as :func:`rejection_sample_torch` (see there for shapes and an example).
+    Takes a :class:`RejectionInputs`, or its fields as keywords (``rejection_sample(
+    draft_token_ids=..., ...)`` builds one).  Same contract as :func:`rejection_sample_torch`
+    (see there for an example).
     """
-    if use_triton(target_probs):
+    if inputs is None:
+        inputs = RejectionInputs(**fields)
+    elif fields:
+        raise TypeError("pass a RejectionInputs or its fields as keywords, not both")
+    if use_triton(inputs.target_probs):
         from dspark.kernels.triton_rejection import rejection_sample_triton
 
-        fn = rejection_sample_triton
-    else:
-        fn = rejection_sample_torch
-    return fn(
-        draft_token_ids=draft_token_ids,
-        cu_num_draft_tokens=cu_num_draft_tokens,
-        draft_probs=draft_probs,
-        draft_prob_ids=draft_prob_ids,
-        target_probs=target_probs,
-        is_greedy=is_greedy,
-        uniforms=uniforms,
-        recovery_noise=recovery_noise,
-    )
+        return rejection_sample_triton(inputs)
+    return rejection_sample_torch(inputs)
 
 
 def _draft_prob_of_drafted(
@@ -152,29 +94,10 @@ def _sparse_residual_scores(
     return (p_at - q_at).clamp_min(0.0) / noise_at
 
 
-def rejection_sample_torch(
-    draft_token_ids: torch.Tensor,
-    cu_num_draft_tokens: torch.Tensor,
-    draft_probs: torch.Tensor | None,
-    draft_prob_ids: torch.Tensor | None,
-    target_probs: torch.Tensor,
-    is_greedy: torch.Tensor,
-    uniforms: torch.Tensor,
-    recovery_noise: torch.Tensor,
-) -> RejectionOutput:
+def rejection_sample_torch(inputs: RejectionInputs) -> RejectionOutput:
     """Accept the longest allowed prefix of each request's drafts, then one recovered/bonus token.
 
-    draft_token_ids: [N] int64, all requests' drafts back to back.
-    cu_num_draft_tokens: [B] int64, inclusive cumsum of draft counts (a count may be 0).
-    draft_probs / draft_prob_ids: the proposal q each draft was sampled from, one of
-        dense ``[N, V]`` and None; sparse values ``[N, K]`` and ids ``[N, K]`` int64 (ids distinct
-        except padding, which has prob 0); None and None = one-hot on the draft (n-gram).
-    target_probs: [N + B, V] float32 from ``logits_to_probs``; per request its n_r verify rows
-        then its bonus row (greedy requests' rows are one-hot).
-    is_greedy: [B] bool.
-    uniforms: [N] float in [0, 1), one acceptance draw per draft.
-    recovery_noise: [B, V] Exp(1) noise; the recovered/bonus token is argmax(w / noise) with w
-        the residual or the bonus row (the exponential race of ``sample_from_probs``).
+    The inputs' shapes are documented on :class:`RejectionInputs`.
 
     Acceptance: draft x is accepted iff ``q(x) > 0 and u * q(x) < p(x)``, i.e. with probability
     min(1, p(x)/q(x)) for u ~ U[0, 1).  The corner cases: p(x) = 0 always rejects (even for
@@ -193,28 +116,26 @@ def rejection_sample_torch(
 
     Example (two greedy requests, V = 4; request 1 has no drafts, so it only gets a bonus):
         >>> onehot = torch.eye(4)
-        >>> out = rejection_sample_torch(
+        >>> out = rejection_sample_torch(RejectionInputs(
         ...     draft_token_ids=torch.tensor([2, 3]), cu_num_draft_tokens=torch.tensor([2, 2]),
         ...     draft_probs=None, draft_prob_ids=None,
         ...     target_probs=onehot[[2, 1, 0, 3]],  # req 0: verify rows 2, 1, bonus 0; req 1: bonus 3
         ...     is_greedy=torch.tensor([True, True]), uniforms=torch.zeros(2),
-        ...     recovery_noise=torch.ones(2, 4))
+        ...     recovery_noise=torch.ones(2, 4)))
         >>> out.output_token_ids  # req 0: draft 2 accepted, draft 3 rejected -> recovered 1
         tensor([[ 2,  1, -1],
                 [ 3, -1, -1]])
         >>> out.num_accepted
         tensor([1, 0])
     """
-    check_rejection_inputs(
-        draft_token_ids, cu_num_draft_tokens, draft_probs, draft_prob_ids,
-        target_probs, is_greedy, uniforms, recovery_noise,
-    )
+    inputs.check()
+    target_probs, draft_probs, draft_prob_ids = inputs.target_probs, inputs.draft_probs, inputs.draft_prob_ids
     device = target_probs.device
-    num_reqs = cu_num_draft_tokens.shape[0]
-    num_drafts = draft_token_ids.shape[0]
-    draft_token_ids = draft_token_ids.long()
-    cu = cu_num_draft_tokens.long()
-    is_greedy = is_greedy.bool()
+    num_reqs = inputs.cu_num_draft_tokens.shape[0]
+    num_drafts = inputs.draft_token_ids.shape[0]
+    draft_token_ids = inputs.draft_token_ids.long()
+    cu = inputs.cu_num_draft_tokens.long()
+    is_greedy = inputs.is_greedy.bool()
     req_ids = torch.arange(num_reqs, device=device)  # [B]
     num_draft = torch.diff(cu, prepend=cu.new_zeros(1))  # n_r: [B]
     starts = cu - num_draft  # s_r: [B]
@@ -230,7 +151,7 @@ def rejection_sample_torch(
     tok_row = tok_flat + tok_req  # its target row (each earlier request adds a bonus row): [N]
     p_x = target_probs[tok_row, draft_token_ids].float()  # [N]
     q_x = _draft_prob_of_drafted(draft_token_ids, draft_probs, draft_prob_ids)  # [N]
-    accepted = (q_x > 0) & (uniforms.float() * q_x < p_x)  # [N]
+    accepted = (q_x > 0) & (inputs.uniforms.float() * q_x < p_x)  # [N]
     tok_greedy = is_greedy[tok_req]  # [N]
     # Greedy: accept iff x == argmax p.  A row summing to 1 with p(x) > 1/2 has x as its unique
     # argmax and p(x) == 0 cannot be the argmax, so only rows with 0 < p(x) <= 1/2 need the
@@ -249,7 +170,7 @@ def rejection_sample_torch(
     # row itself (bonus row, or a greedy row, which is one-hot so the race returns its argmax).
     # The row after the accepted prefix is the rejected position's row, or the bonus row.
     rows = starts + req_ids + num_accepted  # [B]
-    noise = recovery_noise.float()
+    noise = inputs.recovery_noise.float()
     scores = target_probs[rows].float().div_(noise)  # p / noise: [B, V]
     if num_drafts:
         use_residual = (num_accepted < num_draft) & ~is_greedy  # [B]

@@ -6,7 +6,8 @@ vocabulary that races the residual and the plain row at once, so neither a dense
 proposals nor the residual row is ever written to memory.
 
 This module imports triton at the top; ``rejection.rejection_sample`` imports it lazily, only
-when it dispatches here, so the package works without triton.
+when it dispatches here, so the package works without triton.  The contract (inputs, output,
+placeholder) comes from ``rejection_types``, never from ``rejection``.
 """
 
 from __future__ import annotations
@@ -15,11 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dspark.kernels.rejection import (
-    PLACEHOLDER_TOKEN_ID,
-    RejectionOutput,
-    check_rejection_inputs,
-)
+from dspark.kernels.rejection_types import PLACEHOLDER_TOKEN_ID, RejectionInputs, RejectionOutput
 
 __all__ = ["rejection_sample_triton"]
 
@@ -158,35 +155,24 @@ def _rejection_kernel(
     tl.store(num_acc_ptr + r, num_acc)
 
 
-def rejection_sample_triton(
-    draft_token_ids: torch.Tensor,
-    cu_num_draft_tokens: torch.Tensor,
-    draft_probs: torch.Tensor | None,
-    draft_prob_ids: torch.Tensor | None,
-    target_probs: torch.Tensor,
-    is_greedy: torch.Tensor,
-    uniforms: torch.Tensor,
-    recovery_noise: torch.Tensor,
-) -> RejectionOutput:
-    """Triton twin of ``rejection_sample_torch``: same arguments, same :class:`RejectionOutput`."""
-    check_rejection_inputs(
-        draft_token_ids, cu_num_draft_tokens, draft_probs, draft_prob_ids,
-        target_probs, is_greedy, uniforms, recovery_noise,
-    )
+def rejection_sample_triton(inputs: RejectionInputs) -> RejectionOutput:
+    """Triton twin of ``rejection_sample_torch``: same :class:`RejectionInputs`, same :class:`RejectionOutput`."""
+    inputs.check()
+    target_probs, draft_probs, draft_prob_ids = inputs.target_probs, inputs.draft_probs, inputs.draft_prob_ids
     device = target_probs.device
-    num_reqs = cu_num_draft_tokens.shape[0]
-    num_drafts = draft_token_ids.shape[0]
+    num_reqs = inputs.cu_num_draft_tokens.shape[0]
+    num_drafts = inputs.draft_token_ids.shape[0]
     vocab = target_probs.shape[1]
     if num_reqs == 0:
         empty = torch.empty(0, dtype=torch.long, device=device)
         return RejectionOutput(empty.view(0, 1), empty, empty)
-    cu = cu_num_draft_tokens.to(device=device, dtype=torch.long).contiguous()
+    cu = inputs.cu_num_draft_tokens.to(device=device, dtype=torch.long).contiguous()
     num_draft = torch.diff(cu, prepend=cu.new_zeros(1))  # [B]
     max_n, total = torch.stack([num_draft.max(), cu[-1]]).tolist()
     if total != num_drafts:
         raise ValueError(f"cu_num_draft_tokens ends at {total} but there are {num_drafts} drafts")
 
-    draft_ids = draft_token_ids.to(torch.long).contiguous()
+    draft_ids = inputs.draft_token_ids.to(torch.long).contiguous()
     p = target_probs.float().contiguous()
     if draft_probs is None:
         mode, q, qid, k = _Q_ONE_HOT, p, draft_ids, 1  # q, qid unused: any valid pointer
@@ -202,15 +188,15 @@ def rejection_sample_triton(
             q, qid = p, draft_ids
             mode = _Q_ONE_HOT
     else:
-        u = uniforms.float().contiguous()
+        u = inputs.uniforms.float().contiguous()
 
     out_width = max_n + 1
     out = torch.empty(num_reqs, out_width, dtype=torch.long, device=device)
     num_acc = torch.empty(num_reqs, dtype=torch.long, device=device)
     _rejection_kernel[(num_reqs,)](
         draft_ids, cu, q, qid, p,
-        is_greedy.to(device=device, dtype=torch.int8).contiguous(),
-        u, recovery_noise.float().contiguous(),
+        inputs.is_greedy.to(device=device, dtype=torch.int8).contiguous(),
+        u, inputs.recovery_noise.float().contiguous(),
         out, num_acc,
         vocab, k, out_width, max(num_drafts, 1),
         Q_MODE=mode,
