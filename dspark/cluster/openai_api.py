@@ -19,6 +19,7 @@ closes the backend iterator and so aborts the request (one debug line, never an 
 
 from __future__ import annotations
 
+import abc
 import json
 import logging
 import re
@@ -138,8 +139,8 @@ def make_http_app(
 
 
 # ---------------------------------------------------------------------------- formats
-class _Format:
-    """Builds one endpoint's response objects from request outputs."""
+class _Format(abc.ABC):
+    """Builds one endpoint's response objects from request outputs (one subclass per endpoint)."""
 
     def __init__(self, request_id: str, model: str) -> None:
         self.id = request_id
@@ -147,15 +148,24 @@ class _Format:
         self.created = int(time.time())
 
     def first_events(self) -> list[dict]:
+        """Stream events sent before any text (none unless the endpoint has some)."""
         return []
 
-    def text_event(self, text: str) -> dict: ...
+    @abc.abstractmethod
+    def text_event(self, text: str) -> dict:
+        """The stream event carrying a piece of text."""
 
-    def finish_event(self, out: RequestOutput) -> dict: ...
+    @abc.abstractmethod
+    def finish_event(self, out: RequestOutput) -> dict:
+        """The stream event carrying the finish reason (``out`` is the final output)."""
 
-    def usage_event(self, out: RequestOutput) -> dict: ...
+    @abc.abstractmethod
+    def usage_event(self, out: RequestOutput) -> dict:
+        """The stream event carrying token usage, sent when the client asked for it."""
 
-    def whole(self, text: str, out: RequestOutput) -> dict: ...
+    @abc.abstractmethod
+    def whole(self, text: str, out: RequestOutput) -> dict:
+        """The non-streaming response: all of ``text`` and the final output's figures."""
 
 
 class _ChatFormat(_Format):
