@@ -113,7 +113,7 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
         self.cfg = cfg
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="drafter")
         self.active: dict[str, _Remote] = {}  # all streams' requests (ids are globally unique)
-        self.blocks_served = 0
+        self.blocks_served = 0  # blocks sent back (tests check that plain steps get none)
         self._next_reap = 0.0  # monotonic time of the next stale-request scan
 
     # -- auth -------------------------------------------------------------------------------
