@@ -81,3 +81,17 @@ def test_train_draft_runs_every_stage_end_to_end(tmp_path: Path):
     assert again.exit_code == 0 and "responses: %d" % len(rows) in again.output
     refused = CliRunner().invoke(train_draft, ["--config", str(path), "--out", str(run), "--stages", "train"])
     assert refused.exit_code != 0 and "--resume" in refused.output
+
+
+def test_train_draft_device_cuda_is_refused_clearly_without_cuda(tmp_path: Path):
+    import pytest
+    import torch
+    from click.testing import CliRunner
+
+    from dspark.train.commands import train_draft
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the refusal path does not apply")
+    cfg = Path(__file__).resolve().parents[1] / "dspark/train/configs/smollm2-135m.json"
+    res = CliRunner().invoke(train_draft, ["--config", str(cfg), "--out", str(tmp_path / "r"), "--device", "cuda"])
+    assert res.exit_code == 2 and "CUDA is not available" in res.output and "Traceback" not in res.output

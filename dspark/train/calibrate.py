@@ -112,7 +112,7 @@ def calibration_report(z: torch.Tensor, survived: torch.Tensor, known: torch.Ten
 
 def collect_traces(head_path: str | Path, prompt_ids: list[list[int]], temperature: float, block_len: int,
                    max_tokens: int = 128, model: str | None = None, dtype: str = "bf16", concurrency: int = 8,
-                   seed: int = 0):
+                   seed: int = 0, device: str = "cpu"):
     """Run speculative decoding with the raw (uncalibrated) head and return its block traces."""
     from dspark.workers.factory import EngineSpec, build_engine
     from dspark.workers.request import SamplingParams
@@ -120,7 +120,7 @@ def collect_traces(head_path: str | Path, prompt_ids: list[list[int]], temperatu
 
     longest = max(len(p) for p in prompt_ids)
     spec = EngineSpec(
-        model=model, dtype=dtype, draft="dspark", block_len=block_len,
+        model=model, dtype=dtype, device=device, draft="dspark", block_len=block_len,
         runner=RunnerConfig(n_slots=concurrency, max_seq=longest + max_tokens + block_len + 8),
         draft_options=(("head", str(head_path)), ("calibrated", 0), ("trace", 1)),
     )
@@ -134,12 +134,12 @@ def collect_traces(head_path: str | Path, prompt_ids: list[list[int]], temperatu
 
 
 def calibrate_head(head_path: str | Path, prompt_ids: list[list[int]], block_len: int, max_tokens: int = 128,
-                   model: str | None = None, dtype: str = "bf16") -> dict:
+                   model: str | None = None, dtype: str = "bf16", device: str = "cpu") -> dict:
     """Fit STS for greedy and sampled (T = 1) decoding and store the temperatures in the head's JSON."""
     head_path = Path(head_path).with_suffix(".safetensors")
     sts, report = {}, {}
     for mode, temp in (("greedy", 0.0), ("sampled", 1.0)):
-        traces = collect_traces(head_path, prompt_ids, temp, block_len, max_tokens, model, dtype)
+        traces = collect_traces(head_path, prompt_ids, temp, block_len, max_tokens, model, dtype, device=device)
         z, surv, known = trace_arrays(traces, block_len)
         temps = fit_sts(z, surv, known)
         sts[mode] = temps

@@ -37,9 +37,13 @@ def _split_record(cfg) -> dict:
 @click.option("--max-steps", type=int, default=None, help="stop after this many more steps (schedule unchanged)")
 @click.option("--stages", default=",".join(STAGES), show_default=True, help="comma-separated subset of the stages")
 @click.option("--threads", type=int, default=None, help="torch threads (default: the config's run.threads)")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None,
+              help="where every stage runs (default: the config's run.device)")
 @click.option("--ship", is_flag=True, help="copy the calibrated head into dspark/models/heads/")
-def train_draft(config_path, out_dir, resume, max_steps, stages, threads, ship):
+def train_draft(config_path, out_dir, resume, max_steps, stages, threads, device, ship):
     """Train a DSpark draft head for a target model by self-distillation."""
+    import dataclasses
+
     import torch
 
     from dspark.models.dspark_head import HEADS_DIR
@@ -48,6 +52,11 @@ def train_draft(config_path, out_dir, resume, max_steps, stages, threads, ship):
     from dspark.train.data import chat_ids, generate_responses, split_prompts
 
     cfg = TrainConfig.load(config_path)
+    if device:
+        cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, device=device))
+    device = cfg.run.device
+    if device == "cuda" and not torch.cuda.is_available():
+        raise click.UsageError("--device cuda: CUDA is not available on this machine")
     run = Path(out_dir or Path("runs") / Path(config_path).stem)
     run.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(threads or cfg.run.threads)
@@ -66,10 +75,10 @@ def train_draft(config_path, out_dir, resume, max_steps, stages, threads, ship):
     if "data" in todo:
         from dspark.train.data import generate_self_prompts
 
-        written = generate_self_prompts(cfg.data, run / "data" / "self_prompts.jsonl", model=cfg.model)
+        written = generate_self_prompts(cfg.data, run / "data" / "self_prompts.jsonl", model=cfg.model, device=device)
         if cfg.data.self_prompts:
             click.echo(f"self-written prompts: {len(written)} of {cfg.data.self_prompts} wanted")
-        rows = generate_responses(cfg.data, responses, model=cfg.model, extra=written)
+        rows = generate_responses(cfg.data, responses, model=cfg.model, extra=written, device=device)
         click.echo(f"responses: {len(rows)} cached in {responses}")
 
     vocab_file = Path(cfg.vocab_map) if cfg.vocab_map else run / "vocab.safetensors"
@@ -87,7 +96,7 @@ def train_draft(config_path, out_dir, resume, max_steps, stages, threads, ship):
         from dspark.train.data import read_responses
         from dspark.train.features import build_feature_cache, load_feature_store
 
-        target = load_model(cfg.model, dtype=cfg.data.dtype, progress=False)
+        target = load_model(cfg.model, dtype=cfg.data.dtype, device=device, progress=False)
         rows = read_responses(responses)
         if not rows:
             raise click.UsageError(f"no responses in {responses}: run the data stage first")
@@ -133,7 +142,8 @@ def train_draft(config_path, out_dir, resume, max_steps, stages, threads, ship):
         if cfg.run.calib_prompts:
             prompts = prompts[: cfg.run.calib_prompts]
         ids = [chat_ids(tok, p.text) for p in prompts]
-        report = calibrate_head(run / "head", ids, cfg.head.block_len, cfg.run.calib_max_tokens, cfg.model, cfg.data.dtype)
+        report = calibrate_head(run / "head", ids, cfg.head.block_len, cfg.run.calib_max_tokens, cfg.model, cfg.data.dtype,
+                                device=device)
         for mode, r in report.items():
             click.echo(f"STS {mode}: ECE {r['ece_raw']:.4f} -> {r['ece_sts']:.4f} over {r['blocks']} blocks, "
                        f"T = {[round(t, 2) for t in r['temperatures']]}")

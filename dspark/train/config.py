@@ -68,6 +68,7 @@ class RunConfig:
     """Bookkeeping of a run."""
 
     seed: int = 0  # model init and anchor sampling
+    device: str = "cpu"  # cpu | cuda: where every stage runs (anchor sampling stays on the CPU, so both draw alike)
     threads: int = 2  # torch intra-op threads
     log_every: int = 10  # steps between progress lines
     eval_every: int = 250  # steps between validation passes

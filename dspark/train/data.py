@@ -130,11 +130,12 @@ def _drive(engine, requests, gen_batch: int, on_finish, desc: str) -> None:
     bar.close()
 
 
-def _build(cfg: DataConfig, model: str | None, max_seq: int):
+def _build(cfg: DataConfig, model: str | None, max_seq: int, device: str):
     from dspark.workers.factory import EngineSpec, build_engine
     from dspark.workers.runner import RunnerConfig
 
-    spec = EngineSpec(model=model, dtype=cfg.dtype, runner=RunnerConfig(n_slots=cfg.gen_batch, max_seq=max_seq))
+    spec = EngineSpec(model=model, dtype=cfg.dtype, device=device,
+                      runner=RunnerConfig(n_slots=cfg.gen_batch, max_seq=max_seq))
     return build_engine(spec, progress=False)
 
 
@@ -142,7 +143,8 @@ def _normalised(text: str) -> str:
     return " ".join(text.lower().split())
 
 
-def generate_self_prompts(cfg: DataConfig, out_path: Path, model: str | None = None) -> list[Prompt]:
+def generate_self_prompts(cfg: DataConfig, out_path: Path, model: str | None = None,
+                          device: str = "cpu") -> list[Prompt]:
     """The target writes ``cfg.self_prompts`` user messages (cached in ``out_path``, resumable).
 
     Each attempt samples from the chat template cut where the user's message starts, with its own
@@ -175,7 +177,7 @@ def generate_self_prompts(cfg: DataConfig, out_path: Path, model: str | None = N
                 break
             n = min(4 * want - start, max(cfg.gen_batch, 2 * (want - len(kept(rows)))))
             if built is None:
-                built = _build(cfg, model, max_seq=cfg.self_prompt_max_tokens + 64)
+                built = _build(cfg, model, max_seq=cfg.self_prompt_max_tokens + 64, device=device)
             tok = built.loaded.tokenizer
             prefix = tok.user_turn_prefix()
             reqs = [(f"self{a}", prefix, SamplingParams(
@@ -198,7 +200,7 @@ def generate_self_prompts(cfg: DataConfig, out_path: Path, model: str | None = N
 
 def generate_responses(cfg: DataConfig, out_path: Path, model: str | None = None,
                        splits: tuple[str, ...] = ("train", "valid"), limit: int | None = None,
-                       extra: list[Prompt] | None = None) -> list[dict]:
+                       extra: list[Prompt] | None = None, device: str = "cpu") -> list[dict]:
     """Generate (or finish generating) the responses of ``splits`` into ``out_path`` (JSONL).
 
     Plain decoding with our engine, ``cfg.gen_batch`` requests at a time (continuous batching).
@@ -210,7 +212,7 @@ def generate_responses(cfg: DataConfig, out_path: Path, model: str | None = None
     done = {r["key"] for r in read_responses(out_path)}
     jobs = [j for j in plan_jobs(cfg, splits, extra)[:limit] if j.key not in done]
     if jobs:
-        built = _build(cfg, model, max_seq=cfg.max_prompt_tokens + cfg.max_new_tokens + 16)
+        built = _build(cfg, model, max_seq=cfg.max_prompt_tokens + cfg.max_new_tokens + 16, device=device)
         tok = built.loaded.tokenizer
         by_key, reqs = {}, []
         for job in jobs:

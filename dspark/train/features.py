@@ -90,8 +90,8 @@ def build_feature_cache(model, rows: list[dict], feature_layers: tuple[int, ...]
         for s in seqs + [None]:  # None flushes the last group
             if s is None or (group and sum(map(len, group)) + len(s) > batch_tokens):
                 for f, h in target_features(model, group, feature_layers):
-                    feats.append(f.to(torch.bfloat16))
-                    finals.append(h.to(torch.bfloat16))
+                    feats.append(f.to("cpu", torch.bfloat16))
+                    finals.append(h.to("cpu", torch.bfloat16))
                 bar.update(sum(map(len, group)))
                 group = []
             if s is not None:

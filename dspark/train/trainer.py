@@ -47,6 +47,18 @@ class Batch:
     valid: torch.Tensor
     greedy: torch.Tensor
 
+    def to(self, device: torch.device | str) -> "Batch":
+        return Batch(**{f: getattr(self, f).to(device, non_blocking=True) for f in self.__dataclass_fields__})
+
+
+def autocast(device: torch.device | str, enabled: bool):
+    """bf16 autocast on the device the head trains on (CPU: AMX / AVX512-BF16 matmuls)."""
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def head_device(head: DSparkHead) -> torch.device:
+    return next(head.parameters()).device
+
 
 def sample_batch(store: FeatureStore, gen: torch.Generator, n_seqs: int, n_anchors: int, block_len: int,
                  full_blocks: bool = False) -> Batch:
@@ -96,18 +108,19 @@ def forward_batch(head: DSparkHead, target, store: FeatureStore, batch: Batch, c
                   with_top1: bool = False) -> StepResult:
     """Draft forward (teacher-forced Markov head) and the loss, for one batch."""
     B, A, G = batch.prev_ids.shape
-    positions = torch.arange(batch.ctx_features.shape[1]).expand(B, -1)  # [B, S]
+    dev = batch.prev_ids.device
+    positions = torch.arange(batch.ctx_features.shape[1], device=dev).expand(B, -1)  # [B, S]
     ctx = head.context(batch.ctx_features)  # [B, S, D]
     ctx_kv = [(k.transpose(1, 2), v.transpose(1, 2)) for k, v in head.context_kv(ctx, positions)]
     x = head.block_inputs(batch.anchor_ids, G).reshape(B, A * G, -1)  # [B, A G, D]
-    qpos = (batch.anchors.unsqueeze(-1) + torch.arange(G)).reshape(B, A * G)  # [B, A G]
+    qpos = (batch.anchors.unsqueeze(-1) + torch.arange(G, device=dev)).reshape(B, A * G)  # [B, A G]
     mask = block_attention_mask(batch.ctx_lens, batch.anchors, G, batch.ctx_features.shape[1])
     h = head.backbone(x, qpos, ctx_kv, mask)  # [B, A G, D]
     valid = batch.valid.reshape(-1)
     rows = valid.nonzero().squeeze(-1)  # [R]
     h = h.reshape(B * A * G, -1)[rows]  # [R, D]
     prev = batch.prev_ids.reshape(-1)[rows]
-    k_pos = torch.arange(G).repeat(B * A)[rows]
+    k_pos = torch.arange(G, device=dev).repeat(B * A)[rows]
     logits = head.base_logits(h)  # [R, N] (N = V without a draft vocabulary)
     prev_emb = head.markov_embedding(prev)
     if markov and head.cfg.markov_rank > 0:
@@ -119,7 +132,7 @@ def forward_batch(head: DSparkHead, target, store: FeatureStore, batch: Batch, c
         # Target distribution from the cached final hidden state, once per distinct position.
         idx = batch.final_index.reshape(-1)[rows]
         uniq, inv = torch.unique(idx, return_inverse=True)
-        t_logits = target.lm_head(store.final[uniq].to(target.dtype))  # [U, V] float32
+        t_logits = target.lm_head(store.final[uniq.cpu()].to(dev, target.dtype))  # [U, V] float32
         target_probs = torch.softmax(t_logits, dim=-1)[inv]  # [R, V]
         mass = None
         if ids is not None:
@@ -127,8 +140,8 @@ def forward_batch(head: DSparkHead, target, store: FeatureStore, batch: Batch, c
             inside = target_probs[:, ids]  # [R, N]
             mass = inside.sum(-1)  # [R] p_t(S)
             target_probs = inside / mass.clamp_min(1e-30).unsqueeze(-1)
-            column = torch.full((head.cfg.vocab_size,), -1, dtype=torch.long)
-            column[ids] = torch.arange(ids.numel())
+            column = torch.full((head.cfg.vocab_size,), -1, dtype=torch.long, device=dev)
+            column[ids] = torch.arange(ids.numel(), device=dev)
             target_ids = column[target_ids]  # draft index, -1 outside S
     loss = dspark_loss(logits, conf, target_probs, target_ids, k_pos, cfg.loss, target_mass=mass)
     draft_top1 = logits.detach().argmax(-1)
@@ -175,20 +188,22 @@ def evaluate(head: DSparkHead, target, store: FeatureStore, cfg: TrainConfig, ma
     acc_sum, acc_n = torch.zeros(G), torch.zeros(G)
     tau_g, n_g, tau_1, n_1, n_batches, done = 0.0, 0, 0.0, 0, 0, 0
     was_training = head.training
+    dev = head_device(head)
     head.eval()
     while done < n_blocks:
         batch = sample_batch(store, gen, cfg.optim.seqs_per_step, per, G, full_blocks=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.optim.autocast_bf16):
-            res = forward_batch(head, target, store, batch, cfg, markov=markov, with_top1=True)
+        with autocast(dev, cfg.optim.autocast_bf16):
+            res = forward_batch(head, target, store, batch.to(dev), cfg, markov=markov, with_top1=True)
         n_batches += 1
         for key, val in (("loss", res.loss.total), ("ce", res.loss.ce), ("l1", res.loss.l1), ("conf", res.loss.conf)):
             tot[key] += float(val)
-        acc_sum.index_add_(0, res.positions, res.loss.accept)
-        acc_n.index_add_(0, res.positions, torch.ones_like(res.loss.accept))
+        positions, accept = res.positions.cpu(), res.loss.accept.float().cpu()
+        acc_sum.index_add_(0, positions, accept)
+        acc_n.index_add_(0, positions, torch.ones_like(accept))
         B, A = batch.anchors.shape
         # full_blocks: every row valid, so rows reshape to [B, A, G].
-        match = (res.draft_top1 == res.target_top1).view(B, A, G)
-        accept = res.loss.accept.view(B, A, G)
+        match = (res.draft_top1 == res.target_top1).cpu().view(B, A, G)
+        accept = accept.view(B, A, G)
         lead = match.int().cumprod(-1).sum(-1)  # [B, A] leading matches
         g = batch.greedy.view(-1, 1).expand(B, A)
         tau_g += float((1 + lead[g]).sum())
@@ -214,12 +229,12 @@ def save_checkpoint(ckpt_dir: Path, head: DSparkHead, opt: torch.optim.Optimizer
     tmp = ckpt_dir.with_name(ckpt_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file({k: v.detach().contiguous() for k, v in head.state_dict().items()}, str(tmp / "head.safetensors"))
+    save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}, str(tmp / "head.safetensors"))
     sd = opt.state_dict()
     tensors = {"rng": gen.get_state()}
     for idx, st in sd["state"].items():
         for key, val in st.items():
-            tensors[f"state.{idx}.{key}"] = val.detach().reshape(val.shape).contiguous() if torch.is_tensor(val) else torch.tensor(val)
+            tensors[f"state.{idx}.{key}"] = val.detach().cpu().reshape(val.shape).contiguous() if torch.is_tensor(val) else torch.tensor(val)
     save_file(tensors, str(tmp / "optim.safetensors"))
     meta = {"step": step, "config": cfg.to_json(), "param_groups": sd["param_groups"], "history": history}
     (tmp / "state.json").write_text(json.dumps(meta))
@@ -265,11 +280,13 @@ def train(cfg: TrainConfig, run_dir: Path, target, train_store: FeatureStore, va
         raise ValueError(f"head.trained_vocab={cfg.head.trained_vocab} needs an id map (run the vocab stage)")
     head = DSparkHead(cfg.head)
     head.reset_parameters(target, seed=cfg.run.seed)
+    head = head.to(target.device)
     head.bind_target(target)
     if vocab_ids is not None:
         head.vocab_ids = vocab_ids.long()
         head.use_draft_vocab(cfg.head.trained_vocab)
     head.train()
+    dev = head_device(head)
     opt = make_optimizer(head, cfg)
     gen = torch.Generator().manual_seed(cfg.run.seed)
     ckpt = run_dir / "checkpoints" / "last"
@@ -285,8 +302,8 @@ def train(cfg: TrainConfig, run_dir: Path, target, train_store: FeatureStore, va
         lr = lr_at(step, cfg)
         for group in opt.param_groups:
             group["lr"] = lr
-        batch = sample_batch(train_store, gen, cfg.optim.seqs_per_step, cfg.optim.anchors_per_seq, G)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.optim.autocast_bf16):
+        batch = sample_batch(train_store, gen, cfg.optim.seqs_per_step, cfg.optim.anchors_per_seq, G).to(dev)
+        with autocast(dev, cfg.optim.autocast_bf16):
             res = forward_batch(head, target, train_store, batch, cfg)
         opt.zero_grad(set_to_none=True)
         res.loss.total.backward()
