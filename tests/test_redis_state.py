@@ -11,7 +11,6 @@ pytest.importorskip("redis")
 
 from dspark.cluster.redis_server import RedisServerError, ensure_redis_server, ping  # noqa: E402
 from dspark.cluster.redis_state import (  # noqa: E402
-    CostTable,
     Demand,
     Keys,
     Policy,
@@ -151,46 +150,6 @@ def test_arrival_rate_window(redis_server, redis_prefix) -> None:
     run(body())
 
 
-# ------------------------------------------------------------------ cost table
-
-
-def test_cost_table_round_trip(redis_server, redis_prefix) -> None:
-    table = CostTable(
-        step_seconds={1: 0.0101, 16: 0.0123, 64: 0.0201, 256: 0.061},
-        draft_seconds={1: 0.002, 8: 0.0035},
-        measured_at=1.7e9,
-    )
-
-    async def body():
-        async with make_state(redis_server, redis_prefix) as state:
-            assert await state.get_cost_table("vg0") is None
-            await state.put_cost_table("vg0", table)
-            back = await state.get_cost_table("vg0")
-            assert back == table
-            assert back.step_time(16) == pytest.approx(0.0123)
-            assert back.step_time(40) == pytest.approx(0.0123 + (0.0201 - 0.0123) * 24 / 48)
-            assert back.step_time(0.5) == pytest.approx(0.0101)
-            assert back.step_time(512) > back.step_time(256)
-
-    run(body())
-    import json
-
-    raw = json.loads(table.to_json())
-    assert raw["step_seconds"]["64"] == 0.0201  # plain JSON of floats keyed by count
-    for bad in (
-        '{"step_seconds": {"a": 0.1}}',
-        '{"step_seconds": {"0": 0.1}}',
-        '{"step_seconds": {"1": -0.1}}',
-        '{"step_seconds": {"1": NaN}}',
-        '{"step_seconds": [[1, 0.1]]}',
-        '{"draft_seconds": {"1": "fast"}}',
-        "[]",
-        "not json",
-    ):
-        with pytest.raises(ValueError):
-            CostTable.from_json(bad)
-
-
 # ------------------------------------------------------------------ policy
 
 
@@ -326,7 +285,7 @@ def test_keys_live_under_the_prefix() -> None:
     keys = Keys("px")
     names = [
         keys.heartbeat("verifier", "m"), keys.members("verifier"), keys.demand("g"), keys.demand_groups(),
-        keys.arrivals_bucket(5), keys.arrivals_total(), keys.cost_table("g"), keys.policy_version("g"),
+        keys.arrivals_bucket(5), keys.arrivals_total(), keys.policy_version("g"),
         keys.policy("g"), keys.policy_channel("g"),
     ]  # fmt: skip
     assert all(n.startswith("px:") for n in names) and len(set(names)) == len(names)

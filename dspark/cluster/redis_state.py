@@ -8,7 +8,6 @@ Key layout, all under a configurable prefix P (default "dspark"):
     P:demand_groups              set     groups that reported demand (pruned on read)
     P:arrivals:<unix_second>     string  requests that reached a router in that second; expires
     P:arrivals_total             string  requests that reached a router, ever
-    P:cost:<group>               string  CostTable JSON of a verifier group
     P:policy_version:<group>     string  policy version counter (INCR)
     P:policy:<group>             hash    {version, policy (JSON without version), published_at}
     P:policy_updates:<group>     channel pub/sub poke; the message is the new version number
@@ -35,7 +34,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from dspark.cluster.state_types import BUDGET_MODES, CostTable, Demand, Policy
+from dspark.cluster.state_types import BUDGET_MODES, Demand, Policy
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +43,6 @@ ROLES: tuple[str, ...] = ("router", "verifier", "drafter", "scheduler")
 __all__ = [
     "BUDGET_MODES",
     "ROLES",
-    "CostTable",
     "Demand",
     "Keys",
     "Policy",
@@ -141,9 +139,6 @@ class Keys:
 
     def arrivals_total(self) -> str:
         return f"{self.prefix}:arrivals_total"
-
-    def cost_table(self, group: str) -> str:
-        return f"{self.prefix}:cost:{group}"
 
     def policy_version(self, group: str) -> str:
         return f"{self.prefix}:policy_version:{group}"
@@ -404,19 +399,6 @@ class RedisState:
         """All arrivals ever recorded (since Redis last lost its data)."""
         value = await self._run("arrivals_total", lambda: self._redis.get(self.keys.arrivals_total()))
         return int(value or 0)
-
-    # ------------------------------------------------------------ cost table
-
-    async def put_cost_table(self, group: str, table: CostTable) -> None:
-        """Publish a verifier group's profiled cost table (replaces the previous one)."""
-        _check_name("group", group)
-        payload = table.to_json()
-        await self._run("put_cost_table", lambda: self._redis.set(self.keys.cost_table(group), payload))
-
-    async def get_cost_table(self, group: str) -> CostTable | None:
-        _check_name("group", group)
-        raw = await self._run("get_cost_table", lambda: self._redis.get(self.keys.cost_table(group)))
-        return CostTable.from_json(raw) if raw is not None else None
 
     # ------------------------------------------------------------ policy
 

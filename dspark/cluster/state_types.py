@@ -1,4 +1,4 @@
-"""Typed records the cluster exchanges through Redis: Demand, CostTable, Policy.
+"""Typed records the cluster exchanges through Redis: Demand, Policy.
 
 Pure data: no Redis, no I/O. Each is a frozen dataclass whose constructor
 validates types and ranges (ValueError otherwise), with to_json/from_json
@@ -139,106 +139,6 @@ class Demand:
         return cls(**values)
 
 
-# ------------------------------------------------------------------ CostTable
-
-
-def _check_curve(name: str, value: Any) -> tuple[tuple[int, float], ...]:
-    """Normalise a {count: seconds} mapping or (count, seconds) pairs to sorted pairs."""
-    items = value.items() if isinstance(value, Mapping) else value
-    try:
-        pairs = [(k, v) for k, v in items]
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"{name} must be a mapping or (count, seconds) pairs") from exc
-    out: dict[int, float] = {}
-    for k, v in pairs:
-        count = _check_int(f"{name} count", k, 1)
-        if count in out:
-            raise ValueError(f"{name} has count {count} twice")
-        out[count] = _check_float(f"{name}[{count}]", v, 0.0)
-    return tuple(sorted(out.items()))
-
-
-def _interpolate(curve: tuple[tuple[int, float], ...], n: float, name: str) -> float:
-    """Piecewise-linear through the points; flat below the first, linear past the last."""
-    if not curve:
-        raise ValueError(f"{name} is empty")
-    if len(curve) == 1:
-        x, y = curve[0]
-        return y if n <= x else y * n / x  # one point: assume proportional growth
-    if n <= curve[0][0]:
-        return curve[0][1]
-    for (x0, y0), (x1, y1) in zip(curve, curve[1:]):
-        if n <= x1:
-            return y0 + (y1 - y0) * (n - x0) / (x1 - x0)
-    (x0, y0), (x1, y1) = curve[-2], curve[-1]
-    return max(y1, y1 + (y1 - y0) * (n - x1) / (x1 - x0))
-
-
-@dataclass(frozen=True)
-class CostTable:
-    """A verifier group's profiled costs, measured once at start-up.
-
-    Curves are sorted (count, seconds) pairs; the constructor also accepts
-    {count: seconds} mappings. JSON uses objects keyed by the count as a
-    decimal string: {"step_seconds": {"1": 0.011, "64": 0.019}, ...}.
-
-    >>> t = CostTable(step_seconds={1: 0.010, 9: 0.018})
-    >>> round(t.step_time(5), 4)
-    0.014
-    """
-
-    step_seconds: tuple[tuple[int, float], ...] = ()
-    """Verifier forward time by number of tokens verified in the batch."""
-    draft_seconds: tuple[tuple[int, float], ...] = ()
-    """Drafter time per block by number of requests drafted together."""
-    measured_at: float = 0.0
-    """Unix time of the profiling run."""
-
-    def __post_init__(self) -> None:
-        _set(self, "step_seconds", _check_curve("step_seconds", self.step_seconds))
-        _set(self, "draft_seconds", _check_curve("draft_seconds", self.draft_seconds))
-        _set(self, "measured_at", _check_float("measured_at", self.measured_at, 0.0))
-
-    def step_time(self, num_tokens: float) -> float:
-        """Seconds for one verification step over num_tokens tokens (interpolated)."""
-        return _interpolate(self.step_seconds, num_tokens, "step_seconds")
-
-    def draft_time(self, num_requests: float) -> float:
-        """Seconds for one drafting call over num_requests requests (interpolated)."""
-        return _interpolate(self.draft_seconds, num_requests, "draft_seconds")
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "step_seconds": {str(k): v for k, v in self.step_seconds},
-            "draft_seconds": {str(k): v for k, v in self.draft_seconds},
-            "measured_at": self.measured_at,
-        }
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "CostTable":
-        values = _known(cls, data)
-        for name in ("step_seconds", "draft_seconds"):
-            if name not in values:
-                continue
-            curve = values[name]
-            if not isinstance(curve, Mapping):
-                raise ValueError(f"{name} must be a JSON object of count -> seconds")
-            parsed = {}
-            for key, seconds in curve.items():
-                if not (isinstance(key, str) and key.isdigit()):
-                    raise ValueError(f"{name} key {key!r} is not a positive integer")
-                parsed[int(key)] = seconds
-            values[name] = parsed
-        return cls(**values)
-
-    def to_json(self) -> str:
-        return _dumps(self.to_dict())
-
-    @classmethod
-    def from_json(cls, text: str | bytes) -> "CostTable":
-        return cls.from_dict(_loads_object(text, "CostTable"))
-
-
 # ------------------------------------------------------------------ Policy
 
 
@@ -294,4 +194,4 @@ class Policy:
         return dataclasses.replace(self, version=version)
 
 
-__all__ = ["BUDGET_MODES", "CostTable", "Demand", "Policy"]
+__all__ = ["BUDGET_MODES", "Demand", "Policy"]

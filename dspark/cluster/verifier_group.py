@@ -56,13 +56,13 @@ class VerifierGroup:
         self.built = build_engine(spec, progress=False, parts=parts)
         self.engine = self.built.engine
         self.model_name = self.built.model_name
-        self.costs, self.budget = self.built.costs, self.built.adaptive
+        self.budget = self.built.adaptive
         # The verification-budget gauge measures what the engine's budget grants.
         self.budget_meter = self.engine.budget = BudgetMeter(self.engine.budget)
         self.worker = VerifierWorker(self.engine, name=self.group_id)
         self.bg = BackgroundLoop(f"{self.group_id}-redis")
         self.state = cluster_state(cfg)
-        self._draft_curve: dict[int, float] = {}
+        self._draft_curve: dict[int, float] = {}  # drafting seconds by requests drafted together
         self.bg.every(1.0, self._discover, "drafter discovery")
         self.bg.every(0.5, self._report, "verifier report")
         if self.budget is not None:
@@ -70,7 +70,8 @@ class VerifierGroup:
 
             self.follower = PolicyFollower(self.state, self.group_id)
             self.bg.every(0.25, self._follow_policy, "policy follow")
-            self.bg.every(5.0, self._publish_costs, "cost table")
+            if self.local_drafting:  # remote drafting overlaps verification; local drafting adds to it
+                self.bg.every(5.0, self._measure_drafting, "drafting cost")
         if cfg.remote_draft:
             self._wait_for_drafters(timeout_s=120.0)
 
@@ -119,21 +120,14 @@ class VerifierGroup:
             ))
             self.engine.max_batch = max(1, min(self.cfg.n_slots, p.max_batch_size))
 
-    async def _publish_costs(self) -> None:
-        from dspark.cluster.state_types import CostTable
-
+    async def _measure_drafting(self) -> None:
+        """Give the budget's cost model the drafting time this group observes (local drafting)."""
         eng = self.engine
-        if eng.last_drafted_requests:  # drafting time by request count, from what we observe
+        if eng.last_drafted_requests:
             n = eng.last_drafted_requests
             old = self._draft_curve.get(n, eng.last_draft_seconds)
             self._draft_curve[n] = 0.8 * old + 0.2 * eng.last_draft_seconds
-            if self.local_drafting:  # remote drafting overlaps verification; local drafting adds to it
-                self.budget.costs.draft_seconds = self._draft_curve[n]
-        c = self.costs
-        await self.state.put_cost_table(self.group_id, CostTable(
-            step_seconds=dict(zip(c.token_counts, c.step_seconds)),
-            draft_seconds=dict(sorted(self._draft_curve.items())), measured_at=c.measured_at,
-        ))
+            self.budget.costs.draft_seconds = self._draft_curve[n]
 
     def routing_stats(self) -> dict:
         """Headroom for the router: free request capacity under the current policy."""
