@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from dspark.kernels.markov import markov_block_sample
-from dspark.models.dspark_head import DSparkHead, default_head_path, load_head
+from dspark.models.dspark_head import DSparkHead, block_attention_mask, default_head_path, load_head
 from dspark.models.kv_cache import KVCache
 from dspark.workers.drafters.base import DraftBlock, count_accepted, draft_generator, proposal_top_k
 from dspark.workers.drafters.registry import (
@@ -133,9 +133,9 @@ class DSparkDrafter:
         ctx_kv = [(self.cache.k[i][slots, :, :S], self.cache.v[i][slots, :, :S]) for i in range(self.cfg.n_layers)]
         x = head.block_inputs(anchors, G)  # [B, G, D]
         qpos = ctx_lens.unsqueeze(1) + torch.arange(G, device=dev)  # [B, G]
-        # Every block position sees the whole context (all of it precedes the anchor) and the whole block.
-        ctx_mask = torch.arange(S, device=dev).view(1, 1, S) < ctx_lens.view(-1, 1, 1)  # [B, 1, S]
-        mask = torch.cat([ctx_mask, ctx_mask.new_ones(len(batch), 1, G)], -1).expand(-1, G, -1)  # [B, G, S + G]
+        # One block per request, anchored at position ctx_lens: it sees the whole cached context
+        # (all of it precedes the anchor) and the whole block; the mask training uses.
+        mask = block_attention_mask(ctx_lens, ctx_lens.unsqueeze(1), G, S)  # [B, G, S + G]
         h = head.backbone(x, qpos, ctx_kv, mask)
         return h, head.base_logits(h)
 
