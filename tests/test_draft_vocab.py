@@ -294,3 +294,38 @@ def test_draft_vocab_option_refuses_a_non_number(model_fp32):
 
     with pytest.raises(ValueError, match="draft_vocab='many'"):
         make_dspark_drafter(model_fp32, {"draft_vocab": "many"}, None)
+
+
+def test_stored_logsumexp_gives_the_same_loss_as_the_full_vocabulary():
+    """With ``lse`` / ``top1`` stored per token, the trainer computes the target's logits over the
+    draft vocabulary only; loss, confidence labels and greedy matches equal the full computation."""
+    import dataclasses
+
+    from dspark.models.dspark_head import DSparkHead
+    from dspark.train.features import logit_stats
+    from dspark.train.trainer import forward_batch, sample_batch
+
+    target = tiny_target()
+    ids = torch.randperm(V, generator=torch.Generator().manual_seed(6))
+    N = 24
+    cfg = TrainConfig(head=TINY_HEAD.replace(init_from_layers=(2, 3), trained_vocab=N),
+                      optim=OptimConfig(seqs_per_step=2, anchors_per_seq=3, autocast_bf16=False))
+    head = DSparkHead(cfg.head)
+    head.reset_parameters(target, seed=0)
+    head.bind_target(target)
+    head.vocab_ids = ids
+    head.use_draft_vocab(N)
+    full = synthetic_store()
+    lse, top1 = logit_stats(target, full.final)
+    stored = dataclasses.replace(full, lse=lse, top1=top1.long())
+    batch = sample_batch(full, torch.Generator().manual_seed(3), 2, 3, cfg.head.block_len, full_blocks=True)
+    a = forward_batch(head, target, full, batch, cfg, with_top1=True)
+    full_head, calls = target.lm_head, []
+    target.lm_head = lambda h: calls.append(h.shape) or full_head(h)
+    b = forward_batch(head, target, stored, batch, cfg, with_top1=True)
+    del target.lm_head
+    assert calls == []  # the stored path never computes logits over the whole vocabulary
+    for x, y in ((a.loss.total, b.loss.total), (a.loss.l1, b.loss.l1), (a.loss.ce, b.loss.ce), (a.loss.conf, b.loss.conf)):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(a.loss.accept, b.loss.accept, rtol=1e-4, atol=1e-5)
+    assert torch.equal(a.target_top1, b.target_top1)

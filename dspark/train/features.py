@@ -4,11 +4,17 @@ For every cached response (prompt + output tokens) we run the target once and ke
 the hidden states of the head's feature layers and the final hidden state (before the final
 norm), both in bf16.  Target distributions are *not* stored: the trainer recomputes them from the
 final hidden state with the frozen LM head (one bf16 matmul, cheaper than reading V floats per
-token from disk).  Cost: (m + 1) * D * 2 bytes per token, ~6.9 KB for SmolLM2-135M with m = 5.
+token from disk).  Two scalars per token make that cheap for a head trained over a draft
+vocabulary S: ``lse``, the log-sum-exp of the target's logits over the whole vocabulary, and
+``top1``, their argmax.  With them the trainer needs the target's logits over S only: p_t
+restricted to S and renormalised is the softmax of those, and p_t(S) = exp(lse_S - lse).
+Cost: (m + 1) * D * 2 + 8 bytes per token, ~6.9 KB for SmolLM2-135M with m = 5.
 
 Layout: ``<dir>/<split>/shard_NNNN.safetensors`` holding ``tokens`` [N] int32, ``features``
-[N, m D] bf16, ``final`` [N, D] bf16, ``offsets`` [n + 1] int64, ``prompt_lens`` [n] int64, and
-``index.json`` listing finished shards (resume skips them).
+[N, m D] bf16, ``final`` [N, D] bf16, ``lse`` [N] float32, ``top1`` [N] int32, ``offsets``
+[n + 1] int64, ``prompt_lens`` [n] int64, and ``index.json`` listing finished shards (resume
+skips them).  Shards written before ``lse`` existed load without it (the trainer then uses the
+full vocabulary).
 """
 
 from __future__ import annotations
@@ -38,6 +44,8 @@ class FeatureStore:
     lengths: torch.Tensor
     prompt_lens: torch.Tensor
     greedy: torch.Tensor
+    lse: torch.Tensor | None = None  # [N] float32 log-sum-exp of the target's logits (None: old cache)
+    top1: torch.Tensor | None = None  # [N] int64 argmax of the target's logits
 
     @property
     def num_seqs(self) -> int:
@@ -64,6 +72,20 @@ def target_features(model, sequences: list[list[int]], feature_layers: tuple[int
     return res
 
 
+@torch.inference_mode()
+def logit_stats(model, final: torch.Tensor, chunk: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-sum-exp and argmax of the target's logits from stored final hidden states.
+
+    final: [L, D] bf16 (exactly what the trainer reads back) -> lse [L] float32, top1 [L] int32.
+    """
+    lse, top1 = [], []
+    for i in range(0, final.shape[0], chunk):
+        logits = model.lm_head(final[i : i + chunk].to(model.device, model.dtype))  # [c, V] float32
+        lse.append(torch.logsumexp(logits, dim=-1).cpu())
+        top1.append(logits.argmax(-1).to(torch.int32).cpu())
+    return torch.cat(lse), torch.cat(top1)
+
+
 def build_feature_cache(model, rows: list[dict], feature_layers: tuple[int, ...], out_dir: Path,
                         shard_size: int = 64, batch_tokens: int = 4096) -> None:
     """Compute and store features for ``rows`` (responses of one split) under ``out_dir``."""
@@ -85,13 +107,16 @@ def build_feature_cache(model, rows: list[dict], feature_layers: tuple[int, ...]
             bar.update(n_tok)
             continue
         seqs = [r["prompt_ids"] + r["output_ids"] for r in shard]
-        feats, finals = [], []
+        feats, finals, lses, top1s = [], [], [], []
         group: list[list[int]] = []
         for s in seqs + [None]:  # None flushes the last group
             if s is None or (group and sum(map(len, group)) + len(s) > batch_tokens):
                 for f, h in target_features(model, group, feature_layers):
                     feats.append(f.to("cpu", torch.bfloat16))
                     finals.append(h.to("cpu", torch.bfloat16))
+                    lse, top1 = logit_stats(model, finals[-1])
+                    lses.append(lse)
+                    top1s.append(top1)
                 bar.update(sum(map(len, group)))
                 group = []
             if s is not None:
@@ -101,6 +126,8 @@ def build_feature_cache(model, rows: list[dict], feature_layers: tuple[int, ...]
             "tokens": torch.tensor([t for s in seqs for t in s], dtype=torch.int32),
             "features": torch.cat(feats).contiguous(),
             "final": torch.cat(finals).contiguous(),
+            "lse": torch.cat(lses).contiguous(),
+            "top1": torch.cat(top1s).contiguous(),
             "offsets": offsets,
             "prompt_lens": torch.tensor([len(r["prompt_ids"]) for r in shard]),
             "greedy": torch.tensor([r["temperature"] == 0 for r in shard]),
@@ -116,7 +143,7 @@ def load_feature_store(out_dir: Path) -> FeatureStore:
     from safetensors.torch import load_file
 
     index = json.loads((out_dir / "index.json").read_text())
-    toks, feats, finals, starts, lens, plens, greedy = [], [], [], [], [], [], []
+    toks, feats, finals, starts, lens, plens, greedy, lses, top1s = [], [], [], [], [], [], [], [], []
     base = 0
     for name in sorted(index["shards"]):
         t = load_file(str(out_dir / name))
@@ -128,10 +155,14 @@ def load_feature_store(out_dir: Path) -> FeatureStore:
         lens.append(off[1:] - off[:-1])
         plens.append(t["prompt_lens"])
         greedy.append(t["greedy"])
+        lses.append(t.get("lse"))
+        top1s.append(t.get("top1"))
         base += int(off[-1])
+    stats = all(x is not None for x in lses)
     return FeatureStore(
         tokens=torch.cat(toks), features=torch.cat(feats), final=torch.cat(finals), starts=torch.cat(starts),
         lengths=torch.cat(lens), prompt_lens=torch.cat(plens), greedy=torch.cat(greedy),
+        lse=torch.cat(lses) if stats else None, top1=torch.cat(top1s).long() if stats else None,
     )
 
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from dspark.models.dspark_head import DSparkHead, block_attention_mask, save_head
@@ -128,14 +129,29 @@ def forward_batch(head: DSparkHead, target, store: FeatureStore, batch: Batch, c
     conf = head.confidence_logit(h, prev_emb)
     target_ids = batch.target_ids.reshape(-1)[rows]  # [R] vocabulary ids
     ids = head.draft_ids  # [N] or None
+    t_top1 = None
     with torch.no_grad():
         # Target distribution from the cached final hidden state, once per distinct position.
         idx = batch.final_index.reshape(-1)[rows]
         uniq, inv = torch.unique(idx, return_inverse=True)
-        t_logits = target.lm_head(store.final[uniq.cpu()].to(dev, target.dtype))  # [U, V] float32
-        target_probs = torch.softmax(t_logits, dim=-1)[inv]  # [R, V]
-        mass = None
-        if ids is not None:
+        final = store.final[uniq.cpu()].to(dev, target.dtype)  # [U, D]
+        if ids is not None and store.lse is not None:
+            # Over the draft vocabulary S only: p_t|S = softmax of the target's S logits, and
+            # p_t(S) = exp(lse_S - lse_V) with lse_V stored per token (features.py).
+            s_logits = F.linear(target.norm(final), target.output.weight[ids]).float()  # [U, N]
+            lse_v = store.lse[uniq.cpu()].to(dev)  # [U]
+            mass = torch.exp(torch.logsumexp(s_logits, -1) - lse_v).clamp(max=1.0)[inv]  # [R]
+            target_probs = torch.softmax(s_logits, dim=-1)[inv]  # [R, N]
+            t_top1 = store.top1[uniq.cpu()].to(dev)[inv]
+            column = torch.full((head.cfg.vocab_size,), -1, dtype=torch.long, device=dev)
+            column[ids] = torch.arange(ids.numel(), device=dev)
+            target_ids = column[target_ids]  # draft index, -1 outside S
+        else:
+            t_logits = target.lm_head(final)  # [U, V] float32
+            target_probs = torch.softmax(t_logits, dim=-1)[inv]  # [R, V]
+            t_top1 = t_logits.argmax(-1)[inv]
+            mass = None
+        if ids is not None and store.lse is None:
             # Draft vocabulary S: the L1 target is p_t restricted to S and renormalised (loss.py).
             inside = target_probs[:, ids]  # [R, N]
             mass = inside.sum(-1)  # [R] p_t(S)
@@ -147,7 +163,7 @@ def forward_batch(head: DSparkHead, target, store: FeatureStore, batch: Batch, c
     draft_top1 = logits.detach().argmax(-1)
     if ids is not None:
         draft_top1 = ids[draft_top1]
-    top1 = (draft_top1, t_logits.argmax(-1)[inv]) if with_top1 else (None, None)
+    top1 = (draft_top1, t_top1) if with_top1 else (None, None)
     return StepResult(loss=loss, positions=k_pos, draft_top1=top1[0], target_top1=top1[1], row_index=rows)
 
 
