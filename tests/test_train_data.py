@@ -81,6 +81,12 @@ def test_train_draft_runs_every_stage_end_to_end(tmp_path: Path):
     assert again.exit_code == 0 and "responses: %d" % len(rows) in again.output
     refused = CliRunner().invoke(train_draft, ["--config", str(path), "--out", str(run), "--stages", "train"])
     assert refused.exit_code != 0 and "--resume" in refused.output
+    # A smaller plan (no sampled responses) uses only its own rows of the cache.
+    cfg["data"]["sampled_responses"] = 0
+    path.write_text(json.dumps(cfg))
+    fewer = CliRunner().invoke(train_draft, ["--config", str(path), "--out", str(run), "--stages", "data,vocab"])
+    greedy = sum(1 for r in rows if r["temperature"] == 0)
+    assert fewer.exit_code == 0 and "responses: %d" % greedy in fewer.output and greedy < len(rows)
 
 
 def test_train_draft_device_cuda_is_refused_clearly_without_cuda(tmp_path: Path):

@@ -83,21 +83,21 @@ def train_draft(config_path, out_dir, resume, max_steps, stages, threads, device
 
     vocab_file = Path(cfg.vocab_map) if cfg.vocab_map else run / "vocab.safetensors"
     if "vocab" in todo and not cfg.vocab_map:
-        from dspark.train.data import read_responses
+        from dspark.train.data import planned_rows
         from dspark.train.vocab import rank_responses
 
-        rows = read_responses(responses)
+        rows = planned_rows(cfg.data, responses, run / "data" / "self_prompts.jsonl")
         if not rows:
             raise click.UsageError(f"no responses in {responses}: run the data stage first")
         record = rank_responses(rows, cfg.data, cfg.head.vocab_size, vocab_file)
         click.echo(f"vocab: {record['seen_ids']} distinct ids in {record['tokens']} response tokens -> {vocab_file}")
 
     if "features" in todo or "train" in todo:
-        from dspark.train.data import read_responses
+        from dspark.train.data import planned_rows
         from dspark.train.features import build_feature_cache, load_feature_store
 
         target = load_model(cfg.model, dtype=cfg.data.dtype, device=device, progress=False)
-        rows = read_responses(responses)
+        rows = planned_rows(cfg.data, responses, run / "data" / "self_prompts.jsonl")
         if not rows:
             raise click.UsageError(f"no responses in {responses}: run the data stage first")
         if "features" in todo:

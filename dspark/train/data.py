@@ -143,6 +143,24 @@ def _normalised(text: str) -> str:
     return " ".join(text.lower().split())
 
 
+def kept_self_prompts(rows: list[dict], want: int) -> list[Prompt]:
+    """The first ``want`` usable attempts (see ``generate_self_prompts``), in attempt order."""
+    seen, out = set(), []
+    for r in sorted(rows, key=lambda r: r["attempt"]):
+        norm = _normalised(r["text"])
+        if r["finish_reason"] == "stop" and len(r["text"].strip()) >= 16 and norm not in seen:
+            seen.add(norm)
+            out.append(Prompt(id=str(r["attempt"]), text=r["text"].strip(), category="self", source=SELF_SOURCE))
+    return out[:want]
+
+
+def planned_rows(cfg: DataConfig, responses: Path, self_prompts: Path) -> list[dict]:
+    """The cached responses the config plans (rows of an earlier, larger config are left out)."""
+    extra = kept_self_prompts(read_responses(self_prompts), cfg.self_prompts) if cfg.self_prompts > 0 else []
+    keys = {j.key for j in plan_jobs(cfg, extra=extra)}
+    return [r for r in read_responses(responses) if r["key"] in keys]
+
+
 def generate_self_prompts(cfg: DataConfig, out_path: Path, model: str | None = None,
                           device: str = "cpu") -> list[Prompt]:
     """The target writes ``cfg.self_prompts`` user messages (cached in ``out_path``, resumable).
@@ -160,13 +178,7 @@ def generate_self_prompts(cfg: DataConfig, out_path: Path, model: str | None = N
         return []
 
     def kept(rows):
-        seen, out = set(), []
-        for r in sorted(rows, key=lambda r: r["attempt"]):
-            norm = _normalised(r["text"])
-            if r["finish_reason"] == "stop" and len(r["text"].strip()) >= 16 and norm not in seen:
-                seen.add(norm)
-                out.append(Prompt(id=str(r["attempt"]), text=r["text"].strip(), category="self", source=SELF_SOURCE))
-        return out[:want]
+        return kept_self_prompts(rows, want)
 
     built = None
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -205,12 +217,14 @@ def generate_responses(cfg: DataConfig, out_path: Path, model: str | None = None
 
     Plain decoding with our engine, ``cfg.gen_batch`` requests at a time (continuous batching).
     ``extra`` adds self-written prompts.  ``limit`` caps the planned jobs (the first ``limit``,
-    done or not), so a resumed run finishes the same set.  Returns every cached row.
+    done or not), so a resumed run finishes the same set.  Returns the cached rows of the planned
+    jobs (rows an earlier, larger plan left in the file stay there, unused).
     """
     from dspark.workers.request import SamplingParams
 
     done = {r["key"] for r in read_responses(out_path)}
-    jobs = [j for j in plan_jobs(cfg, splits, extra)[:limit] if j.key not in done]
+    planned = plan_jobs(cfg, splits, extra)[:limit]
+    jobs = [j for j in planned if j.key not in done]
     if jobs:
         built = _build(cfg, model, max_seq=cfg.max_prompt_tokens + cfg.max_new_tokens + 16, device=device)
         tok = built.loaded.tokenizer
@@ -238,8 +252,9 @@ def generate_responses(cfg: DataConfig, out_path: Path, model: str | None = None
                 _drive(built.engine, reqs, cfg.gen_batch, finished, "generating responses")
         finally:
             built.close()
-    return read_responses(out_path)
+    keys = {j.key for j in planned}
+    return [r for r in read_responses(out_path) if r["key"] in keys]
 
 
 __all__ = ["SPLITS", "SELF_SOURCE", "assign_split", "self_prompt_split", "split_prompts", "held_out_prompts",
-           "plan_jobs", "generate_self_prompts", "generate_responses", "read_responses", "chat_ids", "prompt_key"]
+           "plan_jobs", "planned_rows", "kept_self_prompts", "generate_self_prompts", "generate_responses", "read_responses", "chat_ids", "prompt_key"]
