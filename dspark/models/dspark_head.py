@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dspark.models.llama import RMSNorm, apply_rope
+from dspark.models.llama import RMSNorm, apply_rope, rope_tables
 
 HEADS_DIR = Path(__file__).resolve().parent / "heads"
 
@@ -88,14 +88,6 @@ class DSparkHeadConfig:
         if not temps:
             return [1.0] * n
         return [temps[min(k, len(temps) - 1)] for k in range(n)]
-
-
-def rope_tables(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
-    """cos/sin at ``positions`` (any shape P) -> each [*P, 1, head_dim] in ``dtype``."""
-    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device=positions.device) / head_dim))
-    freqs = positions.to(torch.float64).unsqueeze(-1) * inv  # [*P, hd/2]
-    emb = torch.cat((freqs, freqs), dim=-1).unsqueeze(-2)  # [*P, 1, hd]
-    return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
 class DraftLayer(nn.Module):
@@ -272,9 +264,19 @@ class DSparkHead(nn.Module):
         """H_ctx = RMSNorm(W_c features).  features: [*P, m D] -> [*P, D]."""
         return self.ctx_norm(self.fc(features.to(self.fc.weight.dtype)))
 
+    def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin of the draft layers at ``positions`` [*P] -> each [*P, 1, hd] (``llama.rope_tables``).
+
+        The inverse frequencies are theta^(-2i/hd), formed on the positions' device: a head's
+        config carries the base theta only (no frequency scaling).
+        """
+        hd = self.cfg.head_dim
+        exponents = torch.arange(0, hd, 2, dtype=torch.float64, device=positions.device) / hd  # [hd/2]
+        return rope_tables(positions, 1.0 / (self.cfg.rope_theta ** exponents), dtype)
+
     def context_kv(self, ctx: torch.Tensor, positions: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per draft layer (k, v) of the context.  ctx: [*P, D] from :meth:`context`; positions: [*P] -> each [*P, nkv, hd]."""
-        cos, sin = rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta, ctx.dtype)
+        cos, sin = self.rope(positions, ctx.dtype)
         return [layer.context_kv(ctx, cos, sin) for layer in self.layers]
 
     def block_inputs(self, anchor_ids: torch.Tensor, block_len: int) -> torch.Tensor:
@@ -287,7 +289,7 @@ class DSparkHead(nn.Module):
     def backbone(self, x, positions, ctx_kv, mask) -> torch.Tensor:
         """The parallel stage.  x: [B, Q, D]; positions: [B, Q]; ctx_kv: per layer (k, v) [B, nkv, S, hd];
         mask: [B, Q, S + Q] bool (True = attend).  Returns normalised hidden states h: [B, Q, D]."""
-        cos, sin = rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)  # [B, Q, 1, hd]
+        cos, sin = self.rope(positions, x.dtype)  # [B, Q, 1, hd]
         m = mask.unsqueeze(1)  # [B, 1, Q, S + Q]
         for layer, (k, v) in zip(self.layers, ctx_kv):
             x = layer(x, cos, sin, k, v, m)
@@ -479,7 +481,7 @@ def default_head_path(target_name: str) -> Path:
 
 
 __all__ = [
-    "DSparkHeadConfig", "DSparkHead", "DraftLayer", "block_attention_mask", "rope_tables",
+    "DSparkHeadConfig", "DSparkHead", "DraftLayer", "block_attention_mask",
     "save_head", "load_head", "read_head_config", "default_head_path", "HEADS_DIR",
     "vocab_map_path", "vocab_map_sha256", "write_vocab_map", "read_vocab_map", "check_vocab_map",
 ]

@@ -63,6 +63,24 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
+def rope_tables(
+    positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of rotate-half RoPE at ``positions`` (any shape P): each [*P, 1, hd] in ``dtype``.
+
+    inv_freq: [hd/2] float64 inverse frequencies, on the device of ``positions``.  The angles
+    are formed and rotated in float64, then rounded once to ``dtype``.
+
+    Example (hd = 2, inverse frequency 1): position 0 -> cos 1, sin 0.
+        >>> cos, sin = rope_tables(torch.tensor([0]), torch.ones(1, dtype=torch.float64), torch.float32)
+        >>> cos.tolist(), sin.tolist()
+        ([[[1.0, 1.0]]], [[[0.0, 0.0]]])
+    """
+    freqs = positions.to(torch.float64).unsqueeze(-1) * inv_freq  # [*P, hd/2]
+    emb = torch.cat((freqs, freqs), dim=-1).unsqueeze(-2)  # [*P, 1, hd]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate-half RoPE.  x: [T, H, hd]; cos/sin: [T, 1, hd]."""
     half = x.shape[-1] // 2
@@ -162,16 +180,12 @@ class Transformer(nn.Module):
     def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin tables gathered at positions: each [T, 1, hd] in the model dtype."""
         if self._rope_cache is None or self._rope_cache[0].device != positions.device:
+            # Every position once, in float32, on the CPU; gathered per step.
             inv = torch.tensor(rope_inv_freq(self.args), dtype=torch.float64)
-            t = torch.arange(self.args.max_position_embeddings, dtype=torch.float64)
-            freqs = torch.outer(t, inv)
-            emb = torch.cat((freqs, freqs), dim=-1)  # [P, hd]
-            self._rope_cache = (
-                emb.cos().to(positions.device, torch.float32),
-                emb.sin().to(positions.device, torch.float32),
-            )
+            cos, sin = rope_tables(torch.arange(self.args.max_position_embeddings), inv, torch.float32)  # [P, 1, hd]
+            self._rope_cache = (cos.to(positions.device), sin.to(positions.device))
         cos, sin = self._rope_cache
-        return cos[positions].unsqueeze(1).to(self.dtype), sin[positions].unsqueeze(1).to(self.dtype)
+        return cos[positions].to(self.dtype), sin[positions].to(self.dtype)
 
     # -- forward --------------------------------------------------------------------------
     def forward(
