@@ -17,7 +17,7 @@ import itertools
 import random
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable, Protocol
+from typing import Callable, Iterable, NamedTuple, Protocol
 
 import torch
 
@@ -50,6 +50,14 @@ class VerifyBudget(Protocol):
 def fixed_budget(blocks: list[DraftBlock], block_len: int) -> list[int]:
     """Verify every drafted token up to the block length."""
     return [min(len(b.token_ids), block_len) for b in blocks]
+
+
+class _Sampling(NamedTuple):
+    """A request that samples this step: the drafts it verifies and the block they came from."""
+
+    seq: Sequence
+    drafts: list[int]  # verified draft tokens; empty for a plain token or a prefill's first token
+    block: DraftBlock | None  # their proposal distributions; None: a prefill, or a step without drafting
 
 
 class Runner(Protocol):
@@ -198,7 +206,7 @@ class Engine:
 
         tokens: list[int] = []
         slots, starts, q_lens, rows = [], [], [], []
-        plan: list[tuple[Sequence, int, list[int]]] = []  # (seq, index into blocks, verified drafts)
+        plan: list[_Sampling] = []  # the decoding requests, in batch order
         for seq, chunk in prefill:
             slots.append(seq.slot)
             starts.append(seq.num_cached)
@@ -216,19 +224,18 @@ class Engine:
             tokens.append(seq.last_token)
             tokens.extend(drafts)
             rows.extend(range(first, first + 1 + len(drafts)))
-            plan.append((seq, i, drafts))
+            plan.append(_Sampling(seq, drafts, blocks[i] if blocks else None))
 
         feature_layers = self.drafter.feature_layers if self.drafter is not None else ()
         out = self.runner.forward(StepInput(tokens, slots, starts, q_lens, rows, feature_layers))
         logits = out.logits  # [R, V]
 
         # Which sequences sample this step, in logits-row order: completed prefills, then decodes.
-        samplers: list[tuple[Sequence, list[int], DraftBlock | None]] = []
+        samplers: list[_Sampling] = []
         for seq, chunk in prefill:
             if seq.num_cached + len(chunk) == len(seq.prompt_ids):
-                samplers.append((seq, [], None))
-        for seq, i, drafts in plan:
-            samplers.append((seq, drafts, blocks[i] if blocks else None))
+                samplers.append(_Sampling(seq, [], None))
+        samplers.extend(plan)
         results = iter(self._verify(samplers, logits) if samplers else [])
 
         outputs: list[RequestOutput] = []
@@ -243,7 +250,7 @@ class Engine:
             observed.append((seq, chunk, flat, None))
             flat += n
         emitted_total = 0
-        for seq, i, drafts in plan:
+        for seq, drafts, _ in plan:
             emitted = next(results)
             emitted_total += len(emitted)
             accepted = len(emitted) - 1
@@ -339,19 +346,19 @@ class Engine:
         self.last_drafted_requests = len(want)
         return [proposed.get(s.request_id, DraftBlock.empty()) for s in decode]
 
-    def _verify(self, samplers, logits: torch.Tensor) -> list[list[int]]:
+    def _verify(self, samplers: list[_Sampling], logits: torch.Tensor) -> list[list[int]]:
         """Rejection-sample every sampling request at once; returns emitted tokens per request."""
         dev = logits.device
-        n_per = [len(d) for _, d, _ in samplers]
+        n_per = [len(s.drafts) for s in samplers]
         B = len(samplers)
         rows_per = [n + 1 for n in n_per]
-        params = [s.params for s, _, _ in samplers]
+        params = [s.seq.params for s in samplers]
         temp = torch.tensor([p.temperature for p, n in zip(params, rows_per) for _ in range(n)], device=dev)
         top_k = torch.tensor([p.top_k for p, n in zip(params, rows_per) for _ in range(n)], device=dev)
         top_p = torch.tensor([p.top_p for p, n in zip(params, rows_per) for _ in range(n)], device=dev)
         target_probs = logits_to_probs(logits, temp, top_k, top_p)  # [N + B, V]
         is_greedy = torch.tensor([p.greedy for p in params], device=dev)
-        draft_ids = torch.tensor([t for _, d, _ in samplers for t in d], dtype=torch.long, device=dev)
+        draft_ids = torch.tensor([t for s in samplers for t in s.drafts], dtype=torch.long, device=dev)
         cu = torch.tensor(list(itertools.accumulate(n_per)), dtype=torch.long, device=dev)
         probs, prob_ids = _stack_proposals(samplers, n_per, dev)
         V = logits.shape[-1]
@@ -474,14 +481,16 @@ class Engine:
         return seqs
 
 
-def _stack_proposals(samplers, n_per: list[int], dev) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+def _stack_proposals(
+    samplers: list[_Sampling], n_per: list[int], dev
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Concatenate the blocks' proposal distributions into the sparse layout of the sampler.
 
     Blocks without probabilities (deterministic proposals) become one-hot entries, so one
     batch can mix drafters' conventions.  Returns (values [N, K], ids [N, K]) or (None, None)
     when every proposal is one-hot.
     """
-    used = [(blk, n) for (_, _, blk), n in zip(samplers, n_per) if n > 0]
+    used = [(s.block, n) for s, n in zip(samplers, n_per) if n > 0]
     if not used or all(blk.probs is None for blk, _ in used):
         return None, None
     K = max(blk.probs.shape[-1] if blk.probs is not None else 1 for blk, _ in used)
