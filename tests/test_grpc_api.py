@@ -255,3 +255,32 @@ def test_cancel_aborts_the_request(stack, stub):
     call.cancel()
     wait_idle(stack, timeout=10)
     assert stack.worker.stats().finished_requests == finished_before
+
+
+def test_outputs_ending_without_a_final_one_are_internal(stack):
+    """A backend whose outputs stop before the finished one: INTERNAL naming it, stream or unary."""
+
+    class EndsEarly(LocalBackend):
+        async def generate(self, prompt_ids, params, request_id=None):
+            outputs = super().generate(prompt_ids, params, request_id)
+            try:
+                yield await outputs.__anext__()
+            finally:
+                await outputs.aclose()
+
+    loop = LoopThread()
+    backend = EndsEarly(stack.worker, stack.model)
+    server, port = loop.run(start_grpc_server(backend, stack.engine.tokenizer, RouterConfig(api_key="")))
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            stub = generate_pb2_grpc.GenerationServiceStub(ch)
+            req = pb.GenerateRequest(prompt=LONG_PROMPT, max_tokens=200, temperature=0.0)
+            for call in (lambda: stub.GenerateUnary(req, timeout=60), lambda: list(stub.Generate(req, timeout=60))):
+                with pytest.raises(grpc.RpcError) as err:
+                    call()
+                assert err.value.code() == grpc.StatusCode.INTERNAL
+                assert "without a final output" in err.value.details()
+    finally:
+        loop.run(server.stop(grace=1))
+        loop.close()
+    wait_idle(stack)

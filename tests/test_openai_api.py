@@ -299,6 +299,25 @@ def test_engine_error_mid_stream_sends_error_event(stack):
     wait_idle(stack)
 
 
+def test_outputs_ending_without_a_final_one_are_a_server_error(stack):
+    """A backend whose outputs stop before the finished one: 500 naming it, never a partial 200."""
+
+    class EndsEarly(LocalBackend):
+        async def generate(self, prompt_ids, params, request_id=None):
+            outputs = super().generate(prompt_ids, params, request_id)
+            try:
+                yield await outputs.__anext__()
+            finally:
+                await outputs.aclose()
+
+    app = make_http_app(EndsEarly(stack.worker, stack.model), stack.tok, RouterConfig(api_key=""))
+    with serve(app) as url, httpx.Client(base_url=url, timeout=60) as c:
+        body = {"messages": LONG_CHAT, "max_tokens": 200, "temperature": 0, "stream": False}
+        r = c.post("/v1/chat/completions", json=body)
+        assert r.status_code == 500 and "without a final output" in r.json()["error"]["message"]
+    wait_idle(stack)
+
+
 # ---------------------------------------------------------------------------- endpoints
 def test_models_health_and_openapi(stack, client, http):
     models = client.models.list().data

@@ -6,6 +6,7 @@ process (:class:`LocalBackend`), or a Ray Serve deployment handle wrapped by the
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, AsyncIterator, Protocol, runtime_checkable
 
 from dspark.workers.request import RequestOutput, SamplingParams
@@ -20,6 +21,42 @@ class BackendUnavailable(RuntimeError):
     Front ends answer HTTP 503 / gRPC UNAVAILABLE: the client may retry, unlike an INTERNAL
     error of the engine itself.
     """
+
+
+class IncompleteOutput(RuntimeError):
+    """A backend's outputs for a request ended before its final output (``finished``).
+
+    A fault of the backend, not of the client: front ends answer it as an engine error
+    (HTTP 500 / gRPC INTERNAL).
+    """
+
+    def __init__(self) -> None:
+        super().__init__("the backend ended the request without a final output")
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A whole request, read by :func:`collect`: what a non-streaming answer carries."""
+
+    text: str  # every output's text delta, joined
+    token_ids: list[int]  # every output's new token ids, in order
+    final: RequestOutput  # the last output: finish reason, usage, speculative-decoding metrics
+
+
+async def collect(outputs: AsyncIterator[RequestOutput]) -> Completion:
+    """Read a request's outputs up to its final one; the caller closes ``outputs``.
+
+    The backend's own errors pass through; outputs that end without a final one raise
+    :class:`IncompleteOutput`.  Both client APIs' non-streaming calls answer from this.
+    """
+    pieces: list[str] = []
+    token_ids: list[int] = []
+    async for out in outputs:
+        pieces.append(out.text_delta)
+        token_ids.extend(out.new_token_ids)
+        if out.finished:
+            return Completion("".join(pieces), token_ids, out)
+    raise IncompleteOutput()
 
 
 @runtime_checkable

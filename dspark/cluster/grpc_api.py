@@ -28,7 +28,7 @@ from typing import Any, AsyncIterator, Callable
 import grpc
 from google.protobuf.message import DecodeError
 
-from dspark.cluster.backend import BackendUnavailable, GenerationBackend
+from dspark.cluster.backend import BackendUnavailable, GenerationBackend, IncompleteOutput, collect
 from dspark.cluster.validation import (
     ChatTurn,
     ErrorKind,
@@ -123,7 +123,7 @@ class GenerationServicer(generate_pb2_grpc.GenerationServiceServicer):
                 if out.finished:
                     break
             else:
-                failure = _failure(RuntimeError("the backend ended the request without a final output"))
+                failure = _failure(IncompleteOutput())
         except Exception as exc:  # noqa: BLE001 - mapped to a status below
             failure = _failure(exc)
         finally:
@@ -134,26 +134,16 @@ class GenerationServicer(generate_pb2_grpc.GenerationServiceServicer):
     async def GenerateUnary(self, request, context: grpc.aio.ServicerContext):
         prepared, client_id = await self._admit(request, context)
         outputs = self.backend.generate(prepared.prompt_ids, prepared.params, f"grpc-{uuid.uuid4().hex}")
-        pieces: list[str] = []
-        token_ids: list[int] = []
-        last: RequestOutput | None = None
         failure = None
         try:
-            async for out in outputs:
-                pieces.append(out.text_delta)
-                token_ids.extend(out.new_token_ids)
-                last = out
-                if out.finished:
-                    break
-            if last is None or not last.finished:
-                raise RuntimeError("the backend ended the request without a final output")
+            done = await collect(outputs)
         except Exception as exc:  # noqa: BLE001
             failure = _failure(exc)
         finally:
             await _close(outputs)
         if failure is not None:
             await context.abort(*failure)
-        return response_from_output(last, client_id, prepared.model, "".join(pieces), token_ids)
+        return response_from_output(done.final, client_id, prepared.model, done.text, done.token_ids)
 
     async def _admit(self, request, context: grpc.aio.ServicerContext) -> tuple[PreparedRequest, str]:
         """Validate (the interceptor has authenticated); aborts the call with the matching status on failure."""

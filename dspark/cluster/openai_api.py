@@ -38,7 +38,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import dspark
 from dspark.cluster import openai_types as T
-from dspark.cluster.backend import BackendUnavailable, GenerationBackend
+from dspark.cluster.backend import BackendUnavailable, GenerationBackend, collect
 from dspark.cluster.validation import ErrorKind, PreparedRequest, RequestError, RouterConfig, check_bearer, check_model
 from dspark.cluster.validation import prepare_request
 from dspark.models.tokenizer import Tokenizer
@@ -285,23 +285,15 @@ async def _stream(outputs: AsyncIterator[RequestOutput], fmt: _Format, include_u
 
 
 async def _whole(outputs: AsyncIterator[RequestOutput], fmt: _Format, send: Send) -> None:
-    pieces: list[str] = []
-    last: RequestOutput | None = None
     try:
-        async for out in outputs:
-            pieces.append(out.text_delta)
-            last = out
-            if out.finished:
-                break
-        if last is None or not last.finished:
-            raise RuntimeError("the backend ended the request without a final output")
+        done = await collect(outputs)
     except Exception as exc:  # noqa: BLE001
         status, body = _backend_error(exc)
         await _send_json(send, status, body)
         return
     finally:
         await _close(outputs)
-    await _send_json(send, 200, fmt.whole("".join(pieces), last))
+    await _send_json(send, 200, fmt.whole(done.text, done.final))
 
 
 async def _close(outputs: AsyncIterator[RequestOutput]) -> None:
