@@ -226,9 +226,11 @@ def speed_run(name: str | None, prompts: list[list[int]], temperature: float, bl
     try:
         eng = built.engine
         if adaptive:
-            from dspark.workers.budget_policy import AdaptiveBudget, VerifyPolicy, profile_step_costs
+            from dspark.workers.budget_policy import AdaptiveBudget, profile_step_costs
+            from dspark.workers.scheduling import VerifyPolicy
 
-            eng.budget = AdaptiveBudget(profile_step_costs(eng.runner), VerifyPolicy(max_block_len=block))
+            policy = VerifyPolicy(max_block_len=block, budget_mode="algorithm1")
+            eng.budget = AdaptiveBudget(profile_step_costs(eng.runner), policy)
         # Warm-up (first-call allocations, oneDNN kernel selection) on a short request.
         eng.generate([prompts[0]], SamplingParams(max_tokens=8, temperature=temperature, seed=1))
         n, dt = 0, 0.0

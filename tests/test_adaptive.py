@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from dspark.cluster.scheduler import GlobalScheduler, SchedulerConfig, compute_policy, pressure_of
-from dspark.cluster.state_types import Demand
-from dspark.workers.budget_policy import AdaptiveBudget, CostModel, VerifyPolicy, profile_step_costs
+from dspark.workers.budget_policy import AdaptiveBudget, CostModel, profile_step_costs
 from dspark.workers.drafters.base import DraftBlock
 from dspark.workers.engine import Engine, EngineConfig
 from dspark.workers.request import SamplingParams
 from dspark.workers.runner import LocalRunner, RunnerConfig
+from dspark.workers.scheduling import Demand, VerifyPolicy
 
 # A made-up cost curve: flat up to 8 tokens, then each token costs as much as a whole step.
 COSTS = CostModel(token_counts=[1, 8, 16], step_seconds=[1.0, 1.0, 9.0])

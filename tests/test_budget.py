@@ -247,7 +247,8 @@ def _adaptive_policy(mode: str, warmup_steps: int):
     The warm-up steps verify an unrelated block (survival 0.8, 0.72), as a verifier does before
     the request of interest arrives; then the block whose second confidence depends on x_1.
     """
-    from dspark.workers.budget_policy import AdaptiveBudget, CostModel, VerifyPolicy
+    from dspark.workers.budget_policy import AdaptiveBudget, CostModel
+    from dspark.workers.scheduling import VerifyPolicy
     from dspark.workers.drafters.base import DraftBlock
 
     # The same curve as APPENDIX_A_TABLE: 1, 2 and 1/0.45 s for 1, 2 and 3 tokens.

@@ -242,7 +242,7 @@ def test_api_key(stack):
 
 def test_cancel_aborts_the_request(stack, stub):
     wait_idle(stack)
-    finished_before = stack.worker.stats().finished_requests
+    finished_before = stack.worker.finished_requests
     req = pb.GenerateRequest(
         messages=pb.ChatMessages(items=[pb.ChatMessage(role="user", content=LONG_PROMPT)]),
         max_tokens=400,
@@ -254,7 +254,7 @@ def test_cancel_aborts_the_request(stack, stub):
             break
     call.cancel()
     wait_idle(stack, timeout=10)
-    assert stack.worker.stats().finished_requests == finished_before
+    assert stack.worker.finished_requests == finished_before
 
 
 def test_outputs_ending_without_a_final_one_are_internal(stack):

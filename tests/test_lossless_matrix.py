@@ -20,11 +20,12 @@ import collections
 
 import pytest
 
-from dspark.workers.budget_policy import AdaptiveBudget, CostModel, VerifyPolicy
+from dspark.workers.budget_policy import AdaptiveBudget, CostModel
 from dspark.workers.engine import fixed_budget
 from dspark.workers.factory import EngineSpec, build_engine
 from dspark.workers.request import SamplingParams
 from dspark.workers.runner import RunnerConfig
+from dspark.workers.scheduling import VerifyPolicy
 from spec_stats import chisquare_pvalue, second_token_law
 
 DRAFTERS = {

@@ -253,7 +253,7 @@ def test_concurrent_requests_all_complete(stack, base):
 
 def test_disconnect_mid_stream_aborts_the_request(stack, base):
     wait_idle(stack)
-    finished_before = stack.worker.stats().finished_requests
+    finished_before = stack.worker.finished_requests
     body = {"messages": LONG_CHAT, "max_tokens": 400, "temperature": 0, "stream": True}
     with httpx.Client(base_url=base, timeout=60) as c:
         with c.stream("POST", "/v1/chat/completions", json=body) as r:
@@ -267,12 +267,12 @@ def test_disconnect_mid_stream_aborts_the_request(stack, base):
             assert stack.engine.num_active == 1
     # The connection is closed: the server must abort the request, not decode 400 tokens.
     wait_idle(stack, timeout=10)
-    assert stack.worker.stats().finished_requests == finished_before
+    assert stack.worker.finished_requests == finished_before
     # The same for a non-streaming request whose client gives up waiting.
     with httpx.Client(base_url=base, timeout=1.5) as c, pytest.raises(httpx.ReadTimeout):
         c.post("/v1/chat/completions", json={**body, "stream": False})
     wait_idle(stack, timeout=10)
-    assert stack.worker.stats().finished_requests == finished_before
+    assert stack.worker.finished_requests == finished_before
 
 
 def test_engine_error_mid_stream_sends_error_event(stack):

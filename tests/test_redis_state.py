@@ -11,14 +11,13 @@ pytest.importorskip("redis")
 
 from dspark.cluster.redis_server import RedisServerError, ensure_redis_server, ping  # noqa: E402
 from dspark.cluster.redis_state import (  # noqa: E402
-    Demand,
     Keys,
-    Policy,
     PolicyFollower,
     RedisState,
     RedisUnavailable,
     StateConfig,
 )
+from dspark.workers.scheduling import Demand, VerifyPolicy  # noqa: E402
 
 
 def run(coro, timeout_s: float = 20.0):
@@ -162,9 +161,9 @@ def test_policy_versions_increment_and_poke_subscribers(redis_server, redis_pref
             assert await verifier.get_policy_version("vg0") == 0
 
             async with verifier.subscribe_policy("vg0") as sub, verifier.subscribe_policy("vg1") as other:
-                p1 = await scheduler.publish_policy("vg0", Policy(max_block_len=4))
+                p1 = await scheduler.publish_policy("vg0", VerifyPolicy(max_block_len=4))
                 p2 = await scheduler.publish_policy(
-                    "vg0", Policy(max_block_len=8, survival_floor=0.25, budget_mode="algorithm1")
+                    "vg0", VerifyPolicy(max_block_len=8, survival_floor=0.25, budget_mode="algorithm1")
                 )
                 assert (p1.version, p2.version) == (1, 2)
                 assert await sub.get(timeout_s=2) == 1
@@ -176,19 +175,19 @@ def test_policy_versions_increment_and_poke_subscribers(redis_server, redis_pref
             got = await verifier.get_policy("vg0")
             assert got == p2 and got.version == 2 and got.budget_mode == "algorithm1"
             # Another publisher continues the same sequence.
-            p3 = await verifier.publish_policy("vg0", Policy())
+            p3 = await verifier.publish_policy("vg0", VerifyPolicy())
             assert p3.version == 3
-            assert (await scheduler.publish_policy("vg1", Policy())).version == 1  # per group
+            assert (await scheduler.publish_policy("vg1", VerifyPolicy())).version == 1  # per group
 
     run(body())
 
 
 def test_policy_json_is_validated() -> None:
-    p = Policy(version=3, max_block_len=5, survival_floor=0.5, budget_mode="production",
+    p = VerifyPolicy(version=3, max_block_len=5, survival_floor=0.5, budget_mode="production",
                max_batch_size=32, target_tokens_per_s_per_user=60)  # fmt: skip
-    assert Policy.from_json(p.to_json()) == p
-    assert isinstance(Policy(target_tokens_per_s_per_user=60).target_tokens_per_s_per_user, float)
-    assert Policy.from_json('{"max_block_len": 3, "added_later": true}') == Policy(max_block_len=3)
+    assert VerifyPolicy.from_json(p.to_json()) == p
+    assert isinstance(VerifyPolicy(target_tokens_per_s_per_user=60).target_tokens_per_s_per_user, float)
+    assert VerifyPolicy.from_json('{"max_block_len": 3, "added_later": true}') == VerifyPolicy(max_block_len=3)
     for bad in (
         '{"budget_mode": "yolo"}',
         '{"max_block_len": 0}',
@@ -202,7 +201,7 @@ def test_policy_json_is_validated() -> None:
         "cos\nsystem\n(S'echo'\ntR.",  # a pickle is just invalid JSON here
     ):
         with pytest.raises(ValueError):
-            Policy.from_json(bad)
+            VerifyPolicy.from_json(bad)
 
 
 # ------------------------------------------------------------------ outages
@@ -223,9 +222,9 @@ def test_redis_outage_is_reported_fast_and_recovers(private_redis_server, redis_
             server, redis_prefix, **cfg
         ) as scheduler, state.subscribe_policy("vg0") as sub:
             follower = PolicyFollower(state, "vg0")
-            assert follower.current == Policy()  # safe default before anything is published
-            await scheduler.publish_policy("vg0", Policy(max_block_len=4))
-            await scheduler.publish_policy("vg0", Policy(max_block_len=5))
+            assert follower.current == VerifyPolicy()  # safe default before anything is published
+            await scheduler.publish_policy("vg0", VerifyPolicy(max_block_len=4))
+            await scheduler.publish_policy("vg0", VerifyPolicy(max_block_len=5))
             assert (await follower.refresh()).version == 2 and not follower.stale
             assert [await sub.get(timeout_s=2), await sub.get(timeout_s=2)] == [1, 2]
             await state.heartbeat("verifier", "vg0")
@@ -238,7 +237,7 @@ def test_redis_outage_is_reported_fast_and_recovers(private_redis_server, redis_
             await expect_unavailable(state.put_demand("vg0", Demand(active_requests=1)))
             await expect_unavailable(state.get_policy("vg0"))
             await expect_unavailable(state.record_arrivals())
-            await expect_unavailable(scheduler.publish_policy("vg0", Policy(max_block_len=6)))
+            await expect_unavailable(scheduler.publish_policy("vg0", VerifyPolicy(max_block_len=6)))
             await expect_unavailable(sub.get(timeout_s=1))
             assert await state.ping() is False
             kept = await follower.refresh()  # keeps serving with the last policy
@@ -251,7 +250,7 @@ def test_redis_outage_is_reported_fast_and_recovers(private_redis_server, redis_
             # The subscription re-subscribes by itself on its next read.
             assert await sub.get(timeout_s=0.2) is None
             # The scheduler's versions keep increasing although Redis lost its counter.
-            p = await scheduler.publish_policy("vg0", Policy(max_block_len=6))
+            p = await scheduler.publish_policy("vg0", VerifyPolicy(max_block_len=6))
             assert p.version == 3
             assert await sub.get(timeout_s=2) == 3
             now = await follower.refresh()
@@ -267,10 +266,10 @@ def test_policy_follower_adopts_versions_after_a_full_reset(private_redis_server
         async with make_state(server, redis_prefix) as state:
             follower = PolicyFollower(state, "vg0")
             for n in (2, 3, 4):
-                await make_and_publish(server, redis_prefix, Policy(max_block_len=n))
+                await make_and_publish(server, redis_prefix, VerifyPolicy(max_block_len=n))
             assert (await follower.refresh()).version == 3
             server.restart()  # Redis and scheduler both start over: version 1 again
-            p = await make_and_publish(server, redis_prefix, Policy(max_block_len=9))
+            p = await make_and_publish(server, redis_prefix, VerifyPolicy(max_block_len=9))
             assert p.version == 1
             assert await follower.refresh() == p
 

@@ -102,10 +102,10 @@ class LocalBackend:
         return self.worker.generate(prompt_ids, params, request_id)
 
     async def health(self) -> dict[str, object]:
-        s = self.worker.stats()
+        s = self.worker.demand()
         return {
             "active_requests": s.active_requests,
             "queued_requests": s.queued_requests,
-            "steps": s.steps,
+            "steps": self.worker.engine.num_steps,
             "mean_acceptance_length": round(s.mean_acceptance_length, 4),
         }

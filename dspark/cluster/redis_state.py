@@ -34,18 +34,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from dspark.cluster.state_types import BUDGET_MODES, Demand, Policy
+from dspark.workers.scheduling import Demand, VerifyPolicy
 
 log = logging.getLogger(__name__)
 
 ROLES: tuple[str, ...] = ("router", "verifier", "drafter", "scheduler")
 
 __all__ = [
-    "BUDGET_MODES",
     "ROLES",
-    "Demand",
     "Keys",
-    "Policy",
     "PolicyFollower",
     "PolicySubscription",
     "RedisState",
@@ -178,7 +175,7 @@ class RedisState:
         state = RedisState(StateConfig(url=url))
         await state.heartbeat("verifier", "vg0", {"address": "127.0.0.1:5000"})
         await state.put_demand("vg0", Demand(active_requests=3))
-        version = (await state.publish_policy("vg0", Policy(max_block_len=4))).version
+        version = (await state.publish_policy("vg0", VerifyPolicy(max_block_len=4))).version
         await state.close()
     """
 
@@ -402,7 +399,7 @@ class RedisState:
 
     # ------------------------------------------------------------ policy
 
-    async def publish_policy(self, group: str, policy: Policy) -> Policy:
+    async def publish_policy(self, group: str, policy: VerifyPolicy) -> VerifyPolicy:
         """Store `policy` for `group` under a new version and poke subscribers.
 
         The version comes from Redis (INCR), never lower than the last one this
@@ -426,7 +423,7 @@ class RedisState:
         value = await self._run("get_policy_version", lambda: self._redis.get(self.keys.policy_version(group)))
         return int(value or 0)
 
-    async def get_policy(self, group: str) -> Policy | None:
+    async def get_policy(self, group: str) -> VerifyPolicy | None:
         """The latest published policy for `group`, or None if none was published."""
         _check_name("group", group)
         row = await self._run("get_policy", lambda: self._redis.hgetall(self.keys.policy(group)))
@@ -434,7 +431,7 @@ class RedisState:
             return None
         try:
             version = int(row["version"])
-            return Policy.from_json(row["policy"]).with_version(version)
+            return VerifyPolicy.from_json(row["policy"]).with_version(version)
         except (KeyError, ValueError) as exc:
             raise ValueError(f"malformed policy for group {group}: {exc}") from exc
 
@@ -503,20 +500,20 @@ class PolicySubscription:
 class PolicyFollower:
     """A verifier group's view of its policy that survives Redis outages.
 
-    `current` starts as `default` (a safe Policy) and changes only when
+    `current` starts as `default` (a safe VerifyPolicy) and changes only when
     refresh() reads a different published version; while Redis is
     unreachable it keeps the last policy and `stale` is True. A version
     lower than the current one means Redis lost its data and the scheduler
     started over, so any differing version is adopted.
     """
 
-    def __init__(self, state: RedisState, group: str, default: Policy | None = None) -> None:
+    def __init__(self, state: RedisState, group: str, default: VerifyPolicy | None = None) -> None:
         self._state = state
         self.group = _check_name("group", group)
-        self.current: Policy = default or Policy()
+        self.current: VerifyPolicy = default or VerifyPolicy()
         self.stale = False
 
-    async def refresh(self) -> Policy:
+    async def refresh(self) -> VerifyPolicy:
         """Poll Redis (one GET, plus one HGETALL on change); return the policy to use."""
         try:
             version = await self._state.get_policy_version(self.group)

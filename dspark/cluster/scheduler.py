@@ -22,7 +22,7 @@ import logging
 import time
 from dataclasses import dataclass
 
-from dspark.cluster.state_types import Demand, Policy
+from dspark.workers.scheduling import Demand, VerifyPolicy
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +49,12 @@ def pressure_of(demand: Demand, slots: int, arrivals_per_s: float = 0.0, groups:
     return (demand.active_requests + demand.queued_requests + expected) / max(1, slots)
 
 
-def compute_policy(pressure: float, cfg: SchedulerConfig, demand: Demand | None = None, slots: int = 0) -> Policy:
+def compute_policy(
+    pressure: float, cfg: SchedulerConfig, demand: Demand | None = None, slots: int = 0
+) -> VerifyPolicy:
     """The policy for a group at ``pressure`` (pure function; the version is set on publish).
 
-    Example: idle -> Policy(max_block_len=7, survival_floor=0.0); busy -> (2, 0.5).
+    Example: idle -> VerifyPolicy(max_block_len=7, survival_floor=0.0); busy -> (2, 0.5).
     """
     span = max(1e-9, cfg.busy_pressure - cfg.idle_pressure)
     x = min(1.0, max(0.0, (pressure - cfg.idle_pressure) / span))
@@ -65,7 +67,7 @@ def compute_policy(pressure: float, cfg: SchedulerConfig, demand: Demand | None 
         if per_user < target and demand.active_requests > 1:
             # Users are slower than promised: stop growing the batch (queue instead).
             max_batch = max(1, min(max_batch, demand.active_requests))
-    return Policy(
+    return VerifyPolicy(
         max_block_len=max(1, max_block),
         survival_floor=floor,
         budget_mode=cfg.budget_mode,
@@ -74,7 +76,7 @@ def compute_policy(pressure: float, cfg: SchedulerConfig, demand: Demand | None 
     )
 
 
-def same_policy(a: Policy | None, b: Policy) -> bool:
+def same_policy(a: VerifyPolicy | None, b: VerifyPolicy) -> bool:
     if a is None:
         return False
     strip = lambda p: dataclasses.replace(p, version=0)  # noqa: E731
@@ -89,10 +91,10 @@ class GlobalScheduler:
         self.cfg = cfg
         self.member = member
         self._pressure: dict[str, float] = {}
-        self.published: dict[str, Policy] = {}
+        self.published: dict[str, VerifyPolicy] = {}
         self.rounds = 0
 
-    async def tick(self) -> dict[str, Policy]:
+    async def tick(self) -> dict[str, VerifyPolicy]:
         """One round: read everything, publish what changed.  Returns the policies in force."""
         await self.state.heartbeat("scheduler", self.member, {"interval_s": self.cfg.interval_s})
         verifiers = await self.state.alive("verifier")

@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING
 
 from dspark.cluster.config import ClusterConfig, InternalTLS, cluster_state
 from dspark.cluster.background import BackgroundLoop
-from dspark.workers.budget_policy import VerifyPolicy
 from dspark.workers.drafters import registry
 
 if TYPE_CHECKING:
@@ -114,10 +113,7 @@ class VerifierGroup:
     async def _follow_policy(self) -> None:
         p = await self.follower.refresh()
         if p.version and (self.budget.policy.version != p.version):
-            self.budget.set_policy(VerifyPolicy(
-                version=p.version, max_block_len=p.max_block_len, survival_floor=p.survival_floor,
-                budget_mode=p.budget_mode, max_batch_size=p.max_batch_size,
-            ))
+            self.budget.set_policy(p)
             self.engine.max_batch = max(1, min(self.cfg.n_slots, p.max_batch_size))
 
     async def _measure_drafting(self) -> None:
@@ -131,29 +127,26 @@ class VerifierGroup:
 
     def routing_stats(self) -> dict:
         """Headroom for the router: free request capacity under the current policy."""
-        st = self.worker.stats()
+        st = self.worker.demand()
         cap = self.engine.max_batch
         return {"headroom": cap - st.active_requests - st.queued_requests, "active": st.active_requests,
                 "queued": st.queued_requests, "group": self.group_id}
 
     def stats(self) -> dict:
-        """The worker's demand figures plus what metrics want: budget, policy version, pid."""
-        return {**dataclasses.asdict(self.worker.stats()), "verification_budget": self.budget_meter.value,
+        """The worker's demand figures and counters plus what metrics want: budget, policy version, pid."""
+        demand = dataclasses.asdict(self.worker.demand())
+        del demand["timestamp"]  # unstamped here: only the report to Redis carries a time
+        return {**demand, "steps": self.engine.num_steps, "finished_requests": self.worker.finished_requests,
+                "verification_budget": self.budget_meter.value,
                 "policy_version": self.budget.policy.version if self.budget else 0, "pid": os.getpid(),
                 "group": self.group_id}
 
     async def _report(self) -> None:
-        from dspark.cluster.state_types import Demand
-
-        st = self.worker.stats()
+        demand = self.worker.demand()
         info = {"model": self.model_name, "tp": self.cfg.tp, "n_slots": self.cfg.n_slots, "pid": os.getpid(),
                 "policy_version": self.budget.policy.version if self.budget else 0}
         await self.state.heartbeat("verifier", self.group_id, info)
-        await self.state.put_demand(self.group_id, Demand(
-            active_requests=st.active_requests, queued_requests=st.queued_requests,
-            tokens_per_step=st.tokens_per_step, step_latency_s=st.step_latency_s,
-            mean_acceptance_length=st.mean_acceptance_length, timestamp=time.time(),
-        ))
+        await self.state.put_demand(self.group_id, dataclasses.replace(demand, timestamp=time.time()))
 
     def _wait_for_drafters(self, timeout_s: float) -> None:
         """Serve starts draft workers in parallel; give them time to register before serving."""

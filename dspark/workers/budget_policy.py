@@ -7,9 +7,9 @@
   block to verify (Algorithm 1 with its early stop, or the section-5.2 production variant), under
   the policy the global scheduler publishes (max block length, survival floor, mode, batch cap).
 
-The policy arrives from outside through :meth:`AdaptiveBudget.set_policy` (the cluster owns
-Redis; workers never import it).  Swapping the policy is one reference assignment, safe to do
-from another thread between engine steps.
+The policy (:class:`~dspark.workers.scheduling.VerifyPolicy`) arrives from outside through
+:meth:`AdaptiveBudget.set_policy` (the cluster owns Redis; workers never import it).  Swapping
+the policy is one reference assignment, safe to do from another thread between engine steps.
 """
 
 from __future__ import annotations
@@ -23,19 +23,7 @@ import torch
 from dspark.kernels.budget import select_budget_async, select_budget_greedy, survival
 from dspark.workers.drafters.base import DraftBlock
 from dspark.workers.runner import StepInput
-
-BUDGET_MODES = ("fixed", "algorithm1", "production")
-
-
-@dataclass(frozen=True)
-class VerifyPolicy:
-    """What the global scheduler tells a verifier group; every field has a default."""
-
-    version: int = 0  # scheduler's version number (0: local default)
-    max_block_len: int = 64  # verify at most this many drafts per request
-    survival_floor: float = 0.0  # never verify a draft whose survival is below this
-    budget_mode: str = "algorithm1"  # fixed | algorithm1 | production
-    max_batch_size: int = 1024  # requests decoding at once in the group
+from dspark.workers.scheduling import VerifyPolicy
 
 
 @dataclass
@@ -94,7 +82,7 @@ def profile_step_costs(runner, token_counts: list[int] | None = None, repeats: i
 class AdaptiveBudget:
     """Per-step verification budget from confidences, a cost model and the current policy."""
 
-    def __init__(self, costs: CostModel, policy: VerifyPolicy = VerifyPolicy()) -> None:
+    def __init__(self, costs: CostModel, policy: VerifyPolicy) -> None:
         self.costs = costs
         self.policy = policy
         self._table = costs.table(4096)
@@ -103,8 +91,7 @@ class AdaptiveBudget:
         self.steps = 0
 
     def set_policy(self, policy: VerifyPolicy) -> None:
-        if policy.budget_mode not in BUDGET_MODES:
-            raise ValueError(f"unknown budget mode {policy.budget_mode!r}")
+        """Verify under ``policy`` from the next step on (its budget mode was checked when it was made)."""
         self.policy = policy
 
     def set_costs(self, costs: CostModel) -> None:

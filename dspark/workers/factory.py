@@ -14,11 +14,12 @@ import torch
 
 from dspark.models.loader import LoadedModel, load_model, load_tokenizer
 from dspark.models.tokenizer import Tokenizer
-from dspark.workers.budget_policy import AdaptiveBudget, CostModel, VerifyPolicy, profile_step_costs
+from dspark.workers.budget_policy import AdaptiveBudget, CostModel, profile_step_costs
 from dspark.workers.drafters import registry
 from dspark.workers.drafters.base import Drafter
 from dspark.workers.engine import Engine, EngineConfig, VerifyBudget, fixed_budget
 from dspark.workers.runner import LocalRunner, RunnerConfig, TPGroup, TPSpec
+from dspark.workers.scheduling import VerifyPolicy
 from dspark.workers.spec_gate import SpeculationGate
 
 VERIFY_POLICIES = ("fixed", "adaptive")
@@ -124,7 +125,9 @@ def build_engine(
     if spec.verify_policy == "adaptive":
         # Profile before serving, while every cache slot is free.
         costs = profile_step_costs(runner)
-        budget = adaptive = AdaptiveBudget(costs, VerifyPolicy(max_block_len=spec.block_len))
+        # The local policy until a scheduler publishes one: Algorithm 1 over whole blocks.
+        local = VerifyPolicy(max_block_len=max(1, spec.block_len), budget_mode="algorithm1")
+        budget = adaptive = AdaptiveBudget(costs, local)
         # Adaptive verification also decides whether to speculate at all, by measured throughput.
         gate = SpeculationGate() if spec.speculation_gate and drafter is not None else None
     cfg = EngineConfig(

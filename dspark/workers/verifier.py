@@ -15,11 +15,11 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass
 from typing import AsyncIterator
 
 from dspark.workers.engine import Engine
 from dspark.workers.request import RequestOutput, SamplingParams, SpecMetrics
+from dspark.workers.scheduling import Demand
 
 log = logging.getLogger(__name__)
 
@@ -28,26 +28,14 @@ class EngineError(RuntimeError):
     """The engine failed while serving a request (the request is aborted, others go on)."""
 
 
-@dataclass
-class WorkerStats:
-    """Demand figures a verifier reports (to Redis, to metrics)."""
-
-    active_requests: int
-    queued_requests: int
-    tokens_per_step: float
-    step_latency_s: float
-    mean_acceptance_length: float
-    steps: int
-    finished_requests: int
-
-
 class VerifierWorker:
     """Serves an ``Engine`` to asyncio callers; the engine steps on a thread of its own.
 
     ``generate`` (an async stream of ``RequestOutput``) and ``abort`` may be called from any event
     loop: they queue commands that the engine thread applies between steps, and outputs go back
-    to each caller's loop.  ``stats`` gives the demand figures the cluster reports, ``alive``
-    whether the engine thread runs, ``close`` stops it (after draining, when asked).
+    to each caller's loop.  ``demand`` gives the load figures the cluster reports (``Demand``),
+    ``finished_requests`` and ``engine.num_steps`` count, ``alive`` tells whether the engine
+    thread runs, ``close`` stops it (after draining, when asked).
     """
 
     def __init__(self, engine: Engine, name: str = "verifier") -> None:
@@ -99,17 +87,21 @@ class VerifierWorker:
         self._commands.put(("abort", request_id, None, None))
         self._wake.set()
 
-    def stats(self) -> WorkerStats:
+    def demand(self) -> Demand:
+        """This worker's load now (unstamped: the writer sets ``timestamp``)."""
         m: SpecMetrics = self.engine.metrics
-        return WorkerStats(
+        return Demand(
             active_requests=self.engine.num_active,
             queued_requests=len(self.engine.waiting) + self._commands.qsize(),
             tokens_per_step=self._ema_tokens,
             step_latency_s=self._ema_latency,
             mean_acceptance_length=m.mean_acceptance_length,
-            steps=self.engine.num_steps,
-            finished_requests=self._finished,
         )
+
+    @property
+    def finished_requests(self) -> int:
+        """Requests whose final output the engine produced since start (a health figure)."""
+        return self._finished
 
     @property
     def num_requests(self) -> int:

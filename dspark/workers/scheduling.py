@@ -1,13 +1,19 @@
-"""Typed records the cluster exchanges through Redis: Demand, Policy.
+"""What a verifier group and the global scheduler exchange: the policy in, the demand out.
 
-Pure data: no Redis, no I/O. Each is a frozen dataclass whose constructor
-validates types and ranges (ValueError otherwise), with to_json/from_json
-(JSON only: never pickle or eval). Parsing ignores unknown keys, so a newer
-scheduler can add a field without breaking older verifiers, and fills missing
-keys with defaults.
+* :class:`VerifyPolicy`: how much a verifier verifies (max block length, survival floor, budget
+  mode, batch cap); the scheduler publishes one per group, the group's ``AdaptiveBudget``
+  follows it, and an engine without a scheduler is built with a local one (version 0).
+* :class:`Demand`: a verifier's load (requests decoding and queued, tokens per step, step latency,
+  acceptance length), from ``VerifierWorker.demand()``; the group reports it, the scheduler reads it.
 
-    >>> p = Policy(max_block_len=4, budget_mode="algorithm1")
-    >>> Policy.from_json(p.to_json()) == p
+Defined here, in the workers layer, because the workers make and obey them; the cluster carries
+them through Redis and never mirrors them.  Pure data: no Redis, no torch, no I/O.  Each is a
+frozen dataclass whose constructor validates types and ranges (ValueError otherwise), with
+to_json/from_json (JSON only: never pickle or eval).  Parsing ignores unknown keys, so a newer
+scheduler can add a field without breaking older verifiers, and fills missing keys with defaults.
+
+    >>> p = VerifyPolicy(max_block_len=4, budget_mode="algorithm1")
+    >>> VerifyPolicy.from_json(p.to_json()) == p
     True
 """
 
@@ -20,6 +26,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+# 'fixed' whole blocks, 'algorithm1' greedy budget (paper §3.2), 'production' async variant (§5.2).
 BUDGET_MODES: tuple[str, ...] = ("fixed", "algorithm1", "production")
 
 # ------------------------------------------------------------------ checks
@@ -81,7 +88,7 @@ def _dumps(obj: Mapping[str, Any]) -> str:
 
 @dataclass(frozen=True)
 class Demand:
-    """Load of one verifier group, as it reports it every few steps."""
+    """Load of one verifier group, as it reports it every few steps (the scheduler's input)."""
 
     active_requests: int = 0
     """Requests currently decoding in the group."""
@@ -139,15 +146,16 @@ class Demand:
         return cls(**values)
 
 
-# ------------------------------------------------------------------ Policy
+# ------------------------------------------------------------------ VerifyPolicy
 
 
 @dataclass(frozen=True)
-class Policy:
+class VerifyPolicy:
     """How much one verifier group verifies, set by the global scheduler.
 
     The defaults are the safe fallback a verifier uses before any policy was
-    published or while Redis is unreachable: verify whole blocks.
+    published or while Redis is unreachable: verify whole blocks.  An engine
+    built without a scheduler gets a local policy (``build_engine``).
     """
 
     version: int = 0
@@ -180,18 +188,18 @@ class Policy:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "Policy":
+    def from_dict(cls, data: Mapping[str, Any]) -> "VerifyPolicy":
         return cls(**_known(cls, data))
 
     def to_json(self) -> str:
         return _dumps(self.to_dict())
 
     @classmethod
-    def from_json(cls, text: str | bytes) -> "Policy":
-        return cls.from_dict(_loads_object(text, "Policy"))
+    def from_json(cls, text: str | bytes) -> "VerifyPolicy":
+        return cls.from_dict(_loads_object(text, "VerifyPolicy"))
 
-    def with_version(self, version: int) -> "Policy":
+    def with_version(self, version: int) -> "VerifyPolicy":
         return dataclasses.replace(self, version=version)
 
 
-__all__ = ["BUDGET_MODES", "Demand", "Policy"]
+__all__ = ["BUDGET_MODES", "Demand", "VerifyPolicy"]
