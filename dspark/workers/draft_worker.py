@@ -96,14 +96,15 @@ class _Remote:
 
     def apply(self, new_tokens: list[int], anchor: int) -> None:
         """Mirror a Step: the prompt is the first ``prompt_len`` tokens the Steps carried."""
-        if len(self.cached) + len(new_tokens) < self.prompt_len:
+        full = self.cached + list(new_tokens) + [anchor]  # the anchor may be the prompt's last token
+        if len(full) < self.prompt_len:
             raise ValueError(f"the first Step carries {len(new_tokens)} tokens; the prompt has {self.prompt_len}")
-        self.cached.extend(new_tokens)
         if not self.seq.prompt_ids:
-            self.seq.prompt_ids = self.cached[: self.prompt_len]
-            if self.prompt is not None and self.seq.prompt_ids != self.prompt:
+            if self.prompt is not None and full[: self.prompt_len] != self.prompt:
                 raise ValueError("step tokens do not continue the prompt")
-        self.seq.output_ids = (self.cached + [anchor])[self.prompt_len:]
+            self.seq.prompt_ids = full[: self.prompt_len]
+        self.cached.extend(new_tokens)
+        self.seq.output_ids = full[self.prompt_len:]
         self.seq.num_cached = len(self.cached)
 
 
