@@ -64,7 +64,8 @@ def test_per_user_target_caps_the_batch():
 
 
 def test_scheduler_publishes_policy_that_follows_demand_in_redis(redis_server, redis_prefix):
-    from dspark.cluster.redis_state import PolicyFollower, RedisState, StateConfig
+    from dspark.cluster.policy_follower import PolicyFollower
+    from dspark.cluster.redis_state import RedisState, StateConfig
 
     async def run():
         async with RedisState(StateConfig(url=redis_server.url, prefix=redis_prefix)) as st:

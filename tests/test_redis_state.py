@@ -10,13 +10,10 @@ import pytest
 pytest.importorskip("redis")
 
 from dspark.cluster.redis_server import RedisServerError, ensure_redis_server, ping  # noqa: E402
-from dspark.cluster.redis_state import (  # noqa: E402
-    Keys,
-    PolicyFollower,
-    RedisState,
-    RedisUnavailable,
-    StateConfig,
-)
+from dspark.cluster.policy_follower import PolicyFollower  # noqa: E402
+from dspark.cluster.policy_subscription import PolicySubscription  # noqa: E402
+from dspark.cluster.redis_keys import Keys  # noqa: E402
+from dspark.cluster.redis_state import RedisState, RedisUnavailable, StateConfig  # noqa: E402
 from dspark.workers.scheduling import Demand, VerifyPolicy  # noqa: E402
 
 
@@ -160,7 +157,7 @@ def test_policy_versions_increment_and_poke_subscribers(redis_server, redis_pref
             assert await verifier.get_policy("vg0") is None
             assert await verifier.get_policy_version("vg0") == 0
 
-            async with verifier.subscribe_policy("vg0") as sub, verifier.subscribe_policy("vg1") as other:
+            async with PolicySubscription(verifier, "vg0") as sub, PolicySubscription(verifier, "vg1") as other:
                 p1 = await scheduler.publish_policy("vg0", VerifyPolicy(max_block_len=4))
                 p2 = await scheduler.publish_policy(
                     "vg0", VerifyPolicy(max_block_len=8, survival_floor=0.25, budget_mode="algorithm1")
@@ -220,7 +217,7 @@ def test_redis_outage_is_reported_fast_and_recovers(private_redis_server, redis_
         cfg = dict(socket_timeout_s=0.3, connect_timeout_s=0.3)
         async with make_state(server, redis_prefix, **cfg) as state, make_state(
             server, redis_prefix, **cfg
-        ) as scheduler, state.subscribe_policy("vg0") as sub:
+        ) as scheduler, PolicySubscription(state, "vg0") as sub:
             follower = PolicyFollower(state, "vg0")
             assert follower.current == VerifyPolicy()  # safe default before anything is published
             await scheduler.publish_policy("vg0", VerifyPolicy(max_block_len=4))

@@ -1,26 +1,16 @@
-"""Cluster-wide state in Redis (redis-py asyncio). This module owns every key.
+"""Cluster-wide state in Redis (redis-py asyncio): the connection and every operation on it.
 
-Key layout, all under a configurable prefix P (default "dspark"):
+The key layout (and the one server-side script) is in :mod:`dspark.cluster.redis_keys`;
+how a verifier group follows its policy through outages is
+:class:`~dspark.cluster.policy_follower.PolicyFollower`.
 
-    P:hb:<role>:<member>         string  JSON info of a live member; expires after its TTL
-    P:members:<role>             set     members that ever heartbeated (expired ones pruned on read)
-    P:demand:<group>             hash    Demand fields of a verifier group; expires (demand_ttl_s)
-    P:demand_groups              set     groups that reported demand (pruned on read)
-    P:arrivals:<unix_second>     string  requests that reached a router in that second; expires
-    P:arrivals_total             string  requests that reached a router, ever
-    P:policy_version:<group>     string  policy version counter (INCR)
-    P:policy:<group>             hash    {version, policy (JSON without version), published_at}
-    P:policy_updates:<group>     channel pub/sub poke; the message is the new version number
-
-Roles are "router", "verifier", "drafter" and "scheduler". Heartbeat expiry
-uses Redis's clock (key TTLs), so hosts need not agree on time; arrival
+Heartbeat expiry uses Redis's clock (key TTLs), so hosts need not agree on time; arrival
 buckets use the writer's clock (hosts are assumed NTP-synced).
 
 Failure model: every method raises RedisUnavailable (a ConnectionError)
 when Redis cannot be reached, fast (short socket timeouts, one retry), and
 flips `connected` to False; the next call simply tries again, since redis-py
-reconnects on demand. PolicyFollower wraps this for verifiers: it keeps the
-last good policy (or a safe default) through outages.
+reconnects on demand.
 """
 
 from __future__ import annotations
@@ -34,21 +24,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from dspark.cluster.redis_keys import PUBLISH_POLICY_LUA, Keys, check_name, check_role
 from dspark.workers.scheduling import Demand, VerifyPolicy
 
 log = logging.getLogger(__name__)
 
-ROLES: tuple[str, ...] = ("router", "verifier", "drafter", "scheduler")
-
-__all__ = [
-    "ROLES",
-    "Keys",
-    "PolicyFollower",
-    "PolicySubscription",
-    "RedisState",
-    "RedisUnavailable",
-    "StateConfig",
-]
+__all__ = ["RedisState", "RedisUnavailable", "StateConfig", "redact_url", "redis_errors"]
 
 
 class RedisUnavailable(ConnectionError):
@@ -74,15 +55,6 @@ def redact_url(url: str) -> str:
         return "<unparsable url>"
 
 
-def _check_name(kind: str, value: str) -> str:
-    # Names end up inside key names: keep them printable and bounded.
-    if not isinstance(value, str) or not value or len(value) > 200:
-        raise ValueError(f"{kind} must be a non-empty string of at most 200 characters, got {value!r}")
-    if any(c.isspace() or not c.isprintable() for c in value):
-        raise ValueError(f"{kind} must not contain whitespace or control characters: {value!r}")
-    return value
-
-
 @dataclass(frozen=True)
 class StateConfig:
     """Where the cluster state lives and how patiently to talk to it."""
@@ -105,7 +77,7 @@ class StateConfig:
     """How long per-second arrival buckets are kept; the longest rate window."""
 
     def __post_init__(self) -> None:
-        _check_name("prefix", self.prefix)
+        check_name("prefix", self.prefix)
         for name in ("socket_timeout_s", "connect_timeout_s", "heartbeat_ttl_s", "demand_ttl_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0")
@@ -113,57 +85,8 @@ class StateConfig:
             raise ValueError("retries must be >= 0 and arrival_retention_s >= 1")
 
 
-@dataclass(frozen=True)
-class Keys:
-    """Every Redis key and channel name used by dspark (see the module doc)."""
-
-    prefix: str = "dspark"
-
-    def heartbeat(self, role: str, member: str) -> str:
-        return f"{self.prefix}:hb:{role}:{member}"
-
-    def members(self, role: str) -> str:
-        return f"{self.prefix}:members:{role}"
-
-    def demand(self, group: str) -> str:
-        return f"{self.prefix}:demand:{group}"
-
-    def demand_groups(self) -> str:
-        return f"{self.prefix}:demand_groups"
-
-    def arrivals_bucket(self, unix_second: int) -> str:
-        return f"{self.prefix}:arrivals:{unix_second}"
-
-    def arrivals_total(self) -> str:
-        return f"{self.prefix}:arrivals_total"
-
-    def policy_version(self, group: str) -> str:
-        return f"{self.prefix}:policy_version:{group}"
-
-    def policy(self, group: str) -> str:
-        return f"{self.prefix}:policy:{group}"
-
-    def policy_channel(self, group: str) -> str:
-        return f"{self.prefix}:policy_updates:{group}"
-
-
-# INCR the version (never below the publisher's last version, so a Redis that
-# lost its data does not hand out old numbers again), store the policy and
-# poke subscribers, atomically.
-_PUBLISH_POLICY_LUA = """
-local v = redis.call('INCR', KEYS[1])
-local floor = tonumber(ARGV[2])
-if v <= floor then
-  v = floor + 1
-  redis.call('SET', KEYS[1], v)
-end
-redis.call('HSET', KEYS[2], 'version', v, 'policy', ARGV[1], 'published_at', ARGV[3])
-redis.call('PUBLISH', ARGV[4], v)
-return v
-"""
-
-
-def _redis_errors() -> tuple[type[BaseException], ...]:
+def redis_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions that mean Redis could not be reached."""
     import redis.exceptions as rex
 
     return (rex.ConnectionError, rex.TimeoutError, ConnectionError, TimeoutError, OSError)
@@ -186,7 +109,7 @@ class RedisState:
 
         self.config = config or StateConfig()
         self.keys = Keys(self.config.prefix)
-        self._errors = _redis_errors()
+        self._errors = redis_errors()
         self._redis = aioredis.Redis.from_url(
             self.config.url,
             socket_timeout=self.config.socket_timeout_s,
@@ -195,7 +118,7 @@ class RedisState:
             decode_responses=True,
             health_check_interval=0,
         )
-        self._publish_script = self._redis.register_script(_PUBLISH_POLICY_LUA)
+        self._publish_script = self._redis.register_script(PUBLISH_POLICY_LUA)
         self._last_published: dict[str, int] = {}
         self._connected = False
 
@@ -204,8 +127,8 @@ class RedisState:
         """Whether the most recent call reached Redis."""
         return self._connected
 
-    async def _run(self, what: str, op):
-        """Await op(), translating connection failures into RedisUnavailable."""
+    async def run(self, what: str, op):
+        """Await op(), translating connection failures into RedisUnavailable (and tracking `connected`)."""
         try:
             result = await op()
         except self._errors as exc:
@@ -221,12 +144,16 @@ class RedisState:
     async def ping(self) -> bool:
         """True if Redis answers; never raises for connection problems."""
         try:
-            return bool(await self._run("ping", self._redis.ping))
+            return bool(await self.run("ping", self._redis.ping))
         except RedisUnavailable:
             return False
 
     async def close(self) -> None:
         await self._redis.aclose()
+
+    def pubsub(self):
+        """A redis-py PubSub on this connection (subscribe and read through run())."""
+        return self._redis.pubsub(ignore_subscribe_messages=True)
 
     async def __aenter__(self) -> "RedisState":
         return self
@@ -247,8 +174,8 @@ class RedisState:
 
         `info` (JSON-serialisable, e.g. the member's address) is returned by alive().
         """
-        role = self._check_role(role)
-        _check_name("member", member)
+        role = check_role(role)
+        check_name("member", member)
         ttl_s = self.config.heartbeat_ttl_s if ttl_s is None else ttl_s
         if not ttl_s > 0:
             raise ValueError(f"ttl_s must be > 0, got {ttl_s!r}")
@@ -264,11 +191,11 @@ class RedisState:
                 pipe.sadd(self.keys.members(role), member)
                 await pipe.execute()
 
-        await self._run("heartbeat", op)
+        await self.run("heartbeat", op)
 
     async def alive(self, role: str) -> dict[str, dict[str, Any]]:
         """Members of `role` whose heartbeat has not expired: {member: info}."""
-        role = self._check_role(role)
+        role = check_role(role)
 
         async def op():
             members = sorted(await self._redis.smembers(self.keys.members(role)))
@@ -280,7 +207,7 @@ class RedisState:
                 await self._redis.srem(self.keys.members(role), *dead)
             return {m: v for m, v in zip(members, values) if v is not None}
 
-        raw = await self._run("alive", op)
+        raw = await self.run("alive", op)
         out = {}
         for member, value in raw.items():
             try:
@@ -292,8 +219,8 @@ class RedisState:
 
     async def remove_member(self, role: str, member: str) -> None:
         """Drop a member at once (graceful shutdown) instead of waiting for its TTL."""
-        role = self._check_role(role)
-        _check_name("member", member)
+        role = check_role(role)
+        check_name("member", member)
 
         async def op():
             async with self._redis.pipeline(transaction=True) as pipe:
@@ -301,19 +228,13 @@ class RedisState:
                 pipe.srem(self.keys.members(role), member)
                 await pipe.execute()
 
-        await self._run("remove_member", op)
-
-    @staticmethod
-    def _check_role(role: str) -> str:
-        if role not in ROLES:
-            raise ValueError(f"role must be one of {ROLES}, got {role!r}")
-        return role
+        await self.run("remove_member", op)
 
     # ------------------------------------------------------------ demand
 
     async def put_demand(self, group: str, demand: Demand) -> Demand:
         """Store a group's demand (stamped with the current time if its timestamp is 0)."""
-        _check_name("group", group)
+        check_name("group", group)
         if demand.timestamp <= 0:
             demand = dataclasses.replace(demand, timestamp=time.time())
         key = self.keys.demand(group)
@@ -325,13 +246,13 @@ class RedisState:
                 pipe.sadd(self.keys.demand_groups(), group)
                 await pipe.execute()
 
-        await self._run("put_demand", op)
+        await self.run("put_demand", op)
         return demand
 
     async def get_demand(self, group: str) -> Demand | None:
         """A group's latest demand, or None if it never reported or it expired."""
-        _check_name("group", group)
-        fields = await self._run("get_demand", lambda: self._redis.hgetall(self.keys.demand(group)))
+        check_name("group", group)
+        fields = await self.run("get_demand", lambda: self._redis.hgetall(self.keys.demand(group)))
         return Demand.from_fields(fields) if fields else None
 
     async def all_demand(self) -> dict[str, Demand]:
@@ -350,7 +271,7 @@ class RedisState:
                 await self._redis.srem(self.keys.demand_groups(), *gone)
             return {g: row for g, row in zip(groups, rows) if row}
 
-        rows = await self._run("all_demand", op)
+        rows = await self.run("all_demand", op)
         out = {}
         for group, row in rows.items():
             try:
@@ -375,7 +296,7 @@ class RedisState:
                 pipe.incrby(self.keys.arrivals_total(), count)
                 await pipe.execute()
 
-        await self._run("record_arrivals", op)
+        await self.run("record_arrivals", op)
 
     async def arrival_rate(self, window_s: int = 10, now: float | None = None) -> float:
         """Requests per second over the last `window_s` complete seconds.
@@ -389,12 +310,12 @@ class RedisState:
             raise ValueError(f"window_s must be in [1, {self.config.arrival_retention_s}]")
         current = int(math.floor(time.time() if now is None else now))
         keys = [self.keys.arrivals_bucket(s) for s in range(current - window_s, current)]
-        counts = await self._run("arrival_rate", lambda: self._redis.mget(keys))
+        counts = await self.run("arrival_rate", lambda: self._redis.mget(keys))
         return sum(int(c) for c in counts if c is not None) / window_s
 
     async def arrivals_total(self) -> int:
         """All arrivals ever recorded (since Redis last lost its data)."""
-        value = await self._run("arrivals_total", lambda: self._redis.get(self.keys.arrivals_total()))
+        value = await self.run("arrivals_total", lambda: self._redis.get(self.keys.arrivals_total()))
         return int(value or 0)
 
     # ------------------------------------------------------------ policy
@@ -405,7 +326,7 @@ class RedisState:
         The version comes from Redis (INCR), never lower than the last one this
         instance published for the group. Returns the policy with its version.
         """
-        _check_name("group", group)
+        check_name("group", group)
         body = json.dumps(
             {k: v for k, v in policy.to_dict().items() if k != "version"},
             sort_keys=True,
@@ -413,20 +334,20 @@ class RedisState:
         )
         keys = [self.keys.policy_version(group), self.keys.policy(group)]
         args = [body, self._last_published.get(group, 0), repr(time.time()), self.keys.policy_channel(group)]
-        version = int(await self._run("publish_policy", lambda: self._publish_script(keys=keys, args=args)))
+        version = int(await self.run("publish_policy", lambda: self._publish_script(keys=keys, args=args)))
         self._last_published[group] = version
         return policy.with_version(version)
 
     async def get_policy_version(self, group: str) -> int:
         """Latest published version for `group` (0 if none). One cheap GET."""
-        _check_name("group", group)
-        value = await self._run("get_policy_version", lambda: self._redis.get(self.keys.policy_version(group)))
+        check_name("group", group)
+        value = await self.run("get_policy_version", lambda: self._redis.get(self.keys.policy_version(group)))
         return int(value or 0)
 
     async def get_policy(self, group: str) -> VerifyPolicy | None:
         """The latest published policy for `group`, or None if none was published."""
-        _check_name("group", group)
-        row = await self._run("get_policy", lambda: self._redis.hgetall(self.keys.policy(group)))
+        check_name("group", group)
+        row = await self.run("get_policy", lambda: self._redis.hgetall(self.keys.policy(group)))
         if not row:
             return None
         try:
@@ -434,104 +355,3 @@ class RedisState:
             return VerifyPolicy.from_json(row["policy"]).with_version(version)
         except (KeyError, ValueError) as exc:
             raise ValueError(f"malformed policy for group {group}: {exc}") from exc
-
-    def subscribe_policy(self, group: str) -> "PolicySubscription":
-        """Pub/sub pokes for `group`'s policy; use as `async with`."""
-        _check_name("group", group)
-        return PolicySubscription(self, self.keys.policy_channel(group))
-
-
-class PolicySubscription:
-    """Receives the version numbers published for one group.
-
-        async with state.subscribe_policy("vg0") as sub:
-            version = await sub.get(timeout_s=1.0)   # None if nothing came
-
-    Pokes are hints: one can be lost (e.g. while Redis is down), so readers
-    also poll get_policy_version now and then (PolicyFollower does).
-    """
-
-    def __init__(self, state: RedisState, channel: str) -> None:
-        self._state = state
-        self.channel = channel
-        self._pubsub = None
-
-    async def __aenter__(self) -> "PolicySubscription":
-        await self._subscribe()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
-
-    async def _subscribe(self) -> None:
-        if self._pubsub is None:
-            self._pubsub = self._state._redis.pubsub(ignore_subscribe_messages=True)
-        pubsub = self._pubsub
-        await self._state._run("subscribe", lambda: pubsub.subscribe(self.channel))
-
-    async def get(self, timeout_s: float = 1.0) -> int | None:
-        """The next poked version, or None if none arrived within timeout_s."""
-        if self._pubsub is None:
-            await self._subscribe()
-        pubsub = self._pubsub
-        deadline = time.monotonic() + timeout_s
-        while True:
-            remaining = max(0.0, deadline - time.monotonic())
-            msg = await self._state._run(
-                "policy subscription", lambda: pubsub.get_message(timeout=remaining)
-            )
-            if msg is not None and msg.get("type") == "message":
-                try:
-                    return int(msg["data"])
-                except (TypeError, ValueError):
-                    log.warning("ignoring malformed policy poke %r", msg.get("data"))
-            if time.monotonic() >= deadline:
-                return None
-
-    async def close(self) -> None:
-        if self._pubsub is not None:
-            try:
-                await self._pubsub.aclose()
-            except self._state._errors:
-                pass
-            self._pubsub = None
-
-
-class PolicyFollower:
-    """A verifier group's view of its policy that survives Redis outages.
-
-    `current` starts as `default` (a safe VerifyPolicy) and changes only when
-    refresh() reads a different published version; while Redis is
-    unreachable it keeps the last policy and `stale` is True. A version
-    lower than the current one means Redis lost its data and the scheduler
-    started over, so any differing version is adopted.
-    """
-
-    def __init__(self, state: RedisState, group: str, default: VerifyPolicy | None = None) -> None:
-        self._state = state
-        self.group = _check_name("group", group)
-        self.current: VerifyPolicy = default or VerifyPolicy()
-        self.stale = False
-
-    async def refresh(self) -> VerifyPolicy:
-        """Poll Redis (one GET, plus one HGETALL on change); return the policy to use."""
-        try:
-            version = await self._state.get_policy_version(self.group)
-            if version and version != self.current.version:
-                policy = await self._state.get_policy(self.group)
-                if policy is not None:
-                    if policy.version < self.current.version:
-                        log.warning(
-                            "policy version for %s went back from %d to %d (redis reset); adopting it",
-                            self.group, self.current.version, policy.version,
-                        )  # fmt: skip
-                    self.current = policy
-        except RedisUnavailable:
-            if not self.stale:
-                log.warning("keeping policy v%d for %s: redis unreachable", self.current.version, self.group)
-            self.stale = True
-        except ValueError as exc:
-            log.warning("keeping policy v%d for %s: %s", self.current.version, self.group, exc)
-        else:
-            self.stale = False
-        return self.current

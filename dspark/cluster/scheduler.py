@@ -2,7 +2,7 @@
 
 Every ``interval_s`` it reads each group's demand (active and queued requests, tokens per step,
 step latency, acceptance), its capacity (KV slots, from its heartbeat) and the routers' arrival
-rate, and publishes a versioned policy per group (key + pub/sub poke; see ``redis_state``):
+rate, and publishes a versioned policy per group (key + pub/sub poke; see ``redis_keys``):
 
 * idle (pressure <= ``idle_pressure``): deep verification — the whole block, no survival floor;
 * busy (pressure >= ``busy_pressure``, or requests queuing): only confident prefixes — a short

@@ -65,7 +65,7 @@ class VerifierGroup:
         self.bg.every(1.0, self._discover, "drafter discovery")
         self.bg.every(0.5, self._report, "verifier report")
         if self.budget is not None:
-            from dspark.cluster.redis_state import PolicyFollower
+            from dspark.cluster.policy_follower import PolicyFollower
 
             self.follower = PolicyFollower(self.state, self.group_id)
             self.bg.every(0.25, self._follow_policy, "policy follow")
