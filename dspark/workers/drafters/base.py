@@ -50,6 +50,23 @@ class DraftBlock:
     def __len__(self) -> int:
         return len(self.token_ids)
 
+    def prefix(self, n: int) -> "DraftBlock":
+        """The block's first ``n`` drafts with their proposals and confidences (itself if no longer).
+
+        Example:
+            >>> DraftBlock([5, 6, 7], confidence=[0.9, 0.5, 0.2]).prefix(2).confidence
+            [0.9, 0.5]
+        """
+        if len(self.token_ids) <= n:
+            return self
+        return DraftBlock(
+            token_ids=self.token_ids[:n],
+            probs=None if self.probs is None else self.probs[:n],
+            prob_ids=None if self.prob_ids is None else self.prob_ids[:n],
+            confidence=self.confidence[:n],
+            draft_seconds=self.draft_seconds,
+        )
+
 
 @runtime_checkable
 class Drafter(Protocol):

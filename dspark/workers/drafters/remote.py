@@ -236,7 +236,7 @@ class RemoteDrafter:
                     out.append(DraftBlock.empty())
                 elif r.block is not None:
                     blk, r.block = r.block, None
-                    out.append(_trim(blk, block_len))
+                    out.append(blk.prefix(block_len))
                 else:
                     if not r.awaiting and r.pending_tokens:  # kept during plain steps: draft now
                         self._send_step(r, seq)
@@ -262,15 +262,3 @@ class RemoteDrafter:
             for link in self._links.values():
                 link.close()
             self._links.clear()
-
-
-def _trim(blk: DraftBlock, n: int) -> DraftBlock:
-    if len(blk.token_ids) <= n:
-        return blk
-    return DraftBlock(
-        token_ids=blk.token_ids[:n],
-        probs=None if blk.probs is None else blk.probs[:n],
-        prob_ids=None if blk.prob_ids is None else blk.prob_ids[:n],
-        confidence=blk.confidence[:n],
-        draft_seconds=blk.draft_seconds,
-    )
