@@ -12,7 +12,7 @@
   one pod, and the deployments' maxima fit in the groups' maxima, with each group's Ray
   resources computed by Ray's own KubeRay autoscaler code.
 
-tests/test_deploy.py runs the same checks, plus negative controls that prove each one bites.
+tests/deploy/test_deploy.py runs the same checks, plus negative controls that prove each one bites.
 Needs pyyaml, jsonschema and ray[serve] (the project's `serve` and `test` extras).
 """
 

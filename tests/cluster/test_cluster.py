@@ -43,7 +43,7 @@ def cluster():
                         max_seq=512, torch_threads=1, grpc_port=free_port(), block_timeout_s=20.0,
                         verify_policy="adaptive", scheduler_interval_s=0.25,
                         # Every step speculates, so the sampled test below checks verification
-                        # (the gate's own choice is covered in-process by tests/test_spec_gate.py).
+                        # (the gate's own choice is covered in-process by tests/workers/test_spec_gate.py).
                         speculation_gate=False)
     c = LocalCluster(cfg, http_port=free_port()).start(timeout_s=900)
     yield c
@@ -177,7 +177,7 @@ def test_sampled_first_speculative_token_follows_the_target(cluster, model_fp32)
     distributed as the target's p(x2 | prompt, x1), by a chi-square test."""
     import collections
 
-    from spec_stats import chisquare_pvalue, second_token_law
+    from helpers.spec_stats import chisquare_pvalue, second_token_law
 
     from dspark.proto.dspark.v1 import generate_pb2, generate_pb2_grpc
 

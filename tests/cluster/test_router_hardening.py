@@ -21,14 +21,12 @@ import pytest
 grpc = pytest.importorskip("grpc")
 httpx = pytest.importorskip("httpx")
 
-from test_grpc_api import LoopThread  # noqa: E402
-from test_openai_api import serve  # noqa: E402
-
 from dspark.cluster.backend import LocalBackend  # noqa: E402
 from dspark.cluster.grpc_api import start_grpc_server  # noqa: E402
 from dspark.cluster.openai_api import make_http_app  # noqa: E402
 from dspark.cluster.validation import RouterConfig  # noqa: E402
 from dspark.proto.dspark.v1 import generate_pb2 as pb  # noqa: E402
+from helpers.servers import LoopThread, serve  # noqa: E402
 
 API_KEY = "hardening-test-key"
 GOOD = (("authorization", f"Bearer {API_KEY}"),)

@@ -59,7 +59,7 @@ def test_train_draft_runs_every_stage_end_to_end(tmp_path: Path):
     texts = ["Name three colours.", "Write a haiku about rain.", "What is 2 + 2?", "Say hello in French.",
              "List two fruits.", "Describe a cat.", "Count to five.", "What is the capital of Italy?"]
     prompts.write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in enumerate(texts)))
-    cfg = json.loads((Path(__file__).resolve().parents[1] / "dspark/train/configs/smollm2-135m.json").read_text())
+    cfg = json.loads((Path(__file__).resolve().parents[2] / "dspark/train/configs/smollm2-135m.json").read_text())
     cfg["head"]["trained_vocab"] = 512
     cfg["data"].update(prompts=str(prompts), valid_fraction=0.4, test_fraction=0.1, sampled_responses=1,
                        self_prompts=2, self_prompt_max_tokens=24, max_new_tokens=12, gen_batch=8)
@@ -98,6 +98,6 @@ def test_train_draft_device_cuda_is_refused_clearly_without_cuda(tmp_path: Path)
 
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA: the refusal path does not apply")
-    cfg = Path(__file__).resolve().parents[1] / "dspark/train/configs/smollm2-135m.json"
+    cfg = Path(__file__).resolve().parents[2] / "dspark/train/configs/smollm2-135m.json"
     res = CliRunner().invoke(train_draft, ["--config", str(cfg), "--out", str(tmp_path / "r"), "--device", "cuda"])
     assert res.exit_code == 2 and "CUDA is not available" in res.output and "Traceback" not in res.output

@@ -1,6 +1,6 @@
 """Draft vocabulary: the id map, the reduced Markov block sampling, the head file, the drafter, training.
 
-Pure tests use hand-made tensors and the tiny random target of test_dspark_head; the model-level
+Pure tests use hand-made tensors and the tiny random target of helpers/tiny_models.py; the model-level
 test uses the real default model and the head shipped for it.
 """
 
@@ -25,7 +25,7 @@ from dspark.train.config import OptimConfig, RunConfig, TrainConfig
 from dspark.train.loss import dspark_loss
 from dspark.train.vocab import count_tokens, coverage, rank_ids
 from dspark.workers.drafters.dspark import DSparkDrafter
-from test_dspark_head import TINY_HEAD, V, make_seq, synthetic_store, tiny_head, tiny_target
+from helpers.tiny_models import TINY_HEAD, V, make_seq, synthetic_store, tiny_head, tiny_target
 
 D_FEATS = 2 * TINY_HEAD.dim  # two feature layers
 

@@ -16,7 +16,6 @@ from scipy import stats
 from dspark.models.config import ModelArgs
 from dspark.models.dspark_head import (
     DSparkHead,
-    DSparkHeadConfig,
     block_attention_mask,
     default_head_path,
     load_head,
@@ -25,36 +24,10 @@ from dspark.models.dspark_head import (
 from dspark.models.llama import Transformer
 from dspark.train.calibrate import calibration_report, ece, fit_sts, survival
 from dspark.train.config import LossConfig, OptimConfig, RunConfig, TrainConfig
-from dspark.train.features import FeatureStore
 from dspark.train.loss import confidence_target, dspark_loss, position_weights
 from dspark.workers.drafters.dspark import DSparkDrafter
-from dspark.workers.request import SamplingParams, Sequence
-
-V, D = 64, 32
-TINY_HEAD = DSparkHeadConfig(
-    target_name="tiny", dim=D, vocab_size=V, feature_layers=(1, 3), n_layers=2, n_heads=4, n_kv_heads=2,
-    head_dim=8, intermediate_size=48, block_len=4, markov_rank=8,
-)
-
-
-def tiny_target(seed: int = 0) -> Transformer:
-    torch.manual_seed(seed)
-    args = ModelArgs(vocab_size=V, dim=D, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=8, intermediate_size=48,
-                     max_position_embeddings=256, name="tiny")
-    model = Transformer(args)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.3)
-    return model.eval().requires_grad_(False)
-
-
-def tiny_head(target: Transformer, cfg: DSparkHeadConfig = TINY_HEAD, seed: int = 0) -> DSparkHead:
-    head = DSparkHead(cfg)
-    head.reset_parameters(target, seed=seed)
-    with torch.no_grad():  # make every part matter (the training init zeroes some of them)
-        for p in head.parameters():
-            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(seed + 1)) * 0.2)
-    return head.bind_target(target).eval()
+from dspark.workers.request import SamplingParams
+from helpers.tiny_models import D, TINY_HEAD, V, make_seq, synthetic_store, tiny_head, tiny_target
 
 
 def train_form(head: DSparkHead, feats: torch.Tensor, anchors: torch.Tensor, anchor_ids: torch.Tensor, G: int) -> torch.Tensor:
@@ -67,14 +40,6 @@ def train_form(head: DSparkHead, feats: torch.Tensor, anchors: torch.Tensor, anc
     qpos = (anchors.unsqueeze(-1) + torch.arange(G)).reshape(B, A * G)
     mask = block_attention_mask(torch.full((B,), S), anchors, G, S)
     return head.backbone(x, qpos, kv, mask).view(B, A, G, -1)
-
-
-def make_seq(rid: str, prompt: list[int], anchor: int, temperature: float = 0.0, seed: int = 0) -> Sequence:
-    s = Sequence(request_id=rid, prompt_ids=list(prompt), params=SamplingParams(max_tokens=64, temperature=temperature, seed=seed),
-                 generator=torch.Generator())
-    s.output_ids = [anchor]
-    s.num_cached = len(prompt)
-    return s
 
 
 # ------------------------------------------------------------------------------------------------
@@ -243,17 +208,6 @@ def test_loss_terms_by_hand():
 # ------------------------------------------------------------------------------------------------
 # Checkpoint resume
 # ------------------------------------------------------------------------------------------------
-def synthetic_store(n_seqs: int = 6, length: int = 24, prompt: int = 6, seed: int = 0) -> FeatureStore:
-    g = torch.Generator().manual_seed(seed)
-    N = n_seqs * length
-    return FeatureStore(
-        tokens=torch.randint(0, V, (N,), generator=g), features=torch.randn(N, 2 * D, generator=g).bfloat16(),
-        final=torch.randn(N, D, generator=g).bfloat16(), starts=torch.arange(n_seqs) * length,
-        lengths=torch.full((n_seqs,), length), prompt_lens=torch.full((n_seqs,), prompt),
-        greedy=torch.tensor([i % 2 == 0 for i in range(n_seqs)]),
-    )
-
-
 def test_checkpoint_resume_gives_the_same_state(tmp_path: Path):
     from dspark.train.trainer import train
 

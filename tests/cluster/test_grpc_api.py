@@ -3,8 +3,6 @@ thread) over a real VerifierWorker and engine, called with the synchronous grpc 
 
 from __future__ import annotations
 
-import asyncio
-import threading
 import time
 from types import SimpleNamespace
 
@@ -21,6 +19,7 @@ from dspark.proto.dspark.v1 import generate_pb2 as pb  # noqa: E402
 from dspark.proto.dspark.v1 import generate_pb2_grpc  # noqa: E402
 from dspark.proto.health import GENERATION_SERVICE  # noqa: E402
 from dspark.workers.request import SamplingParams  # noqa: E402
+from helpers.servers import LoopThread  # noqa: E402
 
 PROMPT = "The three primary colors are"
 PROMPT_MAX = 16
@@ -28,23 +27,6 @@ CHAT = [("user", "What is the capital of France? Answer in one sentence.")]
 CHAT_MAX = 24
 API_KEY = "grpc-test-key"
 LONG_PROMPT = "Count from 1 to 300, separated by commas."  # greedy output runs to max_tokens
-
-
-class LoopThread:
-    """An asyncio loop on a daemon thread, for servers the synchronous tests talk to."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-
-    def run(self, coro, timeout: float = 60):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(timeout=10)
-        self.loop.close()
 
 
 @pytest.fixture(scope="module")

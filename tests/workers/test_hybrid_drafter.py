@@ -23,7 +23,7 @@ from dspark.workers.drafters.ngram import NgramDrafter
 from dspark.workers.factory import EngineSpec, build_engine
 from dspark.workers.request import SamplingParams, Sequence
 from dspark.workers.runner import RunnerConfig
-from spec_stats import chisquare_pvalue, second_token_law
+from helpers.spec_stats import chisquare_pvalue, second_token_law
 
 needs_head = pytest.mark.skipif(not default_head_path(DEFAULT_MODEL_NAME).exists(), reason="no DSpark head shipped")
 

@@ -11,7 +11,7 @@ budget, so its first steps are included):
 Engines are built through the factory (the same assembly path the CLI and the cluster use).
 The cost model is made up so that the adaptive budgets make confidence-dependent choices
 (admit a draft only when its survival is high), which is where a biased selector would show.
-The cluster row of the matrix (dspark x adaptive) is in tests/test_cluster.py.
+The cluster row of the matrix (dspark x adaptive) is in tests/cluster/test_cluster.py.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from dspark.workers.factory import EngineSpec, build_engine
 from dspark.workers.request import SamplingParams
 from dspark.workers.runner import RunnerConfig
 from dspark.workers.scheduling import VerifyPolicy
-from spec_stats import chisquare_pvalue, second_token_law
+from helpers.spec_stats import chisquare_pvalue, second_token_law
 
 DRAFTERS = {
     "ngram": (),

@@ -5,10 +5,7 @@ and raw httpx for what the client cannot send (bad bodies, disconnects)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import socket
-import threading
 import time
 from types import SimpleNamespace
 
@@ -27,6 +24,7 @@ from dspark.cluster.openai_api import make_http_app  # noqa: E402
 from dspark.cluster.validation import RouterConfig  # noqa: E402
 from dspark.workers.request import SamplingParams  # noqa: E402
 from dspark.workers.verifier import EngineError  # noqa: E402
+from helpers.servers import serve  # noqa: E402
 
 CHAT = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
 CHAT_MAX = 24
@@ -34,28 +32,6 @@ COMPLETION = "The three primary colors are"
 COMPLETION_MAX = 16
 LONG_CHAT = [{"role": "user", "content": "Count from 1 to 300, separated by commas."}]
 API_KEY = "test-key-123"
-
-
-@contextlib.contextmanager
-def serve(app):
-    """Run ``app`` under uvicorn on a free 127.0.0.1 port in a thread; yields the base URL."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=15)
-        sock.close()
 
 
 @pytest.fixture(scope="module")

@@ -15,12 +15,10 @@ from dspark.cluster.backend import LocalBackend  # noqa: E402
 from dspark.cluster.openai_api import make_http_app  # noqa: E402
 from dspark.cluster.validation import RouterConfig  # noqa: E402
 from dspark.workers.request import SamplingParams  # noqa: E402
+from helpers.servers import serve  # noqa: E402  uvicorn on a free loopback port, in a thread
 
 PROMPT = "The capital of France is"
 MAX_TOKENS = 8
-
-
-from test_openai_api import serve  # uvicorn on a free loopback port, in a thread
 
 
 @pytest.fixture(scope="module")

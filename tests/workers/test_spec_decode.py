@@ -11,7 +11,7 @@ from dspark.workers.engine import Engine, EngineConfig
 from dspark.workers.factory import EngineSpec, build_engine
 from dspark.workers.request import SamplingParams
 from dspark.workers.runner import LocalRunner, RunnerConfig
-from spec_stats import chisquare_pvalue
+from helpers.spec_stats import chisquare_pvalue
 
 DRAFTERS = {
     "ngram": (),
