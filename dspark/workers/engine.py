@@ -8,7 +8,9 @@ speculative decoding share one code path for sampling, stop handling and metrics
 
 Drafting is pluggable (``dspark.workers.drafters``); how many of a block's tokens are verified
 is a per-request variable chosen by a ``VerifyBudget`` (fixed depth by default; the
-confidence-scheduled policies plug in there).
+confidence-scheduled policies plug in there).  ``step()`` follows the paper's Algorithm 1:
+draft, trim each block to what its request may still emit, survival and budget, one batched
+verification, accept.  Each request's part of a step is one record (``step_plan.Scheduled``).
 """
 
 from __future__ import annotations
@@ -17,18 +19,18 @@ import itertools
 import random
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable, NamedTuple, Protocol
+from typing import Callable, Iterable, Protocol
 
 import torch
 
 from dspark.kernels.rejection import rejection_sample
-from dspark.kernels.sampling import logits_to_probs
 from dspark.models.tokenizer import Tokenizer
 from dspark.models.kv_cache import KVCache
 from dspark.workers.drafters.base import AsyncDrafter, DraftBlock, Drafter
 from dspark.workers.request import RequestOutput, SamplingParams, Sequence, SpecMetrics, make_detokenizer
 from dspark.workers.runner import StepInput
 from dspark.workers.spec_gate import SpeculationGate
+from dspark.workers.step_plan import Scheduled, StepPlan
 
 
 @dataclass(frozen=True)
@@ -50,14 +52,6 @@ class VerifyBudget(Protocol):
 def fixed_budget(blocks: list[DraftBlock], block_len: int) -> list[int]:
     """Verify every drafted token up to the block length."""
     return [min(len(b.token_ids), block_len) for b in blocks]
-
-
-class _Sampling(NamedTuple):
-    """A request that samples this step: the drafts it verifies and the block they came from."""
-
-    seq: Sequence
-    drafts: list[int]  # verified draft tokens; empty for a plain token or a prefill's first token
-    block: DraftBlock | None  # their proposal distributions; None: a prefill, or a step without drafting
 
 
 class Runner(Protocol):
@@ -185,90 +179,99 @@ class Engine:
 
     # -- one step ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """Run one target forward for the running requests; returns an output per request that sampled.
+
+        The decoding requests go through the paper's Algorithm 1 around one batched forward:
+        draft a block each, trim each block to what its request may still emit, let the budget
+        choose each verified prefix from the drafts' survivals, verify every block (with the
+        prefill chunks) in one forward pass and one rejection-sampling pass, then accept.
+        """
         self._admit()
         if not self.running:
             return []
         t0 = time.perf_counter()
         prefill, decode = self._partition()
         speculate = self._speculate(decode)
-        blocks = self._draft(decode) if speculate else []
-        if blocks:
-            # A remote drafter may not have this request's block yet: it sits this step out
-            # instead of stalling everybody else (the verifier never waits on one drafter).
-            ready = [i for i, b in enumerate(blocks) if b is not None]
-            decode, blocks = [decode[i] for i in ready], [blocks[i] for i in ready]
+
+        # 1. Draft: one block per decoding request; None when this step does not speculate.
+        blocks = self._draft(decode) if speculate else None
+        verify_lens: list[int] = []
+        if blocks is not None:
+            decode, blocks = self._without_late_blocks(decode, blocks)
             if not prefill and not decode:
-                self._next_speculate = True  # still the choice: do not ask the gate again
-                if isinstance(self.drafter, AsyncDrafter):
-                    self.drafter.wait_for_blocks(0.05)
-                return []
-        verify_lens = self.budget(blocks, self.cfg.block_len) if blocks else []
+                return self._await_blocks()
+            # 2. Trim: max_tokens and cache room, so the budget costs only drafts that can be verified.
+            blocks = [b.prefix(self._draft_room(s)) for s, b in zip(decode, blocks)]
+            # 3. Survival -> budget: how many drafts of each block to verify (AdaptiveBudget forms
+            #    the survivals a_rj = prod_{i<=j} c_ri from the confidences and runs Algorithm 1).
+            verify_lens = self.budget(blocks, self.cfg.block_len) if blocks else []
 
-        tokens: list[int] = []
-        slots, starts, q_lens, rows = [], [], [], []
-        plan: list[_Sampling] = []  # the decoding requests, in batch order
-        for seq, chunk in prefill:
-            slots.append(seq.slot)
-            starts.append(seq.num_cached)
-            q_lens.append(len(chunk))
-            tokens.extend(chunk)
-            if seq.num_cached + len(chunk) == len(seq.prompt_ids):
-                rows.append(len(tokens) - 1)
-        for i, seq in enumerate(decode):
-            drafts = blocks[i].token_ids[: verify_lens[i]] if blocks else []
-            drafts = drafts[: self._draft_room(seq)]
-            slots.append(seq.slot)
-            starts.append(seq.num_cached)
-            q_lens.append(1 + len(drafts))
-            first = len(tokens)
-            tokens.append(seq.last_token)
-            tokens.extend(drafts)
-            rows.extend(range(first, first + 1 + len(drafts)))
-            plan.append(_Sampling(seq, drafts, blocks[i] if blocks else None))
-
+        # 4. Batched verify: one target forward over every request's tokens, one rejection pass.
+        plan = self._plan(prefill, decode, blocks, verify_lens)
         feature_layers = self.drafter.feature_layers if self.drafter is not None else ()
-        out = self.runner.forward(StepInput(tokens, slots, starts, q_lens, rows, feature_layers))
-        logits = out.logits  # [R, V]
+        out = self.runner.forward(plan.step_input(feature_layers))
+        if plan.sampling:
+            plan.set_emitted(rejection_sample(plan.rejection_inputs(out.logits)))  # logits: [R, V]
 
-        # Which sequences sample this step, in logits-row order: completed prefills, then decodes.
-        samplers: list[_Sampling] = []
-        for seq, chunk in prefill:
-            if seq.num_cached + len(chunk) == len(seq.prompt_ids):
-                samplers.append(_Sampling(seq, [], None))
-        samplers.extend(plan)
-        results = iter(self._verify(samplers, logits) if samplers else [])
-
-        outputs: list[RequestOutput] = []
-        flat = 0
-        feats = out.features
-        observed: list[tuple[Sequence, list[int], int, int | None]] = []  # told to the drafter after the gate
-        for seq, chunk in prefill:
-            n = len(chunk)
-            seq.num_cached += n
-            if seq.num_cached == len(seq.prompt_ids):
-                outputs.append(self._append(seq, next(results), 0, 0))
-            observed.append((seq, chunk, flat, None))
-            flat += n
-        emitted_total = 0
-        for seq, drafts, _ in plan:
-            emitted = next(results)
-            emitted_total += len(emitted)
-            accepted = len(emitted) - 1
-            fed = [seq.last_token] + drafts[:accepted]
-            # The cache keeps the anchor + accepted drafts; rejected positions are overwritten later.
-            seq.num_cached += 1 + accepted
-            outputs.append(self._append(seq, emitted, len(drafts), accepted))
-            observed.append((seq, fed, flat, len(drafts) if blocks else None))
-            flat += 1 + len(drafts)
+        # 5. Accept: each request keeps its accepted tokens and appends what it emitted.
+        outputs = [o for o in map(self._accept, plan.entries) if o is not None]
         self.num_steps += 1
-        self.last_step_tokens = len(tokens)
+        self.last_step_tokens = plan.num_tokens
         self.last_step_seconds = time.perf_counter() - t0
-        if self.gate is not None and plan and not prefill:  # a pure decode step measures one arm
-            self.gate.record(len(plan), speculate and self.drafter is not None, emitted_total, self.last_step_seconds)
+        decoding = plan.decoding
+        if self.gate is not None and decoding and not plan.has_prefill:  # a pure decode step measures one arm
+            emitted = sum(len(e.emitted) for e in decoding)
+            self.gate.record(len(decoding), speculate and self.drafter is not None, emitted, self.last_step_seconds)
+        # The next step's arm is chosen before the drafter hears this step's tokens: a remote
+        # drafter reads seq.wants_block then, to draft only ahead of a speculative step.
         self._choose_next()
-        for seq, fed, at, num_verified in observed:
-            self._observe(seq, fed, feats, at, num_verified)
+        for e, feats in zip(plan.entries, plan.split_features(out.features)):
+            self._observe(e, feats)
         return outputs
+
+    @staticmethod
+    def _plan(
+        prefill: list[tuple[Sequence, list[int]]],
+        decode: list[Sequence],
+        blocks: list[DraftBlock] | None,
+        verify_lens: list[int],
+    ) -> StepPlan:
+        """Prefill chunks first, then each decoding request with the drafts it verifies."""
+        entries = [Scheduled.prefill_chunk(seq, chunk) for seq, chunk in prefill]
+        if blocks is None:  # a plain step: each request feeds its anchor alone
+            entries += [Scheduled.decode(seq, [], None) for seq in decode]
+        else:
+            entries += [Scheduled.decode(s, b.token_ids[:n], b) for s, b, n in zip(decode, blocks, verify_lens)]
+        return StepPlan(entries)
+
+    def _without_late_blocks(
+        self, decode: list[Sequence], blocks: list[DraftBlock | None]
+    ) -> tuple[list[Sequence], list[DraftBlock]]:
+        """The requests whose blocks are here, with their blocks.
+
+        A remote drafter may not have a request's block yet: that request sits this step out
+        instead of stalling everybody else (the verifier never waits on one drafter).
+        """
+        ready = [i for i, b in enumerate(blocks) if b is not None]
+        return [decode[i] for i in ready], [blocks[i] for i in ready]
+
+    def _await_blocks(self) -> list[RequestOutput]:
+        """The step when every decoding request's block is still in flight and nothing else runs.
+
+        No forward pass: wait briefly for a block to arrive, and keep speculating next step
+        (still the choice made for this one, so the gate is not asked again).
+        """
+        self._next_speculate = True
+        if isinstance(self.drafter, AsyncDrafter):
+            self.drafter.wait_for_blocks(0.05)
+        return []
+
+    def _accept(self, e: Scheduled) -> RequestOutput | None:
+        """Advance the request's cache over the tokens it keeps and append what it emitted."""
+        e.seq.num_cached += len(e.kept)
+        if e.emitted is None:  # a prompt chunk before the last: nothing sampled yet
+            return None
+        return self._append(e.seq, e.emitted, len(e.drafts), e.num_accepted)
 
     def _speculate(self, decode: list[Sequence]) -> bool:
         """Whether this step drafts: the choice made at the end of the last step, else the gate's now.
@@ -295,13 +298,15 @@ class Engine:
         for s in nxt:
             s.wants_block = self._next_speculate
 
-    def _observe(
-        self, seq: Sequence, fed: list[int], feats: torch.Tensor | None, flat: int, num_verified: int | None = None
-    ) -> None:
-        """Tell the drafter which tokens entered the target cache (after the new anchor is known)."""
-        if self.drafter is None or seq.finished:
+    def _observe(self, e: Scheduled, feats: torch.Tensor | None) -> None:
+        """Tell the drafter which tokens entered the target cache (after the new anchor is known).
+
+        ``feats``: the target's features for the request's tokens this step, [len(e.tokens), F].
+        """
+        if self.drafter is None or e.seq.finished:
             return
-        self.drafter.observe(seq, fed, None if feats is None else feats[flat : flat + len(fed)], num_verified)
+        kept = e.kept
+        self.drafter.observe(e.seq, kept, None if feats is None else feats[: len(kept)], e.num_verified)
 
     def _partition(self) -> tuple[list[tuple[Sequence, list[int]]], list[Sequence]]:
         prefill, decode = [], []
@@ -323,9 +328,10 @@ class Engine:
         left_cache = self.max_seq - seq.num_cached - 1
         return max(0, min(left_out, left_cache))
 
-    def _draft(self, decode: list[Sequence]) -> list[DraftBlock | None]:
+    def _draft(self, decode: list[Sequence]) -> list[DraftBlock | None] | None:
+        """One block per decoding request (None: still in flight); None when nothing can draft."""
         if self.drafter is None or not decode or self.cfg.block_len <= 0:
-            return []
+            return None
         want = [s for s in decode if s.draft_enabled and self._draft_room(s) > 0]
         if not want:
             return [DraftBlock.empty() for _ in decode]
@@ -345,46 +351,6 @@ class Engine:
         self.last_draft_seconds = time.perf_counter() - t0
         self.last_drafted_requests = len(want)
         return [proposed.get(s.request_id, DraftBlock.empty()) for s in decode]
-
-    def _verify(self, samplers: list[_Sampling], logits: torch.Tensor) -> list[list[int]]:
-        """Rejection-sample every sampling request at once; returns emitted tokens per request."""
-        dev = logits.device
-        n_per = [len(s.drafts) for s in samplers]
-        B = len(samplers)
-        rows_per = [n + 1 for n in n_per]
-        params = [s.seq.params for s in samplers]
-        temp = torch.tensor([p.temperature for p, n in zip(params, rows_per) for _ in range(n)], device=dev)
-        top_k = torch.tensor([p.top_k for p, n in zip(params, rows_per) for _ in range(n)], device=dev)
-        top_p = torch.tensor([p.top_p for p, n in zip(params, rows_per) for _ in range(n)], device=dev)
-        target_probs = logits_to_probs(logits, temp, top_k, top_p)  # [N + B, V]
-        is_greedy = torch.tensor([p.greedy for p in params], device=dev)
-        draft_ids = torch.tensor([t for s in samplers for t in s.drafts], dtype=torch.long, device=dev)
-        cu = torch.tensor(list(itertools.accumulate(n_per)), dtype=torch.long, device=dev)
-        probs, prob_ids = _stack_proposals(samplers, n_per, dev)
-        V = logits.shape[-1]
-        uniforms = torch.empty(int(sum(n_per)), device=dev)
-        noise = torch.ones(B, V, device=dev)
-        o = 0
-        for b, (seq, d, _) in enumerate(samplers):
-            if not seq.params.greedy:
-                if d:
-                    uniforms[o : o + len(d)].uniform_(generator=seq.generator)
-                noise[b].exponential_(generator=seq.generator)
-            else:
-                uniforms[o : o + len(d)] = 0.5
-            o += len(d)
-        res = rejection_sample(
-            draft_token_ids=draft_ids,
-            cu_num_draft_tokens=cu,
-            draft_probs=probs,
-            draft_prob_ids=prob_ids,
-            target_probs=target_probs,
-            is_greedy=is_greedy,
-            uniforms=uniforms,
-            recovery_noise=noise,
-        )
-        out_ids = res.output_token_ids.tolist()
-        return [[t for t in row if t >= 0] for row in out_ids]
 
     def _append(self, seq: Sequence, emitted: list[int], n_draft: int, n_accepted: int) -> RequestOutput:
         """Append verified tokens one at a time, applying stop tokens, max_tokens and stop strings.
@@ -480,34 +446,3 @@ class Engine:
         self.run_until_done()
         return seqs
 
-
-def _stack_proposals(
-    samplers: list[_Sampling], n_per: list[int], dev
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Concatenate the blocks' proposal distributions into the sparse layout of the sampler.
-
-    Blocks without probabilities (deterministic proposals) become one-hot entries, so one
-    batch can mix drafters' conventions.  Returns (values [N, K], ids [N, K]) or (None, None)
-    when every proposal is one-hot.
-    """
-    used = [(s.block, n) for s, n in zip(samplers, n_per) if n > 0]
-    if not used or all(blk.probs is None for blk, _ in used):
-        return None, None
-    K = max(blk.probs.shape[-1] if blk.probs is not None else 1 for blk, _ in used)
-    vals, ids = [], []
-    for blk, n in used:
-        if blk.probs is None:
-            v = torch.zeros(n, K, device=dev)
-            v[:, 0] = 1.0
-            i = torch.zeros(n, K, dtype=torch.long, device=dev)
-            i[:, 0] = torch.tensor(blk.token_ids[:n], device=dev)
-        else:
-            v = blk.probs[:n].to(dev, torch.float32)
-            i = blk.prob_ids[:n].to(dev)
-            if v.shape[-1] < K:
-                pad = K - v.shape[-1]
-                v = torch.cat([v, v.new_zeros(n, pad)], -1)
-                i = torch.cat([i, i.new_zeros(n, pad)], -1)
-        vals.append(v)
-        ids.append(i)
-    return torch.cat(vals), torch.cat(ids)

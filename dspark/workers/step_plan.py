@@ -1,0 +1,192 @@
+"""What one engine step runs: one record per request, and the batch they make together.
+
+A step feeds the target one flat batch: each request's tokens back to back, prefill chunks
+first, then the decoding requests (anchor + the drafts it verifies).  ``Scheduled`` is one
+request's part of it, from planning to the tokens the request keeps; ``StepPlan`` turns the
+records into the runner's ``StepInput`` and the rejection sampler's ``RejectionInputs``, and
+splits the target's per-token features back per request, so no caller keeps offsets into the
+flat batch.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+import torch
+
+from dspark.kernels.rejection_types import PLACEHOLDER_TOKEN_ID, RejectionInputs, RejectionOutput
+from dspark.kernels.sampling import logits_to_probs
+from dspark.workers.drafters.base import DraftBlock
+from dspark.workers.request import Sequence
+from dspark.workers.runner import StepInput
+
+
+@dataclass
+class Scheduled:
+    """One request's part of a step: the tokens it feeds the target and what came of them.
+
+    A prefill feeds a prompt chunk and samples one token only when the chunk ends the prompt.
+    A decoding request feeds its anchor and the drafts it verifies (none for a plain token) and
+    samples from all 1 + len(drafts) of those rows.  Verification sets ``emitted``.
+    """
+
+    seq: Sequence
+    tokens: list[int]  # fed to the target: a prompt chunk, or the anchor + the verified drafts
+    prefill: bool
+    samples: bool  # whether it samples this step
+    drafts: list[int] = field(default_factory=list)  # the verified drafts; empty for a plain token
+    block: DraftBlock | None = None  # their proposals; None: a prefill, or a step that did not draft
+    emitted: list[int] | None = None  # accepted drafts + one recovered/bonus token, once verified
+
+    @classmethod
+    def prefill_chunk(cls, seq: Sequence, chunk: list[int]) -> "Scheduled":
+        ends_prompt = seq.num_cached + len(chunk) == len(seq.prompt_ids)
+        return cls(seq, chunk, prefill=True, samples=ends_prompt)
+
+    @classmethod
+    def decode(cls, seq: Sequence, drafts: list[int], block: DraftBlock | None) -> "Scheduled":
+        return cls(seq, [seq.last_token] + drafts, prefill=False, samples=True, drafts=drafts, block=block)
+
+    @property
+    def num_rows(self) -> int:
+        """Logits rows it samples from: the last 1 + len(drafts) positions of its tokens, or none."""
+        return 1 + len(self.drafts) if self.samples else 0
+
+    @property
+    def num_accepted(self) -> int:
+        return len(self.emitted) - 1 if self.emitted else 0
+
+    @property
+    def kept(self) -> list[int]:
+        """Its tokens that stay in the target cache: a whole prompt chunk, or the anchor + accepted drafts.
+
+        The positions of rejected drafts are overwritten by a later step.
+        """
+        return self.tokens if self.prefill else self.tokens[: 1 + self.num_accepted]
+
+    @property
+    def num_verified(self) -> int | None:
+        """Drafts of its block that verification checked; None when no block was verified."""
+        return None if self.block is None else len(self.drafts)
+
+
+@dataclass
+class StepPlan:
+    """The requests of one step in batch order: prefills, then decodes (logits rows follow it)."""
+
+    entries: list[Scheduled]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(e.tokens) for e in self.entries)
+
+    @property
+    def has_prefill(self) -> bool:
+        return any(e.prefill for e in self.entries)
+
+    @property
+    def decoding(self) -> list[Scheduled]:
+        return [e for e in self.entries if not e.prefill]
+
+    @property
+    def sampling(self) -> list[Scheduled]:
+        """The requests that sample this step, in logits-row order."""
+        return [e for e in self.entries if e.samples]
+
+    def step_input(self, feature_layers: tuple[int, ...]) -> StepInput:
+        tokens: list[int] = []
+        rows: list[int] = []
+        for e in self.entries:
+            tokens.extend(e.tokens)
+            rows.extend(range(len(tokens) - e.num_rows, len(tokens)))
+        return StepInput(
+            tokens,
+            [e.seq.slot for e in self.entries],
+            [e.seq.num_cached for e in self.entries],
+            [len(e.tokens) for e in self.entries],
+            rows,
+            feature_layers,
+        )
+
+    def split_features(self, features: torch.Tensor | None) -> list[torch.Tensor | None]:
+        """The target's features [T, F] as one [len(tokens), F] view per request (or Nones)."""
+        if features is None:
+            return [None] * len(self.entries)
+        return list(features.split([len(e.tokens) for e in self.entries]))
+
+    def rejection_inputs(self, logits: torch.Tensor) -> RejectionInputs:
+        """The sampling requests' drafts, proposals and target rows in the sampler's flat layout.
+
+        ``logits`` [R, V] holds the sampled rows in batch order (``step_input``'s rows).  Each
+        sampled request draws its acceptance uniforms, then its recovery noise, from its own
+        generator, so a seeded request samples the same whatever else shares the step; greedy
+        requests draw nothing.
+        """
+        sampling = self.sampling
+        dev = logits.device
+        n_per = [len(e.drafts) for e in sampling]
+        rows_per = [n + 1 for n in n_per]
+        params = [e.seq.params for e in sampling]
+        temp = torch.tensor([p.temperature for p, n in zip(params, rows_per) for _ in range(n)], device=dev)
+        top_k = torch.tensor([p.top_k for p, n in zip(params, rows_per) for _ in range(n)], device=dev)
+        top_p = torch.tensor([p.top_p for p, n in zip(params, rows_per) for _ in range(n)], device=dev)
+        target_probs = logits_to_probs(logits, temp, top_k, top_p)  # [N + B, V]
+        probs, prob_ids = _stack_proposals(sampling, dev)
+        uniforms = torch.empty(int(sum(n_per)), device=dev)  # [N]
+        noise = torch.ones(len(sampling), logits.shape[-1], device=dev)  # [B, V]
+        o = 0
+        for b, e in enumerate(sampling):
+            d = e.drafts
+            if not e.seq.params.greedy:
+                if d:
+                    uniforms[o : o + len(d)].uniform_(generator=e.seq.generator)
+                noise[b].exponential_(generator=e.seq.generator)
+            else:
+                uniforms[o : o + len(d)] = 0.5
+            o += len(d)
+        return RejectionInputs(
+            draft_token_ids=torch.tensor([t for e in sampling for t in e.drafts], dtype=torch.long, device=dev),
+            cu_num_draft_tokens=torch.tensor(list(itertools.accumulate(n_per)), dtype=torch.long, device=dev),
+            draft_probs=probs,
+            draft_prob_ids=prob_ids,
+            target_probs=target_probs,
+            is_greedy=torch.tensor([p.greedy for p in params], device=dev),
+            uniforms=uniforms,
+            recovery_noise=noise,
+        )
+
+    def set_emitted(self, result: RejectionOutput) -> None:
+        """Give each sampling request its row of the sampler's output, placeholders dropped."""
+        for e, row in zip(self.sampling, result.output_token_ids.tolist()):
+            e.emitted = [t for t in row if t != PLACEHOLDER_TOKEN_ID]
+
+
+def _stack_proposals(sampling: list[Scheduled], dev) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Concatenate the blocks' proposal distributions into the sparse layout of the sampler.
+
+    Blocks without probabilities (deterministic proposals) become one-hot entries, so one
+    batch can mix drafters' conventions.  Returns (values [N, K], ids [N, K]) or (None, None)
+    when every proposal is one-hot.
+    """
+    used = [(e.block, len(e.drafts)) for e in sampling if e.drafts]
+    if not used or all(blk.probs is None for blk, _ in used):
+        return None, None
+    K = max(blk.probs.shape[-1] if blk.probs is not None else 1 for blk, _ in used)
+    vals, ids = [], []
+    for blk, n in used:
+        if blk.probs is None:
+            v = torch.zeros(n, K, device=dev)
+            v[:, 0] = 1.0
+            i = torch.zeros(n, K, dtype=torch.long, device=dev)
+            i[:, 0] = torch.tensor(blk.token_ids[:n], device=dev)
+        else:
+            v = blk.probs[:n].to(dev, torch.float32)
+            i = blk.prob_ids[:n].to(dev)
+            if v.shape[-1] < K:
+                pad = K - v.shape[-1]
+                v = torch.cat([v, v.new_zeros(n, pad)], -1)
+                i = torch.cat([i, i.new_zeros(n, pad)], -1)
+        vals.append(v)
+        ids.append(i)
+    return torch.cat(vals), torch.cat(ids)
