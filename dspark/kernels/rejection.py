@@ -46,17 +46,11 @@ __all__ = [
 ]
 
 
-def rejection_sample(inputs: RejectionInputs | None = None, /, **fields: torch.Tensor | None) -> RejectionOutput:
+def rejection_sample(inputs: RejectionInputs) -> RejectionOutput:
     """Verify B requests' draft blocks; Triton on CUDA when available, else the torch reference.
 
-    Takes a :class:`RejectionInputs`, or its fields as keywords (``rejection_sample(
-    draft_token_ids=..., ...)`` builds one).  Same contract as :func:`rejection_sample_torch`
-    (see there for an example).
+    Same contract as :func:`rejection_sample_torch` (see there for an example).
     """
-    if inputs is None:
-        inputs = RejectionInputs(**fields)
-    elif fields:
-        raise TypeError("pass a RejectionInputs or its fields as keywords, not both")
     if use_triton(inputs.target_probs):
         from dspark.kernels.triton_rejection import rejection_sample_triton
 

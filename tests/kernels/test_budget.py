@@ -24,7 +24,7 @@ from dspark.kernels.budget import (
     top_k_admission,
     top_k_admission_torch,
 )
-from dspark.kernels.rejection import rejection_sample
+from dspark.kernels.rejection import RejectionInputs, rejection_sample
 
 # Appendix A: SPS(1) = 1, SPS(2) = 0.5, SPS(3) = 0.45 steps/s, as seconds per step by token count.
 APPENDIX_A_TABLE = torch.tensor([0.0, 1.0, 2.0, 1 / 0.45])
@@ -206,7 +206,7 @@ def _first_token_law(policy, n: int = 200_000, seed: int = 0) -> tuple[np.ndarra
     drafts = x1[n_drafts > 0]
     # Every target row (verify and bonus) is p: the first emitted token must follow p.
     target = p.expand(int(n_drafts.sum()) + n, 2).contiguous()
-    out = rejection_sample(
+    out = rejection_sample(RejectionInputs(
         draft_token_ids=drafts,
         cu_num_draft_tokens=torch.cumsum(n_drafts, 0),
         draft_probs=q.expand(drafts.shape[0], 2).contiguous(),
@@ -215,7 +215,7 @@ def _first_token_law(policy, n: int = 200_000, seed: int = 0) -> tuple[np.ndarra
         is_greedy=torch.zeros(n, dtype=torch.bool),
         uniforms=torch.rand(drafts.shape[0], generator=g),
         recovery_noise=torch.empty(n, 2).exponential_(generator=g),
-    )
+    ))
     counts = np.bincount(out.output_token_ids[:, 0].numpy(), minlength=2)
     return counts, float(stats.chisquare(counts, n * p.double().numpy()).pvalue)
 

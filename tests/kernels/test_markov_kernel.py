@@ -8,7 +8,7 @@ import torch
 from scipy import stats
 
 from dspark.kernels.markov import MarkovDraft, inverse_cdf_sample, markov_block_sample
-from dspark.kernels.rejection import rejection_sample
+from dspark.kernels.rejection import RejectionInputs, rejection_sample
 
 ALPHA = 1e-3
 
@@ -147,7 +147,7 @@ def test_block_feeds_the_rejection_sampler():
     lengths = torch.tensor([4, 0, 2])  # verified prefix per request
     keep = torch.arange(g)[None, :] < lengths[:, None]  # [B, G]
     n = int(lengths.sum())
-    out = rejection_sample(
+    out = rejection_sample(RejectionInputs(
         draft_token_ids=d.tokens[keep],
         cu_num_draft_tokens=torch.cumsum(lengths, 0),
         draft_probs=d.draft_probs[keep],
@@ -156,6 +156,6 @@ def test_block_feeds_the_rejection_sampler():
         is_greedy=torch.tensor([False, True, False]),
         uniforms=torch.rand(n),
         recovery_noise=torch.empty(b, v).exponential_(),
-    )
+    ))
     assert out.output_token_ids.shape == (b, 5)
     assert (out.num_accepted <= lengths).all()

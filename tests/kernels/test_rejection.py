@@ -268,25 +268,14 @@ def test_one_hot_q_equals_dense_one_hot_and_sparse_k1(seed):
 def test_dispatcher_uses_reference_on_cpu(monkeypatch):
     common, (vals, ids), _ = _random_step(0)
     monkeypatch.setenv(dispatch.ENV_VAR, "torch")
-    a = rejection_sample(draft_probs=vals, draft_prob_ids=ids, **common)
+    inputs = RejectionInputs(draft_probs=vals, draft_prob_ids=ids, **common)
+    a = rejection_sample(inputs)
     monkeypatch.delenv(dispatch.ENV_VAR)
-    b = rejection_sample(draft_probs=vals, draft_prob_ids=ids, **common)
+    b = rejection_sample(inputs)
     assert torch.equal(a.output_token_ids, b.output_token_ids)
     monkeypatch.setenv(dispatch.ENV_VAR, "cuda-please")
     with pytest.raises(ValueError):
-        rejection_sample(draft_probs=vals, draft_prob_ids=ids, **common)
-
-
-def test_dispatcher_takes_the_inputs_or_their_fields_not_both():
-    common, (vals, ids), _ = _random_step(1)
-    inputs = RejectionInputs(draft_probs=vals, draft_prob_ids=ids, **common)
-    a = rejection_sample(inputs)
-    b = rejection_sample(draft_probs=vals, draft_prob_ids=ids, **common)
-    assert torch.equal(a.output_token_ids, b.output_token_ids)
-    with pytest.raises(TypeError, match="not both"):
-        rejection_sample(inputs, uniforms=common["uniforms"])
-    with pytest.raises(TypeError):
-        rejection_sample(draft_probs=vals, draft_prob_ids=ids)  # a field missing
+        rejection_sample(inputs)
 
 
 # ====================================================================== statistics
@@ -370,7 +359,7 @@ class Chain:
             kw.update(draft_probs=vals, draft_prob_ids=torch.where(pad, 0, ids))
         else:  # one-hot: the drafts came from draft_law, but q is declared one-hot
             kw.update(draft_probs=None, draft_prob_ids=None)
-        return rejection_sample(**kw), drafts
+        return rejection_sample(RejectionInputs(**kw)), drafts
 
 
 def _check_chain(out: RejectionOutput, chain: Chain) -> list[float]:
@@ -467,6 +456,6 @@ def test_negative_control_wrong_residual_is_caught():
         recovery_noise=torch.empty(n, V).exponential_(generator=g),
     )
     wrong = _wrong_rejection_sample(kw)
-    right = rejection_sample(**kw).output_token_ids[:, 0]
+    right = rejection_sample(RejectionInputs(**kw)).output_token_ids[:, 0]
     assert chisq_pvalue(np.bincount(wrong.numpy(), minlength=V), p.numpy()) < ALPHA
     assert chisq_pvalue(np.bincount(right.numpy(), minlength=V), p.numpy()) > ALPHA

@@ -154,7 +154,7 @@ def test_dispatcher_runs_triton_when_forced(monkeypatch):
     monkeypatch.setattr(triton_rejection, "rejection_sample_triton", spy)
     monkeypatch.setenv(dispatch.ENV_VAR, "triton")
     kw = make_batch(11, "sparse")
-    out = rejection_sample(**kw)
+    out = rejection_sample(RejectionInputs(**kw))
     assert calls == [1]
     assert torch.equal(out.output_token_ids, rejection_sample_torch(RejectionInputs(**kw)).output_token_ids)
 
