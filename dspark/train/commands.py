@@ -130,7 +130,7 @@ def train_draft(config_path, out_dir, resume, max_steps, stages, threads, device
 
                 (run / "learning_curve.json").write_text(json.dumps(curve_rows(state["history"], cfg), indent=1) + "\n")
                 png = plot_learning_curve(state["history"], cfg, run / "learning_curve.png",
-                                          train_tokens=summary["train_tokens"])
+                                          train_tokens=summary["train_anchors"])
                 click.echo(f"learning curve: {png}")
 
     if "calibrate" in todo:

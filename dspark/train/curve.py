@@ -27,7 +27,7 @@ def curve_rows(history: list[dict], cfg: TrainConfig) -> list[dict]:
 
 
 def plot_learning_curve(history: list[dict], cfg: TrainConfig, path: Path, train_tokens: int | None = None) -> Path:
-    """Write the curve as a PNG (matplotlib, headless)."""
+    """Write the curve as a PNG (matplotlib, headless); ``train_tokens``: anchors in one pass over the data."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -42,7 +42,7 @@ def plot_learning_curve(history: list[dict], cfg: TrainConfig, path: Path, train
     ax.set_ylabel("acceptance length, valid split (teacher-forced)")
     title = f"{cfg.name}: block {cfg.head.block_len}, {cfg.head.n_layers} draft layer(s)"
     if train_tokens:
-        title += f", {train_tokens / 1e3:.0f}k response tokens"
+        title += f", {train_tokens / 1e3:.0f}k training anchors (response tokens)"
         epoch = train_tokens / 1e3
         if x and x[-1] > epoch:
             ax.axvline(epoch, color="grey", lw=0.8, ls="--")
