@@ -19,7 +19,7 @@ from dspark.proto.dspark.v1 import generate_pb2 as pb  # noqa: E402
 from dspark.proto.dspark.v1 import generate_pb2_grpc  # noqa: E402
 from dspark.proto.health import GENERATION_SERVICE  # noqa: E402
 from dspark.workers.request import SamplingParams  # noqa: E402
-from helpers.servers import LoopThread  # noqa: E402
+from helpers.servers import LoopThread, ends_early_backend  # noqa: E402
 
 PROMPT = "The three primary colors are"
 PROMPT_MAX = 16
@@ -242,16 +242,8 @@ def test_cancel_aborts_the_request(stack, stub):
 def test_outputs_ending_without_a_final_one_are_internal(stack):
     """A backend whose outputs stop before the finished one: INTERNAL naming it, stream or unary."""
 
-    class EndsEarly(LocalBackend):
-        async def generate(self, prompt_ids, params, request_id=None):
-            outputs = super().generate(prompt_ids, params, request_id)
-            try:
-                yield await outputs.__anext__()
-            finally:
-                await outputs.aclose()
-
     loop = LoopThread()
-    backend = EndsEarly(stack.worker, stack.model)
+    backend = ends_early_backend(stack.worker, stack.model)
     server, port = loop.run(start_grpc_server(backend, stack.engine.tokenizer, RouterConfig(api_key="")))
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:

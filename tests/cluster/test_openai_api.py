@@ -24,7 +24,7 @@ from dspark.cluster.openai_api import make_http_app  # noqa: E402
 from dspark.cluster.validation import RouterConfig  # noqa: E402
 from dspark.workers.request import SamplingParams  # noqa: E402
 from dspark.workers.verifier import EngineError  # noqa: E402
-from helpers.servers import serve  # noqa: E402
+from helpers.servers import ends_early_backend, serve  # noqa: E402
 
 CHAT = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
 CHAT_MAX = 24
@@ -278,15 +278,7 @@ def test_engine_error_mid_stream_sends_error_event(stack):
 def test_outputs_ending_without_a_final_one_are_a_server_error(stack):
     """A backend whose outputs stop before the finished one: 500 naming it, never a partial 200."""
 
-    class EndsEarly(LocalBackend):
-        async def generate(self, prompt_ids, params, request_id=None):
-            outputs = super().generate(prompt_ids, params, request_id)
-            try:
-                yield await outputs.__anext__()
-            finally:
-                await outputs.aclose()
-
-    app = make_http_app(EndsEarly(stack.worker, stack.model), stack.tok, RouterConfig(api_key=""))
+    app = make_http_app(ends_early_backend(stack.worker, stack.model), stack.tok, RouterConfig(api_key=""))
     with serve(app) as url, httpx.Client(base_url=url, timeout=60) as c:
         body = {"messages": LONG_CHAT, "max_tokens": 200, "temperature": 0, "stream": False}
         r = c.post("/v1/chat/completions", json=body)

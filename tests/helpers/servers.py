@@ -48,3 +48,19 @@ class LoopThread:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(timeout=10)
         self.loop.close()
+
+
+def ends_early_backend(worker, model_name: str):
+    """A real LocalBackend whose outputs stop after the first one, before the finished output
+    (what a broken backend looks like to the client APIs)."""
+    from dspark.cluster.backend import LocalBackend
+
+    class EndsEarly(LocalBackend):
+        async def generate(self, prompt_ids, params, request_id=None):
+            outputs = super().generate(prompt_ids, params, request_id)
+            try:
+                yield await outputs.__anext__()
+            finally:
+                await outputs.aclose()
+
+    return EndsEarly(worker, model_name)
