@@ -168,6 +168,11 @@ class DSparkHead(nn.Module):
             self.use_draft_vocab(int(self.draft_ids.numel()))  # re-gather the rows of this target
         return self
 
+    @property
+    def draft_rows(self) -> torch.Tensor | None:
+        """The target's LM-head rows of the drafted ids [N, D] (gathered once), or None."""
+        return self._out_rows
+
     def use_draft_vocab(self, n: int) -> "DSparkHead":
         """Draft over the first ``n`` ids of the map (0 = the full vocabulary, today's path).
 

@@ -138,7 +138,7 @@ def forward_batch(head: DSparkHead, target, store: FeatureStore, batch: Batch, c
         if ids is not None and store.lse is not None:
             # Over the draft vocabulary S only: p_t|S = softmax of the target's S logits, and
             # p_t(S) = exp(lse_S - lse_V) with lse_V stored per token (features.py).
-            s_logits = F.linear(target.norm(final), target.output.weight[ids]).float()  # [U, N]
+            s_logits = F.linear(target.norm(final), head.draft_rows.to(final.dtype)).float()  # [U, N]
             lse_v = store.lse[uniq.cpu()].to(dev)  # [U]
             mass = torch.exp(torch.logsumexp(s_logits, -1) - lse_v).clamp(max=1.0)[inv]  # [R]
             target_probs = torch.softmax(s_logits, dim=-1)[inv]  # [R, N]
