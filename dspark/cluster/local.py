@@ -14,6 +14,7 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 
+from dspark import omp
 from dspark.cluster.app import build_app
 from dspark.cluster.config import ClusterConfig
 
@@ -46,7 +47,8 @@ class LocalCluster:
             self._redis = start_cluster_redis()
             self.redis_url = self._redis.url
         cfg = dataclasses.replace(self.cfg, redis_url=self.redis_url)
-        env = {"OMP_WAIT_POLICY": "PASSIVE", "TOKENIZERS_PARALLELISM": "false", **self.env}
+        # The roles share this host's cores: sleeping OpenMP waits unless the operator chose (dspark/omp.py).
+        env = {**omp.child_env("passive"), "TOKENIZERS_PARALLELISM": "false", **self.env}
         forwarded = (cfg.internal_token_env, cfg.api_key_env, cfg.internal_tls_cert_env, cfg.internal_tls_key_env,
                      cfg.internal_tls_ca_env, cfg.internal_tls_name_env, "DSPARK_CACHE_DIR", "DSPARK_DATA_DIR",
                      "DSPARK_MODEL")

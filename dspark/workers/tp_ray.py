@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 
+from dspark import omp
 from dspark.workers.runner import TPSpec, build_rank, free_port, tp_rank_loop
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ class RayTPGroup:
         self.actors, self.loops = [], []
         for r in range(1, spec.world_size):
             opts = {"num_cpus": num_cpus, "num_gpus": num_gpus, "max_concurrency": 1,
-                    "runtime_env": {"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}}}
+                    "runtime_env": {"env_vars": omp.child_env("passive")}}
             if placement_group is not None:
                 opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
                     placement_group=placement_group, placement_group_bundle_index=r
