@@ -43,6 +43,8 @@ def cluster_options(f):
         click.option("--deterministic/--no-deterministic", default=None,
                      help="row-invariant verifier kernels: greedy speculative output equals plain decoding in bf16 too "
                           "(default: on for bf16 on CPU)"),
+        click.option("--compile/--no-compile", "compile", default=True, show_default=True,
+                     help="the verifier's step through torch.compile (compiled once, cached on disk for later starts)"),
     ]
     for o in reversed(opts):
         f = o(f)

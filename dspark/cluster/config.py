@@ -45,6 +45,7 @@ class ClusterConfig:
     max_seq: int = 2048  # longest request: prompt + output + one block
     max_prefill_tokens: int = 512  # chunked-prefill budget per step
     deterministic: bool = False  # row-invariant verifier kernels (RunnerConfig.deterministic)
+    compile: bool = False  # the verifier's step through torch.compile (RunnerConfig.compile); `dspark serve` turns it on
     torch_threads: int = 0  # threads per compute process; 0 = cores / compute processes
     grpc_port: int = 0  # router's GenerationService port; 0 = disabled
     http_body_timeout_s: float = 30.0  # an HTTP request body not received in full by then is answered 408

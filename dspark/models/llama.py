@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dspark.kernels.attention import varlen_attention
+from dspark.models.compiled import compile_blocks, step_context, write_and_attend
 from dspark.models.config import ModelArgs, rope_inv_freq
 from dspark.models.kv_cache import KVCache, VarlenBatch
 
@@ -44,6 +44,7 @@ class Numerics:
     """
 
     row_invariant: bool = False
+    compiled: bool = False  # the blocks run under torch.compile (dspark/models/compiled.py)
 
     def linear(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """``layer(x)`` for x: [T, in]; with ``row_invariant`` never a one-row product."""
@@ -108,10 +109,10 @@ class Attention(nn.Module):
         qk = apply_rope(qkv[:, : nh + nkv], cos, sin)
         q, k = qk[:, :nh], qk[:, nh:]  # [T, nh, hd], [T, nkv, hd]
         v = qkv[:, nh + nkv :]  # [T, nkv, hd]
-        kc, vc = cache.k[self.layer_id], cache.v[self.layer_id]  # [S, nkv, max_seq, hd]
-        kc[batch.token_slots, :, batch.positions] = k
-        vc[batch.token_slots, :, batch.positions] = v
-        out = varlen_attention(q, kc, vc, batch.plan)  # [T, nh, hd]
+        if self.num.compiled:  # opaque to the compiler; the cache and plan come from the step context
+            out = torch.ops.dspark.cache_attention(q.contiguous(), k.contiguous(), v.contiguous(), self.layer_id)
+        else:  # [T, nh, hd]
+            out = write_and_attend(q, k, v, cache.k[self.layer_id], cache.v[self.layer_id], batch)
         return self.tp.all_reduce(self.num.linear(self.wo, out.reshape(T, nh * hd)))
 
 
@@ -162,6 +163,13 @@ class Transformer(nn.Module):
         if args.tie_word_embeddings:
             self.output.weight = self.tok_embeddings.weight
         self._rope_cache: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._compiled_blocks = None
+
+    def enable_compile(self) -> None:
+        """Run the decoder blocks through ``torch.compile`` from now on (dspark/models/compiled.py)."""
+        if self._compiled_blocks is None:
+            self.num.compiled = True
+            self._compiled_blocks = compile_blocks(self._blocks)
 
     # -- helpers --------------------------------------------------------------------------
     @property
@@ -207,22 +215,35 @@ class Transformer(nn.Module):
         """
         x = self.tok_embeddings(tokens)  # [T, D]
         cos, sin = self.rope(batch.positions)
-        feats = []
-        wanted = set(feature_layers)
         stop = len(self.layers) if n_layers is None else n_layers
-        for i in range(stop):
-            x = self.layers[i](x, cos, sin, cache, batch)
-            if i in wanted:
-                feats.append(x)
-        features = None
-        if feature_layers:
-            by_layer = dict(zip(sorted(wanted), feats))
-            features = torch.cat([by_layer[i] for i in feature_layers], dim=-1)
+        if self._compiled_blocks is not None:
+            # The compiler specialises one-row steps into their own graph, which rounds
+            # differently from the graph of 2+ rows; row-invariant steps never have one row.
+            pad = self.num.row_invariant and x.shape[0] == 1
+            if pad:
+                x, cos, sin = torch.cat((x, x)), torch.cat((cos, cos)), torch.cat((sin, sin))
+            with step_context(cache, batch):
+                outs = self._compiled_blocks(x, cos, sin, cache, batch, stop)
+            if pad:
+                outs = [o[:1] for o in outs]
+        else:
+            outs = self._blocks(x, cos, sin, cache, batch, stop)
+        x = outs[-1] if outs else x
+        features = torch.cat([outs[i] for i in feature_layers], dim=-1) if feature_layers else None
         logits = None
         if logits_index is None or logits_index.numel() > 0:
             h = x if logits_index is None else x[logits_index]
             logits = self.lm_head(h)
         return ForwardOutput(logits=logits, features=features, hidden=x if return_hidden else None)
+
+    def _blocks(self, x, cos, sin, cache, batch, stop: int) -> list[torch.Tensor]:
+        """Blocks 0..stop-1; returns every block's output (the features are chosen from them,
+        outside a compiled graph, so one graph serves every choice of feature layers)."""
+        outs = []
+        for i in range(stop):
+            x = self.layers[i](x, cos, sin, cache, batch)
+            outs.append(x)
+        return outs
 
     def lm_head(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm + LM head -> float32 logits over the full vocabulary.  h: [R, D]."""

@@ -40,6 +40,9 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
+        if torch.compiler.is_compiling():  # an opaque op for inductor (dspark/models/compiled.py)
+            y = torch.ops.dspark.packed_linear(x.reshape(-1, shape[-1]), self.packed, self.bias, self.out_features)
+            return y.reshape(*shape[:-1], self.out_features)
         y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, shape[-1]), self.packed, self.bias, "none", [], "")
         return y.reshape(*shape[:-1], self.out_features)
 

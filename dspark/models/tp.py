@@ -78,10 +78,13 @@ def apply_tp(model: Transformer, rank: int, world_size: int, group: dist.Process
     model.output = nn.Linear(args.dim, per_rank, bias=False, device=head.device, dtype=head.dtype)
     _set(model.output, head[rank * per_rank : (rank + 1) * per_rank].clone())
 
+    # Collectives stay outside compiled graphs (the compiled step breaks its graph around them).
+    @torch.compiler.disable
     def all_reduce(x: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(x, group=group)
         return x
 
+    @torch.compiler.disable
     def gather_vocab(x: torch.Tensor) -> torch.Tensor:  # x: [R, per_rank] -> [R, vocab]
         parts = [torch.empty_like(x) for _ in range(world_size)]
         dist.all_gather(parts, x.contiguous(), group=group)

@@ -13,6 +13,7 @@ joining the collectives inside the forward pass.  The same loop runs in spawned 
 
 from __future__ import annotations
 
+import logging
 import socket
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -24,6 +25,7 @@ from dspark.models.kv_cache import KVCache, make_batch
 from dspark.models.llama import ForwardOutput, Transformer
 
 CMD_STEP, CMD_STOP = 1, 2
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -52,6 +54,8 @@ class RunnerConfig:
     # Row-invariant kernels: a request's logits are bitwise the same whatever the step's row count
     # and neighbours, so greedy speculative output equals plain decoding in bf16 too.
     deterministic: bool = False
+    # The decoder blocks run through torch.compile (dspark/models/compiled.py); eager otherwise.
+    compile: bool = False
 
 
 def deterministic_default(dtype: str, device: str) -> bool:
@@ -77,8 +81,28 @@ class LocalRunner:
         self.cfg = cfg
         self.cache: KVCache = model.make_cache(cfg.n_slots, cfg.max_seq)
         self.n_rep = model.args.n_rep
+        self.compile_s = 0.0  # start-up seconds spent compiling (or loading compiled code)
+        if cfg.compile:
+            self._compile()
         if cfg.deterministic and model.tp.world_size == 1 and cfg.n_slots >= 2:
             self._check_row_invariance()
+
+    @torch.inference_mode()
+    def _compile(self) -> None:
+        """Compile the step's graphs now rather than on the first requests: a prefill chunk
+        and a one-token step (every rank of a tensor-parallel group runs the same, in step)."""
+        import time
+
+        t0 = time.perf_counter()
+        self.model.enable_compile()
+        vocab = self.model.args.vocab_size
+        dev = self.device
+        for q_len in (8, 1):
+            batch = make_batch(self.cache, [0], [q_len], self.n_rep, row_invariant=self.cfg.deterministic)
+            self.model(torch.arange(q_len, device=dev) % vocab, self.cache, batch)
+        self.cache.lengths[0] = 0
+        self.compile_s = time.perf_counter() - t0
+        log.info("compiled the step in %.1f s", self.compile_s)
 
     @torch.inference_mode()
     def _check_row_invariance(self) -> None:

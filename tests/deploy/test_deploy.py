@@ -46,7 +46,7 @@ placement_problems, BUILTIN_RESOURCES = validate.placement_problems, validate.BU
 APP_NAME = "dspark"
 IMPORT_PATH = "dspark.cluster.app:build_app"
 ROLES = ("Router", "Verifier", "DraftWorker", "Scheduler")
-APP_ARGS = {"model", "dtype", "tp", "draft", "draft_workers", "block_len", "verify_policy", "redis_url_env", "grpc_port", "bind_host",
+APP_ARGS = {"model", "dtype", "tp", "draft", "draft_workers", "block_len", "verify_policy", "compile", "redis_url_env", "grpc_port", "bind_host",
             "internal_host"}
 DSPARK_ENV = {"DSPARK_REDIS_URL", "DSPARK_INTERNAL_TOKEN", "DSPARK_API_KEY"}
 
@@ -229,7 +229,7 @@ def test_cluster_and_local_configs_describe_the_same_app(cluster_serve, local_se
     assert list(deployments_of(cluster_serve)) == list(deployments_of(local_serve))
     assert set(deployments_of(cluster_serve)) == set(ROLES)
     assert set(cluster["args"]) == set(local["args"]) == APP_ARGS
-    for key in ("model", "dtype", "draft", "block_len", "verify_policy", "redis_url_env"):
+    for key in ("model", "dtype", "draft", "block_len", "verify_policy", "compile", "redis_url_env"):
         assert cluster["args"][key] == local["args"][key], key
     assert cluster["args"]["grpc_port"] == local["args"]["grpc_port"]
     assert cluster_serve["http_options"]["port"] == local_serve["http_options"]["port"]
@@ -238,7 +238,7 @@ def test_cluster_and_local_configs_describe_the_same_app(cluster_serve, local_se
 def test_app_args(cluster_serve, local_serve):
     assert the_app(cluster_serve)["args"] == {
         "model": "default", "dtype": "bf16", "tp": 2, "draft": "dspark", "draft_workers": 2,
-        "block_len": 7, "verify_policy": "adaptive", "redis_url_env": "DSPARK_REDIS_URL",
+        "block_len": 7, "verify_policy": "adaptive", "compile": True, "redis_url_env": "DSPARK_REDIS_URL",
         "grpc_port": 9000, "bind_host": "auto", "internal_host": "auto",
     }
     local = the_app(local_serve)["args"]

@@ -1,0 +1,108 @@
+"""The compiled step: the decoder blocks of one varlen step through ``torch.compile``.
+
+Inductor (C++/OpenMP on CPU, Triton on CUDA) fuses what lies between the matrix products:
+norms, RoPE, the SwiGLU gate, residual adds.  Two operations stay opaque to it, as custom ops
+with a torch implementation:
+
+* ``dspark::packed_linear``: the oneDNN product with pre-packed bf16 weights
+  (:mod:`dspark.models.packing`); inductor's own lowering of that op wants frozen weights.
+* ``dspark::cache_attention``: write the step's keys and values into the cache and attend
+  (:func:`dspark.kernels.attention.varlen_attention`).  The cache and the step's attention plan
+  (host lists the compiler should not see) come from the step context that :func:`step_context`
+  sets around the compiled call.
+
+Shapes: the token axis is dynamic, so one graph serves every step of 2 or more tokens (prefill
+chunks, verification blocks, decode batches) and one more serves one-token steps (the compiler
+specialises size 1).  Early exit depth and feature layers are constants of a graph: a process
+that uses one combination compiles two graphs.  Compiled code is cached on disk
+(``TORCHINDUCTOR_CACHE_DIR``, by default under the user's cache folder), so a second start
+of the same model loads it instead of compiling.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from pathlib import Path
+
+import torch
+
+from dspark.kernels.attention import varlen_attention
+
+_STEP = threading.local()
+
+
+@torch.library.custom_op("dspark::packed_linear", mutates_args=())
+def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
+    """x: [T, in] bf16; packed: a weight from ``mkldnn._reorder_linear_weight``.  Returns [T, out]."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+@packed_linear.register_fake
+def _packed_linear_shape(x, packed, bias, out_features: int) -> torch.Tensor:
+    return x.new_empty(x.shape[0], out_features)
+
+
+def write_and_attend(q, k, v, k_cache, v_cache, batch) -> torch.Tensor:
+    """Store the step's keys/values at their positions, then attend.  Returns [T, n_heads, hd].
+
+    q: [T, n_heads, hd]; k/v: [T, n_kv, hd]; k_cache/v_cache: one layer, [S, n_kv, max_seq, hd].
+    """
+    k_cache[batch.token_slots, :, batch.positions] = k
+    v_cache[batch.token_slots, :, batch.positions] = v
+    return varlen_attention(q, k_cache, v_cache, batch.plan)
+
+
+@torch.library.custom_op("dspark::cache_attention", mutates_args=())
+def cache_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int) -> torch.Tensor:
+    """:func:`write_and_attend` on layer ``layer`` of the step context's cache.
+
+    The cache is not an argument: the compiler sees an op from (q, k, v) to the output, and the
+    cache writes stay the op's own business (declared as mutated arguments, the compiler's
+    functional rewrite of a view of the cache lost them).  Each layer's op reads only what it
+    wrote itself or what earlier steps wrote, so no ordering beyond the data flow is needed.
+    """
+    step = getattr(_STEP, "step", None)
+    if step is None:
+        raise RuntimeError("dspark::cache_attention runs only inside step_context()")
+    cache, batch = step
+    n = batch.num_tokens  # rows past it repeat the last token (a one-token step padded to two)
+    out = write_and_attend(q[:n], k[:n], v[:n], cache.k[layer], cache.v[layer], batch)
+    if q.shape[0] > n:
+        out = torch.cat((out, out[-1:].expand(q.shape[0] - n, *out.shape[1:])))
+    return out
+
+
+@cache_attention.register_fake
+def _cache_attention_shape(q, k, v, layer: int) -> torch.Tensor:
+    return torch.empty_like(q)
+
+
+@contextlib.contextmanager
+def step_context(cache, batch):
+    """Make ``cache`` and ``batch`` (a :class:`~dspark.models.kv_cache.VarlenBatch`) the step
+    the ops see."""
+    prev = getattr(_STEP, "step", None)
+    _STEP.step = (cache, batch)
+    try:
+        yield
+    finally:
+        _STEP.step = prev
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("DSPARK_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "dspark")
+    return Path(base) / "inductor"
+
+
+def use_disk_cache() -> str:
+    """Point inductor's on-disk cache at ours unless the operator chose one; returns the folder."""
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(default_cache_dir()))
+    return os.environ["TORCHINDUCTOR_CACHE_DIR"]
+
+
+def compile_blocks(fn):
+    """``torch.compile`` for the decoder blocks: dynamic token axis, inductor."""
+    use_disk_cache()
+    return torch.compile(fn, dynamic=True)
