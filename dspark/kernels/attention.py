@@ -5,9 +5,14 @@ a verification block) that sit at cache positions ``start .. start + q_len - 1``
 A new token at position ``start + i`` sees every cached position ``<= start + i``: a causal mask
 aligned to the bottom-right corner of the [q_len, start + q_len] score matrix.
 
-Two implementations with the same result:
-  * ``loop``: one SDPA call per request on views of the cache (no copies; best on CPU where
-    memory bandwidth is scarce and launches are cheap);
+Implementations with the same result:
+  * ``loop``: one SDPA call per request on views of the cache (no copies);
+  * ``span`` (CPU default for the short queries of a step: decode tokens, verification blocks):
+    one SDPA call for all of them, on a strided view of the cache over the slots from the
+    lowest to the highest they use (no copies).  Queries are padded to the longest short query
+    and keys to the longest context; padding rows attend to position 0 only.  A step's long
+    queries (prefill chunks) still take the loop.  Measured at batch 32 decode (bf16, 2 cores),
+    30 per-request calls per layer cost more than the padding (docs/BENCHMARKS.md, bench engine);
   * ``padded``: gather all requests' keys/values into one padded batch and make one SDPA call
     (best on GPU where launches dominate and bandwidth is plentiful).
 
@@ -54,6 +59,45 @@ class AttentionPlan:
     row_invariant: bool = False
     # Row-invariant path: (slot, first flat token, tokens, key length, bool mask or None) per tile.
     tiles: list[tuple[int, int, int, int, torch.Tensor | None]] | None = None
+    span: "SpanPlan | None" = None  # the short queries' one call (loop path); their masks are None
+
+
+@dataclass
+class SpanPlan:
+    """One SDPA call over cache slots ``lo .. lo + n_slots - 1`` for a step's short queries.
+
+    tokens: [Ts] flat indices of the queries it covers; rows: [Ts] their padded row index in
+    the [n_slots * max_q] query grid; mask: [n_slots, 1, n_rep * max_q, max_len] bool.
+    """
+
+    lo: int
+    n_slots: int
+    max_q: int
+    max_len: int
+    tokens: torch.Tensor
+    rows: torch.Tensor
+    mask: torch.Tensor
+
+
+# Queries of at most this many tokens per request join the step's one span call (a verification
+# block of the default drafters is 8 or fewer); longer ones (prefill chunks) take the loop.
+SPAN_MAX_Q = 16
+
+
+# Row-invariant attention reads keys in multiples of this many positions (masked past the
+# query's own), so a query's reductions have the same length whatever tile it is in: measured
+# with AMX, P @ V over L keys and over L plus a few zero-probability keys round differently for
+# some L (3 of 400 tried: 133, 192, 233), and a float32 softmax's tail handling depends on L.
+KEY_BLOCK = 64
+
+
+def padded_keys(length: int, max_keys: int) -> int:
+    """``length`` rounded up to a multiple of ``KEY_BLOCK``, at most ``max_keys`` (the cache's).
+
+    >>> padded_keys(1, 2048), padded_keys(64, 2048), padded_keys(65, 2048), padded_keys(65, 100)
+    (64, 64, 128, 100)
+    """
+    return min(-(-length // KEY_BLOCK) * KEY_BLOCK, max_keys)
 
 
 # Most queries one row-invariant tile holds.  A verification block (block length + 1 <= 8 by
@@ -84,7 +128,16 @@ def build_plan(
     device: torch.device | str,
     padded: bool = False,
     row_invariant: bool = False,
+    span: bool = True,
+    max_keys: int | None = None,
 ) -> AttentionPlan:
+    """The attention plan of one step (see the module docstring for the paths).
+
+    ``span=False`` keeps every request on the per-request loop (the reference in tests).
+    ``max_keys``: the cache's positions per slot (row-invariant tiles never read past it).
+    """
+    if max_keys is None:
+        max_keys = max(s + q for s, q in zip(starts, q_lens))
     cu = [0]
     for n in q_lens:
         cu.append(cu[-1] + n)
@@ -92,13 +145,25 @@ def build_plan(
     if row_invariant:
         plan.tiles = []
         for slot, start, a, q_len in zip(slots, starts, cu, q_lens):
-            for t in range(0, q_len, ROW_TILE):
+            t = 0
+            while t < q_len:
+                # Tokens t.. see start + t + 1.. keys; a tile holds those with one padded key count.
+                keys = padded_keys(start + t + 1, max_keys)
                 n = min(ROW_TILE, q_len - t)
-                mask = None if n == 1 else causal_mask(start + t, n, n_rep, device)
-                plan.tiles.append((slot, a + t, n, start + t + n, mask))
+                while n > 1 and padded_keys(start + t + n, max_keys) != keys:
+                    n -= 1
+                q_pos = torch.arange(start + t, start + t + n, device=device).unsqueeze(1)
+                mask = torch.arange(keys, device=device).unsqueeze(0) <= q_pos  # [n, keys]
+                plan.tiles.append((slot, a + t, n, keys, mask.repeat(n_rep, 1)))
+                t += n
         return plan
     if not padded:
-        plan.masks = [None if q == 1 else causal_mask(s, q, n_rep, device) for s, q in zip(starts, q_lens)]
+        short = [i for i, q in enumerate(q_lens) if q <= SPAN_MAX_Q]
+        if span and len(short) >= 2:
+            plan.span = _span_plan(short, slots, starts, q_lens, cu, n_rep, device)
+        in_span = set(short) if plan.span is not None else set()
+        plan.masks = [None if q == 1 or i in in_span else causal_mask(s, q, n_rep, device)
+                      for i, (s, q) in enumerate(zip(starts, q_lens))]
         return plan
     max_q = max(q_lens)
     max_len = max(s + q for s, q in zip(starts, q_lens))
@@ -118,6 +183,40 @@ def build_plan(
     return plan
 
 
+def _span_plan(short, slots, starts, q_lens, cu, n_rep, device) -> SpanPlan:
+    lo = min(slots[i] for i in short)
+    n_slots = max(slots[i] for i in short) - lo + 1
+    max_q = max(q_lens[i] for i in short)
+    max_len = max(starts[i] + q_lens[i] for i in short)
+    q_pos = torch.zeros(n_slots, max_q, dtype=torch.long)  # padding rows: position 0, key 0 only
+    tokens, rows = [], []
+    for i in short:
+        b = slots[i] - lo
+        q_pos[b, : q_lens[i]] = torch.arange(starts[i], starts[i] + q_lens[i])
+        tokens.extend(range(cu[i], cu[i + 1]))
+        rows.extend(range(b * max_q, b * max_q + q_lens[i]))
+    mask = torch.arange(max_len).view(1, 1, -1) <= q_pos.unsqueeze(-1)  # [n_slots, max_q, max_len]
+    mask = mask.repeat(1, n_rep, 1).unsqueeze(1)  # rows are (head-group, query) like the queries
+    return SpanPlan(lo, n_slots, max_q, max_len, torch.tensor(tokens, device=device),
+                    torch.tensor(rows, device=device), mask.to(device))
+
+
+def _span_attention(q, k_cache, v_cache, span: SpanPlan, n_rep: int, out: torch.Tensor) -> None:
+    """The span's queries in one SDPA call; writes their rows of ``out``."""
+    T, n_heads, hd = q.shape
+    n_kv = n_heads // n_rep
+    grid = q.new_zeros(span.n_slots * span.max_q, n_heads, hd)
+    grid[span.rows] = q[span.tokens]
+    # [n_slots, max_q, n_kv, rep, hd] -> [n_slots, n_kv, rep * max_q, hd]: GQA groups folded into rows
+    qb = grid.view(span.n_slots, span.max_q, n_kv, n_rep, hd).permute(0, 2, 3, 1, 4)
+    qb = qb.reshape(span.n_slots, n_kv, n_rep * span.max_q, hd)
+    kb = k_cache[span.lo : span.lo + span.n_slots, :, : span.max_len]  # a strided view, no copy
+    vb = v_cache[span.lo : span.lo + span.n_slots, :, : span.max_len]
+    ob = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=span.mask)
+    ob = ob.view(span.n_slots, n_kv, n_rep, span.max_q, hd).permute(0, 3, 1, 2, 4).reshape(-1, n_heads, hd)
+    out[span.tokens] = ob[span.rows]
+
+
 def varlen_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: AttentionPlan
 ) -> torch.Tensor:
@@ -133,8 +232,12 @@ def varlen_attention(
     T, n_heads, hd = q.shape
     n_kv = n_heads // plan.n_rep
     out = torch.empty_like(q)
+    if plan.span is not None:
+        _span_attention(q, k_cache, v_cache, plan.span, plan.n_rep, out)
     for i, slot in enumerate(plan.slots):
         a, b = plan.cu_q[i], plan.cu_q[i + 1]
+        if plan.span is not None and b - a <= SPAN_MAX_Q:
+            continue
         q_len = b - a
         total = plan.starts[i] + q_len
         # [q_len, n_kv, rep, hd] -> [1, n_kv, rep * q_len, hd]: GQA groups folded into rows
@@ -170,17 +273,19 @@ def row_invariant_attention(
     Same arguments and result shape as :func:`varlen_attention`.  Queries run in tiles of at most
     ``ROW_TILE`` tokens of one request, computed like the reference implementation's eager
     attention: scaled scores in the cache dtype, softmax in float32 (masked keys at -inf add exact
-    zeros), probabilities back in the cache dtype times values.  Every product stays in the shape range where the
-    matmul kernel's per-row reduction order is fixed, and a lone decode token (no mask) takes the
-    same operations as a row of a verification tile.  Example: a 5-token verification block gives
-    bit for bit the rows of 5 successive one-token decode steps.
+    zeros), probabilities back in the cache dtype times values.  Every product stays in the shape
+    range where the matmul kernel's per-row reduction order is fixed, keys are read in multiples
+    of ``KEY_BLOCK`` positions (masked past each query's own), so every reduction of a query has
+    the same length in a tile as alone, and a lone decode token takes the same operations as a
+    row of a verification tile.  Example: a 5-token verification block gives bit for bit the
+    rows of 5 successive one-token decode steps.
     """
     T, n_heads, hd = q.shape
     n_rep = plan.n_rep
     n_kv = n_heads // n_rep
     scale = hd**-0.5
     out = torch.empty_like(q)
-    for slot, a, n, total, mask in plan.tiles:
+    for slot, a, n, total, mask in plan.tiles:  # total: the tile's padded key count
         # [n, n_kv, rep, hd] -> [n_kv, rep * n, hd]: the heads sharing a KV head fold into rows
         qi = q[a : a + n].view(n, n_kv, n_rep, hd).permute(1, 2, 0, 3).reshape(n_kv, n_rep * n, hd)
         # Contiguous copies: bmm on the cache's strided views is twice as slow as copy + bmm.

@@ -58,6 +58,38 @@ def rejection_sample(inputs: RejectionInputs) -> RejectionOutput:
     return rejection_sample_torch(inputs)
 
 
+def greedy_verify(logits: torch.Tensor, drafts: list[list[int]]) -> RejectionOutput:
+    """The greedy rule alone, for a step whose every request is greedy.
+
+    Same output as :func:`rejection_sample` with one-hot target rows (``logits_to_probs`` at
+    temperature 0): a draft is accepted while it equals the argmax of its row (lowest id on
+    ties, as ``torch.argmax``), then the argmax of the first mismatching row, or of the bonus
+    row, is emitted.  It skips building [R, V] probabilities and noise, which at batch 32 cost
+    more than a third of a decode step.
+
+    logits: [N + B, V], per request its drafts' rows then its bonus row; drafts: per request.
+
+    Example (V = 3; request 0 drafted [2, 1], the target agrees on 2 only):
+        >>> out = greedy_verify(torch.tensor([[0., 0., 5.], [4., 0., 0.], [0., 3., 0.]]), [[2, 1]])
+        >>> out.output_token_ids.tolist(), out.num_accepted.tolist()
+        ([[2, 0, -1]], [1])
+    """
+    target = logits.argmax(-1).tolist()
+    width = max(len(d) for d in drafts) + 1
+    rows, accepted, o = [], [], 0
+    for d in drafts:
+        a = 0
+        while a < len(d) and d[a] == target[o + a]:
+            a += 1
+        emitted = d[:a] + [target[o + a]]
+        rows.append(emitted + [PLACEHOLDER_TOKEN_ID] * (width - len(emitted)))
+        accepted.append(a)
+        o += len(d) + 1
+    dev = logits.device
+    num_accepted = torch.tensor(accepted, dtype=torch.long, device=dev)
+    return RejectionOutput(torch.tensor(rows, dtype=torch.long, device=dev), num_accepted, num_accepted + 1)
+
+
 def _draft_prob_of_drafted(
     draft_token_ids: torch.Tensor,  # [N]
     draft_probs: torch.Tensor | None,  # [N, V] dense | [N, K] sparse values | None

@@ -34,13 +34,17 @@ _STEP = threading.local()
 
 
 @torch.library.custom_op("dspark::packed_linear", mutates_args=())
-def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
+def packed_linear(
+    x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int, row_block: int
+) -> torch.Tensor:
     """x: [T, in] bf16; packed: a weight from ``mkldnn._reorder_linear_weight``.  Returns [T, out]."""
-    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    from dspark.models.packing import packed_product
+
+    return packed_product(x, packed, bias, row_block)
 
 
 @packed_linear.register_fake
-def _packed_linear_shape(x, packed, bias, out_features: int) -> torch.Tensor:
+def _packed_linear_shape(x, packed, bias, out_features: int, row_block: int) -> torch.Tensor:
     return x.new_empty(x.shape[0], out_features)
 
 

@@ -141,5 +141,6 @@ def make_batch(
         q_lens=list(q_lens),
         positions=torch.tensor(pos, dtype=torch.long, device=device),
         token_slots=torch.tensor(tok_slots, dtype=torch.long, device=device),
-        plan=build_plan(slots, starts, q_lens, n_rep, device, padded=padded, row_invariant=row_invariant),
+        plan=build_plan(slots, starts, q_lens, n_rep, device, padded=padded, row_invariant=row_invariant,
+                        max_keys=cache.max_seq),
     )

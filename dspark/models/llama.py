@@ -20,6 +20,7 @@ from torch import nn
 from dspark.models.compiled import compile_blocks, step_context, write_and_attend
 from dspark.models.config import ModelArgs, rope_inv_freq
 from dspark.models.kv_cache import KVCache, VarlenBatch
+from dspark.models.packing import PackedLinear
 
 
 @dataclass
@@ -37,20 +38,29 @@ class Numerics:
     """Rounding choices shared by every layer; the runner sets them (as ``apply_tp`` sets ``tp``).
 
     row_invariant: every row's result is bitwise independent of how many rows the step carries
-    (the deterministic mode).  Measured on oneDNN bf16 (AVX512-BF16): a product of one row takes
-    another kernel than a product of 2..1,024 rows, and for the 1,536-wide down projection it
-    rounds about 1 element in 7,000 differently; every count from 2 rows up gives the same bits.
-    So one-row products run as two identical rows.
+    (the deterministic mode).  Measured on oneDNN bf16: with AVX512-BF16 a product of one row
+    takes another kernel than a product of 2..1,024 rows (the 1,536-wide down projection
+    rounds about 1 element in 7,000 differently); with AMX, products of 2..32 rows agree with
+    each other, but from 33 rows on some rows round differently (about 1 row in 10).  So
+    one-row products run as two identical rows, and larger ones in blocks of ``ROW_BLOCK``.
     """
+
+    ROW_BLOCK = 32
 
     row_invariant: bool = False
     compiled: bool = False  # the blocks run under torch.compile (dspark/models/compiled.py)
 
     def linear(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """``layer(x)`` for x: [T, in]; with ``row_invariant`` never a one-row product."""
-        if self.row_invariant and x.shape[0] == 1:
-            return layer(torch.cat((x, x)))[:1]
-        return layer(x)
+        """``layer(x)`` for x: [T, in]; with ``row_invariant``, products of 2..ROW_BLOCK rows."""
+        if not self.row_invariant:
+            return layer(x)
+        if x.shape[0] == 1:
+            return self.linear(layer, torch.cat((x, x)))[:1]
+        if isinstance(layer, PackedLinear):  # blocks inside the (compiler-opaque) product
+            return layer(x, row_block=self.ROW_BLOCK)
+        if x.shape[0] <= self.ROW_BLOCK:
+            return layer(x)
+        return torch.cat([layer(c) for c in x.split(self.ROW_BLOCK)])
 
 
 class RMSNorm(nn.Module):

@@ -38,13 +38,24 @@ class PackedLinear(nn.Module):
         # Kept only where other code reads the matrix (the LM head shared with drafters).
         self.weight = w if keep_weight else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, row_block: int = 0) -> torch.Tensor:
+        """``row_block`` > 0: products of at most that many rows (see :func:`packed_product`)."""
         shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
         if torch.compiler.is_compiling():  # an opaque op for inductor (dspark/models/compiled.py)
-            y = torch.ops.dspark.packed_linear(x.reshape(-1, shape[-1]), self.packed, self.bias, self.out_features)
-            return y.reshape(*shape[:-1], self.out_features)
-        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, shape[-1]), self.packed, self.bias, "none", [], "")
+            y = torch.ops.dspark.packed_linear(x2, self.packed, self.bias, self.out_features, row_block)
+        else:
+            y = packed_product(x2, self.packed, self.bias, row_block)
         return y.reshape(*shape[:-1], self.out_features)
+
+
+def packed_product(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, row_block: int = 0) -> torch.Tensor:
+    """x [M, in] times a packed weight; with ``row_block`` > 0, in products of at most that
+    many rows, so each row's bits do not depend on M (the deterministic mode; see
+    ``dspark.models.llama.Numerics``)."""
+    if row_block and x.shape[0] > row_block:
+        return torch.cat([packed_product(c, packed, bias) for c in x.split(row_block)])
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
 def pack_linears(model: nn.Module) -> int:

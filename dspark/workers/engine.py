@@ -23,7 +23,6 @@ from typing import Callable, Iterable, Protocol
 
 import torch
 
-from dspark.kernels.rejection import rejection_sample
 from dspark.models.tokenizer import Tokenizer
 from dspark.models.kv_cache import KVCache
 from dspark.workers.drafters.base import AsyncDrafter, DraftBlock, Drafter
@@ -211,7 +210,7 @@ class Engine:
         feature_layers = self.drafter.feature_layers if self.drafter is not None else ()
         out = self.runner.forward(plan.step_input(feature_layers))
         if plan.sampling:
-            plan.set_emitted(rejection_sample(plan.rejection_inputs(out.logits)))  # logits: [R, V]
+            plan.set_emitted(plan.verify(out.logits))  # logits: [R, V]
 
         # 5. Accept: each request keeps its accepted tokens and appends what it emitted.
         outputs = [o for o in map(self._accept, plan.entries) if o is not None]

@@ -109,11 +109,13 @@ class LocalRunner:
         """Refuse the deterministic mode where this device's kernels break it.
 
         Four one-token steps and one four-token verification pass (beside another request) must
-        give bitwise the same logits.  A tensor-parallel group skips the check (its ranks would
-        have to join it); the test suite covers the single-device path.
+        give bitwise the same logits, and so must a 40-token prefill in one pass and in chunks
+        of 10 and 30 (products above ``Numerics.ROW_BLOCK`` rows).  A tensor-parallel group
+        skips the check (its ranks would have to join it); the test suite covers the
+        single-device path.
         """
         vocab = self.model.args.vocab_size
-        ids = [(i * 7919 + 13) % vocab for i in range(24)]
+        ids = [(i * 7919 + 13) % vocab for i in range(64)]
         dev = self.device
 
         def run(slots: list[int], q_lens: list[int], tokens: list[int]) -> torch.Tensor:
@@ -125,7 +127,12 @@ class LocalRunner:
         self.cache.truncate(0, 16)
         together = run([1, 0], [3, 4], ids[20:23] + ids[16:20])[3:]
         self.cache.lengths[0] = self.cache.lengths[1] = 0
-        if not torch.equal(alone, together):  # an unsupported option: refused like one (ValueError)
+        whole = run([0], [40], ids[24:64])[-1]
+        self.cache.lengths[0] = 0
+        run([0], [10], ids[24:34])
+        chunked = run([0], [30], ids[34:64])[-1]
+        self.cache.lengths[0] = 0
+        if not (torch.equal(alone, together) and torch.equal(whole, chunked)):  # refused like an unsupported option
             raise ValueError(
                 f"deterministic mode is not supported for {self.model.dtype} on {dev}: a verification pass "
                 "rounds differently from one-token steps here; run without --deterministic"

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from dspark.kernels.rejection import greedy_verify, rejection_sample
 from dspark.kernels.rejection_types import PLACEHOLDER_TOKEN_ID, RejectionInputs, RejectionOutput
 from dspark.kernels.sampling import logits_to_probs
 from dspark.workers.drafters.base import DraftBlock
@@ -114,6 +115,16 @@ class StepPlan:
         if features is None:
             return [None] * len(self.entries)
         return list(features.split([len(e.tokens) for e in self.entries]))
+
+    def verify(self, logits: torch.Tensor) -> RejectionOutput:
+        """Run the verification rule over the sampled rows ``logits`` [R, V] (batch order).
+
+        A step whose requests are all greedy takes the greedy rule directly; any sampled
+        request sends the whole step through the rejection sampler.
+        """
+        if all(e.seq.params.greedy for e in self.sampling):
+            return greedy_verify(logits, [list(e.drafts) for e in self.sampling])
+        return rejection_sample(self.rejection_inputs(logits))
 
     def rejection_inputs(self, logits: torch.Tensor) -> RejectionInputs:
         """The sampling requests' drafts, proposals and target rows in the sampler's flat layout.

@@ -14,7 +14,13 @@ import torch
 from scipy import stats
 
 from dspark.kernels import dispatch
-from dspark.kernels.rejection import RejectionInputs, RejectionOutput, rejection_sample, rejection_sample_torch
+from dspark.kernels.rejection import (
+    RejectionInputs,
+    RejectionOutput,
+    greedy_verify,
+    rejection_sample,
+    rejection_sample_torch,
+)
 from dspark.kernels.sampling import logits_to_probs
 
 ALPHA = 1e-3
@@ -54,6 +60,30 @@ def test_greedy_accepts_while_draft_is_argmax_then_emits_target_token():
     assert out.output_token_ids.tolist() == [[1, 2, 5, -1], [4, -1, -1, -1], [0, 0, 3, -1], [2, -1, -1, -1]]
     assert out.num_accepted.tolist() == [2, 0, 2, 0]
     assert out.num_emitted.tolist() == [3, 1, 3, 1]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_greedy_fast_path_equals_the_sampler_with_one_hot_targets(seed):
+    """greedy_verify (the all-greedy step's shortcut) = the rejection sampler at temperature 0,
+    with ties in the logits (lowest id wins in both) and blocks of 0..5 drafts."""
+    g = torch.Generator().manual_seed(seed)
+    counts = torch.randint(0, 6, (7,), generator=g).tolist()
+    rows = sum(counts) + len(counts)
+    logits = torch.randint(0, 3, (rows, V), generator=g).float()  # many ties
+    target = logits.argmax(-1)
+    drafts, o = [], 0
+    for n in counts:  # drafts mostly agree with the target, sometimes not
+        d = [int(target[o + i]) if torch.rand(1, generator=g) < 0.7 else int(torch.randint(0, V, (1,), generator=g))
+             for i in range(n)]
+        drafts.append(d)
+        o += n + 1
+    fast = greedy_verify(logits, drafts)
+    ref = run(draft_token_ids=torch.tensor([t for d in drafts for t in d], dtype=torch.long),
+              cu_num_draft_tokens=torch.tensor(counts).cumsum(0), is_greedy=torch.ones(len(counts), dtype=torch.bool),
+              target_probs=logits_to_probs(logits, torch.zeros(rows)))
+    assert torch.equal(fast.num_accepted, ref.num_accepted)
+    assert torch.equal(fast.num_emitted, ref.num_emitted)
+    assert torch.equal(fast.output_token_ids, ref.output_token_ids[:, : fast.output_token_ids.shape[1]])
 
 
 def test_greedy_ignores_q_and_noise():

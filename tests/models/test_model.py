@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from dspark.kernels.attention import build_plan
@@ -97,6 +98,27 @@ def test_padded_attention_equals_loop(model_fp32):
     a = varlen_attention(q, cache_k, cache_v, build_plan(slots, starts, q_lens, rep, "cpu", padded=False))
     b = varlen_attention(q, cache_k, cache_v, build_plan(slots, starts, q_lens, rep, "cpu", padded=True))
     assert torch.allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_span_attention_equals_the_per_request_loop(dtype):
+    """Short queries in one call over a strided slot span (with an unused slot inside it and a
+    long prefill beside it) give the per-request loop's results."""
+    torch.manual_seed(0)
+    n_kv, rep, hd = 3, 3, 64
+    cache_k = torch.randn(6, n_kv, 96, hd, dtype=dtype)
+    cache_v = torch.randn(6, n_kv, 96, hd, dtype=dtype)
+    slots, starts, q_lens = [4, 1, 3, 0], [10, 0, 30, 5], [1, 7, 20, 5]  # slot 2 unused; 20 > SPAN_MAX_Q
+    q = torch.randn(sum(q_lens), n_kv * rep, hd, dtype=dtype)
+    from dspark.kernels.attention import varlen_attention
+
+    span = build_plan(slots, starts, q_lens, rep, "cpu")
+    assert span.span is not None and span.span.tokens.numel() == 1 + 7 + 5
+    loop = build_plan(slots, starts, q_lens, rep, "cpu", span=False)
+    assert loop.span is None
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(varlen_attention(q, cache_k, cache_v, span),
+                               varlen_attention(q, cache_k, cache_v, loop), atol=tol, rtol=0)
 
 
 def test_truncate_and_refeed(model_fp32):
