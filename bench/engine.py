@@ -1,13 +1,18 @@
-"""`dspark bench engine`: plain decoding tokens/s, our engine vs Hugging Face transformers.
+"""`dspark bench engine`: plain decoding tokens/s, our engine (eager and compiled) vs Hugging Face
+transformers.
 
 Same model file, same dtype, same prompts, greedy, a fixed number of new tokens; batch 1, 8 and
 32; each configuration in its own process (clean peak memory).  Also reports the step time over
-its floor: the bytes of weights one decode step must read, divided by the memory bandwidth of a
-large tensor copy measured in the same run.
+its floor (the bytes of weights one decode step must read, divided by the memory bandwidth of a
+large tensor copy measured in the same run), and at batch 1 the time of an 8-token verification
+step over a 1-token decode step at the same context.  Every process runs with the OpenMP wait
+policy of the command (a bounded spin, dspark/omp.py), which alone is as fast as libgomp's
+default that a transformers user gets.
 """
 
 from __future__ import annotations
 
+import os
 import time
 
 import click
@@ -15,12 +20,13 @@ import click
 from bench.common import chat_prompts, load_hf, peak_rss_mb, run_isolated, table, write_json
 
 
-def ours(dtype: str, batch: int, new_tokens: int) -> dict:
+def ours(dtype: str, batch: int, new_tokens: int, compile: bool = False) -> dict:
     from dspark.workers.factory import EngineSpec, build_engine
     from dspark.workers.request import SamplingParams
     from dspark.workers.runner import RunnerConfig
 
-    built = build_engine(EngineSpec(dtype=dtype, runner=RunnerConfig(n_slots=max(batch, 1), max_seq=1024)), progress=False)
+    cfg = RunnerConfig(n_slots=max(batch, 1), max_seq=1024, compile=compile)
+    built = build_engine(EngineSpec(dtype=dtype, runner=cfg), progress=False)
     eng = built.engine
     prompts = chat_prompts(built.loaded.tokenizer, batch)
     params = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
@@ -36,12 +42,33 @@ def ours(dtype: str, batch: int, new_tokens: int) -> dict:
     t_end = time.perf_counter()
     n = sum(len(s.output_ids) for s in seqs)
     decode_steps = max(1, steps - 1)
-    return {
+    out = {
         "tokens_per_s": n / (t_end - t0),
         "decode_step_ms": 1000 * (t_end - t_first) / decode_steps,
         "peak_rss_mb": peak_rss_mb(),
         "tokens": n,
+        "compile_s": eng.runner.compile_s,
     }
+    if batch == 1:
+        out["verify8_over_decode1"] = verify_over_decode(eng.runner, len(prompts[0]) + new_tokens)
+    return out
+
+
+def verify_over_decode(runner, context: int, k: int = 8, reps: int = 30) -> float:
+    """Time of one k-token verification step over one 1-token decode step, batch 1, at the
+    same context length (medians of interleaved repetitions)."""
+    import statistics
+
+    from dspark.workers.runner import StepInput
+
+    runner.forward(StepInput(list(range(100, 100 + context)), [0], [0], [context], logits_rows=[]))
+    times: dict[int, list[float]] = {1: [], k: []}
+    for _ in range(reps):
+        for q in (1, k):
+            t0 = time.perf_counter()
+            runner.forward(StepInput(list(range(7, 7 + q)), [0], [context], [q]))
+            times[q].append(time.perf_counter() - t0)
+    return statistics.median(times[k]) / statistics.median(times[1])
 
 
 def hf(dtype: str, batch: int, new_tokens: int) -> dict:
@@ -96,28 +123,39 @@ def bandwidth_and_weights(dtype: str) -> dict:
 @click.option("--threads", type=int, default=2, show_default=True)
 @click.option("--skip-hf", is_flag=True, help="only our engine")
 @click.option("--json", "json_path", default=None, help="where to write the results")
-def main(batches, dtypes, new_tokens, threads, skip_hf, json_path):
-    """Decode tokens/s: our engine vs Hugging Face transformers, same model and dtype."""
+@click.option("--compile/--no-compile", "compile", default=True, show_default=True,
+              help="also measure our compiled step (the serving default) beside eager")
+def main(batches, dtypes, new_tokens, threads, skip_hf, json_path, compile):
+    """Decode tokens/s: our engine (eager and compiled) vs Hugging Face transformers."""
     rows = []
     for dtype in dtypes.split(","):
         floor = run_isolated("bench.engine", "bandwidth_and_weights", {"dtype": dtype}, threads)
         for b in (int(x) for x in batches.split(",")):
-            o = run_isolated("bench.engine", "ours", {"dtype": dtype, "batch": b, "new_tokens": new_tokens}, threads)
-            h = None if skip_hf else run_isolated("bench.engine", "hf", {"dtype": dtype, "batch": b, "new_tokens": new_tokens}, threads)
+            kw = {"dtype": dtype, "batch": b, "new_tokens": new_tokens}
+            e = run_isolated("bench.engine", "ours", kw, threads)
+            c = run_isolated("bench.engine", "ours", dict(kw, compile=True), threads) if compile else None
+            h = None if skip_hf else run_isolated("bench.engine", "hf", kw, threads)
+            best = c or e
             row = {
                 "dtype": dtype, "batch": b,
-                "ours_tok_s": o["tokens_per_s"], "hf_tok_s": h["tokens_per_s"] if h else None,
-                "speedup": o["tokens_per_s"] / h["tokens_per_s"] if h else None,
-                "step_ms": o["decode_step_ms"], "floor_ms": floor["floor_ms"],
-                "step_over_floor": o["decode_step_ms"] / floor["floor_ms"],
-                "ours_peak_mb": o["peak_rss_mb"], "hf_peak_mb": h["peak_rss_mb"] if h else None,
+                "eager_tok_s": e["tokens_per_s"], "compiled_tok_s": c["tokens_per_s"] if c else None,
+                "hf_tok_s": h["tokens_per_s"] if h else None,
+                "speedup": best["tokens_per_s"] / h["tokens_per_s"] if h else None,
+                "step_ms": best["decode_step_ms"], "floor_ms": floor["floor_ms"],
+                "step_over_floor": best["decode_step_ms"] / floor["floor_ms"],
+                "verify8_over_decode1": best.get("verify8_over_decode1"),
+                "compile_s": c["compile_s"] if c else None,
+                "ours_peak_mb": best["peak_rss_mb"], "hf_peak_mb": h["peak_rss_mb"] if h else None,
             }
             rows.append(row)
             click.echo(table([row], list(row)), err=True)
         rows_floor = floor
-    cols = ["dtype", "batch", "ours_tok_s", "hf_tok_s", "speedup", "step_ms", "floor_ms", "step_over_floor", "ours_peak_mb", "hf_peak_mb"]
+    cols = ["dtype", "batch", "eager_tok_s", "compiled_tok_s", "hf_tok_s", "speedup", "step_ms", "floor_ms",
+            "step_over_floor", "verify8_over_decode1", "compile_s", "ours_peak_mb", "hf_peak_mb"]
     click.echo(table(rows, cols))
-    out = write_json(json_path, "engine.json", {"threads": threads, "new_tokens": new_tokens, "rows": rows, "copy_gb_s": rows_floor["copy_gb_s"]})
+    wait = {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    out = write_json(json_path, "engine.json", {"threads": threads, "new_tokens": new_tokens, "rows": rows,
+                                                "copy_gb_s": rows_floor["copy_gb_s"], "openmp_wait": wait})
     click.echo(f"wrote {out}")
 
 

@@ -4,13 +4,17 @@
 2. Greedy speculative decoding on CUDA (n-gram and layer-skip drafters) = plain decoding.
 3. Triton kernels on CUDA vs their torch references (rejection sampling, top-K admission).
 4. NCCL tensor parallelism when >= 2 GPUs are visible (TP=1 vs TP=N logits).
-5. Decode tokens/s on the GPU at batch 1, 8, 32 (bf16), plain and speculative.
+5. The compiled step's logits vs eager on the GPU (fp32).
+6. Decode tokens/s on the GPU at batch 1, 8, 64 (bf16): eager and compiled, plain and
+   speculative, and transformers' ``generate`` beside them.  The step is not captured in CUDA
+   graphs: its attention op reads the step's plan from the host.
 Writes a JSON report (``--json``) and exits non-zero if a correctness check fails.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 
@@ -119,27 +123,99 @@ def nccl_check(report: dict) -> bool:
     return err < 1e-3
 
 
+# A CPU dry run of the timing part: DSPARK_CHECK_DEVICE=cpu DSPARK_CHECK_BATCHES=1.
+DEVICE = os.environ.get("DSPARK_CHECK_DEVICE", "cuda")
+BATCHES = tuple(int(b) for b in os.environ.get("DSPARK_CHECK_BATCHES", "1,8,64").split(","))
+
+
+def _sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
 def decode_timing(report: dict) -> None:
+    """Tokens/s at batch 1, 8, 64: eager and compiled, plain and n-gram speculative, and
+    transformers' ``generate`` on the same device; compiled logits vs eager (bf16)."""
     from dspark.workers.factory import EngineSpec, build_engine
     from dspark.workers.request import SamplingParams
     from dspark.workers.runner import RunnerConfig
 
-    rows = []
-    for draft in ("none", "ngram"):
-        b = build_engine(EngineSpec(dtype="bf16", device="cuda", draft=draft, block_len=4, runner=RunnerConfig(32, 1024)),
-                         progress=False)
-        tok = b.loaded.tokenizer
-        for batch in (1, 8, 32):
-            ids = [tok.encode_chat([{"role": "user", "content": f"Write a story about robot number {i}."}]) for i in range(batch)]
-            b.engine.generate(ids[:1], SamplingParams(max_tokens=8, ignore_eos=True))
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            seqs = b.engine.generate(ids, SamplingParams(max_tokens=128, ignore_eos=True))
-            torch.cuda.synchronize()
-            dt = time.perf_counter() - t0
-            rows.append({"draft": draft, "batch": batch, "tokens_per_s": sum(len(s.output_ids) for s in seqs) / dt,
-                         "acceptance_length": b.engine.metrics.mean_acceptance_length})
+    rows, n_new = [], 128
+    for compiled in (False, True):
+        for draft in ("none", "ngram"):
+            cfg = RunnerConfig(max(BATCHES), 1024, compile=compiled)
+            b = build_engine(EngineSpec(dtype="bf16", device=DEVICE, draft=draft, block_len=4, runner=cfg), progress=False)
+            tok = b.loaded.tokenizer
+            for batch in BATCHES:
+                ids = [tok.encode_chat([{"role": "user", "content": f"Write a story about robot number {i}."}])
+                       for i in range(batch)]
+                b.engine.generate(ids[:1], SamplingParams(max_tokens=8, ignore_eos=True))
+                _sync()
+                t0 = time.perf_counter()
+                seqs = b.engine.generate(ids, SamplingParams(max_tokens=n_new, ignore_eos=True))
+                _sync()
+                dt = time.perf_counter() - t0
+                rows.append({"compiled": compiled, "draft": draft, "batch": batch,
+                             "tokens_per_s": sum(len(s.output_ids) for s in seqs) / dt,
+                             "acceptance_length": b.engine.metrics.mean_acceptance_length,
+                             "compile_s": b.engine.runner.compile_s})
+            b.close()
     report["decode"] = rows
+    try:
+        report["hf_decode"] = _hf_timing(n_new)
+    except Exception as exc:  # the reference is optional; our rows stand on their own
+        report["hf_decode"] = f"error: {exc!r}"
+
+
+def _hf_timing(n_new: int) -> list[dict]:
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from bench.common import load_hf
+    from dspark.models.loader import load_model
+
+    tok = load_model(dtype="fp32", progress=False).tokenizer
+    model = load_hf("bf16").to(DEVICE)
+    out = []
+    for batch in BATCHES:
+        prompts = [tok.encode_chat([{"role": "user", "content": f"Write a story about robot number {i}."}])
+                   for i in range(batch)]
+        width = max(len(p) for p in prompts)
+        pad = tok.eos_token_id
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=DEVICE)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=DEVICE)
+        kw = dict(do_sample=False, pad_token_id=pad, attention_mask=mask, max_new_tokens=n_new, min_new_tokens=n_new)
+        with torch.inference_mode():
+            model.generate(ids, **dict(kw, max_new_tokens=8, min_new_tokens=8))
+            _sync()
+            t0 = time.perf_counter()
+            model.generate(ids, **kw)
+            _sync()
+        out.append({"batch": batch, "tokens_per_s": n_new * batch / (time.perf_counter() - t0)})
+    return out
+
+
+def compiled_check(report: dict) -> bool:
+    """The compiled step's fp32 logits within 1e-3 of eager on this device."""
+    from dspark.models.kv_cache import make_batch
+    from dspark.models.loader import load_model
+
+    model = load_model(dtype="fp32", device=DEVICE, progress=False).model
+
+    def steps() -> list[torch.Tensor]:
+        cache = model.make_cache(2, 128)
+        out = []
+        for slots, q_lens, toks in (([0], [9], list(range(300, 309))), ([0], [1], [42]),
+                                    ([1, 0], [6, 4], list(range(500, 506)) + [7, 8, 9, 10])):
+            batch = make_batch(cache, slots, q_lens, model.args.n_rep)
+            out.append(model(torch.tensor(toks, device=DEVICE), cache, batch).logits)
+        return out
+
+    with torch.inference_mode():
+        eager = steps()
+        model.enable_compile()
+        compiled = steps()
+    err = max(float((a - b).abs().max()) for a, b in zip(eager, compiled))
+    report["compiled_vs_eager_max_abs"] = err
+    return err < 1e-3
 
 
 def main(out: str | None) -> int:
@@ -148,7 +224,7 @@ def main(out: str | None) -> int:
         return 2
     report = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
     ok = True
-    for check in (logits_check, spec_check, triton_check, nccl_check):
+    for check in (logits_check, spec_check, triton_check, nccl_check, compiled_check):
         try:
             passed = check(report)
         except Exception as exc:  # report and go on with the other checks

@@ -4,7 +4,7 @@
 # machine; results go to $OUT (or bench/results) as gpu_check.json.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export OMP_WAIT_POLICY=PASSIVE
+export DSPARK_OMP_WAIT=spin  # one process owns the host (dspark/omp.py)
 PY=${PY:-.venv/bin/python}
 if [ ! -x "$PY" ]; then PY=python3; fi
 "$PY" -c "import dspark, torch; assert torch.cuda.is_available(), 'no CUDA'" 
