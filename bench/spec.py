@@ -177,12 +177,18 @@ def _parse_blocks(text: str | None, names: list[str]) -> dict[str, int]:
 @click.option("--skip-hf", is_flag=True, help="leave out the transformers runs")
 @click.option("--deterministic", "det_mode", type=click.Choice(["off", "on", "both"]), default="off", show_default=True,
               help="engine mode: default kernels, row-invariant kernels, or both side by side")
+@click.option("--compile/--no-compile", "compile_step", default=False, show_default=True,
+              help="our engines with the compiled step (the `dspark serve` default)")
 @click.option("--json", "json_path", default=None, help="output (default bench/results/spec.json)")
 @click.option("--plot", "plot_path", default=None, help="PNG (default bench/results/spec.png)")
-def main(source, max_prompts, max_tokens, concurrency, drafters, block_text, threads, skip_hf, det_mode, json_path, plot_path):
+def main(source, max_prompts, max_tokens, concurrency, drafters, block_text, threads, skip_hf, det_mode, compile_step,
+         json_path, plot_path):
     """Per-user tokens/s and acceptance per drafter and category, vs plain and vs HF prompt lookup."""
+    from bench.spec_runners import COMPILE_ENV
     from dspark.models.dspark_head import default_head_path
     from dspark.models.loader import DEFAULT_MODEL_NAME, load_tokenizer
+
+    os.environ[COMPILE_ENV] = "1" if compile_step else "0"  # read by the worker processes
 
     t_start = time.perf_counter()
     load_start = os.getloadavg()
@@ -237,6 +243,7 @@ def main(source, max_prompts, max_tokens, concurrency, drafters, block_text, thr
     out = write_json(json_path, "spec.json", {
         "dtype": DTYPE, "temperature": 0.0, "max_tokens": max_tokens, "threads": threads, "source": source,
         "deterministic": det_mode,
+        "compile": compile_step,
         "prompts_per_bucket": max_prompts, "blocks": blocks, "draft_options": {k: dict(v) for k, v in DRAFT_OPTIONS.items()},
         "hf_lookup_tokens": blocks.get("ngram", DEFAULT_BLOCK["ngram"]), "buckets": buckets,
         "prompts": [{k: m[k] for k in ("id", "bucket", "category", "split")} for m in meta],

@@ -88,10 +88,14 @@ class OursRunner:
         self.built.close()
 
 
+COMPILE_ENV = "DSPARK_BENCH_COMPILE"  # `bench spec --compile` sets it for every worker process
+
+
 def _runner_config(n_slots: int, max_seq: int, deterministic: bool = False):
     from dspark.workers.runner import RunnerConfig
 
-    return RunnerConfig(n_slots=n_slots, max_seq=max_seq, deterministic=deterministic)
+    return RunnerConfig(n_slots=n_slots, max_seq=max_seq, deterministic=deterministic,
+                        compile=os.environ.get(COMPILE_ENV) == "1")
 
 
 def ours(drafter: str, block: int, options: list, prompts: list[list[int]], max_tokens: int, concurrency: int,

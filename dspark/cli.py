@@ -28,11 +28,12 @@ BENCHMARKS = {
     "cluster": ("bench.cluster:main", "Per-user and aggregate tokens/s through the full cluster."),
     "load": ("bench.load:main", "Load sweep: plain vs fixed depths vs adaptive verification."),
     "soak": ("bench.soak:main", "Many streaming clients for minutes: errors, latency, memory."),
+    "prefix": ("bench.prefix:main", "Time to first token with a cached 1k-token system prompt vs cold."),
 }
 
 
 # OpenMP wait policy by command (dspark/omp.py): "spin" where one process owns the cores.
-ROLE_WAIT = {"train-draft": "spin", "engine": "spin", "spec": "spin", "drafters": "spin"}
+ROLE_WAIT = {"train-draft": "spin", "engine": "spin", "spec": "spin", "drafters": "spin", "prefix": "spin"}
 
 
 def _wait_policy(role_default: str) -> None:

@@ -20,6 +20,8 @@ dspark:policy_version                                 gauge     scheduler policy
 dspark:queue_depth / dspark:num_requests_running      gauge     verifier's waiting / running requests
 dspark:num_requests_in_flight                         gauge     requests this router is streaming
 dspark:redis_connected                                gauge     1 when the router's last Redis call worked
+dspark:prefix_cache_hit_rate                          gauge     verifier's reused / reusable prompt tokens
+dspark:kv_cache_usage                                 gauge     verifier's cache positions held by running requests
 ====================================================  ========  ===============================
 
 Why counters are accumulated here, at the router, from each request's final ``SpecMetrics``
@@ -87,6 +89,9 @@ class RouterMetrics:
         self.running = gauge("num_requests_running", "Requests decoding on the verifier.")
         self.in_flight = gauge("num_requests_in_flight", "Requests this router replica is streaming.")
         self.redis_connected = gauge("redis_connected", "1 when this router's last Redis call succeeded, else 0.")
+        self.prefix_hit_rate = gauge("prefix_cache_hit_rate",
+                                     "Prompt tokens reused from cached prefixes over those that could be (verifier).")
+        self.kv_usage = gauge("kv_cache_usage", "Fraction of the verifier's KV cache positions held by running requests.")
         # Series exist (at 0) from the start, so rates and absent() behave before traffic.
         for m in (self.num_drafts, self.num_draft_tokens, self.num_accepted_tokens, self.request_failure,
                   self.prompt_tokens, self.generation_tokens, self.ttft, self.itl, self.budget,
@@ -155,7 +160,8 @@ class RouterMetrics:
     def set_verifier_stats(self, stats: dict) -> None:
         """Gauges from a Verifier's ``stats()`` (missing keys leave a gauge as it was)."""
         for key, gauge in (("verification_budget", self.budget), ("policy_version", self.policy_version),
-                           ("queued_requests", self.queue_depth), ("active_requests", self.running)):
+                           ("queued_requests", self.queue_depth), ("active_requests", self.running),
+                           ("prefix_cache_hit_rate", self.prefix_hit_rate), ("kv_cache_usage", self.kv_usage)):
             if key in stats:
                 self.labels(gauge).set(float(stats[key]))
 

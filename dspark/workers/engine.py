@@ -26,6 +26,7 @@ import torch
 from dspark.models.tokenizer import Tokenizer
 from dspark.models.kv_cache import KVCache
 from dspark.workers.drafters.base import AsyncDrafter, DraftBlock, Drafter
+from dspark.workers.prefix_cache import PrefixCache
 from dspark.workers.request import RequestOutput, SamplingParams, Sequence, SpecMetrics, make_detokenizer
 from dspark.workers.runner import StepInput
 from dspark.workers.spec_gate import SpeculationGate
@@ -40,6 +41,7 @@ class EngineConfig:
     max_prefill_tokens: int = 512  # prompt tokens fed per step, over all requests (chunked prefill)
     block_len: int = 4  # draft tokens requested per block (gamma)
     max_block_wait_s: float = 0.02  # longest wait for in-flight remote blocks before a step starts
+    prefix_caching: bool = True  # reuse cached prompt prefixes (workers/prefix_cache.py)
 
 
 class VerifyBudget(Protocol):
@@ -58,6 +60,8 @@ class Runner(Protocol):
     cache: KVCache  # the target's KV cache (its slots and length bound the engine's)
 
     def forward(self, step: StepInput): ...
+
+    def copy_prefix(self, src: int, dst: int, n: int) -> None: ...
 
 
 class Engine:
@@ -90,7 +94,9 @@ class Engine:
         self.gate = gate  # None: always speculate when a drafter is configured
         self.n_slots = n_slots or runner.cache.n_slots
         self.max_seq = max_seq or runner.cache.max_seq
-        self._free_slots = list(range(self.n_slots - 1, -1, -1))
+        # Prefix reuse, except for drafters that need the target's features of every context token.
+        reuse = cfg.prefix_caching and not (drafter is not None and drafter.feature_layers)
+        self.prefix = PrefixCache(self.n_slots, enabled=reuse)
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
         self.metrics = SpecMetrics()
@@ -146,6 +152,12 @@ class Engine:
                     return True
         return False
 
+    def cache_stats(self) -> dict:
+        """Prefix reuse counters and how full the KV cache is (positions held by running requests)."""
+        held = sum(s.num_cached for s in self.running)
+        return {**self.prefix.stats(), "kv_cache_usage": held / (self.n_slots * self.max_seq),
+                "kv_cache_slots_in_use": len(self.running)}
+
     @property
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -155,9 +167,14 @@ class Engine:
         return len(self.running)
 
     def _admit(self) -> None:
-        while self.waiting and self._free_slots and len(self.running) < self.max_batch:
+        while self.waiting and self.prefix.num_free and len(self.running) < self.max_batch:
             seq = self.waiting.pop(0)
-            seq.slot = self._free_slots.pop()
+            reuse = self.prefix.allocate(seq.prompt_ids)
+            seq.slot = reuse.slot
+            if reuse.tokens and reuse.source != reuse.slot:
+                self.runner.copy_prefix(reuse.source, reuse.slot, reuse.tokens)
+            seq.num_cached = reuse.tokens
+            seq.num_reused = reuse.tokens
             self.running.append(seq)
 
     def _finish(self, seq: Sequence, reason: str) -> None:
@@ -170,8 +187,7 @@ class Engine:
         if seq in self.running:
             self.running.remove(seq)
         if seq.slot >= 0:
-            self._free_slots.append(seq.slot)
-            self._free_slots.sort(reverse=True)
+            self.prefix.release(seq.slot, seq.all_ids[: seq.num_cached])
             seq.slot = -1
         if self.drafter is not None:
             self.drafter.release(seq.request_id)
@@ -267,7 +283,10 @@ class Engine:
 
     def _accept(self, e: Scheduled) -> RequestOutput | None:
         """Advance the request's cache over the tokens it keeps and append what it emitted."""
+        before = e.seq.num_cached
         e.seq.num_cached += len(e.kept)
+        if before < len(e.seq.prompt_ids) <= e.seq.num_cached:  # its prompt is cached: others may reuse it
+            self.prefix.index(e.seq.slot, e.seq.prompt_ids)
         if e.emitted is None:  # a prompt chunk before the last: nothing sampled yet
             return None
         return self._append(e.seq, e.emitted, len(e.drafts), e.num_accepted)

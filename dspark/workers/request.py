@@ -117,6 +117,7 @@ class Sequence:
     generator: torch.Generator
     slot: int = -1
     num_cached: int = 0
+    num_reused: int = 0  # prompt tokens whose cache entries were copied, not computed (prefix reuse)
     output_ids: list[int] = field(default_factory=list)
     finished: bool = False
     finish_reason: str | None = None

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from dspark.models.kv_cache import KVCache, make_batch
 from dspark.models.llama import ForwardOutput, Transformer
 
-CMD_STEP, CMD_STOP = 1, 2
+CMD_STEP, CMD_STOP, CMD_COPY = 1, 2, 3
 log = logging.getLogger(__name__)
 
 
@@ -159,6 +159,12 @@ class LocalRunner:
             n_layers=step.n_layers,
         )
 
+    @torch.inference_mode()
+    def copy_prefix(self, src: int, dst: int, n: int) -> None:
+        """Copy the first ``n`` cached positions of slot ``src`` into slot ``dst`` (every layer)."""
+        self.cache.k[:, dst, :, :n] = self.cache.k[:, src, :, :n]
+        self.cache.v[:, dst, :, :n] = self.cache.v[:, src, :, :n]
+
     def close(self) -> None:
         pass
 
@@ -169,7 +175,7 @@ class LocalRunner:
 class _Header(NamedTuple):
     """The fixed-size int64 message that opens every broadcast from rank 0: what follows."""
 
-    command: int  # CMD_STEP or CMD_STOP
+    command: int  # CMD_STEP, CMD_STOP, or CMD_COPY (then the next three fields are src, dst, n)
     n_requests: int  # B: the payload starts with B slots, B starts, B q_lens
     n_tokens: int  # T tokens follow them
     n_rows: int  # then this many logits rows; -1: all rows (none sent)
@@ -234,6 +240,12 @@ class TPDriver(LocalRunner):
         dist.broadcast(payload.to(self._comm), src=0, group=self.group)
         return super().forward(step)
 
+    def copy_prefix(self, src: int, dst: int, n: int) -> None:
+        # A copy travels in the header's request/token fields: (src, dst, n), no payload.
+        header = torch.tensor(_Header(CMD_COPY, src, dst, n, 0, 0), dtype=torch.long)
+        dist.broadcast(header.to(self._comm), src=0, group=self.group)
+        super().copy_prefix(src, dst, n)
+
     def close(self) -> None:
         try:
             dist.broadcast(torch.tensor(_STOP, dtype=torch.long, device=self._comm), src=0, group=self.group)
@@ -250,6 +262,9 @@ def tp_rank_loop(runner: LocalRunner, backend: str, group=None) -> None:
         h = _Header(*header.tolist())
         if h.command == CMD_STOP:
             return
+        if h.command == CMD_COPY:
+            runner.copy_prefix(h.n_requests, h.n_tokens, h.n_rows)
+            continue
         payload = torch.empty(h.payload_len(), dtype=torch.long, device=comm)
         dist.broadcast(payload, src=0, group=group)
         runner.forward(_decode(h, payload.cpu()))

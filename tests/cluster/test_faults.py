@@ -360,6 +360,8 @@ def test_metrics_follow_the_responses(cluster, http):
     assert after["dspark:verification_budget"] > 0  # ngram drafted blocks were verified
     assert after["dspark:policy_version"] == 0  # fixed policy: no scheduler
     assert after["dspark:queue_depth"] == 0 and after["dspark:num_requests_running"] == 0
+    # The verifier's cache gauges reach the router: nothing running holds positions now.
+    assert after["dspark:kv_cache_usage"] == 0 and 0 <= after["dspark:prefix_cache_hit_rate"] <= 1
     assert after["dspark:num_requests_in_flight"] == 0
 
 

@@ -33,7 +33,8 @@ class ScriptedBackend:
     max_context = 64
 
     def __init__(self) -> None:
-        self.stats = {"active_requests": 2, "queued_requests": 5, "verification_budget": 3.5, "policy_version": 7}
+        self.stats = {"active_requests": 2, "queued_requests": 5, "verification_budget": 3.5, "policy_version": 7,
+                      "prefix_cache_hit_rate": 0.25, "kv_cache_usage": 0.5}
 
     async def generate(self, prompt_ids, params, request_id=None):
         spec = SpecMetrics()
@@ -110,6 +111,7 @@ def test_counters_histograms_and_gauges(client):
     assert after["dspark:num_requests_in_flight"] == 0
     assert after["dspark:queue_depth"] == 5 and after["dspark:num_requests_running"] == 2
     assert after["dspark:verification_budget"] == 3.5 and after["dspark:policy_version"] == 7
+    assert after["dspark:prefix_cache_hit_rate"] == 0.25 and after["dspark:kv_cache_usage"] == 0.5
 
 
 def test_unavailable_backend_is_503_and_counted(client):

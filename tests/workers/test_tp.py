@@ -7,6 +7,7 @@ import torch
 from dspark.workers.engine import Engine, EngineConfig
 from dspark.workers.request import SamplingParams
 from dspark.workers.runner import LocalRunner, RunnerConfig, StepInput, TPGroup, TPSpec
+from helpers.prefix import run_shared_prefix
 
 
 def test_tp3_matches_tp1(model_fp32, prompts20):
@@ -29,5 +30,9 @@ def test_tp3_matches_tp1(model_fp32, prompts20):
         tp_seqs = Engine(group.driver, tok, EngineConfig(max_batch=4)).generate(prompts, params)
         one_seqs = Engine(LocalRunner(model_fp32.model, cfg), tok, EngineConfig(max_batch=4)).generate(prompts, params)
         assert [s.output_ids for s in tp_seqs] == [s.output_ids for s in one_seqs]
+        # Prefix reuse copies between slots on every rank (a copy command, like a step).
+        tp_out, reused = run_shared_prefix(Engine(group.driver, tok, EngineConfig(max_batch=4)), tok)
+        one_out, _ = run_shared_prefix(Engine(LocalRunner(model_fp32.model, cfg), tok, EngineConfig(max_batch=4)), tok)
+        assert min(reused[1:]) > 0 and tp_out == one_out
     finally:
         group.close()

@@ -1,0 +1,144 @@
+"""Prefix reuse: which token prefixes the target's cache slots hold, so a new request that shares
+one (a system prompt, the earlier turns of a conversation) copies its keys and values instead of
+computing them again.
+
+Slots hold their content in hash-addressed blocks of ``BLOCK`` tokens: block i of a token list
+is named by a hash chained over blocks 0..i, so equal names mean equal prefixes.  A slot is
+indexed
+
+* while live, once its prompt is in the cache (the prompt's positions never change after that:
+  rejected drafts are dropped only past the verified tokens);
+* after its request finished, with every token it kept (prompt and output): the slot is free
+  but *retained*, until a new request needs it and no empty slot is left (least recently
+  released first).
+
+A new request reuses the longest indexed prefix of its prompt, in whole blocks, always leaving
+its last prompt token to compute (its logits give the first output token).  When the longest
+match sits in a retained slot, the request takes that slot itself and nothing is copied;
+otherwise the engine copies the prefix from the slot that holds it (live or retained) into the
+request's slot.  Keys and values depend only on the tokens before them, so a copied prefix is
+what prefilling it would write (bit for bit in the deterministic mode, whose kernels are
+row-invariant; elsewhere, within the rounding by which any two batchings differ).
+
+Drafters that read the target's hidden states (DSpark, hybrid) need them for every context
+token, and a reused prefix has none: the engine turns reuse off for them (see
+``Engine.__init__``).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+BLOCK = 16
+
+
+def block_hashes(tokens: list[int], block: int = BLOCK) -> list[int]:
+    """Chained hashes of the full blocks of ``tokens``: [h_0, h_1, ...], h_i covers blocks 0..i.
+
+    >>> a, b = block_hashes(list(range(40)), 16), block_hashes(list(range(32)) + [7] * 8, 16)
+    >>> len(a), a == b, block_hashes([1, 2], 16)
+    (2, True, [])
+    """
+    out, h = [], 0
+    for i in range(0, len(tokens) - block + 1, block):
+        h = hash((h, tuple(tokens[i : i + block])))
+        out.append(h)
+    return out
+
+
+@dataclass
+class Reuse:
+    """Where a new request goes: its ``slot``, and the first ``tokens`` of its prompt to copy
+    from ``source`` (``source == slot``: already in place; ``tokens == 0``: nothing reused)."""
+
+    slot: int
+    source: int
+    tokens: int
+
+
+class PrefixCache:
+    """Free-slot allocation that remembers and reuses the slots' token prefixes."""
+
+    def __init__(self, n_slots: int, enabled: bool = True, block: int = BLOCK) -> None:
+        self.n_slots = n_slots
+        self.enabled = enabled
+        self.block = block
+        self._empty = list(range(n_slots - 1, -1, -1))  # free, nothing worth keeping; pop() -> lowest
+        self._retained: OrderedDict[int, None] = OrderedDict()  # free but indexed, oldest first
+        self._hashes: dict[int, list[int]] = {}  # slot -> its indexed block chain
+        self._where: dict[int, set[int]] = {}  # block hash -> slots holding that prefix
+        self.queried_tokens = 0  # prompt tokens that could have been reused (all but the last)
+        self.hit_tokens = 0  # prompt tokens that were reused
+
+    # -- index ------------------------------------------------------------------------------
+    def _forget(self, slot: int) -> None:
+        for h in self._hashes.pop(slot, ()):
+            holders = self._where.get(h)
+            if holders is not None:
+                holders.discard(slot)
+                if not holders:
+                    del self._where[h]
+
+    def index(self, slot: int, tokens: list[int]) -> None:
+        """Record that ``slot`` holds the keys and values of ``tokens`` (from position 0)."""
+        self._forget(slot)
+        if not self.enabled:
+            return
+        hashes = block_hashes(tokens, self.block)
+        self._hashes[slot] = hashes
+        for h in hashes:
+            self._where.setdefault(h, set()).add(slot)
+
+    # -- allocation -------------------------------------------------------------------------
+    @property
+    def num_free(self) -> int:
+        return len(self._empty) + len(self._retained)
+
+    def allocate(self, prompt: list[int]) -> Reuse:
+        """A free slot for a request with this prompt, and what of the prompt it can reuse."""
+        if not self.num_free:
+            raise RuntimeError("no free cache slot")
+        usable = prompt[:-1]
+        self.queried_tokens += len(usable) // self.block * self.block
+        depth, holders = 0, set()
+        if self.enabled:
+            for i, h in enumerate(block_hashes(usable, self.block)):
+                found = self._where.get(h)
+                if not found:
+                    break
+                depth, holders = i + 1, found
+        tokens = depth * self.block
+        in_place = [s for s in holders if s in self._retained]
+        if in_place:  # the retained slot that holds the prefix becomes the request's slot
+            slot = source = in_place[0]
+            del self._retained[slot]
+        else:
+            # An empty slot, else the least recently released one (no retained slot holds the
+            # prefix here, so the source, if any, is a live request's slot).
+            slot = self._empty.pop() if self._empty else self._retained.popitem(last=False)[0]
+            source = min(holders) if tokens else slot
+        self._forget(slot)
+        if tokens and source == slot:
+            self.index(slot, prompt[:tokens])  # what stays valid of its old content
+        self.hit_tokens += tokens
+        return Reuse(slot=slot, source=source, tokens=tokens)
+
+    def release(self, slot: int, tokens: list[int]) -> None:
+        """The slot's request ended; ``tokens`` are the positions its cache holds."""
+        if self.enabled and len(tokens) >= self.block:
+            self.index(slot, tokens)
+            self._retained[slot] = None
+        else:
+            self._forget(slot)
+            self._empty.append(slot)
+            self._empty.sort(reverse=True)
+
+    def stats(self) -> dict:
+        """Hit rate over the prompt tokens that could have been reused, and slots retained."""
+        return {
+            "prefix_cache_queried_tokens": self.queried_tokens,
+            "prefix_cache_hit_tokens": self.hit_tokens,
+            "prefix_cache_hit_rate": self.hit_tokens / self.queried_tokens if self.queried_tokens else 0.0,
+            "prefix_cache_retained_slots": len(self._retained),
+        }
