@@ -94,8 +94,9 @@ class Engine:
         self.gate = gate  # None: always speculate when a drafter is configured
         self.n_slots = n_slots or runner.cache.n_slots
         self.max_seq = max_seq or runner.cache.max_seq
-        # Prefix reuse, except for drafters that need the target's features of every context token.
-        reuse = cfg.prefix_caching and not (drafter is not None and drafter.feature_layers)
+        # Prefix reuse, with drafters that need no observe() of the reused tokens (not those that
+        # read the target's features of every context token, nor remote ones fed by observe()).
+        reuse = cfg.prefix_caching and (drafter is None or getattr(drafter, "prefix_reuse", False))
         self.prefix = PrefixCache(self.n_slots, enabled=reuse)
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []

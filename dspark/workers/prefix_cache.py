@@ -21,8 +21,10 @@ what prefilling it would write (bit for bit in the deterministic mode, whose ker
 row-invariant; elsewhere, within the rounding by which any two batchings differ).
 
 Drafters that read the target's hidden states (DSpark, hybrid) need them for every context
-token, and a reused prefix has none: the engine turns reuse off for them (see
-``Engine.__init__``).
+token, and a reused prefix has none; a remote drafter rebuilds its context from the tokens
+``observe()`` streams to it.  The engine reuses prefixes only with drafters that declare
+``prefix_reuse`` (n-gram, layer-skip, draft model: they read ``seq.all_ids`` or a cache) and
+without a drafter (see ``Engine.__init__``).
 """
 
 from __future__ import annotations

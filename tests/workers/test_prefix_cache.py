@@ -73,10 +73,16 @@ def test_engine_output_with_reuse_equals_without_fp32(model_fp32, draft):
     assert outs[True] == outs[False]
 
 
-def test_drafters_that_read_target_features_turn_reuse_off(model_fp32):
+def test_reuse_only_with_drafters_that_declare_it(model_fp32):
+    """Feature drafters and the remote drafter (fed by observe()) turn reuse off."""
+    from dspark.workers.drafters.ngram import NgramDrafter
+    from dspark.workers.drafters.remote import RemoteDrafter
+
     class FeatureDrafter:
         feature_layers = (3,)
 
-    eng = Engine(LocalRunner(model_fp32.model, RunnerConfig(n_slots=2, max_seq=128)), model_fp32.tokenizer,
-                 EngineConfig(), FeatureDrafter())
-    assert not eng.prefix.enabled
+    runner = LocalRunner(model_fp32.model, RunnerConfig(n_slots=2, max_seq=128))
+    assert not hasattr(RemoteDrafter, "prefix_reuse")
+    assert not Engine(runner, model_fp32.tokenizer, EngineConfig(), FeatureDrafter()).prefix.enabled
+    assert Engine(runner, model_fp32.tokenizer, EngineConfig(), NgramDrafter()).prefix.enabled
+    assert not Engine(runner, model_fp32.tokenizer, EngineConfig(prefix_caching=False)).prefix.enabled

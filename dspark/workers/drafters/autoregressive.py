@@ -30,6 +30,7 @@ from dspark.workers.runner import StepInput
 class AutoregressiveDrafter:
     name = "autoregressive"
     feature_layers: tuple[int, ...] = ()
+    prefix_reuse = True  # reads seq.all_ids and the target's (or its own) cache, never observe()d tokens
 
     def __init__(self, runner, n_layers: int | None, proposal_top_k: int = 8) -> None:
         self.runner = runner

@@ -74,6 +74,9 @@ class Drafter(Protocol):
 
     name: str
     feature_layers: tuple[int, ...]  # target layers whose hidden states observe() must receive
+    # Optional: True when the drafter needs no observe() of a prompt prefix the engine reuses from
+    # another request's cache (it reads ``seq.all_ids`` or the target's cache); absent = False.
+    # prefix_reuse: bool
 
     def propose(self, seqs: list[Sequence], block_len: int) -> list[DraftBlock | None]:
         """One entry per sequence: a block of at most ``block_len`` tokens, or None.

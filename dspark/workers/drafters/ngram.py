@@ -56,6 +56,8 @@ class NgramDrafter:
     name = "ngram"
     feature_layers: tuple[int, ...] = ()
 
+    prefix_reuse = True  # drafts from seq.all_ids: a reused prefix needs no observe()
+
     def __init__(self, max_ngram: int = 4, min_ngram: int = 1, by_order: bool = False) -> None:
         self.max_ngram = max_ngram
         self.min_ngram = min_ngram
