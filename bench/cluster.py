@@ -44,10 +44,10 @@ import click
 from bench.common import run_isolated, table, write_json
 
 
-def _config(draft: str, block: int | None) -> dict:
+def _config(draft: str, block: int | None, compile_step: bool = False) -> dict:
     from dspark.cluster.config import ClusterConfig
 
-    kw = {"draft": draft, "draft_workers": 1, "tp": 1, "dtype": "bf16"}
+    kw = {"draft": draft, "draft_workers": 1, "tp": 1, "dtype": "bf16", "compile": compile_step}
     if block is not None:
         kw["block_len"] = block
     return dataclasses.asdict(ClusterConfig(**kw))
@@ -85,7 +85,7 @@ def in_process(cfg: dict, speculative: bool, levels: list[int], texts: list[str]
 
     spec = EngineSpec(model=cfg["model"], dtype=cfg["dtype"], device=cfg["device"], tp=cfg["tp"],
                       draft=cfg["draft"] if speculative else "none", block_len=cfg["block_len"],
-                      runner=RunnerConfig(n_slots=cfg["n_slots"], max_seq=cfg["max_seq"]),
+                      runner=RunnerConfig(n_slots=cfg["n_slots"], max_seq=cfg["max_seq"], compile=cfg["compile"]),
                       max_prefill_tokens=cfg["max_prefill_tokens"], draft_options=tuple(cfg["draft_options"].items()))
     built = build_engine(spec, progress=False)
     eng = built.engine
@@ -250,8 +250,10 @@ def through_cluster(cfg: dict, levels: list[int], texts: list[str], max_tokens: 
               help="cluster runs; in-process runs go before, between and after them")
 @click.option("--draft", default=None, help="drafter kind (default: the cluster's: dspark if a head ships, else ngram)")
 @click.option("--block", type=int, default=None, help="block length (default: the cluster's, 7)")
+@click.option("--compile/--no-compile", "compile_step", default=False, show_default=True,
+              help="verifiers and in-process engines with the compiled step (the `dspark serve` default)")
 @click.option("--json", "json_path", default=None, help="output (default bench/results/cluster.json)")
-def main(concurrency, max_tokens, min_requests, repeats, draft, block, json_path):
+def main(concurrency, max_tokens, min_requests, repeats, draft, block, compile_step, json_path):
     """Through the full cluster vs in-process speculative and plain decoding, side by side."""
     from dspark.cluster.config import ClusterConfig
     from dspark.cluster.commands import _default_draft
@@ -259,7 +261,7 @@ def main(concurrency, max_tokens, min_requests, repeats, draft, block, json_path
     t_begin = time.perf_counter()
     load_start = os.getloadavg()
     levels = [int(c) for c in concurrency.split(",")]
-    cfg = _config(draft or _default_draft(), block)
+    cfg = _config(draft or _default_draft(), block, compile_step)
     threads = ClusterConfig(**cfg).threads()
     texts = _texts(max(max(levels), min_requests))
     click.echo(f"drafter {cfg['draft']}, block {cfg['block_len']}, {cfg['draft_workers']} draft worker, tp {cfg['tp']}, "

@@ -64,8 +64,18 @@ class LocalCluster:
                 ray.init(runtime_env={"env_vars": env}, logging_level=logging.WARNING)
             else:
                 cpus = self.ray_cpus or max(16, 4 * (os.cpu_count() or 1))
-                ray.init(num_cpus=cpus, include_dashboard=False, runtime_env={"env_vars": env},
-                         logging_level=logging.WARNING, log_to_driver=bool(os.environ.get("DSPARK_RAY_LOGS")))
+                kw = dict(num_cpus=cpus, include_dashboard=False, runtime_env={"env_vars": env},
+                          logging_level=logging.WARNING, log_to_driver=bool(os.environ.get("DSPARK_RAY_LOGS")))
+                try:
+                    ray.init(**kw)
+                except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception for this
+                    # On a loaded host the raylet can miss Ray's fixed 30 s registration window;
+                    # a second start usually makes it.  Anything else is raised as it came.
+                    if "timed out during startup" not in str(e):
+                        raise
+                    log.warning("Ray's node did not register in time (%s); starting it again", e)
+                    ray.shutdown()
+                    ray.init(**kw)
             self._ray_started = True
         serve.start(http_options={"host": self.host, "port": self.http_port})
         serve.run(build_app(dataclasses.asdict(cfg)), name=APP_NAME, route_prefix="/", blocking=False)
