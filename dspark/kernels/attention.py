@@ -136,8 +136,8 @@ def build_plan(
     ``span=False`` keeps every request on the per-request loop (the reference in tests).
     ``max_keys``: the cache's positions per slot (row-invariant tiles never read past it).
     """
-    if max_keys is None:
-        max_keys = max(s + q for s, q in zip(starts, q_lens))
+    if row_invariant and max_keys is None:  # a cap taken from the step would make tiles depend on it
+        raise ValueError("row-invariant plans need max_keys (the cache's positions per slot)")
     cu = [0]
     for n in q_lens:
         cu.append(cu[-1] + n)
@@ -188,13 +188,14 @@ def _span_plan(short, slots, starts, q_lens, cu, n_rep, device) -> SpanPlan:
     n_slots = max(slots[i] for i in short) - lo + 1
     max_q = max(q_lens[i] for i in short)
     max_len = max(starts[i] + q_lens[i] for i in short)
-    q_pos = torch.zeros(n_slots, max_q, dtype=torch.long)  # padding rows: position 0, key 0 only
+    pos = [[0] * max_q for _ in range(n_slots)]  # padding rows: position 0, key 0 only
     tokens, rows = [], []
-    for i in short:
+    for i in short:  # host lists, one tensor at the end: this runs every step
         b = slots[i] - lo
-        q_pos[b, : q_lens[i]] = torch.arange(starts[i], starts[i] + q_lens[i])
+        pos[b][: q_lens[i]] = range(starts[i], starts[i] + q_lens[i])
         tokens.extend(range(cu[i], cu[i + 1]))
         rows.extend(range(b * max_q, b * max_q + q_lens[i]))
+    q_pos = torch.tensor(pos)
     mask = torch.arange(max_len).view(1, 1, -1) <= q_pos.unsqueeze(-1)  # [n_slots, max_q, max_len]
     mask = mask.repeat(1, n_rep, 1).unsqueeze(1)  # rows are (head-group, query) like the queries
     return SpanPlan(lo, n_slots, max_q, max_len, torch.tensor(tokens, device=device),

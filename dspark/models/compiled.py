@@ -13,8 +13,9 @@ with a torch implementation:
 
 Shapes: the token axis is dynamic, so one graph serves every step of 2 or more tokens (prefill
 chunks, verification blocks, decode batches) and one more serves one-token steps (the compiler
-specialises size 1).  Early exit depth and feature layers are constants of a graph: a process
-that uses one combination compiles two graphs.  Compiled code is cached on disk
+specialises size 1).  The graphs return every block's output, so the drafter's feature layers
+are picked outside them; an early-exit depth (layer-skip drafting) is a constant of its graphs
+and compiles its own pair.  Compiled code is cached on disk
 (``TORCHINDUCTOR_CACHE_DIR``, by default under the user's cache folder), so a second start
 of the same model loads it instead of compiling.
 """

@@ -31,3 +31,8 @@ def test_tiles_split_where_the_padded_key_count_changes():
     # tokens at positions 60..63 see up to 64 keys, 64..67 up to 128
     assert [(n, keys) for _, _, n, keys, _ in plan.tiles] == [(4, KEY_BLOCK), (4, 2 * KEY_BLOCK)]
     assert padded_keys(1000, 1000) == 1000 and padded_keys(999, 1000) == 1000
+
+
+def test_a_row_invariant_plan_needs_the_cache_length():
+    with pytest.raises(ValueError, match="max_keys"):
+        build_plan([0], [5], [3], 3, "cpu", row_invariant=True)
