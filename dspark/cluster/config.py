@@ -49,6 +49,7 @@ class ClusterConfig:
     torch_threads: int = 0  # threads per compute process; 0 = cores / compute processes
     grpc_port: int = 0  # router's GenerationService port; 0 = disabled
     http_body_timeout_s: float = 30.0  # an HTTP request body not received in full by then is answered 408
+    http_header_timeout_s: float = 10.0  # request line + headers not received by then: 408 and close (Serve's proxy)
     bind_host: str = "127.0.0.1"  # where the router's gRPC API listens ("auto": node IP)
     internal_host: str = "127.0.0.1"  # where draft workers listen, apart from the public API ("auto": node IP)
     draft_options: dict = field(default_factory=dict)  # drafter settings (e.g. head=PATH)

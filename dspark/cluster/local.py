@@ -41,6 +41,7 @@ class LocalCluster:
         import ray
         from ray import serve
 
+        from dspark.cluster.http_deadline import proxy_env
         from dspark.cluster.redis_server import start_cluster_redis
 
         if self.redis_url is None:  # password-protected and supervised; the URL carries the password
@@ -48,7 +49,8 @@ class LocalCluster:
             self.redis_url = self._redis.url
         cfg = dataclasses.replace(self.cfg, redis_url=self.redis_url)
         # The roles share this host's cores: sleeping OpenMP waits unless the operator chose (dspark/omp.py).
-        env = {**omp.child_env("passive"), "TOKENIZERS_PARALLELISM": "false", **self.env}
+        env = {**omp.child_env("passive"), "TOKENIZERS_PARALLELISM": "false",
+               **proxy_env(cfg.http_header_timeout_s), **self.env}
         forwarded = (cfg.internal_token_env, cfg.api_key_env, cfg.internal_tls_cert_env, cfg.internal_tls_key_env,
                      cfg.internal_tls_ca_env, cfg.internal_tls_name_env, "DSPARK_CACHE_DIR", "DSPARK_DATA_DIR",
                      "DSPARK_MODEL")

@@ -253,6 +253,7 @@ def test_cluster_redis_requires_a_password_and_comes_back_after_a_crash(caplog):
 # HTTP proxy sits in front of the router, which is where the log noise and timeouts arise.
 CLUSTER_MODEL = "SmolLM2-135M-Instruct"
 CLUSTER_BODY_TIMEOUT_S = 2.0
+CLUSTER_HEADER_TIMEOUT_S = 1.5
 COUNT = [{"role": "user", "content": "Count from 1 to 300, separated by commas."}]
 
 
@@ -263,7 +264,7 @@ def cluster():
     from dspark.workers.runner import free_port
 
     cfg = ClusterConfig(dtype="fp32", draft="none", draft_workers=0, n_slots=4, max_seq=512, torch_threads=1,
-                        http_body_timeout_s=CLUSTER_BODY_TIMEOUT_S)
+                        http_body_timeout_s=CLUSTER_BODY_TIMEOUT_S, http_header_timeout_s=CLUSTER_HEADER_TIMEOUT_S)
     c = LocalCluster(cfg, http_port=free_port()).start(timeout_s=600)
     yield c
     c.stop()
@@ -325,6 +326,35 @@ def test_slow_body_through_the_serve_proxy(cluster):
     (``ClusterConfig.http_body_timeout_s``) answers 408 and the proxy closes the connection."""
     elapsed, answer = _slow_body(cluster.http_port)
     _assert_timed_out(elapsed, answer, CLUSTER_BODY_TIMEOUT_S)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sent", [b"", b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Ty"],
+                         ids=["nothing", "headers-unfinished"])
+def test_slow_headers_through_the_serve_proxy(cluster, sent):
+    """Serve's proxy has no header-phase timeout of its own; the cluster gives it one
+    (``ClusterConfig.http_header_timeout_s``): 408 and a closed connection, and several such
+    clients at once hold nothing."""
+    socks = [socket.create_connection(("127.0.0.1", cluster.http_port), timeout=20) for _ in range(20)]
+    try:
+        for s in socks:
+            s.sendall(sent)
+        t0 = time.monotonic()
+        for s in socks:
+            answer = b""
+            try:
+                while chunk := s.recv(4096):
+                    answer += chunk
+            except socket.timeout:
+                pytest.fail(f"a connection was still open after 20 s (answer so far: {answer!r})")
+            assert answer.startswith(b"HTTP/1.1 408"), answer
+        elapsed = time.monotonic() - t0
+        assert elapsed < CLUSTER_HEADER_TIMEOUT_S + 3.0, f"closed only after {elapsed:.1f} s"
+    finally:
+        for s in socks:
+            s.close()
+    r = httpx.get(f"{cluster.base_url}/v1/models", timeout=30)
+    assert r.status_code == 200, r.text
 
 
 @pytest.mark.slow

@@ -10,15 +10,16 @@ import time
 
 
 @contextlib.contextmanager
-def serve(app):
-    """Run ``app`` under uvicorn on a free 127.0.0.1 port in a thread; yields the base URL."""
+def serve(app, **config):
+    """Run ``app`` under uvicorn on a free 127.0.0.1 port in a thread; yields the base URL.
+    ``config``: more ``uvicorn.Config`` arguments."""
     import uvicorn
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5, **config))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
