@@ -72,13 +72,21 @@ def draft_timing(prompts: list[list[int]], sizes: list[int], batches: list[int],
     model, path = loaded.model, default_head_path(DEFAULT_MODEL_NAME)
     flat = [t for p in prompts for t in p]
     ctx_ids = [(flat * (1 + context * max(batches) // max(1, len(flat))))[i * 7 : i * 7 + context] for i in range(max(batches))]
-    head0 = load_head(path, model, draft_vocab=0)
-    feats = [f for i in range(0, len(ctx_ids), 8) for f, _ in target_features(model, ctx_ids[i : i + 8], head0.cfg.feature_layers)]
+    heads = {}
+    for n in sizes:
+        try:
+            heads[n] = load_head(path, model, draft_vocab=n)
+        except ValueError as exc:  # e.g. the full vocabulary for a head trained over N ids
+            click.echo(f"draft_vocab {n}: skipped ({exc})")
+    if not heads:
+        raise click.UsageError("--timing: none of the --draft-vocabs sizes fits the head")
+    feature_layers = next(iter(heads.values())).cfg.feature_layers
+    feats = [f for i in range(0, len(ctx_ids), 8) for f, _ in target_features(model, ctx_ids[i : i + 8], feature_layers)]
     out: dict = {"context": context, "block": block, "dtype": dtype, "threads": torch.get_num_threads(),
                  "ms_per_block": {}, "ms_per_block_min": {}}
     cases = []  # (N label, "B=..,T=..", drafter, seqs)
-    for n in sizes:
-        head = head0 if n == 0 else load_head(path, model, draft_vocab=n)
+    for n, head in heads.items():
+        head.pack_for_inference()  # as the serving drafter does (make_dspark_drafter)
         for B in batches:
             for temp in (0.0, 1.0):
                 drafter = DSparkDrafter(head, n_slots=B, max_seq=context + block + 8)
@@ -104,26 +112,30 @@ def draft_timing(prompts: list[list[int]], sizes: list[int], batches: list[int],
         out["ms_per_block_min"].setdefault(label, {})[key] = round(1000 * min(ts), 2)
     for label, row in out["ms_per_block"].items():
         click.echo(f"draft_vocab {label:>6s} (median ms): " + "  ".join(f"{k} {v:.2f}" for k, v in row.items()))
-    del cases
-    del head0
-    built = _engine("none", (), block, dtype, 1, max(map(len, prompts)) + decode_tokens + 8)
-    try:
-        from dspark.workers.request import SamplingParams as SP
+    del cases, heads
+    for compiled in (False, True):  # the step `dspark generate` runs by default, and the one `dspark serve` runs
+        built = _engine("none", (), block, dtype, 1, max(map(len, prompts)) + decode_tokens + 8, compile=compiled)
+        try:
+            from dspark.workers.request import SamplingParams as SP
 
-        eng = built.engine
-        eng.generate([prompts[0]], SP(max_tokens=8))
+            eng = built.engine
+            eng.generate([prompts[0]], SP(max_tokens=8))
 
-        def timed(n: int) -> float:
-            t0 = time.perf_counter()
-            eng.generate([prompts[0]], SP(max_tokens=n, ignore_eos=True))
-            return time.perf_counter() - t0
+            def timed(n: int) -> float:
+                t0 = time.perf_counter()
+                eng.generate([prompts[0]], SP(max_tokens=n, ignore_eos=True))
+                return time.perf_counter() - t0
 
-        # Decode steps only: the difference between a long and a one-token request (same prefill).
-        per_tok = statistics.median((timed(decode_tokens) - timed(1)) / (decode_tokens - 1) for _ in range(3))
-        out["plain_ms_per_decode_step_b1"] = round(1000 * per_tok, 2)
-    finally:
-        built.close()
-    click.echo(f"plain decoding, batch 1: {out['plain_ms_per_decode_step_b1']:.2f} ms per decode step")
+            # Decode steps only: the difference between a long and a one-token request (same prefill).
+            per_tok = statistics.median((timed(decode_tokens) - timed(1)) / (decode_tokens - 1) for _ in range(3))
+        finally:
+            built.close()
+        key = "plain_ms_per_decode_step_b1" + ("_compiled" if compiled else "")
+        out[key] = round(1000 * per_tok, 2)
+        click.echo(f"plain decoding{', compiled' if compiled else ''}, batch 1: {out[key]:.2f} ms per decode step")
+    for label, row in out["ms_per_block"].items():
+        shares = {k: f"{v / out['plain_ms_per_decode_step_b1_compiled']:.0%}" for k, v in row.items() if k.startswith("B=1,")}
+        click.echo(f"draft_vocab {label:>6s}: one block at batch 1 as a share of a compiled decode step: {shares}")
     return out
 
 
@@ -142,11 +154,13 @@ def _prompt_ids(tokenizer, prompts_file: str | None, head_meta: dict, limit: int
     return [chat_ids(tokenizer, p.text) for p in ps], where
 
 
-def _engine(kind: str, opts: tuple, block: int, dtype: str, n_slots: int, max_seq: int, extra: tuple = ()):
+def _engine(kind: str, opts: tuple, block: int, dtype: str, n_slots: int, max_seq: int, extra: tuple = (),
+            compile: bool = False):
     from dspark.workers.factory import EngineSpec, build_engine
     from dspark.workers.runner import RunnerConfig
 
-    spec = EngineSpec(dtype=dtype, draft=kind, block_len=block, runner=RunnerConfig(n_slots=n_slots, max_seq=max_seq),
+    spec = EngineSpec(dtype=dtype, draft=kind, block_len=block,
+                      runner=RunnerConfig(n_slots=n_slots, max_seq=max_seq, compile=compile),
                       draft_options=tuple(opts) + tuple(extra))
     return build_engine(spec, progress=False)
 

@@ -78,9 +78,9 @@ def markov_block_sample(
         the columns are the vocabulary itself.  q's support is then inside ``vocab_ids``; tokens
         and sparse ids are reported as vocabulary ids, so the verifier needs nothing else.
 
-    Proposal format: sparse ``[B, G, K]`` values + ids when top_k > 0 (K = min(top_k, N)), when
-    every request is greedy (K = 1) or with ``vocab_ids`` (K = N when top_k = 0); dense
-    ``[B, G, V]`` otherwise.  A greedy row's q is one-hot on its token (slot 0 of a sparse row,
+    Proposal format: sparse ``[B, G, 1]`` when every request is greedy (whatever ``top_k``);
+    otherwise sparse ``[B, G, K]`` values + ids when top_k > 0 (K = min(top_k, N)) or with
+    ``vocab_ids`` (K = N when top_k = 0); dense ``[B, G, V]`` otherwise.  A greedy row's q is one-hot on its token (slot 0 of a sparse row,
     the other slots padding).
 
     Returns a :class:`MarkovDraft`.
@@ -97,6 +97,8 @@ def markov_block_sample(
     temperature = temperature.to(device=device, dtype=torch.float32)
     greedy = temperature <= 0  # [B]
     any_greedy, all_greedy = bool(greedy.any()), bool(greedy.all())
+    if all_greedy:
+        return _greedy_block(base_logits, anchor_ids, w1, w2, vocab_ids)
     mapped = vocab_ids is not None
     sparse = top_k > 0 or all_greedy or mapped
     width = min(top_k, vocab) if top_k > 0 else (1 if all_greedy else vocab)
@@ -145,3 +147,28 @@ def markov_block_sample(
         tokens[:, k] = tok
         prev = tok
     return MarkovDraft(tokens=tokens, draft_probs=probs, draft_prob_ids=ids, prev_embeddings=prev_emb)
+
+
+def _greedy_block(base_logits: torch.Tensor, anchor_ids: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
+                  vocab_ids: torch.Tensor | None) -> MarkovDraft:
+    """``markov_block_sample`` when every request is greedy: the argmax chain, q one-hot (K = 1).
+
+    The common case at temperature 0, with the fewest operations per position (the loop is
+    sequential, so at batch 1 its cost is the number of operations, not their size).
+    """
+    num_reqs, block, _ = base_logits.shape
+    device = base_logits.device
+    if vocab_ids is not None:
+        vocab_ids = vocab_ids.to(device=device, dtype=torch.long)
+    tokens = torch.empty(num_reqs, block, dtype=torch.long, device=device)
+    prev_emb = torch.empty(num_reqs, block, w1.shape[1], dtype=w1.dtype, device=device)
+    prev = anchor_ids.to(device=device, dtype=torch.long)  # x_{k-1}: [B]
+    for k in range(block):
+        emb = w1[prev]  # W1[x_{k-1}]: [B, r]
+        prev_emb[:, k] = emb
+        col = torch.add(base_logits[:, k], (emb @ w2).float()).argmax(-1)  # [B], lowest column on ties
+        prev = col if vocab_ids is None else vocab_ids[col]
+        tokens[:, k] = prev
+    probs = torch.ones(num_reqs, block, 1, dtype=torch.float32, device=device)
+    return MarkovDraft(tokens=tokens, draft_probs=probs, draft_prob_ids=tokens.unsqueeze(-1).clone(),
+                       prev_embeddings=prev_emb)

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dspark.models.llama import RMSNorm, apply_rope, rope_tables
+from dspark.models.packing import PackedLinear, pack_linears, packed_product, packing_supported
 
 HEADS_DIR = Path(__file__).resolve().parent / "heads"
 
@@ -103,14 +104,17 @@ class DraftLayer(nn.Module):
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.inter = cfg.intermediate_size
+        self._kv_packed: torch.Tensor | None = None  # the k | v rows packed for oneDNN (serving)
 
     def context_kv(self, ctx: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys/values of projected context features (eq. 3, H_ctx is already normalised).
 
         ctx: [*P, D]; cos/sin: [*P, 1, hd].  Returns k, v: [*P, nkv, hd].
         """
-        w = self.wqkv.weight[self.nh * self.hd :]  # the k | v rows: [2 nkv hd, D]
-        kv = F.linear(ctx, w)
+        if self._kv_packed is not None:
+            kv = packed_product(ctx.reshape(-1, ctx.shape[-1]), self._kv_packed, None).unflatten(0, ctx.shape[:-1])
+        else:
+            kv = F.linear(ctx, self.wqkv.weight[self.nh * self.hd :])  # the k | v rows: [2 nkv hd, D]
         k, v = kv.split(self.nkv * self.hd, dim=-1)
         k = apply_rope(k.unflatten(-1, (self.nkv, self.hd)), cos, sin)
         return k, v.unflatten(-1, (self.nkv, self.hd))
@@ -155,6 +159,7 @@ class DSparkHead(nn.Module):
         # The drafted vocabulary (use_draft_vocab): ids [N], LM-head rows [N, D], W2 columns [r, N].
         self.draft_ids: torch.Tensor | None = None
         self._out_rows: torch.Tensor | None = None
+        self._out_packed: torch.Tensor | None = None  # _out_rows packed for oneDNN (pack_for_inference)
         self._w2_cols: torch.Tensor | None = None
 
     # -- target weights ---------------------------------------------------------------------
@@ -186,7 +191,7 @@ class DSparkHead(nn.Module):
         if N_train and not 0 < n <= N_train:
             raise ValueError(f"draft_vocab={n}: this head was trained over {N_train} ids; choose 1..{N_train}")
         if n == 0:
-            self.draft_ids = self._out_rows = self._w2_cols = None
+            self.draft_ids = self._out_rows = self._out_packed = self._w2_cols = None
             return self
         if self.vocab_ids is None:
             raise ValueError(f"draft_vocab={n} needs the head's id map (<head>.vocab.safetensors), and this head has none")
@@ -196,11 +201,28 @@ class DSparkHead(nn.Module):
         ids = self.vocab_ids[:n].to(dev)  # [N]
         self.draft_ids = ids
         self._out_rows = self.lm_head_weight.detach()[ids].contiguous() if self._target else None  # [N, D]
+        self._out_packed = None
         if self.cfg.markov_rank == 0 or N_train:
             self._w2_cols = None  # W2 is indexed by draft index already (sliced in markov_w2_draft)
         else:
             self._w2_cols = self.markov_w2.detach()[:, ids].contiguous()  # [r, N]
         return self
+
+    def pack_for_inference(self) -> int:
+        """Serving only (frozen weights): pre-pack the draft layers, the context projection and
+        the drafted LM-head rows for oneDNN, as the target's own layers are (``models/packing.py``;
+        bf16 on CPU, a no-op elsewhere).  Returns how many matrices were packed.  Call after
+        ``use_draft_vocab``; choosing another draft vocabulary drops the packed rows."""
+        if not packing_supported(self.mask_embedding.device, self.mask_embedding.dtype):
+            return 0
+        for layer in self.layers:  # context_kv multiplies by the k | v rows of wqkv alone
+            layer._kv_packed = torch.ops.mkldnn._reorder_linear_weight(
+                layer.wqkv.weight.detach()[layer.nh * layer.hd :].contiguous(), None)
+        count = pack_linears(self.layers) + len(self.layers)
+        self.fc = PackedLinear(self.fc, keep_weight=True)
+        if self._out_rows is not None:
+            self._out_packed = torch.ops.mkldnn._reorder_linear_weight(self._out_rows, None)
+        return count + 1 + (self._out_rows is not None)
 
     @property
     def markov_w2_draft(self) -> torch.Tensor:
@@ -306,6 +328,8 @@ class DSparkHead(nn.Module):
         Full vocabulary: calls the target's own output layer, so a serving-side fast path (packed
         bf16 weights) serves the drafter too.  Draft vocabulary: the gathered rows only.
         """
+        if self._out_packed is not None:
+            return packed_product(h.reshape(-1, h.shape[-1]), self._out_packed, None).unflatten(0, h.shape[:-1]).float()
         if self.draft_ids is not None:
             return F.linear(h.to(self._out_rows.dtype), self._out_rows).float()
         if self.cfg.trained_vocab:

@@ -58,8 +58,9 @@ def packed_product(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | N
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
-def pack_linears(model: nn.Module) -> int:
-    """Replace every ``nn.Linear`` of ``model`` in place; returns how many were packed."""
+def pack_linears(model: nn.Module, keep_weight: frozenset[str] = frozenset({"output"})) -> int:
+    """Replace every ``nn.Linear`` of ``model`` in place; returns how many were packed.
+    Layers named in ``keep_weight`` keep their matrix readable (``.weight``) for other code."""
     first = next(model.parameters(), None)
     if first is None or not packing_supported(first.device, first.dtype):
         return 0
@@ -67,6 +68,6 @@ def pack_linears(model: nn.Module) -> int:
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear):
-                setattr(parent, name, PackedLinear(child, keep_weight=(name == "output")))
+                setattr(parent, name, PackedLinear(child, keep_weight=name in keep_weight))
                 count += 1
     return count

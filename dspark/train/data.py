@@ -135,7 +135,7 @@ def _build(cfg: DataConfig, model: str | None, max_seq: int, device: str):
     from dspark.workers.runner import RunnerConfig
 
     spec = EngineSpec(model=model, dtype=cfg.dtype, device=device,
-                      runner=RunnerConfig(n_slots=cfg.gen_batch, max_seq=max_seq))
+                      runner=RunnerConfig(n_slots=cfg.gen_batch, max_seq=max_seq, compile=cfg.compile))
     return build_engine(spec, progress=False)
 
 

@@ -335,3 +335,36 @@ def test_shipped_head_fits_the_default_model():
     assert set(meta["config"]["sts"]) == {"greedy", "sampled"}
     assert SHIPPED.stat().st_size < 64 * 2**20
     assert cfg.feature_layers[-1] >= 20  # the last feature layer sits near the top
+
+
+def test_packed_head_drafts_what_the_unpacked_head_drafts():
+    """Serving packs the head's matrices for oneDNN (``pack_for_inference``, bf16 on CPU): the
+    same context gives the same greedy block and the same proposal at T = 1."""
+    if not SHIPPED.exists():
+        pytest.skip("no shipped head")
+    from dspark.models.loader import load_model
+    from dspark.models.packing import packing_supported
+    from dspark.train.features import target_features
+
+    loaded = load_model(None, dtype="bf16", progress=False)
+    if not packing_supported(torch.device("cpu"), torch.bfloat16):
+        pytest.skip("no oneDNN bf16 products on this CPU")
+    plain, packed = load_head(SHIPPED, loaded.model), load_head(SHIPPED, loaded.model)
+    assert packed.pack_for_inference() > 0 and plain.fc.weight is not None
+    ids = loaded.tokenizer.encode("def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n")
+    feats, _ = next(iter(target_features(loaded.model, [ids], plain.cfg.feature_layers)))
+    out = {}
+    for name, head in (("plain", plain), ("packed", packed)):
+        drafter = DSparkDrafter(head, n_slots=2, max_seq=128)
+        seqs = [make_seq(f"r{t}", ids[:-1], anchor=ids[-1], temperature=t, seed=3) for t in (0.0, 1.0)]
+        with torch.inference_mode():
+            for s in seqs:
+                drafter.observe(s, s.prompt_ids, feats[:-1])
+            _, base = drafter.block_logits(seqs[:1], torch.tensor([ids[-1]]), 7)
+            out[name] = (drafter.propose(seqs, 7), base)
+    (greedy, sampled), base = out["plain"]
+    (greedy_p, sampled_p), base_p = out["packed"]
+    assert torch.allclose(base, base_p, atol=0.05, rtol=0.01), (base - base_p).abs().max()
+    assert greedy.token_ids == greedy_p.token_ids
+    assert sampled.token_ids == sampled_p.token_ids
+    assert torch.allclose(sampled.probs, sampled_p.probs, atol=1e-2)

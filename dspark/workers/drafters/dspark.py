@@ -200,6 +200,7 @@ def make_dspark_drafter(loaded, opts: dict, spec) -> DSparkDrafter:
     if n not in (None, "") and not str(n).strip().isdigit():
         raise ValueError(f"draft_vocab={n!r}: expected a whole number of ids (0 = the full vocabulary)")
     head = load_head(path, loaded.model, target_name=loaded.name, draft_vocab=None if n in (None, "") else int(n))
+    head.pack_for_inference()
     return DSparkDrafter(
         head,
         n_slots=spec.runner.n_slots,
