@@ -20,7 +20,10 @@ import click
 from bench.common import chat_prompts, load_hf, peak_rss_mb, run_isolated, table, write_json
 
 
-def ours(dtype: str, batch: int, new_tokens: int, compile: bool = False) -> dict:
+SAMPLED = {"temperature": 1.0, "top_p": 0.95}  # --sampled: what chat clients commonly send
+
+
+def ours(dtype: str, batch: int, new_tokens: int, compile: bool = False, sampled: bool = False) -> dict:
     from dspark.workers.factory import EngineSpec, build_engine
     from dspark.workers.request import SamplingParams
     from dspark.workers.runner import RunnerConfig
@@ -29,7 +32,7 @@ def ours(dtype: str, batch: int, new_tokens: int, compile: bool = False) -> dict
     built = build_engine(EngineSpec(dtype=dtype, runner=cfg), progress=False)
     eng = built.engine
     prompts = chat_prompts(built.loaded.tokenizer, batch)
-    params = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
+    params = SamplingParams(max_tokens=new_tokens, ignore_eos=True, **(SAMPLED if sampled else {}))
     eng.generate(prompts[:1], SamplingParams(max_tokens=8, ignore_eos=True))  # warm-up
     t0 = time.perf_counter()
     seqs = [eng.add_request(p, params) for p in prompts]
@@ -49,7 +52,7 @@ def ours(dtype: str, batch: int, new_tokens: int, compile: bool = False) -> dict
         "tokens": n,
         "compile_s": eng.runner.compile_s,
     }
-    if batch == 1:
+    if batch == 1 and not sampled:
         out["verify8_over_decode1"] = verify_over_decode(eng.runner, len(prompts[0]) + new_tokens)
     return out
 
@@ -71,7 +74,7 @@ def verify_over_decode(runner, context: int, k: int = 8, reps: int = 30) -> floa
     return statistics.median(times[k]) / statistics.median(times[1])
 
 
-def hf(dtype: str, batch: int, new_tokens: int) -> dict:
+def hf(dtype: str, batch: int, new_tokens: int, sampled: bool = False) -> dict:
     import torch
 
     from dspark.models.loader import load_model
@@ -84,6 +87,8 @@ def hf(dtype: str, batch: int, new_tokens: int) -> dict:
     ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])  # left padding
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
     kw = dict(do_sample=False, pad_token_id=pad, attention_mask=mask)
+    if sampled:
+        kw.update(do_sample=True, top_k=0, **SAMPLED)  # top_k=0: transformers' default top-k 50 off, as ours
     with torch.inference_mode():
         model.generate(ids[:1], max_new_tokens=8, min_new_tokens=8, **dict(kw, attention_mask=mask[:1]))
         t0 = time.perf_counter()
@@ -91,6 +96,65 @@ def hf(dtype: str, batch: int, new_tokens: int) -> dict:
         dt = time.perf_counter() - t0
     n = (out.shape[1] - width) * batch
     return {"tokens_per_s": n / dt, "peak_rss_mb": peak_rss_mb(), "tokens": n}
+
+
+def sampling_cost(batch: int, reps: int = 10) -> dict:
+    """Milliseconds to turn a step's logits into tokens at T = 1, top-p 0.95, batch ``batch``:
+    the nucleus by a full sort of every row with ``Tensor.exponential_`` noise (how sampling ran
+    before) vs the candidate cut with float64-uniform noise (now); real logits of the default
+    model on chat prompts, medians of interleaved repetitions."""
+    import statistics
+
+    import torch
+
+    from dspark.kernels.sampling import _top_k_top_p_by_sort, apply_top_k_top_p, exponential_row
+    from dspark.workers.factory import EngineSpec, build_engine
+    from dspark.workers.request import SamplingParams
+    from dspark.workers.runner import RunnerConfig
+
+    from dspark.train.features import target_features
+
+    built = build_engine(EngineSpec(runner=RunnerConfig(n_slots=batch, max_seq=512)), progress=False)
+    model = built.loaded.model
+    seqs = built.engine.generate(chat_prompts(built.loaded.tokenizer, batch),
+                                 SamplingParams(max_tokens=24, temperature=1.0, seed=0))
+    # The next-token logits after 24 sampled tokens, one row per request.
+    finals = [h[-1:] for _, h in target_features(model, [s.prompt_ids + s.output_ids for s in seqs], (0,))]
+    with torch.inference_mode():
+        logits = model.lm_head(torch.cat(finals).to(model.dtype)).float()  # [batch, V]
+    built.close()
+    top_k = torch.zeros(batch, dtype=torch.long)
+    top_p = torch.full((batch,), SAMPLED["top_p"])
+    gens = [torch.Generator().manual_seed(i) for i in range(batch)]
+    V = logits.shape[-1]
+
+    def before():
+        out = _top_k_top_p_by_sort(logits, top_k, top_p, False, True)
+        noise = torch.empty(batch, V)
+        for i, g in enumerate(gens):
+            noise[i].exponential_(generator=g)
+        return out, noise
+
+    def now():
+        out = apply_top_k_top_p(logits, top_k, top_p)
+        noise = torch.empty(batch, V)
+        for i, g in enumerate(gens):
+            exponential_row(noise[i], g)
+        return out, noise
+
+    times = {"before": [], "now": []}
+    for r in range(reps + 2):
+        for name, f in (("before", before), ("now", now)):
+            t0 = time.perf_counter()
+            f()
+            if r >= 2:
+                times[name].append(1000 * (time.perf_counter() - t0))
+    a, b = before()[0], now()[0]
+    return {"batch": batch, "before_ms": statistics.median(times["before"]), "now_ms": statistics.median(times["now"]),
+            # Rows whose nucleus differs: only where the mass before an entry equals top-p to
+            # float32 rounding (the two paths add the same terms in another order).
+            "rows_differing": int((torch.isinf(a) != torch.isinf(b)).any(-1).sum()),
+            "nucleus_sizes": torch.isfinite(b).sum(-1).tolist()}
 
 
 def bandwidth_and_weights(dtype: str) -> dict:
@@ -125,13 +189,20 @@ def bandwidth_and_weights(dtype: str) -> dict:
 @click.option("--json", "json_path", default=None, help="where to write the results")
 @click.option("--compile/--no-compile", "compile", default=True, show_default=True,
               help="also measure our compiled step (the serving default) beside eager")
-def main(batches, dtypes, new_tokens, threads, skip_hf, json_path, compile):
+@click.option("--sampled", is_flag=True, help="sample at T = 1, top-p 0.95 (both systems) instead of greedy, and "
+              "time the sampling itself (sort + exponential_ noise before vs the candidate cut now)")
+def main(batches, dtypes, new_tokens, threads, skip_hf, json_path, compile, sampled):
     """Decode tokens/s: our engine (eager and compiled) vs Hugging Face transformers."""
     rows = []
+    sampling_rows = []
+    if sampled:
+        for b in (int(x) for x in batches.split(",")):
+            sampling_rows.append(run_isolated("bench.engine", "sampling_cost", {"batch": b}, threads))
+        click.echo(table(sampling_rows, ["batch", "before_ms", "now_ms", "rows_differing"]))
     for dtype in dtypes.split(","):
         floor = run_isolated("bench.engine", "bandwidth_and_weights", {"dtype": dtype}, threads)
         for b in (int(x) for x in batches.split(",")):
-            kw = {"dtype": dtype, "batch": b, "new_tokens": new_tokens}
+            kw = {"dtype": dtype, "batch": b, "new_tokens": new_tokens, "sampled": sampled}
             e = run_isolated("bench.engine", "ours", kw, threads)
             c = run_isolated("bench.engine", "ours", dict(kw, compile=True), threads) if compile else None
             h = None if skip_hf else run_isolated("bench.engine", "hf", kw, threads)
@@ -155,6 +226,7 @@ def main(batches, dtypes, new_tokens, threads, skip_hf, json_path, compile):
     click.echo(table(rows, cols))
     wait = {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     out = write_json(json_path, "engine.json", {"threads": threads, "new_tokens": new_tokens, "rows": rows,
+                                                "sampled": SAMPLED if sampled else None, "sampling_cost": sampling_rows,
                                                 "copy_gb_s": rows_floor["copy_gb_s"], "openmp_wait": wait})
     click.echo(f"wrote {out}")
 

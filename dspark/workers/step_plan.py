@@ -17,7 +17,7 @@ import torch
 
 from dspark.kernels.rejection import greedy_verify, rejection_sample
 from dspark.kernels.rejection_types import PLACEHOLDER_TOKEN_ID, RejectionInputs, RejectionOutput
-from dspark.kernels.sampling import logits_to_probs
+from dspark.kernels.sampling import exponential_row, logits_to_probs
 from dspark.workers.drafters.base import DraftBlock
 from dspark.workers.request import Sequence
 from dspark.workers.runner import StepInput
@@ -152,7 +152,7 @@ class StepPlan:
             if not e.seq.params.greedy:
                 if d:
                     uniforms[o : o + len(d)].uniform_(generator=e.seq.generator)
-                noise[b].exponential_(generator=e.seq.generator)
+                exponential_row(noise[b], e.seq.generator)
             else:
                 uniforms[o : o + len(d)] = 0.5
             o += len(d)

@@ -268,3 +268,68 @@ def test_sample_proposal_follows_its_reported_sparse_q():
     counts = torch.bincount(tokens, minlength=v)[ids[0]].double()
     assert int(counts.sum()) == n  # nothing outside the top-k
     assert stats.chisquare(counts.numpy(), (expected * n).numpy()).pvalue > 1e-3
+
+
+def _filter_cases(seed: int, rows: int, vocab: int):
+    """Logit rows of every shape that matters for the cut: flat, peaked, quantised (many ties,
+    also at the candidates' edge), with a mix of top-k / top-p settings per row."""
+    g = torch.Generator().manual_seed(seed)
+    scale = torch.tensor([0.3, 1.0, 3.0, 8.0])[torch.randint(0, 4, (rows, 1), generator=g)]
+    logits = torch.randn(rows, vocab, generator=g) * scale
+    ties = torch.rand(rows, generator=g) < 0.4
+    logits[ties] = (logits[ties] * 2).round() / 2  # quantised: large tie groups
+    top_k = torch.tensor([0, 0, 1, 3, 10, 40, vocab // 2, vocab + 5])[torch.randint(0, 8, (rows,), generator=g)]
+    top_p = torch.tensor([1.0, 1.0, 0.0, 1e-9, 0.3, 0.8, 0.95, 0.999])[torch.randint(0, 8, (rows,), generator=g)]
+    return logits, top_k, top_p
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_candidate_cut_equals_the_full_sort(monkeypatch, seed):
+    """The fast path (cut found among a row's largest logits) masks exactly what the full sort
+    masks, on rows where it applies and on rows that fall back to the sort."""
+    import dspark.kernels.sampling as sampling
+
+    monkeypatch.setattr(sampling, "CANDIDATES", (24, 60))
+    logits, top_k, top_p = _filter_cases(seed, 400, 120)
+    fast = sampling.apply_top_k_top_p(logits, top_k, top_p)
+    ref = sampling._top_k_top_p_by_sort(logits, top_k, top_p, True, True)
+    _assert_same_cut(logits, top_k, top_p, fast, ref)
+    _, ok = sampling._top_k_top_p_by_candidates(logits, top_k, top_p, True, True, 24)
+    assert 0.2 < ok.float().mean() < 1.0, "both paths must be exercised"
+
+
+def test_candidate_cut_at_full_vocabulary_size():
+    import dspark.kernels.sampling as sampling
+
+    logits, top_k, top_p = _filter_cases(11, 24, 49152)
+    logits[:12] *= 4  # peaked rows: their nuclei fit among the candidates
+    fast = sampling.apply_top_k_top_p(logits, top_k, top_p)
+    ref = sampling._top_k_top_p_by_sort(logits, top_k, top_p, True, True)
+    _assert_same_cut(logits, top_k, top_p, fast, ref)
+
+
+def _assert_same_cut(logits, top_k, top_p, fast, ref) -> None:
+    """Same mask, except where the mass before an entry equals top_p to float32 rounding (the
+    two paths sum the same probabilities in another order): there either answer is the rule."""
+    differ = (torch.isinf(fast) != torch.isinf(ref)).any(-1).nonzero().flatten().tolist()
+    assert len(differ) <= max(2, len(logits) // 50), f"{len(differ)} rows differ"
+    for r in differ:
+        x = logits[r].double()
+        k = int(top_k[r]) if int(top_k[r]) > 0 else x.numel()
+        kth = x.sort(descending=True).values[min(k, x.numel()) - 1]
+        probs = torch.softmax(x.masked_fill(x < kth, float("-inf")), -1)
+        order = torch.sort(x, descending=True, stable=True).indices
+        before = (torch.cumsum(probs[order], 0) - probs[order])
+        where = (torch.isinf(fast[r]) != torch.isinf(ref[r]))[order].nonzero().flatten()
+        assert (before[where] - float(top_p[r])).abs().max() < 1e-5, (r, int(top_k[r]), float(top_p[r]))
+
+
+def test_exponential_row_is_exp1():
+    """The race's noise is Exp(1): Kolmogorov-Smirnov against the exponential law."""
+    from scipy import stats
+
+    from dspark.kernels.sampling import exponential_row
+
+    x = exponential_row(torch.empty(200_000), torch.Generator().manual_seed(3))
+    assert stats.kstest(x.double().numpy(), "expon").pvalue > 1e-3
+    assert (x >= 0).all() and torch.isfinite(x).all()
