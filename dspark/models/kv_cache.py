@@ -1,6 +1,7 @@
 """Slot-based KV cache shared by many concurrent requests.
 
-Each request owns one slot: a contiguous [n_kv, max_seq, hd] region per layer.  The cache tracks
+Each request owns one slot: a contiguous [n_kv, capacity, hd] region per layer (capacity grows
+with the longest request, up to max_seq).  The cache tracks
 how many positions of each slot are valid; truncating a request (dropping rejected draft tokens)
 only moves that length back, and the next write overwrites the stale entries.
 
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dspark.kernels.attention import AttentionPlan, build_plan
+from dspark.kernels.attention import AttentionPlan, build_plan, padded_keys
 
 
 class CacheFullError(RuntimeError):
@@ -22,7 +23,17 @@ class CacheFullError(RuntimeError):
 
 
 class KVCache:
-    """Keys and values for ``n_slots`` requests of up to ``max_seq`` tokens each."""
+    """Keys and values for ``n_slots`` requests of up to ``max_seq`` tokens each.
+
+    Memory follows use: every slot holds ``capacity`` positions, ``initial_seq`` at first
+    (default ``GROW_FROM``, at most ``max_seq``), and the cache grows (at least doubling, up to
+    ``max_seq``) when a step needs more (:meth:`reserve`, called by :func:`make_batch`), so a
+    batch of short requests does not pay for the longest one allowed.  ``initial_seq=max_seq``
+    allocates everything up front.  ``k`` and ``v`` are replaced when the cache grows: read
+    them from the cache at the time of use, never keep them across steps.
+    """
+
+    GROW_FROM = 256
 
     def __init__(
         self,
@@ -33,15 +44,34 @@ class KVCache:
         head_dim: int,
         dtype: torch.dtype,
         device: torch.device | str,
+        initial_seq: int | None = None,
     ) -> None:
-        shape = (n_layers, n_slots, n_kv_heads, max_seq, head_dim)
+        self.capacity = min(max_seq, self.GROW_FROM if initial_seq is None else initial_seq)
+        if self.capacity < 1:
+            raise ValueError(f"initial_seq must be >= 1, got {initial_seq}")
+        shape = (n_layers, n_slots, n_kv_heads, self.capacity, head_dim)
         # zeros, not empty: masked-out stale entries must still be finite numbers.
-        self.k = torch.zeros(shape, dtype=dtype, device=device)  # [L, S, n_kv, max_seq, hd]
+        self.k = torch.zeros(shape, dtype=dtype, device=device)  # [L, S, n_kv, capacity, hd]
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.n_slots = n_slots
         self.max_seq = max_seq
         self.lengths = [0] * n_slots
         self._free = list(range(n_slots - 1, -1, -1))  # pop() hands out the lowest slot first
+
+    def reserve(self, positions: int) -> None:
+        """Make every slot hold at least ``positions`` positions (<= ``max_seq``)."""
+        if positions <= self.capacity:
+            return
+        if positions > self.max_seq:
+            raise CacheFullError(f"{positions} positions > max_seq {self.max_seq}")
+        new = min(self.max_seq, max(positions, 2 * self.capacity))
+        for name in ("k", "v"):
+            old = getattr(self, name)
+            grown = old.new_zeros(*old.shape[:3], new, old.shape[-1])
+            grown[..., : self.capacity, :] = old
+            setattr(self, name, grown)
+            del old, grown  # the old half is freed before the next one is allocated
+        self.capacity = new
 
     @property
     def device(self) -> torch.device:
@@ -133,6 +163,8 @@ def make_batch(
         padded = device.type != "cpu"
     pos = [p for st, q in zip(starts, q_lens) for p in range(st, st + q)]
     tok_slots = [s for s, q in zip(slots, q_lens) for _ in range(q)]
+    # Attention may read keys up to the next key block (row-invariant tiles): room for those too.
+    cache.reserve(max(padded_keys(st + q, cache.max_seq) for st, q in zip(starts, q_lens)))
     for s, st, q in zip(slots, starts, q_lens):
         cache.lengths[s] = st + q
     return VarlenBatch(

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dspark.kernels.attention import build_plan
-from dspark.models.kv_cache import KVCache, make_batch
+from dspark.models.kv_cache import CacheFullError, KVCache, make_batch
 from dspark.workers.engine import Engine, EngineConfig
 from dspark.workers.request import SamplingParams
 from dspark.workers.runner import LocalRunner, RunnerConfig, StepInput
@@ -137,6 +137,36 @@ def test_truncate_and_refeed(model_fp32):
     assert rel_err(again, ref[14:]) < 1e-5
     cache.free(slot)
     assert cache.allocate() == slot  # slots are reused
+
+
+def test_the_cache_grows_with_use_and_gives_the_same_logits(model_fp32):
+    """A cache that starts with 64 positions per slot and grows (twice) as two requests of
+    different lengths are prefilled in chunks and decoded gives the logits of one allocated for
+    max_seq up front; the slots' contents survive each growth."""
+    model = model_fp32.model
+    args = model.args
+
+    def run(initial):
+        cache = KVCache(args.n_layers, 3, args.n_kv_heads, 320, args.head_dim, torch.float32, "cpu", initial_seq=initial)
+        a, b = cache.allocate(), cache.allocate()
+        ids = torch.arange(100, 400)
+        out, caps = [], []
+        with torch.inference_mode():
+            for lens in ([40, 20], [50, 30], [100, 1], [1, 1], [90, 1]):  # slot a reaches 281 positions
+                batch = make_batch(cache, [a, b], lens, args.n_rep)
+                toks = torch.cat([ids[cache.lengths[a] - lens[0] : cache.lengths[a]],
+                                  ids[cache.lengths[b] - lens[1] : cache.lengths[b]]])
+                out.append(model(toks, cache, batch).logits)
+                caps.append(cache.capacity)
+        return torch.cat(out), caps
+
+    grown, caps = run(64)
+    full, full_caps = run(320)
+    assert caps[0] == 64 and caps[-1] == 320 and len(set(caps)) >= 3, caps
+    assert full_caps == [320] * len(full_caps)
+    assert torch.equal(grown, full)
+    with pytest.raises(CacheFullError):
+        KVCache(1, 1, 1, 100, 8, torch.float32, "cpu").reserve(101)
 
 
 def test_seeded_sampling_is_reproducible(model_fp32):

@@ -109,6 +109,7 @@ class DSparkDrafter:
         start, n = self.cache.lengths[slot], len(token_ids)
         if start + n > self.cache.max_seq:
             return  # past the drafter's context: propose() falls back to empty blocks
+        self.cache.reserve(start + n)
         pos = torch.arange(start, start + n, device=self.device)
         ctx = self.head.context(features.to(self.device))  # [n, D]
         for i, (k, v) in enumerate(self.head.context_kv(ctx, pos)):  # [n, nkv, hd]
