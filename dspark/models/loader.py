@@ -107,9 +107,12 @@ def load_tokenizer(path: str | Path | None = None) -> tuple[Tokenizer, ModelArgs
 
 
 def build_model(args: ModelArgs, tensors: dict[str, torch.Tensor], dtype, device) -> Transformer:
+    """The model of ``tensors``, which this empties: each checkpoint tensor is converted and
+    dropped in turn, so loading never holds the float32 checkpoint and the converted model at
+    once (for the default model that was 540 MB of the process's peak memory)."""
     with torch.device("meta"):
         model = Transformer(args)
-    state = {k: v.to(device=device, dtype=dtype) for k, v in tensors.items()}
+    state = {k: tensors.pop(k).to(device=device, dtype=dtype) for k in list(tensors)}
     if args.tie_word_embeddings:
         state.pop("output.weight", None)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
@@ -160,7 +163,7 @@ def _read_gguf(path: Path, progress: bool) -> tuple[ModelArgs, dict[str, torch.T
     load the same file many times, so the first load writes a float32 safetensors copy that
     later loads memory-map.  The cache key is the file's name, size and mtime.
     """
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     entry = _gguf_cache_entry(path)
     meta_file, tensor_file = entry / "meta.json", entry / "tensors.safetensors"
@@ -168,7 +171,7 @@ def _read_gguf(path: Path, progress: bool) -> tuple[ModelArgs, dict[str, torch.T
         try:
             meta = json.loads(meta_file.read_text())
             args = _args_from_json(meta["args"])
-            return args, load_file(str(tensor_file)), Tokenizer.from_gguf_fields(meta["tokenizer"])
+            return args, _LazyTensors(tensor_file), Tokenizer.from_gguf_fields(meta["tokenizer"])
         except Exception:  # a damaged cache entry: convert again
             pass
     args, tensors, fields = _convert_gguf(path, progress)
@@ -184,6 +187,51 @@ def _read_gguf(path: Path, progress: bool) -> tuple[ModelArgs, dict[str, torch.T
     except OSError:  # read-only home: the cache is an optimisation only
         pass
     return args, tensors, Tokenizer.from_gguf_fields(fields)
+
+
+_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+class _LazyTensors(dict):
+    """The tensors of a safetensors file, each read from disk when it is popped.
+
+    ``build_model`` converts and drops them one at a time, so the float32 copy of the
+    checkpoint is never resident whole.  Plain reads, not a memory map: the pages of a mapped
+    file would stay resident (and counted) until the whole file is unmapped.
+    """
+
+    def __init__(self, file: Path) -> None:
+        self._file = file
+        with open(file, "rb") as fh:
+            size = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(size))
+        self._base = 8 + size
+        header.pop("__metadata__", None)
+        bad = {h["dtype"] for h in header.values()} - set(_ST_DTYPES)
+        if bad:
+            raise ValueError(f"{file.name}: unsupported tensor dtypes {sorted(bad)}")
+        if self._base + max((h["data_offsets"][1] for h in header.values()), default=0) > file.stat().st_size:
+            raise ValueError(f"{file.name}: truncated")  # a damaged cache entry: the caller converts again
+        super().__init__(header)  # name -> {dtype, shape, data_offsets}; tensors are read on demand
+
+    def pop(self, key, *default):
+        if key not in self:
+            return dict.pop(self, key, *default)
+        return self._read(dict.pop(self, key))
+
+    def __getitem__(self, key):
+        return self._read(dict.__getitem__(self, key))
+
+    def _read(self, entry: dict) -> torch.Tensor:
+        start, end = entry["data_offsets"]
+        out = torch.empty(entry["shape"], dtype=_ST_DTYPES[entry["dtype"]])
+        buf = out.view(-1).view(torch.uint8).numpy() if out.numel() else None
+        if buf is not None:
+            with open(self._file, "rb") as fh:
+                fh.seek(self._base + start)
+                if fh.readinto(buf) != end - start:
+                    raise ValueError(f"{self._file.name}: truncated tensor data")
+        return out
 
 
 def _gguf_cache_entry(path: Path) -> Path:
@@ -291,6 +339,9 @@ def _read_hf_dir(path: Path, progress: bool) -> tuple[ModelArgs, dict[str, torch
         if args.attention_bias:
             out[d + "attention.wqkv.bias"] = torch.cat([hf[a + "q_proj.bias"], hf[a + "k_proj.bias"], hf[a + "v_proj.bias"]], 0)
         out[d + "attention.wo.weight"] = hf[a + "o_proj.weight"]
+        if args.qk_norm:
+            out[d + "attention.q_norm.weight"] = hf[a + "q_norm.weight"]
+            out[d + "attention.k_norm.weight"] = hf[a + "k_norm.weight"]
         out[d + "feed_forward.w13.weight"] = torch.cat([hf[p + "mlp.gate_proj.weight"], hf[p + "mlp.up_proj.weight"]], 0)
         out[d + "feed_forward.w2.weight"] = hf[p + "mlp.down_proj.weight"]
         out[d + "attention_norm.weight"] = hf[p + "input_layernorm.weight"]

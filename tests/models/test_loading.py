@@ -94,3 +94,29 @@ def test_incremental_detokenizer_utf8(model_fp32):
     assert all("\ufffd" not in p for p in pieces)
     # Multi-byte characters split over several byte-level tokens were held back, not broken.
     assert any(p == "" for p in pieces)
+
+
+def test_converted_copy_is_read_one_tensor_at_a_time(tmp_path):
+    """The converted-copy cache is read tensor by tensor (what ``build_model`` pops is read
+    then), equal to safetensors' own reading; a truncated file is refused, so the loader
+    converts the GGUF again instead of failing later."""
+    from safetensors.torch import load_file, save_file
+
+    from dspark.models.loader import _LazyTensors
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"a": torch.randn(3, 5, generator=g), "b": torch.randn(7, generator=g).bfloat16(),
+               "c": torch.randn(2, 2, generator=g).half(), "empty": torch.zeros(0, 4)}
+    path = tmp_path / "t.safetensors"
+    save_file(tensors, str(path))
+    lazy = _LazyTensors(path)
+    ref = load_file(str(path))
+    assert sorted(lazy) == sorted(ref)
+    assert torch.equal(lazy["a"], ref["a"])
+    for name in list(lazy):
+        got = lazy.pop(name)
+        assert got.dtype == ref[name].dtype and torch.equal(got, ref[name]), name
+    assert not lazy
+    path.write_bytes(path.read_bytes()[:-8])
+    with pytest.raises(ValueError, match="truncated"):
+        _LazyTensors(path)
