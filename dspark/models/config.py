@@ -1,4 +1,4 @@
-"""Architecture description of a Llama-family decoder (Llama 2/3, SmolLM, Qwen2, Mistral)."""
+"""Architecture description of a Llama-family decoder (Llama 2/3, SmolLM, Qwen2, Qwen3, Mistral)."""
 
 from __future__ import annotations
 
@@ -35,6 +35,7 @@ class ModelArgs:
     max_position_embeddings: int = 8192  # longest context the checkpoint supports
     tie_word_embeddings: bool = True  # LM head shares the embedding matrix
     attention_bias: bool = False  # Qwen2-style bias on q/k/v projections
+    qk_norm: bool = False  # Qwen3-style RMSNorm of every query and key head before RoPE
     rope_freq_factors: tuple[float, ...] | None = None  # per-frequency divisors (GGUF rope_freqs)
     name: str = "llama"  # free-form name, used in logs and /v1/models
 
@@ -45,7 +46,16 @@ class ModelArgs:
 
     @classmethod
     def from_hf_config(cls, cfg: dict[str, Any]) -> "ModelArgs":
-        """Build from a Hugging Face ``config.json`` dict (Llama, Mistral, Qwen2 families)."""
+        """Build from a Hugging Face ``config.json`` dict of a family in :data:`HF_FAMILIES`.
+
+        Fields the decoder does not implement are refused by name rather than ignored, since
+        ignoring one would serve different outputs from the checkpoint's.
+        """
+        model_type = cfg.get("model_type", "llama")
+        family = HF_FAMILIES.get(model_type)
+        if family is None:
+            raise ValueError(f"unsupported model_type {model_type!r}; supported: {', '.join(HF_FAMILIES)}")
+        _refuse_unsupported_fields(cfg, model_type)
         n_heads = cfg["num_attention_heads"]
         dim = cfg["hidden_size"]
         scaling = None
@@ -64,7 +74,7 @@ class ModelArgs:
                 )
             elif kind not in (None, "default"):
                 raise ValueError(f"unsupported rope_scaling type {kind!r}")
-        arch = (cfg.get("architectures") or [cfg.get("model_type", "llama")])[0]
+        arch = (cfg.get("architectures") or [model_type])[0]
         return cls(
             vocab_size=cfg["vocab_size"],
             dim=dim,
@@ -78,12 +88,45 @@ class ModelArgs:
             rope_scaling=scaling,
             max_position_embeddings=cfg.get("max_position_embeddings", 4096),
             tie_word_embeddings=cfg.get("tie_word_embeddings", False),
-            attention_bias=cfg.get("attention_bias", cfg.get("model_type") == "qwen2"),
+            attention_bias=cfg.get("attention_bias", family.attention_bias),
+            qk_norm=family.qk_norm,
             name=str(arch),
         )
 
     def replace(self, **changes: Any) -> "ModelArgs":
         return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class HFFamily:
+    """What a Hugging Face ``model_type`` adds to the plain Llama decoder."""
+
+    attention_bias: bool = False  # q/k/v bias when the config has no "attention_bias" field
+    qk_norm: bool = False  # per-head RMSNorm of queries and keys (weights ``self_attn.{q,k}_norm``)
+
+
+# model_type -> family; one decoder (dspark/models/llama.py) serves them all, others are refused.
+HF_FAMILIES: dict[str, HFFamily] = {
+    "llama": HFFamily(),
+    "mistral": HFFamily(),
+    "qwen2": HFFamily(attention_bias=True),
+    "qwen3": HFFamily(qk_norm=True),
+}
+
+
+def _refuse_unsupported_fields(cfg: dict[str, Any], model_type: str) -> None:
+    """Raise ValueError naming the first config field whose setting the decoder lacks."""
+    if cfg.get("use_sliding_window"):
+        raise ValueError("use_sliding_window: true is not supported (sliding-window attention layers)")
+    windowed = sorted({t for t in cfg.get("layer_types") or () if t != "full_attention"})
+    if windowed:
+        raise ValueError(f"layer_types {windowed} are not supported (full attention only)")
+    act = cfg.get("hidden_act", "silu")
+    if act != "silu":
+        raise ValueError(f"hidden_act {act!r} is not supported (SwiGLU with silu only)")
+    if HF_FAMILIES[model_type].qk_norm and cfg.get("attention_bias"):
+        # Qwen3's flag also puts a bias on o_proj, which the decoder's output projection lacks.
+        raise ValueError(f"attention_bias: true is not supported for model_type {model_type!r}")
 
 
 def rope_inv_freq(args: ModelArgs) -> list[float]:
@@ -116,4 +159,4 @@ def rope_inv_freq(args: ModelArgs) -> list[float]:
     return out
 
 
-__all__ = ["ModelArgs", "RopeScaling", "rope_inv_freq"]
+__all__ = ["HF_FAMILIES", "HFFamily", "ModelArgs", "RopeScaling", "rope_inv_freq"]

@@ -1,9 +1,10 @@
 """Llama-family decoder over a flattened variable-length batch (single device).
 
 RMSNorm, RoPE (optionally llama3-scaled), grouped-query attention with optional Qwen2-style qkv
-bias, SwiGLU MLP, tied or untied LM head.  Tensor parallelism is applied afterwards by
-:func:`dspark.models.tp.apply_tp`, which shards the linear layers in place and installs the
-all-reduce hooks this file calls through ``self.tp``; the model itself knows nothing of ranks.
+bias and optional Qwen3-style per-head RMSNorm of queries and keys, SwiGLU MLP, tied or untied
+LM head.  Tensor parallelism is applied afterwards by :func:`dspark.models.tp.apply_tp`, which
+shards the linear layers in place and installs the all-reduce hooks this file calls through
+``self.tp``; the model itself knows nothing of ranks.
 
 Shapes: T = number of new tokens in the step (all requests flattened), D = dim, hd = head_dim.
 """
@@ -108,6 +109,9 @@ class Attention(nn.Module):
         # One fused projection: three matmuls become one (q | k | v along the output axis).
         self.wqkv = nn.Linear(args.dim, qkv_out, bias=args.attention_bias)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        # Qwen3: weights of width hd shared by all heads, so tensor parallelism keeps them whole.
+        self.q_norm = RMSNorm(args.head_dim, args.norm_eps) if args.qk_norm else None
+        self.k_norm = RMSNorm(args.head_dim, args.norm_eps) if args.qk_norm else None
         self.tp = tp
         self.num = num
 
@@ -115,8 +119,11 @@ class Attention(nn.Module):
         T = x.shape[0]
         hd, nh, nkv = self.head_dim, self.n_heads, self.n_kv_heads
         qkv = self.num.linear(self.wqkv, x).view(T, nh + 2 * nkv, hd)  # [T, nh + 2 nkv, hd]
+        qk = qkv[:, : nh + nkv]  # [T, nh + nkv, hd]
+        if self.q_norm is not None:  # each head's vector normalised on its own, before rotation
+            qk = torch.cat((self.q_norm(qk[:, :nh]), self.k_norm(qk[:, nh:])), dim=1)
         # q and k heads rotate together: one RoPE call instead of two.
-        qk = apply_rope(qkv[:, : nh + nkv], cos, sin)
+        qk = apply_rope(qk, cos, sin)
         q, k = qk[:, :nh], qk[:, nh:]  # [T, nh, hd], [T, nkv, hd]
         v = qkv[:, nh + nkv :]  # [T, nkv, hd]
         if self.num.compiled:  # opaque to the compiler; the cache and plan come from the step context

@@ -4,7 +4,9 @@
   * column-parallel: the q / k / v heads of ``wqkv`` and the gate / up halves of ``w13``;
   * row-parallel: ``wo`` and ``w2`` (their outputs are partial sums -> all-reduce);
   * vocab-parallel LM head: each rank scores a slice of the vocabulary, then all-gather.
-The embedding stays whole on every rank (a lookup is cheap and needs no collective).
+The embedding stays whole on every rank (a lookup is cheap and needs no collective), and so do
+the per-head query / key norms of Qwen3: each rank holds whole heads, and every head is
+normalised with the same weight of width head_dim.
 
 Works with any torch.distributed backend: gloo on CPU, NCCL on CUDA.
 """
