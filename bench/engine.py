@@ -216,13 +216,14 @@ def main(batches, dtypes, new_tokens, threads, skip_hf, json_path, compile, samp
                 "step_over_floor": best["decode_step_ms"] / floor["floor_ms"],
                 "verify8_over_decode1": best.get("verify8_over_decode1"),
                 "compile_s": c["compile_s"] if c else None,
-                "ours_peak_mb": best["peak_rss_mb"], "hf_peak_mb": h["peak_rss_mb"] if h else None,
+                "ours_peak_mb": best["peak_rss_mb"], "eager_peak_mb": e["peak_rss_mb"],
+                "hf_peak_mb": h["peak_rss_mb"] if h else None,
             }
             rows.append(row)
             click.echo(table([row], list(row)), err=True)
         rows_floor = floor
     cols = ["dtype", "batch", "eager_tok_s", "compiled_tok_s", "hf_tok_s", "speedup", "step_ms", "floor_ms",
-            "step_over_floor", "verify8_over_decode1", "compile_s", "ours_peak_mb", "hf_peak_mb"]
+            "step_over_floor", "verify8_over_decode1", "compile_s", "ours_peak_mb", "eager_peak_mb", "hf_peak_mb"]
     click.echo(table(rows, cols))
     wait = {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     out = write_json(json_path, "engine.json", {"threads": threads, "new_tokens": new_tokens, "rows": rows,

@@ -73,9 +73,10 @@ class LocalRunner:
     """Runs the (possibly TP-sharded) model of this process on its own KV cache."""
 
     def __init__(self, model: Transformer, cfg: RunnerConfig = RunnerConfig()) -> None:
-        from dspark.models.packing import pack_linears
+        from dspark.models.packing import pack_linears, return_freed_memory
 
-        pack_linears(model)  # CPU + bf16 only; a no-op elsewhere and when already packed
+        if pack_linears(model):  # CPU + bf16 only; a no-op elsewhere and when already packed
+            return_freed_memory()
         model.num.row_invariant = cfg.deterministic
         self.model = model
         self.cfg = cfg

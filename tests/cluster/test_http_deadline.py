@@ -13,7 +13,7 @@ import pytest
 
 pytest.importorskip("uvicorn")
 
-from helpers.servers import serve  # noqa: E402
+from helpers.servers import read_until_closed, serve  # noqa: E402
 
 from dspark.cluster.http_deadline import header_timeout_from_env, proxy_env, with_header_deadline  # noqa: E402
 
@@ -51,17 +51,6 @@ def port(request):
         yield int(url.rsplit(":", 1)[1])
 
 
-def _read_until_closed(s: socket.socket, wait_s: float = 15.0) -> tuple[float, bytes]:
-    s.settimeout(wait_s)
-    t0, answer = time.monotonic(), b""
-    try:
-        while chunk := s.recv(4096):
-            answer += chunk
-    except socket.timeout:
-        pytest.fail(f"the connection was still open after {wait_s} s (answer so far: {answer!r})")
-    return time.monotonic() - t0, answer
-
-
 def _assert_408(elapsed: float, answer: bytes) -> None:
     assert 0.8 * DEADLINE_S < elapsed < DEADLINE_S + 3.0, f"closed after {elapsed:.2f} s"
     assert answer.startswith(b"HTTP/1.1 408"), answer
@@ -73,7 +62,7 @@ def _assert_408(elapsed: float, answer: bytes) -> None:
 def test_unfinished_headers_get_408_and_close(port, sent):
     with socket.create_connection(("127.0.0.1", port)) as s:
         s.sendall(sent)
-        _assert_408(*_read_until_closed(s))
+        _assert_408(*read_until_closed(s, 15.0))
 
 
 def test_the_deadline_applies_again_on_a_kept_alive_connection(port):
@@ -84,13 +73,13 @@ def test_the_deadline_applies_again_on_a_kept_alive_connection(port):
         assert first.startswith(b"HTTP/1.1 200") and first.endswith(b"ok"), first
         time.sleep(1.5 * DEADLINE_S)  # idle between requests: uvicorn's keep-alive timeout (5 s) applies
         s.sendall(b"GET /x HTTP/1.1\r\nHost: 12")
-        _assert_408(*_read_until_closed(s))
+        _assert_408(*read_until_closed(s, 15.0))
 
 
 def test_a_slow_answer_is_not_cut(port):
     with socket.create_connection(("127.0.0.1", port)) as s:
         s.sendall(b"GET /slow HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
-        elapsed, answer = _read_until_closed(s)
+        elapsed, answer = read_until_closed(s, 15.0)
     assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"ok"), answer
     assert elapsed >= 0.9 * SLOW_ANSWER_S
 
@@ -100,7 +89,7 @@ def test_headers_sent_slowly_but_in_time_are_served(port):
         for piece in (b"GET /x HTTP/1.1\r\n", b"Host: 127.0.0.1\r\n", b"Connection: close\r\n\r\n"):
             s.sendall(piece)
             time.sleep(0.25 * DEADLINE_S)
-        _, answer = _read_until_closed(s)
+        _, answer = read_until_closed(s, 15.0)
     assert answer.startswith(b"HTTP/1.1 200"), answer
 
 

@@ -26,7 +26,7 @@ from dspark.cluster.grpc_api import start_grpc_server  # noqa: E402
 from dspark.cluster.openai_api import make_http_app  # noqa: E402
 from dspark.cluster.validation import RouterConfig  # noqa: E402
 from dspark.proto.dspark.v1 import generate_pb2 as pb  # noqa: E402
-from helpers.servers import LoopThread, serve  # noqa: E402
+from helpers.servers import LoopThread, read_until_closed, serve  # noqa: E402
 
 API_KEY = "hardening-test-key"
 GOOD = (("authorization", f"Bearer {API_KEY}"),)
@@ -149,20 +149,10 @@ def test_two_authorization_entries_are_refused_over_grpc(grpc_ports, values):
 def _slow_body(port: int, wait_s: float = 20.0) -> tuple[float, bytes]:
     """Send headers announcing 1,000 body bytes, then only 12; return (seconds until the server
     closed the connection, what it answered).  ``wait_s`` bounds the wait."""
-    s = socket.create_connection(("127.0.0.1", port), timeout=wait_s)
-    try:
+    with socket.create_connection(("127.0.0.1", port), timeout=wait_s) as s:
         s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                   b"Content-Length: 1000\r\n\r\n" + b'{"messages":')
-        t0 = time.monotonic()
-        answer = b""
-        try:
-            while chunk := s.recv(4096):
-                answer += chunk
-        except socket.timeout:
-            pytest.fail(f"the connection was still open after {wait_s} s (answer so far: {answer!r})")
-        return time.monotonic() - t0, answer
-    finally:
-        s.close()
+        return read_until_closed(s, wait_s)
 
 
 def _assert_timed_out(elapsed: float, answer: bytes, timeout_s: float) -> None:
@@ -341,12 +331,7 @@ def test_slow_headers_through_the_serve_proxy(cluster, sent):
             s.sendall(sent)
         t0 = time.monotonic()
         for s in socks:
-            answer = b""
-            try:
-                while chunk := s.recv(4096):
-                    answer += chunk
-            except socket.timeout:
-                pytest.fail(f"a connection was still open after 20 s (answer so far: {answer!r})")
+            _, answer = read_until_closed(s)
             assert answer.startswith(b"HTTP/1.1 408"), answer
         elapsed = time.monotonic() - t0
         assert elapsed < CLUSTER_HEADER_TIMEOUT_S + 3.0, f"closed only after {elapsed:.1f} s"

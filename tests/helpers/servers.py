@@ -34,6 +34,21 @@ def serve(app, **config):
         sock.close()
 
 
+def read_until_closed(sock: socket.socket, wait_s: float = 20.0) -> tuple[float, bytes]:
+    """Read ``sock`` until the server closes it: (seconds it took, everything it sent).  Fails
+    the test if it is still open after ``wait_s``."""
+    import pytest
+
+    sock.settimeout(wait_s)
+    t0, answer = time.monotonic(), b""
+    try:
+        while chunk := sock.recv(4096):
+            answer += chunk
+    except socket.timeout:
+        pytest.fail(f"the connection was still open after {wait_s} s (answer so far: {answer!r})")
+    return time.monotonic() - t0, answer
+
+
 class LoopThread:
     """An asyncio loop on a daemon thread, for servers the synchronous tests talk to."""
 
