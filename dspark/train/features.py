@@ -31,7 +31,8 @@ from dspark.models.kv_cache import make_batch
 
 @dataclass
 class FeatureStore:
-    """All sequences of one split, concatenated in memory.
+    """All sequences of one split, concatenated (the large fields memory-mapped, see
+    ``load_feature_store``).
 
     tokens [N] int64; features [N, m D] bf16; final [N, D] bf16; starts/lengths/prompt_lens [n];
     greedy [n] bool (response generated at temperature 0).
@@ -139,31 +140,67 @@ def build_feature_cache(model, rows: list[dict], feature_layers: tuple[int, ...]
 
 
 def load_feature_store(out_dir: Path) -> FeatureStore:
-    """Concatenate every shard of a split into one in-memory store."""
+    """Every shard of a split as one store; the two large fields are memory-mapped.
+
+    ``features`` and ``final`` (about 7 KB per token) are written once into one flat file per
+    field next to the shards (rebuilt when the shard list changes) and mapped from it: their
+    pages are read as training touches them and, being file-backed, can be dropped again by
+    the kernel, so a split larger than memory still trains.  The small fields are in memory.
+    """
     from safetensors.torch import load_file
 
     index = json.loads((out_dir / "index.json").read_text())
-    toks, feats, finals, starts, lens, plens, greedy, lses, top1s = [], [], [], [], [], [], [], [], []
+    names = sorted(index["shards"])
+    toks, starts, lens, plens, greedy, lses, top1s = [], [], [], [], [], [], []
+    shapes: dict[str, tuple[int, torch.dtype]] = {}
     base = 0
-    for name in sorted(index["shards"]):
+    for name in names:
         t = load_file(str(out_dir / name))
         off = t["offsets"]
         toks.append(t["tokens"].long())
-        feats.append(t["features"])
-        finals.append(t["final"])
         starts.append(off[:-1] + base)
         lens.append(off[1:] - off[:-1])
         plens.append(t["prompt_lens"])
         greedy.append(t["greedy"])
         lses.append(t.get("lse"))
         top1s.append(t.get("top1"))
+        for field in _MAPPED:
+            shapes[field] = (t[field].shape[1], t[field].dtype)
         base += int(off[-1])
+    mapped = {field: _mapped_field(out_dir, index["shards"], field, base, *shapes[field]) for field in _MAPPED}
     stats = all(x is not None for x in lses)
     return FeatureStore(
-        tokens=torch.cat(toks), features=torch.cat(feats), final=torch.cat(finals), starts=torch.cat(starts),
+        tokens=torch.cat(toks), features=mapped["features"], final=mapped["final"], starts=torch.cat(starts),
         lengths=torch.cat(lens), prompt_lens=torch.cat(plens), greedy=torch.cat(greedy),
         lse=torch.cat(lses) if stats else None, top1=torch.cat(top1s).long() if stats else None,
     )
+
+
+_MAPPED = ("features", "final")
+
+
+def _mapped_field(out_dir: Path, shards: dict, field: str, rows: int, width: int, dtype: torch.dtype) -> torch.Tensor:
+    """[rows, width] ``field`` of every shard in name order, from ``<field>.bin`` (written if
+    missing or made from other shards: ``shards`` is the index's name -> response keys),
+    memory-mapped."""
+    from safetensors import safe_open
+
+    names = sorted(shards)
+    data, record = out_dir / f"{field}.bin", out_dir / f"{field}.bin.json"
+    key = {"shards": shards, "rows": rows, "width": width, "dtype": str(dtype)}
+    if not (data.exists() and record.exists() and json.loads(record.read_text()) == key):
+        record.unlink(missing_ok=True)
+        tmp = data.with_suffix(".tmp")
+        with open(tmp, "wb") as fh:
+            for name in names:  # one shard's field at a time
+                with safe_open(str(out_dir / name), framework="pt") as sf:
+                    fh.write(sf.get_tensor(field).contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        tmp.replace(data)
+        record.write_text(json.dumps(key))
+    n = rows * width
+    if n == 0:
+        return torch.empty(rows, width, dtype=dtype)
+    return torch.from_file(str(data), shared=False, size=n, dtype=dtype).view(rows, width)
 
 
 __all__ = ["FeatureStore", "target_features", "build_feature_cache", "load_feature_store"]
