@@ -34,10 +34,9 @@ __all__ = ["HEADER_TIMEOUT_ENV", "HEADER_TIMEOUT_S", "PROXY_CALLBACK", "proxy_en
 HEADER_TIMEOUT_S = 10.0  # a request line and headers not received in full by then: 408 and close
 HEADER_TIMEOUT_ENV = "DSPARK_HTTP_HEADER_TIMEOUT_S"
 PROXY_CALLBACK = "dspark.cluster.http_deadline:serve_proxy_callback"
+_TIMEOUT_BODY = b"the request headers did not arrive in time\n"
 _TIMEOUT_ANSWER = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain; charset=utf-8\r\n"
-                   b"connection: close\r\ncontent-length: 43\r\n\r\n"
-                   b"the request headers did not arrive in time\n")
-assert len(_TIMEOUT_ANSWER.split(b"\r\n\r\n", 1)[1]) == 43
+                   b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(_TIMEOUT_BODY), _TIMEOUT_BODY))
 
 
 def with_header_deadline(timeout_s: float, base: type[asyncio.Protocol] | None = None) -> type[asyncio.Protocol]:

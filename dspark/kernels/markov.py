@@ -80,8 +80,8 @@ def markov_block_sample(
 
     Proposal format: sparse ``[B, G, 1]`` when every request is greedy (whatever ``top_k``);
     otherwise sparse ``[B, G, K]`` values + ids when top_k > 0 (K = min(top_k, N)) or with
-    ``vocab_ids`` (K = N when top_k = 0); dense ``[B, G, V]`` otherwise.  A greedy row's q is one-hot on its token (slot 0 of a sparse row,
-    the other slots padding).
+    ``vocab_ids`` (K = N when top_k = 0); dense ``[B, G, V]`` otherwise.  A greedy row's q is
+    one-hot on its token (slot 0 of a sparse row, the other slots padding).
 
     Returns a :class:`MarkovDraft`.
 

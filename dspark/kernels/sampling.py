@@ -66,20 +66,29 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Te
 def _top_k_top_p_by_candidates(logits, top_k, top_p, use_k: bool, use_p: bool, c: int):
     """(keep [R, V] bool, ok [R] bool): the mask of ``apply_top_k_top_p`` from each row's c
     largest logits, valid for the rows where ``ok``."""
-    rows, vocab = logits.shape
     vals, ids = torch.topk(logits, c, dim=-1)  # [R, c]; topk's order among equal values is unspecified
-    if use_p and not use_k:
-        # A nucleus holding more mass than these c candidates cannot end among them: such rows
-        # (flat distributions) are sent on at the cost of the topk and one log-sum-exp.
-        mass = torch.exp(vals.float() - torch.logsumexp(logits.float(), dim=-1, keepdim=True)).sum(-1)  # [R]
-        hopeless = (top_p < 1.0) & (mass < top_p)
-        if bool(hopeless.any()):
-            keep = torch.ones_like(logits, dtype=torch.bool)
-            if bool(hopeless.all()):
-                return keep, ~hopeless
-            fine = (~hopeless).nonzero().squeeze(1)
-            keep[fine], ok_fine = _top_k_top_p_by_candidates(logits[fine], top_k[fine], top_p[fine], use_k, use_p, c)
-            return keep, (~hopeless).clone().index_put_((fine,), ok_fine)
+    if not (use_p and not use_k):
+        return _cut_among(logits, vals, ids, top_k, top_p, use_k, use_p, None)
+    # Top-p alone: a nucleus holding more mass than these c candidates cannot end among them.
+    # Such rows (flat distributions) are sent on at the cost of the topk and the log-sum-exp,
+    # which the cut of the other rows reuses.
+    lse = torch.logsumexp(logits.float(), dim=-1, keepdim=True)  # [R, 1]
+    hopeless = (top_p < 1.0) & (torch.exp(vals.float() - lse).sum(-1) < top_p)  # [R]
+    if not bool(hopeless.any()):
+        return _cut_among(logits, vals, ids, top_k, top_p, use_k, use_p, lse)
+    keep, ok = torch.ones_like(logits, dtype=torch.bool), ~hopeless
+    fine = ok.nonzero().squeeze(1)
+    if fine.numel():
+        keep[fine], ok[fine] = _cut_among(logits[fine], vals[fine], ids[fine], top_k[fine], top_p[fine],
+                                          use_k, use_p, lse[fine])
+    return keep, ok
+
+
+def _cut_among(logits, vals, ids, top_k, top_p, use_k: bool, use_p: bool, lse):
+    """The cut of ``_top_k_top_p_by_candidates`` given each row's c largest logits (``vals``,
+    ``ids``) and, for top-p alone, the rows' log-sum-exp (None: computed here)."""
+    rows, vocab = logits.shape
+    c = vals.shape[-1]
     by_id, perm = ids.sort(dim=-1)  # put equal values in id order, as the stable full sort does
     vals, order = vals.gather(-1, perm).sort(dim=-1, descending=True, stable=True)
     ids = by_id.gather(-1, order)  # [R, c]: the first c entries of the full sort's order
@@ -93,8 +102,8 @@ def _top_k_top_p_by_candidates(logits, top_k, top_p, use_k: bool, use_p: bool, c
     keep = logits >= kth  # top-k (ties at the k-th value stay in); everything for rows without it
     if use_p:
         p_on = top_p < 1.0  # [R]
-        # Each candidate's probability under the softmax of the top-k filtered row.
-        lse = torch.logsumexp(logits.masked_fill(~keep, float("-inf")).float(), dim=-1, keepdim=True)  # [R, 1]
+        if lse is None:  # each candidate's probability under the softmax of the top-k filtered row
+            lse = torch.logsumexp(logits.masked_fill(~keep, float("-inf")).float(), dim=-1, keepdim=True)  # [R, 1]
         probs = torch.exp(vals.float() - lse).masked_fill_(vals < kth, 0.0)  # [R, c]
         before = torch.cumsum(probs, dim=-1) - probs  # mass strictly before each candidate
         keep_c = (vals >= kth) & (before < top_p.unsqueeze(-1).to(before.dtype))

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dspark.models.llama import RMSNorm, apply_rope, rope_tables
-from dspark.models.packing import PackedLinear, pack_linears, packed_product, packing_supported
+from dspark.models.packing import PackedLinear, pack_linears, packing_supported
 
 HEADS_DIR = Path(__file__).resolve().parent / "heads"
 
@@ -104,15 +104,15 @@ class DraftLayer(nn.Module):
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.inter = cfg.intermediate_size
-        self._kv_packed: torch.Tensor | None = None  # the k | v rows packed for oneDNN (serving)
+        self.kv_packed: PackedLinear | None = None  # the k | v rows packed for oneDNN (serving)
 
     def context_kv(self, ctx: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys/values of projected context features (eq. 3, H_ctx is already normalised).
 
         ctx: [*P, D]; cos/sin: [*P, 1, hd].  Returns k, v: [*P, nkv, hd].
         """
-        if self._kv_packed is not None:
-            kv = packed_product(ctx.reshape(-1, ctx.shape[-1]), self._kv_packed, None).unflatten(0, ctx.shape[:-1])
+        if self.kv_packed is not None:
+            kv = self.kv_packed(ctx)
         else:
             kv = F.linear(ctx, self.wqkv.weight[self.nh * self.hd :])  # the k | v rows: [2 nkv hd, D]
         k, v = kv.split(self.nkv * self.hd, dim=-1)
@@ -159,7 +159,7 @@ class DSparkHead(nn.Module):
         # The drafted vocabulary (use_draft_vocab): ids [N], LM-head rows [N, D], W2 columns [r, N].
         self.draft_ids: torch.Tensor | None = None
         self._out_rows: torch.Tensor | None = None
-        self._out_packed: torch.Tensor | None = None  # _out_rows packed for oneDNN (pack_for_inference)
+        self._out_packed: PackedLinear | None = None  # _out_rows packed for oneDNN (pack_for_inference)
         self._w2_cols: torch.Tensor | None = None
 
     # -- target weights ---------------------------------------------------------------------
@@ -216,12 +216,11 @@ class DSparkHead(nn.Module):
         if not packing_supported(self.mask_embedding.device, self.mask_embedding.dtype):
             return 0
         for layer in self.layers:  # context_kv multiplies by the k | v rows of wqkv alone
-            layer._kv_packed = torch.ops.mkldnn._reorder_linear_weight(
-                layer.wqkv.weight.detach()[layer.nh * layer.hd :].contiguous(), None)
+            layer.kv_packed = PackedLinear.of_matrix(layer.wqkv.weight[layer.nh * layer.hd :])
         count = pack_linears(self.layers) + len(self.layers)
         self.fc = PackedLinear(self.fc, keep_weight=True)
         if self._out_rows is not None:
-            self._out_packed = torch.ops.mkldnn._reorder_linear_weight(self._out_rows, None)
+            self._out_packed = PackedLinear.of_matrix(self._out_rows)
         return count + 1 + (self._out_rows is not None)
 
     @property
@@ -329,7 +328,7 @@ class DSparkHead(nn.Module):
         bf16 weights) serves the drafter too.  Draft vocabulary: the gathered rows only.
         """
         if self._out_packed is not None:
-            return packed_product(h.reshape(-1, h.shape[-1]), self._out_packed, None).unflatten(0, h.shape[:-1]).float()
+            return self._out_packed(h).float()
         if self.draft_ids is not None:
             return F.linear(h.to(self._out_rows.dtype), self._out_rows).float()
         if self.cfg.trained_vocab:

@@ -27,8 +27,8 @@ class KVCache:
 
     Memory follows use: every slot holds ``capacity`` positions, ``initial_seq`` at first
     (default ``GROW_FROM``, at most ``max_seq``), and the cache grows (by at least a quarter, in
-    whole key blocks of 64, up to ``max_seq``) when a step needs more (:meth:`reserve`, called by :func:`make_batch`), so a
-    batch of short requests does not pay for the longest one allowed.  ``initial_seq=max_seq``
+    whole key blocks, up to ``max_seq``) when a step needs more (:meth:`reserve`, called by
+    :func:`make_batch`), so a batch of short requests does not pay for the longest one allowed.  ``initial_seq=max_seq``
     allocates everything up front.  ``k`` and ``v`` are replaced when the cache grows: read
     them from the cache at the time of use, never keep them across steps.
     """
@@ -64,8 +64,8 @@ class KVCache:
             return
         if positions > self.max_seq:
             raise CacheFullError(f"{positions} positions > max_seq {self.max_seq}")
-        # A quarter more at least (a few copies over a request's life), whole key blocks.
-        new = min(self.max_seq, -(-max(positions, self.capacity + self.capacity // 4) // 64) * 64)
+        # A quarter more at least (a few copies over a request's life), in whole key blocks.
+        new = padded_keys(max(positions, self.capacity + self.capacity // 4), self.max_seq)
         for name in ("k", "v"):
             old = getattr(self, name)
             grown = old.new_zeros(*old.shape[:3], new, old.shape[-1])

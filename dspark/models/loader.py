@@ -11,6 +11,7 @@ import dataclasses
 import importlib.util
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,7 +107,7 @@ def load_tokenizer(path: str | Path | None = None) -> tuple[Tokenizer, ModelArgs
     return tok, args, name
 
 
-def build_model(args: ModelArgs, tensors: dict[str, torch.Tensor], dtype, device) -> Transformer:
+def build_model(args: ModelArgs, tensors: dict[str, torch.Tensor] | _LazyTensors, dtype, device) -> Transformer:
     """The model of ``tensors``, which this empties: each checkpoint tensor is converted and
     dropped in turn, so loading never holds the float32 checkpoint and the converted model at
     once (for the default model that was 540 MB of the process's peak memory)."""
@@ -192,12 +193,12 @@ def _read_gguf(path: Path, progress: bool) -> tuple[ModelArgs, dict[str, torch.T
 _ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
-class _LazyTensors(dict):
-    """The tensors of a safetensors file, each read from disk when it is popped.
+class _LazyTensors(Mapping):
+    """The tensors of a safetensors file, each read from disk when it is asked for.
 
-    ``build_model`` converts and drops them one at a time, so the float32 copy of the
-    checkpoint is never resident whole.  Plain reads, not a memory map: the pages of a mapped
-    file would stay resident (and counted) until the whole file is unmapped.
+    ``build_model`` pops them one at a time and converts each before the next, so the float32
+    copy of the checkpoint is never resident whole.  Plain reads, not a memory map: the pages
+    of a mapped file would stay resident (and counted) until the whole file is unmapped.
     """
 
     def __init__(self, file: Path) -> None:
@@ -212,24 +213,28 @@ class _LazyTensors(dict):
             raise ValueError(f"{file.name}: unsupported tensor dtypes {sorted(bad)}")
         if self._base + max((h["data_offsets"][1] for h in header.values()), default=0) > file.stat().st_size:
             raise ValueError(f"{file.name}: truncated")  # a damaged cache entry: the caller converts again
-        super().__init__(header)  # name -> {dtype, shape, data_offsets}; tensors are read on demand
+        self._entries: dict[str, dict] = header  # name -> {dtype, shape, data_offsets}
 
-    def pop(self, key, *default):
-        if key not in self:
-            return dict.pop(self, key, *default)
-        return self._read(dict.pop(self, key))
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self._read(self._entries[key])
 
-    def __getitem__(self, key):
-        return self._read(dict.__getitem__(self, key))
+    def __iter__(self):
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def pop(self, key: str) -> torch.Tensor:
+        """The tensor ``key``, which this mapping then forgets."""
+        return self._read(self._entries.pop(key))
 
     def _read(self, entry: dict) -> torch.Tensor:
         start, end = entry["data_offsets"]
         out = torch.empty(entry["shape"], dtype=_ST_DTYPES[entry["dtype"]])
-        buf = out.view(-1).view(torch.uint8).numpy() if out.numel() else None
-        if buf is not None:
+        if out.numel():
             with open(self._file, "rb") as fh:
                 fh.seek(self._base + start)
-                if fh.readinto(buf) != end - start:
+                if fh.readinto(out.view(-1).view(torch.uint8).numpy()) != end - start:
                     raise ValueError(f"{self._file.name}: truncated tensor data")
         return out
 

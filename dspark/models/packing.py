@@ -38,6 +38,14 @@ class PackedLinear(nn.Module):
         # Kept only where other code reads the matrix (the LM head shared with drafters).
         self.weight = w if keep_weight else None
 
+    @classmethod
+    def of_matrix(cls, weight: torch.Tensor) -> "PackedLinear":
+        """A bias-free packed product by ``weight`` [out, in] that no ``nn.Linear`` holds (e.g.
+        some rows of another layer's matrix)."""
+        linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+        linear.weight = nn.Parameter(weight.detach().contiguous(), requires_grad=False)
+        return cls(linear)
+
     def forward(self, x: torch.Tensor, row_block: int = 0) -> torch.Tensor:
         """``row_block`` > 0: products of at most that many rows (see :func:`packed_product`)."""
         shape = x.shape

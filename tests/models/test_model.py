@@ -10,6 +10,7 @@ from dspark.models.kv_cache import CacheFullError, KVCache, make_batch
 from dspark.workers.engine import Engine, EngineConfig
 from dspark.workers.request import SamplingParams
 from dspark.workers.runner import LocalRunner, RunnerConfig, StepInput
+from helpers.varlen import assert_varlen_batch_equals_alone
 
 
 def chat_ids(lm, text: str) -> list[int]:
@@ -65,23 +66,7 @@ def test_greedy_matches_transformers_generate(model_fp32, hf_model, prompts20):
 
 def test_varlen_batch_equals_each_alone(model_fp32):
     """Requests of different lengths and new-token counts in one forward = each alone."""
-    model = model_fp32.model
-    prompts = [list(range(100, 100 + n)) for n in (5, 17, 40)]
-    runner = LocalRunner(model, RunnerConfig(n_slots=3, max_seq=128))
-    alone = []
-    for i, p in enumerate(prompts):
-        runner.forward(StepInput(p[:-3], [i], [0], [len(p) - 3]))
-        alone.append(runner.forward(StepInput(p[-3:], [i], [len(p) - 3], [3])).logits)
-    # Batched: prefix of request 0 only, then one step mixing a prefill and two continuations.
-    runner2 = LocalRunner(model, RunnerConfig(n_slots=3, max_seq=128))
-    runner2.forward(StepInput(prompts[0][:-3] + prompts[1][:-3], [0, 1], [0, 0], [2, 14]))
-    step = StepInput(
-        prompts[0][-3:] + prompts[1][-3:] + prompts[2], [0, 1, 2], [2, 14, 0], [3, 3, 40],
-    )
-    out = runner2.forward(step).logits
-    assert rel_err(out[0:3], alone[0]) < 1e-5
-    assert rel_err(out[3:6], alone[1]) < 1e-5
-    assert rel_err(out[-3:], alone[2]) < 1e-5
+    assert_varlen_batch_equals_alone(model_fp32.model, [list(range(100, 100 + n)) for n in (5, 17, 40)])
 
 
 def test_padded_attention_equals_loop(model_fp32):

@@ -22,6 +22,7 @@ from dspark.workers.engine import Engine, EngineConfig
 from dspark.workers.request import SamplingParams
 from dspark.workers.runner import LocalRunner, RunnerConfig, StepInput
 from helpers.tiny_hf import PROMPTS, tiny_qwen3
+from helpers.varlen import assert_varlen_batch_equals_alone
 
 DECODE_STEPS = 224
 
@@ -94,17 +95,7 @@ def test_batched_varlen_requests_equal_each_alone(qwen3):
     path, _ = qwen3
     lm = load_model(path, dtype="fp32", progress=False)
     model, tok = lm.model, lm.tokenizer
-    runner = LocalRunner(model, RunnerConfig(n_slots=3, max_seq=128))
-    alone = []
-    for i, p in enumerate(PROMPTS):
-        runner.forward(StepInput(p[:-3], [i], [0], [len(p) - 3]))
-        alone.append(runner.forward(StepInput(p[-3:], [i], [len(p) - 3], [3])).logits)
-    # Batched: two prefixes, then one step mixing two continuations and a whole prefill.
-    together = LocalRunner(model, RunnerConfig(n_slots=3, max_seq=128))
-    together.forward(StepInput(PROMPTS[0][:-3] + PROMPTS[1][:-3], [0, 1], [0, 0], [4, 20]))
-    out = together.forward(StepInput(PROMPTS[0][-3:] + PROMPTS[1][-3:] + PROMPTS[2], [0, 1, 2], [4, 20, 0], [3, 3, 40])).logits
-    for got, want in zip((out[0:3], out[3:6], out[-3:]), alone):
-        assert rel_err(got, want) < 1e-5
+    assert_varlen_batch_equals_alone(model, PROMPTS)
     params = SamplingParams(max_tokens=32, ignore_eos=True)
     batched = Engine(LocalRunner(model, RunnerConfig(n_slots=3, max_seq=256)), tok, EngineConfig(max_batch=3)).generate(PROMPTS, params)
     for p, seq in zip(PROMPTS, batched):
