@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 __all__ = ["logits_to_probs", "sample_from_probs", "exponential_noise", "exponential_row", "apply_top_k_top_p",
-           "sample_proposal"]
+           "sample_proposal", "processed_logits", "token_logprobs", "LOGPROB_FLOOR", "mask_logits", "unpack_bitmask"]
 
 
 CANDIDATES = (1024, 8192)  # top-k / top-p look for their cut among this many of a row's largest logits, in turn
@@ -178,19 +178,71 @@ def logits_to_probs(
         top_k = torch.zeros(rows, dtype=torch.long, device=device)
     if top_p is None:
         top_p = torch.ones(rows, dtype=torch.float32, device=device)
-    rows_logits = logits[sampled]  # [S, V]
-    t = temperature[sampled].unsqueeze(-1)  # [S, 1]
-    scaled = rows_logits / t  # [S, V]
+    scaled = processed_logits(logits[sampled], temperature[sampled], top_k.to(device)[sampled],
+                              top_p.to(device=device, dtype=torch.float32)[sampled])
+    probs[sampled] = torch.softmax(scaled, dim=-1)
+    return probs
+
+
+def processed_logits(
+    logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
+) -> torch.Tensor:
+    """Logits of the distribution sampled rows draw from: divided by the temperature, then top-k
+    and top-p (tokens outside them at -inf); its softmax is :func:`logits_to_probs`' row.
+
+    logits: [S, V] float32; temperature: [S] (> 0); top_k: [S]; top_p: [S].
+
+    Example:
+        >>> processed_logits(torch.tensor([[0.0, 1.0, 3.0]]), torch.tensor([0.5]), torch.tensor([2]),
+        ...                  torch.tensor([1.0]))
+        tensor([[-inf, 2., 6.]])
+    """
+    t = temperature.to(dtype=torch.float32).unsqueeze(-1)  # [S, 1]
+    scaled = logits / t  # [S, V]
     # A tiny temperature (1e-40 is subnormal in float32) overflows logits / t to inf, and the
     # softmax's inf - inf is NaN.  Such rows subtract their max first, so it maps to 0 and the
     # rest to at most 0: the limit t -> 0, all mass on the maximum.  Other rows keep logits / t
     # bit for bit.
     overflow = torch.isposinf(scaled.amax(-1, keepdim=True))  # [S, 1]
     if bool(overflow.any()):  # rare; the common step pays one amax, not a second [S, V] pass
-        scaled = torch.where(overflow, (rows_logits - rows_logits.amax(-1, keepdim=True)) / t, scaled)
-    scaled = apply_top_k_top_p(scaled, top_k.to(device)[sampled], top_p.to(device=device, dtype=torch.float32)[sampled])
-    probs[sampled] = torch.softmax(scaled, dim=-1)
-    return probs
+        scaled = torch.where(overflow, (logits - logits.amax(-1, keepdim=True)) / t, scaled)
+    return apply_top_k_top_p(scaled, top_k, top_p)
+
+
+LOGPROB_FLOOR = -9999.0  # what the APIs send for -inf (JSON has no infinity), as vLLM does
+
+
+def token_logprobs(
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    token_ids: torch.Tensor,
+    num_top: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Log-probabilities of ``token_ids`` and each row's ``num_top`` most likely tokens.
+
+    The distribution is the one the row samples from (:func:`processed_logits`: temperature,
+    top-k, top-p, and whatever mask the caller applied to ``logits``), except that a greedy row
+    (temperature 0) uses temperature 1: its sampling distribution is one-hot, which says nothing.
+
+    logits: [R, V]; temperature, top_k, top_p: [R]; token_ids: [R].
+    Returns (chosen [R], top values [R, num_top], top ids [R, num_top]), float32 / long.
+
+    Example:
+        >>> lp, tv, ti = token_logprobs(torch.tensor([[0.0, 0.0]]), torch.tensor([0.0]),
+        ...                             torch.tensor([0]), torch.tensor([1.0]), torch.tensor([1]), 1)
+        >>> round(lp.item(), 4), ti.tolist()
+        (-0.6931, [[0]])
+    """
+    t = torch.where(temperature > 0, temperature.float(), torch.ones_like(temperature, dtype=torch.float32))
+    lp = torch.log_softmax(processed_logits(logits.float(), t, top_k, top_p.float()), dim=-1)  # [R, V]
+    chosen = lp.gather(-1, token_ids.view(-1, 1)).view(-1)  # [R]
+    if num_top <= 0:
+        empty = lp.new_zeros(lp.shape[0], 0)
+        return chosen, empty, empty.long()
+    vals, ids = lp.topk(num_top, dim=-1)  # [R, num_top], most likely first
+    return chosen, vals, ids
 
 
 def exponential_row(out: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -263,3 +315,35 @@ def sample_proposal(
     choice = (q / noise).argmax(dim=-1)  # [R] index into the K entries
     tokens = top_ids.gather(-1, choice.unsqueeze(-1)).squeeze(-1)
     return tokens, q, top_ids, q.gather(-1, choice.unsqueeze(-1)).squeeze(-1)
+
+
+def mask_logits(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """Logits with every token a row does not allow set to -inf (structured outputs).
+
+    logits: [R, V] float; allowed: [R, V] bool, True = the row's grammar allows that token next.
+    Returns a new [R, V] tensor; allowed entries keep their value bit for bit, so a row that allows
+    everything samples exactly as without a mask.  A row must allow at least one token (a grammar
+    matcher always allows its stop tokens when nothing else may follow), or its softmax is NaN.
+
+    Example:
+        >>> mask_logits(torch.tensor([[1.0, 2.0, 3.0]]), torch.tensor([[True, False, True]]))
+        tensor([[1., -inf, 3.]])
+    """
+    return logits.masked_fill(~allowed, float("-inf"))
+
+
+def unpack_bitmask(bits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Token bitmasks, 32 tokens per int32 word, as one bool per token.
+
+    bits: [R, W] int32 with W = ceil(V / 32), token t is bit t % 32 (least significant first) of
+    word t // 32, the layout grammar engines fill.  Returns [R, V] bool on the same device: rows can
+    travel to an accelerator as words (1/8 of the bytes of bools) and expand there.
+
+    Example:
+        >>> unpack_bitmask(torch.tensor([[0b101]], dtype=torch.int32), 4)
+        tensor([[ True, False,  True, False]])
+    """
+    shifts = torch.arange(32, dtype=torch.int32, device=bits.device)  # [32]
+    # An arithmetic shift of a negative word (bit 31 set) fills with ones; "& 1" keeps the bit.
+    expanded = (bits.unsqueeze(-1) >> shifts) & 1  # [R, W, 32]
+    return expanded.reshape(bits.shape[0], -1)[:, :vocab_size].bool()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import threading
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Protocol
@@ -107,9 +108,30 @@ class Engine:
         self.num_steps = 0
         self.last_step_tokens = 0
         self.last_step_seconds = 0.0
+        self.grammar_seconds = 0.0  # time spent computing grammar masks (structured outputs)
         self._next_speculate: bool | None = None  # the gate's choice for the coming step, made after the last
         self._ids = itertools.count()
         self.stop_ids = tokenizer.stop_token_ids if tokenizer is not None else frozenset()
+        self._grammars = None  # GrammarCompiler, made on the first constrained request
+        self._grammar_lock = threading.Lock()  # validate() compiles on the caller's thread
+
+    @property
+    def grammars(self):
+        """The grammar compiler of structured outputs (its engine is imported on first use)."""
+        with self._grammar_lock:
+            if self._grammars is None:
+                if self.tokenizer is None:
+                    raise ValueError("structured outputs need the model's tokenizer")
+                from dspark.workers.grammar import GrammarCompiler
+
+                self._grammars = GrammarCompiler(self.tokenizer, self.tokenizer.vocab_size, self.stop_ids)
+            return self._grammars
+
+    def _matcher(self, params: SamplingParams):
+        """A fresh grammar state for a constrained request (compiled once per grammar, cached)."""
+        compiler = self.grammars
+        with self._grammar_lock:
+            return compiler.matcher(params.grammar)
 
     # -- request management -----------------------------------------------------------------
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
@@ -124,6 +146,11 @@ class Engine:
         limit = self.max_context
         if len(prompt_ids) >= limit:
             raise ValueError(f"the prompt has {len(prompt_ids)} tokens; this model serves at most {limit - 1}")
+        most = min(self.cfg.max_batch, self.n_slots)
+        if params.n > most:
+            raise ValueError(f"n is {params.n}; this server runs at most {most} sequences at once")
+        if params.grammar is not None:
+            self._matcher(params)  # compiles (and caches) the grammar: a bad one fails here, not mid-step
 
     @property
     def max_context(self) -> int:
@@ -131,27 +158,47 @@ class Engine:
         return self.max_seq - self.cfg.block_len - 1
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> Sequence:
+        """Queue a request; with ``params.n`` > 1 its other sequences follow the returned one.
+
+        Sequence i of n (``index``) seeds its generator with ``seed + i`` (a seeded request is
+        reproducible and its sequences differ); sequences 1..n-1 share the first one's prefill
+        (``leader``/``followers``) and have request ids ``<request_id>#<i>``.
+        """
         self.validate(prompt_ids, params)
-        gen = torch.Generator(device=self.runner.device)
-        gen.manual_seed(params.seed if params.seed is not None else random.getrandbits(63))
-        seq = Sequence(
-            request_id=request_id if request_id is not None else f"req-{next(self._ids)}",
-            prompt_ids=list(prompt_ids),
-            params=params,
-            generator=gen,
-            detok=make_detokenizer(self.tokenizer),
-            draft_enabled=params.speculative,
-        )
-        self.waiting.append(seq)
-        return seq
+        rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+        seqs = []
+        for i in range(params.n):
+            seqs.append(Sequence(
+                request_id=rid if i == 0 else f"{rid}#{i}",
+                prompt_ids=list(prompt_ids),
+                params=params,
+                generator=torch.Generator(device=self.runner.device),
+                detok=make_detokenizer(self.tokenizer),
+                draft_enabled=params.speculative,
+                group_id=rid,
+                index=i,
+                grammar=self._matcher(params) if params.grammar is not None else None,
+            ))
+        for seq in seqs:
+            seq.generator.manual_seed(seq.seed if seq.seed is not None else random.getrandbits(63))
+        leader = seqs[0]
+        leader.followers = seqs[1:]
+        for f in leader.followers:
+            f.leader = leader
+        self.waiting.append(leader)
+        return leader
 
     def abort(self, request_id: str, reason: str = "abort") -> bool:
+        """End every sequence of the request ``request_id`` (its group id)."""
+        found = False
         for q in (self.waiting, self.running):
-            for s in q:
-                if s.request_id == request_id:
+            for s in list(q):
+                if s.group_id == request_id:
+                    for f in s.followers:  # still waiting with their leader, or shadowing its prefill
+                        self._finish(f, reason)
                     self._finish(s, reason)
-                    return True
-        return False
+                    found = True
+        return found
 
     def cache_stats(self) -> dict:
         """Prefix reuse counters and how full the KV cache is (positions held by running requests)."""
@@ -168,8 +215,14 @@ class Engine:
         return len(self.running)
 
     def _admit(self) -> None:
-        while self.waiting and self.prefix.num_free and len(self.running) < self.max_batch:
-            seq = self.waiting.pop(0)
+        """Give waiting requests cache slots, first come first served; a request's n sequences enter together."""
+        while self.waiting:
+            seq = self.waiting[0]
+            n = 1 + len(seq.followers)
+            # A group larger than the scheduler's current batch limit still enters an idle engine.
+            if self.prefix.num_free < n or (self.running and len(self.running) + n > self.max_batch):
+                return
+            self.waiting.pop(0)
             reuse = self.prefix.allocate(seq.prompt_ids)
             seq.slot = reuse.slot
             if reuse.tokens and reuse.source != reuse.slot:
@@ -177,6 +230,9 @@ class Engine:
             seq.num_cached = reuse.tokens
             seq.num_reused = reuse.tokens
             self.running.append(seq)
+            for f in seq.followers:  # an empty slot each: the leader's prompt is copied in once computed
+                f.slot = self.prefix.allocate([]).slot
+                self.running.append(f)
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         if seq.finished:
@@ -190,6 +246,8 @@ class Engine:
         if seq.slot >= 0:
             self.prefix.release(seq.slot, seq.all_ids[: seq.num_cached])
             seq.slot = -1
+        if seq.leader is not None and seq in seq.leader.followers:
+            seq.leader.followers.remove(seq)
         if self.drafter is not None:
             self.drafter.release(seq.request_id)
 
@@ -224,12 +282,20 @@ class Engine:
 
         # 4. Batched verify: one target forward over every request's tokens, one rejection pass.
         plan = self._plan(prefill, decode, blocks, verify_lens)
+        constrained = any(e.seq.grammar is not None for e in plan.sampling)
+        if constrained:
+            t_mask = time.perf_counter()
+            plan.constrain(self.tokenizer.vocab_size)  # may cut drafts the grammar forbids
+            self.grammar_seconds += time.perf_counter() - t_mask
         feature_layers = self.drafter.feature_layers if self.drafter is not None else ()
         out = self.runner.forward(plan.step_input(feature_layers))
         if plan.sampling:
-            plan.set_emitted(plan.verify(out.logits))  # logits: [R, V]
+            logits = plan.mask_logits(out.logits) if constrained else out.logits  # [R, V]
+            plan.set_emitted(plan.verify(logits))
+            plan.fill_logprobs(logits)
 
         # 5. Accept: each request keeps its accepted tokens and appends what it emitted.
+        self._copy_to_followers(plan)
         outputs = [o for o in map(self._accept, plan.entries) if o is not None]
         self.num_steps += 1
         self.last_step_tokens = plan.num_tokens
@@ -243,6 +309,11 @@ class Engine:
         self._choose_next()
         for e, feats in zip(plan.entries, plan.split_features(out.features)):
             self._observe(e, feats)
+        for e in plan.entries:
+            if e.seq.leader is not None and not e.tokens:  # a follower with its prompt cached: on its own now
+                if e.seq in e.seq.leader.followers:
+                    e.seq.leader.followers.remove(e.seq)
+                e.seq.leader = None
         return outputs
 
     @staticmethod
@@ -253,7 +324,11 @@ class Engine:
         verify_lens: list[int],
     ) -> StepPlan:
         """Prefill chunks first, then each decoding request with the drafts it verifies."""
-        entries = [Scheduled.prefill_chunk(seq, chunk) for seq, chunk in prefill]
+        entries = []
+        for seq, chunk in prefill:
+            entries.append(Scheduled.prefill_chunk(seq, chunk))
+            if entries[-1].samples:  # the prompt's last chunk: its followers sample from the same row
+                entries += [Scheduled.follower(f) for f in seq.followers]
         if blocks is None:  # a plain step: each request feeds its anchor alone
             entries += [Scheduled.decode(seq, [], None) for seq in decode]
         else:
@@ -284,13 +359,15 @@ class Engine:
 
     def _accept(self, e: Scheduled) -> RequestOutput | None:
         """Advance the request's cache over the tokens it keeps and append what it emitted."""
+        if not e.tokens:  # a follower: its prompt was copied in by _copy_to_followers
+            return self._append(e.seq, e.emitted, 0, 0, e.logprobs)
         before = e.seq.num_cached
         e.seq.num_cached += len(e.kept)
         if before < len(e.seq.prompt_ids) <= e.seq.num_cached:  # its prompt is cached: others may reuse it
             self.prefix.index(e.seq.slot, e.seq.prompt_ids)
         if e.emitted is None:  # a prompt chunk before the last: nothing sampled yet
             return None
-        return self._append(e.seq, e.emitted, len(e.drafts), e.num_accepted)
+        return self._append(e.seq, e.emitted, len(e.drafts), e.num_accepted, e.logprobs)
 
     def _speculate(self, decode: list[Sequence]) -> bool:
         """Whether this step drafts: the choice made at the end of the last step, else the gate's now.
@@ -317,20 +394,41 @@ class Engine:
         for s in nxt:
             s.wants_block = self._next_speculate
 
+    def _copy_to_followers(self, plan: StepPlan) -> None:
+        """Copy each prompt that a leader finished caching this step into its followers' slots.
+
+        Runs before any request of the step is accepted (a leader that finishes at its first token
+        frees its slot then).
+        """
+        for e in plan.entries:
+            if not e.tokens:
+                leader, n = e.seq.leader, len(e.seq.prompt_ids)
+                self.runner.copy_prefix(leader.slot, e.seq.slot, n)
+                e.seq.num_cached = n
+                self.prefix.index(e.seq.slot, e.seq.prompt_ids)
+
     def _observe(self, e: Scheduled, feats: torch.Tensor | None) -> None:
         """Tell the drafter which tokens entered the target cache (after the new anchor is known).
 
         ``feats``: the target's features for the request's tokens this step, [len(e.tokens), F].
         """
-        if self.drafter is None or e.seq.finished:
+        if self.drafter is None or not e.tokens:
+            return  # a follower's prompt was observed with its leader's
+        for f in e.seq.followers if e.prefill else ():  # they share this prefill: same tokens and features
+            if not f.finished:
+                self.drafter.observe(f, e.kept, None if feats is None else feats[: len(e.kept)], None)
+        if e.seq.finished:
             return
         kept = e.kept
-        self.drafter.observe(e.seq, kept, None if feats is None else feats[: len(kept)], e.num_verified)
+        feats = None if feats is None else feats[: len(kept)]
+        self.drafter.observe(e.seq, kept, feats, e.num_verified)
 
     def _partition(self) -> tuple[list[tuple[Sequence, list[int]]], list[Sequence]]:
         prefill, decode = [], []
         budget = self.cfg.max_prefill_tokens
         for seq in self.running:
+            if seq.leader is not None:
+                continue  # shares its leader's prefill
             if seq.num_cached < len(seq.prompt_ids):
                 if budget <= 0:
                     continue  # waits for the next step's prefill budget
@@ -371,7 +469,9 @@ class Engine:
         self.last_drafted_requests = len(want)
         return [proposed.get(s.request_id, DraftBlock.empty()) for s in decode]
 
-    def _append(self, seq: Sequence, emitted: list[int], n_draft: int, n_accepted: int) -> RequestOutput:
+    def _append(
+        self, seq: Sequence, emitted: list[int], n_draft: int, n_accepted: int, logprobs: list | None = None
+    ) -> RequestOutput:
         """Append verified tokens one at a time, applying stop tokens, max_tokens and stop strings.
 
         Every check runs after each token, exactly as plain decoding (one token per step) runs
@@ -388,6 +488,8 @@ class Engine:
         for t in emitted:
             new.append(t)
             seq.output_ids.append(t)
+            if seq.grammar is not None and not seq.grammar.done and not seq.grammar.accept(t):
+                raise RuntimeError(f"request {seq.request_id}: token {t} breaks its grammar")  # a masking bug
             if t in stops or t in seq.params.stop_token_ids:
                 reason = "stop"
             elif len(seq.output_ids) >= seq.params.max_tokens:
@@ -408,7 +510,9 @@ class Engine:
         if reason is not None:
             self._finish(seq, reason)
         return RequestOutput(
-            request_id=seq.request_id,
+            request_id=seq.group_id,
+            index=seq.index,
+            logprobs=None if logprobs is None else logprobs[: len(new)],
             new_token_ids=new,
             text_delta=delta,
             finished=seq.finished,

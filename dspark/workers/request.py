@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from dspark.models.tokenizer import IncrementalDetokenizer, Tokenizer
 
+if TYPE_CHECKING:
+    from dspark.workers.grammar import GrammarSpec
+
 MAX_STOP_STRINGS = 16
+MAX_TOP_LOGPROBS = 20  # alternatives reported per token at most (OpenAI's chat limit)
+MAX_N = 16  # sequences per request at most
 _FLOAT32_TINY = float(torch.finfo(torch.float32).tiny)  # smallest normal float32, ~1.2e-38
 
 
@@ -26,6 +32,9 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()  # extra stop tokens besides the model's end-of-turn ids
     ignore_eos: bool = False  # keep going past end-of-turn tokens (benchmarks)
     speculative: bool = True  # False: plain decoding for this request (A/B comparisons)
+    n: int = 1  # sequences sampled for the prompt (prefilled once); sequence i seeds with seed + i
+    logprobs: int | None = None  # None: none; k: each token's log-probability and its k best alternatives
+    grammar: GrammarSpec | None = None  # constrain the output (structured outputs); None: free text
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
@@ -46,10 +55,23 @@ class SamplingParams:
             raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError("stop strings must be non-empty strings")
+        if not _is_int(self.n) or not 1 <= self.n <= MAX_N:
+            raise ValueError(f"n must be an integer in [1, {MAX_N}]")
+        if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_TOP_LOGPROBS):
+            raise ValueError(f"logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}]")
+        if self.grammar is not None:
+            from dspark.workers.grammar import GrammarSpec  # lazily: its engine is imported on first use
+
+            if not isinstance(self.grammar, GrammarSpec):
+                raise ValueError("grammar must be a GrammarSpec")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def _finite(x) -> bool:
@@ -127,6 +149,20 @@ class Sequence:
     held: str = ""  # decoded text held back because it may start a stop string
     draft_enabled: bool = True  # False: plain decoding for this request (e.g. its drafter is gone)
     wants_block: bool = True  # False: the next step decodes plainly, so no block need be drafted for it
+    group_id: str = ""  # the client's request id, shared by the n sequences of one request ("" = request_id)
+    index: int = 0  # which of the request's n sequences (the OpenAI choice index)
+    followers: list["Sequence"] = field(default_factory=list)  # the other n - 1, while they share its prefill
+    leader: "Sequence | None" = None  # the sequence whose prefill this one shares (until its prompt is cached)
+    grammar: object | None = None  # its GrammarMatcher when the request constrains its output
+
+    def __post_init__(self) -> None:
+        if not self.group_id:
+            self.group_id = self.request_id
+
+    @property
+    def seed(self) -> int | None:
+        """This sequence's seed: the request's plus its index among the n (None: unseeded)."""
+        return None if self.params.seed is None else (self.params.seed + self.index) % 2**63
 
     @property
     def all_ids(self) -> list[int]:
@@ -141,9 +177,22 @@ class Sequence:
         return self.output_ids[-1]
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One emitted token's log-probability under the distribution it was drawn from, and the best alternatives.
+
+    ``top``: up to k (token id, log-probability) pairs, most likely first; a token that distribution
+    excludes (top-k / top-p / grammar) has ``-inf`` (the APIs send -9999.0, as vLLM does).
+    """
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
 @dataclass
 class RequestOutput:
-    """What one engine step produced for one request."""
+    """What one engine step produced for one of a request's sequences (``index`` of its n)."""
 
     request_id: str
     new_token_ids: list[int]
@@ -153,6 +202,8 @@ class RequestOutput:
     num_prompt_tokens: int
     num_output_tokens: int
     metrics: SpecMetrics
+    index: int = 0  # the sequence's index among the request's n (the OpenAI choice index)
+    logprobs: list[TokenLogprob] | None = None  # one per new token when the request asked for logprobs
 
 
 def make_detokenizer(tokenizer: Tokenizer | None) -> IncrementalDetokenizer | None:

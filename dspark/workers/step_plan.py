@@ -17,9 +17,9 @@ import torch
 
 from dspark.kernels.rejection import greedy_verify, rejection_sample
 from dspark.kernels.rejection_types import PLACEHOLDER_TOKEN_ID, RejectionInputs, RejectionOutput
-from dspark.kernels.sampling import exponential_row, logits_to_probs
+from dspark.kernels.sampling import exponential_row, logits_to_probs, token_logprobs
 from dspark.workers.drafters.base import DraftBlock
-from dspark.workers.request import Sequence
+from dspark.workers.request import Sequence, TokenLogprob
 from dspark.workers.runner import StepInput
 
 
@@ -39,6 +39,8 @@ class Scheduled:
     drafts: list[int] = field(default_factory=list)  # the verified drafts; empty for a plain token
     block: DraftBlock | None = None  # their proposals; None: a prefill, or a step that did not draft
     emitted: list[int] | None = None  # accepted drafts + one recovered/bonus token, once verified
+    allowed: torch.Tensor | None = None  # [num_rows, V_tok] bool: what its grammar allows at each sampled row
+    logprobs: list[TokenLogprob] | None = None  # one per emitted token, when its request asks for them
 
     @classmethod
     def prefill_chunk(cls, seq: Sequence, chunk: list[int]) -> "Scheduled":
@@ -48,6 +50,15 @@ class Scheduled:
     @classmethod
     def decode(cls, seq: Sequence, drafts: list[int], block: DraftBlock | None) -> "Scheduled":
         return cls(seq, [seq.last_token] + drafts, prefill=False, samples=True, drafts=drafts, block=block)
+
+    @classmethod
+    def follower(cls, seq: Sequence) -> "Scheduled":
+        """One of a request's n sequences sampling its first token from its leader's last prompt row.
+
+        It feeds no tokens: it follows its leader's entry in the plan and shares that entry's last
+        logits row, and the engine then copies the leader's prompt cache into its slot.
+        """
+        return cls(seq, [], prefill=True, samples=True)
 
     @property
     def num_rows(self) -> int:
@@ -95,17 +106,24 @@ class StepPlan:
         """The requests that sample this step, in logits-row order."""
         return [e for e in self.entries if e.samples]
 
+    @property
+    def fed(self) -> list[Scheduled]:
+        """The entries that feed tokens (all but followers, which share their leader's row)."""
+        return [e for e in self.entries if e.tokens]
+
     def step_input(self, feature_layers: tuple[int, ...]) -> StepInput:
         tokens: list[int] = []
         rows: list[int] = []
         for e in self.entries:
             tokens.extend(e.tokens)
-            rows.extend(range(len(tokens) - e.num_rows, len(tokens)))
+            # A follower (no tokens) reads its leader's last row, the one just before it.
+            rows.extend(range(len(tokens) - e.num_rows, len(tokens)) if e.tokens else [len(tokens) - 1])
+        fed = self.fed
         return StepInput(
             tokens,
-            [e.seq.slot for e in self.entries],
-            [e.seq.num_cached for e in self.entries],
-            [len(e.tokens) for e in self.entries],
+            [e.seq.slot for e in fed],
+            [e.seq.num_cached for e in fed],
+            [len(e.tokens) for e in fed],
             rows,
             feature_layers,
         )
@@ -115,6 +133,90 @@ class StepPlan:
         if features is None:
             return [None] * len(self.entries)
         return list(features.split([len(e.tokens) for e in self.entries]))
+
+    def constrain(self, vocab: int) -> None:
+        """Compute each grammar-constrained request's allowed tokens at every row it samples.
+
+        Walks its drafts through its grammar tentatively (rolled back after): the mask of row j is
+        the grammar's state after drafts 0..j-1.  Drafts from the first one the grammar forbids on
+        are cut before verification: the constrained target gives such a draft probability 0, so
+        verifying it would reject it for certain and resample from the constrained target itself,
+        which is what the row before it (now the last) samples from anyway.
+        """
+        for e in self.sampling:
+            m = e.seq.grammar
+            if m is None:
+                continue
+            allowed = torch.zeros(e.num_rows, vocab, dtype=torch.bool)  # [1 + drafts, V_tok]
+            m.fill_mask(allowed[0])
+            walked = 0
+            for d in e.drafts:
+                if not (0 <= d < vocab and bool(allowed[walked, d])) or not m.accept(d):
+                    break
+                walked += 1
+                if m.done:  # a stop token the grammar accepted: nothing after it is emitted
+                    allowed[walked] = True
+                    break
+                m.fill_mask(allowed[walked])
+            m.rollback(walked)
+            if walked < len(e.drafts):
+                e.drafts = e.drafts[:walked]
+                e.tokens = e.tokens[: 1 + walked]
+                allowed = allowed[: 1 + walked]
+            e.allowed = allowed
+
+    def mask_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """``logits`` [R, V] with each grammar-constrained row's forbidden tokens at -inf (in place).
+
+        Verification and logprobs then see the target constrained by the grammar, so the output
+        is distributed exactly as that constrained target's.
+        """
+        o = 0
+        for e in self.sampling:
+            if e.allowed is not None:
+                n, width = e.num_rows, e.allowed.shape[-1]
+                rows = logits[o : o + n]  # [n, V] view
+                rows[:, :width].masked_fill_(~e.allowed[:n].to(logits.device), float("-inf"))
+                rows[:, width:] = float("-inf")  # ids past the tokenizer's vocabulary are never text
+            o += e.num_rows
+        return logits
+
+    def fill_logprobs(self, logits: torch.Tensor) -> None:
+        """Give each emitted token of the requests that ask for logprobs its log-probability.
+
+        Row j of a request's rows is the distribution its j-th emitted token came from: an
+        accepted draft, or the recovered / bonus token that ends what it emitted.
+        """
+        want, rows, ids = [], [], []
+        o = 0
+        for e in self.sampling:
+            if e.seq.params.logprobs is not None and e.emitted:
+                want.append(e)
+                rows.extend(range(o, o + len(e.emitted)))
+                ids.extend(e.emitted)
+            o += e.num_rows
+        if not want:
+            return
+        dev = logits.device
+        params = [e.seq.params for e in want for _ in e.emitted]
+        k = max(p.logprobs for p in params)
+        chosen, top_v, top_i = token_logprobs(
+            logits[torch.tensor(rows, device=dev)],
+            torch.tensor([p.temperature for p in params], device=dev),
+            torch.tensor([p.top_k for p in params], device=dev),
+            torch.tensor([p.top_p for p in params], device=dev),
+            torch.tensor(ids, dtype=torch.long, device=dev),
+            k,
+        )
+        chosen, top_v, top_i = chosen.tolist(), top_v.tolist(), top_i.tolist()
+        r = 0
+        for e in want:
+            kk = e.seq.params.logprobs
+            e.logprobs = []
+            for t in e.emitted:
+                top = tuple(zip(top_i[r][:kk], top_v[r][:kk]))
+                e.logprobs.append(TokenLogprob(t, chosen[r], top))
+                r += 1
 
     def verify(self, logits: torch.Tensor) -> RejectionOutput:
         """Run the verification rule over the sampled rows ``logits`` [R, V] (batch order).

@@ -56,7 +56,8 @@ class VerifierWorker:
     async def generate(
         self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None
     ) -> AsyncIterator[RequestOutput]:
-        """Stream a request's outputs; raises ValueError at once for invalid requests."""
+        """Stream a request's outputs (of all its ``params.n`` sequences, each output tagged with its
+        ``index``) until every sequence has finished; raises ValueError at once for invalid requests."""
         if self._stop.is_set():
             raise EngineError(f"{self.name} is shut down")
         self.engine.validate(prompt_ids, params)
@@ -68,6 +69,7 @@ class VerifierWorker:
         self._commands.put(("add", rid, list(prompt_ids), params))
         self._wake.set()
         done = False
+        unfinished = params.n
         try:
             while True:
                 item = await q.get()
@@ -75,8 +77,10 @@ class VerifierWorker:
                     raise item
                 yield item
                 if item.finished:
-                    done = True
-                    return
+                    unfinished -= 1
+                    if unfinished == 0:
+                        done = True
+                        return
         finally:
             self._streams.pop(rid, None)
             if not done:  # consumer left early (disconnect, cancellation): free the slot
@@ -137,15 +141,15 @@ class VerifierWorker:
             except Exception as exc:  # never leave a client hanging: fail what was running
                 log.exception("%s: engine step failed", self.name)
                 for seq in list(eng.running) + list(eng.waiting):
-                    eng.abort(seq.request_id, "error")
-                    self._deliver(seq.request_id, EngineError(f"engine failure: {exc}"))
+                    eng.abort(seq.group_id, "error")
+                    self._deliver(seq.group_id, EngineError(f"engine failure: {exc}"))
                 continue
             if eng.last_step_tokens:
                 a = 0.2
                 self._ema_tokens = (1 - a) * self._ema_tokens + a * eng.last_step_tokens
                 self._ema_latency = (1 - a) * self._ema_latency + a * eng.last_step_seconds
             for out in outputs:
-                if out.finished:
+                if out.finished and out.index == 0:
                     self._finished += 1
                 self._deliver(out.request_id, out)
 

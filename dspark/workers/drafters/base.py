@@ -161,8 +161,8 @@ def draft_generator(seq: Sequence, device: torch.device | str = "cpu") -> torch.
     in-process one behave alike, and the target-side sampling stays reproducible per seed.
     """
     g = torch.Generator(device=device)
-    if seq.params.seed is not None:
-        g.manual_seed((seq.params.seed * 1_000_003 + 0x5EED) % (2**63))
+    if seq.seed is not None:
+        g.manual_seed((seq.seed * 1_000_003 + 0x5EED) % (2**63))
     else:
         g.seed()
     return g

@@ -205,8 +205,8 @@ class RemoteDrafter:
             opts = draft_pb2.DrafterOptions(kind=self.cfg.kind, block_len=self.block_len,
                                             temperature=seq.params.temperature,
                                             proposal_top_k=self.cfg.proposal_top_k)
-            if seq.params.seed is not None:
-                opts.seed = seq.params.seed
+            if seq.seed is not None:
+                opts.seed = seq.seed
             r.link.send(draft_pb2.DraftRequest(open=draft_pb2.Open(
                 request_id=rid, prompt_len=len(seq.prompt_ids), options=opts)))
             r.opened = True
