@@ -7,7 +7,10 @@
 The servicer is thin: it turns a ``GenerateRequest`` into the protocol-neutral
 :class:`GenerationRequest` (:func:`request_from_proto`), applies the rules shared with the HTTP
 API (:func:`dspark.cluster.validation.prepare_request`) and turns request outputs back into
-``GenerateResponse`` messages.  Protobuf types stop here.  Status codes: INVALID_ARGUMENT
+``GenerateResponse`` messages.  Protobuf types stop here.  A request for n > 1 sequences streams
+the outputs of all n interleaved (each message names its ``index``) and ends after the last
+sequence's final output, which carries the usage of the whole request; GenerateUnary answers
+n > 1 with one ``Choice`` per sequence.  Status codes: INVALID_ARGUMENT
 (bad input, including a payload that is not a ``GenerateRequest``), NOT_FOUND (unknown model),
 UNAUTHENTICATED (API key), UNAVAILABLE (the verifier replica is gone; retry), INTERNAL (engine
 failure).
@@ -21,14 +24,16 @@ message (gRPC's own deserializer would answer UNKNOWN naming the protobuf except
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import uuid
-from typing import Any, AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Sequence
 
 import grpc
 from google.protobuf.message import DecodeError
 
-from dspark.cluster.backend import BackendUnavailable, GenerationBackend, IncompleteOutput, collect
+from dspark.cluster.backend import BackendUnavailable, Completion, GenerationBackend, IncompleteOutput, collect
 from dspark.cluster.validation import (
     ChatTurn,
     ErrorKind,
@@ -37,12 +42,17 @@ from dspark.cluster.validation import (
     RequestError,
     RouterConfig,
     check_bearer,
+    grammar_from_response_format,
     prepare_request,
 )
+from dspark.kernels.sampling import LOGPROB_FLOOR
 from dspark.models.tokenizer import Tokenizer
 from dspark.proto.dspark.v1 import generate_pb2, generate_pb2_grpc
 from dspark.proto.health import GENERATION_SERVICE, add_health_and_reflection, bind_loopback
-from dspark.workers.request import RequestOutput
+from dspark.workers.request import RequestOutput, SpecMetrics, TokenLogprob
+
+if TYPE_CHECKING:
+    from dspark.workers.grammar import GrammarSpec
 
 log = logging.getLogger(__name__)
 
@@ -80,28 +90,113 @@ def request_from_proto(req: generate_pb2.GenerateRequest) -> GenerationRequest:
         top_k=req.top_k if req.HasField("top_k") else None,
         seed=req.seed if req.HasField("seed") else None,
         stop=list(req.stop),
+        n=req.n if req.HasField("n") else None,
+        logprobs=req.logprobs if req.HasField("logprobs") else None,
+        grammar=_grammar_from_proto(req),
     )
 
 
-def response_from_output(
-    out: RequestOutput, request_id: str, model: str, text: str | None = None, token_ids: list[int] | None = None
-) -> generate_pb2.GenerateResponse:
-    """One GenerateResponse; the final one (``out.finished``) carries finish reason, usage, metrics."""
+def _grammar_from_proto(req: generate_pb2.GenerateRequest) -> GrammarSpec | None:
+    """The ``response_format`` oneof as a GrammarSpec, through the rules the HTTP API applies."""
+    kind = req.WhichOneof("response_format")
+    if kind is None:
+        return None
+    if kind == "json_object":
+        if not req.json_object:  # a set oneof member that asks for nothing: refuse rather than guess
+            raise RequestError("json_object must be true when set (leave response_format unset for free text)",
+                               param="json_object")
+        return grammar_from_response_format({"type": "json_object"}, param="response_format")
+    if kind == "json_schema":
+        try:
+            schema = json.loads(req.json_schema)
+        except ValueError as exc:
+            raise RequestError(f"json_schema is not valid JSON: {exc}", param="json_schema") from None
+        if not isinstance(schema, (dict, bool)):
+            raise RequestError("json_schema must be a JSON schema: an object (or true / false)", param="json_schema")
+        return grammar_from_response_format(
+            {"type": "json_schema", "json_schema": {"schema": schema}}, param="response_format"
+        )
+    return grammar_from_response_format({"type": kind, kind: getattr(req, kind)}, param="response_format")
+
+
+def _logprobs_to_proto(logprobs: Sequence[TokenLogprob] | None) -> list[generate_pb2.TokenLogprob]:
+    return [
+        generate_pb2.TokenLogprob(
+            token_id=lp.token_id,
+            logprob=_finite(lp.logprob),
+            top=[generate_pb2.TopLogprob(token_id=t, logprob=_finite(v)) for t, v in lp.top],
+        )
+        for lp in logprobs or ()
+    ]
+
+
+def _finite(logprob: float) -> float:
+    # -inf: a token the sampling distribution excludes; sent as the floor, as over HTTP.
+    return logprob if math.isfinite(logprob) else LOGPROB_FLOOR
+
+
+def _finish(out: RequestOutput) -> int:
+    return _FINISH.get(out.finish_reason or "", generate_pb2.FINISH_REASON_ABORT)
+
+
+def _fill_metrics(dst: generate_pb2.SpecMetrics, m: SpecMetrics) -> None:
+    dst.num_drafts = m.num_drafts
+    dst.num_draft_tokens = m.num_draft_tokens
+    dst.num_accepted_tokens = m.num_accepted_tokens
+    dst.mean_acceptance_length = m.mean_acceptance_length
+
+
+def _fill_usage(dst: generate_pb2.Usage, finals: list[RequestOutput]) -> None:
+    """The request's usage from its sequences' final outputs: the shared prompt once, outputs summed."""
+    dst.prompt_tokens = finals[0].num_prompt_tokens
+    dst.completion_tokens = sum(f.num_output_tokens for f in finals)
+
+
+def response_from_output(out: RequestOutput, request_id: str, model: str) -> generate_pb2.GenerateResponse:
+    """One streamed GenerateResponse for one output of sequence ``out.index``; a sequence's final
+    output (``out.finished``) adds its finish reason and metrics (the caller adds usage at the end)."""
     msg = generate_pb2.GenerateResponse(
         request_id=request_id,
-        text=out.text_delta if text is None else text,
-        token_ids=out.new_token_ids if token_ids is None else token_ids,
+        text=out.text_delta,
+        token_ids=out.new_token_ids,
         model=model,
+        index=out.index,
+        logprobs=_logprobs_to_proto(out.logprobs),
     )
     if out.finished:
-        msg.finish_reason = _FINISH.get(out.finish_reason or "", generate_pb2.FINISH_REASON_ABORT)
-        msg.usage.prompt_tokens = out.num_prompt_tokens
-        msg.usage.completion_tokens = out.num_output_tokens
-        m = out.metrics
-        msg.spec_metrics.num_drafts = m.num_drafts
-        msg.spec_metrics.num_draft_tokens = m.num_draft_tokens
-        msg.spec_metrics.num_accepted_tokens = m.num_accepted_tokens
-        msg.spec_metrics.mean_acceptance_length = m.mean_acceptance_length
+        msg.finish_reason = _finish(out)
+        _fill_metrics(msg.spec_metrics, out.metrics)
+    return msg
+
+
+def response_from_completions(done: list[Completion], request_id: str, model: str) -> generate_pb2.GenerateResponse:
+    """The GenerateUnary answer: n = 1 in the top-level fields, n > 1 as choices; usage and metrics
+    cover every sequence."""
+    msg = generate_pb2.GenerateResponse(request_id=request_id, model=model)
+    _fill_usage(msg.usage, [c.final for c in done])
+    if len(done) == 1:
+        c = done[0]
+        msg.text = c.text
+        msg.token_ids.extend(c.token_ids)
+        msg.finish_reason = _finish(c.final)
+        msg.logprobs.extend(_logprobs_to_proto(c.logprobs))
+        _fill_metrics(msg.spec_metrics, c.final.metrics)
+        return msg
+    total = SpecMetrics()
+    for c in done:
+        choice = msg.choices.add(
+            index=c.index,
+            text=c.text,
+            token_ids=c.token_ids,
+            finish_reason=_finish(c.final),
+            logprobs=_logprobs_to_proto(c.logprobs),
+        )
+        m = c.final.metrics
+        _fill_metrics(choice.spec_metrics, m)
+        total.num_drafts += m.num_drafts
+        total.num_draft_tokens += m.num_draft_tokens
+        total.num_accepted_tokens += m.num_accepted_tokens
+    _fill_metrics(msg.spec_metrics, total)
     return msg
 
 
@@ -116,11 +211,18 @@ class GenerationServicer(generate_pb2_grpc.GenerationServiceServicer):
     async def Generate(self, request, context: grpc.aio.ServicerContext):
         prepared, client_id = await self._admit(request, context)
         outputs = self.backend.generate(prepared.prompt_ids, prepared.params, f"grpc-{uuid.uuid4().hex}")
+        n = prepared.params.n
+        finals: dict[int, RequestOutput] = {}
         failure = None
         try:
             async for out in outputs:
-                yield response_from_output(out, client_id, prepared.model)
+                msg = response_from_output(out, client_id, prepared.model)
                 if out.finished:
+                    finals[out.index] = out
+                    if len(finals) == n:  # the last sequence to finish closes the stream with the usage
+                        _fill_usage(msg.usage, list(finals.values()))
+                yield msg
+                if len(finals) == n:
                     break
             else:
                 failure = _failure(IncompleteOutput())
@@ -136,14 +238,14 @@ class GenerationServicer(generate_pb2_grpc.GenerationServiceServicer):
         outputs = self.backend.generate(prepared.prompt_ids, prepared.params, f"grpc-{uuid.uuid4().hex}")
         failure = None
         try:
-            done = await collect(outputs)
+            done = await collect(outputs, prepared.params.n)
         except Exception as exc:  # noqa: BLE001
             failure = _failure(exc)
         finally:
             await _close(outputs)
         if failure is not None:
             await context.abort(*failure)
-        return response_from_output(done.final, client_id, prepared.model, done.text, done.token_ids)
+        return response_from_completions(done, client_id, prepared.model)
 
     async def _admit(self, request, context: grpc.aio.ServicerContext) -> tuple[PreparedRequest, str]:
         """Validate (the interceptor has authenticated); aborts the call with the matching status on failure."""

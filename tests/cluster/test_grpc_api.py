@@ -3,6 +3,9 @@ thread) over a real VerifierWorker and engine, called with the synchronous grpc 
 
 from __future__ import annotations
 
+import json
+import re
+import struct
 import time
 from types import SimpleNamespace
 
@@ -258,3 +261,158 @@ def test_outputs_ending_without_a_final_one_are_internal(stack):
         loop.run(server.stop(grace=1))
         loop.close()
     wait_idle(stack)
+
+
+# --- logprobs, n > 1 and structured outputs ----------------------------------------------------
+
+
+def direct(stack, prompt_ids, params):
+    """The same backend's completions of a request, read in-process (no gRPC)."""
+    from dspark.cluster.backend import collect
+
+    async def run():
+        outputs = LocalBackend(stack.worker, stack.model).generate(prompt_ids, params)
+        try:
+            return await collect(outputs, params.n)
+        finally:
+            await outputs.aclose()
+
+    loop = LoopThread()
+    try:
+        return loop.run(run(), timeout=120)
+    finally:
+        loop.close()
+
+
+def as_f32(x: float) -> float:
+    return struct.unpack("f", struct.pack("f", x))[0]
+
+
+def check_logprobs(token_ids, logprobs, k):
+    assert [lp.token_id for lp in logprobs] == list(token_ids)
+    for lp in logprobs:
+        assert lp.logprob <= 0.0 and len(lp.top) == k
+        assert [t.logprob for t in lp.top] == sorted((t.logprob for t in lp.top), reverse=True)
+
+
+def test_logprobs_are_aligned_and_equal_the_backends(stack, stub):
+    """Greedy, k = 2: one logprob per token id (streamed and unary), the top alternative is the
+    token itself, and the values are the backend's own (float32 on the wire)."""
+    params = SamplingParams(max_tokens=CHAT_MAX, temperature=0.0, logprobs=2)
+    chat_ids = stack.engine.tokenizer.encode_chat([{"role": r, "content": c} for r, c in CHAT])
+    (ref,) = direct(stack, chat_ids, params)
+    assert ref.token_ids == stack.chat_ref.output_ids and len(ref.logprobs) == len(ref.token_ids)
+    ref_values = [(as_f32(lp.logprob), [(t, as_f32(v)) for t, v in lp.top]) for lp in ref.logprobs]
+
+    msgs = list(stub.Generate(chat_request(max_tokens=CHAT_MAX, temperature=0.0, logprobs=2), timeout=60))
+    for m in msgs:
+        assert len(m.logprobs) == len(m.token_ids) and m.index == 0
+    unary = stub.GenerateUnary(chat_request(max_tokens=CHAT_MAX, temperature=0.0, logprobs=2), timeout=60)
+    assert not unary.choices
+    for token_ids, logprobs in (([t for m in msgs for t in m.token_ids], [lp for m in msgs for lp in m.logprobs]),
+                                (list(unary.token_ids), list(unary.logprobs))):
+        assert token_ids == ref.token_ids
+        check_logprobs(token_ids, logprobs, 2)
+        assert all(lp.top[0].token_id == lp.token_id and lp.top[0].logprob == lp.logprob for lp in logprobs)
+        assert [(lp.logprob, [(t.token_id, t.logprob) for t in lp.top]) for lp in logprobs] == ref_values
+    # Not asked for: none, and k = 0 is the token's own log-probability alone.
+    assert not stub.GenerateUnary(chat_request(max_tokens=4, temperature=0.0), timeout=60).logprobs
+    r = stub.GenerateUnary(chat_request(max_tokens=4, temperature=0.0, logprobs=0), timeout=60)
+    check_logprobs(r.token_ids, r.logprobs, 0)
+    assert [lp.logprob for lp in r.logprobs] == [v for v, _ in ref_values[: len(r.logprobs)]]
+
+
+def test_n_sequences_stream_and_unary(stack, stub):
+    """n = 3, seeded: the stream interleaves three sequences and ends after the third final
+    message, which alone carries the usage; the unary answer has three choices equal to them."""
+    req = pb.GenerateRequest(prompt=PROMPT, max_tokens=8, temperature=0.9, seed=11, n=3, logprobs=1)
+    msgs = list(stub.Generate(req, timeout=120))
+    finals = [m for m in msgs if m.finish_reason != pb.FINISH_REASON_UNSPECIFIED]
+    assert sorted(m.index for m in finals) == [0, 1, 2] and msgs[-1] is finals[-1]
+    assert [m.HasField("usage") for m in msgs] == [False] * (len(msgs) - 1) + [True]
+    streamed = {i: [t for m in msgs if m.index == i for t in m.token_ids] for i in range(3)}
+    streamed_text = {i: "".join(m.text for m in msgs if m.index == i) for i in range(3)}
+    for m in msgs:
+        assert len(m.logprobs) == len(m.token_ids)
+    assert msgs[-1].usage.prompt_tokens == len(stack.prompt_ids)
+    assert msgs[-1].usage.completion_tokens == sum(len(ids) for ids in streamed.values())
+    assert all(1 <= len(ids) <= 8 for ids in streamed.values())
+
+    r = stub.GenerateUnary(req, timeout=120)
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    assert not r.text and not r.token_ids and r.finish_reason == pb.FINISH_REASON_UNSPECIFIED
+    assert r.usage.prompt_tokens == len(stack.prompt_ids)
+    assert r.usage.completion_tokens == sum(len(c.token_ids) for c in r.choices)
+    for c in r.choices:
+        # Sequence i seeds with seed + i, so it is the same sequence however it is read.
+        assert (list(c.token_ids), c.text) == (streamed[c.index], streamed_text[c.index])
+        assert c.finish_reason in (pb.FINISH_REASON_STOP, pb.FINISH_REASON_LENGTH)
+        check_logprobs(c.token_ids, c.logprobs, 1)
+    assert len({tuple(c.token_ids) for c in r.choices}) > 1, "three seeds sampled one text: the test checks little"
+    for field in ("num_drafts", "num_draft_tokens", "num_accepted_tokens"):
+        assert getattr(r.spec_metrics, field) == sum(getattr(c.spec_metrics, field) for c in r.choices)
+    wait_idle(stack)
+
+
+CITY_SCHEMA = {
+    "type": "object",
+    # Not in alphabetical order: the output must keep the schema's.
+    "properties": {"population": {"type": "integer"}, "city": {"type": "string", "maxLength": 24}},
+    "required": ["population", "city"],
+    "additionalProperties": False,
+}
+
+
+CITY_ASK = "Give the capital of France and its population as a JSON object with keys city and population."
+# json_object allows any object: greedy, this prompt closes it (the city one adds keys until max_tokens).
+ANSWER_ASK = 'Reply with a JSON object with one key "answer" holding the sum 2 + 2.'
+
+
+def json_chat(ask: str = CITY_ASK, **kw) -> pb.GenerateRequest:
+    kw.setdefault("temperature", 0.0)
+    return pb.GenerateRequest(messages=pb.ChatMessages(items=[pb.ChatMessage(role="user", content=ask)]),
+                              max_tokens=96, **kw)
+
+
+def test_structured_outputs(stub):
+    import jsonschema
+
+    r = stub.GenerateUnary(json_chat(ANSWER_ASK, json_object=True), timeout=120)
+    assert r.finish_reason == pb.FINISH_REASON_STOP, r.text
+    assert isinstance(json.loads(r.text), dict)
+    msgs = list(stub.Generate(json_chat(json_schema=json.dumps(CITY_SCHEMA)), timeout=120))
+    text = "".join(m.text for m in msgs)
+    assert msgs[-1].finish_reason == pb.FINISH_REASON_STOP, text
+    jsonschema.validate(json.loads(text), CITY_SCHEMA)
+    assert list(json.loads(text)) == list(CITY_SCHEMA["properties"])
+    r = stub.GenerateUnary(pb.GenerateRequest(prompt=PROMPT, max_tokens=8, temperature=0.0, regex="[0-9]{3}"),
+                           timeout=120)
+    assert re.fullmatch("[0-9]{3}", r.text) and r.finish_reason == pb.FINISH_REASON_STOP
+    # n > 1 with a grammar: every sequence follows it.
+    r = stub.GenerateUnary(json_chat(json_schema=json.dumps(CITY_SCHEMA), n=2, temperature=0.7, seed=5),
+                           timeout=120)
+    assert [c.index for c in r.choices] == [0, 1]
+    for c in r.choices:
+        assert c.finish_reason == pb.FINISH_REASON_STOP, c.text
+        jsonschema.validate(json.loads(c.text), CITY_SCHEMA)
+
+
+BAD_FEATURES = [
+    ("n-zero", pb.GenerateRequest(prompt="x", n=0), "n must"),
+    ("n-huge", pb.GenerateRequest(prompt="x", n=100), "n must"),
+    ("logprobs-50", pb.GenerateRequest(prompt="x", logprobs=50), "logprobs"),
+    ("json-schema-not-json", pb.GenerateRequest(prompt="x", json_schema="{\"type\": "), "json_schema"),
+    ("json-schema-empty", pb.GenerateRequest(prompt="x", json_schema=""), "json_schema"),
+    ("json-schema-not-a-schema", pb.GenerateRequest(prompt="x", json_schema="[1, 2]"), "json_schema"),
+    ("json-schema-unsupported", pb.GenerateRequest(prompt="x", json_schema='{"type": "array", "uniqueItems": true}'),
+     "json_schema"),
+    ("json-object-false", pb.GenerateRequest(prompt="x", json_object=False), "json_object"),
+    ("regex-empty", pb.GenerateRequest(prompt="x", regex=""), "regex"),
+    ("regex-invalid", pb.GenerateRequest(prompt="x", regex="(ab"), "regex"),
+    ("grammar-invalid", pb.GenerateRequest(prompt="x", grammar="start: (("), "grammar"),
+]
+
+
+@pytest.mark.parametrize("req,needle", [b[1:] for b in BAD_FEATURES], ids=[b[0] for b in BAD_FEATURES])
+def test_bad_feature_input_is_invalid_argument(stub, req, needle):
+    test_bad_input_status(stub, req, grpc.StatusCode.INVALID_ARGUMENT, needle)

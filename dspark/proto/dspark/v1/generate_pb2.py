@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%dspark/proto/dspark/v1/generate.proto\x12\tdspark.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"5\n\x0c\x43hatMessages\x12%\n\x05items\x18\x01 \x03(\x0b\x32\x16.dspark.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xe5\x02\n\x0fGenerateRequest\x12\x10\n\x06prompt\x18\x01 \x01(\tH\x00\x12+\n\x08messages\x18\x02 \x01(\x0b\x32\x17.dspark.v1.ChatMessagesH\x00\x12/\n\x10prompt_token_ids\x18\x03 \x01(\x0b\x32\x13.dspark.v1.TokenIdsH\x00\x12\x17\n\nmax_tokens\x18\x04 \x01(\rH\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x05 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x06 \x01(\x02H\x03\x88\x01\x01\x12\x12\n\x05top_k\x18\x07 \x01(\x05H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\t \x03(\t\x12\r\n\x05model\x18\n \x01(\t\x12\x12\n\nrequest_id\x18\x0b \x01(\tB\x07\n\x05inputB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seed\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"x\n\x0bSpecMetrics\x12\x12\n\nnum_drafts\x18\x01 \x01(\x04\x12\x18\n\x10num_draft_tokens\x18\x02 \x01(\x04\x12\x1b\n\x13num_accepted_tokens\x18\x03 \x01(\x04\x12\x1e\n\x16mean_acceptance_length\x18\x04 \x01(\x02\"\xd5\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12.\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x17.dspark.v1.FinishReason\x12\x1f\n\x05usage\x18\x05 \x01(\x0b\x32\x10.dspark.v1.Usage\x12,\n\x0cspec_metrics\x18\x06 \x01(\x0b\x32\x16.dspark.v1.SpecMetrics\x12\r\n\x05model\x18\x07 \x01(\t*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xa4\x01\n\x11GenerationService\x12\x45\n\x08Generate\x12\x1a.dspark.v1.GenerateRequest\x1a\x1b.dspark.v1.GenerateResponse0\x01\x12H\n\rGenerateUnary\x12\x1a.dspark.v1.GenerateRequest\x1a\x1b.dspark.v1.GenerateResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%dspark/proto/dspark/v1/generate.proto\x12\tdspark.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"5\n\x0c\x43hatMessages\x12%\n\x05items\x18\x01 \x03(\x0b\x32\x16.dspark.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\x84\x04\n\x0fGenerateRequest\x12\x10\n\x06prompt\x18\x01 \x01(\tH\x00\x12+\n\x08messages\x18\x02 \x01(\x0b\x32\x17.dspark.v1.ChatMessagesH\x00\x12/\n\x10prompt_token_ids\x18\x03 \x01(\x0b\x32\x13.dspark.v1.TokenIdsH\x00\x12\x17\n\nmax_tokens\x18\x04 \x01(\rH\x02\x88\x01\x01\x12\x18\n\x0btemperature\x18\x05 \x01(\x02H\x03\x88\x01\x01\x12\x12\n\x05top_p\x18\x06 \x01(\x02H\x04\x88\x01\x01\x12\x12\n\x05top_k\x18\x07 \x01(\x05H\x05\x88\x01\x01\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x06\x88\x01\x01\x12\x0c\n\x04stop\x18\t \x03(\t\x12\r\n\x05model\x18\n \x01(\t\x12\x12\n\nrequest_id\x18\x0b \x01(\t\x12\x0e\n\x01n\x18\x0c \x01(\rH\x07\x88\x01\x01\x12\x15\n\x08logprobs\x18\r \x01(\rH\x08\x88\x01\x01\x12\x15\n\x0bjson_schema\x18\x0e \x01(\tH\x01\x12\x15\n\x0bjson_object\x18\x0f \x01(\x08H\x01\x12\x0f\n\x05regex\x18\x10 \x01(\tH\x01\x12\x11\n\x07grammar\x18\x11 \x01(\tH\x01\x42\x07\n\x05inputB\x11\n\x0fresponse_formatB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x04\n\x02_nB\x0b\n\t_logprobs\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"x\n\x0bSpecMetrics\x12\x12\n\nnum_drafts\x18\x01 \x01(\x04\x12\x18\n\x10num_draft_tokens\x18\x02 \x01(\x04\x12\x1b\n\x13num_accepted_tokens\x18\x03 \x01(\x04\x12\x1e\n\x16mean_acceptance_length\x18\x04 \x01(\x02\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"U\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\"\n\x03top\x18\x03 \x03(\x0b\x32\x15.dspark.v1.TopLogprob\"\xc1\x01\n\x06\x43hoice\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12.\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x17.dspark.v1.FinishReason\x12)\n\x08logprobs\x18\x05 \x03(\x0b\x32\x17.dspark.v1.TokenLogprob\x12,\n\x0cspec_metrics\x18\x06 \x01(\x0b\x32\x16.dspark.v1.SpecMetrics\"\xb3\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12.\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x17.dspark.v1.FinishReason\x12\x1f\n\x05usage\x18\x05 \x01(\x0b\x32\x10.dspark.v1.Usage\x12,\n\x0cspec_metrics\x18\x06 \x01(\x0b\x32\x16.dspark.v1.SpecMetrics\x12\r\n\x05model\x18\x07 \x01(\t\x12\r\n\x05index\x18\x08 \x01(\r\x12)\n\x08logprobs\x18\t \x03(\x0b\x32\x17.dspark.v1.TokenLogprob\x12\"\n\x07\x63hoices\x18\n \x03(\x0b\x32\x11.dspark.v1.Choice*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xa4\x01\n\x11GenerationService\x12\x45\n\x08Generate\x12\x1a.dspark.v1.GenerateRequest\x1a\x1b.dspark.v1.GenerateResponse0\x01\x12H\n\rGenerateUnary\x12\x1a.dspark.v1.GenerateRequest\x1a\x1b.dspark.v1.GenerateResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'dspark.proto.dspark.v1.generate_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=935
-  _globals['_FINISHREASON']._serialized_end=1055
+  _globals['_FINISHREASON']._serialized_start=1520
+  _globals['_FINISHREASON']._serialized_end=1640
   _globals['_CHATMESSAGE']._serialized_start=52
   _globals['_CHATMESSAGE']._serialized_end=96
   _globals['_CHATMESSAGES']._serialized_start=98
@@ -40,13 +40,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENIDS']._serialized_start=153
   _globals['_TOKENIDS']._serialized_end=176
   _globals['_GENERATEREQUEST']._serialized_start=179
-  _globals['_GENERATEREQUEST']._serialized_end=536
-  _globals['_USAGE']._serialized_start=538
-  _globals['_USAGE']._serialized_end=595
-  _globals['_SPECMETRICS']._serialized_start=597
-  _globals['_SPECMETRICS']._serialized_end=717
-  _globals['_GENERATERESPONSE']._serialized_start=720
-  _globals['_GENERATERESPONSE']._serialized_end=933
-  _globals['_GENERATIONSERVICE']._serialized_start=1058
-  _globals['_GENERATIONSERVICE']._serialized_end=1222
+  _globals['_GENERATEREQUEST']._serialized_end=695
+  _globals['_USAGE']._serialized_start=697
+  _globals['_USAGE']._serialized_end=754
+  _globals['_SPECMETRICS']._serialized_start=756
+  _globals['_SPECMETRICS']._serialized_end=876
+  _globals['_TOPLOGPROB']._serialized_start=878
+  _globals['_TOPLOGPROB']._serialized_end=925
+  _globals['_TOKENLOGPROB']._serialized_start=927
+  _globals['_TOKENLOGPROB']._serialized_end=1012
+  _globals['_CHOICE']._serialized_start=1015
+  _globals['_CHOICE']._serialized_end=1208
+  _globals['_GENERATERESPONSE']._serialized_start=1211
+  _globals['_GENERATERESPONSE']._serialized_end=1518
+  _globals['_GENERATIONSERVICE']._serialized_start=1643
+  _globals['_GENERATIONSERVICE']._serialized_end=1807
 # @@protoc_insertion_point(module_scope)

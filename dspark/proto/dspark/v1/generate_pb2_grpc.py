@@ -53,15 +53,16 @@ class GenerationServiceServicer:
 
     def Generate(self, request, context):
         """Streams the completion as it is accepted: one message per verification
-        step (text piece + its token ids); the last one has finish_reason, usage
-        and spec_metrics set.
+        step of one sequence (its `index`, text piece, token ids, logprobs). A
+        sequence's last message has finish_reason and spec_metrics set; the
+        stream's last message (after every sequence's) also has usage.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GenerateUnary(self, request, context):
-        """The whole completion in one message.
+        """The whole completion in one message (n > 1: one Choice per sequence).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
