@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, AsyncIterator, Protocol, runtime_checkable
 
-from dspark.workers.request import RequestOutput, SamplingParams
+from dspark.workers.request import RequestOutput, SamplingParams, TokenLogprob
 
 if TYPE_CHECKING:
     from dspark.workers.verifier import VerifierWorker
@@ -36,26 +36,36 @@ class IncompleteOutput(RuntimeError):
 
 @dataclass(frozen=True)
 class Completion:
-    """A whole request, read by :func:`collect`: what a non-streaming answer carries."""
+    """One sequence of a whole request, read by :func:`collect`: what a non-streaming answer carries."""
 
+    index: int  # which of the request's n sequences
     text: str  # every output's text delta, joined
     token_ids: list[int]  # every output's new token ids, in order
+    logprobs: list[TokenLogprob] | None  # one per token when the request asked for logprobs
     final: RequestOutput  # the last output: finish reason, usage, speculative-decoding metrics
 
 
-async def collect(outputs: AsyncIterator[RequestOutput]) -> Completion:
-    """Read a request's outputs up to its final one; the caller closes ``outputs``.
+async def collect(outputs: AsyncIterator[RequestOutput], n: int = 1) -> list[Completion]:
+    """Read a request's outputs up to the final one of each of its ``n`` sequences; the caller
+    closes ``outputs``.  Returns the sequences in index order.
 
-    The backend's own errors pass through; outputs that end without a final one raise
+    The backend's own errors pass through; outputs that end before every final one raise
     :class:`IncompleteOutput`.  Both client APIs' non-streaming calls answer from this.
     """
-    pieces: list[str] = []
-    token_ids: list[int] = []
+    pieces: dict[int, list[str]] = {i: [] for i in range(n)}
+    token_ids: dict[int, list[int]] = {i: [] for i in range(n)}
+    logprobs: dict[int, list[TokenLogprob] | None] = {i: None for i in range(n)}
+    done: dict[int, Completion] = {}
     async for out in outputs:
-        pieces.append(out.text_delta)
-        token_ids.extend(out.new_token_ids)
+        i = out.index
+        pieces[i].append(out.text_delta)
+        token_ids[i].extend(out.new_token_ids)
+        if out.logprobs is not None:
+            logprobs[i] = (logprobs[i] or []) + list(out.logprobs)
         if out.finished:
-            return Completion("".join(pieces), token_ids, out)
+            done[i] = Completion(i, "".join(pieces[i]), token_ids[i], logprobs[i], out)
+            if len(done) == n:
+                return [done[j] for j in range(n)]
     raise IncompleteOutput()
 
 

@@ -22,6 +22,8 @@ dspark:num_requests_in_flight                         gauge     requests this ro
 dspark:redis_connected                                gauge     1 when the router's last Redis call worked
 dspark:prefix_cache_hit_rate                          gauge     verifier's reused / reusable prompt tokens
 dspark:kv_cache_usage                                 gauge     verifier's cache positions held by running requests
+dspark:structured_output_requests                     counter   requests with a response_format grammar
+dspark:grammar_mask_seconds / dspark:grammar_masks    gauge     verifier's total time computing grammar masks / masks
 ====================================================  ========  ===============================
 
 Why counters are accumulated here, at the router, from each request's final ``SpecMetrics``
@@ -92,10 +94,15 @@ class RouterMetrics:
         self.prefix_hit_rate = gauge("prefix_cache_hit_rate",
                                      "Prompt tokens reused from cached prefixes over those that could be (verifier).")
         self.kv_usage = gauge("kv_cache_usage", "Fraction of the verifier's KV cache positions held by running requests.")
+        self.structured = counter("structured_output_requests", "Requests constrained by a grammar (response_format).")
+        self.mask_seconds = gauge("grammar_mask_seconds",
+                                  "Seconds the verifier spent computing grammar masks since it started.")
+        self.masks = gauge("grammar_masks", "Grammar masks the verifier computed since it started.")
         # Series exist (at 0) from the start, so rates and absent() behave before traffic.
         for m in (self.num_drafts, self.num_draft_tokens, self.num_accepted_tokens, self.request_failure,
                   self.prompt_tokens, self.generation_tokens, self.ttft, self.itl, self.budget,
-                  self.policy_version, self.queue_depth, self.running, self.in_flight, self.redis_connected):
+                  self.policy_version, self.queue_depth, self.running, self.in_flight, self.redis_connected,
+                  self.structured, self.mask_seconds, self.masks):
             self.labels(m)
         # The same figure as a plain int (graceful drain reads it).  HTTP and gRPC requests run on
         # different threads' event loops, hence the lock.
@@ -108,7 +115,8 @@ class RouterMetrics:
 
     # -- per request ----------------------------------------------------------------------------
     def record_final(self, out: RequestOutput) -> None:
-        """Account a finished request's speculative-decoding figures and token counts."""
+        """Account a finished sequence's speculative-decoding figures and token counts (the request
+        itself, and its prompt tokens, once: with its first sequence, index 0)."""
         m = out.metrics
         self.labels(self.num_drafts).inc(m.num_drafts)
         self.labels(self.num_draft_tokens).inc(m.num_draft_tokens)
@@ -116,15 +124,15 @@ class RouterMetrics:
         for pos, n in enumerate(m.accepted_per_pos[:MAX_POSITIONS]):
             if n:
                 self.labels(self.accepted_per_pos, position=str(pos)).inc(n)
-        self.labels(self.request_success, finished_reason=out.finish_reason or "abort").inc()
-        self.labels(self.prompt_tokens).inc(out.num_prompt_tokens)
+        if out.index == 0:
+            self.labels(self.request_success, finished_reason=out.finish_reason or "abort").inc()
+            self.labels(self.prompt_tokens).inc(out.num_prompt_tokens)
         self.labels(self.generation_tokens).inc(out.num_output_tokens)
 
     async def observe(self, outputs: AsyncIterator[RequestOutput], started: float) -> AsyncIterator[RequestOutput]:
         """Pass ``outputs`` through, timing tokens; ``started`` is the request's arrival
         (``time.perf_counter()``).  Closing this iterator closes ``outputs``."""
         last = None
-        finished = False
         with self._lock:
             self.requests_in_flight += 1
         self.labels(self.in_flight).inc()
@@ -137,8 +145,7 @@ class RouterMetrics:
                     else:
                         self.labels(self.itl).observe(now - last)
                     last = now
-                if out.finished and not finished:
-                    finished = True
+                if out.finished:
                     self.record_final(out)
                 yield out
         except ValueError:
@@ -161,7 +168,8 @@ class RouterMetrics:
         """Gauges from a Verifier's ``stats()`` (missing keys leave a gauge as it was)."""
         for key, gauge in (("verification_budget", self.budget), ("policy_version", self.policy_version),
                            ("queued_requests", self.queue_depth), ("active_requests", self.running),
-                           ("prefix_cache_hit_rate", self.prefix_hit_rate), ("kv_cache_usage", self.kv_usage)):
+                           ("prefix_cache_hit_rate", self.prefix_hit_rate), ("kv_cache_usage", self.kv_usage),
+                           ("grammar_mask_seconds", self.mask_seconds), ("grammar_masks", self.masks)):
             if key in stats:
                 self.labels(gauge).set(float(stats[key]))
 
@@ -199,6 +207,8 @@ class MeteredBackend:
 
     def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None):
         started = time.perf_counter()
+        if params.grammar is not None:
+            self.metrics.labels(self.metrics.structured).inc()
         return self.metrics.observe(self.inner.generate(prompt_ids, params, request_id), started)
 
     async def health(self) -> dict[str, object]:

@@ -109,7 +109,7 @@ def make_http_app(
     )
     async def chat_completions(body: T.ChatCompletionRequest) -> Response:
         prepared = prepare_request(body.to_generation_request(), tokenizer, backend, cfg)
-        fmt = ChatFormat(f"chatcmpl-{uuid.uuid4().hex}", prepared.model)
+        fmt = ChatFormat(f"chatcmpl-{uuid.uuid4().hex}", prepared.model, tokenizer, prepared.params.n)
         return generation_response(backend, prepared, fmt, body.stream, body.include_usage)
 
     @v1.post(
@@ -119,7 +119,7 @@ def make_http_app(
     )
     async def completions(body: T.CompletionRequest) -> Response:
         prepared = prepare_request(body.to_generation_request(), tokenizer, backend, cfg)
-        fmt = CompletionFormat(f"cmpl-{uuid.uuid4().hex}", prepared.model)
+        fmt = CompletionFormat(f"cmpl-{uuid.uuid4().hex}", prepared.model, tokenizer, prepared.params.n)
         return generation_response(backend, prepared, fmt, body.stream, body.include_usage)
 
     app.include_router(v1)

@@ -60,15 +60,17 @@ async def _stream(outputs: AsyncIterator[RequestOutput], fmt: Format, include_us
         await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
         for ev in fmt.first_events():
             await _send_event(send, ev)
+        finals: dict[int, RequestOutput] = {}
         try:
             while True:
-                if out.text_delta:
-                    await _send_event(send, fmt.text_event(out.text_delta))
+                for ev in fmt.output_events(out):
+                    await _send_event(send, ev)
                 if out.finished:
-                    await _send_event(send, fmt.finish_event(out))
-                    if include_usage:
-                        await _send_event(send, fmt.usage_event(out))
-                    break
+                    finals[out.index] = out
+                    if len(finals) == fmt.n:  # every choice has finished
+                        if include_usage:
+                            await _send_event(send, fmt.usage_event([finals[i] for i in range(fmt.n)]))
+                        break
                 out = await outputs.__anext__()
         except OSError:
             raise  # the client is gone (ASGI servers raise OSError on send); nothing to tell it
@@ -83,14 +85,14 @@ async def _stream(outputs: AsyncIterator[RequestOutput], fmt: Format, include_us
 
 async def _whole(outputs: AsyncIterator[RequestOutput], fmt: Format, send: Send) -> None:
     try:
-        done = await collect(outputs)
+        done = await collect(outputs, fmt.n)
     except Exception as exc:  # noqa: BLE001
         status, body = backend_error(exc)
         await _send_json(send, status, body)
         return
     finally:
         await _close(outputs)
-    await _send_json(send, 200, fmt.whole(done.text, done.final))
+    await _send_json(send, 200, fmt.whole(done))
 
 
 async def _close(outputs: AsyncIterator[RequestOutput]) -> None:

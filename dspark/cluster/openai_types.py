@@ -11,7 +11,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from dspark.cluster.validation import ChatTurn, GenerationRequest, RequestError
+from dspark.cluster.validation import ChatTurn, GenerationRequest, RequestError, grammar_from_response_format
+from dspark.workers.request import MAX_TOP_LOGPROBS
 
 _STRICT = ConfigDict(strict=True, extra="ignore")
 
@@ -67,16 +68,18 @@ class _SamplingFields(BaseModel):
     seed: int | None = None
     speculative: bool | None = Field(None, description="DSpark extension: false = plain decoding for this request.")
     stop: str | list[str] | None = Field(None, description="Up to 16 stop strings (not included in the output).")
-    n: int | None = Field(None, description="Completions per request; only 1 is supported.")
+    n: int | None = Field(None, description="Sequences sampled for the prompt (1-16); the prompt is prefilled once.")
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = Field(None, description="Accepted and ignored.")
-    logprobs: bool | int | None = Field(None, description="Not supported: must be unset, false or 0.")
+    response_format: dict | None = Field(
+        None,
+        description='{"type": "text" | "json_object" | "json_schema", "json_schema": {"name", "schema", "strict"}}; '
+        'DSpark extensions: {"type": "regex", "regex": "..."} and {"type": "grammar", "grammar": "..."}.',
+    )
 
     def sampling_fields(self) -> dict:
         """The GenerationRequest fields both endpoints fill the same way."""
-        if self.logprobs:
-            raise RequestError("logprobs are not supported", param="logprobs")
         return dict(
             model=self.model,
             max_tokens=self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens,
@@ -87,7 +90,13 @@ class _SamplingFields(BaseModel):
             stop=self.stop,
             n=self.n,
             speculative=self.speculative,
+            logprobs=self.logprobs_k(),
+            grammar=grammar_from_response_format(self.response_format),
         )
+
+    def logprobs_k(self) -> int | None:
+        """How many alternatives per token the request asks for; None: no logprobs."""
+        raise NotImplementedError
 
     @property
     def include_usage(self) -> bool:
@@ -96,6 +105,17 @@ class _SamplingFields(BaseModel):
 
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage]
+    logprobs: bool | None = Field(None, description="Return each output token's log-probability.")
+    top_logprobs: int | None = Field(None, description="With logprobs: the 0-20 most likely tokens at each position.")
+
+    def logprobs_k(self) -> int | None:
+        if self.top_logprobs is not None and not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise RequestError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}]", param="top_logprobs")
+        if not self.logprobs:
+            if self.top_logprobs:
+                raise RequestError("top_logprobs needs logprobs set to true", param="top_logprobs")
+            return None
+        return self.top_logprobs or 0
 
     def to_generation_request(self) -> GenerationRequest:
         turns = [m.to_turn(i) for i, m in enumerate(self.messages)]
@@ -106,6 +126,13 @@ class CompletionRequest(_SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]] = Field(
         description="A string, a list of one string, token ids, or a list of one token-id list."
     )
+    logprobs: int | None = Field(None, description="Each output token's log-probability and its 0-20 most likely alternatives.")
+    echo: bool | None = Field(None, description="Not supported: must be unset or false.")
+
+    def logprobs_k(self) -> int | None:
+        if self.echo:
+            raise RequestError("echo is not supported", param="echo")
+        return self.logprobs
 
     def to_generation_request(self) -> GenerationRequest:
         return GenerationRequest(prompt=self.prompt, **self.sampling_fields())
@@ -131,6 +158,27 @@ class SpecDecodeStats(BaseModel):
     mean_acceptance_length: float
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str
@@ -139,7 +187,7 @@ class AssistantMessage(BaseModel):
 class ChatChoice(BaseModel):
     index: int = 0
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: str | None
 
 
@@ -161,7 +209,7 @@ class Delta(BaseModel):
 class ChatChunkChoice(BaseModel):
     index: int = 0
     delta: Delta
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
 
 
@@ -178,7 +226,7 @@ class ChatCompletionChunk(BaseModel):
 class CompletionChoice(BaseModel):
     index: int = 0
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
 
 

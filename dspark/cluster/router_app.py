@@ -32,10 +32,10 @@ class ServeBackend:
     async def generate(self, prompt_ids, params, request_id=None) -> AsyncIterator:
         self.arrivals += 1
         gen = self.handle.generate.remote(prompt_ids, params, request_id)
-        done = False
+        unfinished = params.n  # a request streams one final output per sequence
         try:
             async for out in gen:
-                done = done or out.finished
+                unfinished -= int(out.finished)
                 yield out
         except ValueError:
             raise
@@ -49,7 +49,7 @@ class ServeBackend:
                                          "retry the request") from exc
             raise
         finally:
-            if not done:  # the client left (or the call failed): abort the verifier side too
+            if unfinished > 0:  # the client left (or the call failed): abort the verifier side too
                 gen.cancel()
 
     async def stats(self) -> dict:

@@ -19,12 +19,15 @@ max_tokens policy (clip, as vLLM does when the room runs out):
 from __future__ import annotations
 
 import enum
+import functools
 import hmac
+import json
 import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
-from dspark.workers.request import SamplingParams
+from dspark.workers.grammar import GrammarSpec
+from dspark.workers.request import MAX_N, MAX_TOP_LOGPROBS, SamplingParams
 
 if TYPE_CHECKING:
     from dspark.cluster.backend import GenerationBackend
@@ -101,6 +104,8 @@ class GenerationRequest:
     stop: str | Sequence[str] | None = None
     n: int | None = None
     speculative: bool | None = None  # False: plain decoding (A/B comparisons); None: server default
+    logprobs: int | None = None  # None: no logprobs; k >= 0: each token's and its k best alternatives'
+    grammar: GrammarSpec | None = None  # structured output (response_format); None: free text
 
 
 @dataclass(frozen=True)
@@ -154,8 +159,11 @@ def prepare_request(
         (8, True)
     """
     model = check_model(req.model, backend.model_name)
-    if req.n is not None and req.n != 1:
-        raise RequestError("only n=1 is supported", param="n")
+    n = 1 if req.n is None else req.n
+    if not _is_int(n) or not 1 <= n <= MAX_N:
+        raise RequestError(f"n must be an integer in [1, {MAX_N}]", param="n")
+    if req.logprobs is not None and (not _is_int(req.logprobs) or not 0 <= req.logprobs <= MAX_TOP_LOGPROBS):
+        raise RequestError(f"at most {MAX_TOP_LOGPROBS} top logprobs per token", param="logprobs")
     prompt_ids = _prompt_ids(req, tokenizer)
     max_context = int(backend.max_context)
     n_prompt = len(prompt_ids)
@@ -200,6 +208,8 @@ def prepare_request(
     for text in stop:
         if isinstance(text, str):
             _check_text(text, "stop")
+    if req.grammar is not None:
+        check_grammar(req.grammar, tokenizer)
     try:
         params = SamplingParams(
             max_tokens=max_tokens,
@@ -209,10 +219,71 @@ def prepare_request(
             seed=req.seed,
             stop=stop,
             speculative=req.speculative is not False,
+            n=n,
+            logprobs=req.logprobs,
+            grammar=req.grammar,
         )
     except ValueError as exc:  # SamplingParams owns the ranges; name the field it complained about
         raise RequestError(str(exc), param=_param_of(str(exc))) from None
     return PreparedRequest(prompt_ids=prompt_ids, params=params, model=model)
+
+
+def grammar_from_response_format(response_format: dict | None, param: str = "response_format") -> GrammarSpec | None:
+    """The grammar of an OpenAI ``response_format`` object (None for ``text`` or none); RequestError if malformed.
+
+    ``{"type": "json_object"}``, ``{"type": "json_schema", "json_schema": {"name", "schema", "strict"}}``;
+    DSpark extensions: ``{"type": "regex", "regex": "..."}`` and ``{"type": "grammar", "grammar": "..."}``
+    (the grammar language of :mod:`dspark.workers.grammar`).
+
+    Example:
+        >>> grammar_from_response_format({"type": "json_object"}).kind
+        'json_object'
+    """
+    if response_format is None:
+        return None
+    if not isinstance(response_format, dict):
+        raise RequestError("response_format must be an object", param=param)
+    kind = response_format.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return GrammarSpec("json_object", "")
+    if kind == "json_schema":
+        spec = response_format.get("json_schema")
+        if not isinstance(spec, dict) or "schema" not in spec:
+            raise RequestError("json_schema must be an object with a 'schema'", param=f"{param}.json_schema")
+        schema = spec["schema"]
+        if not isinstance(schema, (dict, bool)):
+            raise RequestError("the schema must be a JSON object", param=f"{param}.json_schema.schema")
+        return GrammarSpec("json_schema", json.dumps(schema))  # key order kept: it orders the output
+    if kind in ("regex", "grammar"):
+        text = response_format.get(kind)
+        if not isinstance(text, str) or not text:
+            raise RequestError(f"'{kind}' must be a non-empty string", param=f"{param}.{kind}")
+        _check_text(text, f"{param}.{kind}")
+        return GrammarSpec(kind, text)
+    raise RequestError(
+        f"response_format type {kind!r} is not supported; use text, json_object, json_schema, regex or grammar",
+        param=f"{param}.type",
+    )
+
+
+def check_grammar(spec: GrammarSpec, tokenizer: "Tokenizer") -> None:
+    """Compile ``spec`` for ``tokenizer`` (cached), so a grammar the engine refuses is a 400 at the
+    router, naming ``response_format``, before anything is queued."""
+    from dspark.workers.grammar import GrammarError
+
+    try:
+        _compiler(tokenizer).compile(spec)
+    except GrammarError as exc:
+        raise RequestError(str(exc), param="response_format") from None
+
+
+@functools.lru_cache(maxsize=4)
+def _compiler(tokenizer: "Tokenizer"):
+    from dspark.workers.grammar import GrammarCompiler
+
+    return GrammarCompiler(tokenizer, tokenizer.vocab_size, tokenizer.stop_token_ids)
 
 
 def _prompt_ids(req: GenerationRequest, tokenizer: "Tokenizer") -> list[int]:
@@ -294,7 +365,7 @@ def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-_PARAMS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop")
+_PARAMS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "n", "logprobs")
 
 
 def _param_of(message: str) -> str | None:

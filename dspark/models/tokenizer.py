@@ -7,6 +7,7 @@ of token ids into text pieces that never split a UTF-8 character.
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any, Iterable
@@ -45,6 +46,7 @@ class Tokenizer:
         self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
         self.stop_token_ids = frozenset({eos_token_id, *extra_stop_ids})
         self._template = None
+        self._specials: frozenset[int] | None = None
 
     # -- basic ----------------------------------------------------------------------------
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
@@ -64,6 +66,33 @@ class Tokenizer:
 
     def token_text(self, i: int) -> str:
         return self._tok.decode([i], skip_special_tokens=False)
+
+    def token_bytes(self, i: int) -> bytes:
+        """The bytes token ``i`` stands for; a byte-level piece may be part of a UTF-8 character.
+
+        Example:
+            >>> tok.token_bytes(tok.encode(" the")[0])
+            b' the'
+        """
+        piece = self.id_to_token(i)
+        if piece is None:
+            return b""
+        table = _byte_of_char()
+        if i in self._special_ids or not all(c in table for c in piece):
+            return piece.encode("utf-8")
+        return bytes(table[c] for c in piece)
+
+    @property
+    def _special_ids(self) -> frozenset[int]:
+        if self._specials is None:
+            self._specials = frozenset(t.id if hasattr(t, "id") else i
+                                       for i, t in self._tok.get_added_tokens_decoder().items())
+        return self._specials
+
+    def to_json(self) -> str:
+        """The whole tokenizer as Hugging Face ``tokenizers`` JSON (grammar engines index the
+        vocabulary's bytes from it)."""
+        return self._tok.to_str()
 
     # -- chat -----------------------------------------------------------------------------
     def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
@@ -176,6 +205,23 @@ class Tokenizer:
 
 def _raise_template_error(message: str) -> None:
     raise ValueError(f"chat template error: {message}")
+
+
+@functools.lru_cache(maxsize=1)
+def _byte_of_char() -> dict[str, int]:
+    """Byte-level BPE's alphabet: the printable character each byte is written as, inverted.
+
+    Bytes that are printable Latin-1 stand for themselves; the others (controls, space, ...) are
+    written as the characters from U+0100 on, in byte order (GPT-2's convention).
+    """
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table = {chr(b): b for b in keep}
+    extra = 0
+    for b in range(256):
+        if b not in keep:
+            table[chr(256 + extra)] = b
+            extra += 1
+    return table
 
 
 def _read_json(p: Path) -> dict:

@@ -204,7 +204,13 @@ class Engine:
         """Prefix reuse counters and how full the KV cache is (positions held by running requests)."""
         held = sum(s.num_cached for s in self.running)
         return {**self.prefix.stats(), "kv_cache_usage": held / (self.n_slots * self.max_seq),
-                "kv_cache_slots_in_use": len(self.running)}
+                "kv_cache_slots_in_use": len(self.running), **self.grammar_stats()}
+
+    def grammar_stats(self) -> dict:
+        """Structured outputs: time spent computing grammar masks and how many (zeros before any)."""
+        g = self._grammars
+        return {"grammar_mask_seconds": g.mask_seconds if g is not None else 0.0,
+                "grammar_masks": g.masks if g is not None else 0}
 
     @property
     def has_work(self) -> bool:

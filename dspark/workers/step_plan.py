@@ -166,11 +166,12 @@ class StepPlan:
             e.allowed = allowed
 
     def mask_logits(self, logits: torch.Tensor) -> torch.Tensor:
-        """``logits`` [R, V] with each grammar-constrained row's forbidden tokens at -inf (in place).
+        """A copy of ``logits`` [R, V] with each grammar-constrained row's forbidden tokens at -inf.
 
         Verification and logprobs then see the target constrained by the grammar, so the output
         is distributed exactly as that constrained target's.
         """
+        logits = logits.clone()  # the runner's output is an inference tensor: not writable in place
         o = 0
         for e in self.sampling:
             if e.allowed is not None:

@@ -374,12 +374,27 @@ BAD_INPUTS = [
     ("unknown-model", CHAT_URL, _j({"model": "gpt-9", "messages": MSG}), 404, "model", "model_not_found"),
     ("too-many-stops", CHAT_URL, _j({"messages": MSG, "stop": [f"s{i}" for i in range(17)]}), 400, "stop", None),
     ("empty-stop", COMP_URL, _j({"prompt": "x", "stop": [""]}), 400, "stop", None),
-    ("n-2", CHAT_URL, _j({"messages": MSG, "n": 2}), 400, "n", None),
+    ("n-0", CHAT_URL, _j({"messages": MSG, "n": 0}), 400, "n", None),
+    ("n-17", COMP_URL, _j({"prompt": "x", "n": 17}), 400, "n", None),
     ("unknown-role", CHAT_URL, _j({"messages": [{"role": "wizard", "content": "x"}]}), 400, "messages[0].role", None),
     ("tool-role", CHAT_URL, _j({"messages": [{"role": "tool", "content": "x"}]}), 400, "messages[0].role", None),
     ("image-part", CHAT_URL, _j({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}), 400,
      "messages[0].content", None),
-    ("logprobs", CHAT_URL, _j({"messages": MSG, "logprobs": True}), 400, "logprobs", None),
+    ("top-logprobs-alone", CHAT_URL, _j({"messages": MSG, "top_logprobs": 2}), 400, "top_logprobs", None),
+    ("top-logprobs-21", CHAT_URL, _j({"messages": MSG, "logprobs": True, "top_logprobs": 21}), 400, "top_logprobs",
+     None),
+    ("logprobs-21", COMP_URL, _j({"prompt": "x", "logprobs": 21}), 400, "logprobs", None),
+    ("logprobs-bool-completions", COMP_URL, _j({"prompt": "x", "logprobs": True}), 400, "logprobs", None),
+    ("echo", COMP_URL, _j({"prompt": "x", "echo": True}), 400, "echo", None),
+    ("response-format-type", CHAT_URL, _j({"messages": MSG, "response_format": {"type": "yaml"}}), 400,
+     "response_format.type", None),
+    ("response-format-no-schema", CHAT_URL, _j({"messages": MSG, "response_format": {"type": "json_schema"}}), 400,
+     "response_format.json_schema", None),
+    ("response-format-bad-schema", CHAT_URL, _j({"messages": MSG, "response_format": {
+        "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "no-such-type"}}}}), 400,
+     "response_format", None),
+    ("response-format-bad-regex", COMP_URL, _j({"prompt": "x", "response_format": {"type": "regex", "regex": "(a"}}),
+     400, "response_format", None),
 ]
 
 
@@ -449,6 +464,9 @@ _common = {
     "stream_options": _mostly(st.fixed_dictionaries({}, optional={"include_usage": _mostly(st.booleans())})),
     "user": _mostly(st.text(max_size=8)),
     "logprobs": _mostly(st.just(False), st.booleans() | st.integers(-1, 3)),
+    "top_logprobs": _mostly(st.integers(0, 3), st.integers(-2, 30) | _json_leaf),
+    "response_format": _mostly(st.sampled_from([{"type": "text"}, {"type": "json_object"}]),
+                               st.fixed_dictionaries({"type": st.text(max_size=12)}) | _json),
     "unknown_field": _json,
 }
 _chat_body = st.fixed_dictionaries(
@@ -485,7 +503,8 @@ def test_fuzz_json_bodies_never_500(fuzz_http, request):
     elif body.get("stream") is True:
         assert r.text.endswith("data: [DONE]\n\n")
     else:
-        assert r.json()["usage"]["completion_tokens"] <= 3
+        n = body.get("n") if isinstance(body.get("n"), int) else 1
+        assert r.json()["usage"]["completion_tokens"] <= 3 * max(n, 1)
 
 
 @settings(max_examples=30, deadline=None, database=None)
