@@ -29,6 +29,7 @@ BENCHMARKS = {
     "load": ("bench.load:main", "Load sweep: plain vs fixed depths vs adaptive verification."),
     "soak": ("bench.soak:main", "Many streaming clients for minutes: errors, latency, memory."),
     "prefix": ("bench.prefix:main", "Time to first token with a cached 1k-token system prompt vs cold."),
+    "grammar": ("bench.grammar_mask:main", "Structured outputs: grammar compile, per-token mask and rollback costs."),
 }
 
 

@@ -333,3 +333,34 @@ def test_exponential_row_is_exp1():
     x = exponential_row(torch.empty(200_000), torch.Generator().manual_seed(3))
     assert stats.kstest(x.double().numpy(), "expon").pvalue > 1e-3
     assert (x >= 0).all() and torch.isfinite(x).all()
+
+
+# ------------------------------------------------------------------ grammar masks
+
+
+def test_mask_logits_sets_disallowed_to_minus_inf_and_keeps_the_rest():
+    from dspark.kernels.sampling import mask_logits
+
+    logits = torch.tensor([[1.0, 2.0, 3.0], [-1.0, 0.5, 7.0]])
+    allowed = torch.tensor([[True, False, True], [False, False, True]])
+    out = mask_logits(logits, allowed)
+    assert out.tolist() == [[1.0, NEG, 3.0], [NEG, NEG, 7.0]]
+    assert logits.tolist() == [[1.0, 2.0, 3.0], [-1.0, 0.5, 7.0]]  # a new tensor, input untouched
+    probs = logits_to_probs(out, torch.tensor([1.0, 0.0]))
+    assert probs[0, 1] == 0 and probs[1].tolist() == [0.0, 0.0, 1.0]  # masked tokens get no mass
+    everything = torch.ones_like(allowed)
+    assert torch.equal(mask_logits(logits, everything), logits)
+
+
+def test_unpack_bitmask_matches_bit_by_bit_reference():
+    from dspark.kernels.sampling import unpack_bitmask
+
+    gen = torch.Generator().manual_seed(0)
+    vocab = 100  # not a multiple of 32: the last word's high bits are padding
+    bits = torch.randint(-(2**31), 2**31 - 1, (3, 4), dtype=torch.int32, generator=gen)
+    bits[0, 0] = -(2**31)  # only bit 31 set: token 31
+    ref = torch.tensor([[(int(bits[r, t // 32]) >> (t % 32)) & 1 == 1 for t in range(vocab)] for r in range(3)])
+    out = unpack_bitmask(bits, vocab)
+    assert out.dtype == torch.bool and out.shape == (3, vocab)
+    assert torch.equal(out, ref)
+    assert out[0, :32].nonzero().flatten().tolist() == [31]
