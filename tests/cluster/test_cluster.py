@@ -84,6 +84,30 @@ def test_openai_client_matches_plain_decoding(client, reference):
         assert text == reference[p]
 
 
+def test_logprobs_n_and_json_schema_through_the_cluster(client, reference, model_fp32):
+    """The OpenAI features through Ray Serve, the TP verifier and the remote draft workers."""
+    import json
+
+    p = PROMPTS[0]
+    r = _chat(client, p, logprobs=True, top_logprobs=2, n=2)
+    assert [c.index for c in r.choices] == [0, 1]
+    for c in r.choices:  # greedy: both sequences are plain decoding's, with a logprob per token
+        assert c.message.content == reference[p]
+        assert len(c.logprobs.content) == r.usage.completion_tokens // 2
+        assert all(t.logprob <= 0 and t.top_logprobs[0].token == t.token for t in c.logprobs.content)
+    schema = {"type": "object", "properties": {"color": {"enum": ["red", "green", "blue"]},
+                                               "count": {"type": "integer", "minimum": 0, "maximum": 9}},
+              "required": ["color", "count"], "additionalProperties": False}
+    r = client.chat.completions.create(
+        model="SmolLM2-135M-Instruct", messages=[{"role": "user", "content": PROMPTS[2]}], max_tokens=40,
+        temperature=1.0, seed=4, n=4,
+        response_format={"type": "json_schema", "json_schema": {"name": "c", "schema": schema}})
+    assert len(r.choices) == 4
+    for c in r.choices:
+        doc = json.loads(c.message.content)
+        assert doc["color"] in ("red", "green", "blue") and 0 <= doc["count"] <= 9
+
+
 def test_many_concurrent_requests(client, reference):
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(16)]
     with ThreadPoolExecutor(16) as pool:
