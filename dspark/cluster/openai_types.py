@@ -7,7 +7,7 @@ request fields are ignored, as OpenAI-compatible servers commonly do.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -78,8 +78,24 @@ class _SamplingFields(BaseModel):
         'DSpark extensions: {"type": "regex", "regex": "..."} and {"type": "grammar", "grammar": "..."}.',
     )
 
+    # OpenAI parameters this server does not implement: refused when set to anything but their
+    # neutral value, so a client never silently gets an answer that ignored them.
+    presence_penalty: Any = None
+    frequency_penalty: Any = None
+    logit_bias: Any = None
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+    best_of: Any = None
+    suffix: Any = None
+
     def sampling_fields(self) -> dict:
         """The GenerationRequest fields both endpoints fill the same way."""
+        for name, neutral in _UNSUPPORTED.items():
+            value = getattr(self, name)
+            if value is not None and value not in neutral:
+                raise RequestError(f"{name} is not supported by this server", param=name)
         return dict(
             model=self.model,
             max_tokens=self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens,
@@ -101,6 +117,13 @@ class _SamplingFields(BaseModel):
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
+
+
+# Unsupported parameter -> the values that mean "off" (accepted, since they change nothing).
+_UNSUPPORTED: dict[str, tuple] = {
+    "presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0), "logit_bias": ({},), "tools": ([],),
+    "tool_choice": ("none",), "functions": ([],), "function_call": ("none",), "best_of": (1,), "suffix": ("",),
+}
 
 
 class ChatCompletionRequest(_SamplingFields):
