@@ -42,12 +42,17 @@ def error_response(status: int, body: dict) -> Response:
     return Response(json.dumps(body), status_code=status, headers=headers, media_type="application/json")
 
 
+# Request fields whose backend-side checks (engine limits) name them as their message's first word.
+BACKEND_PARAMS = ("n", "max_tokens", "logprobs")
+
+
 def backend_error(exc: BaseException) -> tuple[int, dict]:
     """(status, OpenAI error body) for an exception a backend raised."""
     if isinstance(exc, RequestError):
         return exc.kind.value, error_body(exc.message, exc.param, exc.code)
-    if isinstance(exc, ValueError):  # the backend's own validation
-        return 400, error_body(str(exc))
+    if isinstance(exc, ValueError):  # the backend's own validation; its message starts with the field
+        first = str(exc).split(" ", 1)[0]
+        return 400, error_body(str(exc), first if first in BACKEND_PARAMS else None)
     if isinstance(exc, BackendUnavailable):
         log.warning("generation interrupted: %s", exc)
         return 503, error_body(str(exc), type_="server_error", code="backend_unavailable")

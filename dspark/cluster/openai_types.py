@@ -89,6 +89,9 @@ class _SamplingFields(BaseModel):
     function_call: Any = None
     best_of: Any = None
     suffix: Any = None
+    audio: Any = None
+    modalities: Any = None
+    prediction: Any = None
 
     def sampling_fields(self) -> dict:
         """The GenerationRequest fields both endpoints fill the same way."""
@@ -122,7 +125,8 @@ class _SamplingFields(BaseModel):
 # Unsupported parameter -> the values that mean "off" (accepted, since they change nothing).
 _UNSUPPORTED: dict[str, tuple] = {
     "presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0), "logit_bias": ({},), "tools": ([],),
-    "tool_choice": ("none",), "functions": ([],), "function_call": ("none",), "best_of": (1,), "suffix": ("",),
+    "tool_choice": ("none", "auto"), "functions": ([],), "function_call": ("none", "auto"), "best_of": (1,),
+    "suffix": ("",), "audio": (), "modalities": (["text"],), "prediction": (),
 }
 
 

@@ -376,6 +376,7 @@ BAD_INPUTS = [
     ("empty-stop", COMP_URL, _j({"prompt": "x", "stop": [""]}), 400, "stop", None),
     ("n-0", CHAT_URL, _j({"messages": MSG, "n": 0}), 400, "n", None),
     ("n-17", COMP_URL, _j({"prompt": "x", "n": 17}), 400, "n", None),
+    ("n-over-the-slots", CHAT_URL, _j({"messages": MSG, "n": 9}), 400, "n", None),  # the engine has 8
     ("unknown-role", CHAT_URL, _j({"messages": [{"role": "wizard", "content": "x"}]}), 400, "messages[0].role", None),
     ("tool-role", CHAT_URL, _j({"messages": [{"role": "tool", "content": "x"}]}), 400, "messages[0].role", None),
     ("image-part", CHAT_URL, _j({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}), 400,
@@ -391,6 +392,8 @@ BAD_INPUTS = [
     ("logit-bias", CHAT_URL, _j({"messages": MSG, "logit_bias": {"42": 5}}), 400, "logit_bias", None),
     ("presence-penalty", COMP_URL, _j({"prompt": "x", "presence_penalty": 0.5}), 400, "presence_penalty", None),
     ("best-of", COMP_URL, _j({"prompt": "x", "best_of": 3}), 400, "best_of", None),
+    ("audio", CHAT_URL, _j({"messages": MSG, "audio": {"voice": "alloy", "format": "wav"}}), 400, "audio", None),
+    ("modalities", CHAT_URL, _j({"messages": MSG, "modalities": ["text", "audio"]}), 400, "modalities", None),
     ("response-format-type", CHAT_URL, _j({"messages": MSG, "response_format": {"type": "yaml"}}), 400,
      "response_format.type", None),
     ("response-format-no-schema", CHAT_URL, _j({"messages": MSG, "response_format": {"type": "json_schema"}}), 400,
