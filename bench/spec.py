@@ -3,6 +3,7 @@
     dspark bench spec [--prompts FILE|wizardlm|mbpp|all] [--max-prompts N] [--max-tokens N]
                       [--concurrency 1,8] [--drafters ngram,draft_model,layerskip,dspark,hybrid]
                       [--block 4|NAME=N,...] [--deterministic off|on|both] [--json FILE] [--plot FILE]
+    dspark bench spec --structured [--drafters ngram,dspark,hybrid] [--max-tokens 128] [--json FILE]
 
 What it measures (bf16, greedy, requests stop at end-of-turn or after ``--max-tokens``):
 
@@ -56,12 +57,25 @@ concurrency > 1 each run is a fresh process (``run_isolated``); plain and ngram 
 again last (their two runs averaged), bracketing the slower drafters.  The 1-minute load average
 at start and end is recorded.  Writes bench/results/spec.json and spec.png.
 
+``--structured``: plain decoding and each drafter (default ngram, dspark, hybrid) under one JSON
+schema of the kind an application asks for (``RECORD_SCHEMA``: bounded strings, a bounded integer,
+an enum, an array of up to 3 short strings, a nested object), on the ``STRUCTURED_PROMPTS`` that
+ask for such records; concurrency 1, greedy, interleaved prompt by prompt as above, no HF (its
+``generate`` has no grammar).  Under a grammar the verifier masks the target's logits at every
+verified row and cuts a block at its first draft the grammar forbids, before verification; the
+drafter itself is not masked.  Per configuration: tokens/s, the ratio against plain decoding under
+the same schema, the acceptance length, and the share of request latency spent computing grammar
+masks (``engine.grammar_stats()``).  Every output must parse and validate against the schema
+(jsonschema); one that does not is an error of the bench (the command exits non-zero).  Writes
+bench/results/spec_structured.json; no plot.
+
 This module is the command and the order of runs; the prompts are chosen in ``spec_prompts``,
 the engine and HF processes are ``spec_runners``, the figures and the plot ``spec_report``.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -70,16 +84,52 @@ import click
 
 from bench.common import RESULTS, run_isolated, table, write_json
 from bench.spec_prompts import BUCKET_OF, BUCKETS, select_prompts
-from bench.spec_report import plot, report
+from bench.spec_report import plot, report, structured_report
 from bench.spec_runners import DEFAULT_BLOCK, DRAFT_OPTIONS, DTYPE, Worker
 
 
-def _interleaved(configs, options, ids, meta, max_tokens, threads, blocks, tok, skip_hf, errors) -> dict:
+# --structured: one schema of the kind an application sends (property order is the output's order).
+RECORD_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 40},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "role": {"type": "string", "enum": ["engineer", "designer", "manager", "scientist", "teacher", "other"]},
+        "skills": {"type": "array", "items": {"type": "string", "maxLength": 24}, "maxItems": 3},
+        "address": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 30}, "country": {"type": "string", "maxLength": 30}},
+            "required": ["city", "country"],
+            "additionalProperties": False,
+        },
+    },
+    "required": ["name", "age", "role", "skills", "address"],
+    "additionalProperties": False,
+}
+_FIELDS = "name, age, role, skills (at most 3) and address (city, country)"
+STRUCTURED_PROMPTS = (
+    f"Extract a JSON record with {_FIELDS} from this note: Maria Lopez, 34, is a data scientist living in "
+    "Valencia, Spain. She works with Python, SQL and statistics.",
+    f"Return a JSON record ({_FIELDS}) for this employee: Tom Becker is a 52 year old manager from Hamburg, "
+    "Germany, known for budgeting, hiring and negotiation.",
+    f"Create a JSON profile with {_FIELDS} for a fictional graphic designer who lives in Osaka.",
+    f"Write the following person as JSON with {_FIELDS}: Aisha Khan, age 28, software engineer, Toronto, "
+    "Canada; skills: Rust, Kubernetes, testing.",
+    f"Invent a JSON record with {_FIELDS} for a retired history teacher from a small town in Ireland.",
+    f"Parse this signature into JSON with {_FIELDS}: \"Dr. Lena Svensson (41), research scientist, "
+    "Uppsala, Sweden - microscopy, genetics\".",
+)
+STRUCTURED_DRAFTERS = "ngram,dspark,hybrid"
+
+
+def _interleaved(configs, options, ids, meta, max_tokens, threads, blocks, tok, skip_hf, errors, schema=None) -> dict:
     """Concurrency 1: every configuration in its own live process; prompt by prompt, each runs in
-    turn (order reversed every other prompt), so drifts in machine speed hit all alike."""
+    turn (order reversed every other prompt), so drifts in machine speed hit all alike.  With
+    ``schema`` (JSON text) every request of our engine is constrained to it."""
     max_seq = max(map(len, ids)) + max_tokens + max(c[2] for c in configs) + 8
+    extra = {"schema": schema} if schema is not None else {}
     workers = {name: Worker(name, "ours", {"drafter": kind, "block": block, "options": options[kind], "max_seq": max_seq,
-                                           "concurrency": 1, "warm_prompt": ids[0], "deterministic": det}, threads)
+                                           "concurrency": 1, "warm_prompt": ids[0], "deterministic": det, **extra}, threads)
                for name, kind, block, det in configs}
     if not skip_hf:
         workers["hf"] = Worker("hf", "hf", {"lookup_tokens": blocks.get("ngram", DEFAULT_BLOCK["ngram"]),
@@ -105,7 +155,7 @@ def _interleaved(configs, options, ids, meta, max_tokens, threads, blocks, tok, 
                             raw.setdefault(mode, []).extend(recs)
                             line.append(f"{mode} {recs[0]['tokens'] / recs[0]['seconds']:.1f}")
                     else:
-                        (rec,) = w.call(prompts=[p], max_tokens=max_tokens)
+                        (rec,) = w.call(prompts=[p], max_tokens=max_tokens, **extra)
                         raw.setdefault(name, []).append(rec)
                         line.append(f"{name} {rec['tokens'] / rec['seconds']:.1f}")
                 except RuntimeError as exc:
@@ -179,10 +229,13 @@ def _parse_blocks(text: str | None, names: list[str]) -> dict[str, int]:
               help="engine mode: default kernels, row-invariant kernels, or both side by side")
 @click.option("--compile/--no-compile", "compile_step", default=False, show_default=True,
               help="our engines with the compiled step (the `dspark serve` default)")
+@click.option("--structured", is_flag=True,
+              help=f"plain vs drafters under a JSON schema, concurrency 1, {len(STRUCTURED_PROMPTS)} record prompts "
+                   f"(drafters default {STRUCTURED_DRAFTERS}; the category options do not apply)")
 @click.option("--json", "json_path", default=None, help="output (default bench/results/spec.json)")
 @click.option("--plot", "plot_path", default=None, help="PNG (default bench/results/spec.png)")
 def main(source, max_prompts, max_tokens, concurrency, drafters, block_text, threads, skip_hf, det_mode, compile_step,
-         json_path, plot_path):
+         structured, json_path, plot_path):
     """Per-user tokens/s and acceptance per drafter and category, vs plain and vs HF prompt lookup."""
     from bench.spec_runners import COMPILE_ENV
     from dspark.models.dspark_head import default_head_path
@@ -192,6 +245,8 @@ def main(source, max_prompts, max_tokens, concurrency, drafters, block_text, thr
 
     t_start = time.perf_counter()
     load_start = os.getloadavg()
+    if structured and click.get_current_context().get_parameter_source("drafters").name == "DEFAULT":
+        drafters = STRUCTURED_DRAFTERS
     names = [d.strip() for d in drafters.split(",") if d.strip()]
     unknown = set(names) - set(DEFAULT_BLOCK)
     if unknown:
@@ -202,6 +257,9 @@ def main(source, max_prompts, max_tokens, concurrency, drafters, block_text, thr
             names.remove(headed)
             notes.append(f"{headed} skipped: no head shipped ({default_head_path(DEFAULT_MODEL_NAME).name} not in dspark/models/heads/)")
     blocks = _parse_blocks(block_text, names)
+    if structured:
+        _structured(names, blocks, max_tokens, threads, compile_step, notes, json_path, t_start, load_start)
+        return
     levels = [int(c) for c in concurrency.split(",")]
     meta = select_prompts(source, max_prompts)
     tok = load_tokenizer(None)[0]
@@ -254,6 +312,59 @@ def main(source, max_prompts, max_tokens, concurrency, drafters, block_text, thr
     png = Path(plot_path) if plot_path else RESULTS / "spec.png"
     plot(results, png)
     click.echo(f"wrote {out} and {png} ({minutes:.1f} min)")
+
+
+def _structured(names, blocks, max_tokens, threads, compile_step, notes, json_path, t_start, load_start) -> None:
+    """``--structured``: plain and each drafter under RECORD_SCHEMA, concurrency 1, interleaved;
+    every output must parse and validate, or the command fails after writing its results."""
+    import jsonschema
+
+    from dspark.models.loader import load_tokenizer
+
+    tok = load_tokenizer(None)[0]
+    schema = json.dumps(RECORD_SCHEMA)
+    ids = [tok.encode_chat([{"role": "user", "content": text}]) for text in STRUCTURED_PROMPTS]
+    meta = [{"bucket": "json"} for _ in ids]
+    for n in notes:
+        click.echo(f"note: {n}", err=True)
+    block_list = ", ".join(f"{n}={b}" for n, b in blocks.items())
+    click.echo(f"structured: {len(ids)} prompts under a JSON schema, {max_tokens} new tokens, {DTYPE}, greedy, "
+               f"concurrency 1; blocks: {block_list}", err=True)
+    configs = [("plain", "none", 0, False)] + [(n, n, blocks[n], False) for n in names]
+    options = {kind: [list(kv) for kv in DRAFT_OPTIONS.get(kind, ())] for _, kind, _, _ in configs}
+    errors: dict[str, str] = {}
+    raw = _interleaved(configs, options, ids, meta, max_tokens, threads, blocks, tok, True, errors, schema=schema)
+    invalid = []
+    for name, recs in raw.items():
+        for i, r in enumerate(recs):
+            r["text"] = tok.decode(r["output_ids"])
+            try:
+                jsonschema.validate(json.loads(r["text"]), RECORD_SCHEMA)
+                r["valid"] = True
+            except (json.JSONDecodeError, jsonschema.ValidationError) as exc:
+                r["valid"] = False
+                why = "cut at max_tokens; " if r.get("finish_reason") == "length" else ""
+                invalid.append(f"{name}, prompt {i + 1}: {why}{str(exc).splitlines()[0][:200]}: {r['text'][:200]!r}")
+    results, rows = structured_report(raw, meta, blocks)
+    click.echo(table(rows, ["method", "block", "tok_s", "vs_plain", "accept_len", "tok_per_pass", "mask_share",
+                            "mask_us", "valid", "same_text"]))
+    for n in notes:
+        click.echo(f"note: {n}")
+    minutes = (time.perf_counter() - t_start) / 60
+    requests = {n: [{k: v for k, v in r.items() if k != "output_ids"} for r in recs] for n, recs in raw.items()}
+    out = write_json(json_path, "spec_structured.json", {
+        "dtype": DTYPE, "temperature": 0.0, "max_tokens": max_tokens, "threads": threads, "concurrency": 1,
+        "compile": compile_step, "schema": RECORD_SCHEMA, "prompts": list(STRUCTURED_PROMPTS), "blocks": blocks,
+        "draft_options": {k: dict(v) for k, v in DRAFT_OPTIONS.items()},
+        "results": results, "notes": notes, "errors": errors, "invalid": invalid, "requests": requests,
+        "minutes": round(minutes, 1), "cpus": os.cpu_count(),
+        "load_average_1m": {"start": round(load_start[0], 2), "end": round(os.getloadavg()[0], 2)},
+    })
+    click.echo(f"wrote {out} ({minutes:.1f} min)")
+    if invalid or errors:
+        raise click.ClickException("; ".join([f"{len(invalid)} outputs do not validate against the schema"] * bool(invalid)
+                                             + [f"failed: {', '.join(errors)}"] * bool(errors))
+                                   + "".join(f"\n  {line}" for line in invalid))
 
 
 if __name__ == "__main__":

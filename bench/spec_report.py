@@ -70,6 +70,32 @@ def report(raw: dict, meta: list[dict], blocks: dict[str, int]) -> tuple[dict, l
     return results, rows, summary
 
 
+def structured_report(raw: dict, meta: list[dict], blocks: dict[str, int]) -> tuple[dict, list[dict]]:
+    """``--structured`` (concurrency 1, one schema): each configuration over all prompts against plain
+    decoding under the same schema, plus the grammar masks' share of request latency (their
+    seconds over the requests' seconds) and mean cost per mask, and how many outputs validate."""
+    plain = raw.get("plain")
+    results, rows = {}, []
+    for name, recs in raw.items():
+        base = plain if name != "plain" else None
+        s = summarize(recs, meta, base)["all"]
+        mask_s = sum(r["grammar_mask_seconds"] for r in recs)
+        masks = sum(r["grammar_masks"] for r in recs)
+        entry = {"label": _label(name, blocks), "block": blocks.get(name), **s,
+                 "speedup": s["tokens_per_s"] / summarize(plain, meta, None)["all"]["tokens_per_s"] if base else None,
+                 "grammar_mask_share": mask_s / sum(r["seconds"] for r in recs),
+                 "grammar_mask_seconds": mask_s, "grammar_masks": masks,
+                 "grammar_us_per_mask": 1e6 * mask_s / masks if masks else None,
+                 "valid": sum(r["valid"] for r in recs)}
+        results[name] = entry
+        rows.append({"method": name, "block": entry["block"], "tok_s": s["tokens_per_s"], "vs_plain": entry["speedup"],
+                     "accept_len": s["acceptance_length"], "tok_per_pass": s["tokens_per_pass"],
+                     "mask_share": f"{entry['grammar_mask_share']:.2%}",
+                     "mask_us": round(entry["grammar_us_per_mask"]) if masks else None,
+                     "valid": f"{entry['valid']}/{len(recs)}", "same_text": s.get("same_text_as_plain")})
+    return results, rows
+
+
 def twin_name(name: str) -> str:
     return name[: -len("+det")]
 

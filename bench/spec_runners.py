@@ -27,7 +27,8 @@ class OursRunner:
     """Our engine (plain when ``drafter`` is "none") with a fixed number of cache slots."""
 
     def __init__(self, drafter: str, block: int, options: list, max_seq: int, concurrency: int,
-                 warm_prompt: list[int], max_prefill: int = 512, deterministic: bool = False) -> None:
+                 warm_prompt: list[int], max_prefill: int = 512, deterministic: bool = False,
+                 schema: str | None = None) -> None:
         from dspark.workers.factory import EngineSpec, build_engine
         from dspark.workers.request import SamplingParams, SpecMetrics
 
@@ -38,15 +39,17 @@ class OursRunner:
         self.eng = self.built.engine
         self.concurrency = concurrency
         self.max_prefill = max_prefill
-        # Warm-up at the measured batch size (first-call allocations, oneDNN kernel selection).
+        # Warm-up at the measured batch size (first-call allocations, oneDNN kernel selection); under
+        # a schema also with it, so its compilation (cached per spec) is not timed in the first prompt.
         self.eng.generate([warm_prompt] * concurrency, SamplingParams(max_tokens=8, temperature=0.0))
+        if schema is not None:
+            self.eng.generate([warm_prompt], _params(8, schema))
         self.eng.metrics = SpecMetrics()
 
-    def run(self, prompts: list[list[int]], max_tokens: int) -> list[dict]:
-        """One record per prompt: tokens, latency, drafts and accepted drafts, output ids."""
-        from dspark.workers.request import SamplingParams
-
-        eng, params = self.eng, SamplingParams(max_tokens=max_tokens, temperature=0.0)
+    def run(self, prompts: list[list[int]], max_tokens: int, schema: str | None = None) -> list[dict]:
+        """One record per prompt: tokens, latency, drafts and accepted drafts, output ids; under a
+        JSON schema (concurrency 1) also the grammar mask seconds and masks of the request."""
+        eng, params = self.eng, _params(max_tokens, schema)
         records: list[dict | None] = [None] * len(prompts)
 
         def record(i: int, seq, seconds: float, steps: int | None) -> None:
@@ -59,12 +62,19 @@ class OursRunner:
 
         if self.concurrency == 1:
             for i, p in enumerate(prompts):
-                s0 = eng.num_steps
+                s0, g0 = eng.num_steps, eng.grammar_stats()
                 t0 = time.perf_counter()
                 seq = eng.add_request(p, params)
                 eng.run_until_done()
                 record(i, seq, time.perf_counter() - t0, eng.num_steps - s0)
+                if schema is not None:
+                    g1 = eng.grammar_stats()
+                    records[i].update(finish_reason=seq.finish_reason,
+                                      grammar_mask_seconds=g1["grammar_mask_seconds"] - g0["grammar_mask_seconds"],
+                                      grammar_masks=g1["grammar_masks"] - g0["grammar_masks"])
             return records
+        if schema is not None:
+            raise ValueError("a schema is measured at concurrency 1 only")
         todo = list(range(len(prompts)))
         fillers = itertools.cycle(range(len(prompts)))
         active: dict[str, tuple[int | None, object, float]] = {}
@@ -86,6 +96,15 @@ class OursRunner:
 
     def close(self) -> None:
         self.built.close()
+
+
+def _params(max_tokens: int, schema: str | None):
+    """Greedy sampling parameters, constrained to ``schema`` (JSON text) when one is given."""
+    from dspark.workers.grammar import GrammarSpec
+    from dspark.workers.request import SamplingParams
+
+    grammar = GrammarSpec("json_schema", schema) if schema is not None else None
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, grammar=grammar)
 
 
 COMPILE_ENV = "DSPARK_BENCH_COMPILE"  # `bench spec --compile` sets it for every worker process
