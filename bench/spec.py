@@ -62,7 +62,7 @@ schema of the kind an application asks for (``RECORD_SCHEMA``: bounded strings, 
 an enum, an array of up to 3 short strings, a nested object), on the ``STRUCTURED_PROMPTS`` that
 ask for such records; concurrency 1, greedy, interleaved prompt by prompt as above, no HF (its
 ``generate`` has no grammar).  Under a grammar the verifier masks the target's logits at every
-verified row and cuts a block at its first draft the grammar forbids, before verification; the
+verified row and cuts a block after its first draft the grammar forbids (verified, so rejected); the
 drafter itself is not masked.  Per configuration: tokens/s, the ratio against plain decoding under
 the same schema, the acceptance length, and the share of request latency spent computing grammar
 masks (``engine.grammar_stats()``).  Every output must parse and validate against the schema

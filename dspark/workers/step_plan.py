@@ -138,10 +138,11 @@ class StepPlan:
         """Compute each grammar-constrained request's allowed tokens at every row it samples.
 
         Walks its drafts through its grammar tentatively (rolled back after): the mask of row j is
-        the grammar's state after drafts 0..j-1.  Drafts from the first one the grammar forbids on
-        are cut before verification: the constrained target gives such a draft probability 0, so
-        verifying it would reject it for certain and resample from the constrained target itself,
-        which is what the row before it (now the last) samples from anyway.
+        the grammar's state after drafts 0..j-1.  The first draft the grammar forbids is still
+        verified (the constrained target gives it probability 0, so it is rejected for certain and
+        the recovered token comes from the residual max(0, p - q), as the rejection rule needs:
+        sampling that position from p instead would favour what q also proposed); the drafts after
+        it are cut, a choice that depends only on drafts before them, as every budget's must.
         """
         for e in self.sampling:
             m = e.seq.grammar
@@ -149,20 +150,24 @@ class StepPlan:
                 continue
             allowed = torch.zeros(e.num_rows, vocab, dtype=torch.bool)  # [1 + drafts, V_tok]
             m.fill_mask(allowed[0])
-            walked = 0
+            walked = 0  # drafts the grammar accepted
+            keep = len(e.drafts)
             for d in e.drafts:
                 if not (0 <= d < vocab and bool(allowed[walked, d])) or not m.accept(d):
+                    keep = walked + 1  # verify the forbidden draft (rejected), nothing after it
+                    allowed[walked + 1] = True  # the row after it: never sampled, any mask
                     break
                 walked += 1
                 if m.done:  # a stop token the grammar accepted: nothing after it is emitted
+                    keep = walked
                     allowed[walked] = True
                     break
                 m.fill_mask(allowed[walked])
             m.rollback(walked)
-            if walked < len(e.drafts):
-                e.drafts = e.drafts[:walked]
-                e.tokens = e.tokens[: 1 + walked]
-                allowed = allowed[: 1 + walked]
+            if keep < len(e.drafts):
+                e.drafts = e.drafts[:keep]
+                e.tokens = e.tokens[: 1 + keep]
+                allowed = allowed[: 1 + keep]
             e.allowed = allowed
 
     def mask_logits(self, logits: torch.Tensor) -> torch.Tensor:

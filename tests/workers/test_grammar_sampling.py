@@ -102,3 +102,57 @@ def test_greedy_under_a_schema_equals_plain_decoding(built):
         if s.finish_reason == "stop":
             doc = json.loads(tok.decode(s.output_ids))
             assert set(doc) == {"city", "population", "capital"}
+
+
+class _FixedGrammar:
+    """A grammar that allows the same token set at every position (scripted, stateless)."""
+
+    done = False
+
+    def __init__(self, allowed: set[int]) -> None:
+        self.allowed = allowed
+
+    def fill_mask(self, out: torch.Tensor) -> None:
+        out.zero_()
+        out[sorted(self.allowed)] = True
+
+    def accept(self, token_id: int) -> bool:
+        return token_id in self.allowed
+
+    def rollback(self, n: int) -> None:
+        pass
+
+
+def test_a_forbidden_sparse_draft_is_verified_not_resampled_from_the_target():
+    """q proposes an allowed and a forbidden token; the emitted token must follow the masked p.
+
+    p (masked) = (0.2, 0.5, 0.3) over {0, 1, 2}; q = 0.5 on 0, 0.5 on the forbidden 3.  Verifying
+    the forbidden draft (certain rejection, residual max(0, p - q)) keeps the law p; sampling that
+    position from p instead would give token 0 probability 0.3, not 0.2.
+    """
+    from dspark.workers.drafters.base import DraftBlock
+    from dspark.workers.request import Sequence
+    from dspark.workers.step_plan import Scheduled, StepPlan
+
+    V, n = 6, 4000
+    p = torch.tensor([0.2, 0.5, 0.3])
+    row0 = torch.full((V,), 0.0)
+    row0[:3] = p.log()
+    row0[3:] = 5.0  # the forbidden tokens would be the likeliest without the grammar
+    pick = torch.Generator().manual_seed(0)
+    entries = []
+    for i in range(n):
+        seq = Sequence(f"r{i}", [1], SamplingParams(temperature=1.0), torch.Generator().manual_seed(i),
+                       output_ids=[5], grammar=_FixedGrammar({0, 1, 2}))
+        d = 0 if torch.rand((), generator=pick) < 0.5 else 3  # d ~ q
+        block = DraftBlock([d], probs=torch.tensor([[0.5, 0.5]]), prob_ids=torch.tensor([[0, 3]]))
+        entries.append(Scheduled.decode(seq, [d], block))
+    plan = StepPlan(entries)
+    plan.constrain(V)
+    assert all(len(e.drafts) == 1 for e in entries)  # the forbidden draft stays, to be rejected
+    logits = torch.stack([row0, torch.zeros(V)] * n)  # [2n, V]: each entry's draft row and bonus row
+    plan.set_emitted(plan.verify(plan.mask_logits(logits)))
+    firsts = collections.Counter(e.emitted[0] for e in entries)
+    assert set(firsts) <= {0, 1, 2}
+    pval = chisquare_pvalue(firsts, torch.cat([p, torch.zeros(V - 3)]).double())
+    assert pval > 1e-3, f"p = {pval:.2e}, observed {sorted(firsts.items())}"
