@@ -1,4 +1,4 @@
-"""`dspark` command line: generate | serve | demo | bench | train-draft.
+"""`dspark` command line: generate | serve | demo | bench | train-draft | export-draft.
 
 Subcommands live next to what they drive and are imported only when invoked, so `dspark --help`
 stays fast and a command never pays for another's heavy imports (ray, grpc, transformers).
@@ -20,6 +20,7 @@ COMMANDS = {
     "serve": ("dspark.cluster.commands:serve", "Start the local cluster (Ray Serve, gRPC, Redis) and serve."),
     "demo": ("dspark.cluster.commands:demo", "Start the cluster, send a few prompts, print a table, stop."),
     "train-draft": ("dspark.train.commands:train_draft", "Train a DSpark draft head by self-distillation."),
+    "export-draft": ("dspark.train.export:export_draft", "Write a draft head in another format (DeepSpec's)."),
 }
 BENCHMARKS = {
     "engine": ("bench.engine:main", "Decode tokens/s vs Hugging Face, and the bandwidth floor."),

@@ -5,7 +5,14 @@ samples left to right, adding a low-rank bias from the previous token:
 
     logits_k = U_k + W1[x_{k-1}] @ W2,    q_k = softmax(logits_k / T),    x_k ~ q_k,
 
-with x_0 the anchor (the last token the target emitted).  q_k may be truncated to its top-k
+with x_0 the anchor (the last token the target emitted).  DeepSpec's gated and RNN heads replace
+the latent W1[x_{k-1}] by a mix with the backbone's hidden state h_k (``MarkovMix``, ``markov_latent``):
+
+    gated   u_k = sigmoid(W_g [h_k ; W1[x_{k-1}]] + b_g) * W1[x_{k-1}]
+    rnn     [g ; c ; o] = W_j [s_{k-1} ; W1[x_{k-1}] ; h_k] + b_j,   s_0 = 0
+            s_k = sigmoid(g) * s_{k-1} + (1 - sigmoid(g)) * tanh(c),   u_k = tanh(o)
+
+and logits_k = U_k + u_k @ W2.  q_k may be truncated to its top-k
 entries and renormalised; either way the returned q_k is *exactly* the distribution x_k was
 drawn from, which is what lossless rejection sampling needs (``rejection.py``).
 
@@ -20,7 +27,49 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["MarkovDraft", "markov_block_sample", "inverse_cdf_sample"]
+__all__ = ["MarkovDraft", "MarkovMix", "markov_block_sample", "markov_latent", "inverse_cdf_sample"]
+
+
+@dataclass(frozen=True)
+class MarkovMix:
+    """The mixing layer of a gated or RNN Markov head (absent for the vanilla head).
+
+    kind: "gated" (weight [r, D + r], bias [r]) or "rnn" (weight [3r, 2r + D], bias [3r]).
+    hidden: [B, G, D] the backbone's hidden states h_1..h_G of the block being sampled.
+    """
+
+    kind: str
+    weight: torch.Tensor
+    bias: torch.Tensor
+    hidden: torch.Tensor
+
+
+def markov_latent(mix: MarkovMix | None, emb: torch.Tensor, k: int,
+                  state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The latent u_k that W2 projects to the bias at position k, and the next recurrent state.
+
+    emb: [B, r] = W1[x_{k-1}]; state: [B, r] s_{k-1} (rnn; None starts from zeros).  Returns
+    (u_k [B, r], s_k or None).  Vanilla (mix None): u_k = emb.
+
+    Example (gated, r = 1, D = 1, gate weights 0: the gate is sigmoid(0) = 1/2):
+        >>> mix = MarkovMix("gated", torch.zeros(1, 2), torch.zeros(1), torch.zeros(1, 1, 1))
+        >>> markov_latent(mix, torch.tensor([[4.0]]), 0, None)[0]
+        tensor([[2.]])
+    """
+    if mix is None:
+        return emb, None
+    h = mix.hidden[:, k].to(emb.dtype)  # [B, D]
+    if mix.kind == "gated":
+        gate = torch.sigmoid(torch.nn.functional.linear(torch.cat([h, emb], dim=-1), mix.weight, mix.bias))
+        return gate * emb, None
+    if mix.kind == "rnn":
+        state = torch.zeros_like(emb) if state is None else state
+        proj = torch.nn.functional.linear(torch.cat([state, emb, h], dim=-1), mix.weight, mix.bias)  # [B, 3r]
+        g_raw, c_raw, o_raw = proj.chunk(3, dim=-1)
+        g = torch.sigmoid(g_raw)
+        state = g * state + (1.0 - g) * torch.tanh(c_raw)
+        return torch.tanh(o_raw), state
+    raise ValueError(f"Markov head kind {mix.kind!r}: expected gated or rnn")
 
 
 @dataclass(frozen=True)
@@ -65,6 +114,7 @@ def markov_block_sample(
     top_k: int,
     uniforms: torch.Tensor,
     vocab_ids: torch.Tensor | None = None,
+    mix: MarkovMix | None = None,
 ) -> MarkovDraft:
     """Sample a draft block left to right through the Markov head.
 
@@ -77,6 +127,7 @@ def markov_block_sample(
     vocab_ids: [N] int64 vocabulary id of each logit column (a draft vocabulary), or None when
         the columns are the vocabulary itself.  q's support is then inside ``vocab_ids``; tokens
         and sparse ids are reported as vocabulary ids, so the verifier needs nothing else.
+    mix: the gated / RNN head's mixing layer and the block's hidden states (None: vanilla head).
 
     Proposal format: sparse ``[B, G, 1]`` when every request is greedy (whatever ``top_k``);
     otherwise sparse ``[B, G, K]`` values + ids when top_k > 0 (K = min(top_k, N)) or with
@@ -98,7 +149,7 @@ def markov_block_sample(
     greedy = temperature <= 0  # [B]
     any_greedy, all_greedy = bool(greedy.any()), bool(greedy.all())
     if all_greedy:
-        return _greedy_block(base_logits, anchor_ids, w1, w2, vocab_ids)
+        return _greedy_block(base_logits, anchor_ids, w1, w2, vocab_ids, mix)
     mapped = vocab_ids is not None
     sparse = top_k > 0 or all_greedy or mapped
     width = min(top_k, vocab) if top_k > 0 else (1 if all_greedy else vocab)
@@ -112,10 +163,12 @@ def markov_block_sample(
     ids = torch.empty(num_reqs, block, width, dtype=torch.long, device=device) if sparse else None
     prev_emb = torch.empty(num_reqs, block, w1.shape[1], dtype=w1.dtype, device=device)
     prev = anchor_ids.to(device=device, dtype=torch.long)  # x_{k-1}: [B]
+    state = None  # the RNN head's s_{k-1}
     for k in range(block):
         emb = w1[prev]  # W1[x_{k-1}]: [B, r]
         prev_emb[:, k] = emb
-        logits = base_logits[:, k].float() + (emb @ w2).float()  # [B, N]
+        latent, state = markov_latent(mix, emb, k, state)
+        logits = base_logits[:, k].float() + (latent @ w2).float()  # [B, N]
         if sparse:
             if top_k > 0:
                 vals, cand = torch.topk(logits, width, dim=-1)  # [B, K] each, descending
@@ -150,7 +203,7 @@ def markov_block_sample(
 
 
 def _greedy_block(base_logits: torch.Tensor, anchor_ids: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
-                  vocab_ids: torch.Tensor | None) -> MarkovDraft:
+                  vocab_ids: torch.Tensor | None, mix: MarkovMix | None) -> MarkovDraft:
     """``markov_block_sample`` when every request is greedy: the argmax chain, q one-hot (K = 1).
 
     The common case at temperature 0, with the fewest operations per position (the loop is
@@ -163,10 +216,12 @@ def _greedy_block(base_logits: torch.Tensor, anchor_ids: torch.Tensor, w1: torch
     tokens = torch.empty(num_reqs, block, dtype=torch.long, device=device)
     prev_emb = torch.empty(num_reqs, block, w1.shape[1], dtype=w1.dtype, device=device)
     prev = anchor_ids.to(device=device, dtype=torch.long)  # x_{k-1}: [B]
+    state = None
     for k in range(block):
         emb = w1[prev]  # W1[x_{k-1}]: [B, r]
         prev_emb[:, k] = emb
-        col = torch.add(base_logits[:, k], (emb @ w2).float()).argmax(-1)  # [B], lowest column on ties
+        latent, state = markov_latent(mix, emb, k, state)
+        col = torch.add(base_logits[:, k], (latent @ w2).float()).argmax(-1)  # [B], lowest column on ties
         prev = col if vocab_ids is None else vocab_ids[col]
         tokens[:, k] = prev
     probs = torch.ones(num_reqs, block, 1, dtype=torch.float32, device=device)

@@ -8,6 +8,8 @@ One draft step turns the target's context into ``G`` draft positions in a single
               position sees all context positions *before* the anchor and the whole block
     base      U_k = LM_head(RMSNorm(h_k))                      the target's LM head, shared and frozen
     Markov    logits_k = U_k + W1[x_{k-1}] @ W2                low-rank transition bias (eq. 5)
+              (DeepSpec's variants mix W1[x_{k-1}] with h_k first: a sigmoid gate, or a GRU-like
+              state over the block; ``markov_kind``, computed in ``dspark.kernels.markov``)
     confidence c_k = sigmoid(w . [h_k ; W1[x_{k-1}]] + b)        P(x_k accepted | x_<k accepted) (eq. 7)
 
 Position k (0-based) predicts the token after x_k, where x_0 is the anchor: the last token the target
@@ -43,6 +45,7 @@ from dspark.models.llama import RMSNorm, apply_rope, rope_tables
 from dspark.models.packing import PackedLinear, pack_linears, packing_supported
 
 HEADS_DIR = Path(__file__).resolve().parent / "heads"
+MARKOV_KINDS = ("vanilla", "gated", "rnn")
 
 
 @dataclass(frozen=True)
@@ -67,6 +70,8 @@ class DSparkHeadConfig:
     draft_vocab: int = 0  # N drafted ids: the first N of the id map (0 = the full vocabulary, no map needed)
     trained_vocab: int = 0  # W2 columns: 0 = all V ids in id order; N = the map's first N ids (reduced training)
     vocab_map: dict = field(default_factory=dict)  # {"size": M, "sha256": ...} of <head>.vocab.safetensors; {} = none
+    qk_norm: bool = False  # RMSNorm of every query and key head before RoPE (DeepSpec's Qwen3 drafters)
+    markov_kind: str = "vanilla"  # Markov head: "vanilla" W1[x] W2, "gated" or "rnn" (DeepSpec's variants, eq. below)
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -105,6 +110,12 @@ class DraftLayer(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.inter = cfg.intermediate_size
         self.kv_packed: PackedLinear | None = None  # the k | v rows packed for oneDNN (serving)
+        # Optional QK-norm: per-head RMSNorm of queries and keys (context and block) before RoPE.
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+
+    def _norm(self, norm: RMSNorm | None, x: torch.Tensor) -> torch.Tensor:
+        return x if norm is None else norm(x)
 
     def context_kv(self, ctx: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys/values of projected context features (eq. 3, H_ctx is already normalised).
@@ -116,7 +127,7 @@ class DraftLayer(nn.Module):
         else:
             kv = F.linear(ctx, self.wqkv.weight[self.nh * self.hd :])  # the k | v rows: [2 nkv hd, D]
         k, v = kv.split(self.nkv * self.hd, dim=-1)
-        k = apply_rope(k.unflatten(-1, (self.nkv, self.hd)), cos, sin)
+        k = apply_rope(self._norm(self.k_norm, k.unflatten(-1, (self.nkv, self.hd))), cos, sin)
         return k, v.unflatten(-1, (self.nkv, self.hd))
 
     def forward(self, x, cos, sin, ctx_k, ctx_v, mask) -> torch.Tensor:
@@ -124,8 +135,8 @@ class DraftLayer(nn.Module):
         B, Q, _ = x.shape
         nh, nkv, hd = self.nh, self.nkv, self.hd
         q, k, v = self.wqkv(self.attention_norm(x)).split([nh * hd, nkv * hd, nkv * hd], dim=-1)
-        q = apply_rope(q.view(B, Q, nh, hd), cos, sin).transpose(1, 2)  # [B, nh, Q, hd]
-        k = apply_rope(k.view(B, Q, nkv, hd), cos, sin).transpose(1, 2)  # [B, nkv, Q, hd]
+        q = apply_rope(self._norm(self.q_norm, q.view(B, Q, nh, hd)), cos, sin).transpose(1, 2)  # [B, nh, Q, hd]
+        k = apply_rope(self._norm(self.k_norm, k.view(B, Q, nkv, hd)), cos, sin).transpose(1, 2)  # [B, nkv, Q, hd]
         v = v.view(B, Q, nkv, hd).transpose(1, 2)
         keys = torch.cat([ctx_k, k], dim=2)  # [B, nkv, S + Q, hd]
         values = torch.cat([ctx_v, v], dim=2)
@@ -151,6 +162,15 @@ class DSparkHead(nn.Module):
         if r > 0:
             self.markov_w1 = nn.Parameter(torch.zeros(cfg.vocab_size, r))  # W1: previous-token embedding
             self.markov_w2 = nn.Parameter(torch.empty(r, cfg.trained_vocab or cfg.vocab_size))  # W2: logit projection
+        if cfg.markov_kind not in MARKOV_KINDS:
+            raise ValueError(f"markov_kind {cfg.markov_kind!r}: expected one of {', '.join(MARKOV_KINDS)}")
+        if cfg.markov_kind != "vanilla" and r == 0:
+            raise ValueError(f"markov_kind {cfg.markov_kind!r} needs markov_rank > 0")
+        # The variants' mixing layer (``dspark.kernels.markov.MarkovMix``): gated [r, D + r], rnn [3r, 2r + D].
+        if cfg.markov_kind == "gated":
+            self.markov_mix = nn.Linear(D + r, r)
+        elif cfg.markov_kind == "rnn":
+            self.markov_mix = nn.Linear(2 * r + D, 3 * r)
         self.confidence = nn.Linear(D + r, 1)
         # Borrowed from the target, frozen, deliberately not registered (not in state_dict).
         self._target: list = []
@@ -342,7 +362,13 @@ class DSparkHead(nn.Module):
         return F.embedding(prev_ids, self.markov_w1)
 
     def markov_bias(self, prev_emb: torch.Tensor) -> torch.Tensor:
-        """B(x_{k-1}, .) = W1[x_{k-1}] @ W2, float32.  prev_emb: [*R, r] -> [*R, N]."""
+        """B(x_{k-1}, .) = W1[x_{k-1}] @ W2, float32.  prev_emb: [*R, r] -> [*R, N].
+
+        The vanilla head only: the gated and RNN variants (served from DeepSpec checkpoints) also
+        read h_k, and are computed by the drafter's kernel, never trained here.
+        """
+        if self.cfg.markov_kind != "vanilla":
+            raise ValueError(f"markov_kind {self.cfg.markov_kind!r}: only the vanilla Markov head can be trained here")
         return (prev_emb @ self.markov_w2_draft).float()
 
     def confidence_logit(self, h: torch.Tensor, prev_emb: torch.Tensor) -> torch.Tensor:
@@ -509,7 +535,7 @@ def default_head_path(target_name: str) -> Path:
 
 
 __all__ = [
-    "DSparkHeadConfig", "DSparkHead", "DraftLayer", "block_attention_mask",
+    "DSparkHeadConfig", "DSparkHead", "DraftLayer", "MARKOV_KINDS", "block_attention_mask",
     "save_head", "load_head", "read_head_config", "default_head_path", "HEADS_DIR",
     "vocab_map_path", "vocab_map_sha256", "write_vocab_map", "read_vocab_map", "check_vocab_map",
 ]

@@ -15,7 +15,8 @@ With a draft vocabulary (the head's frequency-ranked id map, first N ids) the LM
 Markov head's W2 cover only those N ids, so q's support is inside the map; tokens and q's ids are
 reported as vocabulary ids and verification is unchanged (the rejection sampler takes sparse q).
 
-Options (``--draft-option KEY=VALUE``): head=PATH (default: the head shipped for the target),
+Options (``--draft-option KEY=VALUE``): head=PATH (default: the head shipped for the target; a
+folder with a config.json is read as a DeepSpec checkpoint, ``dspark.models.deepspec_format``),
 draft_vocab=N (draft over the map's first N ids; 0 = the full vocabulary; default: the head's
 config), proposal_top_k=8, markov=1 (0: drop the Markov bias, DFlash-style ablation with the same
 weights), calibrated=1 (0: raw confidences), trace=0 (1: keep per-block confidence/acceptance records).
@@ -28,7 +29,8 @@ from dataclasses import dataclass
 
 import torch
 
-from dspark.kernels.markov import markov_block_sample
+from dspark.kernels.markov import MarkovMix, markov_block_sample
+from dspark.models.deepspec_format import is_deepspec_checkpoint, load_deepspec_head, read_deepspec_config
 from dspark.models.dspark_head import DSparkHead, block_attention_mask, default_head_path, load_head
 from dspark.models.kv_cache import KVCache
 from dspark.workers.drafters.base import DraftBlock, count_accepted, draft_generator, proposal_top_k
@@ -160,7 +162,10 @@ class DSparkDrafter:
             for s in batch
         ]).to(dev)  # [B, G]
         w1, w2 = (head.markov_w1, head.markov_w2_draft) if self.markov else (self._zero_w1, self._zero_w2)
-        draft = markov_block_sample(base, anchors, w1, w2, temps, self.top_k, uniforms, vocab_ids=self.draft_ids)
+        mix = None
+        if self.markov and self.cfg.markov_kind != "vanilla":  # gated / RNN heads also read h_k
+            mix = MarkovMix(self.cfg.markov_kind, head.markov_mix.weight, head.markov_mix.bias, h)
+        draft = markov_block_sample(base, anchors, w1, w2, temps, self.top_k, uniforms, vocab_ids=self.draft_ids, mix=mix)
         prev = torch.cat([anchors.unsqueeze(1), draft.tokens[:, :-1]], dim=1)  # [B, G] x_{k-1}
         z = head.confidence_logit(h, head.markov_embedding(prev))  # [B, G]
         tokens = draft.tokens.tolist()
@@ -200,7 +205,11 @@ def make_dspark_drafter(loaded, opts: dict, spec) -> DSparkDrafter:
     n = opts.get("draft_vocab")
     if n not in (None, "") and not str(n).strip().isdigit():
         raise ValueError(f"draft_vocab={n!r}: expected a whole number of ids (0 = the full vocabulary)")
-    head = load_head(path, loaded.model, target_name=loaded.name, draft_vocab=None if n in (None, "") else int(n))
+    n = None if n in (None, "") else int(n)
+    if is_deepspec_checkpoint(path):
+        head = load_deepspec_head(path, loaded.model, target_name=loaded.name, draft_vocab=n)
+    else:
+        head = load_head(path, loaded.model, target_name=loaded.name, draft_vocab=n)
     head.pack_for_inference()
     return DSparkDrafter(
         head,
@@ -217,13 +226,17 @@ def head_feature_layers(opts: dict, target_name: str) -> tuple[int, ...]:
     """Target layers the head of ``opts`` (default: the shipped one) reads, from its config alone."""
     from dspark.models.dspark_head import read_head_config
 
-    head_cfg, _ = read_head_config(opts.get("head") or default_head_path(target_name))
+    path = opts.get("head") or default_head_path(target_name)
+    if is_deepspec_checkpoint(path):
+        return read_deepspec_config(path)[0].feature_layers
+    head_cfg, _ = read_head_config(path)
     return tuple(head_cfg.feature_layers)
 
 
 # The options a DSpark head takes (the hybrid drafter reuses them).
 HEAD_OPTIONS = (
-    DraftOption("head", text, None, "head checkpoint (default: the head shipped for the target)"),
+    DraftOption("head", text, None, "head checkpoint: our .safetensors or a DeepSpec folder (default: the head "
+                "shipped for the target)"),
     DraftOption("draft_vocab", optional_integer(0), None, "draft over the id map's first N ids; 0: full vocabulary "
                 "(default: the head's config)"),
     proposal_top_k_option(),

@@ -1,0 +1,368 @@
+"""DeepSpec's DSpark drafter checkpoints: read one into a :class:`DSparkHead`, write ours in that format.
+
+DeepSpec (deepseek-ai/DeepSpec) saves a drafter with Hugging Face ``save_pretrained``: a folder with
+
+    config.json         the target's own config, then the drafter's fields (below)
+    model.safetensors   (or model-*-of-*.safetensors + model.safetensors.index.json)
+
+config.json fields and what they become here (``DSparkHeadConfig``):
+
+    architectures                 Qwen3DSparkModel (QK-norm) | LlamaDSparkModel (ours, no QK-norm)
+    hidden_size, vocab_size       dim, vocab_size (must equal the target's)
+    num_hidden_layers             n_layers (draft layers)
+    num_attention_heads, num_key_value_heads, head_dim, intermediate_size, rms_norm_eps, rope_theta
+    num_target_layers             must equal the target's block count
+    target_layer_ids              feature_layers (DeepSpec's id l reads hidden_states[l + 1] of HF
+                                  ``output_hidden_states``: the output of block l, as ours)
+    block_size                    block_len
+    mask_token_id                 mask_embedding = embed_tokens[mask_token_id]
+    markov_rank, markov_head_type markov_rank, markov_kind (vanilla | gated | rnn)
+    enable_confidence_head, confidence_head_with_markov
+                                  the confidence layer over [h ; W1[x_{k-1}]] (without the Markov
+                                  embedding its r extra inputs get weight 0)
+    dspark                        ours only, optional: {"target_name", "sts"} (STS temperatures)
+
+Weights (DeepSpec name -> ours): fc -> fc; hidden_norm -> ctx_norm; norm -> norm;
+layers.i.self_attn.{q,k,v}_proj -> layers.i.wqkv (stacked); o_proj -> wo; {q,k}_norm -> q_norm /
+k_norm; layers.i.mlp.{gate,up}_proj -> w13 (stacked); down_proj -> w2; input_layernorm ->
+attention_norm; post_attention_layernorm -> ffn_norm; markov_head.markov_w1 [V, r] -> markov_w1;
+markov_head.markov_w2 [V, r] -> markov_w2 transposed [r, V]; markov_head.gate_proj /
+markov_head.joint_proj -> markov_mix; confidence_head.proj -> confidence.  embed_tokens and
+lm_head are frozen copies of the target's: we read the mask row, check a sample of rows against
+the target's and otherwise serve the target's own.
+
+Anything this engine would compute differently is refused with a one-line ``ValueError`` naming
+the field or weight (Gemma 4 drafters, biases, other activations, RoPE scaling, sliding windows,
+an embedding-output or final-norm feature layer, a missing confidence head).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dspark.models.dspark_head import MARKOV_KINDS, DSparkHead, DSparkHeadConfig
+
+# architectures[0] -> QK-norm.  Gemma 4 drafters (sandwich norms, scaled embeddings, v-norm,
+# logit soft-capping) are another architecture and are refused.
+ARCHITECTURES = {"Qwen3DSparkModel": True, "LlamaDSparkModel": False}
+MODEL_TYPES = {True: "qwen3", False: "llama"}
+EXPORT_NUM_ANCHORS = 512  # training-only field DeepSpec's constructor requires; its configs use 512
+_SAMPLE_ROWS = 64  # embedding / LM-head rows compared with the target's
+
+
+def is_deepspec_checkpoint(path: str | Path) -> bool:
+    """A folder with a config.json (the Hugging Face layout DeepSpec saves); our heads are files."""
+    path = Path(path)
+    return path.is_dir() and (path / "config.json").is_file()
+
+
+def _fail(name: str, msg: str) -> ValueError:
+    return ValueError(f"DeepSpec drafter {name}: {msg}")
+
+
+def read_deepspec_config(path: str | Path) -> tuple[DSparkHeadConfig, dict]:
+    """The head config of a DeepSpec checkpoint folder, and its raw config.json.
+
+    Checks everything that needs no target; :func:`load_deepspec_head` checks the rest.
+    """
+    path = Path(path)
+    name = path.name
+    raw = json.loads((path / "config.json").read_text())
+
+    def need(key: str):
+        if key not in raw:
+            raise _fail(name, f"config.json has no {key}")
+        return raw[key]
+
+    arch = (raw.get("architectures") or ["(none)"])[0]
+    if arch not in ARCHITECTURES:
+        raise _fail(name, f"architectures {arch!r} is not a DSpark drafter this engine serves "
+                          f"(served: {', '.join(ARCHITECTURES)})")
+    if raw.get("attention_bias", False):
+        raise _fail(name, "attention_bias true is not supported (draft layers have no biases)")
+    if raw.get("mlp_bias", False):
+        raise _fail(name, "mlp_bias true is not supported")
+    act = raw.get("hidden_act", "silu")
+    if act != "silu":
+        raise _fail(name, f"hidden_act {act!r} is not supported (SwiGLU with silu only)")
+    if any(t != "full_attention" for t in raw.get("layer_types") or []):
+        raise _fail(name, f"layer_types {raw['layer_types']} is not supported (full attention only)")
+    if raw.get("use_sliding_window", False):
+        raise _fail(name, "use_sliding_window true is not supported")
+    if float(raw.get("partial_rotary_factor", 1.0)) != 1.0:
+        raise _fail(name, f"partial_rotary_factor {raw['partial_rotary_factor']} is not supported")
+    rope = raw.get("rope_parameters") or {}
+    scaling = raw.get("rope_scaling") or {}
+    kind = scaling.get("rope_type", scaling.get("type", rope.get("rope_type", "default")))
+    if kind != "default":
+        raise _fail(name, f"rope_scaling type {kind!r} is not supported (plain RoPE only)")
+    theta = raw.get("rope_theta", rope.get("rope_theta"))
+    if theta is None:
+        raise _fail(name, "config.json has no rope_theta")
+
+    rank = int(need("markov_rank"))
+    markov_kind = str(raw.get("markov_head_type", "vanilla")).lower() if rank > 0 else "vanilla"
+    if rank < 0:
+        raise _fail(name, f"markov_rank {rank} is negative")
+    if markov_kind not in MARKOV_KINDS:
+        raise _fail(name, f"markov_head_type {raw['markov_head_type']!r} is not supported "
+                          f"(supported: {', '.join(MARKOV_KINDS)})")
+    if not raw.get("enable_confidence_head", False):
+        raise _fail(name, "enable_confidence_head false is not supported (verification budgets need confidences)")
+    if raw.get("confidence_head_with_markov", False) and rank == 0:
+        raise _fail(name, "confidence_head_with_markov true needs markov_rank > 0")
+    layer_ids = [int(i) for i in need("target_layer_ids")]
+    if not layer_ids or any(b <= a for a, b in zip(layer_ids, layer_ids[1:])):
+        raise _fail(name, f"target_layer_ids {layer_ids} must be non-empty and strictly increasing")
+    if layer_ids[0] < 0:
+        raise _fail(name, "target_layer_ids -1 (the embedding output) is not supported")
+
+    dim, heads = int(need("hidden_size")), int(need("num_attention_heads"))
+    extra = raw.get("dspark") or {}
+    cfg = DSparkHeadConfig(
+        target_name=str(extra.get("target_name", raw.get("_name_or_path", name))),
+        dim=dim,
+        vocab_size=int(need("vocab_size")),
+        feature_layers=tuple(layer_ids),
+        n_layers=int(need("num_hidden_layers")),
+        n_heads=heads,
+        n_kv_heads=int(raw.get("num_key_value_heads", heads)),
+        head_dim=int(raw.get("head_dim") or dim // heads),
+        intermediate_size=int(need("intermediate_size")),
+        norm_eps=float(need("rms_norm_eps")),
+        rope_theta=float(theta),
+        block_len=int(need("block_size")),
+        markov_rank=rank,
+        sts=dict(extra.get("sts") or {}),
+        qk_norm=ARCHITECTURES[arch],
+        markov_kind=markov_kind,
+    )
+    mask_id = int(need("mask_token_id"))
+    if not 0 <= mask_id < cfg.vocab_size:
+        raise _fail(name, f"mask_token_id {mask_id} is outside the vocabulary 0..{cfg.vocab_size - 1}")
+    return cfg, raw
+
+
+def _check_target(name: str, cfg: DSparkHeadConfig, raw: dict, args) -> None:
+    """Refuse a checkpoint that does not fit the target (``args``: its ``ModelArgs``), naming the field."""
+    if cfg.dim != args.dim:
+        raise _fail(name, f"hidden_size {cfg.dim} != the target's hidden size {args.dim}")
+    if cfg.vocab_size != args.vocab_size:
+        raise _fail(name, f"vocab_size {cfg.vocab_size} != the target's vocabulary {args.vocab_size}")
+    n = raw.get("num_target_layers")
+    if n is not None and int(n) != args.n_layers:
+        raise _fail(name, f"num_target_layers {n} != the target's {args.n_layers} layers")
+    # DeepSpec reads hidden_states[l + 1]; for the last layer that is the final-normed state.
+    bad = [i for i in cfg.feature_layers if not 0 <= i < args.n_layers - 1]
+    if bad:
+        raise _fail(name, f"target_layer_ids {bad} outside 0..{args.n_layers - 2} of the target's {args.n_layers} layers")
+
+
+class _Weights:
+    """The tensors of a checkpoint folder, read lazily; records which names were used."""
+
+    def __init__(self, path: Path) -> None:
+        from safetensors import safe_open
+
+        index = path / "model.safetensors.index.json"
+        if index.is_file():
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        elif (path / "model.safetensors").is_file():
+            files = ["model.safetensors"]
+        else:
+            raise _fail(path.name, "no model.safetensors (or model.safetensors.index.json) in the folder")
+        self.name = path.name
+        self.where: dict[str, object] = {}
+        for f in files:
+            handle = safe_open(str(path / f), framework="pt")
+            for key in handle.keys():
+                self.where[key] = handle
+        self.used: set[str] = set()
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.where
+
+    def get(self, key: str, shape: tuple[int, ...]) -> torch.Tensor:
+        if key not in self.where:
+            raise _fail(self.name, f"weight {key} is missing")
+        self.used.add(key)
+        t = self.where[key].get_tensor(key)
+        if tuple(t.shape) != shape:
+            raise _fail(self.name, f"weight {key} has shape {tuple(t.shape)}, the config implies {shape}")
+        return t.float()
+
+    def rows(self, key: str, idx: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+        """Rows ``idx`` of a [V, D] matrix without reading the rest: [len(idx), D] float32."""
+        if key not in self.where:
+            raise _fail(self.name, f"weight {key} is missing")
+        self.used.add(key)
+        sl = self.where[key].get_slice(key)
+        if tuple(sl.get_shape()) != shape:
+            raise _fail(self.name, f"weight {key} has shape {tuple(sl.get_shape())}, the config implies {shape}")
+        return torch.stack([sl[int(i) : int(i) + 1][0] for i in idx]).float()
+
+
+def _check_rows(w: _Weights, key: str, target_w: torch.Tensor, idx: torch.Tensor) -> None:
+    """A frozen copy of the target's matrix must match it (up to the storage dtypes' rounding)."""
+    ours = target_w.detach()[idx.to(target_w.device)].float().cpu()
+    theirs = w.rows(key, idx, tuple(target_w.shape))
+    cos = torch.nn.functional.cosine_similarity(ours, theirs, dim=-1)
+    if bool((cos < 0.99).any()):
+        raise _fail(w.name, f"weight {key} differs from the target's (trained for another target?)")
+
+
+def load_deepspec_head(path: str | Path, target: nn.Module, target_name: str | None = None,
+                       dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+                       draft_vocab: int | None = None) -> DSparkHead:
+    """Read DeepSpec checkpoint folder ``path`` into a head bound to ``target`` (as ``load_head``).
+
+    Every weight of the checkpoint is mapped (see the module docstring) or the load is refused;
+    ``draft_vocab`` must be 0/None (DeepSpec heads draft over the full vocabulary).
+    """
+    path = Path(path)
+    name = path.name
+    cfg, raw = read_deepspec_config(path)
+    _check_target(name, cfg, raw, target.args)
+    if draft_vocab:
+        raise _fail(name, f"draft_vocab={draft_vocab}: a DeepSpec head drafts over the full vocabulary (no id map)")
+    w = _Weights(path)
+    D, V, r, hd = cfg.dim, cfg.vocab_size, cfg.markov_rank, cfg.head_dim
+    q_out, kv_out = cfg.n_heads * hd, cfg.n_kv_heads * hd
+    head = DSparkHead(cfg)
+    state: dict[str, torch.Tensor] = {
+        "fc.weight": w.get("fc.weight", (D, len(cfg.feature_layers) * D)),
+        "ctx_norm.weight": w.get("hidden_norm.weight", (D,)),
+        "norm.weight": w.get("norm.weight", (D,)),
+    }
+    for i in range(cfg.n_layers):
+        a, m, o = f"layers.{i}.self_attn.", f"layers.{i}.mlp.", f"layers.{i}."
+        state[o + "wqkv.weight"] = torch.cat([w.get(a + "q_proj.weight", (q_out, D)), w.get(a + "k_proj.weight", (kv_out, D)),
+                                              w.get(a + "v_proj.weight", (kv_out, D))])
+        state[o + "wo.weight"] = w.get(a + "o_proj.weight", (D, q_out))
+        state[o + "w13.weight"] = torch.cat([w.get(m + "gate_proj.weight", (cfg.intermediate_size, D)),
+                                             w.get(m + "up_proj.weight", (cfg.intermediate_size, D))])
+        state[o + "w2.weight"] = w.get(m + "down_proj.weight", (D, cfg.intermediate_size))
+        state[o + "attention_norm.weight"] = w.get(o + "input_layernorm.weight", (D,))
+        state[o + "ffn_norm.weight"] = w.get(o + "post_attention_layernorm.weight", (D,))
+        if cfg.qk_norm:
+            state[o + "q_norm.weight"] = w.get(a + "q_norm.weight", (hd,))
+            state[o + "k_norm.weight"] = w.get(a + "k_norm.weight", (hd,))
+    if r > 0:
+        state["markov_w1"] = w.get("markov_head.markov_w1.weight", (V, r))
+        state["markov_w2"] = w.get("markov_head.markov_w2.weight", (V, r)).t()
+    if cfg.markov_kind == "gated":
+        state["markov_mix.weight"] = w.get("markov_head.gate_proj.weight", (r, D + r))
+        state["markov_mix.bias"] = w.get("markov_head.gate_proj.bias", (r,))
+    elif cfg.markov_kind == "rnn":
+        state["markov_mix.weight"] = w.get("markov_head.joint_proj.weight", (3 * r, 2 * r + D))
+        state["markov_mix.bias"] = w.get("markov_head.joint_proj.bias", (3 * r,))
+    with_markov = bool(raw.get("confidence_head_with_markov", False))
+    conf = w.get("confidence_head.proj.weight", (1, D + r if with_markov else D))
+    state["confidence.weight"] = conf if with_markov else torch.cat([conf, conf.new_zeros(1, r)], dim=1)
+    state["confidence.bias"] = w.get("confidence_head.proj.bias", (1,))
+
+    # embed_tokens / lm_head: frozen copies of the target's.  The mask row is the mask vector.
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randperm(V, generator=g)[: min(_SAMPLE_ROWS, V)]
+    mask_id = int(raw["mask_token_id"])
+    idx = idx[idx != mask_id]
+    _check_rows(w, "embed_tokens.weight", target.tok_embeddings.weight, idx)
+    if "lm_head.weight" in w:
+        _check_rows(w, "lm_head.weight", target.output.weight, idx)
+    state["mask_embedding"] = w.rows("embed_tokens.weight", torch.tensor([mask_id]), (V, D))[0]
+
+    unused = sorted(k for k in w.where if k not in w.used and not k.endswith("rotary_emb.inv_freq"))
+    if unused:
+        raise _fail(name, f"weight {unused[0]} is not understood by this engine ({len(unused)} such)")
+    missing, unexpected = head.load_state_dict(state, strict=False)
+    if missing or unexpected:  # a mapping bug, not a checkpoint problem
+        raise RuntimeError(f"DeepSpec drafter {name}: missing={missing} unexpected={unexpected}")
+    dtype = dtype or target.dtype
+    device = device or target.device
+    return head.to(device=device, dtype=dtype).eval().requires_grad_(False).bind_target(target)
+
+
+def export_deepspec(head: DSparkHead, out: str | Path, mask_token_id: int,
+                    dtype: torch.dtype = torch.bfloat16, num_anchors: int = EXPORT_NUM_ANCHORS) -> Path:
+    """Write ``head`` (bound to its target) as a DeepSpec checkpoint folder ``out``; returns it.
+
+    ``mask_token_id``: the id whose embed_tokens row carries the head's mask vector (DeepSpec's
+    drafter embeds a real token id as the mask; pick a reserved special token the target never
+    emits).  Loading the folder back with :func:`load_deepspec_head` gives the same proposals and
+    confidences.  A head drafting over an id map (``trained_vocab``/``draft_vocab``) is refused:
+    the format has no draft vocabulary.
+    """
+    from safetensors.torch import save_file
+
+    cfg = head.cfg
+    target = head._target[0] if head._target else None
+    if target is None:
+        raise ValueError("export: bind the head to its target first (embed_tokens and lm_head are written)")
+    if cfg.trained_vocab or cfg.draft_vocab:
+        field = "trained_vocab" if cfg.trained_vocab else "draft_vocab"
+        raise ValueError(f"export: {field}={cfg.trained_vocab or cfg.draft_vocab}: DeepSpec's format has "
+                         f"full-vocabulary heads only")
+    V, D, r = cfg.vocab_size, cfg.dim, cfg.markov_rank
+    last = target.args.n_layers - 1
+    if last in cfg.feature_layers:  # DeepSpec's id for it would mean the final-normed hidden state
+        raise ValueError(f"export: feature_layers {list(cfg.feature_layers)} include the target's last layer {last}, "
+                         f"which DeepSpec's target_layer_ids read after the final norm")
+    if not 0 <= mask_token_id < V:
+        raise ValueError(f"export: mask_token_id {mask_token_id} outside the vocabulary 0..{V - 1}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    s = {k: v.detach().float().cpu() for k, v in head.state_dict().items()}
+    t: dict[str, torch.Tensor] = {"fc.weight": s["fc.weight"], "hidden_norm.weight": s["ctx_norm.weight"],
+                                  "norm.weight": s["norm.weight"]}
+    q_out, kv_out = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    for i in range(cfg.n_layers):
+        o, a, m = f"layers.{i}.", f"layers.{i}.self_attn.", f"layers.{i}.mlp."
+        q, k, v = s[o + "wqkv.weight"].split([q_out, kv_out, kv_out])
+        t[a + "q_proj.weight"], t[a + "k_proj.weight"], t[a + "v_proj.weight"] = q, k, v
+        t[a + "o_proj.weight"] = s[o + "wo.weight"]
+        t[m + "gate_proj.weight"], t[m + "up_proj.weight"] = s[o + "w13.weight"].split(cfg.intermediate_size)
+        t[m + "down_proj.weight"] = s[o + "w2.weight"]
+        t[o + "input_layernorm.weight"] = s[o + "attention_norm.weight"]
+        t[o + "post_attention_layernorm.weight"] = s[o + "ffn_norm.weight"]
+        if cfg.qk_norm:
+            t[a + "q_norm.weight"], t[a + "k_norm.weight"] = s[o + "q_norm.weight"], s[o + "k_norm.weight"]
+    if r > 0:
+        t["markov_head.markov_w1.weight"] = s["markov_w1"]
+        t["markov_head.markov_w2.weight"] = s["markov_w2"].t()
+    if cfg.markov_kind in ("gated", "rnn"):
+        layer = "gate_proj" if cfg.markov_kind == "gated" else "joint_proj"
+        t[f"markov_head.{layer}.weight"], t[f"markov_head.{layer}.bias"] = s["markov_mix.weight"], s["markov_mix.bias"]
+    t["confidence_head.proj.weight"], t["confidence_head.proj.bias"] = s["confidence.weight"], s["confidence.bias"]
+    emb = head.embedding.detach().float().cpu().clone()
+    emb[mask_token_id] = s["mask_embedding"]
+    t["embed_tokens.weight"] = emb
+    t["lm_head.weight"] = head.lm_head_weight.detach().float().cpu()
+    save_file({k: v.to(dtype).contiguous() for k, v in t.items()}, str(out / "model.safetensors"),
+              metadata={"format": "pt"})
+
+    args = target.args
+    config = {
+        "architectures": ["Qwen3DSparkModel" if cfg.qk_norm else "LlamaDSparkModel"],
+        "model_type": MODEL_TYPES[cfg.qk_norm],
+        "hidden_size": D, "vocab_size": V, "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim,
+        "intermediate_size": cfg.intermediate_size, "rms_norm_eps": cfg.norm_eps, "hidden_act": "silu",
+        "rope_theta": cfg.rope_theta, "rope_scaling": None, "attention_bias": False, "attention_dropout": 0.0,
+        "max_position_embeddings": int(args.max_position_embeddings), "tie_word_embeddings": False,
+        "layer_types": ["full_attention"] * cfg.n_layers,
+        "torch_dtype": str(dtype).removeprefix("torch."),
+        "num_target_layers": int(args.n_layers), "target_layer_ids": list(cfg.feature_layers),
+        "block_size": cfg.block_len, "mask_token_id": int(mask_token_id), "num_anchors": int(num_anchors),
+        "markov_rank": r, **({"markov_head_type": cfg.markov_kind} if r > 0 else {}),
+        "enable_confidence_head": True, "confidence_head_with_markov": r > 0,
+        "dspark": {"target_name": cfg.target_name, "sts": cfg.sts},
+    }
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return out
+
+
+__all__ = ["ARCHITECTURES", "export_deepspec", "is_deepspec_checkpoint", "load_deepspec_head", "read_deepspec_config"]
