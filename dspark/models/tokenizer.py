@@ -78,12 +78,13 @@ class Tokenizer:
         if piece is None:
             return b""
         table = _byte_of_char()
-        if i in self._special_ids or not all(c in table for c in piece):
+        if i in self.special_ids or not all(c in table for c in piece):
             return piece.encode("utf-8")
         return bytes(table[c] for c in piece)
 
     @property
-    def _special_ids(self) -> frozenset[int]:
+    def special_ids(self) -> frozenset[int]:
+        """Ids of the added (special) tokens: chat markers, end of text, ..."""
         if self._specials is None:
             self._specials = frozenset(t.id if hasattr(t, "id") else i
                                        for i, t in self._tok.get_added_tokens_decoder().items())

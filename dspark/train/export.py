@@ -35,7 +35,7 @@ def export_draft(head_path, fmt, out_dir, model, mask_token_id, dtype):
     try:
         head = load_head(path, loaded.model, target_name=loaded.name, draft_vocab=0)
         if mask_token_id is None:
-            specials = sorted(loaded.tokenizer._special_ids)
+            specials = sorted(loaded.tokenizer.special_ids)
             if not specials:
                 raise ValueError("the target's tokenizer has no special tokens: pass --mask-token-id")
             mask_token_id = specials[-1]
