@@ -86,8 +86,7 @@ class Tokenizer:
     def special_ids(self) -> frozenset[int]:
         """Ids of the added (special) tokens: chat markers, end of text, ..."""
         if self._specials is None:
-            self._specials = frozenset(t.id if hasattr(t, "id") else i
-                                       for i, t in self._tok.get_added_tokens_decoder().items())
+            self._specials = frozenset(self._tok.get_added_tokens_decoder())  # {id: AddedToken}
         return self._specials
 
     def to_json(self) -> str:
