@@ -43,6 +43,7 @@ class Completion:
     token_ids: list[int]  # every output's new token ids, in order
     logprobs: list[TokenLogprob] | None  # one per token when the request asked for logprobs
     final: RequestOutput  # the last output: finish reason, usage, speculative-decoding metrics
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # when asked for: one per prompt token
 
 
 async def collect(outputs: AsyncIterator[RequestOutput], n: int = 1) -> list[Completion]:
@@ -56,14 +57,17 @@ async def collect(outputs: AsyncIterator[RequestOutput], n: int = 1) -> list[Com
     token_ids: dict[int, list[int]] = {i: [] for i in range(n)}
     logprobs: dict[int, list[TokenLogprob] | None] = {i: None for i in range(n)}
     done: dict[int, Completion] = {}
+    prompt: dict[int, list | None] = {}
     async for out in outputs:
         i = out.index
+        if out.prompt_logprobs is not None:
+            prompt[i] = out.prompt_logprobs
         pieces[i].append(out.text_delta)
         token_ids[i].extend(out.new_token_ids)
         if out.logprobs is not None:
             logprobs[i] = (logprobs[i] or []) + list(out.logprobs)
         if out.finished:
-            done[i] = Completion(i, "".join(pieces[i]), token_ids[i], logprobs[i], out)
+            done[i] = Completion(i, "".join(pieces[i]), token_ids[i], logprobs[i], out, prompt.get(i))
             if len(done) == n:
                 return [done[j] for j in range(n)]
     raise IncompleteOutput()

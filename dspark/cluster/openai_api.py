@@ -119,7 +119,8 @@ def make_http_app(
     )
     async def completions(body: T.CompletionRequest) -> Response:
         prepared = prepare_request(body.to_generation_request(), tokenizer, backend, cfg)
-        fmt = CompletionFormat(f"cmpl-{uuid.uuid4().hex}", prepared.model, tokenizer, prepared.params.n)
+        fmt = CompletionFormat(f"cmpl-{uuid.uuid4().hex}", prepared.model, tokenizer, prepared.params.n,
+                               echo_ids=prepared.prompt_ids if body.echo else None)
         return generation_response(backend, prepared, fmt, body.stream, body.include_usage)
 
     app.include_router(v1)

@@ -134,18 +134,39 @@ class ChatFormat(Format):
 
 
 class CompletionFormat(Format):
-    """``/v1/completions``: ``text_completion`` objects, streamed or whole."""
+    """``/v1/completions``: ``text_completion`` objects, streamed or whole.
 
-    def __init__(self, request_id: str, model: str, tokenizer: Tokenizer, n: int = 1) -> None:
+    With ``echo_ids`` (the prompt's token ids, for ``echo``), each choice's text starts with the
+    prompt, and with logprobs its tokens come first (the first with a null logprob).
+    """
+
+    def __init__(self, request_id: str, model: str, tokenizer: Tokenizer, n: int = 1,
+                 echo_ids: list[int] | None = None) -> None:
         super().__init__(request_id, model, tokenizer, n)
         self._offset = [0] * n  # characters of each choice's text before its next token (text_offset)
+        self.echo_ids = echo_ids
+        self._echo_text = tokenizer.decode(echo_ids, skip_special_tokens=False) if echo_ids else ""
+        self._echoed: set[int] = set()  # choices whose prompt went out already
+
+    def output_events(self, out: RequestOutput) -> list[dict]:
+        if self.echo_ids is not None and out.index not in self._echoed:  # the prompt goes first, even with no text yet
+            return [self.text_event(out)] + ([self.finish_event(out)] if out.finished else [])
+        return super().output_events(out)
 
     def _chunk(self, choices: list[T.CompletionChoice], **extra) -> dict:
         return T.dump(T.Completion(id=self.id, created=self.created, model=self.model, choices=choices, **extra))
 
     def text_event(self, out: RequestOutput) -> dict:
-        return self._chunk([T.CompletionChoice(index=out.index, text=out.text_delta,
-                                               logprobs=self._logprobs(out.index, out.logprobs))])
+        prefix, prompt_lps = self._echo(out.index, out.prompt_logprobs)
+        return self._chunk([T.CompletionChoice(index=out.index, text=prefix + out.text_delta,
+                                               logprobs=self._logprobs(out.index, out.logprobs, prompt_lps))])
+
+    def _echo(self, index: int, prompt_lps) -> tuple[str, list | None]:
+        """The echoed prompt's text and logprobs, the first time a choice is sent; else nothing."""
+        if self.echo_ids is None or index in self._echoed:
+            return "", None
+        self._echoed.add(index)
+        return self._echo_text, prompt_lps
 
     def finish_event(self, out: RequestOutput) -> dict:
         choice = T.CompletionChoice(index=out.index, text="", finish_reason=_finish_reason(out))
@@ -156,22 +177,31 @@ class CompletionFormat(Format):
 
     def whole(self, choices: list[Completion]) -> dict:
         finals = [c.final for c in choices]
-        items = [T.CompletionChoice(index=c.index, text=c.text, finish_reason=_finish_reason(c.final),
-                                    logprobs=self._logprobs(c.index, c.logprobs)) for c in choices]
+        items = []
+        for c in choices:
+            prefix, prompt_lps = self._echo(c.index, c.prompt_logprobs)
+            items.append(T.CompletionChoice(index=c.index, text=prefix + c.text, finish_reason=_finish_reason(c.final),
+                                            logprobs=self._logprobs(c.index, c.logprobs, prompt_lps)))
         return self._chunk(items, usage=_usage(finals), spec_decode=_spec(finals))
 
-    def _logprobs(self, index: int, lps: list[TokenLogprob] | None) -> T.CompletionLogprobs | None:
+    def _logprobs(self, index: int, lps: list[TokenLogprob] | None,
+                  prompt_lps: list[TokenLogprob | None] | None = None) -> T.CompletionLogprobs | None:
         if lps is None:
             return None
-        tokens = [self.token_str(lp.token_id) for lp in lps]
+        if prompt_lps is not None:  # echo: the prompt's tokens first; the first has no logprob
+            ids = [*self.echo_ids, *(lp.token_id for lp in lps)]
+            entries = [*prompt_lps, *lps]
+        else:
+            ids, entries = [lp.token_id for lp in lps], list(lps)
+        tokens = [self.token_str(t) for t in ids]
         offsets = []
         for t in tokens:
             offsets.append(self._offset[index])
             self._offset[index] += len(t)
         return T.CompletionLogprobs(
             tokens=tokens,
-            token_logprobs=[_finite(lp.logprob) for lp in lps],
-            top_logprobs=[{self.token_str(t): _finite(v) for t, v in lp.top} for lp in lps],
+            token_logprobs=[None if lp is None else _finite(lp.logprob) for lp in entries],
+            top_logprobs=[None if lp is None else {self.token_str(t): _finite(v) for t, v in lp.top} for lp in entries],
             text_offset=offsets,
         )
 

@@ -154,15 +154,14 @@ class CompletionRequest(_SamplingFields):
         description="A string, a list of one string, token ids, or a list of one token-id list."
     )
     logprobs: int | None = Field(None, description="Each output token's log-probability and its 0-20 most likely alternatives.")
-    echo: bool | None = Field(None, description="Not supported: must be unset or false.")
+    echo: bool | None = Field(None, description="Prepend the prompt to the text (and, with logprobs, its tokens' logprobs).")
 
     def logprobs_k(self) -> int | None:
-        if self.echo:
-            raise RequestError("echo is not supported", param="echo")
         return self.logprobs
 
     def to_generation_request(self) -> GenerationRequest:
-        return GenerationRequest(prompt=self.prompt, **self.sampling_fields())
+        return GenerationRequest(prompt=self.prompt, echo=bool(self.echo), **self.sampling_fields())
+
 
 
 # ---------------------------------------------------------------------------- responses
@@ -201,8 +200,8 @@ class ChatLogprobs(BaseModel):
 
 class CompletionLogprobs(BaseModel):
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]]
+    token_logprobs: list[float | None]  # None: the echoed prompt's first token (nothing precedes it)
+    top_logprobs: list[dict[str, float] | None]
     text_offset: list[int]
 
 

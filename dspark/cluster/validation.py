@@ -106,6 +106,7 @@ class GenerationRequest:
     speculative: bool | None = None  # False: plain decoding (A/B comparisons); None: server default
     logprobs: int | None = None  # None: no logprobs; k >= 0: each token's and its k best alternatives'
     grammar: GrammarSpec | None = None  # structured output (response_format); None: free text
+    echo: bool = False  # completions: the answer starts with the prompt (with logprobs: its tokens' too)
 
 
 @dataclass(frozen=True)
@@ -221,6 +222,7 @@ def prepare_request(
             speculative=req.speculative is not False,
             n=n,
             logprobs=req.logprobs,
+            prompt_logprobs=req.logprobs if req.echo else None,
             grammar=req.grammar,
         )
     except ValueError as exc:  # SamplingParams owns the ranges; name the field it complained about

@@ -229,7 +229,8 @@ class Engine:
             if self.prefix.num_free < n or (self.running and len(self.running) + n > self.max_batch):
                 return
             self.waiting.pop(0)
-            reuse = self.prefix.allocate(seq.prompt_ids)
+            # Prompt logprobs need every prompt row computed: such a request reuses no prefix.
+            reuse = self.prefix.allocate(seq.prompt_ids if seq.params.prompt_logprobs is None else [])
             seq.slot = reuse.slot
             if reuse.tokens and reuse.source != reuse.slot:
                 self.runner.copy_prefix(reuse.source, reuse.slot, reuse.tokens)
@@ -295,8 +296,12 @@ class Engine:
             self.grammar_seconds += time.perf_counter() - t_mask
         feature_layers = self.drafter.feature_layers if self.drafter is not None else ()
         out = self.runner.forward(plan.step_input(feature_layers))
+        n_rows = sum(e.num_rows for e in plan.sampling)
+        if out.logits is not None and n_rows < out.logits.shape[0]:
+            plan.fill_prompt_logprobs(out.logits[n_rows:])  # the rows after the sampling ones
         if plan.sampling:
-            logits = plan.mask_logits(out.logits) if constrained else out.logits  # [R, V]
+            logits = out.logits[:n_rows]  # [R, V]
+            logits = plan.mask_logits(logits) if constrained else logits
             plan.set_emitted(plan.verify(logits))
             plan.fill_logprobs(logits)
 
@@ -366,6 +371,7 @@ class Engine:
     def _accept(self, e: Scheduled) -> RequestOutput | None:
         """Advance the request's cache over the tokens it keeps and append what it emitted."""
         if not e.tokens:  # a follower: its prompt was copied in by _copy_to_followers
+            e.seq.prompt_logprobs = e.seq.leader.prompt_logprobs
             return self._append(e.seq, e.emitted, 0, 0, e.logprobs)
         before = e.seq.num_cached
         e.seq.num_cached += len(e.kept)
@@ -519,6 +525,7 @@ class Engine:
             request_id=seq.group_id,
             index=seq.index,
             logprobs=None if logprobs is None else logprobs[: len(new)],
+            prompt_logprobs=seq.prompt_logprobs if len(seq.output_ids) == len(new) else None,  # first output
             new_token_ids=new,
             text_delta=delta,
             finished=seq.finished,

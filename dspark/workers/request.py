@@ -34,6 +34,7 @@ class SamplingParams:
     speculative: bool = True  # False: plain decoding for this request (A/B comparisons)
     n: int = 1  # sequences sampled for the prompt (prefilled once); sequence i seeds with seed + i
     logprobs: int | None = None  # None: none; k: each token's log-probability and its k best alternatives
+    prompt_logprobs: int | None = None  # None: none; k: each prompt token's (from the second on), with k alternatives
     grammar: GrammarSpec | None = None  # constrain the output (structured outputs); None: free text
 
     def __post_init__(self) -> None:
@@ -59,6 +60,10 @@ class SamplingParams:
             raise ValueError(f"n must be an integer in [1, {MAX_N}]")
         if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_TOP_LOGPROBS):
             raise ValueError(f"logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}]")
+        if self.prompt_logprobs is not None and (
+            not _is_int(self.prompt_logprobs) or not 0 <= self.prompt_logprobs <= MAX_TOP_LOGPROBS
+        ):
+            raise ValueError(f"prompt_logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}]")
         if self.grammar is not None:
             from dspark.workers.grammar import GrammarSpec  # lazily: its engine is imported on first use
 
@@ -154,6 +159,7 @@ class Sequence:
     followers: list["Sequence"] = field(default_factory=list)  # the other n - 1, while they share its prefill
     leader: "Sequence | None" = None  # the sequence whose prefill this one shares (until its prompt is cached)
     grammar: object | None = None  # its GrammarMatcher when the request constrains its output
+    prompt_logprobs: list | None = None  # TokenLogprob of prompt tokens 1.. as prefill computes them
 
     def __post_init__(self) -> None:
         if not self.group_id:
@@ -204,6 +210,9 @@ class RequestOutput:
     metrics: SpecMetrics
     index: int = 0  # the sequence's index among the request's n (the OpenAI choice index)
     logprobs: list[TokenLogprob] | None = None  # one per new token when the request asked for logprobs
+    # Set on a sequence's first output when the request asked for prompt logprobs: one per prompt
+    # token, None for the first (nothing precedes it).
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 def make_detokenizer(tokenizer: Tokenizer | None) -> IncrementalDetokenizer | None:

@@ -111,13 +111,26 @@ class StepPlan:
         """The entries that feed tokens (all but followers, which share their leader's row)."""
         return [e for e in self.entries if e.tokens]
 
+    def prompt_rows(self) -> list[tuple[Scheduled, int]]:
+        """Prefill chunks of requests that want prompt logprobs: (entry, rows it adds).
+
+        A chunk's row i predicts prompt token i + 1 of the chunk; the prompt's last row is the
+        sampling row already, so a chunk that ends the prompt adds one row fewer.
+        """
+        return [(e, len(e.tokens) - int(e.samples)) for e in self.entries
+                if e.prefill and e.tokens and e.seq.params.prompt_logprobs is not None]
+
     def step_input(self, feature_layers: tuple[int, ...]) -> StepInput:
         tokens: list[int] = []
         rows: list[int] = []
+        extra: list[int] = []  # prompt-logprob rows, after every sampling row
         for e in self.entries:
             tokens.extend(e.tokens)
             # A follower (no tokens) reads its leader's last row, the one just before it.
             rows.extend(range(len(tokens) - e.num_rows, len(tokens)) if e.tokens else [len(tokens) - 1])
+            if e.prefill and e.tokens and e.seq.params.prompt_logprobs is not None:
+                extra.extend(range(len(tokens) - len(e.tokens), len(tokens) - int(e.samples)))
+        rows += extra
         fed = self.fed
         return StepInput(
             tokens,
@@ -186,6 +199,33 @@ class StepPlan:
                 rows[:, width:] = float("-inf")  # ids past the tokenizer's vocabulary are never text
             o += e.num_rows
         return logits
+
+    def fill_prompt_logprobs(self, logits: torch.Tensor) -> None:
+        """Append to each prompt-logprob request's ``seq.prompt_logprobs`` the entries of this chunk.
+
+        ``logits``: the rows after the sampling rows, in ``prompt_rows`` order; row i of a chunk
+        gives the log-probability of the prompt token after it, under the request's processing.
+        """
+        o = 0
+        for e, n in self.prompt_rows():
+            if n:
+                p = e.seq.params
+                start = e.seq.num_cached  # the chunk's first position (before it is accepted)
+                nxt = torch.tensor(e.seq.prompt_ids[start + 1 : start + 1 + n], dtype=torch.long, device=logits.device)
+                chosen, top_v, top_i = token_logprobs(
+                    logits[o : o + n],
+                    torch.full((n,), p.temperature, device=logits.device),
+                    torch.full((n,), p.top_k, device=logits.device),
+                    torch.full((n,), p.top_p, device=logits.device),
+                    nxt, p.prompt_logprobs)
+                entries = [TokenLogprob(t, c, tuple(zip(ti[: p.prompt_logprobs], tv[: p.prompt_logprobs])))
+                           for t, c, tv, ti in zip(nxt.tolist(), chosen.tolist(), top_v.tolist(), top_i.tolist())]
+            else:
+                entries = []
+            if e.seq.prompt_logprobs is None:
+                e.seq.prompt_logprobs = [None]  # the first prompt token: nothing precedes it
+            e.seq.prompt_logprobs += entries
+            o += n
 
     def fill_logprobs(self, logits: torch.Tensor) -> None:
         """Give each emitted token of the requests that ask for logprobs its log-probability.

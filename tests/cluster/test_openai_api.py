@@ -386,7 +386,6 @@ BAD_INPUTS = [
      None),
     ("logprobs-21", COMP_URL, _j({"prompt": "x", "logprobs": 21}), 400, "logprobs", None),
     ("logprobs-bool-completions", COMP_URL, _j({"prompt": "x", "logprobs": True}), 400, "logprobs", None),
-    ("echo", COMP_URL, _j({"prompt": "x", "echo": True}), 400, "echo", None),
     ("tools", CHAT_URL, _j({"messages": MSG, "tools": [{"type": "function", "function": {"name": "f"}}]}), 400,
      "tools", None),
     ("logit-bias", CHAT_URL, _j({"messages": MSG, "logit_bias": {"42": 5}}), 400, "logit_bias", None),

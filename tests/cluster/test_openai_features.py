@@ -107,6 +107,22 @@ def test_completion_logprobs_shape(stack):
     assert all(len(d) <= 3 and max(d.values()) <= 0 for d in lp.top_logprobs)
 
 
+def test_completion_echo_with_logprobs(stack):
+    prompt = "The capital of France is"
+    ids = stack.tok.encode(prompt)
+    whole = stack.client.completions.create(model=stack.model, prompt=prompt, max_tokens=4, temperature=0,
+                                            logprobs=1, echo=True)
+    c = whole.choices[0]
+    assert c.text.startswith(prompt) and len(c.text) > len(prompt)
+    lp = c.logprobs
+    assert len(lp.tokens) == len(ids) + 4 and "".join(lp.tokens) == c.text
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert all(v <= 0 for v in lp.token_logprobs[1:])
+    streamed = "".join(ch.text for chunk in stack.client.completions.create(
+        model=stack.model, prompt=prompt, max_tokens=4, temperature=0, echo=True, stream=True) for ch in chunk.choices)
+    assert streamed == c.text
+
+
 def test_n_4_returns_4_choices_with_exact_usage(stack):
     r = stack.client.chat.completions.create(model=stack.model, messages=CHAT, max_tokens=16, temperature=1.0,
                                              seed=7, n=4, logprobs=True)

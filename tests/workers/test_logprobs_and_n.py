@@ -166,3 +166,25 @@ def test_n_larger_than_the_batch_is_refused(prompt):
             built.engine.add_request(prompt, SamplingParams(n=3))
     finally:
         built.close()
+
+
+def test_prompt_logprobs_equal_transformers_across_chunks(prompt, hf_model, model_fp32):
+    """Prompt logprobs (echo) computed over several prefill chunks, after a request that could
+    have lent its prefix: every prompt token from the second on, against transformers."""
+    from dspark.workers.engine import Engine, EngineConfig
+    from dspark.workers.runner import LocalRunner
+
+    eng = Engine(LocalRunner(model_fp32.model, RunnerConfig(n_slots=4, max_seq=512)), model_fp32.tokenizer,
+                 EngineConfig(max_batch=4, max_prefill_tokens=16))  # several chunks
+    eng.generate([prompt], SamplingParams(max_tokens=2))  # its prompt is now indexed for reuse
+    outs = _run(eng, prompt, SamplingParams(max_tokens=3, prompt_logprobs=2, n=2))
+    firsts = [o for o in outs if o.prompt_logprobs is not None]
+    assert sorted(o.index for o in firsts) == [0, 1]  # each choice gets them, once
+    plp = firsts[0].prompt_logprobs
+    assert len(plp) == len(prompt) and plp[0] is None
+    assert [lp.token_id for lp in plp[1:]] == prompt[1:]
+    with torch.no_grad():
+        ref = torch.log_softmax(hf_model(torch.tensor([prompt])).logits[0, :-1].float(), -1)  # [P-1, V]
+    want = ref.gather(-1, torch.tensor(prompt[1:]).view(-1, 1)).view(-1)
+    assert torch.allclose(torch.tensor([lp.logprob for lp in plp[1:]]), want, atol=2e-4)
+    assert all(len(lp.top) == 2 for lp in plp[1:])
