@@ -3,7 +3,10 @@
 Every request in a step contributes ``q_len >= 1`` new tokens (a prefill chunk, a decode token or
 a verification block) that sit at cache positions ``start .. start + q_len - 1`` of its slot.
 A new token at position ``start + i`` sees every cached position ``<= start + i``: a causal mask
-aligned to the bottom-right corner of the [q_len, start + q_len] score matrix.
+aligned to the bottom-right corner of the [q_len, start + q_len] score matrix.  With a sliding
+``window`` W it sees only positions ``> start + i - W`` (the W most recent, itself included);
+the cache keeps every position and the mask limits what is read.  Scores are scaled by
+``scale`` (``hd ** -0.5`` unless the plan says otherwise).
 
 Implementations with the same result:
   * ``loop``: one SDPA call per request on views of the cache (no copies);
@@ -60,6 +63,8 @@ class AttentionPlan:
     # Row-invariant path: (slot, first flat token, tokens, key length, bool mask or None) per tile.
     tiles: list[tuple[int, int, int, int, torch.Tensor | None]] | None = None
     span: "SpanPlan | None" = None  # the short queries' one call (loop path); their masks are None
+    window: int | None = None  # sliding window: each query reads its ``window`` latest positions
+    scale: float | None = None  # score scale; None: hd ** -0.5
 
 
 @dataclass
@@ -107,17 +112,32 @@ def padded_keys(length: int, max_keys: int) -> int:
 ROW_TILE = 8
 
 
-def causal_mask(start: int, q_len: int, n_rep: int, device: torch.device | str) -> torch.Tensor:
-    """Bottom-right aligned causal mask, tiled over the folded query heads.
+def visible(k_pos: torch.Tensor, q_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+    """Which keys a query sees: causal, and within the last ``window`` positions when set.
+
+    Broadcasts k_pos against q_pos.  Example, window 2: the query at 3 sees keys 2 and 3.
+        >>> visible(torch.arange(4), torch.tensor(3), 2).tolist()
+        [False, False, True, True]
+    """
+    seen = k_pos <= q_pos
+    if window is not None:
+        seen = seen & (k_pos > q_pos - window)
+    return seen
+
+
+def causal_mask(start: int, q_len: int, n_rep: int, device: torch.device | str, window: int | None = None) -> torch.Tensor:
+    """Bottom-right aligned causal mask (sliding when ``window`` is set), tiled over the folded
+    query heads.
 
     Returns bool [n_rep * q_len, start + q_len].  Example, start=1, q_len=2, n_rep=1:
         [[True, True, False],
          [True, True, True ]]
+    and with window=2 the second row reads [False, True, True].
     """
     total = start + q_len
     q_pos = torch.arange(start, total, device=device).unsqueeze(1)  # [q_len, 1]
     k_pos = torch.arange(total, device=device).unsqueeze(0)  # [1, L]
-    return (k_pos <= q_pos).repeat(n_rep, 1)
+    return visible(k_pos, q_pos, window).repeat(n_rep, 1)
 
 
 def build_plan(
@@ -130,18 +150,25 @@ def build_plan(
     row_invariant: bool = False,
     span: bool = True,
     max_keys: int | None = None,
+    window: int | None = None,
+    scale: float | None = None,
 ) -> AttentionPlan:
     """The attention plan of one step (see the module docstring for the paths).
 
     ``span=False`` keeps every request on the per-request loop (the reference in tests).
     ``max_keys``: the cache's positions per slot (row-invariant tiles never read past it).
+    ``window``: sliding-window attention over the ``window`` latest positions (None: all).
+    ``scale``: the score scale (None: hd ** -0.5).
     """
     if row_invariant and max_keys is None:  # a cap taken from the step would make tiles depend on it
         raise ValueError("row-invariant plans need max_keys (the cache's positions per slot)")
+    if window is not None and window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
     cu = [0]
     for n in q_lens:
         cu.append(cu[-1] + n)
-    plan = AttentionPlan(slots, starts, q_lens, cu, n_rep, masks=[], padded=padded, row_invariant=row_invariant)
+    plan = AttentionPlan(slots, starts, q_lens, cu, n_rep, masks=[], padded=padded, row_invariant=row_invariant,
+                         window=window, scale=scale)
     if row_invariant:
         plan.tiles = []
         for slot, start, a, q_len in zip(slots, starts, cu, q_lens):
@@ -153,16 +180,18 @@ def build_plan(
                 while n > 1 and padded_keys(start + t + n, max_keys) != keys:
                     n -= 1
                 q_pos = torch.arange(start + t, start + t + n, device=device).unsqueeze(1)
-                mask = torch.arange(keys, device=device).unsqueeze(0) <= q_pos  # [n, keys]
+                mask = visible(torch.arange(keys, device=device).unsqueeze(0), q_pos, window)  # [n, keys]
                 plan.tiles.append((slot, a + t, n, keys, mask.repeat(n_rep, 1)))
                 t += n
         return plan
     if not padded:
         short = [i for i, q in enumerate(q_lens) if q <= SPAN_MAX_Q]
         if span and len(short) >= 2:
-            plan.span = _span_plan(short, slots, starts, q_lens, cu, n_rep, device)
+            plan.span = _span_plan(short, slots, starts, q_lens, cu, n_rep, device, window)
         in_span = set(short) if plan.span is not None else set()
-        plan.masks = [None if q == 1 or i in in_span else causal_mask(s, q, n_rep, device)
+        # A one-token query needs no mask unless the window hides some of its past.
+        plan.masks = [None if i in in_span or (q == 1 and (window is None or s < window))
+                      else causal_mask(s, q, n_rep, device, window)
                       for i, (s, q) in enumerate(zip(starts, q_lens))]
         return plan
     max_q = max(q_lens)
@@ -171,7 +200,7 @@ def build_plan(
     q_pos = torch.tensor(starts, device=device).unsqueeze(1) + torch.arange(max_q, device=device)  # [B, max_q]
     valid_q = torch.arange(max_q, device=device).unsqueeze(0) < torch.tensor(q_lens, device=device).unsqueeze(1)
     k_pos = torch.arange(max_len, device=device)
-    mask = k_pos.view(1, 1, -1) <= q_pos.unsqueeze(-1)  # [B, max_q, max_len]
+    mask = visible(k_pos.view(1, 1, -1), q_pos.unsqueeze(-1), window)  # [B, max_q, max_len]
     # Padding query rows attend to position 0 only, so their softmax stays finite.
     mask = torch.where(valid_q.unsqueeze(-1), mask, k_pos.view(1, 1, -1) == 0)
     plan.pad_mask = mask.repeat(1, n_rep, 1).unsqueeze(1)  # [B, 1, n_rep*max_q, max_len]
@@ -183,7 +212,7 @@ def build_plan(
     return plan
 
 
-def _span_plan(short, slots, starts, q_lens, cu, n_rep, device) -> SpanPlan:
+def _span_plan(short, slots, starts, q_lens, cu, n_rep, device, window: int | None) -> SpanPlan:
     lo = min(slots[i] for i in short)
     n_slots = max(slots[i] for i in short) - lo + 1
     max_q = max(q_lens[i] for i in short)
@@ -196,13 +225,13 @@ def _span_plan(short, slots, starts, q_lens, cu, n_rep, device) -> SpanPlan:
         tokens.extend(range(cu[i], cu[i + 1]))
         rows.extend(range(b * max_q, b * max_q + q_lens[i]))
     q_pos = torch.tensor(pos)
-    mask = torch.arange(max_len).view(1, 1, -1) <= q_pos.unsqueeze(-1)  # [n_slots, max_q, max_len]
+    mask = visible(torch.arange(max_len).view(1, 1, -1), q_pos.unsqueeze(-1), window)  # [n_slots, max_q, max_len]
     mask = mask.repeat(1, n_rep, 1).unsqueeze(1)  # rows are (head-group, query) like the queries
     return SpanPlan(lo, n_slots, max_q, max_len, torch.tensor(tokens, device=device),
                     torch.tensor(rows, device=device), mask.to(device))
 
 
-def _span_attention(q, k_cache, v_cache, span: SpanPlan, n_rep: int, out: torch.Tensor) -> None:
+def _span_attention(q, k_cache, v_cache, span: SpanPlan, n_rep: int, scale: float | None, out: torch.Tensor) -> None:
     """The span's queries in one SDPA call; writes their rows of ``out``."""
     T, n_heads, hd = q.shape
     n_kv = n_heads // n_rep
@@ -213,7 +242,7 @@ def _span_attention(q, k_cache, v_cache, span: SpanPlan, n_rep: int, out: torch.
     qb = qb.reshape(span.n_slots, n_kv, n_rep * span.max_q, hd)
     kb = k_cache[span.lo : span.lo + span.n_slots, :, : span.max_len]  # a strided view, no copy
     vb = v_cache[span.lo : span.lo + span.n_slots, :, : span.max_len]
-    ob = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=span.mask)
+    ob = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=span.mask, scale=scale)
     ob = ob.view(span.n_slots, n_kv, n_rep, span.max_q, hd).permute(0, 3, 1, 2, 4).reshape(-1, n_heads, hd)
     out[span.tokens] = ob[span.rows]
 
@@ -234,7 +263,7 @@ def varlen_attention(
     n_kv = n_heads // plan.n_rep
     out = torch.empty_like(q)
     if plan.span is not None:
-        _span_attention(q, k_cache, v_cache, plan.span, plan.n_rep, out)
+        _span_attention(q, k_cache, v_cache, plan.span, plan.n_rep, plan.scale, out)
     for i, slot in enumerate(plan.slots):
         a, b = plan.cu_q[i], plan.cu_q[i + 1]
         if plan.span is not None and b - a <= SPAN_MAX_Q:
@@ -245,7 +274,7 @@ def varlen_attention(
         qi = q[a:b].view(q_len, n_kv, plan.n_rep, hd).permute(1, 2, 0, 3).reshape(1, n_kv, plan.n_rep * q_len, hd)
         ki = k_cache[slot, :, :total].unsqueeze(0)  # [1, n_kv, L, hd]
         vi = v_cache[slot, :, :total].unsqueeze(0)
-        oi = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=plan.masks[i])
+        oi = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=plan.masks[i], scale=plan.scale)
         out[a:b] = oi.view(n_kv, plan.n_rep, q_len, hd).permute(2, 0, 1, 3).reshape(q_len, n_heads, hd)
     return out
 
@@ -261,7 +290,7 @@ def _padded_attention(q, k_cache, v_cache, plan: AttentionPlan) -> torch.Tensor:
     qb = q_pad.view(B, max_q, n_kv, plan.n_rep, hd).permute(0, 2, 3, 1, 4).reshape(B, n_kv, plan.n_rep * max_q, hd)
     kb = k_cache[plan.slot_index, :, : plan.max_len]  # [B, n_kv, max_len, hd]
     vb = v_cache[plan.slot_index, :, : plan.max_len]
-    ob = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=plan.pad_mask)
+    ob = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=plan.pad_mask, scale=plan.scale)
     ob = ob.view(B, n_kv, plan.n_rep, max_q, hd).permute(0, 3, 1, 2, 4).reshape(B, max_q, n_heads, hd)
     return ob[batch, rows]
 
@@ -284,7 +313,7 @@ def row_invariant_attention(
     T, n_heads, hd = q.shape
     n_rep = plan.n_rep
     n_kv = n_heads // n_rep
-    scale = hd**-0.5
+    scale = hd**-0.5 if plan.scale is None else plan.scale
     out = torch.empty_like(q)
     for slot, a, n, total, mask in plan.tiles:  # total: the tile's padded key count
         # [n, n_kv, rep, hd] -> [n_kv, rep * n, hd]: the heads sharing a KV head fold into rows

@@ -71,7 +71,9 @@ def cache_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: in
     step = getattr(_STEP, "step", None)
     if step is None:
         raise RuntimeError("dspark::cache_attention runs only inside step_context()")
-    cache, batch = step
+    cache, batch, layer_batches = step
+    if layer_batches is not None:  # layers of several attention kinds (Gemma 4): each its own plan
+        batch = layer_batches[layer]
     n = batch.num_tokens  # rows past it repeat the last token (a one-token step padded to two)
     out = write_and_attend(q[:n], k[:n], v[:n], cache.k[layer], cache.v[layer], batch)
     if q.shape[0] > n:
@@ -85,11 +87,12 @@ def _cache_attention_shape(q, k, v, layer: int) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def step_context(cache, batch):
+def step_context(cache, batch, layer_batches=None):
     """Make ``cache`` and ``batch`` (a :class:`~dspark.models.kv_cache.VarlenBatch`) the step
-    the ops see."""
+    the ops see; ``layer_batches``, when given, is one batch per layer (the same step with the
+    attention plan of that layer's kind: sliding window, head grouping, scale)."""
     prev = getattr(_STEP, "step", None)
-    _STEP.step = (cache, batch)
+    _STEP.step = (cache, batch, layer_batches)
     try:
         yield
     finally:

@@ -31,6 +31,11 @@ class KVCache:
     :func:`make_batch`), so a batch of short requests does not pay for the longest one allowed.  ``initial_seq=max_seq``
     allocates everything up front.  ``k`` and ``v`` are replaced when the cache grows: read
     them from the cache at the time of use, never keep them across steps.
+
+    ``layer_shapes`` gives each layer its own (n_kv_heads, head_dim) for decoders whose layers
+    differ (Gemma 4: sliding and full layers).  Then ``k`` and ``v`` are lists of per-layer
+    [S, n_kv, capacity, hd] tensors instead of one [L, S, n_kv, capacity, hd] tensor; both
+    are read per layer as ``k[layer]``.
     """
 
     GROW_FROM = 256
@@ -45,14 +50,25 @@ class KVCache:
         dtype: torch.dtype,
         device: torch.device | str,
         initial_seq: int | None = None,
+        layer_shapes: list[tuple[int, int]] | None = None,
     ) -> None:
         self.capacity = min(max_seq, self.GROW_FROM if initial_seq is None else initial_seq)
         if self.capacity < 1:
             raise ValueError(f"initial_seq must be >= 1, got {initial_seq}")
-        shape = (n_layers, n_slots, n_kv_heads, self.capacity, head_dim)
+        if layer_shapes is not None and len(layer_shapes) != n_layers:
+            raise ValueError(f"layer_shapes has {len(layer_shapes)} entries for {n_layers} layers")
         # zeros, not empty: masked-out stale entries must still be finite numbers.
-        self.k = torch.zeros(shape, dtype=dtype, device=device)  # [L, S, n_kv, capacity, hd]
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.k: torch.Tensor | list[torch.Tensor]
+        self.v: torch.Tensor | list[torch.Tensor]
+        if layer_shapes is None or len(set(layer_shapes)) == 1:
+            if layer_shapes is not None:
+                n_kv_heads, head_dim = layer_shapes[0]
+            shape = (n_layers, n_slots, n_kv_heads, self.capacity, head_dim)
+            self.k = torch.zeros(shape, dtype=dtype, device=device)  # [L, S, n_kv, capacity, hd]
+            self.v = torch.zeros(shape, dtype=dtype, device=device)
+        else:  # per layer: [S, n_kv_l, capacity, hd_l]
+            self.k = [torch.zeros(n_slots, kv, self.capacity, hd, dtype=dtype, device=device) for kv, hd in layer_shapes]
+            self.v = [torch.zeros_like(t) for t in self.k]
         self.n_slots = n_slots
         self.max_seq = max_seq
         self.lengths = [0] * n_slots
@@ -68,15 +84,33 @@ class KVCache:
         new = padded_keys(max(positions, self.capacity + self.capacity // 4), self.max_seq)
         for name in ("k", "v"):
             old = getattr(self, name)
-            grown = old.new_zeros(*old.shape[:3], new, old.shape[-1])
-            grown[..., : self.capacity, :] = old
-            setattr(self, name, grown)
-            del old, grown  # the old half is freed before the next one is allocated
+            if isinstance(old, list):
+                for i, t in enumerate(old):
+                    old[i] = self._grown(t, new)
+            else:
+                setattr(self, name, self._grown(old, new))
+            del old  # the old half is freed before the next one is allocated
         self.capacity = new
+
+    def _grown(self, old: torch.Tensor, new: int) -> torch.Tensor:
+        """``old`` ([..., capacity, hd]) copied into a zeroed [..., new, hd] tensor."""
+        grown = old.new_zeros(*old.shape[:-2], new, old.shape[-1])
+        grown[..., : self.capacity, :] = old
+        return grown
+
+    def copy_prefix(self, src: int, dst: int, n: int) -> None:
+        """Copy the first ``n`` positions of slot ``src`` into slot ``dst``, every layer."""
+        if isinstance(self.k, list):
+            for k, v in zip(self.k, self.v):
+                k[dst, :, :n] = k[src, :, :n]
+                v[dst, :, :n] = v[src, :, :n]
+        else:
+            self.k[:, dst, :, :n] = self.k[:, src, :, :n]
+            self.v[:, dst, :, :n] = self.v[:, src, :, :n]
 
     @property
     def device(self) -> torch.device:
-        return self.k.device
+        return self.k[0].device
 
     @property
     def num_free(self) -> int:
@@ -103,7 +137,8 @@ class KVCache:
         self.lengths[slot] = length
 
     def nbytes(self) -> int:
-        return self.k.numel() * self.k.element_size() * 2
+        layers = self.k if isinstance(self.k, list) else [self.k]
+        return sum(t.numel() * t.element_size() for t in layers) * 2
 
 
 @dataclass

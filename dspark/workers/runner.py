@@ -163,8 +163,7 @@ class LocalRunner:
     @torch.inference_mode()
     def copy_prefix(self, src: int, dst: int, n: int) -> None:
         """Copy the first ``n`` cached positions of slot ``src`` into slot ``dst`` (every layer)."""
-        self.cache.k[:, dst, :, :n] = self.cache.k[:, src, :, :n]
-        self.cache.v[:, dst, :, :n] = self.cache.v[:, src, :, :n]
+        self.cache.copy_prefix(src, dst, n)
 
     def close(self) -> None:
         pass
