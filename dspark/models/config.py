@@ -1,4 +1,5 @@
-"""Architecture description of a Llama-family decoder (Llama 2/3, SmolLM, Qwen2, Qwen3, Mistral)."""
+"""Architecture description of a decoder: the Llama family (Llama 2/3, SmolLM, Qwen2, Qwen3, Mistral)
+and Gemma 4 dense (its specifics in :mod:`dspark.models.gemma_config`)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
+
+from dspark.models.gemma_config import Gemma4Args, gemma4_args, gemma4_text_config
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,8 @@ class ModelArgs:
     qk_norm: bool = False  # Qwen3-style RMSNorm of every query and key head before RoPE
     rope_freq_factors: tuple[float, ...] | None = None  # per-frequency divisors (GGUF rope_freqs)
     name: str = "llama"  # free-form name, used in logs and /v1/models
+    decoder: str = "llama"  # the implementation that builds it: a key of DECODERS
+    gemma4: Gemma4Args | None = None  # sliding/full layer kinds etc. when decoder is "gemma4"
 
     @property
     def n_rep(self) -> int:
@@ -55,6 +60,10 @@ class ModelArgs:
         family = HF_FAMILIES.get(model_type)
         if family is None:
             raise ValueError(f"unsupported model_type {model_type!r}; supported: {', '.join(HF_FAMILIES)}")
+        arch = (cfg.get("architectures") or [model_type])[0]
+        if family.decoder == "gemma4":
+            shared, gemma = gemma4_args(gemma4_text_config(cfg))
+            return cls(**shared, decoder="gemma4", gemma4=gemma, name=str(arch))
         _refuse_unsupported_fields(cfg, model_type)
         n_heads = cfg["num_attention_heads"]
         dim = cfg["hidden_size"]
@@ -74,7 +83,6 @@ class ModelArgs:
                 )
             elif kind not in (None, "default"):
                 raise ValueError(f"unsupported rope_scaling type {kind!r}")
-        arch = (cfg.get("architectures") or [model_type])[0]
         return cls(
             vocab_size=cfg["vocab_size"],
             dim=dim,
@@ -103,15 +111,36 @@ class HFFamily:
 
     attention_bias: bool = False  # q/k/v bias when the config has no "attention_bias" field
     qk_norm: bool = False  # per-head RMSNorm of queries and keys (weights ``self_attn.{q,k}_norm``)
+    decoder: str = "llama"  # the implementation (a key of DECODERS); it reads the config its own way
+    weight_prefix: str = "model."  # where the decoder's weights sit in the checkpoint
 
 
-# model_type -> family; one decoder (dspark/models/llama.py) serves them all, others are refused.
+# model_type -> family; other model types are refused.
 HF_FAMILIES: dict[str, HFFamily] = {
     "llama": HFFamily(),
     "mistral": HFFamily(),
     "qwen2": HFFamily(attention_bias=True),
     "qwen3": HFFamily(qk_norm=True),
+    "gemma4_text": HFFamily(decoder="gemma4"),
+    # The multimodal checkpoint: its text decoder only (vision and audio towers are not read).
+    "gemma4": HFFamily(decoder="gemma4", weight_prefix="model.language_model."),
 }
+
+# decoder -> "module:class" building it (imported when a model is built).
+DECODERS: dict[str, str] = {
+    "llama": "dspark.models.llama:Transformer",
+    "gemma4": "dspark.models.gemma:Gemma4Transformer",
+}
+
+
+def decoder_class(args: ModelArgs) -> type:
+    """The model class of ``args`` (its ``decoder`` looked up in :data:`DECODERS`)."""
+    import importlib
+
+    if args.decoder not in DECODERS:
+        raise ValueError(f"unknown decoder {args.decoder!r}; known: {', '.join(DECODERS)}")
+    module, name = DECODERS[args.decoder].split(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def _refuse_unsupported_fields(cfg: dict[str, Any], model_type: str) -> None:
@@ -159,4 +188,4 @@ def rope_inv_freq(args: ModelArgs) -> list[float]:
     return out
 
 
-__all__ = ["HF_FAMILIES", "HFFamily", "ModelArgs", "RopeScaling", "rope_inv_freq"]
+__all__ = ["DECODERS", "HF_FAMILIES", "HFFamily", "ModelArgs", "RopeScaling", "decoder_class", "rope_inv_freq"]

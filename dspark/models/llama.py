@@ -105,6 +105,7 @@ class Attention(nn.Module):
         super().__init__()
         self.layer_id = layer_id
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.kv_projections = 2  # k and v follow q in wqkv (tensor parallelism splits each)
         qkv_out = (args.n_heads + 2 * args.n_kv_heads) * args.head_dim
         # One fused projection: three matmuls become one (q | k | v along the output axis).
         self.wqkv = nn.Linear(args.dim, qkv_out, bias=args.attention_bias)

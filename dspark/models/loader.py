@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from dspark.models.config import ModelArgs, RopeScaling
+from dspark.models.config import HF_FAMILIES, ModelArgs, RopeScaling, decoder_class
 from dspark.models.llama import Transformer
 from dspark.models.tokenizer import Tokenizer
 
@@ -112,7 +112,7 @@ def build_model(args: ModelArgs, tensors: dict[str, torch.Tensor] | _LazyTensors
     dropped in turn, so loading never holds the float32 checkpoint and the converted model at
     once (for the default model that was 540 MB of the process's peak memory)."""
     with torch.device("meta"):
-        model = Transformer(args)
+        model = decoder_class(args)(args)
     state = {k: tensors.pop(k).to(device=device, dtype=dtype) for k in list(tensors)}
     if args.tie_word_embeddings:
         state.pop("output.weight", None)
@@ -322,23 +322,29 @@ def _read_hf_dir(path: Path, progress: bool) -> tuple[ModelArgs, dict[str, torch
     cfg_file = path / "config.json"
     if not cfg_file.exists():
         raise FileNotFoundError(f"{path} has no config.json")
-    args = ModelArgs.from_hf_config(json.loads(cfg_file.read_text()))
+    cfg = json.loads(cfg_file.read_text())
+    args = ModelArgs.from_hf_config(cfg)
+    prefix = HF_FAMILIES[cfg.get("model_type", "llama")].weight_prefix
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{path} has no *.safetensors files")
     hf: dict[str, torch.Tensor] = {}
     for fname in files:
         with safe_open(str(fname), framework="pt") as fh:
-            for key in tqdm(list(fh.keys()), desc=f"loading {fname.name}", unit="tensor", disable=not progress, leave=False):
-                hf[key] = fh.get_tensor(key)
+            # Only the decoder's tensors (a multimodal checkpoint's towers stay on disk).
+            keys = [k for k in fh.keys() if k.startswith(prefix) or k == "lm_head.weight"]
+            for key in tqdm(keys, desc=f"loading {fname.name}", unit="tensor", disable=not progress, leave=False):
+                hf[key[len(prefix):] if key.startswith(prefix) else key] = fh.get_tensor(key)
     out: dict[str, torch.Tensor] = {
-        "tok_embeddings.weight": hf["model.embed_tokens.weight"],
-        "norm.weight": hf["model.norm.weight"],
+        "tok_embeddings.weight": hf["embed_tokens.weight"],
+        "norm.weight": hf["norm.weight"],
     }
     if "lm_head.weight" in hf and not args.tie_word_embeddings:
         out["output.weight"] = hf["lm_head.weight"]
+    if args.decoder == "gemma4":
+        return args, out | _gemma4_layers(hf, args), Tokenizer.from_hf_dir(path)
     for i in range(args.n_layers):
-        p, d = f"model.layers.{i}.", f"layers.{i}."
+        p, d = f"layers.{i}.", f"layers.{i}."
         a = p + "self_attn."
         out[d + "attention.wqkv.weight"] = torch.cat([hf[a + "q_proj.weight"], hf[a + "k_proj.weight"], hf[a + "v_proj.weight"]], 0)
         if args.attention_bias:
@@ -352,3 +358,31 @@ def _read_hf_dir(path: Path, progress: bool) -> tuple[ModelArgs, dict[str, torch
         out[d + "attention_norm.weight"] = hf[p + "input_layernorm.weight"]
         out[d + "ffn_norm.weight"] = hf[p + "post_attention_layernorm.weight"]
     return args, out, Tokenizer.from_hf_dir(path)
+
+
+def _gemma4_layers(hf: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
+    """Our names for a Gemma 4 text decoder's layer tensors (``hf`` keys without the prefix).
+
+    Full-attention layers with ``attention_k_eq_v`` have no ``v_proj``: their values are the
+    key projection's output, so ``wqkv`` holds q | k only.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for i in range(args.n_layers):
+        p, d = f"layers.{i}.", f"layers.{i}."
+        a = p + "self_attn."
+        proj = [hf[a + "q_proj.weight"], hf[a + "k_proj.weight"]]
+        if not args.gemma4.kind(i).k_eq_v:
+            proj.append(hf[a + "v_proj.weight"])
+        out[d + "attention.wqkv.weight"] = torch.cat(proj, 0)
+        out[d + "attention.wo.weight"] = hf[a + "o_proj.weight"]
+        out[d + "attention.q_norm.weight"] = hf[a + "q_norm.weight"]
+        out[d + "attention.k_norm.weight"] = hf[a + "k_norm.weight"]
+        out[d + "feed_forward.w13.weight"] = torch.cat([hf[p + "mlp.gate_proj.weight"], hf[p + "mlp.up_proj.weight"]], 0)
+        out[d + "feed_forward.w2.weight"] = hf[p + "mlp.down_proj.weight"]
+        out[d + "attention_norm.weight"] = hf[p + "input_layernorm.weight"]
+        out[d + "post_attention_norm.weight"] = hf[p + "post_attention_layernorm.weight"]
+        out[d + "ffn_norm.weight"] = hf[p + "pre_feedforward_layernorm.weight"]
+        out[d + "post_ffn_norm.weight"] = hf[p + "post_feedforward_layernorm.weight"]
+        # transformers saves this buffer; a checkpoint without it gets its initial value, as there.
+        out[d + "layer_scalar"] = hf.get(p + "layer_scalar", torch.ones(1))
+    return out

@@ -5,8 +5,9 @@
   * row-parallel: ``wo`` and ``w2`` (their outputs are partial sums -> all-reduce);
   * vocab-parallel LM head: each rank scores a slice of the vocabulary, then all-gather.
 The embedding stays whole on every rank (a lookup is cheap and needs no collective), and so do
-the per-head query / key norms of Qwen3: each rank holds whole heads, and every head is
-normalised with the same weight of width head_dim.
+the per-head query / key norms of Qwen3 and Gemma 4: each rank holds whole heads, and every
+head is normalised with the same weight of width head_dim.  Head counts and widths are read per
+layer (Gemma 4's full-attention layers have their own).
 
 Works with any torch.distributed backend: gloo on CPU, NCCL on CUDA.
 """
@@ -47,19 +48,20 @@ def apply_tp(model: Transformer, rank: int, world_size: int, group: dist.Process
     if world_size == 1:
         return model
     args = model.args
-    if args.n_heads % world_size or args.n_kv_heads % world_size:
-        raise ValueError(
-            f"tensor parallel size {world_size} must divide n_heads={args.n_heads} and n_kv_heads={args.n_kv_heads}"
-        )
-    hd = args.head_dim
     for layer in model.layers:
         attn = layer.attention
-        q, k, v = attn.wqkv.weight.split([args.n_heads * hd, args.n_kv_heads * hd, args.n_kv_heads * hd])
-        w = torch.cat([_shard_rows(t, rank, world_size) for t in (q, k, v)])
+        if attn.n_heads % world_size or attn.n_kv_heads % world_size:
+            raise ValueError(f"tensor parallel size {world_size} must divide n_heads={attn.n_heads} and "
+                             f"n_kv_heads={attn.n_kv_heads} (layer {attn.layer_id})")
+    for layer in model.layers:
+        attn = layer.attention
+        hd = attn.head_dim
+        # q | k | v (or q | k where the keys double as values), each split by whole heads.
+        sizes = [attn.n_heads * hd] + [attn.n_kv_heads * hd] * attn.kv_projections
+        w = torch.cat([_shard_rows(t, rank, world_size) for t in attn.wqkv.weight.split(sizes)])
         b = None
         if attn.wqkv.bias is not None:
-            qb, kb, vb = attn.wqkv.bias.split([args.n_heads * hd, args.n_kv_heads * hd, args.n_kv_heads * hd])
-            b = torch.cat([_shard_rows(t, rank, world_size) for t in (qb, kb, vb)])
+            b = torch.cat([_shard_rows(t, rank, world_size) for t in attn.wqkv.bias.split(sizes)])
         _set(attn.wqkv, w, b)
         _set(attn.wo, _shard_cols(attn.wo.weight, rank, world_size))
         attn.n_heads //= world_size
