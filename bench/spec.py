@@ -128,7 +128,9 @@ def _interleaved(configs, options, ids, meta, max_tokens, threads, blocks, tok, 
     ``schema`` (JSON text) every request of our engine is constrained to it."""
     max_seq = max(map(len, ids)) + max_tokens + max(c[2] for c in configs) + 8
     extra = {"schema": schema} if schema is not None else {}
-    workers = {name: Worker(name, "ours", {"drafter": kind, "block": block, "options": options[kind], "max_seq": max_seq,
+    # options: per drafter kind, or per configuration name where a configuration overrides its kind's
+    workers = {name: Worker(name, "ours", {"drafter": kind, "block": block, "options": options.get(name, options[kind]),
+                                           "max_seq": max_seq,
                                            "concurrency": 1, "warm_prompt": ids[0], "deterministic": det, **extra}, threads)
                for name, kind, block, det in configs}
     if not skip_hf:
@@ -332,6 +334,10 @@ def _structured(names, blocks, max_tokens, threads, compile_step, notes, json_pa
                f"concurrency 1; blocks: {block_list}", err=True)
     configs = [("plain", "none", 0, False)] + [(n, n, blocks[n], False) for n in names]
     options = {kind: [list(kv) for kv in DRAFT_OPTIONS.get(kind, ())] for _, kind, _, _ in configs}
+    if "dspark" in names:  # the same head drafting unconstrained: the verifier rejects what the grammar forbids
+        configs.append(("dspark-unmasked", "dspark", blocks["dspark"], False))
+        blocks = {**blocks, "dspark-unmasked": blocks["dspark"]}
+        options["dspark-unmasked"] = options["dspark"] + [["grammar_mask", "0"]]
     errors: dict[str, str] = {}
     raw = _interleaved(configs, options, ids, meta, max_tokens, threads, blocks, tok, True, errors, schema=schema)
     invalid = []

@@ -27,7 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["MarkovDraft", "MarkovMix", "markov_block_sample", "markov_latent", "inverse_cdf_sample"]
+__all__ = ["MarkovDraft", "MarkovMix", "markov_block_sample", "markov_latent", "inverse_cdf_sample",
+           "masked_position_sample"]
 
 
 @dataclass(frozen=True)
@@ -227,3 +228,39 @@ def _greedy_block(base_logits: torch.Tensor, anchor_ids: torch.Tensor, w1: torch
     probs = torch.ones(num_reqs, block, 1, dtype=torch.float32, device=device)
     return MarkovDraft(tokens=tokens, draft_probs=probs, draft_prob_ids=tokens.unsqueeze(-1).clone(),
                        prev_embeddings=prev_emb)
+
+
+def masked_position_sample(
+    logits: torch.Tensor, allowed: torch.Tensor, temperature: torch.Tensor, top_k: int, uniforms: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Draw one position of a block among the ``allowed`` columns only (structured outputs).
+
+    logits: [B, N] float32 (the position's logits, Markov bias included); allowed: [B, N] bool,
+    at least one True per row; temperature: [B] (<= 0: greedy, the argmax among the allowed);
+    top_k: 0 = q over every allowed column, > 0 = over the top_k allowed logits; uniforms: [B].
+    Returns (columns [B], q [B, K], candidate columns [B, K]): q is exactly the distribution the
+    column was drawn from (zero outside the allowed set), K = 1 for an all-greedy batch.
+
+    Example (column 1 is the likeliest but forbidden; greedy takes column 2):
+        >>> masked_position_sample(torch.tensor([[0.0, 9.0, 1.0]]), torch.tensor([[True, False, True]]),
+        ...                        torch.tensor([0.0]), 2, torch.tensor([0.3]))
+        (tensor([2]), tensor([[1., 0.]]), tensor([[2, 0]]))
+    """
+    rows, n = logits.shape
+    masked = logits.float().masked_fill(~allowed, float("-inf"))  # [B, N]
+    greedy = temperature <= 0  # [B]
+    width = min(top_k, n) if top_k > 0 else n
+    temp = torch.where(greedy, 1.0, temperature.float()).unsqueeze(1)  # [B, 1]
+    if top_k > 0:
+        vals, cand = torch.topk(masked, width, dim=-1)  # [B, K], descending; forbidden ones last at -inf
+    else:
+        vals, cand = masked, torch.arange(n, device=logits.device).expand(rows, n)
+    q = torch.softmax(vals / temp, dim=-1)  # [B, K]; -inf -> 0
+    best = masked.argmax(-1)  # [B], lowest column on ties, as the unconstrained greedy path
+    onehot = torch.zeros_like(q)
+    onehot[:, 0] = 1.0
+    q = torch.where(greedy.unsqueeze(1), onehot, q)
+    cand = cand.clone()
+    cand[:, 0] = torch.where(greedy, best, cand[:, 0])
+    cols = cand[torch.arange(rows, device=logits.device), inverse_cdf_sample(q, uniforms)]
+    return cols, q, cand

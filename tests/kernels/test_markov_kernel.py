@@ -159,3 +159,25 @@ def test_block_feeds_the_rejection_sampler():
     ))
     assert out.output_token_ids.shape == (b, 5)
     assert (out.num_accepted <= lengths).all()
+
+
+def test_masked_position_sample_draws_its_reported_q_among_the_allowed():
+    from dspark.kernels.markov import masked_position_sample
+
+    torch.manual_seed(0)
+    logits = torch.randn(1, 12) * 2
+    allowed = torch.zeros(1, 12, dtype=torch.bool)
+    allowed[0, [1, 4, 5, 9, 11]] = True
+    n = 20000
+    cols, q, cand = masked_position_sample(logits.expand(n, 12), allowed.expand(n, 12), torch.full((n,), 0.8), 3,
+                                           torch.rand(n, dtype=torch.float64))
+    assert set(cols.tolist()) <= {1, 4, 5, 9, 11}
+    # q: the softmax at T = 0.8 of the top 3 allowed logits, exactly what is reported
+    top = logits[0, [1, 4, 5, 9, 11]].topk(3)
+    want = torch.softmax(top.values / 0.8, -1)
+    assert torch.allclose(q[0], want, atol=1e-6)
+    assert cand[0].tolist() == [[1, 4, 5, 9, 11][i] for i in top.indices.tolist()]
+    freq = torch.bincount(cols, minlength=12).double() / n
+    assert torch.allclose(freq[cand[0]], want.double(), atol=0.015)
+    g, gq, _ = masked_position_sample(logits, allowed, torch.tensor([0.0]), 3, torch.rand(1, dtype=torch.float64))
+    assert g.item() == [1, 4, 5, 9, 11][int(logits[0, [1, 4, 5, 9, 11]].argmax())] and gq[0, 0] == 1.0

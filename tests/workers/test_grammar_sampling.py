@@ -45,8 +45,12 @@ def lookup():
     b.close()
 
 
-def test_first_and_second_token_follow_the_masked_target(lookup):
-    eng, tok = lookup.engine, lookup.loaded.tokenizer
+@pytest.mark.parametrize("drafter", ["lookup", "built"])
+def test_first_and_second_token_follow_the_masked_target(drafter, request):
+    """With prompt lookup (one-hot drafts copied from the prompt) and with DSpark, whose drafts
+    are drawn among what the grammar allows (a proposal distribution masked per position)."""
+    b = request.getfixturevalue(drafter)
+    eng, tok = b.engine, b.loaded.tokenizer
     spec = GrammarSpec("regex", REGEX)
     prompt = tok.encode_chat([{"role": "user", "content": QUESTION}])
     m = eng.grammars.matcher(spec)

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dspark.kernels.markov import MarkovMix, markov_block_sample
+from dspark.kernels.markov import MarkovMix, markov_block_sample, markov_latent, masked_position_sample
 from dspark.models.deepspec_format import is_deepspec_checkpoint, load_deepspec_head, read_deepspec_config
 from dspark.models.dspark_head import DSparkHead, block_attention_mask, default_head_path, load_head
 from dspark.models.kv_cache import KVCache
@@ -63,7 +63,7 @@ class DSparkDrafter:
     name = "dspark"
 
     def __init__(self, head: DSparkHead, n_slots: int, max_seq: int, proposal_top_k: int = 8,
-                 markov: bool = True, calibrated: bool = True, trace: bool = False) -> None:
+                 markov: bool = True, calibrated: bool = True, trace: bool = False, grammar_mask: bool = True) -> None:
         if proposal_top_k < 1:
             raise ValueError(f"proposal_top_k must be >= 1 (got {proposal_top_k})")
         cfg = head.cfg
@@ -74,6 +74,7 @@ class DSparkDrafter:
         self.markov = markov and cfg.markov_rank > 0
         self.calibrated = calibrated
         self.trace = trace
+        self.grammar_mask = grammar_mask  # draw a constrained request's drafts among what its grammar allows
         self.traces: list[BlockTrace] = []
         dev, dtype = head.fc.weight.device, head.fc.weight.dtype
         self.cache = KVCache(cfg.n_layers, n_slots, cfg.n_kv_heads, max_seq, cfg.head_dim, dtype, dev)
@@ -166,19 +167,27 @@ class DSparkDrafter:
         if self.markov and self.cfg.markov_kind != "vanilla":  # gated / RNN heads also read h_k
             mix = MarkovMix(self.cfg.markov_kind, head.markov_mix.weight, head.markov_mix.bias, h)
         draft = markov_block_sample(base, anchors, w1, w2, temps, self.top_k, uniforms, vocab_ids=self.draft_ids, mix=mix)
-        prev = torch.cat([anchors.unsqueeze(1), draft.tokens[:, :-1]], dim=1)  # [B, G] x_{k-1}
-        z = head.confidence_logit(h, head.markov_embedding(prev))  # [B, G]
         tokens = draft.tokens.tolist()
+        probs = list(draft.draft_probs)
+        prob_ids = [None] * len(batch) if draft.draft_prob_ids is None else list(draft.draft_prob_ids)
+        for j, seq in enumerate(batch):
+            if seq.grammar is not None and self.grammar_mask:  # structured output: draft what the grammar allows
+                tokens[j], probs[j], prob_ids[j] = self._constrained_block(
+                    seq.grammar, base[j], anchors[j], w1, w2, temps[j], uniforms[j], mix, j)
+        full = torch.tensor([t + [t[-1] if t else int(anchors[j])] * (G - len(t)) for j, t in enumerate(tokens)],
+                            device=dev)  # [B, G]: a shorter block padded (the padding's confidence is unused)
+        prev = torch.cat([anchors.unsqueeze(1), full[:, :-1]], dim=1)  # [B, G] x_{k-1}
+        z = head.confidence_logit(h, head.markov_embedding(prev))  # [B, G]
         z_rows = z.tolist()
         seconds = (time.perf_counter() - t0) / len(batch)
         for j, (i, seq) in enumerate(zip(ready, batch)):
             greedy = seq.params.greedy
             temps_k = self.cfg.sts_temperatures(greedy, G) if self.calibrated else [1.0] * G
-            conf = torch.sigmoid(z[j] / torch.tensor(temps_k, device=dev)).tolist()
+            conf = torch.sigmoid(z[j] / torch.tensor(temps_k, device=dev)).tolist()[: len(tokens[j])]
             out[i] = DraftBlock(
                 token_ids=tokens[j],
-                probs=draft.draft_probs[j],
-                prob_ids=draft.draft_prob_ids[j],
+                probs=probs[j],
+                prob_ids=prob_ids[j],
                 confidence=conf,
                 draft_seconds=seconds,
             )
@@ -188,6 +197,52 @@ class DSparkDrafter:
                 trace = BlockTrace(z_rows[j], greedy, max(0, min(G, room)))
             self._pending[seq.request_id] = (tokens[j], trace)
         return out
+
+
+    def _constrained_block(self, matcher, base: torch.Tensor, anchor: torch.Tensor, w1: torch.Tensor,
+                           w2: torch.Tensor, temp: torch.Tensor, uniforms: torch.Tensor, mix: MarkovMix | None,
+                           row: int) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+        """One request's block drawn among the tokens its grammar allows at each position.
+
+        base: [G, N] its backbone logits; the Markov loop runs as in ``markov_block_sample`` but
+        each position's q is restricted to the grammar's allowed columns (``masked_position_sample``),
+        walking the request's grammar state tentatively (rolled back after: the engine owns it).
+        The block stops early where the grammar ends (a stop token) or allows no column of the
+        draft vocabulary.  Returns (tokens, q [n, K], ids [n, K]) with the exact proposal.
+        """
+        G, n_cols = base.shape
+        vocab = self.cfg.vocab_size
+        ids = self.draft_ids  # [N] vocabulary id per column, or None
+        ids_cpu = None if ids is None else ids.cpu()  # the grammar fills masks on the host
+        full = torch.zeros(vocab, dtype=torch.bool)
+        tokens, qs, cands = [], [], []
+        prev, state = anchor.view(1), None
+        mix_row = None if mix is None else MarkovMix(mix.kind, mix.weight, mix.bias, mix.hidden[row : row + 1])
+        walked = 0
+        for k in range(G):
+            emb = w1[prev]  # [1, r]
+            latent, state = markov_latent(mix_row, emb, k, state)
+            logits = base[k : k + 1].float() + (latent @ w2).float()  # [1, N]
+            matcher.fill_mask(full)
+            allowed = (full if ids is None else full[ids_cpu]).view(1, n_cols).to(logits.device)
+            if not bool(allowed.any()):
+                break  # what the grammar wants next is outside the draft vocabulary: stop here
+            col, q, cand = masked_position_sample(logits, allowed, temp.view(1), self.top_k, uniforms[k : k + 1])
+            tok = int(col) if ids is None else int(ids[col])
+            tokens.append(tok)
+            qs.append(q[0])
+            cands.append(cand[0] if ids is None else ids[cand[0]])
+            if not matcher.accept(tok):  # cannot happen for an allowed token; stop rather than guess
+                tokens.pop(), qs.pop(), cands.pop()
+                break
+            walked += 1
+            if matcher.done:
+                break
+            prev = torch.tensor([tok], device=base.device)
+        matcher.rollback(walked)
+        if not tokens:
+            return [], torch.zeros(0, 1), torch.zeros(0, 1, dtype=torch.long)
+        return tokens, torch.stack(qs), torch.stack(cands)
 
 
 def make_dspark_drafter(loaded, opts: dict, spec) -> DSparkDrafter:
@@ -219,6 +274,7 @@ def make_dspark_drafter(loaded, opts: dict, spec) -> DSparkDrafter:
         markov=flag(opts.get("markov", True)),
         calibrated=flag(opts.get("calibrated", True)),
         trace=flag(opts.get("trace", False)),
+        grammar_mask=flag(opts.get("grammar_mask", True)),
     )
 
 
@@ -243,6 +299,8 @@ HEAD_OPTIONS = (
     DraftOption("markov", flag, True, "0: drop the Markov bias (DFlash-style ablation, same weights)"),
     DraftOption("calibrated", flag, True, "0: raw confidences instead of the STS-calibrated ones"),
     DraftOption("trace", flag, False, "1: keep per-block confidence/acceptance records"),
+    DraftOption("grammar_mask", flag, True, "0: under a grammar, draft unconstrained (the verifier then rejects "
+                "what the grammar forbids) instead of drawing drafts among the allowed tokens"),
 )
 
 KIND = DrafterKind(
