@@ -327,7 +327,10 @@ def indexer_topk(scores: torch.Tensor, query_pos: torch.Tensor, ratio: int, topk
     """The top-k visible entries per query by score: [B, S, min(k, T)] int64, -1 = none.
 
     scores: [B, S, T]; query_pos: [B, S].  Entries not yet closed for a query are never
-    picked; when fewer than k are visible the remaining slots hold -1.
+    picked; when fewer than k are visible the remaining slots hold -1.  Equal scores (common:
+    the ReLU makes many exactly 0) go to the lower entry number, so a query's picks depend on
+    the entries it sees only, not on how many later ones the step's tensor holds (a chunked
+    prefill or a verify block picks what token-by-token decoding picks).
 
     Example:
         >>> indexer_topk(torch.tensor([[[1.0, 5.0, 9.0]]]), torch.tensor([[3]]), 2, 3)  # entry 2 not closed
@@ -335,7 +338,8 @@ def indexer_topk(scores: torch.Tensor, query_pos: torch.Tensor, ratio: int, topk
     """
     k = min(topk, scores.shape[-1])
     masked = scores + compressed_causal_bias(query_pos, scores.shape[-1], ratio)  # [B, S, T]
-    values, idx = masked.topk(k, dim=-1)  # [B, S, k]
+    values, idx = masked.sort(dim=-1, descending=True, stable=True)  # ties: lower index first
+    values, idx = values[..., :k], idx[..., :k]  # [B, S, k]
     return idx.masked_fill(values == float("-inf"), -1)
 
 

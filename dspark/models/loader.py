@@ -75,6 +75,10 @@ def load_model(
     if not path.exists():
         raise FileNotFoundError(f"model path {path} does not exist")
     dtype = parse_dtype(dtype)
+    from dspark.models.deepseek_v4_loader import is_deepseek_v4, load_deepseek_v4
+
+    if is_deepseek_v4(path):  # its own decoder and per-request state (dspark/models/deepseek_v4*.py)
+        return load_deepseek_v4(path, dtype, device)
     if path.is_dir():
         args, tensors, tokenizer = _read_hf_dir(path, progress)
         name = path.name
@@ -92,6 +96,10 @@ def load_tokenizer(path: str | Path | None = None) -> tuple[Tokenizer, ModelArgs
     touching the weights.
     """
     path = Path(path) if path else default_model_path()
+    from dspark.models.deepseek_v4_loader import deepseek_v4_args, is_deepseek_v4
+
+    if is_deepseek_v4(path):
+        return Tokenizer.from_hf_dir(path), deepseek_v4_args(path), path.name
     if path.is_dir():
         args = ModelArgs.from_hf_config(json.loads((path / "config.json").read_text()))
         return Tokenizer.from_hf_dir(path), args, path.name

@@ -23,6 +23,8 @@ from transformers.models.deepseek_v4 import modeling_deepseek_v4 as hf  # noqa: 
 from dspark.kernels import deepseek_v4_attention as att  # noqa: E402
 from dspark.kernels import deepseek_v4_hyper as hyp  # noqa: E402
 from dspark.kernels import deepseek_v4_moe as moe  # noqa: E402
+from helpers.tiny_deepseek_v4 import LAYERS, randomise, tiny_hf_config  # noqa: E402
+
 from dspark.models.deepseek_v4_config import (  # noqa: E402
     CSA,
     HCA,
@@ -33,37 +35,6 @@ from dspark.models.deepseek_v4_config import (  # noqa: E402
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 EPS = 1e-6
-LAYERS = [SLIDING, CSA, HCA]
-
-
-def tiny_hf_config(**over) -> HFConfig:
-    kw = dict(
-        vocab_size=64, hidden_size=32, moe_intermediate_size=16, num_hidden_layers=3,
-        num_attention_heads=4, head_dim=16, qk_rope_head_dim=8, q_lora_rank=24,
-        n_routed_experts=8, num_experts_per_tok=2, num_hash_layers=1, layer_types=LAYERS,
-        compress_rates={CSA: 4, HCA: 8}, sliding_window=8, o_groups=2, o_lora_rank=8,
-        index_n_heads=2, index_head_dim=8, index_topk=3, hc_mult=3, hc_sinkhorn_iters=5,
-        max_position_embeddings=1024, routed_scaling_factor=1.5,
-        rope_scaling={"rope_type": "yarn", "factor": 16.0, "original_max_position_embeddings": 64,
-                      "beta_fast": 32, "beta_slow": 1},
-    )  # fmt: skip
-    kw.update(over)
-    return HFConfig(**kw)
-
-
-def randomise(module: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Every parameter random (the initialiser zeroes sinks, biases and position biases)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
-        for m in module.modules():
-            if isinstance(m, hf.DeepseekV4TopKRouter):
-                m.e_score_correction_bias.copy_(torch.randn(m.e_score_correction_bias.shape, generator=gen) * 0.3)
-            if isinstance(m, hf.DeepseekV4HashRouter):
-                rows = [torch.randperm(m.num_experts, generator=gen)[: m.top_k] for _ in range(m.tid2eid.shape[0])]
-                m.tid2eid.copy_(torch.stack(rows))
-    return module.eval()
 
 
 def randn(*shape, seed=0):
@@ -402,7 +373,7 @@ def test_config_reads_transformers_config():
     assert c.qk_rope_head_dim == 8 and c.head_dim == 16 and c.num_attention_heads == 4
     assert c.compress_yarn == YarnScaling(factor=16.0, original_max_position_embeddings=64)
     assert (c.rope_theta, c.compress_rope_theta) == (10000.0, 160000.0)
-    assert (c.index_n_heads, c.index_head_dim, c.index_topk) == (2, 8, 3)
+    assert (c.index_n_heads, c.index_head_dim, c.index_topk) == (8, 8, 3)
     assert (c.hc_mult, c.hc_sinkhorn_iters, c.hc_eps) == (3, 5, 1e-6)
     assert (c.n_routed_experts, c.num_experts_per_tok, c.n_shared_experts) == (8, 2, 1)
     assert (c.scoring_func, c.routed_scaling_factor, c.swiglu_limit) == ("sqrtsoftplus", 1.5, 10.0)

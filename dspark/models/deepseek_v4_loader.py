@@ -1,0 +1,142 @@
+"""Load a DeepSeek-V4 Hugging Face folder (config.json ``model_type: deepseek_v4`` + safetensors).
+
+Weight names are the published ones (``layers.N.attn.wq_a.weight``, ``layers.N.ffn.experts.E.w1
+.weight``, ``hc_head_fn`` ...), with or without transformers' ``model.`` prefix and with either
+spelling of the few top-level names transformers renames (``embed`` / ``embed_tokens``, ``head``
+/ ``lm_head``, ``hc_head_fn`` / ``hc_head.hc_fn``).  Quantised checkpoints stay refused by the
+config reader (``quantization_config``), and so does any tensor stored in a dtype other than
+F32 / F16 / BF16 (the released FP8 / FP4 blocks), by name.  The MTP layers (``mtp.*``) are
+not read (docs/DEEPSEEK_V4.md, phase 3).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from dspark.models.config import ModelArgs
+from dspark.models.deepseek_v4 import DeepseekV4Transformer
+from dspark.models.deepseek_v4_config import DeepseekV4Config, deepseek_v4_config_from_hf
+
+MODEL_TYPE = "deepseek_v4"
+
+# transformers' spelling -> the published one, for the names it renames at the top level.
+_TOP_LEVEL = {
+    "embed_tokens.weight": "embed.weight",
+    "lm_head.weight": "head.weight",
+    "hc_head.hc_fn": "hc_head_fn",
+    "hc_head.hc_base": "hc_head_base",
+    "hc_head.hc_scale": "hc_head_scale",
+}
+_EXPERT = re.compile(r"^(layers\.\d+\.ffn)\.experts\.(\d+)\.(w[123])\.weight$")
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def is_deepseek_v4(path: Path) -> bool:
+    """Whether ``path`` is a folder whose config.json says ``model_type: deepseek_v4``."""
+    cfg = path / "config.json"
+    return path.is_dir() and cfg.exists() and json.loads(cfg.read_text()).get("model_type") == MODEL_TYPE
+
+
+def model_args(cfg: DeepseekV4Config, name: str) -> ModelArgs:
+    """The fields of :class:`ModelArgs` that other components read (sizes, vocabulary, name)."""
+    return ModelArgs(
+        vocab_size=cfg.vocab_size,
+        dim=cfg.hidden_size,
+        n_layers=cfg.num_hidden_layers,
+        n_heads=cfg.num_attention_heads,
+        n_kv_heads=1,  # one shared key/value head
+        head_dim=cfg.head_dim,
+        intermediate_size=cfg.moe_intermediate_size,
+        norm_eps=cfg.rms_norm_eps,
+        rope_theta=cfg.rope_theta,
+        max_position_embeddings=cfg.max_position_embeddings,
+        tie_word_embeddings=False,
+        name=name,
+    )
+
+
+def published_to_ours(tensors: dict[str, torch.Tensor], cfg: DeepseekV4Config) -> dict[str, torch.Tensor]:
+    """Checkpoint tensors -> this model's state dict (experts stacked per layer).
+
+    Raises ValueError naming a tensor of a non-float dtype (quantised) or an expert that is
+    missing; unknown names are left for ``load_state_dict`` to report.
+    """
+    out: dict[str, torch.Tensor] = {}
+    experts: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
+    for name, t in tensors.items():
+        if name.startswith("mtp."):  # the next-n (MTP) layers: the drafter's, not the decoder's
+            continue
+        name = name.removeprefix("model.")
+        name = _TOP_LEVEL.get(name, name)
+        if not name.endswith("tid2eid") and t.dtype not in _FLOAT_DTYPES:
+            raise ValueError(f"tensor {name} has dtype {t.dtype}: quantised V4 weights are not supported")
+        hit = _EXPERT.match(name)
+        if hit:
+            experts.setdefault((hit[1], hit[3]), {})[int(hit[2])] = t
+        else:
+            out[name] = t
+    n = cfg.n_routed_experts
+    for (prefix, w), by_id in sorted(experts.items()):
+        if sorted(by_id) != list(range(n)):
+            raise ValueError(f"{prefix}.experts: {len(by_id)} {w} tensors for {n} routed experts")
+    layers = sorted({p for p, _ in experts})
+    for prefix in layers:
+        stack = {w: torch.stack([experts[(prefix, w)][e] for e in range(n)]) for w in ("w1", "w2", "w3")}
+        out[f"{prefix}.experts_w13"] = torch.cat([stack["w1"], stack["w3"]], dim=1)  # [E, 2I, hidden]
+        out[f"{prefix}.experts_w2"] = stack["w2"]  # [E, hidden, I]
+    return out
+
+
+def build_deepseek_v4(
+    cfg: DeepseekV4Config, args: ModelArgs, tensors: dict[str, torch.Tensor], dtype: torch.dtype, device
+) -> DeepseekV4Transformer:
+    """The model of checkpoint ``tensors`` (published names) in ``dtype`` on ``device``."""
+    with torch.device("meta"):
+        model = DeepseekV4Transformer(cfg, args)
+    state = {
+        k: v.to(device=device, dtype=torch.long if k.endswith("tid2eid") else dtype)
+        for k, v in published_to_ours(tensors, cfg).items()
+    }
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if missing or unexpected:
+        raise ValueError(f"checkpoint does not match the DeepSeek-V4 architecture: missing={missing} "
+                         f"unexpected={unexpected}")  # fmt: skip
+    return model.eval().requires_grad_(False)
+
+
+def read_deepseek_v4(path: Path) -> tuple[DeepseekV4Config, ModelArgs, dict[str, torch.Tensor]]:
+    """Config, shared args and raw tensors of a V4 folder."""
+    from safetensors import safe_open
+
+    cfg = deepseek_v4_config_from_hf(json.loads((path / "config.json").read_text()))
+    raw = json.loads((path / "config.json").read_text())
+    args = model_args(cfg, str((raw.get("architectures") or [MODEL_TYPE])[0]))
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{path} has no *.safetensors files")
+    tensors: dict[str, torch.Tensor] = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as fh:
+            for key in fh.keys():
+                tensors[key] = fh.get_tensor(key)
+    return cfg, args, tensors
+
+
+def load_deepseek_v4(path: Path, dtype: torch.dtype, device):
+    """``load_model`` for a V4 folder: a :class:`dspark.models.loader.LoadedModel`."""
+    from dspark.models.loader import LoadedModel
+    from dspark.models.tokenizer import Tokenizer
+
+    cfg, args, tensors = read_deepseek_v4(path)
+    model = build_deepseek_v4(cfg, args, tensors, dtype, device)
+    return LoadedModel(model=model, tokenizer=Tokenizer.from_hf_dir(path), args=args, source=str(path), name=path.name)
+
+
+def deepseek_v4_args(path: Path) -> ModelArgs:
+    """``load_tokenizer``'s architecture answer for a V4 folder (no weights read)."""
+    raw = json.loads((path / "config.json").read_text())
+    return model_args(deepseek_v4_config_from_hf(raw), str((raw.get("architectures") or [MODEL_TYPE])[0]))
