@@ -78,7 +78,10 @@ def _deployments():
                 )
                 return registry.build_drafter(cfg.draft, ctx, cfg.draft_options)
 
-            self.server = DraftWorkerServer(factory, draft_worker_config(cfg)).start()
+            from dspark.models.loader import load_tokenizer
+
+            tokenizer = load_tokenizer(cfg.model)[0]  # drafts follow structured-output grammars
+            self.server = DraftWorkerServer(factory, draft_worker_config(cfg), tokenizer).start()
             self.member = self.server.address
             self._register()
 

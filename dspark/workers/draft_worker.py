@@ -27,7 +27,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import grpc
 import torch
@@ -37,6 +37,9 @@ from dspark.proto.tensors import tensor_from_proto
 from dspark.workers.draft_codec import block_to_proto
 from dspark.workers.drafters.base import DraftBlock, Drafter
 from dspark.workers.request import SamplingParams, Sequence
+
+if TYPE_CHECKING:
+    from dspark.models.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -86,8 +89,9 @@ class _Remote:
     """Worker-side mirror of one request, owned by the stream that opened it."""
 
     def __init__(self, request_id: str, prompt_len: int, params: SamplingParams, owner: set[str],
-                 prompt: list[int] | None = None) -> None:
-        self.seq = Sequence(request_id=request_id, prompt_ids=[], params=params, generator=torch.Generator())
+                 prompt: list[int] | None = None, grammar=None) -> None:
+        self.seq = Sequence(request_id=request_id, prompt_ids=[], params=params, generator=torch.Generator(),
+                            grammar=grammar)  # its GrammarMatcher: fed the request's output as Steps carry it
         self.prompt_len = prompt_len
         self.prompt = prompt  # from an older verifier's Open, checked against the first Step
         self.owner = owner  # the opening stream's set of request ids (compared by identity)
@@ -104,14 +108,24 @@ class _Remote:
                 raise ValueError("step tokens do not continue the prompt")
             self.seq.prompt_ids = full[: self.prompt_len]
         self.cached.extend(new_tokens)
+        done = len(self.seq.output_ids)
         self.seq.output_ids = full[self.prompt_len:]
+        m = self.seq.grammar
+        if m is not None:  # the output only grows: feed the grammar what is new
+            for t in self.seq.output_ids[done:]:
+                if not m.done and not m.accept(t):  # out of step with the verifier: draft freely from here
+                    self.seq.grammar = None
+                    break
         self.seq.num_cached = len(self.cached)
 
 
 class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
-    def __init__(self, drafter: Drafter, cfg: DraftWorkerConfig = DraftWorkerConfig()) -> None:
+    def __init__(self, drafter: Drafter, cfg: DraftWorkerConfig = DraftWorkerConfig(),
+                 tokenizer: Tokenizer | None = None) -> None:
         self.drafter = drafter
         self.cfg = cfg
+        self.tokenizer = tokenizer  # for requests with a grammar; None: they are drafted freely
+        self._grammars = None  # GrammarCompiler, made on the first request with a grammar
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="drafter")
         self.active: dict[str, _Remote] = {}  # all streams' requests (ids are globally unique)
         self.blocks_served = 0  # blocks sent back (tests check that plain steps get none)
@@ -287,8 +301,24 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
             raise ValueError("Open needs prompt_len >= 1")
         if legacy is not None and len(legacy) != prompt_len:
             raise ValueError(f"Open: prompt_len {o.prompt_len} != {len(legacy)} prompt_token_ids")
-        self.active[rid] = _Remote(rid, prompt_len, params, owner=mine, prompt=legacy)
+        self.active[rid] = _Remote(rid, prompt_len, params, owner=mine, prompt=legacy,
+                                   grammar=self._matcher(opts.grammar_kind, opts.grammar_source))
         mine.add(rid)
+
+    def _matcher(self, kind: str, source: str):
+        """A grammar state for a request's drafts, or None (no grammar, no tokenizer, or one this
+        worker cannot compile: its drafts are then free and the verifier rejects what it forbids)."""
+        if not kind or self.tokenizer is None:
+            return None
+        from dspark.workers.grammar import GrammarCompiler, GrammarSpec
+
+        if self._grammars is None:
+            self._grammars = GrammarCompiler(self.tokenizer, self.tokenizer.vocab_size, self.tokenizer.stop_token_ids)
+        try:
+            return self._grammars.matcher(GrammarSpec(kind, source))
+        except ValueError as exc:
+            log.warning("drafting without the request's grammar: %s", exc)
+            return None
 
     def _close(self, rid: str, mine: set[str]) -> None:
         """Close from the owning stream; an id already gone is a no-op (Close is idempotent)."""
@@ -313,9 +343,11 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
 class DraftWorkerServer:
     """A grpc.aio DraftService (+ health, reflection) on its own thread and event loop."""
 
-    def __init__(self, drafter_factory: Callable[[], Drafter], cfg: DraftWorkerConfig = DraftWorkerConfig()) -> None:
+    def __init__(self, drafter_factory: Callable[[], Drafter], cfg: DraftWorkerConfig = DraftWorkerConfig(),
+                 tokenizer: Tokenizer | None = None) -> None:
         self.cfg = cfg
         self._factory = drafter_factory
+        self._tokenizer = tokenizer  # lets drafters follow requests' grammars (structured outputs)
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._error: BaseException | None = None
@@ -351,7 +383,7 @@ class DraftWorkerServer:
         from dspark.proto.health import DRAFT_SERVICE, add_health_and_reflection
 
         drafter = self._factory()
-        self.servicer = DraftServicer(drafter, self.cfg)
+        self.servicer = DraftServicer(drafter, self.cfg, self._tokenizer)
         opts = [
             ("grpc.max_receive_message_length", self.cfg.max_message_bytes),
             ("grpc.max_send_message_length", self.cfg.max_message_bytes),

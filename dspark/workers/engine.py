@@ -109,6 +109,7 @@ class Engine:
         self.last_step_tokens = 0
         self.last_step_seconds = 0.0
         self.grammar_seconds = 0.0  # time spent computing grammar masks (structured outputs)
+        self.grammar_forbidden_blocks = 0  # verified blocks with a draft the grammar forbids (drafter unmasked)
         self._next_speculate: bool | None = None  # the gate's choice for the coming step, made after the last
         self._ids = itertools.count()
         self.stop_ids = tokenizer.stop_token_ids if tokenizer is not None else frozenset()
@@ -210,7 +211,8 @@ class Engine:
         """Structured outputs: time spent computing grammar masks and how many (zeros before any)."""
         g = self._grammars
         return {"grammar_mask_seconds": g.mask_seconds if g is not None else 0.0,
-                "grammar_masks": g.masks if g is not None else 0}
+                "grammar_masks": g.masks if g is not None else 0,
+                "grammar_forbidden_blocks": self.grammar_forbidden_blocks}
 
     @property
     def has_work(self) -> bool:
@@ -292,7 +294,7 @@ class Engine:
         constrained = any(e.seq.grammar is not None for e in plan.sampling)
         if constrained:
             t_mask = time.perf_counter()
-            plan.constrain(self.tokenizer.vocab_size)  # may cut drafts the grammar forbids
+            self.grammar_forbidden_blocks += plan.constrain(self.tokenizer.vocab_size)  # cuts after a forbidden draft
             self.grammar_seconds += time.perf_counter() - t_mask
         feature_layers = self.drafter.feature_layers if self.drafter is not None else ()
         out = self.runner.forward(plan.step_input(feature_layers))

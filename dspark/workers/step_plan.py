@@ -147,7 +147,7 @@ class StepPlan:
             return [None] * len(self.entries)
         return list(features.split([len(e.tokens) for e in self.entries]))
 
-    def constrain(self, vocab: int) -> None:
+    def constrain(self, vocab: int) -> int:
         """Compute each grammar-constrained request's allowed tokens at every row it samples.
 
         Walks its drafts through its grammar tentatively (rolled back after): the mask of row j is
@@ -156,7 +156,9 @@ class StepPlan:
         the recovered token comes from the residual max(0, p - q), as the rejection rule needs:
         sampling that position from p instead would favour what q also proposed); the drafts after
         it are cut, a choice that depends only on drafts before them, as every budget's must.
+        Returns how many blocks had a draft the grammar forbids.
         """
+        forbidden = 0
         for e in self.sampling:
             m = e.seq.grammar
             if m is None:
@@ -168,6 +170,7 @@ class StepPlan:
             for d in e.drafts:
                 if not (0 <= d < vocab and bool(allowed[walked, d])) or not m.accept(d):
                     keep = walked + 1  # verify the forbidden draft (rejected), nothing after it
+                    forbidden += 1
                     allowed[walked + 1] = True  # the row after it: never sampled, any mask
                     break
                 walked += 1
@@ -182,6 +185,7 @@ class StepPlan:
                 e.tokens = e.tokens[: 1 + keep]
                 allowed = allowed[: 1 + keep]
             e.allowed = allowed
+        return forbidden
 
     def mask_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """A copy of ``logits`` [R, V] with each grammar-constrained row's forbidden tokens at -inf.

@@ -160,3 +160,40 @@ def test_a_forbidden_sparse_draft_is_verified_not_resampled_from_the_target():
     assert set(firsts) <= {0, 1, 2}
     pval = chisquare_pvalue(firsts, torch.cat([p, torch.zeros(V - 3)]).double())
     assert pval > 1e-3, f"p = {pval:.2e}, observed {sorted(firsts.items())}"
+
+
+@pytest.mark.parametrize("mask", [True, False])
+def test_remote_dspark_worker_drafts_within_the_grammar(mask, model_fp32):
+    """A draft worker told the request's grammar (DrafterOptions) follows the output the Steps
+    carry and drafts only what the grammar allows: no verified block holds a forbidden draft.
+    With the worker's masking off (grammar_mask=0), forbidden drafts do reach the verifier (so
+    the count checks something).  Greedy output equals plain decoding's either way."""
+    from dspark.workers.draft_worker import DraftWorkerServer
+    from dspark.workers.drafters.dspark import head_feature_layers, make_dspark_drafter
+    from dspark.workers.drafters.remote import RemoteDrafter, RemoteDrafterConfig
+    from dspark.workers.engine import Engine, EngineConfig
+    from dspark.workers.runner import LocalRunner
+
+    tok = model_fp32.tokenizer
+    spec = GrammarSpec("json_schema", json.dumps({
+        "type": "object", "properties": {"city": {"type": "string", "maxLength": 16}, "population": {"type": "integer"}},
+        "required": ["city", "population"], "additionalProperties": False}))
+    prompt = tok.encode_chat([{"role": "user", "content": "Describe Paris as JSON."}])
+    runner_cfg = RunnerConfig(n_slots=2, max_seq=256)
+    factory = lambda: make_dspark_drafter(model_fp32, {"grammar_mask": "1" if mask else "0"},  # noqa: E731
+                                          EngineSpec(runner=runner_cfg))
+    server = DraftWorkerServer(factory, tokenizer=tok).start()
+    layers = head_feature_layers({}, model_fp32.name)
+    drafter = RemoteDrafter([server.address], RemoteDrafterConfig(kind="dspark", feature_layers=layers), block_len=7)
+    try:
+        eng = Engine(LocalRunner(model_fp32.model, runner_cfg), tok, EngineConfig(max_batch=2, block_len=7),
+                     drafter=drafter)
+        seq = eng.generate([prompt], SamplingParams(max_tokens=40, grammar=spec))[0]
+        plain = Engine(LocalRunner(model_fp32.model, runner_cfg), tok, EngineConfig(max_batch=2))
+        assert seq.output_ids == plain.generate([prompt], SamplingParams(max_tokens=40, grammar=spec))[0].output_ids
+        assert eng.metrics.num_draft_tokens > 0
+        forbidden = eng.grammar_stats()["grammar_forbidden_blocks"]
+        assert (forbidden == 0) if mask else (forbidden > 0), forbidden
+    finally:
+        drafter.close()
+        server.stop()

@@ -207,6 +207,8 @@ class RemoteDrafter:
                                             proposal_top_k=self.cfg.proposal_top_k)
             if seq.seed is not None:
                 opts.seed = seq.seed
+            if seq.params.grammar is not None:  # the worker drafts only what the grammar allows
+                opts.grammar_kind, opts.grammar_source = seq.params.grammar.kind, seq.params.grammar.source
             r.link.send(draft_pb2.DraftRequest(open=draft_pb2.Open(
                 request_id=rid, prompt_len=len(seq.prompt_ids), options=opts)))
             r.opened = True

@@ -40,7 +40,7 @@ class Tensor(_message.Message):
     def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class DrafterOptions(_message.Message):
-    __slots__ = ("kind", "block_len", "temperature", "proposal_top_k", "seed", "extra")
+    __slots__ = ("kind", "block_len", "temperature", "proposal_top_k", "seed", "extra", "grammar_kind", "grammar_source")
     class ExtraEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -54,13 +54,17 @@ class DrafterOptions(_message.Message):
     PROPOSAL_TOP_K_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     EXTRA_FIELD_NUMBER: _ClassVar[int]
+    GRAMMAR_KIND_FIELD_NUMBER: _ClassVar[int]
+    GRAMMAR_SOURCE_FIELD_NUMBER: _ClassVar[int]
     kind: str
     block_len: int
     temperature: float
     proposal_top_k: int
     seed: int
     extra: _containers.ScalarMap[str, str]
-    def __init__(self, kind: _Optional[str] = ..., block_len: _Optional[int] = ..., temperature: _Optional[float] = ..., proposal_top_k: _Optional[int] = ..., seed: _Optional[int] = ..., extra: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    grammar_kind: str
+    grammar_source: str
+    def __init__(self, kind: _Optional[str] = ..., block_len: _Optional[int] = ..., temperature: _Optional[float] = ..., proposal_top_k: _Optional[int] = ..., seed: _Optional[int] = ..., extra: _Optional[_Mapping[str, str]] = ..., grammar_kind: _Optional[str] = ..., grammar_source: _Optional[str] = ...) -> None: ...
 
 class Open(_message.Message):
     __slots__ = ("request_id", "prompt_token_ids", "options", "prompt_len")
