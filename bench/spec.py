@@ -63,7 +63,8 @@ an enum, an array of up to 3 short strings, a nested object), on the ``STRUCTURE
 ask for such records; concurrency 1, greedy, interleaved prompt by prompt as above, no HF (its
 ``generate`` has no grammar).  Under a grammar the verifier masks the target's logits at every
 verified row and cuts a block after its first draft the grammar forbids (verified, so rejected); the
-drafter itself is not masked.  Per configuration: tokens/s, the ratio against plain decoding under
+DSpark drafter draws its drafts among what the grammar allows (the ``dspark-unmasked`` row turns
+that off: ``grammar_mask=0``).  Per configuration: tokens/s, the ratio against plain decoding under
 the same schema, the acceptance length, and the share of request latency spent computing grammar
 masks (``engine.grammar_stats()``).  Every output must parse and validate against the schema
 (jsonschema); one that does not is an error of the bench (the command exits non-zero).  Writes
