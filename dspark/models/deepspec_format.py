@@ -33,7 +33,9 @@ the target's and otherwise serve the target's own.
 
 Anything this engine would compute differently is refused with a one-line ``ValueError`` naming
 the field or weight (Gemma 4 drafters, biases, other activations, RoPE scaling, sliding windows,
-an embedding-output or final-norm feature layer, a missing confidence head).
+an embedding-output or final-norm feature layer, a missing confidence head).  DeepSpec's DFlash
+checkpoints are the same model with ``markov_rank 0`` and ``enable_confidence_head false``: read
+with ``dflash=True`` for the ``dflash`` drafter (``check_heads``).
 """
 
 from __future__ import annotations
@@ -60,14 +62,33 @@ def is_deepspec_checkpoint(path: str | Path) -> bool:
     return path.is_dir() and (path / "config.json").is_file()
 
 
-def _fail(name: str, msg: str) -> ValueError:
-    return ValueError(f"DeepSpec drafter {name}: {msg}")
+def _fail(name: str, msg: str, what: str = "DeepSpec drafter") -> ValueError:
+    return ValueError(f"{what} {name}: {msg}")
 
 
-def read_deepspec_config(path: str | Path) -> tuple[DSparkHeadConfig, dict]:
+def check_heads(name: str, markov_rank: int, confidence_head: bool, dflash: bool) -> None:
+    """Which drafter serves a checkpoint: DSpark needs a confidence head; DFlash has neither head.
+
+    DeepSpec's DFlash checkpoints are its DSpark model with ``markov_rank 0`` and
+    ``enable_confidence_head false``; ``--draft dflash`` serves exactly those (confidences from the
+    online estimate), ``--draft dspark`` everything with a confidence head.
+    """
+    if dflash and markov_rank:
+        raise _fail(name, f"markov_rank {markov_rank}: a DSpark checkpoint; serve it with --draft dspark "
+                          f"(draft option markov=0 for the DFlash-style ablation)")
+    if dflash and confidence_head:
+        raise _fail(name, "enable_confidence_head true: serve it with --draft dspark (DFlash checkpoints have none)")
+    if not dflash and not confidence_head:
+        raise _fail(name, "enable_confidence_head false is not supported by --draft dspark (verification budgets "
+                          "need confidences); a DFlash checkpoint is served with --draft dflash")
+
+
+def read_deepspec_config(path: str | Path, dflash: bool = False) -> tuple[DSparkHeadConfig, dict]:
     """The head config of a DeepSpec checkpoint folder, and its raw config.json.
 
     Checks everything that needs no target; :func:`load_deepspec_head` checks the rest.
+    ``dflash``: read it for the DFlash drafter (no Markov head, no confidence head; see
+    :func:`check_heads`).
     """
     path = Path(path)
     name = path.name
@@ -111,8 +132,7 @@ def read_deepspec_config(path: str | Path) -> tuple[DSparkHeadConfig, dict]:
     if markov_kind not in MARKOV_KINDS:
         raise _fail(name, f"markov_head_type {raw['markov_head_type']!r} is not supported "
                           f"(supported: {', '.join(MARKOV_KINDS)})")
-    if not raw.get("enable_confidence_head", False):
-        raise _fail(name, "enable_confidence_head false is not supported (verification budgets need confidences)")
+    check_heads(name, rank, bool(raw.get("enable_confidence_head", False)), dflash)
     if raw.get("confidence_head_with_markov", False) and rank == 0:
         raise _fail(name, "confidence_head_with_markov true needs markov_rank > 0")
     layer_ids = [int(i) for i in need("target_layer_ids")]
@@ -162,19 +182,20 @@ def _check_target(name: str, cfg: DSparkHeadConfig, raw: dict, args) -> None:
         raise _fail(name, f"target_layer_ids {bad} outside 0..{args.n_layers - 2} of the target's {args.n_layers} layers")
 
 
-class _Weights:
+class CheckpointWeights:
     """The tensors of a checkpoint folder, read lazily; records which names were used."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, what: str = "DeepSpec drafter") -> None:
         from safetensors import safe_open
 
+        self.what = what
         index = path / "model.safetensors.index.json"
         if index.is_file():
             files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         elif (path / "model.safetensors").is_file():
             files = ["model.safetensors"]
         else:
-            raise _fail(path.name, "no model.safetensors (or model.safetensors.index.json) in the folder")
+            raise _fail(path.name, "no model.safetensors (or model.safetensors.index.json) in the folder", what)
         self.name = path.name
         self.where: dict[str, object] = {}
         for f in files:
@@ -188,52 +209,30 @@ class _Weights:
 
     def get(self, key: str, shape: tuple[int, ...]) -> torch.Tensor:
         if key not in self.where:
-            raise _fail(self.name, f"weight {key} is missing")
+            raise _fail(self.name, f"weight {key} is missing", self.what)
         self.used.add(key)
         t = self.where[key].get_tensor(key)
         if tuple(t.shape) != shape:
-            raise _fail(self.name, f"weight {key} has shape {tuple(t.shape)}, the config implies {shape}")
+            raise _fail(self.name, f"weight {key} has shape {tuple(t.shape)}, the config implies {shape}", self.what)
         return t.float()
 
     def rows(self, key: str, idx: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
         """Rows ``idx`` of a [V, D] matrix without reading the rest: [len(idx), D] float32."""
         if key not in self.where:
-            raise _fail(self.name, f"weight {key} is missing")
+            raise _fail(self.name, f"weight {key} is missing", self.what)
         self.used.add(key)
         sl = self.where[key].get_slice(key)
         if tuple(sl.get_shape()) != shape:
-            raise _fail(self.name, f"weight {key} has shape {tuple(sl.get_shape())}, the config implies {shape}")
+            raise _fail(self.name, f"weight {key} has shape {tuple(sl.get_shape())}, the config implies {shape}", self.what)
         return torch.stack([sl[int(i) : int(i) + 1][0] for i in idx]).float()
 
 
-def _check_rows(w: _Weights, key: str, target_w: torch.Tensor, idx: torch.Tensor) -> None:
-    """A frozen copy of the target's matrix must match it (up to the storage dtypes' rounding)."""
-    ours = target_w.detach()[idx.to(target_w.device)].float().cpu()
-    theirs = w.rows(key, idx, tuple(target_w.shape))
-    cos = torch.nn.functional.cosine_similarity(ours, theirs, dim=-1)
-    if bool((cos < 0.99).any()):
-        raise _fail(w.name, f"weight {key} differs from the target's (trained for another target?)")
-
-
-def load_deepspec_head(path: str | Path, target: nn.Module, target_name: str | None = None,
-                       dtype: torch.dtype | None = None, device: torch.device | str | None = None,
-                       draft_vocab: int | None = None) -> DSparkHead:
-    """Read DeepSpec checkpoint folder ``path`` into a head bound to ``target`` (as ``load_head``).
-
-    Every weight of the checkpoint is mapped (see the module docstring) or the load is refused;
-    ``draft_vocab`` must be 0/None (DeepSpec heads draft over the full vocabulary).
-    """
-    path = Path(path)
-    name = path.name
-    cfg, raw = read_deepspec_config(path)
-    _check_target(name, cfg, raw, target.args)
-    if draft_vocab:
-        raise _fail(name, f"draft_vocab={draft_vocab}: a DeepSpec head drafts over the full vocabulary (no id map)")
-    w = _Weights(path)
-    D, V, r, hd = cfg.dim, cfg.vocab_size, cfg.markov_rank, cfg.head_dim
+def backbone_state(w: CheckpointWeights, cfg: DSparkHeadConfig) -> dict[str, torch.Tensor]:
+    """Our state of the block backbone from the published names (DeepSpec's and speculators' alike):
+    fc, hidden_norm, norm, and per draft layer the split attention / MLP projections and norms."""
+    D, hd = cfg.dim, cfg.head_dim
     q_out, kv_out = cfg.n_heads * hd, cfg.n_kv_heads * hd
-    head = DSparkHead(cfg)
-    state: dict[str, torch.Tensor] = {
+    state = {
         "fc.weight": w.get("fc.weight", (D, len(cfg.feature_layers) * D)),
         "ctx_norm.weight": w.get("hidden_norm.weight", (D,)),
         "norm.weight": w.get("norm.weight", (D,)),
@@ -251,28 +250,83 @@ def load_deepspec_head(path: str | Path, target: nn.Module, target_name: str | N
         if cfg.qk_norm:
             state[o + "q_norm.weight"] = w.get(a + "q_norm.weight", (hd,))
             state[o + "k_norm.weight"] = w.get(a + "k_norm.weight", (hd,))
-    if r > 0:
-        state["markov_w1"] = w.get("markov_head.markov_w1.weight", (V, r))
-        state["markov_w2"] = w.get("markov_head.markov_w2.weight", (V, r)).t()
+    return state
+
+
+def markov_state(w: CheckpointWeights, cfg: DSparkHeadConfig, n_out: int) -> dict[str, torch.Tensor]:
+    """The Markov head: markov_w1 [V, r]; markov_w2, an nn.Linear(r, n_out) stored [n_out, r], transposed
+    to our [r, n_out]; the gated / RNN mixing layer.  Empty without a Markov head."""
+    D, V, r = cfg.dim, cfg.vocab_size, cfg.markov_rank
+    if r == 0:
+        return {}
+    state = {"markov_w1": w.get("markov_head.markov_w1.weight", (V, r)),
+             "markov_w2": w.get("markov_head.markov_w2.weight", (n_out, r)).t()}
     if cfg.markov_kind == "gated":
         state["markov_mix.weight"] = w.get("markov_head.gate_proj.weight", (r, D + r))
         state["markov_mix.bias"] = w.get("markov_head.gate_proj.bias", (r,))
     elif cfg.markov_kind == "rnn":
         state["markov_mix.weight"] = w.get("markov_head.joint_proj.weight", (3 * r, 2 * r + D))
         state["markov_mix.bias"] = w.get("markov_head.joint_proj.bias", (3 * r,))
-    with_markov = bool(raw.get("confidence_head_with_markov", False))
+    return state
+
+
+def confidence_state(w: CheckpointWeights, cfg: DSparkHeadConfig, enabled: bool, with_markov: bool) -> dict[str, torch.Tensor]:
+    """Our confidence layer over [h ; W1[x_{k-1}]] from ``confidence_head.proj``: without the Markov
+    embedding its r extra inputs get weight 0; without a confidence head (DFlash) all zeros, unused."""
+    D, r = cfg.dim, cfg.markov_rank
+    if not enabled:
+        return {"confidence.weight": torch.zeros(1, D + r), "confidence.bias": torch.zeros(1)}
     conf = w.get("confidence_head.proj.weight", (1, D + r if with_markov else D))
-    state["confidence.weight"] = conf if with_markov else torch.cat([conf, conf.new_zeros(1, r)], dim=1)
-    state["confidence.bias"] = w.get("confidence_head.proj.bias", (1,))
+    return {"confidence.weight": conf if with_markov else torch.cat([conf, conf.new_zeros(1, r)], dim=1),
+            "confidence.bias": w.get("confidence_head.proj.bias", (1,))}
+
+
+def check_rows(w: CheckpointWeights, key: str, target_w: torch.Tensor, idx: torch.Tensor,
+               target_idx: torch.Tensor | None = None, shape: tuple[int, int] | None = None) -> None:
+    """A frozen copy of the target's matrix must match it (up to the storage dtypes' rounding).
+
+    Rows ``idx`` of checkpoint weight ``key`` (of ``shape``, default the target's) against rows
+    ``target_idx`` (default ``idx``) of ``target_w``: a reduced LM head's row n is the target's row ids[n].
+    """
+    rows = idx if target_idx is None else target_idx
+    ours = target_w.detach()[rows.to(target_w.device)].float().cpu()
+    theirs = w.rows(key, idx, shape or tuple(target_w.shape))
+    cos = torch.nn.functional.cosine_similarity(ours, theirs, dim=-1)
+    if bool((cos < 0.99).any()):
+        raise _fail(w.name, f"weight {key} differs from the target's (trained for another target?)", w.what)
+
+
+def load_deepspec_head(path: str | Path, target: nn.Module, target_name: str | None = None,
+                       dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+                       draft_vocab: int | None = None, dflash: bool = False) -> DSparkHead:
+    """Read DeepSpec checkpoint folder ``path`` into a head bound to ``target`` (as ``load_head``).
+
+    Every weight of the checkpoint is mapped (see the module docstring) or the load is refused;
+    ``draft_vocab`` must be 0/None (DeepSpec heads draft over the full vocabulary).  ``dflash``:
+    a DFlash checkpoint (see :func:`check_heads`); its head's confidence layer is zero, unused.
+    """
+    path = Path(path)
+    name = path.name
+    cfg, raw = read_deepspec_config(path, dflash)
+    _check_target(name, cfg, raw, target.args)
+    if draft_vocab:
+        raise _fail(name, f"draft_vocab={draft_vocab}: a DeepSpec head drafts over the full vocabulary (no id map)")
+    w = CheckpointWeights(path)
+    D, V = cfg.dim, cfg.vocab_size
+    head = DSparkHead(cfg)
+    state = backbone_state(w, cfg)
+    state.update(markov_state(w, cfg, cfg.vocab_size))
+    state.update(confidence_state(w, cfg, bool(raw.get("enable_confidence_head", False)),
+                                  bool(raw.get("confidence_head_with_markov", False))))
 
     # embed_tokens / lm_head: frozen copies of the target's.  The mask row is the mask vector.
     g = torch.Generator().manual_seed(0)
     idx = torch.randperm(V, generator=g)[: min(_SAMPLE_ROWS, V)]
     mask_id = int(raw["mask_token_id"])
     idx = idx[idx != mask_id]
-    _check_rows(w, "embed_tokens.weight", target.tok_embeddings.weight, idx)
+    check_rows(w, "embed_tokens.weight", target.tok_embeddings.weight, idx)
     if "lm_head.weight" in w:
-        _check_rows(w, "lm_head.weight", target.output.weight, idx)
+        check_rows(w, "lm_head.weight", target.output.weight, idx)
     state["mask_embedding"] = w.rows("embed_tokens.weight", torch.tensor([mask_id]), (V, D))[0]
 
     unused = sorted(k for k in w.where if k not in w.used and not k.endswith("rotary_emb.inv_freq"))
@@ -365,4 +419,7 @@ def export_deepspec(head: DSparkHead, out: str | Path, mask_token_id: int,
     return out
 
 
-__all__ = ["ARCHITECTURES", "export_deepspec", "is_deepspec_checkpoint", "load_deepspec_head", "read_deepspec_config"]
+__all__ = [
+    "ARCHITECTURES", "CheckpointWeights", "backbone_state", "check_heads", "check_rows", "confidence_state",
+    "export_deepspec", "is_deepspec_checkpoint", "load_deepspec_head", "markov_state", "read_deepspec_config",
+]

@@ -16,7 +16,8 @@ Markov head's W2 cover only those N ids, so q's support is inside the map; token
 reported as vocabulary ids and verification is unchanged (the rejection sampler takes sparse q).
 
 Options (``--draft-option KEY=VALUE``): head=PATH (default: the head shipped for the target; a
-folder with a config.json is read as a DeepSpec checkpoint, ``dspark.models.deepspec_format``),
+folder with a config.json is read as a DeepSpec checkpoint, ``dspark.models.deepspec_format``, or,
+with ``speculators_model_type`` in it, as a speculators one, ``dspark.models.speculators_format``),
 draft_vocab=N (draft over the map's first N ids; 0 = the full vocabulary; default: the head's
 config), proposal_top_k=8, markov=1 (0: drop the Markov bias, DFlash-style ablation with the same
 weights), calibrated=1 (0: raw confidences), trace=0 (1: keep per-block confidence/acceptance records).
@@ -26,12 +27,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from dspark.kernels.markov import MarkovMix, markov_block_sample, markov_latent, masked_position_sample
 from dspark.models.deepspec_format import is_deepspec_checkpoint, load_deepspec_head, read_deepspec_config
-from dspark.models.dspark_head import DSparkHead, block_attention_mask, default_head_path, load_head
+from dspark.models.dspark_head import DSparkHead, DSparkHeadConfig, block_attention_mask, default_head_path, load_head
+from dspark.models.speculators_format import is_speculators_checkpoint, load_speculators_head, read_speculators_config
 from dspark.models.kv_cache import KVCache
 from dspark.workers.drafters.base import DraftBlock, count_accepted, draft_generator, proposal_top_k
 from dspark.workers.drafters.registry import (
@@ -174,29 +177,41 @@ class DSparkDrafter:
             if seq.grammar is not None and self.grammar_mask:  # structured output: draft what the grammar allows
                 tokens[j], probs[j], prob_ids[j] = self._constrained_block(
                     seq.grammar, base[j], anchors[j], w1, w2, temps[j], uniforms[j], mix, j)
-        full = torch.tensor([t + [t[-1] if t else int(anchors[j])] * (G - len(t)) for j, t in enumerate(tokens)],
-                            device=dev)  # [B, G]: a shorter block padded (the padding's confidence is unused)
-        prev = torch.cat([anchors.unsqueeze(1), full[:, :-1]], dim=1)  # [B, G] x_{k-1}
-        z = head.confidence_logit(h, head.markov_embedding(prev))  # [B, G]
-        z_rows = z.tolist()
+        confs, z_rows = self.block_confidences(batch, h, anchors, tokens, G)
         seconds = (time.perf_counter() - t0) / len(batch)
         for j, (i, seq) in enumerate(zip(ready, batch)):
-            greedy = seq.params.greedy
-            temps_k = self.cfg.sts_temperatures(greedy, G) if self.calibrated else [1.0] * G
-            conf = torch.sigmoid(z[j] / torch.tensor(temps_k, device=dev)).tolist()[: len(tokens[j])]
             out[i] = DraftBlock(
                 token_ids=tokens[j],
                 probs=probs[j],
                 prob_ids=prob_ids[j],
-                confidence=conf,
+                confidence=confs[j],
                 draft_seconds=seconds,
             )
             trace = None
             if self.trace:
                 room = seq.params.max_tokens - len(seq.output_ids) - 1
-                trace = BlockTrace(z_rows[j], greedy, max(0, min(G, room)))
+                trace = BlockTrace(z_rows[j], seq.params.greedy, max(0, min(G, room)))
             self._pending[seq.request_id] = (tokens[j], trace)
         return out
+
+    def block_confidences(self, batch: list[Sequence], h: torch.Tensor, anchors: torch.Tensor,
+                          tokens: list[list[int]], G: int) -> tuple[list[list[float]], list[list[float]]]:
+        """Per block the confidence of each draft, and the raw confidence logits z [G] (for traces).
+
+        The head's c_k = sigmoid(z_k / T_k) over [h_k ; W1[x_{k-1}]], T_k the STS temperature.
+        h: [B, G, D]; anchors: [B]; tokens: the drafts of each block (a shorter block is padded
+        for the head; the padding's confidence is dropped).
+        """
+        head, dev = self.head, self.device
+        full = torch.tensor([t + [t[-1] if t else int(anchors[j])] * (G - len(t)) for j, t in enumerate(tokens)],
+                            device=dev)  # [B, G]
+        prev = torch.cat([anchors.unsqueeze(1), full[:, :-1]], dim=1)  # [B, G] x_{k-1}
+        z = head.confidence_logit(h, head.markov_embedding(prev))  # [B, G]
+        confs = []
+        for j, seq in enumerate(batch):
+            temps_k = self.cfg.sts_temperatures(seq.params.greedy, G) if self.calibrated else [1.0] * G
+            confs.append(torch.sigmoid(z[j] / torch.tensor(temps_k, device=dev)).tolist()[: len(tokens[j])])
+        return confs, z.tolist()
 
 
     def _constrained_block(self, matcher, base: torch.Tensor, anchor: torch.Tensor, w1: torch.Tensor,
@@ -261,10 +276,7 @@ def make_dspark_drafter(loaded, opts: dict, spec) -> DSparkDrafter:
     if n not in (None, "") and not str(n).strip().isdigit():
         raise ValueError(f"draft_vocab={n!r}: expected a whole number of ids (0 = the full vocabulary)")
     n = None if n in (None, "") else int(n)
-    if is_deepspec_checkpoint(path):
-        head = load_deepspec_head(path, loaded.model, target_name=loaded.name, draft_vocab=n)
-    else:
-        head = load_head(path, loaded.model, target_name=loaded.name, draft_vocab=n)
+    head = load_drafter_head(path, loaded, draft_vocab=n)
     head.pack_for_inference()
     return DSparkDrafter(
         head,
@@ -280,19 +292,38 @@ def make_dspark_drafter(loaded, opts: dict, spec) -> DSparkDrafter:
 
 def head_feature_layers(opts: dict, target_name: str) -> tuple[int, ...]:
     """Target layers the head of ``opts`` (default: the shipped one) reads, from its config alone."""
+    return read_drafter_head_config(opts.get("head") or default_head_path(target_name)).feature_layers
+
+
+def load_drafter_head(path, loaded, draft_vocab: int | None = None, dflash: bool = False) -> DSparkHead:
+    """The head at ``path`` bound to target ``loaded``, in whichever format it is (docs/MODELS.md):
+    our file, a DeepSpec folder or a speculators folder.  ``dflash``: for the DFlash drafter
+    (folders without Markov and confidence heads; our files are DSpark heads)."""
+    if is_speculators_checkpoint(path):
+        return load_speculators_head(path, loaded.model, target_name=loaded.name, draft_vocab=draft_vocab, dflash=dflash)
+    if is_deepspec_checkpoint(path):
+        return load_deepspec_head(path, loaded.model, target_name=loaded.name, draft_vocab=draft_vocab, dflash=dflash)
+    if dflash:
+        raise ValueError(f"{Path(path).name}: a DSpark head file; --draft dflash reads DFlash checkpoint folders "
+                         f"(DeepSpec's or speculators'); serve it with --draft dspark")
+    return load_head(path, loaded.model, target_name=loaded.name, draft_vocab=draft_vocab)
+
+
+def read_drafter_head_config(path, dflash: bool = False) -> DSparkHeadConfig:
+    """The head config at ``path`` in whichever format it is, without loading weights or a target."""
     from dspark.models.dspark_head import read_head_config
 
-    path = opts.get("head") or default_head_path(target_name)
+    if is_speculators_checkpoint(path):
+        return read_speculators_config(path, dflash)[0]
     if is_deepspec_checkpoint(path):
-        return read_deepspec_config(path)[0].feature_layers
-    head_cfg, _ = read_head_config(path)
-    return tuple(head_cfg.feature_layers)
+        return read_deepspec_config(path, dflash)[0]
+    return read_head_config(path)[0]
 
 
 # The options a DSpark head takes (the hybrid drafter reuses them).
 HEAD_OPTIONS = (
-    DraftOption("head", text, None, "head checkpoint: our .safetensors or a DeepSpec folder (default: the head "
-                "shipped for the target)"),
+    DraftOption("head", text, None, "head checkpoint: our .safetensors, a DeepSpec or a speculators folder "
+                "(default: the head shipped for the target)"),
     DraftOption("draft_vocab", optional_integer(0), None, "draft over the id map's first N ids; 0: full vocabulary "
                 "(default: the head's config)"),
     proposal_top_k_option(),
@@ -314,4 +345,7 @@ KIND = DrafterKind(
 )
 
 
-__all__ = ["DSparkDrafter", "BlockTrace", "HEAD_OPTIONS", "head_feature_layers", "make_dspark_drafter"]
+__all__ = [
+    "DSparkDrafter", "BlockTrace", "HEAD_OPTIONS", "head_feature_layers", "load_drafter_head", "make_dspark_drafter",
+    "read_drafter_head_config",
+]

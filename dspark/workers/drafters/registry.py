@@ -40,6 +40,7 @@ DRAFTERS: dict[str, str] = {
     "layerskip": "dspark.workers.drafters.autoregressive:LAYERSKIP",
     "draft_model": "dspark.workers.drafters.autoregressive:DRAFT_MODEL",
     "dspark": "dspark.workers.drafters.dspark:KIND",
+    "dflash": "dspark.workers.drafters.dflash:KIND",
     "hybrid": "dspark.workers.drafters.hybrid:KIND",
 }
 
