@@ -14,6 +14,14 @@ import uuid
 # Tests run servers, Ray workers and the suite itself on the same cores: sleeping OpenMP waits,
 # set before anything loads torch's OpenMP runtime (see dspark/omp.py for why).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# The Triton parity tests run the kernels under Triton's interpreter, which must be chosen before
+# anything imports triton (its standard library is jit-decorated at import): other test modules
+# import transformers models that load triton. Only on hosts without CUDA, where nothing else
+# could use Triton anyway (no GPU: the interpreter is the only way it runs here).
+import torch  # noqa: E402  (after the OpenMP policy above; torch itself does not import triton)
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 
