@@ -18,11 +18,14 @@ import torch
 
 from dspark.models.loader import load_model
 from dspark.models.packing import PackedLinear, packing_supported
-from dspark.workers.engine import Engine, EngineConfig
-from dspark.workers.request import SamplingParams
 from dspark.workers.runner import LocalRunner, RunnerConfig, StepInput
 from helpers.tiny_hf import PROMPTS, tiny_qwen3
-from helpers.varlen import assert_varlen_batch_equals_alone
+from helpers.varlen import (
+    assert_engine_batch_equals_alone,
+    assert_greedy_decode_matches_transformers,
+    prefill,
+    rel_err,
+)
 
 DECODE_STEPS = 224
 
@@ -32,15 +35,6 @@ def qwen3(tmp_path_factory):
     """(folder, transformers' model of it in fp32)."""
     path = tmp_path_factory.mktemp("qwen3")
     return path, tiny_qwen3(path)
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max() / b.abs().max())
-
-
-def prefill(runner: LocalRunner, ids: list[int]) -> torch.Tensor:
-    """Logits of every position of ``ids`` fed whole into slot 0 (from position 0)."""
-    return runner.forward(StepInput(ids, [0], [0], [len(ids)])).logits
 
 
 def test_the_folder_loads_as_qwen3(qwen3):
@@ -70,37 +64,13 @@ def test_prefill_logits_match_transformers(qwen3):
 
 
 def test_greedy_decode_matches_transformers_generate(qwen3):
-    """Two requests decoded together by our engine give transformers' greedy ids; fed those ids
-    one at a time through our KV cache, every decode step's logits match transformers'."""
     path, hf = qwen3
-    lm = load_model(path, dtype="fp32", progress=False)
-    prompts = PROMPTS[:2]
-    engine = Engine(LocalRunner(lm.model, RunnerConfig(n_slots=2, max_seq=512)), lm.tokenizer, EngineConfig(max_batch=2))
-    ours = engine.generate(prompts, SamplingParams(max_tokens=DECODE_STEPS, ignore_eos=True))
-    runner = LocalRunner(lm.model, RunnerConfig(n_slots=1, max_seq=512))
-    for ids, seq in zip(prompts, ours):
-        with torch.no_grad():
-            ref = hf.generate(torch.tensor([ids]), max_new_tokens=DECODE_STEPS, do_sample=False,
-                              output_logits=True, return_dict_in_generate=True)
-        ref_ids = ref.sequences[0, len(ids):].tolist()
-        assert len(ref_ids) == DECODE_STEPS and len(set(ref_ids)) > 5  # a real continuation, not one token
-        assert seq.output_ids == ref_ids
-        logits = [prefill(runner, ids)[-1:]]
-        for i, t in enumerate(ref_ids[:-1]):
-            logits.append(runner.forward(StepInput([t], [0], [len(ids) + i], [1])).logits)
-        assert rel_err(torch.cat(logits), torch.cat(ref.logits).float()) < 1e-5
+    assert_greedy_decode_matches_transformers(path, hf, PROMPTS[:2], DECODE_STEPS)
 
 
 def test_batched_varlen_requests_equal_each_alone(qwen3):
     path, _ = qwen3
-    lm = load_model(path, dtype="fp32", progress=False)
-    model, tok = lm.model, lm.tokenizer
-    assert_varlen_batch_equals_alone(model, PROMPTS)
-    params = SamplingParams(max_tokens=32, ignore_eos=True)
-    batched = Engine(LocalRunner(model, RunnerConfig(n_slots=3, max_seq=256)), tok, EngineConfig(max_batch=3)).generate(PROMPTS, params)
-    for p, seq in zip(PROMPTS, batched):
-        one = Engine(LocalRunner(model, RunnerConfig(n_slots=1, max_seq=256)), tok, EngineConfig(max_batch=1)).generate([p], params)[0]
-        assert seq.output_ids == one.output_ids
+    assert_engine_batch_equals_alone(path, PROMPTS)
 
 
 def test_compiled_bf16_steps_follow_eager(qwen3):
