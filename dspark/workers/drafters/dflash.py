@@ -49,7 +49,8 @@ class DFlashDrafter(DSparkDrafter):
         self.conf = OnlineConfidence(prior_accept=PRIOR_ACCEPT)
 
     def block_confidences(self, batch: list[Sequence], h: torch.Tensor, anchors: torch.Tensor,
-                          tokens: list[list[int]], G: int) -> tuple[list[list[float]], list[list[float]]]:
+                          tokens: list[list[int]], G: int,
+                          drafted: torch.Tensor | None = None) -> tuple[list[list[float]], list[list[float]]]:
         confs = [self.conf.confidences(s.request_id, len(t)) for s, t in zip(batch, tokens)]
         return confs, [[] for _ in batch]
 

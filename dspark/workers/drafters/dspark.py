@@ -173,11 +173,13 @@ class DSparkDrafter:
         tokens = draft.tokens.tolist()
         probs = list(draft.draft_probs)
         prob_ids = [None] * len(batch) if draft.draft_prob_ids is None else list(draft.draft_prob_ids)
+        redrawn = False
         for j, seq in enumerate(batch):
             if seq.grammar is not None and self.grammar_mask:  # structured output: draft what the grammar allows
                 tokens[j], probs[j], prob_ids[j] = self._constrained_block(
                     seq.grammar, base[j], anchors[j], w1, w2, temps[j], uniforms[j], mix, j)
-        confs, z_rows = self.block_confidences(batch, h, anchors, tokens, G)
+                redrawn = True
+        confs, z_rows = self.block_confidences(batch, h, anchors, tokens, G, None if redrawn else draft.tokens)
         seconds = (time.perf_counter() - t0) / len(batch)
         for j, (i, seq) in enumerate(zip(ready, batch)):
             out[i] = DraftBlock(
@@ -195,7 +197,8 @@ class DSparkDrafter:
         return out
 
     def block_confidences(self, batch: list[Sequence], h: torch.Tensor, anchors: torch.Tensor,
-                          tokens: list[list[int]], G: int) -> tuple[list[list[float]], list[list[float]]]:
+                          tokens: list[list[int]], G: int,
+                          drafted: torch.Tensor | None = None) -> tuple[list[list[float]], list[list[float]]]:
         """Per block the confidence of each draft, and the raw confidence logits z [G] (for traces).
 
         The head's c_k = sigmoid(z_k / T_k) over [h_k ; W1[x_{k-1}]], T_k the STS temperature.
@@ -203,8 +206,10 @@ class DSparkDrafter:
         for the head; the padding's confidence is dropped).
         """
         head, dev = self.head, self.device
-        full = torch.tensor([t + [t[-1] if t else int(anchors[j])] * (G - len(t)) for j, t in enumerate(tokens)],
-                            device=dev)  # [B, G]
+        full = drafted  # [B, G], the sampled tensor when no block was redrawn (the usual step)
+        if full is None:
+            full = torch.tensor([t + [t[-1] if t else int(anchors[j])] * (G - len(t)) for j, t in enumerate(tokens)],
+                                device=dev)
         prev = torch.cat([anchors.unsqueeze(1), full[:, :-1]], dim=1)  # [B, G] x_{k-1}
         z = head.confidence_logit(h, head.markov_embedding(prev))  # [B, G]
         confs = []
