@@ -278,10 +278,13 @@ class DeepseekV4Transformer(nn.Module):
         return_hidden: bool = False,
     ) -> ForwardOutput:
         """Run a varlen step: tokens [T] int64 in the batch's request order; logits of the rows
-        in ``logits_index`` (None: all).  Feature layers and early exit are refused (the DSpark
-        head's V4 features are not defined yet)."""
-        if feature_layers:
-            raise ValueError("feature layers are not supported for DeepSeek-V4 yet (drafters that read target features)")
+        in ``logits_index`` (None: all).  ``feature_layers``: blocks whose output hyper-connection
+        streams are returned as features, [T, N * hidden] each (flattened, not collapsed),
+        concatenated; the MTP drafter reads the last block's (the streams the MTP layer was
+        trained on).  Early exit is refused."""
+        bad = [i for i in feature_layers if not 0 <= i < self.cfg.num_hidden_layers]
+        if bad:
+            raise ValueError(f"feature layer {bad[0]} is not a block of this model ({self.cfg.num_hidden_layers} blocks)")
         if n_layers is not None:
             raise ValueError("early exit (n_layers) is not supported for DeepSeek-V4")
         for slot, start, q in zip(batch.slots, batch.starts, batch.q_lens):
@@ -290,12 +293,16 @@ class DeepseekV4Transformer(nn.Module):
         x = self.embed.weight[tokens]  # [T, hidden]
         streams = x[None, :, None].expand(1, x.shape[0], cfg.hc_mult, x.shape[1]).contiguous()  # [1, T, N, hidden]
         freqs = {kind: self.inv_freq(kind) for kind in set(cfg.layer_types)}
-        for block, state in zip(self.layers, cache.layers):
+        kept: dict[int, torch.Tensor] = {}
+        for i, (block, state) in enumerate(zip(self.layers, cache.layers)):
             streams = block(streams, tokens, state, batch, freqs[block.kind])
+            if i in feature_layers:
+                kept[i] = streams[0].flatten(1)  # [T, N * hidden]
+        features = torch.cat([kept[i] for i in feature_layers], dim=-1) if feature_layers else None
         h = hyp.hyper_head(streams, self.hc_head_fn, self.hc_head_base, self.hc_head_scale, cfg.hc_eps,
                            cfg.rms_norm_eps)[0]  # [T, hidden]  # fmt: skip
         logits = None
         if logits_index is None or logits_index.numel() > 0:
             rows = h if logits_index is None else h[logits_index]
             logits = (att.rms_norm(rows, self.norm.weight, cfg.rms_norm_eps) @ self.head.weight.T).float()
-        return ForwardOutput(logits=logits, features=None, hidden=h if return_hidden else None)
+        return ForwardOutput(logits=logits, features=features, hidden=h if return_hidden else None)
