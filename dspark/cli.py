@@ -116,20 +116,10 @@ def engine_options(f):
 
 
 def parse_kv(items: tuple[str, ...]) -> tuple[tuple[str, object], ...]:
-    out = []
-    for item in items:
-        if "=" not in item:
-            raise click.BadParameter(f"{item!r} is not KEY=VALUE")
-        k, v = item.split("=", 1)
-        try:
-            val: object = int(v)
-        except ValueError:
-            try:
-                val = float(v)
-            except ValueError:
-                val = v
-        out.append((k.strip(), val))
-    return tuple(out)
+    try:
+        return registry.assignments(items)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
 
 
 @main.command()

@@ -33,6 +33,8 @@ def cluster_options(f):
         click.option("--draft", type=click.Choice(registry.choices()), default=None,
                      help="drafter kind (default: dspark when a head ships, else ngram)"),
         click.option("--block", "block_len", type=int, default=7, show_default=True),
+        click.option("--draft-option", "draft_options", multiple=True, metavar="KEY=VALUE",
+                     help="drafter setting, repeatable (e.g. head=PATH: docs/MODELS.md)"),
         click.option("--verify-policy", type=click.Choice(["fixed", "adaptive"]), default="fixed", show_default=True),
         click.option("--redis-url", default=None, help="existing Redis (default: start a local redis-server)"),
         click.option("--slots", "n_slots", type=int, default=32, show_default=True, help="concurrent requests per verifier"),
@@ -51,15 +53,28 @@ def cluster_options(f):
     return f
 
 
-def make_config(model, dtype, device, tp, draft_workers, draft, block_len, verify_policy, n_slots, **extra) -> ClusterConfig:
+def make_config(model, dtype, device, tp, draft_workers, draft, block_len, verify_policy, n_slots,
+                draft_options=(), **extra) -> ClusterConfig:
+    """The cluster configuration of these options.  Drafter options and the head they name are
+    checked here, so a typo is a one-line error before Ray starts rather than a failed deployment."""
     if extra.get("deterministic", False) is None:
         from dspark.workers.runner import deterministic_default
 
         extra["deterministic"] = deterministic_default(dtype, device)
-    return ClusterConfig(
-        model=model, dtype=dtype, device=device, tp=tp, draft=draft or _default_draft(), draft_workers=draft_workers,
-        block_len=block_len, verify_policy=verify_policy, n_slots=n_slots, **extra,
-    )
+    draft = draft or _default_draft()
+    try:
+        options = dict(registry.assignments(draft_options))
+        cfg = ClusterConfig.from_args(dict(
+            model=model, dtype=dtype, device=device, tp=tp, draft=draft, draft_workers=draft_workers,
+            block_len=block_len, verify_policy=verify_policy, n_slots=n_slots, draft_options=options, **extra,
+        ))
+        if draft != "none" and options.get("head"):  # the head's own config, read without the target
+            registry.feature_layers(draft, options, "")
+    except FileNotFoundError as e:
+        raise click.UsageError(f"drafter option head={options['head']}: no such file ({e.filename})") from None
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+    return cfg
 
 
 def serve_config(host, grpc_port, internal_host, port=None, redis_url=None, **kw) -> ClusterConfig:

@@ -146,6 +146,29 @@ def feature_layers(name: str, raw: Mapping[str, Any] | tuple, target_name: str) 
     return kind.feature_layers(parse_options(name, raw), target_name) if kind.feature_layers else ()
 
 
+def assignments(items) -> tuple[tuple[str, Any], ...]:
+    """``KEY=VALUE`` strings (``--draft-option``) as (key, value) pairs; numbers become int / float.
+
+    Example:
+        >>> assignments(["head=/m/h", "proposal_top_k=4"])
+        (('head', '/m/h'), ('proposal_top_k', 4))
+    """
+    out = []
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"{item!r} is not KEY=VALUE")
+        key, raw = item.split("=", 1)
+        val: Any = raw
+        for kind in (int, float):
+            try:
+                val = kind(raw)
+                break
+            except ValueError:
+                pass
+        out.append((key.strip(), val))
+    return tuple(out)
+
+
 # -- option parsers: raw value -> typed value, or ValueError naming what was expected ------------
 def integer(minimum: int | None = None) -> Callable[[Any], int]:
     """An integer (``4``, ``"4"``, ``4.0``), at least ``minimum`` when given."""
@@ -191,6 +214,6 @@ def proposal_top_k_option() -> DraftOption:
 
 
 __all__ = [
-    "DRAFTERS", "DraftContext", "DraftOption", "DrafterKind", "build_drafter", "choices", "feature_layers", "flag",
+    "DRAFTERS", "DraftContext", "DraftOption", "DrafterKind", "assignments", "build_drafter", "choices", "feature_layers", "flag",
     "get", "integer", "names", "optional_integer", "parse_options", "proposal_top_k_option", "text",
 ]
