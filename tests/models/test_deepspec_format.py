@@ -1,8 +1,7 @@
 """DeepSpec's DSpark checkpoint format: loading, refusals, the q the verifier receives, export.
 
-``write_deepspec_checkpoint`` writes a random-weight folder the way DeepSpec's ``save_pretrained``
-does (config.json = the target's config fields + the drafter's; model.safetensors under the
-published weight names).  ``deepspec_block`` recomputes a block from those tensors alone,
+``write_deepspec_checkpoint`` (helpers/drafter_checkpoints.py) writes a random-weight folder the
+way DeepSpec's ``save_pretrained`` does.  ``deepspec_hidden`` recomputes a block from those tensors alone,
 following DeepSpec's Qwen3 DSpark forward and Markov / confidence heads, as an independent reference.
 """
 
@@ -10,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,65 +19,8 @@ from safetensors.torch import load_file, save_file
 from dspark.models.deepspec_format import export_deepspec, load_deepspec_head
 from dspark.models.dspark_head import DSparkHead, save_head
 from dspark.workers.drafters.dspark import DSparkDrafter
+from helpers.drafter_checkpoints import write_deepspec_checkpoint
 from helpers.tiny_models import D, TINY_HEAD, V, make_seq, tiny_head, tiny_target
-
-
-def write_deepspec_checkpoint(folder: Path, emb: torch.Tensor, lm_head: torch.Tensor, n_target_layers: int, *,
-                              layer_ids=(1, 2), markov_head_type="vanilla", with_markov=True, qk_norm=True,
-                              n_layers=2, n_heads=4, n_kv=2, head_dim=8, inter=48, rank=8, block_size=4,
-                              mask_token_id=3, seed=0, config_overrides: dict | None = None,
-                              dtype=torch.float32) -> dict[str, torch.Tensor]:
-    """A random DeepSpec DSpark checkpoint for a target with embedding ``emb`` [V, D] and LM head [V, D]."""
-    g = torch.Generator().manual_seed(seed)
-    Vt, Dt = emb.shape
-
-    def lin(o, i):
-        return torch.randn(o, i, generator=g) / math.sqrt(i)
-
-    def norm(n):
-        return 1.0 + 0.2 * torch.randn(n, generator=g)
-
-    t = {"fc.weight": lin(Dt, len(layer_ids) * Dt), "hidden_norm.weight": norm(Dt), "norm.weight": norm(Dt),
-         "embed_tokens.weight": emb.float().clone(), "lm_head.weight": lm_head.float().clone()}
-    for i in range(n_layers):
-        a, m, o = f"layers.{i}.self_attn.", f"layers.{i}.mlp.", f"layers.{i}."
-        t[a + "q_proj.weight"], t[a + "k_proj.weight"] = lin(n_heads * head_dim, Dt), lin(n_kv * head_dim, Dt)
-        t[a + "v_proj.weight"], t[a + "o_proj.weight"] = lin(n_kv * head_dim, Dt), lin(Dt, n_heads * head_dim) * 0.5
-        if qk_norm:
-            t[a + "q_norm.weight"], t[a + "k_norm.weight"] = norm(head_dim), norm(head_dim)
-        t[m + "gate_proj.weight"], t[m + "up_proj.weight"] = lin(inter, Dt), lin(inter, Dt)
-        t[m + "down_proj.weight"] = lin(Dt, inter) * 0.5
-        t[o + "input_layernorm.weight"], t[o + "post_attention_layernorm.weight"] = norm(Dt), norm(Dt)
-    if rank:
-        t["markov_head.markov_w1.weight"] = torch.randn(Vt, rank, generator=g)
-        t["markov_head.markov_w2.weight"] = lin(Vt, rank) * 2.0  # nn.Linear(r, V): [V, r]
-    if markov_head_type == "gated":
-        t["markov_head.gate_proj.weight"], t["markov_head.gate_proj.bias"] = lin(rank, Dt + rank), torch.randn(rank, generator=g)
-    if markov_head_type == "rnn":
-        t["markov_head.joint_proj.weight"] = lin(3 * rank, 2 * rank + Dt)
-        t["markov_head.joint_proj.bias"] = torch.randn(3 * rank, generator=g)
-    t["confidence_head.proj.weight"] = lin(1, Dt + (rank if with_markov else 0))
-    t["confidence_head.proj.bias"] = torch.randn(1, generator=g)
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.to(dtype).contiguous() for k, v in t.items()}, str(folder / "model.safetensors"))
-    config = {
-        # The target's own config fields (Qwen3), as DeepSpec deep-copies them.
-        "architectures": ["Qwen3DSparkModel" if qk_norm else "LlamaDSparkModel"], "model_type": "qwen3",
-        "attention_bias": False, "attention_dropout": 0.0, "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu",
-        "hidden_size": Dt, "head_dim": head_dim, "initializer_range": 0.02, "intermediate_size": inter,
-        "max_position_embeddings": 4096, "max_window_layers": 28, "num_attention_heads": n_heads,
-        "num_hidden_layers": n_layers, "num_key_value_heads": n_kv, "rms_norm_eps": 1e-6, "rope_scaling": None,
-        "rope_theta": 10000.0, "sliding_window": None, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
-        "transformers_version": "4.57.1", "use_cache": True, "use_sliding_window": False, "vocab_size": Vt,
-        "layer_types": ["full_attention"] * n_layers,
-        # The drafter's fields (DeepSpec's build_draft_config).
-        "num_target_layers": n_target_layers, "block_size": block_size, "mask_token_id": mask_token_id,
-        "target_layer_ids": list(layer_ids), "num_anchors": 512, "enable_confidence_head": True,
-        "confidence_head_with_markov": with_markov, "markov_rank": rank, "markov_head_type": markov_head_type,
-        **(config_overrides or {}),
-    }
-    (folder / "config.json").write_text(json.dumps(config, indent=2))
-    return {k: v.to(dtype).float() for k, v in t.items()}
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,20 +1,13 @@
 """DFlash checkpoints (DeepSpec's, ``--draft dflash``) and speculators-format DSpark checkpoints.
 
-``write_dflash_checkpoint`` writes what DeepSpec's DFlash configs save: its DSpark model with
-``markov_rank 0`` and ``enable_confidence_head false`` (no ``markov_head.*``, no
-``confidence_head.*``).  ``write_speculators_checkpoint`` writes what speculators'
-``save_pretrained`` of a ``DSparkDraftModel`` holds: config.json with ``speculators_model_type``,
-``transformer_layer_config`` (a diff against Qwen3's defaults), ``draft_vocab_size``,
-``aux_hidden_state_layer_ids`` ...; weights under the published names with an [N, D] ``lm_head``,
-``markov_w2`` [N, r], ``d2t`` offsets and the ``t2d`` mask.  The proposals are checked against
+The folders are written by ``write_dflash_checkpoint`` and ``write_speculators_checkpoint``
+(helpers/drafter_checkpoints.py) under each format's published names and fields.  The proposals are checked against
 an independent computation of each format's math from those tensors.
 """
 
 from __future__ import annotations
 
 import json
-import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -24,87 +17,9 @@ from dspark.models.deepspec_format import load_deepspec_head
 from dspark.models.speculators_format import load_speculators_head
 from dspark.workers.drafters.dflash import PRIOR_ACCEPT, DFlashDrafter
 from dspark.workers.drafters.dspark import DSparkDrafter
+from helpers.drafter_checkpoints import write_deepspec_checkpoint, write_dflash_checkpoint, write_speculators_checkpoint
 from helpers.tiny_models import D, V, make_seq, tiny_target
-from test_deepspec_format import deepspec_hidden, write_deepspec_checkpoint
-
-
-def write_dflash_checkpoint(folder: Path, emb, lm_head, n_target_layers: int, **kw) -> dict[str, torch.Tensor]:
-    """DeepSpec's DFlash: the DSpark checkpoint without Markov and confidence heads (its dflash_* configs)."""
-    t = write_deepspec_checkpoint(folder, emb, lm_head, n_target_layers, rank=0, with_markov=False, **kw)
-    state = {k: v for k, v in load_file(str(folder / "model.safetensors")).items() if not k.startswith("confidence_head.")}
-    save_file(state, str(folder / "model.safetensors"))
-    cfg = json.loads((folder / "config.json").read_text())
-    for key in ("markov_head_type", "confidence_head_with_markov"):  # build_draft_config sets neither here
-        cfg.pop(key)
-    cfg["enable_confidence_head"] = False
-    (folder / "config.json").write_text(json.dumps(cfg, indent=2))
-    return {k: v for k, v in t.items() if not k.startswith("confidence_head.")}
-
-
-def write_speculators_checkpoint(folder: Path, emb, lm_head, *, layer_ids=(2, 3), draft_vocab=24, rank=8,
-                                 markov_head_type="vanilla", n_layers=2, n_heads=4, n_kv=2, head_dim=8, inter=48,
-                                 block_size=4, mask_token_id=3, seed=0, with_embed=True, config_overrides=None,
-                                 dtype=torch.float32) -> dict[str, torch.Tensor]:
-    """A random speculators DSpark checkpoint; ``layer_ids`` are speculators' aux ids (input of layer i)."""
-    g = torch.Generator().manual_seed(seed)
-    Vt, Dt = emb.shape
-    N = draft_vocab
-
-    def lin(o, i):
-        return torch.randn(o, i, generator=g) / math.sqrt(i)
-
-    def norm(n):
-        return 1.0 + 0.2 * torch.randn(n, generator=g)
-
-    ids = torch.randperm(Vt, generator=g)[:N].sort().values  # build_vocab_mappings sorts the selected ids
-    t = {"fc.weight": lin(Dt, len(layer_ids) * Dt), "hidden_norm.weight": norm(Dt), "norm.weight": norm(Dt),
-         "lm_head.weight": lm_head.float()[ids].clone()}
-    if with_embed:
-        t["embed_tokens.weight"] = emb.float().clone()
-    if N < Vt:
-        t["d2t"] = ids - torch.arange(N)
-        t["t2d"] = torch.zeros(Vt, dtype=torch.bool)
-        t["t2d"][ids] = True
-    for i in range(n_layers):
-        a, m, o = f"layers.{i}.self_attn.", f"layers.{i}.mlp.", f"layers.{i}."
-        t[a + "q_proj.weight"], t[a + "k_proj.weight"] = lin(n_heads * head_dim, Dt), lin(n_kv * head_dim, Dt)
-        t[a + "v_proj.weight"], t[a + "o_proj.weight"] = lin(n_kv * head_dim, Dt), lin(Dt, n_heads * head_dim) * 0.5
-        t[a + "q_norm.weight"], t[a + "k_norm.weight"] = norm(head_dim), norm(head_dim)
-        t[m + "gate_proj.weight"], t[m + "up_proj.weight"] = lin(inter, Dt), lin(inter, Dt)
-        t[m + "down_proj.weight"] = lin(Dt, inter) * 0.5
-        t[o + "input_layernorm.weight"], t[o + "post_attention_layernorm.weight"] = norm(Dt), norm(Dt)
-    if rank:
-        t["markov_head.markov_w1.weight"] = torch.randn(Vt, rank, generator=g)
-        t["markov_head.markov_w2.weight"] = lin(N, rank) * 2.0  # nn.Linear(r, draft_vocab_size)
-        if markov_head_type == "gated":
-            t["markov_head.gate_proj.weight"] = lin(rank, Dt + rank)
-            t["markov_head.gate_proj.bias"] = torch.randn(rank, generator=g)
-        t["confidence_head.proj.weight"], t["confidence_head.proj.bias"] = lin(1, Dt + rank), torch.randn(1, generator=g)
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in t.items()},
-              str(folder / "model.safetensors"))
-    config = {
-        "architectures": ["DSparkSpeculator"], "speculators_model_type": "dspark", "speculators_version": "0.5.0",
-        # to_diff_dict of the verifier-derived Qwen3Config: fields equal to Qwen3's defaults are absent
-        "transformer_layer_config": {
-            "model_type": "qwen3", "hidden_size": Dt, "intermediate_size": inter, "num_hidden_layers": n_layers,
-            "num_attention_heads": n_heads, "num_key_value_heads": n_kv, "head_dim": head_dim, "vocab_size": Vt,
-            "max_position_embeddings": 4096, "layer_types": ["full_attention"] * n_layers,
-            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},  # rms_norm_eps: the default 1e-6
-        },
-        "draft_vocab_size": N, "block_size": block_size, "target_hidden_size": None,
-        "aux_hidden_state_layer_ids": list(layer_ids), "mask_token_id": mask_token_id,
-        "sliding_window_non_causal": False, "sample_from_anchor": True, "markov_rank": rank,
-        "markov_head_type": markov_head_type, "enable_confidence_head": bool(rank), "confidence_head_with_markov": bool(rank),
-        "speculators_config": {
-            "algorithm": "dspark", "default_proposal_method": "greedy",
-            "proposal_methods": [{"proposal_type": "greedy", "speculative_tokens": block_size}],
-            "verifier": {"name_or_path": "tiny", "architectures": ["LlamaForCausalLM"]},
-        },
-        **(config_overrides or {}),
-    }
-    (folder / "config.json").write_text(json.dumps(config, indent=2))
-    return {k: v.float() if v.is_floating_point() else v for k, v in t.items()} | {"ids": ids}
+from test_deepspec_format import deepspec_hidden
 
 
 def _propose(drafter, feats, anchor, G, temperature, n=2):
