@@ -191,19 +191,21 @@ def sink_attention(
 
     q: [B, H, S, D]; kv: [B, T, D] read as both key and value; sinks: [H] logits of a virtual
     key with a zero value (it absorbs probability mass, so a head may attend to nothing);
-    bias: [B, S, T] additive (0 / -inf) or None.  Returns [B, H, S, D].
+    bias: [B, S, T] additive (0 / -inf) or None.  Returns [B, H, S, D] in q's dtype.  The logits
+    and the softmax are fp32 whatever the inputs (as a fused attention kernel keeps its scores
+    in fp32 registers); the probabilities are rounded to the value's dtype for the second product.
 
     Example:
         >>> q, kv = torch.zeros(1, 1, 1, 2), torch.ones(1, 1, 2)
         >>> sink_attention(q, kv, torch.zeros(1), None, 1.0)  # equal logits: half goes to the sink
         tensor([[[[0.5000, 0.5000]]]])
     """
-    logits = torch.einsum("bhsd,btd->bhst", q, kv) * scale  # [B, H, S, T]
+    logits = torch.einsum("bhsd,btd->bhst", q.float(), kv.float()) * scale  # [B, H, S, T] fp32
     if bias is not None:
         logits = logits + bias.unsqueeze(1)
-    sink = sinks.to(logits.dtype).view(1, -1, 1, 1).expand(*logits.shape[:-1], 1)  # [B, H, S, 1]
+    sink = sinks.float().view(1, -1, 1, 1).expand(*logits.shape[:-1], 1)  # [B, H, S, 1]
     probs = torch.softmax(torch.cat([logits, sink], dim=-1), dim=-1)[..., :-1]  # [B, H, S, T]
-    return torch.einsum("bhst,btd->bhsd", probs.to(kv.dtype), kv)
+    return torch.einsum("bhst,btd->bhsd", probs.to(kv.dtype), kv).to(q.dtype)
 
 
 def grouped_output_projection(
@@ -280,13 +282,15 @@ def compress_kv(
             tail = prior
         kv = torch.cat([prev_kv[:, :n], kv[..., d:]], dim=2)  # [B, N, 2m, D]
         gate = torch.cat([prev_gate[:, :n], gate[..., d:]], dim=2)  # [B, N, 2m, D]
-    weights = gate.float().softmax(dim=2).to(kv.dtype)  # fp32 softmax: close gates stay distinct
-    pooled = rms_norm((weights * kv).sum(dim=2), norm_weight, eps)  # [B, N, D]
+    # fp32 softmax and pooled sum (close gates stay distinct; 2m bf16 terms would each round),
+    # rounded to kv's dtype once, after the norm and the rotation.
+    weights = gate.float().softmax(dim=2)  # [B, N, 2m or m, D]
+    pooled = rms_norm((weights * kv.float()).sum(dim=2), norm_weight, eps)  # [B, N, D] fp32
     if inv_freq.numel() == 0:
-        return pooled, tail
+        return pooled.to(kv.dtype), tail
     positions = first_position + m * torch.arange(n, device=kv.device)  # [N]
     cos, sin = rope_cos_sin(positions, inv_freq.to(kv.device), rope_scale)  # [N, R/2]
-    return apply_partial_rope(pooled, cos, sin), tail
+    return apply_partial_rope(pooled, cos, sin).to(kv.dtype), tail
 
 
 def compressed_causal_bias(query_pos: torch.Tensor, n_entries: int, ratio: int) -> torch.Tensor:

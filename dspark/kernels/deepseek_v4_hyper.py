@@ -99,7 +99,8 @@ def expand_streams(
 
     block_out: [B, S, D]; streams: [B, S, N, D]; post: [B, S, N]; comb: [B, S, N, N].  comb is
     read column-wise (old stream j feeds new stream k through comb[j, k]); Sinkhorn output is not
-    symmetric, so the direction matters.
+    symmetric, so the direction matters.  Computed in fp32 and rounded to streams' dtype once
+    (in bf16 the residual streams are the only copy of the residual: one rounding per block).
 
     Example:
         >>> out = expand_streams(torch.zeros(1, 1, 1), torch.tensor([[[[1.0], [3.0]]]]),
@@ -107,9 +108,8 @@ def expand_streams(
         >>> out.flatten()  # comb swaps the streams
         tensor([3., 1.])
     """
-    dtype = streams.dtype
-    mixed = torch.einsum("bsjk,bsjd->bskd", comb.to(dtype), streams)  # [B, S, N, D]
-    return post.to(dtype).unsqueeze(-1) * block_out.unsqueeze(-2) + mixed
+    mixed = torch.einsum("bsjk,bsjd->bskd", comb.float(), streams.float())  # [B, S, N, D]
+    return (post.float().unsqueeze(-1) * block_out.float().unsqueeze(-2) + mixed).to(streams.dtype)
 
 
 def hyper_head(

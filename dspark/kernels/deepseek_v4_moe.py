@@ -110,22 +110,29 @@ def moe_experts(
     w_gate_up: torch.Tensor,
     w_down: torch.Tensor,
     limit: float,
+    first_expert: int = 0,
 ) -> torch.Tensor:
     """sum_j weights[t, j] * expert_{experts[t, j]}(x[t]) for each token: [T, D].
 
-    x: [T, D]; experts, weights: [T, k]; w_gate_up: [E, 2I, D] (gate rows then up rows);
-    w_down: [E, D, I].  Loops over the experts that received tokens (a reference, not a
-    grouped GEMM).
+    x: [T, D]; experts, weights: [T, k]; w_gate_up: [E', 2I, D] (gate rows then up rows);
+    w_down: [E', D, I], the weights of experts ``first_expert .. first_expert + E' - 1``.  A
+    choice of any other expert adds nothing here: under expert parallelism each rank holds a
+    contiguous range of experts, computes their share and an all-reduce sums the ranks.  The
+    weighted sum accumulates in fp32 and is rounded to x's dtype once.  Loops over the experts
+    that received tokens (a reference, not a grouped GEMM).
 
     Example:
         >>> gu = torch.ones(2, 2, 1); down = torch.ones(2, 1, 1) * torch.tensor([1.0, 2.0]).view(2, 1, 1)
         >>> moe_experts(torch.ones(1, 1), torch.tensor([[1]]), torch.tensor([[0.5]]), gu, down, 10.0)
         tensor([[0.7311]])
     """
-    out = torch.zeros_like(x)  # [T, D]
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)  # [T, D]
+    held = range(first_expert, first_expert + w_gate_up.shape[0])
     for e in experts.unique().tolist():
+        if e not in held:  # another rank's expert
+            continue
         token, slot = (experts == e).nonzero(as_tuple=True)  # tokens routed to e, and where
-        gate, up = (x[token] @ w_gate_up[e].T).chunk(2, dim=-1)  # [t, I] each
-        y = clipped_swiglu(gate, up, limit) @ w_down[e].T  # [t, D]
-        out.index_add_(0, token, (y * weights[token, slot].unsqueeze(-1)).to(out.dtype))
-    return out
+        gate, up = (x[token] @ w_gate_up[e - first_expert].T).chunk(2, dim=-1)  # [t, I] each
+        y = clipped_swiglu(gate, up, limit) @ w_down[e - first_expert].T  # [t, D]
+        out.index_add_(0, token, y.float() * weights[token, slot].float().unsqueeze(-1))
+    return out.to(x.dtype)
