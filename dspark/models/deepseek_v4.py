@@ -13,10 +13,22 @@ tokens at once; the attention runs request by request (one loop iteration per re
 layer), reading and writing that request's state.  That loop is the reference path, not a
 fast one: batching the attention over requests is later work (docs/DEEPSEEK_V4.md).
 
+Precision: in bf16 the big matrices and the activations are bf16, while the parameters that
+:func:`keeps_fp32` names (norm weights, hyper-connection mixing, attention sinks, compressor
+position biases, the router) stay fp32, and the router logits are computed in fp32: they pick
+experts (a discrete choice) and are cheap.  The kernels keep their own reductions in fp32
+(norms, Sinkhorn, softmaxes, pooling, indexer scores, expert sums) and round once.
+
+Tensor / expert parallelism is a transformation of the built model
+(:func:`dspark.models.deepseek_v4_tp.apply_deepseek_v4_tp`); the model only calls ``self.tp``'s
+collectives, which are identities on one device.
+
 Shapes: T tokens in the step, N hyper-connection streams, D head_dim, H heads.
 """
 
 from __future__ import annotations
+
+import re
 
 import torch
 from torch import nn
@@ -29,6 +41,23 @@ from dspark.models.deepseek_v4_config import CSA, SLIDING, DeepseekV4Config
 from dspark.models.deepseek_v4_state import Compression, DeepseekV4State, LayerState
 from dspark.models.kv_cache import VarlenBatch
 from dspark.models.llama import ForwardOutput, Numerics, TPHooks
+
+# Parameters kept in fp32 in a bf16 / fp16 model: small, and each feeds a normalisation, a
+# softmax or a discrete choice (norm weights, hyper-connection mixing, sinks, the compressors'
+# position biases, router weight and correction bias).  Their checkpoint values are bf16 or
+# fp32, so holding them in fp32 loses nothing.
+_FP32 = re.compile(r"(^|\.)(attn_sink|ape|hc_\w+|\w*norm\.weight|gate\.weight|gate\.bias)$")
+_ONE_DEVICE = TPHooks()
+
+
+def keeps_fp32(name: str) -> bool:
+    """Whether parameter ``name`` (this model's state-dict name) stays fp32 whatever the dtype.
+
+    Example:
+        >>> keeps_fp32("layers.0.attn.attn_sink"), keeps_fp32("layers.0.attn.compressor.wgate.weight")
+        (True, False)
+    """
+    return _FP32.search(name) is not None
 
 
 class _W(nn.Module):
@@ -106,15 +135,18 @@ class Attention(nn.Module):
         self.compressor = None if kind == SLIDING else Compressor(h, hd, ratio, overlap=kind == CSA)
         self.indexer = Indexer(cfg) if kind == CSA else None
         self.kind, self.ratio, self.cfg = kind, ratio, cfg
+        # Query heads and output groups held here (tensor parallelism holds a share of each).
+        self.n_heads, self.o_groups = cfg.num_attention_heads, cfg.o_groups
 
     def forward(self, x: torch.Tensor, st: LayerState, slot: int, start: int, inv_freq: torch.Tensor) -> torch.Tensor:
-        """One request's q new tokens at positions start..start+q-1.  x: [q, hidden] -> [q, hidden]."""
+        """One request's q new tokens at positions start..start+q-1.  x: [q, hidden] -> [q, hidden]
+        (a partial sum over the heads held here, when sharded)."""
         cfg, eps = self.cfg, self.cfg.rms_norm_eps
         q_len = x.shape[0]
         pos = torch.arange(start, start + q_len, device=x.device)  # [q]
         cos, sin = att.rope_cos_sin(pos, inv_freq)  # [q, R/2]
         q, latent = att.low_rank_query(x, self.wq_a.weight, self.q_norm.weight, self.wq_b.weight,
-                                       cfg.num_attention_heads, eps)  # [q, H, D], [q, q_lora]  # fmt: skip
+                                       self.n_heads, eps)  # [q, H, D], [q, q_lora]  # fmt: skip
         q = att.apply_partial_rope(q, cos.unsqueeze(1), sin.unsqueeze(1))
         kv = att.apply_partial_rope(att.shared_kv(x, self.wkv.weight, self.norm.weight, eps), cos, sin)  # [q, D]
         # Sliding window: the W - 1 positions before the step, then the step's own keys.
@@ -136,7 +168,7 @@ class Attention(nn.Module):
         st.keys.write(slot, start, kv)
         o = att.sink_attention(q.transpose(0, 1)[None], keys[None], self.attn_sink, bias[None], cfg.head_dim**-0.5)
         o = att.apply_partial_rope(o[0].transpose(0, 1), cos.unsqueeze(1), sin.unsqueeze(1), inverse=True)  # [q, H, D]
-        return att.grouped_output_projection(o[None], self.wo_a.weight, self.wo_b.weight, cfg.o_groups)[0]
+        return att.grouped_output_projection(o[None], self.wo_a.weight, self.wo_b.weight, self.o_groups)[0]
 
     def _selected(self, x, latent, st: LayerState, slot, start, pos, inv_freq, n: int) -> torch.Tensor:
         """CSA: 0 at the entries the indexer picks for each query, -inf elsewhere: [q, n]."""
@@ -168,16 +200,18 @@ class MoE(nn.Module):
         self.shared_experts = nn.Module()
         self.shared_experts.w1, self.shared_experts.w2, self.shared_experts.w3 = _W(i, h), _W(h, i), _W(i, h)
         self.kind, self.cfg = kind, cfg
+        self.first_expert = 0  # experts_w13[i] is expert first_expert + i (expert parallel: a range)
 
     def forward(self, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """x: [T, hidden]; tokens: [T] (hash routing reads them)."""
+        """x: [T, hidden]; tokens: [T] (hash routing reads them).  Returns [T, hidden]: a partial
+        sum (this rank's experts and shared-expert slice) when sharded."""
         cfg = self.cfg
-        scores = moe.router_scores(x @ self.gate.weight.T, cfg.scoring_func)  # [T, E]
+        scores = moe.router_scores(x.float() @ self.gate.weight.float().T, cfg.scoring_func)  # [T, E] fp32
         if self.kind == "hash_moe":
             w, e = moe.route_hash(scores, tokens, self.gate.tid2eid, cfg.routed_scaling_factor)
         else:
             w, e = moe.route_topk(scores, self.gate.bias, cfg.num_experts_per_tok, cfg.routed_scaling_factor)
-        y = moe.moe_experts(x, e, w, self.experts_w13, self.experts_w2, cfg.swiglu_limit)
+        y = moe.moe_experts(x, e, w, self.experts_w13, self.experts_w2, cfg.swiglu_limit, self.first_expert)
         s = self.shared_experts
         return y + moe.swiglu_mlp(x, s.w1.weight, s.w3.weight, s.w2.weight, cfg.swiglu_limit)
 
@@ -209,16 +243,20 @@ class Block(nn.Module):
         out = body(att.rms_norm(hyp.collapse_streams(streams, pre), norm, cfg.rms_norm_eps)[0])  # [T, hidden]
         return hyp.expand_streams(out[None], streams, post, comb)
 
-    def forward(self, streams, tokens, state: LayerState, batch: VarlenBatch, inv_freq) -> torch.Tensor:
+    def forward(self, streams, tokens, state: LayerState, batch: VarlenBatch, inv_freq,
+                tp: TPHooks = _ONE_DEVICE) -> torch.Tensor:  # fmt: skip
+        """``tp``: the group's collectives; the attention's and the MoE's partial sums are each
+        all-reduced once per block (identities on one device)."""
+
         def attention(h: torch.Tensor) -> torch.Tensor:  # h: [T, hidden], request by request
             outs, o = [], 0
             for slot, start, q in zip(batch.slots, batch.starts, batch.q_lens):
                 outs.append(self.attn(h[o : o + q], state, slot, start, inv_freq))
                 o += q
-            return torch.cat(outs)
+            return tp.all_reduce(torch.cat(outs))
 
         streams = self._mixed("attn", streams, attention)
-        return self._mixed("ffn", streams, lambda h: self.ffn(h, tokens))
+        return self._mixed("ffn", streams, lambda h: tp.all_reduce(self.ffn(h, tokens)))
 
 
 class DeepseekV4Transformer(nn.Module):
@@ -232,7 +270,7 @@ class DeepseekV4Transformer(nn.Module):
     def __init__(self, cfg: DeepseekV4Config, args: ModelArgs, ring_slack: int | None = None) -> None:
         super().__init__()
         self.cfg, self.args, self.ring_slack = cfg, args, ring_slack
-        self.tp = TPHooks()  # single device only (tensor / expert parallel: docs/DEEPSEEK_V4.md)
+        self.tp = TPHooks()  # collectives: identities here, set by apply_deepseek_v4_tp
         self.num = Numerics()
         h = cfg.hidden_size
         self.embed = _W(cfg.vocab_size, h)
@@ -287,6 +325,9 @@ class DeepseekV4Transformer(nn.Module):
             raise ValueError(f"feature layer {bad[0]} is not a block of this model ({self.cfg.num_hidden_layers} blocks)")
         if n_layers is not None:
             raise ValueError("early exit (n_layers) is not supported for DeepSeek-V4")
+        if self.num.row_invariant:
+            raise ValueError("deterministic mode (row-invariant kernels) is not supported for DeepSeek-V4: "
+                             "run with --no-deterministic")  # fmt: skip
         for slot, start, q in zip(batch.slots, batch.starts, batch.q_lens):
             cache.begin(slot, start, q)
         cfg = self.cfg
@@ -295,7 +336,7 @@ class DeepseekV4Transformer(nn.Module):
         freqs = {kind: self.inv_freq(kind) for kind in set(cfg.layer_types)}
         kept: dict[int, torch.Tensor] = {}
         for i, (block, state) in enumerate(zip(self.layers, cache.layers)):
-            streams = block(streams, tokens, state, batch, freqs[block.kind])
+            streams = block(streams, tokens, state, batch, freqs[block.kind], self.tp)
             if i in feature_layers:
                 kept[i] = streams[0].flatten(1)  # [T, N * hidden]
         features = torch.cat([kept[i] for i in feature_layers], dim=-1) if feature_layers else None
@@ -304,5 +345,6 @@ class DeepseekV4Transformer(nn.Module):
         logits = None
         if logits_index is None or logits_index.numel() > 0:
             rows = h if logits_index is None else h[logits_index]
-            logits = (att.rms_norm(rows, self.norm.weight, cfg.rms_norm_eps) @ self.head.weight.T).float()
+            logits = self.tp.gather_vocab(att.rms_norm(rows, self.norm.weight, cfg.rms_norm_eps) @ self.head.weight.T)
+            logits = logits.float()  # [R, vocab]
         return ForwardOutput(logits=logits, features=features, hidden=h if return_hidden else None)

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from dspark.models.config import ModelArgs
-from dspark.models.deepseek_v4 import DeepseekV4Transformer
+from dspark.models.deepseek_v4 import DeepseekV4Transformer, keeps_fp32
 from dspark.models.deepseek_v4_config import DeepseekV4Config, deepseek_v4_config_from_hf
 
 MODEL_TYPE = "deepseek_v4"
@@ -94,13 +94,16 @@ def published_to_ours(tensors: dict[str, torch.Tensor], cfg: DeepseekV4Config) -
 def build_deepseek_v4(
     cfg: DeepseekV4Config, args: ModelArgs, tensors: dict[str, torch.Tensor], dtype: torch.dtype, device
 ) -> DeepseekV4Transformer:
-    """The model of checkpoint ``tensors`` (published names) in ``dtype`` on ``device``."""
+    """The model of checkpoint ``tensors`` (published names) in ``dtype`` on ``device``, except
+    the parameters :func:`keeps_fp32` names, which stay fp32."""
     with torch.device("meta"):
         model = DeepseekV4Transformer(cfg, args)
-    state = {
-        k: v.to(device=device, dtype=torch.long if k.endswith("tid2eid") else dtype)
-        for k, v in published_to_ours(tensors, cfg).items()
-    }
+    def dtype_of(name: str) -> torch.dtype:
+        if name.endswith("tid2eid"):
+            return torch.long
+        return torch.float32 if keeps_fp32(name) else dtype
+
+    state = {k: v.to(device=device, dtype=dtype_of(k)) for k, v in published_to_ours(tensors, cfg).items()}
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if missing or unexpected:
         raise ValueError(f"checkpoint does not match the DeepSeek-V4 architecture: missing={missing} "
