@@ -45,3 +45,74 @@ def randomise(module: torch.nn.Module, seed: int) -> torch.nn.Module:
                 rows = [torch.randperm(m.num_experts, generator=gen)[: m.top_k] for _ in range(m.tid2eid.shape[0])]
                 m.tid2eid.copy_(torch.stack(rows))
     return module.eval()
+
+
+# -- the MTP (next-n) layer ------------------------------------------------------------------------
+# Published names of the MTP layer's own tensors (besides a decoder block's), as DeepSeek's
+# reference code and vLLM's V4 MTP loader read them under ``mtp.0.``.
+MTP_OWN = ("enorm.weight", "hnorm.weight", "e_proj.weight", "h_proj.weight")
+
+
+def tiny_mtp_layer(target: "hf.DeepseekV4ForCausalLM", kind: str, seed: int, **over):
+    """MTP layer 0 for ``target``: a one-block transformers V4 model (the MTP block, its hyper
+    head and final norm, with the target's embedding and LM head) and the layer's own input
+    norms and projections {published name: tensor}."""
+    cfg = tiny_hf_config(num_hidden_layers=1, layer_types=[kind], mlp_layer_types=["moe"], **over)
+    cfg._attn_implementation = "eager"
+    one = randomise(hf.DeepseekV4ForCausalLM(cfg), seed)
+    with torch.no_grad():
+        one.model.embed_tokens.weight.copy_(target.model.embed_tokens.weight)
+        one.lm_head.weight.copy_(target.lm_head.weight)
+    gen = torch.Generator().manual_seed(seed + 1)
+    h = cfg.hidden_size
+    own = {
+        "enorm.weight": 1 + 0.2 * torch.randn(h, generator=gen),
+        "hnorm.weight": 1 + 0.2 * torch.randn(h, generator=gen),
+        "e_proj.weight": torch.randn(h, h, generator=gen) / h**0.5,
+        "h_proj.weight": torch.randn(h, h, generator=gen) / h**0.5,
+    }
+    return one.eval(), own
+
+
+def mtp_checkpoint_tensors(one: "hf.DeepseekV4ForCausalLM", own: dict) -> dict[str, torch.Tensor]:
+    """The MTP layer under its published ``mtp.0.*`` names: the block's tensors as transformers
+    writes a decoder layer's (``attn.norm`` in the release's spelling ``attn.kv_norm``), the hyper
+    head as ``hc_head_{fn,base,scale}``, the final norm as ``norm``; no embedding or head (shared)."""
+    import tempfile
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    top = {"model.hc_head.hc_fn": "hc_head_fn", "model.hc_head.hc_base": "hc_head_base",
+           "model.hc_head.hc_scale": "hc_head_scale", "model.norm.weight": "norm.weight"}  # fmt: skip
+    out = {}
+    with tempfile.TemporaryDirectory() as d:
+        one.save_pretrained(d)
+        for f in sorted(Path(d).glob("*.safetensors")):
+            with safe_open(str(f), framework="pt") as fh:
+                for key in fh.keys():
+                    if key.startswith("model.layers.0."):
+                        name = key.removeprefix("model.layers.0.").replace("attn.norm.", "attn.kv_norm.")
+                    elif key in top:
+                        name = top[key]
+                    else:
+                        continue  # embedding and LM head: the target's
+                    out[f"mtp.0.{name}"] = fh.get_tensor(key).clone()
+    out.update({f"mtp.0.{k}": v.clone() for k, v in own.items()})
+    return out
+
+
+def write_mtp(folder, tensors: dict[str, torch.Tensor], kind: str) -> None:
+    """Add the MTP layer to a V4 folder: its tensors in a shard of their own, and (for a kind other
+    than the default sliding window) the config's per-layer list one entry longer, as released."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "mtp.safetensors"))
+    if kind != SLIDING:
+        cfg = json.loads((folder / "config.json").read_text())
+        cfg["layer_types"] = list(cfg["layer_types"]) + [kind]
+        (folder / "config.json").write_text(json.dumps(cfg))

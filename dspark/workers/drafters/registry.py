@@ -41,7 +41,9 @@ DRAFTERS: dict[str, str] = {
     "draft_model": "dspark.workers.drafters.autoregressive:DRAFT_MODEL",
     "dspark": "dspark.workers.drafters.dspark:KIND",
     "dflash": "dspark.workers.drafters.dflash:KIND",
+    "eagle3": "dspark.workers.drafters.eagle3:KIND",
     "hybrid": "dspark.workers.drafters.hybrid:KIND",
+    "mtp": "dspark.workers.drafters.mtp:KIND",
 }
 
 
