@@ -116,3 +116,18 @@ def write_mtp(folder, tensors: dict[str, torch.Tensor], kind: str) -> None:
         cfg = json.loads((folder / "config.json").read_text())
         cfg["layer_types"] = list(cfg["layer_types"]) + [kind]
         (folder / "config.json").write_text(json.dumps(cfg))
+
+
+def write_tiny_folder(path, vocab_size: int, seed: int, **over) -> hf.DeepseekV4ForCausalLM:
+    """A tiny random V4 folder (transformers' ``save_pretrained``: published names, plus a byte
+    tokenizer) at ``path``; returns transformers' model of it."""
+    from helpers.tiny_hf import write_byte_tokenizer
+
+    cfg = tiny_hf_config(vocab_size=vocab_size, **over)
+    cfg._attn_implementation = "eager"
+    ref = randomise(hf.DeepseekV4ForCausalLM(cfg), seed)
+    with torch.no_grad():  # unit-variance embeddings: logits of a sane scale
+        ref.model.embed_tokens.weight.normal_(generator=torch.Generator().manual_seed(seed + 1))
+    ref.save_pretrained(path)
+    write_byte_tokenizer(path, vocab_size)
+    return ref
