@@ -189,6 +189,11 @@ class DeepseekV4State:
             )
         self.lengths[slot] = length
 
+    def set_length(self, slot: int, length: int) -> None:
+        """The step's start (the runner's truncation): one integer; the next step's ``begin``
+        checks it against the floor and the written positions."""
+        self.lengths[slot] = length
+
     def copy_prefix(self, src: int, dst: int, n: int) -> None:
         """Make ``dst`` hold the first ``n`` positions of ``src`` (prefix reuse)."""
         if not self.floor[src] <= n <= self.written[src]:
