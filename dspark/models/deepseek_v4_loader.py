@@ -6,7 +6,7 @@ spelling of the few top-level names transformers renames (``embed`` / ``embed_to
 / ``lm_head``, ``hc_head_fn`` / ``hc_head.hc_fn``).  Quantised checkpoints stay refused by the
 config reader (``quantization_config``), and so does any tensor stored in a dtype other than
 F32 / F16 / BF16 (the released FP8 / FP4 blocks), by name.  The MTP layers (``mtp.*``) are
-not read (docs/DEEPSEEK_V4.md, phase 3).
+not part of the decoder: the ``mtp`` drafter reads them (:mod:`dspark.models.deepseek_v4_mtp`).
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ _TOP_LEVEL = {
     "hc_head.hc_scale": "hc_head_scale",
 }
 _EXPERT = re.compile(r"^(layers\.\d+\.ffn)\.experts\.(\d+)\.(w[123])\.weight$")
+# The release spells the attention's KV norm ``attn.kv_norm``; transformers writes ``attn.norm``.
+_KV_NORM = re.compile(r"^(layers\.\d+\.attn)\.kv_norm\.")
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -72,6 +74,7 @@ def published_to_ours(tensors: dict[str, torch.Tensor], cfg: DeepseekV4Config) -
             continue
         name = name.removeprefix("model.")
         name = _TOP_LEVEL.get(name, name)
+        name = _KV_NORM.sub(r"\1.norm.", name)
         if not name.endswith("tid2eid") and t.dtype not in _FLOAT_DTYPES:
             raise ValueError(f"tensor {name} has dtype {t.dtype}: quantised V4 weights are not supported")
         hit = _EXPERT.match(name)

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +48,7 @@ from torch import nn
 
 from dspark.kernels import deepseek_v4_attention as att
 from dspark.kernels import deepseek_v4_hyper as hyp
-from dspark.models.deepseek_v4 import Block, DeepseekV4Transformer, _W
+from dspark.models.deepseek_v4 import Block, DeepseekV4Transformer, _W, keeps_fp32
 from dspark.models.deepseek_v4_config import CSA, HCA, SLIDING, DeepseekV4Config
 from dspark.models.deepseek_v4_loader import published_to_ours
 from dspark.models.deepseek_v4_state import DeepseekV4State
@@ -57,8 +56,8 @@ from dspark.models.kv_cache import VarlenBatch
 
 PREFIX = "mtp.0."
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# Spellings of the block's tensors that differ between the release and transformers' writer.
-_RENAMES = ((re.compile(r"^attn\.kv_norm\."), "attn.norm."),)
+_SHARED = {"embed": ("embed.weight", "model.embed_tokens.weight", "embed_tokens.weight"),
+           "head": ("head.weight", "lm_head.weight")}  # fmt: skip
 
 
 def mtp_block_config(cfg: DeepseekV4Config, raw: dict[str, Any]) -> DeepseekV4Config:
@@ -186,27 +185,54 @@ def build_mtp(target: DeepseekV4Transformer, raw_config: dict[str, Any], tensors
         elif name == "head.weight":
             head = t
         else:
-            for pattern, repl in _RENAMES:
-                name = pattern.sub(repl, name)
             block[f"layers.0.{name}"] = t
     state = {k.removeprefix("layers.0."): v for k, v in published_to_ours(block, cfg).items()}
     dev, dtype = target.device, target.dtype
     with torch.device("meta"):
         layer = MTPLayer(cfg)
-    state = {k: v.to(device=dev, dtype=torch.long if k.endswith("tid2eid") else dtype) for k, v in state.items()}
+
+    def dtype_of(name: str) -> torch.dtype:  # as the target's loader: norms, mixing, sinks, router in fp32
+        return torch.long if name.endswith("tid2eid") else torch.float32 if keeps_fp32(name) else dtype
+
+    state = {k: v.to(device=dev, dtype=dtype_of(k)) for k, v in state.items()}
     missing, unexpected = layer.load_state_dict(state, strict=False, assign=True)
     if missing or unexpected:
         raise ValueError(f"{source}: the {PREFIX}* weights do not match a V4 MTP layer: missing={missing} "
                          f"unexpected={unexpected}")  # fmt: skip
     layer = layer.eval().requires_grad_(False)
+    want = (target.cfg.vocab_size, target.cfg.hidden_size)
+    for name, t in (("embedding", embed), ("LM head", head)):
+        if tuple(t.shape) != want:  # a vocabulary-parallel target holds a shard: pass the whole tensors in
+            raise ValueError(f"{source}: the MTP layer needs the whole {name} {want}, got {tuple(t.shape)}")
     return DeepseekV4MTP(target, layer, embed.to(device=dev, dtype=dtype), head.to(device=dev, dtype=dtype))
 
 
+def read_shared_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """The target's embedding and LM head as ``mtp.0.emb.tok_emb.weight`` / ``head.weight`` would
+    give them (for a target whose own copies are sharded over a tensor-parallel group)."""
+    from safetensors import safe_open
+
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(Path(path).glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as fh:
+            for key in fh.keys():
+                for ours, names in (("emb.tok_emb.weight", _SHARED["embed"]), ("head.weight", _SHARED["head"])):
+                    if key in names:
+                        out[ours] = fh.get_tensor(key)
+    return out
+
+
 def load_mtp(path, target: DeepseekV4Transformer) -> DeepseekV4MTP:
-    """MTP layer 0 of the V4 folder ``path`` (the target's own folder), bound to ``target``."""
+    """MTP layer 0 of the V4 folder ``path`` (the target's own folder), bound to ``target``.
+
+    The embedding and LM head are the target's tensors on one device; when the target is sharded
+    (tensor parallel) they are read whole from the folder, unless the layer carries its own."""
     path = Path(path)
     raw = json.loads((path / "config.json").read_text())
-    return build_mtp(target, raw, read_mtp_tensors(path), source=path.name)
+    tensors = read_mtp_tensors(path)
+    if tensors and target.tp.world_size > 1:
+        tensors = {**read_shared_tensors(path), **tensors}
+    return build_mtp(target, raw, tensors, source=path.name)
 
 
 __all__ = ["DeepseekV4MTP", "MTPLayer", "build_mtp", "has_mtp_weights", "load_mtp", "mtp_block_config",

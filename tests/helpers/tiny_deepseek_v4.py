@@ -131,3 +131,23 @@ def write_tiny_folder(path, vocab_size: int, seed: int, **over) -> hf.DeepseekV4
     ref.save_pretrained(path)
     write_byte_tokenizer(path, vocab_size)
     return ref
+
+
+def release_kv_norm_spelling(folder) -> int:
+    """Rename the attention KV norms of a transformers-written V4 folder to the release's spelling
+    (``layers.N.attn.kv_norm.weight``); returns how many tensors were renamed."""
+    import re
+    from pathlib import Path
+
+    from safetensors.torch import load_file, save_file
+
+    pattern, renamed = re.compile(r"^model\.(layers\.\d+\.attn)\.norm\.weight$"), 0
+    for f in sorted(Path(folder).glob("model*.safetensors")):
+        tensors = load_file(str(f))
+        out = {}
+        for k, v in tensors.items():
+            hit = pattern.match(k)
+            renamed += hit is not None
+            out[f"{hit[1]}.kv_norm.weight" if hit else k] = v
+        save_file(out, str(f), metadata={"format": "pt"})
+    return renamed

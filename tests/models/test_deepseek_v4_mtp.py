@@ -30,7 +30,7 @@ from dspark.workers.engine import Engine, EngineConfig  # noqa: E402
 from dspark.workers.request import SamplingParams  # noqa: E402
 from dspark.workers.runner import LocalRunner, RunnerConfig  # noqa: E402
 from helpers.tiny_deepseek_v4 import (  # noqa: E402
-    mtp_checkpoint_tensors, randomise, tiny_hf_config, tiny_mtp_layer, write_mtp,
+    mtp_checkpoint_tensors, randomise, release_kv_norm_spelling, tiny_hf_config, tiny_mtp_layer, write_mtp,
 )
 from helpers.tiny_hf import write_byte_tokenizer  # noqa: E402
 
@@ -49,6 +49,7 @@ def v4(request, tmp_path_factory):
     one, own = tiny_mtp_layer(target, request.param, seed=31, vocab_size=VOCAB)
     path = tmp_path_factory.mktemp(f"v4mtp_{request.param[:3]}")
     target.save_pretrained(path)
+    assert release_kv_norm_spelling(path) == 3  # the target's loader reads the release's names too
     write_byte_tokenizer(path, VOCAB)
     write_mtp(path, mtp_checkpoint_tensors(one, own), request.param)
     ours = load_model(path, dtype="fp32")
