@@ -9,7 +9,8 @@ the per-head query / key norms of Qwen3 and Gemma 4: each rank holds whole heads
 head is normalised with the same weight of width head_dim.  Head counts and widths are read per
 layer (Gemma 4's full-attention layers have their own).
 
-Works with any torch.distributed backend: gloo on CPU, NCCL on CUDA.
+Works with any torch.distributed backend: gloo on CPU, NCCL on CUDA.  A DeepSeek-V4 model is
+sharded by :func:`dspark.models.deepseek_v4_tp.apply_deepseek_v4_tp` (expert parallel MoE).
 """
 
 from __future__ import annotations
@@ -45,6 +46,12 @@ def apply_tp(model: Transformer, rank: int, world_size: int, group: dist.Process
 
     Head counts must divide evenly (SmolLM2-135M: 9 query and 3 KV heads -> TP 1 or 3).
     """
+    from dspark.models.deepseek_v4 import DeepseekV4Transformer
+
+    if isinstance(model, DeepseekV4Transformer):
+        from dspark.models.deepseek_v4_tp import apply_deepseek_v4_tp
+
+        return apply_deepseek_v4_tp(model, rank, world_size, group)
     if world_size == 1:
         return model
     args = model.args
@@ -73,14 +80,27 @@ def apply_tp(model: Transformer, rank: int, world_size: int, group: dist.Process
         _set(ff.w2, _shard_cols(ff.w2.weight, rank, world_size))
         ff.inter //= world_size
 
-    # Vocab-parallel head: pad the vocabulary to a multiple of world_size with zero rows.
-    vocab = args.vocab_size
+    head = vocab_shard(model.output.weight.detach(), rank, world_size)
+    model.output = nn.Linear(args.dim, head.shape[0], bias=False, device=head.device, dtype=head.dtype)
+    _set(model.output, head)
+    model.tp.all_reduce, model.tp.gather_vocab = collectives(group, world_size, args.vocab_size)
+    model.tp.rank, model.tp.world_size = rank, world_size
+    return model
+
+
+def vocab_shard(head: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
+    """Rank's rows of a vocab-parallel head [vocab, dim]: the vocabulary padded with zero rows
+    to a multiple of world_size, then cut in equal slices (a copy)."""
+    vocab = head.shape[0]
     per_rank = -(-vocab // world_size)
-    head = model.output.weight.detach()
     if per_rank * world_size != vocab:
         head = torch.cat([head, head.new_zeros(per_rank * world_size - vocab, head.shape[1])])
-    model.output = nn.Linear(args.dim, per_rank, bias=False, device=head.device, dtype=head.dtype)
-    _set(model.output, head[rank * per_rank : (rank + 1) * per_rank].clone())
+    return head[rank * per_rank : (rank + 1) * per_rank].clone()
+
+
+def collectives(group: dist.ProcessGroup | None, world_size: int, vocab: int):
+    """(all_reduce, gather_vocab) over ``group``: a sum of partial results in place, and the
+    vocab-parallel logits [R, vocab / world] of every rank joined into [R, vocab]."""
 
     # Collectives stay outside compiled graphs (the compiled step breaks its graph around them).
     @torch.compiler.disable
@@ -94,7 +114,4 @@ def apply_tp(model: Transformer, rank: int, world_size: int, group: dist.Process
         dist.all_gather(parts, x.contiguous(), group=group)
         return torch.cat(parts, dim=-1)[..., :vocab]
 
-    model.tp.all_reduce = all_reduce
-    model.tp.gather_vocab = gather_vocab
-    model.tp.rank, model.tp.world_size = rank, world_size
-    return model
+    return all_reduce, gather_vocab
