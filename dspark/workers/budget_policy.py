@@ -6,6 +6,9 @@
   survivals a_{r,j} = prod_{i<=j} c_{r,i} and lets the budget kernels choose how many of each
   block to verify (Algorithm 1 with its early stop, or the section-5.2 production variant), under
   the policy the global scheduler publishes (max block length, survival floor, mode, batch cap).
+  It also says how deep the next blocks need be drafted (:meth:`AdaptiveBudget.draft_depth`): one
+  position past the deepest it verified in recent steps, so a busy verifier that keeps only
+  confident prefixes does not pay for drafting positions it would never verify.
 
 The policy (:class:`~dspark.workers.scheduling.VerifyPolicy`) arrives from outside through
 :meth:`AdaptiveBudget.set_policy` (the cluster owns Redis; workers never import it).  Swapping
@@ -82,11 +85,16 @@ def profile_step_costs(runner, token_counts: list[int] | None = None, repeats: i
 class AdaptiveBudget:
     """Per-step verification budget from confidences, a cost model and the current policy."""
 
+    # Steps whose deepest verification bounds the next draft depth: long enough that one shallow
+    # step does not cut the depth, short enough to follow load within a fraction of a second.
+    DEPTH_WINDOW = 8
+
     def __init__(self, costs: CostModel, policy: VerifyPolicy) -> None:
         self.costs = costs
         self.policy = policy
         self._table = costs.table(4096)
         self._history: collections.deque = collections.deque(maxlen=2)  # survivals of past steps
+        self._deepest: collections.deque = collections.deque(maxlen=self.DEPTH_WINDOW)  # max verified per step
         self.verified_tokens = 0
         self.steps = 0
 
@@ -97,6 +105,20 @@ class AdaptiveBudget:
     def set_costs(self, costs: CostModel) -> None:
         self.costs = costs
         self._table = costs.table(4096)
+
+    def draft_depth(self, block_len: int) -> int:
+        """How many drafts the coming step's blocks need: at most the policy's depth, and one past
+        the deepest verification of the last ``DEPTH_WINDOW`` steps (so the depth can grow by one
+        per window when confidences rise).  Depends only on past steps, never on the coming drafts.
+
+        Before any step it is the policy's depth:
+            >>> AdaptiveBudget(CostModel([1], [0.01]), VerifyPolicy(max_block_len=5)).draft_depth(7)
+            5
+        """
+        G = max(0, min(block_len, self.policy.max_block_len))
+        if self.policy.budget_mode == "fixed" or not self._deepest:
+            return G
+        return min(G, max(self._deepest) + 1)
 
     def __call__(self, blocks: list[DraftBlock], block_len: int) -> list[int]:
         pol = self.policy
@@ -128,6 +150,7 @@ class AdaptiveBudget:
             out = select_budget_async(self._history[0], surv, self._table, self.costs.draft_seconds).lengths
         self._history.append(surv)
         res = [int(x) for x in torch.minimum(out.to(torch.long), floor_lengths)]
+        self._deepest.append(max(res))
         self.verified_tokens += sum(res)
         self.steps += 1
         return res

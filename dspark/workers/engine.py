@@ -20,14 +20,14 @@ import random
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable, Protocol
+from typing import Callable, Iterable, Protocol, runtime_checkable
 
 import torch
 
 from dspark.models.tokenizer import Tokenizer
 from dspark.models.kv_cache import KVCache
 from dspark.workers.drafters.base import AsyncDrafter, DraftBlock, Drafter
-from dspark.workers.prefix_cache import PrefixCache
+from dspark.workers.prefix_cache import prefix_cache_for
 from dspark.workers.request import RequestOutput, SamplingParams, Sequence, SpecMetrics, make_detokenizer
 from dspark.workers.runner import StepInput
 from dspark.workers.spec_gate import SpeculationGate
@@ -49,6 +49,16 @@ class VerifyBudget(Protocol):
     """Chooses how many draft tokens of each block to verify this step (one count per block)."""
 
     def __call__(self, blocks: list[DraftBlock], block_len: int) -> list[int]: ...
+
+
+@runtime_checkable
+class DepthAwareBudget(Protocol):
+    """A budget that also says how many drafts the coming step's blocks need (the rest would not
+    be verified, so nobody drafts them): ``AdaptiveBudget``.  Other budgets get whole blocks."""
+
+    def __call__(self, blocks: list[DraftBlock], block_len: int) -> list[int]: ...
+
+    def draft_depth(self, block_len: int) -> int: ...
 
 
 def fixed_budget(blocks: list[DraftBlock], block_len: int) -> list[int]:
@@ -98,7 +108,7 @@ class Engine:
         # Prefix reuse, with drafters that need no observe() of the reused tokens (not those that
         # read the target's features of every context token, nor remote ones fed by observe()).
         reuse = cfg.prefix_caching and (drafter is None or getattr(drafter, "prefix_reuse", False))
-        self.prefix = PrefixCache(self.n_slots, enabled=reuse)
+        self.prefix = prefix_cache_for(runner, self.n_slots, enabled=reuse)  # by slot, or by block when paged
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
         self.metrics = SpecMetrics()
@@ -396,17 +406,21 @@ class Engine:
     def _choose_next(self) -> None:
         """Ask the gate now about the next step, and tell each request whether a block is wanted.
 
-        A remote drafter reads ``seq.wants_block`` when it is told the step's tokens: for a plain
-        next step it keeps them and drafts nothing, instead of drafting a block nobody verifies.
+        A remote drafter reads ``seq.wants_block`` and ``seq.draft_len`` when it is told the step's
+        tokens: for a plain next step it keeps them and drafts nothing, instead of drafting a block
+        nobody verifies, and it drafts no deeper than the budget will verify.
         """
-        if self.gate is None or self.drafter is None:
+        if self.drafter is None:
             return
         nxt = [s for s in self.running if not s.finished and s.num_cached >= len(s.prompt_ids)]
         if not nxt:
             return
-        self._next_speculate = self.gate.speculate(len(nxt))
+        if self.gate is not None:
+            self._next_speculate = self.gate.speculate(len(nxt))
+        depth = self._draft_depth()
         for s in nxt:
-            s.wants_block = self._next_speculate
+            s.wants_block = self._next_speculate is not False
+            s.draft_len = depth
 
     def _copy_to_followers(self, plan: StepPlan) -> None:
         """Copy each prompt that a leader finished caching this step into its followers' slots.
@@ -467,7 +481,8 @@ class Engine:
         if not want:
             return [DraftBlock.empty() for _ in decode]
         t0 = time.perf_counter()
-        proposed = dict(zip((s.request_id for s in want), self.drafter.propose(want, self.cfg.block_len)))
+        depth = self._draft_depth()
+        proposed = dict(zip((s.request_id for s in want), self.drafter.propose(want, depth)))
         late = [s for s in want if proposed[s.request_id] is None]
         if late and len(late) < len(want) and isinstance(self.drafter, AsyncDrafter):
             # Blocks still in flight usually land within a fraction of a step; waiting that long
@@ -475,13 +490,20 @@ class Engine:
             deadline = t0 + min(self.cfg.max_block_wait_s, 0.25 * self.last_step_seconds)
             while late and time.perf_counter() < deadline:
                 self.drafter.wait_for_blocks(max(0.0, deadline - time.perf_counter()))
-                again = self.drafter.propose(late, self.cfg.block_len)
+                again = self.drafter.propose(late, depth)
                 for seq, blk in zip(late, again):
                     proposed[seq.request_id] = blk
                 late = [s for s in late if proposed[s.request_id] is None]
         self.last_draft_seconds = time.perf_counter() - t0
         self.last_drafted_requests = len(want)
         return [proposed.get(s.request_id, DraftBlock.empty()) for s in decode]
+
+    def _draft_depth(self) -> int:
+        """Drafts per block for the coming step: the block length, or less when the budget would
+        verify no deeper (it decides from past steps only)."""
+        if isinstance(self.budget, DepthAwareBudget):
+            return max(1, min(self.cfg.block_len, self.budget.draft_depth(self.cfg.block_len)))
+        return self.cfg.block_len
 
     def _append(
         self, seq: Sequence, emitted: list[int], n_draft: int, n_accepted: int, logprobs: list | None = None

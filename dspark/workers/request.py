@@ -154,6 +154,7 @@ class Sequence:
     held: str = ""  # decoded text held back because it may start a stop string
     draft_enabled: bool = True  # False: plain decoding for this request (e.g. its drafter is gone)
     wants_block: bool = True  # False: the next step decodes plainly, so no block need be drafted for it
+    draft_len: int = 0  # drafts the next step's block needs (0: the drafter's block length)
     group_id: str = ""  # the client's request id, shared by the n sequences of one request ("" = request_id)
     index: int = 0  # which of the request's n sequences (the OpenAI choice index)
     followers: list["Sequence"] = field(default_factory=list)  # the other n - 1, while they share its prefill

@@ -132,18 +132,25 @@ class DSparkDrafter:
 
     # -- drafting ------------------------------------------------------------------------------
     def block_logits(self, batch: list[Sequence], anchors: torch.Tensor, block_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The parallel stage for requests whose context is cached: (h [B, G, D], base logits [B, G, N])."""
-        G, dev, head = block_len, self.device, self.head
+        """The parallel stage for requests whose context is cached: (h [B, G, D], base logits [B, G, N]).
+
+        The block positions attend to each other, so the backbone always runs the block length the
+        head was trained for (as in training) and a shorter ``block_len`` keeps its first rows: the
+        first drafts do not change with how many are asked for, only the output layer and the
+        Markov steps of the positions nobody will verify are skipped.
+        """
+        dev, head = self.device, self.head
         slots = torch.tensor([self._slot[s.request_id] for s in batch], device=dev)
         ctx_lens = torch.tensor([s.num_cached for s in batch], device=dev)  # [B] anchor positions
         S = int(ctx_lens.max())
+        G = max(block_len, self.cfg.block_len)  # block positions are never cached: no room needed
         ctx_kv = [(self.cache.k[i][slots, :, :S], self.cache.v[i][slots, :, :S]) for i in range(self.cfg.n_layers)]
         x = head.block_inputs(anchors, G)  # [B, G, D]
         qpos = ctx_lens.unsqueeze(1) + torch.arange(G, device=dev)  # [B, G]
         # One block per request, anchored at position ctx_lens: it sees the whole cached context
         # (all of it precedes the anchor) and the whole block; the mask training uses.
         mask = block_attention_mask(ctx_lens, ctx_lens.unsqueeze(1), G, S)  # [B, G, S + G]
-        h = head.backbone(x, qpos, ctx_kv, mask)
+        h = head.backbone(x, qpos, ctx_kv, mask)[:, :block_len]
         return h, head.base_logits(h)
 
     @torch.inference_mode()

@@ -196,10 +196,11 @@ class RemoteDrafter:
             if num_verified is not None:
                 r.num_verified = num_verified
             if seq.output_ids and seq.wants_block:  # else: still prefilling, or a plain step comes next
-                self._send_step(r, seq)
+                self._send_step(r, seq, seq.draft_len or self.block_len)
 
-    def _send_step(self, r: _Req, seq: Sequence) -> None:
-        """Send what ``r`` holds (tokens, features, the anchor) and wait for the block (lock held)."""
+    def _send_step(self, r: _Req, seq: Sequence, block_len: int) -> None:
+        """Send what ``r`` holds (tokens, features, the anchor) and ask for a block of ``block_len``
+        drafts (lock held)."""
         rid = seq.request_id
         if not r.opened:
             opts = draft_pb2.DrafterOptions(kind=self.cfg.kind, block_len=self.block_len,
@@ -215,7 +216,7 @@ class RemoteDrafter:
         r.step_id = next(self._ids)
         step = draft_pb2.Step(request_id=rid, step_id=r.step_id, new_token_ids=r.pending_tokens,
                               context_len=seq.num_cached, anchor_token_id=seq.last_token,
-                              block_len=self.block_len)
+                              block_len=min(block_len, self.block_len))
         if r.num_verified is not None:
             step.num_verified = r.num_verified
         if r.pending_feats:
@@ -241,7 +242,7 @@ class RemoteDrafter:
                     out.append(blk.prefix(block_len))
                 else:
                     if not r.awaiting and r.pending_tokens:  # kept during plain steps: draft now
-                        self._send_step(r, seq)
+                        self._send_step(r, seq, block_len)
                     out.append(None)
         return out
 

@@ -1,0 +1,140 @@
+"""Draft depth follows the verification budget: nobody drafts positions the budget will not verify.
+
+Unit cases on the adaptive budget, then the real engine on the real default model (fp32, greedy)
+with a scripted drafter whose second and later drafts are hopeless (confidence 0.05), in process
+and through a draft worker over gRPC on loopback: after the first step the drafter is asked for
+two drafts per block instead of eight, and the output stays plain decoding's.  Also the DSpark
+head: a shorter block keeps the first drafts of the trained block (its positions attend to each
+other, so the backbone always runs the trained length).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dspark.workers.budget_policy import AdaptiveBudget, CostModel
+from dspark.workers.drafters.base import DraftBlock, StatelessDrafter
+from dspark.workers.engine import Engine, EngineConfig
+from dspark.workers.request import SamplingParams, Sequence
+from dspark.workers.runner import LocalRunner, RunnerConfig
+from dspark.workers.scheduling import VerifyPolicy
+from helpers.tiny_models import make_seq, tiny_head, tiny_target
+
+# A step costs 20 ms plus 10 ms per extra token: a draft pays when its survival is above ~0.5.
+COSTS = CostModel(token_counts=[1, 64], step_seconds=[0.020, 0.020 + 63 * 0.010])
+
+
+def _blocks(confs: list[list[float]]) -> list[DraftBlock]:
+    return [DraftBlock(token_ids=list(range(len(c))), confidence=c) for c in confs]
+
+
+def test_depth_is_one_past_the_deepest_recent_verification():
+    budget = AdaptiveBudget(COSTS, VerifyPolicy(budget_mode="algorithm1", max_block_len=7))
+    assert budget.draft_depth(7) == 7  # nothing verified yet: the policy's depth
+    assert budget(_blocks([[0.95, 0.05, 0.05, 0.05], [0.9, 0.1, 0.1, 0.1]]), 7) == [1, 1]
+    assert budget.draft_depth(7) == 2 and budget.draft_depth(1) == 1
+    # Confident drafts: the depth grows by one per step (the budget verifies all it is offered).
+    for want in (3, 4, 5):
+        d = budget.draft_depth(7)
+        assert budget(_blocks([[0.99] * d]), 7) == [d]
+        assert budget.draft_depth(7) == want
+    # The window forgets: after DEPTH_WINDOW shallow steps the depth comes back down.
+    for _ in range(AdaptiveBudget.DEPTH_WINDOW):
+        budget(_blocks([[0.95, 0.05]]), 7)
+    assert budget.draft_depth(7) == 2
+
+
+def test_depth_respects_the_policy():
+    budget = AdaptiveBudget(COSTS, VerifyPolicy(budget_mode="algorithm1", max_block_len=3))
+    budget(_blocks([[0.99] * 3]), 7)
+    assert budget.draft_depth(7) == 3  # never past the policy's max_block_len
+    fixed = AdaptiveBudget(COSTS, VerifyPolicy(budget_mode="fixed", max_block_len=5))
+    fixed(_blocks([[0.95, 0.05]]), 7)
+    assert fixed.draft_depth(7) == 5  # whole blocks are verified: they are drafted whole
+
+
+class _Script(StatelessDrafter):
+    """The target's own continuation as drafts; only the first is confident.  Records the depth asked."""
+
+    name = "scripted"
+
+    def __init__(self, script: list[int]) -> None:
+        self.script, self.asked = script, []
+
+    def propose(self, seqs: list[Sequence], block_len: int) -> list[DraftBlock]:
+        self.asked.append(block_len)
+        out = []
+        for seq in seqs:
+            ids = list(self.script[len(seq.output_ids) : len(seq.output_ids) + block_len])
+            out.append(DraftBlock(token_ids=ids, confidence=[0.95] + [0.05] * (len(ids) - 1)))
+        return out
+
+
+@pytest.fixture(scope="module")
+def setup(model_fp32):
+    tok = model_fp32.tokenizer
+    runner = LocalRunner(model_fp32.model, RunnerConfig(n_slots=1, max_seq=256))
+    prompt = tok.encode_chat([{"role": "user", "content": "Describe a sunrise over the sea."}])
+    plain = Engine(runner, tok, EngineConfig(max_batch=1)).generate([prompt], SamplingParams(max_tokens=32))[0]
+    return runner, tok, prompt, plain.output_ids
+
+
+def test_engine_drafts_only_what_the_budget_verifies(setup):
+    runner, tok, prompt, plain = setup
+    drafter = _Script(plain)
+    budget = AdaptiveBudget(COSTS, VerifyPolicy(budget_mode="algorithm1", max_block_len=8))
+    eng = Engine(runner, tok, EngineConfig(max_batch=1, block_len=8), drafter=drafter, budget=budget)
+    seq = eng.generate([prompt], SamplingParams(max_tokens=32, ignore_eos=True))[0]
+    assert seq.output_ids == plain[: len(seq.output_ids)] and len(seq.output_ids) == 32
+    assert drafter.asked[0] == 8 and set(drafter.asked[1:]) == {2}, drafter.asked
+    # Without a depth-aware budget every block is drafted whole.
+    whole = _Script(plain)
+    Engine(runner, tok, EngineConfig(max_batch=1, block_len=8), drafter=whole).generate(
+        [prompt], SamplingParams(max_tokens=8, ignore_eos=True))
+    assert set(whole.asked) == {8}
+
+
+def test_remote_worker_is_asked_for_the_budgets_depth(setup):
+    """The Step sent to a draft worker at the end of a step carries the depth the budget wants."""
+    from dspark.workers.draft_worker import DraftWorkerServer
+    from dspark.workers.drafters.remote import RemoteDrafter, RemoteDrafterConfig
+
+    runner, tok, prompt, plain = setup
+    scripts: list[_Script] = []
+
+    def factory() -> _Script:
+        scripts.append(_Script(plain))
+        return scripts[-1]
+
+    server = DraftWorkerServer(factory).start()
+    drafter = RemoteDrafter([server.address], RemoteDrafterConfig(kind="ngram"), block_len=8)
+    try:
+        budget = AdaptiveBudget(COSTS, VerifyPolicy(budget_mode="algorithm1", max_block_len=8))
+        eng = Engine(runner, tok, EngineConfig(max_batch=1, block_len=8), drafter=drafter, budget=budget)
+        seq = eng.generate([prompt], SamplingParams(max_tokens=32, ignore_eos=True))[0]
+        assert seq.output_ids == plain[: len(seq.output_ids)] and len(seq.output_ids) == 32
+        asked = [n for s in scripts for n in s.asked]
+        assert asked[0] == 8 and asked[1:] and set(asked[1:]) == {2}, asked
+    finally:
+        drafter.close()
+        server.stop()
+
+
+def test_dspark_head_shorter_block_keeps_the_first_drafts():
+    from dspark.workers.drafters.dspark import DSparkDrafter
+
+    target = tiny_target()
+    head = tiny_head(target)  # trained block length 4
+    feats = torch.randn(9, head.cfg.dim * len(head.cfg.feature_layers), generator=torch.Generator().manual_seed(2))
+    drafter = DSparkDrafter(head, n_slots=1, max_seq=32)
+    seq = make_seq("r0", list(range(1, 10)), anchor=7)
+    with torch.no_grad():
+        drafter.observe(seq, seq.prompt_ids, feats)
+        h4, base4 = drafter.block_logits([seq], torch.tensor([7]), 4)
+        h2, base2 = drafter.block_logits([seq], torch.tensor([7]), 2)
+        full = drafter.propose([seq], 4)[0]
+        short = drafter.propose([seq], 2)[0]
+    assert h2.shape[1] == 2 and torch.allclose(h2, h4[:, :2], atol=1e-6) and torch.allclose(base2, base4[:, :2], atol=1e-6)
+    assert short.token_ids == full.token_ids[:2]
+    assert torch.allclose(torch.tensor(short.confidence), torch.tensor(full.confidence[:2]), atol=1e-6)
