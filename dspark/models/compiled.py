@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from dspark.kernels.attention import varlen_attention
+from dspark.kernels.paged_attention import paged_attention, paged_write
 
 _STEP = threading.local()
 
@@ -52,8 +53,12 @@ def _packed_linear_shape(x, packed, bias, out_features: int, row_block: int) -> 
 def write_and_attend(q, k, v, k_cache, v_cache, batch) -> torch.Tensor:
     """Store the step's keys/values at their positions, then attend.  Returns [T, n_heads, hd].
 
-    q: [T, n_heads, hd]; k/v: [T, n_kv, hd]; k_cache/v_cache: one layer, [S, n_kv, max_seq, hd].
+    q: [T, n_heads, hd]; k/v: [T, n_kv, hd]; k_cache/v_cache: one layer, [S, n_kv, max_seq, hd]
+    (a paged cache: the layer's pools, [n_kv, n_blocks, block, hd]).
     """
+    if batch.paged is not None:
+        paged_write(k_cache, v_cache, k, v, batch.paged)
+        return paged_attention(q, k_cache, v_cache, batch.paged, batch.plan.n_rep, batch.plan.scale)
     k_cache[batch.token_slots, :, batch.positions] = k
     v_cache[batch.token_slots, :, batch.positions] = v
     return varlen_attention(q, k_cache, v_cache, batch.plan)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from dspark.kernels.attention import AttentionPlan, build_plan, padded_keys
+from dspark.kernels.paged_attention import PagedPlan
 
 
 class CacheFullError(RuntimeError):
@@ -146,6 +147,8 @@ class VarlenBatch:
     """A flattened variable-length step: request i feeds ``q_lens[i]`` tokens into ``slots[i]``.
 
     positions: [T] absolute positions of the new tokens; token_slots: [T] their slots.
+    paged: where the step writes and reads on a paged cache (dspark/models/paged_cache.py);
+    None on the slot layout.
     """
 
     slots: list[int]
@@ -154,6 +157,7 @@ class VarlenBatch:
     positions: torch.Tensor
     token_slots: torch.Tensor
     plan: AttentionPlan
+    paged: PagedPlan | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -183,7 +187,16 @@ def make_batch(
 
     The lengths move forward immediately: the caller runs the forward pass next, and rolls back
     with :meth:`KVCache.truncate` what verification rejects.
+
+    A paged cache (:class:`dspark.models.paged_cache.PagedKVCache`) describes the step itself;
+    it has no row-invariant attention.
     """
+    from dspark.models.paged_cache import PagedKVCache  # here: that module imports this one
+
+    if isinstance(cache, PagedKVCache):
+        if row_invariant or padded:
+            raise ValueError("the paged KV cache has no row-invariant or padded attention")
+        return cache.make_batch(slots, q_lens, n_rep)
     if len(slots) != len(q_lens) or not slots:
         raise ValueError("need one q_len per slot and at least one request")
     if len(set(slots)) != len(slots):

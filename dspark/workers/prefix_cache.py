@@ -25,12 +25,18 @@ token, and a reused prefix has none; a remote drafter rebuilds its context from 
 ``observe()`` streams to it.  The engine reuses prefixes only with drafters that declare
 ``prefix_reuse`` (n-gram, layer-skip, draft model: they read ``seq.all_ids`` or a cache) and
 without a drafter (see ``Engine.__init__``).
+
+On the paged layout (:mod:`dspark.models.paged_cache`) the unit is the block, not the slot:
+:class:`BlockPrefixCache` names a request's full blocks by the same chained hashes, and a new
+request's table points at the named blocks of its prompt (shared by reference count, nothing
+copied); a finished request's named blocks stay cached until the pool needs them back.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Protocol
 
 BLOCK = 16
 
@@ -144,3 +150,85 @@ class PrefixCache:
             "prefix_cache_hit_rate": self.hit_tokens / self.queried_tokens if self.queried_tokens else 0.0,
             "prefix_cache_retained_slots": len(self._retained),
         }
+
+
+class BlockStore(Protocol):
+    """The block operations of a runner whose target cache is paged; a tensor-parallel driver
+    sends each to every rank, so all hold the same tables."""
+
+    def reuse_blocks(self, slot: int, names: list[int]) -> int: ...
+
+    def name_blocks(self, slot: int, names: list[int]) -> None: ...
+
+    def release_slot(self, slot: int) -> None: ...
+
+    def block_stats(self) -> dict: ...
+
+
+class BlockPrefixCache:
+    """:class:`PrefixCache`'s interface over a paged cache: slots are block tables, reuse is by
+    block.
+
+    A slot is free as soon as its request ends (its blocks, not the slot, keep what is worth
+    keeping), so a request never waits for a retained slot and ``Reuse.source`` is always the
+    request's own slot: the blocks are in place.
+    """
+
+    def __init__(self, store: BlockStore, n_slots: int, block: int, enabled: bool = True) -> None:
+        self.store = store
+        self.n_slots = n_slots
+        self.block = block
+        self.enabled = enabled
+        self._free = list(range(n_slots - 1, -1, -1))  # pop() -> lowest
+        self.queried_tokens = 0
+        self.hit_tokens = 0
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def allocate(self, prompt: list[int]) -> Reuse:
+        """A slot for a request with this prompt, its table pointed at the prompt's cached blocks."""
+        if not self._free:
+            raise RuntimeError("no free cache slot")
+        slot = self._free.pop()
+        usable = prompt[:-1]  # the last prompt token is always computed: its logits are sampled
+        self.queried_tokens += len(usable) // self.block * self.block
+        tokens = 0
+        if self.enabled and len(usable) >= self.block:
+            tokens = self.store.reuse_blocks(slot, block_hashes(usable, self.block)) * self.block
+        self.hit_tokens += tokens
+        return Reuse(slot=slot, source=slot, tokens=tokens)
+
+    def index(self, slot: int, tokens: list[int]) -> None:
+        """``slot`` holds the keys and values of ``tokens``: name its full blocks."""
+        if self.enabled and len(tokens) >= self.block:
+            self.store.name_blocks(slot, block_hashes(tokens, self.block))
+
+    def release(self, slot: int, tokens: list[int]) -> None:
+        """The slot's request ended holding ``tokens``: name them, drop the table, free the slot."""
+        self.index(slot, tokens)
+        self.store.release_slot(slot)
+        self._free.append(slot)
+        self._free.sort(reverse=True)
+
+    def stats(self) -> dict:
+        """Hit rate over the prompt tokens that could have been reused, and the pool's occupancy."""
+        blocks = self.store.block_stats()
+        return {
+            "prefix_cache_queried_tokens": self.queried_tokens,
+            "prefix_cache_hit_tokens": self.hit_tokens,
+            "prefix_cache_hit_rate": self.hit_tokens / self.queried_tokens if self.queried_tokens else 0.0,
+            **blocks,
+            "kv_cache_block_usage": blocks["kv_cache_blocks_in_use"] / blocks["kv_cache_blocks_total"],
+        }
+
+
+def prefix_cache_for(runner, n_slots: int, enabled: bool) -> PrefixCache | BlockPrefixCache:
+    """The prefix cache of an engine over ``runner``: by block on a paged target cache, by slot
+    otherwise."""
+    from dspark.models.paged_cache import PagedKVCache
+
+    if isinstance(runner.cache, PagedKVCache):
+        return BlockPrefixCache(runner, n_slots, runner.cache.block, enabled=enabled)
+    return PrefixCache(n_slots, enabled=enabled)

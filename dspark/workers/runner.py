@@ -3,7 +3,12 @@
 The engine owns request bookkeeping (which slot, how many tokens are valid); a runner only runs
 ``StepInput`` -> ``ForwardOutput``.  Because every step carries each request's current length
 (``starts``), truncation after rejected drafts needs no message to the other ranks: the next
-step simply writes over the stale positions.
+step simply writes over the stale positions (a paged cache also releases the blocks past them).
+
+The target's cache has one of two layouts (``RunnerConfig.kv_layout``): ``slot``, one region
+per request (:mod:`dspark.models.kv_cache`), or ``paged``, blocks from a shared pool
+(:mod:`dspark.models.paged_cache`), whose block operations (reuse, naming, release) rank 0
+broadcasts like the prefix copy, so every rank holds the same block tables.
 
 Tensor parallel group: rank 0 lives in the driver process (the engine); ranks 1..N-1 run
 :func:`tp_rank_loop`, receiving each step by broadcast (plain int64 tensors, never pickles) and
@@ -23,8 +28,11 @@ import torch.distributed as dist
 
 from dspark.models.kv_cache import KVCache, make_batch
 from dspark.models.llama import ForwardOutput, Transformer
+from dspark.models.paged_cache import PagedKVCache
 
 CMD_STEP, CMD_STOP, CMD_COPY = 1, 2, 3
+CMD_REUSE, CMD_NAME, CMD_RELEASE = 4, 5, 6  # paged cache: (slot, number of names), then the names
+KV_LAYOUTS = ("slot", "paged")
 log = logging.getLogger(__name__)
 
 
@@ -56,6 +64,17 @@ class RunnerConfig:
     deterministic: bool = False
     # The decoder blocks run through torch.compile (dspark/models/compiled.py); eager otherwise.
     compile: bool = False
+    # The target's KV cache: "slot" (one region per request) or "paged" (blocks from one pool,
+    # memory follows the tokens held, prefixes shared by block; dspark/models/paged_cache.py).
+    kv_layout: str = "slot"
+    kv_block: int = 16  # positions per block of the paged layout
+
+    def __post_init__(self) -> None:
+        if self.kv_layout not in KV_LAYOUTS:
+            raise ValueError(f"kv_layout must be one of {', '.join(KV_LAYOUTS)}, not {self.kv_layout!r}")
+        if self.kv_layout == "paged" and self.deterministic:
+            raise ValueError("the paged KV layout has no row-invariant attention: run it with --no-deterministic, "
+                             "or keep --kv-layout slot for the deterministic mode")
 
 
 def deterministic_default(dtype: str, device: str) -> bool:
@@ -80,13 +99,22 @@ class LocalRunner:
         model.num.row_invariant = cfg.deterministic
         self.model = model
         self.cfg = cfg
-        self.cache: KVCache = model.make_cache(cfg.n_slots, cfg.max_seq)
+        self.cache: KVCache | PagedKVCache = (self._paged_cache(model, cfg) if cfg.kv_layout == "paged"
+                                              else model.make_cache(cfg.n_slots, cfg.max_seq))
         self.n_rep = model.args.n_rep
         self.compile_s = 0.0  # start-up seconds spent compiling (or loading compiled code)
         if cfg.compile:
             self._compile()
         if cfg.deterministic and model.tp.world_size == 1 and cfg.n_slots >= 2:
             self._check_row_invariance()
+
+    @staticmethod
+    def _paged_cache(model: Transformer, cfg: RunnerConfig) -> PagedKVCache:
+        if type(model) is not Transformer:  # per-layer shapes, windows or own state: not paged
+            raise ValueError(f"the paged KV layout serves Llama-family decoders, not {type(model).__name__}")
+        attn = model.layers[0].attention
+        return PagedKVCache(len(model.layers), cfg.n_slots, attn.n_kv_heads, cfg.max_seq, attn.head_dim,
+                            model.dtype, model.device, block=cfg.kv_block)
 
     @torch.inference_mode()
     def _compile(self) -> None:
@@ -101,7 +129,7 @@ class LocalRunner:
         for q_len in (8, 1):
             batch = make_batch(self.cache, [0], [q_len], self.n_rep, row_invariant=self.cfg.deterministic)
             self.model(torch.arange(q_len, device=dev) % vocab, self.cache, batch)
-        self.cache.lengths[0] = 0
+        self._set_length(0, 0)
         self.compile_s = time.perf_counter() - t0
         log.info("compiled the step in %.1f s", self.compile_s)
 
@@ -143,10 +171,18 @@ class LocalRunner:
     def device(self) -> torch.device:
         return self.model.device
 
+    def _set_length(self, slot: int, length: int) -> None:
+        """The request's cached length before a step (a paged cache releases the blocks past it;
+        other caches, DeepSeek-V4's state among them, keep a plain length)."""
+        if isinstance(self.cache, PagedKVCache):
+            self.cache.set_length(slot, length)
+        else:
+            self.cache.lengths[slot] = length
+
     @torch.inference_mode()
     def forward(self, step: StepInput) -> ForwardOutput:
         for s, st in zip(step.slots, step.starts):
-            self.cache.lengths[s] = st
+            self._set_length(s, st)
         batch = make_batch(self.cache, step.slots, step.q_lens, self.n_rep, row_invariant=self.cfg.deterministic)
         dev = self.device
         tokens = torch.tensor(step.tokens, dtype=torch.long, device=dev)
@@ -165,6 +201,19 @@ class LocalRunner:
         """Copy the first ``n`` cached positions of slot ``src`` into slot ``dst`` (every layer)."""
         self.cache.copy_prefix(src, dst, n)
 
+    # -- paged cache: the block operations of prefix reuse (workers/prefix_cache.BlockStore) -----
+    def reuse_blocks(self, slot: int, names: list[int]) -> int:
+        return self.cache.reuse(slot, names)
+
+    def name_blocks(self, slot: int, names: list[int]) -> None:
+        self.cache.name(slot, names)
+
+    def release_slot(self, slot: int) -> None:
+        self.cache.release(slot)
+
+    def block_stats(self) -> dict:
+        return self.cache.stats()
+
     def close(self) -> None:
         pass
 
@@ -175,7 +224,9 @@ class LocalRunner:
 class _Header(NamedTuple):
     """The fixed-size int64 message that opens every broadcast from rank 0: what follows."""
 
-    command: int  # CMD_STEP, CMD_STOP, or CMD_COPY (then the next three fields are src, dst, n)
+    # CMD_STEP, CMD_STOP, CMD_COPY (then the next three fields are src, dst, n), or a paged
+    # cache's CMD_REUSE / CMD_NAME / CMD_RELEASE (then slot, number of names; the names follow)
+    command: int
     n_requests: int  # B: the payload starts with B slots, B starts, B q_lens
     n_tokens: int  # T tokens follow them
     n_rows: int  # then this many logits rows; -1: all rows (none sent)
@@ -246,6 +297,24 @@ class TPDriver(LocalRunner):
         dist.broadcast(header.to(self._comm), src=0, group=self.group)
         super().copy_prefix(src, dst, n)
 
+    def _block_command(self, command: int, slot: int, names: list[int]) -> None:
+        header = torch.tensor(_Header(command, slot, len(names), 0, 0, 0), dtype=torch.long)
+        dist.broadcast(header.to(self._comm), src=0, group=self.group)
+        if names:
+            dist.broadcast(torch.tensor(names, dtype=torch.long).to(self._comm), src=0, group=self.group)
+
+    def reuse_blocks(self, slot: int, names: list[int]) -> int:
+        self._block_command(CMD_REUSE, slot, names)
+        return super().reuse_blocks(slot, names)
+
+    def name_blocks(self, slot: int, names: list[int]) -> None:
+        self._block_command(CMD_NAME, slot, names)
+        super().name_blocks(slot, names)
+
+    def release_slot(self, slot: int) -> None:
+        self._block_command(CMD_RELEASE, slot, [])
+        super().release_slot(slot)
+
     def close(self) -> None:
         try:
             dist.broadcast(torch.tensor(_STOP, dtype=torch.long, device=self._comm), src=0, group=self.group)
@@ -264,6 +333,20 @@ def tp_rank_loop(runner: LocalRunner, backend: str, group=None) -> None:
             return
         if h.command == CMD_COPY:
             runner.copy_prefix(h.n_requests, h.n_tokens, h.n_rows)
+            continue
+        if h.command in (CMD_REUSE, CMD_NAME, CMD_RELEASE):
+            slot, n = h.n_requests, h.n_tokens
+            names = []
+            if n:
+                buf = torch.empty(n, dtype=torch.long, device=comm)
+                dist.broadcast(buf, src=0, group=group)
+                names = buf.tolist()
+            if h.command == CMD_REUSE:
+                runner.reuse_blocks(slot, names)
+            elif h.command == CMD_NAME:
+                runner.name_blocks(slot, names)
+            else:
+                runner.release_slot(slot)
             continue
         payload = torch.empty(h.payload_len(), dtype=torch.long, device=comm)
         dist.broadcast(payload, src=0, group=group)
