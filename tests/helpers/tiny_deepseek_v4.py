@@ -13,6 +13,7 @@ from transformers import DeepseekV4Config as HFConfig
 from transformers.models.deepseek_v4 import modeling_deepseek_v4 as hf
 
 from dspark.models.deepseek_v4_config import CSA, HCA, SLIDING
+from dspark.workers.drafters.base import DraftBlock, StatelessDrafter
 
 LAYERS = [SLIDING, CSA, HCA]
 
@@ -118,9 +119,11 @@ def write_mtp(folder, tensors: dict[str, torch.Tensor], kind: str) -> None:
         (folder / "config.json").write_text(json.dumps(cfg))
 
 
-def write_tiny_folder(path, vocab_size: int, seed: int, **over) -> hf.DeepseekV4ForCausalLM:
+def write_tiny_folder(path, vocab_size: int, seed: int, round_to: torch.dtype | None = None,
+                      **over) -> hf.DeepseekV4ForCausalLM:  # fmt: skip
     """A tiny random V4 folder (transformers' ``save_pretrained``: published names, plus a byte
-    tokenizer) at ``path``; returns transformers' model of it."""
+    tokenizer) at ``path``; returns transformers' model of it.  ``round_to``: every weight
+    rounded to that dtype's values (still stored in fp32), as a bf16 checkpoint would hold."""
     from helpers.tiny_hf import write_byte_tokenizer
 
     cfg = tiny_hf_config(vocab_size=vocab_size, **over)
@@ -128,6 +131,9 @@ def write_tiny_folder(path, vocab_size: int, seed: int, **over) -> hf.DeepseekV4
     ref = randomise(hf.DeepseekV4ForCausalLM(cfg), seed)
     with torch.no_grad():  # unit-variance embeddings: logits of a sane scale
         ref.model.embed_tokens.weight.normal_(generator=torch.Generator().manual_seed(seed + 1))
+        if round_to is not None:
+            for p in ref.parameters():
+                p.copy_(p.to(round_to).float())
     ref.save_pretrained(path)
     write_byte_tokenizer(path, vocab_size)
     return ref
@@ -151,3 +157,24 @@ def release_kv_norm_spelling(folder) -> int:
             out[f"{hit[1]}.kv_norm.weight" if hit else k] = v
         save_file(out, str(f), metadata={"format": "pt"})
     return renamed
+
+
+class ScriptedDrafter(StatelessDrafter):
+    """Proposes the next tokens of a known greedy script, wrong at a pseudo-random block position."""
+
+    name = "scripted"
+
+    def __init__(self, script: list[int], vocab_size: int, seed: int) -> None:
+        self.script, self.vocab_size = script, vocab_size
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def propose(self, seqs, block_len):
+        blocks = []
+        for seq in seqs:
+            n = len(seq.output_ids)
+            draft = list(self.script[n : n + block_len]) or [0]
+            wrong = int(torch.randint(0, block_len + 2, (1,), generator=self.gen))  # > len: all right
+            if wrong < len(draft):
+                draft[wrong] = (draft[wrong] + 1) % self.vocab_size
+            blocks.append(DraftBlock(token_ids=draft))
+        return blocks

@@ -25,12 +25,11 @@ from transformers.models.deepseek_v4 import modeling_deepseek_v4 as hf  # noqa: 
 
 from dspark.models.kv_cache import make_batch  # noqa: E402
 from dspark.models.loader import load_model  # noqa: E402
-from dspark.workers.drafters.base import DraftBlock, StatelessDrafter  # noqa: E402
 from dspark.workers.engine import Engine, EngineConfig  # noqa: E402
 from dspark.workers.request import SamplingParams  # noqa: E402
 from dspark.workers.runner import LocalRunner, RunnerConfig  # noqa: E402
 from helpers.tiny_hf import write_byte_tokenizer  # noqa: E402
-from helpers.tiny_deepseek_v4 import randomise, tiny_hf_config  # noqa: E402
+from helpers.tiny_deepseek_v4 import ScriptedDrafter, randomise, tiny_hf_config  # noqa: E402
 
 VOCAB = 260  # the byte tokenizer's 257 tokens and a few more
 DECODE = 120
@@ -120,27 +119,6 @@ def test_batched_requests_of_different_lengths_equal_each_alone(ours):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-class ScriptedDrafter(StatelessDrafter):
-    """Proposes the next tokens of a known greedy script, wrong at a pseudo-random block position."""
-
-    name = "scripted"
-
-    def __init__(self, script: list[int], seed: int) -> None:
-        self.script = script
-        self.gen = torch.Generator().manual_seed(seed)
-
-    def propose(self, seqs, block_len):
-        blocks = []
-        for seq in seqs:
-            n = len(seq.output_ids)
-            draft = list(self.script[n : n + block_len]) or [0]
-            wrong = int(torch.randint(0, block_len + 2, (1,), generator=self.gen))  # > len: all right
-            if wrong < len(draft):
-                draft[wrong] = (draft[wrong] + 1) % VOCAB
-            blocks.append(DraftBlock(token_ids=draft))
-        return blocks
-
-
 @pytest.mark.parametrize("slack", [None, 5])
 def test_speculative_decoding_with_partly_wrong_drafts_equals_plain(ours, slack):
     prompt = ids(10, 6)
@@ -153,7 +131,7 @@ def test_speculative_decoding_with_partly_wrong_drafts_equals_plain(ours, slack)
         script = plain.generate([prompt], params)[0].output_ids
         runner = LocalRunner(model, RunnerConfig(n_slots=1, max_seq=256))
         spec = Engine(runner, ours.tokenizer, EngineConfig(max_batch=1, block_len=4, prefix_caching=False),
-                      drafter=ScriptedDrafter(script, seed=7))  # fmt: skip
+                      drafter=ScriptedDrafter(script, VOCAB, seed=7))  # fmt: skip
         seq = spec.generate([prompt], params)[0]
     finally:
         model.ring_slack = None
