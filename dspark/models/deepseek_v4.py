@@ -69,6 +69,24 @@ class _W(nn.Module):
         self.weight = nn.Parameter(torch.empty(*shape))
 
 
+class _Norm(_W):
+    """The final norm's weight, callable as RMSNorm (a draft head's trainer normalises with it)."""
+
+    def __init__(self, width: int, eps: float) -> None:
+        super().__init__(width)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return att.rms_norm(x, self.weight, self.eps)
+
+
+class _Head(_W):
+    """The LM head matrix, callable as a bias-free linear layer (a draft head borrows it)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight.T
+
+
 class Compressor(nn.Module):
     """Token projections pooled into one entry per window (CSA: two overlapping series)."""
 
@@ -278,7 +296,7 @@ class DeepseekV4Transformer(nn.Module):
         self.hc_head_fn = nn.Parameter(torch.empty(cfg.hc_mult, cfg.hc_mult * h))
         self.hc_head_base = nn.Parameter(torch.empty(cfg.hc_mult))
         self.hc_head_scale = nn.Parameter(torch.empty(1))
-        self.norm, self.head = _W(h), _W(cfg.vocab_size, h)
+        self.norm, self.head = _Norm(h, cfg.rms_norm_eps), _Head(cfg.vocab_size, h)
 
     @property
     def device(self) -> torch.device:
@@ -287,6 +305,22 @@ class DeepseekV4Transformer(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.embed.weight.dtype
+
+    # The parts a DSpark draft head borrows, under the Llama family's names (``dspark_head``,
+    # ``dspark.train``): the token embedding, and the final norm and LM head that follow the hyper
+    # head (they read the collapsed hidden state, ``ForwardOutput.hidden``).
+    @property
+    def tok_embeddings(self) -> _W:
+        return self.embed  # .weight [vocab, hidden]
+
+    @property
+    def output(self) -> _Head:
+        return self.head
+
+    def lm_head(self, h: torch.Tensor) -> torch.Tensor:
+        """Final norm + LM head -> float32 logits over the vocabulary, as ``forward`` computes
+        them.  h: [R, hidden] collapsed hidden states."""
+        return self.tp.gather_vocab(self.head(self.norm(h))).float()
 
     def inv_freq(self, kind: str) -> torch.Tensor:
         """RoPE frequencies of a layer kind: main base for sliding layers, compress base + YaRN else."""
