@@ -43,11 +43,18 @@ class ModelArgs:
     name: str = "llama"  # free-form name, used in logs and /v1/models
     decoder: str = "llama"  # the implementation that builds it: a key of DECODERS
     gemma4: Gemma4Args | None = None  # sliding/full layer kinds etc. when decoder is "gemma4"
+    hc_mult: int = 1  # residual streams per token (DeepSeek-V4's hyper-connections); 1 = one residual
 
     @property
     def n_rep(self) -> int:
         """Query heads per key/value head."""
         return self.n_heads // self.n_kv_heads
+
+    @property
+    def feature_width(self) -> int:
+        """Width of one feature layer (``forward(feature_layers=...)``): a block's output streams,
+        hc_mult * dim (dim for the Llama family)."""
+        return self.hc_mult * self.dim
 
     @classmethod
     def from_hf_config(cls, cfg: dict[str, Any]) -> "ModelArgs":

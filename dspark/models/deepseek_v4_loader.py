@@ -58,6 +58,7 @@ def model_args(cfg: DeepseekV4Config, name: str) -> ModelArgs:
         max_position_embeddings=cfg.max_position_embeddings,
         tie_word_embeddings=False,
         name=name,
+        hc_mult=cfg.hc_mult,  # a feature layer is a block's hc_mult output streams
     )
 
 
