@@ -7,7 +7,8 @@ DeepSpec (deepseek-ai/DeepSpec) saves a drafter with Hugging Face ``save_pretrai
 
 config.json fields and what they become here (``DSparkHeadConfig``):
 
-    architectures                 Qwen3DSparkModel (QK-norm) | LlamaDSparkModel (ours, no QK-norm)
+    architectures                 Qwen3DSparkModel (QK-norm) | LlamaDSparkModel (ours, no QK-norm) |
+                                  Gemma4DSparkModel (Gemma 4 draft layers, for a Gemma 4 target; below)
     hidden_size, vocab_size       dim, vocab_size (must equal the target's)
     num_hidden_layers             n_layers (draft layers)
     num_attention_heads, num_key_value_heads, head_dim, intermediate_size, rms_norm_eps, rope_theta
@@ -31,9 +32,22 @@ markov_head.joint_proj -> markov_mix; confidence_head.proj -> confidence.  embed
 lm_head are frozen copies of the target's: we read the mask row, check a sample of rows against
 the target's and otherwise serve the target's own.
 
+Gemma4DSparkModel: config.json is the target's Gemma 4 text config (``gemma4_text``) with the
+drafter's fields; it is read as the target's is (``gemma_config.gemma4_args``: MoE blocks,
+per-layer inputs, shared KV layers, biases, other activations and RoPE types refused by name) and
+every draft layer is a full-attention one (DeepSpec's): global_head_dim -> head_dim,
+num_global_key_value_heads (with attention_k_eq_v; else num_key_value_heads) -> n_kv_heads,
+attention_k_eq_v -> k_eq_v, rope_parameters.full_attention -> rope_theta / rope_pairs /
+rope_factor, final_logit_softcapping -> logit_softcap, decoder "gemma4" (embeddings scaled by
+sqrt(hidden_size), ``dspark.models.gemma_draft_layer``).  Its layer weights: input_layernorm ->
+attention_norm, post_attention_layernorm -> post_attention_norm, pre_feedforward_layernorm ->
+ffn_norm, post_feedforward_layernorm -> post_ffn_norm, layer_scalar -> layer_scalar (1 when
+absent: DeepSpec's buffer starts at 1), no v_proj with attention_k_eq_v (v_norm has no weight).
+
 Anything this engine would compute differently is refused with a one-line ``ValueError`` naming
-the field or weight (Gemma 4 drafters, biases, other activations, RoPE scaling, sliding windows,
-an embedding-output or final-norm feature layer, a missing confidence head).  DeepSpec's DFlash
+the field or weight (biases, other activations, RoPE scaling, sliding windows, an
+embedding-output or final-norm feature layer, a missing confidence head, a Gemma 4 drafter for
+another target family).  DeepSpec's DFlash
 checkpoints are the same model with ``markov_rank 0`` and ``enable_confidence_head false``: read
 with ``dflash=True`` for the ``dflash`` drafter (``check_heads``).
 """
@@ -47,10 +61,11 @@ import torch
 from torch import nn
 
 from dspark.models.dspark_head import MARKOV_KINDS, DSparkHead, DSparkHeadConfig
+from dspark.models.gemma_config import gemma4_args
 
-# architectures[0] -> QK-norm.  Gemma 4 drafters (sandwich norms, scaled embeddings, v-norm,
-# logit soft-capping) are another architecture and are refused.
+# architectures[0] -> QK-norm, for the Llama-form draft layers.
 ARCHITECTURES = {"Qwen3DSparkModel": True, "LlamaDSparkModel": False}
+GEMMA4_ARCHITECTURE = "Gemma4DSparkModel"  # Gemma 4 draft layers (DSparkHeadConfig.decoder "gemma4")
 MODEL_TYPES = {True: "qwen3", False: "llama"}
 EXPORT_NUM_ANCHORS = 512  # training-only field DeepSpec's constructor requires; its configs use 512
 _SAMPLE_ROWS = 64  # embedding / LM-head rows compared with the target's
@@ -83,26 +98,14 @@ def check_heads(name: str, markov_rank: int, confidence_head: bool, dflash: bool
                           "need confidences); a DFlash checkpoint is served with --draft dflash")
 
 
-def read_deepspec_config(path: str | Path, dflash: bool = False) -> tuple[DSparkHeadConfig, dict]:
-    """The head config of a DeepSpec checkpoint folder, and its raw config.json.
+def _need(raw: dict, name: str, key: str):
+    if key not in raw:
+        raise _fail(name, f"config.json has no {key}")
+    return raw[key]
 
-    Checks everything that needs no target; :func:`load_deepspec_head` checks the rest.
-    ``dflash``: read it for the DFlash drafter (no Markov head, no confidence head; see
-    :func:`check_heads`).
-    """
-    path = Path(path)
-    name = path.name
-    raw = json.loads((path / "config.json").read_text())
 
-    def need(key: str):
-        if key not in raw:
-            raise _fail(name, f"config.json has no {key}")
-        return raw[key]
-
-    arch = (raw.get("architectures") or ["(none)"])[0]
-    if arch not in ARCHITECTURES:
-        raise _fail(name, f"architectures {arch!r} is not a DSpark drafter this engine serves "
-                          f"(served: {', '.join(ARCHITECTURES)})")
+def _llama_layer_fields(raw: dict, name: str, arch: str) -> dict:
+    """The draft layers' fields of a Qwen3 / Llama-form drafter (refusing what they do not compute)."""
     if raw.get("attention_bias", False):
         raise _fail(name, "attention_bias true is not supported (draft layers have no biases)")
     if raw.get("mlp_bias", False):
@@ -124,6 +127,51 @@ def read_deepspec_config(path: str | Path, dflash: bool = False) -> tuple[DSpark
     theta = raw.get("rope_theta", rope.get("rope_theta"))
     if theta is None:
         raise _fail(name, "config.json has no rope_theta")
+    dim, heads = int(_need(raw, name, "hidden_size")), int(_need(raw, name, "num_attention_heads"))
+    return dict(n_heads=heads, n_kv_heads=int(raw.get("num_key_value_heads", heads)),
+                head_dim=int(raw.get("head_dim") or dim // heads),
+                intermediate_size=int(_need(raw, name, "intermediate_size")),
+                norm_eps=float(_need(raw, name, "rms_norm_eps")), rope_theta=float(theta), qk_norm=ARCHITECTURES[arch])
+
+
+def _gemma4_layer_fields(raw: dict, name: str) -> dict:
+    """The draft layers' fields of a Gemma4DSparkModel: its config read as a Gemma 4 text config,
+    every draft layer of the full-attention kind (head width, key/value heads, RoPE, keys as values)."""
+    for key in ("hidden_size", "num_attention_heads", "intermediate_size", "rms_norm_eps"):
+        _need(raw, name, key)
+    if raw.get("model_type", "gemma4_text") != "gemma4_text":
+        raise _fail(name, f"model_type {raw['model_type']!r} is not supported for {GEMMA4_ARCHITECTURE} (gemma4_text)")
+    try:
+        shared, gemma = gemma4_args(raw)
+    except ValueError as e:  # the same refusals as for a Gemma 4 target, naming the field
+        raise _fail(name, str(e)) from None
+    full = gemma.full
+    return dict(n_heads=shared["n_heads"], n_kv_heads=full.n_kv_heads, head_dim=full.head_dim,
+                intermediate_size=shared["intermediate_size"], norm_eps=float(shared["norm_eps"]),
+                rope_theta=full.rope_theta, rope_pairs=full.rope_pairs or 0, rope_factor=full.rope_factor,
+                qk_norm=True, decoder="gemma4", k_eq_v=full.k_eq_v,
+                logit_softcap=float(gemma.final_logit_softcapping or 0.0))
+
+
+def read_deepspec_config(path: str | Path, dflash: bool = False) -> tuple[DSparkHeadConfig, dict]:
+    """The head config of a DeepSpec checkpoint folder, and its raw config.json.
+
+    Checks everything that needs no target; :func:`load_deepspec_head` checks the rest.
+    ``dflash``: read it for the DFlash drafter (no Markov head, no confidence head; see
+    :func:`check_heads`).
+    """
+    path = Path(path)
+    name = path.name
+    raw = json.loads((path / "config.json").read_text())
+
+    def need(key: str):
+        return _need(raw, name, key)
+
+    arch = (raw.get("architectures") or ["(none)"])[0]
+    if arch not in ARCHITECTURES and arch != GEMMA4_ARCHITECTURE:
+        raise _fail(name, f"architectures {arch!r} is not a DSpark drafter this engine serves "
+                          f"(served: {', '.join([*ARCHITECTURES, GEMMA4_ARCHITECTURE])})")
+    layer = _gemma4_layer_fields(raw, name) if arch == GEMMA4_ARCHITECTURE else _llama_layer_fields(raw, name, arch)
 
     rank = int(need("markov_rank"))
     markov_kind = str(raw.get("markov_head_type", "vanilla")).lower() if rank > 0 else "vanilla"
@@ -141,25 +189,18 @@ def read_deepspec_config(path: str | Path, dflash: bool = False) -> tuple[DSpark
     if layer_ids[0] < 0:
         raise _fail(name, "target_layer_ids -1 (the embedding output) is not supported")
 
-    dim, heads = int(need("hidden_size")), int(need("num_attention_heads"))
     extra = raw.get("dspark") or {}
     cfg = DSparkHeadConfig(
         target_name=str(extra.get("target_name", raw.get("_name_or_path", name))),
-        dim=dim,
+        dim=int(need("hidden_size")),
         vocab_size=int(need("vocab_size")),
         feature_layers=tuple(layer_ids),
         n_layers=int(need("num_hidden_layers")),
-        n_heads=heads,
-        n_kv_heads=int(raw.get("num_key_value_heads", heads)),
-        head_dim=int(raw.get("head_dim") or dim // heads),
-        intermediate_size=int(need("intermediate_size")),
-        norm_eps=float(need("rms_norm_eps")),
-        rope_theta=float(theta),
         block_len=int(need("block_size")),
         markov_rank=rank,
         sts=dict(extra.get("sts") or {}),
-        qk_norm=ARCHITECTURES[arch],
         markov_kind=markov_kind,
+        **layer,
     )
     mask_id = int(need("mask_token_id"))
     if not 0 <= mask_id < cfg.vocab_size:
@@ -169,6 +210,11 @@ def read_deepspec_config(path: str | Path, dflash: bool = False) -> tuple[DSpark
 
 def _check_target(name: str, cfg: DSparkHeadConfig, raw: dict, args) -> None:
     """Refuse a checkpoint that does not fit the target (``args``: its ``ModelArgs``), naming the field."""
+    arch = (raw.get("architectures") or ["(none)"])[0]
+    if cfg.decoder == "gemma4" and args.decoder != "gemma4":
+        raise _fail(name, f"architectures {arch!r} drafts for a Gemma 4 target, not a {args.decoder} one")
+    if cfg.decoder != "gemma4" and args.decoder == "gemma4":
+        raise _fail(name, f"architectures {arch!r} does not draft for a Gemma 4 target ({GEMMA4_ARCHITECTURE} does)")
     if cfg.dim != args.dim:
         raise _fail(name, f"hidden_size {cfg.dim} != the target's hidden size {args.dim}")
     if cfg.vocab_size != args.vocab_size:
@@ -229,7 +275,8 @@ class CheckpointWeights:
 
 def backbone_state(w: CheckpointWeights, cfg: DSparkHeadConfig) -> dict[str, torch.Tensor]:
     """Our state of the block backbone from the published names (DeepSpec's and speculators' alike):
-    fc, hidden_norm, norm, and per draft layer the split attention / MLP projections and norms."""
+    fc, hidden_norm, norm, and per draft layer the split attention / MLP projections and norms
+    (a gemma4 head: its four norms and layer scalar, no v_proj with ``k_eq_v``)."""
     D, hd = cfg.dim, cfg.head_dim
     q_out, kv_out = cfg.n_heads * hd, cfg.n_kv_heads * hd
     state = {
@@ -239,14 +286,20 @@ def backbone_state(w: CheckpointWeights, cfg: DSparkHeadConfig) -> dict[str, tor
     }
     for i in range(cfg.n_layers):
         a, m, o = f"layers.{i}.self_attn.", f"layers.{i}.mlp.", f"layers.{i}."
-        state[o + "wqkv.weight"] = torch.cat([w.get(a + "q_proj.weight", (q_out, D)), w.get(a + "k_proj.weight", (kv_out, D)),
-                                              w.get(a + "v_proj.weight", (kv_out, D))])
+        kv = [w.get(a + "k_proj.weight", (kv_out, D))] + ([] if cfg.k_eq_v else [w.get(a + "v_proj.weight", (kv_out, D))])
+        state[o + "wqkv.weight"] = torch.cat([w.get(a + "q_proj.weight", (q_out, D)), *kv])
         state[o + "wo.weight"] = w.get(a + "o_proj.weight", (D, q_out))
         state[o + "w13.weight"] = torch.cat([w.get(m + "gate_proj.weight", (cfg.intermediate_size, D)),
                                              w.get(m + "up_proj.weight", (cfg.intermediate_size, D))])
         state[o + "w2.weight"] = w.get(m + "down_proj.weight", (D, cfg.intermediate_size))
         state[o + "attention_norm.weight"] = w.get(o + "input_layernorm.weight", (D,))
-        state[o + "ffn_norm.weight"] = w.get(o + "post_attention_layernorm.weight", (D,))
+        if cfg.decoder == "gemma4":  # sandwich norms; the layer scalar is DeepSpec's buffer (1 unless saved)
+            state[o + "post_attention_norm.weight"] = w.get(o + "post_attention_layernorm.weight", (D,))
+            state[o + "ffn_norm.weight"] = w.get(o + "pre_feedforward_layernorm.weight", (D,))
+            state[o + "post_ffn_norm.weight"] = w.get(o + "post_feedforward_layernorm.weight", (D,))
+            state[o + "layer_scalar"] = w.get(o + "layer_scalar", (1,)) if o + "layer_scalar" in w else torch.ones(1)
+        else:
+            state[o + "ffn_norm.weight"] = w.get(o + "post_attention_layernorm.weight", (D,))
         if cfg.qk_norm:
             state[o + "q_norm.weight"] = w.get(a + "q_norm.weight", (hd,))
             state[o + "k_norm.weight"] = w.get(a + "k_norm.weight", (hd,))
@@ -356,6 +409,9 @@ def export_deepspec(head: DSparkHead, out: str | Path, mask_token_id: int,
     target = head._target[0] if head._target else None
     if target is None:
         raise ValueError("export: bind the head to its target first (embed_tokens and lm_head are written)")
+    if cfg.decoder != "llama":
+        raise ValueError(f"export: decoder {cfg.decoder!r}: only Llama-form heads are written (Qwen3DSparkModel / "
+                         f"LlamaDSparkModel)")
     if cfg.trained_vocab or cfg.draft_vocab:
         field = "trained_vocab" if cfg.trained_vocab else "draft_vocab"
         raise ValueError(f"export: {field}={cfg.trained_vocab or cfg.draft_vocab}: DeepSpec's format has "

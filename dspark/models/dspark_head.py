@@ -23,9 +23,16 @@ rows of the target's LM head (gathered once, never stored) and W2 is N columns; 
 full vocabulary, since the previous token can be any id.  Logits, q and W2 columns are indexed by
 draft index n (0..N-1), whose vocabulary id is ``draft_ids[n]``.
 
+Gemma 4 drafters (``decoder`` "gemma4", DeepSpec's Gemma4DSparkModel): the draft layers are
+Gemma 4 blocks (``dspark.models.gemma_draft_layer``: sandwich norms, value norm, keys as values,
+unscaled scores, GELU-tanh, a per-layer scalar) with RoPE on a share of the frequency pairs
+(``rope_pairs``), the block inputs scaled by sqrt(D) as the target's embeddings are, and the base
+logits soft-capped as the target's, U = c * tanh(LM_head(RMSNorm(h)) / c), before the Markov bias.
+
 Shapes: B = requests (or training sequences), Q = block query positions (G at inference; anchors * G in
 training), S = context positions, D = dim, r = Markov rank, V = vocabulary, N = draft vocabulary
-(N = V without a map), M = ids in the map.
+(N = V without a map), M = ids in the map, W = the width of one feature layer (``feature_width``: D for
+the Llama family, hc_mult * D for DeepSeek-V4, whose blocks output hc_mult hyper-connection streams).
 """
 
 from __future__ import annotations
@@ -41,11 +48,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dspark.models.gemma_config import AttentionKind, embed_scale
+from dspark.models.gemma_draft_layer import Gemma4DraftLayer
 from dspark.models.llama import RMSNorm, apply_rope, rope_tables
 from dspark.models.packing import PackedLinear, pack_linears, packing_supported
 
 HEADS_DIR = Path(__file__).resolve().parent / "heads"
 MARKOV_KINDS = ("vanilla", "gated", "rnn")
+DECODERS = ("llama", "gemma4")  # draft layer forms (DSparkHeadConfig.decoder)
 
 
 @dataclass(frozen=True)
@@ -56,6 +66,7 @@ class DSparkHeadConfig:
     dim: int = 576  # target hidden size = draft width
     vocab_size: int = 49152  # target vocabulary (shared embedding and LM head)
     feature_layers: tuple[int, ...] = (2, 8, 14, 20, 27)  # target blocks whose outputs form the context
+    feature_width: int = 0  # width of one feature layer (ModelArgs.feature_width); 0 = dim
     n_layers: int = 2  # draft transformer blocks
     n_heads: int = 9  # query heads per draft layer
     n_kv_heads: int = 3  # key/value heads per draft layer
@@ -72,6 +83,11 @@ class DSparkHeadConfig:
     vocab_map: dict = field(default_factory=dict)  # {"size": M, "sha256": ...} of <head>.vocab.safetensors; {} = none
     qk_norm: bool = False  # RMSNorm of every query and key head before RoPE (DeepSpec's Qwen3 drafters)
     markov_kind: str = "vanilla"  # Markov head: "vanilla" W1[x] W2, "gated" or "rnn" (DeepSpec's variants, eq. below)
+    decoder: str = "llama"  # draft layer form: "llama" (pre-norm SwiGLU) or "gemma4" (Gemma 4 blocks, see above)
+    k_eq_v: bool = False  # gemma4: no value projection, the values are the key projection's output
+    rope_pairs: int = 0  # frequency pairs that rotate (Gemma's proportional RoPE); 0 = all head_dim / 2
+    rope_factor: float = 1.0  # divides every RoPE frequency
+    logit_softcap: float = 0.0  # base logits -> c * tanh(U / c) with c = logit_softcap; 0 = none
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -153,9 +169,12 @@ class DSparkHead(nn.Module):
         super().__init__()
         self.cfg = cfg
         D, m = cfg.dim, len(cfg.feature_layers)
-        self.fc = nn.Linear(m * D, D, bias=False)  # W_c of eq. 2
+        self.fc = nn.Linear(m * (cfg.feature_width or D), D, bias=False)  # W_c of eq. 2: [D, m W]
         self.ctx_norm = RMSNorm(D, cfg.norm_eps)
-        self.layers = nn.ModuleList(DraftLayer(cfg) for _ in range(cfg.n_layers))
+        if cfg.decoder not in DECODERS:
+            raise ValueError(f"decoder {cfg.decoder!r}: expected one of {', '.join(DECODERS)}")
+        layer = Gemma4DraftLayer if cfg.decoder == "gemma4" else DraftLayer
+        self.layers = nn.ModuleList(layer(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(D, cfg.norm_eps)
         self.mask_embedding = nn.Parameter(torch.zeros(D))
         r = cfg.markov_rank
@@ -290,6 +309,9 @@ class DSparkHead(nn.Module):
                 emb = target.tok_embeddings.weight.float()
                 self.mask_embedding.copy_(emb.mean(0))
                 if cfg.init_from_layers:
+                    if cfg.decoder != "llama":
+                        raise ValueError(f"init_from_layers: copying target blocks into {cfg.decoder} draft layers "
+                                         f"is not supported")
                     D = cfg.dim
                     self.fc.weight.zero_()
                     self.fc.weight[:, -D:] = torch.eye(D)
@@ -307,18 +329,24 @@ class DSparkHead(nn.Module):
 
     # -- pieces of the forward pass ----------------------------------------------------------
     def context(self, features: torch.Tensor) -> torch.Tensor:
-        """H_ctx = RMSNorm(W_c features).  features: [*P, m D] -> [*P, D]."""
+        """H_ctx = RMSNorm(W_c features).  features: [*P, m W] -> [*P, D]."""
         return self.ctx_norm(self.fc(features.to(self.fc.weight.dtype)))
 
     def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin of the draft layers at ``positions`` [*P] -> each [*P, 1, hd] (``llama.rope_tables``).
 
-        The inverse frequencies are theta^(-2i/hd), formed on the positions' device: a head's
-        config carries the base theta only (no frequency scaling).
+        The inverse frequencies are theta^(-2i/hd), formed on the positions' device; with
+        ``rope_pairs`` or ``rope_factor`` they are those of the Gemma target's layer kind
+        (``AttentionKind.inv_freq``: pairs past ``rope_pairs`` do not rotate).
         """
-        hd = self.cfg.head_dim
+        cfg, hd = self.cfg, self.cfg.head_dim
+        if cfg.rope_pairs or cfg.rope_factor != 1.0:
+            kind = AttentionKind(head_dim=hd, rope_theta=cfg.rope_theta, rope_pairs=cfg.rope_pairs or None,
+                                 rope_factor=cfg.rope_factor)
+            return rope_tables(positions, torch.tensor(kind.inv_freq(), dtype=torch.float64, device=positions.device),
+                               dtype)
         exponents = torch.arange(0, hd, 2, dtype=torch.float64, device=positions.device) / hd  # [hd/2]
-        return rope_tables(positions, 1.0 / (self.cfg.rope_theta ** exponents), dtype)
+        return rope_tables(positions, 1.0 / (cfg.rope_theta ** exponents), dtype)
 
     def context_kv(self, ctx: torch.Tensor, positions: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per draft layer (k, v) of the context.  ctx: [*P, D] from :meth:`context`; positions: [*P] -> each [*P, nkv, hd]."""
@@ -326,11 +354,14 @@ class DSparkHead(nn.Module):
         return [layer.context_kv(ctx, cos, sin) for layer in self.layers]
 
     def block_inputs(self, anchor_ids: torch.Tensor, block_len: int) -> torch.Tensor:
-        """[E(anchor), m, ..., m].  anchor_ids: [*A] -> [*A, G, D]."""
+        """[E(anchor), m, ..., m], times sqrt(D) for a gemma4 head.  anchor_ids: [*A] -> [*A, G, D]."""
         dtype = self.mask_embedding.dtype
         first = F.embedding(anchor_ids, self.embedding).to(dtype).unsqueeze(-2)  # [*A, 1, D]
         masks = self.mask_embedding.expand(*anchor_ids.shape, block_len - 1, self.cfg.dim)
-        return torch.cat([first, masks], dim=-2)
+        x = torch.cat([first, masks], dim=-2)
+        if self.cfg.decoder == "gemma4":  # as the target: the scale rounded to the dtype first
+            x = x * torch.tensor(embed_scale(self.cfg.dim), dtype=dtype, device=x.device)
+        return x
 
     def backbone(self, x, positions, ctx_kv, mask) -> torch.Tensor:
         """The parallel stage.  x: [B, Q, D]; positions: [B, Q]; ctx_kv: per layer (k, v) [B, nkv, S, hd];
@@ -342,18 +373,22 @@ class DSparkHead(nn.Module):
         return self.norm(x)
 
     def base_logits(self, h: torch.Tensor) -> torch.Tensor:
-        """U = LM head(h), float32.  h: [*R, D] -> [*R, N] (N = V without a draft vocabulary).
+        """U = LM head(h), float32, soft-capped when ``logit_softcap``.  h: [*R, D] -> [*R, N]
+        (N = V without a draft vocabulary).
 
         Full vocabulary: calls the target's own output layer, so a serving-side fast path (packed
         bf16 weights) serves the drafter too.  Draft vocabulary: the gathered rows only.
         """
         if self._out_packed is not None:
-            return self._out_packed(h).float()
-        if self.draft_ids is not None:
-            return F.linear(h.to(self._out_rows.dtype), self._out_rows).float()
-        if self.cfg.trained_vocab:
+            logits = self._out_packed(h).float()
+        elif self.draft_ids is not None:
+            logits = F.linear(h.to(self._out_rows.dtype), self._out_rows).float()
+        elif self.cfg.trained_vocab:
             raise ValueError(f"this head was trained over {self.cfg.trained_vocab} ids: set its id map and call use_draft_vocab")
-        return self._target[0].output(h.to(self.lm_head_weight.dtype)).float()
+        else:
+            logits = self._target[0].output(h.to(self.lm_head_weight.dtype)).float()
+        cap = self.cfg.logit_softcap
+        return torch.tanh(logits / cap) * cap if cap else logits
 
     def markov_embedding(self, prev_ids: torch.Tensor) -> torch.Tensor:
         """W1[x_{k-1}]: [*R] -> [*R, r] (r = 0 without a Markov head)."""
@@ -499,6 +534,9 @@ def load_head(path: str | Path, target: nn.Module, target_name: str | None = Non
     problems = []
     if cfg.dim != args.dim:
         problems.append(f"dim {cfg.dim} != target dim {args.dim}")
+    elif (cfg.feature_width or cfg.dim) != args.feature_width:
+        problems.append(f"feature_width {cfg.feature_width or cfg.dim} != the target's feature width {args.feature_width} "
+                        f"({args.hc_mult} streams of {args.dim})")
     if cfg.vocab_size != args.vocab_size:
         problems.append(f"vocab {cfg.vocab_size} != target vocab {args.vocab_size}")
     bad = [i for i in cfg.feature_layers if not 0 <= i < args.n_layers]
@@ -535,7 +573,7 @@ def default_head_path(target_name: str) -> Path:
 
 
 __all__ = [
-    "DSparkHeadConfig", "DSparkHead", "DraftLayer", "MARKOV_KINDS", "block_attention_mask",
+    "DSparkHeadConfig", "DSparkHead", "DraftLayer", "DECODERS", "MARKOV_KINDS", "block_attention_mask",
     "save_head", "load_head", "read_head_config", "default_head_path", "HEADS_DIR",
     "vocab_map_path", "vocab_map_sha256", "write_vocab_map", "read_vocab_map", "check_vocab_map",
 ]

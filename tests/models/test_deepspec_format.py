@@ -143,7 +143,8 @@ def test_proposal_matches_deepspec_math(tmp_path, kind, with_markov, qk_norm):
     ({"config_overrides": {"hidden_size": D * 2}}, "hidden_size"),
     ({"config_overrides": {"num_target_layers": 36}}, "num_target_layers"),
     ({"markov_head_type": "lstm"}, "markov_head_type"),
-    ({"config_overrides": {"architectures": ["Gemma4DSparkModel"]}}, "architectures"),
+    ({"config_overrides": {"architectures": ["MistralDSparkModel"]}}, "architectures"),
+    ({"config_overrides": {"architectures": ["Gemma4DSparkModel"]}}, "model_type"),  # a Qwen3 config under that name
     ({"config_overrides": {"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}}, "rope_scaling"),
     ({"config_overrides": {"enable_confidence_head": False}}, "enable_confidence_head"),
     ({"config_overrides": {"mask_token_id": V}}, "mask_token_id"),
