@@ -100,7 +100,11 @@ def serve(host, port, grpc_port, internal_host, redis_url, **kw):
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     click.echo(f"starting DSpark ({cfg.draft} drafter, TP={cfg.tp}, {cfg.draft_workers} draft workers)...", err=True)
-    cluster.start()
+    try:
+        cluster.start()
+    except (RuntimeError, TimeoutError) as e:  # e.g. a drafter checkpoint the target cannot use
+        cluster.stop()
+        raise click.ClickException(str(e)) from None
     click.echo(f"serving OpenAI API at {cluster.base_url}/v1" + (f", gRPC at {host}:{grpc_port}" if grpc_port else ""), err=True)
     try:
         stop.wait()

@@ -22,6 +22,18 @@ log = logging.getLogger(__name__)
 APP_NAME = "dspark"
 
 
+def _causes(app_status) -> str:
+    """Why the failed deployments of ``app_status`` failed: the last line of each one's message
+    (the exception its constructor raised, e.g. a drafter checkpoint refused naming the field);
+    Serve's application message alone only lists which deployments failed."""
+    causes = []
+    for name, dep in sorted(app_status.deployments.items()):
+        lines = [ln.strip() for ln in (dep.message or "").splitlines() if ln.strip()]
+        if str(dep.status).rsplit(".", 1)[-1] in ("DEPLOY_FAILED", "UNHEALTHY") and lines:
+            causes.append(f"{name}: {lines[-1]}")
+    return "".join(f"; {c}" for c in causes)
+
+
 @dataclass
 class LocalCluster:
     cfg: ClusterConfig
@@ -80,7 +92,11 @@ class LocalCluster:
                     ray.init(**kw)
             self._ray_started = True
         serve.start(http_options={"host": self.host, "port": self.http_port})
-        serve.run(build_app(dataclasses.asdict(cfg)), name=APP_NAME, route_prefix="/", blocking=False)
+        try:
+            serve.run(build_app(dataclasses.asdict(cfg)), name=APP_NAME, route_prefix="/", blocking=False)
+        except RuntimeError as e:  # Serve's message names the failed deployments, not why they failed
+            status = serve.status().applications.get(APP_NAME)
+            raise RuntimeError(f"{str(e).rstrip('.')}{_causes(status) if status is not None else ''}") from None
         self._wait_healthy(timeout_s)
         return self
 
@@ -99,7 +115,7 @@ class LocalCluster:
                 except Exception as exc:  # proxy not up yet
                     last = exc
             elif status is not None and status.status in ("DEPLOY_FAILED", "UNHEALTHY"):
-                raise RuntimeError(f"deployment failed: {status.message}")
+                raise RuntimeError(f"deployment failed: {status.message}{_causes(status)}")
             time.sleep(0.5)
         raise TimeoutError(f"cluster not healthy after {timeout_s:.0f}s (last error: {last})")
 
