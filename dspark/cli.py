@@ -142,7 +142,7 @@ def generate(prompt, max_tokens, temperature, top_p, top_k, seed, raw, model, dt
     from dspark.workers.runner import RunnerConfig, deterministic_default
 
     if deterministic is None:
-        deterministic = deterministic_default(dtype, device)
+        deterministic = deterministic_default(dtype, device, model)
     try:
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
     except ValueError as e:

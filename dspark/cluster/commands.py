@@ -60,7 +60,7 @@ def make_config(model, dtype, device, tp, draft_workers, draft, block_len, verif
     if extra.get("deterministic", False) is None:
         from dspark.workers.runner import deterministic_default
 
-        extra["deterministic"] = deterministic_default(dtype, device)
+        extra["deterministic"] = deterministic_default(dtype, device, model)
     draft = draft or _default_draft()
     try:
         options = dict(registry.assignments(draft_options))

@@ -77,14 +77,22 @@ class RunnerConfig:
                              "or keep --kv-layout slot for the deterministic mode")
 
 
-def deterministic_default(dtype: str, device: str) -> bool:
+def deterministic_default(dtype: str, device: str, model: str | None = None) -> bool:
     """Whether the commands turn the deterministic mode on when neither flag is given.
 
     On for bf16 on CPU, where it was measured to cost under 10% per decode or verification step
     (prefill about 16%) and its start-up check passes.  Off elsewhere: fp32 refuses it (MKL's
     float32 products round by row count) and needs it least; fp16 passes the check but its cost
-    is unmeasured, and so is everything on GPUs.
+    is unmeasured, and so is everything on GPUs.  Off for a DeepSeek-V4 folder (``model``): its
+    layers have no row-invariant kernels, and the model refuses the mode when asked.
     """
+    if model is not None:
+        from pathlib import Path
+
+        from dspark.models.deepseek_v4_loader import is_deepseek_v4
+
+        if is_deepseek_v4(Path(model)):
+            return False
     return dtype == "bf16" and device == "cpu"
 
 
