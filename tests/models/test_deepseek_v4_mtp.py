@@ -11,6 +11,7 @@ so drafts past the anchor close windows that rollback must undo).
 
 from __future__ import annotations
 
+import collections
 import shutil
 
 import pytest
@@ -24,14 +25,17 @@ from dspark.models.deepseek_v4_config import CSA, SLIDING  # noqa: E402
 from dspark.models.deepseek_v4_mtp import load_mtp  # noqa: E402
 from dspark.models.kv_cache import make_batch  # noqa: E402
 from dspark.models.loader import load_model  # noqa: E402
+from dspark.workers.budget_policy import AdaptiveBudget, CostModel  # noqa: E402
 from dspark.workers.drafters import registry  # noqa: E402
 from dspark.workers.drafters.mtp import MTPDrafter  # noqa: E402
-from dspark.workers.engine import Engine, EngineConfig  # noqa: E402
+from dspark.workers.engine import Engine, EngineConfig, fixed_budget  # noqa: E402
 from dspark.workers.request import SamplingParams  # noqa: E402
 from dspark.workers.runner import LocalRunner, RunnerConfig  # noqa: E402
+from dspark.workers.scheduling import VerifyPolicy  # noqa: E402
 from helpers.tiny_deepseek_v4 import (  # noqa: E402
     mtp_checkpoint_tensors, randomise, release_kv_norm_spelling, tiny_hf_config, tiny_mtp_layer, write_mtp,
 )
+from helpers.spec_stats import chisquare_pvalue, second_token_law  # noqa: E402
 from helpers.tiny_hf import write_byte_tokenizer  # noqa: E402
 
 VOCAB = 260
@@ -227,3 +231,37 @@ def test_checkpoint_without_mtp_weights_is_refused(v4, tmp_path):
     with pytest.raises(ValueError, match="needs a DeepSeek-V4 target"):
         registry.build_drafter("mtp", registry.DraftContext(loaded=None, args=None, target_runner=None,
                                                             runner=runner.cfg), {})  # fmt: skip
+
+
+# -- sampled: the token that comes out of the first speculative step follows the target ----------
+POLICIES = ("fixed", "algorithm1", "production")
+# Extra tokens nearly free: the random layer's confidences are low, and the adaptive budgets
+# must still admit some of its drafts for the case not to be vacuous.
+COSTS = CostModel(token_counts=[1, 256], step_seconds=[1.0, 1.01])
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_sampled_second_token_follows_the_target(v4, policy):
+    if v4[0].name.startswith("v4mtp_com"):
+        pytest.skip("one layer kind suffices for the sampled check (the greedy ones cover both)")
+    ours = v4[4]
+    runner = LocalRunner(ours.model, RunnerConfig(n_slots=32, max_seq=64))
+    ctx = registry.DraftContext(loaded=ours, args=ours.args, target_runner=runner, runner=runner.cfg)
+    budget = fixed_budget if policy == "fixed" else AdaptiveBudget(COSTS, VerifyPolicy(budget_mode=policy))
+    eng = Engine(runner, ours.tokenizer, EngineConfig(max_batch=32, block_len=2, prefix_caching=False),
+                 drafter=registry.build_drafter("mtp", ctx, {"depth": 2}), budget=budget)  # fmt: skip
+    prompt, temp, n = ids(8, 14), 0.5, 256  # a prompt whose first token is likely at T = 0.5
+    x1, p = second_token_law(runner, prompt, temp)
+    params = [SamplingParams(max_tokens=3, temperature=temp, seed=1000 * POLICIES.index(policy) + s, ignore_eos=True)
+              for s in range(n)]  # fmt: skip
+    counts: collections.Counter = collections.Counter()
+    for seq in eng.generate([prompt] * n, params):
+        if seq.output_ids[0] == x1:
+            counts[seq.output_ids[1]] += 1
+    assert sum(counts.values()) > 0.3 * n
+    pval = chisquare_pvalue(counts, p)
+    assert pval > 1e-3, f"{policy}: p = {pval:.2e}, observed {counts.most_common(5)}"
+    # A random layer's drafts are mostly rejected (1-3 of ~250 accepted here): the law is then
+    # the residual max(p - q, 0), which is exact only with the q the drafter reports.
+    m = eng.metrics
+    assert m.num_draft_tokens > 0.8 * n and 0 < m.num_accepted_tokens < m.num_draft_tokens
