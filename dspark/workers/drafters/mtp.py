@@ -51,7 +51,8 @@ class MTPDrafter:
         self.state = mtp.make_state(n_slots, max_seq)
         self._slot: dict[str, int] = {}
         self._done: dict[str, int] = {}  # positions run with the target's own streams
-        self._next: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # last position's (streams [N, hidden], logits [V])
+        # The last observed position's output streams [N, hidden] and logits [V]: draft 1's source.
+        self._next: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._gens: dict[str, torch.Generator] = {}
 
     @property
