@@ -180,6 +180,8 @@ _FIELD_KEYS = frozenset(
         "compress_ratios", "compress_rate_csa", "compress_rate_hca", "num_hash_layers",
         "rope_parameters", "rope_scaling", "norm_topk_prob", "hidden_act", "attention_bias",
         "mlp_bias", "quantization_config", "expert_dtype",
+        # the DSpark draft shipped under mtp.* (V4-Flash-DSpark, -0731): its drafter's, not the decoder's
+        "dspark_block_size", "dspark_markov_rank", "dspark_target_layer_ids", "dspark_noise_token_id",
     }
 )  # fmt: skip
 

@@ -265,3 +265,19 @@ def test_sampled_second_token_follows_the_target(v4, policy):
     # the residual max(p - q, 0), which is exact only with the q the drafter reports.
     m = eng.metrics
     assert m.num_draft_tokens > 0.8 * n and 0 < m.num_accepted_tokens < m.num_draft_tokens
+
+
+def test_release_config_with_a_dspark_draft_reads_as_a_target():
+    """V4-Flash-0731's config (trimmed): three draft layers after 43 blocks, DSpark fields."""
+    from dspark.models.deepseek_v4_config import deepseek_v4_config_from_hf
+    from dspark.models.deepseek_v4_mtp import mtp_block_config
+
+    raw = {"model_type": "deepseek_v4", "num_hidden_layers": 43, "num_hash_layers": 3,
+           "compress_ratios": [0, 0] + [4, 128] * 20 + [4, 0, 0, 0], "num_nextn_predict_layers": 3,
+           "dspark_block_size": 5, "dspark_markov_rank": 256, "dspark_target_layer_ids": [40, 41, 42],
+           "dspark_noise_token_id": 128799}  # fmt: skip
+    cfg = deepseek_v4_config_from_hf(raw)
+    assert len(cfg.layer_types) == 43 and cfg.layer_types[-1] == CSA and cfg.num_nextn_predict_layers == 3
+    assert mtp_block_config(cfg, raw).layer_types == (SLIDING,)
+    with pytest.raises(ValueError, match="dspark_tree_size: unknown"):
+        deepseek_v4_config_from_hf({**raw, "dspark_tree_size": 4})
