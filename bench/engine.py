@@ -23,12 +23,13 @@ from bench.common import chat_prompts, load_hf, peak_rss_mb, run_isolated, table
 SAMPLED = {"temperature": 1.0, "top_p": 0.95}  # --sampled: what chat clients commonly send
 
 
-def ours(dtype: str, batch: int, new_tokens: int, compile: bool = False, sampled: bool = False) -> dict:
+def ours(dtype: str, batch: int, new_tokens: int, compile: bool = False, sampled: bool = False,
+         kv_layout: str = "slot") -> dict:
     from dspark.workers.factory import EngineSpec, build_engine
     from dspark.workers.request import SamplingParams
     from dspark.workers.runner import RunnerConfig
 
-    cfg = RunnerConfig(n_slots=max(batch, 1), max_seq=1024, compile=compile)
+    cfg = RunnerConfig(n_slots=max(batch, 1), max_seq=1024, compile=compile, kv_layout=kv_layout)
     built = build_engine(EngineSpec(dtype=dtype, runner=cfg), progress=False)
     eng = built.engine
     prompts = chat_prompts(built.loaded.tokenizer, batch)
@@ -191,7 +192,9 @@ def bandwidth_and_weights(dtype: str) -> dict:
               help="also measure our compiled step (the serving default) beside eager")
 @click.option("--sampled", is_flag=True, help="sample at T = 1, top-p 0.95 (both systems) instead of greedy, and "
               "time the sampling itself (sort + exponential_ noise before vs the candidate cut now)")
-def main(batches, dtypes, new_tokens, threads, skip_hf, json_path, compile, sampled):
+@click.option("--kv-layout", "kv_layout", type=click.Choice(["slot", "paged"]), default="slot", show_default=True,
+              help="our target's KV cache layout")
+def main(batches, dtypes, new_tokens, threads, skip_hf, json_path, compile, sampled, kv_layout):
     """Decode tokens/s: our engine (eager and compiled) vs Hugging Face transformers."""
     rows = []
     sampling_rows = []
@@ -203,12 +206,12 @@ def main(batches, dtypes, new_tokens, threads, skip_hf, json_path, compile, samp
         floor = run_isolated("bench.engine", "bandwidth_and_weights", {"dtype": dtype}, threads)
         for b in (int(x) for x in batches.split(",")):
             kw = {"dtype": dtype, "batch": b, "new_tokens": new_tokens, "sampled": sampled}
-            e = run_isolated("bench.engine", "ours", kw, threads)
-            c = run_isolated("bench.engine", "ours", dict(kw, compile=True), threads) if compile else None
+            e = run_isolated("bench.engine", "ours", dict(kw, kv_layout=kv_layout), threads)
+            c = run_isolated("bench.engine", "ours", dict(kw, compile=True, kv_layout=kv_layout), threads) if compile else None
             h = None if skip_hf else run_isolated("bench.engine", "hf", kw, threads)
             best = c or e
             row = {
-                "dtype": dtype, "batch": b,
+                "dtype": dtype, "batch": b, "kv_layout": kv_layout,
                 "eager_tok_s": e["tokens_per_s"], "compiled_tok_s": c["tokens_per_s"] if c else None,
                 "hf_tok_s": h["tokens_per_s"] if h else None,
                 "speedup": best["tokens_per_s"] / h["tokens_per_s"] if h else None,
@@ -222,7 +225,7 @@ def main(batches, dtypes, new_tokens, threads, skip_hf, json_path, compile, samp
             rows.append(row)
             click.echo(table([row], list(row)), err=True)
         rows_floor = floor
-    cols = ["dtype", "batch", "eager_tok_s", "compiled_tok_s", "hf_tok_s", "speedup", "step_ms", "floor_ms",
+    cols = ["dtype", "batch", "kv_layout", "eager_tok_s", "compiled_tok_s", "hf_tok_s", "speedup", "step_ms", "floor_ms",
             "step_over_floor", "verify8_over_decode1", "compile_s", "ours_peak_mb", "eager_peak_mb", "hf_peak_mb"]
     click.echo(table(rows, cols))
     wait = {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}

@@ -109,6 +109,9 @@ def engine_options(f):
         click.option("--compile/--no-compile", "compile", default=False, show_default=True,
                      help="the step through torch.compile: faster steps after a start-up compile (cached on disk); "
                           "pays off for long outputs"),
+        click.option("--kv-layout", "kv_layout", type=click.Choice(["slot", "paged"]), default="slot", show_default=True,
+                     help="the target's KV cache: one region per request, or blocks from a pool (memory follows "
+                          "the tokens held; no deterministic mode)"),
     ]
     for o in reversed(opts):
         f = o(f)
@@ -132,7 +135,7 @@ def parse_kv(items: tuple[str, ...]) -> tuple[tuple[str, object], ...]:
 @click.option("--raw", is_flag=True, help="do not apply the chat template")
 @engine_options
 def generate(prompt, max_tokens, temperature, top_p, top_k, seed, raw, model, dtype, device, tp, draft, block_len, draft_options,
-             deterministic, compile):
+             deterministic, compile, kv_layout):
     """Generate a completion for PROMPT; the text goes to stdout, statistics to stderr."""
     _wait_policy("spin")  # the in-process engine owns the cores; before torch loads
     import time
@@ -142,16 +145,19 @@ def generate(prompt, max_tokens, temperature, top_p, top_k, seed, raw, model, dt
     from dspark.workers.runner import RunnerConfig, deterministic_default
 
     if deterministic is None:
-        deterministic = deterministic_default(dtype, device, model)
+        deterministic = deterministic_default(dtype, device, model) and kv_layout == "slot"
     try:
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
     except ValueError as e:
         raise click.BadParameter(str(e)) from e
+    try:
+        runner = RunnerConfig(n_slots=2, max_seq=max(1024, max_tokens + 1024), deterministic=deterministic,
+                              compile=compile, kv_layout=kv_layout)
+    except ValueError as e:  # e.g. --deterministic with --kv-layout paged
+        raise click.ClickException(str(e)) from None
     spec = EngineSpec(
         model=model, dtype=dtype, device=device, tp=tp, draft=draft, block_len=block_len,
-        runner=RunnerConfig(n_slots=2, max_seq=max(1024, max_tokens + 1024), deterministic=deterministic,
-                            compile=compile),
-        draft_options=parse_kv(draft_options),
+        runner=runner, draft_options=parse_kv(draft_options),
     )
     try:
         built = build_engine(spec)

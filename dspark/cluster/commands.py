@@ -47,6 +47,9 @@ def cluster_options(f):
                           "(default: on for bf16 on CPU)"),
         click.option("--compile/--no-compile", "compile", default=True, show_default=True,
                      help="the verifier's step through torch.compile (compiled once, cached on disk for later starts)"),
+        click.option("--kv-layout", "kv_layout", type=click.Choice(["slot", "paged"]), default="slot", show_default=True,
+                     help="the verifier's KV cache: one region per request, or blocks from a pool (memory follows the "
+                          "tokens held; no deterministic mode)"),
     ]
     for o in reversed(opts):
         f = o(f)
@@ -60,7 +63,7 @@ def make_config(model, dtype, device, tp, draft_workers, draft, block_len, verif
     if extra.get("deterministic", False) is None:
         from dspark.workers.runner import deterministic_default
 
-        extra["deterministic"] = deterministic_default(dtype, device, model)
+        extra["deterministic"] = deterministic_default(dtype, device, model) and extra.get("kv_layout") != "paged"
     draft = draft or _default_draft()
     try:
         options = dict(registry.assignments(draft_options))

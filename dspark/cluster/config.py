@@ -46,6 +46,7 @@ class ClusterConfig:
     max_prefill_tokens: int = 512  # chunked-prefill budget per step
     deterministic: bool = False  # row-invariant verifier kernels (RunnerConfig.deterministic)
     compile: bool = False  # the verifier's step through torch.compile (RunnerConfig.compile); `dspark serve` turns it on
+    kv_layout: str = "slot"  # the verifier's KV cache: slot | paged (RunnerConfig.kv_layout)
     torch_threads: int = 0  # threads per compute process; 0 = cores / compute processes
     grpc_port: int = 0  # router's GenerationService port; 0 = disabled
     http_body_timeout_s: float = 30.0  # an HTTP request body not received in full by then is answered 408
@@ -82,6 +83,10 @@ class ClusterConfig:
             raise ValueError("tp >= 1, block_len >= 0 and draft_workers >= 0 are required")
         if cfg.draft_stream_quota < 0 or cfg.draft_idle_release_s <= 0:
             raise ValueError("draft_stream_quota >= 0 and draft_idle_release_s > 0 are required")
+        if cfg.kv_layout not in ("slot", "paged"):
+            raise ValueError(f"kv_layout must be slot or paged, not {cfg.kv_layout!r}")
+        if cfg.kv_layout == "paged" and cfg.deterministic:
+            raise ValueError("the paged KV layout has no row-invariant attention: run it with deterministic off")
         if cfg.draft != "none":  # an unknown kind or option is refused here, naming it
             registry.parse_options(cfg.draft, cfg.draft_options)
         return cfg

@@ -22,6 +22,7 @@ dspark:num_requests_in_flight                         gauge     requests this ro
 dspark:redis_connected                                gauge     1 when the router's last Redis call worked
 dspark:prefix_cache_hit_rate                          gauge     verifier's reused / reusable prompt tokens
 dspark:kv_cache_usage                                 gauge     verifier's cache positions held by running requests
+dspark:kv_cache_block_usage                           gauge     paged cache: blocks in use / blocks in the pool
 dspark:structured_output_requests                     counter   requests with a response_format grammar
 dspark:grammar_mask_seconds / dspark:grammar_masks    gauge     verifier's total time computing grammar masks / masks
 ====================================================  ========  ===============================
@@ -94,6 +95,8 @@ class RouterMetrics:
         self.prefix_hit_rate = gauge("prefix_cache_hit_rate",
                                      "Prompt tokens reused from cached prefixes over those that could be (verifier).")
         self.kv_usage = gauge("kv_cache_usage", "Fraction of the verifier's KV cache positions held by running requests.")
+        self.kv_block_usage = gauge("kv_cache_block_usage",
+                                    "Paged KV cache: blocks held by requests over the blocks in the pool (verifier).")
         self.structured = counter("structured_output_requests", "Requests constrained by a grammar (response_format).")
         self.mask_seconds = gauge("grammar_mask_seconds",
                                   "Seconds the verifier spent computing grammar masks since it started.")
@@ -169,7 +172,7 @@ class RouterMetrics:
         for key, gauge in (("verification_budget", self.budget), ("policy_version", self.policy_version),
                            ("queued_requests", self.queue_depth), ("active_requests", self.running),
                            ("prefix_cache_hit_rate", self.prefix_hit_rate), ("kv_cache_usage", self.kv_usage),
-                           ("grammar_mask_seconds", self.mask_seconds), ("grammar_masks", self.masks)):
+                           ("kv_cache_block_usage", self.kv_block_usage), ("grammar_mask_seconds", self.mask_seconds), ("grammar_masks", self.masks)):
             if key in stats:
                 self.labels(gauge).set(float(stats[key]))
 

@@ -34,7 +34,8 @@ class ScriptedBackend:
 
     def __init__(self) -> None:
         self.stats = {"active_requests": 2, "queued_requests": 5, "verification_budget": 3.5, "policy_version": 7,
-                      "prefix_cache_hit_rate": 0.25, "kv_cache_usage": 0.5}
+                      "prefix_cache_hit_rate": 0.25, "kv_cache_usage": 0.5,
+                      "kv_cache_block_usage": 0.75}
 
     async def generate(self, prompt_ids, params, request_id=None):
         spec = SpecMetrics()
@@ -112,6 +113,7 @@ def test_counters_histograms_and_gauges(client):
     assert after["dspark:queue_depth"] == 5 and after["dspark:num_requests_running"] == 2
     assert after["dspark:verification_budget"] == 3.5 and after["dspark:policy_version"] == 7
     assert after["dspark:prefix_cache_hit_rate"] == 0.25 and after["dspark:kv_cache_usage"] == 0.5
+    assert after["dspark:kv_cache_block_usage"] == 0.75
 
 
 def test_unavailable_backend_is_503_and_counted(client):
