@@ -146,11 +146,6 @@ class DeepseekV4MTP(nn.Module):
         return out, logits
 
 
-def has_mtp_weights(names) -> bool:
-    """Whether a checkpoint's tensor names include MTP layer 0."""
-    return any(n.startswith(PREFIX) for n in names)
-
-
 def read_mtp_tensors(path: Path) -> dict[str, torch.Tensor]:
     """The ``mtp.0.*`` tensors of a folder's safetensors files, prefix removed (nothing else is read)."""
     from safetensors import safe_open
@@ -235,5 +230,5 @@ def load_mtp(path, target: DeepseekV4Transformer) -> DeepseekV4MTP:
     return build_mtp(target, raw, tensors, source=path.name)
 
 
-__all__ = ["DeepseekV4MTP", "MTPLayer", "build_mtp", "has_mtp_weights", "load_mtp", "mtp_block_config",
-           "read_mtp_tensors"]  # fmt: skip
+__all__ = ["DeepseekV4MTP", "MTPLayer", "build_mtp", "load_mtp", "mtp_block_config", "read_mtp_tensors",
+           "read_shared_tensors"]  # fmt: skip
