@@ -284,3 +284,22 @@ def test_release_config_with_a_dspark_draft_reads_as_a_target():
     assert mtp_block_config(cfg, raw).layer_types == (SLIDING,)
     with pytest.raises(ValueError, match="dspark_tree_size: unknown"):
         deepseek_v4_config_from_hf({**raw, "dspark_tree_size": 4})
+
+
+def test_a_sharded_target_gets_the_whole_embedding_and_head_from_the_folder(v4):
+    """A tensor-parallel target holds vocabulary shards: the layer reads the whole tensors."""
+    from dspark.models.llama import TPHooks
+
+    path, _, _, _, ours, mtp = v4
+    model = ours.model
+    saved = model.tp
+    model.tp = TPHooks(rank=0, world_size=2)
+    try:
+        sharded = load_mtp(path, model)
+    finally:
+        model.tp = saved
+    assert sharded.head.data_ptr() != model.head.weight.data_ptr()
+    assert sharded.embed.data_ptr() != model.embed.weight.data_ptr()
+    torch.testing.assert_close(sharded.head, model.head.weight, rtol=0, atol=0)
+    torch.testing.assert_close(sharded.embed, model.embed.weight, rtol=0, atol=0)
+    assert mtp.head.data_ptr() == model.head.weight.data_ptr()  # one device: shared, not copied
