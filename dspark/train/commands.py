@@ -96,7 +96,13 @@ def train_draft(config_path, out_dir, resume, max_steps, stages, threads, device
         from dspark.train.data import planned_rows
         from dspark.train.features import build_feature_cache, load_feature_store
 
+        from dspark.train.trainer import check_head_fits
+
         target = load_model(cfg.model, dtype=cfg.data.dtype, device=device, progress=False)
+        try:
+            check_head_fits(cfg.head, target.model)  # before any feature is computed
+        except ValueError as err:
+            raise click.UsageError(str(err)) from None
         rows = planned_rows(cfg.data, responses, run / "data" / "self_prompts.jsonl")
         if not rows:
             raise click.UsageError(f"no responses in {responses}: run the data stage first")

@@ -8,10 +8,15 @@ token from disk).  Two scalars per token make that cheap for a head trained over
 vocabulary S: ``lse``, the log-sum-exp of the target's logits over the whole vocabulary, and
 ``top1``, their argmax.  With them the trainer needs the target's logits over S only: p_t
 restricted to S and renormalised is the softmax of those, and p_t(S) = exp(lse_S - lse).
-Cost: (m + 1) * D * 2 + 8 bytes per token, ~6.9 KB for SmolLM2-135M with m = 5.
+Cost: (m W + D) * 2 + 8 bytes per token, W the width of one feature layer (``ModelArgs.
+feature_width``): ~6.9 KB for SmolLM2-135M with m = 5 (W = D).
+
+DeepSeek-V4 targets take the same path: their forward returns, per feature layer, the block's
+output hyper-connection streams flattened (W = hc_mult * D), and as ``hidden`` the state the
+hyper head collapses them to, which the final norm and LM head read (``lm_head``).
 
 Layout: ``<dir>/<split>/shard_NNNN.safetensors`` holding ``tokens`` [N] int32, ``features``
-[N, m D] bf16, ``final`` [N, D] bf16, ``lse`` [N] float32, ``top1`` [N] int32, ``offsets``
+[N, m W] bf16, ``final`` [N, D] bf16, ``lse`` [N] float32, ``top1`` [N] int32, ``offsets``
 [n + 1] int64, ``prompt_lens`` [n] int64, and ``index.json`` listing finished shards (resume
 skips them).  Shards written before ``lse`` existed load without it (the trainer then uses the
 full vocabulary).
@@ -34,7 +39,8 @@ class FeatureStore:
     """All sequences of one split, concatenated (the large fields memory-mapped, see
     ``load_feature_store``).
 
-    tokens [N] int64; features [N, m D] bf16; final [N, D] bf16; starts/lengths/prompt_lens [n];
+    tokens [N] int64; features [N, m W] bf16 (W: one feature layer's width); final [N, D] bf16;
+    starts/lengths/prompt_lens [n];
     greedy [n] bool (response generated at temperature 0).
     """
 
@@ -59,7 +65,7 @@ class FeatureStore:
 
 @torch.inference_mode()
 def target_features(model, sequences: list[list[int]], feature_layers: tuple[int, ...]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """One target pass over several sequences: per sequence (features [L, m D], final hidden [L, D])."""
+    """One target pass over several sequences: per sequence (features [L, m W], final hidden [L, D])."""
     lens = [len(s) for s in sequences]
     cache = model.make_cache(len(sequences), max(lens))
     slots = [cache.allocate() for _ in sequences]

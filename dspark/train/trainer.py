@@ -7,6 +7,10 @@ context keys/values; the attention mask keeps each block to the context before i
 Checkpoint (``<run>/checkpoints/last/``): ``head.safetensors`` (fp32 weights), ``optim.safetensors``
 (AdamW moments + the anchor sampler's RNG state) and ``state.json`` (step, config, metrics).
 Resuming restores all three, so a resumed run takes exactly the steps an uninterrupted one would.
+
+Any target whose forward returns feature layers and the collapsed final hidden state trains the
+same way (``check_head_fits``): the Llama family (features D wide) and DeepSeek-V4 (a block's
+hc_mult hyper-connection streams, hc_mult * D wide; docs/DEEPSEEK_V4.md).
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from dspark.models.dspark_head import DSparkHead, block_attention_mask, save_head
+from dspark.models.dspark_head import DSparkHead, DSparkHeadConfig, block_attention_mask, save_head
+from dspark.models.llama import Transformer
 from dspark.train.config import TrainConfig
 from dspark.train.features import FeatureStore
 from dspark.train.loss import LossParts, dspark_loss
@@ -55,6 +60,30 @@ class Batch:
 def autocast(device: torch.device | str, enabled: bool):
     """bf16 autocast on the device the head trains on (CPU: AMX / AVX512-BF16 matmuls)."""
     return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def check_head_fits(head: DSparkHeadConfig, target) -> None:
+    """Refuse a head config that does not fit ``target``: one-line ValueError naming the field.
+
+    ``init_from_layers`` copies Llama-family blocks (fused q/k/v, SwiGLU) into the draft layers,
+    so it needs such a target; a DeepSeek-V4 head starts from the random init.
+    """
+    args = target.args
+    width = head.feature_width or head.dim
+    if head.dim != args.dim:
+        raise ValueError(f"head.dim {head.dim} != the target's hidden size {args.dim}")
+    if head.vocab_size != args.vocab_size:
+        raise ValueError(f"head.vocab_size {head.vocab_size} != the target's vocabulary {args.vocab_size}")
+    bad = [i for i in head.feature_layers if not 0 <= i < args.n_layers]
+    if bad:
+        raise ValueError(f"head.feature_layers {bad} outside the target's {args.n_layers} blocks")
+    if width != args.feature_width:
+        raise ValueError(f"head.feature_width {head.feature_width} ({width} wide) != the target's feature width "
+                         f"{args.feature_width} ({args.hc_mult} streams of {args.dim}): set feature_width "
+                         f"{args.feature_width}")
+    if head.init_from_layers and not isinstance(target, Transformer):
+        raise ValueError(f"head.init_from_layers copies Llama-family blocks into the draft layers; the target "
+                         f"({type(target).__name__}) has none: leave it empty (random init)")
 
 
 def head_device(head: DSparkHead) -> torch.device:
@@ -294,6 +323,7 @@ def train(cfg: TrainConfig, run_dir: Path, target, train_store: FeatureStore, va
     run_dir.mkdir(parents=True, exist_ok=True)
     if cfg.head.trained_vocab and vocab_ids is None:
         raise ValueError(f"head.trained_vocab={cfg.head.trained_vocab} needs an id map (run the vocab stage)")
+    check_head_fits(cfg.head, target)
     head = DSparkHead(cfg.head)
     head.reset_parameters(target, seed=cfg.run.seed)
     head = head.to(target.device)
@@ -357,5 +387,5 @@ def export_head(head: DSparkHead, path: Path, cfg: TrainConfig, extra: dict | No
     return save_head(head, path, dtype=torch.bfloat16, extra={"training": {"config": cfg.to_json(), **(extra or {})}})
 
 
-__all__ = ["Batch", "sample_batch", "forward_batch", "evaluate", "train", "lr_at", "make_optimizer",
-           "save_checkpoint", "load_checkpoint", "export_head"]
+__all__ = ["Batch", "check_head_fits", "sample_batch", "forward_batch", "evaluate", "train", "lr_at",
+           "make_optimizer", "save_checkpoint", "load_checkpoint", "export_head"]
