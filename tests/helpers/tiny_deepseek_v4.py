@@ -4,6 +4,10 @@ Three layers (sliding, CSA with m = 4, HCA with m' = 8), window 8, three streams
 hash-routed MoE layer: windows close within a few dozen tokens.  Eight indexer heads: with
 two, many indexer scores are exactly 0 (every head's ReLU off), and transformers' top-k breaks
 such ties differently from ours (lower entry first), which would hide real differences.
+
+The MTP helpers write a next-n layer under its published ``mtp.0.*`` names: its block, hyper
+head and norm from a one-block transformers model (which also serves as the reference), its
+input norms and projections random (``tiny_mtp_layer``, ``mtp_checkpoint_tensors``, ``write_mtp``).
 """
 
 from __future__ import annotations
