@@ -35,7 +35,8 @@ the target's and otherwise serve the target's own.
 Gemma4DSparkModel: config.json is the target's Gemma 4 text config (``gemma4_text``) with the
 drafter's fields; it is read as the target's is (``gemma_config.gemma4_args``: MoE blocks,
 per-layer inputs, shared KV layers, biases, other activations and RoPE types refused by name) and
-every draft layer is a full-attention one (DeepSpec's): global_head_dim -> head_dim,
+every draft layer is a full-attention one (DeepSpec's): global_head_dim (or the widths of a
+``per_layer_config`` table, whatever its layer indices) -> head_dim,
 num_global_key_value_heads (with attention_k_eq_v; else num_key_value_heads) -> n_kv_heads,
 attention_k_eq_v -> k_eq_v, rope_parameters.full_attention -> rope_theta / rope_pairs /
 rope_factor, final_logit_softcapping -> logit_softcap, decoder "gemma4" (embeddings scaled by
@@ -141,8 +142,19 @@ def _gemma4_layer_fields(raw: dict, name: str) -> dict:
         _need(raw, name, key)
     if raw.get("model_type", "gemma4_text") != "gemma4_text":
         raise _fail(name, f"model_type {raw['model_type']!r} is not supported for {GEMMA4_ARCHITECTURE} (gemma4_text)")
+    # DeepSpec's layers read global_head_dim / num_global_key_value_heads; newer transformers
+    # save them as a per_layer_config table indexed by the (copied) target's layers instead.
+    text = {k: v for k, v in raw.items() if k != "per_layer_config"}
+    widths = [dict(v) for v in (raw.get("per_layer_config") or {}).values()]
+    if widths and "global_head_dim" not in raw:
+        if any(w != widths[0] for w in widths) or set(widths[0]) - {"head_dim", "num_key_value_heads"}:
+            raise _fail(name, f"per_layer_config {raw['per_layer_config']} is not supported (the same head_dim / "
+                              f"num_key_value_heads for every full-attention layer)")
+        text["global_head_dim"] = widths[0].get("head_dim", raw.get("head_dim"))
+        if "num_key_value_heads" in widths[0]:
+            text["num_global_key_value_heads"] = widths[0]["num_key_value_heads"]
     try:
-        shared, gemma = gemma4_args(raw)
+        shared, gemma = gemma4_args(text)
     except ValueError as e:  # the same refusals as for a Gemma 4 target, naming the field
         raise _fail(name, str(e)) from None
     full = gemma.full
@@ -393,38 +405,32 @@ def load_deepspec_head(path: str | Path, target: nn.Module, target_name: str | N
     return head.to(device=device, dtype=dtype).eval().requires_grad_(False).bind_target(target)
 
 
-def export_deepspec(head: DSparkHead, out: str | Path, mask_token_id: int,
-                    dtype: torch.dtype = torch.bfloat16, num_anchors: int = EXPORT_NUM_ANCHORS) -> Path:
-    """Write ``head`` (bound to its target) as a DeepSpec checkpoint folder ``out``; returns it.
-
-    ``mask_token_id``: the id whose embed_tokens row carries the head's mask vector (DeepSpec's
-    drafter embeds a real token id as the mask; pick a reserved special token the target never
-    emits).  Loading the folder back with :func:`load_deepspec_head` gives the same proposals and
-    confidences.  A head drafting over an id map (``trained_vocab``/``draft_vocab``) is refused:
-    the format has no draft vocabulary.
-    """
-    from safetensors.torch import save_file
-
+def export_target(head: DSparkHead, mask_token_id: int, what: str) -> nn.Module:
+    """The target ``head`` is bound to, after the checks every published format needs: a
+    Llama-form head, feature layers before the target's last (the formats' ids for it would mean
+    the final-normed hidden state), a ``mask_token_id`` inside the vocabulary.  ``what``: the
+    format, for the messages."""
     cfg = head.cfg
     target = head._target[0] if head._target else None
     if target is None:
         raise ValueError("export: bind the head to its target first (embed_tokens and lm_head are written)")
     if cfg.decoder != "llama":
-        raise ValueError(f"export: decoder {cfg.decoder!r}: only Llama-form heads are written (Qwen3DSparkModel / "
-                         f"LlamaDSparkModel)")
-    if cfg.trained_vocab or cfg.draft_vocab:
-        field = "trained_vocab" if cfg.trained_vocab else "draft_vocab"
-        raise ValueError(f"export: {field}={cfg.trained_vocab or cfg.draft_vocab}: DeepSpec's format has "
-                         f"full-vocabulary heads only")
-    V, D, r = cfg.vocab_size, cfg.dim, cfg.markov_rank
+        raise ValueError(f"export: decoder {cfg.decoder!r}: only Llama-form heads are written in {what}'s format")
     last = target.args.n_layers - 1
-    if last in cfg.feature_layers:  # DeepSpec's id for it would mean the final-normed hidden state
+    if last in cfg.feature_layers:
         raise ValueError(f"export: feature_layers {list(cfg.feature_layers)} include the target's last layer {last}, "
-                         f"which DeepSpec's target_layer_ids read after the final norm")
-    if not 0 <= mask_token_id < V:
-        raise ValueError(f"export: mask_token_id {mask_token_id} outside the vocabulary 0..{V - 1}")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+                         f"which {what}'s layer ids read after the final norm")
+    if not 0 <= mask_token_id < cfg.vocab_size:
+        raise ValueError(f"export: mask_token_id {mask_token_id} outside the vocabulary 0..{cfg.vocab_size - 1}")
+    return target
+
+
+def published_tensors(head: DSparkHead, mask_token_id: int) -> dict[str, torch.Tensor]:
+    """The head's weights under the published names (DeepSpec's, which speculators shares), float32 on
+    the CPU: the backbone, the Markov head (``markov_w2`` [N, r] as stored, N = V or trained_vocab),
+    the confidence head, and embed_tokens = the target's with the mask vector in row ``mask_token_id``
+    (the formats embed a real id as the mask).  No lm_head: each format writes its own rows."""
+    cfg = head.cfg
     s = {k: v.detach().float().cpu() for k, v in head.state_dict().items()}
     t: dict[str, torch.Tensor] = {"fc.weight": s["fc.weight"], "hidden_norm.weight": s["ctx_norm.weight"],
                                   "norm.weight": s["norm.weight"]}
@@ -440,7 +446,7 @@ def export_deepspec(head: DSparkHead, out: str | Path, mask_token_id: int,
         t[o + "post_attention_layernorm.weight"] = s[o + "ffn_norm.weight"]
         if cfg.qk_norm:
             t[a + "q_norm.weight"], t[a + "k_norm.weight"] = s[o + "q_norm.weight"], s[o + "k_norm.weight"]
-    if r > 0:
+    if cfg.markov_rank > 0:
         t["markov_head.markov_w1.weight"] = s["markov_w1"]
         t["markov_head.markov_w2.weight"] = s["markov_w2"].t()
     if cfg.markov_kind in ("gated", "rnn"):
@@ -450,6 +456,31 @@ def export_deepspec(head: DSparkHead, out: str | Path, mask_token_id: int,
     emb = head.embedding.detach().float().cpu().clone()
     emb[mask_token_id] = s["mask_embedding"]
     t["embed_tokens.weight"] = emb
+    return t
+
+
+def export_deepspec(head: DSparkHead, out: str | Path, mask_token_id: int,
+                    dtype: torch.dtype = torch.bfloat16, num_anchors: int = EXPORT_NUM_ANCHORS) -> Path:
+    """Write ``head`` (bound to its target) as a DeepSpec checkpoint folder ``out``; returns it.
+
+    ``mask_token_id``: the id whose embed_tokens row carries the head's mask vector (DeepSpec's
+    drafter embeds a real token id as the mask; pick a reserved special token the target never
+    emits).  Loading the folder back with :func:`load_deepspec_head` gives the same proposals and
+    confidences.  A head drafting over an id map (``trained_vocab``/``draft_vocab``) is refused:
+    the format has no draft vocabulary.
+    """
+    from safetensors.torch import save_file
+
+    cfg = head.cfg
+    if cfg.trained_vocab or cfg.draft_vocab:
+        field = "trained_vocab" if cfg.trained_vocab else "draft_vocab"
+        raise ValueError(f"export: {field}={cfg.trained_vocab or cfg.draft_vocab}: DeepSpec's format has "
+                         f"full-vocabulary heads only (--format speculators has a draft vocabulary)")
+    target = export_target(head, mask_token_id, "DeepSpec")
+    V, D, r = cfg.vocab_size, cfg.dim, cfg.markov_rank
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t = published_tensors(head, mask_token_id)
     t["lm_head.weight"] = head.lm_head_weight.detach().float().cpu()
     save_file({k: v.to(dtype).contiguous() for k, v in t.items()}, str(out / "model.safetensors"),
               metadata={"format": "pt"})
@@ -477,5 +508,6 @@ def export_deepspec(head: DSparkHead, out: str | Path, mask_token_id: int,
 
 __all__ = [
     "ARCHITECTURES", "CheckpointWeights", "backbone_state", "check_heads", "check_rows", "confidence_state",
-    "export_deepspec", "is_deepspec_checkpoint", "load_deepspec_head", "markov_state", "read_deepspec_config",
+    "export_deepspec", "export_target", "is_deepspec_checkpoint", "load_deepspec_head", "markov_state",
+    "published_tensors", "read_deepspec_config",
 ]

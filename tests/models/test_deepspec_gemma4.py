@@ -12,6 +12,8 @@ naming the field.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -212,6 +214,24 @@ def test_misfit_gemma4_drafter_is_refused_naming_the_field(gemma4, tmp_path, cha
     with pytest.raises(ValueError, match=field) as err:
         load_deepspec_head(tmp_path / "ck", lm.model)
     assert "\n" not in str(err.value)
+
+
+def test_per_layer_config_table_gives_the_full_layers_widths(gemma4, tmp_path):
+    """A config saved by a transformers that writes per_layer_config (indexed by the target's
+    layers, here 1 and 3 of a 2-layer drafter) instead of global_head_dim: same head."""
+    path, lm = gemma4
+    write_gemma4_drafter(tmp_path / "a", path)
+    want = load_deepspec_head(tmp_path / "a", lm.model).cfg
+    table = {"1": {"head_dim": 32, "num_key_value_heads": 1}, "3": {"head_dim": 32, "num_key_value_heads": 1}}
+    write_gemma4_drafter(tmp_path / "b", path, config_overrides={"per_layer_config": table})
+    cfg = json.loads((tmp_path / "b" / "config.json").read_text())
+    del cfg["global_head_dim"], cfg["num_global_key_value_heads"]
+    (tmp_path / "b" / "config.json").write_text(json.dumps(cfg))
+    assert load_deepspec_head(tmp_path / "b", lm.model).cfg.replace(target_name="a") == want
+    cfg["per_layer_config"]["3"] = {"head_dim": 16}
+    (tmp_path / "b" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="per_layer_config"):
+        load_deepspec_head(tmp_path / "b", lm.model)
 
 
 def test_gemma4_drafters_fit_gemma4_targets_only(gemma4, tmp_path):
