@@ -303,3 +303,19 @@ def test_a_sharded_target_gets_the_whole_embedding_and_head_from_the_folder(v4):
     torch.testing.assert_close(sharded.head, model.head.weight, rtol=0, atol=0)
     torch.testing.assert_close(sharded.embed, model.embed.weight, rtol=0, atol=0)
     assert mtp.head.data_ptr() == model.head.weight.data_ptr()  # one device: shared, not copied
+
+
+def test_queue_run_at_every_observe_gives_the_same_drafts(v4, monkeypatch):
+    """The layer's pass over observed positions, run per observe instead of once per propose."""
+    import dspark.workers.drafters.mtp as mtp_drafter
+
+    monkeypatch.setattr(mtp_drafter, "FLUSH_TOKENS", 1)
+    spec, plain, drafter = engines(v4[4], {"depth": 3})
+    prompts = [ids(12, 2), ids(23, 3)]
+    params = SamplingParams(max_tokens=60, ignore_eos=True)
+    want = [s.output_ids for s in plain.generate(prompts, params)]
+    drafter.scripts = {tuple(p): w for p, w in zip(prompts, want)}
+    assert [s.output_ids for s in spec.generate(prompts, params)] == want
+    blocks = [(c, b) for c, b in drafter.log if b]
+    for context, block in blocks[:1] + blocks[-2:]:
+        assert block == reference_chain(v4, context, 3)

@@ -6,13 +6,15 @@ drafter asks the verifier for one feature layer, the target's last block (its ou
 [T, N * hidden]), and keeps per request one slot of the layer's own V4 state:
 
 * ``observe`` (the tokens that just entered the target's cache, positions p..p+n-1, with their
-  streams): runs the layer over those positions with the tokens that follow them, known by then
-  (``seq.all_ids``; the last one is the new anchor).  The output at position p+n-1 is the first
-  draft's distribution; it is kept with that position's output streams.
+  streams) queues those positions with the tokens that follow them, known by then
+  (``seq.all_ids``; the last one is the new anchor).  The queue is run as one varlen pass of
+  the layer over every request (at the next ``propose``, or sooner once it holds
+  ``FLUSH_TOKENS``); the output at a request's last position is its first draft's
+  distribution, kept with that position's output streams.
 * ``propose``: draft 1 comes from the kept distribution; draft j > 1 runs the layer one more
   position, fed its own previous output streams and draft j - 1 (batched over requests).  Those
-  positions are speculative: the next ``observe`` starts again at the first position the
-  target has not confirmed, and the state rolls back by length (:mod:`deepseek_v4_state`).
+  positions are speculative: the next pass starts again at the first position the target has
+  not confirmed, and the state rolls back by length (:mod:`deepseek_v4_state`).
 
 Each draft is sampled from the top-``proposal_top_k`` truncated softmax of the layer's logits at
 the request's temperature and that q is reported (greedy: argmax, one-hot q), so verification
@@ -36,6 +38,8 @@ from dspark.workers.drafters.base import DraftBlock, draft_generator
 from dspark.workers.drafters.registry import DraftContext, DrafterKind, DraftOption, integer, proposal_top_k_option
 from dspark.workers.request import Sequence
 
+FLUSH_TOKENS = 4096  # queued positions that trigger a pass before the next propose (bounds the queued streams)
+
 
 class MTPDrafter:
     """V4's MTP layer drafting ``depth`` tokens per block (see the module docstring)."""
@@ -50,7 +54,10 @@ class MTPDrafter:
         self.feature_layers = (mtp.target_cfg.num_hidden_layers - 1,)  # the streams of the target's last block
         self.state = mtp.make_state(n_slots, max_seq)
         self._slot: dict[str, int] = {}
-        self._done: dict[str, int] = {}  # positions run with the target's own streams
+        self._done: dict[str, int] = {}  # positions observed (run or queued) with the target's own streams
+        # Per request, observed positions not yet run: (first position, streams [n, N, hidden], next tokens [n]).
+        self._queue: dict[str, list[tuple[int, torch.Tensor, list[int]]]] = {}
+        self._queued = 0
         # The last observed position's output streams [N, hidden] and logits [V]: draft 1's source.
         self._next: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._gens: dict[str, torch.Generator] = {}
@@ -70,18 +77,40 @@ class MTPDrafter:
         if rid not in self._slot:
             self._slot[rid] = self.state.allocate()
             self._done[rid] = 0
-        slot, p, n = self._slot[rid], self._done[rid], len(token_ids)
+        p, n = self._done[rid], len(token_ids)
         ids = seq.all_ids
         if ids[p : p + n] != list(token_ids) or len(ids) < p + n + 1 or p + n > self.state.max_seq:
             self._forget(rid)  # out of step with the target (or past the state): plain decoding from here
             return
-        self.state.lengths[slot] = p
-        batch = make_batch(self.state, [slot], [n], 1)
         streams = features.to(self.device).view(n, self.mtp.n_streams, self.mtp.hidden)
-        nxt = torch.tensor(ids[p + 1 : p + n + 1], device=self.device)
-        out, logits = self.mtp(streams, nxt, self.state, batch, torch.tensor([n - 1], device=self.device))
+        self._queue.setdefault(rid, []).append((p, streams, ids[p + 1 : p + n + 1]))
+        self._queued += n
         self._done[rid] = p + n
-        self._next[rid] = (out[-1], logits[0])
+        self._next.pop(rid, None)  # drafts wait for the pass over these positions
+        if self._queued >= FLUSH_TOKENS:
+            self._run_queue()
+
+    def _run_queue(self) -> None:
+        """One varlen pass of the layer over every request's queued positions."""
+        if not self._queue:
+            return
+        rids = list(self._queue)
+        slots, q_lens, streams, nxt = [], [], [], []
+        for rid in rids:
+            parts = self._queue[rid]
+            slot = self._slot[rid]
+            self.state.lengths[slot] = parts[0][0]  # back to the first unconfirmed position
+            slots.append(slot)
+            q_lens.append(sum(len(t) for _, _, t in parts))
+            streams += [s for _, s, _ in parts]
+            nxt += [tok for _, _, t in parts for tok in t]
+        self._queue.clear()
+        self._queued = 0
+        batch = make_batch(self.state, slots, q_lens, 1)
+        last = torch.tensor(q_lens, device=self.device).cumsum(0) - 1  # [B] each request's last row
+        out, logits = self.mtp(torch.cat(streams), torch.tensor(nxt, device=self.device), self.state, batch, last)
+        for b, rid in enumerate(rids):
+            self._next[rid] = (out[last[b]], logits[b])
 
     def _forget(self, rid: str) -> None:
         slot = self._slot.pop(rid, None)
@@ -89,6 +118,8 @@ class MTPDrafter:
             self.state.free(slot)
         self._done.pop(rid, None)
         self._next.pop(rid, None)
+        parts = self._queue.pop(rid, None)
+        self._queued -= sum(len(t) for _, _, t in parts or ())
 
     def release(self, request_id: str) -> None:
         self._forget(request_id)
@@ -98,6 +129,7 @@ class MTPDrafter:
     @torch.inference_mode()
     def propose(self, seqs: list[Sequence], block_len: int) -> list[DraftBlock]:
         t0 = time.perf_counter()
+        self._run_queue()
         out = [DraftBlock.empty() for _ in seqs]
         k = min(block_len, self.depth)
         ready = [i for i, s in enumerate(seqs)
