@@ -20,7 +20,7 @@ COMMANDS = {
     "serve": ("dspark.cluster.commands:serve", "Start the local cluster (Ray Serve, gRPC, Redis) and serve."),
     "demo": ("dspark.cluster.commands:demo", "Start the cluster, send a few prompts, print a table, stop."),
     "train-draft": ("dspark.train.commands:train_draft", "Train a DSpark draft head by self-distillation."),
-    "export-draft": ("dspark.train.export:export_draft", "Write a draft head in another format (DeepSpec's)."),
+    "export-draft": ("dspark.train.export:export_draft", "Write a draft head in a published format (DeepSpec's, speculators')."),
 }
 BENCHMARKS = {
     "engine": ("bench.engine:main", "Decode tokens/s vs Hugging Face, and the bandwidth floor."),

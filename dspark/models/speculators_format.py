@@ -1,4 +1,4 @@
-"""vLLM speculators-format DSpark / DFlash checkpoints: read one into a :class:`DSparkHead`.
+"""vLLM speculators-format DSpark / DFlash checkpoints: read one into a :class:`DSparkHead`, write ours.
 
 The ``speculators`` library (vllm-project/speculators) trains block drafters and saves them with
 Hugging Face ``save_pretrained``; vLLM loads that folder (``--speculative-config '{"method":
@@ -21,6 +21,8 @@ Hugging Face ``save_pretrained``; vLLM loads that folder (``--speculative-config
     markov_rank, markov_head_type, enable_confidence_head, confidence_head_with_markov
                                   as DeepSpec's (``deepspec_format``)
     speculators_config.verifier.name_or_path   target_name (informational)
+    dspark                        ours only, optional: {"target_name", "sts"} (STS temperatures), as
+                                  in our DeepSpec export; a PretrainedConfig keeps unknown keys
 
 Weights: the DeepSpec names (``deepspec_format.backbone_state``, ``markov_state``,
 ``confidence_state``) with ``markov_head.markov_w2.weight`` [N, r] and ``lm_head.weight`` [N, D]
@@ -30,6 +32,12 @@ N < V; ``embed_tokens.weight`` optional (a frozen copy of the target's, checked)
 ``verifier_lm_head`` / ``verifier_norm`` (training-loss copies of the target's) are ignored.
 The id map becomes the head's draft vocabulary (``trained_vocab = draft_vocab = N``; the ids
 ascend, they are not frequency-ranked, so it is served whole).
+
+:func:`export_speculators` writes our heads in this format (``dspark export-draft --format
+speculators``): a head trained over N ids of its frequency-ranked map is written with those N ids
+in ascending order (d2t / t2d, the LM-head rows and W2 columns permuted alike), which drafts the
+same tokens with the same q; the reduced training vocabulary survives, which DeepSpec's format
+cannot hold.  Only heads with QK-norm can be written: speculators' draft layers always apply it.
 """
 
 from __future__ import annotations
@@ -41,7 +49,8 @@ import torch
 from torch import nn
 
 from dspark.models.deepspec_format import (
-    ARCHITECTURES, CheckpointWeights, backbone_state, check_heads, check_rows, confidence_state, markov_state,
+    ARCHITECTURES, CheckpointWeights, backbone_state, check_heads, check_rows, confidence_state, export_target,
+    markov_state, published_tensors,
 )
 from dspark.models.dspark_head import MARKOV_KINDS, DSparkHead, DSparkHeadConfig, vocab_map_sha256
 
@@ -135,8 +144,9 @@ def read_speculators_config(path: str | Path, dflash: bool = False) -> tuple[DSp
     if theta is None:
         raise _fail(name, "transformer_layer_config has no rope_theta")
     verifier = (raw.get("speculators_config") or {}).get("verifier") or {}
+    extra = raw.get("dspark") or {}
     cfg = DSparkHeadConfig(
-        target_name=str(verifier.get("name_or_path") or name),
+        target_name=str(extra.get("target_name") or verifier.get("name_or_path") or name),
         dim=dim,
         vocab_size=V,
         feature_layers=tuple(i - 1 for i in ids),
@@ -149,6 +159,7 @@ def read_speculators_config(path: str | Path, dflash: bool = False) -> tuple[DSp
         rope_theta=float(theta),
         block_len=int(raw.get("block_size", 8)),
         markov_rank=rank,
+        sts=dict(extra.get("sts") or {}),
         trained_vocab=N if N < V else 0,
         draft_vocab=N if N < V else 0,
         qk_norm=ARCHITECTURES["Qwen3DSparkModel"],  # speculators' draft layers are Qwen3 DFlash layers
@@ -232,4 +243,80 @@ def load_speculators_head(path: str | Path, target: nn.Module, target_name: str 
     return head.use_draft_vocab(N if ids is not None else 0)
 
 
-__all__ = ["is_speculators_checkpoint", "load_speculators_head", "read_speculators_config"]
+def export_speculators(head: DSparkHead, out: str | Path, mask_token_id: int,
+                       dtype: torch.dtype = torch.bfloat16) -> Path:
+    """Write ``head`` (bound to its target) as a speculators DSpark folder ``out``; returns it.
+
+    The fields and weights are those :func:`load_speculators_head` reads (module docstring):
+    ``aux_hidden_state_layer_ids`` = feature layers + 1, ``draft_vocab_size`` N with ``d2t`` /
+    ``t2d`` for a head trained over N < V ids, ``lm_head`` [N, D] = the target's rows of those
+    ids, and every head field written explicitly (speculators' defaults differ from a DSpark
+    head's).  ``mask_token_id``: the id whose ``embed_tokens`` row carries the mask vector, as for
+    :func:`~dspark.models.deepspec_format.export_deepspec`.  A head served over fewer ids than it
+    was trained on (``draft_vocab`` < ``trained_vocab``) is written over all N it was trained on.
+    """
+    from safetensors.torch import save_file
+
+    cfg = head.cfg
+    if not cfg.qk_norm:
+        raise ValueError("export: qk_norm false: speculators' DSpark draft layers always apply QK-norm, so this head "
+                         "cannot be written in its format (--format deepspec can)")
+    target = export_target(head, mask_token_id, "speculators")
+    V, D, r, N = cfg.vocab_size, cfg.dim, cfg.markov_rank, cfg.trained_vocab or cfg.vocab_size
+    t = published_tensors(head, mask_token_id)
+    lm_head = head.lm_head_weight.detach().float().cpu()  # [V, D]
+    if N < V:
+        if head.vocab_ids is None or head.vocab_ids.numel() < N:
+            raise ValueError(f"export: trained_vocab={N} needs the head's id map of at least {N} ids")
+        ranked = head.vocab_ids[:N].cpu().long()
+        order = ranked.argsort()  # draft index n of the file = ranked index order[n]
+        ids = ranked[order]  # [N] ascending, as speculators builds its maps
+        lm_head = lm_head[ids]
+        if r > 0:
+            t["markov_head.markov_w2.weight"] = t["markov_head.markov_w2.weight"][order]  # [N, r]
+        t["d2t"] = ids - torch.arange(N)
+        t["t2d"] = torch.zeros(V, dtype=torch.bool)
+        t["t2d"][ids] = True
+    t["lm_head.weight"] = lm_head
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in t.items()},
+              str(out / "model.safetensors"), metadata={"format": "pt"})
+
+    args = target.args
+    layers = {  # a Qwen3 config, every field the draft layers read written out
+        "model_type": "qwen3", "hidden_size": D, "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads,
+        "head_dim": cfg.head_dim, "vocab_size": V, "rms_norm_eps": cfg.norm_eps, "hidden_act": "silu",
+        "attention_bias": False, "max_position_embeddings": int(args.max_position_embeddings),
+        "tie_word_embeddings": False, "layer_types": ["full_attention"] * cfg.n_layers,
+        "rope_theta": cfg.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+    }
+    config = {
+        "architectures": ["DSparkSpeculator"], "speculators_model_type": "dspark",
+        "transformer_layer_config": layers, "draft_vocab_size": N, "block_size": cfg.block_len,
+        "target_hidden_size": D, "aux_hidden_state_layer_ids": [i + 1 for i in cfg.feature_layers],
+        "mask_token_id": int(mask_token_id), "sample_from_anchor": True,
+        "markov_rank": r, "markov_head_type": cfg.markov_kind,
+        "enable_confidence_head": True, "confidence_head_with_markov": r > 0,
+        "torch_dtype": str(dtype).removeprefix("torch."),
+        "speculators_config": {
+            "algorithm": "dspark", "default_proposal_method": "greedy",
+            "proposal_methods": [{"proposal_type": "greedy", "speculative_tokens": cfg.block_len}],
+            "verifier": {"name_or_path": cfg.target_name, "architectures": [_verifier_architecture(args)]},
+        },
+        "dspark": {"target_name": cfg.target_name, "sts": cfg.sts},
+    }
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return out
+
+
+def _verifier_architecture(args) -> str:
+    """The Hugging Face class of the target (informational in speculators_config): the name an HF
+    folder's config gave it, else the Llama family's class that matches its attention."""
+    if args.name.endswith("ForCausalLM"):
+        return args.name
+    return "Qwen3ForCausalLM" if args.qk_norm else "LlamaForCausalLM"
+
+
+__all__ = ["export_speculators", "is_speculators_checkpoint", "load_speculators_head", "read_speculators_config"]
