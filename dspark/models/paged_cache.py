@@ -71,6 +71,7 @@ class PagedKVCache:
         self.v = torch.zeros_like(self.k)
         self.lengths = [0] * n_slots
         self.tables: list[list[int]] = [[] for _ in range(n_slots)]
+        self._free_slots = list(range(n_slots - 1, -1, -1))  # for allocate(); the engine keeps its own
         self.refs = [0] * n  # tables holding each block
         self._free = list(range(n - 1, -1, -1))  # unnamed, unreferenced; pop() -> lowest first
         self._cached: OrderedDict[int, None] = OrderedDict()  # named, unreferenced; oldest first
@@ -155,6 +156,24 @@ class PagedKVCache:
     def release(self, slot: int) -> None:
         """The slot's request ended: drop its references (named blocks stay cached)."""
         self.set_length(slot, 0)
+
+    # The slot layout's handing out of slots, for users that keep no slot list of their own (a
+    # draft model's runner); the engine's prefix cache hands out the target's slots itself.
+    @property
+    def num_free(self) -> int:
+        return len(self._free_slots)
+
+    def allocate(self) -> int:
+        if not self._free_slots:
+            raise CacheFullError(f"all {self.n_slots} cache slots are in use")
+        return self._free_slots.pop()
+
+    def free(self, slot: int) -> None:
+        if slot in self._free_slots:
+            raise ValueError(f"slot {slot} is already free")
+        self.release(slot)
+        self._free_slots.append(slot)
+        self._free_slots.sort(reverse=True)
 
     def _extend(self, slot: int, positions: int) -> None:
         """Give ``slot`` the blocks to hold ``positions``, the block of its next write its own."""

@@ -66,6 +66,20 @@ def test_blocks_follow_the_length_and_are_released():
         cache.set_length(0, 1)  # no block holds position 0 any more
 
 
+def test_slots_handed_out_and_freed_with_their_blocks():
+    cache = small_cache(n_slots=2)
+    a, b = cache.allocate(), cache.allocate()
+    assert (a, b) == (0, 1) and cache.num_free == 0
+    with pytest.raises(CacheFullError):
+        cache.allocate()
+    write(cache, a, 10, 1.0)
+    cache.free(a)
+    assert cache.blocks_in_use == 0 and cache.allocate() == a
+    with pytest.raises(ValueError):
+        cache.free(b) or cache.free(b)
+    check(cache)
+
+
 def test_shared_prefix_blocks_are_counted_and_never_written():
     cache = small_cache()
     write(cache, 0, 6, 1.0)  # one full block and a partial one
