@@ -2,6 +2,10 @@
 # One prepared GPU check: CUDA logits vs CPU fp32, speculative identity on CUDA, Triton kernels
 # on CUDA, NCCL TP (when >= 3 GPUs), and decode tokens/s. Run from the repository root on a CUDA
 # machine; results go to $OUT (or bench/results) as gpu_check.json.
+# Optional section (bench/table1.py): with DSPARK_QWEN3_8B and DSPARK_QWEN3_8B_DSPARK naming local
+# folders of Qwen3-8B and DeepSeek's dspark_qwen3_8b_block7, the drafter's acceptance length on
+# GSM8K / MT-Bench / MBPP+ prompts (files named by DSPARK_GSM8K_PROMPTS, DSPARK_MT_BENCH_PROMPTS,
+# DSPARK_MBPP_PROMPTS) goes into the same report beside the paper's Table 1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export DSPARK_OMP_WAIT=spin  # one process owns the host (dspark/omp.py)
@@ -10,4 +14,12 @@ if [ ! -x "$PY" ]; then PY=python3; fi
 "$PY" -c "import dspark, torch; assert torch.cuda.is_available(), 'no CUDA'" 
 DEST=${OUT:-bench/results}
 mkdir -p "$DEST"
-"$PY" bench/gpu_check.py "$DEST/gpu_check.json"
+status=0
+"$PY" bench/gpu_check.py "$DEST/gpu_check.json" || status=$?
+if [ -n "${DSPARK_QWEN3_8B:-}" ] && [ -n "${DSPARK_QWEN3_8B_DSPARK:-}" ]; then
+  "$PY" bench/table1.py --model "$DSPARK_QWEN3_8B" --head "$DSPARK_QWEN3_8B_DSPARK" \
+    --report "$DEST/gpu_check.json" || status=$?
+else
+  echo "Table 1 section skipped: set DSPARK_QWEN3_8B and DSPARK_QWEN3_8B_DSPARK to local folders" >&2
+fi
+exit "$status"

@@ -2,8 +2,8 @@
 self-contained and its heavy imports inside the fixture.
 
 Tests live in one folder per layer of the package: kernels/, models/, proto/, workers/,
-train/, cluster/ (in-process servers, Redis, Ray Serve end to end) and deploy/ (the
-manifests). Helpers that tests in several folders use are modules of helpers/, imported as
+train/, cluster/ (in-process servers, Redis, Ray Serve end to end), deploy/ (the
+manifests) and bench/ (benchmark code that runs only elsewhere, exercised here on CPU). Helpers that tests in several folders use are modules of helpers/, imported as
 ``helpers.<module>`` (pyproject.toml puts tests/ on pytest's pythonpath)."""
 
 from __future__ import annotations
