@@ -16,7 +16,11 @@ Variants are interleaved (the host is shared) and each figure is the median over
 the mean of ``--calls`` calls, in microseconds per layer (the fastest round in brackets).  The FlexAttention block mask is
 built once per step (all layers share it): its cost is printed apart.
 
+``--engine`` instead times whole engine steps of the default model (bf16, eager, greedy) on
+the slot and the paged layout, one engine of each in one process, their steps interleaved.
+
     python -m bench.paged_attention            # about a minute on 2 cores
+    python -m bench.paged_attention --engine   # about two minutes
 """
 
 from __future__ import annotations
@@ -141,14 +145,58 @@ def _time(fn, calls: int) -> float:
     return (time.perf_counter() - t0) / calls * 1e6
 
 
+def engine_steps(batches: list[int], steps: int, threads: int) -> None:
+    """Decode step time (ms, median over ``steps`` interleaved steps) of the slot and the paged
+    layout at each batch size, after a 64-token warm-up per request."""
+    import torch
+
+    from bench.common import chat_prompts
+    from dspark.models.loader import load_model
+    from dspark.workers.engine import Engine, EngineConfig
+    from dspark.workers.request import SamplingParams
+    from dspark.workers.runner import LocalRunner, RunnerConfig
+
+    torch.set_num_threads(threads)
+    lm = load_model(None, dtype="bf16", progress=False)
+    for batch in batches:
+        engines = {layout: Engine(LocalRunner(lm.model, RunnerConfig(n_slots=batch, max_seq=1024, kv_layout=layout)),
+                                  lm.tokenizer, EngineConfig(max_batch=batch))
+                   for layout in ("slot", "paged")}
+        params = SamplingParams(max_tokens=64 + steps + 4, ignore_eos=True)
+        for eng in engines.values():
+            for p in chat_prompts(lm.tokenizer, batch):
+                eng.add_request(p, params)
+            while any(len(s.output_ids) < 64 for s in eng.running) or eng.waiting:
+                eng.step()
+        times = {layout: [] for layout in engines}
+        for _ in range(steps):
+            for layout, eng in engines.items():
+                t0 = time.perf_counter()
+                eng.step()
+                times[layout].append(1000 * (time.perf_counter() - t0))
+        med = {k: statistics.median(v) for k, v in times.items()}
+        ctx = [s.num_cached for s in engines["paged"].running]
+        stats = engines["paged"].runner.cache.stats()
+        print(f"batch {batch:2d} (contexts {min(ctx)}..{max(ctx)}): slot {med['slot']:.1f} ms, paged {med['paged']:.1f} ms "
+              f"per step ({med['paged'] / med['slot']:.2f}x); KV bytes slot "
+              f"{engines['slot'].runner.cache.nbytes() / 2**20:.1f} MiB, paged "
+              f"{engines['paged'].runner.cache.nbytes() / 2**20:.1f} MiB ({stats['kv_cache_blocks_in_use']} of "
+              f"{stats['kv_cache_blocks_total']} blocks in use)", flush=True)
+
+
 @click.command()
 @click.option("--threads", type=int, default=2, show_default=True)
 @click.option("--rounds", type=int, default=15, show_default=True)
 @click.option("--calls", type=int, default=10, show_default=True)
 @click.option("--pages", default="16,64", show_default=True, help="page sizes to try")
 @click.option("--no-flex", is_flag=True, help="skip FlexAttention (its first compile takes ~10 s per shape)")
-def main(threads, rounds, calls, pages, no_flex):
+@click.option("--engine", is_flag=True, help="time engine steps on both layouts instead")
+@click.option("--batches", default="1,8,32", show_default=True, help="with --engine")
+@click.option("--steps", type=int, default=20, show_default=True, help="with --engine: timed steps per layout")
+def main(threads, rounds, calls, pages, no_flex, engine, batches, steps):
     """Per-layer attention time: span over slots vs paged gather vs FlexAttention in place."""
+    if engine:
+        return engine_steps([int(b) for b in batches.split(",")], steps, threads)
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "dspark", "inductor"))
     import torch
 

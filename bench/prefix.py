@@ -2,10 +2,10 @@
 
 Each trial builds a system prompt of about 1,000 tokens from a different slice of the benchmark
 prompts, then sends two requests with that system prompt and different questions, one after the
-other, to one in-process engine: the first computes the prefix, the second reuses it from the
-retained slot.  A third request, to an engine with prefix reuse off, gives the cold time again
-in the same run.  Greedy, 8 new tokens; TTFT is measured from ``add_request`` to the first
-token.
+other, to one in-process engine: the first computes the prefix, the second reuses it (the
+retained slot, or the cached blocks with ``--kv-layout paged``).  A third request, to an engine
+with prefix reuse off, gives the cold time again in the same run.  Greedy, 8 new tokens; TTFT
+is measured from ``add_request`` to the first token.
 """
 
 from __future__ import annotations
@@ -37,7 +37,9 @@ def _ttft(engine, ids: list[int]) -> tuple[float, int]:
 @click.option("--dtype", type=click.Choice(["bf16", "fp32"]), default="bf16", show_default=True)
 @click.option("--threads", type=int, default=2, show_default=True)
 @click.option("--json", "json_path", default=None, help="where to write the results")
-def main(trials, prefix_tokens, dtype, threads, json_path):
+@click.option("--kv-layout", "kv_layout", type=click.Choice(["slot", "paged"]), default="slot", show_default=True,
+              help="the target's KV cache (paged: reuse by block, no deterministic mode)")
+def main(trials, prefix_tokens, dtype, threads, json_path, kv_layout):
     """TTFT of a request whose 1k-token system prompt is cached, over the same request cold."""
     import torch
 
@@ -47,7 +49,8 @@ def main(trials, prefix_tokens, dtype, threads, json_path):
     from dspark.workers.runner import RunnerConfig, deterministic_default
 
     torch.set_num_threads(threads)
-    runner = RunnerConfig(n_slots=4, max_seq=2048, deterministic=deterministic_default(dtype, "cpu"))
+    runner = RunnerConfig(n_slots=4, max_seq=2048, kv_layout=kv_layout,
+                          deterministic=deterministic_default(dtype, "cpu") and kv_layout == "slot")
     warm = build_engine(EngineSpec(dtype=dtype, runner=runner), progress=False)
     cold = build_engine(EngineSpec(dtype=dtype, runner=runner), progress=False)
     cold.engine.prefix.enabled = False
@@ -73,7 +76,8 @@ def main(trials, prefix_tokens, dtype, threads, json_path):
     click.echo(table(rows, list(rows[0])))
     click.echo(f"median TTFT reused / first: {summary['median_reused_over_first']:.3f}x; "
                f"reused / reuse off: {summary['median_reused_over_off']:.3f}x")
-    out = write_json(json_path, "prefix.json", {"dtype": dtype, "threads": threads, "rows": rows, **summary})
+    out = write_json(json_path, "prefix.json", {"dtype": dtype, "threads": threads, "kv_layout": kv_layout, "rows": rows,
+                                                **summary})
     click.echo(f"wrote {out}")
     warm.close()
     cold.close()

@@ -45,7 +45,7 @@ from dspark.models.kv_cache import CacheFullError, VarlenBatch
 class PagedKVCache:
     """Keys and values of up to ``n_slots`` requests (block tables) of up to ``max_seq`` tokens."""
 
-    GROW_FROM = 64  # blocks in the pool at first
+    GROW_FROM = 16  # blocks in the pool at first (256 positions at the default block)
 
     def __init__(
         self,
