@@ -9,7 +9,9 @@ ChatML template in its tokenizer_config.json; the drafter a DeepSpec DSpark fold
 outputs, so drafts are accepted: the accepted-token count shows that the draft worker serves
 the DeepSpec checkpoint (read, bound to the target and fed the target's features) rather than
 falling back to plain decoding.  Every text and token id must equal plain decoding of the
-same target in process.
+same target in process.  Also: bad drafter options are refused by the serve command before
+anything starts, and a role that fails at start-up (e.g. a checkpoint that does not fit the
+target) is reported with its constructor's one-line error.
 """
 
 from __future__ import annotations
@@ -148,3 +150,46 @@ def test_grpc_token_ids_equal_plain_decoding(cluster, published):
     for p, (ids, drafts) in zip(PROMPTS, asyncio.run(run())):
         assert ids == published.ids[p], p
         assert drafts > 0
+
+
+# ------------------------------------------------------------------------------------------------
+# Refusals before and during start-up, each in one line (no cluster needed)
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("argv,expected", [
+    (["--draft-option", "head=/nonexistent/dspark_head"], "drafter option head=/nonexistent/dspark_head: no such file"),
+    (["--draft-option", "blocks=4"], "drafter 'dspark' has no option 'blocks'"),
+    (["--draft-option", "head"], "'head' is not KEY=VALUE"),
+    (["--draft-option", "proposal_top_k=0"], "proposal_top_k must be an integer >= 1"),
+])
+def test_serve_refuses_bad_drafter_options_before_starting(argv, expected):
+    from click.testing import CliRunner
+
+    from dspark.cli import main
+
+    res = CliRunner().invoke(main, ["serve", "--draft", "dspark", "--port", "1", *argv])
+    assert res.exit_code == 2 and expected in res.output, res.output
+    errors = [line for line in res.output.splitlines() if line.startswith("Error:")]
+    assert "Traceback" not in res.output and len(errors) == 1 and expected in errors[0]
+
+
+def test_failed_deployment_reports_its_constructor_error():
+    """What `dspark serve` prints when a role cannot start: Serve's application status names only
+    the failed deployment; the cause is the last line of that deployment's message."""
+    from ray.serve.schema import (
+        ApplicationStatus, ApplicationStatusOverview, DeploymentStatus, DeploymentStatusOverview, DeploymentStatusTrigger,
+    )
+
+    from dspark.cluster.local import _causes
+
+    error = "ValueError: DeepSpec drafter h: target_layer_ids [2] outside 0..1 of the target's 3 layers"
+
+    def dep(status, message):
+        return DeploymentStatusOverview(status=status, status_trigger=DeploymentStatusTrigger.REPLICA_STARTUP_FAILED,
+                                        replica_states={}, message=message)
+
+    app = ApplicationStatusOverview(
+        status=ApplicationStatus.DEPLOY_FAILED, message="Failed to update the deployments ['DraftWorker'].",
+        last_deployed_time_s=0.0,
+        deployments={"DraftWorker": dep(DeploymentStatus.DEPLOY_FAILED, f"Traceback (most recent call last):\n  File x\n{error}\n"),
+                     "Verifier": dep(DeploymentStatus.UPDATING, ""), "Router": dep(DeploymentStatus.HEALTHY, "")})
+    assert _causes(app) == f"; DraftWorker: {error}"
