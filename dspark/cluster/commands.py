@@ -45,8 +45,9 @@ def cluster_options(f):
         click.option("--deterministic/--no-deterministic", default=None,
                      help="row-invariant verifier kernels: greedy speculative output equals plain decoding in bf16 too "
                           "(default: on for bf16 on CPU)"),
-        click.option("--compile/--no-compile", "compile", default=True, show_default=True,
-                     help="the verifier's step through torch.compile (compiled once, cached on disk for later starts)"),
+        click.option("--compile/--no-compile", "compile", default=None,
+                     help="the verifier's step through torch.compile (compiled once, cached on disk for later starts; "
+                          "default: on, except for DeepSeek-V4 folders, which run eager)"),
         click.option("--kv-layout", "kv_layout", type=click.Choice(["slot", "paged"]), default="slot", show_default=True,
                      help="the verifier's KV cache: one region per request, or blocks from a pool (memory follows the "
                           "tokens held; no deterministic mode)"),
@@ -64,6 +65,14 @@ def make_config(model, dtype, device, tp, draft_workers, draft, block_len, verif
         from dspark.workers.runner import deterministic_default
 
         extra["deterministic"] = deterministic_default(dtype, device, model) and extra.get("kv_layout") != "paged"
+    if "compile" in extra:
+        from dspark.workers.runner import compile_default
+
+        if extra["compile"] is None:
+            extra["compile"] = compile_default(model)
+        elif extra["compile"] and not compile_default(model):
+            raise click.UsageError("--compile is not supported for DeepSeek-V4 models (they run eager); "
+                                   "drop it or pass --no-compile")
     draft = draft or _default_draft()
     try:
         options = dict(registry.assignments(draft_options))
@@ -106,8 +115,11 @@ def serve(host, port, grpc_port, internal_host, redis_url, **kw):
     try:
         cluster.start()
     except (RuntimeError, TimeoutError) as e:  # e.g. a drafter checkpoint the target cannot use
+        # The reason first: Serve may take a minute to tear down the roles that did start.
+        click.echo(f"Error: {e}", err=True)
+        click.echo("stopping what started...", err=True)
         cluster.stop()
-        raise click.ClickException(str(e)) from None
+        raise SystemExit(1) from None
     click.echo(f"serving OpenAI API at {cluster.base_url}/v1" + (f", gRPC at {host}:{grpc_port}" if grpc_port else ""), err=True)
     try:
         stop.wait()

@@ -96,6 +96,20 @@ def deterministic_default(dtype: str, device: str, model: str | None = None) -> 
     return dtype == "bf16" and device == "cpu"
 
 
+def compile_default(model: str | None = None) -> bool:
+    """Whether `dspark serve` / `demo` compile the verifier's step when neither flag is given: yes,
+    except for a DeepSeek-V4 folder (``model``), whose model runs eager only (it refuses
+    ``--compile`` by name)."""
+    if model is not None:
+        from pathlib import Path
+
+        from dspark.models.deepseek_v4_loader import is_deepseek_v4
+
+        if is_deepseek_v4(Path(model)):
+            return False
+    return True
+
+
 class LocalRunner:
     """Runs the (possibly TP-sharded) model of this process on its own KV cache."""
 

@@ -1,0 +1,34 @@
+"""`dspark serve` / `demo` option defaults that depend on the model: the compiled step is on by
+default, except for DeepSeek-V4 folders (eager only), where an explicit --compile is a one-line
+usage error before anything starts."""
+
+from __future__ import annotations
+
+import click
+import pytest
+
+from dspark.cluster.commands import make_config
+from helpers.tiny_deepseek_v4 import write_tiny_folder
+
+VOCAB = 300
+
+BASE = dict(dtype="fp32", device="cpu", tp=1, draft_workers=0, draft="none", block_len=4,
+            verify_policy="fixed", n_slots=2)
+
+
+@pytest.fixture(scope="module")
+def v4_folder(tmp_path_factory):
+    path = tmp_path_factory.mktemp("v4") / "tiny-v4"
+    write_tiny_folder(path, VOCAB, 1)
+    return str(path)
+
+
+def test_compile_is_on_by_default_for_llama_family_models():
+    assert make_config(model=None, compile=None, **BASE).compile is True
+    assert make_config(model=None, compile=False, **BASE).compile is False
+
+
+def test_deepseek_v4_runs_eager_by_default_and_refuses_compile(v4_folder):
+    assert make_config(model=v4_folder, compile=None, **BASE).compile is False
+    with pytest.raises(click.UsageError, match="--compile is not supported for DeepSeek-V4"):
+        make_config(model=v4_folder, compile=True, **BASE)
