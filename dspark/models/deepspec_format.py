@@ -135,13 +135,16 @@ def _llama_layer_fields(raw: dict, name: str, arch: str) -> dict:
                 norm_eps=float(_need(raw, name, "rms_norm_eps")), rope_theta=float(theta), qk_norm=ARCHITECTURES[arch])
 
 
-def _gemma4_layer_fields(raw: dict, name: str) -> dict:
-    """The draft layers' fields of a Gemma4DSparkModel: its config read as a Gemma 4 text config,
-    every draft layer of the full-attention kind (head width, key/value heads, RoPE, keys as values)."""
+def gemma4_layer_fields(raw: dict, name: str, arch: str = GEMMA4_ARCHITECTURE, what: str = "DeepSpec drafter") -> dict:
+    """The draft layers' fields of a DeepSpec Gemma 4 drafter (``arch``: Gemma4DSparkModel, or
+    Gemma4Eagle3Model for ``eagle3_format``): its config read as a Gemma 4 text config, every draft
+    layer of the full-attention kind (head width, key/value heads, RoPE, keys as values).
+    Refusals are one-line ``ValueError`` s prefixed ``what``."""
     for key in ("hidden_size", "num_attention_heads", "intermediate_size", "rms_norm_eps"):
-        _need(raw, name, key)
+        if key not in raw:
+            raise _fail(name, f"config.json has no {key}", what)
     if raw.get("model_type", "gemma4_text") != "gemma4_text":
-        raise _fail(name, f"model_type {raw['model_type']!r} is not supported for {GEMMA4_ARCHITECTURE} (gemma4_text)")
+        raise _fail(name, f"model_type {raw['model_type']!r} is not supported for {arch} (gemma4_text)", what)
     # DeepSpec's layers read global_head_dim / num_global_key_value_heads; newer transformers
     # save them as a per_layer_config table indexed by the (copied) target's layers instead.
     text = {k: v for k, v in raw.items() if k != "per_layer_config"}
@@ -149,14 +152,14 @@ def _gemma4_layer_fields(raw: dict, name: str) -> dict:
     if widths and "global_head_dim" not in raw:
         if any(w != widths[0] for w in widths) or set(widths[0]) - {"head_dim", "num_key_value_heads"}:
             raise _fail(name, f"per_layer_config {raw['per_layer_config']} is not supported (the same head_dim / "
-                              f"num_key_value_heads for every full-attention layer)")
+                              f"num_key_value_heads for every full-attention layer)", what)
         text["global_head_dim"] = widths[0].get("head_dim", raw.get("head_dim"))
         if "num_key_value_heads" in widths[0]:
             text["num_global_key_value_heads"] = widths[0]["num_key_value_heads"]
     try:
         shared, gemma = gemma4_args(text)
     except ValueError as e:  # the same refusals as for a Gemma 4 target, naming the field
-        raise _fail(name, str(e)) from None
+        raise _fail(name, str(e), what) from None
     full = gemma.full
     return dict(n_heads=shared["n_heads"], n_kv_heads=full.n_kv_heads, head_dim=full.head_dim,
                 intermediate_size=shared["intermediate_size"], norm_eps=float(shared["norm_eps"]),
@@ -181,9 +184,11 @@ def read_deepspec_config(path: str | Path, dflash: bool = False) -> tuple[DSpark
 
     arch = (raw.get("architectures") or ["(none)"])[0]
     if arch not in ARCHITECTURES and arch != GEMMA4_ARCHITECTURE:
-        raise _fail(name, f"architectures {arch!r} is not a DSpark drafter this engine serves "
-                          f"(served: {', '.join([*ARCHITECTURES, GEMMA4_ARCHITECTURE])})")
-    layer = _gemma4_layer_fields(raw, name) if arch == GEMMA4_ARCHITECTURE else _llama_layer_fields(raw, name, arch)
+        from dspark.models.eagle3_format import ARCHITECTURES as EAGLE3  # lazy: eagle3_format imports this module
+        why = ("an EAGLE-3 checkpoint: serve it with --draft eagle3" if arch in EAGLE3
+               else f"served: {', '.join([*ARCHITECTURES, GEMMA4_ARCHITECTURE])}")
+        raise _fail(name, f"architectures {arch!r} is not a DSpark drafter this engine serves ({why})")
+    layer = gemma4_layer_fields(raw, name) if arch == GEMMA4_ARCHITECTURE else _llama_layer_fields(raw, name, arch)
 
     rank = int(need("markov_rank"))
     markov_kind = str(raw.get("markov_head_type", "vanilla")).lower() if rank > 0 else "vanilla"
@@ -508,6 +513,7 @@ def export_deepspec(head: DSparkHead, out: str | Path, mask_token_id: int,
 
 __all__ = [
     "ARCHITECTURES", "CheckpointWeights", "backbone_state", "check_heads", "check_rows", "confidence_state",
-    "export_deepspec", "export_target", "is_deepspec_checkpoint", "load_deepspec_head", "markov_state",
+    "export_deepspec", "export_target", "gemma4_layer_fields", "is_deepspec_checkpoint", "load_deepspec_head",
+    "markov_state",
     "published_tensors", "read_deepspec_config",
 ]

@@ -227,7 +227,7 @@ def test_drafted_tokens_follow_the_reported_q(tmp_path):
     ({"config_overrides": {"hidden_size": 2 * D}}, "hidden_size"),
     ({"config_overrides": {"vocab_size": V + 8}}, "vocab_size"),
     ({"config_overrides": {"num_target_layers": 36}}, "num_target_layers"),
-    ({"config_overrides": {"architectures": ["Gemma4Eagle3Model"]}}, "architectures 'Gemma4Eagle3Model'"),
+    ({"config_overrides": {"architectures": ["Gemma4Eagle3Model"]}}, "model_type 'qwen3' .*Gemma4Eagle3Model"),
     ({"config_overrides": {"architectures": ["Qwen3DSparkModel"]}}, "architectures .*--draft dspark"),
     ({"config_overrides": {"num_hidden_layers": 2}}, "num_hidden_layers"),
     ({"config_overrides": {"draft_num_hidden_layers": 2}}, "draft_num_hidden_layers"),

@@ -25,7 +25,7 @@ greedy requests; the budget forms survival products of them.
 
 Under a grammar (structured outputs) drafts are not masked: the engine cuts a block after a draft
 the grammar forbids, so output is unchanged.  Options: head=PATH (a DeepSpec EAGLE-3 folder,
-required), proposal_top_k=8.
+Qwen3Eagle3Model or, for a Gemma 4 target, Gemma4Eagle3Model; required), proposal_top_k=8.
 """
 
 from __future__ import annotations
@@ -157,7 +157,8 @@ class Eagle3Drafter:
             keys = torch.cat([ctx_k, torch.stack(spec_k, 2)], 2) if spec_k else ctx_k  # [B, nkv, S + k, hd]
             values = torch.cat([ctx_v, torch.stack(spec_v, 2)], 2) if spec_v else ctx_v
             mask = torch.cat([valid, valid.new_ones(B, k)], 1)[:, None, None, :]  # [B, 1, 1, S + k]
-            attn = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=mask, enable_gqa=True)
+            attn = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=mask, scale=head.scale,
+                                                  enable_gqa=True)
             h = head.finish(h, attn.reshape(B, head.nh * head.hd))
             logits = head.logits(h)  # [B, N]
             out.append(logits)
