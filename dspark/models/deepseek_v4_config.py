@@ -12,8 +12,10 @@ both are read:
 
 Anything this engine would compute differently from the reference is refused with a one-line
 ``ValueError`` naming the field: an unknown key, a scoring function or activation we do not
-implement, a key/value head count other than one, and -- for now -- quantised weights
-(``quantization_config``; the released checkpoints store FP8 / FP4 block-scaled weights).
+implement, a key/value head count other than one.  The released checkpoints' block-scaled
+FP8 / FP4 weights (``quantization_config``, ``expert_dtype``) are read into ``weight_quant``
+and dequantised by the loader; other quantisation formats are refused
+(:mod:`dspark.models.quantized`).
 
 Phase 1 only reads and validates; nothing serves V4 yet (docs/DEEPSEEK_V4.md).
 """
@@ -23,6 +25,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from typing import Any
+
+from dspark.models.quantized import BlockQuant, block_quant_from_hf
 
 __all__ = [
     "CSA",
@@ -111,6 +115,7 @@ class DeepseekV4Config:
     tie_word_embeddings: bool = False  # LM head shares the embedding matrix
     bos_token_id: int | None = 0  # beginning-of-sequence id
     eos_token_ids: tuple[int, ...] = (1,)  # ids that end generation
+    weight_quant: BlockQuant | None = None  # the checkpoint's FP8 / FP4 block storage; None: floats
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -206,7 +211,7 @@ def deepseek_v4_config_from_hf(cfg: dict[str, Any]) -> DeepseekV4Config:
     unknown = sorted(set(cfg) - _GENERIC_KEYS - _FIELD_KEYS)
     if unknown:
         raise ValueError(f"{unknown[0]}: unknown DeepSeek-V4 config field (not read by this engine)")
-    _refuse_quantised(cfg)
+    weight_quant = block_quant_from_hf(cfg)
     _refuse_value(cfg, "num_key_value_heads", 1, "shared-KV attention reads exactly one key/value head")
     _refuse_value(cfg, "hidden_act", "silu", "the experts are SwiGLU with silu")
     _refuse_value(cfg, "attention_bias", False, "V4 projections carry no bias")
@@ -229,7 +234,7 @@ def deepseek_v4_config_from_hf(cfg: dict[str, Any]) -> DeepseekV4Config:
         )
         if k in cfg
     }  # fmt: skip
-    kw.update(num_hidden_layers=n, head_dim=head_dim)
+    kw.update(num_hidden_layers=n, head_dim=head_dim, weight_quant=weight_quant)
     eos = cfg.get("eos_token_id", d.eos_token_ids)
     kw["eos_token_ids"] = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (int(eos),))
     kw["qk_rope_head_dim"] = _rope_head_dim(cfg, head_dim, d.qk_rope_head_dim)
@@ -248,20 +253,6 @@ def deepseek_v4_config_from_hf(cfg: dict[str, Any]) -> DeepseekV4Config:
 def _refuse_value(cfg: dict[str, Any], key: str, want: Any, why: str) -> None:
     if key in cfg and cfg[key] is not None and cfg[key] != want:
         raise ValueError(f"{key} {cfg[key]!r} is not supported ({why})")
-
-
-def _refuse_quantised(cfg: dict[str, Any]) -> None:
-    q = cfg.get("quantization_config")
-    if q:
-        method = q.get("quant_method", "?") if isinstance(q, dict) else q
-        expert = (q.get("expert_dtype") if isinstance(q, dict) else None) or cfg.get("expert_dtype")
-        raise ValueError(
-            f"quantization_config (quant_method {method!r}"
-            + (f", expert_dtype {expert!r}" if expert else "")
-            + ") is not supported yet: FP8 / FP4 block-scaled weights must be dequantised to bf16 first"
-        )
-    if cfg.get("expert_dtype") not in (None, "bf16", "bfloat16"):
-        raise ValueError(f"expert_dtype {cfg['expert_dtype']!r} is not supported yet (quantised experts)")
 
 
 def _rope_head_dim(cfg: dict[str, Any], head_dim: int, default: int) -> int:

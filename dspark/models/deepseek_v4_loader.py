@@ -3,10 +3,11 @@
 Weight names are the published ones (``layers.N.attn.wq_a.weight``, ``layers.N.ffn.experts.E.w1
 .weight``, ``hc_head_fn`` ...), with or without transformers' ``model.`` prefix and with either
 spelling of the few top-level names transformers renames (``embed`` / ``embed_tokens``, ``head``
-/ ``lm_head``, ``hc_head_fn`` / ``hc_head.hc_fn``).  Quantised checkpoints stay refused by the
-config reader (``quantization_config``), and so does any tensor stored in a dtype other than
-F32 / F16 / BF16 (the released FP8 / FP4 blocks), by name.  The MTP layers (``mtp.*``) are
-not part of the decoder: the ``mtp`` drafter reads them (:mod:`dspark.models.deepseek_v4_mtp`).
+/ ``lm_head``, ``hc_head_fn`` / ``hc_head.hc_fn``).  The released checkpoints' FP8 / FP4 weights
+with block scales are dequantised on load (:mod:`dspark.models.quantized`), each to the dtype it
+is held in; any other tensor stored in a dtype other than F32 / F16 / BF16 is refused by name.
+The MTP layers (``mtp.*``) are not part of the decoder: the ``mtp`` drafter reads them
+(:mod:`dspark.models.deepseek_v4_mtp`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 from dspark.models.config import ModelArgs
 from dspark.models.deepseek_v4 import DeepseekV4Transformer, keeps_fp32
 from dspark.models.deepseek_v4_config import DeepseekV4Config, deepseek_v4_config_from_hf
+from dspark.models.quantized import dequantise_tensors
 
 MODEL_TYPE = "deepseek_v4"
 
@@ -77,7 +79,7 @@ def published_to_ours(tensors: dict[str, torch.Tensor], cfg: DeepseekV4Config) -
         name = _TOP_LEVEL.get(name, name)
         name = _KV_NORM.sub(r"\1.norm.", name)
         if not name.endswith("tid2eid") and t.dtype not in _FLOAT_DTYPES:
-            raise ValueError(f"tensor {name} has dtype {t.dtype}: quantised V4 weights are not supported")
+            raise ValueError(f"tensor {name} has dtype {t.dtype} and no block scale: not a format this loader reads")
         hit = _EXPERT.match(name)
         if hit:
             experts.setdefault((hit[1], hit[3]), {})[int(hit[2])] = t
@@ -139,6 +141,9 @@ def load_deepseek_v4(path: Path, dtype: torch.dtype, device):
     from dspark.models.tokenizer import Tokenizer
 
     cfg, args, tensors = read_deepseek_v4(path)
+    if cfg.weight_quant is not None:  # FP8 / FP4 blocks: to the dtype each parameter is held in
+        tensors = {k: v for k, v in tensors.items() if not k.startswith("mtp.")}  # the drafter's
+        tensors = dequantise_tensors(tensors, cfg.weight_quant, lambda n: torch.float32 if keeps_fp32(n) else dtype)
     model = build_deepseek_v4(cfg, args, tensors, dtype, device)
     return LoadedModel(model=model, tokenizer=Tokenizer.from_hf_dir(path), args=args, source=str(path), name=path.name)
 

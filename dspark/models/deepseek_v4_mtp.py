@@ -30,8 +30,9 @@ lists when it saves).  Its MoE routes by learned top-k (hash routing covers only
 Weight names: those of a decoder block (``attn.*``, ``ffn.*``, ``attn_norm``, ``hc_attn_*`` ...,
 with per-expert ``ffn.experts.E.w{1,2,3}``; ``attn.kv_norm`` as the release spells it or
 ``attn.norm`` as transformers writes it) plus ``e_proj``, ``h_proj``, ``enorm``, ``hnorm``,
-``norm``, ``hc_head_{fn,base,scale}``.  FP8 / FP4 tensors (non-float dtypes, ``.scale``
-companions) are refused by name, as for the target.
+``norm``, ``hc_head_{fn,base,scale}``.  The release's FP8 / FP4 tensors and their ``.scale``
+companions are dequantised by :func:`load_mtp` as the target's are (:mod:`dspark.models.quantized`);
+:func:`build_mtp` itself takes float tensors and refuses others by name.
 
 Shapes: T tokens in a step, N hyper-connection streams.
 """
@@ -53,6 +54,7 @@ from dspark.models.deepseek_v4_config import CSA, HCA, SLIDING, DeepseekV4Config
 from dspark.models.deepseek_v4_loader import published_to_ours
 from dspark.models.deepseek_v4_state import DeepseekV4State
 from dspark.models.kv_cache import VarlenBatch
+from dspark.models.quantized import dequantise_tensors
 
 PREFIX = "mtp.0."
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -225,6 +227,10 @@ def load_mtp(path, target: DeepseekV4Transformer) -> DeepseekV4MTP:
     path = Path(path)
     raw = json.loads((path / "config.json").read_text())
     tensors = read_mtp_tensors(path)
+    if target.cfg.weight_quant is not None:  # the layer's FP8 / FP4 blocks, as the target loader does
+        dtype = target.dtype
+        tensors = dequantise_tensors(tensors, target.cfg.weight_quant,
+                                     lambda n: torch.float32 if keeps_fp32(n) else dtype)  # fmt: skip
     if tensors and target.tp.world_size > 1:
         tensors = {**read_shared_tensors(path), **tensors}
     return build_mtp(target, raw, tensors, source=path.name)

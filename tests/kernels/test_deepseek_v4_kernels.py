@@ -32,6 +32,7 @@ from dspark.models.deepseek_v4_config import (  # noqa: E402
     YarnScaling,
     deepseek_v4_config_from_hf,
 )
+from dspark.models.quantized import BlockQuant  # noqa: E402
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 EPS = 1e-6
@@ -410,7 +411,8 @@ def test_config_reads_release_spelling_like_transformers():
 @pytest.mark.parametrize(
     "change, message",
     [
-        ({"quantization_config": {"quant_method": "fp8", "weight_block_size": [128, 128]}}, "^quantization_config"),
+        ({"quantization_config": {"quant_method": "awq", "weight_block_size": [128, 128]}},
+         "^quantization_config.quant_method 'awq'"),
         ({"expert_dtype": "fp4"}, "^expert_dtype"),
         ({"scoring_func": "relu"}, "^scoring_func 'relu'"),
         ({"num_key_value_heads": 2}, "^num_key_value_heads 2"),
@@ -434,12 +436,12 @@ def test_config_refusals_name_the_field(change, message):
     assert "\n" not in str(err.value)
 
 
-def test_quantised_release_is_refused_with_a_clear_message():
-    raw = {**release_style(), "quantization_config": {"quant_method": "fp8", "fmt": "e4m3"}, "expert_dtype": "fp4"}
-    with pytest.raises(ValueError) as err:
-        deepseek_v4_config_from_hf(raw)
-    msg = str(err.value)
-    assert "quantization_config" in msg and "'fp8'" in msg and "'fp4'" in msg and "not supported yet" in msg
+def test_released_quantisation_is_read_for_dequantisation():
+    q = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "scale_fmt": "ue8m0",
+         "weight_block_size": [128, 128]}  # fmt: skip
+    c = deepseek_v4_config_from_hf({**release_style(), "quantization_config": q, "expert_dtype": "fp4"})
+    assert c.weight_quant == BlockQuant(block=(128, 128), expert_fp4=True)
+    assert deepseek_v4_config_from_hf(release_style()).weight_quant is None
 
 
 # ---------------------------------------------------------------- the docstring examples
