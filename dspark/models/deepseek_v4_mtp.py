@@ -176,7 +176,8 @@ def build_mtp(target: DeepseekV4Transformer, raw_config: dict[str, Any], tensors
     for name, t in tensors.items():
         quantised = name.endswith(".scale") or (t.dtype not in _FLOAT_DTYPES and not name.endswith("tid2eid"))
         if quantised:  # FP8 / FP4 blocks and their block scales
-            raise ValueError(f"tensor {PREFIX}{name} has dtype {t.dtype}: quantised V4 weights are not supported")
+            raise ValueError(f"tensor {PREFIX}{name} has dtype {t.dtype}: build_mtp takes float tensors (load_mtp "
+                             f"dequantises the release's FP8 / FP4)")  # fmt: skip
         if name == "emb.tok_emb.weight":
             embed = t
         elif name == "head.weight":

@@ -99,16 +99,20 @@ def unpack_fp4(packed: torch.Tensor) -> torch.Tensor:
         >>> unpack_fp4(torch.tensor([[0x92, 0x7F]], dtype=torch.uint8))  # codes 2, 9, 15, 7
         tensor([[ 1.0000, -0.5000, -6.0000,  6.0000]])
     """
-    table = torch.tensor(_E2M1, dtype=torch.float32, device=packed.device)
+    nibbles = torch.tensor(_E2M1, dtype=torch.float32, device=packed.device)
+    byte = torch.arange(256, device=packed.device)
+    pair_of = torch.stack([nibbles[byte & 0xF], nibbles[byte >> 4]], dim=-1)  # [256, 2]: a byte's two values
     codes = packed.contiguous().view(torch.uint8)  # [..., K/2]
-    pairs = torch.stack([table[(codes & 0xF).long()], table[(codes >> 4).long()]], dim=-1)  # [..., K/2, 2]
-    return pairs.flatten(-2)
+    return pair_of[codes.long()].flatten(-2)  # one gather per byte: [..., K/2, 2] -> [..., K]
 
 
-def _per_element(scale: torch.Tensor, rows: int, cols: int, block: tuple[int, int]) -> torch.Tensor:
-    """Block scales [ceil(rows/b0), ceil(cols/b1)] -> float32 [rows, cols] (edge blocks cut)."""
-    s = scale.float().repeat_interleave(block[0], dim=0)[:rows]
-    return s.repeat_interleave(block[1], dim=1)[:, :cols]
+def _scaled(values: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """values [rows, cols] float32 times block scales [ceil(rows/b0), ceil(cols/b1)] (edge blocks cut)."""
+    rows, cols = values.shape
+    (b0, b1), s = block, scale.float()
+    if rows % b0 == 0 and cols % b1 == 0:  # whole blocks: broadcast, no per-element scale tensor
+        return (values.view(rows // b0, b0, cols // b1, b1) * s[:, None, :, None]).view(rows, cols)
+    return values * s.repeat_interleave(b0, dim=0)[:rows].repeat_interleave(b1, dim=1)[:, :cols]
 
 
 def dequantise_fp8(weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
@@ -125,7 +129,7 @@ def dequantise_fp8(weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, 
     if tuple(scale.shape) != want:
         raise ValueError(f"scale of shape {tuple(scale.shape)} for an FP8 weight {rows}x{cols} in {block} blocks "
                          f"(expected {want})")  # fmt: skip
-    return weight.float() * _per_element(scale, rows, cols, block)
+    return _scaled(weight.float(), scale, block)
 
 
 def dequantise_fp4(packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -142,7 +146,7 @@ def dequantise_fp4(packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     if cols % FP4_BLOCK or tuple(scale.shape) != want:
         raise ValueError(f"scale of shape {tuple(scale.shape)} for an FP4 weight {rows}x{cols} "
                          f"(expected {want}: one per {FP4_BLOCK} values of a row)")  # fmt: skip
-    return values * _per_element(scale, rows, cols, (1, FP4_BLOCK))
+    return _scaled(values, scale, (1, FP4_BLOCK))
 
 
 def dequantise_tensors(
