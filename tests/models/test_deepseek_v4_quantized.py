@@ -10,6 +10,7 @@ weights, logits, greedy output and MTP layer.  Unknown formats are refused by na
 
 from __future__ import annotations
 
+import doctest
 import json
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from dspark.models.deepseek_v4_config import SLIDING  # noqa: E402
 from dspark.models.deepseek_v4_mtp import load_mtp  # noqa: E402
 from dspark.models.kv_cache import make_batch  # noqa: E402
 from dspark.models.loader import load_model  # noqa: E402
+from dspark.models import quantized  # noqa: E402
 from dspark.models.quantized import BlockQuant, block_quant_from_hf, dequantise_tensors  # noqa: E402
 from dspark.workers.engine import Engine, EngineConfig  # noqa: E402
 from dspark.workers.request import SamplingParams  # noqa: E402
@@ -250,3 +252,8 @@ def test_a_quantised_weight_without_its_scale_is_refused(folders, tmp_path):
     save_file(scales, str(tmp_path / "scales.safetensors"))
     with pytest.raises(ValueError, match="^tensor layers.0.attn.wo_b.weight has dtype torch.float8_e4m3fn and no"):
         load_model(tmp_path, dtype="fp32")
+
+
+def test_docstring_examples():
+    result = doctest.testmod(quantized, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted >= 4 and result.failed == 0
