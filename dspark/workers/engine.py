@@ -26,7 +26,7 @@ import torch
 
 from dspark.models.tokenizer import Tokenizer
 from dspark.models.kv_cache import KVCache
-from dspark.workers.drafters.base import AsyncDrafter, DraftBlock, Drafter
+from dspark.workers.drafters.base import AsyncDrafter, DraftBlock, Drafter, PrefixReusingDrafter
 from dspark.workers.prefix_cache import prefix_cache_for
 from dspark.workers.request import RequestOutput, SamplingParams, Sequence, SpecMetrics, make_detokenizer
 from dspark.workers.runner import StepInput
@@ -107,7 +107,8 @@ class Engine:
         self.max_seq = max_seq or runner.cache.max_seq
         # Prefix reuse, with drafters that need no observe() of the reused tokens (not those that
         # read the target's features of every context token, nor remote ones fed by observe()).
-        reuse = cfg.prefix_caching and (drafter is None or getattr(drafter, "prefix_reuse", False))
+        reuse = cfg.prefix_caching and (drafter is None or (isinstance(drafter, PrefixReusingDrafter)
+                                                            and drafter.prefix_reuse))
         self.prefix = prefix_cache_for(runner, self.n_slots, enabled=reuse)  # by slot, or by block when paged
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []

@@ -74,9 +74,6 @@ class Drafter(Protocol):
 
     name: str
     feature_layers: tuple[int, ...]  # target layers whose hidden states observe() must receive
-    # Optional: True when the drafter needs no observe() of a prompt prefix the engine reuses from
-    # another request's cache (it reads ``seq.all_ids`` or the target's cache); absent = False.
-    # prefix_reuse: bool
 
     def propose(self, seqs: list[Sequence], block_len: int) -> list[DraftBlock | None]:
         """One entry per sequence: a block of at most ``block_len`` tokens, or None.
@@ -101,6 +98,15 @@ class Drafter(Protocol):
     def release(self, request_id: str) -> None:
         """The request ended: drop its state."""
         ...
+
+
+@runtime_checkable
+class PrefixReusingDrafter(Drafter, Protocol):
+    """A drafter that may declare it needs no ``observe()`` of a prompt prefix the engine reuses
+    from another request's cache (it reads ``seq.all_ids`` or the target's cache): n-gram,
+    layer-skip, draft model.  Drafters without the attribute never get reused prefixes."""
+
+    prefix_reuse: bool
 
 
 @runtime_checkable
