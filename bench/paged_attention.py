@@ -162,11 +162,11 @@ def engine_steps(batches: list[int], steps: int, threads: int) -> None:
         engines = {layout: Engine(LocalRunner(lm.model, RunnerConfig(n_slots=batch, max_seq=1024, kv_layout=layout)),
                                   lm.tokenizer, EngineConfig(max_batch=batch))
                    for layout in ("slot", "paged")}
-        params = SamplingParams(max_tokens=64 + steps + 4, ignore_eos=True)
+        params = SamplingParams(max_tokens=1000, ignore_eos=True)  # none finishes while timed
         for eng in engines.values():
             for p in chat_prompts(lm.tokenizer, batch):
                 eng.add_request(p, params)
-            while any(len(s.output_ids) < 64 for s in eng.running) or eng.waiting:
+            while eng.waiting or min(len(s.output_ids) for s in eng.running) < 64:
                 eng.step()
         times = {layout: [] for layout in engines}
         for _ in range(steps):
@@ -177,6 +177,7 @@ def engine_steps(batches: list[int], steps: int, threads: int) -> None:
         med = {k: statistics.median(v) for k, v in times.items()}
         ctx = [s.num_cached for s in engines["paged"].running]
         stats = engines["paged"].runner.cache.stats()
+        assert all(len(e.running) == batch for e in engines.values())
         print(f"batch {batch:2d} (contexts {min(ctx)}..{max(ctx)}): slot {med['slot']:.1f} ms, paged {med['paged']:.1f} ms "
               f"per step ({med['paged'] / med['slot']:.2f}x); KV bytes slot "
               f"{engines['slot'].runner.cache.nbytes() / 2**20:.1f} MiB, paged "
