@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 from dspark.models.kv_cache import KVCache, make_batch
 from dspark.models.llama import ForwardOutput, Transformer
+from dspark.models.target import TargetModel
 from dspark.models.paged_cache import PagedKVCache
 
 CMD_STEP, CMD_STOP, CMD_COPY = 1, 2, 3
@@ -113,7 +114,7 @@ def compile_default(model: str | None = None) -> bool:
 class LocalRunner:
     """Runs the (possibly TP-sharded) model of this process on its own KV cache."""
 
-    def __init__(self, model: Transformer, cfg: RunnerConfig = RunnerConfig()) -> None:
+    def __init__(self, model: TargetModel, cfg: RunnerConfig = RunnerConfig()) -> None:
         from dspark.models.packing import pack_linears, return_freed_memory
 
         if pack_linears(model):  # CPU + bf16 only; a no-op elsewhere and when already packed
@@ -301,7 +302,7 @@ def _comm_device(backend: str, local: torch.device) -> torch.device:
 class TPDriver(LocalRunner):
     """Rank 0 of a tensor-parallel group: broadcasts each step, then runs its own shard."""
 
-    def __init__(self, model: Transformer, cfg: RunnerConfig, backend: str, group=None) -> None:
+    def __init__(self, model: TargetModel, cfg: RunnerConfig, backend: str, group=None) -> None:
         super().__init__(model, cfg)
         self.backend = backend
         self.group = group
