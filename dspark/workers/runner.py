@@ -28,8 +28,8 @@ import torch.distributed as dist
 
 from dspark.models.kv_cache import KVCache, make_batch
 from dspark.models.llama import ForwardOutput, Transformer
-from dspark.models.target import TargetModel
 from dspark.models.paged_cache import PagedKVCache
+from dspark.models.target import TargetModel
 
 CMD_STEP, CMD_STOP, CMD_COPY = 1, 2, 3
 CMD_REUSE, CMD_NAME, CMD_RELEASE = 4, 5, 6  # paged cache: (slot, number of names), then the names
