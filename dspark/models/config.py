@@ -68,6 +68,8 @@ class ModelArgs:
         if family is None:
             raise ValueError(f"unsupported model_type {model_type!r}; supported: {', '.join(HF_FAMILIES)}")
         arch = (cfg.get("architectures") or [model_type])[0]
+        if family.args_reader:
+            raise ValueError(f"model_type {model_type!r} is read by its own loader (dspark.models.loader.load_model)")
         if family.decoder == "gemma4":
             shared, gemma = gemma4_args(gemma4_text_config(cfg))
             return cls(**shared, decoder="gemma4", gemma4=gemma, name=str(arch))
@@ -120,6 +122,12 @@ class HFFamily:
     qk_norm: bool = False  # per-head RMSNorm of queries and keys (weights ``self_attn.{q,k}_norm``)
     decoder: str = "llama"  # the implementation (a key of DECODERS); it reads the config its own way
     weight_prefix: str = "model."  # where the decoder's weights sit in the checkpoint
+    # A family with its own checkpoint reader and per-request state: "module:function" of
+    # load(path, dtype, device) -> LoadedModel and of args(path) -> ModelArgs ("" = the shared path).
+    loader: str = ""
+    args_reader: str = ""
+    compiles: bool = True  # its step can run through torch.compile (`dspark serve` compiles by default)
+    row_invariant: bool = True  # it has row-invariant kernels (the deterministic mode)
 
 
 # model_type -> family; other model types are refused.
@@ -131,12 +139,17 @@ HF_FAMILIES: dict[str, HFFamily] = {
     "gemma4_text": HFFamily(decoder="gemma4"),
     # The multimodal checkpoint: its text decoder only (vision and audio towers are not read).
     "gemma4": HFFamily(decoder="gemma4", weight_prefix="model.language_model."),
+    # Compressed attention, hyper-connections, MoE: its own decoder, state and loader (eager).
+    "deepseek_v4": HFFamily(decoder="deepseek_v4", loader="dspark.models.deepseek_v4_loader:load_deepseek_v4",
+                            args_reader="dspark.models.deepseek_v4_loader:deepseek_v4_args",
+                            compiles=False, row_invariant=False),
 }
 
 # decoder -> "module:class" building it (imported when a model is built).
 DECODERS: dict[str, str] = {
     "llama": "dspark.models.llama:Transformer",
     "gemma4": "dspark.models.gemma:Gemma4Transformer",
+    "deepseek_v4": "dspark.models.deepseek_v4:DeepseekV4Transformer",  # built by its family's loader
 }
 
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from dspark.models.config import HF_FAMILIES, ModelArgs, RopeScaling, decoder_class
+from dspark.models.config import HF_FAMILIES, HFFamily, ModelArgs, RopeScaling, decoder_class
 from dspark.models.llama import Transformer
 from dspark.models.tokenizer import Tokenizer
 
@@ -64,6 +64,23 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
     return table[name]
 
 
+def family_of(path: str | Path | None) -> HFFamily | None:
+    """The Hugging Face family of a checkpoint folder (by its config.json ``model_type``); None for
+    a GGUF file, a missing path or an unknown type (the readers refuse those with their own message)."""
+    if path is None:
+        return None
+    cfg = Path(path) / "config.json"
+    if not cfg.is_file():
+        return None
+    return HF_FAMILIES.get(json.loads(cfg.read_text()).get("model_type", "llama"))
+
+
+def _resolve(target: str):
+    """The function named "module:attribute" (imported on first use)."""
+    module, attr = target.split(":")
+    return getattr(importlib.import_module(module), attr)
+
+
 def load_model(
     path: str | Path | None = None,
     dtype: str | torch.dtype = "bf16",
@@ -75,10 +92,9 @@ def load_model(
     if not path.exists():
         raise FileNotFoundError(f"model path {path} does not exist")
     dtype = parse_dtype(dtype)
-    from dspark.models.deepseek_v4_loader import is_deepseek_v4, load_deepseek_v4
-
-    if is_deepseek_v4(path):  # its own decoder and per-request state (dspark/models/deepseek_v4*.py)
-        return load_deepseek_v4(path, dtype, device)
+    family = family_of(path)
+    if family is not None and family.loader:  # its own decoder and per-request state (e.g. DeepSeek-V4)
+        return _resolve(family.loader)(path, dtype, device)
     if path.is_dir():
         args, tensors, tokenizer = _read_hf_dir(path, progress)
         name = path.name
@@ -96,10 +112,9 @@ def load_tokenizer(path: str | Path | None = None) -> tuple[Tokenizer, ModelArgs
     touching the weights.
     """
     path = Path(path) if path else default_model_path()
-    from dspark.models.deepseek_v4_loader import deepseek_v4_args, is_deepseek_v4
-
-    if is_deepseek_v4(path):
-        return Tokenizer.from_hf_dir(path), deepseek_v4_args(path), path.name
+    family = family_of(path)
+    if family is not None and family.args_reader:
+        return Tokenizer.from_hf_dir(path), _resolve(family.args_reader)(path), path.name
     if path.is_dir():
         args = ModelArgs.from_hf_config(json.loads((path / "config.json").read_text()))
         return Tokenizer.from_hf_dir(path), args, path.name

@@ -84,31 +84,25 @@ def deterministic_default(dtype: str, device: str, model: str | None = None) -> 
     On for bf16 on CPU, where it was measured to cost under 10% per decode or verification step
     (prefill about 16%) and its start-up check passes.  Off elsewhere: fp32 refuses it (MKL's
     float32 products round by row count) and needs it least; fp16 passes the check but its cost
-    is unmeasured, and so is everything on GPUs.  Off for a DeepSeek-V4 folder (``model``): its
-    layers have no row-invariant kernels, and the model refuses the mode when asked.
+    is unmeasured, and so is everything on GPUs.  Off for a model (``model``) whose family has no
+    row-invariant kernels (DeepSeek-V4: the model refuses the mode when asked).
     """
-    if model is not None:
-        from pathlib import Path
+    from dspark.models.loader import family_of
 
-        from dspark.models.deepseek_v4_loader import is_deepseek_v4
-
-        if is_deepseek_v4(Path(model)):
-            return False
+    family = family_of(model)
+    if family is not None and not family.row_invariant:
+        return False
     return dtype == "bf16" and device == "cpu"
 
 
 def compile_default(model: str | None = None) -> bool:
     """Whether `dspark serve` / `demo` compile the verifier's step when neither flag is given: yes,
-    except for a DeepSeek-V4 folder (``model``), whose model runs eager only (it refuses
+    except for a model (``model``) whose family runs eager only (DeepSeek-V4: it refuses
     ``--compile`` by name)."""
-    if model is not None:
-        from pathlib import Path
+    from dspark.models.loader import family_of
 
-        from dspark.models.deepseek_v4_loader import is_deepseek_v4
-
-        if is_deepseek_v4(Path(model)):
-            return False
-    return True
+    family = family_of(model)
+    return family is None or family.compiles
 
 
 class LocalRunner:
