@@ -41,6 +41,7 @@ from dataclasses import dataclass
 import torch
 
 from dspark.models.deepseek_v4_config import CSA, SLIDING, DeepseekV4Config
+from dspark.models.kv_cache import CacheFullError, SlotTable
 
 
 class Ring:
@@ -89,8 +90,9 @@ class LayerState:
     indexer: Compression | None  # CSA: the Lightning Indexer's own compressor (its keys)
 
 
-class DeepseekV4State:
-    """All layers' state for ``n_slots`` requests of up to ``max_seq`` tokens, plus slot bookkeeping."""
+class DeepseekV4State(SlotTable):
+    """All layers' state for ``n_slots`` requests of up to ``max_seq`` tokens; the slot bookkeeping
+    is the shared :class:`~dspark.models.kv_cache.SlotTable`'s (truncation also checks the floor)."""
 
     def __init__(
         self,
@@ -103,14 +105,11 @@ class DeepseekV4State:
     ) -> None:
         if slack is not None and slack < 1:
             raise ValueError(f"ring slack must be >= 1 (or None for full-length rings), got {slack}")
-        self.n_slots = n_slots
-        self.max_seq = max_seq
+        super().__init__(n_slots, max_seq)
         self.slack = slack
         self.window = cfg.sliding_window
-        self.lengths = [0] * n_slots
         self.floor = [0] * n_slots  # shortest length a slot may still roll back to
         self.written = [0] * n_slots  # positions [0, written) hold this request's data
-        self._free = list(range(n_slots - 1, -1, -1))
         d, c = cfg.head_dim, cfg.index_head_dim
 
         def ring(need: int, width: int) -> Ring:
@@ -154,32 +153,10 @@ class DeepseekV4State:
     def device(self) -> torch.device:
         return self.layers[0].keys.data.device
 
-    @property
-    def num_free(self) -> int:
-        return len(self._free)
-
     def reserve(self, positions: int) -> None:
         """Everything is allocated up front; only the bound is checked."""
         if positions > self.max_seq:
-            from dspark.models.kv_cache import CacheFullError
-
             raise CacheFullError(f"{positions} positions > max_seq {self.max_seq}")
-
-    def allocate(self) -> int:
-        from dspark.models.kv_cache import CacheFullError
-
-        if not self._free:
-            raise CacheFullError(f"all {self.n_slots} cache slots are in use")
-        slot = self._free.pop()
-        self.lengths[slot] = 0
-        return slot
-
-    def free(self, slot: int) -> None:
-        if slot in self._free:
-            raise ValueError(f"slot {slot} is already free")
-        self.lengths[slot] = 0
-        self._free.append(slot)
-        self._free.sort(reverse=True)
 
     def truncate(self, slot: int, length: int) -> None:
         """Forget every position >= length (rejected draft tokens): one integer."""

@@ -23,7 +23,44 @@ class CacheFullError(RuntimeError):
     """No free slot, or a request would grow past ``max_seq``."""
 
 
-class KVCache:
+class SlotTable:
+    """Which of ``n_slots`` request slots are in use and how many positions each holds (up to
+    ``max_seq``): the bookkeeping every target cache shares (this slot cache, DeepSeek-V4's state).
+    ``allocate`` hands out the lowest free slot; truncation only moves a length back.
+    """
+
+    def __init__(self, n_slots: int, max_seq: int) -> None:
+        self.n_slots = n_slots
+        self.max_seq = max_seq
+        self.lengths = [0] * n_slots
+        self._free = list(range(n_slots - 1, -1, -1))  # pop() hands out the lowest slot first
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def allocate(self) -> int:
+        if not self._free:
+            raise CacheFullError(f"all {self.n_slots} cache slots are in use")
+        slot = self._free.pop()
+        self.lengths[slot] = 0
+        return slot
+
+    def free(self, slot: int) -> None:
+        if slot in self._free:
+            raise ValueError(f"slot {slot} is already free")
+        self.lengths[slot] = 0
+        self._free.append(slot)
+        self._free.sort(reverse=True)
+
+    def truncate(self, slot: int, length: int) -> None:
+        """Forget every position >= length (e.g. rejected draft tokens)."""
+        if not 0 <= length <= self.lengths[slot]:
+            raise ValueError(f"cannot truncate slot {slot} of length {self.lengths[slot]} to {length}")
+        self.lengths[slot] = length
+
+
+class KVCache(SlotTable):
     """Keys and values for ``n_slots`` requests of up to ``max_seq`` tokens each.
 
     Memory follows use: every slot holds ``capacity`` positions, ``initial_seq`` at first
@@ -70,10 +107,7 @@ class KVCache:
         else:  # per layer: [S, n_kv_l, capacity, hd_l]
             self.k = [torch.zeros(n_slots, kv, self.capacity, hd, dtype=dtype, device=device) for kv, hd in layer_shapes]
             self.v = [torch.zeros_like(t) for t in self.k]
-        self.n_slots = n_slots
-        self.max_seq = max_seq
-        self.lengths = [0] * n_slots
-        self._free = list(range(n_slots - 1, -1, -1))  # pop() hands out the lowest slot first
+        super().__init__(n_slots, max_seq)
 
     def reserve(self, positions: int) -> None:
         """Make every slot hold at least ``positions`` positions (<= ``max_seq``)."""
@@ -112,30 +146,6 @@ class KVCache:
     @property
     def device(self) -> torch.device:
         return self.k[0].device
-
-    @property
-    def num_free(self) -> int:
-        return len(self._free)
-
-    def allocate(self) -> int:
-        if not self._free:
-            raise CacheFullError(f"all {self.n_slots} cache slots are in use")
-        slot = self._free.pop()
-        self.lengths[slot] = 0
-        return slot
-
-    def free(self, slot: int) -> None:
-        if slot in self._free:
-            raise ValueError(f"slot {slot} is already free")
-        self.lengths[slot] = 0
-        self._free.append(slot)
-        self._free.sort(reverse=True)
-
-    def truncate(self, slot: int, length: int) -> None:
-        """Forget every position >= length (e.g. rejected draft tokens)."""
-        if not 0 <= length <= self.lengths[slot]:
-            raise ValueError(f"cannot truncate slot {slot} of length {self.lengths[slot]} to {length}")
-        self.lengths[slot] = length
 
     def nbytes(self) -> int:
         layers = self.k if isinstance(self.k, list) else [self.k]
