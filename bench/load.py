@@ -112,6 +112,28 @@ async def open_loop(base: str, rate: float, seconds: float, max_tokens: int, spe
     return _summarise(list(results), wall)
 
 
+def _gate_counts(base: str) -> tuple[float, float, float]:
+    """(speculative steps, plain steps, draft depth) from the router's /metrics (verifier gauges)."""
+    import httpx
+
+    got = {}
+    for line in httpx.get(base + "/metrics", timeout=30).text.splitlines():
+        for name in ("speculative_steps", "plain_steps", "draft_depth"):
+            if line.startswith(f"dspark:{name}{{"):
+                got[name] = float(line.rsplit(" ", 1)[1])
+    return got.get("speculative_steps", 0.0), got.get("plain_steps", 0.0), got.get("draft_depth", 0.0)
+
+
+def _gated(base: str, run) -> dict:
+    """``run()``'s summary plus the share of the level's steps the speculation gate let
+    speculate and the draft depth at its end (adaptive runs; fixed depths always speculate)."""
+    s0, p0, _ = _gate_counts(base)
+    out = run()
+    s1, p1, depth = _gate_counts(base)
+    steps = (s1 - s0) + (p1 - p0)
+    return {**out, "spec_step_share": (s1 - s0) / steps if steps else None, "draft_depth": depth}
+
+
 def _cluster_cfg(depth: int, adaptive: bool, draft: str, slots: int, dtype: str):
     from dspark.cluster.config import ClusterConfig
 
@@ -148,7 +170,7 @@ def main(levels, rates, seconds, max_tokens, depths, draft, slots, dtype, json_p
             modes = [(name, True)] + ([("plain", False)] if depth == max(int(d) for d in depths.split(",")) and not adaptive else [])
             for label, spec in modes:
                 for conc in levels_l:
-                    s = asyncio.run(closed_loop(c.base_url, conc, seconds, max_tokens, spec))
+                    s = _gated(c.base_url, lambda: asyncio.run(closed_loop(c.base_url, conc, seconds, max_tokens, spec)))
                     rows.append({"config": label, "loop": "closed", "level": conc, **s})
                     click.echo(table([rows[-1]], list(rows[-1])), err=True)
                 if adaptive or label == "plain":
@@ -157,7 +179,7 @@ def main(levels, rates, seconds, max_tokens, depths, draft, slots, dtype, json_p
                         rows.append({"config": label, "loop": "open", "level": rate, **s})
                         click.echo(table([rows[-1]], list(rows[-1])), err=True)
     cols = ["config", "loop", "level", "requests", "errors", "per_user_tok_s", "aggregate_tok_s", "itl_p50_ms",
-            "itl_p99_ms", "verified_per_step", "acceptance_length"]
+            "itl_p99_ms", "verified_per_step", "acceptance_length", "spec_step_share", "draft_depth"]
     click.echo(table(rows, cols))
     verdict = _verdict(rows, levels_l)
     for line in verdict:

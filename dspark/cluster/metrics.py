@@ -25,6 +25,8 @@ dspark:kv_cache_usage                                 gauge     verifier's cache
 dspark:kv_cache_block_usage                           gauge     paged cache: blocks in use / blocks in the pool
 dspark:structured_output_requests                     counter   requests with a response_format grammar
 dspark:grammar_mask_seconds / dspark:grammar_masks    gauge     verifier's total time computing grammar masks / masks
+dspark:speculative_steps / dspark:plain_steps         gauge     verifier's steps the speculation gate sent each way
+dspark:draft_depth                                    gauge     drafts per block asked for at the last speculative step
 ====================================================  ========  ===============================
 
 Why counters are accumulated here, at the router, from each request's final ``SpecMetrics``
@@ -101,11 +103,15 @@ class RouterMetrics:
         self.mask_seconds = gauge("grammar_mask_seconds",
                                   "Seconds the verifier spent computing grammar masks since it started.")
         self.masks = gauge("grammar_masks", "Grammar masks the verifier computed since it started.")
+        self.spec_steps = gauge("speculative_steps", "Verifier steps the speculation gate let speculate, since start.")
+        self.plain_steps = gauge("plain_steps", "Verifier steps the speculation gate kept plain, since start.")
+        self.draft_depth = gauge("draft_depth", "Drafts per block the verifier asked for at its last speculative step.")
         # Series exist (at 0) from the start, so rates and absent() behave before traffic.
         for m in (self.num_drafts, self.num_draft_tokens, self.num_accepted_tokens, self.request_failure,
                   self.prompt_tokens, self.generation_tokens, self.ttft, self.itl, self.budget,
                   self.policy_version, self.queue_depth, self.running, self.in_flight, self.redis_connected,
-                  self.structured, self.mask_seconds, self.masks):
+                  self.structured, self.mask_seconds, self.masks, self.spec_steps, self.plain_steps,
+                  self.draft_depth):
             self.labels(m)
         # The same figure as a plain int (graceful drain reads it).  HTTP and gRPC requests run on
         # different threads' event loops, hence the lock.
@@ -172,7 +178,9 @@ class RouterMetrics:
         for key, gauge in (("verification_budget", self.budget), ("policy_version", self.policy_version),
                            ("queued_requests", self.queue_depth), ("active_requests", self.running),
                            ("prefix_cache_hit_rate", self.prefix_hit_rate), ("kv_cache_usage", self.kv_usage),
-                           ("kv_cache_block_usage", self.kv_block_usage), ("grammar_mask_seconds", self.mask_seconds), ("grammar_masks", self.masks)):
+                           ("kv_cache_block_usage", self.kv_block_usage), ("grammar_mask_seconds", self.mask_seconds),
+                           ("grammar_masks", self.masks), ("speculative_steps", self.spec_steps),
+                           ("plain_steps", self.plain_steps), ("draft_depth", self.draft_depth)):
             if key in stats:
                 self.labels(gauge).set(float(stats[key]))
 

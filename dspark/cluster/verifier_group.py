@@ -140,7 +140,7 @@ class VerifierGroup:
         return {**demand, "steps": self.engine.num_steps, "finished_requests": self.worker.finished_requests,
                 "verification_budget": self.budget_meter.value,
                 "policy_version": self.budget.policy.version if self.budget else 0, "pid": os.getpid(),
-                "group": self.group_id, **self.engine.cache_stats()}
+                "group": self.group_id, **self.engine.cache_stats(), **self.engine.speculation_stats()}
 
     async def _report(self) -> None:
         demand = self.worker.demand()

@@ -116,6 +116,7 @@ class Engine:
         self.max_batch = min(cfg.max_batch, self.n_slots)  # the scheduler may lower it at run time
         self.last_draft_seconds = 0.0
         self.last_drafted_requests = 0
+        self.last_draft_depth = 0  # drafts per block asked of the drafter at the last speculative step
         self.num_steps = 0
         self.last_step_tokens = 0
         self.last_step_seconds = 0.0
@@ -217,6 +218,14 @@ class Engine:
         held = sum(s.num_cached for s in self.running)
         return {**self.prefix.stats(), "kv_cache_usage": held / (self.n_slots * self.max_seq),
                 "kv_cache_slots_in_use": len(self.running), **self.grammar_stats()}
+
+    def speculation_stats(self) -> dict:
+        """Whether steps speculate (the gate's choices; with no gate every step with a drafter
+        speculates) and how deep the last blocks were drafted."""
+        g = self.gate
+        return {"speculative_steps": g.speculative_steps if g is not None else 0,
+                "plain_steps": g.plain_steps if g is not None else 0,
+                "draft_depth": self.last_draft_depth}
 
     def grammar_stats(self) -> dict:
         """Structured outputs: time spent computing grammar masks and how many (zeros before any)."""
@@ -482,7 +491,7 @@ class Engine:
         if not want:
             return [DraftBlock.empty() for _ in decode]
         t0 = time.perf_counter()
-        depth = self._draft_depth()
+        depth = self.last_draft_depth = self._draft_depth()
         proposed = dict(zip((s.request_id for s in want), self.drafter.propose(want, depth)))
         late = [s for s in want if proposed[s.request_id] is None]
         if late and len(late) < len(want) and isinstance(self.drafter, AsyncDrafter):

@@ -35,7 +35,7 @@ class ScriptedBackend:
     def __init__(self) -> None:
         self.stats = {"active_requests": 2, "queued_requests": 5, "verification_budget": 3.5, "policy_version": 7,
                       "prefix_cache_hit_rate": 0.25, "kv_cache_usage": 0.5,
-                      "kv_cache_block_usage": 0.75}
+                      "kv_cache_block_usage": 0.75, "speculative_steps": 40, "plain_steps": 9, "draft_depth": 3}
 
     async def generate(self, prompt_ids, params, request_id=None):
         spec = SpecMetrics()
@@ -114,6 +114,7 @@ def test_counters_histograms_and_gauges(client):
     assert after["dspark:verification_budget"] == 3.5 and after["dspark:policy_version"] == 7
     assert after["dspark:prefix_cache_hit_rate"] == 0.25 and after["dspark:kv_cache_usage"] == 0.5
     assert after["dspark:kv_cache_block_usage"] == 0.75
+    assert after["dspark:speculative_steps"] == 40 and after["dspark:plain_steps"] == 9 and after["dspark:draft_depth"] == 3
 
 
 def test_unavailable_backend_is_503_and_counted(client):

@@ -88,6 +88,7 @@ def test_engine_drafts_only_what_the_budget_verifies(setup):
     seq = eng.generate([prompt], SamplingParams(max_tokens=32, ignore_eos=True))[0]
     assert seq.output_ids == plain[: len(seq.output_ids)] and len(seq.output_ids) == 32
     assert drafter.asked[0] == 8 and set(drafter.asked[1:]) == {2}, drafter.asked
+    assert eng.speculation_stats() == {"speculative_steps": 0, "plain_steps": 0, "draft_depth": 2}  # no gate
     # Without a depth-aware budget every block is drafted whole.
     whole = _Script(plain)
     Engine(runner, tok, EngineConfig(max_batch=1, block_len=8), drafter=whole).generate(
