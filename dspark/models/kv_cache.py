@@ -59,6 +59,10 @@ class SlotTable:
             raise ValueError(f"cannot truncate slot {slot} of length {self.lengths[slot]} to {length}")
         self.lengths[slot] = length
 
+    def release(self, slot: int) -> None:
+        """The slot's request ended: forget its positions (the paged cache also returns its blocks)."""
+        self.lengths[slot] = 0
+
 
 class KVCache(SlotTable):
     """Keys and values for ``n_slots`` requests of up to ``max_seq`` tokens each.

@@ -55,8 +55,9 @@ class CostModel:
 def profile_step_costs(runner, token_counts: list[int] | None = None, repeats: int = 3) -> CostModel:
     """Time one forward pass of T tokens (spread over requests of up to 8 tokens) for each T.
 
-    Uses the runner's last cache slots with dummy tokens; call it before serving (the slots are
-    free then).  The minimum over ``repeats`` runs is kept (noise only ever adds time).
+    Uses the runner's last cache slots with dummy tokens from position 0 and releases them after
+    (a paged cache gives their blocks back); call it before serving (the slots are free then).
+    The minimum over ``repeats`` runs is kept (noise only ever adds time).
     """
     cache = runner.cache
     if token_counts is None:
@@ -69,13 +70,15 @@ def profile_step_costs(runner, token_counts: list[int] | None = None, repeats: i
         q_lens = [per] * (T // per) + ([T % per] if T % per else [])
         q_lens = q_lens[:n_req]
         slots = list(range(cache.n_slots - len(q_lens), cache.n_slots))
-        step = StepInput([1] * sum(q_lens), slots, [16] * len(q_lens), q_lens, logits_rows=list(range(sum(q_lens))))
+        step = StepInput([1] * sum(q_lens), slots, [0] * len(q_lens), q_lens, logits_rows=list(range(sum(q_lens))))
         best = float("inf")
-        for _ in range(repeats + 1):  # the first run warms up
+        for _ in range(repeats + 1):  # the first run warms up; each run starts the slots over
             t0 = time.perf_counter()
             runner.forward(step)
             best = min(best, time.perf_counter() - t0)
         times.append(best)
+        for slot in slots:
+            runner.release_slot(slot)
     # Monotone envelope: a larger batch never costs less than a smaller one.
     for i in range(1, len(times)):
         times[i] = max(times[i], times[i - 1])

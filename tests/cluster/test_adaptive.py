@@ -99,6 +99,22 @@ def test_profile_step_costs_is_monotone(model_fp32):
     assert table.shape == (65,) and float(table[32]) == pytest.approx(costs.step_seconds[-1])
 
 
+def test_profiling_leaves_every_cache_layout_as_it_found_it(model_fp32, tmp_path):
+    """The profile runs from position 0 and releases its slots: a paged cache gets every block
+    back, and a DeepSeek-V4 state (which refuses a start beyond what it holds) profiles too."""
+    from helpers.tiny_deepseek_v4 import write_tiny_folder
+
+    from dspark.models.loader import load_model
+
+    paged = LocalRunner(model_fp32.model, RunnerConfig(n_slots=4, max_seq=64, kv_layout="paged"))
+    profile_step_costs(paged, token_counts=[1, 8, 32], repeats=1)
+    assert paged.cache.blocks_in_use == 0 and set(paged.cache.lengths) == {0}
+    write_tiny_folder(tmp_path / "v4", 300, 2)
+    v4 = LocalRunner(load_model(tmp_path / "v4", dtype="fp32", progress=False).model, RunnerConfig(n_slots=2, max_seq=64))
+    costs = profile_step_costs(v4, token_counts=[1, 8], repeats=1)
+    assert len(costs.step_seconds) == 2 and set(v4.cache.lengths) == {0}
+
+
 @pytest.mark.parametrize("mode", ["algorithm1", "production"])
 def test_adaptive_engine_is_lossless_and_shortens_under_load(model_fp32, prompts20, mode):
     """Greedy output with the adaptive budget equals plain decoding; a busy policy verifies less."""
