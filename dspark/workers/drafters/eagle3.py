@@ -19,9 +19,11 @@ Proposals: each draft d_k is sampled from q_k = softmax(logits_k / T) truncated 
 law d_k was drawn from, so rejection sampling stays exact.  With a reduced draft vocabulary
 (``draft_vocab_size`` with ``d2t``) the columns map to vocabulary ids and q is zero elsewhere.
 
-Confidences (what the verification budget reads): the draft's own probability of each drafted
-token, softmax(logits_k / T)[d_k] over its whole vocabulary before truncation, at T = 1 for
-greedy requests; the budget forms survival products of them.
+Confidences (what the verification budget reads): the largest probability of the draft's law
+at each position, max softmax(logits_k / T) over its whole vocabulary before truncation (T = 1
+for greedy requests, where it is the drafted token's); the budget forms survival products of
+them.  Not the drawn token's own probability: a budget that verified likely draws and dropped
+unlikely ones would bias the output towards the draft's mode.
 
 Under a grammar (structured outputs) drafts are not masked: the engine cuts a block after a draft
 the grammar forbids, so output is unchanged.  Options: head=PATH (a DeepSpec EAGLE-3 folder,
@@ -193,7 +195,9 @@ class Eagle3Drafter:
             else:
                 allowed = torch.ones_like(logits, dtype=torch.bool)
                 col, q, cand = masked_position_sample(logits, allowed, temps, self.top_k, uniforms[:, k])
-            confs.append(torch.softmax(logits / t_conf, dim=-1)[rows, col])
+            # The largest probability, not the drawn token's: whether the budget verifies d_k
+            # must not depend on d_k itself (it may depend on the drafts before it).
+            confs.append(torch.softmax(logits / t_conf, dim=-1).amax(-1))
             tok, cand = (col, cand) if ids is None else (ids[col], ids[cand])
             toks.append(tok)
             qs.append(q)
