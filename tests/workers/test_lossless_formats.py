@@ -16,8 +16,9 @@ the first: the Markov head's x_{k-1} input, the RNN head's state) or from a reco
 token.  The DSpark heads' Markov W2 holds the target's own next-token logits given the previous
 token alone (rank V, W1 = I) and their final norm is scaled down, so q is close to p without
 equalling it: about a third of the drafts are accepted, and a q that reaches the verifier wrong
-biases the output visibly (sending q^2 renormalised instead of q, while drafting from q, gives
-p < 1e-6 on x2 for each of the four DSpark heads).  The DFlash head (no Markov head to align)
+biases the output visibly (sending q^2 renormalised instead of q, while drafting from q, gave
+p < 1e-6 on x2 for each of the four DSpark heads; ``test_a_wrong_q_would_show`` keeps that check
+for the vanilla head).  The DFlash head (no Markov head to align)
 drafts tokens the target rarely keeps: its case checks mostly the residual path.
 """
 
@@ -151,3 +152,31 @@ def test_sampled_tokens_follow_the_target(name, target, tmp_path):
         counts = collections.Counter(o[pos] for o in outs)
         pval = chisquare_pvalue(counts, law)
         assert pval > 1e-3, f"{name}: x{pos + 1} p = {pval:.2e}, observed {counts.most_common(5)}"
+
+
+def test_a_wrong_q_would_show(target, tmp_path):
+    """The power of the cases above: the vanilla DeepSpec head drafting from q but reporting q^2
+    (renormalised) to the verifier biases x2 far past the threshold."""
+    name = next(n for n, (_, fmt, markov) in HEADS.items() if fmt == "deepspec" and markov == "vanilla")
+    head = _write_head(name, target, tmp_path)
+    built = build_engine(EngineSpec(model=str(target.folder), dtype="fp32", draft=HEADS[name][0], block_len=BLOCK,
+                                    draft_options=(("head", str(head)),), runner=RunnerConfig(n_slots=256, max_seq=32)),
+                         progress=False)
+    try:
+        eng = built.engine
+        right = eng.drafter.propose
+
+        def squared_q(seqs, block_len):
+            blocks = right(seqs, block_len)
+            for b in blocks:
+                if len(b) and b.probs is not None:
+                    sq = b.probs.double() ** 2
+                    b.probs = (sq / sq.sum(-1, keepdim=True)).to(b.probs.dtype)
+            return blocks
+
+        eng.drafter.propose = squared_q
+        params = [SamplingParams(max_tokens=MAX_TOKENS, temperature=TEMPERATURE, seed=s, ignore_eos=True) for s in range(N_SEQS)]
+        outs = [s.output_ids for s in eng.generate([PROMPT] * N_SEQS, params)]
+    finally:
+        built.close()
+    assert chisquare_pvalue(collections.Counter(o[1] for o in outs), target.laws[0]) < 1e-6
