@@ -38,7 +38,7 @@ def _ttft(engine, ids: list[int]) -> tuple[float, int]:
 @click.option("--threads", type=int, default=2, show_default=True)
 @click.option("--json", "json_path", default=None, help="where to write the results")
 @click.option("--kv-layout", "kv_layout", type=click.Choice(["slot", "paged"]), default="slot", show_default=True,
-              help="the target's KV cache (paged: reuse by block, no deterministic mode)")
+              help="the target's KV cache (paged: reuse by block)")
 def main(trials, prefix_tokens, dtype, threads, json_path, kv_layout):
     """TTFT of a request whose 1k-token system prompt is cached, over the same request cold."""
     import torch
@@ -49,8 +49,7 @@ def main(trials, prefix_tokens, dtype, threads, json_path, kv_layout):
     from dspark.workers.runner import RunnerConfig, deterministic_default
 
     torch.set_num_threads(threads)
-    runner = RunnerConfig(n_slots=4, max_seq=2048, kv_layout=kv_layout,
-                          deterministic=deterministic_default(dtype, "cpu") and kv_layout == "slot")
+    runner = RunnerConfig(n_slots=4, max_seq=2048, kv_layout=kv_layout, deterministic=deterministic_default(dtype, "cpu"))
     warm = build_engine(EngineSpec(dtype=dtype, runner=runner), progress=False)
     cold = build_engine(EngineSpec(dtype=dtype, runner=runner), progress=False)
     cold.engine.prefix.enabled = False

@@ -111,7 +111,7 @@ def engine_options(f):
                           "pays off for long outputs"),
         click.option("--kv-layout", "kv_layout", type=click.Choice(["slot", "paged"]), default="slot", show_default=True,
                      help="the target's KV cache: one region per request, or blocks from a pool (memory follows "
-                          "the tokens held; no deterministic mode)"),
+                          "the tokens held)"),
     ]
     for o in reversed(opts):
         f = o(f)
@@ -145,7 +145,7 @@ def generate(prompt, max_tokens, temperature, top_p, top_k, seed, raw, model, dt
     from dspark.workers.runner import RunnerConfig, deterministic_default
 
     if deterministic is None:
-        deterministic = deterministic_default(dtype, device, model) and kv_layout == "slot"
+        deterministic = deterministic_default(dtype, device, model)
     try:
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
     except ValueError as e:
@@ -153,7 +153,7 @@ def generate(prompt, max_tokens, temperature, top_p, top_k, seed, raw, model, dt
     try:
         runner = RunnerConfig(n_slots=2, max_seq=max(1024, max_tokens + 1024), deterministic=deterministic,
                               compile=compile, kv_layout=kv_layout)
-    except ValueError as e:  # e.g. --deterministic with --kv-layout paged
+    except ValueError as e:  # an unknown layout
         raise click.ClickException(str(e)) from None
     spec = EngineSpec(
         model=model, dtype=dtype, device=device, tp=tp, draft=draft, block_len=block_len,

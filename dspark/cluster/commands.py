@@ -50,7 +50,7 @@ def cluster_options(f):
                           "default: on, except for DeepSeek-V4 folders, which run eager)"),
         click.option("--kv-layout", "kv_layout", type=click.Choice(["slot", "paged"]), default="slot", show_default=True,
                      help="the verifier's KV cache: one region per request, or blocks from a pool (memory follows the "
-                          "tokens held; no deterministic mode)"),
+                          "tokens held)"),
     ]
     for o in reversed(opts):
         f = o(f)
@@ -64,7 +64,7 @@ def make_config(model, dtype, device, tp, draft_workers, draft, block_len, verif
     if extra.get("deterministic", False) is None:
         from dspark.workers.runner import deterministic_default
 
-        extra["deterministic"] = deterministic_default(dtype, device, model) and extra.get("kv_layout") != "paged"
+        extra["deterministic"] = deterministic_default(dtype, device, model)
     if "compile" in extra:
         from dspark.workers.runner import compile_default
 

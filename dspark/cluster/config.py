@@ -85,8 +85,6 @@ class ClusterConfig:
             raise ValueError("draft_stream_quota >= 0 and draft_idle_release_s > 0 are required")
         if cfg.kv_layout not in ("slot", "paged"):
             raise ValueError(f"kv_layout must be slot or paged, not {cfg.kv_layout!r}")
-        if cfg.kv_layout == "paged" and cfg.deterministic:
-            raise ValueError("the paged KV layout has no row-invariant attention: run it with deterministic off")
         if cfg.draft != "none":  # an unknown kind or option is refused here, naming it
             registry.parse_options(cfg.draft, cfg.draft_options)
         return cfg

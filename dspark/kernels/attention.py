@@ -310,21 +310,29 @@ def row_invariant_attention(
     row of a verification tile.  Example: a 5-token verification block gives bit for bit the
     rows of 5 successive one-token decode steps.
     """
-    T, n_heads, hd = q.shape
-    n_rep = plan.n_rep
-    n_kv = n_heads // n_rep
-    scale = hd**-0.5 if plan.scale is None else plan.scale
     out = torch.empty_like(q)
     for slot, a, n, total, mask in plan.tiles:  # total: the tile's padded key count
-        # [n, n_kv, rep, hd] -> [n_kv, rep * n, hd]: the heads sharing a KV head fold into rows
-        qi = q[a : a + n].view(n, n_kv, n_rep, hd).permute(1, 2, 0, 3).reshape(n_kv, n_rep * n, hd)
         # Contiguous copies: bmm on the cache's strided views is twice as slow as copy + bmm.
         ki = k_cache[slot, :, :total].contiguous()  # [n_kv, L, hd]
         vi = v_cache[slot, :, :total].contiguous()
-        s = torch.bmm(qi, ki.transpose(1, 2)) * scale  # [n_kv, rep * n, L] in the cache dtype
-        if mask is not None:
-            s = s.masked_fill(~mask, float("-inf"))
-        p = torch.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype)
-        oi = torch.bmm(p, vi)  # [n_kv, rep * n, hd]
-        out[a : a + n] = oi.view(n_kv, n_rep, n, hd).permute(2, 0, 1, 3).reshape(n, n_heads, hd)
+        out[a : a + n] = row_invariant_tile(q[a : a + n], ki, vi, mask, plan.n_rep, plan.scale)
     return out
+
+
+def row_invariant_tile(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, n_rep: int, scale: float | None
+) -> torch.Tensor:
+    """One tile of :func:`row_invariant_attention`: q [n, n_heads, hd] against contiguous keys
+    and values k/v [n_kv, L, hd] (L: the tile's padded key count), mask [n_rep * n, L] or None.
+    Returns [n, n_heads, hd]."""
+    n, n_heads, hd = q.shape
+    n_kv = n_heads // n_rep
+    scale = hd**-0.5 if scale is None else scale
+    # [n, n_kv, rep, hd] -> [n_kv, rep * n, hd]: the heads sharing a KV head fold into rows
+    qi = q.view(n, n_kv, n_rep, hd).permute(1, 2, 0, 3).reshape(n_kv, n_rep * n, hd)
+    s = torch.bmm(qi, k.transpose(1, 2)) * scale  # [n_kv, rep * n, L] in the cache dtype
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    p = torch.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype)
+    oi = torch.bmm(p, v)  # [n_kv, rep * n, hd]
+    return oi.view(n_kv, n_rep, n, hd).permute(2, 0, 1, 3).reshape(n, n_heads, hd)

@@ -21,6 +21,11 @@ and about equal at 64, and its block mask costs 0.5..2.6 ms per step to build.
 
 Grouped-query attention folds the ``n_rep`` query heads of a KV head into the query axis, as
 on the slot layout, so each key is read once per KV head.
+
+The deterministic mode's tiles (:func:`dspark.kernels.attention.row_invariant_attention`) read
+the same way: each tile gathers the blocks that cover its padded key count (blocks past the
+request's table repeat its first one: finite, and masked), then runs the slot layout's tile
+arithmetic, so a query's bits do not depend on the step it is in here either.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from dspark.kernels.attention import SPAN_MAX_Q, visible
+from dspark.kernels.attention import SPAN_MAX_Q, AttentionPlan, row_invariant_tile, visible
 
 
 @dataclass
@@ -55,13 +60,15 @@ class PageGroup:
 class PagedPlan:
     """Where a step writes its keys and values, and the calls that read them.
 
-    write_blocks/write_offsets: [T] the block and offset of each new token.
+    write_blocks/write_offsets: [T] the block and offset of each new token.  groups: the SDPA
+    calls; tile_pages: instead, for a row-invariant plan, the blocks each of its tiles reads.
     """
 
     block: int
     write_blocks: torch.Tensor
     write_offsets: torch.Tensor
     groups: list[PageGroup]
+    tile_pages: list[torch.Tensor] | None = None
 
 
 def build_paged_plan(
@@ -71,9 +78,12 @@ def build_paged_plan(
     n_rep: int,
     block: int,
     device: torch.device | str,
+    tiles: list[tuple[int, int, int, int, torch.Tensor | None]] | None = None,
+    slots: list[int] | None = None,
 ) -> PagedPlan:
     """The paged plan of one step: request i holds blocks ``tables[i]`` and appends ``q_lens[i]``
-    tokens at position ``starts[i]`` (its table already covers them).
+    tokens at position ``starts[i]`` (its table already covers them).  With ``tiles`` (a
+    row-invariant plan's, naming requests by ``slots``), the plan reads by tile instead.
 
     Example, block 4: a request at start 5 feeding 2 tokens with table [7, 2] writes position
     5 to block 2 offset 1 and position 6 to block 2 offset 2.
@@ -88,6 +98,15 @@ def build_paged_plan(
         for p in range(start, start + q):
             blocks.append(table[p // block])
             offsets.append(p % block)
+    write = (torch.tensor(blocks, device=device), torch.tensor(offsets, device=device))
+    if tiles is not None:
+        table_of = dict(zip(slots, tables))
+        pages = []
+        for slot, _, _, keys, _ in tiles:
+            t = table_of[slot]
+            need = -(-keys // block)
+            pages.append(torch.tensor((t + [t[0]] * need)[:need], device=device))
+        return PagedPlan(block, *write, groups=[], tile_pages=pages)
     cu = [0]
     for q in q_lens:
         cu.append(cu[-1] + q)
@@ -95,7 +114,7 @@ def build_paged_plan(
     groups = [_group(short, tables, starts, q_lens, cu, n_rep, block, device)] if short else []
     groups += [_group([i], tables, starts, q_lens, cu, n_rep, block, device)
                for i, q in enumerate(q_lens) if q > SPAN_MAX_Q]
-    return PagedPlan(block, torch.tensor(blocks, device=device), torch.tensor(offsets, device=device), groups)
+    return PagedPlan(block, *write, groups=groups)
 
 
 def _group(members, tables, starts, q_lens, cu, n_rep, block, device) -> PageGroup:
@@ -149,4 +168,19 @@ def paged_attention(
         ob = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=g.mask, scale=scale)
         ob = ob.view(g.n, n_kv, n_rep, g.max_q, hd).permute(0, 3, 1, 2, 4).reshape(-1, n_heads, hd)
         out[g.tokens] = ob[g.rows]
+    return out
+
+
+def paged_row_invariant_attention(
+    q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, plan: AttentionPlan, paged: PagedPlan
+) -> torch.Tensor:
+    """:func:`dspark.kernels.attention.row_invariant_attention` on a paged cache: the same tiles
+    and arithmetic, each tile's keys gathered from its blocks.  Same shapes as
+    :func:`paged_attention`."""
+    n_kv, hd = k_pool.shape[0], k_pool.shape[-1]
+    out = torch.empty_like(q)
+    for (_, a, n, total, mask), pages in zip(plan.tiles, paged.tile_pages):
+        ki = k_pool.index_select(1, pages).view(n_kv, -1, hd)[:, :total].contiguous()  # [n_kv, L, hd]
+        vi = v_pool.index_select(1, pages).view(n_kv, -1, hd)[:, :total].contiguous()
+        out[a : a + n] = row_invariant_tile(q[a : a + n], ki, vi, mask, plan.n_rep, plan.scale)
     return out

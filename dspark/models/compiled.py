@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from dspark.kernels.attention import varlen_attention
-from dspark.kernels.paged_attention import paged_attention, paged_write
+from dspark.kernels.paged_attention import paged_attention, paged_row_invariant_attention, paged_write
 
 _STEP = threading.local()
 
@@ -58,6 +58,8 @@ def write_and_attend(q, k, v, k_cache, v_cache, batch) -> torch.Tensor:
     """
     if batch.paged is not None:
         paged_write(k_cache, v_cache, k, v, batch.paged)
+        if batch.plan.row_invariant:
+            return paged_row_invariant_attention(q, k_cache, v_cache, batch.plan, batch.paged)
         return paged_attention(q, k_cache, v_cache, batch.paged, batch.plan.n_rep, batch.plan.scale)
     k_cache[batch.token_slots, :, batch.positions] = k
     v_cache[batch.token_slots, :, batch.positions] = v

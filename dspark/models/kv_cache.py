@@ -202,15 +202,15 @@ def make_batch(
     The lengths move forward immediately: the caller runs the forward pass next, and rolls back
     with :meth:`KVCache.truncate` what verification rejects.
 
-    A paged cache (:class:`dspark.models.paged_cache.PagedKVCache`) describes the step itself;
-    it has no row-invariant attention.
+    A paged cache (:class:`dspark.models.paged_cache.PagedKVCache`) describes the step itself
+    (no padded attention there).
     """
     from dspark.models.paged_cache import PagedKVCache  # here: that module imports this one
 
     if isinstance(cache, PagedKVCache):
-        if row_invariant or padded:
-            raise ValueError("the paged KV cache has no row-invariant or padded attention")
-        return cache.make_batch(slots, q_lens, n_rep)
+        if padded:
+            raise ValueError("the paged KV cache has no padded attention")
+        return cache.make_batch(slots, q_lens, n_rep, row_invariant=row_invariant)
     if len(slots) != len(q_lens) or not slots:
         raise ValueError("need one q_len per slot and at least one request")
     if len(set(slots)) != len(slots):

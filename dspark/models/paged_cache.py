@@ -37,7 +37,7 @@ from collections import OrderedDict
 
 import torch
 
-from dspark.kernels.attention import AttentionPlan
+from dspark.kernels.attention import AttentionPlan, build_plan
 from dspark.kernels.paged_attention import build_paged_plan
 from dspark.models.kv_cache import CacheFullError, VarlenBatch
 
@@ -248,9 +248,10 @@ class PagedKVCache:
         return (self.k.numel() + self.v.numel()) * self.k.element_size()
 
     # -- steps ------------------------------------------------------------------------------
-    def make_batch(self, slots: list[int], q_lens: list[int], n_rep: int) -> VarlenBatch:
+    def make_batch(self, slots: list[int], q_lens: list[int], n_rep: int, row_invariant: bool = False) -> VarlenBatch:
         """Describe a step that appends ``q_lens[i]`` tokens to ``slots[i]``: take the blocks
-        they need and advance the lengths (see :func:`dspark.models.kv_cache.make_batch`)."""
+        they need and advance the lengths (see :func:`dspark.models.kv_cache.make_batch`).
+        ``row_invariant``: the deterministic mode's tiles, reading whole key blocks of 64."""
         if len(slots) != len(q_lens) or not slots:
             raise ValueError("need one q_len per slot and at least one request")
         if len(set(slots)) != len(slots):
@@ -265,9 +266,16 @@ class PagedKVCache:
             self._extend(s, st + q)
             self.lengths[s] = st + q
         device = self.device
-        cu = [0]
-        for q in q_lens:
-            cu.append(cu[-1] + q)
+        tables = [self.tables[s] for s in slots]
+        if row_invariant:
+            plan = build_plan(slots, starts, q_lens, n_rep, device, row_invariant=True, max_keys=self.max_seq)
+            paged = build_paged_plan(tables, starts, q_lens, n_rep, self.block, device, tiles=plan.tiles, slots=slots)
+        else:
+            cu = [0]
+            for q in q_lens:
+                cu.append(cu[-1] + q)
+            plan = AttentionPlan(list(slots), starts, list(q_lens), cu, n_rep, masks=[])
+            paged = build_paged_plan(tables, starts, q_lens, n_rep, self.block, device)
         pos = [p for st, q in zip(starts, q_lens) for p in range(st, st + q)]
         tok_slots = [s for s, q in zip(slots, q_lens) for _ in range(q)]
         return VarlenBatch(
@@ -276,6 +284,6 @@ class PagedKVCache:
             q_lens=list(q_lens),
             positions=torch.tensor(pos, dtype=torch.long, device=device),
             token_slots=torch.tensor(tok_slots, dtype=torch.long, device=device),
-            plan=AttentionPlan(list(slots), starts, list(q_lens), cu, n_rep, masks=[]),
-            paged=build_paged_plan([self.tables[s] for s in slots], starts, q_lens, n_rep, self.block, device),
+            plan=plan,
+            paged=paged,
         )

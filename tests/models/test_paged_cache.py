@@ -175,15 +175,13 @@ def test_no_block_leaks_under_random_steps_rejections_shares_and_releases():
     assert cache.blocks_in_use == 0
 
 
-def test_the_deterministic_mode_refuses_the_paged_layout():
+def test_unknown_layouts_and_padded_attention_are_refused():
     from dspark.workers.runner import RunnerConfig
 
-    with pytest.raises(ValueError, match="paged"):
-        RunnerConfig(kv_layout="paged", deterministic=True)
     with pytest.raises(ValueError, match="kv_layout"):
         RunnerConfig(kv_layout="pages")
-    with pytest.raises(ValueError, match="row-invariant"):
-        make_batch(small_cache(), [0], [1], 1, row_invariant=True)
+    with pytest.raises(ValueError, match="padded"):
+        make_batch(small_cache(), [0], [1], 1, padded=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -24,7 +24,7 @@ def _prompts(lm, texts):
 
 
 def _engine(lm, cfg, drafter=None, **kw) -> Engine:
-    return Engine(LocalRunner(lm.model, cfg), lm.tokenizer, EngineConfig(block_len=4, **kw), drafter)
+    return Engine(LocalRunner(lm.model, cfg), lm.tokenizer, EngineConfig(**{"block_len": 4, **kw}), drafter)
 
 
 def _no_block_held(eng: Engine) -> None:
@@ -139,6 +139,25 @@ def test_abort_gives_every_block_back(model_fp32):
     assert eng.abort("b")
     assert not eng.has_work
     _no_block_held(eng)
+
+
+def test_deterministic_bf16_speculative_equals_plain_and_the_slot_layout():
+    """The deterministic mode on the paged layout (its start-up check passes): in bf16, greedy
+    n-gram speculation gives plain decoding's tokens, and those of the slot layout."""
+    from dspark.models.loader import load_model
+
+    lm = load_model(None, dtype="bf16", progress=False)
+    prompts = _prompts(lm, ["Count from 1 to 30, separated by commas.", "Write a haiku about rain and explain it."])
+    params = SamplingParams(max_tokens=40, ignore_eos=True)
+    outs = {}
+    for layout in ("slot", "paged"):
+        for draft in (None, NgramDrafter()):
+            cfg = RunnerConfig(n_slots=4, max_seq=512, kv_layout=layout, deterministic=True)
+            eng = _engine(lm, cfg, draft, block_len=5)
+            outs[layout, draft is None] = [s.output_ids for s in eng.generate(prompts, params)]
+            if draft is not None:
+                assert 0 < eng.metrics.num_accepted_tokens < eng.metrics.num_draft_tokens
+    assert outs["paged", False] == outs["paged", True] == outs["slot", True]
 
 
 def test_compiled_step_equals_eager(model_fp32, prompts20):
