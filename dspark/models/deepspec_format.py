@@ -118,7 +118,7 @@ def _llama_layer_fields(raw: dict, name: str, arch: str) -> dict:
         raise _fail(name, f"layer_types {raw['layer_types']} is not supported (full attention only)")
     if raw.get("use_sliding_window", False):
         raise _fail(name, "use_sliding_window true is not supported")
-    if float(raw.get("partial_rotary_factor", 1.0)) != 1.0:
+    if float(raw.get("partial_rotary_factor") or 1.0) != 1.0:
         raise _fail(name, f"partial_rotary_factor {raw['partial_rotary_factor']} is not supported")
     rope = raw.get("rope_parameters") or {}
     scaling = raw.get("rope_scaling") or {}
@@ -129,7 +129,7 @@ def _llama_layer_fields(raw: dict, name: str, arch: str) -> dict:
     if theta is None:
         raise _fail(name, "config.json has no rope_theta")
     dim, heads = int(_need(raw, name, "hidden_size")), int(_need(raw, name, "num_attention_heads"))
-    return dict(n_heads=heads, n_kv_heads=int(raw.get("num_key_value_heads", heads)),
+    return dict(n_heads=heads, n_kv_heads=int(raw.get("num_key_value_heads") or heads),
                 head_dim=int(raw.get("head_dim") or dim // heads),
                 intermediate_size=int(_need(raw, name, "intermediate_size")),
                 norm_eps=float(_need(raw, name, "rms_norm_eps")), rope_theta=float(theta), qk_norm=ARCHITECTURES[arch])
