@@ -230,10 +230,10 @@ def check_target(name: str, cfg: Eagle3Config, args) -> None:
         raise _fail(name, f"hidden_size {cfg.dim} != the target's hidden size {args.dim}")
     if cfg.vocab_size != args.vocab_size:
         raise _fail(name, f"vocab_size {cfg.vocab_size} != the target's vocabulary {args.vocab_size}")
-    width = getattr(args, "feature_width", args.dim)
+    width = args.feature_width
     if width != args.dim:  # DeepSeek-V4's hyper-connection streams
         raise _fail(name, f"fc reads target layers hidden_size {cfg.dim} wide; the target's feature layers are "
-                          f"{width} wide (hc_mult {getattr(args, 'hc_mult', 1)})")
+                          f"{width} wide (hc_mult {args.hc_mult})")
     if cfg.num_target_layers is not None and cfg.num_target_layers != args.n_layers:
         raise _fail(name, f"num_target_layers {cfg.num_target_layers} != the target's {args.n_layers} layers")
     # DeepSpec reads hidden_states[l + 1]; for the last layer that is the final-normed state.
