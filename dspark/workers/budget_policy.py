@@ -1,5 +1,8 @@
 """Confidence-scheduled verification on the verifier: cost profile + per-step budget.
 
+* :class:`VerifyBudget` is what the engine asks each step (how many drafts of each block to
+  verify); :func:`fixed_budget` verifies whole blocks; :class:`DepthAwareBudget` also says how
+  deep to draft.
 * :func:`profile_step_costs` measures, at start-up, how long one target forward takes as a
   function of the number of tokens it carries (the paper's SPS(B) curve) on this very hardware.
 * :class:`AdaptiveBudget` is the engine's ``VerifyBudget``: from the drafts' confidences it forms
@@ -20,6 +23,7 @@ from __future__ import annotations
 import collections
 import time
 from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -27,6 +31,27 @@ from dspark.kernels.budget import select_budget_async, select_budget_greedy, sur
 from dspark.workers.drafters.base import DraftBlock
 from dspark.workers.runner import StepInput
 from dspark.workers.scheduling import VerifyPolicy
+
+
+class VerifyBudget(Protocol):
+    """Chooses how many draft tokens of each block to verify this step (one count per block)."""
+
+    def __call__(self, blocks: list[DraftBlock], block_len: int) -> list[int]: ...
+
+
+@runtime_checkable
+class DepthAwareBudget(Protocol):
+    """A budget that also says how many drafts the coming step's blocks need (the rest would not
+    be verified, so nobody drafts them): ``AdaptiveBudget``.  Other budgets get whole blocks."""
+
+    def __call__(self, blocks: list[DraftBlock], block_len: int) -> list[int]: ...
+
+    def draft_depth(self, block_len: int) -> int: ...
+
+
+def fixed_budget(blocks: list[DraftBlock], block_len: int) -> list[int]:
+    """Verify every drafted token up to the block length."""
+    return [min(len(b.token_ids), block_len) for b in blocks]
 
 
 @dataclass

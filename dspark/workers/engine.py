@@ -20,12 +20,13 @@ import random
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable, Protocol, runtime_checkable
+from typing import Callable, Iterable, Protocol
 
 import torch
 
 from dspark.models.tokenizer import Tokenizer
 from dspark.models.kv_cache import KVCache
+from dspark.workers.budget_policy import DepthAwareBudget, VerifyBudget, fixed_budget
 from dspark.workers.drafters.base import AsyncDrafter, DraftBlock, Drafter, PrefixReusingDrafter
 from dspark.workers.prefix_cache import prefix_cache_for
 from dspark.workers.request import RequestOutput, SamplingParams, Sequence, SpecMetrics, make_detokenizer
@@ -43,27 +44,6 @@ class EngineConfig:
     block_len: int = 4  # draft tokens requested per block (gamma)
     max_block_wait_s: float = 0.02  # longest wait for in-flight remote blocks before a step starts
     prefix_caching: bool = True  # reuse cached prompt prefixes (workers/prefix_cache.py)
-
-
-class VerifyBudget(Protocol):
-    """Chooses how many draft tokens of each block to verify this step (one count per block)."""
-
-    def __call__(self, blocks: list[DraftBlock], block_len: int) -> list[int]: ...
-
-
-@runtime_checkable
-class DepthAwareBudget(Protocol):
-    """A budget that also says how many drafts the coming step's blocks need (the rest would not
-    be verified, so nobody drafts them): ``AdaptiveBudget``.  Other budgets get whole blocks."""
-
-    def __call__(self, blocks: list[DraftBlock], block_len: int) -> list[int]: ...
-
-    def draft_depth(self, block_len: int) -> int: ...
-
-
-def fixed_budget(blocks: list[DraftBlock], block_len: int) -> list[int]:
-    """Verify every drafted token up to the block length."""
-    return [min(len(b.token_ids), block_len) for b in blocks]
 
 
 class Runner(Protocol):

@@ -14,10 +14,10 @@ import torch
 
 from dspark.models.loader import LoadedModel, load_model, load_tokenizer
 from dspark.models.tokenizer import Tokenizer
-from dspark.workers.budget_policy import AdaptiveBudget, CostModel, profile_step_costs
+from dspark.workers.budget_policy import AdaptiveBudget, CostModel, VerifyBudget, fixed_budget, profile_step_costs
 from dspark.workers.drafters import registry
 from dspark.workers.drafters.base import Drafter
-from dspark.workers.engine import Engine, EngineConfig, VerifyBudget, fixed_budget
+from dspark.workers.engine import Engine, EngineConfig
 from dspark.workers.runner import LocalRunner, RunnerConfig, TPGroup, TPSpec
 from dspark.workers.scheduling import VerifyPolicy
 from dspark.workers.spec_gate import SpeculationGate

@@ -28,7 +28,8 @@ from dspark.models.loader import load_model  # noqa: E402
 from dspark.workers.budget_policy import AdaptiveBudget, CostModel  # noqa: E402
 from dspark.workers.drafters import registry  # noqa: E402
 from dspark.workers.drafters.mtp import MTPDrafter  # noqa: E402
-from dspark.workers.engine import Engine, EngineConfig, fixed_budget  # noqa: E402
+from dspark.workers.budget_policy import fixed_budget  # noqa: E402
+from dspark.workers.engine import Engine, EngineConfig  # noqa: E402
 from dspark.workers.request import SamplingParams  # noqa: E402
 from dspark.workers.runner import LocalRunner, RunnerConfig  # noqa: E402
 from dspark.workers.scheduling import VerifyPolicy  # noqa: E402

@@ -16,7 +16,8 @@ import torch
 
 from dspark.models.llama import ForwardOutput
 from dspark.workers.drafters.base import DraftBlock, StatelessDrafter
-from dspark.workers.engine import Engine, EngineConfig, fixed_budget
+from dspark.workers.budget_policy import fixed_budget
+from dspark.workers.engine import Engine, EngineConfig
 from dspark.workers.request import SamplingParams, Sequence
 from dspark.workers.runner import StepInput
 

@@ -21,7 +21,7 @@ import collections
 import pytest
 
 from dspark.workers.budget_policy import AdaptiveBudget, CostModel
-from dspark.workers.engine import fixed_budget
+from dspark.workers.budget_policy import fixed_budget
 from dspark.workers.factory import EngineSpec, build_engine
 from dspark.workers.request import SamplingParams
 from dspark.workers.runner import RunnerConfig
