@@ -31,11 +31,13 @@ BENCHMARKS = {
     "soak": ("bench.soak:main", "Many streaming clients for minutes: errors, latency, memory."),
     "prefix": ("bench.prefix:main", "Time to first token with a cached 1k-token system prompt vs cold."),
     "grammar": ("bench.grammar_mask:main", "Structured outputs: grammar compile, per-token mask and rollback costs."),
+    "paged": ("bench.paged_attention:main", "Attention read from the slot and paged layouts (gather, FlexAttention)."),
 }
 
 
 # OpenMP wait policy by command (dspark/omp.py): "spin" where one process owns the cores.
-ROLE_WAIT = {"train-draft": "spin", "engine": "spin", "spec": "spin", "drafters": "spin", "prefix": "spin"}
+ROLE_WAIT = {"train-draft": "spin", "engine": "spin", "spec": "spin", "drafters": "spin", "prefix": "spin",
+             "paged": "spin"}
 
 
 def _wait_policy(role_default: str) -> None:
