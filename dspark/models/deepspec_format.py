@@ -99,40 +99,46 @@ def check_heads(name: str, markov_rank: int, confidence_head: bool, dflash: bool
                           "need confidences); a DFlash checkpoint is served with --draft dflash")
 
 
-def _need(raw: dict, name: str, key: str):
-    if key not in raw:
-        raise _fail(name, f"config.json has no {key}")
+def _need(raw: dict, name: str, key: str, what: str = "DeepSpec drafter"):
+    if raw.get(key) is None:
+        raise _fail(name, f"config.json has no {key}", what)
     return raw[key]
 
 
-def _llama_layer_fields(raw: dict, name: str, arch: str) -> dict:
-    """The draft layers' fields of a Qwen3 / Llama-form drafter (refusing what they do not compute)."""
+def llama_layer_fields(raw: dict, name: str, what: str = "DeepSpec drafter") -> dict:
+    """The draft layers' fields of a Qwen3 / Llama-form drafter config (DeepSpec's DSpark, DFlash
+    and EAGLE-3 folders), refusing, with ``what`` and the field named, what they do not compute."""
+    def fail(msg: str) -> ValueError:
+        return _fail(name, msg, what)
+
     if raw.get("attention_bias", False):
-        raise _fail(name, "attention_bias true is not supported (draft layers have no biases)")
+        raise fail("attention_bias true is not supported (draft layers have no biases)")
     if raw.get("mlp_bias", False):
-        raise _fail(name, "mlp_bias true is not supported")
+        raise fail("mlp_bias true is not supported")
     act = raw.get("hidden_act", "silu")
     if act != "silu":
-        raise _fail(name, f"hidden_act {act!r} is not supported (SwiGLU with silu only)")
+        raise fail(f"hidden_act {act!r} is not supported (SwiGLU with silu only)")
     if any(t != "full_attention" for t in raw.get("layer_types") or []):
-        raise _fail(name, f"layer_types {raw['layer_types']} is not supported (full attention only)")
+        raise fail(f"layer_types {raw['layer_types']} is not supported (full attention only)")
     if raw.get("use_sliding_window", False):
-        raise _fail(name, "use_sliding_window true is not supported")
+        raise fail("use_sliding_window true is not supported")
     if float(raw.get("partial_rotary_factor") or 1.0) != 1.0:
-        raise _fail(name, f"partial_rotary_factor {raw['partial_rotary_factor']} is not supported")
+        raise fail(f"partial_rotary_factor {raw['partial_rotary_factor']} is not supported")
+    if raw.get("final_logit_softcapping") is not None:
+        raise fail(f"final_logit_softcapping {raw['final_logit_softcapping']} is not supported")
     rope = raw.get("rope_parameters") or {}
     scaling = raw.get("rope_scaling") or {}
     kind = scaling.get("rope_type", scaling.get("type", rope.get("rope_type", "default")))
     if kind != "default":
-        raise _fail(name, f"rope_scaling type {kind!r} is not supported (plain RoPE only)")
+        raise fail(f"rope_scaling type {kind!r} is not supported (plain RoPE only)")
     theta = raw.get("rope_theta", rope.get("rope_theta"))
     if theta is None:
-        raise _fail(name, "config.json has no rope_theta")
-    dim, heads = int(_need(raw, name, "hidden_size")), int(_need(raw, name, "num_attention_heads"))
+        raise fail("config.json has no rope_theta")
+    dim, heads = int(_need(raw, name, "hidden_size", what)), int(_need(raw, name, "num_attention_heads", what))
     return dict(n_heads=heads, n_kv_heads=int(raw.get("num_key_value_heads") or heads),
                 head_dim=int(raw.get("head_dim") or dim // heads),
-                intermediate_size=int(_need(raw, name, "intermediate_size")),
-                norm_eps=float(_need(raw, name, "rms_norm_eps")), rope_theta=float(theta), qk_norm=ARCHITECTURES[arch])
+                intermediate_size=int(_need(raw, name, "intermediate_size", what)),
+                norm_eps=float(_need(raw, name, "rms_norm_eps", what)), rope_theta=float(theta))
 
 
 def gemma4_layer_fields(raw: dict, name: str, arch: str = GEMMA4_ARCHITECTURE, what: str = "DeepSpec drafter") -> dict:
@@ -188,7 +194,8 @@ def read_deepspec_config(path: str | Path, dflash: bool = False) -> tuple[DSpark
         why = ("an EAGLE-3 checkpoint: serve it with --draft eagle3" if arch in EAGLE3
                else f"served: {', '.join([*ARCHITECTURES, GEMMA4_ARCHITECTURE])}")
         raise _fail(name, f"architectures {arch!r} is not a DSpark drafter this engine serves ({why})")
-    layer = gemma4_layer_fields(raw, name) if arch == GEMMA4_ARCHITECTURE else _llama_layer_fields(raw, name, arch)
+    layer = (gemma4_layer_fields(raw, name) if arch == GEMMA4_ARCHITECTURE
+             else {**llama_layer_fields(raw, name), "qk_norm": ARCHITECTURES[arch]})
 
     rank = int(need("markov_rank"))
     markov_kind = str(raw.get("markov_head_type", "vanilla")).lower() if rank > 0 else "vanilla"

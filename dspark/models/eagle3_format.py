@@ -82,7 +82,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dspark.models.deepspec_format import CheckpointWeights, check_rows, gemma4_layer_fields
+from dspark.models.deepspec_format import CheckpointWeights, check_rows, gemma4_layer_fields, llama_layer_fields
 from dspark.models.gemma_config import AttentionKind, embed_scale
 from dspark.models.gemma_draft_layer import Gemma4DraftLayer
 from dspark.models.llama import RMSNorm, apply_rope, rope_tables
@@ -186,36 +186,7 @@ def _gemma4_fields(raw: dict, name: str) -> dict:
 
 def _qwen3_fields(raw: dict, name: str) -> dict:
     """The draft layer's Eagle3Config fields of a Qwen3Eagle3Model, refusing what it does not compute."""
-    def need(key: str):
-        if raw.get(key) is None:
-            raise _fail(name, f"config.json has no {key}")
-        return raw[key]
-
-    if raw.get("attention_bias", False):
-        raise _fail(name, "attention_bias true is not supported (the draft layer has no biases)")
-    if raw.get("mlp_bias", False):
-        raise _fail(name, "mlp_bias true is not supported")
-    act = raw.get("hidden_act", "silu")
-    if act != "silu":
-        raise _fail(name, f"hidden_act {act!r} is not supported (SwiGLU with silu only)")
-    if raw.get("use_sliding_window", False):
-        raise _fail(name, "use_sliding_window true is not supported")
-    if float(raw.get("partial_rotary_factor") or 1.0) != 1.0:
-        raise _fail(name, f"partial_rotary_factor {raw['partial_rotary_factor']} is not supported")
-    if raw.get("final_logit_softcapping") is not None:
-        raise _fail(name, f"final_logit_softcapping {raw['final_logit_softcapping']} is not supported")
-    rope = raw.get("rope_parameters") or {}
-    scaling = raw.get("rope_scaling") or {}
-    kind = scaling.get("rope_type", scaling.get("type", rope.get("rope_type", "default")))
-    if kind != "default":
-        raise _fail(name, f"rope_scaling type {kind!r} is not supported (plain RoPE only)")
-    theta = raw.get("rope_theta", rope.get("rope_theta"))
-    if theta is None:
-        raise _fail(name, "config.json has no rope_theta")
-    dim, heads = int(need("hidden_size")), int(need("num_attention_heads"))
-    return dict(n_heads=heads, n_kv_heads=int(raw.get("num_key_value_heads") or heads),
-                head_dim=int(raw.get("head_dim") or dim // heads), intermediate_size=int(need("intermediate_size")),
-                norm_eps=float(need("rms_norm_eps")), rope_theta=float(theta))
+    return llama_layer_fields(raw, name, WHAT)
 
 
 def check_target(name: str, cfg: Eagle3Config, args) -> None:
