@@ -186,6 +186,22 @@ class VarlenBatch:
         return torch.tensor([c - 1 for c in self.plan.cu_q[1:]], device=self.positions.device)
 
 
+def step_starts(cache, slots: list[int], q_lens: list[int]) -> list[int]:
+    """Each request's start (its cache length) for a step that appends ``q_lens[i]`` tokens to
+    ``slots[i]``, after checking the step is well formed (any cache with ``lengths``/``max_seq``)."""
+    if len(slots) != len(q_lens) or not slots:
+        raise ValueError("need one q_len per slot and at least one request")
+    if len(set(slots)) != len(slots):
+        raise ValueError("a slot appears twice in one batch")
+    starts = [cache.lengths[s] for s in slots]
+    for s, st, q in zip(slots, starts, q_lens):
+        if q < 1:
+            raise ValueError("every request feeds at least one token")
+        if st + q > cache.max_seq:
+            raise CacheFullError(f"slot {s} would grow to {st + q} > max_seq {cache.max_seq}")
+    return starts
+
+
 def make_batch(
     cache: KVCache,
     slots: list[int],
@@ -211,16 +227,7 @@ def make_batch(
         if padded:
             raise ValueError("the paged KV cache has no padded attention")
         return cache.make_batch(slots, q_lens, n_rep, row_invariant=row_invariant)
-    if len(slots) != len(q_lens) or not slots:
-        raise ValueError("need one q_len per slot and at least one request")
-    if len(set(slots)) != len(slots):
-        raise ValueError("a slot appears twice in one batch")
-    starts = [cache.lengths[s] for s in slots]
-    for s, st, q in zip(slots, starts, q_lens):
-        if q < 1:
-            raise ValueError("every request feeds at least one token")
-        if st + q > cache.max_seq:
-            raise CacheFullError(f"slot {s} would grow to {st + q} > max_seq {cache.max_seq}")
+    starts = step_starts(cache, slots, q_lens)
     device = cache.device
     if padded is None:
         padded = device.type != "cpu"

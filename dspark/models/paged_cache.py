@@ -39,7 +39,7 @@ import torch
 
 from dspark.kernels.attention import AttentionPlan, build_plan
 from dspark.kernels.paged_attention import build_paged_plan
-from dspark.models.kv_cache import CacheFullError, VarlenBatch
+from dspark.models.kv_cache import CacheFullError, VarlenBatch, step_starts
 
 
 class PagedKVCache:
@@ -252,16 +252,7 @@ class PagedKVCache:
         """Describe a step that appends ``q_lens[i]`` tokens to ``slots[i]``: take the blocks
         they need and advance the lengths (see :func:`dspark.models.kv_cache.make_batch`).
         ``row_invariant``: the deterministic mode's tiles, reading whole key blocks of 64."""
-        if len(slots) != len(q_lens) or not slots:
-            raise ValueError("need one q_len per slot and at least one request")
-        if len(set(slots)) != len(slots):
-            raise ValueError("a slot appears twice in one batch")
-        starts = [self.lengths[s] for s in slots]
-        for s, st, q in zip(slots, starts, q_lens):
-            if q < 1:
-                raise ValueError("every request feeds at least one token")
-            if st + q > self.max_seq:
-                raise CacheFullError(f"slot {s} would grow to {st + q} > max_seq {self.max_seq}")
+        starts = step_starts(self, slots, q_lens)
         for s, st, q in zip(slots, starts, q_lens):
             self._extend(s, st + q)
             self.lengths[s] = st + q
