@@ -39,10 +39,10 @@ import torch
 
 from dspark.kernels.attention import AttentionPlan, build_plan
 from dspark.kernels.paged_attention import build_paged_plan
-from dspark.models.kv_cache import CacheFullError, VarlenBatch, step_starts
+from dspark.models.kv_cache import CacheFullError, SlotTable, VarlenBatch, step_starts
 
 
-class PagedKVCache:
+class PagedKVCache(SlotTable):
     """Keys and values of up to ``n_slots`` requests (block tables) of up to ``max_seq`` tokens."""
 
     GROW_FROM = 16  # blocks in the pool at first (256 positions at the default block)
@@ -61,19 +61,16 @@ class PagedKVCache:
     ) -> None:
         if block < 1:
             raise ValueError(f"block must be >= 1, got {block}")
+        super().__init__(n_slots, max_seq)  # slots and lengths (SlotTable)
         self.block = block
-        self.n_slots = n_slots
-        self.max_seq = max_seq
         self.max_blocks = n_slots * -(-max_seq // block)  # n_slots requests of max_seq positions
         n = min(self.max_blocks, self.GROW_FROM if initial_blocks is None else initial_blocks)
         # zeros, not empty: masked keys past a request's length must still be finite numbers.
         self.k = torch.zeros(n_layers, n_kv_heads, n, block, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
-        self.lengths = [0] * n_slots
         self.tables: list[list[int]] = [[] for _ in range(n_slots)]
-        self._free_slots = list(range(n_slots - 1, -1, -1))  # for allocate(); the engine keeps its own
         self.refs = [0] * n  # tables holding each block
-        self._free = list(range(n - 1, -1, -1))  # unnamed, unreferenced; pop() -> lowest first
+        self._free_blocks = list(range(n - 1, -1, -1))  # unnamed, unreferenced; pop() -> lowest first
         self._cached: OrderedDict[int, None] = OrderedDict()  # named, unreferenced; oldest first
         self._block_of: dict[int, int] = {}  # name (chained hash) -> block
         self._name_of: dict[int, int] = {}  # block -> name
@@ -100,19 +97,19 @@ class PagedKVCache:
             del old
             setattr(self, name, grown)  # the old tensor goes before the next one is allocated
         self.refs += [0] * (new - old_n)
-        self._free = list(range(new - 1, old_n - 1, -1)) + self._free
+        self._free_blocks = list(range(new - 1, old_n - 1, -1)) + self._free_blocks
 
     def _take(self) -> int:
         """A block for new content, with one reference: free, else the oldest cached, else grown."""
-        if not self._free:
+        if not self._free_blocks:
             if self._cached:
                 b, _ = self._cached.popitem(last=False)
                 del self._block_of[self._name_of.pop(b)]
                 self.evictions += 1
-                self._free.append(b)
+                self._free_blocks.append(b)
             else:
                 self._grow(1)
-        b = self._free.pop()
+        b = self._free_blocks.pop()
         self.refs[b] = 1
         return b
 
@@ -127,7 +124,7 @@ class PagedKVCache:
             if b in self._name_of:
                 self._cached[b] = None
             else:
-                self._free.append(b)
+                self._free_blocks.append(b)
 
     def _copy_block(self, src: int) -> int:
         dst = self._take()
@@ -157,23 +154,13 @@ class PagedKVCache:
         """The slot's request ended: drop its references (named blocks stay cached)."""
         self.set_length(slot, 0)
 
-    # The slot layout's handing out of slots, for users that keep no slot list of their own (a
-    # draft model's runner); the engine's prefix cache hands out the target's slots itself.
-    @property
-    def num_free(self) -> int:
-        return len(self._free_slots)
-
-    def allocate(self) -> int:
-        if not self._free_slots:
-            raise CacheFullError(f"all {self.n_slots} cache slots are in use")
-        return self._free_slots.pop()
-
+    # Slots are handed out by SlotTable (for users that keep no slot list of their own: a draft
+    # model's runner; the engine's prefix cache hands out the target's slots itself).
     def free(self, slot: int) -> None:
-        if slot in self._free_slots:
+        if slot in self._free:
             raise ValueError(f"slot {slot} is already free")
         self.release(slot)
-        self._free_slots.append(slot)
-        self._free_slots.sort(reverse=True)
+        super().free(slot)
 
     def _extend(self, slot: int, positions: int) -> None:
         """Give ``slot`` the blocks to hold ``positions``, the block of its next write its own."""
@@ -236,7 +223,7 @@ class PagedKVCache:
     @property
     def blocks_in_use(self) -> int:
         """Blocks some table holds."""
-        return self.n_blocks - len(self._free) - len(self._cached)
+        return self.n_blocks - len(self._free_blocks) - len(self._cached)
 
     def stats(self) -> dict:
         """Occupancy: blocks in use, cached (named, evictable) and in the pool, of at most ``max_blocks``."""

@@ -22,8 +22,8 @@ def small_cache(n_slots=4, max_seq=64, block=4, initial_blocks=None) -> PagedKVC
 def check(cache: PagedKVCache) -> None:
     """Every block is free, cached or held, and held exactly as often as tables name it."""
     held = Counter(b for t in cache.tables for b in t)
-    free, cached = set(cache._free), set(cache._cached)
-    assert len(free) == len(cache._free) and not free & cached
+    free, cached = set(cache._free_blocks), set(cache._cached)
+    assert len(free) == len(cache._free_blocks) and not free & cached
     for b in range(cache.n_blocks):
         assert cache.refs[b] == held[b], (b, cache.refs[b], held[b])
         if held[b]:
