@@ -137,7 +137,7 @@ class AdaptiveBudget:
     def draft_depth(self, block_len: int) -> int:
         """How many drafts the coming step's blocks need: at most the policy's depth, and one past
         the deepest verification of the last ``DEPTH_WINDOW`` steps (so the depth can grow by one
-        per window when confidences rise).  Depends only on past steps, never on the coming drafts.
+        per step when confidences rise).  Depends only on past steps, never on the coming drafts.
 
         Before any step it is the policy's depth:
             >>> AdaptiveBudget(CostModel([1], [0.01]), VerifyPolicy(max_block_len=5)).draft_depth(7)
