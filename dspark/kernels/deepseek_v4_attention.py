@@ -141,12 +141,14 @@ def low_rank_query(
     wq_b: torch.Tensor,
     n_heads: int,
     eps: float,
+    head_norm: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Queries before RoPE, [B, S, H, D], and the normalised latent, [B, S, q_lora].
 
     x: [B, S, hidden]; wq_a: [q_lora, hidden]; q_norm_weight: [q_lora]; wq_b: [H * D, q_lora].
     The latent is also the indexer's query input, hence returned.  Each head is RMS-normalised
-    without weight, so every query has the same norm before the softmax scale.
+    without weight, so every query has the same norm before the softmax scale (``head_norm=False``
+    skips that norm: one reading of the V4 DSpark draft's attention, docs/DEEPSEEK_V4.md).
 
     Example:
         >>> q, lat = low_rank_query(torch.ones(1, 1, 2), torch.eye(2), torch.ones(2), torch.eye(2), 1, 0.0)
@@ -155,7 +157,7 @@ def low_rank_query(
     """
     latent = rms_norm(x @ wq_a.T, q_norm_weight, eps)  # [B, S, q_lora]
     q = (latent @ wq_b.T).unflatten(-1, (n_heads, -1))  # [B, S, H, D]
-    return rms_norm(q, None, eps), latent
+    return (rms_norm(q, None, eps) if head_norm else q), latent
 
 
 def shared_kv(x: torch.Tensor, wkv: torch.Tensor, kv_norm_weight: torch.Tensor, eps: float) -> torch.Tensor:
