@@ -128,6 +128,9 @@ class HFFamily:
     args_reader: str = ""
     compiles: bool = True  # its step can run through torch.compile (`dspark serve` compiles by default)
     row_invariant: bool = True  # it has row-invariant kernels (the deterministic mode)
+    # "module:function" of write(out, preset, seed, mtp, dtype) -> Path: a random-weight folder of
+    # this family (`dspark make-model`); "" = none.
+    random_writer: str = ""
 
 
 # model_type -> family; other model types are refused.
@@ -142,7 +145,8 @@ HF_FAMILIES: dict[str, HFFamily] = {
     # Compressed attention, hyper-connections, MoE: its own decoder, state and loader (eager).
     "deepseek_v4": HFFamily(decoder="deepseek_v4", loader="dspark.models.deepseek_v4_loader:load_deepseek_v4",
                             args_reader="dspark.models.deepseek_v4_loader:deepseek_v4_args",
-                            compiles=False, row_invariant=False),
+                            compiles=False, row_invariant=False,
+                            random_writer="dspark.models.deepseek_v4_random:write_random_folder"),
 }
 
 # decoder -> "module:class" building it (imported when a model is built).
