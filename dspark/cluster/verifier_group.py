@@ -188,6 +188,12 @@ class BudgetMeter:
             self.value = mean if self.value == 0.0 else (1 - self.alpha) * self.value + self.alpha * mean
         return lengths
 
+    def draft_depth(self, block_len: int) -> int:
+        """The wrapped budget's draft depth (whole blocks for a budget that has none), so that
+        wrapping does not hide it from the engine."""
+        depth = getattr(self.budget, "draft_depth", None)
+        return depth(block_len) if depth is not None else block_len
+
 
 def build_verifier_group(cfg: ClusterConfig) -> VerifierGroup:
     return VerifierGroup(cfg)

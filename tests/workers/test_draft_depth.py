@@ -80,10 +80,16 @@ def setup(model_fp32):
     return runner, tok, prompt, plain.output_ids
 
 
-def test_engine_drafts_only_what_the_budget_verifies(setup):
+@pytest.mark.parametrize("metered", [False, True])
+def test_engine_drafts_only_what_the_budget_verifies(setup, metered):
+    """``metered``: the budget wrapped as the cluster's verifier wraps it (``BudgetMeter``, which
+    feeds the verification-budget gauge) must still drive the draft depth."""
+    from dspark.cluster.verifier_group import BudgetMeter
+
     runner, tok, prompt, plain = setup
     drafter = _Script(plain)
     budget = AdaptiveBudget(COSTS, VerifyPolicy(budget_mode="algorithm1", max_block_len=8))
+    budget = BudgetMeter(budget) if metered else budget
     eng = Engine(runner, tok, EngineConfig(max_batch=1, block_len=8), drafter=drafter, budget=budget)
     seq = eng.generate([prompt], SamplingParams(max_tokens=32, ignore_eos=True))[0]
     assert seq.output_ids == plain[: len(seq.output_ids)] and len(seq.output_ids) == 32
