@@ -148,16 +148,17 @@ class DeepseekV4MTP(nn.Module):
         return out, logits
 
 
-def read_mtp_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """The ``mtp.0.*`` tensors of a folder's safetensors files, prefix removed (nothing else is read)."""
+def read_mtp_tensors(path: Path, prefix: str = PREFIX) -> dict[str, torch.Tensor]:
+    """The ``prefix`` tensors (default ``mtp.0.*``) of a folder's safetensors files, prefix removed
+    (nothing else is read; the V4 DSpark draft reads all of ``mtp.*``)."""
     from safetensors import safe_open
 
     out: dict[str, torch.Tensor] = {}
     for f in sorted(Path(path).glob("*.safetensors")):
         with safe_open(str(f), framework="pt") as fh:
             for key in fh.keys():
-                if key.startswith(PREFIX):
-                    out[key[len(PREFIX):]] = fh.get_tensor(key)
+                if key.startswith(prefix):
+                    out[key[len(prefix):]] = fh.get_tensor(key)
     return out
 
 

@@ -44,6 +44,7 @@ DRAFTERS: dict[str, str] = {
     "eagle3": "dspark.workers.drafters.eagle3:KIND",
     "hybrid": "dspark.workers.drafters.hybrid:KIND",
     "mtp": "dspark.workers.drafters.mtp:KIND",
+    "v4-dspark": "dspark.workers.drafters.v4_dspark:KIND",
 }
 
 
