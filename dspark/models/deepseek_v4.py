@@ -40,7 +40,7 @@ from dspark.models.config import ModelArgs
 from dspark.models.deepseek_v4_config import CSA, SLIDING, DeepseekV4Config
 from dspark.models.deepseek_v4_state import Compression, DeepseekV4State, LayerState
 from dspark.models.kv_cache import VarlenBatch
-from dspark.models.llama import ForwardOutput, Numerics, TPHooks
+from dspark.models.llama import ForwardOutput, Numerics, Shard, TPHooks
 
 # Parameters kept in fp32 in a bf16 / fp16 model: small, and each feeds a normalisation, a
 # softmax or a discrete choice (norm weights, hyper-connection mixing, sinks, the compressors'
@@ -289,6 +289,7 @@ class DeepseekV4Transformer(nn.Module):
         super().__init__()
         self.cfg, self.args, self.ring_slack = cfg, args, ring_slack
         self.tp = TPHooks()  # collectives: identities here, set by apply_deepseek_v4_tp
+        self.shard = Shard()  # the weights held: a rank's slices when loaded for a TP group
         self.num = Numerics()
         h = cfg.hidden_size
         self.embed = _W(cfg.vocab_size, h)

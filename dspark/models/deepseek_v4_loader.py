@@ -13,15 +13,17 @@ The MTP layers (``mtp.*``) are not part of the decoder: the ``mtp`` drafter read
 from __future__ import annotations
 
 import json
+import logging
 import re
 from pathlib import Path
 
 import torch
 
 from dspark.models.config import ModelArgs
-from dspark.models.deepseek_v4 import DeepseekV4Transformer, keeps_fp32
 from dspark.models.deepseek_v4_config import DeepseekV4Config, deepseek_v4_config_from_hf
-from dspark.models.quantized import dequantise_tensors
+from dspark.models.llama import Shard
+
+log = logging.getLogger(__name__)
 
 MODEL_TYPE = "deepseek_v4"
 
@@ -33,7 +35,7 @@ _TOP_LEVEL = {
     "hc_head.hc_base": "hc_head_base",
     "hc_head.hc_scale": "hc_head_scale",
 }
-_EXPERT = re.compile(r"^(layers\.\d+\.ffn)\.experts\.(\d+)\.(w[123])\.weight$")
+EXPERT_NAME = re.compile(r"^(layers\.\d+\.ffn)\.experts\.(\d+)\.(w[123])\.weight$")
 # The release spells the attention's KV norm ``attn.kv_norm``; transformers writes ``attn.norm``.
 _KV_NORM = re.compile(r"^(layers\.\d+\.attn)\.kv_norm\.")
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -64,6 +66,18 @@ def model_args(cfg: DeepseekV4Config, name: str) -> ModelArgs:
     )
 
 
+def our_name(name: str) -> str:
+    """A checkpoint tensor's name in this model's spelling (routed experts still one per expert).
+
+    Example:
+        >>> our_name("model.layers.0.attn.kv_norm.weight"), our_name("lm_head.weight")
+        ('layers.0.attn.norm.weight', 'head.weight')
+    """
+    name = name.removeprefix("model.")
+    name = _TOP_LEVEL.get(name, name)
+    return _KV_NORM.sub(r"\1.norm.", name)
+
+
 def published_to_ours(tensors: dict[str, torch.Tensor], cfg: DeepseekV4Config) -> dict[str, torch.Tensor]:
     """Checkpoint tensors -> this model's state dict (experts stacked per layer).
 
@@ -75,12 +89,10 @@ def published_to_ours(tensors: dict[str, torch.Tensor], cfg: DeepseekV4Config) -
     for name, t in tensors.items():
         if name.startswith("mtp."):  # the next-n (MTP) layers: the drafter's, not the decoder's
             continue
-        name = name.removeprefix("model.")
-        name = _TOP_LEVEL.get(name, name)
-        name = _KV_NORM.sub(r"\1.norm.", name)
+        name = our_name(name)
         if not name.endswith("tid2eid") and t.dtype not in _FLOAT_DTYPES:
             raise ValueError(f"tensor {name} has dtype {t.dtype} and no block scale: not a format this loader reads")
-        hit = _EXPERT.match(name)
+        hit = EXPERT_NAME.match(name)
         if hit:
             experts.setdefault((hit[1], hit[3]), {})[int(hit[2])] = t
         else:
@@ -97,54 +109,20 @@ def published_to_ours(tensors: dict[str, torch.Tensor], cfg: DeepseekV4Config) -
     return out
 
 
-def build_deepseek_v4(
-    cfg: DeepseekV4Config, args: ModelArgs, tensors: dict[str, torch.Tensor], dtype: torch.dtype, device
-) -> DeepseekV4Transformer:
-    """The model of checkpoint ``tensors`` (published names) in ``dtype`` on ``device``, except
-    the parameters :func:`keeps_fp32` names, which stay fp32."""
-    with torch.device("meta"):
-        model = DeepseekV4Transformer(cfg, args)
-    def dtype_of(name: str) -> torch.dtype:
-        if name.endswith("tid2eid"):
-            return torch.long
-        return torch.float32 if keeps_fp32(name) else dtype
-
-    state = {k: v.to(device=device, dtype=dtype_of(k)) for k, v in published_to_ours(tensors, cfg).items()}
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    if missing or unexpected:
-        raise ValueError(f"checkpoint does not match the DeepSeek-V4 architecture: missing={missing} "
-                         f"unexpected={unexpected}")  # fmt: skip
-    return model.eval().requires_grad_(False)
-
-
-def read_deepseek_v4(path: Path) -> tuple[DeepseekV4Config, ModelArgs, dict[str, torch.Tensor]]:
-    """Config, shared args and raw tensors of a V4 folder."""
-    from safetensors import safe_open
-
-    cfg = deepseek_v4_config_from_hf(json.loads((path / "config.json").read_text()))
-    raw = json.loads((path / "config.json").read_text())
-    args = model_args(cfg, str((raw.get("architectures") or [MODEL_TYPE])[0]))
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{path} has no *.safetensors files")
-    tensors: dict[str, torch.Tensor] = {}
-    for f in files:
-        with safe_open(str(f), framework="pt") as fh:
-            for key in fh.keys():
-                tensors[key] = fh.get_tensor(key)
-    return cfg, args, tensors
-
-
-def load_deepseek_v4(path: Path, dtype: torch.dtype, device):
-    """``load_model`` for a V4 folder: a :class:`dspark.models.loader.LoadedModel`."""
+def load_deepseek_v4(path: Path, dtype: torch.dtype, device, shard: Shard = Shard()):
+    """``load_model`` for a V4 folder: a :class:`dspark.models.loader.LoadedModel` whose model
+    holds ``shard``'s weights (the whole model by default), reading only those
+    (:mod:`dspark.models.deepseek_v4_shards`)."""
+    from dspark.models.deepseek_v4_shards import build_rank_model
     from dspark.models.loader import LoadedModel
     from dspark.models.tokenizer import Tokenizer
 
-    cfg, args, tensors = read_deepseek_v4(path)
-    if cfg.weight_quant is not None:  # FP8 / FP4 blocks: to the dtype each parameter is held in
-        tensors = {k: v for k, v in tensors.items() if not k.startswith("mtp.")}  # the drafter's
-        tensors = dequantise_tensors(tensors, cfg.weight_quant, lambda n: torch.float32 if keeps_fp32(n) else dtype)
-    model = build_deepseek_v4(cfg, args, tensors, dtype, device)
+    raw = json.loads((path / "config.json").read_text())
+    cfg = deepseek_v4_config_from_hf(raw)
+    args = model_args(cfg, str((raw.get("architectures") or [MODEL_TYPE])[0]))
+    model, stats = build_rank_model(path, cfg, args, dtype, device, shard)
+    log.info("%s rank %d of %d: read %.1f of %.1f MB", path.name, shard.rank, shard.world_size,
+             stats.bytes_read / 1e6, stats.bytes_total / 1e6)  # fmt: skip
     return LoadedModel(model=model, tokenizer=Tokenizer.from_hf_dir(path), args=args, source=str(path), name=path.name)
 
 

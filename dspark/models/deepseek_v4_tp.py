@@ -1,8 +1,11 @@
-"""Tensor and expert parallelism for the DeepSeek-V4 decoder, as a transformation of a built model.
+"""Tensor and expert parallelism for the DeepSeek-V4 decoder: which slice each rank holds.
 
-Like :func:`dspark.models.tp.apply_tp` for the Llama family, ``apply_deepseek_v4_tp`` slices the
-weights of a whole model in place for one rank of a group and installs the collectives; the
-model itself stays single-device code that calls ``model.tp.all_reduce`` / ``gather_vocab``.
+The geometry is defined once, by parameter name (:func:`param_range`), and used two ways: the
+loader (:mod:`dspark.models.deepseek_v4_shards`) reads only those slices from the checkpoint
+into a model whose shapes :func:`shard_in_place` cut on the meta device, and
+``apply_deepseek_v4_tp`` cuts a whole model that is already built (tests, a model in memory).
+Either way ``apply_deepseek_v4_tp`` installs the collectives; the model itself stays
+single-device code that calls ``model.tp.all_reduce`` / ``gather_vocab``.
 
 What each rank holds (world size w):
 
@@ -27,11 +30,12 @@ What each rank holds (world size w):
 
 Refused with a one-line error naming the field: a group size that does not divide the query
 heads, the routed experts or the expert width, or that neither divides nor is divided by
-``o_groups``.  Every rank reads the whole checkpoint and drops what it does not hold (no
-sharded loading yet).  Gloo on CPU, NCCL on CUDA.
+``o_groups``.  Gloo on CPU, NCCL on CUDA.
 """
 
 from __future__ import annotations
+
+import re
 
 import torch
 import torch.distributed as dist
@@ -39,6 +43,11 @@ from torch import nn
 
 from dspark.models.deepseek_v4 import DeepseekV4Transformer
 from dspark.models.deepseek_v4_config import DeepseekV4Config
+from dspark.models.safetensors_slices import Range
+from dspark.models.llama import Shard
+
+_LAYER = re.compile(r"^layers\.\d+\.(attn\.(wq_b\.weight|attn_sink|wo_a\.weight|wo_b\.weight)|ffn\.(experts_w13|"
+                    r"experts_w2|shared_experts\.w[123]\.weight))$")  # fmt: skip
 
 
 def check_group_size(cfg: DeepseekV4Config, world_size: int) -> None:
@@ -52,54 +61,119 @@ def check_group_size(cfg: DeepseekV4Config, world_size: int) -> None:
         raise ValueError(f"tensor parallel size {world_size} must divide o_groups={g} or be a multiple of it")
 
 
-def _part(w: torch.Tensor, dim: int, index: int, parts: int) -> nn.Parameter:
-    """Slice ``index`` of ``parts`` equal slices along ``dim``, as its own (copied) parameter."""
-    n = w.shape[dim] // parts
-    return nn.Parameter(w.narrow(dim, index * n, n).clone(), requires_grad=False)
+def expert_range(cfg: DeepseekV4Config, shard: Shard) -> range:
+    """The routed experts ``shard`` holds: E / w consecutive ones.
+
+    Example (V4-Flash: 256 experts):
+        >>> expert_range(DeepseekV4Config(), Shard(1, 8))
+        range(32, 64)
+    """
+    n = cfg.n_routed_experts // shard.world_size
+    return range(shard.rank * n, (shard.rank + 1) * n)
 
 
-def _shard_attention(attn, rank: int, world: int) -> None:
-    h, g = attn.n_heads, attn.o_groups
-    attn.wq_b.weight = _part(attn.wq_b.weight, 0, rank, world)  # [H/w * D, q_lora]
-    attn.attn_sink = _part(attn.attn_sink, 0, rank, world)  # [H/w]
-    wo_a = attn.wo_a.weight.unflatten(0, (g, -1))  # [G, r, H*D/G]
-    if g % world == 0:  # whole groups: G/w blocks of wo_a, their r columns of wo_b each
-        attn.wo_a.weight = nn.Parameter(_part(wo_a, 0, rank, world).flatten(0, 1), requires_grad=False)
-        attn.wo_b.weight = _part(attn.wo_b.weight, 1, rank, world)
-        attn.o_groups = g // world
-    else:  # w / G ranks per group: group rank // (w/G), a column slice of its block
-        per = world // g
-        group, part = divmod(rank, per)
-        attn.wo_a.weight = _part(wo_a[group], 1, part, per)  # [r, H*D/w]
-        attn.wo_b.weight = _part(attn.wo_b.weight, 1, group, g)  # [hidden, r]
-        attn.o_groups = 1
-    attn.n_heads = h // world
+def vocab_rows(vocab: int, shard: Shard) -> tuple[int, int, int]:
+    """(first, stop, per_rank): the real LM-head rows ``shard`` holds, and its padded row count
+    (the vocabulary is padded with zero rows to a multiple of w)."""
+    per = -(-vocab // shard.world_size)
+    first = min(shard.rank * per, vocab)
+    return first, min(first + per, vocab), per
 
 
-def _shard_moe(ffn, rank: int, world: int) -> None:
-    e = ffn.experts_w13.shape[0]
-    ffn.experts_w13 = _part(ffn.experts_w13, 0, rank, world)  # [E/w, 2I, hidden]
-    ffn.experts_w2 = _part(ffn.experts_w2, 0, rank, world)  # [E/w, hidden, I]
-    ffn.first_expert = rank * (e // world)
-    s = ffn.shared_experts
-    s.w1.weight, s.w3.weight = _part(s.w1.weight, 0, rank, world), _part(s.w3.weight, 0, rank, world)
-    s.w2.weight = _part(s.w2.weight, 1, rank, world)
+def param_ranges(name: str, cfg: DeepseekV4Config, shard: Shard) -> tuple[Range, ...]:
+    """The ranges of parameter ``name`` (this model's state-dict name) that ``shard`` holds, one
+    per cut dimension; () for a replicated parameter.  The LM head's and experts' are
+    :func:`vocab_rows` and :func:`expert_range` (a head range may need zero rows after it).
+
+    Example (V4-Flash: 64 heads of 512 in 8 output groups of rank 1024, expert width 2048):
+        >>> param_ranges("layers.0.attn.wq_b.weight", DeepseekV4Config(), Shard(1, 8))
+        ((0, 4096, 8192),)
+        >>> param_ranges("layers.0.attn.wo_a.weight", DeepseekV4Config(), Shard(9, 16))  # half of group 4
+        ((0, 4096, 5120), (1, 2048, 4096))
+        >>> param_ranges("layers.0.ffn.shared_experts.w2.weight", DeepseekV4Config(), Shard(1, 8))
+        ((1, 256, 512),)
+    """
+    rank, w = shard.rank, shard.world_size
+    if w == 1:
+        return ()
+    if name == "head.weight":
+        first, stop, _ = vocab_rows(cfg.vocab_size, shard)
+        return ((0, first, stop),)
+    hit = _LAYER.match(name)
+    if hit is None:
+        return ()
+
+    def part(dim: int, size: int, index: int, parts: int) -> Range:
+        n = size // parts
+        return (dim, index * n, (index + 1) * n)
+
+    h, d, g, r, i = cfg.num_attention_heads, cfg.head_dim, cfg.o_groups, cfg.o_lora_rank, cfg.moe_intermediate_size
+    leaf = name.split(".", 3)[3]
+    if leaf == "wq_b.weight":
+        return (part(0, h * d, rank, w),)  # [H/w * D, q_lora]
+    if leaf == "attn_sink":
+        return (part(0, h, rank, w),)
+    if leaf == "wo_a.weight":  # [G * r, H*D/G]
+        if g % w == 0:  # G/w whole groups
+            return (part(0, g * r, rank, w),)
+        group, piece = divmod(rank, w // g)  # w/G ranks per group: a column slice of its block
+        return ((0, group * r, (group + 1) * r), part(1, h * d // g, piece, w // g))
+    if leaf == "wo_b.weight":  # [hidden, G * r]: the columns of the groups held
+        return (part(1, g * r, rank, w),) if g % w == 0 else ((1, (rank // (w // g)) * r, (rank // (w // g) + 1) * r),)
+    if leaf in ("experts_w13", "experts_w2"):
+        e = expert_range(cfg, shard)
+        return ((0, e.start, e.stop),)
+    if leaf in ("shared_experts.w1.weight", "shared_experts.w3.weight"):
+        return (part(0, i, rank, w),)
+    return (part(1, i, rank, w),)  # shared_experts.w2 [hidden, I]
+
+
+def cut(t: torch.Tensor, ranges: tuple[Range, ...]) -> torch.Tensor:
+    """``t`` restricted to ``ranges`` (a view; meta tensors stay meta)."""
+    for dim, a, b in ranges:
+        t = t.narrow(dim, a, b - a)
+    return t
+
+
+def shard_in_place(model: DeepseekV4Transformer, shard: Shard) -> DeepseekV4Transformer:
+    """Cut every sharded parameter of ``model`` to ``shard``'s slice (copies; free on the meta
+    device, where the loader calls it before reading) and set the head and expert counts."""
+    cfg, w = model.cfg, shard.world_size
+    check_group_size(cfg, w)
+    vocab = cfg.vocab_size
+    for name, p in list(model.named_parameters()):
+        ranges = param_ranges(name, cfg, shard)
+        if not ranges:
+            continue
+        t = cut(p.detach(), ranges)
+        if name == "head.weight":  # padded with zero rows to the same count on every rank
+            t = torch.cat([t, t.new_zeros(vocab_rows(vocab, shard)[2] - t.shape[0], t.shape[1])])
+        owner, leaf = model.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2]
+        setattr(owner, leaf, nn.Parameter(t.clone(), requires_grad=False))
+    for block in model.layers:
+        block.attn.n_heads = cfg.num_attention_heads // w
+        block.attn.o_groups = cfg.o_groups // w if cfg.o_groups % w == 0 else 1
+        block.ffn.first_expert = expert_range(cfg, shard).start
+    model.shard = shard
+    return model
 
 
 def apply_deepseek_v4_tp(
     model: DeepseekV4Transformer, rank: int, world_size: int, group: dist.ProcessGroup | None = None
 ) -> DeepseekV4Transformer:
-    """Shard ``model`` in place for ``rank`` of ``world_size`` and install the collectives."""
-    from dspark.models.tp import collectives, vocab_shard
+    """Install the collectives for ``rank`` of ``world_size`` on ``model``, cutting its weights
+    first unless the loader built it already sharded for that rank (``model.shard``)."""
+    from dspark.models.tp import collectives
 
-    if world_size == 1:
+    shard = Shard(rank, world_size)
+    if model.shard == shard:
+        pass
+    elif model.shard.world_size != 1:
+        raise ValueError(f"the model holds rank {model.shard.rank} of {model.shard.world_size}, not {rank} of {world_size}")
+    elif world_size == 1:
         return model
-    check_group_size(model.cfg, world_size)
-    for block in model.layers:
-        _shard_attention(block.attn, rank, world_size)
-        _shard_moe(block.ffn, rank, world_size)
-    vocab = model.cfg.vocab_size
-    model.head.weight = nn.Parameter(vocab_shard(model.head.weight.detach(), rank, world_size), requires_grad=False)
-    model.tp.all_reduce, model.tp.gather_vocab = collectives(group, world_size, vocab)
+    else:
+        shard_in_place(model, shard)
+    model.tp.all_reduce, model.tp.gather_vocab = collectives(group, world_size, model.cfg.vocab_size)
     model.tp.rank, model.tp.world_size = rank, world_size
     return model

@@ -34,6 +34,15 @@ class TPHooks:
     world_size: int = 1
 
 
+@dataclass(frozen=True)
+class Shard:
+    """Which part of a tensor-parallel group's weights a model holds: rank of world_size
+    (0 of 1: the whole model)."""
+
+    rank: int = 0
+    world_size: int = 1
+
+
 @dataclass
 class Numerics:
     """Rounding choices shared by every layer; the runner sets them (as ``apply_tp`` sets ``tp``).

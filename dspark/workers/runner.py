@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from dspark.models.kv_cache import KVCache, make_batch
-from dspark.models.llama import ForwardOutput, Transformer
+from dspark.models.llama import ForwardOutput, Shard, Transformer
 from dspark.models.paged_cache import PagedKVCache
 from dspark.models.target import TargetModel
 
@@ -402,7 +402,10 @@ def build_rank(spec: TPSpec, rank: int, init_method: str) -> tuple[LocalRunner, 
         torch.set_num_threads(spec.threads_per_rank)
     backend = default_backend(device)
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=spec.world_size)
-    lm = load_model(spec.model_path, dtype=spec.dtype, device=device, progress=(rank == 0))
+    # A family that loads per rank (DeepSeek-V4) reads only this rank's slices; apply_tp then
+    # installs the collectives (the Llama family loads whole and apply_tp cuts it).
+    shard = Shard(rank, spec.world_size)
+    lm = load_model(spec.model_path, dtype=spec.dtype, device=device, progress=(rank == 0), shard=shard)
     model = apply_tp(lm.model, rank, spec.world_size)
     runner = TPDriver(model, spec.runner, backend) if rank == 0 else LocalRunner(model, spec.runner)
     return runner, backend
