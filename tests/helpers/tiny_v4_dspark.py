@@ -20,7 +20,8 @@ from safetensors.torch import save_file
 from transformers.models.deepseek_v4 import modeling_deepseek_v4 as hf
 
 from dspark.models.deepseek_v4_config import SLIDING
-from helpers.tiny_deepseek_v4 import randomise, tiny_hf_config
+from helpers.tiny_deepseek_v4 import randomise, release_kv_norm_spelling, tiny_hf_config
+from helpers.tiny_hf import write_byte_tokenizer
 
 STAGES = 3
 DRAFT_MOE = dict(n_routed_experts=6, moe_intermediate_size=32, num_experts_per_tok=2)  # not the target's size
@@ -66,3 +67,20 @@ def write_v4_dspark(folder, tensors: dict[str, torch.Tensor], *, block_size: int
                dspark_target_layer_ids=list(layer_ids), dspark_noise_token_id=noise_token_id)  # fmt: skip
     cfg["layer_types"] = list(cfg["layer_types"])[: cfg["num_hidden_layers"]] + [SLIDING] * STAGES
     (folder / "config.json").write_text(json.dumps(cfg))
+
+
+def write_v4_dspark_folder(path, *, vocab_size: int, block_size: int, layer_ids: tuple[int, ...], rank: int,
+                           noise_token_id: int, seed: int, **over):  # fmt: skip
+    """A tiny random V4 folder (``tiny_hf_config`` + ``over``, the release's ``attn.kv_norm``
+    spelling, a byte tokenizer) with its DSpark draft; returns (transformers target, draft tensors)."""
+    cfg = tiny_hf_config(vocab_size=vocab_size, **over)
+    cfg._attn_implementation = "eager"
+    target = randomise(hf.DeepseekV4ForCausalLM(cfg), seed)
+    with torch.no_grad():  # unit-variance embeddings: logits of a sane scale
+        target.model.embed_tokens.weight.normal_(generator=torch.Generator().manual_seed(seed + 1))
+    target.save_pretrained(path)
+    release_kv_norm_spelling(path)
+    write_byte_tokenizer(path, vocab_size)
+    tensors = draft_tensors(cfg, layer_ids=layer_ids, rank=rank, seed=seed + 2)
+    write_v4_dspark(path, tensors, block_size=block_size, layer_ids=layer_ids, rank=rank, noise_token_id=noise_token_id)
+    return target, tensors

@@ -17,8 +17,6 @@ import torch
 
 pytest.importorskip("transformers.models.deepseek_v4")
 
-from transformers.models.deepseek_v4 import modeling_deepseek_v4 as hf  # noqa: E402
-
 from dspark.models.kv_cache import make_batch  # noqa: E402
 from dspark.models.loader import load_model  # noqa: E402
 from dspark.workers.budget_policy import AdaptiveBudget, CostModel, fixed_budget  # noqa: E402
@@ -28,9 +26,7 @@ from dspark.workers.engine import Engine, EngineConfig  # noqa: E402
 from dspark.workers.request import SamplingParams  # noqa: E402
 from dspark.workers.runner import LocalRunner, RunnerConfig  # noqa: E402
 from dspark.workers.scheduling import VerifyPolicy  # noqa: E402
-from helpers.tiny_deepseek_v4 import randomise, release_kv_norm_spelling, tiny_hf_config  # noqa: E402
-from helpers.tiny_hf import write_byte_tokenizer  # noqa: E402
-from helpers.tiny_v4_dspark import draft_tensors, write_v4_dspark  # noqa: E402
+from helpers.tiny_v4_dspark import write_v4_dspark_folder  # noqa: E402
 
 VOCAB = 260
 BLOCK = 4
@@ -41,19 +37,10 @@ POLICIES = ("fixed", "algorithm1", "production")
 COSTS = CostModel(token_counts=[1, 256], step_seconds=[1.0, 1.01])  # extra tokens nearly free
 
 
-def write_folder(path, markov_rank: int = RANK, seed: int = 40):
+def write_folder(path, markov_rank: int = RANK, seed: int = 40, **over):
     """(transformers target, draft tensors) of a tiny V4 folder with its DSpark draft at ``path``."""
-    cfg = tiny_hf_config(vocab_size=VOCAB)
-    cfg._attn_implementation = "eager"
-    target = randomise(hf.DeepseekV4ForCausalLM(cfg), seed)
-    with torch.no_grad():
-        target.model.embed_tokens.weight.normal_(generator=torch.Generator().manual_seed(seed + 1))
-    target.save_pretrained(path)
-    release_kv_norm_spelling(path)
-    write_byte_tokenizer(path, VOCAB)
-    tensors = draft_tensors(cfg, layer_ids=LAYER_IDS, rank=markov_rank, seed=seed + 2)
-    write_v4_dspark(path, tensors, block_size=BLOCK, layer_ids=LAYER_IDS, rank=markov_rank, noise_token_id=NOISE)
-    return target, tensors
+    return write_v4_dspark_folder(path, vocab_size=VOCAB, block_size=BLOCK, layer_ids=LAYER_IDS, rank=markov_rank,
+                                  noise_token_id=NOISE, seed=seed, **over)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
