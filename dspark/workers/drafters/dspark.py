@@ -280,6 +280,9 @@ def make_dspark_drafter(loaded, opts: dict, spec) -> DSparkDrafter:
     top_k = proposal_top_k(opts)  # validated before the head is loaded
     path = opts.get("head") or default_head_path(loaded.name)
     if not opts.get("head") and not path.exists():
+        if _ships_v4_draft(loaded):
+            raise ValueError(f"{loaded.name} ships its own DSpark draft (mtp.*, dspark_* fields): serve it with "
+                             f"--draft v4-dspark, or pass a trained head with --draft-option head=PATH")  # fmt: skip
         raise FileNotFoundError(
             f"no DSpark head is shipped for {loaded.name}; train one with `dspark train-draft` and pass "
             f"--draft-option head=PATH"
@@ -300,6 +303,17 @@ def make_dspark_drafter(loaded, opts: dict, spec) -> DSparkDrafter:
         trace=flag(opts.get("trace", False)),
         grammar_mask=flag(opts.get("grammar_mask", True)),
     )
+
+
+def _ships_v4_draft(loaded) -> bool:
+    """Whether the target's folder is a V4 checkpoint with its own DSpark draft (``--draft v4-dspark``)."""
+    import json
+
+    cfg = Path(str(loaded.source)) / "config.json"
+    try:
+        return "dspark_block_size" in json.loads(cfg.read_text())
+    except (OSError, ValueError):
+        return False
 
 
 def head_feature_layers(opts: dict, target_name: str) -> tuple[int, ...]:
