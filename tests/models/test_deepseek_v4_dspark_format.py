@@ -120,6 +120,10 @@ def test_registry_and_cli_refuse_in_one_line(folder, tmp_path):
     res = CliRunner().invoke(main, ["generate", "--model", str(tmp_path), "--draft", "v4-dspark", "--dtype", "fp32",
                                     "--max-tokens", "2", "hi"])  # fmt: skip
     assert res.exit_code != 0 and "dspark_block_size" in res.output and "Traceback" not in res.output
+    # The folder with its draft, asked for a trained head: pointed to the drafter that reads it.
+    res = CliRunner().invoke(main, ["generate", "--model", str(path), "--draft", "dspark", "--dtype", "fp32",
+                                    "--max-tokens", "2", "hi"])  # fmt: skip
+    assert res.exit_code != 0 and "serve it with --draft v4-dspark" in res.output and "Traceback" not in res.output
 
 
 def test_released_fp8_fp4_layout_loads(tmp_path):
