@@ -70,7 +70,9 @@ class EngineParts:
 @dataclass
 class BuiltEngine:
     engine: Engine
-    loaded: LoadedModel | None  # the whole target; None with a caller's TP group and no drafter needing weights
+    # The whole target; rank 0's shard of it for a drafter that takes one (takes_target_shard);
+    # None with a caller's TP group and no drafter needing weights.
+    loaded: LoadedModel | None
     tokenizer: Tokenizer
     model_name: str  # the target's short name
     tp_group: TensorParallelGroup | None = None
@@ -104,8 +106,13 @@ def build_engine(
         tp_group = parts.tp_group(tp_spec) if parts.tp_group is not None else TPGroup(tp_spec)
         runner = tp_group.driver
         loaded = None
-        # Rank 0 holds a sharded model; the drafters that reuse target weights need a whole copy.
-        if parts.tp_group is None or (local_kind is not None and local_kind.needs_weights):
+        # Rank 0 holds a sharded model; the drafters that reuse target weights need a whole copy,
+        # except those that build from rank 0's shard (V4's MTP layer).
+        reads_weights = local_kind is not None and local_kind.needs_weights
+        if reads_weights and local_kind.takes_target_shard:
+            tokenizer, args, name = load_tokenizer(spec.model)
+            loaded = LoadedModel(model=runner.model, tokenizer=tokenizer, args=args, source=str(spec.model), name=name)
+        elif parts.tp_group is None or reads_weights:
             device = "cpu" if spec.device == "cpu" else "cuda:0"
             loaded = load_model(spec.model, dtype=spec.dtype, device=device, progress=False)
             tokenizer, args, name = loaded.tokenizer, loaded.args, loaded.name

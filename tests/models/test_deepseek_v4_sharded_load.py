@@ -5,6 +5,8 @@ experts and its slices of the head-sharded tensors (fp32, tiny random folders).
   tensor and bit for bit, for the float folder and the released FP8 / FP4 layout (16 x 16 FP8
   blocks: some ranges fall on block edges and are read with their scales' ranges, others cut
   blocks and are dequantised whole first), and reads less than the folder holds.
+* The ``mtp`` drafter on a group builds from rank 0's shard (no whole copy of the target beside
+  the group) and decodes what one rank decodes plainly.
 * A copy of the folder without the other ranks' expert tensors (and their scales) loads for
   rank r, and a group whose rank r loads that copy gives one rank's logits: rank r never needs
   them.  The same copy loaded whole is refused, naming a missing expert.
@@ -24,14 +26,16 @@ pytest.importorskip("transformers.models.deepseek_v4")
 
 from dspark.models.deepseek_v4_shards import build_rank_model  # noqa: E402
 from dspark.models.deepseek_v4_tp import expert_range, shard_in_place  # noqa: E402
+from dspark.models.deepseek_v4_config import SLIDING  # noqa: E402
 from dspark.models.llama import Shard  # noqa: E402
 from dspark.models.loader import load_model  # noqa: E402
 from dspark.workers.runner import LocalRunner, RunnerConfig, StepInput, TPSpec, build_rank, free_port  # noqa: E402
 from helpers.quantise_v4 import quantise_folder  # noqa: E402
-from helpers.tiny_deepseek_v4 import write_tiny_folder  # noqa: E402
+from helpers.tiny_deepseek_v4 import mtp_checkpoint_tensors, tiny_mtp_layer, write_mtp, write_tiny_folder  # noqa: E402
 
 VOCAB = 261  # not a multiple of 2 or 4: the last rank's LM head rows are padded
 CFG = RunnerConfig(n_slots=2, max_seq=128)
+WIDE = dict(moe_intermediate_size=32)  # FP4 scales cover 32 values of a row: expert rows of 32
 EXPERT = re.compile(r"layers\.\d+\.ffn\.experts\.(\d+)\.")
 
 
@@ -39,7 +43,9 @@ EXPERT = re.compile(r"layers\.\d+\.ffn\.experts\.(\d+)\.")
 def folders(tmp_path_factory):
     """(float folder, the same in the released quantised layout)."""
     src = tmp_path_factory.mktemp("v4shard")
-    write_tiny_folder(src, VOCAB, 71, moe_intermediate_size=32)  # FP4 scales cover 32 values of a row
+    target = write_tiny_folder(src, VOCAB, 71, **WIDE)
+    one, own = tiny_mtp_layer(target, SLIDING, seed=72, vocab_size=VOCAB, **WIDE)
+    write_mtp(src, mtp_checkpoint_tensors(one, own), SLIDING)  # the MTP drafter's layer
     qdir = tmp_path_factory.mktemp("v4shardq")
     quantise_folder(src, qdir, (16, 16))
     return src, qdir
@@ -151,3 +157,25 @@ def test_a_rank_loads_without_the_other_ranks_experts(folders, quantised, tmp_pa
     got = run_group([path, tmp_path / "rank1"], world)
     worst = max(float((g - w).abs().max() / w.abs().max()) for g, w in zip(got, want))
     assert worst <= 1e-5, worst
+
+
+def test_mtp_drafter_on_a_group_takes_rank_0s_shard(folders):
+    from dspark.workers.drafters.mtp import MTPDrafter
+    from dspark.workers.engine import Engine, EngineConfig
+    from dspark.workers.factory import EngineSpec, build_engine
+    from dspark.workers.request import SamplingParams
+
+    path = folders[0]
+    one = load_model(path, dtype="fp32")
+    prompts, params = [list(b"the cat sat on the mat"), list(b"a b a b")], SamplingParams(max_tokens=24, ignore_eos=True)
+    engine = Engine(LocalRunner(one.model, CFG), one.tokenizer, EngineConfig(max_batch=2, block_len=2))
+    plain = [s.output_ids for s in engine.generate(prompts, params)]
+    spec = EngineSpec(model=str(path), dtype="fp32", tp=2, draft="mtp", block_len=2, runner=CFG)
+    built = build_engine(spec, progress=False)
+    try:
+        assert isinstance(built.engine.drafter, MTPDrafter)
+        assert built.loaded.model is built.tp_group.driver.model and built.loaded.model.shard == Shard(0, 2)
+        assert [s.output_ids for s in built.engine.generate(prompts, params)] == plain
+        assert built.engine.metrics.num_draft_tokens > 0
+    finally:
+        built.close()

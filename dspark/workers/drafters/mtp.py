@@ -196,6 +196,7 @@ KIND = DrafterKind(
     ),
     remote=False,  # reads the target's last-block streams in the verifier's process
     needs_weights=True,
+    takes_target_shard=True,  # load_mtp reads the whole embedding and LM head from the folder
 )
 
 

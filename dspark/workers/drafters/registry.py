@@ -82,6 +82,9 @@ class DrafterKind:
     options: tuple[DraftOption, ...] = ()
     remote: bool = False  # can run on a remote draft worker (needs neither the target's runner nor its cache)
     needs_weights: bool = False  # reads the target's weights (a draft worker loads the target for it)
+    # With a tensor-parallel target: builds from rank 0's shard of it (reading whatever else it needs
+    # from the checkpoint itself), so no whole copy of the target is loaded beside the group.
+    takes_target_shard: bool = False
     # Target layers whose features observe() must receive, known before the drafter is built
     # (options, target name) -> layers; a verifier announces them to remote workers.
     feature_layers: Callable[[dict, str], tuple[int, ...]] | None = None
