@@ -33,6 +33,7 @@ BENCHMARKS = {
     "prefix": ("bench.prefix:main", "Time to first token with a cached 1k-token system prompt vs cold."),
     "grammar": ("bench.grammar_mask:main", "Structured outputs: grammar compile, per-token mask and rollback costs."),
     "paged": ("bench.paged_attention:main", "Attention read from the slot and paged layouts (gather, FlexAttention)."),
+    "shard-load": ("bench.shard_load:main", "DeepSeek-V4 per-rank loading: bytes read and peak memory vs the whole model."),
 }
 
 

@@ -145,11 +145,18 @@ def shard_in_place(model: DeepseekV4Transformer, shard: Shard) -> DeepseekV4Tran
         ranges = param_ranges(name, cfg, shard)
         if not ranges:
             continue
-        t = cut(p.detach(), ranges)
+        shape = list(p.shape)
+        for dim, a, b in ranges:
+            shape[dim] = b - a
         if name == "head.weight":  # padded with zero rows to the same count on every rank
-            t = torch.cat([t, t.new_zeros(vocab_rows(vocab, shard)[2] - t.shape[0], t.shape[1])])
+            shape[0] = vocab_rows(vocab, shard)[2]
+        if p.is_meta:  # a new meta tensor: meta views and copies would import torch's decompositions
+            t = torch.empty(shape, dtype=p.dtype, device="meta")
+        else:
+            t = p.detach().new_zeros(shape)
+            cut(t, tuple((dim, 0, b - a) for dim, a, b in ranges)).copy_(cut(p.detach(), ranges))
         owner, leaf = model.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2]
-        setattr(owner, leaf, nn.Parameter(t.clone(), requires_grad=False))
+        setattr(owner, leaf, nn.Parameter(t, requires_grad=False))
     for block in model.layers:
         block.attn.n_heads = cfg.num_attention_heads // w
         block.attn.o_groups = cfg.o_groups // w if cfg.o_groups % w == 0 else 1

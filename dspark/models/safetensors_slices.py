@@ -15,6 +15,7 @@ read per row).  Example, for a [4, 6] float32 tensor ``w`` in the folder::
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 from dataclasses import dataclass
@@ -107,7 +108,8 @@ class SafetensorsFolder:
         fd = self._handles.get(e.file)
         if fd is None:
             fd = self._handles[e.file] = os.open(e.file, os.O_RDONLY)
-        view = memoryview(out.view(-1).view(torch.uint8).numpy())
+        # The tensor's own bytes as a writable buffer (ctypes: no numpy import for this).
+        view = memoryview((ctypes.c_char * n).from_address(out.data_ptr())).cast("B")
         done = 0
         while done < n:  # pread may return fewer bytes than asked
             got = os.preadv(fd, [view[done:]], offset + done)
