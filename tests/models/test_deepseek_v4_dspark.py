@@ -81,12 +81,12 @@ class SteeredV4DSpark(V4DSparkDrafter):
         return blocks
 
 
-def steered(ours, opts: dict | None = None, budget=fixed_budget, n_slots: int = 2):
+def steered(ours, opts: dict | None = None, budget=fixed_budget, n_slots: int = 2, block_len: int = BLOCK):
     runner, ctx = context(ours, n_slots)
     drafter = registry.build_drafter("v4-dspark", ctx, opts or {})
     drafter.__class__ = SteeredV4DSpark
     drafter.log, drafter.confs, drafter.scripts, drafter.gen = [], [], {}, torch.Generator().manual_seed(11)
-    eng = Engine(runner, ours.tokenizer, EngineConfig(max_batch=n_slots, block_len=BLOCK, prefix_caching=False),
+    eng = Engine(runner, ours.tokenizer, EngineConfig(max_batch=n_slots, block_len=block_len, prefix_caching=False),
                  drafter=drafter, budget=budget)  # fmt: skip
     return eng, drafter
 
@@ -134,6 +134,15 @@ def test_loads_and_drafts_from_the_published_names(v4):
     out = eng.generate([ids(11, 1)], SamplingParams(max_tokens=12, ignore_eos=True))[0]
     assert len(out.output_ids) == 12 and eng.metrics.num_draft_tokens > 0
     assert all(len(b) == BLOCK for _, b in drafter.log)
+    # A shorter block keeps the first drafts of the G-position pass; a longer one gets G drafts.
+    logs = {}
+    for block_len in (2, BLOCK + 3):
+        eng, d = steered(ours, block_len=block_len)
+        eng.generate([ids(11, 1)], SamplingParams(max_tokens=12, ignore_eos=True))
+        logs[block_len] = dict((tuple(c), b) for c, b in d.log)
+    full = dict((tuple(c), b) for c, b in drafter.log)
+    assert set(logs[2]) == set(full) == set(logs[BLOCK + 3])  # nothing accepted: the same contexts
+    assert all(logs[2][c] == full[c][:2] and logs[BLOCK + 3][c] == full[c] for c in full)
 
 
 @pytest.mark.parametrize("policy", POLICIES)

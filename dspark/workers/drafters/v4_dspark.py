@@ -11,8 +11,8 @@ positions (W = the target's sliding window, 128 in the release).  ``observe`` re
 tokens that entered the target's cache (prefill chunks, then anchor + accepted drafts) with their
 streams and adds their keys; those tokens are committed, so rejected drafts never reach the
 window and nothing rolls back.  ``propose`` runs the S stages over one [B, G] block per request
-(G = max(block_len, dspark_block_size); the first ``block_len`` rows are kept, as the ``dspark``
-drafter does), the target's LM head, and the vanilla Markov loop of ``dspark.kernels.markov``,
+(G = dspark_block_size, what the draft was trained on; min(block_len, G) drafts are kept), the
+target's LM head, and the vanilla Markov loop of ``dspark.kernels.markov``,
 which samples x_k from the exact top-k-truncated softmax of U_k + markov_w1[x_{k-1}] . markov_w2
 at the request's temperature and reports that q (greedy: argmax, one-hot q).  Confidences:
 sigmoid(proj [x_k ; markov_w1[x_{k-1}]]), uncalibrated (the release ships no STS temperatures).
@@ -100,17 +100,16 @@ class V4DSparkDrafter:
         self._gens.pop(request_id, None)
 
     # -- drafting ------------------------------------------------------------------------------
-    def block_logits(self, seqs: list[Sequence], anchors: torch.Tensor, block_len: int):
-        """(x, normed [B, block_len, hidden], base logits [B, block_len, V]) for requests whose
-        context is observed.  The stages always run G = max(block_len, dspark_block_size)
-        positions (the block attends both ways, so the first drafts never depend on how many
-        are asked for); rows past ``block_len`` are dropped before the head."""
+    def block_logits(self, seqs: list[Sequence], anchors: torch.Tensor, n: int):
+        """(x, normed [B, n, hidden], base logits [B, n, V]) for requests whose context is observed,
+        n <= G.  The stages always run the G = dspark_block_size positions the draft was trained
+        on (the block attends both ways: more noise positions would change the first drafts too);
+        rows past ``n`` are dropped before the head."""
         m = self.model
-        g = max(block_len, m.dcfg.block_size)
         keys, valid = self.window.gather([self._slot[s.request_id] for s in seqs])
         starts = torch.tensor([s.num_cached for s in seqs], device=self.device)  # [B] anchor positions
-        x, normed = m.block_states(anchors, starts, keys, valid, g)
-        x, normed = x[:, :block_len], normed[:, :block_len]
+        x, normed = m.block_states(anchors, starts, keys, valid, m.dcfg.block_size)
+        x, normed = x[:, :n], normed[:, :n]
         return x, normed, m.base_logits(normed)
 
     @torch.inference_mode()
@@ -121,6 +120,7 @@ class V4DSparkDrafter:
         if block_len <= 0 or not ready:
             return out
         batch, dev, m = [seqs[i] for i in ready], self.device, self.model
+        block_len = min(block_len, m.dcfg.block_size)  # at most G drafts: a longer --block gets blocks of G
         anchors = torch.tensor([s.last_token for s in batch], device=dev)  # [B]
         x, normed, base = self.block_logits(batch, anchors, block_len)
         temps = torch.tensor([s.params.temperature for s in batch], device=dev)
