@@ -30,15 +30,18 @@ def chat_prompts(tokenizer, n: int, source: str = "all", offset: int = 0) -> lis
     return [tokenizer.encode_chat([{"role": "user", "content": p.text}]) for p in ps]
 
 
-def load_hf(dtype: str):
-    """transformers' model of the same GGUF file, in the same dtype (the reference engine)."""
+def load_hf(dtype: str, model: str | None = None):
+    """transformers' model of the same GGUF file (or HF folder ``model``), in the same dtype (the
+    reference engine)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from dspark.models.loader import default_model_path
 
-    p = default_model_path()
     dt = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+    if model is not None:
+        return AutoModelForCausalLM.from_pretrained(model, dtype=dt).eval()
+    p = default_model_path()
     return AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=dt).eval()
 
 

@@ -1,13 +1,21 @@
 """`dspark bench engine`: plain decoding tokens/s, our engine (eager and compiled) vs Hugging Face
 transformers.
 
-Same model file, same dtype, same prompts, greedy, a fixed number of new tokens; batch 1, 8 and
+Same model, same dtype, same prompts, greedy, a fixed number of new tokens; batch 1, 8 and
 32; each configuration in its own process (clean peak memory).  Also reports the step time over
 its floor (the bytes of weights one decode step must read, divided by the memory bandwidth of a
 large tensor copy measured in the same run), and at batch 1 the time of an 8-token verification
 step over a 1-token decode step at the same context.  Every process runs with the OpenMP wait
 policy of the command (a bounded spin, dspark/omp.py), which alone is as fast as libgomp's
 default that a transformers user gets.
+
+``--model <folder>``: any Hugging Face folder our loader reads (a DeepSeek-V4 one included,
+e.g. from ``dspark make-model --preset small``) instead of the default GGUF file; transformers
+loads the same folder with ``from_pretrained``.  The prompts are then the same texts cut to
+``FOLDER_PROMPT_TOKENS`` tokens each, so that a batch needs no padding (transformers' V4
+compressors would pool pad tokens into their windows).  A family that cannot compile (V4) is
+measured eager only.  For a mixture of experts the floor counts the routed experts' share a
+token reads (top-k of n) at batch 1.
 """
 
 from __future__ import annotations
@@ -21,20 +29,42 @@ from bench.common import chat_prompts, load_hf, peak_rss_mb, run_isolated, table
 
 
 SAMPLED = {"temperature": 1.0, "top_p": 0.95}  # --sampled: what chat clients commonly send
+FOLDER_PROMPT_TOKENS = 32  # --model: every prompt cut to this length (no padding in a batch)
+
+
+def prompts_for(tokenizer, batch: int, model: str | None) -> list[list[int]]:
+    """The default model's chat prompts; for a folder, the same texts as equal-length token runs."""
+    if model is None:
+        return chat_prompts(tokenizer, batch)
+    from dspark.datasets import load_prompts
+
+    out = [tokenizer.encode(p.text)[:FOLDER_PROMPT_TOKENS] for p in load_prompts("all")[: 4 * batch]]
+    out = [p for p in out if len(p) == FOLDER_PROMPT_TOKENS][:batch]
+    if len(out) < batch:
+        raise ValueError(f"fewer than {batch} prompts of {FOLDER_PROMPT_TOKENS} tokens")
+    return out
+
+
+def _sync(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
 
 
 def ours(dtype: str, batch: int, new_tokens: int, compile: bool = False, sampled: bool = False,
-         kv_layout: str = "slot") -> dict:
+         kv_layout: str = "slot", model: str | None = None, device: str = "cpu") -> dict:  # fmt: skip
     from dspark.workers.factory import EngineSpec, build_engine
     from dspark.workers.request import SamplingParams
     from dspark.workers.runner import RunnerConfig
 
     cfg = RunnerConfig(n_slots=max(batch, 1), max_seq=1024, compile=compile, kv_layout=kv_layout)
-    built = build_engine(EngineSpec(dtype=dtype, runner=cfg), progress=False)
+    built = build_engine(EngineSpec(model=model, dtype=dtype, device=device, runner=cfg), progress=False)
     eng = built.engine
-    prompts = chat_prompts(built.loaded.tokenizer, batch)
+    prompts = prompts_for(built.loaded.tokenizer, batch, model)
     params = SamplingParams(max_tokens=new_tokens, ignore_eos=True, **(SAMPLED if sampled else {}))
     eng.generate(prompts[:1], SamplingParams(max_tokens=8, ignore_eos=True))  # warm-up
+    _sync(device)
     t0 = time.perf_counter()
     seqs = [eng.add_request(p, params) for p in prompts]
     steps, t_first = 0, None
@@ -42,7 +72,9 @@ def ours(dtype: str, batch: int, new_tokens: int, compile: bool = False, sampled
         eng.step()
         steps += 1
         if t_first is None and all(s.output_ids for s in seqs):
+            _sync(device)
             t_first = time.perf_counter()  # every prompt prefilled: decoding starts
+    _sync(device)
     t_end = time.perf_counter()
     n = sum(len(s.output_ids) for s in seqs)
     decode_steps = max(1, steps - 1)
@@ -54,11 +86,12 @@ def ours(dtype: str, batch: int, new_tokens: int, compile: bool = False, sampled
         "compile_s": eng.runner.compile_s,
     }
     if batch == 1 and not sampled:
-        out["verify8_over_decode1"] = verify_over_decode(eng.runner, len(prompts[0]) + new_tokens)
+        out["verify8_over_decode1"] = verify_over_decode(eng.runner, len(prompts[0]) + new_tokens, device=device)
+    built.close()
     return out
 
 
-def verify_over_decode(runner, context: int, k: int = 8, reps: int = 30) -> float:
+def verify_over_decode(runner, context: int, k: int = 8, reps: int = 30, device: str = "cpu") -> float:
     """Time of one k-token verification step over one 1-token decode step, batch 1, at the
     same context length (medians of interleaved repetitions)."""
     import statistics
@@ -71,29 +104,33 @@ def verify_over_decode(runner, context: int, k: int = 8, reps: int = 30) -> floa
         for q in (1, k):
             t0 = time.perf_counter()
             runner.forward(StepInput(list(range(7, 7 + q)), [0], [context], [q]))
+            _sync(device)
             times[q].append(time.perf_counter() - t0)
     return statistics.median(times[k]) / statistics.median(times[1])
 
 
-def hf(dtype: str, batch: int, new_tokens: int, sampled: bool = False) -> dict:
+def hf(dtype: str, batch: int, new_tokens: int, sampled: bool = False, model: str | None = None,
+       device: str = "cpu") -> dict:  # fmt: skip
     import torch
 
-    from dspark.models.loader import load_model
+    from dspark.models.loader import load_tokenizer
 
-    tok = load_model(dtype="fp32", progress=False).tokenizer
-    model = load_hf(dtype)
-    prompts = chat_prompts(tok, batch)
+    tok = load_tokenizer(model)[0]
+    ref = load_hf(dtype, model).to(device)
+    prompts = prompts_for(tok, batch, model)
     width = max(len(p) for p in prompts)
     pad = tok.eos_token_id
-    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])  # left padding
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)  # left padding
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
     kw = dict(do_sample=False, pad_token_id=pad, attention_mask=mask)
     if sampled:
         kw.update(do_sample=True, top_k=0, **SAMPLED)  # top_k=0: transformers' default top-k 50 off, as ours
     with torch.inference_mode():
-        model.generate(ids[:1], max_new_tokens=8, min_new_tokens=8, **dict(kw, attention_mask=mask[:1]))
+        ref.generate(ids[:1], max_new_tokens=8, min_new_tokens=8, **dict(kw, attention_mask=mask[:1]))
+        _sync(device)
         t0 = time.perf_counter()
-        out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kw)
+        out = ref.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kw)
+        _sync(device)
         dt = time.perf_counter() - t0
     n = (out.shape[1] - width) * batch
     return {"tokens_per_s": n / dt, "peak_rss_mb": peak_rss_mb(), "tokens": n}
@@ -158,19 +195,23 @@ def sampling_cost(batch: int, reps: int = 10) -> dict:
             "nucleus_sizes": torch.isfinite(b).sum(-1).tolist()}
 
 
-def bandwidth_and_weights(dtype: str) -> dict:
-    """Bytes of weights a decode step reads, and copy bandwidth (GB/s, read + write)."""
+def bandwidth_and_weights(dtype: str, model: str | None = None) -> dict:
+    """Bytes of weights a batch-1 decode step reads, and copy bandwidth (GB/s, read + write)."""
     import torch
 
+    from dspark.models.deepseek_v4 import DeepseekV4Transformer
     from dspark.models.loader import load_model
 
-    lm = load_model(dtype=dtype, progress=False)
+    lm = load_model(model, dtype=dtype, progress=False)
     m = lm.model
     per = torch.tensor([], dtype=m.dtype).element_size()
     # Every linear weight plus the LM head once (the embedding lookup reads one row).
     linear = sum(p.numel() for n, p in m.named_parameters() if "layers." in n and p.dim() == 2)
+    if isinstance(m, DeepseekV4Transformer):  # stacked routed experts [E, ., .]: a token reads top-k of E
+        share = m.cfg.num_experts_per_tok / m.cfg.n_routed_experts
+        linear += share * sum(p.numel() for n, p in m.named_parameters() if p.dim() == 3)
     head = m.args.vocab_size * m.args.dim
-    weight_bytes = (linear + head) * per
+    weight_bytes = int((linear + head) * per)
     src = torch.empty(256 * 2**20, dtype=torch.uint8).fill_(1)
     dst = torch.empty_like(src)
     best = 0.0
@@ -194,8 +235,22 @@ def bandwidth_and_weights(dtype: str) -> dict:
               "time the sampling itself (sort + exponential_ noise before vs the candidate cut now)")
 @click.option("--kv-layout", "kv_layout", type=click.Choice(["slot", "paged"]), default="slot", show_default=True,
               help="our target's KV cache layout")
-def main(batches, dtypes, new_tokens, threads, skip_hf, json_path, compile, sampled, kv_layout):
+@click.option("--model", "model", default=None,
+              help="a Hugging Face folder our loader reads (e.g. dspark make-model --preset small); default: the GGUF model")
+def main(batches, dtypes, new_tokens, threads, skip_hf, json_path, compile, sampled, kv_layout, model):
     """Decode tokens/s: our engine (eager and compiled) vs Hugging Face transformers."""
+    from dspark.models.loader import family_of
+
+    if model is not None:
+        if not os.path.isdir(model):
+            raise click.ClickException(f"--model {model} is not a folder")
+        model = os.path.abspath(model)
+        family = family_of(model)
+        if family is not None and not family.compiles and compile:
+            click.echo(f"{model}: its family runs eager only (no --compile); compiled column left empty", err=True)
+            compile = False
+        if sampled:
+            raise click.ClickException("--sampled is measured on the default model only, not with --model")
     rows = []
     sampling_rows = []
     if sampled:
@@ -203,9 +258,9 @@ def main(batches, dtypes, new_tokens, threads, skip_hf, json_path, compile, samp
             sampling_rows.append(run_isolated("bench.engine", "sampling_cost", {"batch": b}, threads))
         click.echo(table(sampling_rows, ["batch", "before_ms", "now_ms", "rows_differing"]))
     for dtype in dtypes.split(","):
-        floor = run_isolated("bench.engine", "bandwidth_and_weights", {"dtype": dtype}, threads)
+        floor = run_isolated("bench.engine", "bandwidth_and_weights", {"dtype": dtype, "model": model}, threads)
         for b in (int(x) for x in batches.split(",")):
-            kw = {"dtype": dtype, "batch": b, "new_tokens": new_tokens, "sampled": sampled}
+            kw = {"dtype": dtype, "batch": b, "new_tokens": new_tokens, "sampled": sampled, "model": model}
             e = run_isolated("bench.engine", "ours", dict(kw, kv_layout=kv_layout), threads)
             c = run_isolated("bench.engine", "ours", dict(kw, compile=True, kv_layout=kv_layout), threads) if compile else None
             h = None if skip_hf else run_isolated("bench.engine", "hf", kw, threads)
@@ -229,7 +284,7 @@ def main(batches, dtypes, new_tokens, threads, skip_hf, json_path, compile, samp
             "step_over_floor", "verify8_over_decode1", "compile_s", "ours_peak_mb", "eager_peak_mb", "hf_peak_mb"]
     click.echo(table(rows, cols))
     wait = {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
-    out = write_json(json_path, "engine.json", {"threads": threads, "new_tokens": new_tokens, "rows": rows,
+    out = write_json(json_path, "engine.json", {"model": model, "threads": threads, "new_tokens": new_tokens, "rows": rows,
                                                 "sampled": SAMPLED if sampled else None, "sampling_cost": sampling_rows,
                                                 "copy_gb_s": rows_floor["copy_gb_s"], "openmp_wait": wait})
     click.echo(f"wrote {out}")

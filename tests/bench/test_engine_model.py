@@ -1,0 +1,43 @@
+"""`dspark bench engine --model <folder>` on a tiny random DeepSeek-V4 folder (this CPU): ours and
+transformers each in their own process, side by side, eager only (V4 does not compile); a path
+that is not a folder is a one-line error.  No speed is asserted."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dspark.models.deepseek_v4_random import write_random_folder
+
+pytest.importorskip("transformers.models.deepseek_v4")
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def bench(*args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "dspark.cli", "bench", "engine", *args]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_engine_bench_on_a_v4_folder(tmp_path):
+    folder = write_random_folder(tmp_path / "v4", "tiny", seed=1, dtype=torch.float32)
+    out = tmp_path / "engine.json"
+    proc = bench("--model", str(folder), "--batches", "1,2", "--dtypes", "fp32", "--new-tokens", "4",
+                 "--threads", "1", "--json", str(out))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "runs eager only" in proc.stderr
+    data = json.loads(out.read_text())
+    assert data["model"] == str(folder) and [r["batch"] for r in data["rows"]] == [1, 2]
+    for row in data["rows"]:
+        assert row["eager_tok_s"] > 0 and row["hf_tok_s"] > 0 and row["compiled_tok_s"] is None, row
+        assert row["floor_ms"] > 0 and row["speedup"] == row["eager_tok_s"] / row["hf_tok_s"]
+
+
+def test_a_model_that_is_not_a_folder_is_a_one_line_error(tmp_path):
+    proc = bench("--model", str(tmp_path / "missing"), "--skip-hf")
+    assert proc.returncode == 1 and proc.stderr.strip() == f"Error: --model {tmp_path / 'missing'} is not a folder"
