@@ -154,3 +154,21 @@ def test_released_fp8_fp4_layout_loads(tmp_path):
     keys = got.context_keys(torch.randn(3, 2 * 3 * 32), torch.arange(3))[:, None]  # [S, 1, 3, D]
     _, normed = got.block_states(torch.tensor([5]), torch.tensor([3]), keys, torch.ones(1, 3, dtype=torch.bool), 4)
     assert torch.isfinite(got.base_logits(normed)).all()
+
+
+def test_a_sharded_target_gets_the_whole_embedding_and_head_from_the_folder(folder):
+    """A tensor-parallel target (rank 0's shard, as the factory hands it over) holds a vocabulary
+    shard of the head: the draft reads the whole tensors from the folder instead."""
+    from dspark.models.llama import TPHooks
+
+    path, ours, _, _ = folder
+    model, saved = ours.model, ours.model.tp
+    model.tp = TPHooks(rank=0, world_size=2)
+    try:
+        sharded = load_v4_dspark(path, model)
+    finally:
+        model.tp = saved
+    assert sharded.head.data_ptr() != model.head.weight.data_ptr()
+    torch.testing.assert_close(sharded.head, model.head.weight, rtol=0, atol=0)
+    torch.testing.assert_close(sharded.embed, model.embed.weight, rtol=0, atol=0)
+    assert registry.get("v4-dspark").takes_target_shard

@@ -185,6 +185,7 @@ KIND = DrafterKind(
     ),
     remote=False,  # reads the target's streams in the verifier's process
     needs_weights=True,
+    takes_target_shard=True,  # load_v4_dspark reads the whole embedding and LM head from the folder
 )
 
 
