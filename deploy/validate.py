@@ -2,15 +2,21 @@
 
     python deploy/validate.py      # from the repository root, in the project's virtualenv
 
-* The RayService (kuberay/rayservice.yaml) against the KubeRay CRD's openAPIV3Schema, made
-  strict the way `kubectl apply` is (unknown fields are errors). The CRD is read from the
-  project's shared folder: DSPARK_SHARED_DIR, else `shared/` beside the repository.
-* Both Ray Serve configs (the RayService's serveConfigV2 and serve_config.yaml) against Ray
+* Every RayService (kuberay/rayservice*.yaml: the default and the DeepSeek-V4 variant) against
+  the KubeRay CRD's openAPIV3Schema, made strict the way `kubectl apply` is (unknown fields are
+  errors). The CRD is read from the project's shared folder: DSPARK_SHARED_DIR, else `shared/`
+  beside the repository.
+* The Ray Serve configs (each RayService's serveConfigV2 and serve_config.yaml) against Ray
   Serve's ServeDeploySchema, the checks Serve runs when it creates replicas (placement group
   strategy, replica actor inside bundle 0), and unknown keys, which ServeDeploySchema drops.
 * Placement: each deployment asks for a custom resource only its pod group provides, fits in
   one pod, and the deployments' maxima fit in the groups' maxima, with each group's Ray
   resources computed by Ray's own KubeRay autoscaler code.
+* The application: its arguments are accepted by dspark's own parser; the config sizes exactly
+  the deployments the app creates for them (no DraftWorker without remote drafting, no
+  Scheduler without adaptive verification); one GPU bundle per tensor-parallel rank with
+  device cuda, the verifier pod's GPUs equal to the group size; a model path lies on a volume
+  mounted in every pod group that reads it, and a claimed volume is defined beside it.
 
 tests/deploy/test_deploy.py runs the same checks, plus negative controls that prove each one bites.
 Needs pyyaml, jsonschema and ray[serve] (the project's `serve` and `test` extras).
@@ -29,7 +35,8 @@ import yaml
 DEPLOY = Path(__file__).resolve().parent
 REPO = DEPLOY.parent
 KUBERAY = DEPLOY / "kuberay"
-RAYSERVICE = KUBERAY / "rayservice.yaml"
+RAYSERVICE = KUBERAY / "rayservice.yaml"  # the default; variants are rayservice-<name>.yaml
+RAYSERVICES = sorted(KUBERAY.glob("rayservice*.yaml"))
 SERVE_CONFIG = DEPLOY / "serve_config.yaml"
 CRD_NAME = "ray.io_rayservices.yaml"
 # Ray's predefined resources; any other key in a bundle or in ray_actor_options is custom.
@@ -80,8 +87,8 @@ def by_kind(docs: list[dict], kind: str) -> dict[str, dict]:
     return {d["metadata"]["name"]: d for d in docs if d.get("kind") == kind}
 
 
-def the_rayservice() -> dict:
-    (service,) = by_kind(load_docs(RAYSERVICE), "RayService").values()
+def the_rayservice(path: Path = RAYSERVICE) -> dict:
+    (service,) = by_kind(load_docs(path), "RayService").values()
     return service
 
 
@@ -311,24 +318,105 @@ def placement_problems(serve_cfg: dict, rayservice: dict) -> list[str]:
     return problems
 
 
+# ------------------------------------------------------------------ the application
+
+
+def app_deployments(args: dict) -> set[str]:
+    """The deployments dspark's build_app creates for these application arguments."""
+    from dspark.cluster.config import ClusterConfig
+
+    cfg = ClusterConfig.from_args(args)
+    return ({"Router", "Verifier"} | ({"DraftWorker"} if cfg.remote_draft else set())
+            | ({"Scheduler"} if cfg.verify_policy == "adaptive" else set()))  # fmt: skip
+
+
+def deployment_problems(serve_cfg: dict) -> list[str]:
+    """The app's arguments are refused, or the config sizes other deployments than it creates."""
+    try:
+        expected = app_deployments(the_app(serve_cfg).get("args") or {})
+    except (ValueError, TypeError) as exc:
+        return [f"application args: {exc}"]
+    listed = set(deployments_of(serve_cfg))
+    return ([f"deployment {n} is configured but the app does not create it with these args" for n in sorted(listed - expected)]
+            + [f"the app creates deployment {n}, which the config does not size" for n in sorted(expected - listed)])  # fmt: skip
+
+
+def _mounts(group: dict) -> dict[str, str]:
+    """mountPath -> volume name of a pod group's Ray container."""
+    return {m["mountPath"]: m["name"] for m in ray_container(group).get("volumeMounts", [])}
+
+
+def app_problems(serve_cfg: dict, rayservice: dict, docs: list[dict]) -> list[str]:
+    """What dspark's application would refuse or could not do with this RayService (see the
+    module docstring), as readable lines."""
+    args = the_app(serve_cfg).get("args") or {}
+    problems = deployment_problems(serve_cfg)
+    if problems:
+        return problems
+    expected = app_deployments(args)
+    tp, gpu = args.get("tp", 1), args.get("device", "cpu") == "cuda"
+    verifier = deployments_of(serve_cfg).get("Verifier", {})
+    bundles = verifier.get("placement_group_bundles") or []
+    if len(bundles) != tp:
+        problems.append(f"Verifier has {len(bundles)} placement bundles for tp={tp} (one per rank)")
+    if any(b.get("GPU", 0) != (1 if gpu else 0) for b in bundles):
+        problems.append(f"Verifier bundles must hold {1 if gpu else 0} GPU each with device {args.get('device', 'cpu')}")
+    groups = dict(ray_groups(rayservice))
+    if gpu and "verifier" in groups:
+        limits = ray_container(groups["verifier"])["resources"]["limits"]
+        if int(limits.get("nvidia.com/gpu", 0)) != tp:
+            problems.append(f"a verifier pod has {limits.get('nvidia.com/gpu', 0)} GPUs for tp={tp} (one group per pod)")
+    model = str(args.get("model") or "default")
+    if model.startswith("/"):
+        claims = {d["metadata"]["name"] for d in docs if d.get("kind") == "PersistentVolumeClaim"}
+        readers = ["headgroup", "verifier"] + (["draft"] if "DraftWorker" in expected else [])
+        for name in readers:
+            if name not in groups:
+                problems.append(f"model {model}: no pod group {name} to read it")
+                continue
+            mounted = [v for path, v in _mounts(groups[name]).items() if model.startswith(path.rstrip("/") + "/")]
+            if not mounted:
+                problems.append(f"model {model} is on no volume mounted in the {name} pods")
+                continue
+            volumes = {v["name"]: v for v in groups[name]["template"]["spec"].get("volumes", [])}
+            claim = volumes.get(mounted[0], {}).get("persistentVolumeClaim", {}).get("claimName")
+            if mounted[0] not in volumes:
+                problems.append(f"the {name} pods mount volume {mounted[0]}, which they do not define")
+            elif claim is not None and claim not in claims:
+                problems.append(f"the {name} pods claim volume {claim}, which no PersistentVolumeClaim here defines")
+    return problems
+
+
 # ------------------------------------------------------------------ command line
 
 
+def rayservice_problems(path: Path, validator) -> list[str]:
+    """Every check on one RayService file (the CRD ones when ``validator`` is given)."""
+    docs = load_docs(path)
+    rayservice = the_rayservice(path)
+    serve = serve_config_of(rayservice)
+    report = [f"CRD: {e}" for e in crd_errors(validator, rayservice)] if validator is not None else []
+    report += [f"serveConfigV2: {p}" for p in serve_config_problems(serve)]
+    report += [f"placement: {p}" for p in placement_problems(serve, rayservice)]
+    report += [f"app: {p}" for p in app_problems(serve, rayservice, docs)]
+    return report
+
+
 def main() -> int:
-    rayservice = the_rayservice()
-    cluster_serve = serve_config_of(rayservice)
-    local_serve = load_docs(SERVE_CONFIG)[0]
-    report: list[str] = []
+    validator = None
     if crd_path().is_file():
-        report += [f"CRD: {e}" for e in crd_errors(crd_validator(crd_path()), rayservice)]
+        validator = crd_validator(crd_path())
     else:
         print(f"note: {crd_path()} not found, RayService schema not checked (set DSPARK_SHARED_DIR)")
-    report += [f"serveConfigV2: {p}" for p in serve_config_problems(cluster_serve)]
-    report += [f"serve_config.yaml: {p}" for p in serve_config_problems(local_serve)]
-    report += [f"placement: {p}" for p in placement_problems(cluster_serve, rayservice)]
+    report: list[str] = []
+    for path in RAYSERVICES:
+        report += [f"{path.name}: {p}" for p in rayservice_problems(path, validator)]
+    local = load_docs(SERVE_CONFIG)[0]
+    report += [f"serve_config.yaml: {p}" for p in serve_config_problems(local) + deployment_problems(local)]
     for line in report:
         print(line)
-    print("deploy/: ok" if not report else f"deploy/: {len(report)} problem(s)")
+    names = ", ".join(p.name for p in RAYSERVICES)
+    print(f"deploy/ ({names}, serve_config.yaml): ok" if not report else f"deploy/: {len(report)} problem(s)")
     return 1 if report else 0
 
 

@@ -5,6 +5,8 @@ validators in deploy/validate.py (the KubeRay CRD, made strict like `kubectl app
 Serve's own config schema and replica checks; pod-group resources as Ray's KubeRay autoscaler
 computes them). Each validator has negative controls: a broken copy must fail, so a validator
 that went quiet (an import that stopped checking, a schema path that matched nothing) shows up.
+The checks run on every RayService under deploy/kuberay (the default and the DeepSeek-V4
+variant); the variant's own tests break copies of it the ways a V4 deployment goes wrong.
 The Dockerfiles get text checks.
 """
 
@@ -46,19 +48,43 @@ placement_problems, BUILTIN_RESOURCES = validate.placement_problems, validate.BU
 APP_NAME = "dspark"
 IMPORT_PATH = "dspark.cluster.app:build_app"
 ROLES = ("Router", "Verifier", "DraftWorker", "Scheduler")
-APP_ARGS = {"model", "dtype", "tp", "draft", "draft_workers", "block_len", "verify_policy", "compile", "redis_url_env", "grpc_port", "bind_host",
+APP_ARGS = {"model", "dtype", "device", "tp", "draft", "draft_workers", "block_len", "verify_policy", "compile", "redis_url_env", "grpc_port", "bind_host",
             "internal_host"}
 DSPARK_ENV = {"DSPARK_REDIS_URL", "DSPARK_INTERNAL_TOKEN", "DSPARK_API_KEY"}
 
 
+RAYSERVICES = validate.RAYSERVICES
+V4 = KUBERAY / "rayservice-deepseek-v4.yaml"
+
+
+@pytest.fixture(scope="module", params=RAYSERVICES, ids=lambda p: p.name)
+def rayservice_path(request) -> Path:
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def rayservice() -> dict:
-    return validate.the_rayservice()
+def rayservice(rayservice_path) -> dict:
+    return validate.the_rayservice(rayservice_path)
 
 
 @pytest.fixture(scope="module")
 def cluster_serve(rayservice) -> dict:
     return validate.serve_config_of(rayservice)
+
+
+@pytest.fixture(scope="module")
+def default_rayservice() -> dict:
+    return validate.the_rayservice()
+
+
+@pytest.fixture(scope="module")
+def default_serve(default_rayservice) -> dict:
+    return validate.serve_config_of(default_rayservice)
+
+
+@pytest.fixture(scope="module")
+def v4_docs() -> list[dict]:
+    return load_docs(V4)
 
 
 @pytest.fixture(scope="module")
@@ -85,8 +111,9 @@ YAML_FILES = sorted(p for p in DEPLOY.rglob("*") if p.suffix in (".yaml", ".yml"
 
 def test_deploy_has_the_expected_files():
     names = {p.relative_to(DEPLOY).as_posix() for p in YAML_FILES}
-    assert {"serve_config.yaml", "kuberay/rayservice.yaml", "kuberay/redis.yaml",
-            "kuberay/secrets.example.yaml"} <= names
+    assert {"serve_config.yaml", "kuberay/rayservice.yaml", "kuberay/rayservice-deepseek-v4.yaml",
+            "kuberay/redis.yaml", "kuberay/secrets.example.yaml"} <= names
+    assert V4 in RAYSERVICES and validate.RAYSERVICE in RAYSERVICES
 
 
 @pytest.mark.parametrize("path", YAML_FILES, ids=lambda p: p.relative_to(DEPLOY).as_posix())
@@ -226,32 +253,43 @@ def test_cluster_and_local_configs_describe_the_same_app(cluster_serve, local_se
     assert cluster["name"] == local["name"] == APP_NAME
     assert cluster["import_path"] == local["import_path"] == IMPORT_PATH
     assert cluster.get("route_prefix") == local.get("route_prefix") == "/"
-    assert list(deployments_of(cluster_serve)) == list(deployments_of(local_serve))
-    assert set(deployments_of(cluster_serve)) == set(ROLES)
-    assert set(cluster["args"]) == set(local["args"]) == APP_ARGS
-    for key in ("model", "dtype", "draft", "block_len", "verify_policy", "compile", "redis_url_env"):
-        assert cluster["args"][key] == local["args"][key], key
     assert cluster["args"]["grpc_port"] == local["args"]["grpc_port"]
     assert cluster_serve["http_options"]["port"] == local_serve["http_options"]["port"]
 
 
-def test_app_args(cluster_serve, local_serve):
-    assert the_app(cluster_serve)["args"] == {
-        "model": "default", "dtype": "bf16", "tp": 2, "draft": "dspark", "draft_workers": 2,
+def test_default_and_local_configs_run_the_same_model(default_serve, local_serve):
+    cluster, local = the_app(default_serve), the_app(local_serve)
+    assert list(deployments_of(default_serve)) == list(deployments_of(local_serve))
+    assert set(deployments_of(default_serve)) == set(ROLES)
+    assert set(cluster["args"]) == set(local["args"]) == APP_ARGS
+    for key in ("model", "dtype", "draft", "block_len", "verify_policy", "compile", "redis_url_env"):
+        assert cluster["args"][key] == local["args"][key], key
+
+
+def test_app_args(default_serve, local_serve):
+    assert the_app(default_serve)["args"] == {
+        "model": "default", "dtype": "bf16", "device": "cuda", "tp": 2, "draft": "dspark", "draft_workers": 2,
         "block_len": 7, "verify_policy": "adaptive", "compile": True, "redis_url_env": "DSPARK_REDIS_URL",
         "grpc_port": 9000, "bind_host": "auto", "internal_host": "auto",
     }
     local = the_app(local_serve)["args"]
-    assert (local["tp"], local["draft_workers"]) == (1, 1)
+    assert (local["tp"], local["draft_workers"], local["device"]) == (1, 1, "cpu")
 
 
 def test_app_args_are_accepted_by_the_app(cluster_serve, local_serve):
-    """The application's own config parser takes both argument sets (unknown keys would fail)."""
+    """The application's own config parser takes the argument sets (unknown keys would fail)."""
     from dspark.cluster.config import ClusterConfig
 
     for cfg in (cluster_serve, local_serve):
-        parsed = ClusterConfig.from_args(the_app(cfg)["args"])
-        assert parsed.model is None and parsed.draft == "dspark"
+        ClusterConfig.from_args(the_app(cfg)["args"])
+    parsed = ClusterConfig.from_args(the_app(local_serve)["args"])
+    assert parsed.model is None and parsed.draft == "dspark"
+
+
+def test_app_fits_the_deployment(rayservice_path, rayservice, cluster_serve, local_serve):
+    """The deployments the app creates for its args, GPU bundles per rank, the model's volume."""
+    assert validate.app_problems(cluster_serve, rayservice, load_docs(rayservice_path)) == []
+    assert validate.deployment_problems(local_serve) == []
 
 
 def test_app_import_path_resolves():
@@ -271,7 +309,9 @@ def test_pod_groups_as_intended(rayservice, cluster_serve):
     groups = group_resources(rayservice)
     assert groups["headgroup"]["resources"].get("GPU", 0) == 0, "the head has no GPUs"
     assert groups["verifier"]["resources"]["verifier_node"] == 1
-    assert groups["draft"]["resources"]["draft_node"] == 1
+    assert ("draft" in groups) == ("DraftWorker" in deployments_of(cluster_serve)), "a draft group iff draft workers"
+    if "draft" in groups:
+        assert groups["draft"]["resources"]["draft_node"] == 1
     deps = deployments_of(cluster_serve)
     # Which group hosts each role: the one with its custom resources.
     where = {
@@ -279,12 +319,13 @@ def test_pod_groups_as_intended(rayservice, cluster_serve):
                if all(k in spec["resources"] for k in replica_demand(dep) if k not in BUILTIN_RESOURCES)}
         for name, dep in deps.items()
     }
-    assert where == {"Router": {"headgroup"}, "Scheduler": {"headgroup"},
-                     "Verifier": {"verifier"}, "DraftWorker": {"draft"}}
+    home = {"Router": {"headgroup"}, "Scheduler": {"headgroup"}, "Verifier": {"verifier"}, "DraftWorker": {"draft"}}
+    assert where == {name: home[name] for name in deps}
 
 
 @pytest.mark.usefixtures("ray_installed")
-def test_placement_check_rejects_broken_copies(rayservice, cluster_serve):
+def test_placement_check_rejects_broken_copies(default_rayservice, default_serve):
+    rayservice, cluster_serve = default_rayservice, default_serve
     no_tag = copy.deepcopy(rayservice)
     verifier_group = no_tag["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]
     assert verifier_group["groupName"] == "verifier"
@@ -315,11 +356,14 @@ def test_tp_matches_gpu_bundles_and_pods(rayservice, cluster_serve, local_serve)
         assert _verifier(cfg)["ray_actor_options"].get("num_gpus", 0) == gpus_per_rank
     tp = the_app(cluster_serve)["args"]["tp"]
     assert groups["verifier"]["resources"]["GPU"] == tp, "a verifier pod holds exactly one TP group"
-    assert groups["draft"]["resources"]["GPU"] == 1
+    assert the_app(cluster_serve)["args"]["device"] == "cuda"
+    if "draft" in groups:
+        assert groups["draft"]["resources"]["GPU"] == 1
 
 
 @pytest.mark.usefixtures("ray_installed")
-def test_draft_workers_match_draft_replicas(rayservice, cluster_serve, local_serve):
+def test_draft_workers_match_draft_replicas(default_rayservice, default_serve, local_serve):
+    rayservice, cluster_serve = default_rayservice, default_serve
     cluster_draft = deployments_of(cluster_serve)["DraftWorker"]
     draft_workers = the_app(cluster_serve)["args"]["draft_workers"]
     assert draft_workers == cluster_draft["autoscaling_config"]["min_replicas"]
@@ -347,7 +391,8 @@ def test_autoscaling_targets_are_sane(cluster_serve):
         assert dep["num_replicas"] == "auto", name
         assert 1 <= scaling["min_replicas"] <= scaling["max_replicas"], name
         assert 0 < scaling["target_ongoing_requests"] < dep["max_ongoing_requests"], name
-    assert deployments_of(cluster_serve)["Scheduler"]["num_replicas"] == 1
+    if "Scheduler" in deployments_of(cluster_serve):
+        assert deployments_of(cluster_serve)["Scheduler"]["num_replicas"] == 1
 
 
 def test_ports_agree(rayservice, cluster_serve):
@@ -426,6 +471,76 @@ def test_redis_manifest_wiring(example_secrets):
     assert url.port == port["port"]
     assert url.password == example_secrets["dspark-redis"]["password"]
     assert url.path == "/0"
+
+
+# ------------------------------------------------------------------ (e2) the DeepSeek-V4 variant
+
+
+def test_v4_variant_serves_a_mounted_folder_with_mtp_on_8_gpus(v4_docs):
+    rayservice = validate.the_rayservice(V4)
+    serve = validate.serve_config_of(rayservice)
+    args = the_app(serve)["args"]
+    assert args["model"].startswith("/models/") and args["device"] == "cuda" and args["dtype"] == "bf16"
+    assert (args["tp"], args["draft"], args["draft_workers"], args["compile"]) == (8, "mtp", 0, False)
+    assert set(deployments_of(serve)) == {"Router", "Verifier"}, "mtp drafts in the verifier: no draft group"
+    groups = dict(ray_groups(rayservice))
+    assert set(groups) == {"headgroup", "verifier"}
+    node = groups["verifier"]["template"]["spec"]["nodeSelector"]["cloud.google.com/gke-accelerator"]
+    assert "h200" in node
+    (claim,) = by_kind(v4_docs, "PersistentVolumeClaim").values()
+    assert claim["spec"]["accessModes"] == ["ReadOnlyMany"]
+    for name in ("headgroup", "verifier"):
+        mounts = {m["mountPath"]: m for m in ray_container(groups[name])["volumeMounts"]}
+        assert mounts["/models"]["readOnly"] is True, name
+
+
+def _v4_group(rs, name):
+    return dict(ray_groups(rs))[name]
+
+
+def _drop_head_models_mount(rs, serve):
+    c = ray_container(_v4_group(rs, "headgroup"))
+    c["volumeMounts"] = [m for m in c["volumeMounts"] if m["name"] != "models"]
+
+
+def _misspell_claim(rs, serve):
+    for v in _v4_group(rs, "verifier")["template"]["spec"]["volumes"]:
+        if v["name"] == "models":
+            v["persistentVolumeClaim"]["claimName"] = "deepseek-v4-flsh"
+
+
+def _seven_gpus(rs, serve):
+    ray_container(_v4_group(rs, "verifier"))["resources"]["limits"]["nvidia.com/gpu"] = "7"
+
+
+def _add_draft_worker(rs, serve):
+    the_app(serve)["deployments"].append({"name": "DraftWorker", "num_replicas": 1})
+
+
+@pytest.mark.parametrize(
+    "mutate, expect",
+    [
+        (lambda rs, serve: the_app(serve)["args"].update(tp=4), "8 placement bundles for tp=4"),
+        (lambda rs, serve: deployments_of(serve)["Verifier"]["placement_group_bundles"].pop(), "7 placement bundles"),
+        (_seven_gpus, "7 GPUs for tp=8"),
+        (lambda rs, serve: the_app(serve)["args"].update(device="cpu"), "0 GPU each with device cpu"),
+        (lambda rs, serve: the_app(serve)["args"].update(draft="mtpp"), "application args"),
+        (lambda rs, serve: the_app(serve)["args"].update(verify_policy="adaptive"), "creates deployment Scheduler"),
+        (_add_draft_worker, "deployment DraftWorker is configured"),
+        (lambda rs, serve: the_app(serve)["args"].update(model="/weights/DeepSeek-V4-Flash"), "no volume mounted"),
+        (_drop_head_models_mount, "no volume mounted in the headgroup pods"),
+        (_misspell_claim, "claim volume deepseek-v4-flsh"),
+    ],
+    ids=["tp-not-bundles", "bundle-missing", "pod-gpus", "cpu-device", "unknown-drafter", "scheduler-missing",
+         "draft-worker-without-remote-drafting", "model-off-volume", "head-without-model", "unknown-claim"],
+)
+def test_v4_variant_checks_reject_broken_copies(v4_docs, mutate, expect):
+    rayservice = copy.deepcopy(validate.the_rayservice(V4))
+    serve = validate.serve_config_of(rayservice)
+    mutate(rayservice, serve)
+    problems = validate.app_problems(serve, rayservice, v4_docs)
+    assert problems, "the app check accepted a broken V4 RayService"
+    assert any(expect in p for p in problems), problems
 
 
 # ------------------------------------------------------------------ (f) Dockerfiles
