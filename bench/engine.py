@@ -236,7 +236,8 @@ def bandwidth_and_weights(dtype: str, model: str | None = None) -> dict:
 @click.option("--kv-layout", "kv_layout", type=click.Choice(["slot", "paged"]), default="slot", show_default=True,
               help="our target's KV cache layout")
 @click.option("--model", "model", default=None,
-              help="a Hugging Face folder our loader reads (e.g. dspark make-model --preset small); default: the GGUF model")
+              help="a Hugging Face folder our loader reads (e.g. from dspark make-model --preset small); "
+                   "default: the GGUF model")
 def main(batches, dtypes, new_tokens, threads, skip_hf, json_path, compile, sampled, kv_layout, model):
     """Decode tokens/s: our engine (eager and compiled) vs Hugging Face transformers."""
     from dspark.models.loader import family_of
@@ -284,7 +285,8 @@ def main(batches, dtypes, new_tokens, threads, skip_hf, json_path, compile, samp
             "step_over_floor", "verify8_over_decode1", "compile_s", "ours_peak_mb", "eager_peak_mb", "hf_peak_mb"]
     click.echo(table(rows, cols))
     wait = {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
-    out = write_json(json_path, "engine.json", {"model": model, "threads": threads, "new_tokens": new_tokens, "rows": rows,
+    out = write_json(json_path, "engine.json", {"model": model, "threads": threads, "new_tokens": new_tokens,
+                                                "rows": rows,
                                                 "sampled": SAMPLED if sampled else None, "sampling_cost": sampling_rows,
                                                 "copy_gb_s": rows_floor["copy_gb_s"], "openmp_wait": wait})
     click.echo(f"wrote {out}")

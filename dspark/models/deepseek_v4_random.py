@@ -75,8 +75,8 @@ def preset_config(preset: str) -> dict[str, Any]:
 
     Example:
         >>> c = preset_config("tiny")
-        >>> c["model_type"], c["layer_types"], c["mlp_layer_types"][0]
-        ('deepseek_v4', ['sliding_attention', 'compressed_sparse_attention', 'heavily_compressed_attention'], 'hash_moe')
+        >>> c["model_type"], len(c["layer_types"]), c["mlp_layer_types"]
+        ('deepseek_v4', 3, ['hash_moe', 'moe', 'moe'])
     """
     if preset not in PRESETS:
         raise ValueError(f"preset {preset!r} is not one of {', '.join(PRESETS)}")
