@@ -8,7 +8,8 @@
    choices of score-routed layers flip on a few rows in bf16, as on CPU) within 3e-2.
 3. An NCCL group of ``torch.cuda.device_count()`` ranks (or the largest size below it that the
    configuration divides) equal to one rank at 1e-4.  Skipped, with the reason, without CUDA or
-   with one GPU: NCCL cannot put two ranks on one GPU.
+   with one GPU: NCCL cannot put two ranks on one GPU.  The same comparison runs over gloo on
+   CPU (:func:`group_vs_one_rank`), which is how the test checks it.
 4. Decode tokens/s at batch 1 and 8, ours (eager: V4 does not compile) vs transformers'
    ``generate`` on the same folder and device (:mod:`bench.engine`'s measurements), bf16.
 
@@ -18,6 +19,7 @@ skipped), which is how ``tests/bench/test_gpu_check_v4.py`` exercises it.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -107,28 +109,38 @@ def group_size(cfg, n_gpus: int) -> int:
 
 
 def group_part(folder: Path, device: str, steps) -> tuple[dict | str, bool]:
+    """The NCCL group over the GPUs present, or the reason it is skipped."""
     if not device.startswith("cuda"):
         return "skipped: no CUDA device (NCCL needs GPUs; the gloo groups are CPU tests)", True
     n = torch.cuda.device_count()
     if n < 2:
         return f"skipped: {n} GPU visible; NCCL cannot put two ranks on one GPU", True
+    from dspark.models.deepseek_v4_config import deepseek_v4_config_from_hf
+
+    world = group_size(deepseek_v4_config_from_hf(json.loads((folder / "config.json").read_text())), n)
+    if world < 2:
+        return f"skipped: no group size in 2..{n} divides this configuration", True
+    out, ok = group_vs_one_rank(folder, device, world, steps)
+    return dict(out, gpus=n), ok
+
+
+def group_vs_one_rank(folder: Path, device: str, world: int, steps) -> tuple[dict, bool]:
+    """A group of ``world`` ranks (NCCL on CUDA, one GPU each; gloo on CPU) against one rank, fp32."""
     from dspark.models.loader import load_model
     from dspark.workers.runner import LocalRunner, RunnerConfig, TPGroup, TPSpec
 
-    one = load_model(folder, dtype="fp32", device="cuda:0")
-    world = group_size(one.model.cfg, n)
-    if world < 2:
-        return f"skipped: no group size in 2..{n} divides this configuration", True
+    one = load_model(folder, dtype="fp32", device="cuda:0" if device.startswith("cuda") else device)
     want = run_script(LocalRunner(one.model, RunnerConfig(2, 256)), steps)
     del one
-    group = TPGroup(TPSpec(model_path=str(folder), dtype="fp32", device="cuda", world_size=world,
-                           runner=RunnerConfig(2, 256)))  # fmt: skip
+    cuda = device.startswith("cuda")
+    group = TPGroup(TPSpec(model_path=str(folder), dtype="fp32", device="cuda" if cuda else device, world_size=world,
+                           runner=RunnerConfig(2, 256), threads_per_rank=0 if cuda else 1))  # fmt: skip
     try:
         got = run_script(group.driver, steps)
     finally:
         group.close()
     err = float(row_errors(got, want).max())
-    return {"world_size": world, "gpus": n, "max_rel_err": err, "tolerance": GROUP_TOL}, err <= GROUP_TOL
+    return {"world_size": world, "max_rel_err": err, "tolerance": GROUP_TOL}, err <= GROUP_TOL
 
 
 def timing_part(folder: Path, device: str, batches: tuple[int, ...], new_tokens: int) -> list[dict]:

@@ -50,3 +50,17 @@ def test_group_size_is_the_largest_the_configuration_divides():
 
     cfg = deepseek_v4_config_from_hf(preset_config("tiny"))  # 4 heads in 2 output groups, 8 experts
     assert [group_size(cfg, n) for n in (1, 2, 3, 4, 8)] == [1, 2, 2, 4, 4]
+
+
+def test_group_comparison_over_gloo(tmp_path):
+    """The section's group-vs-one-rank comparison, run over gloo with 2 CPU ranks (on CUDA it
+    runs over NCCL with one GPU per rank)."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from bench.gpu_check_v4 import GROUP_TOL, group_vs_one_rank, script
+
+    from dspark.models.deepseek_v4_random import write_random_folder
+
+    folder = write_random_folder(tmp_path / "v4", "tiny", seed=5, dtype=torch.float32)
+    out, ok = group_vs_one_rank(folder, "cpu", 2, script(320, n_steps=4))
+    assert ok and out["world_size"] == 2 and out["max_rel_err"] <= GROUP_TOL, out
