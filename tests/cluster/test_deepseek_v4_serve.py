@@ -1,7 +1,8 @@
 """`dspark serve --model <DeepSeek-V4 folder> --draft mtp` end to end: the configuration the serve
 command parses (no --compile flag: V4 folders run eager by default), the real cluster (Ray
 Serve, a redis-server, the verifier with its in-process MTP drafter), the official openai client
-over HTTP and the gRPC GenerationService on loopback (fp32, greedy).
+over HTTP and the gRPC GenerationService on loopback (fp32, greedy); a verifier of one rank, then
+a tensor / expert parallel group of two (the shape of deploy/kuberay/rayservice-deepseek-v4.yaml).
 
 The target is a tiny random V4 folder (three layers of the three attention kinds, hash-routed and
 score-routed MoE, three hyper-connection streams) with an MTP layer under its published
@@ -53,13 +54,15 @@ def v4(tmp_path_factory) -> Folder:
     return Folder(path, {p: s.output_ids for p, s in zip(PROMPTS, seqs)}, {p: s.text for p, s in zip(PROMPTS, seqs)})
 
 
-@pytest.fixture(scope="module")
-def cluster(v4):
+@pytest.fixture(scope="module", params=[1, 2], ids=["tp1", "tp2"])
+def cluster(v4, request):
+    """One verifier; with tp2 a group of two ranks (rank 1 a Ray actor), each loading only its
+    slice of the folder, and the MTP layer built on rank 0 beside its shard."""
     from dspark.cluster.commands import serve, serve_config
     from dspark.cluster.local import LocalCluster
 
     argv = ["--model", str(v4.path), "--draft", "mtp", "--dtype", "fp32", "--block", "2", "--slots", "4",
-            "--grpc-port", str(free_port()), "--port", str(free_port())]
+            "--grpc-port", str(free_port()), "--port", str(free_port()), "--tp", str(request.param)]
     params = serve.make_context("serve", argv).params
     cfg = serve_config(**params)
     assert cfg.compile is False and not cfg.remote_draft  # eager by default; MTP runs beside the target
