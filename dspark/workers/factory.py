@@ -12,7 +12,7 @@ from typing import Callable, Protocol
 
 import torch
 
-from dspark.models.loader import LoadedModel, load_model, load_tokenizer
+from dspark.models.loader import LoadedModel, default_model_path, load_model, load_tokenizer
 from dspark.models.tokenizer import Tokenizer
 from dspark.workers.budget_policy import AdaptiveBudget, CostModel, VerifyBudget, fixed_budget, profile_step_costs
 from dspark.workers.drafters import registry
@@ -57,8 +57,8 @@ class EngineParts:
     """What a caller makes itself; ``build_engine`` makes everything else from the spec.
 
     tp_group: makes the TP group from its ``TPSpec`` (e.g. ranks as Ray actors in a placement
-      group); None: ranks are processes spawned on this host.  With a caller's group only the
-      tokenizer is loaded here, unless the drafter reads the target's weights.
+      group); None: ranks are processes spawned on this host.  Either way this process holds only
+      rank 0's shard, unless the drafter reuses the whole target's weights.
     drafter: builds the drafter of ``spec.draft`` instead of the registry (e.g. the verifier
       group's RemoteDrafter, which drafts on draft workers); the options are still checked.
     """
@@ -70,9 +70,9 @@ class EngineParts:
 @dataclass
 class BuiltEngine:
     engine: Engine
-    # The whole target; rank 0's shard of it for a drafter that takes one (takes_target_shard);
-    # None with a caller's TP group and no drafter needing weights.
-    loaded: LoadedModel | None
+    # The target as this process holds it: the whole model, or with a tensor-parallel group rank
+    # 0's shard (a whole copy instead when the drafter reuses the whole target's weights).
+    loaded: LoadedModel
     tokenizer: Tokenizer
     model_name: str  # the target's short name
     tp_group: TensorParallelGroup | None = None
@@ -105,19 +105,17 @@ def build_engine(
         tp_spec = TPSpec(spec.model, spec.dtype, spec.device, spec.tp, spec.runner)
         tp_group = parts.tp_group(tp_spec) if parts.tp_group is not None else TPGroup(tp_spec)
         runner = tp_group.driver
-        loaded = None
-        # Rank 0 holds a sharded model; the drafters that reuse target weights need a whole copy,
-        # except those that build from rank 0's shard (V4's MTP layer).
-        reads_weights = local_kind is not None and local_kind.needs_weights
-        if reads_weights and local_kind.takes_target_shard:
-            tokenizer, args, name = load_tokenizer(spec.model)
-            loaded = LoadedModel(model=runner.model, tokenizer=tokenizer, args=args, source=str(spec.model), name=name)
-        elif parts.tp_group is None or reads_weights:
+        # Rank 0's shard stands for the target in this process (its tokenizer; the drafters that
+        # build from a shard, takes_target_shard); a drafter that reuses the whole target's
+        # weights gets a whole copy loaded beside the group.
+        if local_kind is not None and local_kind.needs_weights and not local_kind.takes_target_shard:
             device = "cpu" if spec.device == "cpu" else "cuda:0"
             loaded = load_model(spec.model, dtype=spec.dtype, device=device, progress=False)
             tokenizer, args, name = loaded.tokenizer, loaded.args, loaded.name
         else:
             tokenizer, args, name = load_tokenizer(spec.model)
+            source = str(spec.model or default_model_path())
+            loaded = LoadedModel(model=runner.model, tokenizer=tokenizer, args=args, source=source, name=name)
     else:
         loaded = load_model(spec.model, dtype=spec.dtype, device=spec.device, progress=progress)
         runner = LocalRunner(loaded.model, spec.runner)

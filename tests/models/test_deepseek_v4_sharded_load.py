@@ -5,8 +5,8 @@ experts and its slices of the head-sharded tensors (fp32, tiny random folders).
   tensor and bit for bit, for the float folder and the released FP8 / FP4 layout (16 x 16 FP8
   blocks: some ranges fall on block edges and are read with their scales' ranges, others cut
   blocks and are dequantised whole first), and reads less than the folder holds.
-* The ``mtp`` drafter on a group builds from rank 0's shard (no whole copy of the target beside
-  the group) and decodes what one rank decodes plainly.
+* An engine on a group holds rank 0's shard only (no whole copy of the target beside the group),
+  plainly and with the ``mtp`` drafter built from that shard, and decodes what one rank decodes.
 * A copy of the folder without the other ranks' expert tensors (and their scales) loads for
   rank r, and a group whose rank r loads that copy gives one rank's logits: rank r never needs
   them.  The same copy loaded whole is refused, naming a missing expert.
@@ -159,7 +159,10 @@ def test_a_rank_loads_without_the_other_ranks_experts(folders, quantised, tmp_pa
     assert worst <= 1e-5, worst
 
 
-def test_mtp_drafter_on_a_group_takes_rank_0s_shard(folders):
+@pytest.mark.parametrize("draft", ["mtp", "none"])
+def test_a_group_holds_no_whole_copy_of_the_target(folders, draft):
+    """``build_engine`` with a group of 2 (``dspark generate --tp 2``): rank 0's shard stands for
+    the target in the driver process, plainly and for the mtp drafter."""
     from dspark.workers.drafters.mtp import MTPDrafter
     from dspark.workers.engine import Engine, EngineConfig
     from dspark.workers.factory import EngineSpec, build_engine
@@ -170,12 +173,12 @@ def test_mtp_drafter_on_a_group_takes_rank_0s_shard(folders):
     prompts, params = [list(b"the cat sat on the mat"), list(b"a b a b")], SamplingParams(max_tokens=24, ignore_eos=True)
     engine = Engine(LocalRunner(one.model, CFG), one.tokenizer, EngineConfig(max_batch=2, block_len=2))
     plain = [s.output_ids for s in engine.generate(prompts, params)]
-    spec = EngineSpec(model=str(path), dtype="fp32", tp=2, draft="mtp", block_len=2, runner=CFG)
+    spec = EngineSpec(model=str(path), dtype="fp32", tp=2, draft=draft, block_len=2, runner=CFG)
     built = build_engine(spec, progress=False)
     try:
-        assert isinstance(built.engine.drafter, MTPDrafter)
+        assert isinstance(built.engine.drafter, MTPDrafter) == (draft == "mtp")
         assert built.loaded.model is built.tp_group.driver.model and built.loaded.model.shard == Shard(0, 2)
         assert [s.output_ids for s in built.engine.generate(prompts, params)] == plain
-        assert built.engine.metrics.num_draft_tokens > 0
+        assert (built.engine.metrics.num_draft_tokens > 0) == (draft == "mtp")
     finally:
         built.close()
