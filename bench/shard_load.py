@@ -76,5 +76,6 @@ def main(path, world, dtype, json_path):
     rows = [_measure(path, dtype, 0, 1)] + [_measure(path, dtype, r, world) for r in range(world)]
     cols = ["rank", "read_MB", "folder_MB", "held_MB", "peak_added_MB"]
     print(table(rows, cols))
-    out = write_json(json_path, "shard_load.json", {"model": Path(path).name, "dtype": dtype, "tp": world, "rows": rows})
+    result = {"model": Path(path).name, "dtype": dtype, "tp": world, "rows": rows}
+    out = write_json(json_path, "shard_load.json", result)
     print(f"wrote {out}")

@@ -337,8 +337,9 @@ def deployment_problems(serve_cfg: dict) -> list[str]:
     except (ValueError, TypeError) as exc:
         return [f"application args: {exc}"]
     listed = set(deployments_of(serve_cfg))
-    return ([f"deployment {n} is configured but the app does not create it with these args" for n in sorted(listed - expected)]
-            + [f"the app creates deployment {n}, which the config does not size" for n in sorted(expected - listed)])  # fmt: skip
+    extra = [f"deployment {n} is configured but the app does not create it with these args"
+             for n in sorted(listed - expected)]
+    return extra + [f"the app creates deployment {n}, which the config does not size" for n in sorted(expected - listed)]
 
 
 def _mounts(group: dict) -> dict[str, str]:
@@ -360,12 +361,14 @@ def app_problems(serve_cfg: dict, rayservice: dict, docs: list[dict]) -> list[st
     if len(bundles) != tp:
         problems.append(f"Verifier has {len(bundles)} placement bundles for tp={tp} (one per rank)")
     if any(b.get("GPU", 0) != (1 if gpu else 0) for b in bundles):
-        problems.append(f"Verifier bundles must hold {1 if gpu else 0} GPU each with device {args.get('device', 'cpu')}")
+        device = args.get("device", "cpu")
+        problems.append(f"Verifier bundles must hold {1 if gpu else 0} GPU each with device {device}")
     groups = dict(ray_groups(rayservice))
     if gpu and "verifier" in groups:
         limits = ray_container(groups["verifier"])["resources"]["limits"]
         if int(limits.get("nvidia.com/gpu", 0)) != tp:
-            problems.append(f"a verifier pod has {limits.get('nvidia.com/gpu', 0)} GPUs for tp={tp} (one group per pod)")
+            have = limits.get("nvidia.com/gpu", 0)
+            problems.append(f"a verifier pod has {have} GPUs for tp={tp} (one group per pod)")
     model = str(args.get("model") or "default")
     if model.startswith("/"):
         claims = {d["metadata"]["name"] for d in docs if d.get("kind") == "PersistentVolumeClaim"}

@@ -127,8 +127,8 @@ class _RankReader:
             for e in mine:
                 for w in ("w1", "w2", "w3"):
                     if (e, w) not in got:
-                        raise ValueError(f"tensor {prefix}.experts.{e}.{w}.weight is missing (rank {shard.rank} of "
-                                         f"{shard.world_size} holds experts {mine.start}..{mine.stop - 1})")  # fmt: skip
+                        raise ValueError(f"tensor {prefix}.experts.{e}.{w}.weight is missing (rank {shard.rank} "
+                                         f"of {shard.world_size} holds experts {mine.start}..{mine.stop - 1})")  # fmt: skip
         head = state.get("head.weight")
         if head is not None and shard.world_size > 1:  # zero rows up to the same count on every rank
             pad = vocab_rows(cfg.vocab_size, shard)[2] - head.shape[0]
@@ -141,7 +141,8 @@ class _RankReader:
         if scale is None:
             t = self._read_ranges(name, ranges)
             if not ours.endswith("tid2eid") and t.dtype not in _FLOAT_DTYPES:
-                raise ValueError(f"tensor {ours} has dtype {t.dtype} and no block scale: not a format this loader reads")
+                raise ValueError(f"tensor {ours} has dtype {t.dtype} and no block scale: "
+                                 f"not a format this loader reads")  # fmt: skip
             return t.to(device=self.device, dtype=self.dtype_of(ours))
         scale_ranges = self._scale_ranges(name, ranges)
         if scale_ranges is None:  # the range cuts blocks: dequantise the whole weight, then cut

@@ -176,7 +176,8 @@ def apply_deepseek_v4_tp(
     if model.shard == shard:
         pass
     elif model.shard.world_size != 1:
-        raise ValueError(f"the model holds rank {model.shard.rank} of {model.shard.world_size}, not {rank} of {world_size}")
+        held = model.shard
+        raise ValueError(f"the model holds rank {held.rank} of {held.world_size}, not {rank} of {world_size}")
     elif world_size == 1:
         return model
     else:

@@ -44,8 +44,8 @@ placement_problems, BUILTIN_RESOURCES = validate.placement_problems, validate.BU
 APP_NAME = "dspark"
 IMPORT_PATH = "dspark.cluster.app:build_app"
 ROLES = ("Router", "Verifier", "DraftWorker", "Scheduler")
-APP_ARGS = {"model", "dtype", "device", "tp", "draft", "draft_workers", "block_len", "verify_policy", "compile", "redis_url_env", "grpc_port", "bind_host",
-            "internal_host"}
+APP_ARGS = {"model", "dtype", "device", "tp", "draft", "draft_workers", "block_len", "verify_policy", "compile",
+            "redis_url_env", "grpc_port", "bind_host", "internal_host"}
 DSPARK_ENV = {"DSPARK_REDIS_URL", "DSPARK_INTERNAL_TOKEN", "DSPARK_API_KEY"}
 
 

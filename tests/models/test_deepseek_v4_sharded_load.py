@@ -170,7 +170,8 @@ def test_a_group_holds_no_whole_copy_of_the_target(folders, draft):
 
     path = folders[0]
     one = load_model(path, dtype="fp32")
-    prompts, params = [list(b"the cat sat on the mat"), list(b"a b a b")], SamplingParams(max_tokens=24, ignore_eos=True)
+    prompts = [list(b"the cat sat on the mat"), list(b"a b a b")]
+    params = SamplingParams(max_tokens=24, ignore_eos=True)
     engine = Engine(LocalRunner(one.model, CFG), one.tokenizer, EngineConfig(max_batch=2, block_len=2))
     plain = [s.output_ids for s in engine.generate(prompts, params)]
     spec = EngineSpec(model=str(path), dtype="fp32", tp=2, draft=draft, block_len=2, runner=CFG)
