@@ -13,6 +13,8 @@ process group is formed: a rank's load does not need one.
 
 from __future__ import annotations
 
+import queue
+
 import click
 
 from bench.common import table, write_json
@@ -55,7 +57,13 @@ def _measure(path: str, dtype: str, rank: int, world: int) -> dict:
     q = ctx.Queue()
     p = ctx.Process(target=_load, args=(path, dtype, rank, world, q))
     p.start()
-    row = q.get(timeout=1800)
+    while True:
+        try:
+            row = q.get(timeout=1.0)
+            break
+        except queue.Empty:
+            if not p.is_alive():
+                raise click.ClickException(f"loading rank {rank} of {world} failed (exit code {p.exitcode})") from None
     p.join()
     return row
 
@@ -67,12 +75,18 @@ def _measure(path: str, dtype: str, rank: int, world: int) -> dict:
 @click.option("--json", "json_path", default=None, help="where to write the results")
 def main(path, world, dtype, json_path):
     """Bytes read, bytes held and peak memory added per rank of a group vs the whole model."""
+    import json
     from pathlib import Path
 
-    from dspark.models.deepseek_v4_loader import is_deepseek_v4
+    from dspark.models.deepseek_v4_loader import deepseek_v4_config_from_hf, is_deepseek_v4
+    from dspark.models.deepseek_v4_tp import check_group_size
 
     if not is_deepseek_v4(Path(path)):
         raise click.UsageError(f"{path} is not a DeepSeek-V4 folder (config.json model_type deepseek_v4)")
+    try:  # a group size the shapes do not allow: refused here, in one line
+        check_group_size(deepseek_v4_config_from_hf(json.loads((Path(path) / "config.json").read_text())), world)
+    except ValueError as err:
+        raise click.UsageError(str(err)) from None
     rows = [_measure(path, dtype, 0, 1)] + [_measure(path, dtype, r, world) for r in range(world)]
     cols = ["rank", "read_MB", "folder_MB", "held_MB", "peak_added_MB"]
     print(table(rows, cols))

@@ -183,3 +183,29 @@ def test_a_group_holds_no_whole_copy_of_the_target(folders, draft):
         assert (built.engine.metrics.num_draft_tokens > 0) == (draft == "mtp")
     finally:
         built.close()
+
+
+def test_bad_input_is_refused_in_one_line(folders, tmp_path):
+    from dspark.models.safetensors_slices import SafetensorsFolder
+
+    with pytest.raises(ValueError, match="^tensor / expert parallel size 3 must divide num_attention_heads=4$"):
+        load_model(folders[0], dtype="fp32", shard=Shard(0, 3))
+    (tmp_path / "model.safetensors").write_bytes((12).to_bytes(8, "little") + b"not a header")
+    with pytest.raises(ValueError, match="^model.safetensors: not a safetensors file"):
+        SafetensorsFolder(tmp_path)
+    with SafetensorsFolder(folders[0]) as folder:
+        name = next(n for n in folder.entries if n.endswith("wo_b.weight"))
+        rows, cols = folder.shape(name)
+        assert torch.equal(folder.read(name, (1, 2, 5)), folder.read(name)[:, 2:5])  # one read per row
+        with pytest.raises(ValueError, match=r"no range 0:\d+ along dim 1$"):
+            folder.read(name, (1, 0, cols + 1))
+
+
+def test_docstring_examples():
+    import doctest
+
+    from dspark.models import deepseek_v4_loader, deepseek_v4_tp
+
+    for module in (deepseek_v4_tp, deepseek_v4_loader):
+        result = doctest.testmod(module)
+        assert result.attempted >= 1 and result.failed == 0, module.__name__
