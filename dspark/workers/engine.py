@@ -274,7 +274,7 @@ class Engine:
             return []
         t0 = time.perf_counter()
         prefill, decode = self._partition()
-        speculate = self._speculate(decode, bool(prefill))
+        speculate = self._speculate(decode)
 
         # 1. Draft: one block per decoding request; None when this step does not speculate.
         blocks = self._draft(decode) if speculate else None
@@ -313,10 +313,10 @@ class Engine:
         self.num_steps += 1
         self.last_step_tokens = plan.num_tokens
         self.last_step_seconds = time.perf_counter() - t0
-        if self.gate is not None:  # a pure decode step measures one arm (its whole cycle: see the gate)
-            emitted = sum(len(e.emitted) for e in plan.decoding)
-            self.gate.step_done(len(plan.decoding), speculate and self.drafter is not None, emitted,
-                                self.last_step_seconds, plan.has_prefill)  # fmt: skip
+        decoding = plan.decoding
+        if self.gate is not None and decoding and not plan.has_prefill:  # a pure decode step measures one arm
+            emitted = sum(len(e.emitted) for e in decoding)
+            self.gate.record(len(decoding), speculate and self.drafter is not None, emitted, self.last_step_seconds)
         # The next step's arm is chosen before the drafter hears this step's tokens: a remote
         # drafter reads seq.wants_block then, to draft only ahead of a speculative step.
         self._choose_next()
@@ -383,7 +383,7 @@ class Engine:
             return None
         return self._append(e.seq, e.emitted, len(e.drafts), e.num_accepted, e.logprobs)
 
-    def _speculate(self, decode: list[Sequence], prefill: bool) -> bool:
+    def _speculate(self, decode: list[Sequence]) -> bool:
         """Whether this step drafts: the choice made at the end of the last step, else the gate's now.
 
         The gate sees only past steps, so whether a step speculates never depends on its drafts.
@@ -391,7 +391,7 @@ class Engine:
         chosen, self._next_speculate = self._next_speculate, None
         if self.gate is None or not decode:
             return True
-        return chosen if chosen is not None else self.gate.speculate(len(decode), prefill)
+        return chosen if chosen is not None else self.gate.speculate(len(decode))
 
     def _choose_next(self) -> None:
         """Ask the gate now about the next step, and tell each request whether a block is wanted.
@@ -405,10 +405,8 @@ class Engine:
         nxt = [s for s in self.running if not s.finished and s.num_cached >= len(s.prompt_ids)]
         if not nxt:
             return
-        if self.gate is not None:  # a prompt chunk will share the step if one is cached in part or waits
-            admits = bool(self.waiting) and self.prefix.num_free > 0 and len(self.running) < self.max_batch
-            prefill = admits or any(s.num_cached < len(s.prompt_ids) for s in self.running)
-            self._next_speculate = self.gate.speculate(len(nxt), prefill)
+        if self.gate is not None:
+            self._next_speculate = self.gate.speculate(len(nxt))
         depth = self._draft_depth()
         for s in nxt:
             s.wants_block = self._next_speculate is not False

@@ -6,16 +6,9 @@ first place depends on things a profiled cost table does not see: what the draft
 this hardware (it may share the verifier's cores), the verify step at the real context lengths,
 and how often the drafts are accepted for today's traffic.  So the gate measures both arms:
 
-* for each batch composition -- a batch-size bucket (1, 2-3, 4-7, ... decoding requests), and
-  whether a prompt chunk shares the step -- it keeps exponential moving averages of tokens
-  emitted per step and seconds per step (drafting included), once for steps that speculated and
-  once for plain steps.  A step with a prompt chunk is a different trade: its forward is
-  already compute-bound, so the drafts it verifies cost their full compute, where a pure decode
-  step reads the weights once for all of its rows;
-* a step's seconds are its whole cycle, from the previous forward step's end to its own: steps
-  that only waited for a remote drafter's blocks, sending the previous step's tokens and
-  features to the drafter (done only ahead of a speculative step) and drafting that overlapped
-  the engine loop on shared cores are costs of the arm too, invisible in the forward's time;
+* for each batch-size bucket (1, 2-3, 4-7, ... decoding requests) it keeps exponential moving
+  averages of tokens emitted per step and seconds per step (drafting included), once for steps
+  that speculated and once for plain steps;
 * each step it picks the arm with the higher tokens per second, and every ``explore_every``-th
   step in a bucket it takes the other arm, so a drafter that starts paying (longer context,
   copy-heavy traffic) or stops paying is noticed.
@@ -26,7 +19,6 @@ step t, so it cannot bias which drafts get verified (the condition of the paper'
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 
@@ -68,23 +60,21 @@ class SpeculationGate:
         self.explore_every = explore_every
         self.decay = decay
         self.warmup_steps = warmup_steps
-        self._arms: dict[tuple[int, bool, bool], _Arm] = {}  # (bucket, prefill, speculated)
-        self._ticks: dict[tuple[int, bool], int] = {}
+        self._arms: dict[tuple[int, bool], _Arm] = {}
+        self._ticks: dict[int, int] = {}
         self.speculative_steps = 0
         self.plain_steps = 0
-        self._mark: float | None = None  # when the last forward step ended (step_done)
 
     @staticmethod
     def bucket(num_requests: int) -> int:
         """1 -> 1, 2-3 -> 2, 4-7 -> 3, ...: batches whose step costs are alike."""
         return max(1, num_requests).bit_length()
 
-    def speculate(self, num_requests: int, prefill: bool = False) -> bool:
-        """Whether the coming step (``num_requests`` decoding; ``prefill``: with a prompt chunk)
-        should draft and verify."""
-        b = (self.bucket(num_requests), prefill)
-        spec = self._arms.get((*b, True), _Arm())
-        plain = self._arms.get((*b, False), _Arm())
+    def speculate(self, num_requests: int) -> bool:
+        """Whether the coming step (``num_requests`` decoding) should draft and verify."""
+        b = self.bucket(num_requests)
+        spec = self._arms.get((b, True), _Arm())
+        plain = self._arms.get((b, False), _Arm())
         # Measure each arm a few times first (speculation first: it is why the drafter is here).
         if spec.steps < self.warmup_steps:
             choice = True
@@ -101,42 +91,13 @@ class SpeculationGate:
             self.plain_steps += 1
         return choice
 
-    def record(self, num_requests: int, speculated: bool, tokens: int | float, seconds: float,
-               prefill: bool = False) -> None:  # fmt: skip
-        """One step finished: ``tokens`` emitted by its ``num_requests`` decoding requests in ``seconds``."""
+    def record(self, num_requests: int, speculated: bool, tokens: int | float, seconds: float) -> None:
+        """One decode step finished: ``tokens`` emitted over all requests in ``seconds``."""
         if seconds <= 0:
             return
-        key = (self.bucket(num_requests), prefill, speculated)
-        self._arms.setdefault(key, _Arm()).add(float(tokens), seconds, self.decay)
+        self._arms.setdefault((self.bucket(num_requests), speculated), _Arm()).add(float(tokens), seconds, self.decay)
 
-    def step_done(self, num_requests: int, speculated: bool, tokens: int | float, step_seconds: float,
-                  prefill: bool, now: float | None = None) -> None:  # fmt: skip
-        """A forward step ended: record its decoding requests' tokens over its whole cycle.
-
-        ``step_seconds`` is the forward step's own time; the cycle runs from the previous call's
-        ``now``.  A step with no decoding request measures no arm, and a gap far longer than a
-        step (the engine sat idle) falls back to the step's own time.
-
-            >>> g = SpeculationGate(warmup_steps=1)
-            >>> g.step_done(1, True, 2, 0.030, prefill=False, now=10.000)  # first: the step's time
-            >>> g.step_done(1, True, 2, 0.030, prefill=False, now=10.050)  # 20 ms waited for drafts
-            >>> round(g.rates()[1][0], 1)  # EMAs: 2 tokens over 0.9 * 30 + 0.1 * 50 = 32 ms
-            62.5
-        """
-        now = time.perf_counter() if now is None else now
-        since, self._mark = self._mark, now
-        if num_requests == 0:
-            return
-        cycle = now - since if since is not None else step_seconds
-        if cycle > 5 * step_seconds + 0.5:
-            cycle = step_seconds
-        self.record(num_requests, speculated, tokens, max(cycle, step_seconds), prefill)
-
-    def rates(self, prefill: bool = False) -> dict[int, tuple[float, float]]:
-        """Per bucket: (speculative, plain) tokens per second measured so far (0: not yet), for steps
-        without (or, ``prefill``, with) a prompt chunk."""
-
-        def rate(b: int, spec: bool) -> float:
-            return self._arms.get((b, prefill, spec), _Arm()).rate
-
-        return {b: (rate(b, True), rate(b, False)) for b in sorted({b for b, p, _ in self._arms if p == prefill})}
+    def rates(self) -> dict[int, tuple[float, float]]:
+        """Per bucket: (speculative, plain) tokens per second measured so far (0: not yet)."""
+        buckets = sorted({b for b, _ in self._arms})
+        return {b: (self._arms.get((b, True), _Arm()).rate, self._arms.get((b, False), _Arm()).rate) for b in buckets}

@@ -46,42 +46,6 @@ def test_gate_keeps_batch_sizes_apart_and_recovers():
     assert g.speculate(16)
 
 
-def test_gate_counts_each_steps_whole_cycle():
-    """A step's seconds run from the previous forward step's end: a speculative step whose forward
-    took 20 ms after 60 ms of waiting for drafts counts 80 ms, not 20."""
-    g = SpeculationGate(explore_every=8, warmup_steps=1, decay=0.0)  # decay 0: the last step's rate
-    g.step_done(1, True, 2.0, 0.020, prefill=False, now=0.000)  # the first step: its own time
-    assert g.rates()[1] == pytest.approx((100.0, 0.0))
-    g.step_done(1, False, 1.0, 0.020, prefill=False, now=0.020)
-    g.step_done(1, True, 2.0, 0.020, prefill=False, now=0.100)  # waited 60 ms for its blocks
-    assert g.rates()[1] == pytest.approx((25.0, 50.0))
-    assert not g.speculate(1)  # measured by forwards alone (100 vs 50 tok/s) it would speculate
-    g.step_done(1, False, 1.0, 0.400, prefill=True, now=0.500)  # with a prompt chunk: measured apart
-    assert g.rates()[1] == pytest.approx((25.0, 50.0)) and g.rates(prefill=True)[1] == pytest.approx((0.0, 2.5))
-    g.step_done(1, False, 1.0, 0.020, prefill=False, now=0.525)
-    assert g.rates()[1] == pytest.approx((25.0, 40.0))
-    g.step_done(1, False, 1.0, 0.020, prefill=False, now=9.0)  # idle in between: the step's own time
-    assert g.rates()[1] == pytest.approx((25.0, 50.0))
-
-
-def test_gate_keeps_steps_with_a_prompt_chunk_apart():
-    """Verifying drafts beside a prompt chunk costs their full compute (the forward is already
-    compute-bound): the gate may speculate in pure decode steps and not in mixed ones."""
-    g = SpeculationGate(explore_every=100, warmup_steps=1)
-    g.record(8, True, 16.0, 0.100), g.record(8, False, 8.0, 0.080)  # decode only: 160 vs 100 tok/s
-    g.record(8, True, 16.0, 0.400, prefill=True), g.record(8, False, 8.0, 0.150, prefill=True)  # 40 vs 53
-    assert g.speculate(8) and not g.speculate(8, prefill=True)
-    assert g.rates(prefill=True)[4] == pytest.approx((40.0, 8 / 0.15))
-
-
-def test_gate_doctests():
-    import doctest
-
-    from dspark.workers import spec_gate
-
-    assert doctest.testmod(spec_gate).failed == 0
-
-
 def test_gate_refuses_bad_settings():
     with pytest.raises(ValueError):
         SpeculationGate(explore_every=1)
