@@ -35,3 +35,17 @@ def chisquare_pvalue(counts: Mapping[int, int], p: torch.Tensor) -> float:
     if exp[-1] < 1e-9:  # nothing left to pool
         obs, exp = obs[:-1], exp[:-1]
     return float(stats.chisquare(obs, exp).pvalue)
+
+
+def capture_first_blocks(drafter) -> list:
+    """Wrap ``drafter.propose`` so each call records (the first request's ids, its block); returns
+    the list the records go to."""
+    captured, orig = [], drafter.propose
+
+    def propose(seqs, block_len):
+        blocks = orig(seqs, block_len)
+        captured.append((list(seqs[0].all_ids), blocks[0]))
+        return blocks
+
+    drafter.propose = propose
+    return captured

@@ -26,6 +26,7 @@ from dspark.workers.engine import Engine, EngineConfig  # noqa: E402
 from dspark.workers.request import SamplingParams  # noqa: E402
 from dspark.workers.runner import LocalRunner, RunnerConfig  # noqa: E402
 from dspark.workers.scheduling import VerifyPolicy  # noqa: E402
+from helpers.spec_stats import capture_first_blocks  # noqa: E402
 from helpers.tiny_v4_dspark import write_v4_dspark_folder  # noqa: E402
 
 VOCAB = 260
@@ -171,15 +172,7 @@ def test_sampled_q_is_the_markov_adjusted_softmax(v4):
     base logits plus markov_w1[x_{k-1}] . markov_w2, with x_0 the anchor and x_1 the first draft."""
     _, ours = v4
     eng, drafter = steered(ours, {"proposal_top_k": 5}, n_slots=1)
-    captured = []
-    orig = drafter.propose
-
-    def propose(seqs, block_len):
-        blocks = orig(seqs, block_len)
-        captured.append((list(seqs[0].all_ids), blocks[0]))
-        return blocks
-
-    drafter.propose = propose
+    captured = capture_first_blocks(drafter)
     eng.generate([ids(15, 4)], SamplingParams(max_tokens=6, temperature=0.7, seed=5, ignore_eos=True))
     ctx, block = next((c, b) for c, b in captured if b.token_ids)
     _, base = reference_block(ours, drafter, ctx)

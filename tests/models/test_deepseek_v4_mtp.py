@@ -36,7 +36,7 @@ from dspark.workers.scheduling import VerifyPolicy  # noqa: E402
 from helpers.tiny_deepseek_v4 import (  # noqa: E402
     mtp_checkpoint_tensors, randomise, release_kv_norm_spelling, tiny_hf_config, tiny_mtp_layer, write_mtp,
 )
-from helpers.spec_stats import chisquare_pvalue, second_token_law  # noqa: E402
+from helpers.spec_stats import capture_first_blocks, chisquare_pvalue, second_token_law  # noqa: E402
 from helpers.tiny_hf import write_byte_tokenizer  # noqa: E402
 
 VOCAB = 260
@@ -200,15 +200,7 @@ def test_sampled_drafts_report_the_layer_softmax(v4):
     _, _, _, _, ours, _ = v4
     spec, _, drafter = engines(ours, {"depth": 2, "proposal_top_k": 5}, n_slots=1)
     prompt = ids(15, 4)
-    captured = []
-    orig = drafter.propose
-
-    def propose(seqs, block_len):
-        blocks = orig(seqs, block_len)
-        captured.append((list(seqs[0].all_ids), blocks[0]))
-        return blocks
-
-    drafter.propose = propose
+    captured = capture_first_blocks(drafter)
     spec.generate([prompt], SamplingParams(max_tokens=4, temperature=0.7, seed=5, ignore_eos=True))
     context, block = next((c, b) for c, b in captured if b.token_ids)
     # q of the first draft: the top-5 softmax of the layer's logits at T = 0.7, renormalised.
