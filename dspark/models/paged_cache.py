@@ -14,7 +14,8 @@ tokens actually held:
 Blocks are shared by reference count.  A full block can be *named* by the chained hash of the
 tokens up to its end (:func:`dspark.workers.prefix_cache.block_hashes`); a new request whose
 prompt starts with named blocks points its table at them (:meth:`PagedKVCache.reuse`) instead
-of computing them, and :meth:`PagedKVCache.share_prefix` points one request's table at
+of computing them, once each hit is confirmed on the block's own tokens and its parent's name
+(a 64-bit name can be shared by two prefixes), and :meth:`PagedKVCache.share_prefix` points one request's table at
 another's blocks (the n > 1 followers of a prompt).  A partly filled last block is copied
 (copy-on-write at share time), and a step that would write into a block others hold copies
 it first, so a shared block never changes.  A named block that no table holds any more stays
@@ -74,6 +75,7 @@ class PagedKVCache(SlotTable):
         self._cached: OrderedDict[int, None] = OrderedDict()  # named, unreferenced; oldest first
         self._block_of: dict[int, int] = {}  # name (chained hash) -> block
         self._name_of: dict[int, int] = {}  # block -> name
+        self._key_of: dict[int, tuple] = {}  # block -> what its name stands for (prefix_cache.block_keys)
         self.evictions = 0  # cached blocks taken back for new content
 
     # -- pool -------------------------------------------------------------------------------
@@ -104,7 +106,7 @@ class PagedKVCache(SlotTable):
         if not self._free_blocks:
             if self._cached:
                 b, _ = self._cached.popitem(last=False)
-                del self._block_of[self._name_of.pop(b)]
+                self._unname(b)
                 self.evictions += 1
                 self._free_blocks.append(b)
             else:
@@ -172,7 +174,7 @@ class PagedKVCache(SlotTable):
                 table[first] = self._copy_block(b)
                 self._drop(b)
             elif b in self._name_of:  # its content changes: the name no longer describes it
-                del self._block_of[self._name_of.pop(b)]
+                self._unname(b)
         while len(table) * self.block < positions:
             table.append(self._take())
 
@@ -193,23 +195,47 @@ class PagedKVCache(SlotTable):
 
     copy_prefix = share_prefix  # the slot layout's name for the same request
 
-    def name(self, slot: int, names: list[int]) -> None:
+    def _unname(self, b: int) -> None:
+        del self._block_of[self._name_of.pop(b)]
+        self._key_of.pop(b, None)
+
+    def name(self, slot: int, names: list[int], keys: list[tuple] | None = None) -> None:
         """Name the first ``len(names)`` blocks of ``slot`` (full ones) for reuse by others.
 
-        A name already given to another block keeps that block (same tokens, computed twice).
+        ``keys`` (:func:`dspark.workers.prefix_cache.block_keys`), when given, are kept with the
+        names so that a later :meth:`reuse` with keys confirms each hit on the tokens; a rank
+        that only mirrors rank 0's reuse decisions needs none.  A name already given to another
+        block keeps that block (same tokens computed twice, or a collision: either way the
+        first stays).
         """
         if len(names) * self.block > self.lengths[slot]:
             raise ValueError(f"slot {slot} holds {self.lengths[slot]} positions, not {len(names)} full blocks")
-        for b, h in zip(self.tables[slot], names):
+        for i, (b, h) in enumerate(zip(self.tables[slot], names)):
             if h not in self._block_of and b not in self._name_of:
                 self._block_of[h] = b
                 self._name_of[b] = h
+                if keys is not None:
+                    self._key_of[b] = keys[i]
 
-    def reuse(self, slot: int, names: list[int]) -> int:
-        """Point empty ``slot`` at the named blocks of the longest prefix of ``names`` found;
-        returns how many blocks (its length becomes that many blocks' positions)."""
+    def matching(self, names: list[int], keys: list[tuple]) -> int:
+        """How many leading ``names`` are held by blocks whose keys equal ``keys``: the blocks
+        that truly hold that prefix (a name shared by other tokens stops the count)."""
+        n = 0
+        for h, key in zip(names, keys):
+            b = self._block_of.get(h)
+            if b is None or self._key_of.get(b) != key:
+                break
+            n += 1
+        return n
+
+    def reuse(self, slot: int, names: list[int], keys: list[tuple] | None = None) -> int:
+        """Point empty ``slot`` at the named blocks of the longest prefix of ``names`` found
+        (with ``keys``: whose keys match too, see :meth:`matching`); returns how many blocks
+        (its length becomes that many blocks' positions)."""
         if self.tables[slot]:
             raise ValueError(f"slot {slot} is not empty")
+        if keys is not None:
+            names = names[: self.matching(names, keys)]
         for h in names:
             b = self._block_of.get(h)
             if b is None:

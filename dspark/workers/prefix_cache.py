@@ -3,7 +3,13 @@ one (a system prompt, the earlier turns of a conversation) copies its keys and v
 computing them again.
 
 Slots hold their content in hash-addressed blocks of ``BLOCK`` tokens: block i of a token list
-is named by a hash chained over blocks 0..i, so equal names mean equal prefixes.  A slot is
+is named by a hash chained over blocks 0..i.  A name is only an address: names are 64-bit, and
+Python's hash of integers is neither random nor cryptographic, so two different prefixes can
+share a name (by chance, or because a client crafted its prompt to).  Every hit is therefore
+confirmed on the tokens themselves before anything is reused: the slot layout compares the
+slot's indexed tokens with the prompt, the paged layout compares each named block's own tokens
+and its parent's name (so, block by block from the first, the whole prefix).  A collision costs
+a miss, never another request's keys and values.  A slot is
 indexed
 
 * while live, once its prompt is in the cache (the prompt's positions never change after that:
@@ -41,6 +47,21 @@ from typing import Protocol
 BLOCK = 16
 
 
+def chain_hash(parent: int, block_tokens: tuple[int, ...]) -> int:
+    """The name of a block whose predecessor is named ``parent`` (0 for the first block)."""
+    return hash((parent, block_tokens))
+
+
+def block_keys(tokens: list[int], block: int = BLOCK) -> list[tuple[int, tuple[int, ...]]]:
+    """What each full block's name stands for: (its parent's name, its own tokens).
+
+    A named block whose key equals a prompt's block i key, for every i from 0, holds exactly
+    that prompt's prefix (by induction over the parents).
+    """
+    names = block_hashes(tokens, block)
+    return [(names[i - 1] if i else 0, tuple(tokens[i * block : (i + 1) * block])) for i in range(len(names))]
+
+
 def block_hashes(tokens: list[int], block: int = BLOCK) -> list[int]:
     """Chained hashes of the full blocks of ``tokens``: [h_0, h_1, ...], h_i covers blocks 0..i.
 
@@ -50,7 +71,7 @@ def block_hashes(tokens: list[int], block: int = BLOCK) -> list[int]:
     """
     out, h = [], 0
     for i in range(0, len(tokens) - block + 1, block):
-        h = hash((h, tuple(tokens[i : i + block])))
+        h = chain_hash(h, tuple(tokens[i : i + block]))
         out.append(h)
     return out
 
@@ -75,12 +96,14 @@ class PrefixCache:
         self._empty = list(range(n_slots - 1, -1, -1))  # free, nothing worth keeping; pop() -> lowest
         self._retained: OrderedDict[int, None] = OrderedDict()  # free but indexed, oldest first
         self._hashes: dict[int, list[int]] = {}  # slot -> its indexed block chain
+        self._tokens: dict[int, list[int]] = {}  # slot -> the tokens that chain names (hits are confirmed on them)
         self._where: dict[int, set[int]] = {}  # block hash -> slots holding that prefix
         self.queried_tokens = 0  # prompt tokens that could have been reused (all but the last)
         self.hit_tokens = 0  # prompt tokens that were reused
 
     # -- index ------------------------------------------------------------------------------
     def _forget(self, slot: int) -> None:
+        self._tokens.pop(slot, None)
         for h in self._hashes.pop(slot, ()):
             holders = self._where.get(h)
             if holders is not None:
@@ -95,6 +118,7 @@ class PrefixCache:
             return
         hashes = block_hashes(tokens, self.block)
         self._hashes[slot] = hashes
+        self._tokens[slot] = list(tokens[: len(hashes) * self.block])
         for h in hashes:
             self._where.setdefault(h, set()).add(slot)
 
@@ -111,8 +135,15 @@ class PrefixCache:
         self.queried_tokens += len(usable) // self.block * self.block
         depth, holders = 0, set()
         if self.enabled:
-            for i, h in enumerate(block_hashes(usable, self.block)):
-                found = self._where.get(h)
+            b = self.block
+            for i, h in enumerate(block_hashes(usable, b)):
+                # Holders of block i's name that held blocks 0..i-1 too and whose block i has
+                # the prompt's tokens: a name shared by another prefix is not a hit.
+                want = usable[i * b : (i + 1) * b]
+                found = {
+                    s for s in self._where.get(h, ())
+                    if (i == 0 or s in holders) and self._tokens[s][i * b : (i + 1) * b] == want
+                }
                 if not found:
                     break
                 depth, holders = i + 1, found
@@ -156,9 +187,9 @@ class BlockStore(Protocol):
     """The block operations of a runner whose target cache is paged; a tensor-parallel driver
     sends each to every rank, so all hold the same tables."""
 
-    def reuse_blocks(self, slot: int, names: list[int]) -> int: ...
+    def reuse_blocks(self, slot: int, names: list[int], keys: list[tuple] | None = None) -> int: ...
 
-    def name_blocks(self, slot: int, names: list[int]) -> None: ...
+    def name_blocks(self, slot: int, names: list[int], keys: list[tuple] | None = None) -> None: ...
 
     def release_slot(self, slot: int) -> None: ...
 
@@ -196,14 +227,15 @@ class BlockPrefixCache:
         self.queried_tokens += len(usable) // self.block * self.block
         tokens = 0
         if self.enabled and len(usable) >= self.block:
-            tokens = self.store.reuse_blocks(slot, block_hashes(usable, self.block)) * self.block
+            keys = block_keys(usable, self.block)  # each hit is confirmed on its tokens
+            tokens = self.store.reuse_blocks(slot, block_hashes(usable, self.block), keys) * self.block
         self.hit_tokens += tokens
         return Reuse(slot=slot, source=slot, tokens=tokens)
 
     def index(self, slot: int, tokens: list[int]) -> None:
         """``slot`` holds the keys and values of ``tokens``: name its full blocks."""
         if self.enabled and len(tokens) >= self.block:
-            self.store.name_blocks(slot, block_hashes(tokens, self.block))
+            self.store.name_blocks(slot, block_hashes(tokens, self.block), block_keys(tokens, self.block))
 
     def release(self, slot: int, tokens: list[int]) -> None:
         """The slot's request ended holding ``tokens``: name them, drop the table, free the slot."""

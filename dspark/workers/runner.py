@@ -217,11 +217,11 @@ class LocalRunner:
         self.cache.copy_prefix(src, dst, n)
 
     # -- paged cache: the block operations of prefix reuse (workers/prefix_cache.BlockStore) -----
-    def reuse_blocks(self, slot: int, names: list[int]) -> int:
-        return self.cache.reuse(slot, names)
+    def reuse_blocks(self, slot: int, names: list[int], keys: list[tuple] | None = None) -> int:
+        return self.cache.reuse(slot, names, keys)
 
-    def name_blocks(self, slot: int, names: list[int]) -> None:
-        self.cache.name(slot, names)
+    def name_blocks(self, slot: int, names: list[int], keys: list[tuple] | None = None) -> None:
+        self.cache.name(slot, names, keys)
 
     def release_slot(self, slot: int) -> None:
         self.cache.release(slot)
@@ -318,13 +318,16 @@ class TPDriver(LocalRunner):
         if names:
             dist.broadcast(torch.tensor(names, dtype=torch.long).to(self._comm), src=0, group=self.group)
 
-    def reuse_blocks(self, slot: int, names: list[int]) -> int:
+    def reuse_blocks(self, slot: int, names: list[int], keys: list[tuple] | None = None) -> int:
+        # Rank 0 alone keeps the keys: it confirms the hits, and the ranks reuse what it sends.
+        if keys is not None:
+            names = names[: self.cache.matching(names, keys)]
         self._block_command(CMD_REUSE, slot, names)
         return super().reuse_blocks(slot, names)
 
-    def name_blocks(self, slot: int, names: list[int]) -> None:
+    def name_blocks(self, slot: int, names: list[int], keys: list[tuple] | None = None) -> None:
         self._block_command(CMD_NAME, slot, names)
-        super().name_blocks(slot, names)
+        super().name_blocks(slot, names, keys)
 
     def release_slot(self, slot: int) -> None:
         self._block_command(CMD_RELEASE, slot, [])
