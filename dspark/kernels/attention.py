@@ -279,6 +279,35 @@ def varlen_attention(
     return out
 
 
+def static_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,
+    visible_keys: torch.Tensor,
+    n_rep: int,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Attention with every input a fixed-shape device tensor (what a CUDA graph can hold).
+
+    q: [T, n_heads, hd]; k_cache/v_cache: [S, n_kv, capacity, hd], already holding this step's
+    keys/values; slots: [T] each token's slot; visible_keys: [T, K] bool (K <= capacity, the
+    key bucket), True where the token attends.  Each token reads the first K positions of its
+    own slot (a gather: a verification block reads its slot once per token) with the heads
+    sharing a KV head as its query rows.  Returns [T, n_heads, hd].
+
+    Example: a token at position 2 with K = 4 attends keys 0..2 of its slot, as
+    ``visible(torch.arange(4), torch.tensor(2), None)`` says.
+    """
+    T, n_heads, hd = q.shape
+    n_kv, K = n_heads // n_rep, visible_keys.shape[1]
+    kb = k_cache[:, :, :K][slots]  # [T, n_kv, K, hd]
+    vb = v_cache[:, :, :K][slots]
+    qb = q.view(T, n_kv, n_rep, hd)  # the query heads of a KV head as its rows
+    ob = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=visible_keys[:, None, None, :], scale=scale)
+    return ob.reshape(T, n_heads, hd)
+
+
 def _padded_attention(q, k_cache, v_cache, plan: AttentionPlan) -> torch.Tensor:
     T, n_heads, hd = q.shape
     n_kv = n_heads // plan.n_rep

@@ -29,8 +29,9 @@ from pathlib import Path
 
 import torch
 
-from dspark.kernels.attention import varlen_attention
+from dspark.kernels.attention import static_attention, varlen_attention
 from dspark.kernels.paged_attention import paged_attention, paged_row_invariant_attention, paged_write
+from dspark.models.kv_cache import StaticBatch
 
 _STEP = threading.local()
 
@@ -54,8 +55,14 @@ def write_and_attend(q, k, v, k_cache, v_cache, batch) -> torch.Tensor:
     """Store the step's keys/values at their positions, then attend.  Returns [T, n_heads, hd].
 
     q: [T, n_heads, hd]; k/v: [T, n_kv, hd]; k_cache/v_cache: one layer, [S, n_kv, max_seq, hd]
-    (a paged cache: the layer's pools, [n_kv, n_blocks, block, hd]).
+    (a paged cache: the layer's pools, [n_kv, n_blocks, block, hd]).  ``batch`` is a
+    :class:`~dspark.models.kv_cache.VarlenBatch` or, for the graph-safe step, a
+    :class:`~dspark.models.kv_cache.StaticBatch`.
     """
+    if isinstance(batch, StaticBatch):  # the graph-safe step: device tensors only
+        k_cache[batch.slots, :, batch.positions] = k
+        v_cache[batch.slots, :, batch.positions] = v
+        return static_attention(q, k_cache, v_cache, batch.slots, batch.visible, batch.n_rep)
     if batch.paged is not None:
         paged_write(k_cache, v_cache, k, v, batch.paged)
         if batch.plan.row_invariant:

@@ -147,6 +147,18 @@ class KVCache(SlotTable):
             self.k[:, dst, :, :n] = self.k[:, src, :, :n]
             self.v[:, dst, :, :n] = self.v[:, src, :, :n]
 
+    def add_scratch_slot(self) -> int:
+        """One more slot row in the tensors, never handed to a request; returns its index.
+
+        The graph-safe step (:mod:`dspark.models.graph_step`) pads a step to a fixed token count
+        and writes the padding tokens' keys and values here, where no request reads.
+        """
+        if isinstance(self.k, list):
+            raise ValueError("a scratch slot needs one cache tensor for all layers (not per-layer shapes)")
+        self.k = torch.cat((self.k, self.k.new_zeros(self.k.shape[0], 1, *self.k.shape[2:])), dim=1)
+        self.v = torch.cat((self.v, self.v.new_zeros(self.v.shape[0], 1, *self.v.shape[2:])), dim=1)
+        return self.k.shape[1] - 1
+
     @property
     def device(self) -> torch.device:
         return self.k[0].device
@@ -184,6 +196,27 @@ class VarlenBatch:
     def last_token_index(self) -> torch.Tensor:
         """[B] flat index of each request's last new token (where prefill logits are read)."""
         return torch.tensor([c - 1 for c in self.plan.cu_q[1:]], device=self.positions.device)
+
+
+@dataclass
+class StaticBatch:
+    """A decode or verification step as fixed-shape device tensors (the graph-safe step).
+
+    slots/positions: [T] each token's cache slot and absolute position, T a token bucket;
+    padding tokens sit in the scratch slot at position 0.  visible: [T, K] bool, which of the
+    first K positions (the key bucket) each token attends, computed on the device from
+    ``positions``.  Nothing here is a host value, so a captured CUDA graph serves every step
+    of the same (T, K).
+    """
+
+    slots: torch.Tensor
+    positions: torch.Tensor
+    visible: torch.Tensor
+    n_rep: int
+
+    @property
+    def num_tokens(self) -> int:
+        return self.slots.shape[0]
 
 
 def step_starts(cache, slots: list[int], q_lens: list[int]) -> list[int]:

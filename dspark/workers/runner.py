@@ -26,6 +26,7 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
+from dspark.models.graph_step import GraphStep
 from dspark.models.kv_cache import KVCache, make_batch
 from dspark.models.llama import ForwardOutput, Shard, Transformer
 from dspark.models.paged_cache import PagedKVCache
@@ -69,10 +70,17 @@ class RunnerConfig:
     # memory follows the tokens held, prefixes shared by block; dspark/models/paged_cache.py).
     kv_layout: str = "slot"
     kv_block: int = 16  # positions per block of the paged layout
+    # Decode and verification steps through the graph-safe step (dspark/models/graph_step.py):
+    # replayed from CUDA graphs on CUDA, run eagerly from the same static buffers on CPU.
+    cuda_graphs: bool = False
 
     def __post_init__(self) -> None:
         if self.kv_layout not in KV_LAYOUTS:
             raise ValueError(f"kv_layout must be one of {', '.join(KV_LAYOUTS)}, not {self.kv_layout!r}")
+        if self.cuda_graphs and self.kv_layout != "slot":
+            raise ValueError("CUDA graphs serve the slot KV layout; drop --kv-layout paged or pass --no-cuda-graphs")
+        if self.cuda_graphs and self.deterministic:
+            raise ValueError("CUDA graphs do not run the deterministic mode's kernels; pass --no-cuda-graphs")
 
 
 def deterministic_default(dtype: str, device: str, model: str | None = None) -> bool:
@@ -102,6 +110,18 @@ def compile_default(model: str | None = None) -> bool:
     return family is None or family.compiles
 
 
+def cuda_graphs_default(device: str, model: str | None = None, kv_layout: str = "slot",
+                        deterministic: bool = False, tp: int = 1) -> bool:
+    """Whether `dspark serve` / `demo` capture CUDA graphs when neither flag is given: on CUDA,
+    for the Llama family on the slot layout, one rank, without the deterministic mode (what the
+    graph-safe step serves); off everywhere else."""
+    from dspark.models.loader import family_of
+
+    family = family_of(model)
+    llama = family is None or family.decoder == "llama"
+    return str(device).startswith("cuda") and llama and kv_layout == "slot" and not deterministic and tp == 1
+
+
 class LocalRunner:
     """Runs the (possibly TP-sharded) model of this process on its own KV cache."""
 
@@ -117,8 +137,17 @@ class LocalRunner:
                                               else model.make_cache(cfg.n_slots, cfg.max_seq))
         self.n_rep = model.args.n_rep
         self.compile_s = 0.0  # start-up seconds spent compiling (or loading compiled code)
+        self.graphs: GraphStep | None = None
+        self.graph_s = 0.0  # start-up seconds spent capturing CUDA graphs
+        if cfg.cuda_graphs:  # before compiling: the cache gains its scratch slot first
+            if type(self.cache) is not KVCache:
+                raise ValueError(f"CUDA graphs serve the slot KV layout of Llama-family decoders, "
+                                 f"not {type(model).__name__}; pass --no-cuda-graphs")
+            self.graphs = GraphStep(model, self.cache)
         if cfg.compile:
             self._compile()
+        if self.graphs is not None:
+            self.graph_s = self.graphs.capture_all()
         if cfg.deterministic and model.tp.world_size == 1 and cfg.n_slots >= 2:
             self._check_row_invariance()
 
@@ -196,6 +225,9 @@ class LocalRunner:
 
     @torch.inference_mode()
     def forward(self, step: StepInput) -> ForwardOutput:
+        if self.graphs is not None and step.n_layers is None and self.graphs.fits(step.starts, step.q_lens):
+            return self.graphs.run(step.tokens, step.slots, step.starts, step.q_lens, step.logits_rows,
+                                   step.feature_layers)
         for s, st in zip(step.slots, step.starts):
             self._set_length(s, st)
         batch = make_batch(self.cache, step.slots, step.q_lens, self.n_rep, row_invariant=self.cfg.deterministic)
