@@ -116,6 +116,9 @@ def engine_options(f):
         click.option("--kv-layout", "kv_layout", type=click.Choice(["slot", "paged"]), default="slot", show_default=True,
                      help="the target's KV cache: one region per request, or blocks from a pool (memory follows "
                           "the tokens held)"),
+        click.option("--cuda-graphs/--no-cuda-graphs", "cuda_graphs", default=None,
+                     help="decode and verification steps replayed from CUDA graphs captured at start-up "
+                          "(default: on with CUDA for Llama-family models on the slot layout, one rank)"),
     ]
     for o in reversed(opts):
         f = o(f)
@@ -139,25 +142,27 @@ def parse_kv(items: tuple[str, ...]) -> tuple[tuple[str, object], ...]:
 @click.option("--raw", is_flag=True, help="do not apply the chat template")
 @engine_options
 def generate(prompt, max_tokens, temperature, top_p, top_k, seed, raw, model, dtype, device, tp, draft, block_len, draft_options,
-             deterministic, compile, kv_layout):
+             deterministic, compile, kv_layout, cuda_graphs):
     """Generate a completion for PROMPT; the text goes to stdout, statistics to stderr."""
     _wait_policy("spin")  # the in-process engine owns the cores; before torch loads
     import time
 
     from dspark.workers.factory import EngineSpec, build_engine
     from dspark.workers.request import SamplingParams
-    from dspark.workers.runner import RunnerConfig, deterministic_default
+    from dspark.workers.runner import RunnerConfig, cuda_graphs_default, deterministic_default
 
     if deterministic is None:
         deterministic = deterministic_default(dtype, device, model)
+    if cuda_graphs is None:
+        cuda_graphs = cuda_graphs_default(device, model, kv_layout, deterministic, tp)
     try:
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
     except ValueError as e:
         raise click.BadParameter(str(e)) from e
     try:
         runner = RunnerConfig(n_slots=2, max_seq=max(1024, max_tokens + 1024), deterministic=deterministic,
-                              compile=compile, kv_layout=kv_layout)
-    except ValueError as e:  # an unknown layout
+                              compile=compile, kv_layout=kv_layout, cuda_graphs=cuda_graphs)
+    except ValueError as e:  # an unknown layout, CUDA graphs where they are not served
         raise click.ClickException(str(e)) from None
     spec = EngineSpec(
         model=model, dtype=dtype, device=device, tp=tp, draft=draft, block_len=block_len,
@@ -169,6 +174,9 @@ def generate(prompt, max_tokens, temperature, top_p, top_k, seed, raw, model, dt
         raise click.ClickException(str(e)) from None
     if compile:
         click.echo(f"[step compiled in {built.engine.runner.compile_s:.1f}s]", err=True)
+    graphs = built.engine.runner.graphs
+    if graphs is not None and graphs.capture:
+        click.echo(f"[{graphs.num_graphs} CUDA graphs captured in {built.engine.runner.graph_s:.1f}s]", err=True)
     try:
         tok = built.loaded.tokenizer
         ids = tok.encode(prompt) if raw else tok.encode_chat([{"role": "user", "content": prompt}])

@@ -51,6 +51,10 @@ def cluster_options(f):
         click.option("--kv-layout", "kv_layout", type=click.Choice(["slot", "paged"]), default="slot", show_default=True,
                      help="the verifier's KV cache: one region per request, or blocks from a pool (memory follows the "
                           "tokens held)"),
+        click.option("--cuda-graphs/--no-cuda-graphs", "cuda_graphs", default=None,
+                     help="replay the verifier's decode and verification steps from CUDA graphs, captured at "
+                          "start-up (default: on with CUDA for Llama-family models on the slot layout, one rank, "
+                          "not deterministic)"),
     ]
     for o in reversed(opts):
         f = o(f)
@@ -73,6 +77,11 @@ def make_config(model, dtype, device, tp, draft_workers, draft, block_len, verif
         elif extra["compile"] and not compile_default(model):
             raise click.UsageError("--compile is not supported for DeepSeek-V4 models (they run eager); "
                                    "drop it or pass --no-compile")
+    if extra.get("cuda_graphs", False) is None:
+        from dspark.workers.runner import cuda_graphs_default
+
+        extra["cuda_graphs"] = cuda_graphs_default(device, model, extra.get("kv_layout", "slot"),
+                                                   bool(extra.get("deterministic")), tp)
     draft = draft or _default_draft()
     try:
         options = dict(registry.assignments(draft_options))

@@ -47,6 +47,7 @@ class ClusterConfig:
     deterministic: bool = False  # row-invariant verifier kernels (RunnerConfig.deterministic)
     compile: bool = False  # the verifier's step through torch.compile (RunnerConfig.compile); `dspark serve` turns it on
     kv_layout: str = "slot"  # the verifier's KV cache: slot | paged (RunnerConfig.kv_layout)
+    cuda_graphs: bool = False  # decode/verify steps from CUDA graphs (RunnerConfig.cuda_graphs); serve: on with CUDA
     torch_threads: int = 0  # threads per compute process; 0 = cores / compute processes
     grpc_port: int = 0  # router's GenerationService port; 0 = disabled
     http_body_timeout_s: float = 30.0  # an HTTP request body not received in full by then is answered 408
@@ -85,6 +86,9 @@ class ClusterConfig:
             raise ValueError("draft_stream_quota >= 0 and draft_idle_release_s > 0 are required")
         if cfg.kv_layout not in ("slot", "paged"):
             raise ValueError(f"kv_layout must be slot or paged, not {cfg.kv_layout!r}")
+        if cfg.cuda_graphs and (cfg.kv_layout != "slot" or cfg.deterministic or cfg.tp > 1):
+            raise ValueError("--cuda-graphs serves one rank on the slot KV layout without --deterministic; "
+                             "pass --no-cuda-graphs")
         if cfg.draft != "none":  # an unknown kind or option is refused here, naming it
             registry.parse_options(cfg.draft, cfg.draft_options)
         return cfg

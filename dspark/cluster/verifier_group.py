@@ -47,7 +47,7 @@ class VerifierGroup:
             model=cfg.model, dtype=cfg.dtype, device=cfg.device, tp=cfg.tp,
             draft=cfg.draft if in_process or cfg.remote_draft else "none", block_len=cfg.block_len,
             runner=RunnerConfig(n_slots=cfg.n_slots, max_seq=cfg.max_seq, deterministic=cfg.deterministic,
-                                compile=cfg.compile, kv_layout=cfg.kv_layout),
+                                compile=cfg.compile, kv_layout=cfg.kv_layout, cuda_graphs=cfg.cuda_graphs),
             max_prefill_tokens=cfg.max_prefill_tokens, draft_options=tuple(cfg.draft_options.items()),
             verify_policy=cfg.verify_policy, speculation_gate=cfg.speculation_gate,
         )

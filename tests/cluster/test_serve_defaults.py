@@ -1,6 +1,7 @@
 """`dspark serve` / `demo` option defaults that depend on the model: the compiled step is on by
 default, except for DeepSeek-V4 folders (eager only), where an explicit --compile is a one-line
-usage error before anything starts."""
+usage error before anything starts.  CUDA graphs are on by default on CUDA only, off for what
+the graph-safe step does not serve, and refused by name when asked for there."""
 
 from __future__ import annotations
 
@@ -32,3 +33,14 @@ def test_deepseek_v4_runs_eager_by_default_and_refuses_compile(v4_folder):
     assert make_config(model=v4_folder, compile=None, **BASE).compile is False
     with pytest.raises(click.UsageError, match="--compile is not supported for DeepSeek-V4"):
         make_config(model=v4_folder, compile=True, **BASE)
+
+
+def test_cuda_graphs_default_to_the_device_and_are_refused_where_unsupported(v4_folder):
+    cuda = dict(BASE, device="cuda")
+    assert make_config(model=None, cuda_graphs=None, **cuda).cuda_graphs is True
+    assert make_config(model=None, cuda_graphs=False, **cuda).cuda_graphs is False
+    assert make_config(model=None, cuda_graphs=None, **BASE).cuda_graphs is False  # CPU
+    assert make_config(model=None, cuda_graphs=None, kv_layout="paged", **cuda).cuda_graphs is False
+    assert make_config(model=v4_folder, cuda_graphs=None, **cuda).cuda_graphs is False
+    with pytest.raises(click.UsageError, match="--cuda-graphs serves one rank on the slot KV layout"):
+        make_config(model=None, cuda_graphs=True, kv_layout="paged", **cuda)
