@@ -38,7 +38,8 @@ from dspark.models.compiled import step_context
 from dspark.models.kv_cache import KVCache, StaticBatch, step_starts
 from dspark.models.llama import ForwardOutput, Transformer
 
-TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+# Up to 512 tokens: 64 requests verifying blocks of 4 drafts (5 tokens each) fit.
+TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 MAX_Q = SPAN_MAX_Q  # most tokens one request feeds in a graph-safe step
 log = logging.getLogger(__name__)
 
@@ -74,10 +75,11 @@ def static_forward(
     key_span: int,
     feature_layers: tuple[int, ...] = (),
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The whole model on one padded step; every input a device tensor, no host reads.
+    """The decoder blocks on one padded step; every input a device tensor, no host reads.
 
-    tokens/positions/slots: [T] int64.  Returns float32 logits [T, V] and the feature layers'
-    outputs [T, len(feature_layers) * D] (None without feature layers).
+    tokens/positions/slots: [T] int64.  Returns the last block's output [T, D] and the feature
+    layers' outputs [T, len(feature_layers) * D] (None without feature layers).  The LM head
+    runs outside, on the rows whose logits are wanted (a graph's outputs stay small).
     """
     x = model.tok_embeddings(tokens)  # [T, D]
     cos, sin = model.rope(positions)
@@ -86,7 +88,7 @@ def static_forward(
     with step_context(cache, batch):  # the compiled model's attention op reads the batch there
         outs = model._blocks(x, cos, sin, cache, batch, len(model.layers))
     features = torch.cat([outs[i] for i in feature_layers], dim=-1) if feature_layers else None
-    return model.lm_head(outs[-1]), features
+    return outs[-1], features
 
 
 class GraphStep:
@@ -125,6 +127,7 @@ class GraphStep:
         self._graphs: dict[tuple[int, int, tuple[int, ...]], tuple[torch.cuda.CUDAGraph, tuple]] = {}
         self._pool = None
         self._cache_ptr = self._cache_tensors()
+        self.served = 0  # steps run through the graph-safe path (what the checks count)
 
     def _cache_tensors(self) -> tuple[int, int]:
         return self.cache.k.data_ptr(), self.cache.v.data_ptr()
@@ -163,11 +166,16 @@ class GraphStep:
         positions = [p for st, q in zip(starts, q_lens) for p in range(st, st + q)]
         tok_slots = [s for s, q in zip(slots, q_lens) for _ in range(q)]
         host = torch.tensor([tokens + [0] * pad, positions + [0] * pad, tok_slots + [self.scratch] * pad])
-        logits, features = self._outputs(tb, kb, tuple(feature_layers), host)
+        hidden, features = self._outputs(tb, kb, tuple(feature_layers), host)
+        self.served += 1
+        # The outputs belong to the graph (the next replay overwrites them): the head and the
+        # features' clone read them now, and padding rows (n and past) are never read.
         if logits_rows is None:
-            logits = logits[:n].clone()  # the buffers belong to the graph: the next replay overwrites them
+            logits = self.model.lm_head(hidden[:n])
+        elif logits_rows:
+            logits = self.model.lm_head(hidden[torch.tensor(logits_rows, dtype=torch.long, device=hidden.device)])
         else:
-            logits = logits[torch.tensor(logits_rows, dtype=torch.long, device=logits.device)] if logits_rows else None
+            logits = None
         return ForwardOutput(logits=logits, features=None if features is None else features[:n].clone())
 
     def _outputs(self, tb: int, kb: int, feature_layers: tuple[int, ...], host: torch.Tensor):

@@ -80,6 +80,7 @@ def test_graph_step_matches_regular_over_decode_and_verify_with_rollbacks(model_
     torch.testing.assert_close(graphs.cache.k[:, :N_SLOTS, :, :n], regular.cache.k[:, :, :, :n], atol=1e-4, rtol=0)
     torch.testing.assert_close(graphs.cache.v[:, :N_SLOTS, :, :n], regular.cache.v[:, :, :, :n], atol=1e-4, rtol=0)
     assert graphs.cache.lengths == regular.cache.lengths
+    assert graphs.graphs.served == 12  # every decode and verification step took the graph-safe path
 
 
 @torch.inference_mode()
@@ -104,14 +105,18 @@ def test_steps_that_fit_no_bucket_take_the_regular_path(model_fp32):
     regular, graphs = _pair(model_fp32.model)
     g: GraphStep = graphs.graphs
     assert g.fits([0], [MAX_Q + 1]) is None  # a prefill chunk
-    assert g.fits([0] * 9, [16] * 9) is None  # 144 tokens > the largest bucket
+    assert g.fits([0] * 40, [16] * 40) is None  # 640 tokens > the largest bucket
     assert g.fits([250], [10]) is None  # past the largest key bucket (max_seq 256)
     with pytest.raises(ValueError, match="fits no graph bucket"):
         g.run(list(range(MAX_Q + 1)), [0], [0], [MAX_Q + 1])
-    # The runner takes the regular path for it (the graph step above refused it).
+    # The runner takes the regular path for it (the graph step above refused it), and for an
+    # early exit (layer-skip drafting) that would fit.
     step = StepInput(list(range(400, 400 + MAX_Q + 1)), [0], [0], [MAX_Q + 1])
+    early = StepInput([5, 6], [0], [MAX_Q + 1], [2], n_layers=4)
     with torch.inference_mode():
-        torch.testing.assert_close(graphs.forward(step).logits, regular.forward(step).logits, atol=0, rtol=0)
+        for s in (step, early):
+            torch.testing.assert_close(graphs.forward(s).logits, regular.forward(s).logits, atol=0, rtol=0)
+    assert g.served == 0
 
 
 def test_buckets():
@@ -127,19 +132,24 @@ def test_graph_config_refusals():
         RunnerConfig(cuda_graphs=True, deterministic=True)
 
 
-def _greedy(tok, spec: EngineSpec) -> list[list[int]]:
+def _greedy(tok, spec: EngineSpec) -> tuple[list[list[int]], int]:
+    """Greedy outputs of two prompts, and how many steps took the graph-safe path."""
     built = build_engine(spec, progress=False)
     try:
         ids = [tok.encode_chat([{"role": "user", "content": p}])
                for p in ("Write a haiku about the sea.", "List three prime numbers.")]
-        return [s.output_ids for s in built.engine.generate(ids, SamplingParams(max_tokens=40))]
+        out = [s.output_ids for s in built.engine.generate(ids, SamplingParams(max_tokens=40))]
+        graphs = built.engine.runner.graphs
+        return out, 0 if graphs is None else graphs.served
     finally:
         built.close()
 
 
 def test_graph_step_greedy_equals_regular_fp32_plain_and_speculative(model_fp32):
     tok = model_fp32.tokenizer
-    plain = _greedy(tok, EngineSpec(dtype="fp32", runner=RunnerConfig(n_slots=2, max_seq=512)))
+    plain, _ = _greedy(tok, EngineSpec(dtype="fp32", runner=RunnerConfig(n_slots=2, max_seq=512)))
     for draft in ("none", "ngram"):
         cfg = RunnerConfig(n_slots=2, max_seq=512, cuda_graphs=True)
-        assert _greedy(tok, EngineSpec(dtype="fp32", draft=draft, block_len=4, runner=cfg)) == plain, draft
+        out, served = _greedy(tok, EngineSpec(dtype="fp32", draft=draft, block_len=4, runner=cfg))
+        assert out == plain, draft
+        assert served >= 20, (draft, served)  # the decode and verification steps took it
