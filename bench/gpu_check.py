@@ -5,10 +5,13 @@
 3. Triton kernels on CUDA vs their torch references (rejection sampling, top-K admission).
 4. NCCL tensor parallelism when >= 2 GPUs are visible (TP=1 vs TP=N logits).
 5. The compiled step's logits vs eager on the GPU (fp32).
-6. Decode tokens/s on the GPU at batch 1, 8, 64 (bf16): eager and compiled, plain and
-   speculative, and transformers' ``generate`` beside them.  The step is not captured in CUDA
-   graphs: its attention op reads the step's plan from the host.
-7. DeepSeek-V4 (:mod:`bench.gpu_check_v4`): a ``dspark make-model`` folder, its logits vs CPU
+6. CUDA graphs (:mod:`dspark.models.graph_step`): decode and verification steps replayed from
+   the captured graphs, their fp32 logits vs the CPU fp32 regular step, and greedy output with
+   graphs = without, plain and n-gram speculative.
+7. Decode tokens/s on the GPU at batch 1, 8, 64 (bf16): eager, eager with CUDA graphs and
+   compiled, plain and n-gram speculative, and transformers' ``generate`` beside them; the
+   ``decode_summary`` rows give graphs / eager and ours / transformers per batch.
+8. DeepSeek-V4 (:mod:`bench.gpu_check_v4`): a ``dspark make-model`` folder, its logits vs CPU
    fp32, an NCCL group over the GPUs present vs one rank, decode tokens/s vs transformers.
 Writes a JSON report (``--json``) and exits non-zero if a correctness check fails.  Without CUDA
 the CUDA checks are reported as skipped and the V4 section runs its CPU parts (a dry run).
@@ -126,9 +129,10 @@ def nccl_check(report: dict) -> bool:
     return err < 1e-3
 
 
-# A CPU dry run of the timing part: DSPARK_CHECK_DEVICE=cpu DSPARK_CHECK_BATCHES=1.
+# A CPU dry run of the timing part: DSPARK_CHECK_DEVICE=cpu DSPARK_CHECK_BATCHES=1 DSPARK_CHECK_NEW_TOKENS=8.
 DEVICE = os.environ.get("DSPARK_CHECK_DEVICE", "cuda")
 BATCHES = tuple(int(b) for b in os.environ.get("DSPARK_CHECK_BATCHES", "1,8,64").split(","))
+NEW_TOKENS = int(os.environ.get("DSPARK_CHECK_NEW_TOKENS", "128"))  # per request in the decode timing
 
 
 def _sync() -> None:
@@ -137,16 +141,16 @@ def _sync() -> None:
 
 
 def decode_timing(report: dict) -> None:
-    """Tokens/s at batch 1, 8, 64: eager and compiled, plain and n-gram speculative, and
-    transformers' ``generate`` on the same device; compiled logits vs eager (bf16)."""
+    """Tokens/s at batch 1, 8, 64: eager, eager with CUDA graphs and compiled, plain and n-gram
+    speculative, and transformers' ``generate`` on the same device."""
     from dspark.workers.factory import EngineSpec, build_engine
     from dspark.workers.request import SamplingParams
     from dspark.workers.runner import RunnerConfig
 
-    rows, n_new = [], 128
-    for compiled in (False, True):
+    rows, n_new = [], NEW_TOKENS
+    for compiled, graphs in ((False, False), (False, True), (True, False)):
         for draft in ("none", "ngram"):
-            cfg = RunnerConfig(max(BATCHES), 1024, compile=compiled)
+            cfg = RunnerConfig(max(BATCHES), 1024, compile=compiled, cuda_graphs=graphs)
             b = build_engine(EngineSpec(dtype="bf16", device=DEVICE, draft=draft, block_len=4, runner=cfg), progress=False)
             tok = b.loaded.tokenizer
             for batch in BATCHES:
@@ -158,16 +162,45 @@ def decode_timing(report: dict) -> None:
                 seqs = b.engine.generate(ids, SamplingParams(max_tokens=n_new, ignore_eos=True))
                 _sync()
                 dt = time.perf_counter() - t0
-                rows.append({"compiled": compiled, "draft": draft, "batch": batch,
+                g = b.engine.runner.graphs
+                rows.append({"compiled": compiled, "cuda_graphs": graphs, "draft": draft, "batch": batch,
                              "tokens_per_s": sum(len(s.output_ids) for s in seqs) / dt,
                              "acceptance_length": b.engine.metrics.mean_acceptance_length,
-                             "compile_s": b.engine.runner.compile_s})
+                             "compile_s": b.engine.runner.compile_s, "capture_s": b.engine.runner.graph_s,
+                             "graph_steps": 0 if g is None else g.served})
             b.close()
     report["decode"] = rows
     try:
         report["hf_decode"] = _hf_timing(n_new)
     except Exception as exc:  # the reference is optional; our rows stand on their own
         report["hf_decode"] = f"error: {exc!r}"
+    report["decode_summary"] = decode_summary(rows, report["hf_decode"])
+
+
+def decode_summary(rows: list[dict], hf: list[dict] | str) -> list[dict]:
+    """Per (draft, batch): eager, graphs and compiled tokens/s, graphs / eager, and each over
+    transformers at that batch (None where transformers did not run).
+
+    >>> decode_summary([{"compiled": False, "cuda_graphs": g, "draft": "none", "batch": 1, "tokens_per_s": t}
+    ...                 for g, t in ((False, 100.0), (True, 300.0))], [{"batch": 1, "tokens_per_s": 50.0}])
+    [{'draft': 'none', 'batch': 1, 'eager': 100.0, 'graphs': 300.0, 'compiled': None, \
+'graphs_over_eager': 3.0, 'eager_over_hf': 2.0, 'graphs_over_hf': 6.0}]
+    """
+    hf_tps = {r["batch"]: r["tokens_per_s"] for r in hf} if isinstance(hf, list) else {}
+    kind = {(False, False): "eager", (False, True): "graphs", (True, False): "compiled"}
+    table: dict[tuple[str, int], dict] = {}
+    for r in rows:
+        t = table.setdefault((r["draft"], r["batch"]), {"draft": r["draft"], "batch": r["batch"], "eager": None,
+                                                        "graphs": None, "compiled": None})
+        t[kind[(r["compiled"], r["cuda_graphs"])]] = r["tokens_per_s"]
+    out = []
+    for (draft, batch), t in table.items():
+        eager, graphs, ref = t["eager"], t["graphs"], hf_tps.get(batch)
+        t["graphs_over_eager"] = graphs / eager if eager and graphs else None
+        t["eager_over_hf"] = eager / ref if eager and ref else None
+        t["graphs_over_hf"] = graphs / ref if graphs and ref else None
+        out.append(t)
+    return out
 
 
 def _hf_timing(n_new: int) -> list[dict]:
@@ -221,6 +254,54 @@ def compiled_check(report: dict) -> bool:
     return err < 1e-3
 
 
+def graphs_check(report: dict) -> bool:
+    """The graph-safe step replayed from CUDA graphs: fp32 logits of decode and verification
+    steps (with a rollback, padded buckets) within 1e-3 of the CPU fp32 regular step, relative
+    to the largest logit, and greedy output with graphs token for token the same as without,
+    plain and n-gram speculative."""
+    from dspark.models.loader import load_model
+    from dspark.workers.factory import EngineSpec, build_engine
+    from dspark.workers.request import SamplingParams
+    from dspark.workers.runner import LocalRunner, RunnerConfig, StepInput
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    cpu = load_model(dtype="fp32", device="cpu", progress=False)
+    dev = load_model(dtype="fp32", device=DEVICE, progress=False)
+    ref = LocalRunner(cpu.model, RunnerConfig(3, 256))
+    run = LocalRunner(dev.model, RunnerConfig(3, 256, cuda_graphs=True))
+    a = cpu.tokenizer.encode_chat([{"role": "user", "content": "Explain speculative decoding in one paragraph."}])
+    b = cpu.tokenizer.encode_chat([{"role": "user", "content": "Name three rivers."}])
+    la, lb = len(a), len(b)
+    steps = [StepInput(a, [0], [0], [la]), StepInput(b, [1], [0], [lb]),  # prefills: the regular path
+             StepInput([11, 12], [0, 1], [la, lb], [1, 1]),  # decode, bucket 2
+             StepInput([13, 14, 15, 16, 17, 18], [1, 0], [lb + 1, la + 1], [5, 1]),  # verify + decode, bucket 8
+             StepInput([19, 20, 21], [1, 0, 2], [lb + 3, la + 2, 0], [1, 1, 1])]  # rollback to lb + 3; bucket 4
+    err, agree = 0.0, True
+    with torch.inference_mode():
+        for step in steps:
+            want = ref.forward(step).logits
+            got = run.forward(step).logits.cpu()
+            err = max(err, float((got - want).abs().max() / want.abs().max()))
+            agree &= bool(torch.equal(got.argmax(-1), want.argmax(-1)))
+    g = run.graphs
+    report["graphs_logits_fp32"] = {"max_rel_err": err, "top1_identical": agree, "tolerance": 1e-3,
+                                    "graph_steps": g.served, "graphs": g.num_graphs, "capture_s": run.graph_s}
+    del run, dev
+    prompts = ["Write a Python function to sort a list.", "What is the capital of Italy?", "List three animals."]
+    outs = {}
+    for draft in ("none", "ngram"):
+        for graphs in (False, True):
+            built = build_engine(EngineSpec(dtype="fp32", device=DEVICE, draft=draft, block_len=4,
+                                            runner=RunnerConfig(4, 512, cuda_graphs=graphs)), progress=False)
+            ids = [built.loaded.tokenizer.encode_chat([{"role": "user", "content": p}]) for p in prompts]
+            outs[(draft, graphs)] = [s.output_ids for s in built.engine.generate(ids, SamplingParams(max_tokens=48))]
+            built.close()
+    same = {f"{draft}_graphs": outs[(draft, True)] == outs[("none", False)] for draft in ("none", "ngram")}
+    report["graphs_greedy_identical"] = same
+    return err <= 1e-3 and agree and g.served == len(steps) - 2 and all(same.values())
+
+
 def v4_check(report: dict) -> bool:
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from bench.gpu_check_v4 import v4_section
@@ -231,13 +312,14 @@ def v4_check(report: dict) -> bool:
 def main(out: str | None) -> int:
     if not torch.cuda.is_available():
         print("CUDA is not available: the CUDA checks are skipped, the V4 section runs on CPU", file=sys.stderr)
-        report = {"device": "cpu (no CUDA)", "torch": torch.__version__, "cuda_checks": "skipped: no CUDA device"}
+        report = {"device": "cpu (no CUDA)", "torch": torch.__version__, "cuda_checks": "skipped: no CUDA device",
+                  "cuda_graphs": "skipped: no CUDA", "decode": "skipped: no CUDA"}
         ok = v4_check(report)
         report["v4_check_passed"] = ok
         return _write(report, out, ok)
     report = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
     ok = True
-    for check in (logits_check, spec_check, triton_check, nccl_check, compiled_check, v4_check):
+    for check in (logits_check, spec_check, triton_check, nccl_check, compiled_check, graphs_check, v4_check):
         try:
             passed = check(report)
         except Exception as exc:  # report and go on with the other checks

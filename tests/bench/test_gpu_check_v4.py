@@ -32,6 +32,7 @@ def test_script_without_cuda_runs_the_v4_section_on_cpu(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert report["cuda_checks"].startswith("skipped") and report["v4_check_passed"] is True
+    assert report["cuda_graphs"] == report["decode"] == "skipped: no CUDA"
     v4 = report["deepseek_v4"]
     assert (v4["device"], v4["preset"], v4["new_tokens"]) == ("cpu", "tiny", 6)
     assert v4["reference_rows"] == 57 + 12 * 5
