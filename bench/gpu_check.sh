@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One prepared GPU check: CUDA logits vs CPU fp32, speculative identity on CUDA, Triton kernels
-# on CUDA, NCCL TP (when >= 3 GPUs), decode tokens/s, and the DeepSeek-V4 section (a random
+# on CUDA, NCCL TP (when >= 3 GPUs), CUDA graphs (logits vs CPU fp32, greedy identity), decode
+# tokens/s with and without CUDA graphs, and the DeepSeek-V4 section (a random
 # `dspark make-model` folder: logits vs CPU, NCCL group over the GPUs present, decode vs
 # transformers). Run from the repository root on a CUDA machine; results go to $OUT (or
 # bench/results) as gpu_check.json. Without CUDA the CUDA checks are skipped (said in the report)
