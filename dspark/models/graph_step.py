@@ -22,8 +22,8 @@ buffers (what the tests check against the regular path), and copies the wanted r
 
 Graphs are captured with ``torch.cuda.CUDAGraph`` sharing one memory pool, largest bucket first,
 rather than ``torch.compile(mode="reduce-overhead")``: the step writes into the KV cache, an input
-that inductor's graph trees refuse to capture (mutated inputs), and capturing the eager forward
-keeps the path the CPU tests run the one the GPU replays.
+that inductor's graph trees skip capturing unless it is marked static, and capturing the eager
+forward keeps the path the CPU tests run the one the GPU replays.
 """
 
 from __future__ import annotations
