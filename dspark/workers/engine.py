@@ -103,6 +103,7 @@ class Engine:
         self.grammar_seconds = 0.0  # time spent computing grammar masks (structured outputs)
         self.grammar_forbidden_blocks = 0  # verified blocks with a draft the grammar forbids (drafter unmasked)
         self._next_speculate: bool | None = None  # the gate's choice for the coming step, made after the last
+        self._awaited_seconds = 0.0  # steps since the last forward that only waited for blocks (the gate's)
         self._ids = itertools.count()
         self.stop_ids = tokenizer.stop_token_ids if tokenizer is not None else frozenset()
         self._grammars = None  # GrammarCompiler, made on the first constrained request
@@ -274,7 +275,7 @@ class Engine:
             return []
         t0 = time.perf_counter()
         prefill, decode = self._partition()
-        speculate = self._speculate(decode)
+        speculate, n_decode = self._speculate(decode), len(decode)  # the gate counts late blocks' requests
 
         # 1. Draft: one block per decoding request; None when this step does not speculate.
         blocks = self._draft(decode) if speculate else None
@@ -282,7 +283,7 @@ class Engine:
         if blocks is not None:
             decode, blocks = self._without_late_blocks(decode, blocks)
             if not prefill and not decode:
-                return self._await_blocks()
+                return self._await_blocks(t0)
             # 2. Trim: max_tokens and cache room, so the budget costs only drafts that can be verified.
             blocks = [b.prefix(self._draft_room(s)) for s, b in zip(decode, blocks)]
             # 3. Survival -> budget: how many drafts of each block to verify (AdaptiveBudget forms
@@ -313,10 +314,11 @@ class Engine:
         self.num_steps += 1
         self.last_step_tokens = plan.num_tokens
         self.last_step_seconds = time.perf_counter() - t0
-        decoding = plan.decoding
-        if self.gate is not None and decoding and not plan.has_prefill:  # a pure decode step measures one arm
-            emitted = sum(len(e.emitted) for e in decoding)
-            self.gate.record(len(decoding), speculate and self.drafter is not None, emitted, self.last_step_seconds)
+        if self.gate is not None and n_decode:  # waits for blocks are the speculative arm's; see the gate
+            emitted = sum(len(e.emitted) for e in plan.decoding)
+            self.gate.record(n_decode, speculate and self.drafter is not None, emitted,
+                             self.last_step_seconds + self._awaited_seconds, measured=not plan.has_prefill)
+        self._awaited_seconds = 0.0
         # The next step's arm is chosen before the drafter hears this step's tokens: a remote
         # drafter reads seq.wants_block then, to draft only ahead of a speculative step.
         self._choose_next()
@@ -359,15 +361,16 @@ class Engine:
         ready = [i for i, b in enumerate(blocks) if b is not None]
         return [decode[i] for i in ready], [blocks[i] for i in ready]
 
-    def _await_blocks(self) -> list[RequestOutput]:
+    def _await_blocks(self, t0: float) -> list[RequestOutput]:
         """The step when every decoding request's block is still in flight and nothing else runs.
 
-        No forward pass: wait briefly for a block to arrive, and keep speculating next step
-        (still the choice made for this one, so the gate is not asked again).
+        No forward pass: wait briefly for a block, keep speculating next step (the gate is not
+        asked again) and add the time to the next forward step's, which the gate measures.
         """
         self._next_speculate = True
         if isinstance(self.drafter, AsyncDrafter):
             self.drafter.wait_for_blocks(0.05)
+        self._awaited_seconds += time.perf_counter() - t0
         return []
 
     def _accept(self, e: Scheduled) -> RequestOutput | None:

@@ -7,11 +7,22 @@ this hardware (it may share the verifier's cores), the verify step at the real c
 and how often the drafts are accepted for today's traffic.  So the gate measures both arms:
 
 * for each batch-size bucket (1, 2-3, 4-7, ... decoding requests) it keeps exponential moving
-  averages of tokens emitted per step and seconds per step (drafting included), once for steps
-  that speculated and once for plain steps;
-* each step it picks the arm with the higher tokens per second, and every ``explore_every``-th
-  step in a bucket it takes the other arm, so a drafter that starts paying (longer context,
-  copy-heavy traffic) or stops paying is noticed.
+  averages of tokens emitted per step and seconds per step, once for steps that speculated and
+  once for plain steps.  A step counts every request it was chosen for (one whose block came
+  late and sat the step out emitted nothing) and its seconds include the steps before it that
+  only waited for blocks: both are costs of speculating;
+* only steady state is measured.  The first step of an arm after the other one (a settling
+  step) is left out of both averages: the first speculative step after a plain stretch waits
+  for every request's block at once (measured through the cluster at 16 requests: 11 tokens/s
+  against 59 in steady state), which is the cost of switching, not of either arm;
+* each step it keeps the arm with the higher tokens per second, switching only when the other
+  is ahead by ``confirm_margin`` (a switch costs a settling step).  Exploration takes the other
+  arm for a run of ``explore_run`` steps (one settling, the rest measured; their mean replaces
+  that arm's old average) every ``explore_every``-th step of a bucket.  A run whose arm came out
+  clearly behind (by ``confirm_margin``) doubles that interval, up to ``max_explore_every``, so
+  a settled choice pays little for its probes; a run that comes out close or ahead resets it.
+  A few steps are a noisy sample (a speculative step emits 1 to 8 tokens), so a close result
+  is checked again soon rather than trusted for a long stretch.
 
 Lossless: the choice for step t depends only on steps before t, never on the tokens drafted at
 step t, so it cannot bias which drafts get verified (the condition of the paper's Appendix A).
@@ -26,14 +37,15 @@ from dataclasses import dataclass
 class _Arm:
     tokens: float = 0.0  # EMA of tokens emitted per step
     seconds: float = 0.0  # EMA of wall seconds per step
-    steps: int = 0
+    steps: int = 0  # steps measured in all
+    fresh: int = 0  # steps measured since the average (re)started
 
     def add(self, tokens: float, seconds: float, decay: float) -> None:
-        if self.steps == 0:
-            self.tokens, self.seconds = tokens, seconds
-        else:
-            self.tokens = decay * self.tokens + (1 - decay) * tokens
-            self.seconds = decay * self.seconds + (1 - decay) * seconds
+        """The mean of the steps since the (re)start until there are 1 / (1 - decay), then the EMA."""
+        self.fresh += 1
+        w = max(1 - decay, 1 / self.fresh)
+        self.tokens += w * (tokens - self.tokens)
+        self.seconds += w * (seconds - self.seconds)
         self.steps += 1
 
     @property
@@ -41,29 +53,49 @@ class _Arm:
         return self.tokens / self.seconds if self.seconds > 0 else 0.0
 
 
+@dataclass
+class _Probe:
+    """Exploration state of one bucket."""
+
+    every: int  # steps between exploration runs (doubles while runs confirm the incumbent)
+    tick: int = 0  # steps since the last run
+    left: int = 0  # steps of the current run still to take
+    arm: bool = False  # the arm the current run explores
+    judge: bool = False  # a run ended: compare the arms at the next step
+    best: bool | None = None  # the incumbent arm (None: none yet)
+
+
 class SpeculationGate:
     """Chooses speculative or plain decoding per step from measured throughput.
 
-    Example (speculative steps emit 1.5 tokens in 40 ms, plain ones 1 token in 25 ms):
-        >>> g = SpeculationGate(explore_every=4, warmup_steps=1)
-        >>> g.speculate(1), g.record(1, True, 1.5, 0.040)
-        (True, None)
-        >>> g.speculate(1), g.record(1, False, 1.0, 0.025)
-        (False, None)
-        >>> [g.speculate(1) for _ in range(4)]  # plain wins; every 4th step explores
-        [False, False, False, True]
+    Example (speculative steps emit 1.5 tokens in 40 ms, plain ones 1 token in 25 ms; the
+    first step of each arm only settles, and is not measured):
+        >>> g = SpeculationGate(explore_every=4, warmup_steps=1, explore_run=2)
+        >>> [(g.speculate(1), g.record(1, True, 1.5, 0.040))[0] for _ in range(2)]
+        [True, True]
+        >>> [(g.speculate(1), g.record(1, False, 1.0, 0.025))[0] for _ in range(2)]
+        [False, False]
+        >>> [g.speculate(1) for _ in range(6)]  # plain wins; the 4th step starts a run of 2
+        [False, False, False, True, True, False]
     """
 
-    def __init__(self, explore_every: int = 16, decay: float = 0.9, warmup_steps: int = 3) -> None:
-        if explore_every < 2 or not 0 <= decay < 1 or warmup_steps < 1:
-            raise ValueError("explore_every >= 2, 0 <= decay < 1 and warmup_steps >= 1 are required")
+    def __init__(self, explore_every: int = 16, decay: float = 0.97, warmup_steps: int = 3,
+                 explore_run: int = 4, max_explore_every: int = 128, confirm_margin: float = 0.1) -> None:  # fmt: skip
+        if explore_every < 2 or not 0 <= decay < 1 or warmup_steps < 1 or explore_run < 2:
+            raise ValueError("explore_every >= 2, 0 <= decay < 1, warmup_steps >= 1 and explore_run >= 2 "
+                             "are required")
         self.explore_every = explore_every
+        self.max_explore_every = max(explore_every, max_explore_every)
+        self.explore_run = explore_run  # one settling step, then measured ones
+        self.confirm_margin = confirm_margin  # lead a switch needs; how far behind a run's arm backs probes off
         self.decay = decay
         self.warmup_steps = warmup_steps
         self._arms: dict[tuple[int, bool], _Arm] = {}
-        self._ticks: dict[int, int] = {}
+        self._probes: dict[int, _Probe] = {}
+        self._last: bool | None = None  # the arm of the last step recorded (any bucket)
         self.speculative_steps = 0
         self.plain_steps = 0
+        self.settling_steps = 0  # steps left out of the averages (the first of an arm after the other)
 
     @staticmethod
     def bucket(num_requests: int) -> int:
@@ -81,19 +113,47 @@ class SpeculationGate:
         elif plain.steps < self.warmup_steps:
             choice = False
         else:
-            tick = self._ticks[b] = self._ticks.get(b, 0) + 1
-            choice = spec.rate >= plain.rate
-            if tick % self.explore_every == 0:
-                choice = not choice
+            probe = self._probes.setdefault(b, _Probe(self.explore_every))
+            choice = self._choose(b, probe, spec.rate, plain.rate)
         if choice:
             self.speculative_steps += 1
         else:
             self.plain_steps += 1
         return choice
 
-    def record(self, num_requests: int, speculated: bool, tokens: int | float, seconds: float) -> None:
-        """One decode step finished: ``tokens`` emitted over all requests in ``seconds``."""
-        if seconds <= 0:
+    def _choose(self, b: int, p: _Probe, spec_rate: float, plain_rate: float) -> bool:
+        """The better arm, or the explored one during a run; starts, ends and judges runs."""
+        if p.left:
+            p.left -= 1
+            p.judge = p.left == 0
+            return p.arm
+        # Keep the incumbent unless the other arm is ahead by the margin: a switch costs a
+        # settling step, and a small lead is mostly noise.
+        if p.best is None or abs(spec_rate - plain_rate) > self.confirm_margin * max(spec_rate, plain_rate):
+            p.best = spec_rate >= plain_rate
+        best = p.best
+        if p.judge:  # the run just ended: did it show the explored arm clearly behind?
+            p.judge = False
+            explored, other = (spec_rate, plain_rate) if p.arm else (plain_rate, spec_rate)
+            behind = explored < (1 - self.confirm_margin) * other
+            p.every = min(2 * p.every, self.max_explore_every) if behind else self.explore_every
+        p.tick += 1
+        if p.tick < p.every:
+            return best
+        p.tick, p.arm, p.left = 0, not best, self.explore_run - 1
+        self._arms[(b, p.arm)].fresh = 0  # measured long ago: the run's steps replace it
+        return p.arm
+
+    def record(self, num_requests: int, speculated: bool, tokens: int | float, seconds: float,
+               measured: bool = True) -> None:  # fmt: skip
+        """One step finished: ``tokens`` emitted by the ``num_requests`` decoding requests it was
+        chosen for, in ``seconds``.  Report every step that decoded: one with ``measured`` False
+        (a prompt chunk shared it) and the first of an arm after the other are not averaged, but
+        they tell the gate which arm ran last."""
+        settling, self._last = self._last != speculated, speculated
+        if settling:
+            self.settling_steps += 1
+        if settling or not measured or seconds <= 0:
             return
         self._arms.setdefault((self.bucket(num_requests), speculated), _Arm()).add(float(tokens), seconds, self.decay)
 

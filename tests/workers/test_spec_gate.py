@@ -8,6 +8,7 @@ keep speculating).  Output stays identical to plain decoding either way.
 
 from __future__ import annotations
 
+import random
 import time
 
 import pytest
@@ -20,35 +21,115 @@ from dspark.workers.spec_gate import SpeculationGate
 
 
 def test_gate_measures_both_arms_then_follows_the_faster():
-    g = SpeculationGate(explore_every=8, warmup_steps=2)
-    assert [g.speculate(1) for _ in range(2)] == [True, True]  # no measurement yet: try speculation
-    for _ in range(2):
+    g = SpeculationGate(explore_every=8, warmup_steps=2, explore_run=2)
+    assert [g.speculate(1) for _ in range(3)] == [True] * 3  # no measurement yet: try speculation
+    for _ in range(3):  # the first step settles, two are measured
         g.record(1, True, 1.2, 0.050)  # 24 tokens/s
-    assert [g.speculate(1) for _ in range(2)] == [False, False]  # then plain
-    for _ in range(2):
+    assert [g.speculate(1) for _ in range(3)] == [False] * 3  # then plain
+    for _ in range(3):
         g.record(1, False, 1.0, 0.025)  # 40 tokens/s
     choices = [g.speculate(1) for _ in range(16)]
-    assert choices.count(True) == 2 and choices[7] and choices[15]  # exploration only
-    assert g.rates()[1] == pytest.approx((24.0, 40.0))
+    assert choices[7] and choices[8] and choices.count(True) == 2  # one exploration run of 2 steps
+    assert g.rates()[1] == pytest.approx((24.0, 40.0)) and g.settling_steps == 2
 
 
 def test_gate_keeps_batch_sizes_apart_and_recovers():
     g = SpeculationGate(explore_every=4, warmup_steps=1, decay=0.5)
-    g.speculate(1), g.record(1, True, 3.0, 0.030)  # 100 tok/s alone
-    g.speculate(1), g.record(1, False, 1.0, 0.025)  # 40 tok/s alone
-    g.speculate(16), g.record(16, True, 20.0, 0.5)  # 40 tok/s at 16
-    g.speculate(16), g.record(16, False, 16.0, 0.2)  # 80 tok/s at 16
+    for n, spec, tokens, seconds in [(1, True, 3.0, 0.030), (16, True, 20.0, 0.5),  # 100 / 40 tok/s
+                                     (1, False, 1.0, 0.025), (16, False, 16.0, 0.2)]:  # 40 / 80 tok/s
+        for _ in range(2):  # settling, then measured
+            g.speculate(n), g.record(n, spec, tokens, seconds)
     assert g.speculate(1) and not g.speculate(16)
-    # Speculation at 16 becomes cheap (say, a copy-heavy stretch): exploration notices.
+    # Speculation at 16 becomes cheap (say, a copy-heavy stretch): an exploration run notices.
     for _ in range(12):
-        if g.speculate(16):
-            g.record(16, True, 60.0, 0.3)
+        spec = g.speculate(16)
+        g.record(16, spec, 60.0 if spec else 16.0, 0.3 if spec else 0.2)
     assert g.speculate(16)
+
+
+def _simulate(gate: SpeculationGate, steps: int, cost) -> list[bool]:
+    """Drive ``gate`` for ``steps`` steps of one request: ``cost(arm, previous arm, step)`` gives
+    each step's (tokens, seconds).  Returns the arms chosen."""
+    arms, prev = [], None
+    for i in range(steps):
+        arm = gate.speculate(1)
+        gate.record(1, arm, *cost(arm, prev, i))
+        arms.append(prev := arm)
+    return arms
+
+
+def _cluster_at_1(arm: bool, prev: bool | None, step: int) -> tuple[float, float]:
+    """Step costs measured through the cluster at concurrency 1 (a loaded host): speculative
+    steps 2 tokens in 100 ms in steady state (20 tok/s), the first after a plain step 1.8 in
+    125 ms (14.4 tok/s), plain steps 1 token in 66 ms (15.2 tok/s).  For the first 40 steps the
+    host is busy and speculation measures 1 token in 200 ms."""
+    if not arm:
+        return 1.0, 0.066
+    if step < 40:
+        return 1.0, 0.200
+    return (2.0, 0.100) if prev else (1.8, 0.125)
+
+
+def test_gate_measures_steady_state_not_the_switch():
+    """Once a noisy stretch has put the gate on plain decoding, probing speculation one step at
+    a time measures only first-steps-after-plain (14.4 tok/s, below plain's 15.2): the gate that
+    averaged them (before settling steps were left out) stays on plain here for good.
+    Settling steps are left out and exploration runs long enough to see steady state (20 tok/s)."""
+    g = SpeculationGate()
+    arms = _simulate(g, 400, _cluster_at_1)
+    assert arms[10:40].count(True) <= 8  # the busy stretch moved it to plain ...
+    assert arms[-200:].count(True) > 190, arms[-200:].count(True)  # ... and it came back
+    assert g.rates()[1] == pytest.approx((20.0, 1 / 0.066), rel=1e-3)  # steady state, both arms
+
+
+def test_gate_holds_a_noisy_lead():
+    """Speculative steps emit 1 to 8 tokens (here 1.9 on average in 103 ms, 18 tok/s, against
+    plain's 14.5): a short average of them often dips below plain.  Averaged over about 30 steps,
+    switching only on a 10% lead and re-probing soon after a close run, the gate speculates in
+    most steps (with a 10-step average and no margin: about 55%)."""
+    for seed in range(3):
+        rng = random.Random(seed)
+
+        def cost(arm: bool, prev: bool | None, step: int) -> tuple[float, float]:
+            if not arm:
+                return 1.0, rng.gauss(0.069, 0.008)
+            tokens = 1
+            while tokens < 8 and rng.random() < 0.47:
+                tokens += 1
+            return tokens, rng.gauss(0.103, 0.02) + (0.0 if prev else 0.013)
+
+        arms = _simulate(SpeculationGate(), 2000, cost)
+        assert arms.count(True) > 0.8 * len(arms), (seed, arms.count(True))
+
+
+def test_gate_probes_a_settled_choice_less_and_less():
+    """At concurrency 16 through the cluster plain steps gave 100 tok/s, speculative ones 59 in
+    steady state and 11 just after a plain stretch: each probe costs, so a run that confirms the
+    incumbent doubles the interval to the next one, up to 128 steps."""
+    g = SpeculationGate(explore_every=16, max_explore_every=128)
+
+    def cost(arm: bool, prev: bool | None, step: int) -> tuple[float, float]:
+        return (13.0, 0.130) if not arm else ((12.3, 0.210) if prev else (2.4, 0.217))
+
+    arms = _simulate(g, 1000, cost)
+    spec = arms[20:].count(True)
+    assert spec <= 40, spec  # 9 runs of 4 steps, 16, 32, 64, then 128 steps apart (one every 16: 240)
+    assert g.rates()[1] == pytest.approx((12.3 / 0.210, 100.0), rel=1e-3)
 
 
 def test_gate_refuses_bad_settings():
     with pytest.raises(ValueError):
         SpeculationGate(explore_every=1)
+    with pytest.raises(ValueError):
+        SpeculationGate(explore_run=1)  # a run of one step is all settling: nothing measured
+
+
+def test_gate_doctests():
+    import doctest
+
+    from dspark.workers import spec_gate
+
+    assert doctest.testmod(spec_gate).failed == 0
 
 
 class _Script(StatelessDrafter):
@@ -80,7 +161,7 @@ def setup(model_fp32):
 @pytest.mark.parametrize("wrong", [True, False])
 def test_engine_gate_settles_on_the_faster_arm(setup, wrong):
     runner, tok, prompt, plain = setup
-    gate = SpeculationGate(explore_every=8, warmup_steps=3)
+    gate = SpeculationGate(explore_every=8, warmup_steps=3, explore_run=2)
     drafter = _Script(plain, wrong=wrong, delay_s=0.2 if wrong else 0.0)
     eng = Engine(runner, tok, EngineConfig(max_batch=1, block_len=8), drafter=drafter, gate=gate)
     seq = eng.generate([prompt], SamplingParams(max_tokens=48, ignore_eos=True))[0]
@@ -97,16 +178,15 @@ def test_remote_drafter_drafts_nothing_for_plain_steps(setup):
     worker is asked for a block only ahead of speculative steps (it used to draft after every
     step, busy for nothing while the verifier decoded plainly).  Output stays plain decoding's."""
     from dspark.workers.draft_worker import DraftWorkerServer
-    from dspark.workers.drafters.ngram import NgramDrafter
     from dspark.workers.drafters.remote import RemoteDrafter, RemoteDrafterConfig
 
     runner, tok, prompt, plain = setup
-    server = DraftWorkerServer(NgramDrafter).start()
-    drafter = RemoteDrafter([server.address], RemoteDrafterConfig(kind="ngram"), block_len=4)
+    server = DraftWorkerServer(lambda: _Script(plain, wrong=True, delay_s=0.1)).start()  # slow, never right
+    drafter = RemoteDrafter([server.address], RemoteDrafterConfig(kind="scripted"), block_len=4)
     try:
-        gate = SpeculationGate(explore_every=4, warmup_steps=1)
-        gate.record(1, True, 1.0, 60.0)  # speculation measured hopeless, plain fast:
-        gate.record(1, False, 1.0, 0.001)  # plain steps, with a speculative probe every 4th
+        gate = SpeculationGate(explore_every=4, warmup_steps=1, explore_run=2)
+        for spec, seconds in [(True, 60.0), (False, 0.001)] * 2:  # speculation measured hopeless, plain
+            gate.record(1, spec, 1.0, seconds)  # fast: plain steps, with runs of speculative probes
         eng = Engine(runner, tok, EngineConfig(max_batch=1, block_len=4), drafter=drafter, gate=gate)
         seq = eng.generate([prompt], SamplingParams(max_tokens=48, ignore_eos=True))[0]
         assert seq.output_ids == plain[: len(seq.output_ids)] and len(seq.output_ids) == 48
@@ -117,3 +197,53 @@ def test_remote_drafter_drafts_nothing_for_plain_steps(setup):
     finally:
         drafter.close()
         server.stop()
+
+
+class _Late(_Script):
+    """An asynchronous drafter of correct drafts whose blocks for ``late`` requests miss the first
+    ask at each position: those requests sit a step out (others are ready) or the engine waits
+    (nobody is), ``wait_s`` per wait for blocks."""
+
+    def __init__(self, script: list[int], late: set[str], wait_s: float) -> None:
+        super().__init__(script, wrong=False, delay_s=0.0)
+        self.late, self.wait_s, self.asked = late, wait_s, set()
+
+    def propose(self, seqs: list[Sequence], block_len: int) -> list[DraftBlock | None]:
+        blocks = super().propose(seqs, block_len)
+        out = []
+        for seq, blk in zip(seqs, blocks):
+            key = (seq.request_id, seq.num_cached)
+            out.append(None if seq.request_id in self.late and key not in self.asked else blk)
+            self.asked.add(key)
+        return out
+
+    def wait_for_blocks(self, timeout: float) -> None:
+        time.sleep(self.wait_s)
+
+
+def test_engine_charges_late_blocks_to_speculation(setup, model_fp32):
+    """A request whose block is late sits the step out: the step counts it (it emitted nothing)
+    in the bucket the gate chose for, not in a smaller bucket of the requests that were ready,
+    which made speculative steps look faster than they were."""
+    _, tok, prompt, plain = setup
+    runner = LocalRunner(model_fp32.model, RunnerConfig(n_slots=4, max_seq=256))
+    gate = SpeculationGate(explore_every=100, warmup_steps=1)
+    drafter = _Late(plain, late={"req-0"}, wait_s=0.0)
+    eng = Engine(runner, tok, EngineConfig(max_batch=4, block_len=4, max_block_wait_s=0.0), drafter=drafter, gate=gate)
+    seqs = eng.generate([prompt] * 4, SamplingParams(max_tokens=24, ignore_eos=True))
+    assert all(s.output_ids == plain[:24] for s in seqs)
+    # 4 decoding (bucket 3) while req-0 lags, then req-0 alone (bucket 1); never 3 counted as 2-3.
+    assert set(gate.rates()) == {1, 3}, gate.rates()
+
+
+def test_engine_charges_waits_for_blocks_to_speculation(setup):
+    """Steps that only waited for a late block (no forward) are part of the next speculative
+    step's time: here 1 s per step, so speculation cannot measure above 5 tokens per second."""
+    runner, tok, prompt, plain = setup
+    gate = SpeculationGate(explore_every=100, warmup_steps=1)
+    drafter = _Late(plain, late={"req-0"}, wait_s=1.0)
+    eng = Engine(runner, tok, EngineConfig(max_batch=1, block_len=4), drafter=drafter, gate=gate)
+    seq = eng.generate([prompt], SamplingParams(max_tokens=16, ignore_eos=True))[0]
+    assert seq.output_ids == plain[:16]
+    spec_rate = gate.rates()[1][0]
+    assert 0 < spec_rate <= 5 / 1.0, gate.rates()
