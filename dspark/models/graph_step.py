@@ -40,6 +40,10 @@ from dspark.models.llama import ForwardOutput, Transformer
 
 # Up to 512 tokens: 64 requests verifying blocks of 4 drafts (5 tokens each) fit.
 TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+# Attention gathers each token's key span: a (T, K) bucket holds T x K keys and values per layer
+# at once (for an 8-KV-head, 128-lane bf16 model, 4 KiB per token-key: 2 GiB at this budget).
+# Buckets past it take the regular path instead of a graph whose temporaries outgrow the cache.
+MAX_TOKEN_KEYS = 2**19
 MAX_Q = SPAN_MAX_Q  # most tokens one request feeds in a graph-safe step
 log = logging.getLogger(__name__)
 
@@ -106,6 +110,7 @@ class GraphStep:
         token_buckets: tuple[int, ...] = TOKEN_BUCKETS,
         key_spans: tuple[int, ...] | None = None,
         capture: bool | None = None,
+        max_token_keys: int = MAX_TOKEN_KEYS,
     ) -> None:
         if type(model) is not Transformer:
             raise ValueError(f"the graph-safe step serves Llama-family decoders, not {type(model).__name__}")
@@ -118,6 +123,7 @@ class GraphStep:
         self.key_spans = tuple(sorted(key_spans or key_buckets(cache.max_seq)))
         if self.key_spans[-1] > cache.max_seq:
             raise ValueError(f"key bucket {self.key_spans[-1]} > max_seq {cache.max_seq}")
+        self.max_token_keys = max_token_keys
         self.capture = model.device.type == "cuda" if capture is None else capture
         self.scratch = cache.add_scratch_slot()
         if self.capture:
@@ -138,7 +144,9 @@ class GraphStep:
             return None
         tb = bucket(sum(q_lens), self.token_buckets)
         kb = bucket(max(s + q for s, q in zip(starts, q_lens)), self.key_spans)
-        return None if tb is None or kb is None else (tb, kb)
+        if tb is None or kb is None or tb * kb > self.max_token_keys:
+            return None
+        return tb, kb
 
     @torch.inference_mode()
     def run(
@@ -224,7 +232,7 @@ class GraphStep:
         t0 = time.perf_counter()
         for kb in reversed(self.key_spans):
             for tb in reversed(self.token_buckets):
-                if (tb, kb, feature_layers) not in self._graphs:
+                if tb * kb <= self.max_token_keys and (tb, kb, feature_layers) not in self._graphs:
                     self._capture(tb, kb, feature_layers)
         torch.cuda.synchronize(self.model.device)
         seconds = time.perf_counter() - t0

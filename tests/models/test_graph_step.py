@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dspark.models.graph_step import MAX_Q, GraphStep, bucket, key_buckets
+from dspark.models.graph_step import MAX_Q, MAX_TOKEN_KEYS, GraphStep, bucket, key_buckets
 from dspark.workers.factory import EngineSpec, build_engine
 from dspark.workers.request import SamplingParams
 from dspark.workers.runner import LocalRunner, RunnerConfig, StepInput
@@ -107,6 +107,10 @@ def test_steps_that_fit_no_bucket_take_the_regular_path(model_fp32):
     assert g.fits([0], [MAX_Q + 1]) is None  # a prefill chunk
     assert g.fits([0] * 40, [16] * 40) is None  # 640 tokens > the largest bucket
     assert g.fits([250], [10]) is None  # past the largest key bucket (max_seq 256)
+    assert g.fits([200] * 32, [2] * 32) == (64, 256)
+    g.max_token_keys = 64 * 128  # the gather budget: (64 tokens, 256 keys) is past it
+    assert g.fits([200] * 32, [2] * 32) is None and g.fits([100] * 32, [2] * 32) == (64, 128)
+    g.max_token_keys = MAX_TOKEN_KEYS
     with pytest.raises(ValueError, match="fits no graph bucket"):
         g.run(list(range(MAX_Q + 1)), [0], [0], [MAX_Q + 1])
     # The runner takes the regular path for it (the graph step above refused it), and for an
