@@ -23,6 +23,9 @@ and how often the drafts are accepted for today's traffic.  So the gate measures
   a settled choice pays little for its probes; a run that comes out close or ahead resets it.
   A few steps are a noisy sample (a speculative step emits 1 to 8 tokens), so a close result
   is checked again soon rather than trusted for a long stretch.
+* a bucket not yet measured on both arms follows the nearest one that is (batch sizes seen
+  only for a step or two while finished requests are replaced never complete a warm-up: their
+  steps are mostly settling steps or share a prompt chunk); with none, both arms warm up.
 
 Lossless: the choice for step t depends only on steps before t, never on the tokens drafted at
 step t, so it cannot bias which drafts get verified (the condition of the paper's Appendix A).
@@ -80,7 +83,7 @@ class SpeculationGate:
     """
 
     def __init__(self, explore_every: int = 16, decay: float = 0.97, warmup_steps: int = 3,
-                 explore_run: int = 4, max_explore_every: int = 128, confirm_margin: float = 0.1) -> None:  # fmt: skip
+                 explore_run: int = 5, max_explore_every: int = 128, confirm_margin: float = 0.1) -> None:  # fmt: skip
         if explore_every < 2 or not 0 <= decay < 1 or warmup_steps < 1 or explore_run < 2:
             raise ValueError("explore_every >= 2, 0 <= decay < 1, warmup_steps >= 1 and explore_run >= 2 "
                              "are required")
@@ -107,11 +110,12 @@ class SpeculationGate:
         b = self.bucket(num_requests)
         spec = self._arms.get((b, True), _Arm())
         plain = self._arms.get((b, False), _Arm())
-        # Measure each arm a few times first (speculation first: it is why the drafter is here).
-        if spec.steps < self.warmup_steps:
-            choice = True
-        elif plain.steps < self.warmup_steps:
-            choice = False
+        src = self._measured_bucket(b)
+        if src is None:  # measure each arm a few times first (speculation first: why the drafter is here)
+            choice = spec.steps < self.warmup_steps or plain.steps >= self.warmup_steps
+        elif src != b:  # a batch size seen briefly: its steps are often settling or share a prompt
+            p = self._probes.get(src)  # chunk, so it follows the nearest measured bucket's choice
+            choice = p.best if p is not None and p.best is not None else self._rate(src, True) >= self._rate(src, False)
         else:
             probe = self._probes.setdefault(b, _Probe(self.explore_every))
             choice = self._choose(b, probe, spec.rate, plain.rate)
@@ -120,6 +124,15 @@ class SpeculationGate:
         else:
             self.plain_steps += 1
         return choice
+
+    def _rate(self, b: int, speculated: bool) -> float:
+        return self._arms.get((b, speculated), _Arm()).rate
+
+    def _measured_bucket(self, b: int) -> int | None:
+        """``b`` if both its arms are measured ``warmup_steps`` times, else the nearest such bucket."""
+        done = [c for c in {k for k, _ in self._arms}
+                if min(self._arms.get((c, arm), _Arm()).steps for arm in (True, False)) >= self.warmup_steps]
+        return min(done, key=lambda c: (abs(c - b), c), default=None)
 
     def _choose(self, b: int, p: _Probe, spec_rate: float, plain_rate: float) -> bool:
         """The better arm, or the explored one during a run; starts, ends and judges runs."""
