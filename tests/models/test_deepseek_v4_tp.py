@@ -59,6 +59,14 @@ def script(n_steps: int = 32) -> list[StepInput]:
     return steps
 
 
+@pytest.fixture(scope="module")
+def single(one):
+    """(script(), one rank's outputs of it), shared by every group size and dtype."""
+    steps = script()
+    runner = LocalRunner(one.model, CFG)
+    return steps, [runner.forward(s) for s in steps]
+
+
 def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got - want).abs().max() / want.abs().max())
 
@@ -71,10 +79,8 @@ def assert_same_outputs(got, want) -> None:
 
 
 @pytest.mark.parametrize("world", [4, 2])
-def test_group_equals_one_rank(folder, one, world):
-    steps = script()
-    single = LocalRunner(one.model, CFG)
-    want = [single.forward(s) for s in steps]
+def test_group_equals_one_rank(folder, one, single, world):
+    steps, want = single
     assert want[0].logits.abs().max() > 1.0
     group = TPGroup(TPSpec(model_path=str(folder), dtype="fp32", world_size=world, runner=CFG, threads_per_rank=1))
     try:
@@ -108,13 +114,14 @@ def test_group_sizes_that_do_not_divide_are_refused(one):
         check_group_size(dataclasses.replace(cfg, num_attention_heads=12, o_groups=3), 4)
 
 
-def test_bf16_group_is_as_close_to_fp32_as_one_rank(folder, one):
+def test_bf16_group_is_as_close_to_fp32_as_one_rank(folder, single):
     """bf16 over a gloo group of 2 (partial sums rounded to bf16 before the all-reduce): the
     typical row is as far from fp32 as one bf16 rank's (measured median 1.5% vs 1.5% of the row's
     largest logit).  Medians, because the score-routed layers flip an expert on a few rows."""
     steps = script(12)
-    fp32, bf16 = LocalRunner(one.model, CFG), LocalRunner(load_model(folder, dtype="bf16").model, CFG)
-    want = [fp32.forward(s).logits for s in steps]
+    assert steps == single[0][: len(steps)]  # a prefix of the shared script
+    want = [out.logits for out in single[1][: len(steps)]]
+    bf16 = LocalRunner(load_model(folder, dtype="bf16").model, CFG)
     alone = [bf16.forward(s).logits for s in steps]
     group = TPGroup(TPSpec(model_path=str(folder), dtype="bf16", world_size=2, runner=CFG, threads_per_rank=1))
     try:
