@@ -222,18 +222,27 @@ def smol_checkpoints(model_fp32, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("kind", ["vanilla", "rnn"])
-def test_greedy_drafting_from_deepspec_checkpoint_identical_to_plain(model_fp32, prompts20, smol_checkpoints, kind):
+@pytest.fixture(scope="module")
+def smol_plain(model_fp32, prompts20):
+    """(4 chat prompts, plain greedy decoding of 24 tokens of each), shared by both kinds."""
     from dspark.workers.engine import Engine, EngineConfig
-    from dspark.workers.factory import EngineSpec, build_engine
     from dspark.workers.request import SamplingParams
     from dspark.workers.runner import LocalRunner, RunnerConfig
 
     prompts = [model_fp32.tokenizer.encode_chat([{"role": "user", "content": t}]) for t in prompts20[:4]]
-    params = SamplingParams(max_tokens=24)
     plain = Engine(LocalRunner(model_fp32.model, RunnerConfig(n_slots=4, max_seq=512)), model_fp32.tokenizer,
                    EngineConfig(max_batch=4))
-    want = [s.output_ids for s in plain.generate(prompts, params)]
+    return prompts, [s.output_ids for s in plain.generate(prompts, SamplingParams(max_tokens=24))]
+
+
+@pytest.mark.parametrize("kind", ["vanilla", "rnn"])
+def test_greedy_drafting_from_deepspec_checkpoint_identical_to_plain(smol_plain, smol_checkpoints, kind):
+    from dspark.workers.factory import EngineSpec, build_engine
+    from dspark.workers.request import SamplingParams
+    from dspark.workers.runner import RunnerConfig
+
+    prompts, want = smol_plain
+    params = SamplingParams(max_tokens=24)
     built = build_engine(EngineSpec(dtype="fp32", draft="dspark", block_len=4, runner=RunnerConfig(n_slots=4, max_seq=512),
                                     draft_options=(("head", str(smol_checkpoints[kind])),)), progress=False)
     try:
