@@ -94,6 +94,17 @@ def hf_model():
 
 
 @pytest.fixture(scope="session")
+def hf_tokenizer():
+    """Hugging Face transformers' tokenizer read from the same GGUF file (parsing it takes seconds)."""
+    from transformers import AutoTokenizer
+
+    from dspark.models.loader import default_model_path
+
+    p = default_model_path()
+    return AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+
+
+@pytest.fixture(scope="session")
 def prompts20():
     """20 chat prompts from the shared data, alternating WizardLM and MBPP+."""
     from dspark.datasets import load_prompts

@@ -18,14 +18,9 @@ def _logits(lm, ids):
 
 
 @pytest.fixture(scope="module")
-def hf_tokenizer_dir(tmp_path_factory):
-    from transformers import AutoTokenizer
-
-    from dspark.models.loader import default_model_path
-
-    p = default_model_path()
+def hf_tokenizer_dir(hf_tokenizer, tmp_path_factory):
     d = tmp_path_factory.mktemp("tok")
-    AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name).save_pretrained(str(d))
+    hf_tokenizer.save_pretrained(str(d))
     return d
 
 

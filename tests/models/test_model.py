@@ -31,13 +31,8 @@ def test_logits_match_transformers(model_fp32, hf_model, prompts20):
         assert rel_err(ours, ref) <= 1e-4
 
 
-def test_tokenizer_matches_transformers(model_fp32, prompts20):
-    from transformers import AutoTokenizer
-
-    from dspark.models.loader import default_model_path
-
-    p = default_model_path()
-    hf_tok = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+def test_tokenizer_matches_transformers(model_fp32, hf_tokenizer, prompts20):
+    hf_tok = hf_tokenizer
     texts = prompts20 + ["héllo wörld 12345 ünïcödé 🙂 日本語", "  leading spaces\n\n\ttabs", "x=1;y=22;z=333"]
     for t in texts:
         assert model_fp32.tokenizer.encode(t) == hf_tok.encode(t, add_special_tokens=False)
