@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -37,17 +38,21 @@ def _draft_kind() -> str:
 
 @pytest.fixture(scope="module")
 def cluster():
+    """Started with no DSPARK_INTERNAL_TOKEN (the cluster generates one) and the public gRPC API
+    on 0.0.0.0 (the draft workers must stay on loopback all the same); HTTP on loopback."""
     from dspark.cluster.local import LocalCluster
 
     cfg = ClusterConfig(dtype="fp32", tp=3, draft=_draft_kind(), draft_workers=2, block_len=5, n_slots=16,
-                        max_seq=512, torch_threads=1, grpc_port=free_port(), block_timeout_s=20.0,
-                        verify_policy="adaptive", scheduler_interval_s=0.25,
+                        max_seq=512, torch_threads=1, grpc_port=free_port(), bind_host="0.0.0.0",
+                        block_timeout_s=20.0, verify_policy="adaptive", scheduler_interval_s=0.25,
                         # Every step speculates, so the sampled test below checks verification
                         # (the gate's own choice is covered in-process by tests/workers/test_spec_gate.py).
                         speculation_gate=False)
-    c = LocalCluster(cfg, http_port=free_port()).start(timeout_s=900)
-    yield c
-    c.stop()
+    with pytest.MonkeyPatch.context() as env:
+        env.delenv("DSPARK_INTERNAL_TOKEN", raising=False)
+        c = LocalCluster(cfg, http_port=free_port()).start(timeout_s=900)
+        yield c
+        c.stop()
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +87,25 @@ def test_openai_client_matches_plain_decoding(client, reference):
         stream = _chat(client, p, stream=True)
         text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
         assert text == reference[p]
+
+
+def test_draft_workers_keep_the_generated_token_and_stay_on_loopback(cluster):
+    """The verifier drafts (above) with the token the cluster generated, while a Draft stream
+    without it is refused and each draft port is on 127.0.0.1 only, although bind_host is 0.0.0.0."""
+    from dspark.proto.dspark.v1 import draft_pb2, draft_pb2_grpc
+
+    alive, _ = _alive(cluster, "drafter")
+    assert len(alive) == 2
+    for worker in alive.values():
+        host, port = worker["address"].rsplit(":", 1)
+        assert host == "127.0.0.1"
+        with pytest.raises(OSError):  # 127.0.0.2 is loopback too: a socket on 0.0.0.0 would accept it
+            socket.create_connection(("127.0.0.2", int(port)), timeout=2).close()
+        opening = draft_pb2.DraftRequest(open=draft_pb2.Open(
+            request_id="probe-1", prompt_len=3, options=draft_pb2.DrafterOptions(kind="ngram", block_len=3)))
+        with grpc.insecure_channel(worker["address"]) as ch, pytest.raises(grpc.RpcError) as refused:
+            list(draft_pb2_grpc.DraftServiceStub(ch).Draft(iter([opening]), timeout=30))
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
 def test_logprobs_n_and_json_schema_through_the_cluster(client, reference, model_fp32):
@@ -211,7 +235,7 @@ def test_sampled_first_speculative_token_follows_the_target(cluster, model_fp32)
     n = 192
 
     async def run():
-        sem = asyncio.Semaphore(8)
+        sem = asyncio.Semaphore(16)  # the verifier's 16 slots
         async with grpc.aio.insecure_channel(f"127.0.0.1:{cluster.cfg.grpc_port}") as ch:
             stub = generate_pb2_grpc.GenerationServiceStub(ch)
 
