@@ -23,9 +23,10 @@ and how often the drafts are accepted for today's traffic.  So the gate measures
   a settled choice pays little for its probes; a run that comes out close or ahead resets it.
   A few steps are a noisy sample (a speculative step emits 1 to 8 tokens), so a close result
   is checked again soon rather than trusted for a long stretch.
-* a bucket not yet measured on both arms follows the nearest one that is (batch sizes seen
-  only for a step or two while finished requests are replaced never complete a warm-up: their
-  steps are mostly settling steps or share a prompt chunk); with none, both arms warm up.
+* a bucket not yet measured on both arms decides from the nearest one that is, and its own
+  exploration runs measure it (batch sizes seen only for a step or two while finished requests
+  are replaced never completed a warm-up: their steps are mostly settling steps or share a
+  prompt chunk); with no measured bucket, both arms warm up.
 
 Lossless: the choice for step t depends only on steps before t, never on the tokens drafted at
 step t, so it cannot bias which drafts get verified (the condition of the paper's Appendix A).
@@ -113,12 +114,9 @@ class SpeculationGate:
         src = self._measured_bucket(b)
         if src is None:  # measure each arm a few times first (speculation first: why the drafter is here)
             choice = spec.steps < self.warmup_steps or plain.steps >= self.warmup_steps
-        elif src != b:  # a batch size seen briefly: its steps are often settling or share a prompt
-            p = self._probes.get(src)  # chunk, so it follows the nearest measured bucket's choice
-            choice = p.best if p is not None and p.best is not None else self._rate(src, True) >= self._rate(src, False)
-        else:
+        else:  # this bucket's rates, or the nearest measured bucket's until its exploration runs measure it
             probe = self._probes.setdefault(b, _Probe(self.explore_every))
-            choice = self._choose(b, probe, spec.rate, plain.rate)
+            choice = self._choose(b, probe, self._rate(src, True), self._rate(src, False))
         if choice:
             self.speculative_steps += 1
         else:
@@ -154,7 +152,7 @@ class SpeculationGate:
         if p.tick < p.every:
             return best
         p.tick, p.arm, p.left = 0, not best, self.explore_run - 1
-        self._arms[(b, p.arm)].fresh = 0  # measured long ago: the run's steps replace it
+        self._arms.setdefault((b, p.arm), _Arm()).fresh = 0  # measured long ago: the run's steps replace it
         return p.arm
 
     def record(self, num_requests: int, speculated: bool, tokens: int | float, seconds: float,

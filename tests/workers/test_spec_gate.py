@@ -61,6 +61,16 @@ def test_gate_follows_the_nearest_measured_bucket():
         for _ in range(2):
             g.record(14, spec, tokens, seconds)
     assert g.speculate(14) and not g.speculate(16)
+    # A bucket that follows another still measures itself: measured alone speculation wins, at 16
+    # requests it does not; after the first exploration run 16 decides from its own steps.
+    g = SpeculationGate(warmup_steps=1)
+    for spec, tokens, seconds in [(True, 3.0, 0.03)] * 2 + [(False, 1.0, 0.025)] * 2:  # alone: 100 vs 40
+        g.record(1, spec, tokens, seconds)  # tokens/s (each arm's first step settles)
+    arms = []
+    for _ in range(60):
+        arms.append(g.speculate(16))
+        g.record(16, arms[-1], *((20.0, 0.5) if arms[-1] else (16.0, 0.2)))  # at 16: 40 vs 80 tok/s
+    assert arms[0] and arms[-30:].count(True) <= 5, arms  # plain, and at most one run of probes
 
 
 def _simulate(gate: SpeculationGate, steps: int, cost) -> list[bool]:
