@@ -53,7 +53,7 @@ def stack():
     from dspark.workers.verifier import VerifierWorker
 
     built = build_engine(EngineSpec(dtype="fp32", draft="dspark", block_len=7,
-                                    runner=RunnerConfig(n_slots=16, max_seq=512)), progress=False)
+                                    runner=RunnerConfig(n_slots=50, max_seq=512)), progress=False)  # test_50 at once
     eng, tok = built.engine, built.loaded.tokenizer
     chat_ids = tok.encode_chat(CHAT)
     # Engine-level reference (before the worker thread owns the engine): greedy tokens and logprobs.
@@ -152,17 +152,19 @@ def test_n_streamed_with_usage(stack):
 
 
 def test_50_json_schema_outputs_validate(stack):
-    """Greedy on five prompts and sampled at two temperatures: every output parses and validates."""
-    outputs = []
-    for p in PERSON_PROMPTS:
-        r = stack.client.chat.completions.create(model=stack.model, messages=[{"role": "user", "content": p}],
-                                                 max_tokens=200, temperature=0, response_format=PERSON_FORMAT)
-        outputs.append(r.choices[0])
-    for t, seed in ((1.0, 1), (0.7, 2), (1.0, 3)):
-        r = stack.client.chat.completions.create(model=stack.model, messages=[{"role": "user", "content": PERSON_PROMPTS[0]}],
-                                                 max_tokens=200, temperature=t, seed=seed, n=15,
-                                                 response_format=PERSON_FORMAT)
-        outputs += r.choices
+    """Greedy on five prompts and sampled at two temperatures: every output parses and validates.
+    The eight requests are sent at once: the engine decodes all fifty sequences in one batch."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    asks = [(p, dict(temperature=0)) for p in PERSON_PROMPTS]
+    asks += [(PERSON_PROMPTS[0], dict(temperature=t, seed=seed, n=15)) for t, seed in ((1.0, 1), (0.7, 2), (1.0, 3))]
+
+    def ask(prompt, kw):
+        return stack.client.chat.completions.create(model=stack.model, messages=[{"role": "user", "content": prompt}],
+                                                    max_tokens=200, response_format=PERSON_FORMAT, **kw).choices
+
+    with ThreadPoolExecutor(len(asks)) as pool:
+        outputs = [c for choices in pool.map(lambda a: ask(*a), asks) for c in choices]
     assert len(outputs) == 50
     for c in outputs:
         assert c.finish_reason == "stop", c.message.content
