@@ -116,6 +116,12 @@ class AdaptiveBudget:
     # Steps whose deepest verification bounds the next draft depth: long enough that one shallow
     # step does not cut the depth, short enough to follow load within a fraction of a second.
     DEPTH_WINDOW = 8
+    # Every PROBE_EVERY-th step drafts the policy's whole depth whatever the window says: the
+    # window alone can only grow the depth by one past what was verified, so a budget that
+    # verified nothing for a while (a busy spell, a run of unconfident drafts) would otherwise
+    # never see a deep block again, and a block can pay as a whole where its first draft alone
+    # does not (the drafting cost is shared by the block).
+    PROBE_EVERY = 16
 
     def __init__(self, costs: CostModel, policy: VerifyPolicy) -> None:
         self.costs = costs
@@ -137,14 +143,15 @@ class AdaptiveBudget:
     def draft_depth(self, block_len: int) -> int:
         """How many drafts the coming step's blocks need: at most the policy's depth, and one past
         the deepest verification of the last ``DEPTH_WINDOW`` steps (so the depth can grow by one
-        per step when confidences rise).  Depends only on past steps, never on the coming drafts.
+        per step when confidences rise), except every ``PROBE_EVERY``-th step, which drafts the
+        policy's depth.  Depends only on past steps, never on the coming drafts.
 
         Before any step it is the policy's depth:
             >>> AdaptiveBudget(CostModel([1], [0.01]), VerifyPolicy(max_block_len=5)).draft_depth(7)
             5
         """
         G = max(0, min(block_len, self.policy.max_block_len))
-        if self.policy.budget_mode == "fixed" or not self._deepest:
+        if self.policy.budget_mode == "fixed" or not self._deepest or self.steps % self.PROBE_EVERY == 0:
             return G
         return min(G, max(self._deepest) + 1)
 

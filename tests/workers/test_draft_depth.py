@@ -43,6 +43,20 @@ def test_depth_is_one_past_the_deepest_recent_verification():
     for _ in range(AdaptiveBudget.DEPTH_WINDOW):
         budget(_blocks([[0.95, 0.05]]), 7)
     assert budget.draft_depth(7) == 2
+    # Even a budget that verified nothing sees a whole block every PROBE_EVERY steps.
+    while budget.steps % AdaptiveBudget.PROBE_EVERY:
+        assert budget.draft_depth(7) <= 2
+        budget(_blocks([[0.05, 0.05]]), 7)
+    assert budget.draft_depth(7) == 7
+    budget(_blocks([[0.05] * 7]), 7)
+    assert budget.draft_depth(7) == 2  # the window's depth again (it still holds steps that verified 1)
+
+
+def _probed(asked: list[int], deep: int, shallow: int) -> bool:
+    """The depths a drafter was asked for: ``deep`` first and at every probe, ``shallow`` otherwise."""
+    probes = [i for i, n in enumerate(asked) if n == deep]
+    return (bool(asked) and asked[0] == deep and set(asked) <= {deep, shallow}
+            and len(probes) <= 1 + len(asked) // AdaptiveBudget.PROBE_EVERY)
 
 
 def test_depth_respects_the_policy():
@@ -93,7 +107,9 @@ def test_engine_drafts_only_what_the_budget_verifies(setup, metered):
     eng = Engine(runner, tok, EngineConfig(max_batch=1, block_len=8), drafter=drafter, budget=budget)
     seq = eng.generate([prompt], SamplingParams(max_tokens=32, ignore_eos=True))[0]
     assert seq.output_ids == plain[: len(seq.output_ids)] and len(seq.output_ids) == 32
-    assert drafter.asked[0] == 8 and set(drafter.asked[1:]) == {2}, drafter.asked
+    assert _probed(drafter.asked, 8, 2) and drafter.asked[1] == 2, drafter.asked
+    assert [n for i, n in enumerate(drafter.asked) if i % AdaptiveBudget.PROBE_EVERY] == [2] * (
+        len(drafter.asked) - 1 - (len(drafter.asked) - 1) // AdaptiveBudget.PROBE_EVERY)
     assert eng.speculation_stats() == {"speculative_steps": 0, "plain_steps": 0, "draft_depth": 2}  # no gate
     # Without a depth-aware budget every block is drafted whole.
     whole = _Script(plain)
@@ -122,7 +138,7 @@ def test_remote_worker_is_asked_for_the_budgets_depth(setup):
         seq = eng.generate([prompt], SamplingParams(max_tokens=32, ignore_eos=True))[0]
         assert seq.output_ids == plain[: len(seq.output_ids)] and len(seq.output_ids) == 32
         asked = [n for s in scripts for n in s.asked]
-        assert asked[0] == 8 and asked[1:] and set(asked[1:]) == {2}, asked
+        assert _probed(asked, 8, 2) and asked[1] == 2, asked
     finally:
         drafter.close()
         server.stop()
