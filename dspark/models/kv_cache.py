@@ -19,6 +19,34 @@ from dspark.kernels.attention import AttentionPlan, build_plan, padded_keys
 from dspark.kernels.paged_attention import PagedPlan
 
 
+def _owns_storage(t: torch.Tensor) -> bool:
+    """True when ``t`` is contiguous and spans its whole storage (no other tensor shares it)."""
+    st = t.untyped_storage()
+    return t.is_contiguous() and t.data_ptr() == st.data_ptr() and t.numel() * t.element_size() == st.nbytes()
+
+
+def _release_pages(t: torch.Tensor) -> None:
+    """Hand the whole memory pages inside CPU tensor ``t`` back to the system (Linux
+    ``madvise(MADV_DONTNEED)``; elsewhere nothing).  Its contents are lost: only for a
+    tensor about to be freed.  Large tensors are mapped memory, so its pages count in the
+    process's resident memory until freed; this frees them part by part."""
+    import ctypes
+    import mmap
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    page = mmap.PAGESIZE
+    start = -(-t.data_ptr() // page) * page
+    end = (t.data_ptr() + t.numel() * t.element_size()) // page * page
+    if end <= start:
+        return
+    try:
+        ctypes.CDLL(None).madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), 4)  # MADV_DONTNEED
+    except (OSError, AttributeError):
+        pass
+
+
 class CacheFullError(RuntimeError):
     """No free slot, or a request would grow past ``max_seq``."""
 
@@ -132,9 +160,23 @@ class KVCache(SlotTable):
         self.capacity = new
 
     def _grown(self, old: torch.Tensor, new: int) -> torch.Tensor:
-        """``old`` ([..., capacity, hd]) copied into a zeroed [..., new, hd] tensor."""
-        grown = old.new_zeros(*old.shape[:-2], new, old.shape[-1])
-        grown[..., : self.capacity, :] = old
+        """``old`` ([..., capacity, hd]) copied into a zeroed [..., new, hd] tensor.
+
+        On the CPU the copy goes one leading index (a layer) at a time into pages not yet
+        touched, and each copied part of ``old`` is handed back to the system at once, so
+        growing costs one layer's worth of memory beyond the grown cache instead of the whole
+        new tensor beside the old one (about 90 MB at 32 slots of the default model: the
+        peak of a batch-32 run of ``bench engine``).  ``old`` is never read again (see the class
+        docstring)."""
+        if old.device.type != "cpu" or not _owns_storage(old):
+            grown = old.new_zeros(*old.shape[:-2], new, old.shape[-1])
+            grown[..., : self.capacity, :] = old
+            return grown
+        grown = old.new_empty(*old.shape[:-2], new, old.shape[-1])
+        for dst, src in zip(grown, old):  # [..., new, hd] <- [..., capacity, hd]
+            dst[..., : self.capacity, :] = src
+            dst[..., self.capacity :, :] = 0  # masked-out entries must still be finite numbers
+            _release_pages(src)
         return grown
 
     def copy_prefix(self, src: int, dst: int, n: int) -> None:
