@@ -124,6 +124,25 @@ def use_disk_cache() -> str:
     return os.environ["TORCHINDUCTOR_CACHE_DIR"]
 
 
+@contextlib.contextmanager
+def compiler_without_triton():
+    """Keep ``triton`` out of a process whose torch has no GPU while the compiler is first
+    imported and compiles: torch's compiler imports it only to ask whether it is there (66 MB
+    of LLVM code resident, 72 MB of the process in all), and its CPU code generation never uses
+    it.  Once the compiler is loaded, ``import triton`` works again (our own kernels run it on
+    GPUs and under ``TRITON_INTERPRET=1``); a process that has imported it already keeps it."""
+    import sys
+
+    hide = not torch.cuda.is_available() and "triton" not in sys.modules
+    if hide:
+        sys.modules["triton"] = None  # an import of it now raises ImportError
+    try:
+        yield
+    finally:
+        if hide and "triton" in sys.modules and sys.modules["triton"] is None:
+            del sys.modules["triton"]
+
+
 def compile_blocks(fn):
     """``torch.compile`` for the decoder blocks: dynamic token axis, inductor."""
     use_disk_cache()

@@ -7,6 +7,7 @@ rotate-half RoPE serves both sources.  Nothing is ever downloaded.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import json
@@ -135,11 +136,30 @@ def load_tokenizer(path: str | Path | None = None) -> tuple[Tokenizer, ModelArgs
     return tok, args, name
 
 
+@contextlib.contextmanager
+def _without_init():
+    """Skip the random initialisation of the modules built here (the checkpoint replaces every
+    tensor).  On the meta device it computes nothing, but its first call imports torch's
+    compiler (``torch._dynamo``, which imports ``triton``): 140 MB of an eager process's
+    resident memory, paid only to be thrown away.  Swaps ``torch.nn.init``'s in-place
+    functions for the identity while the model is built (loading runs on one thread)."""
+    from torch.nn import init
+
+    saved = {n: f for n, f in vars(init).items() if n.endswith("_") and not n.startswith("_") and callable(f)}
+    try:
+        for n in saved:
+            setattr(init, n, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(init, n, f)
+
+
 def build_model(args: ModelArgs, tensors: dict[str, torch.Tensor] | _LazyTensors, dtype, device) -> Transformer:
     """The model of ``tensors``, which this empties: each checkpoint tensor is converted and
     dropped in turn, so loading never holds the float32 checkpoint and the converted model at
     once (for the default model that was 540 MB of the process's peak memory)."""
-    with torch.device("meta"):
+    with torch.device("meta"), _without_init():
         model = decoder_class(args)(args)
     state = {k: tensors.pop(k).to(device=device, dtype=dtype) for k in list(tensors)}
     if args.tie_word_embeddings:

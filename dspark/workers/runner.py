@@ -165,13 +165,16 @@ class LocalRunner:
         and a one-token step (every rank of a tensor-parallel group runs the same, in step)."""
         import time
 
+        from dspark.models.compiled import compiler_without_triton
+
         t0 = time.perf_counter()
-        self.model.enable_compile()
         vocab = self.model.args.vocab_size
         dev = self.device
-        for q_len in (8, 1):
-            batch = make_batch(self.cache, [0], [q_len], self.n_rep, row_invariant=self.cfg.deterministic)
-            self.model(torch.arange(q_len, device=dev) % vocab, self.cache, batch)
+        with compiler_without_triton():
+            self.model.enable_compile()
+            for q_len in (8, 1):
+                batch = make_batch(self.cache, [0], [q_len], self.n_rep, row_invariant=self.cfg.deterministic)
+                self.model(torch.arange(q_len, device=dev) % vocab, self.cache, batch)
         self._set_length(0, 0)
         self.compile_s = time.perf_counter() - t0
         log.info("compiled the step in %.1f s", self.compile_s)
