@@ -13,11 +13,10 @@ import torch
 
 from dspark.models.kv_cache import make_batch
 from dspark.models.loader import load_model
-from dspark.workers.factory import EngineSpec, build_engine
-from dspark.workers.request import SamplingParams
+from dspark.workers.factory import EngineSpec
 from dspark.workers.runner import RunnerConfig
+from helpers.engines import greedy_outputs
 
-PROMPTS = ["Write a haiku about the sea.", "List three prime numbers and explain why they are prime."]
 
 
 def _steps(model) -> list[torch.Tensor]:
@@ -48,13 +47,7 @@ def test_compiled_logits_match_eager_fp32():
 
 
 def _texts(tok, spec: EngineSpec, max_tokens: int = 40) -> tuple[list[list[int]], float]:
-    built = build_engine(spec, progress=False)
-    try:
-        ids = [tok.encode_chat([{"role": "user", "content": p}]) for p in PROMPTS]
-        seqs = built.engine.generate(ids, SamplingParams(max_tokens=max_tokens))
-        return [s.output_ids for s in seqs], built.engine.runner.compile_s
-    finally:
-        built.close()
+    return greedy_outputs(tok, spec, lambda engine: engine.runner.compile_s, max_tokens)
 
 
 def test_compiled_greedy_equals_eager_fp32_plain_and_speculative(model_fp32):

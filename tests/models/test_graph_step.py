@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from dspark.models.graph_step import MAX_Q, MAX_TOKEN_KEYS, GraphStep, bucket, key_buckets
-from dspark.workers.factory import EngineSpec, build_engine
-from dspark.workers.request import SamplingParams
+from dspark.workers.factory import EngineSpec
 from dspark.workers.runner import LocalRunner, RunnerConfig, StepInput
+from helpers.engines import greedy_outputs
 
 TOL = 1e-3
 N_SLOTS = 3
@@ -138,15 +138,8 @@ def test_graph_config_refusals():
 
 def _greedy(tok, spec: EngineSpec) -> tuple[list[list[int]], int]:
     """Greedy outputs of two prompts, and how many steps took the graph-safe path."""
-    built = build_engine(spec, progress=False)
-    try:
-        ids = [tok.encode_chat([{"role": "user", "content": p}])
-               for p in ("Write a haiku about the sea.", "List three prime numbers.")]
-        out = [s.output_ids for s in built.engine.generate(ids, SamplingParams(max_tokens=40))]
-        graphs = built.engine.runner.graphs
-        return out, 0 if graphs is None else graphs.served
-    finally:
-        built.close()
+    served = lambda engine: 0 if engine.runner.graphs is None else engine.runner.graphs.served  # noqa: E731
+    return greedy_outputs(tok, spec, served, 40, ["Write a haiku about the sea.", "List three prime numbers."])
 
 
 def test_graph_step_greedy_equals_regular_fp32_plain_and_speculative(model_fp32):
