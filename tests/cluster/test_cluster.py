@@ -27,6 +27,7 @@ PROMPTS = [
     "Name three colors of the rainbow.",
 ]
 MAX_TOKENS = 32
+PUBLIC_HOST = "127.0.0.2"  # the public gRPC API: loopback, but not the draft workers' address
 
 
 def _draft_kind() -> str:
@@ -39,11 +40,12 @@ def _draft_kind() -> str:
 @pytest.fixture(scope="module")
 def cluster():
     """Started with no DSPARK_INTERNAL_TOKEN (the cluster generates one) and the public gRPC API
-    on 0.0.0.0 (the draft workers must stay on loopback all the same); HTTP on loopback."""
+    on 127.0.0.2, another loopback address than the draft workers' internal 127.0.0.1 (they must
+    not follow bind_host); HTTP on 127.0.0.1.  Nothing listens beyond loopback."""
     from dspark.cluster.local import LocalCluster
 
     cfg = ClusterConfig(dtype="fp32", tp=3, draft=_draft_kind(), draft_workers=2, block_len=5, n_slots=16,
-                        max_seq=512, torch_threads=1, grpc_port=free_port(), bind_host="0.0.0.0",
+                        max_seq=512, torch_threads=1, grpc_port=free_port(), bind_host=PUBLIC_HOST,
                         block_timeout_s=20.0, verify_policy="adaptive", scheduler_interval_s=0.25,
                         # Every step speculates, so the sampled test below checks verification
                         # (the gate's own choice is covered in-process by tests/workers/test_spec_gate.py).
@@ -91,7 +93,8 @@ def test_openai_client_matches_plain_decoding(client, reference):
 
 def test_draft_workers_keep_the_generated_token_and_stay_on_loopback(cluster):
     """The verifier drafts (above) with the token the cluster generated, while a Draft stream
-    without it is refused and each draft port is on 127.0.0.1 only, although bind_host is 0.0.0.0."""
+    without it is refused and each draft port is on 127.0.0.1 only, not on bind_host (127.0.0.2)
+    nor on every address."""
     from dspark.proto.dspark.v1 import draft_pb2, draft_pb2_grpc
 
     alive, _ = _alive(cluster, "drafter")
@@ -99,8 +102,8 @@ def test_draft_workers_keep_the_generated_token_and_stay_on_loopback(cluster):
     for worker in alive.values():
         host, port = worker["address"].rsplit(":", 1)
         assert host == "127.0.0.1"
-        with pytest.raises(OSError):  # 127.0.0.2 is loopback too: a socket on 0.0.0.0 would accept it
-            socket.create_connection(("127.0.0.2", int(port)), timeout=2).close()
+        with pytest.raises(OSError):  # a socket on bind_host or on 0.0.0.0 would accept this
+            socket.create_connection((PUBLIC_HOST, int(port)), timeout=2).close()
         opening = draft_pb2.DraftRequest(open=draft_pb2.Open(
             request_id="probe-1", prompt_len=3, options=draft_pb2.DrafterOptions(kind="ngram", block_len=3)))
         with grpc.insecure_channel(worker["address"]) as ch, pytest.raises(grpc.RpcError) as refused:
@@ -145,7 +148,7 @@ def test_grpc_generate_and_health(cluster, reference):
     from dspark.proto.dspark.v1 import generate_pb2, generate_pb2_grpc
 
     async def run():
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{cluster.cfg.grpc_port}") as ch:
+        async with grpc.aio.insecure_channel(f"{PUBLIC_HOST}:{cluster.cfg.grpc_port}") as ch:
             health = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""))
             assert health.status == health_pb2.HealthCheckResponse.SERVING
             stub = generate_pb2_grpc.GenerationServiceStub(ch)
@@ -236,7 +239,7 @@ def test_sampled_first_speculative_token_follows_the_target(cluster, model_fp32)
 
     async def run():
         sem = asyncio.Semaphore(16)  # the verifier's 16 slots
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{cluster.cfg.grpc_port}") as ch:
+        async with grpc.aio.insecure_channel(f"{PUBLIC_HOST}:{cluster.cfg.grpc_port}") as ch:
             stub = generate_pb2_grpc.GenerationServiceStub(ch)
 
             async def one(seed):
