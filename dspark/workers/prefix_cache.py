@@ -52,13 +52,15 @@ def chain_hash(parent: int, block_tokens: tuple[int, ...]) -> int:
     return hash((parent, block_tokens))
 
 
-def block_keys(tokens: list[int], block: int = BLOCK) -> list[tuple[int, tuple[int, ...]]]:
+def block_keys(
+    tokens: list[int], block: int = BLOCK, names: list[int] | None = None
+) -> list[tuple[int, tuple[int, ...]]]:
     """What each full block's name stands for: (its parent's name, its own tokens).
 
     A named block whose key equals a prompt's block i key, for every i from 0, holds exactly
     that prompt's prefix (by induction over the parents).
     """
-    names = block_hashes(tokens, block)
+    names = block_hashes(tokens, block) if names is None else names  # the caller's, when it has them
     return [(names[i - 1] if i else 0, tuple(tokens[i * block : (i + 1) * block])) for i in range(len(names))]
 
 
@@ -227,15 +229,17 @@ class BlockPrefixCache:
         self.queried_tokens += len(usable) // self.block * self.block
         tokens = 0
         if self.enabled and len(usable) >= self.block:
-            keys = block_keys(usable, self.block)  # each hit is confirmed on its tokens
-            tokens = self.store.reuse_blocks(slot, block_hashes(usable, self.block), keys) * self.block
+            names = block_hashes(usable, self.block)
+            keys = block_keys(usable, self.block, names)  # each hit is confirmed on its tokens
+            tokens = self.store.reuse_blocks(slot, names, keys) * self.block
         self.hit_tokens += tokens
         return Reuse(slot=slot, source=slot, tokens=tokens)
 
     def index(self, slot: int, tokens: list[int]) -> None:
         """``slot`` holds the keys and values of ``tokens``: name its full blocks."""
         if self.enabled and len(tokens) >= self.block:
-            self.store.name_blocks(slot, block_hashes(tokens, self.block), block_keys(tokens, self.block))
+            names = block_hashes(tokens, self.block)
+            self.store.name_blocks(slot, names, block_keys(tokens, self.block, names))
 
     def release(self, slot: int, tokens: list[int]) -> None:
         """The slot's request ended holding ``tokens``: name them, drop the table, free the slot."""
