@@ -20,9 +20,11 @@ and how often the drafts are accepted for today's traffic.  So the gate measures
   arm for a run of ``explore_run`` steps (one settling, the rest measured; their mean replaces
   that arm's old average) every ``explore_every``-th step of a bucket.  A run whose arm came out
   clearly behind (by ``confirm_margin``) doubles that interval, up to ``max_explore_every``, so
-  a settled choice pays little for its probes; a run that comes out close or ahead resets it.
-  A few steps are a noisy sample (a speculative step emits 1 to 8 tokens), so a close result
-  is checked again soon rather than trusted for a long stretch.
+  a settled choice pays little for its probes; a run whose arm came out ahead (the gate
+  switches) starts the new incumbent's probes at ``explore_every`` again.  A close run keeps
+  the interval: a few steps are a noisy sample (a speculative step emits 1 to 8 tokens), and
+  resetting on every close sample kept a clear but moderate lead (plain at 0.8x speculation at
+  4 requests through the cluster) probing every 16 steps, 18% of all steps.
 * a bucket not yet measured on both arms decides from the nearest one that is, and its own
   exploration runs measure it (batch sizes seen only for a step or two while finished requests
   are replaced never completed a warm-up: their steps are mostly settling steps or share a
@@ -84,7 +86,7 @@ class SpeculationGate:
     """
 
     def __init__(self, explore_every: int = 16, decay: float = 0.97, warmup_steps: int = 3,
-                 explore_run: int = 5, max_explore_every: int = 128, confirm_margin: float = 0.1) -> None:  # fmt: skip
+                 explore_run: int = 5, max_explore_every: int = 256, confirm_margin: float = 0.1) -> None:  # fmt: skip
         if explore_every < 2 or not 0 <= decay < 1 or warmup_steps < 1 or explore_run < 2:
             raise ValueError("explore_every >= 2, 0 <= decay < 1, warmup_steps >= 1 and explore_run >= 2 "
                              "are required")
@@ -143,11 +145,13 @@ class SpeculationGate:
         if p.best is None or abs(spec_rate - plain_rate) > self.confirm_margin * max(spec_rate, plain_rate):
             p.best = spec_rate >= plain_rate
         best = p.best
-        if p.judge:  # the run just ended: did it show the explored arm clearly behind?
+        if p.judge:  # the run just ended: clearly behind backs off, a switch starts over, close keeps
             p.judge = False
             explored, other = (spec_rate, plain_rate) if p.arm else (plain_rate, spec_rate)
-            behind = explored < (1 - self.confirm_margin) * other
-            p.every = min(2 * p.every, self.max_explore_every) if behind else self.explore_every
+            if explored < (1 - self.confirm_margin) * other:
+                p.every = min(2 * p.every, self.max_explore_every)
+            elif best == p.arm:
+                p.every = self.explore_every
         p.tick += 1
         if p.tick < p.every:
             return best
