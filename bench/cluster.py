@@ -12,8 +12,8 @@ longest request, chunked-prefill budget: ``ClusterConfig``'s defaults), greedy:
   Serve layers cost without the drafter);
 * in-process, speculative and plain: ``build_engine`` in one process, no HTTP, no gRPC.
 
-The drafter is the cluster's default: dspark when a head ships for the default model, else ngram
-(prompt lookup).  The in-process engine gets the torch threads the cluster gives its verifier.
+The drafter is the cluster's default: hybrid (the DSpark head or prompt lookup, per request and
+step) when a head ships for the default model, else ngram (prompt lookup).  The in-process engine gets the torch threads the cluster gives its verifier.
 
 Load: at concurrency c, c users each send a request, wait for its answer and send the next (a
 closed loop), until ``max(--requests, c)`` requests are done; prompts are the first ones of the
@@ -248,7 +248,7 @@ def through_cluster(cfg: dict, levels: list[int], texts: list[str], max_tokens: 
               help="requests per level at least (a level c sends max(N, c))")
 @click.option("--repeats", type=int, default=2, show_default=True,
               help="cluster runs; in-process runs go before, between and after them")
-@click.option("--draft", default=None, help="drafter kind (default: the cluster's: dspark if a head ships, else ngram)")
+@click.option("--draft", default=None, help="drafter kind (default: the cluster's: hybrid if a head ships, else ngram)")
 @click.option("--block", type=int, default=None, help="block length (default: the cluster's, 7)")
 @click.option("--compile/--no-compile", "compile_step", default=False, show_default=True,
               help="verifiers and in-process engines with the compiled step (the `dspark serve` default)")

@@ -232,19 +232,12 @@ def scrape_metrics(base_url: str) -> dict[str, float]:
     return out
 
 
-def default_draft() -> str:
-    from dspark.models.dspark_head import default_head_path
-    from dspark.models.loader import DEFAULT_MODEL_NAME
-
-    return "dspark" if default_head_path(DEFAULT_MODEL_NAME).exists() else "ngram"
-
-
 # ---------------------------------------------------------------------------- command
 @click.command()
 @click.option("--clients", type=int, default=200, show_default=True, help="concurrent streaming clients")
 @click.option("--duration", "duration_s", type=float, default=120.0, show_default=True, help="seconds of load")
 @click.option("--max-tokens", type=int, default=16, show_default=True, help="max_tokens of every request")
-@click.option("--draft", default="auto", show_default=True, help="drafter (auto: dspark if a head ships, else ngram)")
+@click.option("--draft", default="auto", show_default=True, help="drafter (auto: the cluster's default, hybrid if a head ships, else ngram)")
 @click.option("--dtype", type=click.Choice(["bf16", "fp32"]), default="bf16", show_default=True)
 @click.option("--n-slots", type=int, default=64, show_default=True, help="verifier KV slots (more clients queue)")
 @click.option("--max-seq", type=int, default=512, show_default=True)
@@ -259,12 +252,13 @@ def default_draft() -> str:
 def main(clients, duration_s, max_tokens, draft, dtype, n_slots, max_seq, block_len, draft_workers, policy,
          drain_timeout_s, rounds, out):
     """Many streaming clients for minutes: errors, lost requests, latency, memory."""
+    from dspark.cluster.commands import _default_draft
     from dspark.cluster.config import ClusterConfig
     from dspark.cluster.local import LocalCluster
     from dspark.datasets import load_prompts
     from dspark.workers.runner import free_port
 
-    draft = default_draft() if draft == "auto" else draft
+    draft = _default_draft() if draft == "auto" else draft
     cfg = ClusterConfig(dtype=dtype, tp=1, draft=draft, draft_workers=draft_workers, block_len=block_len,
                         n_slots=n_slots, max_seq=max_seq, verify_policy=policy, block_timeout_s=30.0)
     prompts = [p.text for p in load_prompts("all", limit=64)]

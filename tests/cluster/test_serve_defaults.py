@@ -44,3 +44,20 @@ def test_cuda_graphs_default_to_the_device_and_are_refused_where_unsupported(v4_
     assert make_config(model=v4_folder, cuda_graphs=None, **cuda).cuda_graphs is False
     with pytest.raises(click.UsageError, match="--cuda-graphs serves one rank on the slot KV layout"):
         make_config(model=None, cuda_graphs=True, kv_layout="paged", **cuda)
+
+
+def test_serve_defaults_to_the_hybrid_drafter_and_adaptive_verification():
+    """What a user gets without options: the drafter and policy that `bench load` measured ahead
+    of plain decoding and of every fixed depth at concurrency 1-64 (docs/BENCHMARKS.md)."""
+    from dspark.cluster.commands import demo, serve
+    from dspark.models.dspark_head import default_head_path
+    from dspark.models.loader import DEFAULT_MODEL_NAME
+
+    assert default_head_path(DEFAULT_MODEL_NAME).exists()  # the head ships with the project
+    for command in (serve, demo):
+        opts = {p.name: p.default for p in command.params}
+        assert opts["verify_policy"] == "adaptive", command.name
+        assert opts["draft"] is None, command.name  # filled in by make_config
+    kw = dict(BASE, draft=None, verify_policy="adaptive")
+    cfg = make_config(model=None, **kw)
+    assert (cfg.draft, cfg.verify_policy) == ("hybrid", "adaptive")

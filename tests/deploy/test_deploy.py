@@ -260,7 +260,7 @@ def test_default_and_local_configs_run_the_same_model(default_serve, local_serve
 
 def test_app_args(default_serve, local_serve):
     assert the_app(default_serve)["args"] == {
-        "model": "default", "dtype": "bf16", "device": "cuda", "tp": 2, "draft": "dspark", "draft_workers": 2,
+        "model": "default", "dtype": "bf16", "device": "cuda", "tp": 2, "draft": "hybrid", "draft_workers": 2,
         "block_len": 7, "verify_policy": "adaptive", "compile": True, "redis_url_env": "DSPARK_REDIS_URL",
         "grpc_port": 9000, "bind_host": "auto", "internal_host": "auto",
     }
@@ -275,7 +275,7 @@ def test_app_args_are_accepted_by_the_app(cluster_serve, local_serve):
     for cfg in (cluster_serve, local_serve):
         ClusterConfig.from_args(the_app(cfg)["args"])
     parsed = ClusterConfig.from_args(the_app(local_serve)["args"])
-    assert parsed.model is None and parsed.draft == "dspark"
+    assert parsed.model is None and parsed.draft == "hybrid"
 
 
 def test_app_fits_the_deployment(rayservice_path, rayservice, cluster_serve, local_serve):
