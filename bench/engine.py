@@ -196,7 +196,8 @@ def sampling_cost(batch: int, reps: int = 10) -> dict:
 
 
 def bandwidth_and_weights(dtype: str, model: str | None = None) -> dict:
-    """Bytes of weights a batch-1 decode step reads, and copy bandwidth (GB/s, read + write)."""
+    """Bytes of weights a batch-1 decode step reads, copy bandwidth (GB/s, read + write) and read
+    bandwidth (GB/s, what streaming the weights through a product can reach at best)."""
     import torch
 
     from dspark.models.deepseek_v4 import DeepseekV4Transformer
@@ -214,12 +215,17 @@ def bandwidth_and_weights(dtype: str, model: str | None = None) -> dict:
     weight_bytes = int((linear + head) * per)
     src = torch.empty(256 * 2**20, dtype=torch.uint8).fill_(1)
     dst = torch.empty_like(src)
-    best = 0.0
+    best = read = 0.0
+    words = src.view(torch.int16)  # a max reads every byte and writes nothing: the read rate alone
     for _ in range(5):
         t0 = time.perf_counter()
         dst.copy_(src)
         best = max(best, 2 * src.numel() / (time.perf_counter() - t0) / 1e9)
-    return {"weight_bytes": weight_bytes, "copy_gb_s": best, "floor_ms": 1000 * weight_bytes / (best * 1e9)}
+        t0 = time.perf_counter()
+        words.amax()
+        read = max(read, src.numel() / (time.perf_counter() - t0) / 1e9)
+    return {"weight_bytes": weight_bytes, "copy_gb_s": best, "floor_ms": 1000 * weight_bytes / (best * 1e9),
+            "read_gb_s": read, "read_floor_ms": 1000 * weight_bytes / (read * 1e9)}
 
 
 @click.command()
@@ -273,6 +279,7 @@ def main(batches, dtypes, new_tokens, threads, skip_hf, json_path, compile, samp
                 "speedup": best["tokens_per_s"] / h["tokens_per_s"] if h else None,
                 "step_ms": best["decode_step_ms"], "floor_ms": floor["floor_ms"],
                 "step_over_floor": best["decode_step_ms"] / floor["floor_ms"],
+                "read_floor_ms": floor["read_floor_ms"],
                 "verify8_over_decode1": best.get("verify8_over_decode1"),
                 "compile_s": c["compile_s"] if c else None,
                 "ours_peak_mb": best["peak_rss_mb"], "eager_peak_mb": e["peak_rss_mb"],
@@ -282,13 +289,14 @@ def main(batches, dtypes, new_tokens, threads, skip_hf, json_path, compile, samp
             click.echo(table([row], list(row)), err=True)
         rows_floor = floor
     cols = ["dtype", "batch", "kv_layout", "eager_tok_s", "compiled_tok_s", "hf_tok_s", "speedup", "step_ms", "floor_ms",
-            "step_over_floor", "verify8_over_decode1", "compile_s", "ours_peak_mb", "eager_peak_mb", "hf_peak_mb"]
+            "step_over_floor", "read_floor_ms", "verify8_over_decode1", "compile_s", "ours_peak_mb", "eager_peak_mb", "hf_peak_mb"]
     click.echo(table(rows, cols))
     wait = {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     out = write_json(json_path, "engine.json", {"model": model, "threads": threads, "new_tokens": new_tokens,
                                                 "rows": rows,
                                                 "sampled": SAMPLED if sampled else None, "sampling_cost": sampling_rows,
-                                                "copy_gb_s": rows_floor["copy_gb_s"], "openmp_wait": wait})
+                                                "copy_gb_s": rows_floor["copy_gb_s"], "read_gb_s": rows_floor["read_gb_s"],
+                                                "openmp_wait": wait})
     click.echo(f"wrote {out}")
 
 
