@@ -30,21 +30,15 @@ MAX_TOKENS = 32
 PUBLIC_HOST = "127.0.0.2"  # the public gRPC API: loopback, but not the draft workers' address
 
 
-def _draft_kind() -> str:
-    from dspark.models.dspark_head import default_head_path
-    from dspark.models.loader import DEFAULT_MODEL_NAME
-
-    return "dspark" if default_head_path(DEFAULT_MODEL_NAME).exists() else "ngram"
-
-
 @pytest.fixture(scope="module")
 def cluster():
     """Started with no DSPARK_INTERNAL_TOKEN (the cluster generates one) and the public gRPC API
     on 127.0.0.2, another loopback address than the draft workers' internal 127.0.0.1 (they must
     not follow bind_host); HTTP on 127.0.0.1.  Nothing listens beyond loopback."""
+    from dspark.cluster.commands import _default_draft  # what `dspark serve` drafts with: hybrid
     from dspark.cluster.local import LocalCluster
 
-    cfg = ClusterConfig(dtype="fp32", tp=3, draft=_draft_kind(), draft_workers=2, block_len=5, n_slots=16,
+    cfg = ClusterConfig(dtype="fp32", tp=3, draft=_default_draft(), draft_workers=2, block_len=5, n_slots=16,
                         max_seq=512, torch_threads=1, grpc_port=free_port(), bind_host=PUBLIC_HOST,
                         block_timeout_s=20.0, verify_policy="adaptive", scheduler_interval_s=0.25,
                         # Every step speculates, so the sampled test below checks verification
