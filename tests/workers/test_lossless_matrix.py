@@ -1,6 +1,6 @@
 """The losslessness matrix: every drafter x every budget policy, greedy and sampled.
 
-For each drafter (ngram, layerskip, draft_model, dspark) and each way of choosing how much of a
+For each drafter (ngram, layerskip, draft_model, dspark, and hybrid, the cluster's default) and each way of choosing how much of a
 block to verify (fixed depth, adaptive Algorithm 1, adaptive production mode from a fresh
 budget, so its first steps are included):
 
@@ -11,7 +11,7 @@ budget, so its first steps are included):
 Engines are built through the factory (the same assembly path the CLI and the cluster use).
 The cost model is made up so that the adaptive budgets make confidence-dependent choices
 (admit a draft only when its survival is high), which is where a biased selector would show.
-The cluster row of the matrix (dspark x adaptive) is in tests/cluster/test_cluster.py.
+The cluster row of the matrix (hybrid x adaptive) is in tests/cluster/test_cluster.py.
 """
 
 from __future__ import annotations
@@ -33,6 +33,9 @@ DRAFTERS = {
     "layerskip": (("layers", 20),),
     "draft_model": (("draft_layers", 12),),
     "dspark": (),
+    # Head drafting counted as free, so the head's blocks are proposed wherever they are expected
+    # to be longer, whatever this machine's timing (tests/workers/test_hybrid_drafter.py).
+    "hybrid": (("head_cost", 0),),
 }
 POLICIES = ("fixed", "algorithm1", "production")
 # Anchors are cheap up to 32 tokens, then each extra token costs ~1/200 of a step: a draft pays
