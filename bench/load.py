@@ -2,7 +2,8 @@
 
 Closed loop: C clients each send streaming requests back to back for a fixed time, at
 C = 1, 4, 16, 64.  Open loop: Poisson arrivals at a sweep of rates.  Configurations, each a fresh
-cluster (same model, drafter, dtype and slots): fixed verification depth 2, 4 and 7, adaptive
+cluster (same model, drafter, dtype and slots, and by default the step `dspark serve` runs:
+compiled, with row-invariant kernels in bf16 on CPU): fixed verification depth 2, 4 and 7, adaptive
 (confidence-scheduled with the global scheduler), and plain decoding (requests with
 ``speculative: false`` on the depth-7 cluster).  Reported per level: per-user tokens/s (mean over
 requests of output tokens / request time), aggregate tokens/s, p50/p99 inter-token latency,
@@ -134,11 +135,13 @@ def _gated(base: str, run) -> dict:
     return {**out, "spec_step_share": (s1 - s0) / steps if steps else None, "draft_depth": depth}
 
 
-def _cluster_cfg(depth: int, adaptive: bool, draft: str, slots: int, dtype: str):
+def _cluster_cfg(depth: int, adaptive: bool, draft: str, slots: int, dtype: str, compile_step: bool = False,
+                 deterministic: bool = False):  # fmt: skip
     from dspark.cluster.config import ClusterConfig
 
     return ClusterConfig(dtype=dtype, draft=draft, draft_workers=1, block_len=depth, n_slots=slots, max_seq=1024,
-                         verify_policy="adaptive" if adaptive else "fixed", scheduler_interval_s=0.25)
+                         verify_policy="adaptive" if adaptive else "fixed", scheduler_interval_s=0.25,
+                         compile=compile_step, deterministic=deterministic)
 
 
 @click.command()
@@ -150,22 +153,31 @@ def _cluster_cfg(depth: int, adaptive: bool, draft: str, slots: int, dtype: str)
 @click.option("--draft", default=None, help="drafter kind (default: the cluster's: hybrid if a head ships, else ngram)")
 @click.option("--slots", type=int, default=64, show_default=True)
 @click.option("--dtype", default="bf16", show_default=True)
+@click.option("--compile/--no-compile", "compile_step", default=True, show_default=True,
+              help="the verifier's step through torch.compile (as `dspark serve` runs it)")
+@click.option("--deterministic/--no-deterministic", default=None,
+              help="row-invariant verifier kernels (default: what `dspark serve` picks, on for bf16 on CPU)")
 @click.option("--json", "json_path", default=None)
 @click.option("--plot", "plot_path", default=None, help="PNG of the per-user vs aggregate frontier")
-def main(levels, rates, seconds, max_tokens, depths, draft, slots, dtype, json_path, plot_path):
+def main(levels, rates, seconds, max_tokens, depths, draft, slots, dtype, compile_step, deterministic, json_path,
+         plot_path):  # fmt: skip
     """Plain vs fixed depths vs adaptive verification across load levels, through the cluster."""
     from dspark.cluster.commands import _default_draft
     from dspark.cluster.local import LocalCluster
-    from dspark.workers.runner import free_port
+    from dspark.workers.runner import deterministic_default, free_port
 
     draft = draft or _default_draft()
+    if deterministic is None:
+        deterministic = deterministic_default(dtype, "cpu")
+    click.echo(f"drafter {draft}, {dtype}, compiled step: {compile_step}, deterministic: {deterministic}", err=True)
     levels_l = [int(x) for x in levels.split(",") if x]
     rates_l = [float(x) for x in rates.split(",") if x]
     configs = [(f"fixed{d}", int(d), False) for d in depths.split(",")] + [("adaptive", max(int(d) for d in depths.split(",")), True)]
     rows = []
     for name, depth, adaptive in configs:
         click.echo(f"== {name}: starting cluster", err=True)
-        with LocalCluster(_cluster_cfg(depth, adaptive, draft, slots, dtype), http_port=free_port()) as c:
+        cfg = _cluster_cfg(depth, adaptive, draft, slots, dtype, compile_step, deterministic)
+        with LocalCluster(cfg, http_port=free_port()) as c:
             asyncio.run(closed_loop(c.base_url, 1, 3.0, 8, True))  # warm-up
             modes = [(name, True)] + ([("plain", False)] if depth == max(int(d) for d in depths.split(",")) and not adaptive else [])
             for label, spec in modes:
@@ -184,7 +196,8 @@ def main(levels, rates, seconds, max_tokens, depths, draft, slots, dtype, json_p
     verdict = _verdict(rows, levels_l)
     for line in verdict:
         click.echo(line)
-    out = write_json(json_path, "load.json", {"draft": draft, "dtype": dtype, "seconds": seconds,
+    out = write_json(json_path, "load.json", {"draft": draft, "dtype": dtype, "compile": compile_step,
+                                              "deterministic": deterministic, "seconds": seconds,
                                               "max_tokens": max_tokens, "rows": rows, "verdict": verdict})
     click.echo(f"wrote {out}")
     _plot(rows, plot_path or str(RESULTS / "load.png"))
