@@ -62,6 +62,9 @@ class AttentionPlan:
     row_invariant: bool = False
     # Row-invariant path: (slot, first flat token, tokens, key length, bool mask or None) per tile.
     tiles: list[tuple[int, int, int, int, torch.Tensor | None]] | None = None
+    # The same tiles grouped by (tokens, key length), what one batched call computes: per group
+    # (slots [G] long, flat token rows [G * tokens] long, tokens, key length, masks [G, rows, keys]).
+    tile_groups: list[tuple[torch.Tensor, torch.Tensor, int, int, torch.Tensor | None]] | None = None
     span: "SpanPlan | None" = None  # the short queries' one call (loop path); their masks are None
     window: int | None = None  # sliding window: each query reads its ``window`` latest positions
     scale: float | None = None  # score scale; None: hd ** -0.5
@@ -183,6 +186,7 @@ def build_plan(
                 mask = visible(torch.arange(keys, device=device).unsqueeze(0), q_pos, window)  # [n, keys]
                 plan.tiles.append((slot, a + t, n, keys, mask.repeat(n_rep, 1)))
                 t += n
+        plan.tile_groups = _group_tiles(plan.tiles, device)
         return plan
     if not padded:
         short = [i for i, q in enumerate(q_lens) if q <= SPAN_MAX_Q]
@@ -324,6 +328,19 @@ def _padded_attention(q, k_cache, v_cache, plan: AttentionPlan) -> torch.Tensor:
     return ob[batch, rows]
 
 
+def _group_tiles(tiles, device) -> list[tuple[torch.Tensor, torch.Tensor, int, int, torch.Tensor | None]]:
+    """Tiles of equal token count and key length, stacked for one batched call each."""
+    groups: dict[tuple[int, int, bool], list] = {}
+    for tile in tiles:  # a tile without a mask sees every key: grouped apart
+        groups.setdefault((tile[2], tile[3], tile[4] is None), []).append(tile)
+    out = []
+    for (n, keys, unmasked), members in groups.items():
+        slots = torch.tensor([m[0] for m in members], dtype=torch.long, device=device)
+        rows = torch.tensor([m[1] + i for m in members for i in range(n)], dtype=torch.long, device=device)
+        out.append((slots, rows, n, keys, None if unmasked else torch.stack([m[4] for m in members])))
+    return out
+
+
 def row_invariant_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: AttentionPlan
 ) -> torch.Tensor:
@@ -338,14 +355,42 @@ def row_invariant_attention(
     the same length in a tile as alone, and a lone decode token takes the same operations as a
     row of a verification tile.  Example: a 5-token verification block gives bit for bit the
     rows of 5 successive one-token decode steps.
+
+    Tiles of the same token count and key length run as one batched call
+    (:func:`row_invariant_tiles`): each tile is one entry of the batched products, which give
+    every entry the bits it gets alone (a test checks it against the tile-by-tile loop), and a
+    step of 64 decoding requests takes a few calls per layer instead of 64.
     """
     out = torch.empty_like(q)
-    for slot, a, n, total, mask in plan.tiles:  # total: the tile's padded key count
-        # Contiguous copies: bmm on the cache's strided views is twice as slow as copy + bmm.
-        ki = k_cache[slot, :, :total].contiguous()  # [n_kv, L, hd]
-        vi = v_cache[slot, :, :total].contiguous()
-        out[a : a + n] = row_invariant_tile(q[a : a + n], ki, vi, mask, plan.n_rep, plan.scale)
+    groups = plan.tile_groups
+    if groups is None:  # a plan built by hand with tiles only
+        groups = _group_tiles(plan.tiles, q.device)
+    for slots, rows, n, total, masks in groups:  # total: the tiles' padded key count
+        # Gathered copies: bmm on the cache's strided views is twice as slow as copy + bmm.
+        kg = k_cache[slots, :, :total]  # [G, n_kv, L, hd]
+        vg = v_cache[slots, :, :total]
+        out[rows] = row_invariant_tiles(q[rows], kg, vg, masks, n, plan.n_rep, plan.scale)
     return out
+
+
+def row_invariant_tiles(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masks: torch.Tensor | None, n: int, n_rep: int,
+    scale: float | None,
+) -> torch.Tensor:  # fmt: skip
+    """G tiles of :func:`row_invariant_tile` at once: q [G * n, n_heads, hd] (tile g's tokens at
+    rows g * n ...), k/v [G, n_kv, L, hd], masks [G, n_rep * n, L] or None.  Returns
+    [G * n, n_heads, hd], each tile's rows bit for bit what the tile gives alone."""
+    G, n_kv, L, hd = k.shape
+    n_heads = q.shape[1]
+    scale = hd**-0.5 if scale is None else scale
+    # [G, n, n_kv, rep, hd] -> [G * n_kv, rep * n, hd]: as in one tile, with the tiles stacked
+    qi = q.view(G, n, n_kv, n_rep, hd).permute(0, 2, 3, 1, 4).reshape(G * n_kv, n_rep * n, hd)
+    s = torch.bmm(qi, k.reshape(G * n_kv, L, hd).transpose(1, 2)) * scale  # [G * n_kv, rep * n, L]
+    if masks is not None:
+        s = s.view(G, n_kv, n_rep * n, L).masked_fill(~masks[:, None], float("-inf")).view(G * n_kv, n_rep * n, L)
+    p = torch.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype)
+    oi = torch.bmm(p, v.reshape(G * n_kv, L, hd))  # [G * n_kv, rep * n, hd]
+    return oi.view(G, n_kv, n_rep, n, hd).permute(0, 3, 1, 2, 4).reshape(G * n, n_heads, hd)
 
 
 def row_invariant_tile(

@@ -36,3 +36,32 @@ def test_tiles_split_where_the_padded_key_count_changes():
 def test_a_row_invariant_plan_needs_the_cache_length():
     with pytest.raises(ValueError, match="max_keys"):
         build_plan([0], [5], [3], 3, "cpu", row_invariant=True)
+
+
+def test_a_batch_of_requests_rounds_like_each_request_alone():
+    """Tiles of equal size and key length run as one batched call: 48 requests (decode tokens
+    and verification blocks, contexts from 1 to ~700 keys) give every request the bits it gets
+    alone in its own step, with a handful of calls per layer instead of one per request."""
+    torch.manual_seed(1)
+    n_kv, rep, hd, max_seq, n_req = 3, 3, 64, 768, 48
+    k = torch.randn(n_req, n_kv, max_seq, hd, dtype=torch.bfloat16)
+    v = torch.randn(n_req, n_kv, max_seq, hd, dtype=torch.bfloat16)
+    gen = torch.Generator().manual_seed(2)
+    starts = torch.randint(0, max_seq - 9, (n_req,), generator=gen).tolist()
+    starts[:8] = [0, 5, 63, 64, 65, 130, 500, 700]
+    q_lens = [1 if i % 3 else 1 + i % 8 for i in range(n_req)]
+    slots = list(range(n_req))[::-1]
+    q = torch.randn(sum(q_lens), n_kv * rep, hd, dtype=torch.bfloat16) * 2
+    plan = build_plan(slots, starts, q_lens, rep, "cpu", row_invariant=True, max_keys=max_seq)
+    assert len(plan.tile_groups) < len(plan.tiles), (len(plan.tile_groups), len(plan.tiles))
+    out = varlen_attention(q, k, v, plan)
+    a = 0
+    for slot, start, n in zip(slots, starts, q_lens):
+        alone = build_plan([slot], [start], [n], rep, "cpu", row_invariant=True, max_keys=max_seq)
+        assert alone.tile_groups is not None and len(alone.tile_groups) <= 2
+        assert torch.equal(out[a : a + n], varlen_attention(q[a : a + n], k, v, alone)), (slot, start, n)
+        a += n
+    # Decoding requests whose contexts fall in one key block: one call per layer.
+    decode = build_plan(list(range(32)), [10 + i for i in range(32)] + [], [1] * 32, rep, "cpu", row_invariant=True,
+                        max_keys=max_seq)
+    assert len(decode.tiles) == 32 and len(decode.tile_groups) == 1
