@@ -13,7 +13,8 @@ longest request, chunked-prefill budget: ``ClusterConfig``'s defaults), greedy:
 * in-process, speculative and plain: ``build_engine`` in one process, no HTTP, no gRPC.
 
 The drafter is the cluster's default: hybrid (the DSpark head or prompt lookup, per request and
-step) when a head ships for the default model, else ngram (prompt lookup).  The in-process engine gets the torch threads the cluster gives its verifier.
+step) when a head ships for the default model, else ngram (prompt lookup).  The in-process
+engine gets the torch threads the cluster gives its verifier.
 
 Load: at concurrency c, c users each send a request, wait for its answer and send the next (a
 closed loop), until ``max(--requests, c)`` requests are done; prompts are the first ones of the

@@ -398,15 +398,5 @@ def row_invariant_tile(
 ) -> torch.Tensor:
     """One tile of :func:`row_invariant_attention`: q [n, n_heads, hd] against contiguous keys
     and values k/v [n_kv, L, hd] (L: the tile's padded key count), mask [n_rep * n, L] or None.
-    Returns [n, n_heads, hd]."""
-    n, n_heads, hd = q.shape
-    n_kv = n_heads // n_rep
-    scale = hd**-0.5 if scale is None else scale
-    # [n, n_kv, rep, hd] -> [n_kv, rep * n, hd]: the heads sharing a KV head fold into rows
-    qi = q.view(n, n_kv, n_rep, hd).permute(1, 2, 0, 3).reshape(n_kv, n_rep * n, hd)
-    s = torch.bmm(qi, k.transpose(1, 2)) * scale  # [n_kv, rep * n, L] in the cache dtype
-    if mask is not None:
-        s = s.masked_fill(~mask, float("-inf"))
-    p = torch.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype)
-    oi = torch.bmm(p, v)  # [n_kv, rep * n, hd]
-    return oi.view(n_kv, n_rep, n, hd).permute(2, 0, 1, 3).reshape(n, n_heads, hd)
+    Returns [n, n_heads, hd]: the batched computation with one tile."""
+    return row_invariant_tiles(q, k[None], v[None], None if mask is None else mask[None], q.shape[0], n_rep, scale)

@@ -62,6 +62,6 @@ def test_a_batch_of_requests_rounds_like_each_request_alone():
         assert torch.equal(out[a : a + n], varlen_attention(q[a : a + n], k, v, alone)), (slot, start, n)
         a += n
     # Decoding requests whose contexts fall in one key block: one call per layer.
-    decode = build_plan(list(range(32)), [10 + i for i in range(32)] + [], [1] * 32, rep, "cpu", row_invariant=True,
+    decode = build_plan(list(range(32)), [10 + i for i in range(32)], [1] * 32, rep, "cpu", row_invariant=True,
                         max_keys=max_seq)
     assert len(decode.tiles) == 32 and len(decode.tile_groups) == 1
