@@ -62,9 +62,8 @@ class AttentionPlan:
     row_invariant: bool = False
     # Row-invariant path: (slot, first flat token, tokens, key length, bool mask or None) per tile.
     tiles: list[tuple[int, int, int, int, torch.Tensor | None]] | None = None
-    # The same tiles grouped by (tokens, key length), what one batched call computes: per group
-    # (slots [G] long, flat token rows [G * tokens] long, tokens, key length, masks [G, rows, keys]).
-    tile_groups: list[tuple[torch.Tensor, torch.Tensor, int, int, torch.Tensor | None]] | None = None
+    # The same tiles grouped by (tokens, key length, masked or not): what one batched call computes.
+    tile_groups: "list[TileGroup] | None" = None
     span: "SpanPlan | None" = None  # the short queries' one call (loop path); their masks are None
     window: int | None = None  # sliding window: each query reads its ``window`` latest positions
     scale: float | None = None  # score scale; None: hd ** -0.5
@@ -85,6 +84,34 @@ class SpanPlan:
     tokens: torch.Tensor
     rows: torch.Tensor
     mask: torch.Tensor
+
+
+@dataclass
+class TileGroup:
+    """Row-invariant tiles of ``n`` tokens and ``keys`` padded keys each, one batched call.
+
+    slots: [G] long, sorted; rows: [G * n] long, the tiles' flat token rows in slot order;
+    masks: [G, n_rep * n, keys] bool, or None when every tile sees all its keys.  ``lo`` is
+    set when the tiles read the cache in place: the call covers slots ``lo .. lo + width - 1``
+    (a view, no copies; slots of the span outside the group compute rows nobody reads) and
+    ``at`` [G * n] gives each tile row's place in that span.  Otherwise (``lo`` None) the
+    call reads gathered copies of the group's slots.
+    """
+
+    slots: torch.Tensor
+    rows: torch.Tensor
+    n: int
+    keys: int
+    masks: torch.Tensor | None
+    lo: int | None = None
+    width: int = 0
+    at: torch.Tensor | None = None
+
+
+# A tile group reads the cache in place when its slots span at most this many times their
+# number: the in-place call reads the span once, a gathered copy reads and writes the group's
+# keys and values before the call reads them again.
+VIEW_SPREAD = 2
 
 
 # Queries of at most this many tokens per request join the step's one span call (a verification
@@ -328,16 +355,28 @@ def _padded_attention(q, k_cache, v_cache, plan: AttentionPlan) -> torch.Tensor:
     return ob[batch, rows]
 
 
-def _group_tiles(tiles, device) -> list[tuple[torch.Tensor, torch.Tensor, int, int, torch.Tensor | None]]:
+def _group_tiles(tiles, device) -> list[TileGroup]:
     """Tiles of equal token count and key length, stacked for one batched call each."""
     groups: dict[tuple[int, int, bool], list] = {}
     for tile in tiles:  # a tile without a mask sees every key: grouped apart
         groups.setdefault((tile[2], tile[3], tile[4] is None), []).append(tile)
     out = []
     for (n, keys, unmasked), members in groups.items():
-        slots = torch.tensor([m[0] for m in members], dtype=torch.long, device=device)
+        members.sort(key=lambda m: m[0])
+        slots = [m[0] for m in members]
         rows = torch.tensor([m[1] + i for m in members for i in range(n)], dtype=torch.long, device=device)
-        out.append((slots, rows, n, keys, None if unmasked else torch.stack([m[4] for m in members])))
+        masks = None if unmasked else torch.stack([m[4] for m in members])
+        group = TileGroup(torch.tensor(slots, dtype=torch.long, device=device), rows, n, keys, masks)
+        width = slots[-1] - slots[0] + 1
+        if width <= VIEW_SPREAD * len(slots) and len(set(slots)) == len(slots):
+            group.lo, group.width = slots[0], width
+            group.at = torch.tensor([(s - slots[0]) * n + i for s in slots for i in range(n)], dtype=torch.long,
+                                    device=device)
+            if masks is not None and width > len(slots):  # slots outside the group: any mask will do
+                full = masks.new_ones(width, *masks.shape[1:])
+                full[torch.tensor(slots, device=device) - slots[0]] = masks
+                group.masks = full
+        out.append(group)
     return out
 
 
@@ -359,17 +398,30 @@ def row_invariant_attention(
     Tiles of the same token count and key length run as one batched call
     (:func:`row_invariant_tiles`): each tile is one entry of the batched products, which give
     every entry the bits it gets alone (a test checks it against the tile-by-tile loop), and a
-    step of 64 decoding requests takes a few calls per layer instead of 64.
+    step of 64 decoding requests takes a few calls per layer instead of 64.  A group whose slots
+    lie close together reads the cache in place over their span (:class:`TileGroup`); a
+    scattered one reads gathered copies.  Both give the same bits (tested).
     """
     out = torch.empty_like(q)
     groups = plan.tile_groups
     if groups is None:  # a plan built by hand with tiles only
         groups = _group_tiles(plan.tiles, q.device)
-    for slots, rows, n, total, masks in groups:  # total: the tiles' padded key count
-        # Gathered copies: bmm on the cache's strided views is twice as slow as copy + bmm.
-        kg = k_cache[slots, :, :total]  # [G, n_kv, L, hd]
-        vg = v_cache[slots, :, :total]
-        out[rows] = row_invariant_tiles(q[rows], kg, vg, masks, n, plan.n_rep, plan.scale)
+    for g in groups:
+        if g.lo is None:
+            # Gathered copies: bmm on strided views of scattered slots is slower than copy + bmm.
+            kg = k_cache[g.slots, :, : g.keys]  # [G, n_kv, L, hd]
+            vg = v_cache[g.slots, :, : g.keys]
+            out[g.rows] = row_invariant_tiles(q[g.rows], kg, vg, g.masks, g.n, plan.n_rep, plan.scale)
+            continue
+        kg = k_cache[g.lo : g.lo + g.width, :, : g.keys]  # a view of the span, read in place
+        vg = v_cache[g.lo : g.lo + g.width, :, : g.keys]
+        if g.width * g.n == g.rows.numel():  # the span is the group: its rows in order
+            qg = q[g.rows]
+        else:
+            qg = q.new_zeros(g.width * g.n, *q.shape[1:])
+            qg[g.at] = q[g.rows]
+        og = row_invariant_tiles(qg, kg, vg, g.masks, g.n, plan.n_rep, plan.scale)
+        out[g.rows] = og if g.width * g.n == g.rows.numel() else og[g.at]
     return out
 
 

@@ -65,3 +65,36 @@ def test_a_batch_of_requests_rounds_like_each_request_alone():
     decode = build_plan(list(range(32)), [10 + i for i in range(32)], [1] * 32, rep, "cpu", row_invariant=True,
                         max_keys=max_seq)
     assert len(decode.tiles) == 32 and len(decode.tile_groups) == 1
+
+
+def test_tiles_read_in_place_round_like_gathered_copies():
+    """A tile group whose slots lie close together reads the cache in place over their span
+    (slots between them compute rows nobody reads); a scattered one reads gathered copies.
+    The same requests give the same bits either way, and the same as each alone."""
+    torch.manual_seed(3)
+    n_kv, rep, hd, max_seq = 3, 3, 64, 512
+    k = torch.randn(64, n_kv, max_seq, hd, dtype=torch.bfloat16)
+    v = torch.randn(64, n_kv, max_seq, hd, dtype=torch.bfloat16)
+    starts = [100, 101, 102, 110, 120, 121, 70, 75]  # one key block for the decode tokens
+    q_lens = [1, 1, 1, 1, 1, 1, 5, 5]
+    q = torch.randn(sum(q_lens), n_kv * rep, hd, dtype=torch.bfloat16) * 2
+    layouts = {
+        "consecutive": [3, 4, 5, 6, 7, 8, 9, 10],
+        "with gaps": [3, 5, 7, 8, 10, 11, 20, 22],  # spans of 9 slots for 6 tiles, 3 for 2
+        "scattered": [0, 9, 18, 27, 36, 63, 1, 50],
+    }
+    outs = {}
+    for name, slots in layouts.items():
+        kk, vv = torch.zeros_like(k), torch.zeros_like(v)
+        kk[slots], vv[slots] = k[:8], v[:8]  # request i's keys wherever its slot is
+        plan = build_plan(slots, starts, q_lens, rep, "cpu", row_invariant=True, max_keys=max_seq)
+        in_place = [g.lo is not None for g in plan.tile_groups]
+        assert all(in_place) if name != "scattered" else not any(in_place), (name, in_place)
+        outs[name] = varlen_attention(q, kk, vv, plan)
+    assert torch.equal(outs["consecutive"], outs["with gaps"])
+    assert torch.equal(outs["consecutive"], outs["scattered"])
+    a = 0
+    for i, (start, n) in enumerate(zip(starts, q_lens)):
+        alone = build_plan([i], [start], [n], rep, "cpu", row_invariant=True, max_keys=max_seq)
+        assert torch.equal(outs["scattered"][a : a + n], varlen_attention(q[a : a + n], k, v, alone)), i
+        a += n
