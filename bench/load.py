@@ -8,6 +8,11 @@ compiled, with row-invariant kernels in bf16 on CPU): fixed verification depth 2
 ``speculative: false`` on the depth-7 cluster).  Reported per level: per-user tokens/s (mean over
 requests of output tokens / request time), aggregate tokens/s, p50/p99 inter-token latency,
 verified draft tokens per verification step, acceptance length.
+
+The configurations run one after another, so a host whose speed drifts during the sweep (a
+shared machine) would favour whichever ran in a fast spell: ``--rounds 2`` (the default) runs
+them a second time in reverse order and reports each figure as the mean of the two, which
+cancels a drift that is steady over the sweep; ``round_rows`` in the JSON keeps each round.
 """
 
 from __future__ import annotations
@@ -157,10 +162,13 @@ def _cluster_cfg(depth: int, adaptive: bool, draft: str, slots: int, dtype: str,
               help="the verifier's step through torch.compile (as `dspark serve` runs it)")
 @click.option("--deterministic/--no-deterministic", default=None,
               help="row-invariant verifier kernels (default: what `dspark serve` picks, on for bf16 on CPU)")
+@click.option("--rounds", type=click.IntRange(1, 8), default=2, show_default=True,
+              help="passes over the configurations, every other one in reverse order (cancels a host "
+                   "that speeds up or slows down during the sweep); figures are the rounds' means")
 @click.option("--json", "json_path", default=None)
 @click.option("--plot", "plot_path", default=None, help="PNG of the per-user vs aggregate frontier")
-def main(levels, rates, seconds, max_tokens, depths, draft, slots, dtype, compile_step, deterministic, json_path,
-         plot_path):  # fmt: skip
+def main(levels, rates, seconds, max_tokens, depths, draft, slots, dtype, compile_step, deterministic, rounds,
+         json_path, plot_path):  # fmt: skip
     """Plain vs fixed depths vs adaptive verification across load levels, through the cluster."""
     from dspark.cluster.commands import _default_draft
     from dspark.cluster.local import LocalCluster
@@ -173,52 +181,90 @@ def main(levels, rates, seconds, max_tokens, depths, draft, slots, dtype, compil
     levels_l = [int(x) for x in levels.split(",") if x]
     rates_l = [float(x) for x in rates.split(",") if x]
     configs = [(f"fixed{d}", int(d), False) for d in depths.split(",")] + [("adaptive", max(int(d) for d in depths.split(",")), True)]
-    rows = []
-    for name, depth, adaptive in configs:
-        click.echo(f"== {name}: starting cluster", err=True)
-        cfg = _cluster_cfg(depth, adaptive, draft, slots, dtype, compile_step, deterministic)
-        with LocalCluster(cfg, http_port=free_port()) as c:
-            asyncio.run(closed_loop(c.base_url, 1, 3.0, 8, True))  # warm-up
-            modes = [(name, True)] + ([("plain", False)] if depth == max(int(d) for d in depths.split(",")) and not adaptive else [])
-            for label, spec in modes:
-                for conc in levels_l:
-                    s = _gated(c.base_url, lambda: asyncio.run(closed_loop(c.base_url, conc, seconds, max_tokens, spec)))
-                    rows.append({"config": label, "loop": "closed", "level": conc, **s})
-                    click.echo(table([rows[-1]], list(rows[-1])), err=True)
-                if adaptive or label == "plain":
-                    for rate in rates_l:
-                        s = asyncio.run(open_loop(c.base_url, rate, seconds, max_tokens, spec))
-                        rows.append({"config": label, "loop": "open", "level": rate, **s})
-                        click.echo(table([rows[-1]], list(rows[-1])), err=True)
+    raw = []
+    for rnd in range(rounds):
+        for name, depth, adaptive in configs if rnd % 2 == 0 else configs[::-1]:
+            click.echo(f"== round {rnd + 1}, {name}: starting cluster", err=True)
+            cfg = _cluster_cfg(depth, adaptive, draft, slots, dtype, compile_step, deterministic)
+            with LocalCluster(cfg, http_port=free_port()) as c:
+                asyncio.run(closed_loop(c.base_url, 1, 3.0, 8, True))  # warm-up
+                deepest = depth == max(int(d) for d in depths.split(",")) and not adaptive
+                for label, spec in [(name, True)] + ([("plain", False)] if deepest else []):
+                    for conc in levels_l:
+                        s = _gated(c.base_url,
+                                   lambda: asyncio.run(closed_loop(c.base_url, conc, seconds, max_tokens, spec)))
+                        raw.append({"config": label, "loop": "closed", "level": conc, "round": rnd + 1, **s})
+                        click.echo(table([raw[-1]], list(raw[-1])), err=True)
+                    if adaptive or label == "plain":
+                        for rate in rates_l:
+                            s = asyncio.run(open_loop(c.base_url, rate, seconds, max_tokens, spec))
+                            raw.append({"config": label, "loop": "open", "level": rate, "round": rnd + 1, **s})
+                            click.echo(table([raw[-1]], list(raw[-1])), err=True)
+    rows = combine_rounds(raw)
     cols = ["config", "loop", "level", "requests", "errors", "per_user_tok_s", "aggregate_tok_s", "itl_p50_ms",
             "itl_p99_ms", "verified_per_step", "acceptance_length", "spec_step_share", "draft_depth"]
     click.echo(table(rows, cols))
-    verdict = _verdict(rows, levels_l)
-    for line in verdict:
+    lines = verdict(rows, levels_l)
+    for line in lines:
         click.echo(line)
     out = write_json(json_path, "load.json", {"draft": draft, "dtype": dtype, "compile": compile_step,
                                               "deterministic": deterministic, "seconds": seconds,
-                                              "max_tokens": max_tokens, "rows": rows, "verdict": verdict})
+                                              "max_tokens": max_tokens, "rounds": rounds, "rows": rows,
+                                              "round_rows": raw, "verdict": lines})
     click.echo(f"wrote {out}")
     _plot(rows, plot_path or str(RESULTS / "load.png"))
 
 
-def _verdict(rows: list[dict], levels: list[int]) -> list[str]:
+def combine_rounds(raw: list[dict]) -> list[dict]:
+    """One row per (config, loop, level): requests and errors summed over the rounds, every other
+    figure their mean (None where a round has none), ``rounds`` the count.  Order of first sight.
+
+    >>> combine_rounds([{"config": "plain", "loop": "closed", "level": 1, "round": 1, "requests": 3,
+    ...                  "errors": 0, "aggregate_tok_s": 10.0},
+    ...                 {"config": "plain", "loop": "closed", "level": 1, "round": 2, "requests": 5,
+    ...                  "errors": 1, "aggregate_tok_s": 14.0}])
+    [{'config': 'plain', 'loop': 'closed', 'level': 1, 'requests': 8, 'errors': 1, 'aggregate_tok_s': 12.0, 'rounds': 2}]
+    """
+    keyed: dict[tuple, list[dict]] = {}
+    for r in raw:
+        keyed.setdefault((r["config"], r["loop"], r["level"]), []).append(r)
+    out = []
+    for (config, loop, level), group in keyed.items():
+        row: dict = {"config": config, "loop": loop, "level": level}
+        for field in group[0]:
+            if field in row or field == "round":
+                continue
+            values = [g.get(field) for g in group if g.get(field) is not None]
+            if field in ("requests", "errors"):
+                row[field] = sum(values)
+            elif values and all(isinstance(v, (int, float)) for v in values):
+                row[field] = sum(values) / len(values)
+            else:
+                row[field] = values[0] if values else None
+        row["rounds"] = len(group)
+        out.append(row)
+    return out
+
+
+def verdict(rows: list[dict], levels: list[int]) -> list[str]:
+    """Adaptive against the best of plain decoding and the fixed depths at each closed-loop level,
+    in aggregate and per user (each against its own best)."""
     out = []
     closed = [r for r in rows if r["loop"] == "closed"]
     for lvl in levels:
         at = {r["config"]: r for r in closed if r["level"] == lvl}
-        fixed = {k: v for k, v in at.items() if k.startswith("fixed")}
-        if "adaptive" not in at or not fixed:
+        others = {k: v for k, v in at.items() if k.startswith("fixed") or k == "plain"}
+        if "adaptive" not in at or not others:
             continue
-        best_name, best = max(fixed.items(), key=lambda kv: kv[1]["aggregate_tok_s"])
         a = at["adaptive"]
-        ratio = a["aggregate_tok_s"] / max(1e-9, best["aggregate_tok_s"])
-        user_ratio = a["per_user_tok_s"] / max(1e-9, max(f["per_user_tok_s"] for f in fixed.values()))
+        best_agg = max(others, key=lambda k: others[k]["aggregate_tok_s"])
+        best_user = max(others, key=lambda k: others[k]["per_user_tok_s"])
+        ratio = a["aggregate_tok_s"] / max(1e-9, others[best_agg]["aggregate_tok_s"])
+        user_ratio = a["per_user_tok_s"] / max(1e-9, others[best_user]["per_user_tok_s"])
         plain = at.get("plain")
         vs_plain = a["aggregate_tok_s"] / plain["aggregate_tok_s"] if plain else float("nan")
-        out.append(f"concurrency {lvl}: adaptive aggregate = {ratio:.2f}x best fixed ({best_name}), per-user = "
-                   f"{user_ratio:.2f}x best fixed, aggregate vs plain = {vs_plain:.2f}x")
+        out.append(f"concurrency {lvl}: adaptive aggregate = {ratio:.2f}x the best of the others ({best_agg}), "
+                   f"per user = {user_ratio:.2f}x ({best_user}), aggregate vs plain = {vs_plain:.2f}x")
     return out
 
 

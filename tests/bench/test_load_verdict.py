@@ -1,0 +1,35 @@
+"""`bench load`'s summary: rounds combined, adaptive against the best of plain and fixed depths."""
+
+import doctest
+
+import bench.load as load
+
+
+def _row(config, level, agg, user, rnd=1, requests=4):
+    return {"config": config, "loop": "closed", "level": level, "round": rnd, "requests": requests, "errors": 0,
+            "aggregate_tok_s": agg, "per_user_tok_s": user, "acceptance_length": None}
+
+
+def test_rounds_are_averaged_and_counted():
+    raw = [_row("fixed2", 1, 20.0, 20.0, 1), _row("fixed2", 1, 30.0, 24.0, 2, requests=6),
+           _row("adaptive", 1, 27.0, 22.0, 1)]
+    rows = load.combine_rounds(raw)
+    fixed = next(r for r in rows if r["config"] == "fixed2")
+    assert (fixed["aggregate_tok_s"], fixed["per_user_tok_s"], fixed["requests"], fixed["rounds"]) == (25.0, 22.0, 10, 2)
+    assert fixed["acceptance_length"] is None and "round" not in fixed
+    assert doctest.testmod(load).failed == 0
+
+
+def test_plain_counts_among_the_others():
+    """At high load plain decoding is often the best configuration: adaptive is judged against it
+    too, and per user against the best per-user figure, which may be another configuration."""
+    rows = load.combine_rounds([_row("fixed2", 16, 80.0, 5.0), _row("fixed7", 16, 60.0, 5.5),
+                                _row("plain", 16, 100.0, 6.0), _row("adaptive", 16, 90.0, 6.3)])
+    (line,) = load.verdict(rows, [16])
+    assert "aggregate = 0.90x the best of the others (plain)" in line
+    assert "per user = 1.05x (plain)" in line
+    assert "aggregate vs plain = 0.90x" in line
+    rows = load.combine_rounds([_row("fixed7", 1, 30.0, 30.0), _row("plain", 1, 20.0, 20.0),
+                                _row("adaptive", 1, 31.5, 29.0)])
+    (line,) = load.verdict(rows, [1])
+    assert "1.05x the best of the others (fixed7)" in line and "per user = 0.97x (fixed7)" in line
