@@ -94,9 +94,9 @@ class RunnerConfig:
 def deterministic_default(dtype: str, device: str, model: str | None = None) -> bool:
     """Whether the commands turn the deterministic mode on when neither flag is given.
 
-    On for bf16 on CPU, where it was measured eager to cost under 10% per decode or verification
-    step (prefill about 16%) and its start-up check passes; with the compiled step it costs more
-    from batch 8 on (docs/ARCHITECTURE.md, "Cost and default").  Off elsewhere: fp32 refuses it (MKL's
+    On for bf16 on CPU, where its start-up check passes: there it makes greedy speculative output
+    plain decoding's text bit for bit, at a cost of 1.2-1.3x per compiled step (under 10% eager;
+    docs/ARCHITECTURE.md, "Cost and default").  Off elsewhere: fp32 refuses it (MKL's
     float32 products round by row count) and needs it least; fp16 passes the check but its cost
     is unmeasured, and so is everything on GPUs.  Off for a model (``model``) whose family has no
     row-invariant kernels (DeepSeek-V4: the model refuses the mode when asked).
