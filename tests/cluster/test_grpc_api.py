@@ -319,7 +319,12 @@ def test_logprobs_are_aligned_and_equal_the_backends(stack, stub):
     assert not stub.GenerateUnary(chat_request(max_tokens=4, temperature=0.0), timeout=60).logprobs
     r = stub.GenerateUnary(chat_request(max_tokens=4, temperature=0.0, logprobs=0), timeout=60)
     check_logprobs(r.token_ids, r.logprobs, 0)
-    assert [lp.logprob for lp in r.logprobs] == [v for v, _ in ref_values[: len(r.logprobs)]]
+    assert list(r.token_ids) == ref.token_ids[: len(r.token_ids)]
+    # Another request (4 tokens: its last verification block is cut shorter) runs steps of other
+    # row counts, which float32 products may round differently in the last bits (measured: 1.2e-7
+    # at one position on one host, 0 on another); the values must still be the same log-probabilities.
+    assert [lp.logprob for lp in r.logprobs] == pytest.approx([v for v, _ in ref_values[: len(r.logprobs)]],
+                                                              rel=1e-5, abs=1e-6)
 
 
 def test_n_sequences_stream_and_unary(stack, stub):
