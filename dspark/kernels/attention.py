@@ -415,13 +415,12 @@ def row_invariant_attention(
             continue
         kg = k_cache[g.lo : g.lo + g.width, :, : g.keys]  # a view of the span, read in place
         vg = v_cache[g.lo : g.lo + g.width, :, : g.keys]
-        if g.width * g.n == g.rows.numel():  # the span is the group: its rows in order
-            qg = q[g.rows]
-        else:
-            qg = q.new_zeros(g.width * g.n, *q.shape[1:])
-            qg[g.at] = q[g.rows]
-        og = row_invariant_tiles(qg, kg, vg, g.masks, g.n, plan.n_rep, plan.scale)
-        out[g.rows] = og if g.width * g.n == g.rows.numel() else og[g.at]
+        if g.width == len(g.slots):  # the span is the group: its rows in order
+            out[g.rows] = row_invariant_tiles(q[g.rows], kg, vg, g.masks, g.n, plan.n_rep, plan.scale)
+            continue
+        qg = q.new_zeros(g.width * g.n, *q.shape[1:])
+        qg[g.at] = q[g.rows]
+        out[g.rows] = row_invariant_tiles(qg, kg, vg, g.masks, g.n, plan.n_rep, plan.scale)[g.at]
     return out
 
 
