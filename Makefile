@@ -38,7 +38,7 @@ demo: setup
 	$(VENV)/bin/dspark demo
 
 test: setup
-	$(PY) -m pytest -q -ra tests
+	$(PY) -m pytest -q -ra --durations=30 tests
 
 test-fast: setup
 	$(PY) -m pytest -q -ra -m "not slow" tests

@@ -42,7 +42,6 @@ class VerifierGroup:
         # or the remote drafter for the kind the draft workers run.  A kind that only runs
         # remotely with no draft worker configured means plain decoding.
         in_process = cfg.draft != "none" and not registry.get(cfg.draft).remote
-        self.local_drafting = in_process
         spec = EngineSpec(
             model=cfg.model, dtype=cfg.dtype, device=cfg.device, tp=cfg.tp,
             draft=cfg.draft if in_process or cfg.remote_draft else "none", block_len=cfg.block_len,
@@ -62,7 +61,6 @@ class VerifierGroup:
         self.worker = VerifierWorker(self.engine, name=self.group_id)
         self.bg = BackgroundLoop(f"{self.group_id}-redis")
         self.state = cluster_state(cfg)
-        self._draft_curve: dict[int, float] = {}  # drafting seconds by requests drafted together
         self.bg.every(1.0, self._discover, "drafter discovery")
         self.bg.every(0.5, self._report, "verifier report")
         if self.budget is not None:
@@ -70,8 +68,6 @@ class VerifierGroup:
 
             self.follower = PolicyFollower(self.state, self.group_id)
             self.bg.every(0.25, self._follow_policy, "policy follow")
-            if self.local_drafting:  # remote drafting overlaps verification; local drafting adds to it
-                self.bg.every(5.0, self._measure_drafting, "drafting cost")
         if cfg.remote_draft:
             self._wait_for_drafters(timeout_s=120.0)
 
@@ -116,15 +112,6 @@ class VerifierGroup:
         if p.version and (self.budget.policy.version != p.version):
             self.budget.set_policy(p)
             self.engine.max_batch = max(1, min(self.cfg.n_slots, p.max_batch_size))
-
-    async def _measure_drafting(self) -> None:
-        """Give the budget's cost model the drafting time this group observes (local drafting)."""
-        eng = self.engine
-        if eng.last_drafted_requests:
-            n = eng.last_drafted_requests
-            old = self._draft_curve.get(n, eng.last_draft_seconds)
-            self._draft_curve[n] = 0.8 * old + 0.2 * eng.last_draft_seconds
-            self.budget.costs.draft_seconds = self._draft_curve[n]
 
     def routing_stats(self) -> dict:
         """Headroom for the router: free request capacity under the current policy."""
@@ -193,6 +180,12 @@ class BudgetMeter:
         wrapping does not hide it from the engine."""
         depth = getattr(self.budget, "draft_depth", None)
         return depth(block_len) if depth is not None else block_len
+
+    def observe_drafting(self, num_requests: int, seconds: float) -> None:
+        """Passed on to the wrapped budget, which weighs drafting (ignored by one that does not)."""
+        observe = getattr(self.budget, "observe_drafting", None)
+        if observe is not None:
+            observe(num_requests, seconds)
 
 
 def build_verifier_group(cfg: ClusterConfig) -> VerifierGroup:

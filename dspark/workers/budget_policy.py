@@ -48,6 +48,8 @@ class DepthAwareBudget(Protocol):
 
     def draft_depth(self, block_len: int) -> int: ...
 
+    def observe_drafting(self, num_requests: int, seconds: float) -> None: ...
+
 
 def fixed_budget(blocks: list[DraftBlock], block_len: int) -> list[int]:
     """Verify every drafted token up to the block length."""
@@ -56,7 +58,8 @@ def fixed_budget(blocks: list[DraftBlock], block_len: int) -> list[int]:
 
 @dataclass
 class CostModel:
-    """Seconds per target step by token count, and drafting seconds per step."""
+    """Seconds per target step by token count, and drafting seconds per step (the figure used
+    until the budget has timed drafting itself: see :meth:`AdaptiveBudget.observe_drafting`)."""
 
     token_counts: list[int]
     step_seconds: list[float]
@@ -82,32 +85,55 @@ def profile_step_costs(runner, token_counts: list[int] | None = None, repeats: i
 
     Uses the runner's last cache slots with dummy tokens from position 0 and releases them after
     (a paged cache gives their blocks back); call it before serving (the slots are free then).
-    The minimum over ``repeats`` runs is kept (noise only ever adds time).
+
+    Noise only ever adds time, so each count keeps its fastest run.  The runs are interleaved:
+    after one warm-up pass over every count, ``repeats`` rounds time each count once, in
+    alternating order, so a slow spell of a shared host lands on several counts rather than on
+    every run of one.  The envelope is then taken from the largest count down (a count costs no
+    more than the fastest larger one): one count timed during a slow spell would otherwise lift
+    every count above it to its time, and a table flat from 1 to 8 tokens makes verification look
+    free.
     """
     cache = runner.cache
     if token_counts is None:
         cap = cache.n_slots * 8
-        token_counts = sorted({t for t in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512) if t <= cap} | {cap})
-    times = []
+        # Every count a one-request verification can take (an anchor and up to 7 drafts: the
+        # budget's choices at low load turn on a few milliseconds between them), then doublings.
+        token_counts = sorted({t for t in (1, 2, 3, 4, 5, 6, 7, 8, 16, 32, 64, 128, 256, 512) if t <= cap} | {cap})
+    steps = []
     for T in token_counts:
         per = 8
         n_req = min(cache.n_slots, -(-T // per))
-        q_lens = [per] * (T // per) + ([T % per] if T % per else [])
-        q_lens = q_lens[:n_req]
+        q_lens = ([per] * (T // per) + ([T % per] if T % per else []))[:n_req]
         slots = list(range(cache.n_slots - len(q_lens), cache.n_slots))
-        step = StepInput([1] * sum(q_lens), slots, [0] * len(q_lens), q_lens, logits_rows=list(range(sum(q_lens))))
-        best = float("inf")
-        for _ in range(repeats + 1):  # the first run warms up; each run starts the slots over
+        steps.append((slots, StepInput([1] * sum(q_lens), slots, [0] * len(q_lens), q_lens,
+                                       logits_rows=list(range(sum(q_lens))))))
+    best = [float("inf")] * len(steps)
+    for r in range(repeats + 1):  # round 0 warms up (compiles each shape); each run starts its slots over
+        order = range(len(steps)) if r % 2 == 0 else reversed(range(len(steps)))
+        for i in order:
+            slots, step = steps[i]
             t0 = time.perf_counter()
             runner.forward(step)
-            best = min(best, time.perf_counter() - t0)
-        times.append(best)
-        for slot in slots:
-            runner.release_slot(slot)
-    # Monotone envelope: a larger batch never costs less than a smaller one.
-    for i in range(1, len(times)):
-        times[i] = max(times[i], times[i - 1])
-    return CostModel(token_counts=list(token_counts), step_seconds=times)
+            took = time.perf_counter() - t0
+            if r:
+                best[i] = min(best[i], took)
+            for slot in slots:
+                runner.release_slot(slot)
+    return CostModel(token_counts=list(token_counts), step_seconds=envelope_from_above(best))
+
+
+def envelope_from_above(seconds: list[float]) -> list[float]:
+    """Non-decreasing step times from timings that noise only ever lengthens: each count costs
+    no more than the fastest larger count.
+
+        >>> envelope_from_above([0.045, 0.034, 0.036, 0.049])  # the 1-token run hit a slow spell
+        [0.034, 0.034, 0.036, 0.049]
+    """
+    out = list(seconds)
+    for i in range(len(out) - 2, -1, -1):
+        out[i] = min(out[i], out[i + 1])
+    return out
 
 
 class AdaptiveBudget:
@@ -129,6 +155,7 @@ class AdaptiveBudget:
         self._table = costs.table(4096)
         self._history: collections.deque = collections.deque(maxlen=2)  # survivals of past steps
         self._deepest: collections.deque = collections.deque(maxlen=self.DEPTH_WINDOW)  # max verified per step
+        self._draft_seconds: dict[int, float] = {}  # EMA of drafting seconds per step, by batch bucket
         self.verified_tokens = 0
         self.steps = 0
 
@@ -155,6 +182,33 @@ class AdaptiveBudget:
             return G
         return min(G, max(self._deepest) + 1)
 
+    @staticmethod
+    def _bucket(num_requests: int) -> int:
+        return max(1, num_requests).bit_length()  # 1, 2-3, 4-7, ...: batches drafted at alike cost
+
+    def observe_drafting(self, num_requests: int, seconds: float) -> None:
+        """The engine drafted blocks for ``num_requests`` requests in ``seconds`` of its own time
+        (drafting in the engine's process: it adds to the step).  Remote drafting overlaps
+        verification and is not reported; the cost model's fixed figure stands for it.
+
+            >>> b = AdaptiveBudget(CostModel([1], [0.01]), VerifyPolicy())
+            >>> b.observe_drafting(1, 0.004); b.observe_drafting(1, 0.002); round(b.drafting_seconds(1), 6)
+            0.0036
+            >>> b.drafting_seconds(3) == b.drafting_seconds(64) == b.drafting_seconds(1)  # the nearest bucket timed
+            True
+        """
+        b = self._bucket(num_requests)
+        old = self._draft_seconds.get(b)
+        self._draft_seconds[b] = seconds if old is None else 0.8 * old + 0.2 * seconds
+
+    def drafting_seconds(self, num_requests: int) -> float:
+        """What drafting adds to a step of ``num_requests`` decoding requests: the EMA timed for
+        its batch bucket (the nearest bucket timed, else the cost model's figure)."""
+        if not self._draft_seconds:
+            return self.costs.draft_seconds
+        b = self._bucket(num_requests)
+        return self._draft_seconds[min(self._draft_seconds, key=lambda c: (abs(c - b), c))]
+
     def __call__(self, blocks: list[DraftBlock], block_len: int) -> list[int]:
         pol = self.policy
         G = max(0, min(block_len, pol.max_block_len))
@@ -171,18 +225,19 @@ class AdaptiveBudget:
         if pol.survival_floor > 0:
             surv = torch.where(surv >= pol.survival_floor, surv, torch.zeros_like(surv))
         floor_lengths = (surv > 0).sum(dim=1)
+        draft_seconds = self.drafting_seconds(B)
         if pol.budget_mode == "fixed":
             out = floor_lengths
         elif pol.budget_mode == "algorithm1":
-            out = select_budget_greedy(surv, self._table, self.costs.draft_seconds).lengths
+            out = select_budget_greedy(surv, self._table, draft_seconds).lengths
         elif len(self._history) < 2:
             # No settled survivals from two steps ago yet (a fresh verifier, or one that was
             # just switched to this mode).  The 5.2 capacity search must never look at the
             # block being verified (Appendix A: an argmax over its own survivals biases the
             # output), so the first steps use the lossless early-stop walk instead.
-            out = select_budget_greedy(surv, self._table, self.costs.draft_seconds).lengths
+            out = select_budget_greedy(surv, self._table, draft_seconds).lengths
         else:
-            out = select_budget_async(self._history[0], surv, self._table, self.costs.draft_seconds).lengths
+            out = select_budget_async(self._history[0], surv, self._table, draft_seconds).lengths
         self._history.append(surv)
         res = [int(x) for x in torch.minimum(out.to(torch.long), floor_lengths)]
         self._deepest.append(max(res))

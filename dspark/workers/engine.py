@@ -489,6 +489,9 @@ class Engine:
                 late = [s for s in late if proposed[s.request_id] is None]
         self.last_draft_seconds = time.perf_counter() - t0
         self.last_drafted_requests = len(want)
+        if isinstance(self.budget, DepthAwareBudget) and not isinstance(self.drafter, AsyncDrafter):
+            # Drafting here adds to the step (remote drafting overlaps it): the budget weighs it.
+            self.budget.observe_drafting(len(want), self.last_draft_seconds)
         return [proposed.get(s.request_id, DraftBlock.empty()) for s in decode]
 
     def _draft_depth(self) -> int:

@@ -99,6 +99,32 @@ def test_profile_step_costs_is_monotone(model_fp32):
     assert table.shape == (65,) and float(table[32]) == pytest.approx(costs.step_seconds[-1])
 
 
+def test_budget_weighs_the_drafting_it_was_told_of():
+    """Drafting paid for every step makes a verified draft relatively cheaper: one draft of
+    survival 0.6 does not pay on a bare step (1 token in 1 s beats 1.6 in 2 s) and does once
+    drafting takes 2 s per step (1.6 in 4 s beats 1 in 3 s); the timing is per batch bucket."""
+    costs = CostModel(token_counts=[1, 2], step_seconds=[1.0, 2.0])
+    b = AdaptiveBudget(costs, VerifyPolicy(budget_mode="algorithm1", max_block_len=1))
+    assert b(blocks([0.6]), 1) == [0]
+    b.observe_drafting(1, 2.0)
+    assert b.drafting_seconds(1) == 2.0 and b(blocks([0.6]), 1) == [1]
+    b.observe_drafting(2, 0.0)  # a 2-request step drafted in no time; the 1-request figure stays
+    assert b.drafting_seconds(2) == 0.0 and b.drafting_seconds(1) == 2.0
+
+
+def test_step_cost_envelope_comes_from_the_larger_counts():
+    """A count timed during a slow spell must not lift the larger counts to its time (a table
+    flat from 1 to 8 tokens made verifying 8 tokens look as cheap as decoding 1)."""
+    import doctest
+
+    from dspark.workers import budget_policy
+    from dspark.workers.budget_policy import envelope_from_above
+
+    assert envelope_from_above([0.045, 0.034, 0.036, 0.041, 0.049]) == [0.034, 0.034, 0.036, 0.041, 0.049]
+    assert envelope_from_above([0.01, 0.02, 0.015]) == [0.01, 0.015, 0.015]
+    assert doctest.testmod(budget_policy).failed == 0
+
+
 def test_profiling_leaves_every_cache_layout_as_it_found_it(model_fp32, tmp_path):
     """The profile runs from position 0 and releases its slots: a paged cache gets every block
     back, and a DeepSeek-V4 state (which refuses a start beyond what it holds) profiles too."""
@@ -133,4 +159,5 @@ def test_adaptive_engine_is_lossless_and_shortens_under_load(model_fp32, prompts
         out = eng.generate(prompts, SamplingParams(max_tokens=16))
         assert [s.output_ids for s in out] == [s.output_ids for s in plain]
         verified[name] = budget.verified_tokens / max(1, budget.steps)
+        assert budget.drafting_seconds(len(prompts)) > 0  # the engine timed its drafting for the budget
     assert verified["busy"] < verified["idle"]
