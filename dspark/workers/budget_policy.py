@@ -21,6 +21,7 @@ the policy is one reference assignment, safe to do from another thread between e
 from __future__ import annotations
 
 import collections
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
@@ -31,6 +32,8 @@ from dspark.kernels.budget import select_budget_async, select_budget_greedy, sur
 from dspark.workers.drafters.base import DraftBlock
 from dspark.workers.runner import StepInput
 from dspark.workers.scheduling import VerifyPolicy
+
+log = logging.getLogger(__name__)
 
 
 class VerifyBudget(Protocol):
@@ -65,6 +68,10 @@ class CostModel:
     step_seconds: list[float]
     draft_seconds: float = 0.0
     measured_at: float = field(default_factory=time.time)
+
+    def describe(self) -> str:
+        """The profile as one line, e.g. ``1: 33.1, 2: 33.1, 8: 34.2``."""
+        return ", ".join(f"{t}: {s * 1e3:.1f}" for t, s in zip(self.token_counts, self.step_seconds))
 
     def table(self, max_tokens: int) -> torch.Tensor:
         """step_time[T] for T = 0..max_tokens, linearly interpolated (extrapolated past the end)."""
@@ -120,7 +127,9 @@ def profile_step_costs(runner, token_counts: list[int] | None = None, repeats: i
                 best[i] = min(best[i], took)
             for slot in slots:
                 runner.release_slot(slot)
-    return CostModel(token_counts=list(token_counts), step_seconds=envelope_from_above(best))
+    costs = CostModel(token_counts=list(token_counts), step_seconds=envelope_from_above(best))
+    log.info("verification step costs (tokens: ms): %s", costs.describe())
+    return costs
 
 
 def envelope_from_above(seconds: list[float]) -> list[float]:
