@@ -51,8 +51,6 @@ class DepthAwareBudget(Protocol):
 
     def draft_depth(self, block_len: int) -> int: ...
 
-    def observe_drafting(self, num_requests: int, seconds: float) -> None: ...
-
 
 def fixed_budget(blocks: list[DraftBlock], block_len: int) -> list[int]:
     """Verify every drafted token up to the block length."""
@@ -165,6 +163,7 @@ class AdaptiveBudget:
         self._history: collections.deque = collections.deque(maxlen=2)  # survivals of past steps
         self._deepest: collections.deque = collections.deque(maxlen=self.DEPTH_WINDOW)  # max verified per step
         self._draft_seconds: dict[int, float] = {}  # EMA of drafting seconds per step, by batch bucket
+        self._draft_seen: set[int] = set()  # buckets whose first (warm-up) drafting step was left out
         self.verified_tokens = 0
         self.steps = 0
 
@@ -197,16 +196,22 @@ class AdaptiveBudget:
 
     def observe_drafting(self, num_requests: int, seconds: float) -> None:
         """The engine drafted blocks for ``num_requests`` requests in ``seconds`` of its own time
-        (drafting in the engine's process: it adds to the step).  Remote drafting overlaps
-        verification and is not reported; the cost model's fixed figure stands for it.
+        (drafting in the engine's process: it adds to the step), after this step's verification
+        was chosen.  Remote drafting overlaps verification and is not reported; the cost model's
+        fixed figure stands for it.  A bucket's first report is left out (it may carry one-off
+        warm-up costs, which would make verification look free for dozens of steps).
 
             >>> b = AdaptiveBudget(CostModel([1], [0.01]), VerifyPolicy())
+            >>> b.observe_drafting(1, 0.5)  # the first drafting step of one request: warm-up
             >>> b.observe_drafting(1, 0.004); b.observe_drafting(1, 0.002); round(b.drafting_seconds(1), 6)
             0.0036
             >>> b.drafting_seconds(3) == b.drafting_seconds(64) == b.drafting_seconds(1)  # the nearest bucket timed
             True
         """
         b = self._bucket(num_requests)
+        if b not in self._draft_seen:
+            self._draft_seen.add(b)
+            return
         old = self._draft_seconds.get(b)
         self._draft_seconds[b] = seconds if old is None else 0.8 * old + 0.2 * seconds
 
@@ -234,7 +239,7 @@ class AdaptiveBudget:
         if pol.survival_floor > 0:
             surv = torch.where(surv >= pol.survival_floor, surv, torch.zeros_like(surv))
         floor_lengths = (surv > 0).sum(dim=1)
-        draft_seconds = self.drafting_seconds(B)
+        draft_seconds = self.drafting_seconds(sum(1 for b in blocks if b.token_ids))  # requests that drafted
         if pol.budget_mode == "fixed":
             out = floor_lengths
         elif pol.budget_mode == "algorithm1":

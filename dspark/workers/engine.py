@@ -289,6 +289,7 @@ class Engine:
             # 3. Survival -> budget: how many drafts of each block to verify (AdaptiveBudget forms
             #    the survivals a_rj = prod_{i<=j} c_ri from the confidences and runs Algorithm 1).
             verify_lens = self.budget(blocks, self.cfg.block_len) if blocks else []
+            self._report_drafting()
 
         # 4. Batched verify: one target forward over every request's tokens, one rejection pass.
         plan = self._plan(prefill, decode, blocks, verify_lens)
@@ -471,6 +472,7 @@ class Engine:
         if self.drafter is None or not decode or self.cfg.block_len <= 0:
             return None
         want = [s for s in decode if s.draft_enabled and self._draft_room(s) > 0]
+        self.last_drafted_requests = len(want)
         if not want:
             return [DraftBlock.empty() for _ in decode]
         t0 = time.perf_counter()
@@ -488,11 +490,16 @@ class Engine:
                     proposed[seq.request_id] = blk
                 late = [s for s in late if proposed[s.request_id] is None]
         self.last_draft_seconds = time.perf_counter() - t0
-        self.last_drafted_requests = len(want)
-        if isinstance(self.budget, DepthAwareBudget) and not isinstance(self.drafter, AsyncDrafter):
-            # Drafting here adds to the step (remote drafting overlaps it): the budget weighs it.
-            self.budget.observe_drafting(len(want), self.last_draft_seconds)
         return [proposed.get(s.request_id, DraftBlock.empty()) for s in decode]
+
+    def _report_drafting(self) -> None:
+        """Tell a budget that weighs drafting what this step's drafting took, after it chose this
+        step's verification (so no choice ever depends on its own drafts, even through their
+        timing).  Drafting in this process adds to the step; a remote drafter's overlaps it and
+        is not reported."""
+        observe = getattr(self.budget, "observe_drafting", None)
+        if observe is not None and self.last_drafted_requests and not isinstance(self.drafter, AsyncDrafter):
+            observe(self.last_drafted_requests, self.last_draft_seconds)
 
     def _draft_depth(self) -> int:
         """Drafts per block for the coming step: the block length, or less when the budget would

@@ -106,10 +106,16 @@ def test_budget_weighs_the_drafting_it_was_told_of():
     costs = CostModel(token_counts=[1, 2], step_seconds=[1.0, 2.0])
     b = AdaptiveBudget(costs, VerifyPolicy(budget_mode="algorithm1", max_block_len=1))
     assert b(blocks([0.6]), 1) == [0]
+    b.observe_drafting(1, 9.0)  # a bucket's first drafting step (warm-up) is left out
+    assert b.drafting_seconds(1) == 0.0 and b(blocks([0.6]), 1) == [0]
     b.observe_drafting(1, 2.0)
     assert b.drafting_seconds(1) == 2.0 and b(blocks([0.6]), 1) == [1]
+    b.observe_drafting(2, 0.0)
     b.observe_drafting(2, 0.0)  # a 2-request step drafted in no time; the 1-request figure stays
     assert b.drafting_seconds(2) == 0.0 and b.drafting_seconds(1) == 2.0
+    # The figure is looked up by the requests that drafted: an empty block (a request with no
+    # room left, or drafting off) does not move the step into the 2-request bucket.
+    assert b(blocks([0.6], []), 1) == [1, 0]
 
 
 def test_step_cost_envelope_comes_from_the_larger_counts():

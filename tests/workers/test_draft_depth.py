@@ -111,6 +111,8 @@ def test_engine_drafts_only_what_the_budget_verifies(setup, metered):
     assert [n for i, n in enumerate(drafter.asked) if i % AdaptiveBudget.PROBE_EVERY] == [2] * (
         len(drafter.asked) - 1 - (len(drafter.asked) - 1) // AdaptiveBudget.PROBE_EVERY)
     assert eng.speculation_stats() == {"speculative_steps": 0, "plain_steps": 0, "draft_depth": 2}  # no gate
+    inner = budget.budget if metered else budget
+    assert inner.drafting_seconds(1) > 0  # in-process drafting was timed for the budget (through the meter too)
     # Without a depth-aware budget every block is drafted whole.
     whole = _Script(plain)
     Engine(runner, tok, EngineConfig(max_batch=1, block_len=8), drafter=whole).generate(
@@ -139,6 +141,7 @@ def test_remote_worker_is_asked_for_the_budgets_depth(setup):
         assert seq.output_ids == plain[: len(seq.output_ids)] and len(seq.output_ids) == 32
         asked = [n for s in scripts for n in s.asked]
         assert _probed(asked, 8, 2) and asked[1] == 2, asked
+        assert budget.drafting_seconds(1) == 0.0  # remote drafting overlaps the step: not counted
     finally:
         drafter.close()
         server.stop()
