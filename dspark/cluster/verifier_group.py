@@ -183,9 +183,16 @@ class BudgetMeter:
 
     def observe_drafting(self, num_requests: int, seconds: float) -> None:
         """Passed on to the wrapped budget, which weighs drafting (ignored by one that does not)."""
-        observe = getattr(self.budget, "observe_drafting", None)
+        self._pass_on("observe_drafting", num_requests, seconds)
+
+    def observe_step(self, num_tokens: int, seconds: float) -> None:
+        """Passed on to the wrapped budget, which corrects its step costs by real steps."""
+        self._pass_on("observe_step", num_tokens, seconds)
+
+    def _pass_on(self, name: str, *args) -> None:
+        observe = getattr(self.budget, name, None)
         if observe is not None:
-            observe(num_requests, seconds)
+            observe(*args)
 
 
 def build_verifier_group(cfg: ClusterConfig) -> VerifierGroup:

@@ -299,7 +299,9 @@ class Engine:
             self.grammar_forbidden_blocks += plan.constrain(self.tokenizer.vocab_size)  # cuts after a forbidden draft
             self.grammar_seconds += time.perf_counter() - t_mask
         feature_layers = self.drafter.feature_layers if self.drafter is not None else ()
+        t_fwd = time.perf_counter()
         out = self.runner.forward(plan.step_input(feature_layers))
+        self._report_step(plan.num_tokens, time.perf_counter() - t_fwd)
         n_rows = sum(e.num_rows for e in plan.sampling)
         if out.logits is not None and n_rows < out.logits.shape[0]:
             plan.fill_prompt_logprobs(out.logits[n_rows:])  # the rows after the sampling ones
@@ -491,6 +493,12 @@ class Engine:
                 late = [s for s in late if proposed[s.request_id] is None]
         self.last_draft_seconds = time.perf_counter() - t0
         return [proposed.get(s.request_id, DraftBlock.empty()) for s in decode]
+
+    def _report_step(self, num_tokens: int, seconds: float) -> None:
+        """Tell a budget that corrects its step costs by real steps what this forward took."""
+        observe = getattr(self.budget, "observe_step", None)
+        if observe is not None:
+            observe(num_tokens, seconds)
 
     def _report_drafting(self) -> None:
         """Tell a budget that weighs drafting what this step's drafting took, after it chose this

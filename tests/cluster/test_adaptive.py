@@ -118,6 +118,25 @@ def test_budget_weighs_the_drafting_it_was_told_of():
     assert b(blocks([0.6], []), 1) == [1, 0]
 
 
+def test_real_steps_correct_the_profiled_costs():
+    """A profile that says 1 to 8 tokens cost the same lets confident-enough drafts through; once
+    real 8-token steps are seen to cost 3x a 2-token step, the budget stops verifying the tail.
+    The correction keeps the profile's shape beyond the measured counts and never decreases."""
+    b = AdaptiveBudget(CostModel(token_counts=[1, 8, 16], step_seconds=[1.0, 1.0, 2.0]),
+                       VerifyPolicy(budget_mode="algorithm1", max_block_len=7))
+    conf = [0.9, 0.8, 0.6, 0.6, 0.6, 0.6, 0.6]
+    assert b(blocks(conf), 7) == [7]
+    for _ in range(AdaptiveBudget.CORRECT_EVERY):
+        b.observe_step(2, 1.0)
+        b.observe_step(8, 3.0)
+    table = b.step_table()
+    assert float(table[2]) == 1.0 and float(table[8]) == 3.0 and 1.0 < float(table[5]) < 3.0
+    assert bool((table[1:] >= table[:-1]).all()) and float(table[16]) == 6.0  # 2.0 x the ratio at 8
+    assert 0 < b(blocks(conf), 7)[0] < 7
+    b.set_costs(CostModel(token_counts=[1, 8, 16], step_seconds=[1.0, 1.0, 2.0]))  # a new profile starts over
+    assert float(b.step_table()[8]) == 1.0
+
+
 def test_step_cost_envelope_comes_from_the_larger_counts():
     """A count timed during a slow spell must not lift the larger counts to its time (a table
     flat from 1 to 8 tokens made verifying 8 tokens look as cheap as decoding 1)."""

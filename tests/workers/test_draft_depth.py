@@ -113,6 +113,7 @@ def test_engine_drafts_only_what_the_budget_verifies(setup, metered):
     assert eng.speculation_stats() == {"speculative_steps": 0, "plain_steps": 0, "draft_depth": 2}  # no gate
     inner = budget.budget if metered else budget
     assert inner.drafting_seconds(1) > 0  # in-process drafting was timed for the budget (through the meter too)
+    assert not torch.equal(inner.step_table(), COSTS.table(4096))  # and real steps corrected the made-up costs
     # Without a depth-aware budget every block is drafted whole.
     whole = _Script(plain)
     Engine(runner, tok, EngineConfig(max_batch=1, block_len=8), drafter=whole).generate(
