@@ -157,9 +157,12 @@ class AdaptiveBudget:
     # does not (the drafting cost is shared by the block).
     PROBE_EVERY = 16
 
-    def __init__(self, costs: CostModel, policy: VerifyPolicy) -> None:
+    def __init__(self, costs: CostModel, policy: VerifyPolicy, learn: bool = True) -> None:
+        """``learn=False`` keeps ``costs`` as given: neither real steps nor in-process drafting
+        change them (a cost curve set by hand, e.g. to make a test's budget verify a given way)."""
         self.costs = costs
         self.policy = policy
+        self.learn = learn
         self._profile = self._table = costs.table(4096)
         self._step_seconds: dict[int, float] = {}  # EMA of real forward seconds, by token count
         self._new_steps = 0  # steps observed since the table was last corrected
@@ -199,7 +202,7 @@ class AdaptiveBudget:
             >>> [round(float(b.step_table()[t]), 4) for t in (1, 8, 16)]  # 16: the profile's slope, doubled
             [0.02, 0.024, 0.0286]
         """
-        if num_tokens < 1 or num_tokens >= len(self._profile) or seconds <= 0:
+        if not self.learn or num_tokens < 1 or num_tokens >= len(self._profile) or seconds <= 0:
             return
         old = self._step_seconds.get(num_tokens)
         self._step_seconds[num_tokens] = seconds if old is None else 0.9 * old + 0.1 * seconds
@@ -216,186 +219,7 @@ class AdaptiveBudget:
         counts = sorted(self._step_seconds)
         ratio = [self._step_seconds[c] / max(float(self._profile[c]), 1e-9) for c in counts]
         # The ratio interpolated between measured counts, the nearest one's beyond them.
-        r = np.interp(np.arange(len(self._profile)), counts, ratio)
-        table = self._profile * torch.from_numpy(r)
-        return torch.flip(torch.cummin(torch.flip(table, [0]), 0).values, [0])  # no count dearer than a larger one
-
-    def draft_depth(self, block_len: int) -> int: ...
-
-
-def fixed_budget(blocks: list[DraftBlock], block_len: int) -> list[int]:
-    """Verify every drafted token up to the block length."""
-    return [min(len(b.token_ids), block_len) for b in blocks]
-
-
-@dataclass
-class CostModel:
-    """Seconds per target step by token count, and drafting seconds per step (the figure used
-    until the budget has timed drafting itself: see :meth:`AdaptiveBudget.observe_drafting`)."""
-
-    token_counts: list[int]
-    step_seconds: list[float]
-    draft_seconds: float = 0.0
-    measured_at: float = field(default_factory=time.time)
-
-    def describe(self) -> str:
-        """The profile as one line, e.g. ``1: 33.1, 2: 33.1, 8: 34.2``."""
-        return ", ".join(f"{t}: {s * 1e3:.1f}" for t, s in zip(self.token_counts, self.step_seconds))
-
-    def table(self, max_tokens: int) -> torch.Tensor:
-        """step_time[T] for T = 0..max_tokens, linearly interpolated (extrapolated past the end)."""
-        xs, ys = self.token_counts, self.step_seconds
-        out = torch.empty(max_tokens + 1, dtype=torch.float64)
-        for t in range(max_tokens + 1):
-            if t <= xs[0]:
-                out[t] = ys[0]
-                continue
-            i = next((k for k in range(1, len(xs)) if xs[k] >= t), len(xs) - 1)
-            x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
-            out[t] = y0 + (y1 - y0) * (t - x0) / max(1, x1 - x0)
-        return out
-
-
-def profile_step_costs(runner, token_counts: list[int] | None = None, repeats: int = 3) -> CostModel:
-    """Time one forward pass of T tokens (spread over requests of up to 8 tokens) for each T.
-
-    Uses the runner's last cache slots with dummy tokens from position 0 and releases them after
-    (a paged cache gives their blocks back); call it before serving (the slots are free then).
-
-    Noise only ever adds time, so each count keeps its fastest run.  The runs are interleaved:
-    after one warm-up pass over every count, ``repeats`` rounds time each count once, in
-    alternating order, so a slow spell of a shared host lands on several counts rather than on
-    every run of one.  The envelope is then taken from the largest count down (a count costs no
-    more than the fastest larger one): one count timed during a slow spell would otherwise lift
-    every count above it to its time, and a table flat from 1 to 8 tokens makes verification look
-    free.
-    """
-    cache = runner.cache
-    if token_counts is None:
-        cap = cache.n_slots * 8
-        # Every count a one-request verification can take (an anchor and up to 7 drafts: the
-        # budget's choices at low load turn on a few milliseconds between them), then doublings.
-        token_counts = sorted({t for t in (1, 2, 3, 4, 5, 6, 7, 8, 16, 32, 64, 128, 256, 512) if t <= cap} | {cap})
-    steps = []
-    for T in token_counts:
-        per = 8
-        n_req = min(cache.n_slots, -(-T // per))
-        q_lens = ([per] * (T // per) + ([T % per] if T % per else []))[:n_req]
-        slots = list(range(cache.n_slots - len(q_lens), cache.n_slots))
-        steps.append((slots, StepInput([1] * sum(q_lens), slots, [0] * len(q_lens), q_lens,
-                                       logits_rows=list(range(sum(q_lens))))))
-    best = [float("inf")] * len(steps)
-    for r in range(repeats + 1):  # round 0 warms up (compiles each shape); each run starts its slots over
-        order = range(len(steps)) if r % 2 == 0 else reversed(range(len(steps)))
-        for i in order:
-            slots, step = steps[i]
-            t0 = time.perf_counter()
-            runner.forward(step)
-            took = time.perf_counter() - t0
-            if r:
-                best[i] = min(best[i], took)
-            for slot in slots:
-                runner.release_slot(slot)
-    costs = CostModel(token_counts=list(token_counts), step_seconds=envelope_from_above(best))
-    log.info("verification step costs (tokens: ms): %s", costs.describe())
-    return costs
-
-
-def envelope_from_above(seconds: list[float]) -> list[float]:
-    """Non-decreasing step times from timings that noise only ever lengthens: each count costs
-    no more than the fastest larger count.
-
-        >>> envelope_from_above([0.045, 0.034, 0.036, 0.049])  # the 1-token run hit a slow spell
-        [0.034, 0.034, 0.036, 0.049]
-    """
-    out = list(seconds)
-    for i in range(len(out) - 2, -1, -1):
-        out[i] = min(out[i], out[i + 1])
-    return out
-
-
-class AdaptiveBudget:
-    """Per-step verification budget from confidences, a cost model and the current policy."""
-
-    # Steps whose deepest verification bounds the next draft depth: long enough that one shallow
-    # step does not cut the depth, short enough to follow load within a fraction of a second.
-    DEPTH_WINDOW = 8
-    # Every PROBE_EVERY-th step drafts the policy's whole depth whatever the window says: the
-    # window alone can only grow the depth by one past what was verified, so a budget that
-    # verified nothing for a while (a busy spell, a run of unconfident drafts) would otherwise
-    # never see a deep block again, and a block can pay as a whole where its first draft alone
-    # does not (the drafting cost is shared by the block).
-    PROBE_EVERY = 16
-
-    def __init__(self, costs: CostModel, policy: VerifyPolicy) -> None:
-        self.costs = costs
-        self.policy = policy
-        self._profile = self._table = costs.table(4096)
-        self._step_seconds: dict[int, float] = {}  # EMA of real forward seconds, by token count
-        self._new_steps = 0  # steps observed since the table was last corrected
-        self._history: collections.deque = collections.deque(maxlen=2)  # survivals of past steps
-        self._deepest: collections.deque = collections.deque(maxlen=self.DEPTH_WINDOW)  # max verified per step
-        self._draft_seconds: dict[int, float] = {}  # EMA of drafting seconds per step, by batch bucket
-        self._draft_seen: set[int] = set()  # buckets whose first (warm-up) drafting step was left out
-        self.verified_tokens = 0
-        self.steps = 0
-
-    def set_policy(self, policy: VerifyPolicy) -> None:
-        """Verify under ``policy`` from the next step on (its budget mode was checked when it was made)."""
-        self.policy = policy
-
-    def set_costs(self, costs: CostModel) -> None:
-        self.costs = costs
-        self._profile = self._table = costs.table(4096)
-        self._step_seconds.clear()
-
-    # Real steps correct the profile every this many steps (a table of 4k entries is rebuilt then).
-    CORRECT_EVERY = 8
-
-    def observe_step(self, num_tokens: int, seconds: float) -> None:
-        """The engine ran a forward pass of ``num_tokens`` tokens in ``seconds``, after this
-        budget chose that step's verification.
-
-        The profile times each count from position 0, on dummy tokens, in one burst; a real step
-        also attends over its requests' contexts and pays the engine's per-step work, and on this
-        CPU a 8-token verification at a few hundred positions of context cost about 20% more
-        than 5 tokens where the profile said 15%.  So each count's real steps are averaged, and
-        every ``CORRECT_EVERY`` steps the table becomes the profile times the ratio real/profile,
-        interpolated between the counts that ran (the nearest one's beyond them), kept
-        non-decreasing.
-
-            >>> b = AdaptiveBudget(CostModel([1, 8], [0.010, 0.012]), VerifyPolicy())
-            >>> for _ in range(8): b.observe_step(8, 0.024)  # real 8-token steps take twice the profile
-            >>> [round(float(b.step_table()[t]), 4) for t in (1, 8, 16)]  # 16: the profile's slope, doubled
-            [0.02, 0.024, 0.0286]
-        """
-        if num_tokens < 1 or num_tokens >= len(self._profile) or seconds <= 0:
-            return
-        old = self._step_seconds.get(num_tokens)
-        self._step_seconds[num_tokens] = seconds if old is None else 0.9 * old + 0.1 * seconds
-        self._new_steps += 1
-        if self._new_steps >= self.CORRECT_EVERY:
-            self._new_steps = 0
-            self._table = self._corrected()
-
-    def step_table(self) -> torch.Tensor:
-        """Seconds per forward pass by token count, as the budget uses it now (profile x real/profile)."""
-        return self._table
-
-    def _corrected(self) -> torch.Tensor:
-        counts = sorted(self._step_seconds)
-        xs = torch.tensor(counts, dtype=torch.float64)
-        ratio = torch.tensor([self._step_seconds[c] / max(float(self._profile[c]), 1e-9) for c in counts],
-                             dtype=torch.float64)
-        t = torch.arange(len(self._profile), dtype=torch.float64)
-        # Linear interpolation of the ratio between measured counts, constant beyond them.
-        i = torch.searchsorted(xs, t).clamp(1, max(1, len(counts) - 1))
-        if len(counts) == 1:
-            r = ratio.expand(len(t))
-        else:
-            x0, x1, r0, r1 = xs[i - 1], xs[i], ratio[i - 1], ratio[i]
-            r = (r0 + (r1 - r0) * ((t - x0) / (x1 - x0))).clamp(min(r0.min(), r1.min()), max(r0.max(), r1.max()))
-            r = torch.where(t <= xs[0], ratio[0], torch.where(t >= xs[-1], ratio[-1], r))
+        r = torch.from_numpy(np.interp(np.arange(len(self._profile)), counts, ratio))
         table = self._profile * r
         return torch.flip(torch.cummin(torch.flip(table, [0]), 0).values, [0])  # no count dearer than a larger one
 
@@ -432,6 +256,8 @@ class AdaptiveBudget:
             >>> b.drafting_seconds(3) == b.drafting_seconds(64) == b.drafting_seconds(1)  # the nearest bucket timed
             True
         """
+        if not self.learn:
+            return
         b = self._bucket(num_requests)
         if b not in self._draft_seen:
             self._draft_seen.add(b)

@@ -135,6 +135,14 @@ def test_real_steps_correct_the_profiled_costs():
     assert 0 < b(blocks(conf), 7)[0] < 7
     b.set_costs(CostModel(token_counts=[1, 8, 16], step_seconds=[1.0, 1.0, 2.0]))  # a new profile starts over
     assert float(b.step_table()[8]) == 1.0
+    # A cost curve set by hand stays as given: neither real steps nor drafting change it.
+    fixed = AdaptiveBudget(CostModel(token_counts=[1, 8, 16], step_seconds=[1.0, 1.0, 2.0], draft_seconds=0.5),
+                           VerifyPolicy(budget_mode="algorithm1", max_block_len=7), learn=False)
+    for _ in range(2 * AdaptiveBudget.CORRECT_EVERY):
+        fixed.observe_step(8, 3.0)
+        fixed.observe_drafting(1, 0.001)
+    assert float(fixed.step_table()[8]) == 1.0 and fixed.drafting_seconds(1) == 0.5
+    assert fixed(blocks(conf), 7) == [7]
 
 
 def test_step_cost_envelope_comes_from_the_larger_counts():

@@ -152,7 +152,7 @@ def test_greedy_speculative_output_equals_plain_decoding(v4, policy):
     budget policy; the drafter's own blocks (early, and after many steps of window updates and
     ring wrap-around: window 8) equal the draft recomputed from scratch."""
     _, ours = v4
-    budget = fixed_budget if policy == "fixed" else AdaptiveBudget(COSTS, VerifyPolicy(budget_mode=policy))
+    budget = fixed_budget if policy == "fixed" else AdaptiveBudget(COSTS, VerifyPolicy(budget_mode=policy), learn=False)
     eng, drafter = steered(ours, budget=budget)
     prompts = [ids(12, 2), ids(23, 3)]
     params = SamplingParams(max_tokens=120, ignore_eos=True)
@@ -251,7 +251,7 @@ def sampled_run(ours, policy: str, wrong_q: bool = False):
     from helpers.spec_stats import second_token_law
 
     runner, ctx = context(ours, n_slots=64, max_seq=32)
-    budget = fixed_budget if policy == "fixed" else AdaptiveBudget(COSTS, VerifyPolicy(budget_mode=policy))
+    budget = fixed_budget if policy == "fixed" else AdaptiveBudget(COSTS, VerifyPolicy(budget_mode=policy), learn=False)
     drafter = registry.build_drafter("v4-dspark", ctx, {})
     if wrong_q:  # draft from q, report q^2 renormalised
         right = drafter.propose

@@ -243,7 +243,7 @@ def test_sampled_second_token_follows_the_target(v4, policy):
     ours = v4[4]
     runner = LocalRunner(ours.model, RunnerConfig(n_slots=32, max_seq=64))
     ctx = registry.DraftContext(loaded=ours, args=ours.args, target_runner=runner, runner=runner.cfg)
-    budget = fixed_budget if policy == "fixed" else AdaptiveBudget(COSTS, VerifyPolicy(budget_mode=policy))
+    budget = fixed_budget if policy == "fixed" else AdaptiveBudget(COSTS, VerifyPolicy(budget_mode=policy), learn=False)
     eng = Engine(runner, ours.tokenizer, EngineConfig(max_batch=32, block_len=2, prefix_caching=False),
                  drafter=registry.build_drafter("mtp", ctx, {"depth": 2}), budget=budget)  # fmt: skip
     prompt, temp, n = ids(8, 14), 0.5, 256  # a prompt whose first token is likely at T = 0.5

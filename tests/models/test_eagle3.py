@@ -354,7 +354,7 @@ def test_sampled_second_token_follows_the_target_under_the_adaptive_budget(bigra
         # 64 requests per step: 32 ms for their 64 tokens, 0.25 ms per verified draft, so a draft
         # pays when its survival is above ~0.5.
         eng.budget = AdaptiveBudget(CostModel([1, 64, 128], [0.020, 0.032, 0.048]),
-                                    VerifyPolicy(budget_mode="algorithm1", max_block_len=3))
+                                    VerifyPolicy(budget_mode="algorithm1", max_block_len=3), learn=False)
         params = [SamplingParams(max_tokens=3, temperature=1.0, seed=s, ignore_eos=True) for s in range(n)]
         seqs = eng.generate([[x0]] * n, params)
         assert chisquare_pvalue(collections.Counter(s.output_ids[1] for s in seqs), law) > 1e-3

@@ -48,7 +48,7 @@ BLOCK = 4
 def _budget(policy: str):
     if policy == "fixed":
         return fixed_budget
-    return AdaptiveBudget(COSTS, VerifyPolicy(budget_mode=policy))
+    return AdaptiveBudget(COSTS, VerifyPolicy(budget_mode=policy), learn=False)
 
 
 @pytest.fixture(scope="module", params=list(DRAFTERS))
