@@ -172,10 +172,9 @@ def through_cluster(cfg: dict, levels: list[int], texts: list[str], max_tokens: 
 
     from dspark.cluster.config import ClusterConfig
     from dspark.cluster.local import APP_NAME, LocalCluster
-    from dspark.workers.runner import free_port
 
     t0 = time.perf_counter()
-    cluster = LocalCluster(ClusterConfig(**cfg), http_port=free_port()).start()
+    cluster = LocalCluster(ClusterConfig(**cfg), http_port=0).start()
     startup = time.perf_counter() - t0
     try:
         base = cluster.base_url + "/v1"

@@ -172,7 +172,7 @@ def main(levels, rates, seconds, max_tokens, depths, draft, slots, dtype, compil
     """Plain vs fixed depths vs adaptive verification across load levels, through the cluster."""
     from dspark.cluster.commands import _default_draft
     from dspark.cluster.local import LocalCluster
-    from dspark.workers.runner import deterministic_default, free_port
+    from dspark.workers.runner import deterministic_default
 
     draft = draft or _default_draft()
     if deterministic is None:
@@ -186,7 +186,7 @@ def main(levels, rates, seconds, max_tokens, depths, draft, slots, dtype, compil
         for name, depth, adaptive in configs if rnd % 2 == 0 else configs[::-1]:
             click.echo(f"== round {rnd + 1}, {name}: starting cluster", err=True)
             cfg = _cluster_cfg(depth, adaptive, draft, slots, dtype, compile_step, deterministic)
-            with LocalCluster(cfg, http_port=free_port()) as c:
+            with LocalCluster(cfg, http_port=0) as c:
                 asyncio.run(closed_loop(c.base_url, 1, 3.0, 8, True))  # warm-up
                 deepest = depth == max(int(d) for d in depths.split(",")) and not adaptive
                 for label, spec in [(name, True)] + ([("plain", False)] if deepest else []):

@@ -256,7 +256,6 @@ def main(clients, duration_s, max_tokens, draft, dtype, n_slots, max_seq, block_
     from dspark.cluster.config import ClusterConfig
     from dspark.cluster.local import LocalCluster
     from dspark.datasets import load_prompts
-    from dspark.workers.runner import free_port
 
     draft = _default_draft() if draft == "auto" else draft
     cfg = ClusterConfig(dtype=dtype, tp=1, draft=draft, draft_workers=draft_workers, block_len=block_len,
@@ -266,7 +265,7 @@ def main(clients, duration_s, max_tokens, draft, dtype, n_slots, max_seq, block_
     click.echo(f"soak: {clients} clients x {duration_s:.0f}s, max_tokens={max_tokens}, {dtype}, draft={draft}, "
                f"n_slots={n_slots}", err=True)
     t_start = time.perf_counter()
-    cluster = LocalCluster(cfg, http_port=free_port()).start(timeout_s=900)
+    cluster = LocalCluster(cfg, http_port=0).start(timeout_s=900)
     startup_s = time.perf_counter() - t_start
     try:
         # Warm-up: a few requests through every path before measuring memory.

@@ -38,7 +38,7 @@ def _causes(app_status) -> str:
 class LocalCluster:
     cfg: ClusterConfig
     host: str = "127.0.0.1"
-    http_port: int = 8000
+    http_port: int = 8000  # 0: a free port, chosen as Serve starts (again if something takes it first)
     redis_url: str | None = field(default=None, repr=False)  # None: start a private redis-server (see below)
     ray_cpus: int = 0  # logical CPUs for a local Ray (0: enough for fractional actors)
     env: dict[str, str] = field(default_factory=dict)  # extra env for every Ray worker
@@ -49,7 +49,19 @@ class LocalCluster:
     def base_url(self) -> str:
         return f"http://{self.host}:{self.http_port}"
 
+    # Serve starts this many times on fresh ports when the port chosen for it was taken meanwhile.
+    BIND_TRIES = 3
+
     def start(self, timeout_s: float = 600.0) -> "LocalCluster":
+        """Start Redis (unless given), Ray (unless running), Serve and the app; wait until healthy.
+        A start that fails stops what it started."""
+        try:
+            return self._start(timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self, timeout_s: float) -> "LocalCluster":
         import ray
         from ray import serve
 
@@ -91,7 +103,7 @@ class LocalCluster:
                     ray.shutdown()
                     ray.init(**kw)
             self._ray_started = True
-        serve.start(http_options={"host": self.host, "port": self.http_port})
+        self._start_serve()
         try:
             serve.run(build_app(dataclasses.asdict(cfg)), name=APP_NAME, route_prefix="/", blocking=False)
         except RuntimeError as e:  # Serve's message names the failed deployments, not why they failed
@@ -99,6 +111,28 @@ class LocalCluster:
             raise RuntimeError(f"{str(e).rstrip('.')}{_causes(status) if status is not None else ''}") from None
         self._wait_healthy(timeout_s)
         return self
+
+    def _start_serve(self) -> None:
+        """Serve's proxy binds the HTTP port.  A port picked here (``http_port=0``) is free when
+        picked but may be taken before the proxy binds it (Ray's own workers take ports as they
+        start): then Serve starts again on another one.  A port the caller named is not changed."""
+        from ray import serve
+
+        from dspark.workers.runner import free_port
+
+        pick = self.http_port == 0
+        for attempt in range(1, self.BIND_TRIES + 1):
+            port = free_port(self.host) if pick else self.http_port
+            try:
+                serve.start(http_options={"host": self.host, "port": port})
+            except Exception as e:  # noqa: BLE001 - the proxy's bind error reaches us wrapped in a RayTaskError
+                if not (pick and "Failed to bind" in str(e) and attempt < self.BIND_TRIES):
+                    raise
+                log.warning("Serve could not bind port %d (taken meanwhile); trying another", port)
+                serve.shutdown()
+                continue
+            self.http_port = port
+            return
 
     def _wait_healthy(self, timeout_s: float) -> None:
         from ray import serve

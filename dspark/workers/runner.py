@@ -419,9 +419,9 @@ def tp_rank_loop(runner: LocalRunner, backend: str, group=None) -> None:
         runner.forward(_decode(h, payload.cpu()))
 
 
-def free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 

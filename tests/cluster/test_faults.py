@@ -3,7 +3,8 @@ API key, internal token + TLS, bad input, OpenAPI fuzzing, /metrics, Redis loss,
 replica killed mid-stream, and graceful drain when the cluster stops.
 
 One cluster for the module (fp32, TP=1, ngram drafter on one draft worker), started with an
-API key, an internal token and TLS on the verifier <-> draft worker link.  Tests run in file
+API key, an internal token and TLS on the verifier <-> draft worker link, on an HTTP port
+taken by another socket between its choice and Serve's bind.  Tests run in file
 order; the destructive ones come last and the very last one stops the cluster.
 """
 
@@ -13,6 +14,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -51,7 +53,18 @@ def cluster(tmp_path_factory):
     }
     cfg = ClusterConfig(dtype="fp32", tp=1, draft="ngram", draft_workers=1, block_len=4, n_slots=8,
                         max_seq=MAX_SEQ, torch_threads=1, grpc_port=free_port(), block_timeout_s=20.0)
-    c = LocalCluster(cfg, http_port=free_port(), env=env).start(timeout_s=600)
+    # The port picked for Serve (http_port=0) is taken before Serve's proxy binds it, as Ray's
+    # own workers sometimes take one: Serve must start again on another, not fail the start.
+    import dspark.workers.runner as runner_mod
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    picks = [taken.getsockname()[1]]
+    with taken, pytest.MonkeyPatch.context() as mp:
+        mp.setattr(runner_mod, "free_port", lambda host="127.0.0.1": picks.pop() if picks else free_port(host))
+        c = LocalCluster(cfg, http_port=0, env=env).start(timeout_s=600)
+        assert not picks and c.http_port not in (0, taken.getsockname()[1])
     c.pki = pki
     yield c
     c.stop()
