@@ -25,6 +25,37 @@ if not torch.cuda.is_available():
 
 import pytest
 
+# ------------------------------------------------------------------ Parallel runs
+# `make test` runs two pytest-xdist workers.  Each module goes to one worker whole (its module
+# fixtures are built once, and its tests run in file order), and the modules that start a Ray
+# cluster all go to the same worker, one after another: two Ray clusters never run at once.
+# tests/cluster/test_ray_modules.py checks this list against the modules that start one.
+RAY_MODULES = frozenset({
+    "tests/cluster/test_cluster.py",
+    "tests/cluster/test_deepseek_v4_serve.py",
+    "tests/cluster/test_faults.py",
+    "tests/cluster/test_published_checkpoints.py",
+    "tests/cluster/test_router_hardening.py",
+})
+
+
+def work_scope(nodeid: str) -> str:
+    """The unit of work a worker takes whole: the module, or "ray" for every Ray module."""
+    path = nodeid.split("::", 1)[0]
+    return "ray" if path in RAY_MODULES else path
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByModule(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return work_scope(nodeid)
+
+    return ByModule(config, log)
+
+
 # ------------------------------------------------------------------ Redis
 # A real redis-server on a free 127.0.0.1 port, started by the tests
 # themselves (nothing on disk, gone when the session ends).
