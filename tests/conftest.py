@@ -47,11 +47,18 @@ def work_scope(nodeid: str) -> str:
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config, log):
+    if config.getvalue("dist") not in ("load", "loadscope"):  # another --dist asked for: xdist's own
+        return None
     from xdist.scheduler import LoadScopeScheduling
 
     class ByModule(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
             return work_scope(nodeid)
+
+        def _assign_work_unit(self, node) -> None:
+            if "ray" in self.workqueue:  # the longest unit first, so it does not end the run alone
+                self.workqueue.move_to_end("ray", last=False)
+            super()._assign_work_unit(node)
 
     return ByModule(config, log)
 

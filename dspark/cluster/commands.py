@@ -126,7 +126,7 @@ def serve(host, port, grpc_port, internal_host, redis_url, **kw):
         signal.signal(sig, lambda *_: stop.set())
     click.echo(f"starting DSpark ({cfg.draft} drafter, TP={cfg.tp}, {cfg.draft_workers} draft workers)...", err=True)
     try:
-        cluster.start()
+        cluster.start(stop_on_failure=False)
     except (RuntimeError, TimeoutError) as e:  # e.g. a drafter checkpoint the target cannot use
         # The reason first: Serve may take a minute to tear down the roles that did start.
         click.echo(f"Error: {e}", err=True)
@@ -158,10 +158,8 @@ def demo(max_tokens, port, redis_url, **kw):
     from openai import OpenAI
 
     from dspark.cluster.local import LocalCluster
-    from dspark.workers.runner import free_port
 
     cfg = make_config(**kw)
-    port = port or free_port()
     click.echo(f"starting the local DSpark cluster ({cfg.draft} drafter, {cfg.draft_workers} draft worker(s))...", err=True)
     with LocalCluster(cfg, http_port=port, redis_url=redis_url) as cluster:
         client = OpenAI(base_url=cluster.base_url + "/v1", api_key="demo")

@@ -34,6 +34,22 @@ def _causes(app_status) -> str:
     return "".join(f"; {c}" for c in causes)
 
 
+def _wait_serve_gone(timeout_s: float = 60.0) -> None:
+    """Until Serve's controller actor is gone: ``serve.shutdown()`` gives up waiting for it after
+    a while, and a ``serve.start`` that still finds it attaches to it, keeping its old port."""
+    import ray
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+        except ValueError:
+            return
+        time.sleep(0.5)
+    raise TimeoutError(f"Serve's controller still alive {timeout_s:.0f}s after serve.shutdown()")
+
+
 @dataclass
 class LocalCluster:
     cfg: ClusterConfig
@@ -44,6 +60,8 @@ class LocalCluster:
     env: dict[str, str] = field(default_factory=dict)  # extra env for every Ray worker
     _redis: object = None
     _ray_started: bool = False
+    _serve_started: bool = False
+    _picked_port: bool = False  # http_port was 0: picked at start, 0 again after stop
 
     @property
     def base_url(self) -> str:
@@ -52,13 +70,15 @@ class LocalCluster:
     # Serve starts this many times on fresh ports when the port chosen for it was taken meanwhile.
     BIND_TRIES = 3
 
-    def start(self, timeout_s: float = 600.0) -> "LocalCluster":
+    def start(self, timeout_s: float = 600.0, stop_on_failure: bool = True) -> "LocalCluster":
         """Start Redis (unless given), Ray (unless running), Serve and the app; wait until healthy.
-        A start that fails stops what it started."""
+        A start that fails stops what it started (unless ``stop_on_failure`` is False: the caller
+        reports the error first and calls ``stop()``, which can take a minute)."""
         try:
             return self._start(timeout_s)
         except BaseException:
-            self.stop()
+            if stop_on_failure:
+                self.stop()
             raise
 
     def _start(self, timeout_s: float) -> "LocalCluster":
@@ -92,6 +112,7 @@ class LocalCluster:
                 cpus = self.ray_cpus or max(16, 4 * (os.cpu_count() or 1))
                 kw = dict(num_cpus=cpus, include_dashboard=False, runtime_env={"env_vars": env},
                           logging_level=logging.WARNING, log_to_driver=bool(os.environ.get("DSPARK_RAY_LOGS")))
+                self._ray_started = True  # from here on, stop() shuts down whatever ray.init left
                 try:
                     ray.init(**kw)
                 except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception for this
@@ -120,9 +141,10 @@ class LocalCluster:
 
         from dspark.workers.runner import free_port
 
-        pick = self.http_port == 0
+        self._picked_port = pick = self._picked_port or self.http_port == 0
         for attempt in range(1, self.BIND_TRIES + 1):
             port = free_port(self.host) if pick else self.http_port
+            self._serve_started = True
             try:
                 serve.start(http_options={"host": self.host, "port": port})
             except Exception as e:  # noqa: BLE001 - the proxy's bind error reaches us wrapped in a RayTaskError
@@ -130,6 +152,7 @@ class LocalCluster:
                     raise
                 log.warning("Serve could not bind port %d (taken meanwhile); trying another", port)
                 serve.shutdown()
+                _wait_serve_gone()
                 continue
             self.http_port = port
             return
@@ -160,18 +183,22 @@ class LocalCluster:
         import ray
         from ray import serve
 
-        if ray.is_initialized():
-            try:
-                serve.delete(APP_NAME)
-                serve.shutdown()
-            except Exception as exc:
-                log.warning("serve shutdown: %s", exc)
+        if self._serve_started and ray.is_initialized():
+            for step in (lambda: serve.delete(APP_NAME), serve.shutdown):
+                try:
+                    step()
+                except Exception as exc:
+                    log.warning("serve shutdown: %s", exc)
+        self._serve_started = False
         if self._ray_started:
             ray.shutdown()
             self._ray_started = False
         if self._redis is not None:
             self._redis.close()
             self._redis = None
+            self.redis_url = None  # ours: a new start starts a new one
+        if self._picked_port:
+            self.http_port = 0
 
     def __enter__(self) -> "LocalCluster":
         return self.start()

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
@@ -202,7 +203,7 @@ class AdaptiveBudget:
             >>> [round(float(b.step_table()[t]), 4) for t in (1, 8, 16)]  # 16: the profile's slope, doubled
             [0.02, 0.024, 0.0286]
         """
-        if not self.learn or num_tokens < 1 or num_tokens >= len(self._profile) or seconds <= 0:
+        if not self.learn or num_tokens < 1 or num_tokens >= len(self._profile) or not 0 < seconds < math.inf:
             return
         old = self._step_seconds.get(num_tokens)
         self._step_seconds[num_tokens] = seconds if old is None else 0.9 * old + 0.1 * seconds

@@ -64,7 +64,11 @@ def cluster(tmp_path_factory):
     with taken, pytest.MonkeyPatch.context() as mp:
         mp.setattr(runner_mod, "free_port", lambda host="127.0.0.1": picks.pop() if picks else free_port(host))
         c = LocalCluster(cfg, http_port=0, env=env).start(timeout_s=600)
-        assert not picks and c.http_port not in (0, taken.getsockname()[1])
+        try:
+            assert not picks and c.http_port not in (0, taken.getsockname()[1])
+        except AssertionError:
+            c.stop()  # the next Ray module in this worker must not find this cluster
+            raise
     c.pki = pki
     yield c
     c.stop()
