@@ -46,7 +46,7 @@ def cluster():
                         speculation_gate=False)
     with pytest.MonkeyPatch.context() as env:
         env.delenv("DSPARK_INTERNAL_TOKEN", raising=False)
-        c = LocalCluster(cfg, http_port=free_port()).start(timeout_s=900)
+        c = LocalCluster(cfg, http_port=0).start(timeout_s=900)
         yield c
         c.stop()
 

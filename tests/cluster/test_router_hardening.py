@@ -251,11 +251,10 @@ COUNT = [{"role": "user", "content": "Count from 1 to 300, separated by commas."
 def cluster():
     from dspark.cluster.config import ClusterConfig
     from dspark.cluster.local import LocalCluster
-    from dspark.workers.runner import free_port
 
     cfg = ClusterConfig(dtype="fp32", draft="none", draft_workers=0, n_slots=4, max_seq=512, torch_threads=1,
                         http_body_timeout_s=CLUSTER_BODY_TIMEOUT_S, http_header_timeout_s=CLUSTER_HEADER_TIMEOUT_S)
-    c = LocalCluster(cfg, http_port=free_port()).start(timeout_s=600)
+    c = LocalCluster(cfg, http_port=0).start(timeout_s=600)
     yield c
     c.stop()
 
