@@ -13,6 +13,16 @@ The configurations run one after another, so a host whose speed drifts during th
 shared machine) would favour whichever ran in a fast spell: ``--rounds 2`` (the default) runs
 them a second time in reverse order and reports each figure as the mean of the two, which
 cancels a drift that is steady over the sweep; ``round_rows`` in the JSON keeps each round.
+
+``--interleave`` compares them on one cluster instead, in alternating slices: at each level,
+``--rounds`` slices of ``--seconds`` per configuration, the configurations' order rotating from
+one slice to the next.  The fixed depths and plain decoding are pinned policies (``dspark policy
+pin``: whole blocks of that depth, speculation gate off), adaptive is the scheduler's own policy
+with the pin lifted; each slice starts once the verifier has adopted its policy.  Drift then
+falls on every configuration alike, minutes apart no longer.  Differences from separate
+clusters: every configuration's drafter drafts at most the deepest depth's block (the verifier
+asks for the pinned depth only), and the adaptive budget's cost table and speculation gate keep
+what they learnt across slices, as a long-running cluster's would.
 """
 
 from __future__ import annotations
@@ -82,7 +92,9 @@ def _summarise(results: list[dict], wall: float) -> dict:
     }
 
 
-async def closed_loop(base: str, concurrency: int, seconds: float, max_tokens: int, speculative: bool) -> dict:
+async def closed_loop(base: str, concurrency: int, seconds: float, max_tokens: int, speculative: bool,
+                      raw: bool = False) -> dict:  # fmt: skip
+    """The level's summary, or with ``raw`` its requests' results and wall seconds."""
     import httpx
 
     url = base + "/v1/chat/completions"
@@ -97,7 +109,7 @@ async def closed_loop(base: str, concurrency: int, seconds: float, max_tokens: i
         t0 = time.perf_counter()
         await asyncio.gather(*(user(i) for i in range(concurrency)))
         wall = time.perf_counter() - t0
-    return _summarise(results, wall)
+    return {"results": results, "wall": wall} if raw else _summarise(results, wall)
 
 
 async def open_loop(base: str, rate: float, seconds: float, max_tokens: int, speculative: bool, seed: int = 0) -> dict:
@@ -140,6 +152,77 @@ def _gated(base: str, run) -> dict:
     return {**out, "spec_step_share": (s1 - s0) / steps if steps else None, "draft_depth": depth}
 
 
+# ------------------------------------------------------------------ interleaved on one cluster
+
+
+def _pins(depths: list[int]) -> dict[str, tuple[object, bool]]:
+    """Configuration -> (the policy pinned for it, None for the scheduler's own; whether its requests speculate)."""
+    from dspark.workers.scheduling import VerifyPolicy
+
+    fixed = lambda d: VerifyPolicy(max_block_len=d, budget_mode="fixed", speculation_gate=False)  # noqa: E731
+    out: dict[str, tuple[object, bool]] = {f"fixed{d}": (fixed(d), True) for d in depths}
+    out["plain"] = (fixed(max(depths)), False)  # as before: plain requests on the deepest fixed depth
+    out["adaptive"] = (None, True)
+    return out
+
+
+async def _apply_pin(base: str, redis_url: str, prefix: str, pin, timeout_s: float = 30.0) -> None:
+    """Pin ``pin`` (None: lift the pin) and return once every verifier runs the policy the
+    scheduler published for it afterwards (its version, as the router's /metrics reports it)."""
+    import httpx
+
+    from dspark.cluster.policy_command import pin_and_wait
+    from dspark.cluster.redis_state import RedisState, StateConfig
+
+    async with RedisState(StateConfig(url=redis_url, prefix=prefix)) as state:
+        want = max((await pin_and_wait(state, pin, timeout_s)).values(), default=0)
+    deadline = time.monotonic() + timeout_s
+    async with httpx.AsyncClient(timeout=30) as client:
+        while True:  # the verifiers poll their policy version every 0.25 s
+            text = (await client.get(base + "/metrics")).text
+            seen = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                    if line.startswith("dspark:policy_version{")]  # fmt: skip
+            if seen and min(seen) >= want:
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the verifiers did not adopt policy version {want} within {timeout_s:g} s")
+            await asyncio.sleep(0.05)
+
+
+def interleaved(cluster, names: list[str], pins: dict, levels: list[int], seconds: float, slices: int,
+                max_tokens: int) -> tuple[list[dict], list[dict]]:  # fmt: skip
+    """(rows, slice rows): each configuration's figures per level over its ``slices`` slices on
+    ``cluster``, the order of the configurations rotating by one from slice to slice."""
+    base, url, prefix = cluster.base_url, cluster.redis_url, cluster.cfg.redis_prefix
+    rows, slice_rows = [], []
+    for conc in levels:
+        got: dict[str, dict] = {n: {"results": [], "wall": 0.0, "spec": 0.0, "plain": 0.0, "depth": None}
+                                for n in names}  # fmt: skip
+        for k in range(slices):
+            for name in names[k % len(names):] + names[: k % len(names)]:
+                pin, spec = pins[name]
+                asyncio.run(_apply_pin(base, url, prefix, pin))
+                s0, p0, _ = _gate_counts(base)
+                out = asyncio.run(closed_loop(base, conc, seconds, max_tokens, spec, raw=True))
+                s1, p1, depth = _gate_counts(base)
+                g = got[name]
+                g["results"] += out["results"]
+                g["wall"] += out["wall"]
+                g["spec"], g["plain"] = g["spec"] + s1 - s0, g["plain"] + p1 - p0
+                g["depth"] = depth if pin is None else None  # the adaptive budget's depth at the slice's end
+                slice_rows.append({"config": name, "loop": "closed", "level": conc, "slice": k + 1,
+                                   **_summarise(out["results"], out["wall"])})  # fmt: skip
+                click.echo(table([slice_rows[-1]], list(slice_rows[-1])), err=True)
+        for name in names:
+            g = got[name]
+            steps = g["spec"] + g["plain"]
+            rows.append({"config": name, "loop": "closed", "level": conc, **_summarise(g["results"], g["wall"]),
+                         "spec_step_share": g["spec"] / steps if steps else None,
+                         "draft_depth": g["depth"], "rounds": slices})  # fmt: skip
+    asyncio.run(_apply_pin(base, url, prefix, None))
+    return rows, slice_rows
+
+
 def _cluster_cfg(depth: int, adaptive: bool, draft: str, slots: int, dtype: str, compile_step: bool = False,
                  deterministic: bool = False):  # fmt: skip
     from dspark.cluster.config import ClusterConfig
@@ -165,10 +248,13 @@ def _cluster_cfg(depth: int, adaptive: bool, draft: str, slots: int, dtype: str,
 @click.option("--rounds", type=click.IntRange(1, 8), default=2, show_default=True,
               help="passes over the configurations, every other one in reverse order (cancels a host "
                    "that speeds up or slows down during the sweep); figures are the rounds' means")
+@click.option("--interleave", is_flag=True,
+              help="every configuration on one cluster, in alternating slices (pinned policies; closed loop "
+                   "only): --rounds slices of --seconds per configuration and level")
 @click.option("--json", "json_path", default=None)
 @click.option("--plot", "plot_path", default=None, help="PNG of the per-user vs aggregate frontier")
 def main(levels, rates, seconds, max_tokens, depths, draft, slots, dtype, compile_step, deterministic, rounds,
-         json_path, plot_path):  # fmt: skip
+         interleave, json_path, plot_path):  # fmt: skip
     """Plain vs fixed depths vs adaptive verification across load levels, through the cluster."""
     from dspark.cluster.commands import _default_draft
     from dspark.cluster.local import LocalCluster
@@ -182,7 +268,19 @@ def main(levels, rates, seconds, max_tokens, depths, draft, slots, dtype, compil
     rates_l = [float(x) for x in rates.split(",") if x]
     configs = [(f"fixed{d}", int(d), False) for d in depths.split(",")] + [("adaptive", max(int(d) for d in depths.split(",")), True)]
     raw = []
-    for rnd in range(rounds):
+    if interleave:
+        if rates_l:
+            raise click.UsageError("--interleave compares closed-loop levels only: pass --rates ''")
+        depths_l = [int(d) for d in depths.split(",")]
+        pins = _pins(depths_l)
+        names = ["plain"] + [f"fixed{d}" for d in depths_l] + ["adaptive"]
+        cfg = _cluster_cfg(max(depths_l), True, draft, slots, dtype, compile_step, deterministic)
+        click.echo(f"== one cluster, {len(names)} configurations interleaved, {rounds} slices of {seconds:g} s each",
+                   err=True)  # fmt: skip
+        with LocalCluster(cfg, http_port=0) as c:
+            asyncio.run(closed_loop(c.base_url, 1, 3.0, 8, True))  # warm-up
+            rows, raw = interleaved(c, names, pins, levels_l, seconds, rounds, max_tokens)
+    for rnd in range(0 if interleave else rounds):
         for name, depth, adaptive in configs if rnd % 2 == 0 else configs[::-1]:
             click.echo(f"== round {rnd + 1}, {name}: starting cluster", err=True)
             cfg = _cluster_cfg(depth, adaptive, draft, slots, dtype, compile_step, deterministic)
@@ -200,7 +298,8 @@ def main(levels, rates, seconds, max_tokens, depths, draft, slots, dtype, compil
                             s = asyncio.run(open_loop(c.base_url, rate, seconds, max_tokens, spec))
                             raw.append({"config": label, "loop": "open", "level": rate, "round": rnd + 1, **s})
                             click.echo(table([raw[-1]], list(raw[-1])), err=True)
-    rows = combine_rounds(raw)
+    if not interleave:
+        rows = combine_rounds(raw)
     cols = ["config", "loop", "level", "requests", "errors", "per_user_tok_s", "aggregate_tok_s", "itl_p50_ms",
             "itl_p99_ms", "verified_per_step", "acceptance_length", "spec_step_share", "draft_depth"]
     click.echo(table(rows, cols))
@@ -209,7 +308,8 @@ def main(levels, rates, seconds, max_tokens, depths, draft, slots, dtype, compil
         click.echo(line)
     out = write_json(json_path, "load.json", {"draft": draft, "dtype": dtype, "compile": compile_step,
                                               "deterministic": deterministic, "seconds": seconds,
-                                              "max_tokens": max_tokens, "rounds": rounds, "rows": rows,
+                                              "max_tokens": max_tokens, "rounds": rounds,
+                                              "interleave": interleave, "rows": rows,
                                               "round_rows": raw, "verdict": lines})
     click.echo(f"wrote {out}")
     _plot(rows, plot_path or str(RESULTS / "load.png"))

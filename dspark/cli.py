@@ -1,4 +1,4 @@
-"""`dspark` command line: generate | serve | demo | bench | train-draft | export-draft | make-model.
+"""`dspark` command line: generate | serve | demo | policy | bench | train-draft | export-draft | make-model.
 
 Subcommands live next to what they drive and are imported only when invoked, so `dspark --help`
 stays fast and a command never pays for another's heavy imports (ray, grpc, transformers).
@@ -22,6 +22,7 @@ COMMANDS = {
     "train-draft": ("dspark.train.commands:train_draft", "Train a DSpark draft head by self-distillation."),
     "export-draft": ("dspark.train.export:export_draft", "Write a draft head in a published format (DeepSpec's, speculators')."),
     "make-model": ("dspark.models.commands:make_model", "Write a random-weight model folder (DeepSeek-V4) for demos."),
+    "policy": ("dspark.cluster.policy_command:policy", "Pin, lift or show a running cluster's verification policy."),
 }
 BENCHMARKS = {
     "engine": ("bench.engine:main", "Decode tokens/s vs Hugging Face, and the bandwidth floor."),

@@ -11,9 +11,13 @@ All names live under a configurable prefix P (default "dspark"):
     P:policy_version:<group>     string  policy version counter (INCR)
     P:policy:<group>             hash    {version, policy (JSON without version), published_at}
     P:policy_updates:<group>     channel pub/sub poke; the message is the new version number
+    P:policy_pin                 string  JSON policy (without version) an operator pinned for
+                                         every group; absent: the scheduler computes them
 
 Who writes what: every role heartbeats; routers count arrivals; verifier groups store their
-demand; the scheduler publishes policies (version, hash and poke in one script). Readers:
+demand; the scheduler publishes policies (version, hash and poke in one script); an operator
+(`dspark policy pin`, `bench load --interleave`) may pin one policy, which the scheduler then
+publishes for every group instead of the one demand calls for. Readers:
 the scheduler reads verifiers' heartbeats, all demand and the arrival rate; verifier groups
 read drafters' heartbeats (their draft workers' addresses) and poll their policy's version.
 Nothing in dspark reads routers' or the scheduler's heartbeats, arrivals_total or the
@@ -84,6 +88,9 @@ class Keys:
 
     def policy_channel(self, group: str) -> str:
         return f"{self.prefix}:policy_updates:{group}"
+
+    def policy_pin(self) -> str:
+        return f"{self.prefix}:policy_pin"
 
 
 # Publishing a policy, atomically: INCR the version (never below the publisher's last

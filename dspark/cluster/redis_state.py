@@ -92,6 +92,11 @@ def redis_errors() -> tuple[type[BaseException], ...]:
     return (rex.ConnectionError, rex.TimeoutError, ConnectionError, TimeoutError, OSError)
 
 
+def _policy_body(policy: VerifyPolicy) -> str:
+    """A policy as stored in Redis: its JSON without the version (Redis numbers publications)."""
+    return json.dumps({k: v for k, v in policy.to_dict().items() if k != "version"}, sort_keys=True, allow_nan=False)
+
+
 class RedisState:
     """Async access to the cluster state. One instance per process is enough.
 
@@ -327,11 +332,7 @@ class RedisState:
         instance published for the group. Returns the policy with its version.
         """
         check_name("group", group)
-        body = json.dumps(
-            {k: v for k, v in policy.to_dict().items() if k != "version"},
-            sort_keys=True,
-            allow_nan=False,
-        )
+        body = _policy_body(policy)
         keys = [self.keys.policy_version(group), self.keys.policy(group)]
         args = [body, self._last_published.get(group, 0), repr(time.time()), self.keys.policy_channel(group)]
         version = int(await self.run("publish_policy", lambda: self._publish_script(keys=keys, args=args)))
@@ -343,6 +344,26 @@ class RedisState:
         check_name("group", group)
         value = await self.run("get_policy_version", lambda: self._redis.get(self.keys.policy_version(group)))
         return int(value or 0)
+
+    async def pin_policy(self, policy: VerifyPolicy | None) -> None:
+        """Pin ``policy`` for every verifier group (the scheduler publishes it at its next round
+        instead of the policy demand calls for), or with None lift the pin."""
+        key = self.keys.policy_pin()
+        if policy is None:
+            await self.run("unpin_policy", lambda: self._redis.delete(key))
+            return
+        body = _policy_body(policy)
+        await self.run("pin_policy", lambda: self._redis.set(key, body))
+
+    async def get_policy_pin(self) -> VerifyPolicy | None:
+        """The pinned policy (version 0), or None when nothing is pinned."""
+        raw = await self.run("get_policy_pin", lambda: self._redis.get(self.keys.policy_pin()))
+        if raw is None:
+            return None
+        try:
+            return VerifyPolicy.from_json(raw)
+        except ValueError as exc:
+            raise ValueError(f"malformed pinned policy: {exc}") from exc
 
     async def get_policy(self, group: str) -> VerifyPolicy | None:
         """The latest published policy for `group`, or None if none was published."""

@@ -13,6 +13,8 @@ rate, and publishes a versioned policy per group (key + pub/sub poke; see ``redi
 Within the policy, each verifier still picks per-step budgets from its own profiled cost table
 (Algorithm 1), so the scheduler sets the envelope and the verifier the exact admission.
 A per-user speed target, when set, caps the batch of a group whose users fall below it.
+An operator may pin one policy for every group (``RedisState.pin_policy``; ``dspark policy pin``):
+while the pin stands the scheduler publishes it instead, and it still tracks the pressure.
 """
 
 from __future__ import annotations
@@ -92,6 +94,7 @@ class GlobalScheduler:
         self.member = member
         self._pressure: dict[str, float] = {}
         self.published: dict[str, VerifyPolicy] = {}
+        self._bad_pin: str | None = None  # the error of a malformed pin, once logged
         self.rounds = 0
 
     async def tick(self) -> dict[str, VerifyPolicy]:
@@ -101,6 +104,14 @@ class GlobalScheduler:
         demand = await self.state.all_demand()
         rate = await self.state.arrival_rate(window_s=10)
         groups = [g for g in demand if g in verifiers] or list(verifiers)
+        try:
+            pin = await self.state.get_policy_pin()
+        except ValueError as exc:  # a malformed pin is ignored, not obeyed in part
+            if str(exc) != self._bad_pin:  # once per distinct pin, not every round
+                log.warning("scheduler: ignoring the pinned policy: %s", exc)
+            self._bad_pin, pin = str(exc), None
+        else:
+            self._bad_pin = None
         for g in groups:
             d = demand.get(g) or Demand()
             slots = int((verifiers.get(g) or {}).get("n_slots", self.cfg.default_slots))
@@ -110,7 +121,7 @@ class GlobalScheduler:
             prev = self._pressure.get(g, raw)
             p = raw if raw >= prev else a * raw + (1 - a) * prev
             self._pressure[g] = p
-            policy = compute_policy(p, self.cfg, d, slots)
+            policy = pin if pin is not None else compute_policy(p, self.cfg, d, slots)
             lost = g in self.published and await self.state.get_policy_version(g) == 0  # Redis restarted
             if lost or not same_policy(self.published.get(g), policy):
                 self.published[g] = await self.state.publish_policy(g, policy)

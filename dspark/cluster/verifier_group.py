@@ -112,6 +112,7 @@ class VerifierGroup:
         if p.version and (self.budget.policy.version != p.version):
             self.budget.set_policy(p)
             self.engine.max_batch = max(1, min(self.cfg.n_slots, p.max_batch_size))
+            self.engine.gate_enabled = p.speculation_gate
 
     def routing_stats(self) -> dict:
         """Headroom for the router: free request capacity under the current policy."""

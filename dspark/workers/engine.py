@@ -83,6 +83,7 @@ class Engine:
         self.drafter = drafter
         self.budget = budget
         self.gate = gate  # None: always speculate when a drafter is configured
+        self.gate_enabled = True  # False: the gate is set aside (a policy that turns it off); it keeps its counts
         self.n_slots = n_slots or runner.cache.n_slots
         self.max_seq = max_seq or runner.cache.max_seq
         # Prefix reuse, with drafters that need no observe() of the reused tokens (not those that
@@ -317,9 +318,10 @@ class Engine:
         self.num_steps += 1
         self.last_step_tokens = plan.num_tokens
         self.last_step_seconds = time.perf_counter() - t0
-        if self.gate is not None and n_decode:  # waits for blocks are the speculative arm's; see the gate
+        gate = self._gate()
+        if gate is not None and n_decode:  # waits for blocks are the speculative arm's; see the gate
             emitted = sum(len(e.emitted) for e in plan.decoding)
-            self.gate.record(n_decode, speculate and self.drafter is not None, emitted,
+            gate.record(n_decode, speculate and self.drafter is not None, emitted,
                              self.last_step_seconds + self._awaited_seconds, measured=not plan.has_prefill)
         self._awaited_seconds = 0.0
         # The next step's arm is chosen before the drafter hears this step's tokens: a remote
@@ -395,9 +397,14 @@ class Engine:
         The gate sees only past steps, so whether a step speculates never depends on its drafts.
         """
         chosen, self._next_speculate = self._next_speculate, None
-        if self.gate is None or not decode:
+        gate = self._gate()
+        if gate is None or not decode:
             return True
-        return chosen if chosen is not None else self.gate.speculate(len(decode))
+        return chosen if chosen is not None else gate.speculate(len(decode))
+
+    def _gate(self) -> SpeculationGate | None:
+        """The speculation gate in force: None without one or while a policy sets it aside."""
+        return self.gate if self.gate_enabled else None
 
     def _choose_next(self) -> None:
         """Ask the gate now about the next step, and tell each request whether a block is wanted.
@@ -411,8 +418,9 @@ class Engine:
         nxt = [s for s in self.running if not s.finished and s.num_cached >= len(s.prompt_ids)]
         if not nxt:
             return
-        if self.gate is not None:
-            self._next_speculate = self.gate.speculate(len(nxt))
+        gate = self._gate()
+        if gate is not None:
+            self._next_speculate = gate.speculate(len(nxt))
         depth = self._draft_depth()
         for s in nxt:
             s.wants_block = self._next_speculate is not False
@@ -439,9 +447,12 @@ class Engine:
         if self.drafter is None or not e.tokens:
             return  # a follower's prompt was observed with its leader's
         for f in e.seq.followers if e.prefill else ():  # they share this prefill: same tokens and features
-            if not f.finished:
+            if not f.finished and f.draft_enabled:
                 self.drafter.observe(f, e.kept, None if feats is None else feats[: len(e.kept)], None)
-        if e.seq.finished:
+        # A request that never drafts (``speculative: false``, or its drafter gone) is not shown to
+        # the drafter: a remote one would otherwise draft a block for it every step, on cores the
+        # verifier may share, and receive its features for nothing.
+        if e.seq.finished or not e.seq.draft_enabled:
             return
         kept = e.kept
         feats = None if feats is None else feats[: len(kept)]

@@ -170,6 +170,9 @@ class VerifyPolicy:
     """Most requests in one verification step."""
     target_tokens_per_s_per_user: float = 0.0
     """Per-user speed the budget should keep (tok/s/user); 0 means no target."""
+    speculation_gate: bool = True
+    """Whether the verifier's speculation gate may choose plain steps (adaptive verifiers);
+    False: every step with a drafter speculates, as under a fixed depth."""
 
     def __post_init__(self) -> None:
         _check_int("version", self.version, 0)
@@ -183,6 +186,8 @@ class VerifyPolicy:
             "target_tokens_per_s_per_user",
             _check_float("target_tokens_per_s_per_user", self.target_tokens_per_s_per_user, 0.0),
         )
+        if not isinstance(self.speculation_gate, bool):
+            raise ValueError(f"speculation_gate must be a bool, got {self.speculation_gate!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

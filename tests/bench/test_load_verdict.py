@@ -33,3 +33,20 @@ def test_plain_counts_among_the_others():
                                 _row("adaptive", 1, 31.5, 29.0)])
     (line,) = load.verdict(rows, [1])
     assert "1.05x the best of the others (fixed7)" in line and "per user = 0.97x (fixed7)" in line
+
+
+def test_interleaved_configurations_pin_what_separate_clusters_ran():
+    """--interleave: fixed depths and plain are pinned fixed-depth policies with the speculation
+    gate off (plain: the deepest depth, requests not speculative); adaptive lifts the pin.  Open
+    loops are refused in one line (the slices compare closed-loop levels)."""
+    from click.testing import CliRunner
+
+    pins = load._pins([2, 4, 7])
+    assert list(pins) == ["fixed2", "fixed4", "fixed7", "plain", "adaptive"]
+    for name, depth in (("fixed2", 2), ("fixed4", 4), ("fixed7", 7), ("plain", 7)):
+        pin, speculative = pins[name]
+        assert (pin.max_block_len, pin.budget_mode, pin.speculation_gate) == (depth, "fixed", False)
+        assert speculative == (name != "plain")
+    assert pins["adaptive"] == (None, True)
+    out = CliRunner().invoke(load.main, ["--interleave", "--rates", "1"])
+    assert out.exit_code == 2 and "--rates ''" in out.output and "Traceback" not in out.output

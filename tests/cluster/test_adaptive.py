@@ -90,6 +90,51 @@ def test_scheduler_publishes_policy_that_follows_demand_in_redis(redis_server, r
     assert relaxed.version > busy.version and relaxed.max_block_len == 7
 
 
+def test_a_pinned_policy_is_published_instead_and_lifting_it_restores_the_schedulers(redis_server, redis_prefix):
+    """`dspark policy pin`'s path: the scheduler publishes the pin for every live group, whatever
+    the demand, and goes back to its own policy once the pin is lifted; a malformed pin stored by
+    hand is ignored, not obeyed in part; pin_and_wait returns once the scheduler has published."""
+    from dspark.cluster.policy_command import pin_and_wait
+    from dspark.cluster.policy_follower import PolicyFollower
+    from dspark.cluster.redis_state import RedisState, StateConfig
+
+    pin = VerifyPolicy(max_block_len=3, budget_mode="fixed", speculation_gate=False)
+
+    async def run():
+        async with RedisState(StateConfig(url=redis_server.url, prefix=redis_prefix)) as st:
+            sched = GlobalScheduler(st, SchedulerConfig(max_block_len=7, interval_s=0.05))
+            for g in ("g1", "g2"):
+                await st.heartbeat("verifier", g, {"n_slots": 8})
+                await st.put_demand(g, Demand(active_requests=8, queued_requests=24, step_latency_s=0.05))
+            follower = PolicyFollower(st, "g1")
+            await sched.tick()
+            own = await follower.refresh()
+            ticking = asyncio.create_task(sched.run(stop_after=10))
+            versions = await pin_and_wait(st, pin, timeout_s=5)
+            pinned = await follower.refresh()
+            other = await st.get_policy("g2")
+            again = await pin_and_wait(st, pin, timeout_s=5)  # the same pin: nothing changes
+            lifted_versions = await pin_and_wait(st, None, timeout_s=5)
+            lifted = await follower.refresh()
+            await st.pin_policy(None)
+            ticking.cancel()
+            await st._redis.set(st.keys.policy_pin(), '{"max_block_len": 0}')
+            before = (await st.get_policy("g1")).version
+            await sched.tick()
+            after_bad = await st.get_policy("g1")
+            return own, versions, pinned, other, again, lifted_versions, lifted, before, after_bad
+
+    own, versions, pinned, other, again, lifted_versions, lifted, before, after_bad = asyncio.run(run())
+    assert own.budget_mode == "algorithm1" and own.max_block_len == 2  # busy: the scheduler's own
+    assert set(versions) == {"g1", "g2"} and pinned.version == versions["g1"] > own.version
+    assert (pinned.max_block_len, pinned.budget_mode, pinned.speculation_gate) == (3, "fixed", False)
+    assert other.max_block_len == 3 and not other.speculation_gate  # every group
+    assert again == versions
+    assert lifted.version == lifted_versions["g1"] > pinned.version
+    assert (lifted.max_block_len, lifted.budget_mode, lifted.speculation_gate) == (2, "algorithm1", True)
+    assert after_bad.version == before and after_bad.budget_mode == "algorithm1"  # the bad pin is not obeyed
+
+
 def test_profile_step_costs_is_monotone(model_fp32):
     runner = LocalRunner(model_fp32.model, RunnerConfig(n_slots=4, max_seq=64))
     costs = profile_step_costs(runner, token_counts=[1, 4, 16, 32], repeats=1)

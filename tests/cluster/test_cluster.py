@@ -168,6 +168,45 @@ def _alive(cluster, role):
     return asyncio.run(run())
 
 
+def _gauge(cluster, name: str) -> float | None:
+    import httpx
+
+    for line in httpx.get(cluster.base_url + "/metrics", timeout=30).text.splitlines():
+        if line.startswith(f"dspark:{name}{{"):
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+def test_a_pinned_policy_reaches_the_verifier_and_lifting_it_restores_the_schedulers(cluster, client, reference):
+    """`dspark policy pin` through the scheduler to the verifier: blocks drafted and verified at the
+    pinned depth (2 of the cluster's 5), output unchanged; after `unpin` the scheduler's own policy."""
+    import re
+
+    from click.testing import CliRunner
+
+    from dspark.cli import main
+
+    where = ["--redis-url", cluster.redis_url, "--redis-prefix", cluster.cfg.redis_prefix]
+
+    def change(*args) -> int:
+        out = CliRunner().invoke(main, ["policy", *args, *where, "--wait", "30"], catch_exceptions=False)
+        assert out.exit_code == 0 and "published: " in out.output, out.output
+        version = max(int(v) for v in re.findall(r" v(\d+)", out.output))
+        deadline = time.monotonic() + 30
+        while (_gauge(cluster, "policy_version") or 0) < version and time.monotonic() < deadline:
+            time.sleep(0.1)  # the verifier polls its policy every 0.25 s
+        assert _gauge(cluster, "policy_version") >= version
+        return version
+
+    pinned = change("pin", "--depth", "2", "--budget", "fixed", "--no-gate")
+    assert _chat(client, PROMPTS[0]).choices[0].message.content == reference[PROMPTS[0]]
+    assert _gauge(cluster, "draft_depth") == 2
+    assert change("unpin") > pinned
+    assert _chat(client, PROMPTS[1]).choices[0].message.content == reference[PROMPTS[1]]
+    shown = CliRunner().invoke(main, ["policy", "show", *where], catch_exceptions=False).output
+    assert '"pinned": null' in shown and '"budget_mode": "algorithm1"' in shown, shown
+
+
 def test_adaptive_policy_published_and_redis_restart(cluster, client, reference):
     """The scheduler's policy reaches the verifier; killing Redis loses no request; all resumes."""
     deadline = time.monotonic() + 30

@@ -179,6 +179,23 @@ def test_policy_versions_increment_and_poke_subscribers(redis_server, redis_pref
     run(body())
 
 
+def test_a_pinned_policy_round_trips_and_lifts(redis_server, redis_prefix) -> None:
+    async def body():
+        async with make_state(redis_server, redis_prefix) as st:
+            assert await st.get_policy_pin() is None
+            pin = VerifyPolicy(version=9, max_block_len=3, speculation_gate=False)
+            await st.pin_policy(pin)
+            got = await st.get_policy_pin()
+            assert got == VerifyPolicy(max_block_len=3, speculation_gate=False)  # stored without a version
+            await st.pin_policy(None)
+            assert await st.get_policy_pin() is None
+            await st._redis.set(st.keys.policy_pin(), "[1]")
+            with pytest.raises(ValueError, match="malformed pinned policy"):
+                await st.get_policy_pin()
+
+    run(body())
+
+
 def test_policy_json_is_validated() -> None:
     p = VerifyPolicy(version=3, max_block_len=5, survival_floor=0.5, budget_mode="production",
                max_batch_size=32, target_tokens_per_s_per_user=60)  # fmt: skip
@@ -194,6 +211,8 @@ def test_policy_json_is_validated() -> None:
         '{"survival_floor": "0.5"}',
         '{"target_tokens_per_s_per_user": Infinity}',
         '{"version": -1}',
+        '{"speculation_gate": "no"}',
+        '{"speculation_gate": 0}',
         '"policy"',
         "cos\nsystem\n(S'echo'\ntR.",  # a pickle is just invalid JSON here
     ):
@@ -287,3 +306,47 @@ def test_keys_live_under_the_prefix() -> None:
     assert all(n.startswith("px:") for n in names) and len(set(names)) == len(names)
     with pytest.raises(ValueError):
         StateConfig(prefix="")
+
+
+def test_policy_cli_pins_shows_and_lifts_with_one_line_errors(redis_server, redis_prefix) -> None:
+    import json
+
+    from click.testing import CliRunner
+
+    from dspark.cli import main
+
+    cli = CliRunner()
+    where = ["--redis-url", redis_server.url, "--redis-prefix", redis_prefix]
+
+    def call(*args):
+        return cli.invoke(main, ["policy", *args], catch_exceptions=False)
+
+    out = call("pin", *where, "--depth", "4", "--no-gate")
+    assert out.exit_code == 0 and "published" not in out.output, out.output
+    shown = json.loads(call("show", *where).output)
+    assert shown["pinned"]["max_block_len"] == 4 and shown["pinned"]["speculation_gate"] is False
+    assert shown["pinned"]["budget_mode"] == "fixed" and shown["published"] == {}
+    # --wait with no live verifier group returns at once and says so.
+    assert "no verifier group is alive" in call("unpin", *where, "--wait", "5").output
+    assert json.loads(call("show", *where).output)["pinned"] is None
+    bad = [
+        (["pin", *where, "--depth", "0"], 2, "--depth"),
+        (["pin", *where, "--depth", "3", "--budget", "yolo"], 2, "--budget"),
+        (["pin", *where, "--depth", "3", "--survival-floor", "1.5"], 2, "--survival-floor"),
+        (["show", "--redis-url", "redis://127.0.0.1:1/0"], 1, "redis unreachable"),
+        (["show", "--redis-url", "nonsense://x"], 1, "Redis URL"),
+        (["show", *where[2:]], 2, "no Redis"),
+    ]
+    env = {"DSPARK_REDIS_URL": ""}
+    for args, code, words in bad:
+        out = cli.invoke(main, ["policy", *args], env=env)
+        assert out.exit_code == code and words in out.output, (args, out.output)
+        assert "Traceback" not in out.output and isinstance(out.exception, (SystemExit, type(None))), out.exception
+    run(_set_raw(redis_server, redis_prefix, '{"max_block_len": 0}'))
+    out = cli.invoke(main, ["policy", "show", *where])
+    assert out.exit_code == 1 and "malformed pinned policy" in out.output, out.output
+
+
+async def _set_raw(server, prefix: str, text: str) -> None:
+    async with make_state(server, prefix) as st:
+        await st._redis.set(st.keys.policy_pin(), text)

@@ -222,6 +222,26 @@ def test_engine_gate_settles_on_the_faster_arm(setup, wrong):
         assert seq.metrics.num_accepted_tokens > 0
 
 
+def test_a_gate_set_aside_lets_every_step_speculate_and_learns_nothing(setup):
+    """A pinned policy with ``speculation_gate`` off (the verifier sets ``gate_enabled``): a gate
+    measured to prefer plain decoding is neither asked nor told, and every step speculates."""
+    runner, tok, prompt, plain = setup
+    gate = SpeculationGate(explore_every=4, warmup_steps=1, explore_run=2)
+    for spec, seconds in [(True, 60.0), (False, 0.001)] * 2:  # speculation measured hopeless
+        gate.record(1, spec, 1.0, seconds)
+    counts = (gate.speculative_steps, gate.plain_steps, gate.rates())
+    drafter = _Script(plain, wrong=False, delay_s=0.0)
+    eng = Engine(runner, tok, EngineConfig(max_batch=1, block_len=4), drafter=drafter, gate=gate)
+    eng.gate_enabled = False
+    seq = eng.generate([prompt], SamplingParams(max_tokens=40, ignore_eos=True))[0]
+    assert seq.output_ids == plain[:40]
+    assert seq.metrics.num_drafts == eng.num_steps - 1 > 0  # every step after the prompt's speculated
+    assert (gate.speculative_steps, gate.plain_steps, gate.rates()) == counts
+    eng.gate_enabled = True  # back in force: the gate chooses plain steps again
+    seq = eng.generate([prompt], SamplingParams(max_tokens=40, ignore_eos=True))[0]
+    assert seq.output_ids == plain[:40] and gate.plain_steps > counts[1]
+
+
 def test_remote_drafter_drafts_nothing_for_plain_steps(setup):
     """The gate chooses the next step's arm before the step's tokens go to the draft worker, so a
     worker is asked for a block only ahead of speculative steps (it used to draft after every
@@ -243,6 +263,29 @@ def test_remote_drafter_drafts_nothing_for_plain_steps(setup):
         # One block per speculative step, at most: none for the plain ones.
         assert 0 < server.servicer.blocks_served <= gate.speculative_steps, (
             server.servicer.blocks_served, gate.speculative_steps, gate.plain_steps)
+    finally:
+        drafter.close()
+        server.stop()
+
+
+def test_a_request_that_does_not_speculate_is_never_drafted_for(setup):
+    """``speculative: false`` beside a speculative request: the draft worker serves blocks for
+    the speculative one only (it used to draft for both every step, and receive the plain one's
+    tokens, on cores it may share with the verifier)."""
+    from dspark.workers.draft_worker import DraftWorkerServer
+    from dspark.workers.drafters.remote import RemoteDrafter, RemoteDrafterConfig
+
+    runner, tok, prompt, plain = setup
+    server = DraftWorkerServer(lambda: _Script(plain, wrong=False, delay_s=0.0)).start()
+    drafter = RemoteDrafter([server.address], RemoteDrafterConfig(kind="scripted"), block_len=4)
+    try:
+        eng = Engine(runner, tok, EngineConfig(max_batch=1, block_len=4), drafter=drafter)
+        seq = eng.generate([prompt], SamplingParams(max_tokens=24, ignore_eos=True, speculative=False))[0]
+        assert seq.output_ids == plain[:24] and seq.metrics.num_drafts == 0
+        assert server.servicer.blocks_served == 0
+        seq = eng.generate([prompt], SamplingParams(max_tokens=24, ignore_eos=True))[0]
+        assert seq.output_ids == plain[:24] and seq.metrics.num_drafts > 0
+        assert server.servicer.blocks_served > 0  # the same worker drafts for a speculative request
     finally:
         drafter.close()
         server.stop()
