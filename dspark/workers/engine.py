@@ -84,6 +84,10 @@ class Engine:
         self.budget = budget
         self.gate = gate  # None: always speculate when a drafter is configured
         self.gate_enabled = True  # False: the gate is set aside (a policy that turns it off); it keeps its counts
+        # The batch size the gate judges a step by: the larger of the step's and the previous
+        # step's, so a one-step dip (a finished request not yet replaced) keeps its bucket.
+        self._gate_prev_size = 0
+        self._gate_size = 0  # the size the coming step was decided with (its record() uses it)
         self.n_slots = n_slots or runner.cache.n_slots
         self.max_seq = max_seq or runner.cache.max_seq
         # Prefix reuse, with drafters that need no observe() of the reused tokens (not those that
@@ -321,7 +325,7 @@ class Engine:
         gate = self._gate()
         if gate is not None and n_decode:  # waits for blocks are the speculative arm's; see the gate
             emitted = sum(len(e.emitted) for e in plan.decoding)
-            gate.record(n_decode, speculate and self.drafter is not None, emitted,
+            gate.record(self._gate_size or n_decode, speculate and self.drafter is not None, emitted,
                              self.last_step_seconds + self._awaited_seconds, measured=not plan.has_prefill)
         self._awaited_seconds = 0.0
         # The next step's arm is chosen before the drafter hears this step's tokens: a remote
@@ -400,7 +404,12 @@ class Engine:
         gate = self._gate()
         if gate is None or not decode:
             return True
-        return chosen if chosen is not None else gate.speculate(len(decode))
+        return chosen if chosen is not None else gate.speculate(self._gate_batch(len(decode)))
+
+    def _gate_batch(self, n: int) -> int:
+        """The batch size the gate decides the coming step by (see ``_gate_size``)."""
+        self._gate_size, self._gate_prev_size = max(n, self._gate_prev_size), n
+        return self._gate_size
 
     def _gate(self) -> SpeculationGate | None:
         """The speculation gate in force: None without one or while a policy sets it aside."""
@@ -420,7 +429,7 @@ class Engine:
             return
         gate = self._gate()
         if gate is not None:
-            self._next_speculate = gate.speculate(len(nxt))
+            self._next_speculate = gate.speculate(self._gate_batch(len(nxt)))
         depth = self._draft_depth()
         for s in nxt:
             s.wants_block = self._next_speculate is not False

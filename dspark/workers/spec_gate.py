@@ -20,11 +20,19 @@ and how often the drafts are accepted for today's traffic.  So the gate measures
   arm for a run of ``explore_run`` steps (one settling, the rest measured; their mean replaces
   that arm's old average) every ``explore_every``-th step of a bucket.  A run whose arm came out
   clearly behind (by ``confirm_margin``) doubles that interval, up to ``max_explore_every``, so
-  a settled choice pays little for its probes; a run whose arm came out ahead (the gate
-  switches) starts the new incumbent's probes at ``explore_every`` again.  A close run keeps
-  the interval: a few steps are a noisy sample (a speculative step emits 1 to 8 tokens), and
-  resetting on every close sample kept a clear but moderate lead (plain at 0.8x speculation at
-  4 requests through the cluster) probing every 16 steps, 18% of all steps.
+  a settled choice pays little for its probes.  A run whose arm came out ahead is extended once
+  by as many measured steps, and the gate switches only if the longer sample still leads: four
+  steps are a noisy sample (a speculative step emits 1 to 8 tokens), and through the cluster at
+  4 requests, with speculation at 0.77x of plain, a lucky run switched the gate to speculation
+  for some 150 steps.  A switch, at the end of a run or because the incumbent's own average fell
+  behind the other's, starts the new incumbent's probes at ``explore_every`` again.  A close run
+  keeps the interval: resetting on every close sample kept a clear but moderate lead (plain at
+  0.8x speculation at 4 requests through the cluster) probing every 16 steps, 18% of all steps.
+* the engine asks and reports with the larger of the step's batch size and the previous
+  step's, so a batch that shrinks for one step keeps its bucket.  Under a closed loop a finished
+  request is replaced a step later, and at 4 requests those one-step dips to 3 were decided by
+  the 2-3 bucket (mostly unmeasured steps), each one a switch to the other arm and back: two
+  settling steps.
 * a bucket not yet measured on both arms decides from the nearest one that is, and its own
   exploration runs measure it (batch sizes seen only for a step or two while finished requests
   are replaced never completed a warm-up: their steps are mostly settling steps or share a
@@ -68,6 +76,7 @@ class _Probe:
     left: int = 0  # steps of the current run still to take
     arm: bool = False  # the arm the current run explores
     judge: bool = False  # a run ended: compare the arms at the next step
+    extended: bool = False  # the current run was extended once to confirm a lead
     best: bool | None = None  # the incumbent arm (None: none yet)
 
 
@@ -140,18 +149,26 @@ class SpeculationGate:
             p.left -= 1
             p.judge = p.left == 0
             return p.arm
-        # Keep the incumbent unless the other arm is ahead by the margin: a switch costs a
-        # settling step, and a small lead is mostly noise.
-        if p.best is None or abs(spec_rate - plain_rate) > self.confirm_margin * max(spec_rate, plain_rate):
-            p.best = spec_rate >= plain_rate
-        best = p.best
-        if p.judge:  # the run just ended: clearly behind backs off, a switch starts over, close keeps
+        margin = self.confirm_margin * max(spec_rate, plain_rate)
+        if p.judge:  # the run just ended: clearly behind backs off, ahead is confirmed, close keeps
             p.judge = False
             explored, other = (spec_rate, plain_rate) if p.arm else (plain_rate, spec_rate)
+            if explored - other > margin and not p.extended and p.best is not None:
+                # Ahead on a short sample: measure as many steps again (the arm's average goes
+                # on from the run's steps) before paying for a switch.
+                p.extended, p.left, p.judge = True, self.explore_run - 2, self.explore_run == 2
+                return p.arm
+            p.extended = False
             if explored < (1 - self.confirm_margin) * other:
                 p.every = min(2 * p.every, self.max_explore_every)
-            elif best == p.arm:
-                p.every = self.explore_every
+        # Keep the incumbent unless the other arm is ahead by the margin: a switch costs a
+        # settling step, and a small lead is mostly noise.  A switch probes the old arm soon.
+        if p.best is None or abs(spec_rate - plain_rate) > margin:
+            best = spec_rate >= plain_rate
+            if best != p.best:
+                p.every, p.tick = self.explore_every, 0
+            p.best = best
+        best = p.best
         p.tick += 1
         if p.tick < p.every:
             return best

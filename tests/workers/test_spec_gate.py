@@ -41,7 +41,7 @@ def test_gate_keeps_batch_sizes_apart_and_recovers():
             g.speculate(n), g.record(n, spec, tokens, seconds)
     assert g.speculate(1) and not g.speculate(16)
     # Speculation at 16 becomes cheap (say, a copy-heavy stretch): an exploration run notices.
-    for _ in range(16):  # a run of 5 notices; 4 steps on, a run of 5 probes plain again
+    for _ in range(24):  # a run of 5 notices, 4 more confirm; 4 steps on, a run of 5 probes plain again
         spec = g.speculate(16)
         g.record(16, spec, 60.0 if spec else 16.0, 0.3 if spec else 0.2)
     assert g.speculate(16)
@@ -164,6 +164,74 @@ def test_gate_keeps_probing_a_close_second_rarely():
 
         arms = _simulate(SpeculationGate(), 3000, cost)[100:]
         assert arms.count(False) < 0.06 * len(arms), (seed, arms.count(False))
+
+
+def test_gate_confirms_a_lucky_run_before_switching():
+    """Plain leads (80 tok/s against speculation's 60), but one exploration run of speculation
+    happens to measure 100 tok/s.  A run that comes out ahead is extended by as many steps, whose
+    mean (80) is no lead: the gate stays on plain.  (Switching on the four lucky steps put the
+    gate on speculation until its next probe of plain, 16 steps at 0.75x.)"""
+    g = SpeculationGate(warmup_steps=1)
+    lucky = iter([100.0] * 4)
+
+    def cost(arm: bool, prev: bool | None, step: int) -> tuple[float, float]:
+        if not arm:
+            return 8.0, 0.1
+        return 6.0, 6.0 / (next(lucky, 60.0) if prev and step > 10 else 60.0)  # after the warm-up
+
+    arms = _simulate(g, 200, cost)
+    spec_steps = [i for i, a in enumerate(arms) if a and i > 10]
+    assert spec_steps[:9] == list(range(spec_steps[0], spec_steps[0] + 9)), spec_steps  # run of 5, 4 more
+    assert not arms[spec_steps[0] + 9]  # then plain again, not a switch
+    runs = "".join("s" if a else "." for a in arms[11:]).split(".")
+    assert max(map(len, runs)) == 9, runs  # no stretch of speculation beyond a run and its extension
+
+
+def test_gate_probes_the_old_arm_soon_after_its_own_average_flips_it():
+    """The incumbent (plain) slows down for a stretch until it falls behind the other arm's old
+    average: the gate switches to speculation and must check plain again within ``explore_every``
+    steps (it used to wait out the backed-off interval, by then 128 steps)."""
+    g = SpeculationGate(warmup_steps=1)
+
+    def cost(arm: bool, prev: bool | None, step: int) -> tuple[float, float]:
+        if arm:
+            return 7.0, 0.1  # 70 tok/s
+        return 8.0, 0.1 if not 600 <= step < 700 else 0.2  # 80 tok/s; 40 for a hundred steps
+
+    arms = _simulate(g, 800, cost)
+    flip = next(i for i in range(600, 700) if arms[i] and arms[i + 5] and arms[i + 10])  # on speculation
+    assert not all(arms[flip : flip + g.explore_every + g.explore_run]), flip  # plain probed soon
+    assert arms[-50:].count(False) >= 35  # and, plain fast again, back on it (with probes)
+
+
+def test_engine_judges_a_one_step_dip_by_the_batch_before(model_fp32):
+    """When a request finishes, the gate is asked about the next step with the batch size of the
+    step before (a closed loop replaces it a step later); a lasting change counts a step later.
+    Each step is reported with the size it was decided by."""
+    tok = model_fp32.tokenizer
+    runner = LocalRunner(model_fp32.model, RunnerConfig(n_slots=3, max_seq=256))
+
+    class Sizes(SpeculationGate):
+        asked: list = []
+        told: list = []
+
+        def speculate(self, n):
+            self.asked.append(n)
+            return super().speculate(n)
+
+        def record(self, n, *a, **k):
+            self.told.append(n)
+            super().record(n, *a, **k)
+
+    gate = Sizes(warmup_steps=1)
+    prompt = tok.encode_chat([{"role": "user", "content": "Count to ten."}])
+    eng = Engine(runner, tok, EngineConfig(max_batch=3, block_len=2), drafter=_Script([], wrong=True, delay_s=0.0),
+                 gate=gate)  # fmt: skip
+    eng.generate([prompt] * 3, [SamplingParams(max_tokens=m, ignore_eos=True) for m in (8, 30, 30)])
+    assert gate.asked == gate.told  # one question and one report per decoding step
+    # Wrong drafts: one token per request and step.  The short request's 8 tokens take the
+    # prompt's step and 7 decoding steps of 3 requests; the first step of 2 is judged as 3.
+    assert gate.asked == [3] * 8 + [2] * 21, gate.asked
 
 
 def test_gate_refuses_bad_settings():
