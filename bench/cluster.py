@@ -1,7 +1,7 @@
 """`dspark bench cluster`: per-user and aggregate tokens/s through the full cluster vs in-process.
 
     dspark bench cluster [--concurrency 1,8,32] [--max-tokens N] [--requests N] [--repeats N]
-                         [--draft KIND] [--block N] [--json FILE]
+                         [--draft KIND] [--block N] [--verify-policy adaptive|fixed] [--json FILE]
 
 Three systems, same model, dtype (bf16), drafter, block length and engine settings (KV slots,
 longest request, chunked-prefill budget: ``ClusterConfig``'s defaults), greedy:
@@ -13,7 +13,10 @@ longest request, chunked-prefill budget: ``ClusterConfig``'s defaults), greedy:
 * in-process, speculative and plain: ``build_engine`` in one process, no HTTP, no gRPC.
 
 The drafter is the cluster's default: hybrid (the DSpark head or prompt lookup, per request and
-step) when a head ships for the default model, else ngram (prompt lookup).  The in-process
+step) when a head ships for the default model, else ngram (prompt lookup).  Verification is
+``dspark serve``'s default, adaptive (the global scheduler's policy and the speculation gate;
+in process, the budget's default policy and the gate), or ``--verify-policy fixed`` (whole blocks,
+every step: the figure before this option existed).  The in-process
 engine gets the torch threads the cluster gives its verifier.
 
 Load: at concurrency c, c users each send a request, wait for its answer and send the next (a
@@ -45,10 +48,11 @@ import click
 from bench.common import run_isolated, table, write_json
 
 
-def _config(draft: str, block: int | None, compile_step: bool = False) -> dict:
+def _config(draft: str, block: int | None, compile_step: bool = False, verify_policy: str = "fixed") -> dict:
     from dspark.cluster.config import ClusterConfig
 
-    kw = {"draft": draft, "draft_workers": 1, "tp": 1, "dtype": "bf16", "compile": compile_step}
+    kw = {"draft": draft, "draft_workers": 1, "tp": 1, "dtype": "bf16", "compile": compile_step,
+          "verify_policy": verify_policy}
     if block is not None:
         kw["block_len"] = block
     return dataclasses.asdict(ClusterConfig(**kw))
@@ -87,7 +91,8 @@ def in_process(cfg: dict, speculative: bool, levels: list[int], texts: list[str]
     spec = EngineSpec(model=cfg["model"], dtype=cfg["dtype"], device=cfg["device"], tp=cfg["tp"],
                       draft=cfg["draft"] if speculative else "none", block_len=cfg["block_len"],
                       runner=RunnerConfig(n_slots=cfg["n_slots"], max_seq=cfg["max_seq"], compile=cfg["compile"]),
-                      max_prefill_tokens=cfg["max_prefill_tokens"], draft_options=tuple(cfg["draft_options"].items()))
+                      max_prefill_tokens=cfg["max_prefill_tokens"], draft_options=tuple(cfg["draft_options"].items()),
+                      verify_policy=cfg["verify_policy"], speculation_gate=cfg["speculation_gate"])
     built = build_engine(spec, progress=False)
     eng = built.engine
     tok = built.loaded.tokenizer
@@ -253,7 +258,10 @@ def through_cluster(cfg: dict, levels: list[int], texts: list[str], max_tokens: 
 @click.option("--compile/--no-compile", "compile_step", default=False, show_default=True,
               help="verifiers and in-process engines with the compiled step (the `dspark serve` default)")
 @click.option("--json", "json_path", default=None, help="output (default bench/results/cluster.json)")
-def main(concurrency, max_tokens, min_requests, repeats, draft, block, compile_step, json_path):
+@click.option("--verify-policy", type=click.Choice(["fixed", "adaptive"]), default="adaptive", show_default=True,
+              help="the cluster's and the in-process engines' (adaptive: `dspark serve`'s default; in process "
+                   "without the global scheduler, so under the budget's default policy)")
+def main(concurrency, max_tokens, min_requests, repeats, draft, block, compile_step, verify_policy, json_path):
     """Through the full cluster vs in-process speculative and plain decoding, side by side."""
     from dspark.cluster.config import ClusterConfig
     from dspark.cluster.commands import _default_draft
@@ -261,10 +269,11 @@ def main(concurrency, max_tokens, min_requests, repeats, draft, block, compile_s
     t_begin = time.perf_counter()
     load_start = os.getloadavg()
     levels = [int(c) for c in concurrency.split(",")]
-    cfg = _config(draft or _default_draft(), block, compile_step)
+    cfg = _config(draft or _default_draft(), block, compile_step, verify_policy)
     threads = ClusterConfig(**cfg).threads()
     texts = _texts(max(max(levels), min_requests))
-    click.echo(f"drafter {cfg['draft']}, block {cfg['block_len']}, {cfg['draft_workers']} draft worker, tp {cfg['tp']}, "
+    click.echo(f"drafter {cfg['draft']}, block {cfg['block_len']}, {verify_policy} verification, "
+               f"{cfg['draft_workers']} draft worker, tp {cfg['tp']}, "
                f"{cfg['dtype']}, {threads} torch thread(s) per compute process, {max_tokens} new tokens, "
                f"levels {levels}, {repeats} cluster run(s)", err=True)
     kw = {"cfg": cfg, "levels": levels, "texts": texts, "max_tokens": max_tokens, "min_requests": min_requests}

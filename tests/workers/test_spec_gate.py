@@ -234,6 +234,25 @@ def test_engine_judges_a_one_step_dip_by_the_batch_before(model_fp32):
     assert gate.asked == [3] * 8 + [2] * 21, gate.asked
 
 
+def test_gate_backs_off_faster_the_further_behind_the_probed_arm_is():
+    """64 requests through the cluster: speculation at 0.69x of plain.  After the first run the
+    interval grows 8x (a gap of three margins), not 2x: the next run comes 128 steps later
+    instead of 32, 64 and 128 steps later in turn.  At 0.85x (a gap of 1.5 margins) it doubles."""
+
+    def starts(ratio: float) -> list[int]:
+        def cost(arm: bool, prev: bool | None, step: int) -> tuple[float, float]:
+            if not arm:
+                return 64.0, 64 / 232
+            return (108.8, 108.8 / (232 * ratio)) if prev else (30.0, 0.5)
+
+        arms = _simulate(SpeculationGate(), 700, cost)
+        return [i for i in range(10, len(arms)) if arms[i] and not arms[i - 1]]
+
+    far, near = starts(0.69), starts(0.85)  # a run of 5 steps, then the interval (its last step starts the next)
+    assert [b - a for a, b in zip(far, far[1:])] == [4 + 128, 4 + 256, 4 + 256], far  # the cap
+    assert [b - a for a, b in zip(near, near[1:])][:3] == [4 + 32, 4 + 64, 4 + 128], near
+
+
 def test_gate_refuses_bad_settings():
     with pytest.raises(ValueError):
         SpeculationGate(explore_every=1)
