@@ -86,8 +86,8 @@ class Engine:
         self.gate_enabled = True  # False: the gate is set aside (a policy that turns it off); it keeps its counts
         # The batch size the gate judges a step by: the larger of the step's and the previous
         # step's, so a one-step dip (a finished request not yet replaced) keeps its bucket.
-        self._gate_prev_size = 0
-        self._gate_size = 0  # the size the coming step was decided with (its record() uses it)
+        self._gate_prev_size = 0  # decoding requests of the last step, 0 when idle or the gate was set aside
+        self._gate_size = 0  # the size the coming step was decided with (its record() uses it; 0: not asked)
         self.n_slots = n_slots or runner.cache.n_slots
         self.max_seq = max_seq or runner.cache.max_seq
         # Prefix reuse, with drafters that need no observe() of the reused tokens (not those that
@@ -277,6 +277,7 @@ class Engine:
         """
         self._admit()
         if not self.running:
+            self._gate_prev_size = 0  # idle: the next batch is judged by its own size
             return []
         t0 = time.perf_counter()
         prefill, decode = self._partition()
@@ -328,6 +329,8 @@ class Engine:
             gate.record(self._gate_size or n_decode, speculate and self.drafter is not None, emitted,
                              self.last_step_seconds + self._awaited_seconds, measured=not plan.has_prefill)
         self._awaited_seconds = 0.0
+        # The size the next step is judged by starts from this step's (0 while the gate is set aside).
+        self._gate_size, self._gate_prev_size = 0, n_decode if gate is not None else 0
         # The next step's arm is chosen before the drafter hears this step's tokens: a remote
         # drafter reads seq.wants_block then, to draft only ahead of a speculative step.
         self._choose_next()
@@ -407,8 +410,9 @@ class Engine:
         return chosen if chosen is not None else gate.speculate(self._gate_batch(len(decode)))
 
     def _gate_batch(self, n: int) -> int:
-        """The batch size the gate decides the coming step by (see ``_gate_size``)."""
-        self._gate_size, self._gate_prev_size = max(n, self._gate_prev_size), n
+        """The batch size the gate decides the coming step by: the larger of ``n`` and the
+        decoding requests of the last step the gate was in force for (see ``_gate_size``)."""
+        self._gate_size = max(n, self._gate_prev_size)
         return self._gate_size
 
     def _gate(self) -> SpeculationGate | None:

@@ -100,9 +100,10 @@ class SpeculationGate:
 
     def __init__(self, explore_every: int = 16, decay: float = 0.97, warmup_steps: int = 3,
                  explore_run: int = 5, max_explore_every: int = 256, confirm_margin: float = 0.1) -> None:  # fmt: skip
-        if explore_every < 2 or not 0 <= decay < 1 or warmup_steps < 1 or explore_run < 2:
-            raise ValueError("explore_every >= 2, 0 <= decay < 1, warmup_steps >= 1 and explore_run >= 2 "
-                             "are required")
+        if (explore_every < 2 or not 0 <= decay < 1 or warmup_steps < 1 or explore_run < 2
+                or not 0 < confirm_margin < 1):  # fmt: skip
+            raise ValueError("explore_every >= 2, 0 <= decay < 1, warmup_steps >= 1, explore_run >= 2 and "
+                             "0 < confirm_margin < 1 are required")
         self.explore_every = explore_every
         self.max_explore_every = max(explore_every, max_explore_every)
         self.explore_run = explore_run  # one settling step, then measured ones

@@ -232,6 +232,19 @@ def test_engine_judges_a_one_step_dip_by_the_batch_before(model_fp32):
     # Wrong drafts: one token per request and step.  The short request's 8 tokens take the
     # prompt's step and 7 decoding steps of 3 requests; the first step of 2 is judged as 3.
     assert gate.asked == [3] * 8 + [2] * 21, gate.asked
+    # A size from before the gate was set aside is not carried over: three requests decode with
+    # the gate aside until the short one finishes; back in force, the gate is asked about 2.
+    gate.asked.clear(), gate.told.clear()
+    seqs = [eng.add_request(prompt, SamplingParams(max_tokens=m, ignore_eos=True)) for m in (3, 12, 12)]
+    eng.step(), eng.step()  # the prompts, then a step of 3 with the gate in force
+    eng.gate_enabled = False
+    while not seqs[0].finished:
+        eng.step()
+    eng.gate_enabled = True
+    eng.run_until_done()
+    # Asked at the end of the prompt's step and of the step of 3 (that answer lapses: set aside).
+    assert gate.asked[:2] == [3, 3] and set(gate.asked[2:]) == {2}, gate.asked
+    assert gate.told == [3] + gate.asked[2:], gate.told
 
 
 def test_gate_backs_off_faster_the_further_behind_the_probed_arm_is():
@@ -258,6 +271,8 @@ def test_gate_refuses_bad_settings():
         SpeculationGate(explore_every=1)
     with pytest.raises(ValueError):
         SpeculationGate(explore_run=1)  # a run of one step is all settling: nothing measured
+    with pytest.raises(ValueError):
+        SpeculationGate(confirm_margin=0.0)  # the back-off is measured in margins
 
 
 def test_gate_doctests():
