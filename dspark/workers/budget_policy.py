@@ -244,11 +244,12 @@ class AdaptiveBudget:
         return max(1, num_requests).bit_length()  # 1, 2-3, 4-7, ...: batches drafted at alike cost
 
     def observe_drafting(self, num_requests: int, seconds: float) -> None:
-        """The engine drafted blocks for ``num_requests`` requests in ``seconds`` of its own time
-        (drafting in the engine's process: it adds to the step), after this step's verification
-        was chosen.  Remote drafting overlaps verification and is not reported; the cost model's
-        fixed figure stands for it.  A bucket's first report is left out (it may carry one-off
-        warm-up costs, which would make verification look free for dozens of steps).
+        """Drafting for ``num_requests`` requests cost the engine ``seconds`` this step, reported
+        after this step's verification was chosen: its own time for drafting in its process, the
+        time it waited for the blocks of a remote drafter (near nothing under load, where the
+        worker drafts while other requests verify; the whole round trip at one request).  A
+        bucket's first report is left out (it may carry one-off warm-up costs, which would make
+        verification look free for dozens of steps).
 
             >>> b = AdaptiveBudget(CostModel([1], [0.01]), VerifyPolicy())
             >>> b.observe_drafting(1, 0.5)  # the first drafting step of one request: warm-up

@@ -525,13 +525,18 @@ class Engine:
             observe(num_tokens, seconds)
 
     def _report_drafting(self) -> None:
-        """Tell a budget that weighs drafting what this step's drafting took, after it chose this
-        step's verification (so no choice ever depends on its own drafts, even through their
-        timing).  Drafting in this process adds to the step; a remote drafter's overlaps it and
-        is not reported."""
+        """Tell a budget that weighs drafting what this step's drafting cost the verifier, after
+        it chose this step's verification (so no choice ever depends on its own drafts, even
+        through their timing).  Drafting in this process adds its own time to the step.  A remote
+        drafter's costs what the verifier waited for its blocks: the steps that only waited and
+        the wait inside this one.  Under load its drafting overlaps the other requests' steps and
+        that is about nothing; at one request the next block needs this step's tokens, so the
+        verifier waits for the whole round trip, which the budget must count as it counts
+        in-process drafting, or it takes each verified draft for dearer than it is."""
         observe = getattr(self.budget, "observe_drafting", None)
-        if observe is not None and self.last_drafted_requests and not isinstance(self.drafter, AsyncDrafter):
-            observe(self.last_drafted_requests, self.last_draft_seconds)
+        if observe is not None and self.last_drafted_requests:
+            waited = self._awaited_seconds if isinstance(self.drafter, AsyncDrafter) else 0.0
+            observe(self.last_drafted_requests, self.last_draft_seconds + waited)
 
     def _draft_depth(self) -> int:
         """Drafts per block for the coming step: the block length, or less when the budget would
