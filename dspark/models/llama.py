@@ -52,7 +52,8 @@ class Numerics:
     takes another kernel than a product of 2..1,024 rows (the 1,536-wide down projection
     rounds about 1 element in 7,000 differently); with AMX, products of 2..32 rows agree with
     each other, but from 33 rows on some rows round differently (about 1 row in 10).  So
-    one-row products run as two identical rows, and larger ones in blocks of ``ROW_BLOCK``.
+    one-row products run as several identical rows (packed ones as ``packing.MIN_ROWS`` rows,
+    others as two), and larger ones in blocks of ``ROW_BLOCK``.
     """
 
     ROW_BLOCK = 32
@@ -64,10 +65,10 @@ class Numerics:
         """``layer(x)`` for x: [T, in]; with ``row_invariant``, products of 2..ROW_BLOCK rows."""
         if not self.row_invariant:
             return layer(x)
+        if isinstance(layer, PackedLinear):  # blocks inside the (compiler-opaque) product, which
+            return layer(x, row_block=self.ROW_BLOCK)  # also runs one row as MIN_ROWS >= 2 rows
         if x.shape[0] == 1:
             return self.linear(layer, torch.cat((x, x)))[:1]
-        if isinstance(layer, PackedLinear):  # blocks inside the (compiler-opaque) product
-            return layer(x, row_block=self.ROW_BLOCK)
         if x.shape[0] <= self.ROW_BLOCK:
             return layer(x)
         return torch.cat([layer(c) for c in x.split(self.ROW_BLOCK)])
