@@ -55,6 +55,9 @@ def cluster_options(f):
         click.option("--kv-layout", "kv_layout", type=click.Choice(["slot", "paged"]), default="slot", show_default=True,
                      help="the verifier's KV cache: one region per request, or blocks from a pool (memory follows the "
                           "tokens held)"),
+        click.option("--torch-threads", "torch_threads", type=click.IntRange(min=0), default=0, show_default=True,
+                     help="torch threads of each compute process (verifier ranks, draft workers); 0: this host's "
+                          "cores divided among them"),
         click.option("--cuda-graphs/--no-cuda-graphs", "cuda_graphs", default=None,
                      help="replay the verifier's decode and verification steps from CUDA graphs, captured at "
                           "start-up (default: on with CUDA for Llama-family models on the slot layout, one rank, "

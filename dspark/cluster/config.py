@@ -80,8 +80,8 @@ class ClusterConfig:
         cfg = cls(**args)
         if cfg.verify_policy not in ("fixed", "adaptive"):
             raise ValueError("verify_policy must be fixed or adaptive")
-        if cfg.tp < 1 or cfg.block_len < 0 or cfg.draft_workers < 0:
-            raise ValueError("tp >= 1, block_len >= 0 and draft_workers >= 0 are required")
+        if cfg.tp < 1 or cfg.block_len < 0 or cfg.draft_workers < 0 or cfg.torch_threads < 0:
+            raise ValueError("tp >= 1, block_len >= 0, draft_workers >= 0 and torch_threads >= 0 are required")
         if cfg.draft_stream_quota < 0 or cfg.draft_idle_release_s <= 0:
             raise ValueError("draft_stream_quota >= 0 and draft_idle_release_s > 0 are required")
         if cfg.kv_layout not in ("slot", "paged"):

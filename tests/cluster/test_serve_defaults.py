@@ -61,3 +61,21 @@ def test_serve_defaults_to_the_hybrid_drafter_and_adaptive_verification():
     kw = dict(BASE, draft=None, verify_policy="adaptive")
     cfg = make_config(model=None, **kw)
     assert (cfg.draft, cfg.verify_policy) == ("hybrid", "adaptive")
+
+
+def test_torch_threads_option_sets_each_compute_process_threads():
+    """`--torch-threads N` pins the threads of the verifier ranks and draft workers; 0 divides the host."""
+    import os
+
+    from click.testing import CliRunner
+
+    from dspark.cluster.commands import serve
+    from dspark.cluster.config import ClusterConfig
+
+    assert {p.name: p.default for p in serve.params}["torch_threads"] == 0
+    assert make_config(model=None, torch_threads=3, **BASE).threads() == 3
+    assert make_config(model=None, torch_threads=0, **BASE).threads() == os.cpu_count()  # one compute process here
+    with pytest.raises(ValueError, match="torch_threads >= 0"):
+        ClusterConfig.from_args({"torch_threads": -1})
+    out = CliRunner().invoke(serve, ["--torch-threads", "-1"])
+    assert out.exit_code == 2 and "Invalid value for '--torch-threads'" in out.output
