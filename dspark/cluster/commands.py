@@ -57,7 +57,7 @@ def cluster_options(f):
                           "tokens held)"),
         click.option("--torch-threads", "torch_threads", type=click.IntRange(min=0), default=0, show_default=True,
                      help="torch threads of each compute process (verifier ranks, draft workers); 0: this host's "
-                          "cores divided among them"),
+                          "cores but one divided among them (the core left serves the router and the event loops)"),
         click.option("--cuda-graphs/--no-cuda-graphs", "cuda_graphs", default=None,
                      help="replay the verifier's decode and verification steps from CUDA graphs, captured at "
                           "start-up (default: on with CUDA for Llama-family models on the slot layout, one rank, "

@@ -48,7 +48,7 @@ class ClusterConfig:
     compile: bool = False  # the verifier's step through torch.compile (RunnerConfig.compile); `dspark serve` turns it on
     kv_layout: str = "slot"  # the verifier's KV cache: slot | paged (RunnerConfig.kv_layout)
     cuda_graphs: bool = False  # decode/verify steps from CUDA graphs (RunnerConfig.cuda_graphs); serve: on with CUDA
-    torch_threads: int = 0  # threads per compute process; 0 = cores / compute processes
+    torch_threads: int = 0  # threads per compute process; 0 = (cores - 1) / compute processes, at least 1
     grpc_port: int = 0  # router's GenerationService port; 0 = disabled
     http_body_timeout_s: float = 30.0  # an HTTP request body not received in full by then is answered 408
     http_header_timeout_s: float = 10.0  # request line + headers not received by then: 408 and close (Serve's proxy)
@@ -114,10 +114,15 @@ class ClusterConfig:
         return url
 
     def threads(self) -> int:
+        """Torch threads of each compute process (verifier ranks, draft workers): ``torch_threads``,
+        else the host's cores but one divided among them.  The core left over serves the roles
+        around them (router, Serve's proxy, event loops), which wake at every step: measured on a
+        2-core host, a verifier with both cores and no draft worker decoded one request at 18-20
+        tok/s against 28.5-28.7 with one (docs/BENCHMARKS.md, "Threads of a verifier alone")."""
         if self.torch_threads > 0:
             return self.torch_threads
         procs = self.tp + (self.draft_workers if self.remote_draft else 0)
-        return max(1, (os.cpu_count() or 1) // max(1, procs))
+        return max(1, ((os.cpu_count() or 1) - 1) // max(1, procs))
 
     def host(self) -> str:
         """Bind address of the public gRPC API."""
