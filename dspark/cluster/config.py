@@ -117,8 +117,8 @@ class ClusterConfig:
         """Torch threads of each compute process (verifier ranks, draft workers): ``torch_threads``,
         else the host's cores but one divided among them.  The core left over serves the roles
         around them (router, Serve's proxy, event loops), which wake at every step: measured on a
-        2-core host, a verifier with both cores and no draft worker decoded one request at 18-20
-        tok/s against 28.5-28.7 with one (docs/BENCHMARKS.md, "Threads of a verifier alone")."""
+        2-core host, a verifier with both cores and no draft worker decoded one request at 17.9-20.6
+        tok/s against 24.1-29.8 with one (docs/BENCHMARKS.md, "Threads of a verifier alone")."""
         if self.torch_threads > 0:
             return self.torch_threads
         procs = self.tp + (self.draft_workers if self.remote_draft else 0)
