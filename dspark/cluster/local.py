@@ -139,12 +139,13 @@ class LocalCluster:
         return self
 
     def _start_serve(self) -> None:
-        """Serve's proxy binds the HTTP port.  A port picked here (``http_port=0``) is free when
-        picked but may be taken before the proxy binds it (Ray's own workers take ports as they
-        start): then Serve starts again on another one.  A port the caller named is not changed."""
+        """Serve's proxy binds the HTTP port.  A port picked here (``http_port=0``) comes from
+        outside the ranges the OS and Ray hand out (``dspark.net.free_port``), yet another process
+        may still bind it before the proxy does: then Serve starts again on another one.  A port
+        the caller named is not changed."""
         from ray import serve
 
-        from dspark.workers.runner import free_port
+        from dspark.net import free_port
 
         self._picked_port = pick = self._picked_port or self.http_port == 0
         for attempt in range(1, self.BIND_TRIES + 1):

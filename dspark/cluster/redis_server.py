@@ -37,6 +37,8 @@ import weakref
 from pathlib import Path
 from urllib.parse import quote
 
+from dspark.net import free_port
+
 log = logging.getLogger(__name__)
 
 _LOOPBACK = "127.0.0.1"
@@ -63,13 +65,6 @@ def ensure_redis_server(executable: str | None = None) -> str:
     if found is None:
         raise RedisServerError(INSTALL_HINT)
     return found
-
-
-def find_free_port(host: str = _LOOPBACK) -> int:
-    """A TCP port that was free on `host` a moment ago (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def _resp(*args: bytes) -> bytes:
@@ -192,7 +187,7 @@ class RedisServer:
         last_error: Exception | None = None
         for _ in range(attempts):
             if not self.port:
-                self.port = find_free_port(self.host)
+                self.port = free_port(self.host)
             try:
                 self._spawn_and_wait()
                 return

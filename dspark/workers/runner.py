@@ -19,7 +19,6 @@ joining the collectives inside the forward pass.  The same loop runs in spawned 
 from __future__ import annotations
 
 import logging
-import socket
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -32,6 +31,7 @@ from dspark.models.llama import ForwardOutput, Shard, Transformer
 from dspark.models.packing import return_freed_memory
 from dspark.models.paged_cache import PagedKVCache
 from dspark.models.target import TargetModel
+from dspark.net import free_port
 
 CMD_STEP, CMD_STOP, CMD_COPY = 1, 2, 3
 CMD_REUSE, CMD_NAME, CMD_RELEASE = 4, 5, 6  # paged cache: (slot, number of names), then the names
@@ -417,12 +417,6 @@ def tp_rank_loop(runner: LocalRunner, backend: str, group=None) -> None:
         payload = torch.empty(h.payload_len(), dtype=torch.long, device=comm)
         dist.broadcast(payload, src=0, group=group)
         runner.forward(_decode(h, payload.cpu()))
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def default_backend(device: torch.device | str) -> str:

@@ -11,7 +11,8 @@ from __future__ import annotations
 import logging
 
 from dspark import omp
-from dspark.workers.runner import TPSpec, build_rank, free_port, tp_rank_loop
+from dspark.net import free_port
+from dspark.workers.runner import TPSpec, build_rank, tp_rank_loop
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,8 @@ import pytest
 from dspark.cluster.config import ClusterConfig
 from dspark.workers.engine import Engine, EngineConfig
 from dspark.workers.request import SamplingParams
-from dspark.workers.runner import LocalRunner, RunnerConfig, free_port
+from dspark.net import free_port
+from dspark.workers.runner import LocalRunner, RunnerConfig
 
 pytestmark = pytest.mark.slow
 

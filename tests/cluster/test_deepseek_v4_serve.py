@@ -19,7 +19,7 @@ import grpc
 import pytest
 
 from dspark.workers.request import SamplingParams
-from dspark.workers.runner import free_port
+from dspark.net import free_port
 from helpers.tiny_deepseek_v4 import SLIDING, mtp_checkpoint_tensors, tiny_mtp_layer, write_mtp, write_tiny_folder
 
 pytestmark = pytest.mark.slow
@@ -62,7 +62,7 @@ def cluster(v4, request):
     from dspark.cluster.local import LocalCluster
 
     argv = ["--model", str(v4.path), "--draft", "mtp", "--dtype", "fp32", "--block", "2", "--slots", "4",
-            "--grpc-port", str(free_port()), "--port", str(free_port()), "--tp", str(request.param)]
+            "--grpc-port", str(free_port()), "--port", "0", "--tp", str(request.param)]
     params = serve.make_context("serve", argv).params
     cfg = serve_config(**params)
     assert cfg.compile is False and not cfg.remote_draft  # eager by default; MTP runs beside the target

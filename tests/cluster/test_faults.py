@@ -23,7 +23,7 @@ import grpc
 import pytest
 
 from dspark.cluster.config import ClusterConfig
-from dspark.workers.runner import free_port
+from dspark.net import free_port
 
 httpx = pytest.importorskip("httpx")
 
@@ -55,14 +55,14 @@ def cluster(tmp_path_factory):
                         max_seq=MAX_SEQ, torch_threads=1, grpc_port=free_port(), block_timeout_s=20.0)
     # The port picked for Serve (http_port=0) is taken before Serve's proxy binds it, as Ray's
     # own workers sometimes take one: Serve must start again on another, not fail the start.
-    import dspark.workers.runner as runner_mod
+    import dspark.net as net_mod
 
     taken = socket.socket()
     taken.bind(("127.0.0.1", 0))
     taken.listen()
     picks = [taken.getsockname()[1]]
     with taken, pytest.MonkeyPatch.context() as mp:
-        mp.setattr(runner_mod, "free_port", lambda host="127.0.0.1": picks.pop() if picks else free_port(host))
+        mp.setattr(net_mod, "free_port", lambda host="127.0.0.1": picks.pop() if picks else free_port(host))
         c = LocalCluster(cfg, http_port=0, env=env).start(timeout_s=600)
         try:
             assert not picks and c.http_port not in (0, taken.getsockname()[1])

@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dspark.workers.request import SamplingParams
-from dspark.workers.runner import free_port
+from dspark.net import free_port
 from helpers.drafter_checkpoints import write_deepspec_checkpoint
 from helpers.tiny_hf import VOCAB, tiny_qwen3
 
@@ -100,7 +100,7 @@ def cluster(published):
     # trade for plain steps when they measure faster on this host.
     argv = ["--model", str(published.model), "--draft", "dspark", "--draft-option", f"head={published.head}",
             "--dtype", "fp32", "--block", str(BLOCK), "--verify-policy", "fixed", "--slots", "4", "--draft-workers", "1", "--no-compile",
-            "--grpc-port", str(free_port()), "--port", str(free_port())]
+            "--grpc-port", str(free_port()), "--port", "0"]
     params = serve.make_context("serve", argv).params
     cfg = serve_config(**params)
     assert cfg.draft_options == {"head": str(published.head)} and cfg.remote_draft

@@ -29,7 +29,8 @@ from dspark.models.deepseek_v4_tp import expert_range, shard_in_place  # noqa: E
 from dspark.models.deepseek_v4_config import SLIDING  # noqa: E402
 from dspark.models.llama import Shard  # noqa: E402
 from dspark.models.loader import load_model  # noqa: E402
-from dspark.workers.runner import LocalRunner, RunnerConfig, StepInput, TPSpec, build_rank, free_port  # noqa: E402
+from dspark.net import free_port  # noqa: E402
+from dspark.workers.runner import LocalRunner, RunnerConfig, StepInput, TPSpec, build_rank  # noqa: E402
 from helpers.quantise_v4 import quantise_folder  # noqa: E402
 from helpers.tiny_deepseek_v4 import mtp_checkpoint_tensors, tiny_mtp_layer, write_mtp, write_tiny_folder  # noqa: E402
 
