@@ -87,3 +87,42 @@ def child_env(role_default: str) -> dict[str, str]:
     if _inherited:
         return {k: os.environ[k] for k in _OPENMP_KEYS if os.environ.get(k)}
     return dict(POLICIES[choose(role_default)])
+
+
+def usable_cpus(cgroup_root: str = "/sys/fs/cgroup") -> int:
+    """Cores this process may use: the CPUs it may run on, capped by its cgroup's CPU quota.
+
+    In a container ``os.cpu_count()`` is the node's count: a pod limited to 4 CPUs on a 64-core
+    node would start 63 threads per process and spend its quota in throttled bursts.  The quota
+    is cgroup v2's ``cpu.max`` or v1's ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us``, rounded up
+    (a limit of 2.5 CPUs runs 3 threads); no quota, no cap.
+    """
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        cpus = os.cpu_count() or 1
+    quota = _cgroup_quota(cgroup_root)
+    return max(1, min(cpus, quota) if quota is not None else cpus)
+
+
+def _cgroup_quota(root: str) -> int | None:
+    """The cgroup's CPU limit in whole CPUs (rounded up), or None when it sets none."""
+
+    def read(path: str) -> list[str] | None:
+        try:
+            with open(os.path.join(root, path)) as f:
+                return f.read().split()
+        except OSError:
+            return None
+
+    v2 = read("cpu.max")  # "max 100000" or "<quota> <period>", microseconds
+    v1 = (read("cpu/cpu.cfs_quota_us") or []) + (read("cpu/cpu.cfs_period_us") or [])
+    for fields in (v2, v1):
+        if fields and len(fields) == 2 and fields[0] not in ("max", "-1"):
+            try:
+                quota, period = int(fields[0]), int(fields[1])
+            except ValueError:
+                continue
+            if quota > 0 and period > 0:
+                return -(-quota // period)
+    return None

@@ -118,11 +118,15 @@ class ClusterConfig:
         else the host's cores but one divided among them.  The core left over serves the roles
         around them (router, Serve's proxy, event loops), which wake at every step: measured on a
         2-core host, a verifier with both cores and no draft worker decoded one request at 17.9-20.6
-        tok/s against 24.1-29.8 with one (docs/BENCHMARKS.md, "Threads of a verifier alone")."""
+        tok/s against 24.1-29.8 with one (docs/BENCHMARKS.md, "Threads of a verifier alone").
+        The host's cores are those this process may use within its container's CPU limit
+        (``dspark.omp.usable_cpus``), not the node's."""
+        from dspark.omp import usable_cpus
+
         if self.torch_threads > 0:
             return self.torch_threads
         procs = self.tp + (self.draft_workers if self.remote_draft else 0)
-        return max(1, ((os.cpu_count() or 1) - 1) // max(1, procs))
+        return max(1, (usable_cpus() - 1) // max(1, procs))
 
     def host(self) -> str:
         """Bind address of the public gRPC API."""

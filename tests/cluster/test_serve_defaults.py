@@ -65,16 +65,15 @@ def test_serve_defaults_to_the_hybrid_drafter_and_adaptive_verification():
 
 def test_torch_threads_option_sets_each_compute_process_threads():
     """`--torch-threads N` pins the threads of the verifier ranks and draft workers; 0 divides the host."""
-    import os
-
     from click.testing import CliRunner
 
     from dspark.cluster.commands import serve
+    from dspark.omp import usable_cpus
     from dspark.cluster.config import ClusterConfig
 
     assert {p.name: p.default for p in serve.params}["torch_threads"] == 0
     assert make_config(model=None, torch_threads=3, **BASE).threads() == 3
-    assert make_config(model=None, torch_threads=0, **BASE).threads() == max(1, os.cpu_count() - 1)  # a core for the rest
+    assert make_config(model=None, torch_threads=0, **BASE).threads() == max(1, usable_cpus() - 1)  # a core for the rest
     with pytest.raises(ValueError, match="torch_threads >= 0"):
         ClusterConfig.from_args({"torch_threads": -1})
     out = CliRunner().invoke(serve, ["--torch-threads", "-1"])
@@ -86,9 +85,8 @@ def test_torch_threads_option_sets_each_compute_process_threads():
 def test_compute_processes_share_the_cores_but_one(monkeypatch, cpus, tp, workers, want):
     """The roles around the compute processes (router, proxy, event loops) keep a core: on two
     cores a lone verifier with both decoded one request 1.2-1.6x slower than with one."""
-    import os
-
+    import dspark.omp
     from dspark.cluster.config import ClusterConfig
 
-    monkeypatch.setattr(os, "cpu_count", lambda: cpus)
+    monkeypatch.setattr(dspark.omp, "usable_cpus", lambda: cpus)
     assert ClusterConfig(draft="ngram" if workers else "none", draft_workers=workers, tp=tp).threads() == want

@@ -65,3 +65,28 @@ def test_choose_accepts_the_two_policies_in_any_case(policy, monkeypatch):
 
     monkeypatch.setenv("DSPARK_OMP_WAIT", policy.upper())
     assert omp.choose("spin") == policy
+
+
+def _cgroup(tmp_path, files: dict[str, str]):
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    return str(tmp_path)
+
+
+def test_usable_cpus_follow_the_containers_cpu_limit(tmp_path):
+    """A pod limited to 1.5 CPUs uses 2 threads' worth, not the node's cores; no limit, no cap.
+    Both cgroup versions' files, as the kernel writes them."""
+    import os
+
+    from dspark.omp import usable_cpus
+
+    mine = len(os.sched_getaffinity(0))
+    assert usable_cpus(_cgroup(tmp_path / "v2", {"cpu.max": "150000 100000\n"})) == min(mine, 2)
+    assert usable_cpus(_cgroup(tmp_path / "v2max", {"cpu.max": "max 100000\n"})) == mine
+    v1 = {"cpu/cpu.cfs_quota_us": "100000\n", "cpu/cpu.cfs_period_us": "100000\n"}
+    assert usable_cpus(_cgroup(tmp_path / "v1", v1)) == 1
+    v1_off = {"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}
+    assert usable_cpus(_cgroup(tmp_path / "v1off", v1_off)) == mine
+    assert usable_cpus(str(tmp_path / "none")) == mine  # no cgroup files: the CPUs we may run on
+    assert usable_cpus(_cgroup(tmp_path / "bad", {"cpu.max": "garbage\n"})) == mine
