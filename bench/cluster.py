@@ -169,7 +169,10 @@ def _cpu_delta(before: dict, after: dict, wall: float) -> dict:
 # -------------------------------------------------------------------------------------------
 # Through the cluster (run in a fresh process; Ray, Serve and Redis end with it)
 # -------------------------------------------------------------------------------------------
-def through_cluster(cfg: dict, levels: list[int], texts: list[str], max_tokens: int, min_requests: int) -> dict:
+def through_cluster(cfg: dict, levels: list[int], texts: list[str], max_tokens: int, min_requests: int,
+                    modes: tuple[str, ...] = ("spec", "plain")) -> dict:
+    """One cluster; at each level the closed loop runs once per mode (``spec``: speculative
+    requests, ``plain``: ``speculative: false``), first mode alternating between levels."""
     from concurrent.futures import ThreadPoolExecutor
 
     from openai import OpenAI
@@ -234,13 +237,13 @@ def through_cluster(cfg: dict, levels: list[int], texts: list[str], max_tokens: 
             return row
 
         warm = OpenAI(base_url=base, api_key="bench", timeout=600)
-        for spec in (True, False):
-            one(warm, texts[0], spec)
-        out: dict = {"spec": {}, "plain": {}, "startup_s": startup}
+        for mode in modes:
+            one(warm, texts[0], mode == "spec")
+        out: dict = {**{mode: {} for mode in modes}, "startup_s": startup}
         for k, level in enumerate(levels):
             # Alternate which mode goes first so a slow phase does not always hit the same one.
-            for spec in ((True, False) if k % 2 == 0 else (False, True)):
-                out["spec" if spec else "plain"][str(level)] = level_run(level, spec)
+            for mode in (modes if k % 2 == 0 else modes[::-1]):
+                out[mode][str(level)] = level_run(level, mode == "spec")
         return out
     finally:
         cluster.stop()

@@ -30,6 +30,7 @@ BENCHMARKS = {
     "drafters": ("bench.drafters:main", "Acceptance, calibration and speedup of the drafters."),
     "cluster": ("bench.cluster:main", "Per-user and aggregate tokens/s through the full cluster."),
     "load": ("bench.load:main", "Load sweep: plain vs fixed depths vs adaptive verification."),
+    "settings": ("bench.settings:main", "Cluster tokens/s under each value of one setting (e.g. torch_threads)."),
     "soak": ("bench.soak:main", "Many streaming clients for minutes: errors, latency, memory."),
     "prefix": ("bench.prefix:main", "Time to first token with a cached 1k-token system prompt vs cold."),
     "grammar": ("bench.grammar_mask:main", "Structured outputs: grammar compile, per-token mask and rollback costs."),
