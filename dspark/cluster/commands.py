@@ -58,6 +58,10 @@ def cluster_options(f):
         click.option("--torch-threads", "torch_threads", type=click.IntRange(min=0), default=0, show_default=True,
                      help="torch threads of each compute process (verifier ranks, draft workers); 0: this host's "
                           "cores but one divided among them (the core left serves the router and the event loops)"),
+        click.option("--local-draft-below", "local_draft_below", type=click.IntRange(min=0), default=1,
+                     show_default=True,
+                     help="a verifier drafts in its own process the requests that arrive while it holds fewer than "
+                          "this many (one request waits less for its blocks there); 0: always on the draft workers"),
         click.option("--cuda-graphs/--no-cuda-graphs", "cuda_graphs", default=None,
                      help="replay the verifier's decode and verification steps from CUDA graphs, captured at "
                           "start-up (default: on with CUDA for Llama-family models on the slot layout, one rank, "

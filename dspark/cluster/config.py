@@ -64,6 +64,9 @@ class ClusterConfig:
     api_key_env: str = "DSPARK_API_KEY"  # client API key (HTTP Bearer, gRPC metadata)
     block_timeout_s: float = 10.0  # a draft block later than this -> plain decoding for that request
     draft_stream_quota: int = 0  # requests one verifier may hold open on a draft worker (0: half its slots)
+    # requests that arrive while a verifier (tp 1) holds fewer than this are drafted in its own process
+    # (the round trip to a worker costs more than drafting there at one request); 0: always on workers
+    local_draft_below: int = 1
     draft_idle_release_s: float = 60.0  # a draft worker frees a request with no step for this long
     scheduler_interval_s: float = 0.5  # global scheduler period (adaptive policy)
     target_tokens_per_s_per_user: float = 0.0  # per-user speed target for the scheduler (0: none)
@@ -82,8 +85,8 @@ class ClusterConfig:
             raise ValueError("verify_policy must be fixed or adaptive")
         if cfg.tp < 1 or cfg.block_len < 0 or cfg.draft_workers < 0 or cfg.torch_threads < 0:
             raise ValueError("tp >= 1, block_len >= 0, draft_workers >= 0 and torch_threads >= 0 are required")
-        if cfg.draft_stream_quota < 0 or cfg.draft_idle_release_s <= 0:
-            raise ValueError("draft_stream_quota >= 0 and draft_idle_release_s > 0 are required")
+        if cfg.draft_stream_quota < 0 or cfg.draft_idle_release_s <= 0 or cfg.local_draft_below < 0:
+            raise ValueError("draft_stream_quota >= 0, local_draft_below >= 0 and draft_idle_release_s > 0 are required")
         if cfg.kv_layout not in ("slot", "paged"):
             raise ValueError(f"kv_layout must be slot or paged, not {cfg.kv_layout!r}")
         if cfg.cuda_graphs and (cfg.kv_layout != "slot" or cfg.deterministic or cfg.tp > 1):

@@ -27,6 +27,7 @@ dspark:structured_output_requests                     counter   requests with a 
 dspark:grammar_mask_seconds / dspark:grammar_masks    gauge     verifier's total time computing grammar masks / masks
 dspark:speculative_steps / dspark:plain_steps         gauge     verifier's steps the speculation gate sent each way
 dspark:draft_depth                                    gauge     drafts per block asked for at the last speculative step
+dspark:draft_requests_local / _remote                 gauge     verifier's requests drafted in its process / on workers
 ====================================================  ========  ===============================
 
 Why counters are accumulated here, at the router, from each request's final ``SpecMetrics``
@@ -106,12 +107,14 @@ class RouterMetrics:
         self.spec_steps = gauge("speculative_steps", "Verifier steps the speculation gate let speculate, since start.")
         self.plain_steps = gauge("plain_steps", "Verifier steps the speculation gate kept plain, since start.")
         self.draft_depth = gauge("draft_depth", "Drafts per block the verifier asked for at its last speculative step.")
+        self.drafted_local = gauge("draft_requests_local", "Requests the verifier drafted in its own process, since it started.")
+        self.drafted_remote = gauge("draft_requests_remote", "Requests the verifier had drafted on draft workers, since it started.")
         # Series exist (at 0) from the start, so rates and absent() behave before traffic.
         for m in (self.num_drafts, self.num_draft_tokens, self.num_accepted_tokens, self.request_failure,
                   self.prompt_tokens, self.generation_tokens, self.ttft, self.itl, self.budget,
                   self.policy_version, self.queue_depth, self.running, self.in_flight, self.redis_connected,
                   self.structured, self.mask_seconds, self.masks, self.spec_steps, self.plain_steps,
-                  self.draft_depth):
+                  self.draft_depth, self.drafted_local, self.drafted_remote):
             self.labels(m)
         # The same figure as a plain int (graceful drain reads it).  HTTP and gRPC requests run on
         # different threads' event loops, hence the lock.
@@ -180,7 +183,8 @@ class RouterMetrics:
                            ("prefix_cache_hit_rate", self.prefix_hit_rate), ("kv_cache_usage", self.kv_usage),
                            ("kv_cache_block_usage", self.kv_block_usage), ("grammar_mask_seconds", self.mask_seconds),
                            ("grammar_masks", self.masks), ("speculative_steps", self.spec_steps),
-                           ("plain_steps", self.plain_steps), ("draft_depth", self.draft_depth)):
+                           ("plain_steps", self.plain_steps), ("draft_depth", self.draft_depth),
+                           ("draft_requests_local", self.drafted_local), ("draft_requests_remote", self.drafted_remote)):
             if key in stats:
                 self.labels(gauge).set(float(stats[key]))
 

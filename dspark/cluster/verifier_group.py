@@ -98,7 +98,11 @@ class VerifierGroup:
             tls_ca_file=tls.ca_file,
             tls_server_name=tls.server_name,
         )
-        self.remote = RemoteDrafter(lambda: list(self._drafter_addrs), rcfg, cfg.block_len)
+        # Drafting in process needs the target's whole weights for the kinds that share them: one
+        # rank holds them only at tp 1.
+        local = registry.build_drafter(cfg.draft, ctx, cfg.draft_options) if cfg.local_draft_below and cfg.tp == 1 else None
+        self.remote = RemoteDrafter(lambda: list(self._drafter_addrs), rcfg, cfg.block_len,
+                                    local=local, local_below=cfg.local_draft_below)
         return self.remote
 
     async def _discover(self) -> None:
@@ -128,7 +132,8 @@ class VerifierGroup:
         return {**demand, "steps": self.engine.num_steps, "finished_requests": self.worker.finished_requests,
                 "verification_budget": self.budget_meter.value,
                 "policy_version": self.budget.policy.version if self.budget else 0, "pid": os.getpid(),
-                "group": self.group_id, **self.engine.cache_stats(), **self.engine.speculation_stats()}
+                "group": self.group_id, **self.engine.cache_stats(), **self.engine.speculation_stats(),
+                **({f"draft_requests_{k}": v for k, v in self.remote.requests_drafted.items()} if self.remote else {})}
 
     async def _report(self) -> None:
         demand = self.worker.demand()

@@ -18,8 +18,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from dspark.workers.request import SamplingParams
 from dspark.net import free_port
+from dspark.workers.request import SamplingParams
 from helpers.tiny_deepseek_v4 import SLIDING, mtp_checkpoint_tensors, tiny_mtp_layer, write_mtp, write_tiny_folder
 
 pytestmark = pytest.mark.slow

@@ -52,7 +52,8 @@ def cluster(tmp_path_factory):
         "DSPARK_INTERNAL_TLS_CA": pki["ca"], "DSPARK_INTERNAL_TLS_SERVER_NAME": SERVER_NAME,
     }
     cfg = ClusterConfig(dtype="fp32", tp=1, draft="ngram", draft_workers=1, block_len=4, n_slots=8,
-                        max_seq=MAX_SEQ, torch_threads=1, grpc_port=free_port(), block_timeout_s=20.0)
+                        max_seq=MAX_SEQ, torch_threads=1, grpc_port=free_port(), block_timeout_s=20.0,
+                        local_draft_below=0)  # every block crosses the TLS + token link to the worker
     # The port picked for Serve (http_port=0) is taken before Serve's proxy binds it, as Ray's
     # own workers sometimes take one: Serve must start again on another, not fail the start.
     import dspark.net as net_mod
@@ -364,6 +365,7 @@ def test_metrics_follow_the_responses(cluster, http):
         return after.get(name, 0.0) - before.get(name, 0.0)
 
     assert spec["num_drafts"] > 0, "no drafts: the TLS + token link to the draft worker is not working"
+    assert after["dspark:draft_requests_local"] == 0 and delta("dspark:draft_requests_remote") == n_requests
     for k, v in spec.items():
         assert delta(f"dspark:spec_decode_{k}_total") == v, k
     per_pos = sum(delta(k) for k in after if k.startswith("dspark:spec_decode_num_accepted_tokens_per_pos_total"))

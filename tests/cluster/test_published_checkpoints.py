@@ -8,10 +8,11 @@ ChatML template in its tokenizer_config.json; the drafter a DeepSpec DSpark fold
 (``helpers.drafter_checkpoints``) whose Markov head holds the bigrams of the target's own greedy
 outputs, so drafts are accepted: the accepted-token count shows that the draft worker serves
 the DeepSpec checkpoint (read, bound to the target and fed the target's features) rather than
-falling back to plain decoding.  Every text and token id must equal plain decoding of the
-same target in process.  Also: bad drafter options are refused by the serve command before
-anything starts, and a role that fails at start-up (e.g. a checkpoint that does not fit the
-target) is reported with its constructor's one-line error.
+falling back to plain decoding; of the requests sent at once, the first is drafted in the
+verifier's own process and the rest on the worker.  Every text and token id must equal plain
+decoding of the same target in process.  Also: bad drafter options are refused by the serve
+command before anything starts, and a role that fails at start-up (e.g. a checkpoint that does
+not fit the target) is reported with its constructor's one-line error.
 """
 
 from __future__ import annotations
@@ -19,16 +20,18 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
 import pytest
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 from safetensors.torch import load_file, save_file
 
-from dspark.workers.request import SamplingParams
 from dspark.net import free_port
+from dspark.workers.request import SamplingParams
 from helpers.drafter_checkpoints import write_deepspec_checkpoint
 from helpers.tiny_hf import VOCAB, tiny_qwen3
 
@@ -126,10 +129,15 @@ def test_openai_client_through_the_cluster_equals_plain_decoding(cluster, publis
         assert r.choices[0].message.content == published.text[p], p
         assert r.usage.completion_tokens == len(published.ids[p])
         sd = r.model_extra["spec_decode"]
-        assert sd["num_drafts"] > 0, "no block was drafted by the remote draft worker"
+        assert sd["num_drafts"] > 0, "no block was drafted"
         accepted += sd["num_accepted_tokens"]
     # The bigram head drafts what the target writes: most drafts are accepted.
     assert accepted >= len(PROMPTS) * MAX_TOKENS // 3, f"only {accepted} drafted tokens accepted"
+    # The first request found the verifier empty and was drafted there (the head built in the
+    # verifier's process); the others arrived while it was held and went to the draft worker.
+    with urllib.request.urlopen(cluster.base_url + "/metrics", timeout=30) as r:
+        metrics = {s.name: s.value for f in text_string_to_metric_families(r.read().decode()) for s in f.samples}
+    assert metrics["dspark:draft_requests_local"] >= 1 and metrics["dspark:draft_requests_remote"] >= 1, metrics
     stream = _chat(client, PROMPTS[0], stream=True)
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == published.text[PROMPTS[0]]
 

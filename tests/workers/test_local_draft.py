@@ -1,0 +1,92 @@
+"""A verifier that holds few requests drafts them in its own process (``RemoteDrafter``'s
+``local`` drafter): the real engine on the real default model (fp32, greedy) with prompt lookup
+both in process and on a draft worker served over gRPC on loopback.  A request that arrives while
+the verifier holds fewer than ``local_below`` requests is drafted in process for its whole life;
+the rest go to the worker; the output is plain decoding's either way."""
+
+from __future__ import annotations
+
+import pytest
+
+from dspark.workers.draft_worker import DraftWorkerServer
+from dspark.workers.drafters.ngram import NgramDrafter
+from dspark.workers.drafters.remote import RemoteDrafter, RemoteDrafterConfig
+from dspark.workers.engine import Engine, EngineConfig
+from dspark.workers.request import SamplingParams
+from dspark.workers.runner import LocalRunner, RunnerConfig
+
+PROMPTS = ["List the days of the week, then list them again.", "Count from one to twelve in words."]
+PARAMS = SamplingParams(max_tokens=40, ignore_eos=True)
+
+
+class Recording(NgramDrafter):
+    """Prompt lookup that remembers which requests it drafted for."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.drafted: set[str] = set()
+
+    def propose(self, seqs, block_len):
+        self.drafted.update(s.request_id for s in seqs)
+        return super().propose(seqs, block_len)
+
+
+@pytest.fixture(scope="module")
+def setup(model_fp32):
+    tok = model_fp32.tokenizer
+    runner = LocalRunner(model_fp32.model, RunnerConfig(n_slots=3, max_seq=256))
+    prompts = [tok.encode_chat([{"role": "user", "content": p}]) for p in PROMPTS]
+    plain = [s.output_ids for s in Engine(runner, tok, EngineConfig(max_batch=2)).generate(prompts, PARAMS)]
+    workers: list[Recording] = []
+
+    def factory() -> Recording:
+        workers.append(Recording())
+        return workers[-1]
+
+    server = DraftWorkerServer(factory).start()
+    yield runner, tok, prompts, plain, server, workers
+    server.stop()
+
+
+def _engine(setup, local_below: int) -> tuple[Engine, Recording, RemoteDrafter]:
+    runner, tok, _, _, server, _ = setup
+    local = Recording()
+    drafter = RemoteDrafter([server.address], RemoteDrafterConfig(kind="ngram"), block_len=4,
+                            local=local, local_below=local_below)
+    return Engine(runner, tok, EngineConfig(max_batch=2, block_len=4), drafter=drafter), local, drafter
+
+
+def test_the_first_request_drafts_here_the_second_on_the_worker(setup):
+    _, _, prompts, plain, _, workers = setup
+    eng, local, drafter = _engine(setup, local_below=1)
+    try:
+        a, b = eng.generate(prompts, PARAMS)  # both held from the first step on
+        assert [a.output_ids, b.output_ids] == plain
+        assert local.drafted == {a.request_id}  # b arrived while a was held
+        assert any(b.request_id in w.drafted for w in workers) and not any(a.request_id in w.drafted for w in workers)
+        assert a.metrics.num_accepted_tokens > 0 and b.metrics.num_accepted_tokens > 0  # both were drafted for
+        # Both released: the next request finds the verifier empty and drafts here again.
+        c = eng.generate([prompts[1]], PARAMS)[0]
+        assert c.output_ids == plain[1] and c.request_id in local.drafted
+        assert not drafter._local and not drafter._reqs  # nothing held after release
+    finally:
+        drafter.close()
+
+
+def test_local_below_zero_drafts_everything_on_the_worker(setup):
+    _, _, prompts, plain, _, workers = setup
+    eng, local, drafter = _engine(setup, local_below=0)
+    try:
+        seqs = eng.generate(prompts, PARAMS)
+        assert [s.output_ids for s in seqs] == plain and not local.drafted
+        assert all(any(s.request_id in w.drafted for w in workers) for s in seqs)
+    finally:
+        drafter.close()
+
+
+def test_a_local_drafter_reading_other_features_is_refused():
+    class Featured(NgramDrafter):
+        feature_layers = (3,)
+
+    with pytest.raises(ValueError, match="one step's features must serve both"):
+        RemoteDrafter([], RemoteDrafterConfig(kind="ngram"), block_len=4, local=Featured())
