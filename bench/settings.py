@@ -2,13 +2,14 @@
 
     dspark bench settings [--setting torch_threads] [--values 2,1] [--draft none]
                           [--concurrency 1,4,16] [--rounds 2] [--max-tokens N] [--requests N]
-                          [--compile/--no-compile] [--json FILE]
+                          [--compile/--no-compile] [--verify-policy adaptive|fixed] [--json FILE]
 
 One local cluster per value of a ``ClusterConfig`` field with an integer value (for example
 ``torch_threads``: the threads of every verifier rank and draft worker; ``local_draft_below``:
 the requests a verifier drafts in its own process), called with the openai client over HTTP,
-closed loop, greedy, bf16.  With ``--draft none`` (the default) the cluster has no draft worker
-and the verifier is its only compute process.  With a drafter, each level runs speculative and
+closed loop, greedy, bf16, ``dspark serve``'s verification (adaptive; ``--verify-policy fixed``:
+whole blocks).  With ``--draft none`` (the default) the cluster has no draft worker and the
+verifier is its only compute process.  With a drafter, each level runs speculative and
 plain requests on the same cluster.
 
 The host's speed drifts, so the clusters alternate: every round starts one cluster per value, in
@@ -31,10 +32,11 @@ import click
 from bench.common import run_isolated, table, write_json
 
 
-def _config(draft: str, compile_step: bool, setting: str, value: int) -> dict:
+def _config(draft: str, compile_step: bool, setting: str, value: int, verify_policy: str = "adaptive") -> dict:
     from dspark.cluster.config import ClusterConfig
 
-    base = ClusterConfig(draft=draft, draft_workers=0 if draft == "none" else 1, tp=1, dtype="bf16", compile=compile_step)
+    base = ClusterConfig(draft=draft, draft_workers=0 if draft == "none" else 1, tp=1, dtype="bf16", compile=compile_step,
+                         verify_policy=verify_policy)
     return dataclasses.asdict(ClusterConfig.from_args({**dataclasses.asdict(base), setting: value}))
 
 
@@ -85,8 +87,9 @@ def _integers(raw: str) -> list[int]:
               help="requests per level at least (a level c sends max(N, c))")
 @click.option("--compile/--no-compile", "compile_step", default=True, show_default=True,
               help="the compiled step (the `dspark serve` default)")
+@click.option("--verify-policy", type=click.Choice(["fixed", "adaptive"]), default="adaptive", show_default=True)
 @click.option("--json", "json_path", default=None, help="output (default bench/results/settings.json)")
-def main(setting, values, draft, concurrency, rounds, max_tokens, min_requests, compile_step, json_path):
+def main(setting, values, draft, concurrency, rounds, max_tokens, min_requests, compile_step, verify_policy, json_path):
     """Tokens/s through the cluster under each value of one setting, clusters alternating."""
     from bench.cluster import _texts
     from dspark.cluster.config import ClusterConfig
@@ -99,12 +102,12 @@ def main(setting, values, draft, concurrency, rounds, max_tokens, min_requests, 
     if setting not in fields or fields[setting].type not in ("int", int):
         raise click.UsageError(f"--setting must name an integer ClusterConfig field, not {setting!r}")
     try:
-        cfgs = {v: _config(draft, compile_step, setting, v) for v in vals}
+        cfgs = {v: _config(draft, compile_step, setting, v, verify_policy) for v in vals}
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     modes = ("plain",) if draft == "none" else ("spec", "plain")
     texts = _texts(max(max(levels), min_requests))
-    click.echo(f"{setting} in {vals}, drafter {draft}, levels {levels}, {rounds} round(s), {max_tokens} new tokens, "
+    click.echo(f"{setting} in {vals}, drafter {draft}, {verify_policy} verification, levels {levels}, {rounds} round(s), {max_tokens} new tokens, "
                f"{'compiled' if compile_step else 'eager'}, {os.cpu_count()} cores", err=True)
     out_rounds: list[dict] = []
     for k in range(rounds):
@@ -124,7 +127,7 @@ def main(setting, values, draft, concurrency, rounds, max_tokens, min_requests, 
     click.echo(table(rows, ["mode", "conc", "value", "per_user_tok_s", "aggregate_tok_s",
                             f"per_user_vs_{first}", f"aggregate_vs_{first}"]))
     out = write_json(json_path, "settings.json", {
-        "setting": setting, "values": vals, "draft": draft, "levels": levels, "rounds": rounds,
+        "setting": setting, "values": vals, "draft": draft, "verify_policy": verify_policy, "levels": levels, "rounds": rounds,
         "max_tokens": max_tokens, "min_requests": min_requests, "compile": compile_step, "results": results,
         "raw": out_rounds, "minutes": round((time.perf_counter() - t_begin) / 60, 1), "cpus": os.cpu_count(),
     })
