@@ -90,3 +90,19 @@ def test_compute_processes_share_the_cores_but_one(monkeypatch, cpus, tp, worker
 
     monkeypatch.setattr(dspark.omp, "usable_cpus", lambda: cpus)
     assert ClusterConfig(draft="ngram" if workers else "none", draft_workers=workers, tp=tp).threads() == want
+
+
+def test_local_draft_below_option():
+    """`--local-draft-below N`: requests that find the verifier holding fewer than N are drafted in
+    its own process (default 1: a lone request; 0: every request on the draft workers)."""
+    from click.testing import CliRunner
+
+    from dspark.cluster.commands import serve
+    from dspark.cluster.config import ClusterConfig
+
+    assert {p.name: p.default for p in serve.params}["local_draft_below"] == 1 == ClusterConfig().local_draft_below
+    assert make_config(model=None, local_draft_below=0, **BASE).local_draft_below == 0
+    with pytest.raises(ValueError, match="local_draft_below >= 0"):
+        ClusterConfig.from_args({"local_draft_below": -1})
+    out = CliRunner().invoke(serve, ["--local-draft-below", "-1"])
+    assert out.exit_code == 2 and "Invalid value for '--local-draft-below'" in out.output
