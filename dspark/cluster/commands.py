@@ -60,7 +60,7 @@ def cluster_options(f):
                           "cores but one divided among them (the core left serves the router and the event loops)"),
         click.option("--local-draft-below", "local_draft_below", type=click.IntRange(min=0), default=1,
                      show_default=True,
-                     help="a verifier drafts in its own process the requests that arrive while it holds fewer than "
+                     help="a verifier drafts in its own process the requests that arrive while it drafts for fewer than "
                           "this many (one request waits less for its blocks there); 0: always on the draft workers"),
         click.option("--cuda-graphs/--no-cuda-graphs", "cuda_graphs", default=None,
                      help="replay the verifier's decode and verification steps from CUDA graphs, captured at "

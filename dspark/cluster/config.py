@@ -64,7 +64,7 @@ class ClusterConfig:
     api_key_env: str = "DSPARK_API_KEY"  # client API key (HTTP Bearer, gRPC metadata)
     block_timeout_s: float = 10.0  # a draft block later than this -> plain decoding for that request
     draft_stream_quota: int = 0  # requests one verifier may hold open on a draft worker (0: half its slots)
-    # requests that arrive while a verifier (tp 1) holds fewer than this are drafted in its own process
+    # requests that arrive while a verifier (tp 1) drafts for fewer than this are drafted in its own process
     # (the round trip to a worker costs more than drafting there at one request); 0: always on workers
     local_draft_below: int = 1
     draft_idle_release_s: float = 60.0  # a draft worker frees a request with no step for this long

@@ -85,6 +85,7 @@ class VerifierGroup:
     def _remote_drafter(self, ctx) -> "RemoteDrafter":
         """Drafts on the draft workers found in Redis (``_discover``); this group closes it."""
         from dspark.workers.drafters.remote import RemoteDrafter, RemoteDrafterConfig
+        from dspark.workers.runner import RunnerConfig
 
         cfg = self.cfg
         tls = InternalTLS.from_env(cfg)
@@ -99,8 +100,15 @@ class VerifierGroup:
             tls_server_name=tls.server_name,
         )
         # Drafting in process needs the target's whole weights for the kinds that share them: one
-        # rank holds them only at tp 1.
-        local = registry.build_drafter(cfg.draft, ctx, cfg.draft_options) if cfg.local_draft_below and cfg.tp == 1 else None
+        # rank holds them only at tp 1.  Its cache holds the few requests it drafts, sized as a
+        # draft worker sizes its own (no compiled step, no CUDA graphs of the verifier's).
+        local = None
+        if cfg.local_draft_below and cfg.tp == 1:
+            sizing = RunnerConfig(n_slots=min(cfg.local_draft_below, cfg.n_slots), max_seq=cfg.max_seq)
+            local = registry.build_drafter(cfg.draft, dataclasses.replace(ctx, runner=sizing), cfg.draft_options)
+        elif cfg.local_draft_below:
+            log.info("%s: tp %d holds no whole target beside the group; every request drafts on the workers",
+                     self.group_id, cfg.tp)
         self.remote = RemoteDrafter(lambda: list(self._drafter_addrs), rcfg, cfg.block_len,
                                     local=local, local_below=cfg.local_draft_below)
         return self.remote

@@ -48,9 +48,11 @@ def setup(model_fp32):
     server.stop()
 
 
-def _engine(setup, local_below: int) -> tuple[Engine, Recording, RemoteDrafter]:
-    runner, tok, _, _, server, _ = setup
-    local = Recording()
+def _engine(setup, local_below: int, local: NgramDrafter | None = None) -> tuple[Engine, Recording, RemoteDrafter]:
+    runner, tok, _, _, server, workers = setup
+    for w in workers:  # the worker's drafter outlives each test; request ids restart with each engine
+        w.drafted.clear()
+    local = local or Recording()
     drafter = RemoteDrafter([server.address], RemoteDrafterConfig(kind="ngram"), block_len=4,
                             local=local, local_below=local_below)
     return Engine(runner, tok, EngineConfig(max_batch=2, block_len=4), drafter=drafter), local, drafter
@@ -80,6 +82,31 @@ def test_local_below_zero_drafts_everything_on_the_worker(setup):
         seqs = eng.generate(prompts, PARAMS)
         assert [s.output_ids for s in seqs] == plain and not local.drafted
         assert all(any(s.request_id in w.drafted for w in workers) for s in seqs)
+    finally:
+        drafter.close()
+
+
+class Failing(Recording):
+    """Drafts one block, then raises (a drafter bug, or out of memory)."""
+
+    def propose(self, seqs, block_len):
+        if self.drafted:
+            raise RuntimeError("drafter failed")
+        return super().propose(seqs, block_len)
+
+
+def test_a_failing_local_drafter_leaves_its_request_to_plain_decoding(setup, caplog):
+    """Only the request drafted here loses its drafts; the one on the worker, and the output of
+    both, are untouched, as when a worker fails."""
+    _, _, prompts, plain, _, workers = setup
+    eng, local, drafter = _engine(setup, local_below=1, local=Failing())
+    try:
+        a, b = eng.generate(prompts, PARAMS)
+        assert [a.output_ids, b.output_ids] == plain
+        assert local.drafted == {a.request_id} and not a.draft_enabled and b.draft_enabled
+        assert a.metrics.num_drafts <= 1 < b.metrics.num_drafts
+        assert any(b.request_id in w.drafted for w in workers)
+        assert "drafting in process failed" in caplog.text and not drafter._local
     finally:
         drafter.close()
 

@@ -19,10 +19,12 @@ A verifier that holds few requests drafts them itself.  At one request the verif
 worker take turns: the next block needs this step's tokens, so the verifier waits for the whole
 round trip (the features' transfer and intake, the drafting, two hops; measured 10 ms a step
 through the local cluster) where drafting in process costs the drafting alone.  With a ``local``
-drafter (the same kind, built beside the target), a request that arrives while the verifier holds
-fewer than ``local_below`` requests is drafted in process for its whole life; the others go to
-the workers, whose drafting overlaps the verification of the rest of the batch.  Each request
-has one drafter from its first token to its release, so no drafter state crosses over.
+drafter (the same kind, built beside the target), a request that arrives while fewer than
+``local_below`` requests are being drafted for (here or on workers; requests with speculation
+off are not counted) is drafted in process for its whole life; the others go to the workers,
+whose drafting overlaps the verification of the rest of the batch.  Each request has one drafter
+from its first token to its release, so no drafter state crosses over.  If the local drafter
+raises, its requests continue with plain decoding, like those of a failed worker.
 """
 
 from __future__ import annotations
@@ -197,7 +199,10 @@ class RemoteDrafter:
     ) -> None:
         rid = seq.request_id
         if self._drafts_locally(rid):
-            self.local.observe(seq, token_ids, features, num_verified)
+            try:
+                self.local.observe(seq, token_ids, features, num_verified)
+            except Exception:
+                self._local_failed([seq])
             return
         with self._lock:
             r = self._reqs.get(rid)
@@ -260,10 +265,31 @@ class RemoteDrafter:
         here = [s for s in seqs if s.request_id in self._local]
         if not here:
             return self._propose_remote(seqs, block_len)
-        local = dict(zip((s.request_id for s in here), self.local.propose(here, block_len)))
+        try:
+            blocks = self.local.propose(here, block_len)
+        except Exception:
+            self._local_failed(here)
+            blocks = [DraftBlock.empty() for _ in here]
+        local = dict(zip((s.request_id for s in here), blocks))
         away = [s for s in seqs if s.request_id not in local]
         remote = dict(zip((s.request_id for s in away), self._propose_remote(away, block_len) if away else []))
         return [local[s.request_id] if s.request_id in local else remote[s.request_id] for s in seqs]
+
+    def _local_failed(self, seqs: list[Sequence]) -> None:
+        """The local drafter raised for these requests: they continue with plain decoding, as a
+        request whose worker failed does; the other requests are not touched."""
+        log.exception("drafting in process failed for %s; plain decoding for them from now on",
+                      ", ".join(s.request_id for s in seqs))
+        for seq in seqs:
+            seq.draft_enabled = False
+            self._release_local(seq.request_id)
+
+    def _release_local(self, request_id: str) -> None:
+        self._local.discard(request_id)
+        try:
+            self.local.release(request_id)
+        except Exception:
+            log.exception("releasing request %s in the local drafter failed", request_id)
 
     def _propose_remote(self, seqs: list[Sequence], block_len: int) -> list[DraftBlock | None]:
         out: list[DraftBlock | None] = []
@@ -292,8 +318,7 @@ class RemoteDrafter:
 
     def release(self, request_id: str) -> None:
         if request_id in self._local:
-            self._local.discard(request_id)
-            self.local.release(request_id)
+            self._release_local(request_id)
             return
         with self._lock:
             r = self._reqs.pop(request_id, None)
