@@ -41,7 +41,7 @@ class RayTPGroup:
 
         self.spec = spec
         host = ray.util.get_node_ip_address() if placement_group is not None else "127.0.0.1"
-        init_method = f"tcp://{host}:{free_port()}"
+        init_method = f"tcp://{host}:{free_port(host)}"  # free where the group listens
         actor_cls = ray.remote(_Rank)
         self.actors, self.loops = [], []
         for r in range(1, spec.world_size):
