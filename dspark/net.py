@@ -1,4 +1,4 @@
-"""Loopback ports for servers this process will start a moment later.
+"""Ports for servers this process (or one it starts) will bind a moment later.
 
 A port found by binding port 0 comes from the OS's ephemeral range, the range every
 outgoing connection and every later ``bind(0)`` also draws from; Ray draws its own
