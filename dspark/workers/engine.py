@@ -459,17 +459,18 @@ class Engine:
         """
         if self.drafter is None or not e.tokens:
             return  # a follower's prompt was observed with its leader's
-        for f in e.seq.followers if e.prefill else ():  # they share this prefill: same tokens and features
-            if not f.finished and f.draft_enabled:
-                self.drafter.observe(f, e.kept, None if feats is None else feats[: len(e.kept)], None)
-        # A request that never drafts (``speculative: false``, or its drafter gone) is not shown to
-        # the drafter: a remote one would otherwise draft a block for it every step, on cores the
-        # verifier may share, and receive its features for nothing.
-        if e.seq.finished or not e.seq.draft_enabled:
-            return
         kept = e.kept
         feats = None if feats is None else feats[: len(kept)]
-        self.drafter.observe(e.seq, kept, feats, e.num_verified)
+        # A request that never drafts (``speculative: false``, or its drafter gone) is not shown to
+        # the drafter: a remote one would otherwise draft a block for it every step, on cores the
+        # verifier may share, and receive its features for nothing.  The leader goes first, so a
+        # drafter that places requests in order of arrival (``RemoteDrafter``'s local drafting)
+        # sees an n-request's sequences in their own order.
+        if not e.seq.finished and e.seq.draft_enabled:
+            self.drafter.observe(e.seq, kept, feats, e.num_verified)
+        for f in e.seq.followers if e.prefill else ():  # they share this prefill: same tokens and features
+            if not f.finished and f.draft_enabled:
+                self.drafter.observe(f, kept, feats, None)
 
     def _partition(self) -> tuple[list[tuple[Sequence, list[int]]], list[Sequence]]:
         prefill, decode = [], []

@@ -86,6 +86,23 @@ def test_local_below_zero_drafts_everything_on_the_worker(setup):
         drafter.close()
 
 
+def test_an_n_request_drafts_its_first_sequence_here(setup):
+    """The sequences of one request arrive together; the first (the leader) takes the local place
+    and the second goes to the worker, each for its whole life, and both decode as plain does."""
+    _, _, prompts, plain, _, workers = setup
+    eng, local, drafter = _engine(setup, local_below=1)
+    try:
+        lead = eng.add_request(prompts[0], SamplingParams(max_tokens=40, ignore_eos=True, n=2))
+        follower = lead.followers[0]
+        eng.run_until_done()
+        assert lead.output_ids == follower.output_ids == plain[0]
+        assert local.drafted == {lead.request_id}
+        assert any(follower.request_id in w.drafted for w in workers)
+        assert lead.metrics.num_accepted_tokens > 0 and follower.metrics.num_accepted_tokens > 0
+    finally:
+        drafter.close()
+
+
 class Failing(Recording):
     """Drafts one block, then raises (a drafter bug, or out of memory)."""
 
