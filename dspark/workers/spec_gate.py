@@ -32,11 +32,11 @@ and how often the drafts are accepted for today's traffic.  So the gate measures
   behind the other's, starts the new incumbent's probes at ``explore_every`` again.  A close run
   keeps the interval: resetting on every close sample kept a clear but moderate lead (plain at
   0.8x speculation at 4 requests through the cluster) probing every 16 steps, 18% of all steps.
-* the engine asks and reports with the larger of the step's batch size and the previous
-  step's, so a batch that shrinks for one step keeps its bucket.  Under a closed loop a finished
-  request is replaced a step later, and at 4 requests those one-step dips to 3 were decided by
-  the 2-3 bucket (mostly unmeasured steps), each one a switch to the other arm and back: two
-  settling steps.
+* the engine asks and reports with the largest of the step's batch size and the last few
+  steps' (``engine.GATE_WINDOW``), so a batch that shrinks for a step or two keeps its bucket.
+  Under a closed loop a finished request is replaced two steps later, and at 4 requests those
+  dips to 3 were decided by the 2-3 bucket (mostly unmeasured steps), each one a switch to the
+  other arm and back: two settling steps.
 * a bucket not yet measured on both arms decides from the nearest one that is, and its own
   exploration runs measure it (batch sizes seen only for a step or two while finished requests
   are replaced never completed a warm-up: their steps are mostly settling steps or share a

@@ -14,7 +14,7 @@ import time
 import pytest
 
 from dspark.workers.drafters.base import DraftBlock, StatelessDrafter
-from dspark.workers.engine import Engine, EngineConfig
+from dspark.workers.engine import GATE_WINDOW, Engine, EngineConfig
 from dspark.workers.request import SamplingParams, Sequence
 from dspark.workers.runner import LocalRunner, RunnerConfig
 from dspark.workers.spec_gate import SpeculationGate
@@ -204,10 +204,10 @@ def test_gate_probes_the_old_arm_soon_after_its_own_average_flips_it():
     assert arms[-50:].count(False) >= 35  # and, plain fast again, back on it (with probes)
 
 
-def test_engine_judges_a_one_step_dip_by_the_batch_before(model_fp32):
-    """When a request finishes, the gate is asked about the next step with the batch size of the
-    step before (a closed loop replaces it a step later); a lasting change counts a step later.
-    Each step is reported with the size it was decided by."""
+def test_engine_judges_a_short_dip_by_the_batch_before(model_fp32):
+    """When a request finishes, the gate is asked about the next steps with the largest batch size
+    of the last GATE_WINDOW steps (a closed loop replaces it two steps later); a lasting change
+    counts GATE_WINDOW steps later.  Each step is reported with the size it was decided by."""
     tok = model_fp32.tokenizer
     runner = LocalRunner(model_fp32.model, RunnerConfig(n_slots=3, max_seq=256))
 
@@ -230,8 +230,9 @@ def test_engine_judges_a_one_step_dip_by_the_batch_before(model_fp32):
     eng.generate([prompt] * 3, [SamplingParams(max_tokens=m, ignore_eos=True) for m in (8, 30, 30)])
     assert gate.asked == gate.told  # one question and one report per decoding step
     # Wrong drafts: one token per request and step.  The short request's 8 tokens take the
-    # prompt's step and 7 decoding steps of 3 requests; the first step of 2 is judged as 3.
-    assert gate.asked == [3] * 8 + [2] * 21, gate.asked
+    # prompt's step and 7 decoding steps of 3 requests (asked about 7 times, after the prompt's
+    # step and the first six); the first GATE_WINDOW steps of 2 are judged as 3.
+    assert gate.asked == [3] * (7 + GATE_WINDOW) + [2] * (22 - GATE_WINDOW), gate.asked
     # A size from before the gate was set aside is not carried over: three requests decode with
     # the gate aside until the short one finishes; back in force, the gate is asked about 2.
     gate.asked.clear(), gate.told.clear()
@@ -393,6 +394,24 @@ def test_a_request_that_does_not_speculate_is_never_drafted_for(setup):
         server.stop()
 
 
+def test_steps_of_requests_that_do_not_speculate_teach_the_gate_nothing(setup):
+    """Requests with ``speculative: false`` leave the gate unasked and its averages untouched:
+    counted as speculative steps, they gave speculation plain decoding's speed, and a gate that
+    had measured speculation slower took it up again.  A speculative request is gated as before."""
+    runner, tok, prompt, plain = setup
+    gate = SpeculationGate(explore_every=4, warmup_steps=1, explore_run=2)
+    for spec, seconds in [(True, 0.5), (False, 0.05)] * 2:  # speculation measured 10x slower
+        gate.record(1, spec, 1.0, seconds)
+    before = (gate.speculative_steps, gate.plain_steps, gate.rates())
+    drafter = _Script(plain, wrong=False, delay_s=0.0)
+    eng = Engine(runner, tok, EngineConfig(max_batch=1, block_len=4), drafter=drafter, gate=gate)
+    seq = eng.generate([prompt], SamplingParams(max_tokens=24, ignore_eos=True, speculative=False))[0]
+    assert seq.output_ids == plain[:24] and seq.metrics.num_drafts == 0
+    assert (gate.speculative_steps, gate.plain_steps, gate.rates()) == before
+    seq = eng.generate([prompt], SamplingParams(max_tokens=24, ignore_eos=True))[0]
+    assert seq.output_ids == plain[:24] and gate.plain_steps > before[1]
+
+
 class _Late(_Script):
     """An asynchronous drafter of correct drafts whose blocks for ``late`` requests miss the first
     ask at each position: those requests sit a step out (others are ready) or the engine waits
@@ -426,8 +445,9 @@ def test_engine_charges_late_blocks_to_speculation(setup, model_fp32):
     eng = Engine(runner, tok, EngineConfig(max_batch=4, block_len=4, max_block_wait_s=0.0), drafter=drafter, gate=gate)
     seqs = eng.generate([prompt] * 4, SamplingParams(max_tokens=24, ignore_eos=True))
     assert all(s.output_ids == plain[:24] for s in seqs)
-    # 4 decoding (bucket 3) while req-0 lags, then req-0 alone (bucket 1); never 3 counted as 2-3.
-    assert set(gate.rates()) == {1, 3}, gate.rates()
+    # 4 decoding (bucket 3) while req-0 lags, then req-0 alone (judged as 3 for GATE_WINDOW
+    # steps, then as 1); never 3 counted as 2-3.
+    assert 3 in gate.rates() and 2 not in gate.rates(), gate.rates()
 
 
 def test_engine_charges_waits_for_blocks_to_speculation(setup):
