@@ -40,7 +40,10 @@ and how often the drafts are accepted for today's traffic.  So the gate measures
 * a bucket not yet measured on both arms decides from the nearest one that is, and its own
   exploration runs measure it (batch sizes seen only for a step or two while finished requests
   are replaced never completed a warm-up: their steps are mostly settling steps or share a
-  prompt chunk); with no measured bucket, both arms warm up.
+  prompt chunk); with no measured bucket, both arms warm up.  Its first run starts at its first
+  step: the nearest measured bucket may be far off (after one-request traffic, sixteen requests
+  borrowed the one-request choice and speculated at 0.64x of plain for 15 steps, until the run
+  due 16 steps in measured plain decoding there);
 
 Lossless: the choice for step t depends only on steps before t, never on the tokens drafted at
 step t, so it cannot bias which drafts get verified (the condition of the paper's Appendix A).
@@ -82,6 +85,7 @@ class _Probe:
     judge: bool = False  # a run ended: compare the arms at the next step
     extended: bool = False  # the current run was extended once to confirm a lead
     best: bool | None = None  # the incumbent arm (None: none yet)
+    probe_now: bool = False  # start a run at the next choice (a bucket that borrows another's figures)
 
 
 class SpeculationGate:
@@ -131,7 +135,7 @@ class SpeculationGate:
         if src is None:  # measure each arm a few times first (speculation first: why the drafter is here)
             choice = spec.steps < self.warmup_steps or plain.steps >= self.warmup_steps
         else:  # this bucket's rates, or the nearest measured bucket's until its exploration runs measure it
-            probe = self._probes.setdefault(b, _Probe(self.explore_every))
+            probe = self._probes.setdefault(b, _Probe(self.explore_every, probe_now=src != b))
             choice = self._choose(b, probe, self._rate(src, True), self._rate(src, False))
         if choice:
             self.speculative_steps += 1
@@ -175,9 +179,9 @@ class SpeculationGate:
             p.best = best
         best = p.best
         p.tick += 1
-        if p.tick < p.every:
+        if p.tick < p.every and not p.probe_now:
             return best
-        p.tick, p.arm, p.left = 0, not best, self.explore_run - 1
+        p.tick, p.arm, p.left, p.probe_now = 0, not best, self.explore_run - 1, False
         self._arms.setdefault((b, p.arm), _Arm()).fresh = 0  # measured long ago: the run's steps replace it
         return p.arm
 
