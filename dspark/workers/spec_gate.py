@@ -40,10 +40,10 @@ and how often the drafts are accepted for today's traffic.  So the gate measures
 * a bucket not yet measured on both arms decides from the nearest one that is, and its own
   exploration runs measure it (batch sizes seen only for a step or two while finished requests
   are replaced never completed a warm-up: their steps are mostly settling steps or share a
-  prompt chunk); with no measured bucket, both arms warm up.  Its first run starts at its first
-  step: the nearest measured bucket may be far off (after one-request traffic, sixteen requests
-  borrowed the one-request choice and speculated at 0.64x of plain for 15 steps, until the run
-  due 16 steps in measured plain decoding there);
+  prompt chunk); with no measured bucket, both arms warm up.  A bucket that borrows starts its
+  first run at its first step: the nearest measured bucket may be far off (after one-request
+  traffic, sixteen requests borrowed the one-request choice and speculated at 0.64x of plain for
+  15 steps, until the run due 16 steps in measured plain decoding there).
 
 Lossless: the choice for step t depends only on steps before t, never on the tokens drafted at
 step t, so it cannot bias which drafts get verified (the condition of the paper's Appendix A).
