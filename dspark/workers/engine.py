@@ -292,10 +292,11 @@ class Engine:
             return []
         t0 = time.perf_counter()
         prefill, decode = self._partition()
-        # A step in which no request drafts (all have speculation off) is no choice of the gate's
-        # and no step it measures: counted as speculative, such steps gave the speculative arm
-        # plain decoding's speed (traced through the cluster: 481 of 713 steps of plain requests).
-        gated = any(s.draft_enabled for s in decode)
+        # A step in which no request drafts (all have speculation off, or no room left for a draft)
+        # is no choice of the gate's and no step it measures: counted as speculative, such steps
+        # gave the speculative arm plain decoding's speed (traced through the cluster: 481 of 713
+        # steps of plain requests).
+        gated = any(map(self._wants_drafts, decode))
         speculate, n_decode = self._speculate(decode, gated), len(decode)  # the gate counts late blocks' requests
 
         # 1. Draft: one block per decoding request; None when this step does not speculate.
@@ -455,7 +456,7 @@ class Engine:
         if not nxt:
             return
         gate = self._gate()
-        if gate is not None and any(s.draft_enabled for s in nxt):
+        if gate is not None and any(map(self._wants_drafts, nxt)):
             self._next_speculate = gate.speculate(self._gate_batch(len(nxt)))
         depth = self._draft_depth()
         for s in nxt:
@@ -511,6 +512,10 @@ class Engine:
                 decode.append(seq)
         return prefill, decode
 
+    def _wants_drafts(self, seq: Sequence) -> bool:
+        """The request drafts and may still verify a draft."""
+        return seq.draft_enabled and self._draft_room(seq) > 0
+
     def _draft_room(self, seq: Sequence) -> int:
         """Draft tokens this request may still verify (output and cache limits)."""
         left_out = seq.params.max_tokens - len(seq.output_ids) - 1
@@ -521,7 +526,7 @@ class Engine:
         """One block per decoding request (None: still in flight); None when nothing can draft."""
         if self.drafter is None or not decode or self.cfg.block_len <= 0:
             return None
-        want = [s for s in decode if s.draft_enabled and self._draft_room(s) > 0]
+        want = [s for s in decode if self._wants_drafts(s)]
         self.last_drafted_requests = len(want)
         if not want:
             return [DraftBlock.empty() for _ in decode]
