@@ -40,10 +40,15 @@ and how often the drafts are accepted for today's traffic.  So the gate measures
 * a bucket not yet measured on both arms decides from the nearest one that is, and its own
   exploration runs measure it (batch sizes seen only for a step or two while finished requests
   are replaced never completed a warm-up: their steps are mostly settling steps or share a
-  prompt chunk); with no measured bucket, both arms warm up.  A bucket that borrows starts its
-  first run at its first step: the nearest measured bucket may be far off (after one-request
-  traffic, sixteen requests borrowed the one-request choice and speculated at 0.64x of plain for
-  15 steps, until the run due 16 steps in measured plain decoding there).
+  prompt chunk); with no measured bucket, both arms warm up.  It borrows the nearest bucket's
+  incumbent arm.  Speculation pays less the larger the batch, so a choice of plain decoding by
+  a smaller bucket (or of speculation by a larger one) can only be stronger here: it is taken
+  with that bucket's probe interval (through the cluster, sixteen requests after four used to
+  pay a run at their first step and another 16 steps in, each about a tenth of a 10-second
+  slice at 0.55x of plain).  Any other borrowed choice is a guess, and the bucket starts its
+  first run at its first step: after one-request traffic, sixteen requests borrowed the
+  one-request choice and speculated at 0.64x of plain for 15 steps, until the run due 16 steps
+  in measured plain decoding there.
 
 Lossless: the choice for step t depends only on steps before t, never on the tokens drafted at
 step t, so it cannot bias which drafts get verified (the condition of the paper's Appendix A).
@@ -135,13 +140,30 @@ class SpeculationGate:
         if src is None:  # measure each arm a few times first (speculation first: why the drafter is here)
             choice = spec.steps < self.warmup_steps or plain.steps >= self.warmup_steps
         else:  # this bucket's rates, or the nearest measured bucket's until its exploration runs measure it
-            probe = self._probes.setdefault(b, _Probe(self.explore_every, probe_now=src != b))
+            probe = self._probes.get(b) or self._probes.setdefault(b, self._new_probe(b, src))
             choice = self._choose(b, probe, self._rate(src, True), self._rate(src, False))
         if choice:
             self.speculative_steps += 1
         else:
             self.plain_steps += 1
         return choice
+
+    def _new_probe(self, b: int, src: int) -> _Probe:
+        """Exploration state of bucket ``b``, first seen while ``src`` is the nearest measured one.
+
+        Speculation pays less the larger the batch (a verification step grows with the rows it
+        checks; a plain step barely does until the batch fills the hardware).  So when a smaller
+        bucket chose plain decoding, or a larger one chose speculation, ``b`` borrows that choice
+        with ``src``'s probe interval: the lead was confirmed there, and it can only be larger
+        here.  Otherwise (a larger batch after a smaller one that speculates, and the reverse)
+        the borrowed choice is a guess, and ``b`` starts its first run at once."""
+        if src == b:
+            return _Probe(self.explore_every)
+        sp = self._probes.get(src)
+        src_best = sp.best if sp is not None and sp.best is not None else self._rate(src, True) >= self._rate(src, False)
+        if (src < b and not src_best) or (src > b and src_best):
+            return _Probe(sp.every if sp is not None else self.explore_every, best=src_best)
+        return _Probe(self.explore_every, best=src_best, probe_now=True)
 
     def _rate(self, b: int, speculated: bool) -> float:
         return self._arms.get((b, speculated), _Arm()).rate

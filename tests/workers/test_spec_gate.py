@@ -78,6 +78,35 @@ def test_gate_follows_the_nearest_measured_bucket():
     assert arms[-30:].count(True) <= 5, arms  # and at most one run of probes later
 
 
+def test_a_borrowed_choice_the_batch_size_can_only_strengthen_is_not_probed_at_once():
+    """Speculation pays less the larger the batch.  So a larger batch after a smaller one that
+    settled on plain decoding (sixteen requests after four) takes plain decoding with the
+    smaller one's probe interval, instead of paying a run of speculative steps at its first
+    step and another 16 steps later (at 0.55x of plain through the cluster, each run cost about
+    a tenth of a 10-second slice).  The same for a smaller batch after a larger one that
+    speculates.  The other directions still probe at once (the test above)."""
+    g = SpeculationGate(warmup_steps=1)
+    arms = []
+    for _ in range(400):  # four requests: plain 80 tok/s, speculation 40
+        arms.append(g.speculate(4))
+        g.record(4, arms[-1], *((8.0, 0.2) if arms[-1] else (4.0, 0.05)))
+    assert arms[-100:].count(True) <= 5, arms  # settled on plain, probing rarely
+    sixteen = []
+    for _ in range(300):
+        sixteen.append(g.speculate(16))
+        g.record(16, sixteen[-1], *((24.0, 0.5) if sixteen[-1] else (16.0, 0.2)))
+    assert sixteen[:64] == [False] * 64, sixteen
+    assert True in sixteen  # its own probes still come, at the longer interval
+
+    g = SpeculationGate(warmup_steps=1)
+    arms = []
+    for _ in range(200):  # sixteen requests where speculation wins: 120 vs 80 tok/s
+        arms.append(g.speculate(16))
+        g.record(16, arms[-1], *((24.0, 0.2) if arms[-1] else (16.0, 0.2)))
+    assert arms[-100:].count(False) <= 10, arms
+    assert [g.speculate(4) for _ in range(16)] == [True] * 16  # borrowed, and not probed at once
+
+
 def _simulate(gate: SpeculationGate, steps: int, cost) -> list[bool]:
     """Drive ``gate`` for ``steps`` steps of one request: ``cost(arm, previous arm, step)`` gives
     each step's (tokens, seconds).  Returns the arms chosen."""
