@@ -104,8 +104,9 @@ def test_greedy_choice_reads_the_whole_block():
 
 
 def test_feedback_goes_to_the_source_only():
-    """The n-gram tables learn from the n-gram's verified blocks only; the head is told it
-    verified nothing when its block was not proposed."""
+    """Sampled requests: the n-gram tables learn from the n-gram's verified blocks only (an
+    accepted head draft is not a sample of the target's law: it leans towards the head's q); the
+    head is told it verified nothing when its block was not proposed."""
     head = _TiltedHead(0.3)  # below the n-gram's prior: the n-gram block is chosen
     ngram = NgramDrafter(by_order=True)
     hybrid = HybridDrafter(head, ngram)
@@ -127,6 +128,38 @@ def test_feedback_goes_to_the_source_only():
     assert head2.observed == [4]
     assert ngram2.conf.confidences("a", 4) == [0.5] * 4  # still the prior
     assert ngram2.conf.confidences("a/2", 4) == [0.5] * 4
+
+
+class _SureHead:
+    """A greedy head that always proposes [1, 2, 4, 4] with confidence 0.99 per draft."""
+
+    feature_layers = (1,)
+
+    def propose(self, seqs, block_len):
+        return [DraftBlock(token_ids=[1, 2, 4, 4][:block_len], confidence=[0.99] * block_len) for _ in seqs]
+
+    def observe(self, seq, token_ids, features, num_verified=None):
+        pass
+
+    def release(self, request_id):
+        pass
+
+
+@pytest.mark.parametrize("kept, table", [([6, 1, 2], [2 / 3, 2 / 3, 0.5]), ([6, 1, 4], [2 / 3, 1 / 3, 0.5]),
+                                         ([6], [0.5, 0.5, 0.5])])
+def test_greedy_ngram_tables_learn_from_the_heads_accepted_drafts(kept, table):
+    """A greedy request's accepted head drafts are the target's own tokens, so the n-gram block
+    (here [1, 2, 3, 5]) is checked against them as far as they go: its tables keep learning while
+    the head's blocks are chosen instead of staying at the prior.  Nothing past the accepted
+    drafts is evidence (the target's token there is not known yet)."""
+    ngram = NgramDrafter(by_order=True)
+    hybrid = HybridDrafter(_SureHead(), ngram, head_cost=0)
+    seq = _seq("g", temperature=0.0)
+    (blk,) = hybrid.propose([seq], 4)
+    assert blk.token_ids == [1, 2, 4, 4]  # the head's block is chosen
+    hybrid.observe(seq, kept, None, num_verified=4)
+    assert ngram.conf.confidences("g", 3) == pytest.approx(table)
+    assert ngram.conf.confidences("g/2", 3, prior=[0.5] * 3) == pytest.approx(table)
 
 
 # -- the real default model ------------------------------------------------------------------------

@@ -58,8 +58,14 @@ That is why sampled requests look only at c_1 and the history.
 Feedback: the head observes every token that enters the target's cache, with its features
 (its context cache must stay complete); it is told ``num_verified = 0`` for a block it drafted
 but that was not chosen, so its traces record no verification.  The n-gram drafter is told the
-real ``num_verified`` only for its own chosen block, 0 otherwise, so its tables never learn from
-the head's drafts.
+real ``num_verified`` for its own chosen block.  When the head's block was chosen for a greedy
+request, its accepted drafts are the target's own greedy tokens, so the n-gram block is checked
+against them as far as they go (as if verified that far; the position after them is not known
+yet); otherwise its tables would stay where they were for as long as the head's blocks are
+chosen, and a request that starts copying would keep getting the head's blocks.  For a sampled
+request it is told 0: an accepted head draft leans towards the head's q (it is distributed as
+min(p, q), normalised), so matching the n-gram block against it would not estimate the n-gram's
+own acceptance.  Either way the tables are history, never this step's drafts.
 
 Options (``--draft-option KEY=VALUE``): those of ``dspark`` (head, draft_vocab, proposal_top_k,
 markov, calibrated, trace), those of ``ngram`` (max_ngram, min_ngram), and head_cost (a fixed
@@ -194,8 +200,15 @@ class HybridDrafter:
         self, seq: Sequence, token_ids: list[int], features: torch.Tensor | None, num_verified: int | None = None
     ) -> None:
         src = self._source.pop(seq.request_id, None)
-        # A sub-drafter whose block was not proposed verified nothing this step.
-        self.ngram.observe(seq, token_ids, None, num_verified if src in ("ngram", None) else 0)
+        # A sub-drafter whose block was not proposed verified nothing this step.  Except that a
+        # greedy request's accepted head drafts are the target's own tokens: the n-gram block
+        # is checked against them as if verified that far (deterministic on both sides, so no
+        # bias), and its tables keep learning while the head's blocks are chosen.
+        if src == "dspark" and seq.params.greedy:
+            shadow = len(token_ids) - 1  # the accepted drafts (token_ids: the anchor first)
+        else:
+            shadow = num_verified if src in ("ngram", None) else 0
+        self.ngram.observe(seq, token_ids, None, shadow)
         self.head.observe(seq, token_ids, features, num_verified if src in ("dspark", None) else 0)
 
     def release(self, request_id: str) -> None:
