@@ -140,7 +140,7 @@ class SpeculationGate:
         if src is None:  # measure each arm a few times first (speculation first: why the drafter is here)
             choice = spec.steps < self.warmup_steps or plain.steps >= self.warmup_steps
         else:  # this bucket's rates, or the nearest measured bucket's until its exploration runs measure it
-            probe = self._probes.get(b) or self._probes.setdefault(b, self._new_probe(b, src))
+            probe = self._probes[b] if b in self._probes else self._probes.setdefault(b, self._new_probe(b, src))
             choice = self._choose(b, probe, self._rate(src, True), self._rate(src, False))
         if choice:
             self.speculative_steps += 1
@@ -156,13 +156,21 @@ class SpeculationGate:
         bucket chose plain decoding, or a larger one chose speculation, ``b`` borrows that choice
         with ``src``'s probe interval: the lead was confirmed there, and it can only be larger
         here.  Otherwise (a larger batch after a smaller one that speculates, and the reverse)
-        the borrowed choice is a guess, and ``b`` starts its first run at once."""
+        the borrowed choice is a guess, and ``b`` starts its first run at once.  So is the choice
+        of a lender in the middle of a run, or whose rates moved past the margin since its last
+        choice (it would switch at its next step): ``src``'s choice is the one ``_choose`` would
+        make now."""
         if src == b:
             return _Probe(self.explore_every)
         sp = self._probes.get(src)
-        src_best = sp.best if sp is not None and sp.best is not None else self._rate(src, True) >= self._rate(src, False)
-        if (src < b and not src_best) or (src > b and src_best):
-            return _Probe(sp.every if sp is not None else self.explore_every, best=src_best)
+        spec, plain = self._rate(src, True), self._rate(src, False)
+        leader = spec >= plain
+        if sp is None or sp.best is None or abs(spec - plain) > self.confirm_margin * max(spec, plain):
+            src_best, settled = leader, sp is not None and sp.best == leader and not (sp.left or sp.judge)
+        else:
+            src_best, settled = sp.best, not (sp.left or sp.judge)
+        if settled and ((src < b and not src_best) or (src > b and src_best)):
+            return _Probe(sp.every, best=src_best)
         return _Probe(self.explore_every, best=src_best, probe_now=True)
 
     def _rate(self, b: int, speculated: bool) -> float:

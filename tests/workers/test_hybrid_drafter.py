@@ -124,19 +124,22 @@ def test_feedback_goes_to_the_source_only():
     hybrid2 = HybridDrafter(head2, ngram2)
     (blk,) = hybrid2.propose([seq], 4)
     assert blk.probs is not None
-    hybrid2.observe(seq, [6], None, num_verified=4)  # nothing accepted
+    hybrid2.observe(seq, [6, 1, 2], None, num_verified=4)  # two accepted: not evidence for a sampled request
     assert head2.observed == [4]
     assert ngram2.conf.confidences("a", 4) == [0.5] * 4  # still the prior
     assert ngram2.conf.confidences("a/2", 4) == [0.5] * 4
 
 
 class _SureHead:
-    """A greedy head that always proposes [1, 2, 4, 4] with confidence 0.99 per draft."""
+    """A greedy head that always proposes ``tokens`` with confidence 0.99 per draft."""
 
     feature_layers = (1,)
 
+    def __init__(self, tokens: list[int]) -> None:
+        self.tokens = tokens
+
     def propose(self, seqs, block_len):
-        return [DraftBlock(token_ids=[1, 2, 4, 4][:block_len], confidence=[0.99] * block_len) for _ in seqs]
+        return [DraftBlock(token_ids=self.tokens[:block_len], confidence=[0.99] * block_len) for _ in seqs]
 
     def observe(self, seq, token_ids, features, num_verified=None):
         pass
@@ -145,19 +148,25 @@ class _SureHead:
         pass
 
 
-@pytest.mark.parametrize("kept, table", [([6, 1, 2], [2 / 3, 2 / 3, 0.5]), ([6, 1, 4], [2 / 3, 1 / 3, 0.5]),
-                                         ([6], [0.5, 0.5, 0.5])])
-def test_greedy_ngram_tables_learn_from_the_heads_accepted_drafts(kept, table):
+@pytest.mark.parametrize("head, kept, verified, table", [
+    ([1, 2, 4, 4], [6, 1, 2], 4, [2 / 3, 2 / 3, 0.5]),  # two accepted, both match; the rest unknown
+    ([1, 2, 4, 4], [6, 1, 4], 4, [2 / 3, 1 / 3, 0.5]),  # the n-gram's 2nd draft differs from the target's
+    ([1, 2, 4, 4], [6], 4, [1 / 3, 0.5, 0.5]),  # the head's 1st draft rejected, and the n-gram's is the same
+    ([7, 2, 4, 4], [6], 4, [0.5, 0.5, 0.5]),  # ... a different one: no evidence either way
+    ([1, 2, 3, 4], [6, 1, 2], 4, [2 / 3, 2 / 3, 1 / 3]),  # rejected at the 3rd, where both drafted 3
+    ([1, 2, 3, 4], [6, 1, 2], 2, [2 / 3, 2 / 3, 0.5]),  # the 3rd was not verified: no evidence
+])
+def test_greedy_ngram_tables_learn_from_the_heads_accepted_drafts(head, kept, verified, table):
     """A greedy request's accepted head drafts are the target's own tokens, so the n-gram block
-    (here [1, 2, 3, 5]) is checked against them as far as they go: its tables keep learning while
-    the head's blocks are chosen instead of staying at the prior.  Nothing past the accepted
-    drafts is evidence (the target's token there is not known yet)."""
+    (here [1, 2, 3, 5]) is checked against them as far as they go, and where the head's draft
+    was rejected an equal n-gram draft counts as rejected: its tables keep learning while the
+    head's blocks are chosen instead of staying at the prior."""
     ngram = NgramDrafter(by_order=True)
-    hybrid = HybridDrafter(_SureHead(), ngram, head_cost=0)
+    hybrid = HybridDrafter(_SureHead(head), ngram, head_cost=0)
     seq = _seq("g", temperature=0.0)
     (blk,) = hybrid.propose([seq], 4)
-    assert blk.token_ids == [1, 2, 4, 4]  # the head's block is chosen
-    hybrid.observe(seq, kept, None, num_verified=4)
+    assert blk.token_ids == head  # the head's block is chosen
+    hybrid.observe(seq, kept, None, num_verified=verified)
     assert ngram.conf.confidences("g", 3) == pytest.approx(table)
     assert ngram.conf.confidences("g/2", 3, prior=[0.5] * 3) == pytest.approx(table)
 

@@ -106,6 +106,23 @@ def test_a_borrowed_choice_the_batch_size_can_only_strengthen_is_not_probed_at_o
     assert arms[-100:].count(False) <= 10, arms
     assert [g.speculate(4) for _ in range(16)] == [True] * 16  # borrowed, and not probed at once
 
+    # A lender in the middle of a probe run has not settled: a lucky first step of speculation
+    # there must not hand sixteen requests a speculation choice without a probe of their own.
+    g = SpeculationGate(warmup_steps=1)
+    for _ in range(400):
+        arm = g.speculate(4)
+        g.record(4, arm, *((8.0, 0.2) if arm else (4.0, 0.05)))
+    while not g.speculate(4):  # up to the start of the next run of speculative steps
+        g.record(4, False, 4.0, 0.05)
+    g.record(4, True, 8.0, 0.2)
+    g.speculate(4)
+    g.record(4, True, 40.0, 0.2)  # a lucky step: speculation's average jumps past plain's
+    sixteen = []
+    for _ in range(40):
+        sixteen.append(g.speculate(16))
+        g.record(16, sixteen[-1], *((24.0, 0.5) if sixteen[-1] else (16.0, 0.2)))
+    assert sixteen[:20].count(True) <= 5 and not any(sixteen[-10:]), sixteen  # a probe at once, then plain
+
 
 def _simulate(gate: SpeculationGate, steps: int, cost) -> list[bool]:
     """Drive ``gate`` for ``steps`` steps of one request: ``cost(arm, previous arm, step)`` gives

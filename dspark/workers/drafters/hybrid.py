@@ -60,9 +60,11 @@ Feedback: the head observes every token that enters the target's cache, with its
 but that was not chosen, so its traces record no verification.  The n-gram drafter is told the
 real ``num_verified`` for its own chosen block.  When the head's block was chosen for a greedy
 request, its accepted drafts are the target's own greedy tokens, so the n-gram block is checked
-against them as far as they go (as if verified that far; the position after them is not known
-yet); otherwise its tables would stay where they were for as long as the head's blocks are
-chosen, and a request that starts copying would keep getting the head's blocks.  For a sampled
+against them as far as they go (as if verified that far), and where the head's draft was
+verified and rejected, an n-gram draft equal to it counts as rejected (any other n-gram draft
+there is not evidence: the target's token is not known yet); otherwise its tables would stay
+where they were for as long as the head's blocks are chosen, and a request that starts copying
+would keep getting the head's blocks.  For a sampled
 request it is told 0: an accepted head draft leans towards the head's q (it is distributed as
 min(p, q), normalised), so matching the n-gram block against it would not estimate the n-gram's
 own acceptance.  Either way the tables are history, never this step's drafts.
@@ -141,6 +143,9 @@ class HybridDrafter:
         self.head_cost = 0.3 if head_cost is None else head_cost
         self._last_call: tuple[float, float] | None = None  # (start of the last propose, head seconds in it)
         self._source: dict[str, str] = {}  # request -> source of the block proposed this step
+        # Greedy requests given the head's block: (n-gram block, head block), to check the former
+        # against what verification kept of the latter (see ``observe``).
+        self._shadow: dict[str, tuple[list[int], list[int]]] = {}
         # Non-empty blocks proposed per source (the engine verifies them unless its budget cuts
         # them to nothing), for tests and benchmarks.
         self.source_counts: dict[str, int] = dict.fromkeys(SOURCES, 0)
@@ -164,6 +169,7 @@ class HybridDrafter:
             if rest > 0:
                 self.head_cost += 0.1 * (self._last_call[1] / rest - self.head_cost)
         out = self.ngram.propose(seqs, block_len)
+        ngram_blocks = [b.token_ids for b in out]
         e_ng = [expected_length(b.confidence) for b in out]
         ngram_seconds = (time.perf_counter() - t0) / max(1, len(seqs))
         run = [i for i, s in enumerate(seqs) if self._head_pays(s.request_id, e_ng[i])]
@@ -192,6 +198,8 @@ class HybridDrafter:
             blk = out[i]
             if blk.token_ids:
                 self._source[s.request_id] = source[i]
+                if source[i] == "dspark" and s.params.greedy and ngram_blocks[i]:
+                    self._shadow[s.request_id] = (ngram_blocks[i], blk.token_ids)
                 self.source_counts[source[i]] += 1
             out[i] = dataclasses.replace(blk, draft_seconds=blk.draft_seconds + ngram_seconds)
         return out
@@ -200,12 +208,20 @@ class HybridDrafter:
         self, seq: Sequence, token_ids: list[int], features: torch.Tensor | None, num_verified: int | None = None
     ) -> None:
         src = self._source.pop(seq.request_id, None)
+        pair = self._shadow.pop(seq.request_id, None)
         # A sub-drafter whose block was not proposed verified nothing this step.  Except that a
         # greedy request's accepted head drafts are the target's own tokens: the n-gram block
-        # is checked against them as if verified that far (deterministic on both sides, so no
-        # bias), and its tables keep learning while the head's blocks are chosen.
-        if src == "dspark" and seq.params.greedy:
-            shadow = len(token_ids) - 1  # the accepted drafts (token_ids: the anchor first)
+        # is checked against them as if verified that far (deterministic on both sides), and
+        # its tables keep learning while the head's blocks are chosen.
+        if src == "dspark" and pair is not None:
+            ngram_block, head_block = pair
+            shadow = max(0, len(token_ids) - 1)  # the accepted drafts (token_ids: the anchor first)
+            # Where the head's draft was checked and rejected, an n-gram draft equal to it was
+            # rejected too: that position is evidence as well (leaving it out would count the
+            # n-gram's matches up to the hard token and never its miss there).
+            if (num_verified is not None and shadow < min(num_verified, len(ngram_block), len(head_block))
+                    and ngram_block[shadow] == head_block[shadow]):
+                shadow += 1
         else:
             shadow = num_verified if src in ("ngram", None) else 0
         self.ngram.observe(seq, token_ids, None, shadow)
@@ -213,6 +229,7 @@ class HybridDrafter:
 
     def release(self, request_id: str) -> None:
         self._source.pop(request_id, None)
+        self._shadow.pop(request_id, None)
         self._head_len.release(request_id)
         self._head_tail.release(request_id)
         self._idle.pop(request_id, None)
