@@ -140,7 +140,9 @@ class SpeculationGate:
         if src is None:  # measure each arm a few times first (speculation first: why the drafter is here)
             choice = spec.steps < self.warmup_steps or plain.steps >= self.warmup_steps
         else:  # this bucket's rates, or the nearest measured bucket's until its exploration runs measure it
-            probe = self._probes[b] if b in self._probes else self._probes.setdefault(b, self._new_probe(b, src))
+            probe = self._probes.get(b)
+            if probe is None:
+                probe = self._probes[b] = self._new_probe(b, src)
             choice = self._choose(b, probe, self._rate(src, True), self._rate(src, False))
         if choice:
             self.speculative_steps += 1
@@ -163,15 +165,18 @@ class SpeculationGate:
         if src == b:
             return _Probe(self.explore_every)
         sp = self._probes.get(src)
-        spec, plain = self._rate(src, True), self._rate(src, False)
-        leader = spec >= plain
-        if sp is None or sp.best is None or abs(spec - plain) > self.confirm_margin * max(spec, plain):
-            src_best, settled = leader, sp is not None and sp.best == leader and not (sp.left or sp.judge)
-        else:
-            src_best, settled = sp.best, not (sp.left or sp.judge)
+        src_best = self._incumbent(None if sp is None else sp.best, self._rate(src, True), self._rate(src, False))
+        settled = sp is not None and sp.best == src_best and not (sp.left or sp.judge)
         if settled and ((src < b and not src_best) or (src > b and src_best)):
             return _Probe(sp.every, best=src_best)
         return _Probe(self.explore_every, best=src_best, probe_now=True)
+
+    def _incumbent(self, best: bool | None, spec_rate: float, plain_rate: float) -> bool:
+        """The arm to keep: ``best`` unless the other arm leads by the margin (a switch costs a
+        settling step, and a small lead is mostly noise); the leader when there is no ``best``."""
+        if best is None or abs(spec_rate - plain_rate) > self.confirm_margin * max(spec_rate, plain_rate):
+            return spec_rate >= plain_rate
+        return best
 
     def _rate(self, b: int, speculated: bool) -> float:
         return self._arms.get((b, speculated), _Arm()).rate
@@ -200,14 +205,10 @@ class SpeculationGate:
             p.extended = False
             if explored < (1 - self.confirm_margin) * other:
                 p.every = min(self._backoff(explored, other) * p.every, self.max_explore_every)
-        # Keep the incumbent unless the other arm is ahead by the margin: a switch costs a
-        # settling step, and a small lead is mostly noise.  A switch probes the old arm soon.
-        if p.best is None or abs(spec_rate - plain_rate) > margin:
-            best = spec_rate >= plain_rate
-            if best != p.best:
-                p.every, p.tick = self.explore_every, 0
-            p.best = best
-        best = p.best
+        best = self._incumbent(p.best, spec_rate, plain_rate)
+        if best != p.best:  # a switch probes the old arm soon
+            p.every, p.tick = self.explore_every, 0
+        p.best = best
         p.tick += 1
         if p.tick < p.every and not p.probe_now:
             return best

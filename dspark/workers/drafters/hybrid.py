@@ -64,10 +64,10 @@ against them as far as they go (as if verified that far), and where the head's d
 verified and rejected, an n-gram draft equal to it counts as rejected (any other n-gram draft
 there is not evidence: the target's token is not known yet); otherwise its tables would stay
 where they were for as long as the head's blocks are chosen, and a request that starts copying
-would keep getting the head's blocks.  For a sampled
-request it is told 0: an accepted head draft leans towards the head's q (it is distributed as
-min(p, q), normalised), so matching the n-gram block against it would not estimate the n-gram's
-own acceptance.  Either way the tables are history, never this step's drafts.
+would keep getting the head's blocks.  For a sampled request it is told 0: an accepted head
+draft leans towards the head's q (it is distributed as min(p, q), normalised), so matching the
+n-gram block against it would not estimate the n-gram's own acceptance.  Either way the tables
+are history, never this step's drafts.
 
 Options (``--draft-option KEY=VALUE``): those of ``dspark`` (head, draft_vocab, proposal_top_k,
 markov, calibrated, trace), those of ``ngram`` (max_ngram, min_ngram), and head_cost (a fixed
