@@ -63,6 +63,7 @@ from torch import nn
 
 from dspark.models.dspark_head import MARKOV_KINDS, DSparkHead, DSparkHeadConfig
 from dspark.models.gemma_config import gemma4_args
+from dspark.models.packing import matrix_rows, matrix_shape
 
 # architectures[0] -> QK-norm, for the Llama-form draft layers.
 ARCHITECTURES = {"Qwen3DSparkModel": True, "LlamaDSparkModel": False}
@@ -358,16 +359,17 @@ def confidence_state(w: CheckpointWeights, cfg: DSparkHeadConfig, enabled: bool,
             "confidence.bias": w.get("confidence_head.proj.bias", (1,))}
 
 
-def check_rows(w: CheckpointWeights, key: str, target_w: torch.Tensor, idx: torch.Tensor,
+def check_rows(w: CheckpointWeights, key: str, target_layer: nn.Module, idx: torch.Tensor,
                target_idx: torch.Tensor | None = None, shape: tuple[int, int] | None = None) -> None:
     """A frozen copy of the target's matrix must match it (up to the storage dtypes' rounding).
 
     Rows ``idx`` of checkpoint weight ``key`` (of ``shape``, default the target's) against rows
-    ``target_idx`` (default ``idx``) of ``target_w``: a reduced LM head's row n is the target's row ids[n].
+    ``target_idx`` (default ``idx``) of the matrix of ``target_layer`` (its embedding or LM
+    head): a reduced LM head's row n is the target's row ids[n].
     """
     rows = idx if target_idx is None else target_idx
-    ours = target_w.detach()[rows.to(target_w.device)].float().cpu()
-    theirs = w.rows(key, idx, shape or tuple(target_w.shape))
+    ours = matrix_rows(target_layer, rows).float().cpu()
+    theirs = w.rows(key, idx, shape or matrix_shape(target_layer))
     cos = torch.nn.functional.cosine_similarity(ours, theirs, dim=-1)
     if bool((cos < 0.99).any()):
         raise _fail(w.name, f"weight {key} differs from the target's (trained for another target?)", w.what)
@@ -401,9 +403,9 @@ def load_deepspec_head(path: str | Path, target: nn.Module, target_name: str | N
     idx = torch.randperm(V, generator=g)[: min(_SAMPLE_ROWS, V)]
     mask_id = int(raw["mask_token_id"])
     idx = idx[idx != mask_id]
-    check_rows(w, "embed_tokens.weight", target.tok_embeddings.weight, idx)
+    check_rows(w, "embed_tokens.weight", target.tok_embeddings, idx)
     if "lm_head.weight" in w:
-        check_rows(w, "lm_head.weight", target.output.weight, idx)
+        check_rows(w, "lm_head.weight", target.output, idx)
     state["mask_embedding"] = w.rows("embed_tokens.weight", torch.tensor([mask_id]), (V, D))[0]
 
     unused = sorted(k for k in w.where if k not in w.used and not k.endswith("rotary_emb.inv_freq"))

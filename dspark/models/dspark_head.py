@@ -51,7 +51,8 @@ from torch import nn
 from dspark.models.gemma_config import AttentionKind, embed_scale
 from dspark.models.gemma_draft_layer import Gemma4DraftLayer
 from dspark.models.llama import RMSNorm, apply_rope, rope_tables
-from dspark.models.packing import PackedLinear, pack_linears, packing_supported
+from dspark.models.packing import (PackedLinear, matrix_dtype, matrix_rows, matrix_shape, pack_linears,
+                                   packing_supported, whole_matrix)
 
 HEADS_DIR = Path(__file__).resolve().parent / "heads"
 MARKOV_KINDS = ("vanilla", "gated", "rnn")
@@ -204,9 +205,9 @@ class DSparkHead(nn.Module):
     # -- target weights ---------------------------------------------------------------------
     def bind_target(self, target: nn.Module) -> "DSparkHead":
         """Share the target's token embedding and LM head matrix (kept frozen, not saved)."""
-        emb = target.tok_embeddings.weight
-        if emb.shape != (self.cfg.vocab_size, self.cfg.dim):
-            raise ValueError(f"target embedding {tuple(emb.shape)} does not match the head ({self.cfg.vocab_size}, {self.cfg.dim})")
+        shape = matrix_shape(target.tok_embeddings)
+        if shape != (self.cfg.vocab_size, self.cfg.dim):
+            raise ValueError(f"target embedding {shape} does not match the head ({self.cfg.vocab_size}, {self.cfg.dim})")
         self._target = [target]
         if self.draft_ids is not None:
             self.use_draft_vocab(int(self.draft_ids.numel()))  # re-gather the rows of this target
@@ -239,7 +240,7 @@ class DSparkHead(nn.Module):
         dev = self.mask_embedding.device
         ids = self.vocab_ids[:n].to(dev)  # [N]
         self.draft_ids = ids
-        self._out_rows = self.lm_head_weight.detach()[ids].contiguous() if self._target else None  # [N, D]
+        self._out_rows = matrix_rows(self._target[0].output, ids).contiguous() if self._target else None  # [N, D]
         self._out_packed = None
         if self.cfg.markov_rank == 0 or N_train:
             self._w2_cols = None  # W2 is indexed by draft index already (sliced in markov_w2_draft)
@@ -271,13 +272,19 @@ class DSparkHead(nn.Module):
             return self.markov_w2[:, : self.draft_ids.numel()]
         return self.markov_w2
 
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """The target's embedding rows of ``ids``: [*ids.shape, D]."""
+        return matrix_rows(self._target[0].tok_embeddings, ids)
+
     @property
     def embedding(self) -> torch.Tensor:
-        return self._target[0].tok_embeddings.weight  # [V, D]
+        """The target's whole embedding [V, D] (a copy if it is held only packed: for export)."""
+        return whole_matrix(self._target[0].tok_embeddings)
 
     @property
     def lm_head_weight(self) -> torch.Tensor:
-        return self._target[0].output.weight  # [V, D]
+        """The target's whole LM head [V, D] (a copy if it is held only packed: for export)."""
+        return whole_matrix(self._target[0].output)
 
     # -- initialisation ---------------------------------------------------------------------
     def reset_parameters(self, target: nn.Module | None = None, seed: int = 0) -> None:
@@ -306,7 +313,7 @@ class DSparkHead(nn.Module):
             self.confidence.weight.zero_()
             self.confidence.bias.fill_(1.0)
             if target is not None:
-                emb = target.tok_embeddings.weight.float()
+                emb = whole_matrix(target.tok_embeddings).float()
                 self.mask_embedding.copy_(emb.mean(0))
                 if cfg.init_from_layers:
                     if cfg.decoder != "llama":
@@ -356,7 +363,7 @@ class DSparkHead(nn.Module):
     def block_inputs(self, anchor_ids: torch.Tensor, block_len: int) -> torch.Tensor:
         """[E(anchor), m, ..., m], times sqrt(D) for a gemma4 head.  anchor_ids: [*A] -> [*A, G, D]."""
         dtype = self.mask_embedding.dtype
-        first = F.embedding(anchor_ids, self.embedding).to(dtype).unsqueeze(-2)  # [*A, 1, D]
+        first = self.embed(anchor_ids).to(dtype).unsqueeze(-2)  # [*A, 1, D]
         masks = self.mask_embedding.expand(*anchor_ids.shape, block_len - 1, self.cfg.dim)
         x = torch.cat([first, masks], dim=-2)
         if self.cfg.decoder == "gemma4":  # as the target: the scale rounded to the dtype first
@@ -386,7 +393,8 @@ class DSparkHead(nn.Module):
         elif self.cfg.trained_vocab:
             raise ValueError(f"this head was trained over {self.cfg.trained_vocab} ids: set its id map and call use_draft_vocab")
         else:
-            logits = self._target[0].output(h.to(self.lm_head_weight.dtype)).float()
+            out = self._target[0].output
+            logits = out(h.to(matrix_dtype(out))).float()
         cap = self.cfg.logit_softcap
         return torch.tanh(logits / cap) * cap if cap else logits
 

@@ -86,6 +86,7 @@ from dspark.models.deepspec_format import CheckpointWeights, check_rows, gemma4_
 from dspark.models.gemma_config import AttentionKind, embed_scale
 from dspark.models.gemma_draft_layer import Gemma4DraftLayer
 from dspark.models.llama import RMSNorm, apply_rope, rope_tables
+from dspark.models.packing import matrix_dtype, matrix_rows, matrix_shape, whole_matrix
 
 WHAT = "EAGLE-3 drafter"
 QWEN3_ARCHITECTURE, GEMMA4_ARCHITECTURE = "Qwen3Eagle3Model", "Gemma4Eagle3Model"
@@ -251,20 +252,25 @@ class Eagle3Head(nn.Module):
 
     def bind_target(self, target: nn.Module, draft_ids: torch.Tensor | None = None) -> "Eagle3Head":
         """Share the target's embedding and LM head; ``draft_ids``: a reduced draft vocabulary."""
-        emb = target.tok_embeddings.weight
-        if emb.shape != (self.cfg.vocab_size, self.cfg.dim):
-            raise ValueError(f"target embedding {tuple(emb.shape)} does not match the drafter "
+        shape = matrix_shape(target.tok_embeddings)
+        if shape != (self.cfg.vocab_size, self.cfg.dim):
+            raise ValueError(f"target embedding {shape} does not match the drafter "
                              f"({self.cfg.vocab_size}, {self.cfg.dim})")
         self._target = [target]
         dev = self.fc.weight.device
         self.draft_ids = None if draft_ids is None else draft_ids.to(dev, torch.long)
-        self._out_rows = None if draft_ids is None else target.output.weight.detach()[self.draft_ids.to(
-            target.output.weight.device)].to(dev, self.fc.weight.dtype).contiguous()
+        self._out_rows = None if draft_ids is None else matrix_rows(target.output, self.draft_ids).to(
+            dev, self.fc.weight.dtype).contiguous()
         return self
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """The target's embedding rows of ``ids``: [*ids.shape, D]."""
+        return matrix_rows(self._target[0].tok_embeddings, ids)
 
     @property
     def embedding(self) -> torch.Tensor:
-        return self._target[0].tok_embeddings.weight  # [V, D]
+        """The target's whole embedding [V, D] (a copy if it is held only packed: for export)."""
+        return whole_matrix(self._target[0].tok_embeddings)
 
     def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin at ``positions`` [*P] -> each [*P, 1, hd] (plain RoPE, base ``rope_theta``)."""
@@ -280,7 +286,7 @@ class Eagle3Head(nn.Module):
             ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
         """The layer's q [*P, nh, hd] (None unless ``with_q``), k, v [*P, nkv, hd] at ``positions`` [*P]
         for hidden inputs g [*P, D] and tokens [*P] (vocabulary ids)."""
-        e = F.embedding(token_ids, self.embedding).to(g.dtype)
+        e = self.embed(token_ids).to(g.dtype)
         u = torch.cat([self.input_norm(e), self.hidden_norm(g)], dim=-1)  # [*P, 2 D]: embedding first
         q_rows = self.nh * self.hd
         w = self.wqkv.weight if with_q else self.wqkv.weight[q_rows:]  # the k | v rows alone
@@ -307,7 +313,7 @@ class Eagle3Head(nn.Module):
             logits = F.linear(x.to(self._out_rows.dtype), self._out_rows).float()
         else:
             out = self._target[0].output
-            logits = out(x.to(out.weight.dtype)).float()
+            logits = out(x.to(matrix_dtype(out))).float()
         cap = self.cfg.logit_softcap
         return torch.tanh(logits / cap) * cap if cap else logits
 
@@ -334,10 +340,10 @@ class Gemma4Eagle3Head(Eagle3Head):
     def qkv(self, g: torch.Tensor, token_ids: torch.Tensor, positions: torch.Tensor, with_q: bool = True
             ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
         """As :meth:`Eagle3Head.qkv`, for the Gemma 4 layer."""
-        emb = self.embedding
+        emb = self.embed(token_ids)
         # sqrt(D) rounded to the embedding's dtype first, as the target (and DeepSpec's embedding) do
         scale = torch.tensor(embed_scale(self.cfg.dim), dtype=emb.dtype, device=emb.device)
-        e = (F.embedding(token_ids, emb) * scale).to(g.dtype)
+        e = (emb * scale).to(g.dtype)
         u = torch.cat([self.layer.attention_norm(e), self.hidden_norm(g)], dim=-1)  # [*P, 2 D]: embedding first
         cos, sin = self.rope(positions, g.dtype)
         if not with_q:
@@ -430,9 +436,9 @@ def load_eagle3_head(path: str | Path, target: nn.Module, target_name: str | Non
     # embed_tokens / lm_head: frozen copies of the target's (a reduced lm_head: the rows of its ids).
     g = torch.Generator().manual_seed(0)
     vrows = torch.randperm(V, generator=g)[: min(_SAMPLE_ROWS, V)]
-    check_rows(w, "embed_tokens.weight", target.tok_embeddings.weight, vrows)
+    check_rows(w, "embed_tokens.weight", target.tok_embeddings, vrows)
     rows = torch.randperm(N, generator=g)[: min(_SAMPLE_ROWS, N)]
-    check_rows(w, "lm_head.weight", target.output.weight, rows, rows if ids is None else ids[rows], (N, D))
+    check_rows(w, "lm_head.weight", target.output, rows, rows if ids is None else ids[rows], (N, D))
 
     unused = sorted(k for k in w.where if k not in w.used and not k.endswith("rotary_emb.inv_freq"))
     if unused:

@@ -202,11 +202,13 @@ class Transformer(nn.Module):
     # -- helpers --------------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
-        return self.tok_embeddings.weight.device
+        emb = self.tok_embeddings  # a PackedEmbedding has no plain matrix (packing.share_tied_matrix)
+        return emb.device if emb.weight is None else emb.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.tok_embeddings.weight.dtype
+        emb = self.tok_embeddings
+        return emb.dtype if emb.weight is None else emb.weight.dtype
 
     def make_cache(self, n_slots: int, max_seq: int) -> KVCache:
         """A KV cache for this model (per-rank head count once tensor-parallel)."""

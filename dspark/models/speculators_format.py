@@ -53,6 +53,7 @@ from dspark.models.deepspec_format import (
     markov_state, published_tensors,
 )
 from dspark.models.dspark_head import MARKOV_KINDS, DSparkHead, DSparkHeadConfig, vocab_map_sha256
+from dspark.models.packing import matrix_rows
 
 WHAT = "speculators drafter"
 MODEL_TYPES = ("dspark", "dflash")
@@ -219,14 +220,14 @@ def load_speculators_head(path: str | Path, target: nn.Module, target_name: str 
     g = torch.Generator().manual_seed(0)
     rows = torch.randperm(N, generator=g)[: min(_SAMPLE_ROWS, N)]  # draft indices
     if "lm_head.weight" in w:
-        check_rows(w, "lm_head.weight", target.output.weight, rows, rows if ids is None else ids[rows], (N, D))
+        check_rows(w, "lm_head.weight", target.output, rows, rows if ids is None else ids[rows], (N, D))
     mask_id = int(raw["mask_token_id"])
     if "embed_tokens.weight" in w:
         vrows = torch.randperm(V, generator=g)[: min(_SAMPLE_ROWS, V)]
-        check_rows(w, "embed_tokens.weight", target.tok_embeddings.weight, vrows[vrows != mask_id])
+        check_rows(w, "embed_tokens.weight", target.tok_embeddings, vrows[vrows != mask_id])
         state["mask_embedding"] = w.rows("embed_tokens.weight", torch.tensor([mask_id]), (V, D))[0]
     else:  # speculators fills embed_tokens from the verifier: the mask vector is the target's row
-        state["mask_embedding"] = target.tok_embeddings.weight.detach()[mask_id].float().cpu()
+        state["mask_embedding"] = matrix_rows(target.tok_embeddings, torch.tensor([mask_id]))[0].float().cpu()
 
     unused = sorted(k for k in w.where if k not in w.used and k not in IGNORED and not k.endswith("rotary_emb.inv_freq"))
     if unused:

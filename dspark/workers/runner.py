@@ -135,10 +135,12 @@ class LocalRunner:
     """Runs the (possibly TP-sharded) model of this process on its own KV cache."""
 
     def __init__(self, model: TargetModel, cfg: RunnerConfig = RunnerConfig()) -> None:
-        from dspark.models.packing import pack_linears
+        from dspark.models.packing import pack_linears, share_tied_matrix
 
         if pack_linears(model):  # CPU + bf16 only; a no-op elsewhere and when already packed
-            return_freed_memory()
+            return_freed_memory()  # first, so that the probes below do not add to the peak
+            if share_tied_matrix(model):  # a tied embedding reads the packed head: one copy, not two
+                return_freed_memory()
         model.num.row_invariant = cfg.deterministic
         self.model = model
         self.cfg = cfg

@@ -83,3 +83,33 @@ def test_the_eager_engine_never_imports_the_compiler():
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="triton is kept where torch has a GPU")
 def test_compiling_on_cpu_leaves_triton_unimported():
     assert _run(COMPILER) == "True"
+
+
+TIED = """
+import json, sys
+import dspark.models.packing as packing
+if sys.argv[1] == "keep":
+    packing.share_tied_matrix = lambda model: False  # the runner imports it when it builds
+from dspark.workers.runner import LocalRunner, RunnerConfig
+from dspark.models.loader import load_model
+runner = LocalRunner(load_model(None, dtype="bf16", progress=False).model, RunnerConfig(n_slots=1, max_seq=64))
+with open("/proc/self/status") as f:
+    rss = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+print(json.dumps({"rss": rss, "embedding": type(runner.model.tok_embeddings).__name__}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="pages are handed back on Linux only")
+def test_a_tied_embedding_is_held_once():
+    """The default model's embedding is tied to its LM head, which the runner packs for oneDNN
+    (bf16 on CPU): the packed head then serves the embedding's rows and the plain [49152, 576]
+    matrix (54 MB) leaves the process."""
+    from dspark.models.packing import packing_supported
+
+    if not packing_supported(__import__("torch").device("cpu"), __import__("torch").bfloat16):
+        pytest.skip("no oneDNN bf16 products on this CPU")
+    shared, kept = (json.loads(subprocess.run([sys.executable, "-c", TIED, how], capture_output=True, text=True,
+                                              timeout=300, check=True).stdout.strip().splitlines()[-1])
+                    for how in ("share", "keep"))
+    assert shared["embedding"] == "PackedEmbedding" and kept["embedding"] == "Embedding"
+    assert kept["rss"] - shared["rss"] > 40, (shared, kept)
