@@ -21,7 +21,7 @@ from torch import nn
 from dspark.models.compiled import compile_blocks, step_context, write_and_attend
 from dspark.models.config import ModelArgs, rope_inv_freq
 from dspark.models.kv_cache import KVCache, VarlenBatch
-from dspark.models.packing import PackedLinear
+from dspark.models.packing import MIN_ROWS, PackedLinear
 
 
 @dataclass
@@ -247,15 +247,14 @@ class Transformer(nn.Module):
         cos, sin = self.rope(batch.positions)
         stop = len(self.layers) if n_layers is None else n_layers
         if self._compiled_blocks is not None:
-            # The compiler specialises one-row steps into their own graph, which rounds
-            # differently from the graph of 2+ rows; row-invariant steps never have one row.
-            pad = self.num.row_invariant and x.shape[0] == 1
-            if pad:
-                x, cos, sin = torch.cat((x, x)), torch.cat((cos, cos)), torch.cat((sin, sin))
+            rows = x.shape[0]
+            run = self._compiled_rows(rows)
+            if run > rows:  # the extra rows repeat the last token; the attention op skips them
+                x, cos, sin = (torch.cat((t, t[-1:].expand(run - rows, *t.shape[1:]))) for t in (x, cos, sin))
             with step_context(cache, batch):
                 outs = self._compiled_blocks(x, cos, sin, cache, batch, stop)
-            if pad:
-                outs = [o[:1] for o in outs]
+            if run > rows:
+                outs = [o[:rows] for o in outs]
         else:
             outs = self._blocks(x, cos, sin, cache, batch, stop)
         x = outs[-1] if outs else x
@@ -265,6 +264,18 @@ class Transformer(nn.Module):
             h = x if logits_index is None else x[logits_index]
             logits = self.lm_head(h)
         return ForwardOutput(logits=logits, features=features, hidden=x if return_hidden else None)
+
+    def _compiled_rows(self, rows: int) -> int:
+        """How many rows a compiled step of ``rows`` tokens runs.  Packed products of fewer than
+        ``MIN_ROWS`` rows run as ``MIN_ROWS`` anyway (``packing.MIN_ROWS``), each padding and
+        slicing its own input inside the op, 120 times per step for this model: padding the
+        step once, before the blocks, does it once.  The rows are independent in every other
+        op, so the real rows' bits are those of the padded products either way.  Row-invariant
+        steps never run one row: the compiler specialises one-row steps into their own graph,
+        which rounds differently from the graph of 2+ rows."""
+        if rows < MIN_ROWS and isinstance(self.layers[0].attention.wqkv, PackedLinear):
+            return MIN_ROWS
+        return 2 if self.num.row_invariant and rows == 1 else rows
 
     def _blocks(self, x, cos, sin, cache, batch, stop: int) -> list[torch.Tensor]:
         """Blocks 0..stop-1; returns every block's output (the features are chosen from them,

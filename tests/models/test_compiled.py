@@ -83,3 +83,43 @@ def test_cache_attention_refuses_to_run_outside_a_step():
     q = torch.zeros(1, 2, 4)
     with pytest.raises(RuntimeError, match="step_context"):
         torch.ops.dspark.cache_attention(q, q[:, :1], q[:, :1], 0)
+
+
+@torch.inference_mode()
+def test_compiled_packed_steps_pad_once_not_in_every_product(monkeypatch):
+    """bf16 on CPU (packed products): a compiled step of one or two tokens runs as MIN_ROWS rows
+    from the first block on, so no product pads its own input (120 pads and slices a step
+    before), and a two-token step's logits keep their bits (two rows ran the same graph before)."""
+    import dspark.models.packing as packing
+    from dspark.models.llama import Transformer
+
+    if not packing.packing_supported(torch.device("cpu"), torch.bfloat16):
+        pytest.skip("no oneDNN bf16 products on this CPU")
+    model = load_model(dtype="bf16", progress=False).model
+    packing.pack_linears(model)
+    model.enable_compile()
+    cache = model.make_cache(1, 64)
+    model(torch.arange(300, 308), cache, make_batch(cache, [0], [8], model.args.n_rep))  # prefill
+
+    def step(tokens):
+        cache.truncate(0, 8)
+        return model(torch.tensor(tokens), cache, make_batch(cache, [0], [len(tokens)], model.args.n_rep)).logits
+
+    rows: list[int] = []
+    product = packing.packed_product
+    head = model.output.packed  # the LM head runs after the blocks, on the rows whose logits are wanted
+
+    def counted(x, packed, *args, **kwargs):
+        if packed is not head:
+            rows.append(x.shape[0])
+        return product(x, packed, *args, **kwargs)
+
+    monkeypatch.setattr(packing, "packed_product", counted)
+    for tokens in ([42], [42, 43]):
+        rows.clear()
+        logits = step(tokens)
+        assert logits.shape == (len(tokens), model.args.vocab_size)
+        assert rows and min(rows) >= packing.MIN_ROWS, (tokens, sorted(set(rows)))
+    padded = step([42, 43])
+    monkeypatch.setattr(Transformer, "_compiled_rows", lambda self, n: n)  # two rows as they ran before
+    assert torch.equal(step([42, 43]), padded)
