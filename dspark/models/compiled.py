@@ -40,10 +40,11 @@ _STEP = threading.local()
 def packed_linear(
     x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int, row_block: int
 ) -> torch.Tensor:
-    """x: [T, in] bf16; packed: a weight from ``mkldnn._reorder_linear_weight``.  Returns [T, out]."""
+    """x: [T, in] bf16; packed: a weight from ``mkldnn._reorder_linear_weight``.  Returns [T, out],
+    contiguous (the compiled code does not check: see :func:`compile_blocks`)."""
     from dspark.models.packing import packed_product
 
-    return packed_product(x, packed, bias, row_block)
+    return packed_product(x, packed, bias, row_block).contiguous()
 
 
 @packed_linear.register_fake
@@ -92,7 +93,7 @@ def cache_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: in
     out = write_and_attend(q[:n], k[:n], v[:n], cache.k[layer], cache.v[layer], batch)
     if q.shape[0] > n:
         out = torch.cat((out, out[-1:].expand(q.shape[0] - n, *out.shape[1:])))
-    return out
+    return out.contiguous()  # as the fake below says (the compiled code does not check)
 
 
 @cache_attention.register_fake
@@ -144,6 +145,12 @@ def compiler_without_triton():
 
 
 def compile_blocks(fn):
-    """``torch.compile`` for the decoder blocks: dynamic token axis, inductor."""
+    """``torch.compile`` for the decoder blocks: dynamic token axis, inductor.
+
+    Without inductor's size asserts: the generated code would check the sizes and strides of
+    every graph input and of every output of the two custom ops, about 330 checks a step for
+    the default model (dynamo's guards already check the inputs, and both ops return
+    contiguous tensors of the shape their fakes declare).  Measured in one process, plain
+    decoding at batch 1: 45.7 against 44.1 tok/s with the checks (10 paired rounds)."""
     use_disk_cache()
-    return torch.compile(fn, dynamic=True)
+    return torch.compile(fn, dynamic=True, options={"size_asserts": False})

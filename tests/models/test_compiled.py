@@ -123,3 +123,36 @@ def test_compiled_packed_steps_pad_once_not_in_every_product(monkeypatch):
     padded = step([42, 43])
     monkeypatch.setattr(Transformer, "_compiled_rows", lambda self, n: n)  # two rows as they ran before
     assert torch.equal(step([42, 43]), padded)
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("layout", ["slot", "paged"])
+@pytest.mark.parametrize("q_lens,padded_to", [([1], 3), ([2], 3), ([5], 5), ([1, 4, 1], 6), ([3, 2], 7)])
+def test_custom_ops_return_what_their_fakes_declare(layout, q_lens, padded_to):
+    """The compiled step runs without inductor's size asserts (``compile_blocks``), so the two
+    custom ops must return contiguous tensors of the shapes their fakes declare, whatever path
+    they take: one or several requests, rows padded past the step's tokens, either KV layout,
+    and the product of a packed weight whatever its row count."""
+    from dspark.models.compiled import step_context
+    from dspark.models.kv_cache import KVCache
+    from dspark.models.packing import PackedLinear, packing_supported
+    from dspark.models.paged_cache import PagedKVCache
+
+    g = torch.Generator().manual_seed(len(q_lens) * 10 + padded_to)
+    n_heads, n_kv, hd = 6, 2, 16
+    cache = (KVCache(2, len(q_lens), n_kv, 64, hd, torch.float32, "cpu") if layout == "slot"
+             else PagedKVCache(2, len(q_lens), n_kv, 64, hd, torch.float32, "cpu", block=16))
+    slots = [cache.allocate() for _ in q_lens]
+    batch = make_batch(cache, slots, q_lens, n_heads // n_kv)
+    q = torch.randn(padded_to, n_heads, hd, generator=g)
+    k = torch.randn(padded_to, n_kv, hd, generator=g)
+    with step_context(cache, batch):
+        out = torch.ops.dspark.cache_attention(q, k, k.clone(), 1)
+    assert out.shape == q.shape and out.is_contiguous()
+    if packing_supported(torch.device("cpu"), torch.bfloat16):
+        layer = PackedLinear(torch.nn.Linear(hd, 24, bias=True).to(torch.bfloat16))
+        for rows in (1, 2, 3, 9):
+            for block in (0, 4):
+                x = torch.randn(rows, hd, generator=g).to(torch.bfloat16)
+                y = torch.ops.dspark.packed_linear(x, layer.packed, layer.bias, 24, block)
+                assert y.shape == (rows, 24) and y.is_contiguous()
