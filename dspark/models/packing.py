@@ -166,8 +166,7 @@ class PackedEmbedding(nn.Module):
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         return self._head[0].rows(ids)
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self._head[0].rows(ids)
+    forward = rows
 
 
 def share_tied_matrix(model: nn.Module) -> bool:
