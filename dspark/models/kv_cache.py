@@ -11,6 +11,7 @@ it feeds.  Prefill chunks, decode steps and verification blocks all use the same
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -45,6 +46,45 @@ def _release_pages(t: torch.Tensor) -> None:
         ctypes.CDLL(None).madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), 4)  # MADV_DONTNEED
     except (OSError, AttributeError):
         pass
+
+
+# Below this size a cache tensor is plain ``torch.zeros`` (a mapping per small tensor is not worth it).
+LAZY_ZEROS_MIN_BYTES = 1 << 20
+
+
+def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """A zero tensor whose memory pages are taken from the system only when first written.
+
+    On a Linux CPU the memory is a fresh anonymous mapping: the kernel hands out zero pages on
+    first touch, so resident memory follows the positions a cache actually holds instead of its
+    capacity (``torch.zeros`` writes, and so keeps, every page).  Transparent huge pages are
+    refused for it, or one written key would take 2 MB.  Elsewhere, or for a small tensor,
+    ``torch.zeros``.
+    """
+    import mmap
+    import sys
+
+    dev = torch.device(device)
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    if dev.type != "cpu" or not sys.platform.startswith("linux") or nbytes < LAZY_ZEROS_MIN_BYTES:
+        return torch.zeros(shape, dtype=dtype, device=dev)
+    region = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_NOHUGEPAGE"):
+        region.madvise(mmap.MADV_NOHUGEPAGE)
+    return torch.frombuffer(region, dtype=dtype).view(shape)  # the tensor keeps the mapping alive
+
+
+def copy_held(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """Copy rows ``src`` [R, n, hd] into the zeroed ``dst`` [R, >= n, hd] up to each row's last
+    position that is not all zeros: the zeros past it are already there, and copying them would
+    write (and so take) pages of a lazily zeroed ``dst`` that nothing uses."""
+    n = src.shape[1]
+    bits = src.view({1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[src.element_size()])
+    held = bits.ne(0).any(-1)  # [R, n]; compared as bits, so a stored -0.0 is copied too
+    extent = (held * torch.arange(1, n + 1, device=src.device)).amax(-1).tolist()  # [R] last held + 1
+    for r, e in enumerate(extent):
+        if e:
+            dst[r, :e] = src[r, :e]
 
 
 class CacheFullError(RuntimeError):
@@ -95,12 +135,15 @@ class SlotTable:
 class KVCache(SlotTable):
     """Keys and values for ``n_slots`` requests of up to ``max_seq`` tokens each.
 
-    Memory follows use: every slot holds ``capacity`` positions, ``initial_seq`` at first
-    (default ``GROW_FROM``, at most ``max_seq``), and the cache grows (by at least a quarter, in
-    whole key blocks, up to ``max_seq``) when a step needs more (:meth:`reserve`, called by
-    :func:`make_batch`), so a batch of short requests does not pay for the longest one allowed.  ``initial_seq=max_seq``
-    allocates everything up front.  ``k`` and ``v`` are replaced when the cache grows: read
-    them from the cache at the time of use, never keep them across steps.
+    Memory follows use, twice over.  On a Linux CPU the tensors are lazily zeroed
+    (:func:`lazy_zeros`): only the pages of positions written are resident.  And every slot
+    holds ``capacity`` positions, ``initial_seq`` at first (default ``GROW_FROM``, at most
+    ``max_seq``); the cache grows (by at least a quarter, in whole key blocks, up to
+    ``max_seq``) when a step needs more (:meth:`reserve`, called by :func:`make_batch`), so a
+    batch of short requests does not pay for the longest one allowed (on a GPU, where nothing
+    is lazily zeroed, this is what keeps memory down).  ``initial_seq=max_seq`` allocates
+    everything up front.  ``k`` and ``v`` are replaced when the cache grows: read them from
+    the cache at the time of use, never keep them across steps.
 
     ``layer_shapes`` gives each layer its own (n_kv_heads, head_dim) for decoders whose layers
     differ (Gemma 4: sliding and full layers).  Then ``k`` and ``v`` are lists of per-layer
@@ -134,11 +177,11 @@ class KVCache(SlotTable):
             if layer_shapes is not None:
                 n_kv_heads, head_dim = layer_shapes[0]
             shape = (n_layers, n_slots, n_kv_heads, self.capacity, head_dim)
-            self.k = torch.zeros(shape, dtype=dtype, device=device)  # [L, S, n_kv, capacity, hd]
-            self.v = torch.zeros(shape, dtype=dtype, device=device)
+            self.k = lazy_zeros(shape, dtype, device)  # [L, S, n_kv, capacity, hd]
+            self.v = lazy_zeros(shape, dtype, device)
         else:  # per layer: [S, n_kv_l, capacity, hd_l]
-            self.k = [torch.zeros(n_slots, kv, self.capacity, hd, dtype=dtype, device=device) for kv, hd in layer_shapes]
-            self.v = [torch.zeros_like(t) for t in self.k]
+            self.k = [lazy_zeros((n_slots, kv, self.capacity, hd), dtype, device) for kv, hd in layer_shapes]
+            self.v = [lazy_zeros(t.shape, dtype, device) for t in self.k]
         super().__init__(n_slots, max_seq)
 
     def reserve(self, positions: int) -> None:
@@ -167,15 +210,16 @@ class KVCache(SlotTable):
         growing costs one layer's worth of memory beyond the grown cache instead of the whole
         new tensor beside the old one (about 90 MB at 32 slots of the default model: the
         peak of a batch-32 run of ``bench engine``).  ``old`` is never read again (see the class
-        docstring)."""
+        docstring).  The new tensor is lazily zeroed (:func:`lazy_zeros`) and each row is copied
+        only up to its last position that is not zero, so growing takes no pages for positions
+        no request ever wrote."""
         if old.device.type != "cpu" or not _owns_storage(old):
             grown = old.new_zeros(*old.shape[:-2], new, old.shape[-1])
             grown[..., : self.capacity, :] = old
             return grown
-        grown = old.new_empty(*old.shape[:-2], new, old.shape[-1])
+        grown = lazy_zeros((*old.shape[:-2], new, old.shape[-1]), old.dtype, old.device)
         for dst, src in zip(grown, old):  # [..., new, hd] <- [..., capacity, hd]
-            dst[..., : self.capacity, :] = src
-            dst[..., self.capacity :, :] = 0  # masked-out entries must still be finite numbers
+            copy_held(dst.reshape(-1, new, old.shape[-1]), src.reshape(-1, *old.shape[-2:]))
             _release_pages(src)
         return grown
 

@@ -40,7 +40,8 @@ import torch
 
 from dspark.kernels.attention import AttentionPlan, build_plan
 from dspark.kernels.paged_attention import build_paged_plan
-from dspark.models.kv_cache import CacheFullError, SlotTable, VarlenBatch, step_starts
+from dspark.models.kv_cache import (CacheFullError, SlotTable, VarlenBatch, _owns_storage, _release_pages, copy_held, lazy_zeros,
+                                    step_starts)
 
 
 class PagedKVCache(SlotTable):
@@ -67,8 +68,9 @@ class PagedKVCache(SlotTable):
         self.max_blocks = n_slots * -(-max_seq // block)  # n_slots requests of max_seq positions
         n = min(self.max_blocks, self.GROW_FROM if initial_blocks is None else initial_blocks)
         # zeros, not empty: masked keys past a request's length must still be finite numbers.
-        self.k = torch.zeros(n_layers, n_kv_heads, n, block, head_dim, dtype=dtype, device=device)
-        self.v = torch.zeros_like(self.k)
+        shape = (n_layers, n_kv_heads, n, block, head_dim)
+        self.k = lazy_zeros(shape, dtype, device)  # pages taken as blocks are written
+        self.v = lazy_zeros(shape, dtype, device)
         self.tables: list[list[int]] = [[] for _ in range(n_slots)]
         self.refs = [0] * n  # tables holding each block
         self._free_blocks = list(range(n - 1, -1, -1))  # unnamed, unreferenced; pop() -> lowest first
@@ -94,8 +96,16 @@ class PagedKVCache(SlotTable):
         old_n = self.n_blocks
         for name in ("k", "v"):
             old = getattr(self, name)
-            grown = old.new_zeros(*old.shape[:2], new, *old.shape[3:])
-            grown[:, :, :old_n] = old
+            L, H, _, B, D = old.shape
+            grown = lazy_zeros((L, H, new, B, D), old.dtype, old.device)
+            if grown.device.type == "cpu":  # blocks are taken lowest first: copy each row's held part
+                owned = _owns_storage(old)
+                for dst, src in zip(grown, old):  # a layer at a time: [H, blocks * B, D]
+                    copy_held(dst.view(H, new * B, D), src.view(H, old_n * B, D))
+                    if owned:  # the copied layer's memory goes back at once (read k, v at use only)
+                        _release_pages(src)
+            else:
+                grown[:, :, :old_n] = old
             del old
             setattr(self, name, grown)  # the old tensor goes before the next one is allocated
         self.refs += [0] * (new - old_n)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dspark.kernels.attention import build_plan
-from dspark.models.kv_cache import CacheFullError, KVCache, make_batch
+from dspark.models.kv_cache import CacheFullError, KVCache, copy_held, make_batch
 from dspark.workers.engine import Engine, EngineConfig
 from dspark.workers.request import SamplingParams
 from dspark.workers.runner import LocalRunner, RunnerConfig, StepInput
@@ -147,6 +147,22 @@ def test_the_cache_grows_with_use_and_gives_the_same_logits(model_fp32):
     assert torch.equal(grown, full)
     with pytest.raises(CacheFullError):
         KVCache(1, 1, 1, 100, 8, torch.float32, "cpu").reserve(101)
+
+
+def test_growing_copies_every_held_position_bit_for_bit():
+    """The copy of a growing cache stops at each row's last position that is not zero (the
+    rest is zero already): rows with zeros inside, a stored -0.0 at the end, an empty row and a
+    full one all come out bit for bit."""
+    src = torch.randn(5, 12, 4).to(torch.bfloat16)
+    src[0, 6:] = 0  # held up to 6
+    src[1, 3:9] = 0  # a gap of zeros, then held again up to the end
+    src[2] = 0  # never written
+    src[3, 5:] = 0
+    src[3, 4] = -0.0  # all its bits but the sign are zero: still held
+    dst = torch.zeros(5, 20, 4, dtype=torch.bfloat16)
+    copy_held(dst, src)
+    assert torch.equal(dst[:, :12].view(torch.int16), src.view(torch.int16))
+    assert not dst[:, 12:].view(torch.int16).any()
 
 
 def test_seeded_sampling_is_reproducible(model_fp32):

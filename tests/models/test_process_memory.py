@@ -5,6 +5,8 @@ ever rises, and the test process has imported everything already).
   while a 30-layer cache grows from 256 to 320 positions per slot stays within a few layers of
   the grown cache, where a plain copy holds the whole new key tensor beside the old cache (90
   MB above the grown cache here).
+* The KV caches are lazily zeroed: resident memory follows the positions written, not the
+  capacity, also after the slot cache grows.
 * Loading and running the model eager never imports torch's compiler (``torch._dynamo``, which
   imports ``triton``: 140 MB resident), and compiling on a CPU-only torch leaves ``triton``
   unimported (72 MB) while ``import triton`` still works afterwards.
@@ -47,6 +49,47 @@ def test_growing_the_cache_peaks_near_the_grown_cache():
     assert r["ok"] and r["capacity"] >= 300, r
     # One layer of keys is 3.8 MB here; the whole-tensor copy peaked 90 MB above the grown cache.
     assert r["peak"] - r["after"] < 4 * r["layer_mb"], r
+
+
+LAZY = """
+import json, torch
+from dspark.models.kv_cache import KVCache
+from dspark.models.paged_cache import PagedKVCache
+
+def rss_mb():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+
+base = rss_mb()
+cache = KVCache(30, 32, 3, 1024, 64, torch.bfloat16, "cpu", initial_seq=256)  # 2 x 94 MB
+created = rss_mb() - base
+for s in range(32):  # 64 of each slot's 256 positions written: a quarter of the pages
+    cache.k[:, s, :, :64] = 1.0
+    cache.v[:, s, :, :64] = 2.0
+written = rss_mb() - base
+cache.reserve(300)
+ok = bool((cache.k[..., :64, :] == 1).all() and (cache.v[..., :64, :] == 2).all()
+          and (cache.k[..., 64:, :] == 0).all() and (cache.v[..., 64:, :] == 0).all())
+grown = rss_mb() - base
+del cache
+pool = PagedKVCache(30, 8, 3, 1024, 64, torch.bfloat16, "cpu", block=16, initial_blocks=512)  # 2 x 94 MB
+pool_mb = rss_mb() - base
+print(json.dumps({"created": created, "written": written, "grown": grown, "ok": ok, "pool": pool_mb}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="lazily zeroed pages are a Linux mapping")
+def test_cache_memory_follows_the_positions_written():
+    """A 32-slot cache of 256 positions per slot (189 MB of keys and values, all zero) takes its
+    pages only as positions are written: 64 positions a slot hold 47 MB, and growing to 320
+    positions copies only those (``torch.zeros`` kept every page: 189 MB, and the whole copy
+    of a growth 236 MB).  An empty paged pool of 189 MB takes nothing."""
+    r = json.loads(_run(LAZY))
+    assert r["ok"], r
+    assert r["created"] < 20, r
+    assert 35 < r["written"] < 90, r
+    assert r["grown"] < 110, r
+    assert r["pool"] < 40, r
 
 
 EAGER = """
