@@ -121,7 +121,9 @@ def markov_block_sample(
 
     base_logits: [B, G, N] from the parallel backbone (N = V without ``vocab_ids``).
     anchor_ids: [B] int64, x_0 (a vocabulary id).
-    w1: [V, r] previous-token embedding (any vocabulary id); w2: [r, N] logit projection.
+    w1: [V, r] previous-token embedding (any vocabulary id); w2: [r, N] logit projection (the
+        latent is cast to its dtype: a float32 W2 makes the bias a float32 product, which the
+        all-greedy path adds to float32 base logits in the same call).
     temperature: [B]; <= 0 means greedy (x_k = argmax logits_k, lowest column on ties).
     top_k: 0 = q over all N columns; > 0 = q truncated to the top_k logits.
     uniforms: [B, G] in [0, 1) (float64 recommended), one draw per position.
@@ -169,7 +171,7 @@ def markov_block_sample(
         emb = w1[prev]  # W1[x_{k-1}]: [B, r]
         prev_emb[:, k] = emb
         latent, state = markov_latent(mix, emb, k, state)
-        logits = base_logits[:, k].float() + (latent @ w2).float()  # [B, N]
+        logits = base_logits[:, k].float() + (latent.to(w2.dtype) @ w2).float()  # [B, N]
         if sparse:
             if top_k > 0:
                 vals, cand = torch.topk(logits, width, dim=-1)  # [B, K] each, descending
@@ -214,17 +216,21 @@ def _greedy_block(base_logits: torch.Tensor, anchor_ids: torch.Tensor, w1: torch
     device = base_logits.device
     if vocab_ids is not None:
         vocab_ids = vocab_ids.to(device=device, dtype=torch.long)
-    tokens = torch.empty(num_reqs, block, dtype=torch.long, device=device)
-    prev_emb = torch.empty(num_reqs, block, w1.shape[1], dtype=w1.dtype, device=device)
+    fused = w2.dtype == base_logits.dtype == torch.float32  # U_k + u_k W2 in one product
     prev = anchor_ids.to(device=device, dtype=torch.long)  # x_{k-1}: [B]
-    state = None
+    state, toks, embs = None, [], []
     for k in range(block):
         emb = w1[prev]  # W1[x_{k-1}]: [B, r]
-        prev_emb[:, k] = emb
+        embs.append(emb)
         latent, state = markov_latent(mix, emb, k, state)
-        col = torch.add(base_logits[:, k], (latent @ w2).float()).argmax(-1)  # [B], lowest column on ties
+        if fused:
+            logits = torch.addmm(base_logits[:, k], latent.float(), w2)
+        else:
+            logits = torch.add(base_logits[:, k], (latent.to(w2.dtype) @ w2).float())
+        col = logits.argmax(-1)  # [B], lowest column on ties
         prev = col if vocab_ids is None else vocab_ids[col]
-        tokens[:, k] = prev
+        toks.append(prev)
+    tokens, prev_emb = torch.stack(toks, dim=1), torch.stack(embs, dim=1)  # [B, G], [B, G, r]
     probs = torch.ones(num_reqs, block, 1, dtype=torch.float32, device=device)
     return MarkovDraft(tokens=tokens, draft_probs=probs, draft_prob_ids=tokens.unsqueeze(-1).clone(),
                        prev_embeddings=prev_emb)

@@ -201,6 +201,7 @@ class DSparkHead(nn.Module):
         self._out_rows: torch.Tensor | None = None
         self._out_packed: PackedLinear | None = None  # _out_rows packed for oneDNN (pack_for_inference)
         self._w2_cols: torch.Tensor | None = None
+        self._inv_freq: dict[torch.device, torch.Tensor] = {}  # RoPE inverse frequencies per device (rope)
 
     # -- target weights ---------------------------------------------------------------------
     def bind_target(self, target: nn.Module) -> "DSparkHead":
@@ -346,14 +347,18 @@ class DSparkHead(nn.Module):
         ``rope_pairs`` or ``rope_factor`` they are those of the Gemma target's layer kind
         (``AttentionKind.inv_freq``: pairs past ``rope_pairs`` do not rotate).
         """
-        cfg, hd = self.cfg, self.cfg.head_dim
-        if cfg.rope_pairs or cfg.rope_factor != 1.0:
-            kind = AttentionKind(head_dim=hd, rope_theta=cfg.rope_theta, rope_pairs=cfg.rope_pairs or None,
-                                 rope_factor=cfg.rope_factor)
-            return rope_tables(positions, torch.tensor(kind.inv_freq(), dtype=torch.float64, device=positions.device),
-                               dtype)
-        exponents = torch.arange(0, hd, 2, dtype=torch.float64, device=positions.device) / hd  # [hd/2]
-        return rope_tables(positions, 1.0 / (cfg.rope_theta ** exponents), dtype)
+        inv_freq = self._inv_freq.get(positions.device)
+        if inv_freq is None:  # once per device: a draft step is small enough for this to show
+            cfg, hd = self.cfg, self.cfg.head_dim
+            if cfg.rope_pairs or cfg.rope_factor != 1.0:
+                kind = AttentionKind(head_dim=hd, rope_theta=cfg.rope_theta, rope_pairs=cfg.rope_pairs or None,
+                                     rope_factor=cfg.rope_factor)
+                inv_freq = torch.tensor(kind.inv_freq(), dtype=torch.float64, device=positions.device)
+            else:
+                exponents = torch.arange(0, hd, 2, dtype=torch.float64, device=positions.device) / hd  # [hd/2]
+                inv_freq = 1.0 / (cfg.rope_theta ** exponents)
+            self._inv_freq[positions.device] = inv_freq
+        return rope_tables(positions, inv_freq, dtype)
 
     def context_kv(self, ctx: torch.Tensor, positions: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per draft layer (k, v) of the context.  ctx: [*P, D] from :meth:`context`; positions: [*P] -> each [*P, nkv, hd]."""
@@ -372,9 +377,10 @@ class DSparkHead(nn.Module):
 
     def backbone(self, x, positions, ctx_kv, mask) -> torch.Tensor:
         """The parallel stage.  x: [B, Q, D]; positions: [B, Q]; ctx_kv: per layer (k, v) [B, nkv, S, hd];
-        mask: [B, Q, S + Q] bool (True = attend).  Returns normalised hidden states h: [B, Q, D]."""
+        mask: [B, Q, S + Q] bool (True = attend; None = every query sees every key).  Returns
+        normalised hidden states h: [B, Q, D]."""
         cos, sin = self.rope(positions, x.dtype)  # [B, Q, 1, hd]
-        m = mask.unsqueeze(1)  # [B, 1, Q, S + Q]
+        m = None if mask is None else mask.unsqueeze(1)  # [B, 1, Q, S + Q]
         for layer, (k, v) in zip(self.layers, ctx_kv):
             x = layer(x, cos, sin, k, v, m)
         return self.norm(x)

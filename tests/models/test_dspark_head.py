@@ -107,6 +107,25 @@ def test_drafter_cached_context_matches_training_form():
     assert b.probs[0, 0].item() == 1.0 and b.prob_ids[0, 0].item() == b.token_ids[0]
 
 
+def test_a_batch_of_contexts_drafts_what_each_drafts_alone():
+    """Two requests with contexts of different lengths in one pass (a gather and a mask) give
+    each one's hidden states and logits of a pass of its own (a view of its slot, no mask)."""
+    target = tiny_target()
+    head = tiny_head(target)
+    G = 4
+    feats = torch.randn(12, 2 * D, generator=torch.Generator().manual_seed(6))
+    drafter = DSparkDrafter(head, n_slots=3, max_seq=32)
+    drafter.observe(make_seq("pad", [1, 2], anchor=3), [1, 2], feats[:2])  # the others are not in slot 0
+    a, b = make_seq("a", list(range(1, 10)), anchor=7), make_seq("b", list(range(1, 6)), anchor=4)
+    with torch.no_grad():
+        drafter.observe(a, a.prompt_ids, feats[:9])
+        drafter.observe(b, b.prompt_ids, feats[7:12])
+        h, base = drafter.block_logits([a, b], torch.tensor([7, 4]), G)
+        alone = [drafter.block_logits([s], torch.tensor([t]), G) for s, t in ((a, 7), (b, 4))]
+    for j, (h1, base1) in enumerate(alone):
+        assert torch.allclose(h[j], h1[0], atol=1e-5) and torch.allclose(base[j], base1[0], atol=1e-4)
+
+
 # ------------------------------------------------------------------------------------------------
 # The Markov loop samples exactly what it reports
 # ------------------------------------------------------------------------------------------------
