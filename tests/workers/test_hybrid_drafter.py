@@ -17,7 +17,7 @@ import torch
 
 from dspark.models.dspark_head import default_head_path
 from dspark.models.loader import DEFAULT_MODEL_NAME
-from dspark.workers.drafters.base import DraftBlock
+from dspark.workers.drafters.base import DraftBlock, OnlineConfidence
 from dspark.workers.drafters.hybrid import HybridDrafter, expected_length
 from dspark.workers.drafters.ngram import NgramDrafter
 from dspark.workers.factory import EngineSpec, build_engine
@@ -116,8 +116,8 @@ def test_feedback_goes_to_the_source_only():
     hybrid.observe(seq, [6, 1, 2], None, num_verified=4)  # two accepted
     assert head.observed == [0]
     assert hybrid.source_counts == {"ngram": 1, "dspark": 0}
-    assert ngram.conf.confidences("a", 3) == pytest.approx([2 / 3, 2 / 3, 1 / 3])  # the request's pooled table
     assert ngram.conf.confidences("a/2", 3, prior=[0.5] * 3) == pytest.approx([2 / 3, 2 / 3, 1 / 3])  # its 2-gram table
+    assert ngram.lifetime.confidences("2", 3) == pytest.approx([2 / 3, 2 / 3, 1 / 3])  # the drafter's 2-gram table
 
     head2 = _TiltedHead(0.999)  # above: the head's block is chosen
     ngram2 = NgramDrafter(by_order=True)
@@ -126,8 +126,8 @@ def test_feedback_goes_to_the_source_only():
     assert blk.probs is not None
     hybrid2.observe(seq, [6, 1, 2], None, num_verified=4)  # two accepted: not evidence for a sampled request
     assert head2.observed == [4]
-    assert ngram2.conf.confidences("a", 4) == [0.5] * 4  # still the prior
-    assert ngram2.conf.confidences("a/2", 4) == [0.5] * 4
+    assert ngram2.conf.confidences("a/2", 4) == [0.5] * 4  # still the prior
+    assert ngram2.lifetime.confidences("2", 4) == [0.5] * 4
 
 
 class _SureHead:
@@ -167,8 +167,8 @@ def test_greedy_ngram_tables_learn_from_the_heads_accepted_drafts(head, kept, ve
     (blk,) = hybrid.propose([seq], 4)
     assert blk.token_ids == head  # the head's block is chosen
     hybrid.observe(seq, kept, None, num_verified=verified)
-    assert ngram.conf.confidences("g", 3) == pytest.approx(table)
     assert ngram.conf.confidences("g/2", 3, prior=[0.5] * 3) == pytest.approx(table)
+    assert ngram.lifetime.confidences("2", 3) == pytest.approx(table)
 
 
 # -- the real default model ------------------------------------------------------------------------
@@ -218,7 +218,10 @@ def test_greedy_identical_to_plain(built, prompts20):
 
 @needs_head
 def test_sources_follow_the_prompt(built):
+    """From a drafter that has seen no request yet (the n-gram tables' lifetime prior, learned
+    across requests, would otherwise carry the earlier tests' copying into the first blocks)."""
     eng = built.engine
+    eng.drafter.ngram.lifetime = OnlineConfidence(prior_accept=0.5, horizon=NgramDrafter.LIFETIME_HORIZON)
     _, copy = _run(eng, [_chat(built, COPY)], SamplingParams(max_tokens=48))
     _, fresh = _run(eng, [_chat(built, OPEN)], SamplingParams(max_tokens=48))
     assert copy["ngram"] > 2 * copy["dspark"], copy

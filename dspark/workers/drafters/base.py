@@ -181,11 +181,14 @@ class OnlineConfidence:
     per block position with a Beta(prior_a, prior_b) prior, updated from what verification kept.
     """
 
-    def __init__(self, prior_accept: float = 0.5, prior_weight: float = 2.0) -> None:
+    def __init__(self, prior_accept: float = 0.5, prior_weight: float = 2.0, horizon: int | None = None) -> None:
         self.a0 = prior_accept * prior_weight
         self.b0 = (1 - prior_accept) * prior_weight
-        self._tried: dict[str, list[int]] = {}
-        self._accepted: dict[str, list[int]] = {}
+        # horizon: a position's counts are halved whenever its tries reach it, so a long-lived
+        # table (one per drafter, not per request) keeps following what it estimates.
+        self.horizon = horizon
+        self._tried: dict[str, list[float]] = {}
+        self._accepted: dict[str, list[float]] = {}
 
     def update(self, request_id: str, num_verified: int, num_accepted: int) -> None:
         """Record one verified block: its first ``num_verified`` drafts were checked and the first
@@ -204,6 +207,9 @@ class OnlineConfidence:
             tried[k] += 1
             if k < num_accepted:
                 acc[k] += 1
+            if self.horizon is not None and tried[k] >= self.horizon:
+                tried[k] /= 2
+                acc[k] /= 2
 
     def confidences(self, request_id: str, n: int, prior: list[float] | None = None) -> list[float]:
         """Posterior means for positions 0..n-1; ``prior``: per-position prior means replacing

@@ -319,7 +319,7 @@ def make_dspark_drafter(loaded, opts: dict, spec) -> DSparkDrafter:
         raise ValueError(f"draft_vocab={n!r}: expected a whole number of ids (0 = the full vocabulary)")
     n = None if n in (None, "") else int(n)
     head = load_drafter_head(path, loaded, draft_vocab=n)
-    head.pack_for_inference()
+    head.pack_for_inference(weights=opts.get("weights") or "int8")
     return DSparkDrafter(
         head,
         n_slots=spec.runner.n_slots,
@@ -330,6 +330,14 @@ def make_dspark_drafter(loaded, opts: dict, spec) -> DSparkDrafter:
         trace=flag(opts.get("trace", False)),
         grammar_mask=flag(opts.get("grammar_mask", True)),
     )
+
+
+def weight_format(raw) -> str:
+    """``int8`` or ``bf16`` (how a CPU holds the head's matrices while serving)."""
+    value = str(raw).strip().lower()
+    if value not in ("int8", "bf16"):
+        raise ValueError("int8 or bf16")
+    return value
 
 
 def _ships_v4_draft(loaded) -> bool:
@@ -383,6 +391,8 @@ HEAD_OPTIONS = (
     DraftOption("markov", flag, True, "0: drop the Markov bias (DFlash-style ablation, same weights)"),
     DraftOption("calibrated", flag, True, "0: raw confidences instead of the STS-calibrated ones"),
     DraftOption("trace", flag, False, "1: keep per-block confidence/acceptance records"),
+    DraftOption("weights", weight_format, "int8", "int8: the head's matrices in int8 on a CPU (half the bytes a draft "
+                "reads); bf16: packed float products, as the target's"),
     DraftOption("grammar_mask", flag, True, "0: under a grammar, draft unconstrained (the verifier then rejects "
                 "what the grammar forbids) instead of drawing drafts among the allowed tokens"),
 )

@@ -18,21 +18,34 @@ from dspark.workers.request import Sequence
 def find_match(ids: np.ndarray, block_len: int, max_ngram: int, min_ngram: int) -> tuple[list[int], int]:
     """(tokens following the most recent earlier match of the longest matching suffix n-gram, n).
 
-    n = 0 and no tokens when no suffix of length >= ``min_ngram`` occurs earlier.
+    n = 0 and no tokens when no suffix of length >= ``min_ngram`` occurs earlier.  A match is an
+    earlier occurrence followed by at least one token; n is at most ``max_ngram`` and ``len(ids) - 1``.
+
+    One pass over the context: the earlier positions holding the last token are the candidate
+    match ends, and each is extended backwards while it keeps matching (at most ``max_ngram``
+    tokens), instead of one scan of the context per suffix length.
 
     Example: ids = [1 2 3 4 1 2], block 2 -> suffix [1 2] matched at 0 -> ([3, 4], 2).
     """
     n_total = len(ids)
-    for n in range(min(max_ngram, n_total - 1), min_ngram - 1, -1):
-        suffix = ids[n_total - n :]
-        # windows[i] = ids[i : i + n] for every start i whose match is strictly earlier.
-        windows = np.lib.stride_tricks.sliding_window_view(ids[: n_total - 1], n)
-        hits = np.nonzero((windows == suffix).all(axis=1))[0]
-        hits = hits[hits + n < n_total]  # must be followed by at least one token
-        if hits.size:
-            start = int(hits[-1]) + n
-            return ids[start : start + block_len].tolist(), n
-    return [], 0
+    longest = min(max_ngram, n_total - 1)
+    if longest < max(min_ngram, 1):
+        return [], 0
+    ends = np.flatnonzero(ids[: n_total - 1] == ids[n_total - 1])  # e <= n_total - 2, ascending
+    if not ends.size:
+        return [], 0
+    length = np.ones(ends.size, dtype=np.int64)  # how many tokens ending at each e match the suffix
+    for j in range(1, longest):
+        before = ends - j
+        grow = (length == j) & (before >= 0) & (ids[np.maximum(before, 0)] == ids[n_total - 1 - j])
+        if not grow.any():
+            break
+        length[grow] = j + 1
+    n = int(length.max())
+    if n < min_ngram:
+        return [], 0
+    start = int(ends[np.flatnonzero(length == n)[-1]]) + 1  # the latest of the longest
+    return ids[start : start + block_len].tolist(), n
 
 
 def find_continuation(ids: np.ndarray, block_len: int, max_ngram: int, min_ngram: int) -> list[int]:
@@ -46,24 +59,28 @@ def find_continuation(ids: np.ndarray, block_len: int, max_ngram: int, min_ngram
 class NgramDrafter:
     """Prompt lookup with an online confidence per request.
 
-    ``by_order``: also keep one confidence table per match length n (a 4-token match is usually
-    far more reliable than a 1-token one), whose prior is the request's pooled table: a request
-    whose short matches keep failing still gets its own estimate when long matches appear, and a
-    length never tried starts from what the request's other blocks showed.  Either way the
-    tables learn only from this drafter's own verified blocks.
+    ``by_order``: keep one confidence table per request and match length n instead (a 4-token
+    match is usually far more reliable than a 1-token one), whose prior is this drafter's
+    lifetime table for length n, learned from every request's blocks of that length (halved
+    every ``LIFETIME_HORIZON`` tries, so it follows the traffic).  A request's first blocks
+    then start from what such matches did on earlier requests rather than from a flat 0.5, and
+    its own blocks take over as they come in.  Either way the tables learn only from this
+    drafter's own verified blocks.
     """
 
     name = "ngram"
     feature_layers: tuple[int, ...] = ()
 
     prefix_reuse = True  # drafts from seq.all_ids: a reused prefix needs no observe()
+    LIFETIME_HORIZON = 1000
 
     def __init__(self, max_ngram: int = 4, min_ngram: int = 1, by_order: bool = False) -> None:
         self.max_ngram = max_ngram
         self.min_ngram = min_ngram
         self.by_order = by_order
         self.conf = OnlineConfidence(prior_accept=0.5)
-        self._last: dict[str, tuple[list[int], str]] = {}  # request -> (proposed block, confidence key)
+        self.lifetime = OnlineConfidence(prior_accept=0.5, horizon=self.LIFETIME_HORIZON)  # by_order: key n
+        self._last: dict[str, tuple[list[int], str, int]] = {}  # request -> (proposed block, its table, n)
 
     def _key(self, request_id: str, n: int) -> str:
         return f"{request_id}/{n}" if self.by_order else request_id
@@ -74,22 +91,21 @@ class NgramDrafter:
             ids = np.asarray(seq.all_ids, dtype=np.int64)
             toks, n = find_match(ids, block_len, self.max_ngram, self.min_ngram)
             key = self._key(seq.request_id, n)
-            self._last[seq.request_id] = (toks, key)
-            pooled = self.conf.confidences(seq.request_id, len(toks))
-            conf = self.conf.confidences(key, len(toks), prior=pooled) if self.by_order else pooled
-            out.append(DraftBlock(token_ids=toks, confidence=conf))
+            self._last[seq.request_id] = (toks, key, n)
+            prior = self.lifetime.confidences(str(n), len(toks)) if self.by_order else None
+            out.append(DraftBlock(token_ids=toks, confidence=self.conf.confidences(key, len(toks), prior=prior)))
         return out
 
     def observe(
         self, seq: Sequence, token_ids: list[int], features: torch.Tensor | None, num_verified: int | None = None
     ) -> None:
-        last, key = self._last.pop(seq.request_id, ([], ""))
+        last, key, n = self._last.pop(seq.request_id, ([], "", 0))
         if last and num_verified:
             verified = last[: min(len(last), num_verified)]
             accepted = count_accepted(verified, token_ids)
-            self.conf.update(seq.request_id, len(verified), accepted)
-            if key != seq.request_id:
-                self.conf.update(key, len(verified), accepted)
+            self.conf.update(key, len(verified), accepted)
+            if self.by_order:
+                self.lifetime.update(str(n), len(verified), accepted)
 
     def release(self, request_id: str) -> None:
         self._last.pop(request_id, None)
