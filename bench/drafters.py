@@ -15,7 +15,8 @@ training and calibration never saw), block 7, temperature 0 and 1:
 
 Drafters: dspark, dspark without its Markov head (same weights, bias dropped), layerskip (first
 half of the target), ngram (prompt lookup) and hybrid (per request and step, the ngram block or
-the head's, whichever is expected to be accepted further).  Writes bench/results/drafters.json
+the head's, whichever is expected to be accepted further); dspark-bf16 and hybrid-bf16 (named
+only) hold the head's matrices in bf16 instead of the default int8.  Writes bench/results/drafters.json
 and a PNG.
 
 Draft vocabulary: ``--draft-vocabs 4096,8192,0`` adds ``dspark-v<N>`` rows (the shipped head
@@ -40,6 +41,9 @@ DRAFTERS = {
     "layerskip": ("layerskip", ()),
     "ngram": ("ngram", ()),
     "hybrid": ("hybrid", ()),
+    # The head's matrices packed in bf16 instead of the serving default, int8 (dspark/models/int8_weights.py).
+    "dspark-bf16": ("dspark", (("weights", "bf16"),)),
+    "hybrid-bf16": ("hybrid", (("weights", "bf16"),)),
 }
 
 
@@ -86,7 +90,7 @@ def draft_timing(prompts: list[list[int]], sizes: list[int], batches: list[int],
                  "ms_per_block": {}, "ms_per_block_min": {}}
     cases = []  # (N label, "B=..,T=..", drafter, seqs)
     for n, head in heads.items():
-        head.pack_for_inference()  # as the serving drafter does (make_dspark_drafter)
+        head.pack_for_inference(weights="int8")  # as the serving drafter does by default (make_dspark_drafter)
         for B in batches:
             for temp in (0.0, 1.0):
                 drafter = DSparkDrafter(head, n_slots=B, max_seq=context + block + 8)
@@ -356,7 +360,8 @@ def main(prompts_file, json_out, plot_out, max_prompts, max_tokens, speed_prompt
     sizes = [int(n) for n in draft_vocabs.split(",") if n.strip()]
     DRAFTERS.update(vocab_variants(sizes))
     if drafters is None:
-        drafters = "" if sizes else ",".join(d for d in DRAFTERS if not d.startswith("dspark-v") and d != "dspark-full")
+        drafters = "" if sizes else ",".join(d for d in DRAFTERS if not d.startswith("dspark-v") and d != "dspark-full"
+                                             and not d.endswith("-bf16"))
     names = [d.strip() for d in drafters.split(",") if d.strip()] + list(vocab_variants(sizes))
     unknown = set(names) - set(DRAFTERS)
     if unknown:
