@@ -213,7 +213,7 @@ class OnlineConfidence:
 
     def confidences(self, request_id: str, n: int, prior: list[float] | None = None) -> list[float]:
         """Posterior means for positions 0..n-1; ``prior``: per-position prior means replacing
-        ``prior_accept`` (same weight), e.g. a pooled table's estimates for a finer one."""
+        ``prior_accept`` (same weight), e.g. a lifetime table's estimates for a request's."""
         tried = self._tried.get(request_id, [])
         acc = self._accepted.get(request_id, [])
         w = self.a0 + self.b0

@@ -5,8 +5,9 @@ Prompt lookup (``ngram``) costs nothing and wins where the answer copies from it
 edits, extraction, reformatting); the head wins on new text.  Each step, for each request:
 
 1. the n-gram drafter proposes (or not) a block n with confidences from its online tables, one
-   per match length, learned from its own verified blocks only; its expected accepted length is
-   E_ng = sum_j prod_{i<=j} c_i;
+   per request and match length, each starting from the drafter's lifetime table for that
+   length (all requests' blocks), learned from its own verified blocks only; its expected
+   accepted length is E_ng = sum_j prod_{i<=j} c_i;
 2. the head runs only for requests where it is expected to pay for itself: tokens per step are
    1 + E and drafting with the head lengthens a step by ``head_cost`` (its measured share), so it
    runs when 1 + E_head > (1 + E_ng)(1 + head_cost), with E_head the running mean of the head's
