@@ -42,8 +42,8 @@ DRAFTERS = {
     "ngram": ("ngram", ()),
     "hybrid": ("hybrid", ()),
     # The head's matrices packed in bf16 instead of the serving default, int8 (dspark/models/int8_weights.py).
-    "dspark-bf16": ("dspark", (("weights", "bf16"),)),
-    "hybrid-bf16": ("hybrid", (("weights", "bf16"),)),
+    "dspark-bf16": ("dspark", (("weights", "float"),)),
+    "hybrid-bf16": ("hybrid", (("weights", "float"),)),
 }
 
 

@@ -250,20 +250,20 @@ class DSparkHead(nn.Module):
             self._w2_cols = self.markov_w2.detach()[:, ids].contiguous()  # [r, N]
         return self
 
-    def pack_for_inference(self, weights: str = "bf16") -> int:
+    def pack_for_inference(self, weights: str = "float") -> int:
         """Serving only (frozen weights): prepare the draft layers, the context projection and the
         drafted LM-head rows for fast products on a CPU.  Returns how many matrices were prepared.
 
-        ``weights="bf16"``: pre-packed for oneDNN, as the target's own layers are
-        (``models/packing.py``; bf16 on CPU, a no-op elsewhere), bit-identical products.
+        ``weights="float"``: the head's own dtype, pre-packed for oneDNN as the target's own layers
+        are (``models/packing.py``; bf16 on CPU, a no-op elsewhere), bit-identical products.
         ``weights="int8"``: the draft layers and the drafted LM-head rows held in int8 with a scale
         per row (``models/int8_weights.py``; a CPU with torch's quantized engine, whatever the
-        head's dtype; elsewhere as ``"bf16"``): half the bytes each draft reads, products within
-        int8 rounding of the float ones.  The context projection stays as with ``"bf16"``.
+        head's dtype; elsewhere as ``"float"``): half the bytes each draft reads, products within
+        int8 rounding of the float ones.  The context projection stays as with ``"float"``.
 
         Call after ``use_draft_vocab``; choosing another draft vocabulary drops the prepared rows."""
-        if weights not in ("bf16", "int8"):
-            raise ValueError(f"weights={weights!r}: expected 'bf16' or 'int8'")
+        if weights not in ("float", "int8"):
+            raise ValueError(f"weights={weights!r}: expected 'float' or 'int8'")
         if weights == "int8" and int8_supported(self.mask_embedding.device) and not self._has_bias():
             return self._to_int8()
         if not packing_supported(self.mask_embedding.device, self.mask_embedding.dtype):

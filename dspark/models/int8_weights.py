@@ -7,8 +7,9 @@ default model's DSpark head (its 2 draft layers and 8,192 drafted LM-head rows i
 thread, in the compiled engine: a hybrid drafter's ``propose`` 3.06 against 4.08 ms packed in bf16.
 
 The product is torch's dynamic int8 linear (fbgemm / x86 backends): the weight is quantised once,
-symmetric per output row; each call quantises its input to 8 bits with one range taken from it,
-multiplies in integers and rescales to float32.  A draft's logits therefore move a little
+symmetric per output row; each call quantises one request's input rows to 8 bits with one range
+taken from them (a batch of requests is one call per request, so a request's drafts never depend
+on its batch), multiplies in integers and rescales to float32.  A draft's logits therefore move a little
 from the bf16 head's; verification does not depend on them (the proposal q reported is the one
 the drafts were drawn from), so output stays exactly the target's.  What it does to acceptance
 is measured in docs/DRAFTER.md.
@@ -93,8 +94,14 @@ class Int8Linear(nn.Module):
         return cls(linear.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [..., rows, in] -> [..., rows, out].  Each [rows, in] slice (one request's block,
+        or its context tokens) is quantised with a range of its own, so a request's products do
+        not depend on which other requests share the batch: a seeded request drafts, and so
+        samples, the same tokens alone or batched."""
         shape = x.shape
-        y = torch.ops.quantized.linear_dynamic(x.reshape(-1, shape[-1]).float(), self._params, self._reduce_range)
+        rows = x.reshape(-1, shape[-2] if x.dim() > 1 else 1, shape[-1]).float()  # [groups, rows, in]
+        outs = [torch.ops.quantized.linear_dynamic(g, self._params, self._reduce_range) for g in rows]
+        y = outs[0] if len(outs) == 1 else torch.cat(outs)
         return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
 
 

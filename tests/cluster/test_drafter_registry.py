@@ -87,7 +87,7 @@ def test_unknown_option_is_refused_in_one_line_naming_it(where):
     ("layerskip", "layers", 0, "layers must be an integer >= 1"),
     ("draft_model", "draft_layers", 2.5, "draft_layers must be an integer >= 0"),
     ("dspark", "proposal_top_k", 0, "proposal_top_k must be an integer >= 1"),
-    ("hybrid", "weights", "int4", "weights must be int8 or bf16"),
+    ("hybrid", "weights", "int4", "weights must be int8 or float"),
 ])
 def test_bad_value_is_refused_in_one_line(name, key, value, expect):
     with pytest.raises(ValueError, match=expect) as err:

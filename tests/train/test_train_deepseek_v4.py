@@ -133,7 +133,9 @@ class SteeredDSpark(DSparkDrafter):
 
 
 def engine(folder: Path, head: Path | None, n_slots: int = 2, block_len: int = 4):
-    opts = (("head", str(head)),) if head else ()
+    # Float products: the context keys are compared with the training path's (int8 drafting
+    # weights, the CPU default, move them by int8 rounding; tests/models/test_int8_weights.py).
+    opts = (("head", str(head)), ("weights", "float")) if head else ()
     spec = EngineSpec(model=str(folder), dtype="fp32", draft="dspark" if head else "none", block_len=block_len,
                       runner=RunnerConfig(n_slots=n_slots, max_seq=256), draft_options=opts)
     return build_engine(spec, progress=False)

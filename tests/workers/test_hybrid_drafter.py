@@ -219,14 +219,14 @@ def test_greedy_identical_to_plain(built, prompts20):
 @needs_head
 def test_the_served_head_drafts_with_int8_weights(built):
     """The default ``weights=int8``: the draft layers and drafted rows in int8 where this CPU
-    runs int8 products (this module's losslessness tests then run with them); ``weights=bf16``
+    runs int8 products (this module's losslessness tests then run with them); ``weights=float``
     is refused nowhere and keeps float layers."""
     from dspark.models.int8_weights import Int8Linear, int8_supported
     from dspark.workers.drafters.dspark import make_dspark_drafter
 
     head = built.engine.drafter.head.head
     assert isinstance(head.layers[0].w13, Int8Linear) == int8_supported(torch.device("cpu"))
-    opts = {"head": None, "draft_vocab": None, "proposal_top_k": 8, "weights": "bf16"}
+    opts = {"head": None, "draft_vocab": None, "proposal_top_k": 8, "weights": "float"}
     other = make_dspark_drafter(built.loaded, opts, EngineSpec(runner=RunnerConfig(n_slots=1, max_seq=64)))
     assert not isinstance(other.head.layers[0].w13, Int8Linear)
 

@@ -333,10 +333,10 @@ def make_dspark_drafter(loaded, opts: dict, spec) -> DSparkDrafter:
 
 
 def weight_format(raw) -> str:
-    """``int8`` or ``bf16`` (how a CPU holds the head's matrices while serving)."""
+    """``int8`` or ``float`` (how a CPU holds the head's matrices while serving)."""
     value = str(raw).strip().lower()
-    if value not in ("int8", "bf16"):
-        raise ValueError("int8 or bf16")
+    if value not in ("int8", "float"):
+        raise ValueError("int8 or float")
     return value
 
 
@@ -391,8 +391,8 @@ HEAD_OPTIONS = (
     DraftOption("markov", flag, True, "0: drop the Markov bias (DFlash-style ablation, same weights)"),
     DraftOption("calibrated", flag, True, "0: raw confidences instead of the STS-calibrated ones"),
     DraftOption("trace", flag, False, "1: keep per-block confidence/acceptance records"),
-    DraftOption("weights", weight_format, "int8", "int8: the head's matrices in int8 on a CPU (half the bytes a draft "
-                "reads); bf16: packed float products, as the target's"),
+    DraftOption("weights", weight_format, "int8", "int8: the head's draft layers and drafted LM-head rows in int8 on a "
+                "CPU (half the bytes a draft reads); float: the head's dtype, packed as the target's"),
     DraftOption("grammar_mask", flag, True, "0: under a grammar, draft unconstrained (the verifier then rejects "
                 "what the grammar forbids) instead of drawing drafts among the allowed tokens"),
 )
