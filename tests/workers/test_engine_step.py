@@ -133,3 +133,29 @@ def test_a_request_whose_block_is_late_sits_the_step_out():
     drafter.late = set()
     out = eng.step()
     assert [(o.request_id, o.new_token_ids) for o in out] == [("a", [6, 7, 8]), ("b", [32, 33, 34])]
+
+
+class ArrivingDrafter(LateDrafter):
+    """Its late blocks land while the engine waits for them."""
+
+    def wait_for_blocks(self, timeout: float) -> None:
+        super().wait_for_blocks(timeout)
+        self.late = set()
+
+
+def test_a_step_with_a_prompt_chunk_waits_for_blocks_none_of_which_is_here():
+    """A new request's prompt chunk runs whatever the blocks do.  When no decoding request's
+    block has arrived yet (a worker drafts a batch's blocks together, so they land together),
+    the step waits briefly for them as it does when some are here, instead of running the chunk
+    alone while every decoding request sits the step out."""
+    drafter = ArrivingDrafter()
+    eng = Engine(CountingRunner(), None, EngineConfig(block_len=2, max_block_wait_s=0.5), drafter=drafter)
+    eng.add_request([1], SamplingParams(max_tokens=16), request_id="a")
+    eng.add_request([30], SamplingParams(max_tokens=16), request_id="b")
+    eng.step()  # prefills
+    eng.add_request([50, 51], SamplingParams(max_tokens=16), request_id="c")
+    drafter.late = {"a", "b"}
+    eng.last_step_seconds = 1.0  # the wait is bounded by a quarter of the last step
+    out = eng.step()
+    assert drafter.waits
+    assert {o.request_id: o.new_token_ids for o in out} == {"a": [3, 4, 5], "b": [32, 33, 34], "c": [52]}

@@ -124,6 +124,22 @@ def test_a_borrowed_choice_the_batch_size_can_only_strengthen_is_not_probed_at_o
     assert sixteen[:20].count(True) <= 5 and not any(sixteen[-10:]), sixteen  # a probe at once, then plain
 
 
+def test_a_borrowed_guess_gives_way_to_the_buckets_own_leader():
+    """Four requests after one: the one-request bucket speculates (100 against 40 tok/s), so four
+    requests start from that choice as a guess.  Their own steps of the two arms come out within
+    the margin of each other (speculation 74 tok/s, plain 78, as measured through the cluster).
+    The guess used to be kept as an incumbent, which the margin protects (speculation in almost
+    every step there); once measured, the bucket takes the leader of its own rates: plain."""
+    g = SpeculationGate(warmup_steps=1)
+    for spec, tokens, seconds in [(True, 3.0, 0.03)] * 2 + [(False, 1.0, 0.025)] * 2:
+        g.record(1, spec, tokens, seconds)
+    arms = []
+    for _ in range(300):
+        arms.append(g.speculate(4))
+        g.record(4, arms[-1], *((5.4, 5.4 / 74) if arms[-1] else (4.0, 4.0 / 78)))
+    assert arms[-200:].count(True) <= 60, arms.count(True)  # plain, with the close second's probes
+
+
 def _simulate(gate: SpeculationGate, steps: int, cost) -> list[bool]:
     """Drive ``gate`` for ``steps`` steps of one request: ``cost(arm, previous arm, step)`` gives
     each step's (tokens, seconds).  Returns the arms chosen."""
