@@ -220,7 +220,7 @@ def test_greedy_identical_to_plain(built, prompts20):
 def test_the_served_head_drafts_with_int8_weights(built):
     """The default ``weights=int8``: the draft layers and drafted rows in int8 where this CPU
     runs int8 products (this module's losslessness tests then run with them); ``weights=float``
-    is refused nowhere and keeps float layers."""
+    keeps float layers."""
     from dspark.models.int8_weights import Int8Linear, int8_supported
     from dspark.workers.drafters.dspark import make_dspark_drafter
 
