@@ -52,7 +52,12 @@ and how often the drafts are accepted for today's traffic.  So the gate measures
   both arms itself it takes the leader of its own rates, with no margin.  Four requests after
   one borrowed speculation, and with their steps of the two arms within 2% of each other the
   margin kept that guess for good (through the cluster: speculation in 89% of the steps, 0.91x
-  plain decoding's throughput).
+  plain decoding's throughput).  A bucket between two measured ones guesses from both:
+  speculation's rate relative to plain decoding's, interpolated between them.  And a run is
+  judged only on the bucket's own measurements: the eight-to-fifteen requests of a sixteen-request
+  closed loop's ramp and drain had their first run fall on steps that all shared a prompt chunk,
+  were judged on the smaller bucket's rates, backed off 128 steps and never measured plain
+  decoding there.
 
 Lossless: the choice for step t depends only on steps before t, never on the tokens drafted at
 step t, so it cannot bias which drafts get verified (the condition of the paper's Appendix A).
@@ -150,7 +155,7 @@ class SpeculationGate:
                 probe = self._probes[b] = self._new_probe(b, src)
             if probe.guess and src == b:  # measured itself: the borrowed guess gets no margin
                 probe.guess, probe.best = False, None
-            choice = self._choose(b, probe, self._rate(src, True), self._rate(src, False))
+            choice = self._choose(b, probe, *self._rates_for(b, src), own=src == b)
         if choice:
             self.speculative_steps += 1
         else:
@@ -176,7 +181,30 @@ class SpeculationGate:
         settled = sp is not None and sp.best == src_best and not (sp.left or sp.judge)
         if settled and ((src < b and not src_best) or (src > b and src_best)):
             return _Probe(sp.every, best=src_best)
-        return _Probe(self.explore_every, best=src_best, probe_now=True, guess=True)
+        spec_rate, plain_rate = self._rates_for(b, src)
+        return _Probe(self.explore_every, best=spec_rate >= plain_rate, probe_now=True, guess=True)
+
+    def _rates_for(self, b: int, src: int) -> tuple[float, float]:
+        """(speculative, plain) rates bucket ``b`` decides by: its own once measured (``src == b``).
+        Until then, between two measured buckets, speculation's rate relative to plain decoding's
+        interpolated between them (it falls as the batch grows: at four requests through the
+        cluster the two arms tied, at sixteen speculation read 0.75x, and the eight-to-fifteen
+        requests of a closed loop's ramp and drain borrowed the smaller bucket's speculation);
+        else the nearest measured bucket's, ``src``.
+
+            >>> g = SpeculationGate(warmup_steps=1)
+            >>> for b, spec, plain in ((3, 1.05, 1.0), (5, 0.75, 1.0)):
+            ...     g._arms[(b, True)], g._arms[(b, False)] = _Arm(spec, 1.0, 1), _Arm(plain, 1.0, 1)
+            >>> [round(r, 2) for r in g._rates_for(4, 3)]
+            [0.9, 1.0]
+        """
+        if src != b:
+            done = self._measured()
+            lo, hi = max((c for c in done if c < b), default=None), min((c for c in done if c > b), default=None)
+            if lo is not None and hi is not None:
+                ratio = [self._rate(c, True) / max(self._rate(c, False), 1e-12) for c in (lo, hi)]
+                return ratio[0] + (ratio[1] - ratio[0]) * (b - lo) / (hi - lo), 1.0
+        return self._rate(src, True), self._rate(src, False)
 
     def _incumbent(self, best: bool | None, spec_rate: float, plain_rate: float) -> bool:
         """The arm to keep: ``best`` unless the other arm leads by the margin (a switch costs a
@@ -190,17 +218,28 @@ class SpeculationGate:
 
     def _measured_bucket(self, b: int) -> int | None:
         """``b`` if both its arms are measured ``warmup_steps`` times, else the nearest such bucket."""
-        done = [c for c in {k for k, _ in self._arms}
-                if min(self._arms.get((c, arm), _Arm()).steps for arm in (True, False)) >= self.warmup_steps]
-        return min(done, key=lambda c: (abs(c - b), c), default=None)
+        return min(self._measured(), key=lambda c: (abs(c - b), c), default=None)
 
-    def _choose(self, b: int, p: _Probe, spec_rate: float, plain_rate: float) -> bool:
-        """The better arm, or the explored one during a run; starts, ends and judges runs."""
+    def _measured(self) -> list[int]:
+        """The buckets whose arms are both measured ``warmup_steps`` times."""
+        return [c for c in {k for k, _ in self._arms}
+                if min(self._arms.get((c, arm), _Arm()).steps for arm in (True, False)) >= self.warmup_steps]
+
+    def _choose(self, b: int, p: _Probe, spec_rate: float, plain_rate: float, own: bool = True) -> bool:
+        """The better arm, or the explored one during a run; starts, ends and judges runs.
+
+        ``own``: the rates are the bucket's own.  A run is judged only on them, and only if it
+        measured a step of its arm: one whose steps all shared a prompt chunk or settled, or a
+        bucket that borrows another's rates, learnt nothing about this bucket, and backing off
+        on it would keep a wrong guess for ``max_explore_every`` steps."""
         if p.left:
             p.left -= 1
             p.judge = p.left == 0
             return p.arm
         margin = self.confirm_margin * max(spec_rate, plain_rate)
+        ran = self._arms.get((b, p.arm))
+        if p.judge and not (own and ran is not None and ran.fresh):  # the run measured nothing: no verdict
+            p.judge = p.extended = False
         if p.judge:  # the run just ended: clearly behind backs off, ahead is confirmed, close keeps
             p.judge = False
             explored, other = (spec_rate, plain_rate) if p.arm else (plain_rate, spec_rate)

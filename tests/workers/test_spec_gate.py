@@ -140,6 +140,44 @@ def test_a_borrowed_guess_gives_way_to_the_buckets_own_leader():
     assert arms[-200:].count(True) <= 60, arms.count(True)  # plain, with the close second's probes
 
 
+def _measure(g: SpeculationGate, n: int, spec_rate: float, plain_rate: float) -> None:
+    """Both arms of ``n`` requests' bucket measured: one token per request a step, at these rates."""
+    for arm, rate in ((True, spec_rate), (False, plain_rate)):
+        for _ in range(2):  # settling, then measured
+            g.record(n, arm, float(n), n / rate)
+
+
+def test_a_bucket_between_two_measured_ones_guesses_from_both():
+    """A closed loop of sixteen requests ramps up and drains through eight to fifteen.  Measured
+    through the cluster: at four requests the arms tied (speculation 69 tok/s, plain 67), at
+    sixteen speculation read 0.75x of plain.  The eight-to-fifteen bucket used to borrow the
+    nearer smaller bucket's speculation as its guess (and speculated at 75-81 tok/s through every
+    drain); it now interpolates speculation's relative rate between its neighbours, 0.9x: plain,
+    after the first run that measures speculation there."""
+    g = SpeculationGate(warmup_steps=1)
+    _measure(g, 4, 69.0, 67.0)
+    _measure(g, 16, 127.0, 168.0)
+    arms = [g.speculate(10) for _ in range(g.explore_run + 5)]
+    assert arms == [True] * g.explore_run + [False] * 5
+
+
+def test_a_run_that_measured_nothing_is_not_judged():
+    """The eight-to-fifteen bucket's first run fell on the steps of a ramp-up, every one sharing
+    a prompt chunk, so none was measured.  It was then judged on the rates of the bucket it
+    borrowed from, which put its explored arm far behind, and its next run was pushed 128 steps
+    away: plain decoding was never measured there, and the guess (speculation at 0.75x) stayed.
+    Now a run that measured nothing has no verdict, and the next one comes after the usual
+    interval."""
+    g = SpeculationGate(warmup_steps=1)
+    _measure(g, 4, 100.0, 60.0)  # only the smaller bucket is measured: speculation, by far
+    arms = []
+    for _ in range(2 * g.explore_every + g.explore_run):
+        arms.append(g.speculate(10))
+        g.record(10, arms[-1], 10.0, 0.1, measured=False)  # every step shares a prompt chunk
+    runs = [i for i in range(1, len(arms)) if not arms[i] and arms[i - 1]]
+    assert arms[0] is False and runs and runs[0] <= g.explore_run + g.explore_every, arms
+
+
 def _simulate(gate: SpeculationGate, steps: int, cost) -> list[bool]:
     """Drive ``gate`` for ``steps`` steps of one request: ``cost(arm, previous arm, step)`` gives
     each step's (tokens, seconds).  Returns the arms chosen."""
