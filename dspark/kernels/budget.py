@@ -129,8 +129,10 @@ def throughput_path(survival: torch.Tensor, step_time: torch.Tensor, draft_time:
     return tau / seconds
 
 
-def best_capacity(survival: torch.Tensor, step_time: torch.Tensor, draft_time: float = 0.0) -> int:
+def best_capacity(survival: torch.Tensor, step_time: torch.Tensor, draft_time: float = 0.0, slack: float = 0.0) -> int:
     """Token count R + m maximising Theta over the whole path (no early stop; smallest m on ties).
+    With ``slack`` > 0: the largest m whose Theta is within ``slack`` of the maximum (deeper
+    verification at about the same throughput; see :func:`select_budget_greedy`).
 
     Lossy if applied to the survivals of the block being verified (Appendix A); section 5.2
     applies it to survivals from two steps ago.  Returns 0 for an empty batch.
@@ -141,7 +143,11 @@ def best_capacity(survival: torch.Tensor, step_time: torch.Tensor, draft_time: f
     """
     if survival.shape[0] == 0:
         return 0
-    return survival.shape[0] + int(torch.argmax(throughput_path(survival, step_time, draft_time)))
+    theta = throughput_path(survival, step_time, draft_time)
+    if slack > 0:
+        near = (theta >= (1.0 - slack) * theta.max()).nonzero()
+        return survival.shape[0] + int(near[-1])
+    return survival.shape[0] + int(torch.argmax(theta))
 
 
 def top_k_admission(survival: torch.Tensor, num_draft_tokens: int | torch.Tensor) -> torch.Tensor:
@@ -197,7 +203,7 @@ def _decision(
 
 
 def select_budget_greedy(
-    survival: torch.Tensor, step_time: torch.Tensor, draft_time: float = 0.0
+    survival: torch.Tensor, step_time: torch.Tensor, draft_time: float = 0.0, slack: float = 0.0
 ) -> BudgetDecision:
     """Algorithm 1: admit drafts by decreasing survival while expected throughput improves.
 
@@ -218,6 +224,11 @@ def select_budget_greedy(
     (Appendix A builds a case where the emitted token's law moves from (0.7, 0.3) to
     (0.85, 0.15)).  The price: with a non-unimodal cost curve the stop may miss the optimum.
 
+    ``slack`` > 0 walks on while Theta_m stays within ``slack`` of the best Theta so far (and
+    keeps the last such m): deeper verification when throughput is about flat, which is faster
+    for the requests whose drafts are accepted.  Still a stopping rule on the path in rank
+    order, so as lossless as the strict walk.
+
     Returns a :class:`BudgetDecision`.
 
     Example (Appendix A: Theta drops from 1.0 to 0.9 at m = 1, so nothing is admitted even
@@ -227,11 +238,17 @@ def select_budget_greedy(
         tensor([0])
         >>> select_budget_greedy(torch.tensor([[0.9, 0.5], [0.6, 0.0]]), torch.tensor([1.0, 1, 1, 1, 1.2, 2])).lengths
         tensor([1, 1])
+        >>> t = torch.tensor([1.0, 1, 1, 1, 1.2, 1.4])  # Theta 3.5 / 1.2 = 2.92 at m = 2, 4.0 / 1.4 = 2.86 at m = 3
+        >>> [select_budget_greedy(torch.tensor([[0.9, 0.5], [0.6, 0.0]]), t, slack=x).lengths.tolist() for x in (0, 0.05)]
+        [[1, 1], [2, 1]]
     """
     if survival.shape[0] == 0:
         return _decision(survival, torch.zeros(0, dtype=torch.long, device=survival.device), step_time, draft_time)
     theta = throughput_path(survival, step_time, draft_time)  # [M+1]
-    improving = theta[1:] > theta[:-1]  # [M]
+    if slack > 0:
+        improving = theta[1:] >= (1.0 - slack) * torch.cummax(theta[:-1], 0).values  # [M]
+    else:
+        improving = theta[1:] > theta[:-1]  # [M]
     k = int(improving.long().cumprod(0).sum())  # the length of the first improving run
     return _decision(survival, top_k_admission(survival, k), step_time, draft_time)
 
@@ -241,6 +258,7 @@ def select_budget_async(
     survival: torch.Tensor,
     step_time: torch.Tensor,
     draft_time: float = 0.0,
+    slack: float = 0.0,
 ) -> BudgetDecision:
     """Section 5.2: capacity from survivals two steps old, then top-K over current survivals.
 
@@ -269,6 +287,6 @@ def select_budget_async(
     """
     num_reqs = survival.shape[0]
     max_tokens = _check_table(num_reqs, step_time)
-    capacity = best_capacity(stale_survival, step_time, draft_time)
+    capacity = best_capacity(stale_survival, step_time, draft_time, slack)
     k = max(0, min(capacity, max_tokens) - num_reqs)
     return _decision(survival, top_k_admission(survival, k), step_time, draft_time)

@@ -272,3 +272,22 @@ def test_adaptive_budget_is_lossless_from_its_first_step(mode, warmup_steps):
     counts, pval = _first_token_law(_adaptive_policy(mode, warmup_steps), n=100_000, seed=warmup_steps)
     assert pval > 1e-3, (mode, warmup_steps, counts)
     assert counts[0] / counts.sum() == pytest.approx(0.70, abs=0.01)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_slack_verifies_deeper_at_about_the_same_throughput(seed):
+    """``slack``: the walk (and the capacity search) go on while throughput stays within the
+    slack of the best so far.  Never shallower than the strict walk, never below (1 - slack) of
+    the best throughput on the path, and deeper on a flat cost curve."""
+    g = torch.Generator().manual_seed(seed)
+    conf = torch.rand(4, 7, generator=g) * 0.6 + 0.3
+    surv = survival(conf, torch.full((4,), 7))
+    flat = torch.tensor([0.0] + [0.020 + 0.0004 * n for n in range(1, 64)], dtype=torch.float64)
+    strict = select_budget_greedy(surv, flat)
+    loose = select_budget_greedy(surv, flat, slack=0.05)
+    assert (loose.lengths >= strict.lengths).all()
+    assert loose.expected_throughput >= 0.95 * throughput_path(surv, flat).max()
+    assert loose.num_draft_tokens > strict.num_draft_tokens
+    cap = best_capacity(surv, flat, slack=0.05)
+    assert cap >= best_capacity(surv, flat)
+    assert float(throughput_path(surv, flat)[cap - 4]) >= 0.95 * float(throughput_path(surv, flat).max())
