@@ -16,9 +16,7 @@ and how often the drafts are accepted for today's traffic.  So the gate measures
   for every request's block at once (measured through the cluster at 16 requests: 11 tokens/s
   against 59 in steady state), which is the cost of switching, not of either arm;
 * each step it keeps the arm with the higher tokens per second, switching only when the other
-  is ahead by ``confirm_margin`` (a switch costs a settling step).  Speculation's rate is
-  credited ``spec_credit`` (5%) in every comparison: at equal throughput it is the faster
-  choice per user (see ``_rates``).  Exploration takes the other
+  is ahead by ``confirm_margin`` (a switch costs a settling step).  Exploration takes the other
   arm for a run of ``explore_run`` steps (one settling, the rest measured; their mean replaces
   that arm's old average) every ``explore_every``-th step of a bucket.  A run whose arm came out
   clearly behind (by ``confirm_margin``) lengthens that interval, up to ``max_explore_every``, so
@@ -120,13 +118,11 @@ class SpeculationGate:
     """
 
     def __init__(self, explore_every: int = 16, decay: float = 0.97, warmup_steps: int = 3,
-                 explore_run: int = 5, max_explore_every: int = 256, confirm_margin: float = 0.1,
-                 spec_credit: float = 0.05) -> None:  # fmt: skip
+                 explore_run: int = 5, max_explore_every: int = 256, confirm_margin: float = 0.1) -> None:  # fmt: skip
         if (explore_every < 2 or not 0 <= decay < 1 or warmup_steps < 1 or explore_run < 2
-                or not 0 < confirm_margin < 1 or not 0 <= spec_credit < 1):  # fmt: skip
-            raise ValueError("explore_every >= 2, 0 <= decay < 1, warmup_steps >= 1, explore_run >= 2, "
-                             "0 < confirm_margin < 1 and 0 <= spec_credit < 1 are required")
-        self.spec_credit = spec_credit  # what speculation's rate is credited when the arms are compared
+                or not 0 < confirm_margin < 1):  # fmt: skip
+            raise ValueError("explore_every >= 2, 0 <= decay < 1, warmup_steps >= 1, explore_run >= 2 and "
+                             "0 < confirm_margin < 1 are required")
         self.explore_every = explore_every
         self.max_explore_every = max(explore_every, max_explore_every)
         self.explore_run = explore_run  # one settling step, then measured ones
@@ -181,12 +177,12 @@ class SpeculationGate:
         if src == b:
             return _Probe(self.explore_every)
         sp = self._probes.get(src)
-        src_best = self._incumbent(None if sp is None else sp.best, *self._rates(src))
+        src_best = self._incumbent(None if sp is None else sp.best, self._rate(src, True), self._rate(src, False))
         settled = sp is not None and sp.best == src_best and not (sp.left or sp.judge)
         if settled and ((src < b and not src_best) or (src > b and src_best)):
             return _Probe(sp.every, best=src_best)
-        return _Probe(self.explore_every, best=self._incumbent(None, *self._rates_for(b, src)), probe_now=True,
-                      guess=True)
+        spec_rate, plain_rate = self._rates_for(b, src)
+        return _Probe(self.explore_every, best=spec_rate >= plain_rate, probe_now=True, guess=True)
 
     def _rates_for(self, b: int, src: int) -> tuple[float, float]:
         """(speculative, plain) rates bucket ``b`` decides by: its own once measured (``src == b``).
@@ -196,7 +192,7 @@ class SpeculationGate:
         requests of a closed loop's ramp and drain borrowed the smaller bucket's speculation);
         else the nearest measured bucket's, ``src``.
 
-            >>> g = SpeculationGate(warmup_steps=1, spec_credit=0.0)
+            >>> g = SpeculationGate(warmup_steps=1)
             >>> for b, spec, plain in ((3, 1.05, 1.0), (5, 0.75, 1.0)):
             ...     g._arms[(b, True)], g._arms[(b, False)] = _Arm(spec, 1.0, 1), _Arm(plain, 1.0, 1)
             >>> [round(r, 2) for r in g._rates_for(4, 3)]
@@ -207,8 +203,8 @@ class SpeculationGate:
             lo, hi = max((c for c in done if c < b), default=None), min((c for c in done if c > b), default=None)
             if lo is not None and hi is not None:
                 ratio = [self._rate(c, True) / max(self._rate(c, False), 1e-12) for c in (lo, hi)]
-                return (ratio[0] + (ratio[1] - ratio[0]) * (b - lo) / (hi - lo)) * (1.0 + self.spec_credit), 1.0
-        return self._rates(src)
+                return ratio[0] + (ratio[1] - ratio[0]) * (b - lo) / (hi - lo), 1.0
+        return self._rate(src, True), self._rate(src, False)
 
     def _incumbent(self, best: bool | None, spec_rate: float, plain_rate: float) -> bool:
         """The arm to keep: ``best`` unless the other arm leads by the margin (a switch costs a
@@ -216,18 +212,6 @@ class SpeculationGate:
         if best is None or abs(spec_rate - plain_rate) > self.confirm_margin * max(spec_rate, plain_rate):
             return spec_rate >= plain_rate
         return best
-
-    def _rates(self, b: int) -> tuple[float, float]:
-        """Bucket ``b``'s (speculative, plain) tokens per second as the arms are compared:
-        speculation's credited ``spec_credit``.
-
-        The rates are the batch's tokens per second, and at equal throughput speculation is the
-        faster choice for the users: the requests whose drafts are accepted finish sooner, and
-        none is slowed by more than the throughput says.  Measured through the cluster at four requests: fixed depths 4 and 7
-        within 2% of plain decoding in aggregate and 12-18% ahead per user, while the gate kept
-        plain decoding in up to 43% of its steps, its per-step lead for speculation (72 against
-        66 tokens/s) inside the margin of a plain incumbent."""
-        return self._rate(b, True) * (1.0 + self.spec_credit), self._rate(b, False)
 
     def _rate(self, b: int, speculated: bool) -> float:
         return self._arms.get((b, speculated), _Arm()).rate

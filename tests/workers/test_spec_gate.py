@@ -178,23 +178,6 @@ def test_a_run_that_measured_nothing_is_not_judged():
     assert arms[0] is False and runs and runs[0] <= g.explore_run + g.explore_every, arms
 
 
-def test_speculation_keeps_a_close_call_for_the_users():
-    """Four requests through the cluster: speculative steps at 72 tokens/s, plain ones at 66,
-    inside the 10% margin.  A stretch of noisy speculative steps early on (48 tokens/s) made plain
-    decoding the incumbent, and the margin then kept it: plain in 85% of one slice's steps, at
-    0.85x speculation's per-user speed.  Speculation's rate is now credited 5% before the arms are
-    compared, so it wins the close call back."""
-    g = SpeculationGate(warmup_steps=1)
-
-    def cost(arm: bool, prev: bool | None, step: int) -> tuple[float, float]:
-        if not arm:
-            return 4.0, 4.0 / 66
-        return 8.0, 8.0 / (48 if step < 12 else 72)
-
-    arms = _simulate(g, 600, cost)
-    assert arms[-300:].count(True) > 240, arms[-300:].count(True)
-
-
 def _simulate(gate: SpeculationGate, steps: int, cost) -> list[bool]:
     """Drive ``gate`` for ``steps`` steps of one request: ``cost(arm, previous arm, step)`` gives
     each step's (tokens, seconds).  Returns the arms chosen."""
@@ -234,11 +217,8 @@ def test_gate_holds_a_noisy_lead():
     """Speculative steps emit 1 to 8 tokens (here 1.9 on average in 103 ms, 18 tok/s, against
     plain's 14.5): a short average of them often dips below plain.  Averaged over about 30 steps,
     switching only on a 10% lead and re-probing soon after a close run, the gate speculates in
-    most steps (with a 10-step average and no margin: about 55%).  A run of short samples that
-    all dip can still hold it on plain decoding for a while, so the bar is over ten seeds: 94%
-    on average before speculation's rate was credited (71% for the worst), 95% after (77%)."""
-    shares = []
-    for seed in range(10):
+    most steps (with a 10-step average and no margin: about 55%)."""
+    for seed in range(3):
         rng = random.Random(seed)
 
         def cost(arm: bool, prev: bool | None, step: int) -> tuple[float, float]:
@@ -250,8 +230,7 @@ def test_gate_holds_a_noisy_lead():
             return tokens, rng.gauss(0.103, 0.02) + (0.0 if prev else 0.013)
 
         arms = _simulate(SpeculationGate(), 2000, cost)
-        shares.append(arms.count(True) / len(arms))
-    assert sum(shares) / len(shares) > 0.9 and min(shares) > 0.7, shares
+        assert arms.count(True) > 0.8 * len(arms), (seed, arms.count(True))
 
 
 def test_gate_probes_a_settled_choice_less_and_less():
@@ -322,7 +301,7 @@ def test_gate_probes_the_old_arm_soon_after_its_own_average_flips_it():
     def cost(arm: bool, prev: bool | None, step: int) -> tuple[float, float]:
         if arm:
             return 7.0, 0.1  # 70 tok/s
-        return 8.5, 0.1 if not 600 <= step < 700 else 0.2  # 85 tok/s (clear of the credit); 42.5 for a hundred steps
+        return 8.0, 0.1 if not 600 <= step < 700 else 0.2  # 80 tok/s; 40 for a hundred steps
 
     arms = _simulate(g, 800, cost)
     flip = next(i for i in range(600, 700) if arms[i] and arms[i + 5] and arms[i + 10])  # on speculation
