@@ -181,8 +181,8 @@ class SpeculationGate:
         settled = sp is not None and sp.best == src_best and not (sp.left or sp.judge)
         if settled and ((src < b and not src_best) or (src > b and src_best)):
             return _Probe(sp.every, best=src_best)
-        spec_rate, plain_rate = self._rates_for(b, src)
-        return _Probe(self.explore_every, best=spec_rate >= plain_rate, probe_now=True, guess=True)
+        return _Probe(self.explore_every, best=self._incumbent(None, *self._rates_for(b, src)), probe_now=True,
+                      guess=True)
 
     def _rates_for(self, b: int, src: int) -> tuple[float, float]:
         """(speculative, plain) rates bucket ``b`` decides by: its own once measured (``src == b``).

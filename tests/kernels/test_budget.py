@@ -230,12 +230,19 @@ def test_appendix_a_early_stop_is_lossless_global_search_is_not():
     def async_stale(a):  # capacity from an older block, so x_1 cannot move it
         return select_budget_async(torch.tensor([[0.8, 0.72]]), a, APPENDIX_A_TABLE).lengths[0]
 
+    def greedy_slack(a):  # walks past the dip at m = 1 (0.9 against 1.0): x_1 is always verified
+        return select_budget_greedy(a, APPENDIX_A_TABLE, slack=0.2).lengths[0]
+
+    def async_slack(a):
+        return select_budget_async(torch.tensor([[0.8, 0.72]]), a, APPENDIX_A_TABLE, slack=0.2).lengths[0]
+
     counts, pval = _first_token_law(global_search)
     assert pval < 1e-3
     assert counts[0] / counts.sum() == pytest.approx(0.85, abs=0.005)  # the paper's biased law
-    for policy in (greedy, async_stale):
+    assert greedy_slack(torch.tensor([[0.8, 0.72]])) == 2 and greedy_slack(torch.tensor([[0.8, 0.0]])) == 1
+    for policy in (greedy, async_stale, greedy_slack, async_slack):
         counts, pval = _first_token_law(policy)
-        assert pval > 1e-3
+        assert pval > 1e-3, (policy.__name__, counts)
 
 
 # ------------------------------------------------------------------ the verifier's AdaptiveBudget
