@@ -107,6 +107,38 @@ def test_drafter_cached_context_matches_training_form():
     assert b.probs[0, 0].item() == 1.0 and b.prob_ids[0, 0].item() == b.token_ids[0]
 
 
+def test_observed_features_are_projected_when_a_block_is_drafted():
+    """``observe`` only keeps a request's features; the next block drafted for it projects all of
+    them in one pass of its own (a step that drafts nothing costs no projection), with the keys a
+    projection at every ``observe`` gives."""
+    target = tiny_target()
+    head = tiny_head(target)
+    G = 4
+    feats = torch.randn(14, 2 * D, generator=torch.Generator().manual_seed(8))
+    lazy, eager = DSparkDrafter(head, n_slots=2, max_seq=32), DSparkDrafter(head, n_slots=2, max_seq=32)
+    a, b = make_seq("a", list(range(1, 10)), anchor=7), make_seq("b", list(range(1, 6)), anchor=4)
+    calls = []
+    context = head.context
+    head.context = lambda f: calls.append(f.shape[0]) or context(f)
+    with torch.no_grad():
+        for drafter in (lazy, eager):
+            for seq, chunks in ((a, ((0, 5), (5, 8), (8, 9))), (b, ((9, 12), (12, 14)))):
+                for lo, hi in chunks:
+                    drafter.observe(seq, list(range(hi - lo)), feats[lo:hi])
+                    if drafter is eager:
+                        drafter.flush_context([seq])
+            if drafter is lazy:
+                assert calls == [] and lazy.context_len("a") == 9 and lazy.context_len("b") == 5
+        assert calls == [5, 3, 1, 3, 2]  # the eager drafter's: one per observe
+        calls.clear()
+        h, base = lazy.block_logits([a], torch.tensor([7]), G)
+        assert calls == [9]  # a's backlog in one pass; b's still waits
+        h2, base2 = eager.block_logits([a], torch.tensor([7]), G)
+        assert torch.allclose(h, h2, atol=1e-5) and torch.allclose(base, base2, atol=1e-4)
+        lazy.release("b")
+        assert lazy.context_len("b") == 0 and lazy.propose([b], G)[0].token_ids == []  # nothing of b is left
+
+
 def test_a_batch_of_contexts_drafts_what_each_drafts_alone():
     """Two requests with contexts of different lengths in one pass (a gather and a mask) give
     each one's hidden states and logits of a pass of its own (a view of its slot, no mask)."""

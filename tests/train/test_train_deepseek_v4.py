@@ -117,6 +117,7 @@ class SteeredDSpark(DSparkDrafter):
     seen: list
 
     def propose(self, seqs, block_len):
+        self.flush_context(seqs)  # the context keys of what was observed, as drafting would
         for s in seqs:
             slot = self._slot.get(s.request_id)
             if slot is not None and len(self.seen) < 6 and self.cache.lengths[slot] == s.num_cached:

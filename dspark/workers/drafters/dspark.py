@@ -1,9 +1,13 @@
 """The ``dspark`` drafter: block drafting from target features with a Markov head and confidences.
 
 Per request the drafter keeps the *context* keys/values of every draft layer (one slot of a small
-KV cache).  ``observe`` projects the target features of the tokens that just entered the target's
-cache (prefill chunks, then anchor + accepted drafts) and appends them, so drafting a block costs
-one pass over G tokens, whatever the context length.
+KV cache).  ``observe`` keeps the target features of the tokens that just entered the target's
+cache (prefill chunks, then anchor + accepted drafts); the next block to be drafted for the request
+first projects them and appends their keys/values, in one pass for every request of the batch, so
+drafting a block costs one pass over G tokens, whatever the context length.  Projecting at
+``observe`` cost a call per request and step even in the steps that draft nothing (measured in one
+process at 16 requests with every step plain: 46 ms a step against 37 ms for requests that never
+draft, 0.6 ms per request and step in ``observe``).
 
 ``propose`` drafts all requests at once: one backbone pass over a [B, G] batch (anchor embedding +
 G-1 mask vectors, attending to each request's context), the frozen LM head, then the Markov loop
@@ -82,6 +86,8 @@ class DSparkDrafter:
         dev, dtype = head.fc.weight.device, head.fc.weight.dtype
         self.cache = KVCache(cfg.n_layers, n_slots, cfg.n_kv_heads, max_seq, cfg.head_dim, dtype, dev)
         self._slot: dict[str, int] = {}
+        # Features observed but not yet projected into the slot, per request (see ``flush_context``).
+        self._backlog: dict[str, list[tuple[int, torch.Tensor]]] = {}
         self._gens: dict[str, torch.Generator] = {}
         self._pending: dict[str, tuple[list[int], BlockTrace | None]] = {}
         # Draft vocabulary: [N] vocabulary id of each logit column, None = the full vocabulary.
@@ -117,22 +123,47 @@ class DSparkDrafter:
             return
         if rid not in self._slot:
             self._slot[rid] = self.cache.allocate()
-        slot = self._slot[rid]
-        start, n = self.cache.lengths[slot], len(token_ids)
+        start, n = self.context_len(rid), len(token_ids)
         if start + n > self.cache.max_seq:
             return  # past the drafter's context: propose() falls back to empty blocks
-        self.cache.reserve(start + n)
-        pos = torch.arange(start, start + n, device=self.device)
-        ctx = self.head.context(features.to(self.device))  # [n, D]
-        for i, (k, v) in enumerate(self.head.context_kv(ctx, pos)):  # [n, nkv, hd]
-            self.cache.k[i, slot, :, start : start + n] = k.transpose(0, 1)
-            self.cache.v[i, slot, :, start : start + n] = v.transpose(0, 1)
-        self.cache.lengths[slot] = start + n
+        self._backlog.setdefault(rid, []).append((start, features))
+
+    def context_len(self, request_id: str) -> int:
+        """Tokens of the request's context observed so far (projected or not)."""
+        slot = self._slot.get(request_id)
+        if slot is None:
+            return 0
+        backlog = self._backlog.get(request_id)
+        if not backlog:
+            return self.cache.lengths[slot]
+        start, feats = backlog[-1]
+        return start + feats.shape[0]
+
+    @torch.inference_mode()
+    def flush_context(self, seqs: list[Sequence]) -> None:
+        """Project the features each of ``seqs`` observed since its last block and append their
+        context keys/values to its slot, one pass per request.  Not one pass for the batch: a
+        product's rounding may depend on its row count, and a request's drafts (so a seeded
+        sampled request's tokens) would then depend on which requests it shares steps with."""
+        for s in seqs:
+            chunks = self._backlog.pop(s.request_id, None)
+            if not chunks:
+                continue
+            slot, start = self._slot[s.request_id], chunks[0][0]
+            feats = chunks[0][1] if len(chunks) == 1 else torch.cat([f for _, f in chunks])  # [n, m W]
+            end = start + feats.shape[0]
+            self.cache.reserve(end)
+            pos = torch.arange(start, end, device=self.device)
+            for i, (k, v) in enumerate(self.head.context_kv(self.head.context(feats.to(self.device)), pos)):
+                self.cache.k[i, slot, :, start:end] = k.transpose(0, 1)  # [n, nkv, hd] -> [nkv, n, hd]
+                self.cache.v[i, slot, :, start:end] = v.transpose(0, 1)
+            self.cache.lengths[slot] = end
 
     def release(self, request_id: str) -> None:
         slot = self._slot.pop(request_id, None)
         if slot is not None:
             self.cache.free(slot)
+        self._backlog.pop(request_id, None)
         self._gens.pop(request_id, None)
         self._pending.pop(request_id, None)
 
@@ -146,6 +177,7 @@ class DSparkDrafter:
         Markov steps of the positions nobody will verify are skipped.
         """
         dev, head = self.device, self.head
+        self.flush_context(batch)
         slot_ids = [self._slot[s.request_id] for s in batch]
         lens = [s.num_cached for s in batch]  # anchor positions
         ctx_lens = torch.tensor(lens, device=dev)  # [B]
@@ -172,7 +204,7 @@ class DSparkDrafter:
         out = [DraftBlock.empty() for _ in seqs]
         # Requests whose context is complete: everything before the anchor has been observed.
         ready = [i for i, s in enumerate(seqs)
-                 if s.request_id in self._slot and self.cache.lengths[self._slot[s.request_id]] == s.num_cached
+                 if s.request_id in self._slot and self.context_len(s.request_id) == s.num_cached
                  and s.num_cached + block_len <= self.cache.max_seq]
         if block_len <= 0 or not ready:
             return out
