@@ -74,7 +74,9 @@ async def _one(client, url: str, prompt: str, max_tokens: int, speculative: bool
             "finish": finish, "spec": spec}
 
 
-def _summarise(results: list[dict], wall: float) -> dict:
+def _summarise(results: list[dict], wall: float, window: tuple[float, float] | None = None) -> dict:
+    """The level's figures; ``window``: (tokens generated, seconds) while the clients were sending
+    (see ``closed_loop``), for the steady aggregate."""
     ok = [r for r in results if "error" not in r and r.get("finish")]
     errors = len(results) - len(ok)
     itl = sorted(x for r in ok for x in r["itl"])
@@ -86,30 +88,55 @@ def _summarise(results: list[dict], wall: float) -> dict:
         "requests": len(ok), "errors": errors,
         "per_user_tok_s": sum(r["tokens"] / r["seconds"] for r in ok) / max(1, len(ok)),
         "aggregate_tok_s": sum(r["tokens"] for r in ok) / wall,
+        "window_tok_s": window[0] / window[1] if window and window[1] > 0 else None,
         "itl_p50_ms": 1000 * pct(0.5) if itl else None, "itl_p99_ms": 1000 * pct(0.99) if itl else None,
         "verified_per_step": dtoks / drafts if drafts else 0.0,
         "acceptance_length": 1 + acc / drafts if drafts else 1.0,
     }
 
 
+async def _generated(client, base: str) -> tuple[float, float]:
+    """The router's ``dspark:generation_tokens`` counter (tokens counted as they stream) and the
+    time it was read (the reply's: the router reads its verifier's gauges before its counters)."""
+    text = (await client.get(base + "/metrics")).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("dspark:generation_tokens_total{")), time.perf_counter()
+
+
 async def closed_loop(base: str, concurrency: int, seconds: float, max_tokens: int, speculative: bool,
                       raw: bool = False) -> dict:  # fmt: skip
-    """The level's summary, or with ``raw`` its requests' results and wall seconds."""
+    """The level's summary, or with ``raw`` its requests' results, wall seconds and window.
+
+    Two aggregates: the requests' tokens over the wall time, which includes the drain (the
+    clients stop sending after ``seconds`` and wait for what is in flight, with fewer and fewer
+    requests running), and the tokens the router streamed while the clients were sending over
+    those ``seconds`` (``window``), the steady state of the load.  The drain's share of the first
+    depends on where the requests in flight stand when sending stops: at sixteen requests,
+    cohorts that start together and end together near the stop time add a full batch of work
+    after it, cohorts spread out add a tail of a few requests."""
     import httpx
 
     url = base + "/v1/chat/completions"
     results: list[dict] = []
-    stop_at = time.perf_counter() + seconds
     async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=concurrency + 4)) as client:
+        first = await _generated(client, base)
+        stop_at = time.perf_counter() + seconds
+
         async def user(i: int) -> None:
             k = i
             while time.perf_counter() < stop_at:
                 results.append(await _one(client, url, PROMPTS[k % len(PROMPTS)], max_tokens, speculative))
                 k += concurrency
+
+        async def at_stop() -> tuple[float, float]:
+            await asyncio.sleep(max(0.0, stop_at - time.perf_counter()))
+            return await _generated(client, base)
+
         t0 = time.perf_counter()
-        await asyncio.gather(*(user(i) for i in range(concurrency)))
+        *_, last = await asyncio.gather(*(user(i) for i in range(concurrency)), at_stop())
         wall = time.perf_counter() - t0
-    return {"results": results, "wall": wall} if raw else _summarise(results, wall)
+    window = (last[0] - first[0], last[1] - first[1])
+    return {"results": results, "wall": wall, "window": window} if raw else _summarise(results, wall, window)
 
 
 async def open_loop(base: str, rate: float, seconds: float, max_tokens: int, speculative: bool, seed: int = 0) -> dict:
@@ -196,8 +223,8 @@ def interleaved(cluster, names: list[str], pins: dict, levels: list[int], second
     base, url, prefix = cluster.base_url, cluster.redis_url, cluster.cfg.redis_prefix
     rows, slice_rows = [], []
     for conc in levels:
-        got: dict[str, dict] = {n: {"results": [], "wall": 0.0, "spec": 0.0, "plain": 0.0, "depth": None}
-                                for n in names}  # fmt: skip
+        got: dict[str, dict] = {n: {"results": [], "wall": 0.0, "spec": 0.0, "plain": 0.0, "depth": None,
+                                    "window": (0.0, 0.0)} for n in names}  # fmt: skip
         for k in range(slices):
             for name in names[k % len(names):] + names[: k % len(names)]:
                 pin, spec = pins[name]
@@ -208,15 +235,17 @@ def interleaved(cluster, names: list[str], pins: dict, levels: list[int], second
                 g = got[name]
                 g["results"] += out["results"]
                 g["wall"] += out["wall"]
+                g["window"] = (g["window"][0] + out["window"][0], g["window"][1] + out["window"][1])
                 g["spec"], g["plain"] = g["spec"] + s1 - s0, g["plain"] + p1 - p0
                 g["depth"] = depth if pin is None else None  # the adaptive budget's depth at the slice's end
                 slice_rows.append({"config": name, "loop": "closed", "level": conc, "slice": k + 1,
-                                   **_summarise(out["results"], out["wall"])})  # fmt: skip
+                                   **_summarise(out["results"], out["wall"], out["window"])})  # fmt: skip
                 click.echo(table([slice_rows[-1]], list(slice_rows[-1])), err=True)
         for name in names:
             g = got[name]
             steps = g["spec"] + g["plain"]
-            rows.append({"config": name, "loop": "closed", "level": conc, **_summarise(g["results"], g["wall"]),
+            rows.append({"config": name, "loop": "closed", "level": conc,
+                         **_summarise(g["results"], g["wall"], g["window"]),
                          "spec_step_share": g["spec"] / steps if steps else None,
                          "draft_depth": g["depth"], "rounds": slices})  # fmt: skip
     asyncio.run(_apply_pin(base, url, prefix, None))
@@ -300,7 +329,8 @@ def main(levels, rates, seconds, max_tokens, depths, draft, slots, dtype, compil
                             click.echo(table([raw[-1]], list(raw[-1])), err=True)
     if not interleave:
         rows = combine_rounds(raw)
-    cols = ["config", "loop", "level", "requests", "errors", "per_user_tok_s", "aggregate_tok_s", "itl_p50_ms",
+    cols = ["config", "loop", "level", "requests", "errors", "per_user_tok_s", "aggregate_tok_s", "window_tok_s",
+            "itl_p50_ms",
             "itl_p99_ms", "verified_per_step", "acceptance_length", "spec_step_share", "draft_depth"]
     click.echo(table(rows, cols))
     lines = verdict(rows, levels_l)
@@ -363,8 +393,14 @@ def verdict(rows: list[dict], levels: list[int]) -> list[str]:
         user_ratio = a["per_user_tok_s"] / max(1e-9, others[best_user]["per_user_tok_s"])
         plain = at.get("plain")
         vs_plain = a["aggregate_tok_s"] / plain["aggregate_tok_s"] if plain else float("nan")
-        out.append(f"concurrency {lvl}: adaptive aggregate = {ratio:.2f}x the best of the others ({best_agg}), "
-                   f"per user = {user_ratio:.2f}x ({best_user}), aggregate vs plain = {vs_plain:.2f}x")
+        line = (f"concurrency {lvl}: adaptive aggregate = {ratio:.2f}x the best of the others ({best_agg}), "
+                f"per user = {user_ratio:.2f}x ({best_user}), aggregate vs plain = {vs_plain:.2f}x")
+        windowed = {k: v for k, v in others.items() if v.get("window_tok_s")}
+        if a.get("window_tok_s") and windowed:
+            best_win = max(windowed, key=lambda k: windowed[k]["window_tok_s"])
+            line += (f", aggregate while sending = {a['window_tok_s'] / windowed[best_win]['window_tok_s']:.2f}x "
+                     f"({best_win})")
+        out.append(line)
     return out
 
 

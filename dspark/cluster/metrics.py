@@ -14,7 +14,7 @@ dspark:time_to_first_token_seconds                    histogram request start ->
 dspark:inter_token_latency_seconds                    histogram gap between outputs carrying tokens
 dspark:request_success                                counter   finished requests by ``finished_reason``
 dspark:request_failure                                counter   requests that ended in an error
-dspark:prompt_tokens / dspark:generation_tokens       counter   tokens in / out
+dspark:prompt_tokens / dspark:generation_tokens       counter   tokens in / out (out: as they stream)
 dspark:verification_budget                            gauge     mean drafts verified per request per step
 dspark:policy_version                                 gauge     scheduler policy version in force (0: local)
 dspark:queue_depth / dspark:num_requests_running      gauge     verifier's waiting / running requests
@@ -83,7 +83,7 @@ class RouterMetrics:
         self.request_success = counter("request_success", "Finished requests by finish reason.", ("finished_reason",))
         self.request_failure = counter("request_failure", "Requests that ended in an error (not client mistakes).")
         self.prompt_tokens = counter("prompt_tokens", "Prompt tokens of finished requests.")
-        self.generation_tokens = counter("generation_tokens", "Generated tokens of finished requests.")
+        self.generation_tokens = counter("generation_tokens", "Generated tokens, counted as they stream.")
         self.ttft = Histogram("dspark:time_to_first_token_seconds", "Time to first token, measured at the router.",
                               lab, buckets=TTFT_BUCKETS, registry=r)
         self.itl = Histogram("dspark:inter_token_latency_seconds",
@@ -127,8 +127,9 @@ class RouterMetrics:
 
     # -- per request ----------------------------------------------------------------------------
     def record_final(self, out: RequestOutput) -> None:
-        """Account a finished sequence's speculative-decoding figures and token counts (the request
-        itself, and its prompt tokens, once: with its first sequence, index 0)."""
+        """Account a finished sequence's speculative-decoding figures (the request itself, and its
+        prompt tokens, once: with its first sequence, index 0).  Its generated tokens were counted
+        as they streamed (``observe``)."""
         m = out.metrics
         self.labels(self.num_drafts).inc(m.num_drafts)
         self.labels(self.num_draft_tokens).inc(m.num_draft_tokens)
@@ -139,7 +140,6 @@ class RouterMetrics:
         if out.index == 0:
             self.labels(self.request_success, finished_reason=out.finish_reason or "abort").inc()
             self.labels(self.prompt_tokens).inc(out.num_prompt_tokens)
-        self.labels(self.generation_tokens).inc(out.num_output_tokens)
 
     async def observe(self, outputs: AsyncIterator[RequestOutput], started: float) -> AsyncIterator[RequestOutput]:
         """Pass ``outputs`` through, timing tokens; ``started`` is the request's arrival
@@ -151,6 +151,10 @@ class RouterMetrics:
         try:
             async for out in outputs:
                 if out.new_token_ids:
+                    # Counted as they stream, not when a request ends: the rate over a window
+                    # (``rate()`` in a dashboard, ``bench load``'s steady figure) is then the
+                    # tokens made in it, not those of the requests that happened to end in it.
+                    self.labels(self.generation_tokens).inc(len(out.new_token_ids))
                     now = time.perf_counter()
                     if last is None:
                         self.labels(self.ttft).observe(now - started)

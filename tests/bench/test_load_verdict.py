@@ -50,3 +50,18 @@ def test_interleaved_configurations_pin_what_separate_clusters_ran():
     assert pins["adaptive"] == (None, True)
     out = CliRunner().invoke(load.main, ["--interleave", "--rates", "1"])
     assert out.exit_code == 2 and "--rates ''" in out.output and "Traceback" not in out.output
+
+
+def test_the_aggregate_while_sending_is_judged_against_its_own_best():
+    """The steady aggregate (tokens streamed while the clients were sending, without the drain)
+    has its own best configuration; rows without it (older JSON) leave it out of the line."""
+    raw = [_row("plain", 16, 100.0, 6.0), _row("fixed4", 16, 80.0, 5.0), _row("adaptive", 16, 90.0, 6.0)]
+    for r, window in zip(raw, (150.0, 160.0, 147.0)):
+        r["window_tok_s"] = window
+    (line,) = load.verdict(load.combine_rounds(raw), [16])
+    assert "aggregate = 0.90x the best of the others (plain)" in line
+    assert "aggregate while sending = 0.92x (fixed4)" in line
+    for r in raw:
+        r["window_tok_s"] = None
+    (line,) = load.verdict(load.combine_rounds(raw), [16])
+    assert "while sending" not in line

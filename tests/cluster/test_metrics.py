@@ -133,3 +133,29 @@ def test_registries_are_private():
     a, b = RouterMetrics("m"), RouterMetrics("m")  # same names twice: no duplicate-series error
     a.labels(a.num_drafts).inc(3)
     assert b.labels(b.num_drafts)._value.get() == 0
+
+
+def test_generated_tokens_are_counted_as_they_stream():
+    """``dspark:generation_tokens`` counts each output's tokens when it passes, not the request's
+    at its end: a rate over a window is the tokens made in it (``bench load`` reads it so), and
+    the tokens of a request that breaks after its first output are counted too."""
+    from prometheus_client import generate_latest
+
+    backend, metrics = ScriptedBackend(), RouterMetrics("m")
+
+    def generated() -> float:
+        text = generate_latest(metrics.registry).decode()
+        return next(s.value for fam in text_string_to_metric_families(text) for s in fam.samples
+                    if s.name == "dspark:generation_tokens_total")
+
+    async def stream(prompt_ids) -> list[float]:
+        seen = []
+        try:
+            async for _ in metrics.observe(backend.generate(prompt_ids, None), 0.0):
+                seen.append(generated())
+        except BackendUnavailable:
+            seen.append(generated())
+        return seen
+
+    assert asyncio.run(stream([3, 4])) == [1.0, 4.0]
+    assert asyncio.run(stream([1 + (ord("f") % 90)])) == [5.0, 5.0]  # broke after one token
