@@ -177,10 +177,10 @@ class HybridDrafter:
         running = set(run)
         for i, s in enumerate(seqs):
             self._idle[s.request_id] = 0 if i in running else self._idle.get(s.request_id, 0) + 1
-        # The context the head has not yet projected (see ``DSparkDrafter.flush_context``) is left
-        # out of its timed cost, as when every observe projected it: ``head_cost`` weighs what
-        # running the head adds to a step, and the projection is owed whichever block is chosen.
-        self.head.flush_context([seqs[i] for i in run])
+        # The head's timed cost includes projecting the context observed since it last ran for
+        # these requests (``DSparkDrafter.flush_context``): a projection costs mostly its call, so
+        # running the head every step pays one each step, and running it every few steps pays
+        # one for all of them.
         t_head = time.perf_counter()
         drafted = self.head.propose([seqs[i] for i in run], block_len) if run else []
         self._last_call = (t0, time.perf_counter() - t_head if run else 0.0)
