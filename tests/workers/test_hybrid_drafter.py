@@ -59,9 +59,6 @@ class _TiltedHead:
     def observe(self, seq, token_ids, features, num_verified=None):
         self.observed.append(num_verified)
 
-    def flush_context(self, seqs):
-        pass
-
     def release(self, request_id):
         pass
 
@@ -145,9 +142,6 @@ class _SureHead:
         return [DraftBlock(token_ids=self.tokens[:block_len], confidence=[0.99] * block_len) for _ in seqs]
 
     def observe(self, seq, token_ids, features, num_verified=None):
-        pass
-
-    def flush_context(self, seqs):
         pass
 
     def release(self, request_id):
