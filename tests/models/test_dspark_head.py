@@ -129,6 +129,8 @@ def test_observed_features_are_projected_when_a_block_is_drafted():
                         drafter.flush_context([seq])
             if drafter is lazy:
                 assert calls == [] and lazy.context_len("a") == 9 and lazy.context_len("b") == 5
+                kept = [f for chunks in lazy._backlog.values() for _, f in chunks]
+                assert all(f.untyped_storage().nbytes() == f.nbytes for f in kept)  # not views of feats
         assert calls == [5, 3, 1, 3, 2]  # the eager drafter's: one per observe
         calls.clear()
         h, base = lazy.block_logits([a], torch.tensor([7]), G)

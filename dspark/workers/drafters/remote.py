@@ -218,7 +218,10 @@ class RemoteDrafter:
                 return
             r.pending_tokens.extend(token_ids)
             if features is not None:
-                r.pending_feats.append(features.to("cpu", self.cfg.feature_dtype))
+                # A copy (``to`` returns the view itself when device and dtype match): pending
+                # features wait for the next speculative step, and a view would keep the whole
+                # step's features alive through a stretch of plain steps.
+                r.pending_feats.append(features.to("cpu", self.cfg.feature_dtype, copy=True))
             if num_verified is not None:
                 r.num_verified = num_verified
             if seq.output_ids and seq.wants_block:  # else: still prefilling, or a plain step comes next
