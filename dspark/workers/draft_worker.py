@@ -3,12 +3,13 @@
 One bidirectional stream per verifier; many requests multiplexed on it by id:
 
   verifier -> worker   Open(request, prompt length, options) | Step(new cached tokens + their target
-                       features, anchor, block length) | Close(request)
+                       features, anchor, block length) | Steps(the Steps of one verifier step) |
+                       Close(request)
   worker -> verifier   DraftBlock(tokens, sparse proposal q, confidences) | DraftError
 
 The worker mirrors each request's accepted tokens in a small ``Sequence`` so the very same
-drafter classes serve in-process and remote drafting.  Steps that arrive together are drafted
-together (one batched ``propose``), on one executor thread: drafters are not thread-safe and the
+drafter classes serve in-process and remote drafting.  Steps that arrive together, and those of
+one Steps message, are drafted together (one batched ``propose``), on one executor thread: drafters are not thread-safe and the
 event loop must stay free to read the streams.  When a stream breaks, every request it carried
 is released; nothing outlives its verifier.
 
@@ -129,6 +130,7 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="drafter")
         self.active: dict[str, _Remote] = {}  # all streams' requests (ids are globally unique)
         self.blocks_served = 0  # blocks sent back (tests check that plain steps get none)
+        self.step_messages = 0  # messages that carried Steps (a Steps message counts once)
         self._next_reap = 0.0  # monotonic time of the next stale-request scan
 
     # -- auth -------------------------------------------------------------------------------
@@ -219,15 +221,15 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
         self._reap()
         replies = []
         steps: list[tuple[_Remote, int, int]] = []  # (request, step id, block length)
-        for msg in batch:
-            kind = msg.WhichOneof("kind")
+        self.step_messages += sum(m.WhichOneof("kind") in ("step", "steps") for m in batch)
+        for kind, m in _items(batch):
             try:
                 if kind == "open":
-                    self._open(msg.open, mine)
+                    self._open(m, mine)
                 elif kind == "close":
-                    self._close(msg.close.request_id, mine)
+                    self._close(m.request_id, mine)
                 elif kind == "step":
-                    st = msg.step
+                    st = m
                     r = self._owned(st.request_id, mine)
                     feats = tensor_from_proto(st.features, ndim=2, max_bytes=MAX_FEATURE_BYTES) if st.features.data else None
                     new = list(st.new_token_ids)
@@ -240,8 +242,8 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
                     self.drafter.observe(r.seq, new, feats, st.num_verified if st.HasField("num_verified") else None)
                     steps.append((r, st.step_id, st.block_len))
             except Exception as exc:  # a bad message fails its request, never the stream
-                rid = getattr(getattr(msg, kind, None), "request_id", "") if kind else ""
-                step_id = msg.step.step_id if kind == "step" else 0
+                rid = getattr(m, "request_id", "")
+                step_id = m.step_id if kind == "step" else 0
                 replies.append(draft_pb2.DraftResponse(error=draft_pb2.DraftError(request_id=rid, step_id=step_id, message=str(exc))))
                 if rid:
                     self._release(rid, mine)  # only if this stream owns it
@@ -338,6 +340,17 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
         """The stream that opened ``mine`` is gone: release every request it still holds."""
         for rid in list(mine):
             self._release(rid, mine)
+
+
+def _items(batch: list[draft_pb2.DraftRequest]):
+    """(kind, message) of each Open, Step and Close in ``batch``, in order; a Steps message gives
+    each of its Steps (an empty DraftRequest gives (None, None))."""
+    for msg in batch:
+        kind = msg.WhichOneof("kind")
+        if kind == "steps":
+            yield from (("step", st) for st in msg.steps.steps)
+        else:
+            yield kind, getattr(msg, kind) if kind else None
 
 
 class DraftWorkerServer:

@@ -28,7 +28,7 @@ import torch
 from dspark.models.tokenizer import Tokenizer
 from dspark.models.kv_cache import KVCache
 from dspark.workers.budget_policy import DepthAwareBudget, VerifyBudget, fixed_budget
-from dspark.workers.drafters.base import AsyncDrafter, DraftBlock, Drafter, PrefixReusingDrafter
+from dspark.workers.drafters.base import AsyncDrafter, DraftBlock, Drafter, PrefixReusingDrafter, StepBatchingDrafter
 from dspark.workers.prefix_cache import prefix_cache_for
 from dspark.workers.request import RequestOutput, SamplingParams, Sequence, SpecMetrics, make_detokenizer
 from dspark.workers.runner import StepInput
@@ -356,6 +356,8 @@ class Engine:
         self._choose_next()
         for e, feats in zip(plan.entries, plan.split_features(out.features)):
             self._observe(e, feats)
+        if isinstance(self.drafter, StepBatchingDrafter):
+            self.drafter.flush_steps()
         for e in plan.entries:
             if e.seq.leader is not None and not e.tokens:  # a follower with its prompt cached: on its own now
                 if e.seq in e.seq.leader.followers:
@@ -535,13 +537,15 @@ class Engine:
         depth = self.last_draft_depth = self._draft_depth()
         proposed = dict(zip((s.request_id for s in want), self.drafter.propose(want, depth)))
         late = [s for s in want if proposed[s.request_id] is None]
-        if late and (len(late) < len(want) or has_prefill) and isinstance(self.drafter, AsyncDrafter):
+        if late and (len(late) < len(decode) or has_prefill) and isinstance(self.drafter, AsyncDrafter):
             # Blocks still in flight usually land within a fraction of a step; waiting that long
             # beats making those requests sit a whole step out.  With none here, a step that runs
-            # a prompt chunk anyway waits too (one without waits in ``_await_blocks``): a new
-            # request's chunk used to go alone while every block sat in flight, drafted at once
-            # on the worker, so every decoding request sat that step out (through the cluster at
-            # four requests, 10-13 such steps in each 11-second slice, 9% of its time, 0 tokens).
+            # something anyway waits too (one that would run nothing waits in ``_await_blocks``):
+            # a new request's prompt chunk used to go alone while every block sat in flight,
+            # drafted at once on the worker, so every decoding request sat that step out (through
+            # the cluster at four requests, 10-13 such steps in each 11-second slice, 9% of its
+            # time, 0 tokens); so did a request that drafts nothing this step (its last token, or
+            # speculation off), 6% of the steps at four requests, each a full step for one token.
             deadline = t0 + min(self.cfg.max_block_wait_s, 0.25 * self.last_step_seconds)
             while late and time.perf_counter() < deadline:
                 self.drafter.wait_for_blocks(max(0.0, deadline - time.perf_counter()))

@@ -159,3 +159,20 @@ def test_a_step_with_a_prompt_chunk_waits_for_blocks_none_of_which_is_here():
     out = eng.step()
     assert drafter.waits
     assert {o.request_id: o.new_token_ids for o in out} == {"a": [3, 4, 5], "b": [32, 33, 34], "c": [52]}
+
+
+def test_a_request_that_drafts_nothing_does_not_run_alone_while_every_block_is_in_flight():
+    """A request at its last token drafts nothing, so its step runs whatever the blocks do.
+    When every other request's block is still in flight, the step waits briefly for them, as it
+    does when some are here, instead of running one token while the others sit the step out
+    (through the cluster at four requests: 6% of the steps, each a full step for one token)."""
+    drafter = ArrivingDrafter()
+    eng = Engine(CountingRunner(), None, EngineConfig(block_len=2, max_block_wait_s=0.5), drafter=drafter)
+    eng.add_request([1], SamplingParams(max_tokens=16), request_id="a")
+    eng.add_request([30], SamplingParams(max_tokens=2), request_id="b")  # one token left after its prefill
+    eng.step()  # prefills
+    drafter.late = {"a"}
+    eng.last_step_seconds = 1.0  # the wait is bounded by a quarter of the last step
+    out = eng.step()
+    assert drafter.waits
+    assert {o.request_id: o.new_token_ids for o in out} == {"a": [3, 4, 5], "b": [32]}

@@ -86,6 +86,24 @@ def test_local_below_zero_drafts_everything_on_the_worker(setup):
         drafter.close()
 
 
+def test_the_requests_of_a_step_reach_the_worker_in_one_message(setup):
+    """Every request of an engine step is observed before any Step leaves: the worker gets one
+    message per step and drafts its requests in one batch.  (Sent one by one, they could reach
+    it apart, and it drafted the first alone, then the rest: through the cluster at four
+    requests the verifier waited for the two batches in turn.)"""
+    _, _, prompts, plain, server, workers = setup
+    eng, _, drafter = _engine(setup, local_below=0)
+    before = server.servicer.step_messages
+    try:
+        seqs = eng.generate(prompts, PARAMS)
+        assert [s.output_ids for s in seqs] == plain
+        sent = server.servicer.step_messages - before
+        assert 0 < sent <= eng.num_steps, (sent, eng.num_steps)
+        assert all(any(s.request_id in w.drafted for w in workers) for s in seqs)
+    finally:
+        drafter.close()
+
+
 def test_an_n_request_drafts_its_first_sequence_here(setup):
     """The sequences of one request arrive together; the first (the leader) takes the local place
     and the second goes to the worker, each for its whole life, and both decode as plain does."""

@@ -110,6 +110,17 @@ class PrefixReusingDrafter(Drafter, Protocol):
 
 
 @runtime_checkable
+class StepBatchingDrafter(Drafter, Protocol):
+    """A drafter that holds what ``observe`` hands it until ``flush_steps``, which the engine calls
+    once every request of a step has been observed (the remote drafter: one message per draft
+    worker, which drafts it as one batch)."""
+
+    def flush_steps(self) -> None:
+        """Every request of the step has been observed: pass on what was held."""
+        ...
+
+
+@runtime_checkable
 class AsyncDrafter(Drafter, Protocol):
     """A drafter whose blocks arrive in the background (the remote drafter of a verifier group).
 

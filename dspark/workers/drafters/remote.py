@@ -2,8 +2,10 @@
 
 Implements the engine's drafter protocol without ever blocking the engine on one worker:
 
-* ``observe`` (after each verification) sends the request's newly cached tokens, their target
-  features and the new anchor as a ``Step``; the block comes back asynchronously.  When the
+* ``observe`` (after each verification) queues the request's newly cached tokens, their target
+  features and the new anchor as a ``Step``, and ``flush_steps`` (once the engine has observed
+  the whole step) sends each worker its Steps in one message, which it drafts as one batch; the
+  blocks come back asynchronously.  When the
   engine's next step will not speculate (``seq.wants_block`` is False) it keeps them instead, so
   plain steps cost the draft worker nothing;
 * ``propose`` hands back the blocks that have arrived and ``None`` ("not ready, sit this step
@@ -72,6 +74,7 @@ class _Link:
         self.alive = True
         self.requests: set[str] = set()
         self._out: queue.Queue = queue.Queue()
+        self._steps: list[draft_pb2.Step] = []  # queued by queue_step, sent together by flush
         opts = [("grpc.max_send_message_length", cfg.max_message_bytes),
                 ("grpc.max_receive_message_length", cfg.max_message_bytes)]
         if cfg.tls_ca_file:
@@ -92,6 +95,22 @@ class _Link:
     def send(self, msg: draft_pb2.DraftRequest) -> None:
         if self.alive:
             self._out.put(msg)
+
+    def queue_step(self, step: draft_pb2.Step) -> None:
+        self._steps.append(step)
+
+    def unqueue(self, request_id: str) -> None:
+        """Drop a queued Step of a request that ends before it is sent."""
+        self._steps = [st for st in self._steps if st.request_id != request_id]
+
+    def flush(self) -> None:
+        """Send the queued Steps: one Steps message for several, so the worker drafts them in
+        one batch."""
+        steps, self._steps = self._steps, []
+        if len(steps) == 1:
+            self.send(draft_pb2.DraftRequest(step=steps[0]))
+        elif steps:
+            self.send(draft_pb2.DraftRequest(steps=draft_pb2.Steps(steps=steps)))
 
     def _read(self) -> None:
         try:
@@ -228,8 +247,8 @@ class RemoteDrafter:
                 self._send_step(r, seq, seq.draft_len or self.block_len)
 
     def _send_step(self, r: _Req, seq: Sequence, block_len: int) -> None:
-        """Send what ``r`` holds (tokens, features, the anchor) and ask for a block of ``block_len``
-        drafts (lock held)."""
+        """Queue what ``r`` holds (tokens, features, the anchor) and a request for a block of
+        ``block_len`` drafts (lock held); the Open goes out at once, ahead of it."""
         rid = seq.request_id
         if not r.opened:
             opts = draft_pb2.DrafterOptions(kind=self.cfg.kind, block_len=self.block_len,
@@ -252,7 +271,7 @@ class RemoteDrafter:
             step.features.CopyFrom(tensor_to_proto(torch.cat(r.pending_feats)))
         r.pending_tokens, r.pending_feats, r.num_verified = [], [], None
         r.awaiting, r.sent_at, r.block = r.step_id, time.monotonic(), None
-        r.link.send(draft_pb2.DraftRequest(step=step))
+        r.link.queue_step(step)  # sent with the step's others by flush_steps (or at the next propose)
 
     def _drafts_locally(self, rid: str) -> bool:
         """Whether this request is drafted in process; decided at its first ``observe``."""
@@ -313,7 +332,20 @@ class RemoteDrafter:
                     if not r.awaiting and r.pending_tokens:  # kept during plain steps: draft now
                         self._send_step(r, seq, block_len)
                     out.append(None)
+            self._flush()
         return out
+
+    def flush_steps(self) -> None:
+        """The engine's step has been observed for every request: send the Steps it queued, one
+        message per worker.  Sent one by one, they reached the worker apart and it drafted the
+        first alone, then the rest (through the cluster at four requests the step waited for the
+        two batches in turn)."""
+        with self._lock:
+            self._flush()
+
+    def _flush(self) -> None:
+        for link in self._links.values():
+            link.flush()
 
     def wait_for_blocks(self, timeout: float) -> None:
         with self._arrived:
@@ -328,6 +360,7 @@ class RemoteDrafter:
             if r is None:
                 return
             r.link.requests.discard(request_id)
+            r.link.unqueue(request_id)
             if r.opened and r.link.alive:
                 r.link.send(draft_pb2.DraftRequest(close=draft_pb2.Close(
                     request_id=request_id, reason=draft_pb2.CLOSE_REASON_FINISHED)))

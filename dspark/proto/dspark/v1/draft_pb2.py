@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"dspark/proto/dspark/v1/draft.proto\x12\tdspark.v1\"F\n\x06Tensor\x12\x1f\n\x05\x64type\x18\x01 \x01(\x0e\x32\x10.dspark.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x8b\x02\n\x0e\x44rafterOptions\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x11\n\tblock_len\x18\x02 \x01(\r\x12\x13\n\x0btemperature\x18\x03 \x01(\x02\x12\x16\n\x0eproposal_top_k\x18\x04 \x01(\r\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x33\n\x05\x65xtra\x18\x06 \x03(\x0b\x32$.dspark.v1.DrafterOptions.ExtraEntry\x12\x14\n\x0cgrammar_kind\x18\x07 \x01(\t\x12\x16\n\x0egrammar_source\x18\x08 \x01(\t\x1a,\n\nExtraEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x07\n\x05_seed\"t\n\x04Open\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12*\n\x07options\x18\x03 \x01(\x0b\x32\x19.dspark.v1.DrafterOptions\x12\x12\n\nprompt_len\x18\x04 \x01(\r\"\xd4\x01\n\x04Step\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07step_id\x18\x02 \x01(\x04\x12\x15\n\rnew_token_ids\x18\x03 \x03(\x05\x12#\n\x08\x66\x65\x61tures\x18\x04 \x01(\x0b\x32\x11.dspark.v1.Tensor\x12\x13\n\x0b\x63ontext_len\x18\x05 \x01(\x04\x12\x17\n\x0f\x61nchor_token_id\x18\x06 \x01(\x05\x12\x11\n\tblock_len\x18\x07 \x01(\r\x12\x19\n\x0cnum_verified\x18\x08 \x01(\rH\x00\x88\x01\x01\x42\x0f\n\r_num_verified\"C\n\x05\x43lose\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12&\n\x06reason\x18\x02 \x01(\x0e\x32\x16.dspark.v1.CloseReason\"{\n\x0c\x44raftRequest\x12\x1f\n\x04open\x18\x01 \x01(\x0b\x32\x0f.dspark.v1.OpenH\x00\x12\x1f\n\x04step\x18\x02 \x01(\x0b\x32\x0f.dspark.v1.StepH\x00\x12!\n\x05\x63lose\x18\x03 \x01(\x0b\x32\x10.dspark.v1.CloseH\x00\x42\x06\n\x04kind\"\xbe\x01\n\nDraftBlock\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07step_id\x18\x02 \x01(\x04\x12\x17\n\x0f\x64raft_token_ids\x18\x03 \x03(\x05\x12\x12\n\nproposal_k\x18\x04 \x01(\r\x12\x1a\n\x12proposal_token_ids\x18\x05 \x03(\x05\x12\x16\n\x0eproposal_probs\x18\x06 \x03(\x02\x12\x13\n\x0b\x63onfidences\x18\x07 \x03(\x02\x12\x15\n\rdraft_time_us\x18\x08 \x01(\x04\"B\n\nDraftError\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07step_id\x18\x02 \x01(\x04\x12\x0f\n\x07message\x18\x03 \x01(\t\"g\n\rDraftResponse\x12&\n\x05\x62lock\x18\x01 \x01(\x0b\x32\x15.dspark.v1.DraftBlockH\x00\x12&\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x15.dspark.v1.DraftErrorH\x00\x42\x06\n\x04kind*X\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT16\x10\x01\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x02\x12\x11\n\rDTYPE_FLOAT32\x10\x03*z\n\x0b\x43loseReason\x12\x1c\n\x18\x43LOSE_REASON_UNSPECIFIED\x10\x00\x12\x19\n\x15\x43LOSE_REASON_FINISHED\x10\x01\x12\x1a\n\x16\x43LOSE_REASON_CANCELLED\x10\x02\x12\x16\n\x12\x43LOSE_REASON_ERROR\x10\x03\x32N\n\x0c\x44raftService\x12>\n\x05\x44raft\x12\x17.dspark.v1.DraftRequest\x1a\x18.dspark.v1.DraftResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"dspark/proto/dspark/v1/draft.proto\x12\tdspark.v1\"F\n\x06Tensor\x12\x1f\n\x05\x64type\x18\x01 \x01(\x0e\x32\x10.dspark.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x8b\x02\n\x0e\x44rafterOptions\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x11\n\tblock_len\x18\x02 \x01(\r\x12\x13\n\x0btemperature\x18\x03 \x01(\x02\x12\x16\n\x0eproposal_top_k\x18\x04 \x01(\r\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x33\n\x05\x65xtra\x18\x06 \x03(\x0b\x32$.dspark.v1.DrafterOptions.ExtraEntry\x12\x14\n\x0cgrammar_kind\x18\x07 \x01(\t\x12\x16\n\x0egrammar_source\x18\x08 \x01(\t\x1a,\n\nExtraEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x07\n\x05_seed\"t\n\x04Open\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12*\n\x07options\x18\x03 \x01(\x0b\x32\x19.dspark.v1.DrafterOptions\x12\x12\n\nprompt_len\x18\x04 \x01(\r\"\xd4\x01\n\x04Step\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07step_id\x18\x02 \x01(\x04\x12\x15\n\rnew_token_ids\x18\x03 \x03(\x05\x12#\n\x08\x66\x65\x61tures\x18\x04 \x01(\x0b\x32\x11.dspark.v1.Tensor\x12\x13\n\x0b\x63ontext_len\x18\x05 \x01(\x04\x12\x17\n\x0f\x61nchor_token_id\x18\x06 \x01(\x05\x12\x11\n\tblock_len\x18\x07 \x01(\r\x12\x19\n\x0cnum_verified\x18\x08 \x01(\rH\x00\x88\x01\x01\x42\x0f\n\r_num_verified\"C\n\x05\x43lose\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12&\n\x06reason\x18\x02 \x01(\x0e\x32\x16.dspark.v1.CloseReason\"\'\n\x05Steps\x12\x1e\n\x05steps\x18\x01 \x03(\x0b\x32\x0f.dspark.v1.Step\"\x9e\x01\n\x0c\x44raftRequest\x12\x1f\n\x04open\x18\x01 \x01(\x0b\x32\x0f.dspark.v1.OpenH\x00\x12\x1f\n\x04step\x18\x02 \x01(\x0b\x32\x0f.dspark.v1.StepH\x00\x12!\n\x05\x63lose\x18\x03 \x01(\x0b\x32\x10.dspark.v1.CloseH\x00\x12!\n\x05steps\x18\x04 \x01(\x0b\x32\x10.dspark.v1.StepsH\x00\x42\x06\n\x04kind\"\xbe\x01\n\nDraftBlock\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07step_id\x18\x02 \x01(\x04\x12\x17\n\x0f\x64raft_token_ids\x18\x03 \x03(\x05\x12\x12\n\nproposal_k\x18\x04 \x01(\r\x12\x1a\n\x12proposal_token_ids\x18\x05 \x03(\x05\x12\x16\n\x0eproposal_probs\x18\x06 \x03(\x02\x12\x13\n\x0b\x63onfidences\x18\x07 \x03(\x02\x12\x15\n\rdraft_time_us\x18\x08 \x01(\x04\"B\n\nDraftError\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07step_id\x18\x02 \x01(\x04\x12\x0f\n\x07message\x18\x03 \x01(\t\"g\n\rDraftResponse\x12&\n\x05\x62lock\x18\x01 \x01(\x0b\x32\x15.dspark.v1.DraftBlockH\x00\x12&\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x15.dspark.v1.DraftErrorH\x00\x42\x06\n\x04kind*X\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT16\x10\x01\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x02\x12\x11\n\rDTYPE_FLOAT32\x10\x03*z\n\x0b\x43loseReason\x12\x1c\n\x18\x43LOSE_REASON_UNSPECIFIED\x10\x00\x12\x19\n\x15\x43LOSE_REASON_FINISHED\x10\x01\x12\x1a\n\x16\x43LOSE_REASON_CANCELLED\x10\x02\x12\x16\n\x12\x43LOSE_REASON_ERROR\x10\x03\x32N\n\x0c\x44raftService\x12>\n\x05\x44raft\x12\x17.dspark.v1.DraftRequest\x1a\x18.dspark.v1.DraftResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,10 +33,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_DRAFTEROPTIONS_EXTRAENTRY']._loaded_options = None
   _globals['_DRAFTEROPTIONS_EXTRAENTRY']._serialized_options = b'8\001'
-  _globals['_DTYPE']._serialized_start=1284
-  _globals['_DTYPE']._serialized_end=1372
-  _globals['_CLOSEREASON']._serialized_start=1374
-  _globals['_CLOSEREASON']._serialized_end=1496
+  _globals['_DTYPE']._serialized_start=1361
+  _globals['_DTYPE']._serialized_end=1449
+  _globals['_CLOSEREASON']._serialized_start=1451
+  _globals['_CLOSEREASON']._serialized_end=1573
   _globals['_TENSOR']._serialized_start=49
   _globals['_TENSOR']._serialized_end=119
   _globals['_DRAFTEROPTIONS']._serialized_start=122
@@ -49,14 +49,16 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STEP']._serialized_end=722
   _globals['_CLOSE']._serialized_start=724
   _globals['_CLOSE']._serialized_end=791
-  _globals['_DRAFTREQUEST']._serialized_start=793
-  _globals['_DRAFTREQUEST']._serialized_end=916
-  _globals['_DRAFTBLOCK']._serialized_start=919
-  _globals['_DRAFTBLOCK']._serialized_end=1109
-  _globals['_DRAFTERROR']._serialized_start=1111
-  _globals['_DRAFTERROR']._serialized_end=1177
-  _globals['_DRAFTRESPONSE']._serialized_start=1179
-  _globals['_DRAFTRESPONSE']._serialized_end=1282
-  _globals['_DRAFTSERVICE']._serialized_start=1498
-  _globals['_DRAFTSERVICE']._serialized_end=1576
+  _globals['_STEPS']._serialized_start=793
+  _globals['_STEPS']._serialized_end=832
+  _globals['_DRAFTREQUEST']._serialized_start=835
+  _globals['_DRAFTREQUEST']._serialized_end=993
+  _globals['_DRAFTBLOCK']._serialized_start=996
+  _globals['_DRAFTBLOCK']._serialized_end=1186
+  _globals['_DRAFTERROR']._serialized_start=1188
+  _globals['_DRAFTERROR']._serialized_end=1254
+  _globals['_DRAFTRESPONSE']._serialized_start=1256
+  _globals['_DRAFTRESPONSE']._serialized_end=1359
+  _globals['_DRAFTSERVICE']._serialized_start=1575
+  _globals['_DRAFTSERVICE']._serialized_end=1653
 # @@protoc_insertion_point(module_scope)

@@ -106,15 +106,23 @@ class Close(_message.Message):
     reason: CloseReason
     def __init__(self, request_id: _Optional[str] = ..., reason: _Optional[_Union[CloseReason, str]] = ...) -> None: ...
 
+class Steps(_message.Message):
+    __slots__ = ("steps",)
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    steps: _containers.RepeatedCompositeFieldContainer[Step]
+    def __init__(self, steps: _Optional[_Iterable[_Union[Step, _Mapping]]] = ...) -> None: ...
+
 class DraftRequest(_message.Message):
-    __slots__ = ("open", "step", "close")
+    __slots__ = ("open", "step", "close", "steps")
     OPEN_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     CLOSE_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
     open: Open
     step: Step
     close: Close
-    def __init__(self, open: _Optional[_Union[Open, _Mapping]] = ..., step: _Optional[_Union[Step, _Mapping]] = ..., close: _Optional[_Union[Close, _Mapping]] = ...) -> None: ...
+    steps: Steps
+    def __init__(self, open: _Optional[_Union[Open, _Mapping]] = ..., step: _Optional[_Union[Step, _Mapping]] = ..., close: _Optional[_Union[Close, _Mapping]] = ..., steps: _Optional[_Union[Steps, _Mapping]] = ...) -> None: ...
 
 class DraftBlock(_message.Message):
     __slots__ = ("request_id", "step_id", "draft_token_ids", "proposal_k", "proposal_token_ids", "proposal_probs", "confidences", "draft_time_us")
