@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import collections
+import time
 
 import pytest
 import torch
@@ -146,6 +147,32 @@ class _SureHead:
 
     def release(self, request_id):
         pass
+
+
+class _SlowHead(_SureHead):
+    """A head whose every call takes ``seconds``."""
+
+    def __init__(self, tokens: list[int], seconds: float) -> None:
+        super().__init__(tokens)
+        self.seconds = seconds
+
+    def propose(self, seqs, block_len):
+        time.sleep(self.seconds)
+        return super().propose(seqs, block_len)
+
+
+def test_head_cost_is_measured_per_request_not_between_calls():
+    """Two verifiers' requests drafted in turn, their calls 2 ms apart, each request's step 60 ms
+    long, the head 6 ms a call: the head costs each request about a tenth of its step.  Measured
+    between successive calls, the 2 ms gap read as the rest of a step (the head 3x the step)."""
+    hybrid = HybridDrafter(_SlowHead([9, 9, 9], 0.006), NgramDrafter())
+    a, b = _seq("a", temperature=0.0), _seq("b", temperature=0.0)
+    for _ in range(25):
+        hybrid.propose([a], 3)
+        time.sleep(0.002)
+        hybrid.propose([b], 3)
+        time.sleep(0.046)
+    assert 0.02 < hybrid.head_cost < 0.4, hybrid.head_cost
 
 
 @pytest.mark.parametrize("head, kept, verified, table", [
