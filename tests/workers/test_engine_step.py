@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from dspark.models.llama import ForwardOutput
@@ -155,7 +156,7 @@ def test_a_step_with_a_prompt_chunk_waits_for_blocks_none_of_which_is_here():
     eng.step()  # prefills
     eng.add_request([50, 51], SamplingParams(max_tokens=16), request_id="c")
     drafter.late = {"a", "b"}
-    eng.last_step_seconds = 1.0  # the wait is bounded by a quarter of the last step
+    eng.last_step_seconds = 1.0  # the wait is bounded by the late requests' share of the last step
     out = eng.step()
     assert drafter.waits
     assert {o.request_id: o.new_token_ids for o in out} == {"a": [3, 4, 5], "b": [32, 33, 34], "c": [52]}
@@ -172,7 +173,24 @@ def test_a_request_that_drafts_nothing_does_not_run_alone_while_every_block_is_i
     eng.add_request([30], SamplingParams(max_tokens=2), request_id="b")  # one token left after its prefill
     eng.step()  # prefills
     drafter.late = {"a"}
-    eng.last_step_seconds = 1.0  # the wait is bounded by a quarter of the last step
+    eng.last_step_seconds = 1.0  # the wait is bounded by the late requests' share of the last step
     out = eng.step()
     assert drafter.waits
     assert {o.request_id: o.new_token_ids for o in out} == {"a": [3, 4, 5], "b": [32]}
+
+
+def test_the_wait_for_blocks_grows_with_the_share_of_requests_it_waits_for():
+    """A late request that sits a step out loses a step; the others lose what the step waits.
+    So the wait is bounded by the late requests' share of the last step (and
+    ``max_block_wait_s``): one of three late, a third of a step; two of three, two thirds."""
+    for late, share in (({"a"}, 1 / 3), ({"a", "b"}, 2 / 3)):
+        drafter = LateDrafter()  # its blocks never land: the engine waits until its deadline
+        eng = Engine(CountingRunner(), None, EngineConfig(block_len=2, max_block_wait_s=10.0), drafter=drafter)
+        for rid, prompt in (("a", [1]), ("b", [20]), ("c", [40])):
+            eng.add_request(prompt, SamplingParams(max_tokens=16), request_id=rid)
+        eng.step()  # prefills
+        drafter.late = late
+        eng.last_step_seconds = 0.3
+        out = eng.step()
+        assert sorted(o.request_id for o in out) == sorted({"a", "b", "c"} - late)
+        assert drafter.waits[0] == pytest.approx(share * 0.3, abs=0.02), (late, drafter.waits[:3])
