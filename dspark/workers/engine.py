@@ -53,7 +53,11 @@ class EngineConfig:
     max_batch: int = 32  # running requests at most (<= cache slots)
     max_prefill_tokens: int = 512  # prompt tokens fed per step, over all requests (chunked prefill)
     block_len: int = 4  # draft tokens requested per block (gamma)
-    max_block_wait_s: float = 0.05  # longest wait for in-flight remote blocks before a step starts (see Engine._draft)
+    # Longest wait for in-flight remote blocks before a step starts; the late requests' share of
+    # the last step bounds it first (Engine._draft).  At 16 requests through the cluster a step's
+    # blocks took over 50 ms to come back (the worker drafts all sixteen at once), and a 50 ms cap
+    # ran 9% of the steps for the one request whose block was there.
+    max_block_wait_s: float = 0.2
     prefix_caching: bool = True  # reuse cached prompt prefixes (workers/prefix_cache.py)
 
 
