@@ -104,6 +104,23 @@ def test_the_requests_of_a_step_reach_the_worker_in_one_message(setup):
         drafter.close()
 
 
+def test_a_steps_message_is_split_where_it_would_pass_its_byte_budget(setup):
+    """Many long prompts' features in one step could pass the gRPC message limit in one Steps
+    message: the Steps are split where a message would pass ``steps_batch_bytes`` (here so small
+    that every Step goes alone), and drafting goes on as before."""
+    runner, tok, prompts, plain, server, workers = setup
+    drafter = RemoteDrafter([server.address], RemoteDrafterConfig(kind="ngram", steps_batch_bytes=1), block_len=4)
+    eng = Engine(runner, tok, EngineConfig(max_batch=2, block_len=4), drafter=drafter)
+    before = server.servicer.step_messages
+    try:
+        seqs = eng.generate(prompts, PARAMS)
+        assert [s.output_ids for s in seqs] == plain
+        assert server.servicer.step_messages - before > eng.num_steps  # two requests, one message each
+        assert all(s.metrics.num_accepted_tokens > 0 for s in seqs)
+    finally:
+        drafter.close()
+
+
 def test_an_n_request_drafts_its_first_sequence_here(setup):
     """The sequences of one request arrive together; the first (the leader) takes the local place
     and the second goes to the worker, each for its whole life, and both decode as plain does."""

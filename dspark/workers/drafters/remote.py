@@ -64,6 +64,7 @@ class RemoteDrafterConfig:
     tls_server_name: str | None = None  # name to verify in the worker's certificate (default: its host)
     feature_dtype: torch.dtype = torch.bfloat16  # features travel in this dtype
     max_message_bytes: int = 128 * 2**20
+    steps_batch_bytes: int = 64 * 2**20  # a Steps message is split before it passes this (see _Link.flush)
 
 
 class _Link:
@@ -75,6 +76,7 @@ class _Link:
         self.requests: set[str] = set()
         self._out: queue.Queue = queue.Queue()
         self._steps: list[draft_pb2.Step] = []  # queued by queue_step, sent together by flush
+        self._batch_bytes = min(cfg.steps_batch_bytes, cfg.max_message_bytes // 2)
         opts = [("grpc.max_send_message_length", cfg.max_message_bytes),
                 ("grpc.max_receive_message_length", cfg.max_message_bytes)]
         if cfg.tls_ca_file:
@@ -105,8 +107,22 @@ class _Link:
 
     def flush(self) -> None:
         """Send the queued Steps: one Steps message for several, so the worker drafts them in
-        one batch."""
+        one batch, split where a message would pass ``steps_batch_bytes`` (at most half the gRPC
+        limit: a step of many long prompts' features would pass it; each Step alone stays within
+        it, as before)."""
         steps, self._steps = self._steps, []
+        group: list[draft_pb2.Step] = []
+        size = 0
+        for st in steps:
+            n = st.ByteSize()
+            if group and size + n > self._batch_bytes:
+                self._send_steps(group)
+                group, size = [], 0
+            group.append(st)
+            size += n
+        self._send_steps(group)
+
+    def _send_steps(self, steps: list[draft_pb2.Step]) -> None:
         if len(steps) == 1:
             self.send(draft_pb2.DraftRequest(step=steps[0]))
         elif steps:
