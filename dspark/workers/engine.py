@@ -453,8 +453,9 @@ class Engine:
         """Ask the gate now about the next step, and tell each request whether a block is wanted.
 
         A remote drafter reads ``seq.wants_block`` and ``seq.draft_len`` when it is told the step's
-        tokens: for a plain next step it keeps them and drafts nothing, instead of drafting a block
-        nobody verifies, and it drafts no deeper than the budget will verify.
+        tokens: for a plain next step, or a request with no draft left to verify, it keeps them and
+        drafts nothing, instead of drafting a block nobody verifies, and it drafts no deeper than
+        the budget will verify nor than the request may still emit.
         """
         if self.drafter is None:
             return
@@ -466,8 +467,11 @@ class Engine:
             self._next_speculate = gate.speculate(self._gate_batch(len(nxt)))
         depth = self._draft_depth()
         for s in nxt:
-            s.wants_block = self._next_speculate is not False
-            s.draft_len = depth
+            # A request with no draft left to verify (its last token, or a full cache) drafts
+            # nothing next step: the worker used to draft it a block anyway, for nobody.
+            room = self._draft_room(s) if s.draft_enabled else 0
+            s.wants_block = self._next_speculate is not False and room > 0
+            s.draft_len = min(depth, room) if room > 0 else depth
 
     def _copy_to_followers(self, plan: StepPlan) -> None:
         """Copy each prompt that a leader finished caching this step into its followers' slots.

@@ -477,6 +477,46 @@ def test_remote_drafter_drafts_nothing_for_plain_steps(setup):
         server.stop()
 
 
+class _Recording(_Script):
+    """A scripted drafter that notes, per block, how many tokens its request had output."""
+
+    def __init__(self, script: list[int]) -> None:
+        super().__init__(script, wrong=True, delay_s=0.0)
+        self.drafted_at: list[tuple[int, int]] = []  # (output tokens, drafts asked for)
+
+    def propose(self, seqs: list[Sequence], block_len: int) -> list[DraftBlock]:
+        self.drafted_at += [(len(s.output_ids), block_len) for s in seqs]
+        return super().propose(seqs, block_len)
+
+
+def test_no_block_is_drafted_for_a_request_with_no_draft_left_to_verify(setup):
+    """At its last token a request verifies no draft: its step decodes plainly, so the worker
+    drafts it nothing (it used to draft a block for nobody after the step before; under load the
+    block was served before the request closed, one more block than speculative steps).  A
+    request two tokens from its end is asked one draft, not a whole block."""
+    from dspark.workers.draft_worker import DraftWorkerServer
+    from dspark.workers.drafters.remote import RemoteDrafter, RemoteDrafterConfig
+
+    runner, tok, prompt, plain = setup
+    drafters: list[_Recording] = []
+    server = DraftWorkerServer(lambda: drafters.append(_Recording(plain)) or drafters[-1]).start()
+    drafter = RemoteDrafter([server.address], RemoteDrafterConfig(kind="scripted"), block_len=4)
+    n = 12
+    try:
+        eng = Engine(runner, tok, EngineConfig(max_batch=1, block_len=4), drafter=drafter)  # no gate
+        seq = eng.generate([prompt], SamplingParams(max_tokens=n, ignore_eos=True))[0]
+        assert seq.output_ids == plain[:n]
+        time.sleep(0.3)  # a block asked for at the end would be drafted by now
+        drafted_at = [d for rec in drafters for d in rec.drafted_at]
+        # Wrong drafts: one token per step, a block for each of tokens 2 .. n-1, none for the last.
+        assert [k for k, _ in drafted_at] == list(range(1, n - 1)), drafted_at
+        assert all(depth == min(4, n - 1 - k) for k, depth in drafted_at), drafted_at
+        assert server.servicer.blocks_served == n - 2
+    finally:
+        drafter.close()
+        server.stop()
+
+
 def test_a_request_that_does_not_speculate_is_never_drafted_for(setup):
     """``speculative: false`` beside a speculative request: the draft worker serves blocks for
     the speculative one only (it used to draft for both every step, and receive the plain one's
