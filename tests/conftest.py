@@ -34,6 +34,7 @@ RAY_MODULES = frozenset({
     "tests/cluster/test_cluster.py",
     "tests/cluster/test_deepseek_v4_serve.py",
     "tests/cluster/test_faults.py",
+    "tests/cluster/test_local_start.py",
     "tests/cluster/test_published_checkpoints.py",
     "tests/cluster/test_router_hardening.py",
 })
