@@ -28,6 +28,7 @@ dspark:grammar_mask_seconds / dspark:grammar_masks    gauge     verifier's total
 dspark:speculative_steps / dspark:plain_steps         gauge     verifier's steps the speculation gate sent each way
 dspark:draft_depth                                    gauge     drafts per block asked for at the last speculative step
 dspark:draft_requests_local / _remote                 gauge     verifier's requests drafted in its process / on workers
+dspark:spec_gate_tokens_per_second                    gauge     the gate's average by ``batch`` range and ``arm``
 ====================================================  ========  ===============================
 
 Why counters are accumulated here, at the router, from each request's final ``SpecMetrics``
@@ -109,6 +110,10 @@ class RouterMetrics:
         self.draft_depth = gauge("draft_depth", "Drafts per block the verifier asked for at its last speculative step.")
         self.drafted_local = gauge("draft_requests_local", "Requests the verifier drafted in its own process, since it started.")
         self.drafted_remote = gauge("draft_requests_remote", "Requests the verifier had drafted on draft workers, since it started.")
+        self.gate_rate = Gauge("dspark:spec_gate_tokens_per_second",
+                               "Speculation gate's moving average of tokens per second, by batch-size range "
+                               "(decoding requests) and arm (speculative or plain); 0: not measured yet.",
+                               lab + ["batch", "arm"], registry=r)
         # Series exist (at 0) from the start, so rates and absent() behave before traffic.
         for m in (self.num_drafts, self.num_draft_tokens, self.num_accepted_tokens, self.request_failure,
                   self.prompt_tokens, self.generation_tokens, self.ttft, self.itl, self.budget,
@@ -191,6 +196,9 @@ class RouterMetrics:
                            ("draft_requests_local", self.drafted_local), ("draft_requests_remote", self.drafted_remote)):
             if key in stats:
                 self.labels(gauge).set(float(stats[key]))
+        for batch, arms in stats.get("gate_rates", {}).items():
+            for arm, rate in arms.items():
+                self.labels(self.gate_rate, batch=batch, arm=arm).set(float(rate))
 
     def set_redis_connected(self, connected: bool) -> None:
         self.labels(self.redis_connected).set(1.0 if connected else 0.0)

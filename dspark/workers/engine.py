@@ -222,11 +222,13 @@ class Engine:
 
     def speculation_stats(self) -> dict:
         """Whether steps speculate (the gate's choices; with no gate every step with a drafter
-        speculates) and how deep the last blocks were drafted."""
+        speculates), how deep the last blocks were drafted, and the gate's measured tokens per
+        second of each arm per batch-size range."""
         g = self.gate
         return {"speculative_steps": g.speculative_steps if g is not None else 0,
                 "plain_steps": g.plain_steps if g is not None else 0,
-                "draft_depth": self.last_draft_depth}
+                "draft_depth": self.last_draft_depth,
+                "gate_rates": g.rates_by_batch() if g is not None else {}}
 
     def grammar_stats(self) -> dict:
         """Structured outputs: time spent computing grammar masks and how many (zeros before any)."""

@@ -282,6 +282,23 @@ class SpeculationGate:
             return
         self._arms.setdefault((self.bucket(num_requests), speculated), _Arm()).add(float(tokens), seconds, self.decay)
 
+    @staticmethod
+    def bucket_range(b: int) -> str:
+        """The decoding requests bucket ``b`` covers, as a label: 1 -> "1", 3 -> "4-7".
+
+            >>> [SpeculationGate.bucket_range(b) for b in (1, 2, 5)]
+            ['1', '2-3', '16-31']
+        """
+        lo, hi = 1 << (b - 1), (1 << b) - 1
+        return str(lo) if lo == hi else f"{lo}-{hi}"
+
+    def rates_by_batch(self) -> dict[str, dict[str, float]]:
+        """The averages the gate decides by, per batch-size range and arm (tokens per second;
+        0 where an arm is not measured yet): what ``/metrics`` exports, so an operator sees why
+        the gate speculates, or not, at each load."""
+        return {self.bucket_range(b): {"speculative": spec, "plain": plain}
+                for b, (spec, plain) in self.rates().items()}
+
     def rates(self) -> dict[int, tuple[float, float]]:
         """Per bucket: (speculative, plain) tokens per second measured so far (0: not yet)."""
         buckets = sorted({b for b, _ in self._arms})

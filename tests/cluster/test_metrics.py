@@ -35,7 +35,9 @@ class ScriptedBackend:
     def __init__(self) -> None:
         self.stats = {"active_requests": 2, "queued_requests": 5, "verification_budget": 3.5, "policy_version": 7,
                       "prefix_cache_hit_rate": 0.25, "kv_cache_usage": 0.5,
-                      "kv_cache_block_usage": 0.75, "speculative_steps": 40, "plain_steps": 9, "draft_depth": 3}
+                      "kv_cache_block_usage": 0.75, "speculative_steps": 40, "plain_steps": 9, "draft_depth": 3,
+                      "gate_rates": {"1": {"speculative": 31.5, "plain": 20.25},
+                                     "16-31": {"speculative": 120.0, "plain": 0.0}}}
 
     async def generate(self, prompt_ids, params, request_id=None):
         spec = SpecMetrics()
@@ -115,6 +117,11 @@ def test_counters_histograms_and_gauges(client):
     assert after["dspark:prefix_cache_hit_rate"] == 0.25 and after["dspark:kv_cache_usage"] == 0.5
     assert after["dspark:kv_cache_block_usage"] == 0.75
     assert after["dspark:speculative_steps"] == 40 and after["dspark:plain_steps"] == 9 and after["dspark:draft_depth"] == 3
+    gate = {k: v for k, v in after.items() if k.startswith("dspark:spec_gate_tokens_per_second")}
+    assert gate == {"dspark:spec_gate_tokens_per_second|arm=plain|batch=1": 20.25,
+                    "dspark:spec_gate_tokens_per_second|arm=speculative|batch=1": 31.5,
+                    "dspark:spec_gate_tokens_per_second|arm=plain|batch=16-31": 0.0,
+                    "dspark:spec_gate_tokens_per_second|arm=speculative|batch=16-31": 120.0}
 
 
 def test_unavailable_backend_is_503_and_counted(client):

@@ -112,7 +112,8 @@ def test_engine_drafts_only_what_the_budget_verifies(setup, metered):
     assert _probed(drafter.asked, 8, 2) and drafter.asked[1] == 2, drafter.asked
     assert [n for i, n in enumerate(drafter.asked) if i % AdaptiveBudget.PROBE_EVERY] == [2] * (
         len(drafter.asked) - 1 - (len(drafter.asked) - 1) // AdaptiveBudget.PROBE_EVERY)
-    assert eng.speculation_stats() == {"speculative_steps": 0, "plain_steps": 0, "draft_depth": 2}  # no gate
+    assert eng.speculation_stats() == {"speculative_steps": 0, "plain_steps": 0, "draft_depth": 2,
+                                       "gate_rates": {}}  # no gate
     inner = budget.budget if metered else budget
     assert inner.drafting_seconds(1) > 0  # in-process drafting was timed for the budget (through the meter too)
     assert not torch.equal(inner.step_table(), COSTS.table(4096))  # and real steps corrected the made-up costs

@@ -424,6 +424,11 @@ def test_engine_gate_settles_on_the_faster_arm(setup, wrong):
     eng = Engine(runner, tok, EngineConfig(max_batch=1, block_len=8), drafter=drafter, gate=gate)
     seq = eng.generate([prompt], SamplingParams(max_tokens=48, ignore_eos=True))[0]
     assert seq.output_ids == plain[: len(seq.output_ids)] and len(seq.output_ids) == 48
+    # What /metrics exports: the averages the gate chose by, for one decoding request.
+    rates = eng.speculation_stats()["gate_rates"]
+    assert set(rates) == {"1"} and min(rates["1"].values()) > 0, rates
+    spec_faster = rates["1"]["speculative"] > rates["1"]["plain"]
+    assert spec_faster != wrong, rates
     if wrong:  # 0.2 s of drafting for nothing: plain decoding after the warm-up, a few probes
         assert gate.plain_steps > 3 * gate.speculative_steps, (gate.plain_steps, gate.speculative_steps)
     else:  # free, always-accepted drafts: 9 tokens per step instead of 1
