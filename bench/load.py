@@ -157,24 +157,42 @@ async def open_loop(base: str, rate: float, seconds: float, max_tokens: int, spe
     return _summarise(list(results), wall)
 
 
-def _gate_counts(base: str) -> tuple[float, float, float]:
-    """(speculative steps, plain steps, draft depth) from the router's /metrics (verifier gauges)."""
+def _gate_counts(base: str) -> tuple[float, float, float, dict[str, dict[str, float]]]:
+    """(speculative steps, plain steps, draft depth, the gate's averages) from the router's
+    /metrics (verifier gauges)."""
     import httpx
 
-    got = {}
-    for line in httpx.get(base + "/metrics", timeout=30).text.splitlines():
-        for name in ("speculative_steps", "plain_steps", "draft_depth"):
-            if line.startswith(f"dspark:{name}{{"):
-                got[name] = float(line.rsplit(" ", 1)[1])
-    return got.get("speculative_steps", 0.0), got.get("plain_steps", 0.0), got.get("draft_depth", 0.0)
+    return gate_figures(httpx.get(base + "/metrics", timeout=30).text)
+
+
+def gate_figures(text: str) -> tuple[float, float, float, dict[str, dict[str, float]]]:
+    """The gate's figures in a /metrics exposition: (speculative steps, plain steps, draft
+    depth, tokens per second by batch-size range and arm).
+
+        >>> gate_figures('dspark:plain_steps{model_name="m"} 9.0\\n'
+        ...              'dspark:spec_gate_tokens_per_second{model_name="m",batch="4-7",arm="plain"} 60.5\\n')
+        (0.0, 9.0, 0.0, {'4-7': {'plain': 60.5}})
+    """
+    from prometheus_client.parser import text_string_to_metric_families
+
+    got: dict[str, float] = {}
+    rates: dict[str, dict[str, float]] = {}
+    for fam in text_string_to_metric_families(text):
+        for sample in fam.samples:
+            name = sample.name.removeprefix("dspark:")
+            if name in ("speculative_steps", "plain_steps", "draft_depth"):
+                got[name] = sample.value
+            elif name == "spec_gate_tokens_per_second":
+                rates.setdefault(sample.labels["batch"], {})[sample.labels["arm"]] = sample.value
+    return got.get("speculative_steps", 0.0), got.get("plain_steps", 0.0), got.get("draft_depth", 0.0), rates
 
 
 def _gated(base: str, run) -> dict:
     """``run()``'s summary plus the share of the level's steps the speculation gate let
     speculate and the draft depth at its end (adaptive runs; fixed depths always speculate)."""
-    s0, p0, _ = _gate_counts(base)
+    s0, p0, _, _ = _gate_counts(base)
     out = run()
-    s1, p1, depth = _gate_counts(base)
+    s1, p1, depth, _ = _gate_counts(base)
     steps = (s1 - s0) + (p1 - p0)
     return {**out, "spec_step_share": (s1 - s0) / steps if steps else None, "draft_depth": depth}
 
@@ -229,25 +247,29 @@ def interleaved(cluster, names: list[str], pins: dict, levels: list[int], second
             for name in names[k % len(names):] + names[: k % len(names)]:
                 pin, spec = pins[name]
                 asyncio.run(_apply_pin(base, url, prefix, pin))
-                s0, p0, _ = _gate_counts(base)
+                s0, p0, _, _ = _gate_counts(base)
                 out = asyncio.run(closed_loop(base, conc, seconds, max_tokens, spec, raw=True))
-                s1, p1, depth = _gate_counts(base)
+                s1, p1, depth, rates = _gate_counts(base)
                 g = got[name]
                 g["results"] += out["results"]
                 g["wall"] += out["wall"]
                 g["window"] = (g["window"][0] + out["window"][0], g["window"][1] + out["window"][1])
                 g["spec"], g["plain"] = g["spec"] + s1 - s0, g["plain"] + p1 - p0
                 g["depth"] = depth if pin is None else None  # the adaptive budget's depth at the slice's end
+                g["gate_rates"] = rates if pin is None else None  # the gate's averages, likewise
                 slice_rows.append({"config": name, "loop": "closed", "level": conc, "slice": k + 1,
                                    **_summarise(out["results"], out["wall"], out["window"])})  # fmt: skip
                 click.echo(table([slice_rows[-1]], list(slice_rows[-1])), err=True)
+                if pin is None:  # in the JSON, not the table: what the gate decided by after the slice
+                    slice_rows[-1]["gate_rates"] = rates
         for name in names:
             g = got[name]
             steps = g["spec"] + g["plain"]
             rows.append({"config": name, "loop": "closed", "level": conc,
                          **_summarise(g["results"], g["wall"], g["window"]),
                          "spec_step_share": g["spec"] / steps if steps else None,
-                         "draft_depth": g["depth"], "rounds": slices})  # fmt: skip
+                         "draft_depth": g["depth"], "rounds": slices,
+                         **({"gate_rates": g["gate_rates"]} if g.get("gate_rates") is not None else {})})  # fmt: skip
     asyncio.run(_apply_pin(base, url, prefix, None))
     return rows, slice_rows
 
