@@ -85,12 +85,20 @@ def _stop_failed_node(e: BaseException) -> None:
 
 
 def _children(pid: int) -> list[int]:
-    """This process's child processes, from /proc (empty where there is none)."""
+    """The child processes of ``pid``, started from any of its threads, from /proc (empty where
+    there is none)."""
+    out: list[int] = []
     try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            return [int(c) for c in f.read().split()]
+        tasks = os.listdir(f"/proc/{pid}/task")
     except OSError:
-        return []
+        return out
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                out += [int(c) for c in f.read().split()]
+        except OSError:  # the thread ended meanwhile
+            continue
+    return out
 
 
 def _wait_serve_gone(timeout_s: float = 60.0) -> None:

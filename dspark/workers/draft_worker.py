@@ -10,8 +10,8 @@ One bidirectional stream per verifier; many requests multiplexed on it by id:
 The worker mirrors each request's accepted tokens in a small ``Sequence`` so the very same
 drafter classes serve in-process and remote drafting.  Steps that arrive together, and those of
 one Steps message, are drafted together (one batched ``propose``), on one executor thread:
-drafters are not thread-safe and the event loop must stay free to read the streams.  When a stream breaks, every request it carried
-is released; nothing outlives its verifier.
+drafters are not thread-safe and the event loop must stay free to read the streams.  When a
+stream breaks, every request it carried is released; nothing outlives its verifier.
 
 A request id belongs to the stream that opened it: Open, Step or Close for it from any other
 stream is answered with a DraftError and changes nothing.  Admission is bounded per stream

@@ -9,21 +9,15 @@ import textwrap
 def test_a_gcs_server_that_misses_its_window_is_recognised_and_stopped():
     # Ray's own variable set to 0 makes the GCS server miss the window on any host: the error
     # must be one the cluster's start tries again after, and the GCS server that kept running
-    # (a child of the driver, unknown to ray.shutdown) must be gone afterwards.
+    # (a child of the driver, unknown to ray.shutdown) must be gone afterwards, also when the
+    # start ran on a thread other than the main one.
     script = textwrap.dedent("""
-        import logging, os, time
+        import logging, os, threading, time
         import ray
         from dspark.cluster import local
         os.environ[local._GCS_PORT_WAIT_ENV] = "0"
-        try:
-            ray.init(num_cpus=1, include_dashboard=False, logging_level=logging.ERROR)
-        except Exception as e:
-            err = e
-        else:
-            raise SystemExit("ray.init started although the GCS port wait was 0")
-        assert local._missed_startup_window(err), str(err)
-        session = str(err).split("/")[-2]
-        def alive():
+
+        def alive(session):
             left = []
             for pid in local._children(os.getpid()):
                 try:
@@ -36,14 +30,37 @@ def test_a_gcs_server_that_misses_its_window_is_recognised_and_stopped():
                 if session in args and state != "Z":
                     left.append(args.split()[0])
             return left
-        before = alive()
-        assert any("gcs_server" in a for a in before), before
-        ray.shutdown()
-        local._stop_failed_node(err)
-        deadline = time.monotonic() + 20
-        while alive() and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not alive(), alive()
+
+        def check():
+            try:
+                ray.init(num_cpus=1, include_dashboard=False, logging_level=logging.ERROR)
+            except Exception as e:
+                err = e
+            else:
+                raise SystemExit("ray.init started although the GCS port wait was 0")
+            assert local._missed_startup_window(err), str(err)
+            session = str(err).split("/")[-2]
+            before = alive(session)
+            assert any("gcs_server" in a for a in before), before
+            ray.shutdown()
+            local._stop_failed_node(err)
+            deadline = time.monotonic() + 20
+            while alive(session) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert not alive(session), alive(session)
+
+        # On the main thread, then on another (whose children /proc lists under that thread).
+        check()
+        failed = []
+        def run():
+            try:
+                check()
+            except BaseException as e:
+                failed.append(e)
+        t = threading.Thread(target=run)
+        t.start()
+        t.join()
+        assert not failed, failed
         print("ok")
     """)
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
