@@ -53,13 +53,14 @@ def _sync(device: str) -> None:
 
 
 def ours(dtype: str, batch: int, new_tokens: int, compile: bool = False, sampled: bool = False,
-         kv_layout: str = "slot", model: str | None = None, device: str = "cpu") -> dict:  # fmt: skip
+         kv_layout: str = "slot", model: str | None = None, device: str = "cpu", weights: str = "dense") -> dict:  # fmt: skip
     from dspark.workers.factory import EngineSpec, build_engine
     from dspark.workers.request import SamplingParams
     from dspark.workers.runner import RunnerConfig
 
     cfg = RunnerConfig(n_slots=max(batch, 1), max_seq=1024, compile=compile, kv_layout=kv_layout)
-    built = build_engine(EngineSpec(model=model, dtype=dtype, device=device, runner=cfg), progress=False)
+    built = build_engine(EngineSpec(model=model, dtype=dtype, device=device, runner=cfg, weights=weights),
+                         progress=False)
     eng = built.engine
     prompts = prompts_for(built.loaded.tokenizer, batch, model)
     params = SamplingParams(max_tokens=new_tokens, ignore_eos=True, **(SAMPLED if sampled else {}))
@@ -195,19 +196,23 @@ def sampling_cost(batch: int, reps: int = 10) -> dict:
             "nucleus_sizes": torch.isfinite(b).sum(-1).tolist()}
 
 
-def bandwidth_and_weights(dtype: str, model: str | None = None) -> dict:
+def bandwidth_and_weights(dtype: str, model: str | None = None, weights: str = "dense") -> dict:
     """Bytes of weights a batch-1 decode step reads, copy bandwidth (GB/s, read + write) and read
-    bandwidth (GB/s, what streaming the weights through a product can reach at best)."""
+    bandwidth (GB/s, what streaming the weights through a product can reach at best).  With
+    ``weights`` q4 the layers' bytes are their packed codes and block scales."""
     import torch
 
     from dspark.models.deepseek_v4 import DeepseekV4Transformer
     from dspark.models.loader import load_model
+    from dspark.models.q4 import Q4Linear
 
-    lm = load_model(model, dtype=dtype, progress=False)
+    lm = load_model(model, dtype=dtype, progress=False, weights=weights)
     m = lm.model
     per = torch.tensor([], dtype=m.dtype).element_size()
     # Every linear weight plus the LM head once (the embedding lookup reads one row).
     linear = sum(p.numel() for n, p in m.named_parameters() if "layers." in n and p.dim() == 2)
+    linear += sum((q.packed.numel() * q.packed.element_size() + q.scales_zeros.numel() * per) / per
+                  for q in m.modules() if isinstance(q, Q4Linear))
     if isinstance(m, DeepseekV4Transformer):  # stacked routed experts [E, ., .]: a token reads top-k of E
         share = m.cfg.num_experts_per_tok / m.cfg.n_routed_experts
         linear += share * sum(p.numel() for n, p in m.named_parameters() if p.dim() == 3)
@@ -244,9 +249,17 @@ def bandwidth_and_weights(dtype: str, model: str | None = None) -> dict:
 @click.option("--model", "model", default=None,
               help="a Hugging Face folder our loader reads (e.g. from dspark make-model --preset small); "
                    "default: the GGUF model")
-def main(batches, dtypes, new_tokens, threads, skip_hf, json_path, compile, sampled, kv_layout, model):
+@click.option("--weights", "weights_list", default="dense", show_default=True,
+              help="our layer matrices, comma-separated to compare: dense (dequantized to the dtype) and/or q4 (the "
+                   "GGUF file's 4-bit blocks as stored); transformers runs dequantized, once per batch")
+def main(batches, dtypes, new_tokens, threads, skip_hf, json_path, compile, sampled, kv_layout, model, weights_list):
     """Decode tokens/s: our engine (eager and compiled) vs Hugging Face transformers."""
-    from dspark.models.loader import family_of
+    from dspark.models.loader import WEIGHT_FORMATS, family_of
+
+    formats = [w for w in weights_list.split(",") if w]
+    if not formats or any(w not in WEIGHT_FORMATS for w in formats):
+        raise click.BadParameter(f"comma-separated {' / '.join(WEIGHT_FORMATS)}, not {weights_list!r}",
+                                 param_hint="--weights")
 
     if model is not None:
         if not os.path.isdir(model):
@@ -265,30 +278,35 @@ def main(batches, dtypes, new_tokens, threads, skip_hf, json_path, compile, samp
             sampling_rows.append(run_isolated("bench.engine", "sampling_cost", {"batch": b}, threads))
         click.echo(table(sampling_rows, ["batch", "before_ms", "now_ms", "rows_differing"]))
     for dtype in dtypes.split(","):
-        floor = run_isolated("bench.engine", "bandwidth_and_weights", {"dtype": dtype, "model": model}, threads)
+        floors = {w: run_isolated("bench.engine", "bandwidth_and_weights", {"dtype": dtype, "model": model,
+                                                                             "weights": w}, threads)
+                  for w in formats}
         for b in (int(x) for x in batches.split(",")):
             kw = {"dtype": dtype, "batch": b, "new_tokens": new_tokens, "sampled": sampled, "model": model}
-            e = run_isolated("bench.engine", "ours", dict(kw, kv_layout=kv_layout), threads)
-            c = run_isolated("bench.engine", "ours", dict(kw, compile=True, kv_layout=kv_layout), threads) if compile else None
             h = None if skip_hf else run_isolated("bench.engine", "hf", kw, threads)
-            best = c or e
-            row = {
-                "dtype": dtype, "batch": b, "kv_layout": kv_layout,
-                "eager_tok_s": e["tokens_per_s"], "compiled_tok_s": c["tokens_per_s"] if c else None,
-                "hf_tok_s": h["tokens_per_s"] if h else None,
-                "speedup": best["tokens_per_s"] / h["tokens_per_s"] if h else None,
-                "step_ms": best["decode_step_ms"], "floor_ms": floor["floor_ms"],
-                "step_over_floor": best["decode_step_ms"] / floor["floor_ms"],
-                "read_floor_ms": floor["read_floor_ms"],
-                "verify8_over_decode1": best.get("verify8_over_decode1"),
-                "compile_s": c["compile_s"] if c else None,
-                "ours_peak_mb": best["peak_rss_mb"], "eager_peak_mb": e["peak_rss_mb"],
-                "hf_peak_mb": h["peak_rss_mb"] if h else None,
-            }
-            rows.append(row)
-            click.echo(table([row], list(row)), err=True)
+            for weights in formats:
+                floor = floors[weights]
+                e = run_isolated("bench.engine", "ours", dict(kw, kv_layout=kv_layout, weights=weights), threads)
+                c = run_isolated("bench.engine", "ours", dict(kw, compile=True, kv_layout=kv_layout, weights=weights),
+                                 threads) if compile else None
+                best = c or e
+                row = {
+                    "dtype": dtype, "batch": b, "kv_layout": kv_layout, "weights": weights,
+                    "eager_tok_s": e["tokens_per_s"], "compiled_tok_s": c["tokens_per_s"] if c else None,
+                    "hf_tok_s": h["tokens_per_s"] if h else None,
+                    "speedup": best["tokens_per_s"] / h["tokens_per_s"] if h else None,
+                    "step_ms": best["decode_step_ms"], "floor_ms": floor["floor_ms"],
+                    "step_over_floor": best["decode_step_ms"] / floor["floor_ms"],
+                    "read_floor_ms": floor["read_floor_ms"],
+                    "verify8_over_decode1": best.get("verify8_over_decode1"),
+                    "compile_s": c["compile_s"] if c else None,
+                    "ours_peak_mb": best["peak_rss_mb"], "eager_peak_mb": e["peak_rss_mb"],
+                    "hf_peak_mb": h["peak_rss_mb"] if h else None,
+                }
+                rows.append(row)
+                click.echo(table([row], list(row)), err=True)
         rows_floor = floor
-    cols = ["dtype", "batch", "kv_layout", "eager_tok_s", "compiled_tok_s", "hf_tok_s", "speedup", "step_ms", "floor_ms",
+    cols = ["dtype", "batch", "kv_layout", "weights", "eager_tok_s", "compiled_tok_s", "hf_tok_s", "speedup", "step_ms", "floor_ms",
             "step_over_floor", "read_floor_ms", "verify8_over_decode1", "compile_s", "ours_peak_mb", "eager_peak_mb", "hf_peak_mb"]
     click.echo(table(rows, cols))
     wait = {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}

@@ -237,14 +237,18 @@ def _parse_blocks(text: str | None, names: list[str]) -> dict[str, int]:
                    f"(drafters default {STRUCTURED_DRAFTERS}; the category options do not apply)")
 @click.option("--json", "json_path", default=None, help="output (default bench/results/spec.json)")
 @click.option("--plot", "plot_path", default=None, help="PNG (default bench/results/spec.png)")
+@click.option("--weights", type=click.Choice(["dense", "q4"]), default="dense", show_default=True,
+              help="our target's layer matrices: dequantized, or the GGUF file's 4-bit blocks as stored "
+                   "(transformers runs dequantized)")
 def main(source, max_prompts, max_tokens, concurrency, drafters, block_text, threads, skip_hf, det_mode, compile_step,
-         structured, json_path, plot_path):
+         structured, json_path, plot_path, weights):
     """Per-user tokens/s and acceptance per drafter and category, vs plain and vs HF prompt lookup."""
-    from bench.spec_runners import COMPILE_ENV
+    from bench.spec_runners import COMPILE_ENV, WEIGHTS_ENV
     from dspark.models.dspark_head import default_head_path
     from dspark.models.loader import DEFAULT_MODEL_NAME, load_tokenizer
 
     os.environ[COMPILE_ENV] = "1" if compile_step else "0"  # read by the worker processes
+    os.environ[WEIGHTS_ENV] = weights
 
     t_start = time.perf_counter()
     load_start = os.getloadavg()
@@ -304,7 +308,7 @@ def main(source, max_prompts, max_tokens, concurrency, drafters, block_text, thr
     out = write_json(json_path, "spec.json", {
         "dtype": DTYPE, "temperature": 0.0, "max_tokens": max_tokens, "threads": threads, "source": source,
         "deterministic": det_mode,
-        "compile": compile_step,
+        "compile": compile_step, "weights": weights,
         "prompts_per_bucket": max_prompts, "blocks": blocks, "draft_options": {k: dict(v) for k, v in DRAFT_OPTIONS.items()},
         "hf_lookup_tokens": blocks.get("ngram", DEFAULT_BLOCK["ngram"]), "buckets": buckets,
         "prompts": [{k: m[k] for k in ("id", "bucket", "category", "split")} for m in meta],

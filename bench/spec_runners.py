@@ -34,7 +34,8 @@ class OursRunner:
 
         spec = EngineSpec(dtype=DTYPE, draft=drafter, block_len=block or EngineSpec.block_len,
                           runner=_runner_config(concurrency, max_seq, deterministic), max_prefill_tokens=max_prefill,
-                          draft_options=tuple(tuple(kv) for kv in options))
+                          draft_options=tuple(tuple(kv) for kv in options),
+                          weights=os.environ.get(WEIGHTS_ENV) or "dense")
         self.built = build_engine(spec, progress=False)
         self.eng = self.built.engine
         self.concurrency = concurrency
@@ -108,6 +109,7 @@ def _params(max_tokens: int, schema: str | None):
 
 
 COMPILE_ENV = "DSPARK_BENCH_COMPILE"  # `bench spec --compile` sets it for every worker process
+WEIGHTS_ENV = "DSPARK_BENCH_WEIGHTS"  # `bench spec --weights`: dense | q4, likewise
 
 
 def _runner_config(n_slots: int, max_seq: int, deterministic: bool = False):

@@ -104,6 +104,9 @@ def engine_options(f):
     opts = [
         click.option("--model", "model", default=None, help="GGUF file or HF folder (default: embedded SmolLM2-135M-Instruct)"),
         click.option("--dtype", type=click.Choice(["bf16", "fp32", "fp16"]), default="bf16", show_default=True),
+        click.option("--weights", type=click.Choice(["dense", "q4"]), default="dense", show_default=True,
+                     help="layer matrices dequantized to --dtype, or a GGUF file's 4-bit blocks multiplied as stored "
+                          "(CPU, one rank; fastest at small batches)"),
         click.option("--device", default="cpu", show_default=True, help="cpu or cuda"),
         click.option("--tp", type=int, default=1, show_default=True, help="tensor-parallel ranks"),
         click.option("--draft", type=click.Choice(registry.choices()), default="none", show_default=True),
@@ -143,8 +146,8 @@ def parse_kv(items: tuple[str, ...]) -> tuple[tuple[str, object], ...]:
 @click.option("--seed", type=int, default=None)
 @click.option("--raw", is_flag=True, help="do not apply the chat template")
 @engine_options
-def generate(prompt, max_tokens, temperature, top_p, top_k, seed, raw, model, dtype, device, tp, draft, block_len, draft_options,
-             deterministic, compile, kv_layout, cuda_graphs):
+def generate(prompt, max_tokens, temperature, top_p, top_k, seed, raw, model, dtype, weights, device, tp, draft, block_len,
+             draft_options, deterministic, compile, kv_layout, cuda_graphs):
     """Generate a completion for PROMPT; the text goes to stdout, statistics to stderr."""
     _wait_policy("spin")  # the in-process engine owns the cores; before torch loads
     import time
@@ -167,7 +170,7 @@ def generate(prompt, max_tokens, temperature, top_p, top_k, seed, raw, model, dt
     except ValueError as e:  # an unknown layout, CUDA graphs where they are not served
         raise click.ClickException(str(e)) from None
     spec = EngineSpec(
-        model=model, dtype=dtype, device=device, tp=tp, draft=draft, block_len=block_len,
+        model=model, dtype=dtype, weights=weights, device=device, tp=tp, draft=draft, block_len=block_len,
         runner=runner, draft_options=parse_kv(draft_options),
     )
     try:

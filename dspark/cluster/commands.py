@@ -29,6 +29,9 @@ def cluster_options(f):
     opts = [
         click.option("--model", default=None, help="GGUF file or HF folder (default: embedded SmolLM2-135M-Instruct)"),
         click.option("--dtype", type=click.Choice(["bf16", "fp32", "fp16"]), default="bf16", show_default=True),
+        click.option("--weights", type=click.Choice(["dense", "q4"]), default="dense", show_default=True,
+                     help="the verifier's layer matrices dequantized to --dtype, or a GGUF file's 4-bit blocks "
+                          "multiplied as stored (CPU, one rank; fastest at small batches)"),
         click.option("--device", default="cpu", show_default=True),
         click.option("--tp", type=int, default=1, show_default=True, help="tensor-parallel ranks per verifier group"),
         click.option("--draft-workers", type=int, default=1, show_default=True),

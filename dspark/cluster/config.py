@@ -30,6 +30,7 @@ class ClusterConfig:
 
     model: str | None = None  # GGUF file or HF folder; None/"default" = embedded SmolLM2-135M-Instruct
     dtype: str = "bf16"  # bf16 | fp32 | fp16
+    weights: str = "dense"  # dense | q4: the verifier multiplies a GGUF file's 4-bit blocks as stored
     device: str = "cpu"  # cpu | cuda
     tp: int = 1  # tensor-parallel ranks per verifier group
     draft: str = "dspark"  # "none" or a registered drafter kind (dspark.workers.drafters.registry)
@@ -89,6 +90,10 @@ class ClusterConfig:
             raise ValueError("draft_stream_quota >= 0, local_draft_below >= 0 and draft_idle_release_s > 0 are required")
         if cfg.kv_layout not in ("slot", "paged"):
             raise ValueError(f"kv_layout must be slot or paged, not {cfg.kv_layout!r}")
+        if cfg.weights not in ("dense", "q4"):
+            raise ValueError(f"weights must be dense or q4, not {cfg.weights!r}")
+        if cfg.weights == "q4" and (cfg.device != "cpu" or cfg.tp > 1 or cfg.dtype not in ("bf16", "fp32")):
+            raise ValueError("--weights q4 runs on the CPU, one rank, in bf16 or fp32")
         if cfg.cuda_graphs and (cfg.kv_layout != "slot" or cfg.deterministic or cfg.tp > 1):
             raise ValueError("--cuda-graphs serves one rank on the slot KV layout without --deterministic; "
                              "pass --no-cuda-graphs")

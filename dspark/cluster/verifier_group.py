@@ -43,7 +43,7 @@ class VerifierGroup:
         # remotely with no draft worker configured means plain decoding.
         in_process = cfg.draft != "none" and not registry.get(cfg.draft).remote
         spec = EngineSpec(
-            model=cfg.model, dtype=cfg.dtype, device=cfg.device, tp=cfg.tp,
+            model=cfg.model, dtype=cfg.dtype, weights=cfg.weights, device=cfg.device, tp=cfg.tp,
             draft=cfg.draft if in_process or cfg.remote_draft else "none", block_len=cfg.block_len,
             runner=RunnerConfig(n_slots=cfg.n_slots, max_seq=cfg.max_seq, deterministic=cfg.deterministic,
                                 compile=cfg.compile, kv_layout=cfg.kv_layout, cuda_graphs=cfg.cuda_graphs),

@@ -22,6 +22,7 @@ from dspark.models.compiled import compile_blocks, step_context, write_and_atten
 from dspark.models.config import ModelArgs, rope_inv_freq
 from dspark.models.kv_cache import KVCache, VarlenBatch
 from dspark.models.packing import MIN_ROWS, PackedLinear
+from dspark.models.q4 import Q4Linear
 
 
 @dataclass
@@ -67,6 +68,8 @@ class Numerics:
             return layer(x)
         if isinstance(layer, PackedLinear):  # blocks inside the (compiler-opaque) product, which
             return layer(x, row_block=self.ROW_BLOCK)  # also runs one row as MIN_ROWS >= 2 rows
+        if isinstance(layer, Q4Linear):  # the int4 kernel's rows do not depend on M (dspark.models.q4)
+            return layer(x)
         if x.shape[0] == 1:
             return self.linear(layer, torch.cat((x, x)))[:1]
         if x.shape[0] <= self.ROW_BLOCK:

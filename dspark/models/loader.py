@@ -88,16 +88,25 @@ def load_model(
     device: str | torch.device = "cpu",
     progress: bool = True,
     shard: Shard = Shard(),
+    weights: str = "dense",
 ) -> LoadedModel:
     """Load a GGUF file or a HF folder (config.json + *.safetensors) onto ``device``.
 
     ``shard``: the rank of a tensor-parallel group being built.  A family with its own loader
     (DeepSeek-V4) reads only that rank's slices and returns the model already cut
-    (``model.shard``); the Llama family loads whole and ``apply_tp`` cuts it."""
+    (``model.shard``); the Llama family loads whole and ``apply_tp`` cuts it.
+
+    ``weights``: ``dense`` dequantizes every tensor to ``dtype``; ``q4`` keeps a GGUF file's
+    4-bit layer matrices (``Q4_0`` / ``Q4_1``) as they are stored and multiplies them with the
+    int4 CPU kernel (:mod:`dspark.models.q4`), everything else dense."""
     path = Path(path) if path else default_model_path()
     if not path.exists():
         raise FileNotFoundError(f"model path {path} does not exist")
     dtype = parse_dtype(dtype)
+    if weights not in WEIGHT_FORMATS:
+        raise ValueError(f"weights must be one of {', '.join(WEIGHT_FORMATS)} (got {weights!r})")
+    if weights == "q4":
+        return _load_q4(path, dtype, device, progress, shard)
     family = family_of(path)
     if family is not None and family.loader:  # its own decoder and per-request state (e.g. DeepSeek-V4)
         return _resolve(family.loader)(path, dtype, device, shard)
@@ -108,6 +117,35 @@ def load_model(
         args, tensors, tokenizer = _read_gguf(path, progress)
         name = DEFAULT_MODEL_NAME if path.name.startswith(DEFAULT_MODEL_NAME) else path.stem
     model = build_model(args, tensors, dtype, device)
+    return LoadedModel(model=model, tokenizer=tokenizer, args=args, source=str(path), name=name)
+
+
+WEIGHT_FORMATS = ("dense", "q4")
+
+
+def _load_q4(path: Path, dtype: torch.dtype, device, progress: bool, shard: Shard) -> LoadedModel:
+    """``load_model`` with the layer matrices kept as the file's 4-bit blocks."""
+    from dspark.models.q4 import Q4Linear, q4_supported
+
+    if path.is_dir() or family_of(path) is not None:
+        raise ValueError("--weights q4 reads the 4-bit blocks of a GGUF file; this model is a folder")
+    if torch.device(device).type != "cpu" or dtype not in (torch.bfloat16, torch.float32):
+        raise ValueError("--weights q4 runs on the CPU in bf16 or fp32")
+    if shard.world_size > 1:
+        raise ValueError("--weights q4 serves one rank (no tensor-parallel cut of the 4-bit blocks)")
+    if not q4_supported():
+        raise RuntimeError("--weights q4 needs torch's int4 CPU kernel, which this torch lacks")
+    blocks = _gguf_q4_layers(path)  # refuses a file whose layer matrices are not Q4_0 / Q4_1
+    args, tensors, tokenizer = _read_gguf(path, progress)
+    for key in blocks:
+        tensors.drop(key) if isinstance(tensors, _LazyTensors) else tensors.pop(key)
+    model = build_model(args, tensors, dtype, device, absent=frozenset(blocks))
+    for key, b in blocks.items():
+        parent_name, leaf = key.removesuffix(".weight").rsplit(".", 1)
+        parent = model.get_submodule(parent_name)
+        bias = getattr(parent, leaf).bias
+        setattr(parent, leaf, Q4Linear(b, None if bias is None or bias.is_meta else bias, dtype))
+    name = DEFAULT_MODEL_NAME if path.name.startswith(DEFAULT_MODEL_NAME) else path.stem
     return LoadedModel(model=model, tokenizer=tokenizer, args=args, source=str(path), name=name)
 
 
@@ -155,10 +193,12 @@ def _without_init():
             setattr(init, n, f)
 
 
-def build_model(args: ModelArgs, tensors: dict[str, torch.Tensor] | _LazyTensors, dtype, device) -> Transformer:
+def build_model(args: ModelArgs, tensors: dict[str, torch.Tensor] | _LazyTensors, dtype, device,
+                absent: frozenset[str] = frozenset()) -> Transformer:
     """The model of ``tensors``, which this empties: each checkpoint tensor is converted and
     dropped in turn, so loading never holds the float32 checkpoint and the converted model at
-    once (for the default model that was 540 MB of the process's peak memory)."""
+    once (for the default model that was 540 MB of the process's peak memory).  ``absent``: keys
+    the caller fills in itself (left on the meta device here)."""
     with torch.device("meta"), _without_init():
         model = decoder_class(args)(args)
     state = {k: tensors.pop(k).to(device=device, dtype=dtype) for k in list(tensors)}
@@ -168,6 +208,7 @@ def build_model(args: ModelArgs, tensors: dict[str, torch.Tensor] | _LazyTensors
     if args.tie_word_embeddings:
         model.output.weight = model.tok_embeddings.weight
         missing = [m for m in missing if m != "output.weight"]
+    missing = [m for m in missing if m not in absent]
     if missing or unexpected:
         raise ValueError(f"checkpoint does not match the architecture: missing={missing} unexpected={unexpected}")
     return model.eval().requires_grad_(False)
@@ -276,6 +317,10 @@ class _LazyTensors(Mapping):
         """The tensor ``key``, which this mapping then forgets."""
         return self._read(self._entries.pop(key))
 
+    def drop(self, key: str) -> None:
+        """Forget ``key`` without reading it."""
+        del self._entries[key]
+
     def _read(self, entry: dict) -> torch.Tensor:
         start, end = entry["data_offsets"]
         out = torch.empty(entry["shape"], dtype=_ST_DTYPES[entry["dtype"]])
@@ -359,6 +404,47 @@ def _convert_gguf(path: Path, progress: bool) -> tuple[ModelArgs, dict[str, torc
         out[d + "attention_norm.weight"] = T(p + "attn_norm.weight")
         out[d + "ffn_norm.weight"] = T(p + "ffn_norm.weight")
     return args, out, f
+
+
+def _gguf_q4_layers(path: Path) -> dict:
+    """Our layer-matrix keys -> the file's 4-bit blocks (``dspark.models.q4.Q4Blocks``), in the
+    layout ``_convert_gguf`` gives the dense matrices (q / k rows un-permuted, q | k | v and
+    gate | up stacked).  Refuses, in one line, a file with any other type for those matrices."""
+    from gguf import GGUFReader
+
+    from dspark.models.q4 import Q4Blocks, q4_blocks
+
+    reader = GGUFReader(str(path))
+    f = gguf_fields(reader)
+    arch = f["general.architecture"]
+    if arch not in ("llama", "qwen2", "mistral"):
+        raise ValueError(f"GGUF architecture {arch!r} is not a supported Llama-family model")
+    n_heads = int(f[f"{arch}.attention.head_count"])
+    n_kv_heads = int(f.get(f"{arch}.attention.head_count_kv", n_heads))
+    by_name = {t.name: t for t in reader.tensors}
+    other = sorted({t.tensor_type.name for n, t in by_name.items() if n.startswith("blk.") and n.endswith(".weight")
+                    and t.tensor_type.name not in ("Q4_0", "Q4_1") and len(t.shape) == 2})
+    if other:
+        raise ValueError(f"--weights q4 multiplies Q4_0 / Q4_1 layer matrices; {path.name} also has {', '.join(other)}")
+
+    def blocks(name: str, heads: int = 0) -> Q4Blocks:
+        t = by_name[name]
+        if t.tensor_type.name not in ("Q4_0", "Q4_1"):
+            raise ValueError(f"--weights q4 multiplies Q4_0 / Q4_1 layer matrices; {name} is {t.tensor_type.name}")
+        b = q4_blocks(np.asarray(t.data), t.tensor_type.name)
+        if heads and arch in ("llama", "mistral"):  # the rows _unpermute_rope puts where
+            b = b.rows(_unpermute_rope(torch.arange(b.shape[0]), heads))
+        return b
+
+    out = {}
+    for i in range(int(f[f"{arch}.block_count"])):
+        p, d = f"blk.{i}.", f"layers.{i}."
+        out[d + "attention.wqkv.weight"] = Q4Blocks.cat(
+            [blocks(p + "attn_q.weight", n_heads), blocks(p + "attn_k.weight", n_kv_heads), blocks(p + "attn_v.weight")])
+        out[d + "attention.wo.weight"] = blocks(p + "attn_output.weight")
+        out[d + "feed_forward.w13.weight"] = Q4Blocks.cat([blocks(p + "ffn_gate.weight"), blocks(p + "ffn_up.weight")])
+        out[d + "feed_forward.w2.weight"] = blocks(p + "ffn_down.weight")
+    return out
 
 
 # --------------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ class EngineSpec:
 
     model: str | None = None  # GGUF file or HF folder; None = the embedded default model
     dtype: str = "bf16"  # bf16 | fp32 | fp16
+    weights: str = "dense"  # dense | q4: a GGUF file's 4-bit layer matrices as stored (dspark.models.q4)
     device: str = "cpu"  # cpu | cuda
     tp: int = 1  # tensor-parallel ranks (spawned processes on this host unless EngineParts.tp_group)
     draft: str = "none"  # "none" or a registered drafter kind (dspark.workers.drafters.registry)
@@ -97,6 +98,8 @@ def build_engine(
         raise ValueError(f"verify_policy must be one of {', '.join(VERIFY_POLICIES)} (got {spec.verify_policy!r})")
     if spec.verify_policy == "adaptive" and budget is not fixed_budget:
         raise ValueError("pass a budget or verify_policy='adaptive', not both")
+    if spec.weights != "dense" and spec.tp > 1:
+        raise ValueError(f"--weights {spec.weights} serves one rank (no tensor-parallel cut of its blocks); use --tp 1")
     if spec.device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda requested but CUDA is not available")
     local_kind = registry.get(spec.draft) if spec.draft != "none" and parts.drafter is None else None
@@ -117,7 +120,7 @@ def build_engine(
             source = str(spec.model or default_model_path())
             loaded = LoadedModel(model=runner.model, tokenizer=tokenizer, args=args, source=source, name=name)
     else:
-        loaded = load_model(spec.model, dtype=spec.dtype, device=spec.device, progress=progress)
+        loaded = load_model(spec.model, dtype=spec.dtype, device=spec.device, progress=progress, weights=spec.weights)
         runner = LocalRunner(loaded.model, spec.runner)
         tokenizer, args, name = loaded.tokenizer, loaded.args, loaded.name
     drafter = None

@@ -1,0 +1,156 @@
+"""``--weights q4``: the GGUF file's own 4-bit layer matrices, multiplied as stored.
+
+* the blocks read from the file are the values the ``gguf`` package dequantizes, exactly;
+* a product with the int4 kernel equals the dense product by those values (fp32: to float
+  rounding; bf16: to bf16 rounding), and each row's bits do not depend on the rows beside it;
+* the whole model in fp32 gives the dense fp32 model's logits and greedy text;
+* bf16 deterministic (the serving default), eager and compiled: the start-up row-invariance
+  check passes and speculative greedy output equals plain greedy output bit for bit;
+* what it cannot serve (a folder, a GPU, fp16, tensor parallelism) is refused in one line.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dspark.models.kv_cache import make_batch
+from dspark.models.loader import default_model_path, load_model
+from dspark.models.q4 import GROUP, Q4Blocks, Q4Linear, q4_blocks
+from dspark.workers.factory import EngineSpec, build_engine
+from dspark.workers.runner import RunnerConfig
+from helpers.engines import greedy_outputs
+
+pytestmark = pytest.mark.skipif(not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"),
+                                reason="this torch has no int4 CPU kernel")
+
+
+@pytest.fixture(scope="module")
+def q4_fp32():
+    return load_model(dtype="fp32", progress=False, weights="q4")
+
+
+def _file_tensor(name: str):
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(default_model_path()))
+    return next(t for t in reader.tensors if t.name == name)
+
+
+def test_blocks_are_the_values_gguf_dequantizes():
+    from gguf.quants import dequantize
+
+    for name in ("blk.0.ffn_down.weight", "blk.7.attn_k.weight"):
+        t = _file_tensor(name)
+        assert t.tensor_type.name == "Q4_1"
+        blocks = q4_blocks(np.asarray(t.data), "Q4_1")
+        assert torch.equal(blocks.dense(), torch.from_numpy(dequantize(t.data, t.tensor_type)))
+
+
+def _random_blocks(out: int, inp: int, seed: int = 0) -> Q4Blocks:
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 16, (out, inp), generator=g, dtype=torch.int32)
+    scale = (torch.rand(out, inp // GROUP, generator=g) * 0.02 + 0.001).half().float()
+    zero = (-torch.rand(out, inp // GROUP, generator=g) * 0.1).half().float() + 8 * scale
+    return Q4Blocks(codes, scale, zero)
+
+
+def test_product_equals_the_dense_product_and_is_row_invariant():
+    blocks = _random_blocks(192, 1536)
+    dense = blocks.dense()
+    x = torch.randn(40, 1536, generator=torch.Generator().manual_seed(1))
+    layer32 = Q4Linear(blocks, None, torch.float32)
+    torch.testing.assert_close(layer32(x), x @ dense.t(), rtol=1e-5, atol=1e-5)
+    layer16 = Q4Linear(blocks, None, torch.bfloat16)
+    xb = x.bfloat16()
+    y = layer16(xb)
+    ref = xb.float() @ dense.t()
+    assert ((y.float() - ref).abs().max() / ref.abs().max()).item() < 1e-2
+    for m in (1, 2, 3, 8, 17, 33):  # each row's bits whatever the rows beside it
+        assert torch.equal(layer16(xb[:m]), y[:m]), m
+    assert torch.equal(layer16(xb[20:21]), y[20:21])
+
+
+def test_model_fp32_matches_the_dense_model(model_fp32, q4_fp32):
+    layers = [m for m in q4_fp32.model.modules() if isinstance(m, Q4Linear)]
+    assert len(layers) == 4 * q4_fp32.args.n_layers  # q|k|v, o, gate|up, down of every layer
+    logits = []
+    for m in (model_fp32.model, q4_fp32.model):
+        cache = m.make_cache(1, 64)
+        batch = make_batch(cache, [0], [12], m.args.n_rep)
+        with torch.inference_mode():
+            logits.append(m(torch.arange(300, 312), cache, batch).logits)
+    torch.testing.assert_close(logits[1], logits[0], atol=2e-3, rtol=0)
+    tok = model_fp32.tokenizer
+    dense, _ = greedy_outputs(tok, EngineSpec(dtype="fp32", runner=RunnerConfig(n_slots=2, max_seq=256)), max_tokens=32)
+    q4, _ = greedy_outputs(tok, EngineSpec(dtype="fp32", weights="q4", runner=RunnerConfig(n_slots=2, max_seq=256)),
+                           max_tokens=32)
+    assert q4 == dense
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_bf16_deterministic_speculative_equals_plain(model_fp32, compiled):
+    tok = model_fp32.tokenizer
+
+    def runner():
+        return RunnerConfig(n_slots=2, max_seq=512, deterministic=True, compile=compiled)
+
+    spec = EngineSpec(dtype="bf16", weights="q4", runner=runner())  # start-up: the row-invariance check
+    plain, _ = greedy_outputs(tok, spec)
+    drafted, verified = greedy_outputs(tok, EngineSpec(dtype="bf16", weights="q4", draft="ngram", block_len=4,
+                                                       runner=runner()),
+                                       lambda engine: engine.metrics.num_draft_tokens)
+    assert verified > 0  # drafts were verified: the comparison is not vacuous
+    assert drafted == plain
+
+
+def test_what_q4_cannot_serve_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="GGUF file"):
+        load_model(str(tmp_path), weights="q4")
+    with pytest.raises(ValueError, match="CPU in bf16 or fp32"):
+        load_model(dtype="fp16", weights="q4")
+    with pytest.raises(ValueError, match="weights must be one of"):
+        load_model(weights="q3")
+    with pytest.raises(ValueError, match="one rank"):
+        build_engine(EngineSpec(weights="q4", tp=2), progress=False)
+
+
+def test_a_file_with_other_layer_types_is_refused(tmp_path):
+    """A GGUF whose layer matrices are not all Q4_0 / Q4_1 (here: F32) is named in the error."""
+    from gguf import GGUFWriter
+
+    out = tmp_path / "mixed.gguf"
+    w = GGUFWriter(str(out), "llama")
+    w.add_block_count(1)
+    w.add_head_count(9)
+    w.add_tensor("blk.0.attn_q.weight", np.zeros((64, 64), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    from dspark.models.loader import _gguf_q4_layers
+
+    with pytest.raises(ValueError, match="also has F32"):
+        _gguf_q4_layers(out)
+
+
+def test_doctests():
+    import doctest
+
+    from dspark.models import q4
+
+    result = doctest.testmod(q4)
+    assert result.attempted > 0 and result.failed == 0
+
+
+def test_cluster_config_refuses_q4_where_it_cannot_serve():
+    from dspark.cluster.config import ClusterConfig
+
+    assert ClusterConfig.from_args({"weights": "q4"}).weights == "q4"
+    for bad in ({"weights": "q4", "tp": 2}, {"weights": "q4", "device": "cuda"}, {"weights": "q4", "dtype": "fp16"}):
+        with pytest.raises(ValueError, match="CPU, one rank"):
+            ClusterConfig.from_args(bad)
+    with pytest.raises(ValueError, match="dense or q4"):
+        ClusterConfig.from_args({"weights": "int3"})
