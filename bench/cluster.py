@@ -48,11 +48,12 @@ import click
 from bench.common import run_isolated, table, write_json
 
 
-def _config(draft: str, block: int | None, compile_step: bool = False, verify_policy: str = "fixed") -> dict:
+def _config(draft: str, block: int | None, compile_step: bool = False, verify_policy: str = "fixed",
+            weights: str = "dense") -> dict:
     from dspark.cluster.config import ClusterConfig
 
     kw = {"draft": draft, "draft_workers": 1, "tp": 1, "dtype": "bf16", "compile": compile_step,
-          "verify_policy": verify_policy}
+          "verify_policy": verify_policy, "weights": weights}
     if block is not None:
         kw["block_len"] = block
     return dataclasses.asdict(ClusterConfig(**kw))
@@ -88,7 +89,7 @@ def in_process(cfg: dict, speculative: bool, levels: list[int], texts: list[str]
     from dspark.workers.request import SamplingParams
     from dspark.workers.runner import RunnerConfig
 
-    spec = EngineSpec(model=cfg["model"], dtype=cfg["dtype"], device=cfg["device"], tp=cfg["tp"],
+    spec = EngineSpec(model=cfg["model"], dtype=cfg["dtype"], weights=cfg["weights"], device=cfg["device"], tp=cfg["tp"],
                       draft=cfg["draft"] if speculative else "none", block_len=cfg["block_len"],
                       runner=RunnerConfig(n_slots=cfg["n_slots"], max_seq=cfg["max_seq"], compile=cfg["compile"]),
                       max_prefill_tokens=cfg["max_prefill_tokens"], draft_options=tuple(cfg["draft_options"].items()),
@@ -264,7 +265,9 @@ def through_cluster(cfg: dict, levels: list[int], texts: list[str], max_tokens: 
 @click.option("--verify-policy", type=click.Choice(["fixed", "adaptive"]), default="adaptive", show_default=True,
               help="the cluster's and the in-process engines' (adaptive: `dspark serve`'s default; in process "
                    "without the global scheduler, so under the budget's default policy)")
-def main(concurrency, max_tokens, min_requests, repeats, draft, block, compile_step, verify_policy, json_path):
+@click.option("--weights", type=click.Choice(["dense", "q4"]), default="dense", show_default=True,
+              help="the target's layer matrices: dequantized, or the GGUF file's 4-bit blocks as stored")
+def main(concurrency, max_tokens, min_requests, repeats, draft, block, compile_step, verify_policy, json_path, weights):
     """Through the full cluster vs in-process speculative and plain decoding, side by side."""
     from dspark.cluster.config import ClusterConfig
     from dspark.cluster.commands import _default_draft
@@ -272,12 +275,12 @@ def main(concurrency, max_tokens, min_requests, repeats, draft, block, compile_s
     t_begin = time.perf_counter()
     load_start = os.getloadavg()
     levels = [int(c) for c in concurrency.split(",")]
-    cfg = _config(draft or _default_draft(), block, compile_step, verify_policy)
+    cfg = _config(draft or _default_draft(), block, compile_step, verify_policy, weights)
     threads = ClusterConfig(**cfg).threads()
     texts = _texts(max(max(levels), min_requests))
     click.echo(f"drafter {cfg['draft']}, block {cfg['block_len']}, {verify_policy} verification, "
                f"{cfg['draft_workers']} draft worker, tp {cfg['tp']}, "
-               f"{cfg['dtype']}, {threads} torch thread(s) per compute process, {max_tokens} new tokens, "
+               f"{cfg['dtype']} ({weights} weights), {threads} torch thread(s) per compute process, {max_tokens} new tokens, "
                f"levels {levels}, {repeats} cluster run(s)", err=True)
     kw = {"cfg": cfg, "levels": levels, "texts": texts, "max_tokens": max_tokens, "min_requests": min_requests}
 

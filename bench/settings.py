@@ -1,12 +1,13 @@
 """`dspark bench settings`: the cluster's tokens/s under each value of one of its settings.
 
-    dspark bench settings [--setting torch_threads] [--values 2,1] [--draft none]
+    dspark bench settings [--setting torch_threads|...|weights|kv_layout] [--values 2,1] [--draft none]
                           [--concurrency 1,4,16] [--rounds 2] [--max-tokens N] [--requests N]
                           [--compile/--no-compile] [--verify-policy adaptive|fixed] [--json FILE]
 
 One local cluster per value of a ``ClusterConfig`` field with an integer value (for example
 ``torch_threads``: the threads of every verifier rank and draft worker; ``local_draft_below``:
-the requests a verifier drafts in its own process), called with the openai client over HTTP,
+the requests a verifier drafts in its own process) or of ``weights`` (``dense,q4``: the verifier's
+layer matrices dequantized or as the GGUF file's 4-bit blocks) or ``kv_layout``, called with the openai client over HTTP,
 closed loop, greedy, bf16, ``dspark serve``'s verification (adaptive; ``--verify-policy fixed``:
 whole blocks).  With ``--draft none`` (the default) the cluster has no draft worker and the
 verifier is its only compute process.  With a drafter, each level runs speculative and
@@ -32,7 +33,11 @@ import click
 from bench.common import run_isolated, table, write_json
 
 
-def _config(draft: str, compile_step: bool, setting: str, value: int, verify_policy: str = "adaptive") -> dict:
+# Text-valued settings this command takes: ones whose values ``ClusterConfig.from_args`` checks.
+TEXT_SETTINGS = ("weights", "kv_layout")
+
+
+def _config(draft: str, compile_step: bool, setting: str, value: int | str, verify_policy: str = "adaptive") -> dict:
     from dspark.cluster.config import ClusterConfig
 
     base = ClusterConfig(draft=draft, draft_workers=0 if draft == "none" else 1, tp=1, dtype="bf16", compile=compile_step,
@@ -76,7 +81,8 @@ def _integers(raw: str) -> list[int]:
 
 @click.command()
 @click.option("--setting", default="torch_threads", show_default=True,
-              help="a ClusterConfig field with an integer value (e.g. torch_threads, local_draft_below)")
+              help="a ClusterConfig field with an integer value (e.g. torch_threads, local_draft_below), or "
+                   f"one of {', '.join(TEXT_SETTINGS)}")
 @click.option("--values", default="2,1", show_default=True, help="one cluster each; ratios are to the first")
 @click.option("--draft", default="none", show_default=True, help="drafter kind (none: a verifier alone)")
 @click.option("--concurrency", default="1,4,16", show_default=True)
@@ -95,12 +101,17 @@ def main(setting, values, draft, concurrency, rounds, max_tokens, min_requests, 
     from dspark.cluster.config import ClusterConfig
 
     t_begin = time.perf_counter()
-    vals, levels = _integers(values), _integers(concurrency)
+    levels = _integers(concurrency)
     if min(levels) < 1:
         raise click.UsageError("--concurrency takes positive integers")
     fields = {f.name: f for f in dataclasses.fields(ClusterConfig)}
-    if setting not in fields or fields[setting].type not in ("int", int):
-        raise click.UsageError(f"--setting must name an integer ClusterConfig field, not {setting!r}")
+    if setting in TEXT_SETTINGS:
+        vals = [v for v in values.split(",") if v]
+    elif setting in fields and fields[setting].type in ("int", int):
+        vals = _integers(values)
+    else:
+        raise click.UsageError(f"--setting must name an integer ClusterConfig field or one of "
+                               f"{', '.join(TEXT_SETTINGS)}, not {setting!r}")
     try:
         cfgs = {v: _config(draft, compile_step, setting, v, verify_policy) for v in vals}
     except ValueError as e:

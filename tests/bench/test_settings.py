@@ -31,6 +31,7 @@ def test_ratios_are_taken_within_each_round():
     (["--setting", "dtype", "--values", "1"], "integer ClusterConfig field"),
     (["--setting", "nope"], "integer ClusterConfig field"),
     (["--values", "-1"], "torch_threads >= 0"),  # the configuration's own check, named
+    (["--setting", "weights", "--values", "dense,q3"], "weights must be dense or q4"),
 ])
 def test_bad_options_are_one_line_usage_errors(argv, message):
     r = CliRunner().invoke(settings.main, argv)
@@ -41,3 +42,4 @@ def test_the_setting_reaches_the_cluster_configuration():
     cfg = settings._config("ngram", False, "local_draft_below", 0)
     assert (cfg["local_draft_below"], cfg["draft"], cfg["draft_workers"]) == (0, "ngram", 1)
     assert settings._config("none", True, "torch_threads", 2)["draft_workers"] == 0
+    assert settings._config("hybrid", True, "weights", "q4")["weights"] == "q4"
