@@ -25,12 +25,30 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+def engine_spec(cfg: ClusterConfig):
+    """The engine a verifier group of ``cfg`` builds (its ``EngineSpec``)."""
+    from dspark.workers.factory import EngineSpec
+    from dspark.workers.runner import RunnerConfig
+
+    # The drafter that runs here: a kind that drafts in the target's own cache (layerskip),
+    # or the remote drafter for the kind the draft workers run.  A kind that only runs
+    # remotely with no draft worker configured means plain decoding.
+    in_process = cfg.draft != "none" and not registry.get(cfg.draft).remote
+    return EngineSpec(
+        model=cfg.model, dtype=cfg.dtype, weights=cfg.weights, device=cfg.device, tp=cfg.tp,
+        draft=cfg.draft if in_process or cfg.remote_draft else "none", block_len=cfg.block_len,
+        runner=RunnerConfig(n_slots=cfg.n_slots, max_seq=cfg.max_seq, deterministic=cfg.deterministic,
+                            compile=cfg.compile, kv_layout=cfg.kv_layout, cuda_graphs=cfg.cuda_graphs),
+        max_prefill_tokens=cfg.max_prefill_tokens, draft_options=tuple(cfg.draft_options.items()),
+        verify_policy=cfg.verify_policy, speculation_gate=cfg.speculation_gate,
+    )
+
+
 class VerifierGroup:
     def __init__(self, cfg: ClusterConfig) -> None:
         import torch
 
-        from dspark.workers.factory import EngineParts, EngineSpec, build_engine
-        from dspark.workers.runner import RunnerConfig
+        from dspark.workers.factory import EngineParts, build_engine
         from dspark.workers.verifier import VerifierWorker
 
         self.cfg = cfg
@@ -38,18 +56,7 @@ class VerifierGroup:
         torch.set_num_threads(cfg.threads())
         self._drafter_addrs: list[str] = []
         self.remote: RemoteDrafter | None = None
-        # The drafter that runs here: a kind that drafts in the target's own cache (layerskip),
-        # or the remote drafter for the kind the draft workers run.  A kind that only runs
-        # remotely with no draft worker configured means plain decoding.
-        in_process = cfg.draft != "none" and not registry.get(cfg.draft).remote
-        spec = EngineSpec(
-            model=cfg.model, dtype=cfg.dtype, weights=cfg.weights, device=cfg.device, tp=cfg.tp,
-            draft=cfg.draft if in_process or cfg.remote_draft else "none", block_len=cfg.block_len,
-            runner=RunnerConfig(n_slots=cfg.n_slots, max_seq=cfg.max_seq, deterministic=cfg.deterministic,
-                                compile=cfg.compile, kv_layout=cfg.kv_layout, cuda_graphs=cfg.cuda_graphs),
-            max_prefill_tokens=cfg.max_prefill_tokens, draft_options=tuple(cfg.draft_options.items()),
-            verify_policy=cfg.verify_policy, speculation_gate=cfg.speculation_gate,
-        )
+        spec = engine_spec(cfg)
         parts = EngineParts(tp_group=self._ray_tp_group if cfg.tp > 1 else None,
                             drafter=self._remote_drafter if cfg.remote_draft else None)
         self.built = build_engine(spec, progress=False, parts=parts)

@@ -154,3 +154,13 @@ def test_cluster_config_refuses_q4_where_it_cannot_serve():
             ClusterConfig.from_args(bad)
     with pytest.raises(ValueError, match="dense or q4"):
         ClusterConfig.from_args({"weights": "int3"})
+
+
+def test_a_verifier_group_of_a_q4_cluster_builds_a_q4_engine():
+    from dspark.cluster.config import ClusterConfig
+    from dspark.cluster.verifier_group import engine_spec
+
+    cfg = ClusterConfig.from_args({"weights": "q4", "draft": "hybrid", "draft_workers": 1, "verify_policy": "adaptive"})
+    spec = engine_spec(cfg)
+    assert (spec.weights, spec.draft, spec.verify_policy) == ("q4", "hybrid", "adaptive")
+    assert engine_spec(ClusterConfig()).weights == "dense"
