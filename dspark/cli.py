@@ -110,7 +110,9 @@ def engine_options(f):
         click.option("--device", default="cpu", show_default=True, help="cpu or cuda"),
         click.option("--tp", type=int, default=1, show_default=True, help="tensor-parallel ranks"),
         click.option("--draft", type=click.Choice(registry.choices()), default="none", show_default=True),
-        click.option("--block", "block_len", type=int, default=4, show_default=True, help="draft block length"),
+        click.option("--block", "block_len", type=int, default=None,
+                     help="draft block length (default: 4; 3 with --weights q4, whose kernel costs a whole pass "
+                          "more from the fifth row of a verification)"),
         click.option("--draft-option", "draft_options", multiple=True, metavar="KEY=VALUE", help="drafter setting, repeatable"),
         click.option("--deterministic/--no-deterministic", default=None,
                      help="row-invariant kernels: greedy speculative output equals plain decoding in bf16 too "
@@ -158,6 +160,8 @@ def generate(prompt, max_tokens, temperature, top_p, top_k, seed, raw, model, dt
 
     if deterministic is None:
         deterministic = deterministic_default(dtype, device, model)
+    if block_len is None:
+        block_len = 3 if weights == "q4" else 4
     if cuda_graphs is None:
         cuda_graphs = cuda_graphs_default(device, model, kv_layout, deterministic, tp)
     try:
@@ -200,7 +204,8 @@ def generate(prompt, max_tokens, temperature, top_p, top_k, seed, raw, model, dt
         m = seq.metrics
         click.echo(
             f"[{n} tokens in {dt:.2f}s: {n / dt:.1f} tokens/s, first token {1000 * (first or 0):.0f} ms, "
-            f"finish={seq.finish_reason}, draft={draft}, acceptance length={m.mean_acceptance_length:.2f}, "
+            f"finish={seq.finish_reason}, draft={draft}" + (f", block={block_len}" if draft != "none" else "")
+            + f", acceptance length={m.mean_acceptance_length:.2f}, "
             f"drafts={m.num_drafts}, accepted={m.num_accepted_tokens}/{m.num_draft_tokens}]",
             err=True,
         )

@@ -164,3 +164,17 @@ def test_a_verifier_group_of_a_q4_cluster_builds_a_q4_engine():
     spec = engine_spec(cfg)
     assert (spec.weights, spec.draft, spec.verify_policy) == ("q4", "hybrid", "adaptive")
     assert engine_spec(ClusterConfig()).weights == "dense"
+
+
+def test_generate_with_q4_drafts_blocks_of_three_unless_told():
+    from click.testing import CliRunner
+
+    from dspark.cli import main
+
+    for extra, block in (([], 3), (["--block", "5"], 5)):
+        res = CliRunner().invoke(main, ["generate", "List three colours.", "--weights", "q4", "--draft", "ngram",
+                                        "--max-tokens", "8", *extra])
+        assert res.exit_code == 0, res.output
+        assert f"draft=ngram, block={block}," in res.output
+    res = CliRunner().invoke(main, ["generate", "hi", "--weights", "q4", "--model", "/nonexistent-folder"])
+    assert res.exit_code != 0 and "Traceback" not in res.output
