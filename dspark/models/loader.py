@@ -350,15 +350,22 @@ def _args_from_json(d: dict) -> ModelArgs:
     return ModelArgs(**d)
 
 
-def _convert_gguf(path: Path, progress: bool) -> tuple[ModelArgs, dict[str, torch.Tensor], dict]:
+def _open_gguf(path: Path):
+    """(reader, metadata fields, architecture) of a Llama-family GGUF file; refuses others."""
     from gguf import GGUFReader
-    from gguf.quants import dequantize
 
     reader = GGUFReader(str(path))
     f = gguf_fields(reader)
     arch = f["general.architecture"]
     if arch not in ("llama", "qwen2", "mistral"):
         raise ValueError(f"GGUF architecture {arch!r} is not a supported Llama-family model")
+    return reader, f, arch
+
+
+def _convert_gguf(path: Path, progress: bool) -> tuple[ModelArgs, dict[str, torch.Tensor], dict]:
+    from gguf.quants import dequantize
+
+    reader, f, arch = _open_gguf(path)
     n_heads = int(f[f"{arch}.attention.head_count"])
     dim = int(f[f"{arch}.embedding_length"])
     raw: dict[str, np.ndarray] = {}
@@ -410,15 +417,9 @@ def _gguf_q4_layers(path: Path) -> dict:
     """Our layer-matrix keys -> the file's 4-bit blocks (``dspark.models.q4.Q4Blocks``), in the
     layout ``_convert_gguf`` gives the dense matrices (q / k rows un-permuted, q | k | v and
     gate | up stacked).  Refuses, in one line, a file with any other type for those matrices."""
-    from gguf import GGUFReader
-
     from dspark.models.q4 import Q4Blocks, q4_blocks
 
-    reader = GGUFReader(str(path))
-    f = gguf_fields(reader)
-    arch = f["general.architecture"]
-    if arch not in ("llama", "qwen2", "mistral"):
-        raise ValueError(f"GGUF architecture {arch!r} is not a supported Llama-family model")
+    reader, f, arch = _open_gguf(path)
     n_heads = int(f[f"{arch}.attention.head_count"])
     n_kv_heads = int(f.get(f"{arch}.attention.head_count_kv", n_heads))
     by_name = {t.name: t for t in reader.tensors}
