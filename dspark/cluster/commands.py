@@ -97,6 +97,12 @@ def make_config(model, dtype, device, tp, draft_workers, draft, block_len, verif
         extra["cuda_graphs"] = cuda_graphs_default(device, model, extra.get("kv_layout", "slot"),
                                                    bool(extra.get("deterministic")), tp)
     draft = draft or _default_draft()
+    if extra.get("weights") == "q4":  # the file's own header says whether its blocks can be served
+        from dspark.models.loader import q4_refusal
+
+        refusal = q4_refusal(model)
+        if refusal:
+            raise click.UsageError(refusal)
     try:
         options = dict(registry.assignments(draft_options))
         cfg = ClusterConfig.from_args(dict(

@@ -123,28 +123,52 @@ def load_model(
 WEIGHT_FORMATS = ("dense", "q4")
 
 
+def q4_refusal(path: str | Path | None) -> str | None:
+    """Why ``--weights q4`` cannot serve the model at ``path`` (None: it can), read from the GGUF
+    file's header without loading it, so the commands refuse in one line before anything starts."""
+    from dspark.models.q4 import Q4_ROWS, q4_supported
+
+    path = Path(path) if path else default_model_path()
+    if path.is_dir() or family_of(path) is not None:
+        return "--weights q4 reads the 4-bit blocks of a GGUF file; this model is a folder"
+    if not path.exists():
+        return None  # the load's own error names it
+    if not q4_supported():
+        return "--weights q4 needs torch's int4 CPU kernel, which this torch lacks"
+    try:
+        reader, _, _ = _open_gguf(path)
+    except ValueError as e:
+        return str(e)
+    layers = [t for t in reader.tensors if t.name.startswith("blk.") and t.name.endswith(".weight") and len(t.shape) == 2]
+    other = sorted({t.tensor_type.name for t in layers} - {"Q4_0", "Q4_1"})
+    if other:
+        return f"--weights q4 multiplies Q4_0 / Q4_1 layer matrices; {path.name} also has {', '.join(other)}"
+    odd = [t.name for t in layers if int(t.shape[1]) % Q4_ROWS]  # gguf lists [columns, rows]
+    if odd:
+        return f"--weights q4 needs layer matrices of a multiple of {Q4_ROWS} rows, which {odd[0]} is not"
+    return None
+
+
 def _load_q4(path: Path, dtype: torch.dtype, device, progress: bool, shard: Shard) -> LoadedModel:
     """``load_model`` with the layer matrices kept as the file's 4-bit blocks."""
-    from dspark.models.q4 import Q4Linear, q4_supported
+    from dspark.models.q4 import Q4Linear
 
-    if path.is_dir() or family_of(path) is not None:
-        raise ValueError("--weights q4 reads the 4-bit blocks of a GGUF file; this model is a folder")
     if torch.device(device).type != "cpu" or dtype not in (torch.bfloat16, torch.float32):
         raise ValueError("--weights q4 runs on the CPU in bf16 or fp32")
     if shard.world_size > 1:
         raise ValueError("--weights q4 serves one rank (no tensor-parallel cut of the 4-bit blocks)")
-    if not q4_supported():
-        raise RuntimeError("--weights q4 needs torch's int4 CPU kernel, which this torch lacks")
-    blocks = _gguf_q4_layers(path)  # refuses a file whose layer matrices are not Q4_0 / Q4_1
+    refusal = q4_refusal(path)
+    if refusal:
+        raise ValueError(refusal)
+    blocks = _gguf_q4_layers(path)
     args, tensors, tokenizer = _read_gguf(path, progress)
     for key in blocks:
         tensors.drop(key) if isinstance(tensors, _LazyTensors) else tensors.pop(key)
     model = build_model(args, tensors, dtype, device, absent=frozenset(blocks))
-    for key, b in blocks.items():
+    for key in list(blocks):  # each matrix's codes are let go once it is packed
         parent_name, leaf = key.removesuffix(".weight").rsplit(".", 1)
         parent = model.get_submodule(parent_name)
-        bias = getattr(parent, leaf).bias
-        setattr(parent, leaf, Q4Linear(b, None if bias is None or bias.is_meta else bias, dtype))
+        setattr(parent, leaf, Q4Linear(blocks.pop(key), getattr(parent, leaf).bias, dtype))
     name = DEFAULT_MODEL_NAME if path.name.startswith(DEFAULT_MODEL_NAME) else path.stem
     return LoadedModel(model=model, tokenizer=tokenizer, args=args, source=str(path), name=name)
 
@@ -416,17 +440,14 @@ def _convert_gguf(path: Path, progress: bool) -> tuple[ModelArgs, dict[str, torc
 def _gguf_q4_layers(path: Path) -> dict:
     """Our layer-matrix keys -> the file's 4-bit blocks (``dspark.models.q4.Q4Blocks``), in the
     layout ``_convert_gguf`` gives the dense matrices (q / k rows un-permuted, q | k | v and
-    gate | up stacked).  Refuses, in one line, a file with any other type for those matrices."""
+    gate | up stacked).  ``q4_refusal`` has checked the file's types and shapes; a matrix of another
+    type is still refused by name here."""
     from dspark.models.q4 import Q4Blocks, q4_blocks
 
     reader, f, arch = _open_gguf(path)
     n_heads = int(f[f"{arch}.attention.head_count"])
     n_kv_heads = int(f.get(f"{arch}.attention.head_count_kv", n_heads))
     by_name = {t.name: t for t in reader.tensors}
-    other = sorted({t.tensor_type.name for n, t in by_name.items() if n.startswith("blk.") and n.endswith(".weight")
-                    and t.tensor_type.name not in ("Q4_0", "Q4_1") and len(t.shape) == 2})
-    if other:
-        raise ValueError(f"--weights q4 multiplies Q4_0 / Q4_1 layer matrices; {path.name} also has {', '.join(other)}")
 
     def blocks(name: str, heads: int = 0) -> Q4Blocks:
         t = by_name[name]

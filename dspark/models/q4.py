@@ -13,8 +13,9 @@ layers' products take about a third of the bf16 time (measured: 4.2 against 12.4
 
 What the kernel computes: value = (q - 8) * scale + zero, one (scale, zero) per block, stored
 in the activations' dtype.  A ``Q4_1`` block is scale = d, zero = m + 8d; a ``Q4_0`` block is
-scale = d, zero = 0.  With fp32 activations both are exact (d and m are fp16), so the fp32 step
-multiplies by the file's values themselves; with bf16 they round to bf16, an error of the same
+scale = d, zero = 0.  With fp32 activations both are exact (d and m are fp16; m + 8d is exact in
+fp32 unless the two differ by more than 2^13 in magnitude, which no block of the default file
+does), so the fp32 step multiplies by the file's values themselves; with bf16 they round to bf16, an error of the same
 size as the dense bf16 path's rounding of each value.  Every row's result is independent of how
 many rows the product carries (the kernel's order of accumulation per row does not change with
 M), which the deterministic mode needs and checks at start-up.
@@ -29,9 +30,10 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["GROUP", "Q4Blocks", "Q4Linear", "q4_blocks", "q4_supported"]
+__all__ = ["GROUP", "Q4_ROWS", "Q4Blocks", "Q4Linear", "q4_blocks", "q4_supported"]
 
 GROUP = 32  # values per block in Q4_0 / Q4_1
+Q4_ROWS = 16  # the kernel's packing takes matrices of a multiple of this many rows
 _BYTES = {"Q4_0": 18, "Q4_1": 20}  # bytes per block: fp16 d (and fp16 m), then 16 bytes of codes
 
 
@@ -95,7 +97,10 @@ def q4_blocks(raw: np.ndarray, kind: str) -> Q4Blocks:
     d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
     if kind == "Q4_1":
         m, qs = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32), blocks[..., 4:]
-        zero = m + 8 * d  # (q - 8) d + m + 8d = q d + m; exact in float32 (fp16 d and m)
+        # (q - 8) d + m + 8d = q d + m.  The sum is exact in float32 unless m and 8d differ by more
+        # than 2^13 in magnitude (fp16 has 11 significant bits, fp32 24): so for every block of the
+        # default file (tests/models/test_q4.py checks all 210 matrices against gguf's values).
+        zero = m + 8 * d
     else:
         qs, zero = blocks[..., 2:], np.zeros_like(d)
     codes = np.concatenate([qs & 15, qs >> 4], axis=-1).reshape(raw.shape[0], -1)
@@ -110,8 +115,10 @@ class Q4Linear(nn.Module):
     def __init__(self, blocks: Q4Blocks, bias: torch.Tensor | None, dtype: torch.dtype) -> None:
         super().__init__()
         if not q4_supported():
-            raise RuntimeError("this torch has no int4 CPU kernel (aten._weight_int4pack_mm_for_cpu)")
+            raise ValueError("this torch has no int4 CPU kernel (aten._weight_int4pack_mm_for_cpu)")
         self.out_features, self.in_features = blocks.shape
+        if self.out_features % Q4_ROWS:
+            raise ValueError(f"the int4 kernel packs matrices of a multiple of {Q4_ROWS} rows, not {self.out_features}")
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(blocks.codes.to(torch.int32).contiguous(), 1)
         self.register_buffer("packed", packed, persistent=False)
         # [in / 32, out, 2]: the kernel's layout of (scale, zero) per block.

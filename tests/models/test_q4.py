@@ -27,26 +27,36 @@ pytestmark = pytest.mark.skipif(not hasattr(torch.ops.aten, "_weight_int4pack_mm
                                 reason="this torch has no int4 CPU kernel")
 
 
+def _q4_layers(engine) -> int:
+    return sum(isinstance(m, Q4Linear) for m in engine.runner.model.modules())
+
+
 @pytest.fixture(scope="module")
 def q4_fp32():
     return load_model(dtype="fp32", progress=False, weights="q4")
 
 
-def _file_tensor(name: str):
-    from gguf import GGUFReader
-
-    reader = GGUFReader(str(default_model_path()))
-    return next(t for t in reader.tensors if t.name == name)
-
-
 def test_blocks_are_the_values_gguf_dequantizes():
+    """Every layer matrix of the default file, bit for bit (so the fp32 (scale, zero) of every
+    block is exact there)."""
+    from gguf import GGUFReader
     from gguf.quants import dequantize
 
-    for name in ("blk.0.ffn_down.weight", "blk.7.attn_k.weight"):
-        t = _file_tensor(name)
-        assert t.tensor_type.name == "Q4_1"
+    layers = [t for t in GGUFReader(str(default_model_path())).tensors
+              if t.name.startswith("blk.") and len(t.shape) == 2]
+    assert len(layers) == 210 and {t.tensor_type.name for t in layers} == {"Q4_1"}
+    for t in layers:
         blocks = q4_blocks(np.asarray(t.data), "Q4_1")
-        assert torch.equal(blocks.dense(), torch.from_numpy(dequantize(t.data, t.tensor_type)))
+        assert torch.equal(blocks.dense(), torch.from_numpy(dequantize(t.data, t.tensor_type))), t.name
+
+
+def test_q4_0_blocks_match_gguf():
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize, quantize
+
+    w = np.random.default_rng(0).standard_normal((32, 128)).astype(np.float32)
+    raw = quantize(w, GGMLQuantizationType.Q4_0)
+    assert torch.equal(q4_blocks(raw, "Q4_0").dense(), torch.from_numpy(dequantize(raw, GGMLQuantizationType.Q4_0)))
 
 
 def _random_blocks(out: int, inp: int, seed: int = 0) -> Q4Blocks:
@@ -85,8 +95,9 @@ def test_model_fp32_matches_the_dense_model(model_fp32, q4_fp32):
     torch.testing.assert_close(logits[1], logits[0], atol=2e-3, rtol=0)
     tok = model_fp32.tokenizer
     dense, _ = greedy_outputs(tok, EngineSpec(dtype="fp32", runner=RunnerConfig(n_slots=2, max_seq=256)), max_tokens=32)
-    q4, _ = greedy_outputs(tok, EngineSpec(dtype="fp32", weights="q4", runner=RunnerConfig(n_slots=2, max_seq=256)),
-                           max_tokens=32)
+    q4, n_q4 = greedy_outputs(tok, EngineSpec(dtype="fp32", weights="q4", runner=RunnerConfig(n_slots=2, max_seq=256)),
+                              _q4_layers, max_tokens=32)
+    assert n_q4 == 120  # the engine multiplies the 4-bit blocks
     assert q4 == dense
 
 
@@ -98,10 +109,11 @@ def test_bf16_deterministic_speculative_equals_plain(model_fp32, compiled):
         return RunnerConfig(n_slots=2, max_seq=512, deterministic=True, compile=compiled)
 
     spec = EngineSpec(dtype="bf16", weights="q4", runner=runner())  # start-up: the row-invariance check
-    plain, _ = greedy_outputs(tok, spec)
-    drafted, verified = greedy_outputs(tok, EngineSpec(dtype="bf16", weights="q4", draft="ngram", block_len=4,
-                                                       runner=runner()),
-                                       lambda engine: engine.metrics.num_draft_tokens)
+    plain, n_q4 = greedy_outputs(tok, spec, _q4_layers)
+    drafted, (n_q4_spec, verified) = greedy_outputs(
+        tok, EngineSpec(dtype="bf16", weights="q4", draft="ngram", block_len=4, runner=runner()),
+        lambda engine: (_q4_layers(engine), engine.metrics.num_draft_tokens))
+    assert n_q4 == n_q4_spec == 120  # both engines multiply the 4-bit blocks
     assert verified > 0  # drafts were verified: the comparison is not vacuous
     assert drafted == plain
 
@@ -130,10 +142,17 @@ def test_a_file_with_other_layer_types_is_refused(tmp_path):
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    from dspark.models.loader import _gguf_q4_layers
+    from dspark.models.loader import q4_refusal
 
+    assert "also has F32" in q4_refusal(out)
     with pytest.raises(ValueError, match="also has F32"):
-        _gguf_q4_layers(out)
+        load_model(str(out), weights="q4")
+    assert q4_refusal(None) is None  # the default file can be served
+
+
+def test_a_matrix_of_rows_the_kernel_cannot_pack_is_refused():
+    with pytest.raises(ValueError, match="multiple of 16 rows"):
+        Q4Linear(_random_blocks(24, 64), None, torch.bfloat16)
 
 
 def test_doctests():
@@ -176,5 +195,20 @@ def test_generate_with_q4_drafts_blocks_of_three_unless_told():
                                         "--max-tokens", "8", *extra])
         assert res.exit_code == 0, res.output
         assert f"draft=ngram, block={block}," in res.output
-    res = CliRunner().invoke(main, ["generate", "hi", "--weights", "q4", "--model", "/nonexistent-folder"])
-    assert res.exit_code != 0 and "Traceback" not in res.output
+
+
+
+def test_commands_refuse_what_q4_cannot_serve_in_one_line(tmp_path):
+    """A folder model: `generate` at build time, `serve` / `demo` before Ray starts."""
+    import click
+    from click.testing import CliRunner
+
+    from dspark.cli import main
+    from dspark.cluster.commands import make_config
+
+    res = CliRunner().invoke(main, ["generate", "hi", "--weights", "q4", "--model", str(tmp_path)])
+    assert res.exit_code == 1 and "reads the 4-bit blocks of a GGUF file" in res.output
+    assert res.exception is None or isinstance(res.exception, SystemExit)
+    with pytest.raises(click.UsageError, match="reads the 4-bit blocks of a GGUF file"):
+        make_config(str(tmp_path), "bf16", "cpu", 1, 1, "ngram", 4, "adaptive", 4, weights="q4")
+    assert make_config(None, "bf16", "cpu", 1, 1, "ngram", 4, "adaptive", 4, weights="q4").weights == "q4"
