@@ -249,10 +249,13 @@ def bandwidth_and_weights(dtype: str, model: str | None = None, weights: str = "
 @click.option("--model", "model", default=None,
               help="a Hugging Face folder our loader reads (e.g. from dspark make-model --preset small); "
                    "default: the GGUF model")
+@click.option("--plot", "plot_path", default=None,
+              help="PNG of decode tokens/s by batch: transformers and ours per weight format (compiled where measured)")
 @click.option("--weights", "weights_list", default="dense", show_default=True,
               help="our layer matrices, comma-separated to compare: dense (dequantized to the dtype) and/or q4 (the "
                    "GGUF file's 4-bit blocks as stored); transformers runs dequantized, once per batch")
-def main(batches, dtypes, new_tokens, threads, skip_hf, json_path, compile, sampled, kv_layout, model, weights_list):
+def main(batches, dtypes, new_tokens, threads, skip_hf, json_path, compile, sampled, kv_layout, model, weights_list,
+         plot_path):
     """Decode tokens/s: our engine (eager and compiled) vs Hugging Face transformers."""
     from dspark.models.loader import WEIGHT_FORMATS, family_of
 
@@ -316,6 +319,40 @@ def main(batches, dtypes, new_tokens, threads, skip_hf, json_path, compile, samp
                                                 "copy_gb_s": rows_floor["copy_gb_s"], "read_gb_s": rows_floor["read_gb_s"],
                                                 "openmp_wait": wait})
     click.echo(f"wrote {out}")
+    if plot_path:
+        plot(rows, plot_path)
+        click.echo(f"wrote {plot_path}")
+
+
+def plot(rows: list[dict], path: str) -> None:
+    """Grouped bars per dtype and batch: transformers, then ours per weight format."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = sorted({(r["dtype"], r["batch"]) for r in rows}, key=lambda g: (g[0], g[1]))
+    formats = list(dict.fromkeys(r["weights"] for r in rows))
+    series = [("transformers", lambda g: next((r["hf_tok_s"] for r in rows if (r["dtype"], r["batch"]) == g), None))]
+    for w in formats:
+        series.append((f"ours, {w}", lambda g, w=w: next(
+            (r["compiled_tok_s"] or r["eager_tok_s"] for r in rows if (r["dtype"], r["batch"]) == g and r["weights"] == w),
+            None)))
+    fig, ax = plt.subplots(figsize=(7, 4))
+    width = 0.8 / len(series)
+    for i, (label, value) in enumerate(series):
+        xs = [k + i * width for k, g in enumerate(groups) if value(g)]
+        ys = [value(g) for g in groups if value(g)]
+        bars = ax.bar(xs, ys, width, label=label)
+        ax.bar_label(bars, fmt="%.0f", fontsize=7)
+    ax.set_xticks([k + width * (len(series) - 1) / 2 for k in range(len(groups))],
+                  [f"batch {b}" + (f" ({d})" if len({g[0] for g in groups}) > 1 else "") for d, b in groups])
+    ax.set_ylabel("decode tokens/s")
+    ax.set_title("Plain decoding, one process, greedy")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
