@@ -440,8 +440,7 @@ def _convert_gguf(path: Path, progress: bool) -> tuple[ModelArgs, dict[str, torc
 def _gguf_q4_layers(path: Path) -> dict:
     """Our layer-matrix keys -> the file's 4-bit blocks (``dspark.models.q4.Q4Blocks``), in the
     layout ``_convert_gguf`` gives the dense matrices (q / k rows un-permuted, q | k | v and
-    gate | up stacked).  ``q4_refusal`` has checked the file's types and shapes; a matrix of another
-    type is still refused by name here."""
+    gate | up stacked).  Call after ``q4_refusal``, which checks the file's types and shapes."""
     from dspark.models.q4 import Q4Blocks, q4_blocks
 
     reader, f, arch = _open_gguf(path)
@@ -451,8 +450,6 @@ def _gguf_q4_layers(path: Path) -> dict:
 
     def blocks(name: str, heads: int = 0) -> Q4Blocks:
         t = by_name[name]
-        if t.tensor_type.name not in ("Q4_0", "Q4_1"):
-            raise ValueError(f"--weights q4 multiplies Q4_0 / Q4_1 layer matrices; {name} is {t.tensor_type.name}")
         b = q4_blocks(np.asarray(t.data), t.tensor_type.name)
         if heads and arch in ("llama", "mistral"):  # the rows _unpermute_rope puts where
             b = b.rows(_unpermute_rope(torch.arange(b.shape[0]), heads))

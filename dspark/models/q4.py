@@ -8,17 +8,17 @@ each value to 8 significant bits) or fp32.  This path keeps the codes and multip
 torch's int4 CPU kernel (``aten._weight_int4pack_mm_for_cpu``), which expands each block while
 it multiplies and accumulates in fp32.  A batch-1 step reads about 4.5 bits per layer weight
 instead of 16: on this kind of host, where a batch-1 step is bound by reading the weights, the
-layers' products take about a third of the bf16 time (measured: 4.2 against 12.4 ms for the
-210 products on two threads).
+layers' products take under a third of the bf16 time (the 120 products of a step on two
+threads: 3.5 ms, against 12.4 ms for the packed bf16 ones, docs/BENCHMARKS.md).
 
 What the kernel computes: value = (q - 8) * scale + zero, one (scale, zero) per block, stored
 in the activations' dtype.  A ``Q4_1`` block is scale = d, zero = m + 8d; a ``Q4_0`` block is
 scale = d, zero = 0.  With fp32 activations both are exact (d and m are fp16; m + 8d is exact in
 fp32 unless the two differ by more than 2^13 in magnitude, which no block of the default file
-does), so the fp32 step multiplies by the file's values themselves; with bf16 they round to bf16, an error of the same
-size as the dense bf16 path's rounding of each value.  Every row's result is independent of how
-many rows the product carries (the kernel's order of accumulation per row does not change with
-M), which the deterministic mode needs and checks at start-up.
+does), so the fp32 step multiplies by the file's values themselves; with bf16 they round to
+bf16, an error of the same size as the dense bf16 path's rounding of each value.  Every row's
+result is independent of how many rows the product carries (the kernel's order of accumulation
+per row does not change with M), which the deterministic mode needs and checks at start-up.
 
 The embedding and LM head (``Q8_0`` in the default file) and the norms stay dense.  CPU only,
 one rank (a tensor-parallel cut of the packed codes is not built).
