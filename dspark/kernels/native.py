@@ -1,0 +1,116 @@
+"""Our C++ kernels: built once per host with the system's C++ compiler, loaded as torch ops.
+
+``q4_amx.cpp`` multiplies 4-bit block weights on Intel AMX tiles (``dspark.models.q4``).  The
+library is compiled on first use into ``<cache>/kernels/`` (``dspark.models.loader.cache_dir``),
+named by a hash of its source, the compiler flags and torch's version, so that a changed source
+or torch builds a new one and processes on one host share it; a file lock keeps concurrent
+first uses (test workers, the roles of a local cluster) from building it twice.  ``make setup``
+builds it ahead (``python -m dspark.kernels.native``).
+
+The ops carry a fake (shape-only) implementation, so ``torch.compile`` traces through them and
+calls the C++ code as an opaque kernel.
+
+Example:
+    >>> from dspark.kernels.native import amx_usable
+    >>> isinstance(amx_usable(), bool)
+    True
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+__all__ = ["NativeBuildError", "amx_usable", "build_q4_amx", "load_q4_amx"]
+
+_SOURCE = Path(__file__).with_name("q4_amx.cpp")
+_FLAGS = ("-O3", "-std=c++20", "-shared", "-fPIC", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl",
+          "-mavx512bf16", "-mf16c", "-mfma", "-mamx-tile", "-mamx-bf16", "-w")
+
+
+class NativeBuildError(RuntimeError):
+    """The C++ kernels could not be built or loaded here (no compiler, a failed build)."""
+
+
+def _cpu_has_amx() -> bool:
+    probes = (getattr(torch.cpu, "_is_amx_tile_supported", None), getattr(torch.cpu, "_is_avx512_bf16_supported", None))
+    return all(p is not None and p() for p in probes)
+
+
+def _library_path() -> Path:
+    from dspark.models.loader import cache_dir
+
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    key = hashlib.sha256(_SOURCE.read_bytes() + repr((_FLAGS, abi, torch.__version__, sys.version_info[:2])).encode())
+    return cache_dir() / "kernels" / f"q4_amx-{key.hexdigest()[:16]}.so"
+
+
+def build_q4_amx() -> Path:
+    """The built library's path, compiling it first if this host has none (NativeBuildError)."""
+    from torch.utils import cpp_extension
+
+    target = _library_path()
+    if target.exists():
+        return target
+    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if compiler is None:
+        raise NativeBuildError("no C++ compiler (g++) to build dspark's 4-bit AMX kernel; `make setup` installs one")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if target.exists():  # another process built it while this one waited
+            return target
+        tmp = target.with_suffix(f".{os.getpid()}.tmp")
+        libs = cpp_extension.library_paths()
+        cmd = [compiler, *_FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+               *(f"-I{p}" for p in cpp_extension.include_paths()), str(_SOURCE), "-o", str(tmp),
+               *(f"-L{p}" for p in libs), "-lc10", "-ltorch_cpu", *(f"-Wl,-rpath,{p}" for p in libs)]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            tmp.unlink(missing_ok=True)
+            last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
+            raise NativeBuildError(f"building dspark's 4-bit AMX kernel failed: {last}")
+        tmp.replace(target)
+    return target
+
+
+@lru_cache(maxsize=None)
+def load_q4_amx() -> None:
+    """Loads the 4-bit AMX ops (``torch.ops.dspark_q4``) into this process, once."""
+    torch.ops.load_library(str(build_q4_amx()))
+
+    @torch.library.register_fake("dspark_q4::amx_mm")
+    def _(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
+        return x.new_empty((x.shape[0], out_features))
+
+
+@lru_cache(maxsize=None)
+def amx_usable() -> bool:
+    """Whether this host's CPU has AMX tiles and the kernel builds and loads here.  A host
+    without them multiplies 4-bit weights with torch's int4 kernel instead."""
+    if not _cpu_has_amx():
+        return False
+    try:
+        load_q4_amx()
+    except (NativeBuildError, OSError, RuntimeError) as e:
+        print(f"dspark: 4-bit AMX kernel unavailable, using torch's int4 kernel ({e})", file=sys.stderr)
+        return False
+    return True
+
+
+if __name__ == "__main__":  # make setup: build ahead where the CPU can use it; never fails setup
+    if not _cpu_has_amx():
+        print("4-bit AMX kernel: this CPU has no AMX tiles; torch's int4 kernel serves --weights q4")
+    else:
+        try:
+            print(f"4-bit AMX kernel: {build_q4_amx()}")
+        except NativeBuildError as e:
+            print(f"4-bit AMX kernel: {e}; torch's int4 kernel serves --weights q4")

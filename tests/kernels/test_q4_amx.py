@@ -1,0 +1,136 @@
+"""Our 4-bit AMX kernel (dspark/kernels/q4_amx.cpp), against torch references.
+
+* each value it expands is the bf16 value the dense path holds (``d * q + m`` rounded once),
+  read back exactly through a product with the identity, for the default file's matrices too;
+* a product equals the fp32 product by those values to fp32 summation order, for row counts
+  around every tile and pass boundary and an odd number of 16-output blocks;
+* each row's bits do not depend on the rows beside it, nor on the thread count;
+* compiled (the op's fake implementation) gives eager's bits;
+* a bf16 model on this host multiplies its 4-bit layers with it, and ``$DSPARK_Q4_KERNEL``
+  picks torch's kernel instead; bad inputs are refused with a message.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dspark.kernels.native import amx_usable
+from dspark.models.q4 import GROUP, KERNEL_ENV, Q4Blocks, Q4Linear, q4_kernel
+
+pytestmark = pytest.mark.skipif(not amx_usable(), reason="this CPU has no AMX tiles (or no C++ compiler)")
+
+
+def _blocks(out: int, inp: int, seed: int = 0) -> Q4Blocks:
+    """Random Q4_1-like blocks whose m is an fp16 number (as a file's is)."""
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 16, (out, inp), generator=g, dtype=torch.uint8)
+    d = (torch.rand(out, inp // GROUP, generator=g) * 0.02 + 0.001).half().float()
+    m = (-torch.rand(out, inp // GROUP, generator=g) * 0.1).half().float()
+    return Q4Blocks(codes, d, m + 8 * d)
+
+
+def _pack(b: Q4Blocks) -> torch.Tensor:
+    return torch.ops.dspark_q4.amx_pack(b.codes, b.scale.half(), (b.zero - 8 * b.scale).half())
+
+
+def _mm(x: torch.Tensor, packed: torch.Tensor, n: int) -> torch.Tensor:
+    return torch.ops.dspark_q4.amx_mm(x, packed, n)
+
+
+def _dense_bf16(b: Q4Blocks) -> torch.Tensor:
+    """The dense path's values: gguf's fp32 value d * q + m, rounded to bf16 once."""
+    d = b.scale.repeat_interleave(GROUP, dim=1)
+    m = (b.zero - 8 * b.scale).repeat_interleave(GROUP, dim=1)
+    return (b.codes.float() * d + m).bfloat16()
+
+
+@pytest.mark.parametrize("shape", [(48, 64), (160, 96)])
+def test_expanded_values_are_the_dense_bf16_values(shape):
+    b = _blocks(*shape)
+    n, k = shape
+    eye = torch.eye(k, dtype=torch.bfloat16)  # row i picks input i: y = W^T, one product per output
+    assert torch.equal(_mm(eye, _pack(b), n), _dense_bf16(b).t())
+
+
+def test_the_default_files_matrices_expand_exactly():
+    from dspark.models.loader import _gguf_q4_layers, default_model_path
+
+    layers = _gguf_q4_layers(default_model_path())
+    for key in ("layers.0.attention.wqkv.weight", "layers.0.feed_forward.w2.weight",
+                "layers.29.feed_forward.w13.weight", "layers.29.attention.wo.weight"):
+        b = layers[key]
+        n, k = b.shape
+        assert torch.equal(_mm(torch.eye(k, dtype=torch.bfloat16), _pack(b), n), b.dense().bfloat16().t()), key
+
+
+@pytest.mark.parametrize("rows", [1, 3, 15, 16, 17, 31, 32, 33, 48, 64, 100])
+def test_product_matches_the_fp32_product_and_is_row_invariant(rows):
+    b = _blocks(48, 1536, seed=rows)  # three blocks of 16 outputs: a pair and a single one
+    p = _pack(b)
+    x = torch.randn(rows, 1536, generator=torch.Generator().manual_seed(1)).bfloat16()
+    y = _mm(x, p, 48)
+    ref = x.float() @ _dense_bf16(b).float().t()
+    # Only the order of the fp32 sums differs from the reference, then one rounding to bf16.
+    torch.testing.assert_close(y.float(), ref, rtol=8e-3, atol=1e-3 * ref.abs().max().item())
+    for i in {0, rows // 2, rows - 1}:
+        assert torch.equal(_mm(x[i:i + 1], p, 48), y[i:i + 1]), i
+    if rows > 2:
+        assert torch.equal(_mm(x[1:], p, 48), y[1:])
+
+
+def test_rows_do_not_depend_on_the_thread_count():
+    b = _blocks(192, 576)
+    p = _pack(b)
+    x = torch.randn(40, 576, generator=torch.Generator().manual_seed(2)).bfloat16()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _mm(x, p, 192)
+        torch.set_num_threads(2)
+        two = _mm(x, p, 192)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+
+
+def test_compiled_gives_eager_bits():
+    layer = Q4Linear(_blocks(64, 128), None, torch.bfloat16)
+    assert layer.kernel == "amx"
+    compiled = torch.compile(layer, dynamic=True, fullgraph=True)
+    for rows in (1, 7, 40):
+        x = torch.randn(rows, 128, generator=torch.Generator().manual_seed(rows)).bfloat16()
+        assert torch.equal(compiled(x), layer(x)), rows
+
+
+def test_the_kernel_is_chosen_per_process(monkeypatch):
+    from dspark.models.loader import load_model
+
+    model = load_model(dtype="bf16", progress=False, weights="q4").model
+    kernels = {m.kernel for m in model.modules() if isinstance(m, Q4Linear)}
+    assert kernels == {"amx"}
+    assert q4_kernel(torch.float32) == "int4"  # AMX multiplies bf16 only
+    monkeypatch.setenv(KERNEL_ENV, "int4")
+    assert Q4Linear(_blocks(32, 64), None, torch.bfloat16).kernel == "int4"
+    monkeypatch.setenv(KERNEL_ENV, "gpu")
+    with pytest.raises(ValueError, match=KERNEL_ENV):
+        q4_kernel(torch.bfloat16)
+    monkeypatch.setenv(KERNEL_ENV, "amx")
+    with pytest.raises(ValueError, match="bf16"):
+        q4_kernel(torch.float32)
+
+
+def test_bad_inputs_are_refused():
+    b = _blocks(32, 64)
+    p = _pack(b)
+    with pytest.raises(RuntimeError, match="bf16"):
+        _mm(torch.randn(2, 64), p, 32)
+    with pytest.raises(RuntimeError, match="K % 32"):
+        _mm(torch.randn(2, 48).bfloat16(), p, 32)
+    with pytest.raises(RuntimeError, match="size"):
+        _mm(torch.randn(2, 64).bfloat16(), p, 48)
+    bad = b.codes.clone()
+    bad[0, 0] = 16
+    with pytest.raises(RuntimeError, match="0..15"):
+        torch.ops.dspark_q4.amx_pack(bad, b.scale.half(), b.scale.half())
+    assert _mm(torch.empty(0, 64, dtype=torch.bfloat16), p, 32).shape == (0, 32)
