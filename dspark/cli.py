@@ -111,8 +111,9 @@ def engine_options(f):
         click.option("--tp", type=int, default=1, show_default=True, help="tensor-parallel ranks"),
         click.option("--draft", type=click.Choice(registry.choices()), default="none", show_default=True),
         click.option("--block", "block_len", type=int, default=None,
-                     help="draft block length (default: 4; 3 with --weights q4, whose kernel costs a whole pass "
-                          "more from the fifth row of a verification)"),
+                     help="draft block length (default: 4; 3 with --weights q4 where torch's int4 kernel "
+                          "multiplies it (fp32, or a CPU without AMX): it costs a whole pass more from the fifth row "
+                          "of a verification)"),
         click.option("--draft-option", "draft_options", multiple=True, metavar="KEY=VALUE", help="drafter setting, repeatable"),
         click.option("--deterministic/--no-deterministic", default=None,
                      help="row-invariant kernels: greedy speculative output equals plain decoding in bf16 too "
@@ -161,7 +162,15 @@ def generate(prompt, max_tokens, temperature, top_p, top_k, seed, raw, model, dt
     if deterministic is None:
         deterministic = deterministic_default(dtype, device, model)
     if block_len is None:
-        block_len = 3 if weights == "q4" else 4
+        block_len = 4
+        if weights == "q4":  # torch's int4 kernel costs a whole pass more from a verification's fifth row
+            from dspark.models.loader import parse_dtype
+            from dspark.models.q4 import q4_kernel
+
+            try:
+                block_len = 3 if q4_kernel(parse_dtype(dtype)) == "int4" else 4
+            except ValueError as e:
+                raise click.UsageError(str(e)) from e
     if cuda_graphs is None:
         cuda_graphs = cuda_graphs_default(device, model, kv_layout, deterministic, tp)
     try:

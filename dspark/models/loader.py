@@ -126,7 +126,7 @@ WEIGHT_FORMATS = ("dense", "q4")
 def q4_refusal(path: str | Path | None) -> str | None:
     """Why ``--weights q4`` cannot serve the model at ``path`` (None: it can), read from the GGUF
     file's header without loading it, so the commands refuse in one line before anything starts."""
-    from dspark.models.q4 import Q4_ROWS, q4_supported
+    from dspark.models.q4 import Q4_ROWS, q4_kernel, q4_supported
 
     path = Path(path) if path else default_model_path()
     if path.is_dir() or family_of(path) is not None:
@@ -135,6 +135,10 @@ def q4_refusal(path: str | Path | None) -> str | None:
         return None  # the load's own error names it
     if not q4_supported():
         return "--weights q4 needs torch's int4 CPU kernel, which this torch lacks"
+    try:
+        q4_kernel(torch.bfloat16)  # a bad $DSPARK_Q4_KERNEL, or amx asked for where it cannot run
+    except ValueError as e:
+        return str(e)
     try:
         reader, _, _ = _open_gguf(path)
     except ValueError as e:

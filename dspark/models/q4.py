@@ -153,6 +153,13 @@ class Q4Linear(nn.Module):
         if self.out_features % Q4_ROWS:
             raise ValueError(f"the int4 kernel packs matrices of a multiple of {Q4_ROWS} rows, not {self.out_features}")
         self.kernel = kernel or q4_kernel(dtype)
+        if self.kernel not in KERNELS:
+            raise ValueError(f"4-bit kernel {self.kernel!r}: choose one of {', '.join(KERNELS)}")
+        if self.kernel == "amx":
+            from dspark.kernels.native import amx_usable
+
+            if dtype != torch.bfloat16 or not amx_usable():
+                raise ValueError("the 4-bit AMX kernel needs bf16 and a CPU with AMX tiles")
         minimum = blocks.zero - 8 * blocks.scale  # the file's m (Q4_1), -8d (Q4_0)
         if self.kernel == "amx" and torch.equal(minimum.half().float(), minimum):
             packed = torch.ops.dspark_q4.amx_pack(blocks.codes.to(torch.uint8).contiguous(), blocks.scale.half(),

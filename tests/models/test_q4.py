@@ -185,17 +185,25 @@ def test_a_verifier_group_of_a_q4_cluster_builds_a_q4_engine():
     assert engine_spec(ClusterConfig()).weights == "dense"
 
 
-def test_generate_with_q4_drafts_blocks_of_three_unless_told():
+def test_generate_with_q4_drafts_blocks_of_three_where_the_int4_kernel_multiplies(monkeypatch):
     from click.testing import CliRunner
 
     from dspark.cli import main
+    from dspark.models.q4 import KERNEL_ENV, q4_kernel
 
-    for extra, block in (([], 3), (["--block", "5"], 5)):
+    def block_of(*extra):
         res = CliRunner().invoke(main, ["generate", "List three colours.", "--weights", "q4", "--draft", "ngram",
                                         "--max-tokens", "8", *extra])
         assert res.exit_code == 0, res.output
-        assert f"draft=ngram, block={block}," in res.output
+        return int(res.output.split("draft=ngram, block=")[1].split(",")[0])
 
+    assert block_of() == (3 if q4_kernel(torch.bfloat16) == "int4" else 4)
+    monkeypatch.setenv(KERNEL_ENV, "int4")
+    assert block_of() == 3
+    assert block_of("--block", "5") == 5
+    monkeypatch.setenv(KERNEL_ENV, "tpu")
+    res = CliRunner().invoke(main, ["generate", "Hi.", "--weights", "q4", "--max-tokens", "2"])
+    assert res.exit_code == 2 and KERNEL_ENV in res.output and "Traceback" not in res.output
 
 
 def test_commands_refuse_what_q4_cannot_serve_in_one_line(tmp_path):
@@ -211,4 +219,17 @@ def test_commands_refuse_what_q4_cannot_serve_in_one_line(tmp_path):
     assert res.exception is None or isinstance(res.exception, SystemExit)
     with pytest.raises(click.UsageError, match="reads the 4-bit blocks of a GGUF file"):
         make_config(str(tmp_path), "bf16", "cpu", 1, 1, "ngram", 4, "adaptive", 4, weights="q4")
+    assert make_config(None, "bf16", "cpu", 1, 1, "ngram", 4, "adaptive", 4, weights="q4").weights == "q4"
+
+
+def test_serve_refuses_a_bad_kernel_choice_before_ray_starts(monkeypatch):
+    import click
+
+    from dspark.cluster.commands import make_config
+    from dspark.models.q4 import KERNEL_ENV
+
+    monkeypatch.setenv(KERNEL_ENV, "gpu")
+    with pytest.raises(click.UsageError, match=KERNEL_ENV):
+        make_config(None, "bf16", "cpu", 1, 1, "ngram", 4, "adaptive", 4, weights="q4")
+    monkeypatch.setenv(KERNEL_ENV, "int4")
     assert make_config(None, "bf16", "cpu", 1, 1, "ngram", 4, "adaptive", 4, weights="q4").weights == "q4"
