@@ -24,12 +24,13 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 from functools import lru_cache
 from pathlib import Path
 
 import torch
 
-__all__ = ["NativeBuildError", "amx_usable", "build_q4_amx", "load_q4_amx"]
+__all__ = ["NativeBuildError", "amx_usable", "build_q4_amx", "cpu_has_amx", "load_q4_amx"]
 
 _SOURCE = Path(__file__).with_name("q4_amx.cpp")
 _FLAGS = ("-O3", "-std=c++20", "-shared", "-fPIC", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl",
@@ -40,16 +41,22 @@ class NativeBuildError(RuntimeError):
     """The C++ kernels could not be built or loaded here (no compiler, a failed build)."""
 
 
-def _cpu_has_amx() -> bool:
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX tiles and AVX-512 bf16 (what the kernel is compiled for)."""
     probes = (getattr(torch.cpu, "_is_amx_tile_supported", None), getattr(torch.cpu, "_is_avx512_bf16_supported", None))
     return all(p is not None and p() for p in probes)
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
 
 
 def _library_path() -> Path:
     from dspark.models.loader import cache_dir
 
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
-    key = hashlib.sha256(_SOURCE.read_bytes() + repr((_FLAGS, abi, torch.__version__, sys.version_info[:2])).encode())
+    key = hashlib.sha256(_SOURCE.read_bytes() + repr((_FLAGS, abi, torch.__version__, sys.version_info[:2],
+                                                      _compiler())).encode())
     return cache_dir() / "kernels" / f"q4_amx-{key.hexdigest()[:16]}.so"
 
 
@@ -60,7 +67,7 @@ def build_q4_amx() -> Path:
     target = _library_path()
     if target.exists():
         return target
-    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    compiler = _compiler()
     if compiler is None:
         raise NativeBuildError("no C++ compiler (g++) to build dspark's 4-bit AMX kernel; `make setup` installs one")
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -73,7 +80,10 @@ def build_q4_amx() -> Path:
         cmd = [compiler, *_FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
                *(f"-I{p}" for p in cpp_extension.include_paths()), str(_SOURCE), "-o", str(tmp),
                *(f"-L{p}" for p in libs), "-lc10", "-ltorch_cpu", *(f"-Wl,-rpath,{p}" for p in libs)]
-        done = subprocess.run(cmd, capture_output=True, text=True)
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True)
+        except OSError as e:  # $CXX names no program
+            raise NativeBuildError(f"cannot run the C++ compiler {compiler!r}: {e}") from e
         if done.returncode != 0:
             tmp.unlink(missing_ok=True)
             last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
@@ -82,9 +92,11 @@ def build_q4_amx() -> Path:
     return target
 
 
+_LOAD_LOCK = threading.Lock()
+
+
 @lru_cache(maxsize=None)
-def load_q4_amx() -> None:
-    """Loads the 4-bit AMX ops (``torch.ops.dspark_q4``) into this process, once."""
+def _load() -> None:
     torch.ops.load_library(str(build_q4_amx()))
 
     @torch.library.register_fake("dspark_q4::amx_mm")
@@ -92,14 +104,33 @@ def load_q4_amx() -> None:
         return x.new_empty((x.shape[0], out_features))
 
 
+def load_q4_amx() -> None:
+    """Loads the 4-bit AMX ops (``torch.ops.dspark_q4``) into this process, once (also when two
+    threads ask at the same time)."""
+    with _LOAD_LOCK:
+        _load()
+
+
+def _probe() -> None:
+    """One small product: a CPU that lists AMX but whose kernel or hypervisor does not grant the
+    tile state fails here, at choice time, rather than in the first step."""
+    codes = torch.zeros(16, 32, dtype=torch.uint8)
+    ones = torch.ones(16, 1, dtype=torch.float16)
+    packed = torch.ops.dspark_q4.amx_pack(codes + 1, ones, ones)
+    y = torch.ops.dspark_q4.amx_mm(torch.ones(1, 32, dtype=torch.bfloat16), packed, 16)
+    if not torch.equal(y, torch.full((1, 16), 64.0, dtype=torch.bfloat16)):
+        raise RuntimeError(f"the probe product gave {y[0, :4].tolist()}, not 64s")
+
+
 @lru_cache(maxsize=None)
 def amx_usable() -> bool:
-    """Whether this host's CPU has AMX tiles and the kernel builds and loads here.  A host
+    """Whether this host's CPU has AMX tiles and the kernel builds, loads and runs here.  A host
     without them multiplies 4-bit weights with torch's int4 kernel instead."""
-    if not _cpu_has_amx():
+    if not cpu_has_amx():
         return False
     try:
         load_q4_amx()
+        _probe()
     except (NativeBuildError, OSError, RuntimeError) as e:
         print(f"dspark: 4-bit AMX kernel unavailable, using torch's int4 kernel ({e})", file=sys.stderr)
         return False
@@ -107,10 +138,10 @@ def amx_usable() -> bool:
 
 
 if __name__ == "__main__":  # make setup: build ahead where the CPU can use it; never fails setup
-    if not _cpu_has_amx():
+    if not cpu_has_amx():
         print("4-bit AMX kernel: this CPU has no AMX tiles; torch's int4 kernel serves --weights q4")
     else:
         try:
             print(f"4-bit AMX kernel: {build_q4_amx()}")
-        except NativeBuildError as e:
+        except (NativeBuildError, OSError) as e:
             print(f"4-bit AMX kernel: {e}; torch's int4 kernel serves --weights q4")

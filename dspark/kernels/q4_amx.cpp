@@ -53,6 +53,7 @@ void configure_tiles(int rows) {
     cfg.rows[t] = t == 2 || t == 3 ? 16 : rows;
     cfg.colsb[t] = 64;
   }
+  asm volatile("" ::: "memory");  // ldtilecfg reads all 64 bytes; the intrinsic declares fewer
   _tile_loadconfig(&cfg);
 }
 
@@ -76,11 +77,11 @@ inline void expand_group(const uint8_t* block, uint16_t* tile) {
 
 // Multiplies one or two chunks of rows of x (tiles [group] at x and x + chunk_stride) by one
 // or two blocks of outputs, whose expanded groups are panel[group][block], into
-// out[chunk][block][row][16].  With `weights` set (the two blocks' packed groups, `next`
-// bytes apart) it expands each group into the panel one group ahead of the tile unit, so that
+// out[chunk][block][row][16].  With `expanding` set it first expands (from `weights`, the two
+// blocks' packed groups, `next` bytes apart; panel slot g % slots for group g), then it expands each group into the panel one group ahead of the tile unit, so that
 // the vector units expand while the tile unit multiplies.
-void multiply(uint16_t* panel, int slots, const uint8_t* weights, int64_t next, const uint16_t* x, int64_t tile,
-              int64_t chunk_stride, int groups, bool two_chunks, bool two_blocks, float* out) {
+void multiply(uint16_t* panel, int slots, bool expanding, const uint8_t* weights, int64_t next, const uint16_t* x,
+              int64_t tile, int64_t chunk_stride, int groups, bool two_chunks, bool two_blocks, float* out) {
   // Tile register numbers are immediates, hence the spelled-out cases.
   _tile_zero(4);
   if (two_blocks) _tile_zero(5);
@@ -95,8 +96,10 @@ void multiply(uint16_t* panel, int slots, const uint8_t* weights, int64_t next, 
     }
     expand_group(weights + g * kBlockBytes, panel + 1024 * (g % slots));
     if (two_blocks) expand_group(weights + next + g * kBlockBytes, panel + 1024 * (g % slots) + 512);
+    // The tile loads below read the panel through asm the compiler does not see reading memory.
+    asm volatile("" ::: "memory");
   };
-  if (weights != nullptr) expand(0);
+  if (expanding) expand(0);
   for (int g = 0; g < groups; ++g) {
     const uint16_t* xg = x + tile * g;
     const uint16_t* wg = panel + 1024 * (g % slots);
@@ -112,7 +115,7 @@ void multiply(uint16_t* panel, int slots, const uint8_t* weights, int64_t next, 
       _tile_dpbf16ps(6, 1, 2);
       if (two_blocks) _tile_dpbf16ps(7, 1, 3);
     }
-    if (weights != nullptr && g + 1 < groups) expand(g + 1);
+    if (expanding && g + 1 < groups) expand(g + 1);
   }
   _tile_stored(4, out, 64);
   if (two_blocks) _tile_stored(5, out + 256, 64);
@@ -127,7 +130,8 @@ at::Tensor q4_amx_mm(const at::Tensor& x_in, const at::Tensor& packed, int64_t o
   TORCH_CHECK(packed.scalar_type() == at::kByte && packed.dim() == 1 && packed.is_contiguous(),
               "q4_amx_mm: packed must be a contiguous uint8 vector");
   const int64_t M = x_in.size(0), K = x_in.size(1), N = out_features;
-  TORCH_CHECK(K % kGroup == 0 && N % kRows == 0, "q4_amx_mm: K % 32 and N % 16 must be 0");
+  TORCH_CHECK(K > 0 && K % kGroup == 0 && N > 0 && N % kRows == 0,
+              "q4_amx_mm: K must be a positive multiple of 32 and N of 16");
   const int64_t groups = K / kGroup, blocks = N / kRows;
   TORCH_CHECK(packed.numel() == blocks * groups * kBlockBytes, "q4_amx_mm: packed size does not match");
   auto y = at::empty({M, N}, x_in.options());
@@ -149,7 +153,7 @@ at::Tensor q4_amx_mm(const at::Tensor& x_in, const at::Tensor& packed, int64_t o
   const int slots = rows <= 32 ? std::min<int>(kSlots, static_cast<int>(groups)) : static_cast<int>(groups);
   at::parallel_for(0, pairs, 1, [&](int64_t begin, int64_t end) {
     configure_tiles(tile_rows);
-    std::unique_ptr<uint16_t[]> panel_store(new uint16_t[groups * 1024 + 32]);
+    std::unique_ptr<uint16_t[]> panel_store(new uint16_t[slots * 1024 + 32]);
     uint16_t* panel = reinterpret_cast<uint16_t*>((reinterpret_cast<uintptr_t>(panel_store.get()) + 63) & ~uintptr_t(63));
     alignas(64) float acc[4 * 256];
     for (int64_t pair = begin; pair < end; ++pair) {
@@ -159,7 +163,7 @@ at::Tensor q4_amx_mm(const at::Tensor& x_in, const at::Tensor& packed, int64_t o
       for (int64_t m0 = 0; m0 < rows; m0 += 32) {
         const bool two_chunks = rows - m0 > 16;
         // The first pass expands the blocks' groups as it goes; later passes reuse them.
-        multiply(panel, slots, m0 == 0 ? wb : nullptr, groups * kBlockBytes, xp + (m0 / 16) * chunk_stride, tile,
+        multiply(panel, slots, m0 == 0, wb, groups * kBlockBytes, xp + (m0 / 16) * chunk_stride, tile,
                  chunk_stride, static_cast<int>(groups), two_chunks, two_blocks, acc);
         const int64_t valid = std::min<int64_t>(32, M - m0);
         for (int64_t i = 0; i < valid; ++i) {
@@ -180,10 +184,11 @@ at::Tensor q4_amx_mm(const at::Tensor& x_in, const at::Tensor& packed, int64_t o
 at::Tensor q4_amx_pack(const at::Tensor& codes, const at::Tensor& d, const at::Tensor& m) {
   TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == at::kByte, "q4_amx_pack: codes must be [N, K] uint8");
   const int64_t N = codes.size(0), K = codes.size(1);
-  TORCH_CHECK(K % kGroup == 0 && N % kRows == 0, "q4_amx_pack: K % 32 and N % 16 must be 0");
+  TORCH_CHECK(K > 0 && K % kGroup == 0 && N > 0 && N % kRows == 0,
+              "q4_amx_pack: K must be a positive multiple of 32 and N of 16");
   const int64_t groups = K / kGroup, blocks = N / kRows;
-  TORCH_CHECK(d.scalar_type() == at::kHalf && m.scalar_type() == at::kHalf && d.sizes() == m.sizes() &&
-                  d.size(0) == N && d.size(1) == groups,
+  TORCH_CHECK(d.scalar_type() == at::kHalf && m.scalar_type() == at::kHalf && d.dim() == 2 &&
+                  d.sizes() == m.sizes() && d.size(0) == N && d.size(1) == groups,
               "q4_amx_pack: d and m must be [N, K / 32] fp16");
   auto c = codes.contiguous();
   auto dc = d.contiguous(), mc = m.contiguous();

@@ -30,6 +30,7 @@ the norms stay dense.  CPU only, one rank (a tensor-parallel cut of the codes is
 from __future__ import annotations
 
 import os
+import sys
 
 import numpy as np
 import torch
@@ -169,6 +170,9 @@ class Q4Linear(nn.Module):
         else:
             # A block whose m + 8d was rounded (module docstring) cannot give back m: this layer
             # then uses torch's kernel, for every row alike.
+            if self.kernel == "amx":
+                print(f"dspark: a [{self.out_features}, {self.in_features}] 4-bit layer's block minima are not fp16 "
+                      "numbers; it uses torch's int4 kernel", file=sys.stderr)
             self.kernel = "int4"
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(blocks.codes.to(torch.int32).contiguous(), 1)
             self.register_buffer("packed", packed, persistent=False)

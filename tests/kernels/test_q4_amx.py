@@ -15,10 +15,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dspark.kernels.native import amx_usable
+from dspark.kernels.native import amx_usable, cpu_has_amx, load_q4_amx
 from dspark.models.q4 import GROUP, KERNEL_ENV, Q4Blocks, Q4Linear, q4_kernel
 
-pytestmark = pytest.mark.skipif(not amx_usable(), reason="this CPU has no AMX tiles (or no C++ compiler)")
+# Skipped only where the CPU lacks the tiles: on a CPU with them, a kernel that no longer builds
+# or runs fails here instead of quietly handing the layers to torch's kernel.
+pytestmark = pytest.mark.skipif(not cpu_has_amx(), reason="this CPU has no AMX tiles")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _kernel_builds_and_runs():
+    load_q4_amx()
+    assert amx_usable()
 
 
 def _blocks(out: int, inp: int, seed: int = 0) -> Q4Blocks:
@@ -125,8 +133,13 @@ def test_bad_inputs_are_refused():
     p = _pack(b)
     with pytest.raises(RuntimeError, match="bf16"):
         _mm(torch.randn(2, 64), p, 32)
-    with pytest.raises(RuntimeError, match="K % 32"):
+    with pytest.raises(RuntimeError, match="multiple of 32"):
         _mm(torch.randn(2, 48).bfloat16(), p, 32)
+    empty = torch.full((4096,), 0x77, dtype=torch.uint8)[:0]  # no inputs: refused, nothing read
+    with pytest.raises(RuntimeError, match="positive multiple of 32"):
+        _mm(torch.randn(3, 0).bfloat16(), empty, 32)
+    with pytest.raises(RuntimeError, match="fp16"):
+        torch.ops.dspark_q4.amx_pack(b.codes, b.scale.half()[..., None], b.scale.half()[..., None])
     with pytest.raises(RuntimeError, match="size"):
         _mm(torch.randn(2, 64).bfloat16(), p, 48)
     bad = b.codes.clone()
