@@ -45,8 +45,10 @@ def load_hf(dtype: str, model: str | None = None):
     return AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=dt).eval()
 
 
-def run_isolated(module: str, func: str, kwargs: dict, threads: int, timeout: int = 1800) -> dict:
-    """Run ``module.func(**kwargs)`` in a fresh interpreter; returns its JSON result.
+def run_isolated(module: str, func: str, kwargs: dict, threads: int, timeout: int = 1800,
+                 env: dict[str, str] | None = None) -> dict:
+    """Run ``module.func(**kwargs)`` in a fresh interpreter (``env``: variables to add to its
+    environment); returns its JSON result.
 
     Each configuration gets its own process so peak memory and thread pools do not leak
     between the engines being compared.
@@ -57,7 +59,7 @@ def run_isolated(module: str, func: str, kwargs: dict, threads: int, timeout: in
         "from %s import %s as f; print('@@RESULT@@' + json.dumps(f(**json.loads(sys.argv[1]))))"
         % (str(root), threads, module, func)
     )
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
+    env = dict(os.environ, **(env or {}), OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
     proc = subprocess.run(
         [sys.executable, "-c", code, json.dumps(kwargs)], capture_output=True, text=True, env=env, timeout=timeout
     )

@@ -54,6 +54,7 @@ def _sync(device: str) -> None:
 
 def ours(dtype: str, batch: int, new_tokens: int, compile: bool = False, sampled: bool = False,
          kv_layout: str = "slot", model: str | None = None, device: str = "cpu", weights: str = "dense") -> dict:  # fmt: skip
+    from dspark.models.q4 import Q4Linear
     from dspark.workers.factory import EngineSpec, build_engine
     from dspark.workers.request import SamplingParams
     from dspark.workers.runner import RunnerConfig
@@ -85,6 +86,8 @@ def ours(dtype: str, batch: int, new_tokens: int, compile: bool = False, sampled
         "peak_rss_mb": peak_rss_mb(),
         "tokens": n,
         "compile_s": eng.runner.compile_s,
+        # Which kernels multiplied the 4-bit layers (none: dense weights).
+        "q4_kernels": sorted({m.kernel for m in eng.runner.model.modules() if isinstance(m, Q4Linear)}),
     }
     if batch == 1 and not sampled:
         out["verify8_over_decode1"] = verify_over_decode(eng.runner, len(prompts[0]) + new_tokens, device=device)
@@ -253,16 +256,20 @@ def bandwidth_and_weights(dtype: str, model: str | None = None, weights: str = "
               help="PNG of decode tokens/s by batch: transformers and ours per weight format (compiled where measured)")
 @click.option("--weights", "weights_list", default="dense", show_default=True,
               help="our layer matrices, comma-separated to compare: dense (dequantized to the dtype) and/or q4 (the "
-                   "GGUF file's 4-bit blocks as stored); transformers runs dequantized, once per batch")
+                   "GGUF file's 4-bit blocks as stored; q4:amx / q4:int4 name the kernel that multiplies them, "
+                   "default the process's choice); transformers runs dequantized, once per batch")
 def main(batches, dtypes, new_tokens, threads, skip_hf, json_path, compile, sampled, kv_layout, model, weights_list,
          plot_path):
     """Decode tokens/s: our engine (eager and compiled) vs Hugging Face transformers."""
-    from dspark.models.loader import WEIGHT_FORMATS, family_of
+    from dspark.models.loader import family_of
 
     formats = [w for w in weights_list.split(",") if w]
-    if not formats or any(w not in WEIGHT_FORMATS for w in formats):
-        raise click.BadParameter(f"comma-separated {' / '.join(WEIGHT_FORMATS)}, not {weights_list!r}",
-                                 param_hint="--weights")
+    try:
+        runs = {w: weights_run(w) for w in formats}
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--weights") from e
+    if not formats:
+        raise click.BadParameter(f"no weight format in {weights_list!r}", param_hint="--weights")
 
     if model is not None:
         if not os.path.isdir(model):
@@ -282,16 +289,18 @@ def main(batches, dtypes, new_tokens, threads, skip_hf, json_path, compile, samp
         click.echo(table(sampling_rows, ["batch", "before_ms", "now_ms", "rows_differing"]))
     for dtype in dtypes.split(","):
         floors = {w: run_isolated("bench.engine", "bandwidth_and_weights", {"dtype": dtype, "model": model,
-                                                                             "weights": w}, threads)
+                                                                             "weights": runs[w][0]}, threads,
+                                  env=runs[w][1])
                   for w in formats}
         for b in (int(x) for x in batches.split(",")):
             kw = {"dtype": dtype, "batch": b, "new_tokens": new_tokens, "sampled": sampled, "model": model}
             h = None if skip_hf else run_isolated("bench.engine", "hf", kw, threads)
             for weights in formats:
                 floor = floors[weights]
-                e = run_isolated("bench.engine", "ours", dict(kw, kv_layout=kv_layout, weights=weights), threads)
-                c = run_isolated("bench.engine", "ours", dict(kw, compile=True, kv_layout=kv_layout, weights=weights),
-                                 threads) if compile else None
+                fmt, env = runs[weights]
+                e = run_isolated("bench.engine", "ours", dict(kw, kv_layout=kv_layout, weights=fmt), threads, env=env)
+                c = run_isolated("bench.engine", "ours", dict(kw, compile=True, kv_layout=kv_layout, weights=fmt),
+                                 threads, env=env) if compile else None
                 best = c or e
                 row = {
                     "dtype": dtype, "batch": b, "kv_layout": kv_layout, "weights": weights,
@@ -302,7 +311,7 @@ def main(batches, dtypes, new_tokens, threads, skip_hf, json_path, compile, samp
                     "step_over_floor": best["decode_step_ms"] / floor["floor_ms"],
                     "read_floor_ms": floor["read_floor_ms"],
                     "verify8_over_decode1": best.get("verify8_over_decode1"),
-                    "compile_s": c["compile_s"] if c else None,
+                    "compile_s": c["compile_s"] if c else None, "q4_kernels": ",".join(best["q4_kernels"]),
                     "ours_peak_mb": best["peak_rss_mb"], "eager_peak_mb": e["peak_rss_mb"],
                     "hf_peak_mb": h["peak_rss_mb"] if h else None,
                 }
@@ -322,6 +331,24 @@ def main(batches, dtypes, new_tokens, threads, skip_hf, json_path, compile, samp
     if plot_path:
         plot(rows, plot_path)
         click.echo(f"wrote {plot_path}")
+
+
+def weights_run(value: str) -> tuple[str, dict[str, str]]:
+    """A ``--weights`` value -> (the weight format, environment for its processes): ``dense``,
+    ``q4``, or ``q4:KERNEL`` (``dspark.models.q4.KERNELS``), which sets the 4-bit kernel.
+
+    Example:
+        >>> weights_run("q4:int4")
+        ('q4', {'DSPARK_Q4_KERNEL': 'int4'})
+    """
+    from dspark.models.loader import WEIGHT_FORMATS
+    from dspark.models.q4 import KERNEL_ENV, KERNELS
+
+    fmt, _, kernel = value.partition(":")
+    if fmt not in WEIGHT_FORMATS or (kernel and (fmt != "q4" or kernel not in KERNELS)):
+        choices = [*WEIGHT_FORMATS, *(f"q4:{k}" for k in KERNELS)]
+        raise ValueError(f"comma-separated {' / '.join(choices)}, not {value!r}")
+    return fmt, ({KERNEL_ENV: kernel} if kernel else {})
 
 
 def plot(rows: list[dict], path: str) -> None:

@@ -41,3 +41,25 @@ def test_engine_bench_on_a_v4_folder(tmp_path):
 def test_a_model_that_is_not_a_folder_is_a_one_line_error(tmp_path):
     proc = bench("--model", str(tmp_path / "missing"), "--skip-hf")
     assert proc.returncode == 1 and proc.stderr.strip() == f"Error: --model {tmp_path / 'missing'} is not a folder"
+
+
+def test_weights_name_the_4bit_kernel_of_their_processes(tmp_path):
+    """`--weights q4:int4` runs its processes with torch's kernel (the row says which kernel
+    multiplied the layers); a value that names no format or kernel is a one-line error."""
+    import doctest
+
+    from bench import engine
+
+    assert doctest.testmod(engine).failed == 0
+    assert engine.weights_run("dense") == ("dense", {}) and engine.weights_run("q4") == ("q4", {})
+    for bad in ("q8", "dense:int4", "q4:gpu"):
+        with pytest.raises(ValueError, match="q4:int4"):
+            engine.weights_run(bad)
+    proc = bench("--weights", "q4:gpu", "--skip-hf")
+    assert proc.returncode == 2 and "q4:amx / q4:int4" in proc.stderr and "Traceback" not in proc.stderr
+    out = tmp_path / "engine.json"
+    proc = bench("--weights", "q4:int4", "--dtypes", "bf16", "--batches", "2", "--new-tokens", "4", "--threads", "1",
+                 "--skip-hf", "--no-compile", "--json", str(out))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["weights"] == "q4:int4" and row["q4_kernels"] == "int4" and row["eager_tok_s"] > 0
