@@ -98,9 +98,9 @@ def make_config(model, dtype, device, tp, draft_workers, draft, block_len, verif
                                                    bool(extra.get("deterministic")), tp)
     draft = draft or _default_draft()
     if extra.get("weights") == "q4":  # the file's own header says whether its blocks can be served
-        from dspark.models.loader import q4_refusal
+        from dspark.models.loader import parse_dtype, q4_refusal
 
-        refusal = q4_refusal(model)
+        refusal = q4_refusal(model, parse_dtype(dtype))
         if refusal:
             raise click.UsageError(refusal)
     try:

@@ -123,9 +123,10 @@ def load_model(
 WEIGHT_FORMATS = ("dense", "q4")
 
 
-def q4_refusal(path: str | Path | None) -> str | None:
-    """Why ``--weights q4`` cannot serve the model at ``path`` (None: it can), read from the GGUF
-    file's header without loading it, so the commands refuse in one line before anything starts."""
+def q4_refusal(path: str | Path | None, dtype: torch.dtype = torch.bfloat16) -> str | None:
+    """Why ``--weights q4`` cannot serve the model at ``path`` in ``dtype`` (None: it can), read
+    from the GGUF file's header without loading it, so the commands refuse in one line before
+    anything starts."""
     from dspark.models.q4 import Q4_ROWS, q4_kernel, q4_supported
 
     path = Path(path) if path else default_model_path()
@@ -136,7 +137,7 @@ def q4_refusal(path: str | Path | None) -> str | None:
     if not q4_supported():
         return "--weights q4 needs torch's int4 CPU kernel, which this torch lacks"
     try:
-        q4_kernel(torch.bfloat16)  # a bad $DSPARK_Q4_KERNEL, or amx asked for where it cannot run
+        q4_kernel(dtype)  # a bad $DSPARK_Q4_KERNEL, or amx asked for where it cannot run
     except ValueError as e:
         return str(e)
     try:
@@ -161,7 +162,7 @@ def _load_q4(path: Path, dtype: torch.dtype, device, progress: bool, shard: Shar
         raise ValueError("--weights q4 runs on the CPU in bf16 or fp32")
     if shard.world_size > 1:
         raise ValueError("--weights q4 serves one rank (no tensor-parallel cut of the 4-bit blocks)")
-    refusal = q4_refusal(path)
+    refusal = q4_refusal(path, dtype)
     if refusal:
         raise ValueError(refusal)
     blocks = _gguf_q4_layers(path)

@@ -231,5 +231,8 @@ def test_serve_refuses_a_bad_kernel_choice_before_ray_starts(monkeypatch):
     monkeypatch.setenv(KERNEL_ENV, "gpu")
     with pytest.raises(click.UsageError, match=KERNEL_ENV):
         make_config(None, "bf16", "cpu", 1, 1, "ngram", 4, "adaptive", 4, weights="q4")
+    monkeypatch.setenv(KERNEL_ENV, "amx")  # our kernel multiplies bf16 only: fp32 is refused, not started
+    with pytest.raises(click.UsageError, match="bf16"):
+        make_config(None, "fp32", "cpu", 1, 1, "ngram", 4, "adaptive", 4, weights="q4")
     monkeypatch.setenv(KERNEL_ENV, "int4")
     assert make_config(None, "bf16", "cpu", 1, 1, "ngram", 4, "adaptive", 4, weights="q4").weights == "q4"
