@@ -161,6 +161,10 @@ def generate(prompt, max_tokens, temperature, top_p, top_k, seed, raw, model, dt
 
     if deterministic is None:
         deterministic = deterministic_default(dtype, device, model)
+    from dspark.kernels.short_attention import attention_refusal
+
+    if refusal := attention_refusal():
+        raise click.UsageError(refusal)
     if block_len is None:
         block_len = 4
         if weights == "q4":  # torch's int4 kernel costs a whole pass more from a verification's fifth row

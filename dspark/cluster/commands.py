@@ -97,6 +97,10 @@ def make_config(model, dtype, device, tp, draft_workers, draft, block_len, verif
         extra["cuda_graphs"] = cuda_graphs_default(device, model, extra.get("kv_layout", "slot"),
                                                    bool(extra.get("deterministic")), tp)
     draft = draft or _default_draft()
+    from dspark.kernels.short_attention import attention_refusal
+
+    if refusal := attention_refusal():
+        raise click.UsageError(refusal)
     if extra.get("weights") == "q4":  # the file's own header says whether its blocks can be served
         from dspark.models.loader import parse_dtype, q4_refusal
 

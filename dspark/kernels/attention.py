@@ -67,6 +67,7 @@ class AttentionPlan:
     span: "SpanPlan | None" = None  # the short queries' one call (loop path); their masks are None
     window: int | None = None  # sliding window: each query reads its ``window`` latest positions
     scale: float | None = None  # score scale; None: hd ** -0.5
+    kernel: bool = False  # short queries through our kernel (dspark.kernels.short_attention): no span, no masks
 
 
 @dataclass
@@ -182,10 +183,13 @@ def build_plan(
     max_keys: int | None = None,
     window: int | None = None,
     scale: float | None = None,
+    kernel: bool = False,
 ) -> AttentionPlan:
     """The attention plan of one step (see the module docstring for the paths).
 
     ``span=False`` keeps every request on the per-request loop (the reference in tests).
+    ``kernel``: the short queries go to our attention kernel
+    (:mod:`dspark.kernels.short_attention`), so only the long ones get masks here.
     ``max_keys``: the cache's positions per slot (row-invariant tiles never read past it).
     ``window``: sliding-window attention over the ``window`` latest positions (None: all).
     ``scale``: the score scale (None: hd ** -0.5).
@@ -214,6 +218,11 @@ def build_plan(
                 plan.tiles.append((slot, a + t, n, keys, mask.repeat(n_rep, 1)))
                 t += n
         plan.tile_groups = _group_tiles(plan.tiles, device)
+        return plan
+    if not padded and kernel:
+        plan.kernel = True
+        plan.masks = [None if q <= SPAN_MAX_Q else causal_mask(s, q, n_rep, device, window)
+                      for s, q in zip(starts, q_lens)]
         return plan
     if not padded:
         short = [i for i, q in enumerate(q_lens) if q <= SPAN_MAX_Q]
@@ -290,14 +299,24 @@ def varlen_attention(
         return row_invariant_attention(q, k_cache, v_cache, plan)
     if plan.padded:
         return _padded_attention(q, k_cache, v_cache, plan)
-    T, n_heads, hd = q.shape
-    n_kv = n_heads // plan.n_rep
     out = torch.empty_like(q)
     if plan.span is not None:
         _span_attention(q, k_cache, v_cache, plan.span, plan.n_rep, plan.scale, out)
+    loop_attention(q, k_cache, v_cache, plan, out, long_only=plan.span is not None)
+    return out
+
+
+def loop_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: AttentionPlan, out: torch.Tensor,
+    long_only: bool = False,
+) -> None:  # fmt: skip
+    """One SDPA call per request on views of its slot, into ``out``; with ``long_only`` only for
+    the requests of more than ``SPAN_MAX_Q`` tokens (prefill chunks: the short ones are done)."""
+    T, n_heads, hd = q.shape
+    n_kv = n_heads // plan.n_rep
     for i, slot in enumerate(plan.slots):
         a, b = plan.cu_q[i], plan.cu_q[i + 1]
-        if plan.span is not None and b - a <= SPAN_MAX_Q:
+        if long_only and b - a <= SPAN_MAX_Q:
             continue
         q_len = b - a
         total = plan.starts[i] + q_len
@@ -307,7 +326,6 @@ def varlen_attention(
         vi = v_cache[slot, :, :total].unsqueeze(0)
         oi = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=plan.masks[i], scale=plan.scale)
         out[a:b] = oi.view(n_kv, plan.n_rep, q_len, hd).permute(2, 0, 1, 3).reshape(q_len, n_heads, hd)
-    return out
 
 
 def static_attention(

@@ -1,19 +1,23 @@
 """Our C++ kernels: built once per host with the system's C++ compiler, loaded as torch ops.
 
-``q4_amx.cpp`` multiplies 4-bit block weights on Intel AMX tiles (``dspark.models.q4``).  The
-library is compiled on first use into ``<cache>/kernels/`` (``dspark.models.loader.cache_dir``),
+* ``q4_amx.cpp`` multiplies 4-bit block weights on Intel AMX tiles (``dspark.models.q4``);
+* ``short_attention.cpp`` attends a step's short queries (decode tokens, verification
+  blocks) straight from the KV cache on AVX-512 (``dspark.kernels.attention``).
+
+A library is compiled on first use into ``<cache>/kernels/`` (``dspark.models.loader.cache_dir``),
 named by a hash of its source, the compiler flags and torch's version, so that a changed source
 or torch builds a new one and processes on one host share it; a file lock keeps concurrent
 first uses (test workers, the roles of a local cluster) from building it twice.  ``make setup``
-builds it ahead (``python -m dspark.kernels.native``).
+builds them ahead (``python -m dspark.kernels.native``).
 
-The ops carry a fake (shape-only) implementation, so ``torch.compile`` traces through them and
-calls the C++ code as an opaque kernel.
+The 4-bit product carries a fake (shape-only) implementation, so ``torch.compile`` traces
+through it and calls the C++ code as an opaque kernel; the attention runs inside an op the
+compiler already treats as opaque (``dspark::cache_attention``).
 
 Example:
-    >>> from dspark.kernels.native import amx_usable
-    >>> isinstance(amx_usable(), bool)
-    True
+    >>> from dspark.kernels.native import amx_usable, short_attention_usable
+    >>> isinstance(amx_usable(), bool), isinstance(short_attention_usable(), bool)
+    (True, True)
 """
 
 from __future__ import annotations
@@ -25,16 +29,35 @@ import shutil
 import subprocess
 import sys
 import threading
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 import torch
 
-__all__ = ["NativeBuildError", "amx_usable", "build_q4_amx", "cpu_has_amx", "load_q4_amx"]
+__all__ = ["NativeBuildError", "amx_usable", "build_q4_amx", "cpu_has_amx", "cpu_has_avx512", "load_q4_amx",
+           "load_short_attention", "short_attention_usable"]
 
-_SOURCE = Path(__file__).with_name("q4_amx.cpp")
-_FLAGS = ("-O3", "-std=c++20", "-shared", "-fPIC", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl",
-          "-mavx512bf16", "-mf16c", "-mfma", "-mamx-tile", "-mamx-bf16", "-w")
+
+@dataclass(frozen=True)
+class Kernel:
+    """One C++ source built into its own library: ``name`` is its file's stem, ``what`` how
+    messages name it."""
+
+    name: str
+    what: str
+    flags: tuple[str, ...]
+
+    @property
+    def source(self) -> Path:
+        return Path(__file__).with_name(f"{self.name}.cpp")
+
+
+_COMMON = ("-O3", "-std=c++20", "-shared", "-fPIC", "-fopenmp", "-w")
+Q4_AMX = Kernel("q4_amx", "4-bit AMX kernel", _COMMON + ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16",
+                                                         "-mf16c", "-mfma", "-mamx-tile", "-mamx-bf16"))
+SHORT_ATTENTION = Kernel("short_attention", "attention kernel",
+                         _COMMON + ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma"))
 
 
 class NativeBuildError(RuntimeError):
@@ -47,29 +70,35 @@ def cpu_has_amx() -> bool:
     return all(p is not None and p() for p in probes)
 
 
+def cpu_has_avx512() -> bool:
+    """Whether this CPU has the AVX-512 subsets the attention kernel is compiled for (torch's own
+    kernels then run at that level too)."""
+    return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
 def _compiler() -> str | None:
     return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
 
 
-def _library_path() -> Path:
+def _library_path(kernel: Kernel) -> Path:
     from dspark.models.loader import cache_dir
 
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
-    key = hashlib.sha256(_SOURCE.read_bytes() + repr((_FLAGS, abi, torch.__version__, sys.version_info[:2],
-                                                      _compiler())).encode())
-    return cache_dir() / "kernels" / f"q4_amx-{key.hexdigest()[:16]}.so"
+    key = hashlib.sha256(kernel.source.read_bytes() + repr((kernel.flags, abi, torch.__version__, sys.version_info[:2],
+                                                             _compiler())).encode())
+    return cache_dir() / "kernels" / f"{kernel.name}-{key.hexdigest()[:16]}.so"
 
 
-def build_q4_amx() -> Path:
+def build(kernel: Kernel) -> Path:
     """The built library's path, compiling it first if this host has none (NativeBuildError)."""
     from torch.utils import cpp_extension
 
-    target = _library_path()
+    target = _library_path(kernel)
     if target.exists():
         return target
     compiler = _compiler()
     if compiler is None:
-        raise NativeBuildError("no C++ compiler (g++) to build dspark's 4-bit AMX kernel; `make setup` installs one")
+        raise NativeBuildError(f"no C++ compiler (g++) to build dspark's {kernel.what}; `make setup` installs one")
     target.parent.mkdir(parents=True, exist_ok=True)
     with open(target.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -77,8 +106,8 @@ def build_q4_amx() -> Path:
             return target
         tmp = target.with_suffix(f".{os.getpid()}.tmp")
         libs = cpp_extension.library_paths()
-        cmd = [compiler, *_FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
-               *(f"-I{p}" for p in cpp_extension.include_paths()), str(_SOURCE), "-o", str(tmp),
+        cmd = [compiler, *kernel.flags, f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+               *(f"-I{p}" for p in cpp_extension.include_paths()), str(kernel.source), "-o", str(tmp),
                *(f"-L{p}" for p in libs), "-lc10", "-ltorch_cpu", *(f"-Wl,-rpath,{p}" for p in libs)]
         try:
             done = subprocess.run(cmd, capture_output=True, text=True)
@@ -87,28 +116,49 @@ def build_q4_amx() -> Path:
         if done.returncode != 0:
             tmp.unlink(missing_ok=True)
             last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
-            raise NativeBuildError(f"building dspark's 4-bit AMX kernel failed: {last}")
+            raise NativeBuildError(f"building dspark's {kernel.what} failed: {last}")
         tmp.replace(target)
     return target
+
+
+def build_q4_amx() -> Path:
+    """:func:`build` of the 4-bit AMX kernel."""
+    return build(Q4_AMX)
 
 
 _LOAD_LOCK = threading.Lock()
 
 
 @lru_cache(maxsize=None)
-def _load() -> None:
-    torch.ops.load_library(str(build_q4_amx()))
+def _load(kernel: Kernel) -> None:
+    torch.ops.load_library(str(build(kernel)))
+    if kernel is Q4_AMX:
 
-    @torch.library.register_fake("dspark_q4::amx_mm")
-    def _(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
-        return x.new_empty((x.shape[0], out_features))
+        @torch.library.register_fake("dspark_q4::amx_mm")
+        def _(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
+            return x.new_empty((x.shape[0], out_features))
+
+    if kernel is SHORT_ATTENTION:
+
+        @torch.library.register_fake("dspark_attn::cache_attention")
+        def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int) -> torch.Tensor:
+            return torch.empty_like(q)
+
+
+def load(kernel: Kernel) -> None:
+    """Loads ``kernel``'s ops into this process, once (also when two threads ask at the same time)."""
+    with _LOAD_LOCK:
+        _load(kernel)
 
 
 def load_q4_amx() -> None:
-    """Loads the 4-bit AMX ops (``torch.ops.dspark_q4``) into this process, once (also when two
-    threads ask at the same time)."""
-    with _LOAD_LOCK:
-        _load()
+    """Loads the 4-bit AMX ops (``torch.ops.dspark_q4``)."""
+    load(Q4_AMX)
+
+
+def load_short_attention() -> None:
+    """Loads the attention op (``torch.ops.dspark_attn.short_attention``)."""
+    load(SHORT_ATTENTION)
 
 
 def _probe() -> None:
@@ -137,7 +187,34 @@ def amx_usable() -> bool:
     return True
 
 
-if __name__ == "__main__":  # make setup: build ahead where the CPU can use it; never fails setup
+def _probe_attention() -> None:
+    """One token attending to itself: the output is its value, exactly."""
+    v = torch.arange(64, dtype=torch.bfloat16).view(1, 1, 64)
+    cache = torch.zeros(1, 1, 4, 64, dtype=torch.bfloat16)
+    out = torch.empty_like(v)
+    zero = torch.zeros(1, dtype=torch.long)
+    torch.ops.dspark_attn.short_attention(v, v, v, cache, cache.clone(), zero, zero, torch.tensor([[0, 1, 0]]),
+                                          zero.view(1, 1), False, 1, 0.125, -1, out)
+    if not torch.equal(out, v):
+        raise RuntimeError(f"the probe gave {out[0, 0, :4].tolist()}, not 0, 1, 2, 3")
+
+
+@lru_cache(maxsize=None)
+def short_attention_usable() -> bool:
+    """Whether this host's CPU has AVX-512 and the attention kernel builds, loads and runs here.
+    Elsewhere the short queries go through torch's attention (``dspark.kernels.attention``)."""
+    if not cpu_has_avx512():
+        return False
+    try:
+        load_short_attention()
+        _probe_attention()
+    except (NativeBuildError, OSError, RuntimeError) as e:
+        print(f"dspark: attention kernel unavailable, using torch's attention ({e})", file=sys.stderr)
+        return False
+    return True
+
+
+if __name__ == "__main__":  # make setup: build ahead where the CPU can use them; never fails setup
     if not cpu_has_amx():
         print("4-bit AMX kernel: this CPU has no AMX tiles; torch's int4 kernel serves --weights q4")
     else:
@@ -145,3 +222,10 @@ if __name__ == "__main__":  # make setup: build ahead where the CPU can use it; 
             print(f"4-bit AMX kernel: {build_q4_amx()}")
         except (NativeBuildError, OSError) as e:
             print(f"4-bit AMX kernel: {e}; torch's int4 kernel serves --weights q4")
+    if not cpu_has_avx512():
+        print("attention kernel: this CPU has no AVX-512; torch's attention serves every step")
+    else:
+        try:
+            print(f"attention kernel: {build(SHORT_ATTENTION)}")
+        except (NativeBuildError, OSError) as e:
+            print(f"attention kernel: {e}; torch's attention serves every step")

@@ -62,6 +62,7 @@ class PagedPlan:
 
     write_blocks/write_offsets: [T] the block and offset of each new token.  groups: the SDPA
     calls; tile_pages: instead, for a row-invariant plan, the blocks each of its tiles reads.
+    tables: each request's block table (host lists, what the attention kernel reads through).
     """
 
     block: int
@@ -69,6 +70,7 @@ class PagedPlan:
     write_offsets: torch.Tensor
     groups: list[PageGroup]
     tile_pages: list[torch.Tensor] | None = None
+    tables: list[list[int]] | None = None
 
 
 def build_paged_plan(
@@ -80,10 +82,12 @@ def build_paged_plan(
     device: torch.device | str,
     tiles: list[tuple[int, int, int, int, torch.Tensor | None]] | None = None,
     slots: list[int] | None = None,
+    long_only: bool = False,
 ) -> PagedPlan:
     """The paged plan of one step: request i holds blocks ``tables[i]`` and appends ``q_lens[i]``
     tokens at position ``starts[i]`` (its table already covers them).  With ``tiles`` (a
     row-invariant plan's, naming requests by ``slots``), the plan reads by tile instead.
+    ``long_only``: calls for the long queries only (our kernel attends the short ones).
 
     Example, block 4: a request at start 5 feeding 2 tokens with table [7, 2] writes position
     5 to block 2 offset 1 and position 6 to block 2 offset 2.
@@ -106,15 +110,15 @@ def build_paged_plan(
             t = table_of[slot]
             need = -(-keys // block)
             pages.append(torch.tensor((t + [t[0]] * need)[:need], device=device))
-        return PagedPlan(block, *write, groups=[], tile_pages=pages)
+        return PagedPlan(block, *write, groups=[], tile_pages=pages, tables=tables)
     cu = [0]
     for q in q_lens:
         cu.append(cu[-1] + q)
     short = [i for i, q in enumerate(q_lens) if q <= SPAN_MAX_Q]
-    groups = [_group(short, tables, starts, q_lens, cu, n_rep, block, device)] if short else []
+    groups = [_group(short, tables, starts, q_lens, cu, n_rep, block, device)] if short and not long_only else []
     groups += [_group([i], tables, starts, q_lens, cu, n_rep, block, device)
                for i, q in enumerate(q_lens) if q > SPAN_MAX_Q]
-    return PagedPlan(block, *write, groups=groups)
+    return PagedPlan(block, *write, groups=groups, tables=tables)
 
 
 def _group(members, tables, starts, q_lens, cu, n_rep, block, device) -> PageGroup:
@@ -144,19 +148,23 @@ def paged_write(k_pool: torch.Tensor, v_pool: torch.Tensor, k: torch.Tensor, v: 
 
 
 def paged_attention(
-    q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, plan: PagedPlan, n_rep: int, scale: float | None = None
-) -> torch.Tensor:
+    q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, plan: PagedPlan, n_rep: int, scale: float | None = None,
+    out: torch.Tensor | None = None, long_only: bool = False,
+) -> torch.Tensor:  # fmt: skip
     """Attention of new queries against their requests' blocks.
 
     q: [T, n_heads, hd]; k_pool/v_pool: [n_kv, n_blocks, block, hd] for one layer, already
     holding this step's keys/values (:func:`paged_write`).  Returns [T, n_heads, hd], equal
     (up to rounding) to :func:`dspark.kernels.attention.varlen_attention` on a slot cache that
-    holds the same keys at the same positions.
+    holds the same keys at the same positions.  ``long_only``: only the long queries' calls,
+    into ``out`` (the attention kernel has done the short ones).
     """
     T, n_heads, hd = q.shape
     n_kv = n_heads // n_rep
-    out = torch.empty_like(q)
+    out = torch.empty_like(q) if out is None else out
     for g in plan.groups:
+        if long_only and g.max_q <= SPAN_MAX_Q:
+            continue
         L = g.max_pages * plan.block
         # [n_kv, n * max_pages, block, hd] -> [n, n_kv, L, hd]: a view of the gathered copy
         kb = k_pool.index_select(1, g.pages).view(n_kv, g.n, L, hd).transpose(0, 1)

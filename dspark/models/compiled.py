@@ -7,7 +7,8 @@ with a torch implementation:
 * ``dspark::packed_linear``: the oneDNN product with pre-packed bf16 weights
   (:mod:`dspark.models.packing`); inductor's own lowering of that op wants frozen weights.
 * ``dspark::cache_attention``: write the step's keys and values into the cache and attend
-  (:func:`dspark.kernels.attention.varlen_attention`).  The cache and the step's attention plan
+  (on CPU our kernel, :mod:`dspark.kernels.short_attention`, for decode tokens and
+  verification blocks; :func:`dspark.kernels.attention.varlen_attention` otherwise).  The cache and the step's attention plan
   (host lists the compiler should not see) come from the step context that :func:`step_context`
   sets around the compiled call.
 
@@ -31,6 +32,7 @@ import torch
 
 from dspark.kernels.attention import static_attention, varlen_attention
 from dspark.kernels.paged_attention import paged_attention, paged_row_invariant_attention, paged_write
+from dspark.kernels.short_attention import attend, kernel_chosen, short_plan
 from dspark.models.kv_cache import StaticBatch
 
 _STEP = threading.local()
@@ -73,6 +75,8 @@ def write_and_attend(q, k, v, k_cache, v_cache, batch) -> torch.Tensor:
         k_cache[batch.slots, :, batch.positions] = k
         v_cache[batch.slots, :, batch.positions] = v
         return static_attention(q, k_cache, v_cache, batch.slots, batch.visible, batch.n_rep)
+    if batch.plan.kernel:  # the short queries in our kernel, on CPU
+        return attend(q, k, v, k_cache, v_cache, batch)
     if batch.paged is not None:
         paged_write(k_cache, v_cache, k, v, batch.paged)
         if batch.plan.row_invariant:
@@ -113,6 +117,35 @@ _LIB.impl("packed_linear", torch._disable_dynamo(packed_linear), "CompositeExpli
 _LIB.impl("cache_attention", torch._disable_dynamo(cache_attention), "CompositeExplicitAutograd")
 
 
+def attention_op(device: torch.device):
+    """The attention op the compiled step calls on ``device``: on a CPU where our attention
+    kernel serves, its C++ op (``dspark_attn::cache_attention``: no Python between the compiled
+    code and the kernel, for steps the kernel serves whole; it hands any other step to the
+    Python op); elsewhere ``dspark::cache_attention``."""
+    if torch.device(device).type == "cpu" and kernel_chosen():
+        return torch.ops.dspark_attn.cache_attention
+    return torch.ops.dspark.cache_attention
+
+
+def _enter_kernel_step(cache, batch, layer_batches) -> None:
+    """Tell the C++ op about the step: the kernel serves it whole (every query short, one
+    attention kind, caches as one tensor), or the Python op does."""
+    ours = (layer_batches is None and not isinstance(batch, StaticBatch) and batch.plan.kernel
+            and isinstance(cache.k, torch.Tensor) and cache.k.dim() == 5)
+    if ours:
+        short = short_plan(batch)
+        ours = not short.has_long
+    if not ours:
+        torch.ops.dspark_attn.enter_other_step()
+        return
+    plan = batch.plan
+    pages, at = (batch.paged.write_blocks, batch.paged.write_offsets) if batch.paged is not None else (
+        batch.token_slots, batch.positions)
+    scale = cache.k.shape[-1] ** -0.5 if plan.scale is None else plan.scale
+    torch.ops.dspark_attn.enter_step(cache.k, cache.v, pages, at, short.reqs, short.tables, batch.paged is not None,
+                                     plan.n_rep, scale, -1 if plan.window is None else plan.window, batch.num_tokens)
+
+
 @contextlib.contextmanager
 def step_context(cache, batch, layer_batches=None):
     """Make ``cache`` and ``batch`` (a :class:`~dspark.models.kv_cache.VarlenBatch`) the step
@@ -120,8 +153,15 @@ def step_context(cache, batch, layer_batches=None):
     attention plan of that layer's kind: sliding window, head grouping, scale)."""
     prev = getattr(_STEP, "step", None)
     _STEP.step = (cache, batch, layer_batches)
+    kernel = kernel_chosen()
     try:
-        yield
+        if kernel:
+            _enter_kernel_step(cache, batch, layer_batches)
+        try:
+            yield
+        finally:
+            if kernel:
+                torch.ops.dspark_attn.leave_step()
     finally:
         _STEP.step = prev
 

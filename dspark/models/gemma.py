@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dspark.kernels.attention import build_plan
+from dspark.kernels.short_attention import kernel_for
 from dspark.models.compiled import step_context, write_and_attend
 from dspark.models.config import ModelArgs
 from dspark.models.gemma_config import FULL, SLIDING, AttentionKind, embed_scale
@@ -142,9 +143,11 @@ class Gemma4Transformer(Transformer):
     def kind_batches(self, cache: KVCache, batch: VarlenBatch) -> dict[str, VarlenBatch]:
         """The step's batch once per layer kind, each with that kind's attention plan."""
         p = batch.plan
-        return {name: dataclasses.replace(batch, plan=build_plan(
-            batch.slots, batch.starts, batch.q_lens, self.args.n_heads // k.n_kv_heads, batch.positions.device,
-            padded=p.padded, row_invariant=p.row_invariant, max_keys=cache.max_seq, window=k.window, scale=1.0))
+        device, dtype = batch.positions.device, cache.k[0].dtype
+        return {name: dataclasses.replace(batch, short=None, plan=build_plan(
+            batch.slots, batch.starts, batch.q_lens, self.args.n_heads // k.n_kv_heads, device,
+            padded=p.padded, row_invariant=p.row_invariant, max_keys=cache.max_seq, window=k.window, scale=1.0,
+            kernel=not p.padded and not p.row_invariant and kernel_for(device, dtype, k.head_dim)))
             for name, k in self._kinds.items()}
 
     def forward(

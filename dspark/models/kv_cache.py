@@ -18,6 +18,7 @@ import torch
 
 from dspark.kernels.attention import AttentionPlan, build_plan, padded_keys
 from dspark.kernels.paged_attention import PagedPlan
+from dspark.kernels.short_attention import ShortPlan, cache_kernel
 
 
 def _owns_storage(t: torch.Tensor) -> bool:
@@ -260,7 +261,8 @@ class VarlenBatch:
 
     positions: [T] absolute positions of the new tokens; token_slots: [T] their slots.
     paged: where the step writes and reads on a paged cache (dspark/models/paged_cache.py);
-    None on the slot layout.
+    None on the slot layout.  short: the attention kernel's plan of the step, built by its
+    first layer (:func:`dspark.kernels.short_attention.short_plan`).
     """
 
     slots: list[int]
@@ -270,6 +272,7 @@ class VarlenBatch:
     token_slots: torch.Tensor
     plan: AttentionPlan
     paged: PagedPlan | None = None
+    short: "ShortPlan | None" = None
 
     @property
     def num_tokens(self) -> int:
@@ -363,5 +366,5 @@ def make_batch(
         positions=torch.tensor(pos, dtype=torch.long, device=device),
         token_slots=torch.tensor(tok_slots, dtype=torch.long, device=device),
         plan=build_plan(slots, starts, q_lens, n_rep, device, padded=padded, row_invariant=row_invariant,
-                        max_keys=cache.max_seq),
+                        max_keys=cache.max_seq, kernel=not padded and not row_invariant and cache_kernel(cache)),
     )

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dspark.models.compiled import compile_blocks, step_context, write_and_attend
+from dspark.models.compiled import attention_op, compile_blocks, step_context, write_and_attend
 from dspark.models.config import ModelArgs, rope_inv_freq
 from dspark.models.kv_cache import KVCache, VarlenBatch
 from dspark.models.packing import MIN_ROWS, PackedLinear
@@ -61,6 +61,7 @@ class Numerics:
 
     row_invariant: bool = False
     compiled: bool = False  # the blocks run under torch.compile (dspark/models/compiled.py)
+    attention = None  # the compiled blocks' attention op (compiled.attention_op), set with ``compiled``
 
     def linear(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """``layer(x)`` for x: [T, in]; with ``row_invariant``, products of 2..ROW_BLOCK rows."""
@@ -141,7 +142,7 @@ class Attention(nn.Module):
         q, k = qk[:, :nh], qk[:, nh:]  # [T, nh, hd], [T, nkv, hd]
         v = qkv[:, nh + nkv :]  # [T, nkv, hd]
         if self.num.compiled:  # opaque to the compiler; the cache and plan come from the step context
-            out = torch.ops.dspark.cache_attention(q.contiguous(), k.contiguous(), v.contiguous(), self.layer_id)
+            out = self.num.attention(q.contiguous(), k.contiguous(), v.contiguous(), self.layer_id)
         else:  # [T, nh, hd]
             out = write_and_attend(q, k, v, cache.k[self.layer_id], cache.v[self.layer_id], batch)
         return self.tp.all_reduce(self.num.linear(self.wo, out.reshape(T, nh * hd)))
@@ -200,6 +201,7 @@ class Transformer(nn.Module):
         """Run the decoder blocks through ``torch.compile`` from now on (dspark/models/compiled.py)."""
         if self._compiled_blocks is None:
             self.num.compiled = True
+            self.num.attention = attention_op(self.device)
             self._compiled_blocks = compile_blocks(self._blocks)
 
     # -- helpers --------------------------------------------------------------------------

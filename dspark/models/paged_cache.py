@@ -40,6 +40,7 @@ import torch
 
 from dspark.kernels.attention import AttentionPlan, build_plan
 from dspark.kernels.paged_attention import build_paged_plan
+from dspark.kernels.short_attention import cache_kernel
 from dspark.models.kv_cache import (CacheFullError, SlotTable, VarlenBatch, _owns_storage, _release_pages, copy_held, lazy_zeros,
                                     step_starts)
 
@@ -288,8 +289,9 @@ class PagedKVCache(SlotTable):
             cu = [0]
             for q in q_lens:
                 cu.append(cu[-1] + q)
-            plan = AttentionPlan(list(slots), starts, list(q_lens), cu, n_rep, masks=[])
-            paged = build_paged_plan(tables, starts, q_lens, n_rep, self.block, device)
+            kernel = cache_kernel(self)
+            plan = AttentionPlan(list(slots), starts, list(q_lens), cu, n_rep, masks=[], kernel=kernel)
+            paged = build_paged_plan(tables, starts, q_lens, n_rep, self.block, device, long_only=kernel)
         pos = [p for st, q in zip(starts, q_lens) for p in range(st, st + q)]
         tok_slots = [s for s, q in zip(slots, q_lens) for _ in range(q)]
         return VarlenBatch(
