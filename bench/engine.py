@@ -54,6 +54,7 @@ def _sync(device: str) -> None:
 
 def ours(dtype: str, batch: int, new_tokens: int, compile: bool = False, sampled: bool = False,
          kv_layout: str = "slot", model: str | None = None, device: str = "cpu", weights: str = "dense") -> dict:  # fmt: skip
+    from dspark.kernels.short_attention import cache_kernel
     from dspark.models.q4 import Q4Linear
     from dspark.workers.factory import EngineSpec, build_engine
     from dspark.workers.request import SamplingParams
@@ -88,6 +89,7 @@ def ours(dtype: str, batch: int, new_tokens: int, compile: bool = False, sampled
         "compile_s": eng.runner.compile_s,
         # Which kernels multiplied the 4-bit layers (none: dense weights).
         "q4_kernels": sorted({m.kernel for m in eng.runner.model.modules() if isinstance(m, Q4Linear)}),
+        "attention": "kernel" if cache_kernel(eng.runner.cache) else "torch",
     }
     if batch == 1 and not sampled:
         out["verify8_over_decode1"] = verify_over_decode(eng.runner, len(prompts[0]) + new_tokens, device=device)
@@ -258,10 +260,25 @@ def bandwidth_and_weights(dtype: str, model: str | None = None, weights: str = "
               help="our layer matrices, comma-separated to compare: dense (dequantized to the dtype) and/or q4 (the "
                    "GGUF file's 4-bit blocks as stored; q4:amx / q4:int4 name the kernel that multiplies them, "
                    "default the process's choice); transformers runs dequantized, once per batch")
+@click.option("--attention", "attention_list", default="default", show_default=True,
+              help="the attention of our short queries, comma-separated to compare: kernel (ours, "
+                   "dspark/kernels/short_attention.cpp), torch (SDPA), or default (the process's choice)")
 def main(batches, dtypes, new_tokens, threads, skip_hf, json_path, compile, sampled, kv_layout, model, weights_list,
-         plot_path):
+         plot_path, attention_list):
     """Decode tokens/s: our engine (eager and compiled) vs Hugging Face transformers."""
+    from dspark.kernels.short_attention import CHOICES, ENV
     from dspark.models.loader import family_of
+
+    attentions = [a for a in attention_list.split(",") if a]
+    if not attentions or any(a not in (*CHOICES, "default") for a in attentions):
+        raise click.BadParameter(f"comma-separated {' / '.join(CHOICES)} / default, not {attention_list!r}",
+                                 param_hint="--attention")
+    if "kernel" in attentions:
+        from dspark.kernels.native import short_attention_usable
+
+        if not short_attention_usable():
+            raise click.BadParameter("kernel: the attention kernel needs a CPU with AVX-512 and a C++ compiler",
+                                     param_hint="--attention")
 
     formats = [w for w in weights_list.split(",") if w]
     try:
@@ -295,15 +312,17 @@ def main(batches, dtypes, new_tokens, threads, skip_hf, json_path, compile, samp
         for b in (int(x) for x in batches.split(",")):
             kw = {"dtype": dtype, "batch": b, "new_tokens": new_tokens, "sampled": sampled, "model": model}
             h = None if skip_hf else run_isolated("bench.engine", "hf", kw, threads)
-            for weights in formats:
+            for weights, attention in ((w, a) for w in formats for a in attentions):
                 floor = floors[weights]
                 fmt, env = runs[weights]
+                if attention != "default":
+                    env = dict(env, **{ENV: attention})
                 e = run_isolated("bench.engine", "ours", dict(kw, kv_layout=kv_layout, weights=fmt), threads, env=env)
                 c = run_isolated("bench.engine", "ours", dict(kw, compile=True, kv_layout=kv_layout, weights=fmt),
                                  threads, env=env) if compile else None
                 best = c or e
                 row = {
-                    "dtype": dtype, "batch": b, "kv_layout": kv_layout, "weights": weights,
+                    "dtype": dtype, "batch": b, "kv_layout": kv_layout, "weights": weights, "attention": best["attention"],
                     "eager_tok_s": e["tokens_per_s"], "compiled_tok_s": c["tokens_per_s"] if c else None,
                     "hf_tok_s": h["tokens_per_s"] if h else None,
                     "speedup": best["tokens_per_s"] / h["tokens_per_s"] if h else None,
@@ -318,7 +337,7 @@ def main(batches, dtypes, new_tokens, threads, skip_hf, json_path, compile, samp
                 rows.append(row)
                 click.echo(table([row], list(row)), err=True)
         rows_floor = floor
-    cols = ["dtype", "batch", "kv_layout", "weights", "eager_tok_s", "compiled_tok_s", "hf_tok_s", "speedup", "step_ms", "floor_ms",
+    cols = ["dtype", "batch", "kv_layout", "weights", "attention", "eager_tok_s", "compiled_tok_s", "hf_tok_s", "speedup", "step_ms", "floor_ms",
             "step_over_floor", "read_floor_ms", "verify8_over_decode1", "compile_s", "ours_peak_mb", "eager_peak_mb", "hf_peak_mb"]
     click.echo(table(rows, cols))
     wait = {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
@@ -359,12 +378,13 @@ def plot(rows: list[dict], path: str) -> None:
     import matplotlib.pyplot as plt
 
     groups = sorted({(r["dtype"], r["batch"]) for r in rows}, key=lambda g: (g[0], g[1]))
-    formats = list(dict.fromkeys(r["weights"] for r in rows))
+    formats = list(dict.fromkeys((r["weights"], r.get("attention", "default")) for r in rows))
     series = [("transformers", lambda g: next((r["hf_tok_s"] for r in rows if (r["dtype"], r["batch"]) == g), None))]
-    for w in formats:
-        series.append((f"ours, {w}", lambda g, w=w: next(
-            (r["compiled_tok_s"] or r["eager_tok_s"] for r in rows if (r["dtype"], r["batch"]) == g and r["weights"] == w),
-            None)))
+    for w, a in formats:
+        label = f"ours, {w}" + (f", {a} attention" if len({f[1] for f in formats}) > 1 else "")
+        series.append((label, lambda g, w=w, a=a: next(
+            (r["compiled_tok_s"] or r["eager_tok_s"] for r in rows
+             if (r["dtype"], r["batch"]) == g and r["weights"] == w and r.get("attention", "default") == a), None)))
     fig, ax = plt.subplots(figsize=(7, 4))
     width = 0.8 / len(series)
     for i, (label, value) in enumerate(series):

@@ -188,13 +188,13 @@ def build_plan(
     """The attention plan of one step (see the module docstring for the paths).
 
     ``span=False`` keeps every request on the per-request loop (the reference in tests).
-    ``kernel``: the short queries go to our attention kernel
-    (:mod:`dspark.kernels.short_attention`), so only the long ones get masks here.
+    ``kernel``: the short queries (with ``row_invariant``, all of them) go to our attention
+    kernel (:mod:`dspark.kernels.short_attention`), so only the others get masks here.
     ``max_keys``: the cache's positions per slot (row-invariant tiles never read past it).
     ``window``: sliding-window attention over the ``window`` latest positions (None: all).
     ``scale``: the score scale (None: hd ** -0.5).
     """
-    if row_invariant and max_keys is None:  # a cap taken from the step would make tiles depend on it
+    if row_invariant and max_keys is None and not kernel:  # a cap taken from the step would make tiles depend on it
         raise ValueError("row-invariant plans need max_keys (the cache's positions per slot)")
     if window is not None and window < 1:
         raise ValueError(f"window must be >= 1, got {window}")
@@ -203,6 +203,14 @@ def build_plan(
         cu.append(cu[-1] + n)
     plan = AttentionPlan(slots, starts, q_lens, cu, n_rep, masks=[], padded=padded, row_invariant=row_invariant,
                          window=window, scale=scale)
+    if kernel and not padded:
+        # The kernel computes every row on its own: it serves the deterministic mode's every
+        # query (prefill chunks too), and the default mode's short ones (SDPA's blocked
+        # products are quicker on a long chunk, which alone gets a mask).
+        plan.kernel = True
+        plan.masks = [None if q <= SPAN_MAX_Q or row_invariant else causal_mask(s, q, n_rep, device, window)
+                      for s, q in zip(starts, q_lens)]
+        return plan
     if row_invariant:
         plan.tiles = []
         for slot, start, a, q_len in zip(slots, starts, cu, q_lens):
@@ -218,11 +226,6 @@ def build_plan(
                 plan.tiles.append((slot, a + t, n, keys, mask.repeat(n_rep, 1)))
                 t += n
         plan.tile_groups = _group_tiles(plan.tiles, device)
-        return plan
-    if not padded and kernel:
-        plan.kernel = True
-        plan.masks = [None if q <= SPAN_MAX_Q else causal_mask(s, q, n_rep, device, window)
-                      for s, q in zip(starts, q_lens)]
         return plan
     if not padded:
         short = [i for i, q in enumerate(q_lens) if q <= SPAN_MAX_Q]
@@ -295,6 +298,8 @@ def varlen_attention(
     q: [T, n_heads, hd] (T = sum of q_lens); k_cache/v_cache: [S, n_kv, max_seq, hd] for one
     layer, already holding this step's keys/values.  Returns [T, n_heads, hd].
     """
+    if plan.kernel:  # its short queries have no masks: only the kernel may read this plan
+        raise ValueError("a plan for the attention kernel (dspark.kernels.short_attention.attend)")
     if plan.row_invariant:
         return row_invariant_attention(q, k_cache, v_cache, plan)
     if plan.padded:

@@ -71,6 +71,7 @@ class PagedPlan:
     groups: list[PageGroup]
     tile_pages: list[torch.Tensor] | None = None
     tables: list[list[int]] | None = None
+    long_only: bool = False  # calls for the long queries only: the kernel attends the others
 
 
 def build_paged_plan(
@@ -118,7 +119,7 @@ def build_paged_plan(
     groups = [_group(short, tables, starts, q_lens, cu, n_rep, block, device)] if short and not long_only else []
     groups += [_group([i], tables, starts, q_lens, cu, n_rep, block, device)
                for i, q in enumerate(q_lens) if q > SPAN_MAX_Q]
-    return PagedPlan(block, *write, groups=groups, tables=tables)
+    return PagedPlan(block, *write, groups=groups, tables=tables, long_only=long_only)
 
 
 def _group(members, tables, starts, q_lens, cu, n_rep, block, device) -> PageGroup:
@@ -159,6 +160,8 @@ def paged_attention(
     holds the same keys at the same positions.  ``long_only``: only the long queries' calls,
     into ``out`` (the attention kernel has done the short ones).
     """
+    if plan.long_only and not long_only:  # the short queries have no call here: their rows would be garbage
+        raise ValueError("a plan for the attention kernel (dspark.kernels.short_attention.attend)")
     T, n_heads, hd = q.shape
     n_kv = n_heads // n_rep
     out = torch.empty_like(q) if out is None else out

@@ -44,7 +44,7 @@ inline void store16(uint16_t* p, __m512 x) {
 inline void store16(float* p, __m512 x) { _mm512_storeu_ps(p, x); }
 
 // e^x for x <= 0 (scores less their maximum): x = n ln2 + r with |r| <= ln2 / 2, e^r from its
-// Taylor series to r^7 (relative error below 1e-8), times 2^n.
+// Taylor series to r^7 (truncation below 1e-8; a few ulp from fp32 evaluation), times 2^n.
 inline __m512 exp16(__m512 x) {
   x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));  // e^-104 is below the smallest float
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
@@ -114,7 +114,7 @@ inline __m512 sum16(const __m512* a) {
 // Rows of one (request, KV head): n_rep query heads of each of its q_len tokens.
 template <typename T, int NC>
 void attend_group(const T* q, int64_t q_tok, const Cache& c, const Request& r, int64_t h, int64_t n_rep, float scale,
-                  int64_t window, T* out, int64_t o_tok, std::vector<float>& buf) {
+                  int64_t window, T* out, int64_t o_tok, std::vector<float>& buf, std::vector<int64_t>& where) {
   constexpr int64_t hd = 16 * NC;
   constexpr int RC = NC <= 4 ? 4 : NC <= 8 ? 2 : 1;  // rows accumulated at once (<= 16 registers)
   const T* kc = static_cast<const T*>(c.k);
@@ -124,7 +124,8 @@ void attend_group(const T* q, int64_t q_tok, const Cache& c, const Request& r, i
   auto lo_of = [&](int64_t j) { return window > 0 ? std::max<int64_t>(0, r.start + j + 1 - window) : 0; };
   const int64_t lo = lo_of(0), hi = r.start + r.q_len, n = hi - lo, blocks = (n + 15) / 16;
   const bool staged = (rows + RC - 1) / RC > 1;  // several passes over the values: widen them once
-  buf.resize(rows * hd + rows * blocks * 16 + 16 * hd + (staged ? n * hd : 0) + rows + 2 * n);
+  buf.resize(rows * hd + rows * blocks * 16 + 16 * hd + (staged ? n * hd : 0) + rows);
+  where.resize(n);
   float* qf = buf.data();
   float* s = qf + rows * hd;                   // [rows][blocks * 16] scores, then probabilities
   float* kf = s + rows * blocks * 16;          // one block of keys, widened
@@ -136,7 +137,6 @@ void attend_group(const T* q, int64_t q_tok, const Cache& c, const Request& r, i
     for (int ch = 0; ch < NC; ++ch) _mm512_storeu_ps(qf + i * hd + 16 * ch, load16(qi + 16 * ch));
   }
   // Where each key sits (element offsets, the same in both caches), walked page by page.
-  int64_t* where = reinterpret_cast<int64_t*>(inv + rows);
   for (int64_t p = lo, page = lo / c.block, off = lo % c.block; p < hi; ++p) {
     where[p - lo] = r.pages[page] * c.page_stride + h * c.head_stride + off * c.pos_stride;
     if (++off == c.block) off = 0, ++page;
@@ -176,7 +176,7 @@ void attend_group(const T* q, int64_t q_tok, const Cache& c, const Request& r, i
     __m512 acc[RC][NC];
     for (int a = 0; a < RC; ++a)
       for (int ch = 0; ch < NC; ++ch) acc[a][ch] = _mm512_setzero_ps();
-    const float* w0 = s + i0 * stride - lo;
+    const float* w0 = s + i0 * stride;  // probabilities of key p at w0[a * stride + p - lo]
     for (int64_t p = p0; p < p1; ++p) {
       __m512 val[NC];
       if (staged) {
@@ -187,7 +187,7 @@ void attend_group(const T* q, int64_t q_tok, const Cache& c, const Request& r, i
       }
       for (int a = 0; a < RC; ++a) {
         if (a >= nr) break;
-        const __m512 w = _mm512_set1_ps(w0[a * stride + p]);
+        const __m512 w = _mm512_set1_ps(w0[a * stride + p - lo]);
         for (int ch = 0; ch < NC; ++ch) acc[a][ch] = _mm512_fmadd_ps(w, val[ch], acc[a][ch]);
       }
     }
@@ -224,8 +224,10 @@ void run(const at::Tensor& q, const Cache& c, const std::vector<Request>& whole,
   const int64_t grain = work * 16 * NC < (1 << 17) ? items : 1;
   at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> buf;
+    std::vector<int64_t> where;
     for (int64_t it = begin; it < end; ++it)
-      attend_group<T, NC>(qp, q.stride(0), c, reqs[it / n_kv], it % n_kv, n_rep, scale, window, op, out.stride(0), buf);
+      attend_group<T, NC>(qp, q.stride(0), c, reqs[it / n_kv], it % n_kv, n_rep, scale, window, op, out.stride(0), buf,
+                          where);
   });
 }
 
@@ -234,6 +236,8 @@ int64_t check_tensors(const at::Tensor& q, const at::Tensor& k, const at::Tensor
                       const at::Tensor& v_cache, const at::Tensor& out, bool paged, int64_t n_rep) {
   const auto dt = q.scalar_type();
   TORCH_CHECK(dt == at::kBFloat16 || dt == at::kFloat, "short_attention: bf16 or float32 only");
+  for (const at::Tensor* t : {&q, &k, &v, &k_cache, &v_cache, &out})
+    TORCH_CHECK(t->device().is_cpu(), "short_attention: CPU tensors only");
   for (const at::Tensor* t : {&k, &v, &k_cache, &v_cache, &out})
     TORCH_CHECK(t->scalar_type() == dt, "short_attention: every tensor in the dtype of q");
   TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.sizes() == k.sizes() && out.sizes() == q.sizes(),
@@ -271,7 +275,8 @@ std::vector<Request> check_step(int64_t T, int64_t n_pages, int64_t block, const
   std::vector<Request> list;
   for (int64_t i = 0; i < reqs.size(0); ++i) {
     const int64_t start = rq[3 * i], q_len = rq[3 * i + 1], first = rq[3 * i + 2];
-    TORCH_CHECK(start >= 0 && q_len >= 1 && first >= 0 && first + q_len <= T, "short_attention: a request outside the step");
+    TORCH_CHECK(start >= 0 && q_len >= 1 && first >= 0 && first + q_len <= T && start <= width * block,
+                "short_attention: a request outside the step or past its table");
     const int64_t used = (start + q_len + block - 1) / block;
     TORCH_CHECK(used <= width, "short_attention: a request past its table");
     for (int64_t j = 0; j < used; ++j)
@@ -344,6 +349,8 @@ void enter_step(const at::Tensor& k, const at::Tensor& v, const at::Tensor& writ
   TORCH_CHECK(k.dim() == 5 && v.sizes() == k.sizes() && v.strides() == k.strides() && k.stride(4) == 1,
               "enter_step: caches [layers, ., ., positions, hd], both alike");
   TORCH_CHECK(tokens >= 1, "enter_step: a step of no tokens");
+  TORCH_CHECK(k.device().is_cpu() && write_page.device().is_cpu() && reqs.device().is_cpu(),
+              "enter_step: CPU tensors only");
   Step s;
   s.list = check_step(tokens, k.size(paged ? 2 : 1), k.size(3), write_page, write_pos, reqs, tables);
   s.ours = true;

@@ -98,7 +98,8 @@ class ShortPlan:
 
     reqs: [R, 3] long, each request's start, token count and first flat token; tables: [R, P]
     long, its pages (its slot on the slot layout; a paged table padded with its first block).
-    has_long: whether the step also carries prefill chunks (left to torch's attention).
+    has_long: whether the step also carries prefill chunks left to torch's attention (never in
+    the deterministic mode, where the kernel takes every query).
     """
 
     reqs: torch.Tensor
@@ -114,7 +115,7 @@ def short_plan(batch) -> ShortPlan:
     tables = batch.paged.tables if batch.paged is not None else [[s] for s in batch.slots]
     reqs, rows = [], []
     for i, (start, q) in enumerate(zip(batch.starts, batch.q_lens)):
-        if q <= SPAN_MAX_Q:
+        if q <= SPAN_MAX_Q or plan.row_invariant:  # the deterministic mode: every query
             reqs.append((start, q, plan.cu_q[i]))
             rows.append(tables[i])
     width = max((len(t) for t in rows), default=1)

@@ -153,7 +153,7 @@ def step_context(cache, batch, layer_batches=None):
     attention plan of that layer's kind: sliding window, head grouping, scale)."""
     prev = getattr(_STEP, "step", None)
     _STEP.step = (cache, batch, layer_batches)
-    kernel = kernel_chosen()
+    kernel = batch.positions.device.type == "cpu" and kernel_chosen()  # the C++ op serves CPU steps only
     try:
         if kernel:
             _enter_kernel_step(cache, batch, layer_batches)

@@ -147,7 +147,7 @@ class Gemma4Transformer(Transformer):
         return {name: dataclasses.replace(batch, short=None, plan=build_plan(
             batch.slots, batch.starts, batch.q_lens, self.args.n_heads // k.n_kv_heads, device,
             padded=p.padded, row_invariant=p.row_invariant, max_keys=cache.max_seq, window=k.window, scale=1.0,
-            kernel=not p.padded and not p.row_invariant and kernel_for(device, dtype, k.head_dim)))
+            kernel=not p.padded and kernel_for(device, dtype, k.head_dim)))
             for name, k in self._kinds.items()}
 
     def forward(

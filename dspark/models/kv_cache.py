@@ -366,5 +366,5 @@ def make_batch(
         positions=torch.tensor(pos, dtype=torch.long, device=device),
         token_slots=torch.tensor(tok_slots, dtype=torch.long, device=device),
         plan=build_plan(slots, starts, q_lens, n_rep, device, padded=padded, row_invariant=row_invariant,
-                        max_keys=cache.max_seq, kernel=not padded and not row_invariant and cache_kernel(cache)),
+                        max_keys=cache.max_seq, kernel=not padded and cache_kernel(cache)),
     )

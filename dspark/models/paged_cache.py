@@ -282,16 +282,19 @@ class PagedKVCache(SlotTable):
             self.lengths[s] = st + q
         device = self.device
         tables = [self.tables[s] for s in slots]
-        if row_invariant:
+        kernel = cache_kernel(self)
+        if row_invariant and not kernel:
             plan = build_plan(slots, starts, q_lens, n_rep, device, row_invariant=True, max_keys=self.max_seq)
             paged = build_paged_plan(tables, starts, q_lens, n_rep, self.block, device, tiles=plan.tiles, slots=slots)
-        else:
+        else:  # with the kernel, the deterministic mode's every query goes to it (no torch calls planned)
             cu = [0]
             for q in q_lens:
                 cu.append(cu[-1] + q)
-            kernel = cache_kernel(self)
-            plan = AttentionPlan(list(slots), starts, list(q_lens), cu, n_rep, masks=[], kernel=kernel)
+            plan = AttentionPlan(list(slots), starts, list(q_lens), cu, n_rep, masks=[], kernel=kernel,
+                                 row_invariant=row_invariant)
             paged = build_paged_plan(tables, starts, q_lens, n_rep, self.block, device, long_only=kernel)
+            if kernel and row_invariant:
+                paged.groups = []
         pos = [p for st, q in zip(starts, q_lens) for p in range(st, st + q)]
         tok_slots = [s for s, q in zip(slots, q_lens) for _ in range(q)]
         return VarlenBatch(

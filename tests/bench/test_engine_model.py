@@ -63,3 +63,18 @@ def test_weights_name_the_4bit_kernel_of_their_processes(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     (row,) = json.loads(out.read_text())["rows"]
     assert row["weights"] == "q4:int4" and row["q4_kernels"] == "int4" and row["eager_tok_s"] > 0
+
+
+def test_attention_names_the_attention_of_their_processes(tmp_path):
+    """`--attention torch,kernel` runs ours once per attention (the rows say which ran); a bad
+    value is a one-line error."""
+    from dspark.kernels.native import short_attention_usable
+
+    proc = bench("--attention", "flash", "--skip-hf")
+    assert proc.returncode == 2 and "kernel / torch / default" in proc.stderr and "Traceback" not in proc.stderr
+    out = tmp_path / "engine.json"
+    proc = bench("--attention", "torch,kernel" if short_attention_usable() else "torch", "--dtypes", "bf16",
+                 "--batches", "1", "--new-tokens", "4", "--threads", "1", "--skip-hf", "--no-compile", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["attention"] for r in rows] == (["torch", "kernel"] if short_attention_usable() else ["torch"])

@@ -27,6 +27,7 @@ N_KV, REP = 3, 3
 @pytest.fixture(autouse=True)
 def _kernel():
     assert short_attention_usable(), "this CPU has AVX-512 but the attention kernel does not build or run"
+    assert sa.kernel_chosen(), f"{sa.ENV} keeps torch's attention: these tests would not run the kernel's steps"
 
 
 def op(*args):
@@ -94,29 +95,33 @@ def test_the_kernel_computes_the_attention_rule(dtype, hd, paged, window):
     scale = hd**-0.5
     op(q, k, v, kc, vc, pages, at, torch.tensor(reqs), torch.tensor(tables), paged, REP, scale, window, out)
     for t in range(q.shape[0]):
-        got = kc[:, pages[t], at[t]] if paged else kc[pages[t], :, at[t]]
-        assert torch.equal(got, k[t]), t
+        for cache, new in ((kc, k), (vc, v)):
+            got = cache[:, pages[t], at[t]] if paged else cache[pages[t], :, at[t]]
+            assert torch.equal(got, new[t]), t
     tol = 1e-2 if dtype == torch.bfloat16 else 2e-6
     assert (out.double() - reference(q, kc, vc, reqs, tables, paged, scale, window)).abs().max() < tol
 
 
 @pytest.mark.parametrize("paged", [False, True], ids=["slot", "paged"])
-def test_every_query_row_rounds_the_same_alone_in_a_block_or_beside_others(paged):
+@pytest.mark.parametrize("window", [-1, 5], ids=["causal", "window5"])
+@pytest.mark.parametrize("dtype,hd", [(torch.bfloat16, 64), (torch.float32, 128), (torch.bfloat16, 256)])
+def test_every_query_row_rounds_the_same_alone_in_a_block_or_beside_others(paged, window, dtype, hd):
     """What lossless greedy verification needs from attention: a token of a verification block
-    gets the bits it gets decoded alone, whatever else the step carries, on one or two threads."""
-    q, k, v, kc, vc, pages, at, reqs, tables = make_step(torch.bfloat16, 64, paged)
-    args = (torch.tensor(reqs), torch.tensor(tables), paged, REP, 0.125, -1)
+    gets the bits it gets decoded alone, whatever else the step carries.  The step runs on 8
+    threads (each request's tokens then split into parts computed apart), each token alone on 1."""
+    q, k, v, kc, vc, pages, at, reqs, tables = make_step(dtype, hd, paged)
     together = torch.empty_like(q)
-    op(q, k, v, kc, vc, pages, at, *args[:2], *args[2:], together)
     threads = torch.get_num_threads()
     try:
+        torch.set_num_threads(8)
+        op(q, k, v, kc, vc, pages, at, torch.tensor(reqs), torch.tensor(tables), paged, REP, 0.125, window, together)
         torch.set_num_threads(1)
         for (start, n, first), table in zip(reqs, tables):
             for j in range(n):
                 t = slice(first + j, first + j + 1)
                 alone = torch.empty_like(q[t])
                 op(q[t], k[t], v[t], kc, vc, pages[t], at[t], torch.tensor([[start + j, 1, 0]]), torch.tensor([table]),
-                   paged, REP, 0.125, -1, alone)
+                   paged, REP, 0.125, window, alone)
                 assert torch.equal(alone[0], together[first + j]), (start, j)
     finally:
         torch.set_num_threads(threads)
@@ -186,6 +191,7 @@ def test_the_choice_of_attention(monkeypatch):
     try:
         monkeypatch.setenv(sa.ENV, "torch")
         sa.kernel_chosen.cache_clear()
+        assert sa.attention_refusal() is None
         assert not sa.kernel_for("cpu", torch.bfloat16, 64)
         assert not make_batch(_cache("slot", torch.bfloat16), [0], [1], REP).plan.kernel
         monkeypatch.setenv(sa.ENV, "kernel")
@@ -197,16 +203,46 @@ def test_the_choice_of_attention(monkeypatch):
         sa.kernel_chosen.cache_clear()
         with pytest.raises(ValueError, match="DSPARK_ATTENTION must be one of kernel, torch"):
             sa.kernel_for("cpu", torch.bfloat16, 64)
+        assert "DSPARK_ATTENTION" in sa.attention_refusal()
     finally:
-        monkeypatch.delenv(sa.ENV)
+        monkeypatch.undo()
         sa.kernel_chosen.cache_clear()
     assert sa.kernel_for("cpu", torch.bfloat16, 64)
 
 
-def test_the_deterministic_mode_keeps_its_own_tiles():
-    cache = _cache("slot", torch.bfloat16)
-    assert not make_batch(cache, [0], [3], REP, row_invariant=True).plan.kernel
-    assert make_batch(cache, [1], [3], REP).plan.kernel
+@pytest.mark.parametrize("layout", ["slot", "paged"])
+def test_the_deterministic_mode_sends_every_query_to_the_kernel(layout):
+    """Every row is computed on its own, so the kernel serves the deterministic mode too, prefill
+    chunks included: a 40-token prompt attended in one pass or in chunks of 10 and 30 gives the
+    same bits, and the plan holds no masks and no torch calls."""
+    torch.manual_seed(4)
+    whole, chunked = _cache(layout, torch.bfloat16), _cache(layout, torch.bfloat16)
+    q, k, v = (torch.randn(40, n, 64).to(torch.bfloat16) for n in (N_KV * REP, N_KV, N_KV))
+    batch = make_batch(whole, [2], [40], REP, row_invariant=True)
+    assert batch.plan.kernel and all(m is None for m in batch.plan.masks) and not sa.short_plan(batch).has_long
+    if batch.paged is not None:
+        assert batch.paged.groups == [] and batch.paged.tile_pages is None
+    one = write_and_attend(q, k, v, whole.k[0], whole.v[0], batch)
+    parts = [write_and_attend(q[a:b], k[a:b], v[a:b], chunked.k[0], chunked.v[0],
+                              make_batch(chunked, [2], [b - a], REP, row_invariant=True)) for a, b in ((0, 10), (10, 40))]
+    assert torch.equal(one, torch.cat(parts))
+
+
+def test_torch_attention_refuses_a_plan_made_for_the_kernel():
+    """Such a plan has no masks for its short queries (nor paged calls for them): torch's paths
+    would attend without the causal mask, or leave rows unwritten."""
+    from dspark.kernels.attention import varlen_attention
+    from dspark.kernels.paged_attention import paged_attention
+
+    for layout in ("slot", "paged"):
+        cache = _cache(layout, torch.bfloat16)
+        batch = make_batch(cache, [0], [3], REP)
+        q = torch.randn(3, N_KV * REP, 64).to(torch.bfloat16)
+        with pytest.raises(ValueError, match="attention kernel"):
+            if layout == "paged":
+                paged_attention(q, cache.k[0], cache.v[0], batch.paged, REP)
+            else:
+                varlen_attention(q, cache.k[0], cache.v[0], batch.plan)
 
 
 class _Cache:
