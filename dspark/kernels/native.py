@@ -172,19 +172,25 @@ def _probe() -> None:
         raise RuntimeError(f"the probe product gave {y[0, :4].tolist()}, not 64s")
 
 
+def _usable(kernel: Kernel, cpu_ok: bool, probe, instead: str) -> bool:
+    """Whether ``kernel`` builds, loads and passes ``probe`` on a CPU that has what it needs;
+    says on stderr why not (what serves ``instead``)."""
+    if not cpu_ok:
+        return False
+    try:
+        load(kernel)
+        probe()
+    except (NativeBuildError, OSError, RuntimeError) as e:
+        print(f"dspark: {kernel.what} unavailable, using {instead} ({e})", file=sys.stderr)
+        return False
+    return True
+
+
 @lru_cache(maxsize=None)
 def amx_usable() -> bool:
     """Whether this host's CPU has AMX tiles and the kernel builds, loads and runs here.  A host
     without them multiplies 4-bit weights with torch's int4 kernel instead."""
-    if not cpu_has_amx():
-        return False
-    try:
-        load_q4_amx()
-        _probe()
-    except (NativeBuildError, OSError, RuntimeError) as e:
-        print(f"dspark: 4-bit AMX kernel unavailable, using torch's int4 kernel ({e})", file=sys.stderr)
-        return False
-    return True
+    return _usable(Q4_AMX, cpu_has_amx(), _probe, "torch's int4 kernel")
 
 
 def _probe_attention() -> None:
@@ -203,29 +209,19 @@ def _probe_attention() -> None:
 def short_attention_usable() -> bool:
     """Whether this host's CPU has AVX-512 and the attention kernel builds, loads and runs here.
     Elsewhere the short queries go through torch's attention (``dspark.kernels.attention``)."""
-    if not cpu_has_avx512():
-        return False
+    return _usable(SHORT_ATTENTION, cpu_has_avx512(), _probe_attention, "torch's attention")
+
+
+def _build_ahead(kernel: Kernel, cpu_ok: bool, missing: str, instead: str) -> None:
+    if not cpu_ok:
+        print(f"{kernel.what}: this CPU has no {missing}; {instead}")
+        return
     try:
-        load_short_attention()
-        _probe_attention()
-    except (NativeBuildError, OSError, RuntimeError) as e:
-        print(f"dspark: attention kernel unavailable, using torch's attention ({e})", file=sys.stderr)
-        return False
-    return True
+        print(f"{kernel.what}: {build(kernel)}")
+    except (NativeBuildError, OSError) as e:
+        print(f"{kernel.what}: {e}; {instead}")
 
 
 if __name__ == "__main__":  # make setup: build ahead where the CPU can use them; never fails setup
-    if not cpu_has_amx():
-        print("4-bit AMX kernel: this CPU has no AMX tiles; torch's int4 kernel serves --weights q4")
-    else:
-        try:
-            print(f"4-bit AMX kernel: {build_q4_amx()}")
-        except (NativeBuildError, OSError) as e:
-            print(f"4-bit AMX kernel: {e}; torch's int4 kernel serves --weights q4")
-    if not cpu_has_avx512():
-        print("attention kernel: this CPU has no AVX-512; torch's attention serves every step")
-    else:
-        try:
-            print(f"attention kernel: {build(SHORT_ATTENTION)}")
-        except (NativeBuildError, OSError) as e:
-            print(f"attention kernel: {e}; torch's attention serves every step")
+    _build_ahead(Q4_AMX, cpu_has_amx(), "AMX tiles", "torch's int4 kernel serves --weights q4")
+    _build_ahead(SHORT_ATTENTION, cpu_has_avx512(), "AVX-512", "torch's attention serves every step")
