@@ -2,10 +2,12 @@
 
 Decode tokens and verification blocks (at most ``SPAN_MAX_Q`` tokens of a request) attend in
 one C++ call per layer for the whole batch, reading the keys and values in place from either
-cache layout (a slot, or a request's block table) and writing the step's own first.  The torch
-paths (:mod:`dspark.kernels.attention`, :mod:`dspark.kernels.paged_attention`) stay the
-reference in tests, serve prefill chunks (the kernel computes each query row on its own, which
-loses to SDPA's blocked products at hundreds of queries) and every other device.
+cache layout (a slot, or a request's block table) and writing the step's own first.  In the
+deterministic mode it takes every query, prefill chunks too (it is row-invariant by
+construction, and quicker than that mode's tiles).  The torch paths
+(:mod:`dspark.kernels.attention`, :mod:`dspark.kernels.paged_attention`) stay the reference in
+tests, serve the default mode's prefill chunks (the kernel computes each query row on its own,
+which loses to SDPA's blocked products at hundreds of queries) and every other device.
 
 Why: at batch 1 the torch path is a dozen small ops per layer (index writes, views, SDPA,
 scatter), measured at about 200 us a layer on this project's 2-core CPU, 30 layers a step; the
@@ -125,6 +127,20 @@ def short_plan(batch) -> ShortPlan:
     return batch.short
 
 
+def kernel_step(batch, head_dim: int) -> tuple:
+    """What the kernel's ops take about a step, in their order: where its tokens are written
+    (page, position), the short requests and their tables, the layout, ``n_rep``, the score
+    scale and the window (-1: none)."""
+    sp, plan = short_plan(batch), batch.plan
+    if batch.paged is not None:
+        pages, at = batch.paged.write_blocks, batch.paged.write_offsets
+    else:
+        pages, at = batch.token_slots, batch.positions
+    scale = head_dim**-0.5 if plan.scale is None else plan.scale
+    return (pages, at, sp.reqs, sp.tables, batch.paged is not None, plan.n_rep, scale,
+            -1 if plan.window is None else plan.window)
+
+
 @lru_cache(maxsize=None)
 def _op():
     from dspark.kernels.native import load_short_attention
@@ -140,15 +156,9 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Ten
     :func:`dspark.models.compiled.write_and_attend`."""
     sp = short_plan(batch)
     plan = batch.plan
-    if batch.paged is not None:
-        pages, at = batch.paged.write_blocks, batch.paged.write_offsets
-    else:
-        pages, at = batch.token_slots, batch.positions
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     out = torch.empty_like(q)
-    scale = q.shape[-1] ** -0.5 if plan.scale is None else plan.scale
-    _op()(q, k, v, k_cache, v_cache, pages, at, sp.reqs, sp.tables, batch.paged is not None, plan.n_rep, scale,
-          -1 if plan.window is None else plan.window, out)
+    _op()(q, k, v, k_cache, v_cache, *kernel_step(batch, q.shape[-1]), out)
     if sp.has_long:
         if batch.paged is not None:
             paged_attention(q, k_cache, v_cache, batch.paged, plan.n_rep, plan.scale, out=out, long_only=True)

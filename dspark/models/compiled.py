@@ -32,7 +32,7 @@ import torch
 
 from dspark.kernels.attention import static_attention, varlen_attention
 from dspark.kernels.paged_attention import paged_attention, paged_row_invariant_attention, paged_write
-from dspark.kernels.short_attention import attend, kernel_chosen, short_plan
+from dspark.kernels.short_attention import attend, kernel_chosen, kernel_step, short_plan
 from dspark.models.kv_cache import StaticBatch
 
 _STEP = threading.local()
@@ -132,18 +132,10 @@ def _enter_kernel_step(cache, batch, layer_batches) -> None:
     attention kind, caches as one tensor), or the Python op does."""
     ours = (layer_batches is None and not isinstance(batch, StaticBatch) and batch.plan.kernel
             and isinstance(cache.k, torch.Tensor) and cache.k.dim() == 5)
-    if ours:
-        short = short_plan(batch)
-        ours = not short.has_long
-    if not ours:
+    if not ours or short_plan(batch).has_long:
         torch.ops.dspark_attn.enter_other_step()
         return
-    plan = batch.plan
-    pages, at = (batch.paged.write_blocks, batch.paged.write_offsets) if batch.paged is not None else (
-        batch.token_slots, batch.positions)
-    scale = cache.k.shape[-1] ** -0.5 if plan.scale is None else plan.scale
-    torch.ops.dspark_attn.enter_step(cache.k, cache.v, pages, at, short.reqs, short.tables, batch.paged is not None,
-                                     plan.n_rep, scale, -1 if plan.window is None else plan.window, batch.num_tokens)
+    torch.ops.dspark_attn.enter_step(cache.k, cache.v, *kernel_step(batch, cache.k.shape[-1]), batch.num_tokens)
 
 
 @contextlib.contextmanager
