@@ -1,14 +1,17 @@
 // 4-bit block weights times bf16 activations on Intel AMX (--weights q4: dspark/models/q4.py;
 // built and loaded by dspark/kernels/native.py).
 //
-// The weights arrive packed by q4_amx_pack: for every block of 16 output rows and every group
-// of 32 inputs, 256 bytes of codes laid out as AMX's B operand wants them (row r, column n holds
-// inputs 2r and 2r + 1 of output n, low and high nibble), then the fp16 factors d and m of the
-// 16 outputs: value = code * d + m.  A call expands each block of 16 rows once, for every row
-// of x at once, into bf16 tiles (each value rounded once from its exact fp32 value, the same
-// bf16 number the dense path holds), and multiplies with TDPBF16PS, which accumulates in fp32.
-// The order of accumulation for one output does not depend on how many rows x has or which
-// thread runs it: one row's result is the same bits whatever it is batched with.
+// The weights arrive packed by q4_amx_pack: for every block of 16 outputs and every group of 32
+// inputs, 256 bytes of codes, two outputs to a run of 32 bytes (byte j holds input j of the
+// even output in its low nibble and of the odd one in its high nibble), then the fp16 factors d
+// and m of the 16 outputs: value = code * d + m.  A call expands each block of 16 outputs once,
+// for every row of x at once, into a bf16 tile whose rows are the outputs: for a pair of
+// outputs it computes their 32 possible values (each rounded once from its exact fp32 value,
+// the same bf16 number the dense path holds) and looks every code up in that table with one
+// permutation per output.  The tile unit multiplies those tiles by x, transposed, with
+// TDPBF16PS, which accumulates in fp32.  The order of accumulation for one output does not
+// depend on how many rows x has or which thread runs it: one row's result is the same bits
+// whatever it is batched with.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -44,44 +47,49 @@ bool request_amx() {
   return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
 }
 
-// Tiles 0 and 1 hold two chunks of rows of x, 2 and 3 the expanded groups of two blocks of
-// outputs, 4..7 the four accumulators (chunk 0 x block 0, 0 x 1, 1 x 0, 1 x 1).  Rows of x and
-// of the accumulators: 16, or fewer when x has fewer, which the tile unit then skips.
+// Tiles 0 and 1 hold two chunks of rows of x, transposed (16 rows of input pairs, 4 bytes per
+// row of x), 2 and 3 the expanded groups of two blocks of outputs (16 outputs x 32 inputs), 4..7
+// the four accumulators (block 0 x chunk 0, 1 x 0, 0 x 1, 1 x 1), 16 outputs x the chunk's rows.
+// A chunk has 16 rows of x, or fewer when x has fewer.
 void configure_tiles(int rows) {
   TileConfig cfg;
   for (int t = 0; t < 8; ++t) {
-    cfg.rows[t] = t == 2 || t == 3 ? 16 : rows;
-    cfg.colsb[t] = 64;
+    cfg.rows[t] = 16;
+    cfg.colsb[t] = t == 2 || t == 3 ? 64 : 4 * rows;
   }
   asm volatile("" ::: "memory");  // ldtilecfg reads all 64 bytes; the intrinsic declares fewer
   _tile_loadconfig(&cfg);
 }
 
-// One group's B tile: 16 rows (input pairs) x 16 outputs x 2 bf16, from the packed block.
+// One group's weight tile: 16 rows (outputs) x 32 bf16 inputs, from the packed block.
 inline void expand_group(const uint8_t* block, uint16_t* tile) {
-  const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 256)));
-  const __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 288)));
-  const __m512i low = _mm512_set1_epi32(15);
-  // cvtne2ps puts the even inputs in the low half and the odd ones in the high half;
-  // AMX wants them interleaved per output.
-  const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
-                                              23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-  for (int r = 0; r < 16; ++r) {
-    const __m512i c = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(block + 16 * r)));
-    const __m512 even = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(c, low)), d, m);
-    const __m512 odd = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(c, 4)), d, m);
-    const __m512i pair = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(odd, even));
-    _mm512_store_si512(reinterpret_cast<__m512i*>(tile + 32 * r), _mm512_permutexvar_epi16(interleave, pair));
+  alignas(64) float d[kRows], m[kRows];
+  _mm512_store_ps(d, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 256))));
+  _mm512_store_ps(m, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 288))));
+  const __m512 codes = _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  const __m512i low = _mm512_set1_epi16(15), odd = _mm512_set1_epi16(16);
+  for (int p = 0; p < kRows / 2; ++p) {
+    // Words 0..15: the even output's value for codes 0..15; words 16..31: the odd output's.
+    const __m512 even = _mm512_fmadd_ps(codes, _mm512_set1_ps(d[2 * p]), _mm512_set1_ps(m[2 * p]));
+    const __m512 other = _mm512_fmadd_ps(codes, _mm512_set1_ps(d[2 * p + 1]), _mm512_set1_ps(m[2 * p + 1]));
+    const __m512i table = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(other, even));
+    const __m512i c = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 32 * p)));
+    const __m512i first = _mm512_and_si512(c, low);
+    const __m512i second = _mm512_or_si512(_mm512_srli_epi16(c, 4), odd);
+    _mm512_store_si512(reinterpret_cast<__m512i*>(tile + 64 * p), _mm512_permutexvar_epi16(first, table));
+    _mm512_store_si512(reinterpret_cast<__m512i*>(tile + 64 * p + 32), _mm512_permutexvar_epi16(second, table));
   }
 }
 
-// Multiplies one or two chunks of rows of x (tiles [group] at x and x + chunk_stride) by one
-// or two blocks of outputs, whose expanded groups are panel[group][block], into
-// out[chunk][block][row][16].  With `expanding` set it first expands (from `weights`, the two
-// blocks' packed groups, `next` bytes apart; panel slot g % slots for group g), then it expands each group into the panel one group ahead of the tile unit, so that
+// Multiplies one or two blocks of outputs, whose expanded groups are panel[group][block], by one
+// or two chunks of rows of x (tiles [group] at x and x + chunk_stride, `stride` bytes per tile
+// row), into out[chunk][block][output][row of the chunk].  With `expanding` set it first expands
+// (from `weights`, the two blocks' packed groups, `next` bytes apart; panel slot g % slots for
+// group g), then it expands each group into the panel one group ahead of the tile unit, so that
 // the vector units expand while the tile unit multiplies.
 void multiply(uint16_t* panel, int slots, bool expanding, const uint8_t* weights, int64_t next, const uint16_t* x,
-              int64_t tile, int64_t chunk_stride, int groups, bool two_chunks, bool two_blocks, float* out) {
+              int64_t tile, int64_t stride, int64_t chunk_stride, int64_t out_tile, int groups, bool two_chunks,
+              bool two_blocks, float* out) {
   // Tile register numbers are immediates, hence the spelled-out cases.
   _tile_zero(4);
   if (two_blocks) _tile_zero(5);
@@ -103,24 +111,67 @@ void multiply(uint16_t* panel, int slots, bool expanding, const uint8_t* weights
   for (int g = 0; g < groups; ++g) {
     const uint16_t* xg = x + tile * g;
     const uint16_t* wg = panel + 1024 * (g % slots);
-    _tile_loadd(0, xg, 64);
+    _tile_loadd(0, xg, stride);
     _tile_loadd(2, wg, 64);
-    _tile_dpbf16ps(4, 0, 2);
+    _tile_dpbf16ps(4, 2, 0);
     if (two_blocks) {
       _tile_loadd(3, wg + 512, 64);
-      _tile_dpbf16ps(5, 0, 3);
+      _tile_dpbf16ps(5, 3, 0);
     }
     if (two_chunks) {
-      _tile_loadd(1, xg + chunk_stride, 64);
-      _tile_dpbf16ps(6, 1, 2);
-      if (two_blocks) _tile_dpbf16ps(7, 1, 3);
+      _tile_loadd(1, xg + chunk_stride, stride);
+      _tile_dpbf16ps(6, 2, 1);
+      if (two_blocks) _tile_dpbf16ps(7, 3, 1);
     }
     if (expanding && g + 1 < groups) expand(g + 1);
   }
-  _tile_stored(4, out, 64);
-  if (two_blocks) _tile_stored(5, out + 256, 64);
-  if (two_chunks) _tile_stored(6, out + 512, 64);
-  if (two_chunks && two_blocks) _tile_stored(7, out + 768, 64);
+  _tile_stored(4, out, stride);
+  if (two_blocks) _tile_stored(5, out + out_tile, stride);
+  if (two_chunks) _tile_stored(6, out + 2 * out_tile, stride);
+  if (two_chunks && two_blocks) _tile_stored(7, out + 3 * out_tile, stride);
+}
+
+// Transposes 16 x 16 32-bit values: row i of `in` holds m[i][0..15], row j of `out` m[0..15][j].
+inline void transpose16(const __m512i in[16], __m512i out[16]) {
+  __m512i t[16], u[16];
+  for (int i = 0; i < 16; i += 2) {  // per 128-bit lane L: m[i..i+1][4L..4L+1], m[i..i+1][4L+2..4L+3]
+    t[i] = _mm512_unpacklo_epi32(in[i], in[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(in[i], in[i + 1]);
+  }
+  for (int g = 0; g < 4; ++g) {  // u[4g + c], lane L: m[4g..4g+3][4L + c]
+    u[4 * g + 0] = _mm512_unpacklo_epi64(t[4 * g], t[4 * g + 2]);
+    u[4 * g + 1] = _mm512_unpackhi_epi64(t[4 * g], t[4 * g + 2]);
+    u[4 * g + 2] = _mm512_unpacklo_epi64(t[4 * g + 1], t[4 * g + 3]);
+    u[4 * g + 3] = _mm512_unpackhi_epi64(t[4 * g + 1], t[4 * g + 3]);
+  }
+  for (int c = 0; c < 4; ++c) {  // gather lane L of u[c], u[4 + c], u[8 + c], u[12 + c]
+    const __m512i v0 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0x88), w0 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0xdd);
+    const __m512i v1 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0x88);
+    const __m512i w1 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0xdd);
+    out[c] = _mm512_shuffle_i32x4(v0, v1, 0x88);
+    out[8 + c] = _mm512_shuffle_i32x4(v0, v1, 0xdd);
+    out[4 + c] = _mm512_shuffle_i32x4(w0, w1, 0x88);
+    out[12 + c] = _mm512_shuffle_i32x4(w0, w1, 0xdd);
+  }
+}
+
+// x [M, K] as 32-bit pairs of inputs -> [chunk of tile_rows rows][group][pair][row]: one B tile
+// per chunk and group.  Rows from M to `rows` (the last chunk's padding) are zeros.
+void transpose_rows(const uint32_t* src, uint32_t* dst, int64_t M, int64_t rows, int64_t groups, int tile_rows) {
+  const int64_t half = groups * 16;
+  const __mmask16 keep = static_cast<__mmask16>((1u << tile_rows) - 1);
+  __m512i in[16], out[16];
+  for (int64_t chunk = 0; chunk < rows / tile_rows; ++chunk) {
+    for (int64_t g = 0; g < groups; ++g) {
+      for (int t = 0; t < 16; ++t) {
+        const int64_t r = chunk * tile_rows + t;
+        in[t] = t < tile_rows && r < M ? _mm512_loadu_si512(src + r * half + 16 * g) : _mm512_setzero_si512();
+      }
+      transpose16(in, out);
+      uint32_t* tile = dst + (chunk * groups + g) * 16 * tile_rows;
+      for (int k = 0; k < 16; ++k) _mm512_mask_storeu_epi32(tile + k * tile_rows, keep, out[k]);
+    }
+  }
 }
 
 at::Tensor q4_amx_mm(const at::Tensor& x_in, const at::Tensor& packed, int64_t out_features) {
@@ -136,21 +187,27 @@ at::Tensor q4_amx_mm(const at::Tensor& x_in, const at::Tensor& packed, int64_t o
   TORCH_CHECK(packed.numel() == blocks * groups * kBlockBytes, "q4_amx_mm: packed size does not match");
   auto y = at::empty({M, N}, x_in.options());
   if (M == 0) return y;
-  // x in tiles: [chunk of 16 rows][group][row][32 inputs], each tile's 1 KB contiguous.  Fewer
-  // than 16 rows: the tiles hold just those; more: the last chunk is padded with zero rows.
+  // x in tiles: [chunk of 16 rows][group][input pair][row][2 inputs], each tile's 1 KB (or less)
+  // contiguous.  Fewer than 16 rows: the tiles hold just those; more: the last chunk is padded
+  // with zero rows.
   const int tile_rows = static_cast<int>(std::min<int64_t>(M, 16));
   const int64_t rows = M <= 16 ? M : (M + 15) / 16 * 16;
-  at::Tensor x = x_in.contiguous();
-  if (rows != M) x = at::cat({x, at::zeros({rows - M, K}, x.options())});
-  x = x.view({rows / tile_rows, tile_rows, groups, kGroup}).permute({0, 2, 1, 3}).contiguous();
+  const at::Tensor xc = x_in.contiguous();
+  at::Tensor x = at::empty({rows * K}, x_in.options());
+  transpose_rows(reinterpret_cast<const uint32_t*>(xc.data_ptr<at::BFloat16>()),
+                 reinterpret_cast<uint32_t*>(x.data_ptr<at::BFloat16>()), M, rows, groups, tile_rows);
   const uint16_t* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
   const uint8_t* wp = packed.data_ptr<uint8_t>();
   uint16_t* yp = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
   const int64_t tile = static_cast<int64_t>(tile_rows) * kGroup, chunk_stride = groups * tile;
+  const int64_t stride = 4 * tile_rows, out_tile = kRows * tile_rows;
   const int64_t pairs = (blocks + 1) / 2;
   // One pass over the rows (32 or fewer): the expanded groups are used once, so a ring of a few
   // of them stays in L1; more passes keep the whole panel of the two blocks for the next pass.
   const int slots = rows <= 32 ? std::min<int>(kSlots, static_cast<int>(groups)) : static_cast<int>(groups);
+  // Reads an accumulator tile's column (one row of x, 16 outputs) from [output][row] storage.
+  const __m512i column = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                            _mm512_set1_epi32(tile_rows));
   at::parallel_for(0, pairs, 1, [&](int64_t begin, int64_t end) {
     configure_tiles(tile_rows);
     std::unique_ptr<uint16_t[]> panel_store(new uint16_t[slots * 1024 + 32]);
@@ -163,14 +220,29 @@ at::Tensor q4_amx_mm(const at::Tensor& x_in, const at::Tensor& packed, int64_t o
       for (int64_t m0 = 0; m0 < rows; m0 += 32) {
         const bool two_chunks = rows - m0 > 16;
         // The first pass expands the blocks' groups as it goes; later passes reuse them.
-        multiply(panel, slots, m0 == 0, wb, groups * kBlockBytes, xp + (m0 / 16) * chunk_stride, tile,
-                 chunk_stride, static_cast<int>(groups), two_chunks, two_blocks, acc);
+        multiply(panel, slots, m0 == 0, wb, groups * kBlockBytes, xp + (m0 / 16) * chunk_stride, tile, stride,
+                 chunk_stride, out_tile, static_cast<int>(groups), two_chunks, two_blocks, acc);
         const int64_t valid = std::min<int64_t>(32, M - m0);
-        for (int64_t i = 0; i < valid; ++i) {
-          for (int64_t j = 0; j < (two_blocks ? 2 : 1); ++j) {
-            const __m512 v = _mm512_load_ps(acc + 512 * (i / 16) + 256 * j + 16 * (i % 16));
-            const __m256i h = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v));
-            _mm256_storeu_si256(reinterpret_cast<__m256i*>(yp + (m0 + i) * N + (b + j) * kRows), h);
+        for (int64_t j = 0; j < (two_blocks ? 2 : 1); ++j) {
+          for (int64_t c = 0; c * 16 < valid; ++c) {
+            const float* t = acc + (2 * c + j) * out_tile;  // [output][row of the chunk]
+            const int64_t count = std::min<int64_t>(16, valid - 16 * c);
+            uint16_t* yc = yp + (m0 + 16 * c) * N + (b + j) * kRows;
+            if (tile_rows == 16) {
+              __m512i in[16], out[16];
+              for (int n = 0; n < 16; ++n) in[n] = _mm512_load_si512(t + 16 * n);
+              transpose16(in, out);
+              for (int64_t i = 0; i < count; ++i) {
+                const __m256i h = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(reinterpret_cast<__m512>(out[i])));
+                _mm256_storeu_si256(reinterpret_cast<__m256i*>(yc + i * N), h);
+              }
+            } else {
+              for (int64_t i = 0; i < count; ++i) {
+                const __m512 v = tile_rows == 1 ? _mm512_load_ps(t) : _mm512_i32gather_ps(column, t + i, 4);
+                const __m256i h = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v));
+                _mm256_storeu_si256(reinterpret_cast<__m256i*>(yc + i * N), h);
+              }
+            }
           }
         }
       }
@@ -200,11 +272,11 @@ at::Tensor q4_amx_pack(const at::Tensor& codes, const at::Tensor& d, const at::T
   for (int64_t b = 0; b < blocks; ++b) {
     for (int64_t g = 0; g < groups; ++g) {
       uint8_t* blk = op + (b * groups + g) * kBlockBytes;
-      for (int r = 0; r < 16; ++r) {
-        for (int n = 0; n < kRows; ++n) {
-          const uint8_t* row = cp + (b * kRows + n) * K + g * kGroup;
-          TORCH_CHECK(row[2 * r] < 16 && row[2 * r + 1] < 16, "q4_amx_pack: codes must be 0..15");
-          blk[16 * r + n] = static_cast<uint8_t>(row[2 * r] | (row[2 * r + 1] << 4));
+      for (int p = 0; p < kRows / 2; ++p) {
+        const uint8_t* even = cp + (b * kRows + 2 * p) * K + g * kGroup;
+        for (int j = 0; j < kGroup; ++j) {
+          TORCH_CHECK(even[j] < 16 && even[K + j] < 16, "q4_amx_pack: codes must be 0..15");
+          blk[32 * p + j] = static_cast<uint8_t>(even[j] | (even[K + j] << 4));
         }
       }
       uint16_t* dm = reinterpret_cast<uint16_t*>(blk + 256);
