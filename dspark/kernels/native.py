@@ -1,6 +1,7 @@
 """Our C++ kernels: built once per host with the system's C++ compiler, loaded as torch ops.
 
-* ``q4_amx.cpp`` multiplies 4-bit block weights on Intel AMX tiles (``dspark.models.q4``);
+* ``q4_amx.cpp`` multiplies 4-bit block weights (and the 8-bit LM head) on Intel AMX tiles
+  (``dspark.models.q4``);
 * ``short_attention.cpp`` attends a step's short queries (decode tokens, verification
   blocks) straight from the KV cache on AVX-512 (``dspark.kernels.attention``).
 
@@ -10,7 +11,7 @@ or torch builds a new one and processes on one host share it; a file lock keeps 
 first uses (test workers, the roles of a local cluster) from building it twice.  ``make setup``
 builds them ahead (``python -m dspark.kernels.native``).
 
-The 4-bit product carries a fake (shape-only) implementation, so ``torch.compile`` traces
+The block products carry a fake (shape-only) implementation, so ``torch.compile`` traces
 through it and calls the C++ code as an opaque kernel; the attention runs inside an op the
 compiler already treats as opaque (``dspark::cache_attention``).
 
@@ -134,9 +135,11 @@ def _load(kernel: Kernel) -> None:
     torch.ops.load_library(str(build(kernel)))
     if kernel is Q4_AMX:
 
-        @torch.library.register_fake("dspark_q4::amx_mm")
-        def _(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
-            return x.new_empty((x.shape[0], out_features))
+        for op in ("dspark_q4::amx_mm", "dspark_q4::amx_mm8"):
+
+            @torch.library.register_fake(op)
+            def _(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
+                return x.new_empty((x.shape[0], out_features))
 
     if kernel is SHORT_ATTENTION:
 

@@ -22,13 +22,13 @@
 #include <unistd.h>
 
 #include <cstdint>
+#include <cstring>
 #include <memory>
 
 namespace {
 
 constexpr int kGroup = 32;       // inputs per block of codes (one AMX tile's depth in bf16)
 constexpr int kRows = 16;        // outputs per block (one AMX tile's width in fp32)
-constexpr int kBlockBytes = 256 + 2 * kRows * 2;  // codes, then d[16] and m[16] in fp16
 constexpr int kAhead = 8;        // groups of codes asked for ahead of the one being expanded
 constexpr int kSlots = 8;        // expanded groups kept in a one-pass product (a ring in L1)
 
@@ -61,8 +61,32 @@ void configure_tiles(int rows) {
   _tile_loadconfig(&cfg);
 }
 
-// One group's weight tile: 16 rows (outputs) x 32 bf16 inputs, from the packed block.
-inline void expand_group(const uint8_t* block, uint16_t* tile) {
+// A block format: the bytes of one group of 16 outputs x 32 inputs, and how they expand into
+// the group's weight tile, 16 rows (outputs) x 32 bf16 inputs.
+struct Q4 {  // 4-bit codes, value = code * d + m (the GGUF file's Q4_0 / Q4_1 layers)
+  static constexpr int kBlockBytes = 256 + 2 * kRows * 2;  // codes, then d[16] and m[16] in fp16
+  static constexpr const char* kName = "q4_amx_mm";
+  static void expand_group(const uint8_t* block, uint16_t* tile);
+};
+
+struct Q8 {  // 8-bit codes, value = code * d (the file's Q8_0 embedding, used as the LM head)
+  static constexpr int kBlockBytes = 16 * kGroup + 2 * kRows;  // codes [output][input], then d[16]
+  static constexpr const char* kName = "q8_amx_mm";
+  static void expand_group(const uint8_t* block, uint16_t* tile) {
+    alignas(64) float d[kRows];
+    _mm512_store_ps(d, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 16 * kGroup))));
+    for (int n = 0; n < kRows; ++n) {
+      // code * d is exact in fp32 (8 bits times 11), then rounded once to bf16.
+      const __m512 s = _mm512_set1_ps(d[n]);
+      const __m512i c = _mm512_loadu_si512(block + kGroup * n);  // this output's 32 codes (and the next's)
+      const __m512 lo = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_castsi512_si128(c))), s);
+      const __m512 hi = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(c, 1))), s);
+      _mm512_store_si512(reinterpret_cast<__m512i*>(tile + kGroup * n), reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo)));
+    }
+  }
+};
+
+inline void Q4::expand_group(const uint8_t* block, uint16_t* tile) {
   alignas(64) float d[kRows], m[kRows];
   _mm512_store_ps(d, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 256))));
   _mm512_store_ps(m, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 288))));
@@ -87,6 +111,7 @@ inline void expand_group(const uint8_t* block, uint16_t* tile) {
 // (from `weights`, the two blocks' packed groups, `next` bytes apart; panel slot g % slots for
 // group g), then it expands each group into the panel one group ahead of the tile unit, so that
 // the vector units expand while the tile unit multiplies.
+template <class Format>
 void multiply(uint16_t* panel, int slots, bool expanding, const uint8_t* weights, int64_t next, const uint16_t* x,
               int64_t tile, int64_t stride, int64_t chunk_stride, int64_t out_tile, int groups, bool two_chunks,
               bool two_blocks, float* out) {
@@ -98,12 +123,13 @@ void multiply(uint16_t* panel, int slots, bool expanding, const uint8_t* weights
   auto expand = [&](int g) {
     // The codes stream from memory once per product; asking for them a few groups ahead keeps
     // enough reads in flight (alone, the expansion streamed 1.4x faster with it than without).
-    for (int line = 0; line < kBlockBytes; line += 64) {
-      _mm_prefetch(reinterpret_cast<const char*>(weights + (g + kAhead) * kBlockBytes + line), _MM_HINT_T0);
-      if (two_blocks) _mm_prefetch(reinterpret_cast<const char*>(weights + next + (g + kAhead) * kBlockBytes + line), _MM_HINT_T0);
+    constexpr int bytes = Format::kBlockBytes;
+    for (int line = 0; line < bytes; line += 64) {
+      _mm_prefetch(reinterpret_cast<const char*>(weights + (g + kAhead) * bytes + line), _MM_HINT_T0);
+      if (two_blocks) _mm_prefetch(reinterpret_cast<const char*>(weights + next + (g + kAhead) * bytes + line), _MM_HINT_T0);
     }
-    expand_group(weights + g * kBlockBytes, panel + 1024 * (g % slots));
-    if (two_blocks) expand_group(weights + next + g * kBlockBytes, panel + 1024 * (g % slots) + 512);
+    Format::expand_group(weights + g * bytes, panel + 1024 * (g % slots));
+    if (two_blocks) Format::expand_group(weights + next + g * bytes, panel + 1024 * (g % slots) + 512);
     // The tile loads below read the panel through asm the compiler does not see reading memory.
     asm volatile("" ::: "memory");
   };
@@ -174,17 +200,20 @@ void transpose_rows(const uint32_t* src, uint32_t* dst, int64_t M, int64_t rows,
   }
 }
 
-at::Tensor q4_amx_mm(const at::Tensor& x_in, const at::Tensor& packed, int64_t out_features) {
+template <class Format>
+at::Tensor amx_mm(const at::Tensor& x_in, const at::Tensor& packed, int64_t out_features) {
+  constexpr int kBlockBytes = Format::kBlockBytes;
+  const char* name = Format::kName;
   static const bool amx = request_amx();
-  TORCH_CHECK(amx, "q4_amx_mm: this process cannot use AMX tiles");
-  TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kBFloat16, "q4_amx_mm: x must be [M, K] bf16");
+  TORCH_CHECK(amx, name, ": this process cannot use AMX tiles");
+  TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kBFloat16, name, ": x must be [M, K] bf16");
   TORCH_CHECK(packed.scalar_type() == at::kByte && packed.dim() == 1 && packed.is_contiguous(),
-              "q4_amx_mm: packed must be a contiguous uint8 vector");
+              name, ": packed must be a contiguous uint8 vector");
   const int64_t M = x_in.size(0), K = x_in.size(1), N = out_features;
   TORCH_CHECK(K > 0 && K % kGroup == 0 && N > 0 && N % kRows == 0,
-              "q4_amx_mm: K must be a positive multiple of 32 and N of 16");
+              name, ": K must be a positive multiple of 32 and N of 16");
   const int64_t groups = K / kGroup, blocks = N / kRows;
-  TORCH_CHECK(packed.numel() == blocks * groups * kBlockBytes, "q4_amx_mm: packed size does not match");
+  TORCH_CHECK(packed.numel() == blocks * groups * kBlockBytes, name, ": packed size does not match");
   auto y = at::empty({M, N}, x_in.options());
   if (M == 0) return y;
   // x in tiles: [chunk of 16 rows][group][input pair][row][2 inputs], each tile's 1 KB (or less)
@@ -220,7 +249,7 @@ at::Tensor q4_amx_mm(const at::Tensor& x_in, const at::Tensor& packed, int64_t o
       for (int64_t m0 = 0; m0 < rows; m0 += 32) {
         const bool two_chunks = rows - m0 > 16;
         // The first pass expands the blocks' groups as it goes; later passes reuse them.
-        multiply(panel, slots, m0 == 0, wb, groups * kBlockBytes, xp + (m0 / 16) * chunk_stride, tile, stride,
+        multiply<Format>(panel, slots, m0 == 0, wb, groups * kBlockBytes, xp + (m0 / 16) * chunk_stride, tile, stride,
                  chunk_stride, out_tile, static_cast<int>(groups), two_chunks, two_blocks, acc);
         const int64_t valid = std::min<int64_t>(32, M - m0);
         for (int64_t j = 0; j < (two_blocks ? 2 : 1); ++j) {
@@ -254,6 +283,7 @@ at::Tensor q4_amx_mm(const at::Tensor& x_in, const at::Tensor& packed, int64_t o
 
 // codes [N, K] uint8 (0..15), d and m [N, K / 32] fp16 -> the layout q4_amx_mm reads.
 at::Tensor q4_amx_pack(const at::Tensor& codes, const at::Tensor& d, const at::Tensor& m) {
+  constexpr int kBlockBytes = Q4::kBlockBytes;
   TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == at::kByte, "q4_amx_pack: codes must be [N, K] uint8");
   const int64_t N = codes.size(0), K = codes.size(1);
   TORCH_CHECK(K > 0 && K % kGroup == 0 && N > 0 && N % kRows == 0,
@@ -289,14 +319,49 @@ at::Tensor q4_amx_pack(const at::Tensor& codes, const at::Tensor& d, const at::T
   return out;
 }
 
+// codes [N, K] int8, d [N, K / 32] fp16 -> the layout q8_amx_mm reads.
+at::Tensor q8_amx_pack(const at::Tensor& codes, const at::Tensor& d) {
+  constexpr int kBlockBytes = Q8::kBlockBytes;
+  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == at::kChar, "q8_amx_pack: codes must be [N, K] int8");
+  const int64_t N = codes.size(0), K = codes.size(1);
+  TORCH_CHECK(K > 0 && K % kGroup == 0 && N > 0 && N % kRows == 0,
+              "q8_amx_pack: K must be a positive multiple of 32 and N of 16");
+  const int64_t groups = K / kGroup, blocks = N / kRows;
+  TORCH_CHECK(d.scalar_type() == at::kHalf && d.dim() == 2 && d.size(0) == N && d.size(1) == groups,
+              "q8_amx_pack: d must be [N, K / 32] fp16");
+  auto c = codes.contiguous();
+  auto dc = d.contiguous();
+  auto out = at::empty({blocks * groups * kBlockBytes}, codes.options().dtype(at::kByte));
+  const int8_t* cp = c.data_ptr<int8_t>();
+  const uint16_t* dp = reinterpret_cast<const uint16_t*>(dc.data_ptr<at::Half>());
+  uint8_t* op = out.data_ptr<uint8_t>();
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      for (int64_t g = 0; g < groups; ++g) {
+        uint8_t* blk = op + (b * groups + g) * kBlockBytes;
+        uint16_t* dm = reinterpret_cast<uint16_t*>(blk + 16 * kGroup);
+        for (int n = 0; n < kRows; ++n) {
+          std::memcpy(blk + kGroup * n, cp + (b * kRows + n) * K + g * kGroup, kGroup);
+          dm[n] = dp[(b * kRows + n) * groups + g];
+        }
+      }
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(dspark_q4, lib) {
   lib.def("amx_mm(Tensor x, Tensor packed, int out_features) -> Tensor");
   lib.def("amx_pack(Tensor codes, Tensor d, Tensor m) -> Tensor");
+  lib.def("amx_mm8(Tensor x, Tensor packed, int out_features) -> Tensor");
+  lib.def("amx_pack8(Tensor codes, Tensor d) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(dspark_q4, CPU, lib) {
-  lib.impl("amx_mm", &q4_amx_mm);
+  lib.impl("amx_mm", &amx_mm<Q4>);
   lib.impl("amx_pack", &q4_amx_pack);
+  lib.impl("amx_mm8", &amx_mm<Q8>);
+  lib.impl("amx_pack8", &q8_amx_pack);
 }

@@ -22,7 +22,7 @@ from dspark.models.compiled import attention_op, compile_blocks, step_context, w
 from dspark.models.config import ModelArgs, rope_inv_freq
 from dspark.models.kv_cache import KVCache, VarlenBatch
 from dspark.models.packing import MIN_ROWS, PackedLinear
-from dspark.models.q4 import Q4Linear
+from dspark.models.q4 import Q4Linear, Q8Head
 
 
 @dataclass
@@ -69,7 +69,7 @@ class Numerics:
             return layer(x)
         if isinstance(layer, PackedLinear):  # blocks inside the (compiler-opaque) product, which
             return layer(x, row_block=self.ROW_BLOCK)  # also runs one row as MIN_ROWS >= 2 rows
-        if isinstance(layer, Q4Linear):  # the int4 kernel's rows do not depend on M (dspark.models.q4)
+        if isinstance(layer, (Q4Linear, Q8Head)):  # the block kernels' rows do not depend on M (dspark.models.q4)
             return layer(x)
         if x.shape[0] == 1:
             return self.linear(layer, torch.cat((x, x)))[:1]

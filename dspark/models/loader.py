@@ -155,8 +155,9 @@ def q4_refusal(path: str | Path | None, dtype: torch.dtype = torch.bfloat16) -> 
 
 
 def _load_q4(path: Path, dtype: torch.dtype, device, progress: bool, shard: Shard) -> LoadedModel:
-    """``load_model`` with the layer matrices kept as the file's 4-bit blocks."""
-    from dspark.models.q4 import Q4Linear
+    """``load_model`` with the layer matrices kept as the file's 4-bit blocks (and, with our
+    AMX kernel, the LM head as its 8-bit blocks where the file stores it so)."""
+    from dspark.models.q4 import Q4Linear, Q8Head, q4_kernel
 
     if torch.device(device).type != "cpu" or dtype not in (torch.bfloat16, torch.float32):
         raise ValueError("--weights q4 runs on the CPU in bf16 or fp32")
@@ -174,6 +175,9 @@ def _load_q4(path: Path, dtype: torch.dtype, device, progress: bool, shard: Shar
         parent_name, leaf = key.removesuffix(".weight").rsplit(".", 1)
         parent = model.get_submodule(parent_name)
         setattr(parent, leaf, Q4Linear(blocks.pop(key), getattr(parent, leaf).bias, dtype))
+    head = _gguf_q8_head(path) if q4_kernel(dtype) == "amx" else None
+    if head is not None:  # the LM head from the file's 8-bit blocks, through the same kernel
+        model.output = Q8Head(*head, weight=model.output.weight)
     name = DEFAULT_MODEL_NAME if path.name.startswith(DEFAULT_MODEL_NAME) else path.stem
     return LoadedModel(model=model, tokenizer=tokenizer, args=args, source=str(path), name=name)
 
@@ -440,6 +444,23 @@ def _convert_gguf(path: Path, progress: bool) -> tuple[ModelArgs, dict[str, torc
         out[d + "attention_norm.weight"] = T(p + "attn_norm.weight")
         out[d + "ffn_norm.weight"] = T(p + "ffn_norm.weight")
     return args, out, f
+
+
+def _gguf_q8_head(path: Path) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The LM head's ``Q8_0`` blocks (``dspark.models.q4.q8_blocks``): the file's ``output``
+    matrix, or the embedding it is tied to; None when that is stored otherwise or its shape
+    does not fit the kernel (rows a multiple of 16, columns of 32)."""
+    from dspark.models.q4 import GROUP, Q4_ROWS, q8_blocks
+
+    reader, _, _ = _open_gguf(path)
+    by_name = {t.name: t for t in reader.tensors}
+    t = by_name.get("output.weight", by_name.get("token_embd.weight"))
+    if t is None or t.tensor_type.name != "Q8_0":
+        return None
+    cols, rows = (int(n) for n in t.shape[:2])  # gguf lists [columns, rows]
+    if rows % Q4_ROWS or cols % GROUP:
+        return None
+    return q8_blocks(np.asarray(t.data))
 
 
 def _gguf_q4_layers(path: Path) -> dict:

@@ -24,7 +24,11 @@ two kernels, chosen once per process (:func:`q4_kernel`):
 With either kernel every row's result is independent of how many rows the product carries and
 of the thread count (the order of accumulation per row is fixed), which the deterministic mode
 needs and checks at start-up.  The embedding and LM head (``Q8_0`` in the default file) and
-the norms stay dense.  CPU only, one rank (a tensor-parallel cut of the codes is not built).
+the norms stay dense, except that with the ``amx`` kernel the LM head is multiplied from the
+file's ``Q8_0`` blocks by the same kernel (:class:`Q8Head`: value ``d * q``, exact in fp32,
+rounded once to the bf16 value the dense head holds), which reads 1.06 bytes a weight instead
+of 2 and whose rows, like the layers', do not depend on the rows beside them.  CPU only, one
+rank (a tensor-parallel cut of the codes is not built).
 """
 
 from __future__ import annotations
@@ -36,7 +40,8 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["GROUP", "KERNELS", "Q4_ROWS", "Q4Blocks", "Q4Linear", "q4_blocks", "q4_kernel", "q4_supported"]
+__all__ = ["GROUP", "KERNELS", "Q4_ROWS", "Q4Blocks", "Q4Linear", "Q8Head", "q4_blocks", "q4_kernel", "q4_supported",
+           "q8_blocks"]
 
 GROUP = 32  # values per block in Q4_0 / Q4_1
 Q4_ROWS = 16  # the kernel's packing takes matrices of a multiple of this many rows
@@ -112,6 +117,57 @@ def q4_blocks(raw: np.ndarray, kind: str) -> Q4Blocks:
     codes = np.concatenate([qs & 15, qs >> 4], axis=-1).reshape(raw.shape[0], -1)
     return Q4Blocks(torch.from_numpy(np.ascontiguousarray(codes, dtype=np.uint8)), torch.from_numpy(d),
                     torch.from_numpy(zero))
+
+
+def q8_blocks(raw: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes [out, in] int8, d [out, in / 32] fp16) of one GGUF ``Q8_0`` tensor from its raw
+    bytes ([out, bytes per row] uint8): per block of 32 values, fp16 d then 32 int8 codes;
+    value j is ``d * q_j``.
+
+    Example (one row, one block, d = 0.5, codes -16..15):
+        >>> raw = np.concatenate([np.array([0.5], np.float16).view(np.uint8),
+        ...                       np.arange(-16, 16, dtype=np.int8).view(np.uint8)])[None]
+        >>> codes, d = q8_blocks(raw)
+        >>> (codes.float() * d.float())[0, [0, 16, 31]].tolist()
+        [-8.0, 0.0, 7.5]
+    """
+    size = 2 + GROUP
+    if raw.ndim != 2 or raw.dtype != np.uint8 or raw.shape[1] % size:
+        raise ValueError(f"Q8_0 data of shape {raw.shape} and type {raw.dtype}")
+    blocks = np.ascontiguousarray(raw).reshape(raw.shape[0], -1, size)
+    d = blocks[..., 0:2].copy().view(np.float16)[..., 0]
+    codes = blocks[..., 2:].copy().view(np.int8).reshape(raw.shape[0], -1)
+    return torch.from_numpy(codes), torch.from_numpy(np.ascontiguousarray(d))
+
+
+class Q8Head(nn.Module):
+    """The LM head held as a GGUF file's ``Q8_0`` blocks and multiplied by our AMX kernel
+    (``torch.ops.dspark_q4.amx_mm8``; bf16 activations, fp32 sums): each value expands to
+    ``d * q`` rounded once to bf16, the value the dense head holds, so only the order of the fp32
+    sums differs from the dense head, and that order does not depend on the rows beside a row.
+    ``weight``: the dense matrix the model already holds (the tied embedding's), for code that
+    reads rows of the head (the drafters); not read by the product."""
+
+    def __init__(self, codes: torch.Tensor, d: torch.Tensor, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.out_features, self.in_features = codes.shape
+        if tuple(weight.shape) != (self.out_features, self.in_features) or weight.dtype != torch.bfloat16:
+            raise ValueError(f"the head's dense matrix must be bf16 [{self.out_features}, {self.in_features}]")
+        packed = torch.ops.dspark_q4.amx_pack8(codes.contiguous(), d.half().contiguous())
+        self.register_buffer("packed", packed, persistent=False)
+        self.weight = weight.detach()  # shared, not copied: no parameter of this module
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.bfloat16
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = torch.ops.dspark_q4.amx_mm8(x.reshape(-1, shape[-1]), self.packed, self.out_features)
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, 8-bit blocks of {GROUP}, amx kernel"
 
 
 KERNELS = ("amx", "int4")

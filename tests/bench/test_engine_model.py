@@ -78,3 +78,23 @@ def test_attention_names_the_attention_of_their_processes(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
     assert [r["attention"] for r in rows] == (["torch", "kernel"] if short_attention_usable() else ["torch"])
+
+
+def test_cpu_runtime_runs_llama_cpp_beside_ours_or_says_how_to_install_it(tmp_path):
+    """`--cpu-runtime` adds llama.cpp on the same GGUF file to the batch-1 row where its binding
+    is installed (`make cpu-runtime`), and is a one-line error naming that target where not."""
+    import importlib.util
+
+    proc = bench("--cpu-runtime", "--model", str(tmp_path), "--skip-hf")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    out = tmp_path / "engine.json"
+    proc = bench("--cpu-runtime", "--weights", "q4", "--dtypes", "bf16", "--batches", "1", "--new-tokens", "4",
+                 "--threads", "1", "--skip-hf", "--no-compile", "--json", str(out))  # fmt: skip
+    if importlib.util.find_spec("llama_cpp") is None:
+        assert proc.returncode == 1 and proc.stderr.strip() == (
+            "Error: --cpu-runtime needs llama.cpp's Python binding: `make cpu-runtime` builds it")
+        return
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["cpu_runtime_tok_s"] > 0 and row["cpu_runtime_step_ms"] > 0
+    assert row["ours_over_cpu_runtime"] == row["eager_tok_s"] / row["cpu_runtime_tok_s"]

@@ -147,3 +147,64 @@ def test_bad_inputs_are_refused():
     with pytest.raises(RuntimeError, match="0..15"):
         torch.ops.dspark_q4.amx_pack(bad, b.scale.half(), b.scale.half())
     assert _mm(torch.empty(0, 64, dtype=torch.bfloat16), p, 32).shape == (0, 32)
+
+
+# -- the 8-bit LM head (Q8Head, torch.ops.dspark_q4.amx_mm8) ---------------------------------
+
+
+def _q8(out: int, inp: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(-128, 128, (out, inp), generator=g, dtype=torch.int8)
+    return codes, (torch.rand(out, inp // GROUP, generator=g) * 0.01 + 1e-4).half()
+
+
+def _q8_dense(codes: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    return (codes.float() * d.float().repeat_interleave(GROUP, dim=1)).bfloat16()
+
+
+def test_8bit_values_products_and_rows():
+    """Each value is d * q rounded once to bf16; a product equals the fp32 product by those
+    values to summation order; every row's bits are its own, on any thread count."""
+    codes, d = _q8(48, 96)
+    p = torch.ops.dspark_q4.amx_pack8(codes, d)
+    assert torch.equal(torch.ops.dspark_q4.amx_mm8(torch.eye(96, dtype=torch.bfloat16), p, 48), _q8_dense(codes, d).t())
+    codes, d = _q8(80, 1536, seed=1)
+    p = torch.ops.dspark_q4.amx_pack8(codes, d)
+    x = torch.randn(40, 1536, generator=torch.Generator().manual_seed(3)).bfloat16()
+    y = torch.ops.dspark_q4.amx_mm8(x, p, 80)
+    ref = x.float() @ _q8_dense(codes, d).float().t()
+    torch.testing.assert_close(y.float(), ref, rtol=8e-3, atol=1e-3 * ref.abs().max().item())
+    for rows in (x[:1], x[5:13], x[7:40]):
+        start = int((rows.data_ptr() - x.data_ptr()) // x.stride(0) // x.element_size())
+        assert torch.equal(torch.ops.dspark_q4.amx_mm8(rows, p, 80), y[start:start + rows.shape[0]])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(torch.ops.dspark_q4.amx_mm8(x, p, 80), y)
+    finally:
+        torch.set_num_threads(threads)
+    with pytest.raises(RuntimeError, match="int8"):
+        torch.ops.dspark_q4.amx_pack8(codes.to(torch.uint8), d)
+    with pytest.raises(RuntimeError, match="size"):
+        torch.ops.dspark_q4.amx_mm8(x, p, 96)
+
+
+def test_the_q4_model_multiplies_its_head_from_the_files_8bit_blocks(monkeypatch):
+    """With our kernel the LM head is the file's Q8_0 blocks: its values are the dense
+    embedding's bf16 values (read back through the identity), the rows other code reads are
+    that matrix, and torch's int4 kernel keeps the dense head."""
+    from dspark.models.loader import load_model
+    from dspark.models.packing import matrix_rows
+    from dspark.models.q4 import Q8Head
+
+    model = load_model(dtype="bf16", progress=False, weights="q4").model
+    head = model.output
+    assert isinstance(head, Q8Head)
+    dense = model.tok_embeddings.weight.detach()
+    dim = dense.shape[1]
+    assert torch.equal(torch.ops.dspark_q4.amx_mm8(torch.eye(dim, dtype=torch.bfloat16), head.packed, dense.shape[0]).t(),
+                       dense)
+    ids = torch.tensor([0, 2, 49151])
+    assert torch.equal(matrix_rows(head, ids), dense[ids])
+    monkeypatch.setenv(KERNEL_ENV, "int4")
+    assert not isinstance(load_model(dtype="bf16", progress=False, weights="q4").model.output, Q8Head)
