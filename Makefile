@@ -40,11 +40,12 @@ kernels: $(VENV)/.installed compiler
 
 # llama.cpp's Python binding, for `dspark bench engine --cpu-runtime` only (the CPU runtime a CPU
 # user compares with). It builds llama.cpp from source: about 8 minutes on two cores. On a CPU with
-# AVX-512 BF16 it is built for AVX-512 without its AMX path, which stopped with an illegal
-# instruction on our AMX host (docs/BENCHMARKS.md); elsewhere for the host's own instruction set.
+# AMX tiles it is built for AVX-512 (which every such CPU has) without its AMX path, which stopped
+# with an illegal instruction on our AMX host (docs/BENCHMARKS.md); elsewhere for the host's own
+# instruction set.
 AVX512_LLAMA := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON \
   -DGGML_AVX_VNNI=ON -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON
-CPU_RUNTIME_CMAKE ?= $(shell grep -qw avx512_bf16 /proc/cpuinfo 2>/dev/null && echo "$(AVX512_LLAMA)" || echo "-DGGML_NATIVE=ON")
+CPU_RUNTIME_CMAKE ?= $(shell grep -qw amx_tile /proc/cpuinfo 2>/dev/null && echo "$(AVX512_LLAMA)" || echo "-DGGML_NATIVE=ON")
 cpu-runtime: $(VENV)/.installed
 	CMAKE_ARGS="$(CPU_RUNTIME_CMAKE)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PY) -m pip install --no-cache-dir -e ".[cpu-runtime]"
 

@@ -320,6 +320,8 @@ def main(batches, dtypes, new_tokens, threads, skip_hf, json_path, compile, samp
             raise click.ClickException("--cpu-runtime needs llama.cpp's Python binding: `make cpu-runtime` builds it")
         if model is not None or sampled:
             raise click.ClickException("--cpu-runtime compares greedy decoding of the default GGUF model only")
+        if 1 not in (int(x) for x in batches.split(",")):
+            raise click.ClickException("--cpu-runtime runs at batch 1: add 1 to --batches")
     formats = [w for w in weights_list.split(",") if w]
     try:
         runs = {w: weights_run(w) for w in formats}
@@ -340,6 +342,7 @@ def main(batches, dtypes, new_tokens, threads, skip_hf, json_path, compile, samp
             raise click.ClickException("--sampled is measured on the default model only, not with --model")
     rows = []
     sampling_rows = []
+    cpu = None  # --cpu-runtime: llama.cpp's batch-1 run
     if sampled:
         for b in (int(x) for x in batches.split(",")):
             sampling_rows.append(run_isolated("bench.engine", "sampling_cost", {"batch": b}, threads))
@@ -352,8 +355,9 @@ def main(batches, dtypes, new_tokens, threads, skip_hf, json_path, compile, samp
         for b in (int(x) for x in batches.split(",")):
             kw = {"dtype": dtype, "batch": b, "new_tokens": new_tokens, "sampled": sampled, "model": model}
             h = None if skip_hf else run_isolated("bench.engine", "hf", kw, threads)
-            cpu = (run_isolated("bench.engine", "cpu_runtime", {"new_tokens": new_tokens, "threads": threads}, threads)
-                   if with_cpu_runtime and b == 1 else None)
+            if with_cpu_runtime and b == 1 and cpu is None:  # once: it does not depend on our dtype
+                cpu = run_isolated("bench.engine", "cpu_runtime", {"new_tokens": new_tokens, "threads": threads},
+                                   threads)
             for weights, attention in ((w, a) for w in formats for a in attentions):
                 floor = floors[weights]
                 fmt, env = runs[weights]
@@ -376,7 +380,7 @@ def main(batches, dtypes, new_tokens, threads, skip_hf, json_path, compile, samp
                     "ours_peak_mb": best["peak_rss_mb"], "eager_peak_mb": e["peak_rss_mb"],
                     "hf_peak_mb": h["peak_rss_mb"] if h else None,
                 }
-                if cpu:
+                if cpu and b == 1:
                     row.update(cpu_runtime_tok_s=cpu["tokens_per_s"], cpu_runtime_step_ms=cpu["decode_step_ms"],
                                ours_over_cpu_runtime=best["tokens_per_s"] / cpu["tokens_per_s"])
                 rows.append(row)

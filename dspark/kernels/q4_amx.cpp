@@ -78,7 +78,7 @@ struct Q8 {  // 8-bit codes, value = code * d (the file's Q8_0 embedding, used a
     for (int n = 0; n < kRows; ++n) {
       // code * d is exact in fp32 (8 bits times 11), then rounded once to bf16.
       const __m512 s = _mm512_set1_ps(d[n]);
-      const __m512i c = _mm512_loadu_si512(block + kGroup * n);  // this output's 32 codes (and the next's)
+      const __m512i c = _mm512_loadu_si512(block + kGroup * n);  // this output's 32 codes, then 32 more bytes of the block
       const __m512 lo = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_castsi512_si128(c))), s);
       const __m512 hi = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(c, 1))), s);
       _mm512_store_si512(reinterpret_cast<__m512i*>(tile + kGroup * n), reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo)));

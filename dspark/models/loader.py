@@ -157,6 +157,7 @@ def q4_refusal(path: str | Path | None, dtype: torch.dtype = torch.bfloat16) -> 
 def _load_q4(path: Path, dtype: torch.dtype, device, progress: bool, shard: Shard) -> LoadedModel:
     """``load_model`` with the layer matrices kept as the file's 4-bit blocks (and, with our
     AMX kernel, the LM head as its 8-bit blocks where the file stores it so)."""
+    from dspark.models.packing import PackedEmbedding
     from dspark.models.q4 import Q4Linear, Q8Head, q4_kernel
 
     if torch.device(device).type != "cpu" or dtype not in (torch.bfloat16, torch.float32):
@@ -177,7 +178,10 @@ def _load_q4(path: Path, dtype: torch.dtype, device, progress: bool, shard: Shar
         setattr(parent, leaf, Q4Linear(blocks.pop(key), getattr(parent, leaf).bias, dtype))
     head = _gguf_q8_head(path) if q4_kernel(dtype) == "amx" else None
     if head is not None:  # the LM head from the file's 8-bit blocks, through the same kernel
-        model.output = Q8Head(*head, weight=model.output.weight)
+        tied = model.output.weight is model.tok_embeddings.weight
+        model.output = Q8Head(*head)
+        if tied:  # the embedding reads its rows out of the blocks: no dense copy of the matrix
+            model.tok_embeddings = PackedEmbedding(model.output)
     name = DEFAULT_MODEL_NAME if path.name.startswith(DEFAULT_MODEL_NAME) else path.stem
     return LoadedModel(model=model, tokenizer=tokenizer, args=args, source=str(path), name=name)
 

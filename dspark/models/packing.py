@@ -147,9 +147,10 @@ def _element_offsets(shape: tuple[int, int], axis: int) -> torch.Tensor | None:
 
 class PackedEmbedding(nn.Module):
     """A token embedding that reads its rows out of the packed LM head it is tied to (see
-    :func:`share_tied_matrix`), so the process holds one copy of the [vocab, dim] matrix."""
+    :func:`share_tied_matrix`; or the 8-bit head of ``dspark.models.q4.Q8Head``), so the
+    process holds one copy of the [vocab, dim] matrix."""
 
-    def __init__(self, head: PackedLinear) -> None:
+    def __init__(self, head: nn.Module) -> None:
         super().__init__()
         self._head = [head]  # not a submodule: the model owns it as ``output``
         self.num_embeddings, self.embedding_dim = head.out_features, head.in_features
@@ -161,7 +162,7 @@ class PackedEmbedding(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self._head[0].packed.dtype
+        return matrix_dtype(self._head[0])
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         return self._head[0].rows(ids)

@@ -27,8 +27,9 @@ needs and checks at start-up.  The embedding and LM head (``Q8_0`` in the defaul
 the norms stay dense, except that with the ``amx`` kernel the LM head is multiplied from the
 file's ``Q8_0`` blocks by the same kernel (:class:`Q8Head`: value ``d * q``, exact in fp32,
 rounded once to the bf16 value the dense head holds), which reads 1.06 bytes a weight instead
-of 2 and whose rows, like the layers', do not depend on the rows beside them.  CPU only, one
-rank (a tensor-parallel cut of the codes is not built).
+of 2 and whose rows, like the layers', do not depend on the rows beside them; a tied embedding
+then reads its rows out of those blocks (one copy of the matrix).  CPU only, one rank (a
+tensor-parallel cut of the codes is not built).
 """
 
 from __future__ import annotations
@@ -145,21 +146,37 @@ class Q8Head(nn.Module):
     (``torch.ops.dspark_q4.amx_mm8``; bf16 activations, fp32 sums): each value expands to
     ``d * q`` rounded once to bf16, the value the dense head holds, so only the order of the fp32
     sums differs from the dense head, and that order does not depend on the rows beside a row.
-    ``weight``: the dense matrix the model already holds (the tied embedding's), for code that
-    reads rows of the head (the drafters); not read by the product."""
+    No dense matrix is kept: :meth:`rows` expands the rows other code reads (the drafters, and a
+    tied embedding through ``packing.PackedEmbedding``) to those same bf16 values."""
 
-    def __init__(self, codes: torch.Tensor, d: torch.Tensor, weight: torch.Tensor) -> None:
+    _BLOCK = 16 * GROUP + 2 * Q4_ROWS  # bytes per 16 outputs x 32 inputs: codes, then d[16] (q4_amx.cpp)
+
+    def __init__(self, codes: torch.Tensor, d: torch.Tensor) -> None:
         super().__init__()
         self.out_features, self.in_features = codes.shape
-        if tuple(weight.shape) != (self.out_features, self.in_features) or weight.dtype != torch.bfloat16:
-            raise ValueError(f"the head's dense matrix must be bf16 [{self.out_features}, {self.in_features}]")
         packed = torch.ops.dspark_q4.amx_pack8(codes.contiguous(), d.half().contiguous())
         self.register_buffer("packed", packed, persistent=False)
-        self.weight = weight.detach()  # shared, not copied: no parameter of this module
+        self.weight = None  # no dense matrix: read rows with rows() (packing.matrix_rows)
 
     @property
     def dtype(self) -> torch.dtype:
         return torch.bfloat16
+
+    @property
+    def device(self) -> torch.device:
+        return self.packed.device
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows ``ids`` of the head's matrix [*ids.shape, in] in bf16, read out of the packed blocks."""
+        groups = self.in_features // GROUP
+        blocks = self.packed.view(self.out_features // Q4_ROWS, groups, self._BLOCK)
+        flat = ids.reshape(-1).to(device=self.packed.device, dtype=torch.long)
+        sel = blocks[flat // Q4_ROWS]  # [R, groups, bytes]
+        n = (flat % Q4_ROWS)[:, None, None]
+        codes = sel.gather(2, (GROUP * n + torch.arange(GROUP, device=flat.device)).expand(-1, groups, -1))
+        scale = sel.gather(2, (16 * GROUP + 2 * n + torch.arange(2, device=flat.device)).expand(-1, groups, -1))
+        values = codes.view(torch.int8).float() * scale.contiguous().view(torch.float16).float()  # exact in fp32
+        return values.bfloat16().reshape(*ids.shape, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -190,21 +191,54 @@ def test_8bit_values_products_and_rows():
 
 
 def test_the_q4_model_multiplies_its_head_from_the_files_8bit_blocks(monkeypatch):
-    """With our kernel the LM head is the file's Q8_0 blocks: its values are the dense
-    embedding's bf16 values (read back through the identity), the rows other code reads are
-    that matrix, and torch's int4 kernel keeps the dense head."""
+    """With our kernel the LM head is the file's Q8_0 blocks and holds no dense copy: its values
+    (read back through the identity), the rows the drafters read and the tied embedding's rows
+    are all the dense model's bf16 embedding; its product is the kernel's, whatever the leading
+    dimensions; torch's int4 kernel keeps the dense head."""
     from dspark.models.loader import load_model
-    from dspark.models.packing import matrix_rows
+    from dspark.models.packing import PackedEmbedding, matrix_rows
     from dspark.models.q4 import Q8Head
 
+    dense = load_model(dtype="bf16", progress=False).model.tok_embeddings.weight.detach()
     model = load_model(dtype="bf16", progress=False, weights="q4").model
     head = model.output
-    assert isinstance(head, Q8Head)
-    dense = model.tok_embeddings.weight.detach()
-    dim = dense.shape[1]
-    assert torch.equal(torch.ops.dspark_q4.amx_mm8(torch.eye(dim, dtype=torch.bfloat16), head.packed, dense.shape[0]).t(),
-                       dense)
-    ids = torch.tensor([0, 2, 49151])
-    assert torch.equal(matrix_rows(head, ids), dense[ids])
+    assert isinstance(head, Q8Head) and head.weight is None and isinstance(model.tok_embeddings, PackedEmbedding)
+    vocab, dim = dense.shape
+    assert torch.equal(torch.ops.dspark_q4.amx_mm8(torch.eye(dim, dtype=torch.bfloat16), head.packed, vocab).t(), dense)
+    assert torch.equal(head.rows(torch.arange(vocab)), dense)
+    ids = torch.tensor([[0, 2, 49151], [17, 16, 15]])
+    assert torch.equal(matrix_rows(head, ids), dense[ids]) and torch.equal(model.tok_embeddings(ids), dense[ids])
+    assert model.dtype == torch.bfloat16
+    x = torch.randn(2, 3, dim, generator=torch.Generator().manual_seed(4)).bfloat16()
+    assert torch.equal(head(x), torch.ops.dspark_q4.amx_mm8(x.reshape(6, dim), head.packed, vocab).reshape(2, 3, vocab))
     monkeypatch.setenv(KERNEL_ENV, "int4")
     assert not isinstance(load_model(dtype="bf16", progress=False, weights="q4").model.output, Q8Head)
+
+
+def test_a_head_stored_otherwise_stays_dense(tmp_path):
+    """Only a Q8_0 head whose rows fit the kernel's blocks (a multiple of 16) is kept as 8-bit blocks."""
+    from gguf import GGUFWriter
+
+    from dspark.models.loader import _gguf_q8_head
+
+    for name, rows, kind in (("f16", 32, "F16"), ("odd", 40, "Q8_0"), ("fits", 32, "Q8_0")):
+        path = tmp_path / f"{name}.gguf"
+        w = GGUFWriter(str(path), "llama")
+        w.add_block_count(0)
+        data = np.zeros((rows, 64), dtype=np.float16)
+        if kind == "Q8_0":
+            from gguf import GGMLQuantizationType, quants
+
+            w.add_tensor("token_embd.weight", quants.quantize(data.astype(np.float32), GGMLQuantizationType.Q8_0),
+                         raw_dtype=GGMLQuantizationType.Q8_0)
+        else:
+            w.add_tensor("token_embd.weight", data)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        head = _gguf_q8_head(path)
+        if name == "fits":
+            assert head is not None and head[0].shape == (32, 64) and head[1].shape == (32, 2)
+        else:
+            assert head is None, name
