@@ -422,7 +422,8 @@ def weights_run(value: str) -> tuple[str, dict[str, str]]:
 
 
 def plot(rows: list[dict], path: str) -> None:
-    """Grouped bars per dtype and batch: transformers, then ours per weight format."""
+    """Grouped bars per dtype and batch: transformers, then ours per weight format (and llama.cpp
+    where it ran)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -436,6 +437,10 @@ def plot(rows: list[dict], path: str) -> None:
         series.append((label, lambda g, w=w, a=a: next(
             (r["compiled_tok_s"] or r["eager_tok_s"] for r in rows
              if (r["dtype"], r["batch"]) == g and r["weights"] == w and r.get("attention", "default") == a), None)))
+    if any(r.get("cpu_runtime_tok_s") for r in rows):  # --cpu-runtime: llama.cpp at batch 1
+        series.append(("llama.cpp, same GGUF file", lambda g: next(
+            (r["cpu_runtime_tok_s"] for r in rows if (r["dtype"], r["batch"]) == g and r.get("cpu_runtime_tok_s")),
+            None)))
     fig, ax = plt.subplots(figsize=(7, 4))
     width = 0.8 / len(series)
     for i, (label, value) in enumerate(series):
