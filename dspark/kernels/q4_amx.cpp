@@ -281,13 +281,18 @@ at::Tensor amx_mm(const at::Tensor& x_in, const at::Tensor& packed, int64_t out_
   return y;
 }
 
+// Refuses codes that are not [N, K] of `type` with K a multiple of 32 and N of 16.
+void check_codes(const at::Tensor& codes, at::ScalarType type, const char* name, const char* type_name) {
+  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == type, name, ": codes must be [N, K] ", type_name);
+  TORCH_CHECK(codes.size(1) > 0 && codes.size(1) % kGroup == 0 && codes.size(0) > 0 && codes.size(0) % kRows == 0,
+              name, ": K must be a positive multiple of 32 and N of 16");
+}
+
 // codes [N, K] uint8 (0..15), d and m [N, K / 32] fp16 -> the layout q4_amx_mm reads.
 at::Tensor q4_amx_pack(const at::Tensor& codes, const at::Tensor& d, const at::Tensor& m) {
   constexpr int kBlockBytes = Q4::kBlockBytes;
-  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == at::kByte, "q4_amx_pack: codes must be [N, K] uint8");
+  check_codes(codes, at::kByte, "q4_amx_pack", "uint8");
   const int64_t N = codes.size(0), K = codes.size(1);
-  TORCH_CHECK(K > 0 && K % kGroup == 0 && N > 0 && N % kRows == 0,
-              "q4_amx_pack: K must be a positive multiple of 32 and N of 16");
   const int64_t groups = K / kGroup, blocks = N / kRows;
   TORCH_CHECK(d.scalar_type() == at::kHalf && m.scalar_type() == at::kHalf && d.dim() == 2 &&
                   d.sizes() == m.sizes() && d.size(0) == N && d.size(1) == groups,
@@ -322,10 +327,8 @@ at::Tensor q4_amx_pack(const at::Tensor& codes, const at::Tensor& d, const at::T
 // codes [N, K] int8, d [N, K / 32] fp16 -> the layout q8_amx_mm reads.
 at::Tensor q8_amx_pack(const at::Tensor& codes, const at::Tensor& d) {
   constexpr int kBlockBytes = Q8::kBlockBytes;
-  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == at::kChar, "q8_amx_pack: codes must be [N, K] int8");
+  check_codes(codes, at::kChar, "q8_amx_pack", "int8");
   const int64_t N = codes.size(0), K = codes.size(1);
-  TORCH_CHECK(K > 0 && K % kGroup == 0 && N > 0 && N % kRows == 0,
-              "q8_amx_pack: K must be a positive multiple of 32 and N of 16");
   const int64_t groups = K / kGroup, blocks = N / kRows;
   TORCH_CHECK(d.scalar_type() == at::kHalf && d.dim() == 2 && d.size(0) == N && d.size(1) == groups,
               "q8_amx_pack: d must be [N, K / 32] fp16");
