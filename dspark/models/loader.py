@@ -157,7 +157,7 @@ def q4_refusal(path: str | Path | None, dtype: torch.dtype = torch.bfloat16) -> 
 def _load_q4(path: Path, dtype: torch.dtype, device, progress: bool, shard: Shard) -> LoadedModel:
     """``load_model`` with the layer matrices kept as the file's 4-bit blocks (and, with our
     AMX kernel, the LM head as its 8-bit blocks where the file stores it so)."""
-    from dspark.models.packing import PackedEmbedding
+    from dspark.models.packing import PackedEmbedding, return_freed_memory
     from dspark.models.q4 import Q4Linear, Q8Head, q4_kernel
 
     if torch.device(device).type != "cpu" or dtype not in (torch.bfloat16, torch.float32):
@@ -182,6 +182,9 @@ def _load_q4(path: Path, dtype: torch.dtype, device, progress: bool, shard: Shar
         model.output = Q8Head(*head)
         if tied:  # the embedding reads its rows out of the blocks: no dense copy of the matrix
             model.tok_embeddings = PackedEmbedding(model.output)
+    # The dense matrices replaced above, and the codes, were freed: hand the heap's pages back
+    # (the runner does so only after packing, and a q4 model may leave it nothing to pack).
+    return_freed_memory()
     name = DEFAULT_MODEL_NAME if path.name.startswith(DEFAULT_MODEL_NAME) else path.stem
     return LoadedModel(model=model, tokenizer=tokenizer, args=args, source=str(path), name=name)
 
