@@ -3,7 +3,9 @@
 * ``q4_amx.cpp`` multiplies 4-bit block weights (and the 8-bit LM head) on Intel AMX tiles
   (``dspark.models.q4``);
 * ``short_attention.cpp`` attends a step's short queries (decode tokens, verification
-  blocks) straight from the KV cache on AVX-512 (``dspark.kernels.attention``).
+  blocks) straight from the KV cache on AVX-512 (``dspark.kernels.attention``);
+* ``markov_chain.cpp`` runs a greedy DSpark block's Markov loop in one call on AVX-512 BF16
+  (``dspark.kernels.markov``).
 
 A library is compiled on first use into ``<cache>/kernels/`` (``dspark.models.loader.cache_dir``),
 named by a hash of its source, the compiler flags and torch's version, so that a changed source
@@ -36,8 +38,8 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["NativeBuildError", "amx_usable", "build_q4_amx", "cpu_has_amx", "cpu_has_avx512", "load_q4_amx",
-           "load_short_attention", "short_attention_usable"]
+__all__ = ["NativeBuildError", "amx_int8_usable", "amx_usable", "build_q4_amx", "cpu_has_amx", "cpu_has_amx_int8", "cpu_has_avx512", "cpu_has_avx512_bf16",
+           "load_markov_chain", "load_q4_amx", "load_short_attention", "markov_chain_usable", "short_attention_usable"]
 
 
 @dataclass(frozen=True)
@@ -56,9 +58,13 @@ class Kernel:
 
 _COMMON = ("-O3", "-std=c++20", "-shared", "-fPIC", "-fopenmp", "-w")
 Q4_AMX = Kernel("q4_amx", "4-bit AMX kernel", _COMMON + ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16",
-                                                         "-mf16c", "-mfma", "-mamx-tile", "-mamx-bf16"))
+                                                         "-mf16c", "-mfma", "-mamx-tile", "-mamx-bf16",
+                                                         "-mamx-int8"))
 SHORT_ATTENTION = Kernel("short_attention", "attention kernel",
                          _COMMON + ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma"))
+MARKOV_CHAIN = Kernel("markov_chain", "Markov head kernel",
+                      _COMMON + ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mamx-tile",
+                                 "-mamx-bf16"))
 
 
 class NativeBuildError(RuntimeError):
@@ -75,6 +81,23 @@ def cpu_has_avx512() -> bool:
     """Whether this CPU has the AVX-512 subsets the attention kernel is compiled for (torch's own
     kernels then run at that level too)."""
     return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
+def cpu_has_amx_int8() -> bool:
+    """Whether this CPU has AMX tiles with int8 products (Linux lists ``amx_int8`` among its flags)."""
+    if not cpu_has_amx():
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and " amx_int8" in line for line in f)
+    except OSError:
+        return False
+
+
+def cpu_has_avx512_bf16() -> bool:
+    """Whether this CPU has AVX-512 BF16 dot products (what the Markov head kernel is compiled for)."""
+    probe = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+    return probe is not None and probe() and cpu_has_avx512()
 
 
 def _compiler() -> str | None:
@@ -141,6 +164,10 @@ def _load(kernel: Kernel) -> None:
             def _(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
                 return x.new_empty((x.shape[0], out_features))
 
+        @torch.library.register_fake("dspark_q4::i8_amx_mm")
+        def _(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, wsum: torch.Tensor) -> torch.Tensor:
+            return x.new_empty((x.shape[0], scale.shape[0]))
+
     if kernel is SHORT_ATTENTION:
 
         @torch.library.register_fake("dspark_attn::cache_attention")
@@ -157,6 +184,11 @@ def load(kernel: Kernel) -> None:
 def load_q4_amx() -> None:
     """Loads the 4-bit AMX ops (``torch.ops.dspark_q4``)."""
     load(Q4_AMX)
+
+
+def load_markov_chain() -> None:
+    """Loads the Markov head op (``torch.ops.dspark_markov.greedy_chain``)."""
+    load(MARKOV_CHAIN)
 
 
 def load_short_attention() -> None:
@@ -196,6 +228,21 @@ def amx_usable() -> bool:
     return _usable(Q4_AMX, cpu_has_amx(), _probe, "torch's int4 kernel")
 
 
+def _probe_int8() -> None:
+    """One int8 product: a row of 0, 1, ..., 63 against 16 outputs of ones (scale 1) is 2016 each."""
+    packed = torch.ops.dspark_q4.i8_amx_pack(torch.ones(16, 64, dtype=torch.int8))
+    y = torch.ops.dspark_q4.i8_amx_mm(torch.arange(64.0).view(1, 64), packed, torch.ones(16), torch.full((16,), 64.0))
+    if not torch.equal(y, torch.full((1, 16), 2016.0)):
+        raise RuntimeError(f"the int8 probe product gave {y[0, :4].tolist()}, not 2016s")
+
+
+@lru_cache(maxsize=None)
+def amx_int8_usable() -> bool:
+    """Whether this host's CPU has AMX int8 tiles and the kernel's int8 product runs here.  A
+    host without them multiplies a drafter's int8 layers with torch's fbgemm kernel instead."""
+    return amx_usable() and _usable(Q4_AMX, cpu_has_amx_int8(), _probe_int8, "torch's fbgemm int8 kernel")
+
+
 def _probe_attention() -> None:
     """One token attending to itself: the output is its value, exactly."""
     v = torch.arange(64, dtype=torch.bfloat16).view(1, 1, 64)
@@ -215,6 +262,23 @@ def short_attention_usable() -> bool:
     return _usable(SHORT_ATTENTION, cpu_has_avx512(), _probe_attention, "torch's attention")
 
 
+def _probe_markov() -> None:
+    """Two positions over three columns, the second drawn to column 2 by W2: tokens 1 then 2."""
+    base = torch.tensor([[[0.0, 1.0, 0.0], [0.0, 1.0, 0.0]]])
+    w1 = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 0.0]], dtype=torch.bfloat16)
+    w2p = torch.tensor([[[0.0, 0.0], [0.0, 0.0], [5.0, 0.0]]], dtype=torch.bfloat16)  # W2 [2, 3] packed [1, 3, 2]
+    tokens, _ = torch.ops.dspark_markov.greedy_chain(base, torch.tensor([0]), w1, w2p, torch.empty(0, dtype=torch.long))
+    if tokens.tolist() != [[1, 2]]:
+        raise RuntimeError(f"the probe drafted {tokens.tolist()}, not [[1, 2]]")
+
+
+@lru_cache(maxsize=None)
+def markov_chain_usable() -> bool:
+    """Whether this host's CPU has AVX-512 BF16 and the Markov head kernel builds, loads and
+    runs here.  Elsewhere a greedy block's Markov loop runs as torch operations."""
+    return _usable(MARKOV_CHAIN, cpu_has_avx512_bf16(), _probe_markov, "torch's operations")
+
+
 def _build_ahead(kernel: Kernel, cpu_ok: bool, missing: str, instead: str) -> None:
     if not cpu_ok:
         print(f"{kernel.what}: this CPU has no {missing}; {instead}")
@@ -228,3 +292,4 @@ def _build_ahead(kernel: Kernel, cpu_ok: bool, missing: str, instead: str) -> No
 if __name__ == "__main__":  # make setup: build ahead where the CPU can use them; never fails setup
     _build_ahead(Q4_AMX, cpu_has_amx(), "AMX tiles", "torch's int4 kernel serves --weights q4")
     _build_ahead(SHORT_ATTENTION, cpu_has_avx512(), "AVX-512", "torch's attention serves every step")
+    _build_ahead(MARKOV_CHAIN, cpu_has_avx512_bf16(), "AVX-512 BF16", "torch's operations run the Markov loop")

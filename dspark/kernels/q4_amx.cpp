@@ -21,8 +21,10 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <memory>
 
 namespace {
@@ -353,6 +355,159 @@ at::Tensor q8_amx_pack(const at::Tensor& codes, const at::Tensor& d) {
   return out;
 }
 
+// ---------------------------------------------------------------------------------------------
+// 8-bit weights times 8-bit activations (a drafter's layers: dspark/models/int8_weights.py).
+//
+// The weights are int8 with one scale per output, packed by i8_amx_pack as the tile unit's B
+// operand: for every block of 16 outputs and group of 64 inputs a 1 KB tile, row q holding
+// inputs 4q..4q+3 of each of the 16 outputs.  Each row of x is quantised on its own to unsigned
+// 8-bit codes over its own range: c = round((x - lo) / s), s = (hi - lo) / 255, so x ~ lo + s c
+// (the asymmetric 8 bits fbgemm gives a whole batch, here per row).  TDPBUSD sums the products
+// c w exactly in int32, and each result is (s float(sum) + lo wsum) times the output's scale,
+// wsum the output's sum of codes.  Nothing of that depends on the rows beside a row or on the
+// thread: one row's result is the same bits whatever it is batched with.
+
+constexpr int kGroup8 = 64;  // inputs per int8 tile row
+
+// Tiles: 0 up to 16 rows of x (64 codes each), 1..2 two blocks of weights, 4..5 their sums.
+void configure_i8_tiles(int rows) {
+  TileConfig cfg;
+  cfg.rows[0] = rows, cfg.colsb[0] = 64;
+  cfg.rows[1] = cfg.rows[2] = 16, cfg.colsb[1] = cfg.colsb[2] = 64;
+  cfg.rows[4] = cfg.rows[5] = rows, cfg.colsb[4] = cfg.colsb[5] = 64;
+  asm volatile("" ::: "memory");
+  _tile_loadconfig(&cfg);
+}
+
+inline __m512 load_f(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load_f(const at::BFloat16* p) {
+  const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+}
+
+// Row x (K values) -> codes q, step s and offset lo.  A row with an inf or NaN gets NaN.
+template <class T>
+inline void quantize_row(const T* x, int64_t K, uint8_t* q, float& s, float& lo) {
+  __m512 mn = _mm512_set1_ps(std::numeric_limits<float>::infinity()), mx = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int64_t k = 0; k < K; k += 16) {
+    const __m512 v = load_f(x + k);
+    mn = _mm512_min_ps(mn, v);
+    mx = _mm512_max_ps(mx, v);
+  }
+  lo = _mm512_reduce_min_ps(mn);
+  const float hi = _mm512_reduce_max_ps(mx);
+  if (!std::isfinite(lo) || !std::isfinite(hi) || std::isnan(x[0])) {
+    std::memset(q, 0, K);
+    s = lo = std::numeric_limits<float>::quiet_NaN();
+    return;
+  }
+  s = (hi - lo) / 255.0f;
+  if (!(s > 0.0f)) {  // a constant row: lo exactly
+    std::memset(q, 0, K);
+    s = 0.0f;
+    return;
+  }
+  const __m512 inv = _mm512_set1_ps(1.0f / s), off = _mm512_set1_ps(lo);
+  for (int64_t k = 0; k < K; k += 16) {
+    const __m512 v = _mm512_mul_ps(_mm512_sub_ps(load_f(x + k), off), inv);  // nearest, ties to even
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + k), _mm512_cvtusepi32_epi8(_mm512_max_epi32(_mm512_cvtps_epi32(v), _mm512_setzero_si512())));
+  }
+}
+
+inline void store_out(float* y, __m512 v) { _mm512_storeu_ps(y, v); }
+inline void store_out(at::BFloat16* y, __m512 v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(y), reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
+}
+
+template <class T>
+at::Tensor i8_mm(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& scale, const at::Tensor& wsum) {
+  static const bool amx = request_amx();
+  TORCH_CHECK(amx, "i8_amx_mm: this process cannot use AMX tiles");
+  const int64_t M = x_in.size(0), K = x_in.size(1), N = scale.size(0);
+  const int64_t groups = K / kGroup8, blocks = N / kRows;
+  TORCH_CHECK(packed.numel() == blocks * groups * 1024, "i8_amx_mm: packed size does not match");
+  auto y = at::empty({M, N}, x_in.options());
+  if (M == 0) return y;
+  const at::Tensor xc = x_in.contiguous();
+  const int64_t rows = M <= 16 ? M : (M + 15) / 16 * 16;  // more than 16: zero rows pad the last chunk
+  std::unique_ptr<uint8_t[]> q(new uint8_t[rows * K]);
+  std::unique_ptr<float[]> sx(new float[2 * rows]);  // per row: step, offset
+  const T* xp = xc.data_ptr<T>();
+  at::parallel_for(0, M, 16, [&](int64_t b, int64_t e) {
+    for (int64_t m = b; m < e; ++m) quantize_row(xp + m * K, K, q.get() + m * K, sx[2 * m], sx[2 * m + 1]);
+  });
+  if (rows > M) std::memset(q.get() + M * K, 0, (rows - M) * K);
+  for (int64_t m = M; m < rows; ++m) sx[2 * m] = sx[2 * m + 1] = 0.0f;
+  const int tile_rows = static_cast<int>(std::min<int64_t>(M, 16));
+  const int8_t* w = reinterpret_cast<const int8_t*>(packed.data_ptr<uint8_t>());
+  const float* sw = scale.data_ptr<float>();
+  const float* ws = wsum.data_ptr<float>();
+  T* yp = y.data_ptr<T>();
+  const int64_t pairs = (blocks + 1) / 2;
+  at::parallel_for(0, pairs, 1, [&](int64_t begin, int64_t end) {
+    configure_i8_tiles(tile_rows);
+    alignas(64) int32_t acc[2][16 * 16];
+    for (int64_t pair = begin; pair < end; ++pair) {
+      const int64_t b = 2 * pair;
+      const bool two = b + 1 < blocks;
+      const int8_t* w0 = w + b * groups * 1024;
+      const int8_t* w1 = w0 + groups * 1024;
+      for (int64_t m0 = 0; m0 < rows; m0 += 16) {
+        _tile_zero(4);
+        _tile_zero(5);
+        for (int64_t g = 0; g < groups; ++g) {
+          _tile_loadd(0, q.get() + m0 * K + g * kGroup8, K);
+          _tile_loadd(1, w0 + g * 1024, 64);
+          _tile_dpbusd(4, 0, 1);
+          if (two) {
+            _tile_loadd(2, w1 + g * 1024, 64);
+            _tile_dpbusd(5, 0, 2);
+          }
+        }
+        _tile_stored(4, acc[0], 64);
+        if (two) _tile_stored(5, acc[1], 64);
+        const int64_t valid = std::min<int64_t>(tile_rows, M - m0);
+        for (int j = 0; j < (two ? 2 : 1); ++j) {
+          const __m512 s_out = _mm512_loadu_ps(sw + (b + j) * kRows), sums = _mm512_loadu_ps(ws + (b + j) * kRows);
+          for (int64_t i = 0; i < valid; ++i) {
+            const __m512 v = _mm512_cvtepi32_ps(_mm512_load_si512(acc[j] + 16 * i));
+            const __m512 r = _mm512_fmadd_ps(v, _mm512_set1_ps(sx[2 * (m0 + i)]),
+                                             _mm512_mul_ps(sums, _mm512_set1_ps(sx[2 * (m0 + i) + 1])));
+            store_out(yp + (m0 + i) * N + (b + j) * kRows, _mm512_mul_ps(r, s_out));
+          }
+        }
+      }
+    }
+    _tile_release();
+  });
+  return y;
+}
+
+at::Tensor i8_amx_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale, const at::Tensor& wsum) {
+  TORCH_CHECK(x.dim() == 2 && (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat),
+              "i8_amx_mm: x must be [M, K] bf16 or float32");
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.dim() == 1 && packed.is_contiguous(),
+              "i8_amx_mm: packed must be a contiguous uint8 vector");
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.dim() == 1 && scale.is_contiguous() &&
+                  wsum.scalar_type() == at::kFloat && wsum.dim() == 1 && wsum.is_contiguous() &&
+                  wsum.size(0) == scale.size(0),
+              "i8_amx_mm: scale and wsum must be contiguous float32 vectors [N]");
+  TORCH_CHECK(x.size(1) > 0 && x.size(1) % kGroup8 == 0 && scale.size(0) > 0 && scale.size(0) % kRows == 0,
+              "i8_amx_mm: K must be a positive multiple of 64 and N of 16");
+  return x.scalar_type() == at::kFloat ? i8_mm<float>(x, packed, scale, wsum)
+                                       : i8_mm<at::BFloat16>(x, packed, scale, wsum);
+}
+
+// codes [N, K] int8 -> the layout i8_amx_mm reads: [N / 16][K / 64][16 quads][16 outputs][4].
+at::Tensor i8_amx_pack(const at::Tensor& codes) {
+  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == at::kChar, "i8_amx_pack: codes must be [N, K] int8");
+  const int64_t N = codes.size(0), K = codes.size(1);
+  TORCH_CHECK(K > 0 && K % kGroup8 == 0 && N > 0 && N % kRows == 0,
+              "i8_amx_pack: K must be a positive multiple of 64 and N of 16");
+  return codes.contiguous().view({N / kRows, kRows, K / kGroup8, 16, 4}).permute({0, 2, 3, 1, 4}).contiguous()
+      .view(at::kByte).reshape({-1});
+}
+
 }  // namespace
 
 TORCH_LIBRARY(dspark_q4, lib) {
@@ -360,6 +515,8 @@ TORCH_LIBRARY(dspark_q4, lib) {
   lib.def("amx_pack(Tensor codes, Tensor d, Tensor m) -> Tensor");
   lib.def("amx_mm8(Tensor x, Tensor packed, int out_features) -> Tensor");
   lib.def("amx_pack8(Tensor codes, Tensor d) -> Tensor");
+  lib.def("i8_amx_mm(Tensor x, Tensor packed, Tensor scale, Tensor wsum) -> Tensor");
+  lib.def("i8_amx_pack(Tensor codes) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(dspark_q4, CPU, lib) {
@@ -367,4 +524,6 @@ TORCH_LIBRARY_IMPL(dspark_q4, CPU, lib) {
   lib.impl("amx_pack", &q4_amx_pack);
   lib.impl("amx_mm8", &amx_mm<Q8>);
   lib.impl("amx_pack8", &q8_amx_pack);
+  lib.impl("i8_amx_mm", &i8_amx_mm);
+  lib.impl("i8_amx_pack", &i8_amx_pack);
 }

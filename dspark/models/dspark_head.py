@@ -50,7 +50,7 @@ from torch import nn
 
 from dspark.models.gemma_config import AttentionKind, embed_scale
 from dspark.models.gemma_draft_layer import Gemma4DraftLayer
-from dspark.models.int8_weights import Int8Linear, int8_supported
+from dspark.models.int8_weights import BlockInt8Linear, Int8Linear, int8_supported
 from dspark.models.llama import RMSNorm, apply_rope, rope_tables
 from dspark.models.packing import (PackedLinear, matrix_dtype, matrix_rows, matrix_shape, pack_linears,
                                    packing_supported, whole_matrix)
@@ -149,16 +149,26 @@ class DraftLayer(nn.Module):
         return k, v.unflatten(-1, (self.nkv, self.hd))
 
     def forward(self, x, cos, sin, ctx_k, ctx_v, mask) -> torch.Tensor:
-        """x: [B, Q, D]; cos/sin: [B, Q, 1, hd]; ctx_k/ctx_v: [B, nkv, S, hd]; mask: [B, 1, Q, S + Q] bool."""
+        """x: [B, Q, D]; cos/sin: [B, Q, 1, hd]; ctx_k/ctx_v: [B, nkv, S, hd]; mask: [B, 1, Q, S + Q] bool.
+
+        ctx_k/ctx_v may also be lists of B per-request contexts [1, nkv, S_b, hd] (views of the
+        drafter's cache, no mask): each request then attends in a call of its own, to the bits
+        it gets alone (a masked batch rounds otherwise), while the products stay batched."""
         B, Q, _ = x.shape
         nh, nkv, hd = self.nh, self.nkv, self.hd
         q, k, v = self.wqkv(self.attention_norm(x)).split([nh * hd, nkv * hd, nkv * hd], dim=-1)
         q = apply_rope(self._norm(self.q_norm, q.view(B, Q, nh, hd)), cos, sin).transpose(1, 2)  # [B, nh, Q, hd]
         k = apply_rope(self._norm(self.k_norm, k.view(B, Q, nkv, hd)), cos, sin).transpose(1, 2)  # [B, nkv, Q, hd]
         v = v.view(B, Q, nkv, hd).transpose(1, 2)
-        keys = torch.cat([ctx_k, k], dim=2)  # [B, nkv, S + Q, hd]
-        values = torch.cat([ctx_v, v], dim=2)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)  # [B, nh, Q, hd]
+        if isinstance(ctx_k, (list, tuple)):
+            out = torch.cat([
+                F.scaled_dot_product_attention(q[b : b + 1], torch.cat([ctx_k[b], k[b : b + 1]], dim=2),
+                                               torch.cat([ctx_v[b], v[b : b + 1]], dim=2), enable_gqa=True)
+                for b in range(B)])
+        else:
+            keys = torch.cat([ctx_k, k], dim=2)  # [B, nkv, S + Q, hd]
+            values = torch.cat([ctx_v, v], dim=2)
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)  # [B, nh, Q, hd]
         h = x + self.wo(out.transpose(1, 2).reshape(B, Q, nh * hd))
         gate, up = self.w13(self.ffn_norm(h)).split(self.inter, dim=-1)
         return h + self.w2(F.silu(gate) * up)
@@ -201,6 +211,7 @@ class DSparkHead(nn.Module):
         self.draft_ids: torch.Tensor | None = None
         self._out_rows: torch.Tensor | None = None
         self._out_packed: PackedLinear | Int8Linear | None = None  # _out_rows prepared (pack_for_inference)
+        self.rows_independent = False  # every context product row-invariant (``_to_int8`` on our AMX kernels)
         self._w2_cols: torch.Tensor | None = None
         self._inv_freq: dict[torch.device, torch.Tensor] = {}  # RoPE inverse frequencies per device (rope)
 
@@ -281,22 +292,32 @@ class DSparkHead(nn.Module):
                    for layer in self.layers for name in ("wqkv", "wo", "w13", "w2"))
 
     def _to_int8(self) -> int:
-        """The draft layers and the drafted LM-head rows in int8.  The context projection stays a
-        float product: its input is the target's raw hidden states, whose few very large features
+        """The draft layers and the drafted LM-head rows in int8.  The context projection keeps its
+        input as it is: its input is the target's raw hidden states, whose few very large features
         would take most of the 8-bit range its input rows are quantised to (measured: in int8 it cost 5% of the hybrid's
-        tokens per step on held-out prompts; these layers and rows cost nothing measurable)."""
+        tokens per step on held-out prompts; these layers and rows cost nothing measurable).  On
+        our AMX kernel its weights are 8-bit blocks of 32 (``BlockInt8Linear``), elsewhere it is
+        packed in its float dtype.
+
+        With our AMX kernels every product is row-invariant, and ``rows_independent`` says so:
+        the drafter may then project several requests' context in one pass."""
         count = 0
         for layer in self.layers:
             layer.kv_packed = Int8Linear.of_matrix(layer.wqkv.weight[layer.nh * layer.hd :])
             for name in ("wqkv", "wo", "w13", "w2"):
                 setattr(layer, name, Int8Linear.of_linear(getattr(layer, name)))
             count += 5
-        if packing_supported(self.mask_embedding.device, self.mask_embedding.dtype):
+        if BlockInt8Linear.fits(self.fc):
+            self.fc = BlockInt8Linear(self.fc)
+            count += 1
+        elif packing_supported(self.mask_embedding.device, self.mask_embedding.dtype):
             self.fc = PackedLinear(self.fc, keep_weight=True)
             count += 1
         if self._out_rows is not None:
             self._out_packed = Int8Linear.of_matrix(self._out_rows)
             count += 1
+        self.rows_independent = isinstance(self.fc, BlockInt8Linear) and all(
+            getattr(layer, name).row_invariant for layer in self.layers for name in ("kv_packed", "wqkv", "wo", "w13", "w2"))
         return count
 
     @property

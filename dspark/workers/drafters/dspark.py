@@ -35,9 +35,10 @@ from pathlib import Path
 
 import torch
 
-from dspark.kernels.markov import MarkovMix, markov_block_sample, markov_latent, masked_position_sample
+from dspark.kernels.markov import MarkovMix, markov_block_sample, markov_latent, masked_position_sample, pack_w2
 from dspark.models.deepspec_format import is_deepspec_checkpoint, load_deepspec_head, read_deepspec_config
-from dspark.models.dspark_head import DSparkHead, DSparkHeadConfig, block_attention_mask, default_head_path, load_head
+from dspark.models.dspark_head import (DraftLayer, DSparkHead, DSparkHeadConfig, block_attention_mask, default_head_path,
+                                       load_head)
 from dspark.models.speculators_format import is_speculators_checkpoint, load_speculators_head, read_speculators_config
 from dspark.models.kv_cache import KVCache
 from dspark.workers.drafters.base import DraftBlock, count_accepted, draft_generator, proposal_top_k
@@ -101,6 +102,10 @@ class DSparkDrafter:
         # [1, 128] x [128, 8192]) and adds into the float32 logits in the same call.
         w2 = head.markov_w2_draft.detach() if self.markov else self._zero_w2
         self._w2 = w2.float().contiguous() if dev.type == "cpu" else w2
+        # The same W2 packed for the greedy kernel (``kernels.markov.pack_w2``; None where it does
+        # not serve): an all-greedy block's loop in one call.
+        vanilla = self.markov and cfg.markov_kind == "vanilla"
+        self._w2_pairs = pack_w2(head.markov_w1, w2) if vanilla else None
         self._sts: dict[tuple[bool, int], torch.Tensor] = {}  # (greedy, G) -> STS temperatures [G]
 
     @property
@@ -144,22 +149,31 @@ class DSparkDrafter:
     @torch.inference_mode()
     def flush_context(self, seqs: list[Sequence]) -> None:
         """Project the features each of ``seqs`` observed since its last block and append their
-        context keys/values to its slot, one pass per request.  Not one pass for the batch: a
-        product's rounding may depend on its row count, and a request's drafts (so a seeded
-        sampled request's tokens) would then depend on which requests it shares steps with."""
+        context keys/values to its slot.  One pass for all of them where the head's context
+        products are row-invariant (``DSparkHead.rows_independent``: our AMX kernels), else one
+        pass per request: a product's rounding may then depend on its row count, and a request's
+        drafts (so a seeded sampled request's tokens) would depend on which requests it shares
+        steps with."""
+        todo = []
         for s in seqs:
             chunks = self._backlog.pop(s.request_id, None)
-            if not chunks:
-                continue
-            slot, start = self._slot[s.request_id], chunks[0][0]
-            feats = chunks[0][1] if len(chunks) == 1 else torch.cat([f for _, f in chunks])  # [n, m W]
-            end = start + feats.shape[0]
-            self.cache.reserve(end)
-            pos = torch.arange(start, end, device=self.device)
-            for i, (k, v) in enumerate(self.head.context_kv(self.head.context(feats.to(self.device)), pos)):
-                self.cache.k[i, slot, :, start:end] = k.transpose(0, 1)  # [n, nkv, hd] -> [nkv, n, hd]
-                self.cache.v[i, slot, :, start:end] = v.transpose(0, 1)
-            self.cache.lengths[slot] = end
+            if chunks:
+                feats = chunks[0][1] if len(chunks) == 1 else torch.cat([f for _, f in chunks])  # [n, m W]
+                todo.append((self._slot[s.request_id], chunks[0][0], feats))
+        groups = [todo] if len(todo) > 1 and getattr(self.head, "rows_independent", False) else [[t] for t in todo]
+        for group in groups:
+            feats = group[0][2] if len(group) == 1 else torch.cat([f for _, _, f in group])
+            pos = torch.cat([torch.arange(start, start + f.shape[0]) for _, start, f in group]).to(self.device)
+            kv = self.head.context_kv(self.head.context(feats.to(self.device)), pos)
+            row = 0
+            for slot, start, f in group:
+                end = start + f.shape[0]
+                self.cache.reserve(end)
+                for i, (k, v) in enumerate(kv):
+                    self.cache.k[i, slot, :, start:end] = k[row : row + f.shape[0]].transpose(0, 1)  # [n, nkv, hd] -> [nkv, n, hd]
+                    self.cache.v[i, slot, :, start:end] = v[row : row + f.shape[0]].transpose(0, 1)
+                self.cache.lengths[slot] = end
+                row += f.shape[0]
 
     def release(self, request_id: str) -> None:
         slot = self._slot.pop(request_id, None)
@@ -185,9 +199,14 @@ class DSparkDrafter:
         ctx_lens = torch.tensor(lens, device=dev)  # [B]
         S = max(lens)
         G = max(block_len, self.cfg.block_len)  # block positions are never cached: no room needed
+        per_request = len(batch) > 1 and getattr(self.head, "rows_independent", False) and isinstance(self.head.layers[0], DraftLayer)
         if len(batch) == 1:  # one request: its slot as a view, no gather
             ctx_kv = [(self.cache.k[i][slot_ids[0] : slot_ids[0] + 1, :, :S],
                        self.cache.v[i][slot_ids[0] : slot_ids[0] + 1, :, :S]) for i in range(self.cfg.n_layers)]
+        elif per_request:  # each request attends to its own slot's view, alone; the products stay batched
+            ctx_kv = [([self.cache.k[i][sl : sl + 1, :, :n] for sl, n in zip(slot_ids, lens)],
+                       [self.cache.v[i][sl : sl + 1, :, :n] for sl, n in zip(slot_ids, lens)])
+                      for i in range(self.cfg.n_layers)]
         else:
             slots = torch.tensor(slot_ids, device=dev)
             ctx_kv = [(self.cache.k[i][slots, :, :S], self.cache.v[i][slots, :, :S]) for i in range(self.cfg.n_layers)]
@@ -196,7 +215,7 @@ class DSparkDrafter:
         # One block per request, anchored at position ctx_lens: it sees the whole cached context
         # (all of it precedes the anchor) and the whole block; the mask training uses.  When
         # every context is S long that mask is all True, and attention runs without one.
-        mask = None if min(lens) == S else block_attention_mask(ctx_lens, ctx_lens.unsqueeze(1), G, S)  # [B, G, S + G]
+        mask = None if min(lens) == S or per_request else block_attention_mask(ctx_lens, ctx_lens.unsqueeze(1), G, S)  # [B, G, S + G]
         h = head.backbone(x, qpos, ctx_kv, mask)[:, :block_len]
         return h, head.base_logits(h)
 
@@ -226,7 +245,8 @@ class DSparkDrafter:
         mix = None
         if self.markov and self.cfg.markov_kind != "vanilla":  # gated / RNN heads also read h_k
             mix = MarkovMix(self.cfg.markov_kind, head.markov_mix.weight, head.markov_mix.bias, h)
-        draft = markov_block_sample(base, anchors, w1, w2, temps, self.top_k, uniforms, vocab_ids=self.draft_ids, mix=mix)
+        draft = markov_block_sample(base, anchors, w1, w2, temps, self.top_k, uniforms, vocab_ids=self.draft_ids, mix=mix,
+                                    w2_pairs=self._w2_pairs)
         tokens = draft.tokens.tolist()
         probs = list(draft.draft_probs)
         prob_ids = [None] * len(batch) if draft.draft_prob_ids is None else list(draft.draft_prob_ids)
