@@ -165,6 +165,10 @@ def generate(prompt, max_tokens, temperature, top_p, top_k, seed, raw, model, dt
 
     if refusal := attention_refusal():
         raise click.UsageError(refusal)
+    from dspark.models.int8_weights import int8_refusal
+
+    if refusal := int8_refusal():  # a bad $DSPARK_INT8_KERNEL (the drafter's products)
+        raise click.UsageError(refusal)
     if block_len is None:
         block_len = 4
         if weights == "q4":  # torch's int4 kernel costs a whole pass more from a verification's fifth row

@@ -101,6 +101,10 @@ def make_config(model, dtype, device, tp, draft_workers, draft, block_len, verif
 
     if refusal := attention_refusal():
         raise click.UsageError(refusal)
+    from dspark.models.int8_weights import int8_refusal
+
+    if refusal := int8_refusal():  # a bad $DSPARK_INT8_KERNEL (the drafter's products)
+        raise click.UsageError(refusal)
     if extra.get("weights") == "q4":  # the file's own header says whether its blocks can be served
         from dspark.models.loader import parse_dtype, q4_refusal
 

@@ -93,6 +93,16 @@ def full_range_inputs() -> bool:
     return _FULL_RANGE
 
 
+def int8_refusal() -> str | None:
+    """Why ``$DSPARK_INT8_KERNEL`` cannot be served here (None: it can), for the commands to
+    refuse in one line before anything starts."""
+    try:
+        int8_kernel()
+    except ValueError as e:
+        return str(e)
+    return None
+
+
 class Int8Linear(nn.Module):
     """A bias-free product by a frozen matrix [out, in] held in int8 (symmetric, a scale per row).
 
@@ -195,4 +205,4 @@ class BlockInt8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, 8-bit blocks of 32, amx kernel"
 
 
-__all__ = ["BlockInt8Linear", "Int8Linear", "int8_kernel", "int8_supported"]
+__all__ = ["BlockInt8Linear", "Int8Linear", "int8_kernel", "int8_refusal", "int8_supported"]

@@ -176,3 +176,23 @@ def test_the_drafter_projects_requests_together_to_the_bits_it_projects_them_alo
                        for sl, p in zip(slots, prompts)])
     for (k1, v1), (k2, v2) in zip(*caches):
         assert torch.equal(k1, k2) and torch.equal(v1, v2)
+
+
+def test_commands_refuse_a_bad_int8_kernel_choice_in_one_line(monkeypatch):
+    """`generate` as a usage error, `serve` / `demo` before Ray starts."""
+    import click
+    from click.testing import CliRunner
+
+    from dspark.cli import main
+    from dspark.cluster.commands import make_config
+    from dspark.models.int8_weights import int8_refusal
+
+    monkeypatch.setenv(KERNEL_ENV, "vnni")
+    assert KERNEL_ENV in int8_refusal()
+    res = CliRunner().invoke(main, ["generate", "Hi.", "--max-tokens", "2"])
+    assert res.exit_code == 2 and KERNEL_ENV in res.output and "Traceback" not in res.output
+    with pytest.raises(click.UsageError, match=KERNEL_ENV):
+        make_config(None, "bf16", "cpu", 1, 1, "ngram", 4, "adaptive", 4)
+    monkeypatch.setenv(KERNEL_ENV, "fbgemm")
+    assert int8_refusal() is None
+    assert make_config(None, "bf16", "cpu", 1, 1, "ngram", 4, "adaptive", 4).dtype == "bf16"
