@@ -17,10 +17,11 @@ is measured in docs/DRAFTER.md.
 On a CPU with AMX tiles (``amx_int8`` and our kernel built: ``dspark.kernels.native``) the
 product is our kernel's instead (``torch.ops.dspark_q4.i8_amx_mm``, ``q4_amx.cpp``): the same
 int8 weights, each input row quantised to 8 bits on its own (unsigned codes over the row's own
-range, as fbgemm quantises a whole call), the products summed exactly in int32 by the tile unit.  A row's result then does not depend on the
-rows beside it, so a batch of requests is one call (``row_invariant``), and it is 3-6x faster
-than fbgemm's at a block of 7 rows and about 10x at sixteen requests' blocks, where fbgemm takes
-one call per request (one thread; the matrices of the default model's DSpark head).
+range, as fbgemm quantises a whole call), the products summed exactly in int32 by the tile
+unit.  A row's result then does not depend on the rows beside it, so a batch of requests is one
+call (``row_invariant``).  Measured interleaved at one thread on the default model's DSpark
+head's matrices: 0.48-0.63x fbgemm's time for one block of 7 rows, 0.17-0.22x for sixteen
+requests' blocks, where fbgemm takes one call per request.
 ``$DSPARK_INT8_KERNEL`` (``amx`` | ``fbgemm``) picks one; benchmarks compare both.
 
 Only for frozen serving weights on a CPU whose torch has the quantized engine; elsewhere
