@@ -18,8 +18,6 @@
 #include <torch/library.h>
 
 #include <immintrin.h>
-#include <sys/syscall.h>
-#include <unistd.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -27,6 +25,8 @@
 #include <limits>
 #include <tuple>
 #include <vector>
+
+#include "amx_tiles.h"
 
 namespace {
 
@@ -114,21 +114,8 @@ void logits_range(const float* const* u, const uint32_t* const* pairs, int64_t B
 // W2, are B tiles as they lie in memory.  Each logit sums its r / 32 tile products in order, so
 // it does not depend on the rows beside it either; it may differ in its last bits from the
 // vector path's (another order of the same exact products), which a CPU without tiles takes.
-struct alignas(64) TileConfig {
-  uint8_t palette = 1;
-  uint8_t start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
-bool request_amx() {
-  // Linux hands out the AMX register state only to a process that asks for it; a CPU without
-  // tiles refuses, and the vector path serves.
-  constexpr long kArchReqXcompPerm = 0x1023;
-  constexpr long kXfeatureXtiledata = 18;
-  return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
-}
+using dspark_amx::request_amx;  // a CPU without tiles refuses, and the vector path serves
+using dspark_amx::TileConfig;
 
 // Tile 0: the rows' W1 values for 32 of the r inputs; 1..3: B tiles of W2; 4..7: four blocks of
 // 16 columns' sums for the rows.

@@ -108,8 +108,9 @@ def _library_path(kernel: Kernel) -> Path:
     from dspark.models.loader import cache_dir
 
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
-    key = hashlib.sha256(kernel.source.read_bytes() + repr((kernel.flags, abi, torch.__version__, sys.version_info[:2],
-                                                             _compiler())).encode())
+    headers = b"".join(h.read_bytes() for h in sorted(kernel.source.parent.glob("*.h")))  # what the sources include
+    key = hashlib.sha256(kernel.source.read_bytes() + headers + repr((kernel.flags, abi, torch.__version__,
+                                                                     sys.version_info[:2], _compiler())).encode())
     return cache_dir() / "kernels" / f"{kernel.name}-{key.hexdigest()[:16]}.so"
 
 

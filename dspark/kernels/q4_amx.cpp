@@ -18,14 +18,14 @@
 #include <torch/library.h>
 
 #include <immintrin.h>
-#include <sys/syscall.h>
-#include <unistd.h>
 
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
 #include <memory>
+
+#include "amx_tiles.h"
 
 namespace {
 
@@ -34,20 +34,8 @@ constexpr int kRows = 16;        // outputs per block (one AMX tile's width in f
 constexpr int kAhead = 8;        // groups of codes asked for ahead of the one being expanded
 constexpr int kSlots = 8;        // expanded groups kept in a one-pass product (a ring in L1)
 
-struct alignas(64) TileConfig {
-  uint8_t palette = 1;
-  uint8_t start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
-bool request_amx() {
-  // Linux hands out the AMX register state only to a process that asks for it.
-  constexpr long kArchReqXcompPerm = 0x1023;
-  constexpr long kXfeatureXtiledata = 18;
-  return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
-}
+using dspark_amx::request_amx;
+using dspark_amx::TileConfig;
 
 // Tiles 0 and 1 hold two chunks of rows of x, transposed (16 rows of input pairs, 4 bytes per
 // row of x), 2 and 3 the expanded groups of two blocks of outputs (16 outputs x 32 inputs), 4..7

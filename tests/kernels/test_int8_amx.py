@@ -142,19 +142,12 @@ def test_block_int8_layer_keeps_its_input_and_rows_apart():
 def test_the_drafter_projects_requests_together_to_the_bits_it_projects_them_alone():
     """With every context product row-invariant the drafter projects all its requests' new
     features in one pass; their keys and values are the bits of one pass per request."""
-    from dspark.models.dspark_head import default_head_path, load_head
-    from dspark.models.loader import load_model
     from dspark.train.features import target_features
     from dspark.workers.drafters.dspark import DSparkDrafter
+    from helpers.engines import shipped_serving_head
     from helpers.tiny_models import make_seq
 
-    loaded = load_model(None, dtype="bf16", progress=False)
-    path = default_head_path(loaded.name)
-    if not path.exists():
-        pytest.skip("no shipped head")
-    head = load_head(path, loaded.model)
-    head.use_draft_vocab(head.cfg.draft_vocab or 8192)
-    head.pack_for_inference(weights="int8")
+    loaded, head = shipped_serving_head()
     assert head.rows_independent and isinstance(head.fc, BlockInt8Linear)
     texts = ["def add(a, b):\n    return a + b\n", "The capital of France is Paris.", "Once upon a time there was"]
     prompts = [loaded.tokenizer.encode(t) for t in texts]

@@ -112,19 +112,12 @@ def test_the_kernel_is_usable_wherever_the_cpu_has_avx512_bf16():
 def test_the_shipped_heads_greedy_blocks_are_the_torch_loops():
     """The default drafter (bf16 head, int8 draft layers) packs W2 for the kernel, and its greedy
     blocks on real contexts are the blocks torch's loop drafts from the same base logits."""
-    from dspark.models.dspark_head import default_head_path, load_head
-    from dspark.models.loader import load_model
     from dspark.train.features import target_features
     from dspark.workers.drafters.dspark import DSparkDrafter
+    from helpers.engines import shipped_serving_head
     from helpers.tiny_models import make_seq
 
-    loaded = load_model(None, dtype="bf16", progress=False)
-    path = default_head_path(loaded.name)
-    if not path.exists():
-        pytest.skip("no shipped head")
-    head = load_head(path, loaded.model)
-    head.use_draft_vocab(head.cfg.draft_vocab or 8192)
-    head.pack_for_inference(weights="int8")
+    loaded, head = shipped_serving_head()
     drafter = DSparkDrafter(head, n_slots=2, max_seq=128)
     assert drafter._w2_pairs is not None
     texts = ["def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
