@@ -377,14 +377,16 @@ inline __m512 load_f(const at::BFloat16* p) {
 template <class T>
 inline void quantize_row(const T* x, int64_t K, uint8_t* q, float& s, float& lo) {
   __m512 mn = _mm512_set1_ps(std::numeric_limits<float>::infinity()), mx = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  __mmask16 nan = 0;  // min / max pass a NaN by, so it is looked for on its own
   for (int64_t k = 0; k < K; k += 16) {
     const __m512 v = load_f(x + k);
     mn = _mm512_min_ps(mn, v);
     mx = _mm512_max_ps(mx, v);
+    nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
   }
   lo = _mm512_reduce_min_ps(mn);
   const float hi = _mm512_reduce_max_ps(mx);
-  if (!std::isfinite(lo) || !std::isfinite(hi) || std::isnan(x[0])) {
+  if (nan || !std::isfinite(lo) || !std::isfinite(hi)) {
     std::memset(q, 0, K);
     s = lo = std::numeric_limits<float>::quiet_NaN();
     return;

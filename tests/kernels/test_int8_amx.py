@@ -80,6 +80,18 @@ def test_a_constant_row_and_a_zero_row_are_exact():
 
 
 @needs_amx
+def test_a_row_with_an_inf_or_a_nan_anywhere_gives_nan_and_leaves_the_others_alone():
+    codes = torch.randint(-127, 128, (16, 128), generator=torch.Generator().manual_seed(4), dtype=torch.int8)
+    packed, scale, wsum = torch.ops.dspark_q4.i8_amx_pack(codes), torch.full((16,), 0.1), codes.sum(1).float()
+    x = torch.randn(4, 128, generator=torch.Generator().manual_seed(5))
+    clean = torch.ops.dspark_q4.i8_amx_mm(x, packed, scale, wsum)
+    x[1, 77], x[2, 0] = float("nan"), float("inf")
+    y = torch.ops.dspark_q4.i8_amx_mm(x, packed, scale, wsum)
+    assert y[1].isnan().all() and y[2].isnan().all()
+    assert torch.equal(y[0], clean[0]) and torch.equal(y[3], clean[3])
+
+
+@needs_amx
 def test_bad_inputs_are_refused():
     codes = torch.zeros(16, 64, dtype=torch.int8)
     packed, ones = torch.ops.dspark_q4.i8_amx_pack(codes), torch.ones(16)
@@ -169,6 +181,15 @@ def test_the_drafter_projects_requests_together_to_the_bits_it_projects_them_alo
                        for sl, p in zip(slots, prompts)])
     for (k1, v1), (k2, v2) in zip(*caches):
         assert torch.equal(k1, k2) and torch.equal(v1, v2)
+    # The blocks of requests whose contexts differ in length: batched, each attends alone, so a
+    # request's hidden states and logits are the bits it gets drafting alone (a masked batch
+    # rounded otherwise).
+    anchors = torch.tensor([p[-1] for p in prompts])
+    with torch.inference_mode():
+        h, base = drafter.block_logits(seqs, anchors, 7)
+        for i, s in enumerate(seqs):
+            h1, base1 = drafter.block_logits([s], anchors[i : i + 1], 7)
+            assert torch.equal(h1[0], h[i]) and torch.equal(base1[0], base[i])
 
 
 def test_commands_refuse_a_bad_int8_kernel_choice_in_one_line(monkeypatch):
