@@ -206,6 +206,10 @@ class BudgetMeter:
         """Passed on to the wrapped budget, which weighs drafting (ignored by one that does not)."""
         self._pass_on("observe_drafting", num_requests, seconds)
 
+    def observe_overhead(self, num_requests: int, seconds: float) -> None:
+        """Passed on to the wrapped budget, which counts a step's time outside its forward pass."""
+        self._pass_on("observe_overhead", num_requests, seconds)
+
     def observe_step(self, num_tokens: int, seconds: float) -> None:
         """Passed on to the wrapped budget, which corrects its step costs by real steps."""
         self._pass_on("observe_step", num_tokens, seconds)

@@ -174,12 +174,15 @@ class AdaptiveBudget:
         self.policy = policy
         self.learn = learn
         self._profile = self._table = costs.table(4096)
-        self._step_seconds: dict[int, float] = {}  # EMA of real forward seconds, by token count
+        self._step_ratio: dict[int, float] = {}  # EMA of real / profiled seconds, by range of counts
+        self._last_seen: dict[int, int] = {}  # range -> the real step (of ``_observed``) that last ran it
+        self._observed = 0
         self._new_steps = 0  # steps observed since the table was last corrected
         self._history: collections.deque = collections.deque(maxlen=2)  # survivals of past steps
         self._deepest: collections.deque = collections.deque(maxlen=self.DEPTH_WINDOW)  # max verified per step
         self._draft_seconds: dict[int, float] = {}  # EMA of drafting seconds per step, by batch bucket
         self._draft_seen: set[int] = set()  # buckets whose first (warm-up) drafting step was left out
+        self._overhead_seconds: dict[int, float] = {}  # EMA of a step's time outside forward and drafting, by bucket
         self.verified_tokens = 0
         self.steps = 0
 
@@ -190,22 +193,47 @@ class AdaptiveBudget:
     def set_costs(self, costs: CostModel) -> None:
         self.costs = costs
         self._profile = self._table = costs.table(4096)
-        self._step_seconds.clear()
+        self._step_ratio.clear()
+        self._last_seen.clear()
 
     # Real steps correct the profile every this many steps (a table of 4k entries is rebuilt then).
     CORRECT_EVERY = 8
+    # Token counts up to this many share one correction: every count one request's verification
+    # can take (an anchor and up to 7 drafts).  Past it, one correction per doubling.
+    SHARED_UP_TO = 8
+    # Per step, how far the correction of a range of counts that has not run for ``STALE_AFTER``
+    # steps moves toward that of the range that did: what has not been measured for a while
+    # falls back to the profile's shape at the level the real steps show (half-way in about 70
+    # steps).  Ranges that all run now and then keep their own figures.
+    RELAX = 0.01
+    STALE_AFTER = 32
+
+    @classmethod
+    def _range_of(cls, num_tokens: int) -> int:
+        """0 for 1..SHARED_UP_TO tokens, then one range per doubling (9-16 -> 1, 17-32 -> 2, ...)."""
+        return max(0, (max(num_tokens, cls.SHARED_UP_TO) - 1).bit_length() - (cls.SHARED_UP_TO - 1).bit_length())
 
     def observe_step(self, num_tokens: int, seconds: float) -> None:
         """The engine ran a forward pass of ``num_tokens`` tokens in ``seconds``, after this
         budget chose that step's verification.
 
         The profile times each count from position 0, on dummy tokens, in one burst; a real step
-        also attends over its requests' contexts and pays the engine's per-step work, and on this
-        CPU a 8-token verification at a few hundred positions of context cost about 20% more
-        than 5 tokens where the profile said 15%.  So each count's real steps are averaged, and
-        every ``CORRECT_EVERY`` steps the table becomes the profile times the ratio real/profile,
-        interpolated between the counts that ran (the nearest one's beyond them), kept
-        non-decreasing.
+        also attends over its requests' contexts, pays the engine's per-step work and shares the
+        host with whatever else runs then.  So real steps scale the profile: each range of counts
+        (1 to ``SHARED_UP_TO`` tokens, then a doubling at a time) keeps a moving average of real
+        over profiled seconds, and every ``CORRECT_EVERY`` steps the table becomes the profile
+        times that ratio, interpolated in log2 of the count between ranges, the nearest range's
+        beyond them, kept non-decreasing.
+
+        Why ranges and not a ratio per count: this budget chooses the counts it then observes.  A
+        count timed during a slow spell (on a shared host, or while a drafter on the same cores
+        worked) looked dearer than its neighbours, was never chosen again and so never corrected:
+        through the cluster at one request the table kept 5 tokens 35% dearer than 4 for hundreds
+        of steps, while fixed depths 4 and 7 (5 and 8 tokens) ran steps as long as each other's.
+        Within one request's counts the
+        profile's own shape stands (measured alike for every count, in one burst), and a range
+        that has not run for ``STALE_AFTER`` steps relaxes toward the range that did (``RELAX`` a
+        step), so no range stays condemned by one bad spell.
 
             >>> b = AdaptiveBudget(CostModel([1, 8], [0.010, 0.012]), VerifyPolicy())
             >>> for _ in range(8): b.observe_step(8, 0.024)  # real 8-token steps take twice the profile
@@ -214,8 +242,15 @@ class AdaptiveBudget:
         """
         if not self.learn or num_tokens < 1 or num_tokens >= len(self._profile) or not 0 < seconds < math.inf:
             return
-        old = self._step_seconds.get(num_tokens)
-        self._step_seconds[num_tokens] = seconds if old is None else 0.9 * old + 0.1 * seconds
+        ratio = seconds / max(float(self._profile[num_tokens]), 1e-9)
+        k = self._range_of(num_tokens)
+        old = self._step_ratio.get(k)
+        self._step_ratio[k] = ratio if old is None else 0.9 * old + 0.1 * ratio
+        self._observed += 1
+        self._last_seen[k] = self._observed
+        for other, seen in self._last_seen.items():
+            if self._observed - seen > self.STALE_AFTER:
+                self._step_ratio[other] += self.RELAX * (self._step_ratio[k] - self._step_ratio[other])
         self._new_steps += 1
         if self._new_steps >= self.CORRECT_EVERY:
             self._new_steps = 0
@@ -226,10 +261,14 @@ class AdaptiveBudget:
         return self._table
 
     def _corrected(self) -> torch.Tensor:
-        counts = sorted(self._step_seconds)
-        ratio = [self._step_seconds[c] / max(float(self._profile[c]), 1e-9) for c in counts]
-        # The ratio interpolated between measured counts, the nearest one's beyond them.
-        r = torch.from_numpy(np.interp(np.arange(len(self._profile)), counts, ratio))
+        ranges = sorted(self._step_ratio)
+        # Each range's ratio sits at its largest count (log2); range 0 covers 1..SHARED_UP_TO flat.
+        xs = [math.log2(self.SHARED_UP_TO) + k for k in ranges]
+        ys = [self._step_ratio[k] for k in ranges]
+        if ranges[0] == 0:
+            xs, ys = [0.0, *xs], [ys[0], *ys]
+        counts = np.log2(np.maximum(np.arange(len(self._profile)), 1))
+        r = torch.from_numpy(np.interp(counts, xs, ys))
         table = self._profile * r
         return torch.flip(torch.cummin(torch.flip(table, [0]), 0).values, [0])  # no count dearer than a larger one
 
@@ -284,6 +323,33 @@ class AdaptiveBudget:
         b = self._bucket(num_requests)
         return self._draft_seconds[min(self._draft_seconds, key=lambda c: (abs(c - b), c))]
 
+    def observe_overhead(self, num_requests: int, seconds: float) -> None:
+        """A step of ``num_requests`` decoding requests took ``seconds`` beyond its forward pass
+        and its drafting: sampling and acceptance, handing out the tokens, telling the drafter,
+        the engine loop until the next step.  Every step pays it once, whatever it verifies, so
+        it belongs with drafting in the fixed part of a step: left out, each verified draft looks
+        dearer than it is.
+
+            >>> b = AdaptiveBudget(CostModel([1], [0.01]), VerifyPolicy())
+            >>> b.observe_overhead(1, 0.010); b.observe_overhead(1, 0.005); round(b.overhead_seconds(1), 6)
+            0.009
+            >>> round(b.overhead_seconds(16), 6)  # the nearest bucket measured
+            0.009
+        """
+        if not self.learn or not 0 <= seconds < math.inf:
+            return
+        b = self._bucket(num_requests)
+        old = self._overhead_seconds.get(b)
+        self._overhead_seconds[b] = seconds if old is None else 0.8 * old + 0.2 * seconds
+
+    def overhead_seconds(self, num_requests: int) -> float:
+        """A step's time outside forward and drafting for ``num_requests`` decoding requests (the
+        nearest bucket measured; 0 before any)."""
+        if not self._overhead_seconds:
+            return 0.0
+        b = self._bucket(num_requests)
+        return self._overhead_seconds[min(self._overhead_seconds, key=lambda c: (abs(c - b), c))]
+
     def __call__(self, blocks: list[DraftBlock], block_len: int) -> list[int]:
         pol = self.policy
         G = max(0, min(block_len, pol.max_block_len))
@@ -300,7 +366,9 @@ class AdaptiveBudget:
         if pol.survival_floor > 0:
             surv = torch.where(surv >= pol.survival_floor, surv, torch.zeros_like(surv))
         floor_lengths = (surv > 0).sum(dim=1)
-        draft_seconds = self.drafting_seconds(sum(1 for b in blocks if b.token_ids))  # requests that drafted
+        # What every step pays whatever it verifies: drafting (by the requests that drafted) and the
+        # engine's work outside the forward pass.
+        draft_seconds = self.drafting_seconds(sum(1 for b in blocks if b.token_ids)) + self.overhead_seconds(B)
         slack = self.slack if B > 1 else 0.0  # one request: its speed is the throughput, nothing to trade
         if pol.budget_mode == "fixed":
             out = floor_lengths

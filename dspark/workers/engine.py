@@ -124,6 +124,9 @@ class Engine:
         self.grammar_forbidden_blocks = 0  # verified blocks with a draft the grammar forbids (drafter unmasked)
         self._next_speculate: bool | None = None  # the gate's choice for the coming step, made after the last
         self._awaited_seconds = 0.0  # steps since the last forward that only waited for blocks (the gate's)
+        # (start, forward + drafting seconds, decoding requests) of the last forward step, for
+        # the budget's per-step overhead; None after idling.
+        self._loop_mark: tuple[float, float, int] | None = None
         self._ids = itertools.count()
         self.stop_ids = tokenizer.stop_token_ids if tokenizer is not None else frozenset()
         self._grammars = None  # GrammarCompiler, made on the first constrained request
@@ -295,6 +298,7 @@ class Engine:
         self._admit()
         if not self.running:
             self._gate_recent.clear()  # idle: the next batch is judged by its own size
+            self._loop_mark = None  # idle time is no step's overhead
             return []
         t0 = time.perf_counter()
         prefill, decode = self._partition()
@@ -329,7 +333,8 @@ class Engine:
         feature_layers = self.drafter.feature_layers if self.drafter is not None else ()
         t_fwd = time.perf_counter()
         out = self.runner.forward(plan.step_input(feature_layers))
-        self._report_step(plan.num_tokens, time.perf_counter() - t_fwd)
+        fwd_seconds = time.perf_counter() - t_fwd
+        self._report_step(plan.num_tokens, fwd_seconds)
         n_rows = sum(e.num_rows for e in plan.sampling)
         if out.logits is not None and n_rows < out.logits.shape[0]:
             plan.fill_prompt_logprobs(out.logits[n_rows:])  # the rows after the sampling ones
@@ -345,6 +350,8 @@ class Engine:
         self.num_steps += 1
         self.last_step_tokens = plan.num_tokens
         self.last_step_seconds = time.perf_counter() - t0
+        self._report_overhead(t0)
+        self._loop_mark = (t0, fwd_seconds + (self.last_draft_seconds if blocks is not None else 0.0), n_decode)
         gate = self._gate()
         if gate is not None and gated:  # waits for blocks are the speculative arm's; see the gate
             emitted = sum(len(e.emitted) for e in plan.decoding)
@@ -578,6 +585,20 @@ class Engine:
         observe = getattr(self.budget, "observe_step", None)
         if observe is not None:
             observe(num_tokens, seconds)
+
+    def _report_overhead(self, t0: float) -> None:
+        """Tell a budget that counts it what the last forward step cost beyond its forward pass
+        and drafting: the time from its start to this step's (``t0``) less those and the waits for
+        blocks in between.  A gap longer than the step's own forward and drafting is taken for
+        the engine idling between requests, not for overhead, and left out."""
+        observe = getattr(self.budget, "observe_overhead", None)
+        mark = self._loop_mark
+        if observe is None or mark is None or not mark[2]:
+            return
+        start, accounted, n_decode = mark
+        over = (t0 - start) - accounted - self._awaited_seconds
+        if 0.0 <= over <= accounted:
+            observe(n_decode, over)
 
     def _report_drafting(self) -> None:
         """Tell a budget that weighs drafting what this step's drafting cost the verifier, after

@@ -116,6 +116,7 @@ def test_engine_drafts_only_what_the_budget_verifies(setup, metered):
                                        "gate_rates": {}}  # no gate
     inner = budget.budget if metered else budget
     assert inner.drafting_seconds(1) > 0  # in-process drafting was timed for the budget (through the meter too)
+    assert inner.overhead_seconds(1) > 0  # and the engine's work outside forward and drafting
     assert not torch.equal(inner.step_table(), COSTS.table(4096))  # and real steps corrected the made-up costs
     # Without a depth-aware budget every block is drafted whole.
     whole = _Script(plain)
