@@ -252,7 +252,7 @@ def test_gate_keeps_probing_a_close_second_rarely():
     """Four requests, plain decoding at 0.9x of speculation's rate: exploration runs of plain
     come out close (within the 10% margin) about as often as clearly behind.  Resetting the
     interval after every close run kept plain in 13-16% of the steps (through the cluster at 4
-    requests: 18%); a close run now keeps the interval, and plain takes under 6%."""
+    requests: 18%); a close run now backs the interval off, and plain takes under 6%."""
     for seed in range(3):
         rng = random.Random(seed)
 
@@ -269,6 +269,24 @@ def test_gate_keeps_probing_a_close_second_rarely():
 
         arms = _simulate(SpeculationGate(), 3000, cost)[100:]
         assert arms.count(False) < 0.06 * len(arms), (seed, arms.count(False))
+
+
+def test_arms_within_the_margin_are_probed_less_and_less():
+    """Sixteen requests through the cluster: speculation at 0.95x of plain decoding in steady
+    state, and its first step after a plain stretch waits for every block (a quarter of the
+    rate).  With the arms within the margin, keeping the probe interval ran a run of speculation
+    every 16 steps for good (about a fifth of the steps, each run with two settling steps);
+    close runs now double the interval, up to ``max_explore_every``."""
+    for seed in range(3):
+        rng = random.Random(seed)
+
+        def cost(arm: bool, prev: bool | None, step: int) -> tuple[float, float]:
+            if not arm:
+                return 16.0, rng.gauss(16 / 248, 0.004)
+            return (16.0 * 0.95, rng.gauss(16 / 248, 0.004)) if prev else (4.0, 16 / 248)
+
+        arms = _simulate(SpeculationGate(), 3000, cost)[200:]
+        assert arms.count(True) < 0.05 * len(arms), (seed, arms.count(True))
 
 
 def test_gate_confirms_a_lucky_run_before_switching():
