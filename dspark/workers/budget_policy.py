@@ -176,6 +176,7 @@ class AdaptiveBudget:
         self._profile = self._table = costs.table(4096)
         self._step_ratio: dict[int, float] = {}  # EMA of real / profiled seconds, by range of counts
         self._last_seen: dict[int, int] = {}  # range -> the real step (of ``_observed``) that last ran it
+        self._range_x: dict[int, float] = {}  # range -> EMA of log2 of the counts that ran in it
         self._observed = 0
         self._new_steps = 0  # steps observed since the table was last corrected
         self._history: collections.deque = collections.deque(maxlen=2)  # survivals of past steps
@@ -195,6 +196,7 @@ class AdaptiveBudget:
         self._profile = self._table = costs.table(4096)
         self._step_ratio.clear()
         self._last_seen.clear()
+        self._range_x.clear()
 
     # Real steps correct the profile every this many steps (a table of 4k entries is rebuilt then).
     CORRECT_EVERY = 8
@@ -203,8 +205,8 @@ class AdaptiveBudget:
     SHARED_UP_TO = 8
     # Per step, how far the correction of a range of counts that has not run for ``STALE_AFTER``
     # steps moves toward that of the range that did: what has not been measured for a while
-    # falls back to the profile's shape at the level the real steps show (half-way in about 70
-    # steps).  Ranges that all run now and then keep their own figures.
+    # falls back to the profile's shape at the level the real steps show (half-way about 70
+    # steps after it went stale).  Ranges that all run now and then keep their own figures.
     RELAX = 0.01
     STALE_AFTER = 32
 
@@ -222,8 +224,9 @@ class AdaptiveBudget:
         host with whatever else runs then.  So real steps scale the profile: each range of counts
         (1 to ``SHARED_UP_TO`` tokens, then a doubling at a time) keeps a moving average of real
         over profiled seconds, and every ``CORRECT_EVERY`` steps the table becomes the profile
-        times that ratio, interpolated in log2 of the count between ranges, the nearest range's
-        beyond them, kept non-decreasing.
+        times that ratio, interpolated in log2 of the count between ranges (each past the first
+        placed at the mean log2 of the counts that ran in it), the nearest range's beyond them,
+        kept non-decreasing.
 
         Why ranges and not a ratio per count: this budget chooses the counts it then observes.  A
         count timed during a slow spell (on a shared host, or while a drafter on the same cores
@@ -246,6 +249,8 @@ class AdaptiveBudget:
         k = self._range_of(num_tokens)
         old = self._step_ratio.get(k)
         self._step_ratio[k] = ratio if old is None else 0.9 * old + 0.1 * ratio
+        x = math.log2(num_tokens)
+        self._range_x[k] = x if old is None else 0.9 * self._range_x[k] + 0.1 * x
         self._observed += 1
         self._last_seen[k] = self._observed
         for other, seen in self._last_seen.items():
@@ -262,8 +267,9 @@ class AdaptiveBudget:
 
     def _corrected(self) -> torch.Tensor:
         ranges = sorted(self._step_ratio)
-        # Each range's ratio sits at its largest count (log2); range 0 covers 1..SHARED_UP_TO flat.
-        xs = [math.log2(self.SHARED_UP_TO) + k for k in ranges]
+        # Range 0 covers 1..SHARED_UP_TO flat; each later range's ratio sits at the mean log2 of
+        # the counts that ran in it (inside the range, so the points stay in order).
+        xs = [math.log2(self.SHARED_UP_TO) if k == 0 else self._range_x[k] for k in ranges]
         ys = [self._step_ratio[k] for k in ranges]
         if ranges[0] == 0:
             xs, ys = [0.0, *xs], [ys[0], *ys]

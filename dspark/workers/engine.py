@@ -295,10 +295,11 @@ class Engine:
         choose each verified prefix from the drafts' survivals, verify every block (with the
         prefill chunks) in one forward pass and one rejection-sampling pass, then accept.
         """
+        if not self.running:
+            self._loop_mark = None  # the engine idled since its last step: that is no step's overhead
         self._admit()
         if not self.running:
             self._gate_recent.clear()  # idle: the next batch is judged by its own size
-            self._loop_mark = None  # idle time is no step's overhead
             return []
         t0 = time.perf_counter()
         prefill, decode = self._partition()
@@ -351,7 +352,8 @@ class Engine:
         self.last_step_tokens = plan.num_tokens
         self.last_step_seconds = time.perf_counter() - t0
         self._report_overhead(t0)
-        self._loop_mark = (t0, fwd_seconds + (self.last_draft_seconds if blocks is not None else 0.0), n_decode)
+        drafted = self.last_draft_seconds if blocks is not None and self.last_drafted_requests else 0.0
+        self._loop_mark = (t0, fwd_seconds + drafted, len(decode))
         gate = self._gate()
         if gate is not None and gated:  # waits for blocks are the speculative arm's; see the gate
             emitted = sum(len(e.emitted) for e in plan.decoding)
@@ -549,6 +551,7 @@ class Engine:
         want = [s for s in decode if self._wants_drafts(s)]
         self.last_drafted_requests = len(want)
         if not want:
+            self.last_draft_seconds = 0.0
             return [DraftBlock.empty() for _ in decode]
         t0 = time.perf_counter()
         depth = self.last_draft_depth = self._draft_depth()
@@ -586,18 +589,23 @@ class Engine:
         if observe is not None:
             observe(num_tokens, seconds)
 
+    # Time outside forward and drafting beyond this many times the step's own forward and
+    # drafting (and beyond STALL_FLOOR_S) is taken for a stall of the host, not the step's work.
+    STALL_FACTOR = 4.0
+    STALL_FLOOR_S = 0.1
+
     def _report_overhead(self, t0: float) -> None:
         """Tell a budget that counts it what the last forward step cost beyond its forward pass
         and drafting: the time from its start to this step's (``t0``) less those and the waits for
-        blocks in between.  A gap longer than the step's own forward and drafting is taken for
-        the engine idling between requests, not for overhead, and left out."""
+        blocks in between.  Not after the engine idled (``step`` drops the mark when it finds no
+        request running), nor a stall (see ``STALL_FACTOR``)."""
         observe = getattr(self.budget, "observe_overhead", None)
         mark = self._loop_mark
         if observe is None or mark is None or not mark[2]:
             return
         start, accounted, n_decode = mark
         over = (t0 - start) - accounted - self._awaited_seconds
-        if 0.0 <= over <= accounted:
+        if 0.0 <= over <= max(self.STALL_FACTOR * accounted, self.STALL_FLOOR_S):
             observe(n_decode, over)
 
     def _report_drafting(self) -> None:

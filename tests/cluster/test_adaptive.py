@@ -180,6 +180,14 @@ def test_real_steps_correct_the_profiled_costs():
     assert float(table[16]) == pytest.approx(3.0, abs=0.05) and 1.0 < float(table[12]) < float(table[16])
     assert bool((table[1:] >= table[:-1]).all()) and float(table[32]) == pytest.approx(6.0, abs=0.1)  # 2.0 x the ratio at 16
     assert sum(b(blocks(conf, conf), 7)) < 14
+    # A range's ratio stands at the counts that ran in it: 10-token steps at 3x the profile make
+    # a 10-token step cost 3x, not a blend with the 8-token range's ratio.
+    c = AdaptiveBudget(CostModel(token_counts=[1, 8, 16, 32], step_seconds=[1.0, 1.0, 1.0, 2.0]),
+                       VerifyPolicy(budget_mode="algorithm1", max_block_len=7))
+    for _ in range(AdaptiveBudget.CORRECT_EVERY):
+        c.observe_step(8, 1.0)
+        c.observe_step(10, 3.0)
+    assert float(c.step_table()[10]) == pytest.approx(3.0, abs=0.05) and float(c.step_table()[8]) == pytest.approx(1.0, abs=0.02)
     b.set_costs(CostModel(token_counts=[1, 8, 16], step_seconds=[1.0, 1.0, 2.0]))  # a new profile starts over
     assert float(b.step_table()[8]) == 1.0
     # A cost curve set by hand stays as given: neither real steps nor drafting change it.

@@ -96,6 +96,29 @@ def setup(model_fp32):
     return runner, tok, prompt, plain.output_ids
 
 
+def test_engine_reports_a_steps_overhead_but_not_its_idle_time(setup):
+    """The engine tells the budget each forward step's time outside its forward pass and
+    drafting.  Time the engine spent with no request running is none of it: a client's pause
+    between two requests used to be reported as the last step's overhead."""
+    runner, tok, prompt, _ = setup
+    seen: list[float] = []
+
+    class Spy:
+        def __call__(self, blocks, block_len):
+            return [len(b.token_ids) for b in blocks]
+
+        def observe_overhead(self, num_requests: int, seconds: float) -> None:
+            seen.append(seconds)
+
+    eng = Engine(runner, tok, EngineConfig(max_batch=1), budget=Spy())
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    eng.generate([prompt], params)
+    assert len(seen) >= 3 and all(0 <= x < 0.1 for x in seen), seen
+    time.sleep(0.15)  # idle: no request running
+    eng.generate([prompt], params)
+    assert len(seen) >= 6 and max(seen) < 0.1, seen
+
+
 @pytest.mark.parametrize("metered", [False, True])
 def test_engine_drafts_only_what_the_budget_verifies(setup, metered):
     """``metered``: the budget wrapped as the cluster's verifier wraps it (``BudgetMeter``, which
