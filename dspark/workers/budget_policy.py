@@ -233,10 +233,9 @@ class AdaptiveBudget:
         worked) looked dearer than its neighbours, was never chosen again and so never corrected:
         through the cluster at one request the table kept 5 tokens 35% dearer than 4 for hundreds
         of steps, while fixed depths 4 and 7 (5 and 8 tokens) ran steps as long as each other's.
-        Within one request's counts the
-        profile's own shape stands (measured alike for every count, in one burst), and a range
-        that has not run for ``STALE_AFTER`` steps relaxes toward the range that did (``RELAX`` a
-        step), so no range stays condemned by one bad spell.
+        Within one request's counts the profile's own shape stands (measured alike for every
+        count, in one burst), and a range that has not run for ``STALE_AFTER`` steps relaxes
+        toward the range that did (``RELAX`` a step), so no range stays condemned by one bad spell.
 
             >>> b = AdaptiveBudget(CostModel([1, 8], [0.010, 0.012]), VerifyPolicy())
             >>> for _ in range(8): b.observe_step(8, 0.024)  # real 8-token steps take twice the profile
@@ -318,16 +317,27 @@ class AdaptiveBudget:
         if b not in self._draft_seen:
             self._draft_seen.add(b)
             return
-        old = self._draft_seconds.get(b)
-        self._draft_seconds[b] = seconds if old is None else 0.8 * old + 0.2 * seconds
+        self._average_into(self._draft_seconds, num_requests, seconds)
+
+    @classmethod
+    def _average_into(cls, by_bucket: dict[int, float], num_requests: int, seconds: float) -> None:
+        """Moving average (weight 0.2 for the newest) of ``seconds`` in ``num_requests``' bucket."""
+        b = cls._bucket(num_requests)
+        old = by_bucket.get(b)
+        by_bucket[b] = seconds if old is None else 0.8 * old + 0.2 * seconds
+
+    @classmethod
+    def _nearest(cls, by_bucket: dict[int, float], num_requests: int, default: float) -> float:
+        """The figure of ``num_requests``' bucket, else of the nearest bucket measured, else ``default``."""
+        if not by_bucket:
+            return default
+        b = cls._bucket(num_requests)
+        return by_bucket[min(by_bucket, key=lambda c: (abs(c - b), c))]
 
     def drafting_seconds(self, num_requests: int) -> float:
         """What drafting adds to a step of ``num_requests`` decoding requests: the EMA timed for
         its batch bucket (the nearest bucket timed, else the cost model's figure)."""
-        if not self._draft_seconds:
-            return self.costs.draft_seconds
-        b = self._bucket(num_requests)
-        return self._draft_seconds[min(self._draft_seconds, key=lambda c: (abs(c - b), c))]
+        return self._nearest(self._draft_seconds, num_requests, self.costs.draft_seconds)
 
     def observe_overhead(self, num_requests: int, seconds: float) -> None:
         """A step of ``num_requests`` decoding requests took ``seconds`` beyond its forward pass
@@ -342,19 +352,13 @@ class AdaptiveBudget:
             >>> round(b.overhead_seconds(16), 6)  # the nearest bucket measured
             0.009
         """
-        if not self.learn or not 0 <= seconds < math.inf:
-            return
-        b = self._bucket(num_requests)
-        old = self._overhead_seconds.get(b)
-        self._overhead_seconds[b] = seconds if old is None else 0.8 * old + 0.2 * seconds
+        if self.learn and 0 <= seconds < math.inf:
+            self._average_into(self._overhead_seconds, num_requests, seconds)
 
     def overhead_seconds(self, num_requests: int) -> float:
         """A step's time outside forward and drafting for ``num_requests`` decoding requests (the
         nearest bucket measured; 0 before any)."""
-        if not self._overhead_seconds:
-            return 0.0
-        b = self._bucket(num_requests)
-        return self._overhead_seconds[min(self._overhead_seconds, key=lambda c: (abs(c - b), c))]
+        return self._nearest(self._overhead_seconds, num_requests, 0.0)
 
     def __call__(self, blocks: list[DraftBlock], block_len: int) -> list[int]:
         pol = self.policy

@@ -34,8 +34,8 @@ and how often the drafts are accepted for today's traffic.  So the gate measures
   resetting on every close sample kept a clear but moderate lead (plain at 0.8x speculation at 4
   requests through the cluster) probing every 16 steps, 18% of all steps; keeping the interval
   kept arms that stay within the margin probing every 16 steps for good, and each run of the
-  second arm costs two settling steps (through the cluster at 16 requests, speculation at 0.95x
-  of plain decoding took 12% of the steps and adaptive ran at 0.89x of plain).
+  second arm costs two settling steps (simulated with speculation at 0.95x of plain decoding and
+  a settling step at a quarter of the rate: 12% of the steps speculated, now under 5%).
 * the engine asks and reports with the largest of the step's batch size and the last few
   steps' (``engine.GATE_WINDOW``), so a batch that shrinks for a step or two keeps its bucket.
   Under a closed loop a finished request is replaced two steps later, and at 4 requests those
