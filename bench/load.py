@@ -235,21 +235,35 @@ async def _apply_pin(base: str, redis_url: str, prefix: str, pin, timeout_s: flo
 
 
 def interleaved(cluster, names: list[str], pins: dict, levels: list[int], seconds: float, slices: int,
-                max_tokens: int) -> tuple[list[dict], list[dict]]:  # fmt: skip
+                max_tokens: int, warmup: int = 0) -> tuple[list[dict], list[dict]]:  # fmt: skip
     """(rows, slice rows): each configuration's figures per level over its ``slices`` slices on
-    ``cluster``, the order of the configurations rotating by one from slice to slice."""
+    ``cluster``, the order of the configurations rotating by one from slice to slice.
+
+    ``warmup``: rounds of slices run at each level before the measured ones, left out of the
+    rows (their slice rows carry ``"warmup": True``).  Adaptive verification learns each load's
+    costs and rates when the load changes; a pinned depth has nothing to learn.  A round of
+    warm-up leaves that learning out of the steady-state figures, and ``verdict`` on the
+    warm-up rows alone (``warmup_rows``) says what it cost."""
     base, url, prefix = cluster.base_url, cluster.redis_url, cluster.cfg.redis_prefix
     rows, slice_rows = [], []
     for conc in levels:
         got: dict[str, dict] = {n: {"results": [], "wall": 0.0, "spec": 0.0, "plain": 0.0, "depth": None,
                                     "window": (0.0, 0.0)} for n in names}  # fmt: skip
-        for k in range(slices):
+        for k in range(warmup + slices):
             for name in names[k % len(names):] + names[: k % len(names)]:
                 pin, spec = pins[name]
                 asyncio.run(_apply_pin(base, url, prefix, pin))
                 s0, p0, _, _ = _gate_counts(base)
                 out = asyncio.run(closed_loop(base, conc, seconds, max_tokens, spec, raw=True))
                 s1, p1, depth, rates = _gate_counts(base)
+                slice_rows.append({"config": name, "loop": "closed", "level": conc, "slice": k + 1,
+                                   **({"warmup": True} if k < warmup else {}),
+                                   **_summarise(out["results"], out["wall"], out["window"])})  # fmt: skip
+                click.echo(table([slice_rows[-1]], list(slice_rows[-1])), err=True)
+                if pin is None:  # in the JSON, not the table: what the gate decided by after the slice
+                    slice_rows[-1]["gate_rates"] = rates
+                if k < warmup:
+                    continue
                 g = got[name]
                 g["results"] += out["results"]
                 g["wall"] += out["wall"]
@@ -257,11 +271,6 @@ def interleaved(cluster, names: list[str], pins: dict, levels: list[int], second
                 g["spec"], g["plain"] = g["spec"] + s1 - s0, g["plain"] + p1 - p0
                 g["depth"] = depth if pin is None else None  # the adaptive budget's depth at the slice's end
                 g["gate_rates"] = rates if pin is None else None  # the gate's averages, likewise
-                slice_rows.append({"config": name, "loop": "closed", "level": conc, "slice": k + 1,
-                                   **_summarise(out["results"], out["wall"], out["window"])})  # fmt: skip
-                click.echo(table([slice_rows[-1]], list(slice_rows[-1])), err=True)
-                if pin is None:  # in the JSON, not the table: what the gate decided by after the slice
-                    slice_rows[-1]["gate_rates"] = rates
         for name in names:
             g = got[name]
             steps = g["spec"] + g["plain"]
@@ -296,16 +305,19 @@ def _cluster_cfg(depth: int, adaptive: bool, draft: str, slots: int, dtype: str,
               help="the verifier's step through torch.compile (as `dspark serve` runs it)")
 @click.option("--deterministic/--no-deterministic", default=None,
               help="row-invariant verifier kernels (default: what `dspark serve` picks, on for bf16 on CPU)")
-@click.option("--rounds", type=click.IntRange(1, 8), default=2, show_default=True,
+@click.option("--rounds", type=click.IntRange(1, 16), default=2, show_default=True,
               help="passes over the configurations, every other one in reverse order (cancels a host "
                    "that speeds up or slows down during the sweep); figures are the rounds' means")
 @click.option("--interleave", is_flag=True,
               help="every configuration on one cluster, in alternating slices (pinned policies; closed loop "
                    "only): --rounds slices of --seconds per configuration and level")
+@click.option("--warmup-rounds", type=click.IntRange(0, 4), default=0, show_default=True,
+              help="with --interleave: rounds of slices run at each level before the measured ones and "
+                   "reported apart (what adapting to the new load cost)")
 @click.option("--json", "json_path", default=None)
 @click.option("--plot", "plot_path", default=None, help="PNG of the per-user vs aggregate frontier")
 def main(levels, rates, seconds, max_tokens, depths, draft, slots, dtype, compile_step, deterministic, rounds,
-         interleave, json_path, plot_path):  # fmt: skip
+         interleave, warmup_rounds, json_path, plot_path):  # fmt: skip
     """Plain vs fixed depths vs adaptive verification across load levels, through the cluster."""
     from dspark.cluster.commands import _default_draft
     from dspark.cluster.local import LocalCluster
@@ -330,7 +342,7 @@ def main(levels, rates, seconds, max_tokens, depths, draft, slots, dtype, compil
                    err=True)  # fmt: skip
         with LocalCluster(cfg, http_port=0) as c:
             asyncio.run(closed_loop(c.base_url, 1, 3.0, 8, True))  # warm-up
-            rows, raw = interleaved(c, names, pins, levels_l, seconds, rounds, max_tokens)
+            rows, raw = interleaved(c, names, pins, levels_l, seconds, rounds, max_tokens, warmup_rounds)
     for rnd in range(0 if interleave else rounds):
         for name, depth, adaptive in configs if rnd % 2 == 0 else configs[::-1]:
             click.echo(f"== round {rnd + 1}, {name}: starting cluster", err=True)
@@ -355,12 +367,16 @@ def main(levels, rates, seconds, max_tokens, depths, draft, slots, dtype, compil
             "itl_p50_ms",
             "itl_p99_ms", "verified_per_step", "acceptance_length", "spec_step_share", "draft_depth"]
     click.echo(table(rows, cols))
-    lines = verdict(rows, levels_l)
+    lines = verdict(rows, levels_l, raw if interleave else None)
+    if interleave and warmup_rounds:
+        lines += [f"warm-up ({warmup_rounds} round{'s' if warmup_rounds > 1 else ''} at each level, not in the "
+                  f"figures above): " + line for line in verdict(warmup_rows(raw), levels_l)]
     for line in lines:
         click.echo(line)
     out = write_json(json_path, "load.json", {"draft": draft, "dtype": dtype, "compile": compile_step,
                                               "deterministic": deterministic, "seconds": seconds,
                                               "max_tokens": max_tokens, "rounds": rounds,
+                                              "warmup_rounds": warmup_rounds if interleave else 0,
                                               "interleave": interleave, "rows": rows,
                                               "round_rows": raw, "verdict": lines})
     click.echo(f"wrote {out}")
@@ -398,9 +414,10 @@ def combine_rounds(raw: list[dict]) -> list[dict]:
     return out
 
 
-def verdict(rows: list[dict], levels: list[int]) -> list[str]:
+def verdict(rows: list[dict], levels: list[int], slice_rows: list[dict] | None = None) -> list[str]:
     """Adaptive against the best of plain decoding and the fixed depths at each closed-loop level,
-    in aggregate and per user (each against its own best)."""
+    in aggregate and per user (each against its own best); with ``slice_rows`` (interleaved
+    slices), how far each ratio moves when the rounds are resampled (``round_spread``)."""
     out = []
     closed = [r for r in rows if r["loop"] == "closed"]
     for lvl in levels:
@@ -422,8 +439,53 @@ def verdict(rows: list[dict], levels: list[int]) -> list[str]:
             best_win = max(windowed, key=lambda k: windowed[k]["window_tok_s"])
             line += (f", aggregate while sending = {a['window_tok_s'] / windowed[best_win]['window_tok_s']:.2f}x "
                      f"({best_win})")
+        spreads = [(label, round_spread(slice_rows or [], lvl, field))
+                   for label, field in (("aggregate", "aggregate_tok_s"), ("per user", "per_user_tok_s"))]
+        if all(sp is not None for _, sp in spreads):
+            line += "; rounds resampled, 90% of draws: " + ", ".join(
+                f"{label} {lo:.2f}x-{hi:.2f}x" for label, (lo, hi) in spreads)
         out.append(line)
     return out
+
+
+def warmup_rows(slice_rows: list[dict]) -> list[dict]:
+    """The warm-up slices (``interleaved``'s ``warmup``) combined per configuration and level, as
+    ``combine_rounds`` combines rounds: what ``verdict`` reads for the cost of adapting."""
+    keep = [{k: v for k, v in r.items() if k not in ("slice", "warmup", "gate_rates")}
+            for r in slice_rows if r.get("warmup")]
+    return combine_rounds(keep)
+
+
+def round_spread(slice_rows: list[dict], level: int, field: str, draws: int = 2000,
+                 seed: int = 0) -> tuple[float, float] | None:  # fmt: skip
+    """The 5th and 95th percentiles of adaptive's ``field`` over the best of the others' when the
+    measured rounds at ``level`` are resampled with replacement (a round: one slice of every
+    configuration, run back to back), the best picked again in each draw; None with fewer than
+    three rounds.  A host whose speed swings by 10% from one slice to the next moves a six-round
+    figure by a few percent, and the best of four noisy figures reads high: the interval says
+    whether a shortfall is larger than that.
+
+        >>> rows = [{"config": c, "level": 1, "slice": k, "aggregate_tok_s": v}
+        ...         for k in range(1, 5) for c, v in (("plain", 10.0), ("adaptive", 9.0 + k % 2))]
+        >>> round_spread(rows, 1, "aggregate_tok_s")
+        (0.9, 1.0)
+    """
+    per: dict[int, dict[str, float]] = {}
+    for r in slice_rows:
+        if r["level"] == level and not r.get("warmup") and r.get(field) is not None:
+            per.setdefault(r["slice"], {})[r["config"]] = r[field]
+    rounds = [v for v in per.values() if "adaptive" in v and len(v) > 1]
+    if len(rounds) < 3:
+        return None
+    rng = random.Random(seed)
+    ratios = []
+    for _ in range(draws):
+        pick = [rng.choice(rounds) for _ in rounds]
+        mean = {c: sum(p[c] for p in pick) / len(pick) for c in pick[0] if all(c in p for p in pick)}
+        best = max(v for c, v in mean.items() if c != "adaptive")
+        ratios.append(mean["adaptive"] / max(best, 1e-9))
+    ratios.sort()
+    return ratios[int(0.05 * (draws - 1))], ratios[int(0.95 * (draws - 1))]
 
 
 def _plot(rows: list[dict], path: str) -> None:

@@ -41,9 +41,17 @@ from dspark.workers.step_plan import Scheduled, StepPlan
 # the cluster at 4 requests).  Judged by their own size, both went by the 2-3 bucket, which had
 # no plain steps of its own (a prefill step is not measured) and borrowed one-request figures, so
 # the arrival step speculated: it waited for every block at once, emitted fewer tokens than a
-# plain step, and cost a settling step each way.  Four steps cover twice that delay; a lasting
-# change of load is judged by its own size four steps later.
-GATE_WINDOW = 4
+# plain step, and cost a settling step each way.  At 16 requests (short answers, so one finishes
+# every three steps or so) dips overlap: traced through the cluster, 12 to 15 requests decoded
+# for up to 12 steps in a row with a step of 16 among them, and with a window of four steps the
+# 8-15 bucket (measured in the slices' ramps and drains, where speculation leads) took some of
+# them: runs of one to five speculative steps among plain ones, each costing a settling step
+# each way.  Eight steps bridge those; a lasting change of load is judged by its own size eight
+# steps later (half a second at 16 requests).  The steps of a dip are not measured: their
+# few requests' tokens, charged to the bucket of the full batch, read as that arm's slowness
+# (traced through the cluster at 16 requests: plain steps of a dip ran at 221 tok/s against 284
+# for steps of 16, which made the arm that ran more dips look slower).
+GATE_WINDOW = 8
 
 
 @dataclass(frozen=True)
@@ -356,9 +364,13 @@ class Engine:
         self._loop_mark = (t0, fwd_seconds + drafted, len(decode))
         gate = self._gate()
         if gate is not None and gated:  # waits for blocks are the speculative arm's; see the gate
+            # A step of a dip (fewer requests than the size it was judged by) is neither arm's
+            # steady state at that size: it tells the gate which arm ran, nothing more (see GATE_WINDOW).
+            size = self._gate_size or n_decode
             emitted = sum(len(e.emitted) for e in plan.decoding)
-            gate.record(self._gate_size or n_decode, speculate and self.drafter is not None, emitted,
-                             self.last_step_seconds + self._awaited_seconds, measured=not plan.has_prefill)
+            gate.record(size, speculate and self.drafter is not None, emitted,
+                        self.last_step_seconds + self._awaited_seconds,
+                        measured=not plan.has_prefill and n_decode >= size)
         self._awaited_seconds = 0.0
         # The size the next step is judged by starts from this step's (0 while the gate is set aside).
         self._gate_size = 0

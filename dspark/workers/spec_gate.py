@@ -28,8 +28,16 @@ and how often the drafts are accepted for today's traffic.  So the gate measures
   by as many measured steps, and the gate switches only if the longer sample still leads: four
   steps are a noisy sample (a speculative step emits 1 to 8 tokens), and through the cluster at
   4 requests, with speculation at 0.77x of plain, a lucky run switched the gate to speculation
-  for some 150 steps.  A switch, at the end of a run or because the incumbent's own average fell
-  behind the other's, starts the new incumbent's probes at ``explore_every`` again.  A close run
+  for some 150 steps.  A switch happens only at the end of a run, on figures of both arms from
+  the same stretch: when the incumbent's own average falls behind the other's by the margin, the
+  gate runs the other arm at once (``explore_every`` steps after the last run at the soonest)
+  instead of switching.  The incumbent's average follows the host from step to step, the other's
+  dates from its last run, and a slower spell of the whole host (a shared one) looked like the
+  incumbent falling behind: simulated at sixteen requests with speculation at 0.8x of plain and
+  the host at half speed for 200 steps, the gate switched to speculation, back three steps
+  later and ran it again 16 steps on (two stretches, four settling steps); now it runs
+  speculation once and stays on plain decoding.  A switch starts the new incumbent's probes at
+  ``explore_every`` again.  A close run
   (the arms within the margin, so it could not have moved the choice) doubles the interval:
   resetting on every close sample kept a clear but moderate lead (plain at 0.8x speculation at 4
   requests through the cluster) probing every 16 steps, 18% of all steps; keeping the interval
@@ -244,6 +252,7 @@ class SpeculationGate:
         ran = self._arms.get((b, p.arm))
         if p.judge and not (own and ran is not None and ran.fresh):  # the run measured nothing: no verdict
             p.judge = p.extended = False
+        judged = p.judge
         if p.judge:  # the run just ended: behind or close backs off, ahead is confirmed
             p.judge = False
             explored, other = (spec_rate, plain_rate) if p.arm else (plain_rate, spec_rate)
@@ -258,6 +267,11 @@ class SpeculationGate:
             elif abs(explored - other) <= margin:  # close: the run could not move the choice
                 p.every = min(2 * p.every, self.max_explore_every)
         best = self._incumbent(p.best, spec_rate, plain_rate)
+        if best != p.best and p.best is not None and own and not judged and not p.guess:
+            # The incumbent's average, which follows the host from step to step, fell behind the
+            # other arm's, measured at its last run: a slower spell of the whole host looks the
+            # same.  Measure the other arm now and switch only if it still leads (a run's verdict).
+            best, p.probe_now = p.best, p.tick >= self.explore_every or p.probe_now
         if best != p.best:  # a switch probes the old arm soon
             p.every, p.tick = self.explore_every, 0
         p.best = best

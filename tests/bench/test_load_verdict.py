@@ -65,3 +65,36 @@ def test_the_aggregate_while_sending_is_judged_against_its_own_best():
         r["window_tok_s"] = None
     (line,) = load.verdict(load.combine_rounds(raw), [16])
     assert "while sending" not in line
+
+
+def _slice(config, level, k, agg, user, warmup=False):
+    row = {"config": config, "loop": "closed", "level": level, "slice": k, "requests": 4, "errors": 0,
+           "aggregate_tok_s": agg, "per_user_tok_s": user}
+    return {**row, "warmup": True} if warmup else row
+
+
+def test_the_spread_over_rounds_picks_the_best_again_in_each_draw():
+    """Two others that lead in alternate rounds: in every draw the best of the two reads at least
+    their common mean, so the interval lies below 1 although adaptive ties the better one's mean;
+    warm-up slices and other levels stay out, and under three rounds there is no interval."""
+    rows = []
+    for k in range(1, 7):
+        a, b = (12.0, 8.0) if k % 2 else (8.0, 12.0)
+        rows += [_slice("fixed2", 4, k, a, a), _slice("plain", 4, k, b, b), _slice("adaptive", 4, k, 10.0, 10.0),
+                 _slice("adaptive", 4, k + 10, 1.0, 1.0, warmup=True), _slice("adaptive", 16, k, 99.0, 99.0)]
+    lo, hi = load.round_spread(rows, 4, "aggregate_tok_s")
+    assert 0.7 < lo < hi == 1.0
+    assert load.round_spread(rows[:10], 4, "aggregate_tok_s") is None  # two rounds
+
+
+def test_warmup_slices_are_judged_apart():
+    """--warmup-rounds: the warm-up slices are not in the rows the verdict reads; warmup_rows
+    combines them per configuration for the line on what adapting cost."""
+    raw = [_slice("plain", 1, 1, 10.0, 10.0, True), _slice("adaptive", 1, 1, 8.0, 8.0, True)]
+    raw += [_slice(c, 1, k, v, v) for k in (2, 3, 4) for c, v in (("plain", 10.0), ("adaptive", 10.0))]
+    rows = load.combine_rounds([r for r in raw if not r.get("warmup")])
+    (line,) = load.verdict(rows, [1], raw)
+    assert "aggregate = 1.00x the best of the others (plain)" in line
+    assert "rounds resampled, 90% of draws: aggregate 1.00x-1.00x, per user 1.00x-1.00x" in line
+    (warm,) = load.verdict(load.warmup_rows(raw), [1])
+    assert "aggregate = 0.80x the best of the others (plain)" in warm

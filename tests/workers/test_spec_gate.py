@@ -312,8 +312,9 @@ def test_gate_confirms_a_lucky_run_before_switching():
 
 def test_gate_probes_the_old_arm_soon_after_its_own_average_flips_it():
     """The incumbent (plain) slows down for a stretch until it falls behind the other arm's old
-    average: the gate switches to speculation and must check plain again within ``explore_every``
-    steps (it used to wait out the backed-off interval, by then 128 steps)."""
+    average: the gate measures speculation again (a run, extended to confirm the lead), switches
+    to it and must check plain again within ``explore_every`` steps (it used to wait out the
+    backed-off interval, by then 128 steps)."""
     g = SpeculationGate(warmup_steps=1)
 
     def cost(arm: bool, prev: bool | None, step: int) -> tuple[float, float]:
@@ -321,22 +322,49 @@ def test_gate_probes_the_old_arm_soon_after_its_own_average_flips_it():
             return 7.0, 0.1  # 70 tok/s
         return 8.0, 0.1 if not 600 <= step < 700 else 0.2  # 80 tok/s; 40 for a hundred steps
 
-    arms = _simulate(g, 800, cost)
-    flip = next(i for i in range(600, 700) if arms[i] and arms[i + 5] and arms[i + 10])  # on speculation
+    arms = _simulate(g, 830, cost)
+    start = next(i for i in range(600, 700) if arms[i])
+    flip = start + 2 * g.explore_run - 1  # the run and its extension, then on speculation
+    assert all(arms[start : flip + 1]), start
     assert not all(arms[flip : flip + g.explore_every + g.explore_run]), flip  # plain probed soon
     assert arms[-50:].count(False) >= 35  # and, plain fast again, back on it (with probes)
+
+
+def test_a_slow_spell_of_the_whole_host_does_not_flip_the_gate():
+    """Sixteen requests through the cluster: plain decoding ahead (speculation at 0.8x), then the
+    host slows down by half for a stretch.  The incumbent's average follows the spell while the
+    other arm's is from its last run: compared as they stand, plain soon read behind, and the
+    gate switched to speculation (slowed alike; each switch's first step waits for every block),
+    and back at plain's next probe, 16 steps later: two stretches of speculation in the spell,
+    four settling steps.  Now the other arm is measured again first, by one run, and it stays
+    behind."""
+    for seed in range(3):
+        rng = random.Random(seed)
+
+        def cost(arm: bool, prev: bool | None, step: int) -> tuple[float, float]:
+            slow = 2.0 if 700 <= step < 900 else 1.0
+            if not arm:
+                return 16.0, slow * rng.gauss(0.2, 0.01)  # 80 tok/s
+            return (16.0, slow * rng.gauss(0.25, 0.012)) if prev else (4.0, slow * 0.25)  # 64 tok/s
+
+        g = SpeculationGate()
+        spell = "".join("s" if a else "." for a in _simulate(g, 1000, cost)[700:900])
+        assert spell.split(".").count("s" * g.explore_run) == 1 and spell.count("s") == g.explore_run, (seed, spell)
 
 
 def test_engine_judges_a_short_dip_by_the_batch_before(model_fp32):
     """When a request finishes, the gate is asked about the next steps with the largest batch size
     of the last GATE_WINDOW steps (a closed loop replaces it two steps later); a lasting change
-    counts GATE_WINDOW steps later.  Each step is reported with the size it was decided by."""
+    counts GATE_WINDOW steps later.  Each step is reported with the size it was decided by, and
+    the steps of the dip are not measured (a few requests' tokens would read as that arm's
+    slowness at the larger size)."""
     tok = model_fp32.tokenizer
     runner = LocalRunner(model_fp32.model, RunnerConfig(n_slots=3, max_seq=256))
 
     class Sizes(SpeculationGate):
         asked: list = []
         told: list = []
+        measured: list = []
 
         def speculate(self, n):
             self.asked.append(n)
@@ -344,6 +372,7 @@ def test_engine_judges_a_short_dip_by_the_batch_before(model_fp32):
 
         def record(self, n, *a, **k):
             self.told.append(n)
+            self.measured.append(k.get("measured", True))
             super().record(n, *a, **k)
 
     gate = Sizes(warmup_steps=1)
@@ -357,6 +386,7 @@ def test_engine_judges_a_short_dip_by_the_batch_before(model_fp32):
     # step and the first six); the first GATE_WINDOW steps of 2 are judged as 3.  The last step,
     # with room for no draft, is not asked about.
     assert gate.asked == [3] * (7 + GATE_WINDOW) + [2] * (21 - GATE_WINDOW), gate.asked
+    assert gate.measured == [True] * 7 + [False] * GATE_WINDOW + [True] * (21 - GATE_WINDOW), gate.measured
     # A size from before the gate was set aside is not carried over: three requests decode with
     # the gate aside until the short one finishes; back in force, the gate is asked about 2.
     gate.asked.clear(), gate.told.clear()
