@@ -257,7 +257,7 @@ def interleaved(cluster, names: list[str], pins: dict, levels: list[int], second
                 out = asyncio.run(closed_loop(base, conc, seconds, max_tokens, spec, raw=True))
                 s1, p1, depth, rates = _gate_counts(base)
                 slice_rows.append({"config": name, "loop": "closed", "level": conc, "slice": k + 1,
-                                   **({"warmup": True} if k < warmup else {}),
+                                   **({"warmup": True} if k < warmup else {}), "wall_s": out["wall"],
                                    **_summarise(out["results"], out["wall"], out["window"])})  # fmt: skip
                 click.echo(table([slice_rows[-1]], list(slice_rows[-1])), err=True)
                 if pin is None:  # in the JSON, not the table: what the gate decided by after the slice
@@ -461,7 +461,9 @@ def round_spread(slice_rows: list[dict], level: int, field: str, draws: int = 20
     """The 5th and 95th percentiles of adaptive's ``field`` over the best of the others' when the
     measured rounds at ``level`` are resampled with replacement (a round: one slice of every
     configuration, run back to back), the best picked again in each draw; None with fewer than
-    three rounds.  A host whose speed swings by 10% from one slice to the next moves a six-round
+    three rounds.  Each configuration's figure in a draw pools its slices as the rows do: the
+    aggregate weighted by each slice's wall time, per user by its requests (slices without those
+    weigh alike).  A host whose speed swings by 10% from one slice to the next moves a six-round
     figure by a few percent, and the best of four noisy figures reads high: the interval says
     whether a shortfall is larger than that.
 
@@ -470,10 +472,12 @@ def round_spread(slice_rows: list[dict], level: int, field: str, draws: int = 20
         >>> round_spread(rows, 1, "aggregate_tok_s")
         (0.9, 1.0)
     """
-    per: dict[int, dict[str, float]] = {}
+    weight_of = {"aggregate_tok_s": "wall_s", "per_user_tok_s": "requests"}.get(field)
+    per: dict[int, dict[str, tuple[float, float]]] = {}
     for r in slice_rows:
         if r["level"] == level and not r.get("warmup") and r.get(field) is not None:
-            per.setdefault(r["slice"], {})[r["config"]] = r[field]
+            w = float(r.get(weight_of, 1.0) if weight_of else 1.0)
+            per.setdefault(r["slice"], {})[r["config"]] = (r[field] * w, w)
     rounds = [v for v in per.values() if "adaptive" in v and len(v) > 1]
     if len(rounds) < 3:
         return None
@@ -481,11 +485,16 @@ def round_spread(slice_rows: list[dict], level: int, field: str, draws: int = 20
     ratios = []
     for _ in range(draws):
         pick = [rng.choice(rounds) for _ in rounds]
-        mean = {c: sum(p[c] for p in pick) / len(pick) for c in pick[0] if all(c in p for p in pick)}
-        best = max(v for c, v in mean.items() if c != "adaptive")
-        ratios.append(mean["adaptive"] / max(best, 1e-9))
+        pooled = {c: sum(p[c][0] for p in pick) / max(1e-9, sum(p[c][1] for p in pick))
+                  for c in pick[0] if all(c in p for p in pick)}
+        best = max((v for c, v in pooled.items() if c != "adaptive"), default=None)
+        if best is None:  # no other configuration ran in every round drawn
+            continue
+        ratios.append(pooled["adaptive"] / max(best, 1e-9))
+    if not ratios:
+        return None
     ratios.sort()
-    return ratios[int(0.05 * (draws - 1))], ratios[int(0.95 * (draws - 1))]
+    return ratios[int(0.05 * (len(ratios) - 1))], ratios[int(0.95 * (len(ratios) - 1))]
 
 
 def _plot(rows: list[dict], path: str) -> None:

@@ -364,13 +364,13 @@ class Engine:
         self._loop_mark = (t0, fwd_seconds + drafted, len(decode))
         gate = self._gate()
         if gate is not None and gated:  # waits for blocks are the speculative arm's; see the gate
-            # A step of a dip (fewer requests than the size it was judged by) is neither arm's
+            # A step of a dip into a smaller bucket than the size it was judged by is neither arm's
             # steady state at that size: it tells the gate which arm ran, nothing more (see GATE_WINDOW).
             size = self._gate_size or n_decode
             emitted = sum(len(e.emitted) for e in plan.decoding)
             gate.record(size, speculate and self.drafter is not None, emitted,
                         self.last_step_seconds + self._awaited_seconds,
-                        measured=not plan.has_prefill and n_decode >= size)
+                        measured=not plan.has_prefill and gate.bucket(n_decode) == gate.bucket(size))
         self._awaited_seconds = 0.0
         # The size the next step is judged by starts from this step's (0 while the gate is set aside).
         self._gate_size = 0

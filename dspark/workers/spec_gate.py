@@ -28,10 +28,11 @@ and how often the drafts are accepted for today's traffic.  So the gate measures
   by as many measured steps, and the gate switches only if the longer sample still leads: four
   steps are a noisy sample (a speculative step emits 1 to 8 tokens), and through the cluster at
   4 requests, with speculation at 0.77x of plain, a lucky run switched the gate to speculation
-  for some 150 steps.  A switch happens only at the end of a run, on figures of both arms from
-  the same stretch: when the incumbent's own average falls behind the other's by the margin, the
+  for some 150 steps.  A bucket on its own rates switches only at the end of a run, on figures
+  of both arms from the same stretch: when the incumbent's own average falls behind the other's by the margin, the
   gate runs the other arm at once (``explore_every`` steps after the last run at the soonest)
-  instead of switching.  The incumbent's average follows the host from step to step, the other's
+  instead of switching (a bucket deciding by another's rates, or a run that measured nothing,
+  switches on the figures as they stand).  The incumbent's average follows the host from step to step, the other's
   dates from its last run, and a slower spell of the whole host (a shared one) looked like the
   incumbent falling behind: simulated at sixteen requests with speculation at 0.8x of plain and
   the host at half speed for 200 steps, the gate switched to speculation, back three steps
@@ -184,8 +185,8 @@ class SpeculationGate:
         here.  Otherwise (a larger batch after a smaller one that speculates, and the reverse)
         the borrowed choice is a guess, and ``b`` starts its first run at once.  So is the choice
         of a lender in the middle of a run, or whose rates moved past the margin since its last
-        choice (it would switch at its next step): ``src``'s choice is the one ``_choose`` would
-        make now."""
+        choice (it would run the other arm next, and switch if the lead holds): ``b`` guesses the
+        arm ``src``'s rates favour."""
         if src == b:
             return _Probe(self.explore_every)
         sp = self._probes.get(src)
@@ -250,9 +251,9 @@ class SpeculationGate:
             return p.arm
         margin = self.confirm_margin * max(spec_rate, plain_rate)
         ran = self._arms.get((b, p.arm))
+        ended = p.judge  # a run ended with the last step (judged below if it measured its arm)
         if p.judge and not (own and ran is not None and ran.fresh):  # the run measured nothing: no verdict
             p.judge = p.extended = False
-        judged = p.judge
         if p.judge:  # the run just ended: behind or close backs off, ahead is confirmed
             p.judge = False
             explored, other = (spec_rate, plain_rate) if p.arm else (plain_rate, spec_rate)
@@ -267,10 +268,11 @@ class SpeculationGate:
             elif abs(explored - other) <= margin:  # close: the run could not move the choice
                 p.every = min(2 * p.every, self.max_explore_every)
         best = self._incumbent(p.best, spec_rate, plain_rate)
-        if best != p.best and p.best is not None and own and not judged and not p.guess:
+        if best != p.best and p.best is not None and own and not ended:
             # The incumbent's average, which follows the host from step to step, fell behind the
             # other arm's, measured at its last run: a slower spell of the whole host looks the
             # same.  Measure the other arm now and switch only if it still leads (a run's verdict).
+            # A run that measured nothing leaves the old figures: then they decide, as before.
             best, p.probe_now = p.best, p.tick >= self.explore_every or p.probe_now
         if best != p.best:  # a switch probes the old arm soon
             p.every, p.tick = self.explore_every, 0

@@ -98,3 +98,16 @@ def test_warmup_slices_are_judged_apart():
     assert "rounds resampled, 90% of draws: aggregate 1.00x-1.00x, per user 1.00x-1.00x" in line
     (warm,) = load.verdict(load.warmup_rows(raw), [1])
     assert "aggregate = 0.80x the best of the others (plain)" in warm
+
+
+def test_the_spread_pools_slices_as_the_rows_do():
+    """Per user, the rows average over requests: a slice of nine requests weighs nine times one
+    of one.  Adaptive alternates 12 tok/s over one request and 8 over nine (8.4 pooled, 0.84x of
+    plain's 10); equal weights would centre the interval on 1.0x."""
+    rows = []
+    for k in range(1, 7):
+        user, n = (12.0, 1) if k % 2 else (8.0, 9)
+        rows += [{**_slice("plain", 4, k, 10.0, 10.0), "requests": 4},
+                 {**_slice("adaptive", 4, k, 10.0, user), "requests": n}]
+    lo, hi = load.round_spread(rows, 4, "per_user_tok_s")
+    assert 0.8 <= lo < 0.84 < hi < 1.0, (lo, hi)

@@ -352,14 +352,32 @@ def test_a_slow_spell_of_the_whole_host_does_not_flip_the_gate():
         assert spell.split(".").count("s" * g.explore_run) == 1 and spell.count("s") == g.explore_run, (seed, spell)
 
 
+def test_a_check_that_measured_nothing_falls_back_to_the_figures():
+    """The incumbent (plain) truly slows down, and the run of speculation its fall sets off
+    measures nothing (every step shares a prompt chunk).  The gate then switches on the figures
+    as they stand, as it did before such runs: re-running every ``explore_every`` steps with no
+    verdict kept it on the slower arm."""
+    g = SpeculationGate(warmup_steps=1)
+    _measure(g, 16, 64.0, 80.0)
+    arms = []
+    for i in range(120):
+        arms.append(g.speculate(16))
+        measured = not (arms[-1] and i < 60)  # speculation's steps share prompt chunks for a while
+        g.record(16, arms[-1], 16.0, 16 / (64.0 if arms[-1] else 40.0), measured=measured)
+    trail = "".join("s" if a else "." for a in arms)
+    start = g.explore_every - 1
+    assert trail[:start] == "." * start and trail[start : start + 20] == "s" * 20, trail  # the run, then the switch
+    assert trail[start:].count(".") <= g.explore_run, trail  # plain only in its probe
+
+
 def test_engine_judges_a_short_dip_by_the_batch_before(model_fp32):
     """When a request finishes, the gate is asked about the next steps with the largest batch size
     of the last GATE_WINDOW steps (a closed loop replaces it two steps later); a lasting change
     counts GATE_WINDOW steps later.  Each step is reported with the size it was decided by, and
-    the steps of the dip are not measured (a few requests' tokens would read as that arm's
-    slowness at the larger size)."""
+    the steps of a dip into a smaller bucket (four requests to three) are not measured: a few
+    requests' tokens would read as that arm's slowness at the larger size."""
     tok = model_fp32.tokenizer
-    runner = LocalRunner(model_fp32.model, RunnerConfig(n_slots=3, max_seq=256))
+    runner = LocalRunner(model_fp32.model, RunnerConfig(n_slots=4, max_seq=256))
 
     class Sizes(SpeculationGate):
         asked: list = []
@@ -377,15 +395,15 @@ def test_engine_judges_a_short_dip_by_the_batch_before(model_fp32):
 
     gate = Sizes(warmup_steps=1)
     prompt = tok.encode_chat([{"role": "user", "content": "Count to ten."}])
-    eng = Engine(runner, tok, EngineConfig(max_batch=3, block_len=2), drafter=_Script([], wrong=True, delay_s=0.0),
+    eng = Engine(runner, tok, EngineConfig(max_batch=4, block_len=2), drafter=_Script([], wrong=True, delay_s=0.0),
                  gate=gate)  # fmt: skip
-    eng.generate([prompt] * 3, [SamplingParams(max_tokens=m, ignore_eos=True) for m in (8, 30, 30)])
+    eng.generate([prompt] * 4, [SamplingParams(max_tokens=m, ignore_eos=True) for m in (8, 30, 30, 30)])
     assert gate.asked == gate.told  # one question and one report per decoding step
     # Wrong drafts: one token per request and step.  The short request's 8 tokens take the
-    # prompt's step and 7 decoding steps of 3 requests (asked about 7 times, after the prompt's
-    # step and the first six); the first GATE_WINDOW steps of 2 are judged as 3.  The last step,
+    # prompt's step and 7 decoding steps of 4 requests (asked about 7 times, after the prompt's
+    # step and the first six); the first GATE_WINDOW steps of 3 are judged as 4.  The last step,
     # with room for no draft, is not asked about.
-    assert gate.asked == [3] * (7 + GATE_WINDOW) + [2] * (21 - GATE_WINDOW), gate.asked
+    assert gate.asked == [4] * (7 + GATE_WINDOW) + [3] * (21 - GATE_WINDOW), gate.asked
     assert gate.measured == [True] * 7 + [False] * GATE_WINDOW + [True] * (21 - GATE_WINDOW), gate.measured
     # A size from before the gate was set aside is not carried over: three requests decode with
     # the gate aside until the short one finishes; back in force, the gate is asked about 2.
