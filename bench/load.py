@@ -22,7 +22,12 @@ with the pin lifted; each slice starts once the verifier has adopted its policy.
 falls on every configuration alike, minutes apart no longer.  Differences from separate
 clusters: every configuration's drafter drafts at most the deepest depth's block (the verifier
 asks for the pinned depth only), and the adaptive budget's cost table and speculation gate keep
-what they learnt across slices, as a long-running cluster's would.
+what they learnt across slices, as a long-running cluster's would.  ``--warmup-rounds`` runs that
+many rounds at each level before the measured ones: adaptive learns each new load's rates, a
+pinned depth has nothing to learn, and the warm-up rounds' own verdict, printed apart, is what
+that learning cost.  Each verdict line also gives the interval over which adaptive's ratios move
+when the measured rounds are resampled (``round_spread``): with slices that swing by 10% on a
+shared host, it says whether a shortfall is larger than the noise.
 """
 
 from __future__ import annotations
