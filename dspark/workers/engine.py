@@ -45,10 +45,10 @@ from dspark.workers.step_plan import Scheduled, StepPlan
 # every three steps or so) dips overlap: traced through the cluster, 12 to 15 requests decoded
 # for up to 12 steps in a row with a step of 16 among them, and with a window of four steps the
 # 8-15 bucket (measured in the slices' ramps and drains, where speculation leads) took some of
-# them: runs of one to five speculative steps among plain ones, each costing a settling step
-# each way.  Eight steps bridge those; a lasting change of load is judged by its own size eight
-# steps later (half a second at 16 requests).  The steps of a dip are not measured: their
-# few requests' tokens, charged to the bucket of the full batch, read as that arm's slowness
+# them: single speculative steps among plain ones, each costing a settling step each way.
+# Eight steps bridge those; a lasting change of load is judged by its own size eight steps
+# later (half a second at 16 requests).  A dip's steps that fall into a smaller bucket are not
+# measured: their few requests' tokens, charged to the bucket of the full batch, read as that arm's slowness
 # (traced through the cluster at 16 requests: plain steps of a dip ran at 221 tok/s against 284
 # for steps of 16, which made the arm that ran more dips look slower).
 GATE_WINDOW = 8

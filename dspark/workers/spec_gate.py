@@ -29,16 +29,16 @@ and how often the drafts are accepted for today's traffic.  So the gate measures
   steps are a noisy sample (a speculative step emits 1 to 8 tokens), and through the cluster at
   4 requests, with speculation at 0.77x of plain, a lucky run switched the gate to speculation
   for some 150 steps.  A bucket on its own rates switches only at the end of a run, on figures
-  of both arms from the same stretch: when the incumbent's own average falls behind the other's by the margin, the
-  gate runs the other arm at once (``explore_every`` steps after the last run at the soonest)
-  instead of switching (a bucket deciding by another's rates, or a run that measured nothing,
-  switches on the figures as they stand).  The incumbent's average follows the host from step to step, the other's
-  dates from its last run, and a slower spell of the whole host (a shared one) looked like the
-  incumbent falling behind: simulated at sixteen requests with speculation at 0.8x of plain and
-  the host at half speed for 200 steps, the gate switched to speculation, back three steps
-  later and ran it again 16 steps on (two stretches, four settling steps); now it runs
-  speculation once and stays on plain decoding.  A switch starts the new incumbent's probes at
-  ``explore_every`` again.  A close run
+  of both arms from the same stretch: when the incumbent's own average falls behind the other's
+  by the margin, the gate runs the other arm at once (``explore_every`` steps after the last
+  run at the soonest) instead of switching (a bucket deciding by another's rates, or a run
+  that measured nothing, switches on the figures as they stand).  The incumbent's average
+  follows the host from step to step, the other's dates from its last run, and a slower spell
+  of the whole host (a shared one) looked like the incumbent falling behind: simulated at
+  sixteen requests with speculation at 0.8x of plain and the host at half speed for 200 steps,
+  the gate switched to speculation, back three steps later and ran it again 16 steps on (two
+  stretches, four settling steps); now it runs speculation once and stays on plain decoding.
+  A switch starts the new incumbent's probes at ``explore_every`` again.  A close run
   (the arms within the margin, so it could not have moved the choice) doubles the interval:
   resetting on every close sample kept a clear but moderate lead (plain at 0.8x speculation at 4
   requests through the cluster) probing every 16 steps, 18% of all steps; keeping the interval
