@@ -132,6 +132,9 @@ class Engine:
         self.grammar_forbidden_blocks = 0  # verified blocks with a draft the grammar forbids (drafter unmasked)
         self._next_speculate: bool | None = None  # the gate's choice for the coming step, made after the last
         self._awaited_seconds = 0.0  # steps since the last forward that only waited for blocks (the gate's)
+        # The last step's work after it was measured for the gate (the drafter hearing its tokens:
+        # features copied, sent, the next blocks asked for): the next step's seconds carry it.
+        self._tail_seconds = 0.0
         # (start, forward + drafting seconds, decoding requests) of the last forward step, for
         # the budget's per-step overhead; None after idling.
         self._loop_mark: tuple[float, float, int] | None = None
@@ -308,6 +311,7 @@ class Engine:
         self._admit()
         if not self.running:
             self._gate_recent.clear()  # idle: the next batch is judged by its own size
+            self._tail_seconds = 0.0
             return []
         t0 = time.perf_counter()
         prefill, decode = self._partition()
@@ -369,9 +373,10 @@ class Engine:
             size = self._gate_size or n_decode
             emitted = sum(len(e.emitted) for e in plan.decoding)
             gate.record(size, speculate and self.drafter is not None, emitted,
-                        self.last_step_seconds + self._awaited_seconds,
+                        self.last_step_seconds + self._awaited_seconds + self._tail_seconds,
                         measured=not plan.has_prefill and gate.bucket(n_decode) == gate.bucket(size))
         self._awaited_seconds = 0.0
+        t_tail = time.perf_counter()
         # The size the next step is judged by starts from this step's (0 while the gate is set aside).
         self._gate_size = 0
         if gate is not None:
@@ -390,6 +395,7 @@ class Engine:
                 if e.seq in e.seq.leader.followers:
                     e.seq.leader.followers.remove(e.seq)
                 e.seq.leader = None
+        self._tail_seconds = time.perf_counter() - t_tail
         return outputs
 
     @staticmethod
