@@ -192,6 +192,19 @@ def gate_figures(text: str) -> tuple[float, float, float, dict[str, dict[str, fl
     return got.get("speculative_steps", 0.0), got.get("plain_steps", 0.0), got.get("draft_depth", 0.0), rates
 
 
+def step_costs_ms(text: str) -> dict[str, float]:
+    """The adaptive budget's step time by token count in a /metrics exposition, in ms: what
+    decides how deep a lone request verifies.
+
+        >>> step_costs_ms('dspark:verify_step_seconds{model_name="m",tokens="8"} 0.0325\\n')
+        {'8': 32.5}
+    """
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {s.labels["tokens"]: round(1e3 * s.value, 3) for fam in text_string_to_metric_families(text)
+            for s in fam.samples if s.name == "dspark:verify_step_seconds"}
+
+
 def _gated(base: str, run) -> dict:
     """``run()``'s summary plus the share of the level's steps the speculation gate let
     speculate and the draft depth at its end (adaptive runs; fixed depths always speculate)."""
@@ -265,8 +278,11 @@ def interleaved(cluster, names: list[str], pins: dict, levels: list[int], second
                                    **({"warmup": True} if k < warmup else {}), "wall_s": out["wall"],
                                    **_summarise(out["results"], out["wall"], out["window"])})  # fmt: skip
                 click.echo(table([slice_rows[-1]], list(slice_rows[-1])), err=True)
-                if pin is None:  # in the JSON, not the table: what the gate decided by after the slice
+                if pin is None:  # in the JSON, not the table: what the gate and the budget decided by after the slice
+                    import httpx
+
                     slice_rows[-1]["gate_rates"] = rates
+                    slice_rows[-1]["step_costs_ms"] = step_costs_ms(httpx.get(base + "/metrics", timeout=30).text)
                 if k < warmup:
                     continue
                 g = got[name]

@@ -29,6 +29,7 @@ dspark:speculative_steps / dspark:plain_steps         gauge     verifier's steps
 dspark:draft_depth                                    gauge     drafts per block asked for at the last speculative step
 dspark:draft_requests_local / _remote                 gauge     verifier's requests drafted in its process / on workers
 dspark:spec_gate_tokens_per_second                    gauge     the gate's average by ``batch`` range and ``arm``
+dspark:verify_step_seconds                            gauge     adaptive budget's step time by ``tokens`` (1-8)
 ====================================================  ========  ===============================
 
 Why counters are accumulated here, at the router, from each request's final ``SpecMetrics``
@@ -114,6 +115,10 @@ class RouterMetrics:
                                "Speculation gate's moving average of tokens per second, by batch-size range "
                                "(decoding requests) and arm (speculative or plain); 0: not measured yet.",
                                lab + ["batch", "arm"], registry=r)
+        self.step_cost = Gauge("dspark:verify_step_seconds",
+                               "Adaptive budget's seconds per verification step by token count (1 to 8: the "
+                               "counts one request's verification takes), as it weighs them now.",
+                               lab + ["tokens"], registry=r)
         # Series exist (at 0) from the start, so rates and absent() behave before traffic.
         for m in (self.num_drafts, self.num_draft_tokens, self.num_accepted_tokens, self.request_failure,
                   self.prompt_tokens, self.generation_tokens, self.ttft, self.itl, self.budget,
@@ -199,6 +204,8 @@ class RouterMetrics:
         for batch, arms in stats.get("gate_rates", {}).items():
             for arm, rate in arms.items():
                 self.labels(self.gate_rate, batch=batch, arm=arm).set(float(rate))
+        for tokens, seconds in stats.get("step_costs", {}).items():
+            self.labels(self.step_cost, tokens=tokens).set(float(seconds))
 
     def set_redis_connected(self, connected: bool) -> None:
         self.labels(self.redis_connected).set(1.0 if connected else 0.0)

@@ -148,6 +148,7 @@ class VerifierGroup:
                 "verification_budget": self.budget_meter.value,
                 "policy_version": self.budget.policy.version if self.budget else 0, "pid": os.getpid(),
                 "group": self.group_id, **self.engine.cache_stats(), **self.engine.speculation_stats(),
+                "step_costs": self.budget.step_costs() if self.budget else {},
                 **({f"draft_requests_{k}": v for k, v in self.remote.requests_drafted.items()} if self.remote else {})}
 
     async def _report(self) -> None:

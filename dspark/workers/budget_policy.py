@@ -264,6 +264,17 @@ class AdaptiveBudget:
         """Seconds per forward pass by token count, as the budget uses it now (profile x real/profile)."""
         return self._table
 
+    def step_costs(self) -> dict[str, float]:
+        """Seconds per forward pass for each count one request's verification can take (1 to
+        ``SHARED_UP_TO`` tokens), as the budget uses them now: what sets how deep a lone request
+        verifies (``dspark:verify_step_seconds``).
+
+            >>> AdaptiveBudget(CostModel([1, 8], [0.010, 0.017]), VerifyPolicy()).step_costs()["4"]
+            0.013
+        """
+        table = self._table  # replaced whole by the engine's thread, never changed in place
+        return {str(t): round(float(table[t]), 6) for t in range(1, self.SHARED_UP_TO + 1)}
+
     def _corrected(self) -> torch.Tensor:
         ranges = sorted(self._step_ratio)
         # Range 0 covers 1..SHARED_UP_TO flat; each later range's ratio sits at the mean log2 of

@@ -206,6 +206,15 @@ def test_a_pinned_policy_reaches_the_verifier_and_lifting_it_restores_the_schedu
     assert _chat(client, PROMPTS[1]).choices[0].message.content == reference[PROMPTS[1]]
     shown = CliRunner().invoke(main, ["policy", "show", *where], catch_exceptions=False).output
     assert '"pinned": null' in shown and '"budget_mode": "algorithm1"' in shown, shown
+    # The adaptive budget's step times for 1-8 tokens (what sets a lone request's depth): exported,
+    # profiled at start-up and corrected by real steps, no count dearer than a larger one.
+    import httpx
+
+    from bench.load import step_costs_ms
+
+    got = step_costs_ms(httpx.get(cluster.base_url + "/metrics", timeout=30).text)
+    costs = [got.get(str(t), 0.0) for t in range(1, 9)]
+    assert set(got) == {str(t) for t in range(1, 9)} and costs[0] > 0 and costs == sorted(costs), got
 
 
 def test_adaptive_policy_published_and_redis_restart(cluster, client, reference):

@@ -37,7 +37,8 @@ class ScriptedBackend:
                       "prefix_cache_hit_rate": 0.25, "kv_cache_usage": 0.5,
                       "kv_cache_block_usage": 0.75, "speculative_steps": 40, "plain_steps": 9, "draft_depth": 3,
                       "gate_rates": {"1": {"speculative": 31.5, "plain": 20.25},
-                                     "16-31": {"speculative": 120.0, "plain": 0.0}}}
+                                     "16-31": {"speculative": 120.0, "plain": 0.0}},
+                      "step_costs": {"1": 0.03, "8": 0.0325}}
 
     async def generate(self, prompt_ids, params, request_id=None):
         spec = SpecMetrics()
@@ -122,6 +123,8 @@ def test_counters_histograms_and_gauges(client):
                     "dspark:spec_gate_tokens_per_second|arm=speculative|batch=1": 31.5,
                     "dspark:spec_gate_tokens_per_second|arm=plain|batch=16-31": 0.0,
                     "dspark:spec_gate_tokens_per_second|arm=speculative|batch=16-31": 120.0}
+    costs = {k: v for k, v in after.items() if k.startswith("dspark:verify_step_seconds")}
+    assert costs == {"dspark:verify_step_seconds|tokens=1": 0.03, "dspark:verify_step_seconds|tokens=8": 0.0325}
 
 
 def test_unavailable_backend_is_503_and_counted(client):
