@@ -308,10 +308,10 @@ class Engine:
         """
         if not self.running:
             self._loop_mark = None  # the engine idled since its last step: that is no step's overhead
+            self._tail_seconds = 0.0
         self._admit()
         if not self.running:
             self._gate_recent.clear()  # idle: the next batch is judged by its own size
-            self._tail_seconds = 0.0
             return []
         t0 = time.perf_counter()
         prefill, decode = self._partition()
@@ -395,7 +395,9 @@ class Engine:
                 if e.seq in e.seq.leader.followers:
                     e.seq.leader.followers.remove(e.seq)
                 e.seq.leader = None
-        self._tail_seconds = time.perf_counter() - t_tail
+        # None while the gate is set aside: the next step's arm was not chosen before this work
+        # (every request was told to draft), so it would belong to neither arm.
+        self._tail_seconds = time.perf_counter() - t_tail if gate is not None else 0.0
         return outputs
 
     @staticmethod

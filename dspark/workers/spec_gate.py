@@ -10,9 +10,10 @@ and how often the drafts are accepted for today's traffic.  So the gate measures
   averages of tokens emitted per step and seconds per step, once for steps that speculated and
   once for plain steps.  A step counts every request it was chosen for (one whose block came
   late and sat the step out emitted nothing) and its seconds include the steps before it that
-  only waited for blocks and the work after the step before it that fed its blocks (the drafter
-  hearing that step's tokens, which follows the report of that step): all are costs of
-  speculating;
+  only waited for blocks: both are costs of speculating.  Its seconds also include the work
+  after the step before it that prepared it (the drafter hearing that step's tokens, which
+  follows the report of that step): every step carries its own arm's, and ahead of a
+  speculative step it is the larger;
 * only steady state is measured.  The first step of an arm after the other one (a settling
   step) is left out of both averages: the first speculative step after a plain stretch waits
   for every request's block at once (measured through the cluster at 16 requests: 11 tokens/s
