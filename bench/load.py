@@ -165,9 +165,14 @@ async def open_loop(base: str, rate: float, seconds: float, max_tokens: int, spe
 def _gate_counts(base: str) -> tuple[float, float, float, dict[str, dict[str, float]]]:
     """(speculative steps, plain steps, draft depth, the gate's averages) from the router's
     /metrics (verifier gauges)."""
+    return gate_figures(_metrics(base))
+
+
+def _metrics(base: str) -> str:
+    """The router's /metrics exposition."""
     import httpx
 
-    return gate_figures(httpx.get(base + "/metrics", timeout=30).text)
+    return httpx.get(base + "/metrics", timeout=30).text
 
 
 def gate_figures(text: str) -> tuple[float, float, float, dict[str, dict[str, float]]]:
@@ -273,16 +278,15 @@ def interleaved(cluster, names: list[str], pins: dict, levels: list[int], second
                 asyncio.run(_apply_pin(base, url, prefix, pin))
                 s0, p0, _, _ = _gate_counts(base)
                 out = asyncio.run(closed_loop(base, conc, seconds, max_tokens, spec, raw=True))
-                s1, p1, depth, rates = _gate_counts(base)
+                text = _metrics(base)
+                s1, p1, depth, rates = gate_figures(text)
                 slice_rows.append({"config": name, "loop": "closed", "level": conc, "slice": k + 1,
                                    **({"warmup": True} if k < warmup else {}), "wall_s": out["wall"],
                                    **_summarise(out["results"], out["wall"], out["window"])})  # fmt: skip
                 click.echo(table([slice_rows[-1]], list(slice_rows[-1])), err=True)
                 if pin is None:  # in the JSON, not the table: what the gate and the budget decided by after the slice
-                    import httpx
-
                     slice_rows[-1]["gate_rates"] = rates
-                    slice_rows[-1]["step_costs_ms"] = step_costs_ms(httpx.get(base + "/metrics", timeout=30).text)
+                    slice_rows[-1]["step_costs_ms"] = step_costs_ms(text)
                 if k < warmup:
                     continue
                 g = got[name]

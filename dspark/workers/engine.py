@@ -48,9 +48,9 @@ from dspark.workers.step_plan import Scheduled, StepPlan
 # them: single speculative steps among plain ones, each costing a settling step each way.
 # Eight steps bridge those; a lasting change of load is judged by its own size eight steps
 # later (half a second at 16 requests).  A dip's steps that fall into a smaller bucket are not
-# measured: their few requests' tokens, charged to the bucket of the full batch, read as that arm's slowness
-# (traced through the cluster at 16 requests: plain steps of a dip ran at 221 tok/s against 284
-# for steps of 16, which made the arm that ran more dips look slower).
+# measured: their few requests' tokens, charged to the bucket of the full batch, read as that
+# arm's slowness (traced through the cluster at 16 requests: plain steps of a dip ran at 221
+# tok/s against 284 for steps of 16, which made the arm that ran more dips look slower).
 GATE_WINDOW = 8
 
 
@@ -395,8 +395,8 @@ class Engine:
                 if e.seq in e.seq.leader.followers:
                     e.seq.leader.followers.remove(e.seq)
                 e.seq.leader = None
-        # None while the gate is set aside: the next step's arm was not chosen before this work
-        # (every request was told to draft), so it would belong to neither arm.
+        # Nothing while the gate is set aside: the next step's arm was not chosen before this work
+        # (every request was told to draft), so it belongs to neither arm.
         self._tail_seconds = time.perf_counter() - t_tail if gate is not None else 0.0
         return outputs
 
