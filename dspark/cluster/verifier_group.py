@@ -211,9 +211,9 @@ class BudgetMeter:
         """Passed on to the wrapped budget, which counts a step's time outside its forward pass."""
         self._pass_on("observe_overhead", num_requests, seconds)
 
-    def observe_step(self, num_tokens: int, seconds: float) -> None:
+    def observe_step(self, num_tokens: int, seconds: float, num_requests: int | None = None) -> None:
         """Passed on to the wrapped budget, which corrects its step costs by real steps."""
-        self._pass_on("observe_step", num_tokens, seconds)
+        self._pass_on("observe_step", num_tokens, seconds, num_requests)
 
     def _pass_on(self, name: str, *args) -> None:
         observe = getattr(self.budget, name, None)

@@ -173,7 +173,8 @@ class AdaptiveBudget:
         self.costs = costs
         self.policy = policy
         self.learn = learn
-        self._profile = self._table = costs.table(4096)
+        self._base = self._profile = self._table = costs.table(4096)
+        self._line = [0.0] * 5  # decayed sums w, wx, wy, wxx, wxy over one request's steps (x tokens, y seconds)
         self._step_ratio: dict[int, float] = {}  # EMA of real / profiled seconds, by range of counts
         self._last_seen: dict[int, int] = {}  # range -> the real step (of ``_observed``) that last ran it
         self._range_x: dict[int, float] = {}  # range -> EMA of log2 of the counts that ran in it
@@ -193,7 +194,8 @@ class AdaptiveBudget:
 
     def set_costs(self, costs: CostModel) -> None:
         self.costs = costs
-        self._profile = self._table = costs.table(4096)
+        self._base = self._profile = self._table = costs.table(4096)
+        self._line = [0.0] * 5
         self._step_ratio.clear()
         self._last_seen.clear()
         self._range_x.clear()
@@ -210,14 +212,26 @@ class AdaptiveBudget:
     RELAX = 0.01
     STALE_AFTER = 32
 
+    # One request's steps fit the slope of the step's cost over 1 to SHARED_UP_TO tokens: a
+    # least-squares line of seconds on tokens, each step's weight decaying by SLOPE_DECAY per
+    # later step (half-life about 180 steps).  The line's relative slope replaces the profile's
+    # shape over those counts once the fit holds SLOPE_MIN_WEIGHT steps' worth of weight spread
+    # over counts at least SLOPE_MIN_SPREAD apart (a weighted variance of the counts), and
+    # SLOPE_CLIP bounds each step's seconds around what the table says of its count (a stall of
+    # the host is not a slope).
+    SLOPE_DECAY = 1.0 - 1.0 / 256
+    SLOPE_MIN_WEIGHT = 64.0
+    SLOPE_MIN_SPREAD = 0.5
+    SLOPE_CLIP = 2.0
+
     @classmethod
     def _range_of(cls, num_tokens: int) -> int:
         """0 for 1..SHARED_UP_TO tokens, then one range per doubling (9-16 -> 1, 17-32 -> 2, ...)."""
         return max(0, (max(num_tokens, cls.SHARED_UP_TO) - 1).bit_length() - (cls.SHARED_UP_TO - 1).bit_length())
 
-    def observe_step(self, num_tokens: int, seconds: float) -> None:
-        """The engine ran a forward pass of ``num_tokens`` tokens in ``seconds``, after this
-        budget chose that step's verification.
+    def observe_step(self, num_tokens: int, seconds: float, num_requests: int | None = None) -> None:
+        """The engine ran a forward pass of ``num_tokens`` tokens for ``num_requests`` requests
+        in ``seconds``, after this budget chose that step's verification.
 
         The profile times each count from position 0, on dummy tokens, in one burst; a real step
         also attends over its requests' contexts, pays the engine's per-step work and shares the
@@ -237,6 +251,20 @@ class AdaptiveBudget:
         count, in one burst), and a range that has not run for ``STALE_AFTER`` steps relaxes
         toward the range that did (``RELAX`` a step), so no range stays condemned by one bad spell.
 
+        The profile's shape within those counts is the one figure real steps did not correct,
+        and it alone decides how deep a lone request verifies: four start-up profiles in one
+        process on a quiet host read 0% to 10% dearer at 8 tokens than at 1, one cluster's 17%,
+        while the drafts past the fourth add about 4% to the tokens a step emits.  So one
+        request's steps (``num_requests == 1``, 1 to ``SHARED_UP_TO`` tokens) also fit a line of
+        seconds on tokens (see ``SLOPE_DECAY``), and once it holds enough steps spread over
+        enough counts its relative slope becomes the profile's shape over those counts (kept
+        equal to the profile at ``SHARED_UP_TO``, so the larger counts join it as before).  A
+        line and not a ratio per count, for the reason above: a slow spell that falls on some
+        counts moves the line a little (each step's seconds are bounded by ``SLOPE_CLIP``), it
+        does not take counts out of the budget's choices for good; and every ``PROBE_EVERY``-th
+        step verifies a lone request's whole block (see ``__call__``), so the deep end of the
+        line is measured whatever the budget chooses.
+
             >>> b = AdaptiveBudget(CostModel([1, 8], [0.010, 0.012]), VerifyPolicy())
             >>> for _ in range(8): b.observe_step(8, 0.024)  # real 8-token steps take twice the profile
             >>> [round(float(b.step_table()[t]), 4) for t in (1, 8, 16)]  # 16: the profile's slope, doubled
@@ -244,6 +272,8 @@ class AdaptiveBudget:
         """
         if not self.learn or num_tokens < 1 or num_tokens >= len(self._profile) or not 0 < seconds < math.inf:
             return
+        if num_requests == 1 and num_tokens <= self.SHARED_UP_TO:
+            self._fit_line(num_tokens, seconds)
         ratio = seconds / max(float(self._profile[num_tokens]), 1e-9)
         k = self._range_of(num_tokens)
         old = self._step_ratio.get(k)
@@ -258,7 +288,55 @@ class AdaptiveBudget:
         self._new_steps += 1
         if self._new_steps >= self.CORRECT_EVERY:
             self._new_steps = 0
+            self._profile = self._reshaped()
             self._table = self._corrected()
+
+    def _fit_line(self, num_tokens: int, seconds: float) -> None:
+        """Add one request's step to the decayed least-squares sums (its seconds bounded to
+        ``SLOPE_CLIP`` times either side of the table's figure for its count)."""
+        ref = max(float(self._table[num_tokens]), 1e-9)
+        y = min(max(seconds, ref / self.SLOPE_CLIP), ref * self.SLOPE_CLIP)
+        x = float(num_tokens)
+        d = self.SLOPE_DECAY
+        for i, v in enumerate((1.0, x, y, x * x, x * y)):
+            self._line[i] = d * self._line[i] + v
+
+    def one_request_slope(self) -> float | None:
+        """How much dearer each token past the first makes one request's step, as a fraction of
+        a 1-token step, from the fitted line (never below 0); None until the fit holds enough
+        steps over enough counts.
+
+            >>> b = AdaptiveBudget(CostModel([1, 8], [0.010, 0.017]), VerifyPolicy())
+            >>> b.one_request_slope() is None
+            True
+            >>> for i in range(96): b.observe_step(1 + i % 8, 0.020 + 0.0002 * (i % 8), num_requests=1)
+            >>> round(b.one_request_slope(), 4)  # 0.2 ms a token over 20 ms at one token
+            0.01
+        """
+        w, sx, sy, sxx, sxy = self._line
+        if w < self.SLOPE_MIN_WEIGHT:
+            return None
+        mx, my = sx / w, sy / w
+        var = sxx / w - mx * mx
+        if var < self.SLOPE_MIN_SPREAD:
+            return None
+        slope = (sxy / w - mx * my) / var
+        first = my + slope * (1.0 - mx)  # the line's seconds at one token
+        if first <= 0.0:
+            return None
+        return max(0.0, slope / first)
+
+    def _reshaped(self) -> torch.Tensor:
+        """The start-up profile with its 1..SHARED_UP_TO shape replaced by the fitted line's
+        relative slope, equal to the profile at SHARED_UP_TO; the profile itself before the fit holds."""
+        g = self.one_request_slope()
+        if g is None:
+            return self._base
+        n = self.SHARED_UP_TO
+        counts = torch.arange(n + 1, dtype=torch.float64).clamp(min=1.0)
+        out = self._base.clone()
+        out[: n + 1] = self._base[n] * (1.0 + g * (counts - 1.0)) / (1.0 + g * (n - 1))
+        return out
 
     def step_table(self) -> torch.Tensor:
         """Seconds per forward pass by token count, as the budget uses it now (profile x real/profile)."""
@@ -405,7 +483,13 @@ class AdaptiveBudget:
             out = select_budget_async(self._history[0], surv, self._table, draft_seconds, slack).lengths
         self._history.append(surv)
         res = [int(x) for x in torch.minimum(out.to(torch.long), floor_lengths)]
-        self._deepest.append(max(res))
+        self._deepest.append(max(res))  # what the budget chose, which the next depths follow
+        if B == 1 and self.learn and self.steps and self.steps % self.PROBE_EVERY == 0:
+            # The probe step (drafted to the policy's depth) verifies a lone request's whole
+            # block, so one request's step cost is measured at the deep end however shallow the
+            # budget verifies (see ``observe_step``).  Lossless: which step does so depends on
+            # the step count alone, never on the drafts.
+            res = [int(x) for x in floor_lengths]
         self.verified_tokens += sum(res)
         self.steps += 1
         return res

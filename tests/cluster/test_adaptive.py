@@ -227,6 +227,69 @@ def test_a_slow_spell_does_not_condemn_the_counts_it_fell_on():
     assert float(b.step_table()[16]) < 1.1 < high
 
 
+def test_one_requests_steps_set_the_slope_a_lone_request_verifies_by():
+    """How deep a lone request verifies turns on how much dearer 8 tokens are than 1, which the
+    start-up profile alone used to decide (one ratio corrects all of 1-8 tokens).  Survivals
+    0.9, 0.72, 0.50, 0.30, 0.18, 0.11, 0.07: with each token 10% dearer the budget stops at 4
+    drafts, with a flat cost it verifies all 7.  One request's real steps fit that slope,
+    whichever way the profile erred; steps of several requests in the same counts do not."""
+    conf = [0.9, 0.8, 0.7, 0.6, 0.6, 0.6, 0.6]
+    policy = VerifyPolicy(budget_mode="algorithm1", max_block_len=7)
+    steep = CostModel(token_counts=[1, 8, 16], step_seconds=[1.0, 1.7, 2.0])
+    flat = CostModel(token_counts=[1, 8, 16], step_seconds=[1.0, 1.0, 1.2])
+    assert AdaptiveBudget(steep, policy)(blocks(conf), 7) == [4]
+    assert AdaptiveBudget(flat, policy)(blocks(conf), 7) == [7]
+
+    def run(costs, per_token, num_requests):
+        b = AdaptiveBudget(costs, policy)
+        for i in range(96):
+            t = 1 + i % 8
+            b.observe_step(t, 1.0 + per_token * (t - 1), num_requests=num_requests)
+        return b
+
+    b = run(steep, 0.0, 1)  # real steps as dear at 8 tokens as at 1
+    assert b.one_request_slope() == pytest.approx(0.0, abs=1e-6)
+    assert float(b.step_table()[8]) == pytest.approx(float(b.step_table()[1]), rel=0.01)
+    assert b(blocks(conf), 7) == [7]
+    assert run(steep, 0.0, 4)(blocks(conf), 7) == [4]  # four requests' steps: the profile's shape stands
+    b = run(flat, 0.1, 1)  # real steps 10% dearer a token
+    assert b.one_request_slope() == pytest.approx(0.1, rel=1e-3)
+    assert float(b.step_table()[8]) == pytest.approx(1.7 * float(b.step_table()[1]), rel=0.02)
+    assert b(blocks(conf), 7) == [4]
+    # Too few steps, or all at one count, say nothing of the slope.
+    few = AdaptiveBudget(flat, policy)
+    for _ in range(200):
+        few.observe_step(5, 1.3, num_requests=1)
+    assert few.one_request_slope() is None and few(blocks(conf), 7) == [7]
+    # A stall counts for at most SLOPE_CLIP times the table's figure.
+    stalled = run(steep, 0.0, 1)
+    for _ in range(3):
+        stalled.observe_step(8, 60.0, num_requests=1)
+    assert stalled.one_request_slope() < 0.05 and stalled(blocks(conf), 7) == [7]
+
+
+def test_probe_steps_verify_a_lone_requests_whole_block():
+    """Every PROBE_EVERY-th step (drafted to the policy's depth) verifies a lone request's whole
+    block whatever the budget would choose, so the line above is measured at the deep end.  The
+    depths drafted next follow what the budget chose, and steps of several requests are left as
+    chosen."""
+    b = AdaptiveBudget(CostModel(token_counts=[1, 8, 16], step_seconds=[1.0, 2.0, 3.0]),
+                       VerifyPolicy(budget_mode="algorithm1", max_block_len=7))
+    chosen = []
+    for _ in range(2 * AdaptiveBudget.PROBE_EVERY + 1):
+        probe = b.steps > 0 and b.steps % AdaptiveBudget.PROBE_EVERY == 0
+        assert b.draft_depth(7) == (7 if b.steps % AdaptiveBudget.PROBE_EVERY == 0 else 2)
+        chosen.append((probe, b(blocks([0.9] + [0.1] * 6), 7)))
+    assert [n for probe, n in chosen if probe] == [[7], [7]]
+    assert {tuple(n) for probe, n in chosen if not probe} == {(1,)}
+    while b.steps % AdaptiveBudget.PROBE_EVERY:
+        b(blocks([0.9] * 7), 7)
+    assert b(blocks([0.9, 0.1], [0.9, 0.1]), 7) == [1, 1]
+    off = AdaptiveBudget(CostModel(token_counts=[1, 8], step_seconds=[1.0, 2.0]),
+                         VerifyPolicy(budget_mode="algorithm1", max_block_len=7), learn=False)
+    assert {tuple(off(blocks([0.9, 0.1, 0.1]), 7)) for _ in range(2 * AdaptiveBudget.PROBE_EVERY)} == {(1,)}
+
+
 def test_the_steps_fixed_overhead_makes_deeper_verification_pay():
     """Every step pays the engine's work outside its forward pass whatever it verifies, as it
     pays drafting.  Survivals 0.9, 0.5, 0.18 and a fourth token costing 10% more: on the forward
