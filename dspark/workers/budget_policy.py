@@ -151,11 +151,12 @@ class AdaptiveBudget:
     # Steps whose deepest verification bounds the next draft depth: long enough that one shallow
     # step does not cut the depth, short enough to follow load within a fraction of a second.
     DEPTH_WINDOW = 8
-    # Every PROBE_EVERY-th step drafts the policy's whole depth whatever the window says: the
-    # window alone can only grow the depth by one past what was verified, so a budget that
-    # verified nothing for a while (a busy spell, a run of unconfident drafts) would otherwise
-    # never see a deep block again, and a block can pay as a whole where its first draft alone
-    # does not (the drafting cost is shared by the block).
+    # Every PROBE_EVERY-th step drafts the policy's whole depth whatever the window says (and,
+    # for a lone request, verifies it whole: see ``observe_step``): the window alone can only
+    # grow the depth by one past what was verified, so a budget that verified nothing for a while
+    # (a busy spell, a run of unconfident drafts) would otherwise never see a deep block again,
+    # and a block can pay as a whole where its first draft alone does not (the drafting cost is
+    # shared by the block).
     PROBE_EVERY = 16
 
     # How far below the best expected throughput a deeper verification may go (the kernels'
@@ -175,6 +176,7 @@ class AdaptiveBudget:
         self.learn = learn
         self._base = self._profile = self._table = costs.table(4096)
         self._line = [0.0] * 5  # decayed sums w, wx, wy, wxx, wxy over one request's steps (x tokens, y seconds)
+        self._slope: float | None = None  # the line's last relative slope fitted on enough steps
         self._step_ratio: dict[int, float] = {}  # EMA of real / profiled seconds, by range of counts
         self._last_seen: dict[int, int] = {}  # range -> the real step (of ``_observed``) that last ran it
         self._range_x: dict[int, float] = {}  # range -> EMA of log2 of the counts that ran in it
@@ -196,6 +198,7 @@ class AdaptiveBudget:
         self.costs = costs
         self._base = self._profile = self._table = costs.table(4096)
         self._line = [0.0] * 5
+        self._slope = None
         self._step_ratio.clear()
         self._last_seen.clear()
         self._range_x.clear()
@@ -219,10 +222,14 @@ class AdaptiveBudget:
     # over counts at least SLOPE_MIN_SPREAD apart (a weighted variance of the counts), and
     # SLOPE_CLIP bounds each step's seconds around what the table says of its count (a stall of
     # the host is not a slope).
+    # The last slope fitted stands while the steps since sit at too few counts (a budget that
+    # verifies whole blocks every step, or a lone request that stopped speculating) until a
+    # new profile; SLOPE_MAX bounds it (8 tokens at most 8x one).
     SLOPE_DECAY = 1.0 - 1.0 / 256
     SLOPE_MIN_WEIGHT = 64.0
     SLOPE_MIN_SPREAD = 0.5
     SLOPE_CLIP = 2.0
+    SLOPE_MAX = 1.0
 
     @classmethod
     def _range_of(cls, num_tokens: int) -> int:
@@ -230,8 +237,9 @@ class AdaptiveBudget:
         return max(0, (max(num_tokens, cls.SHARED_UP_TO) - 1).bit_length() - (cls.SHARED_UP_TO - 1).bit_length())
 
     def observe_step(self, num_tokens: int, seconds: float, num_requests: int | None = None) -> None:
-        """The engine ran a forward pass of ``num_tokens`` tokens for ``num_requests`` requests
-        in ``seconds``, after this budget chose that step's verification.
+        """The engine ran a forward pass of ``num_tokens`` tokens in ``seconds``, after this
+        budget chose that step's verification; ``num_requests`` decoding requests fed them
+        (None: not told, or the step also ran a prompt chunk).
 
         The profile times each count from position 0, on dummy tokens, in one burst; a real step
         also attends over its requests' contexts, pays the engine's per-step work and shares the
@@ -288,7 +296,7 @@ class AdaptiveBudget:
         self._new_steps += 1
         if self._new_steps >= self.CORRECT_EVERY:
             self._new_steps = 0
-            self._profile = self._reshaped()
+            self._reshape()
             self._table = self._corrected()
 
     def _fit_line(self, num_tokens: int, seconds: float) -> None:
@@ -303,8 +311,8 @@ class AdaptiveBudget:
 
     def one_request_slope(self) -> float | None:
         """How much dearer each token past the first makes one request's step, as a fraction of
-        a 1-token step, from the fitted line (never below 0); None until the fit holds enough
-        steps over enough counts.
+        a 1-token step, from the fitted line (0 to ``SLOPE_MAX``); None until the fit has held
+        enough steps over enough counts, and the last such figure while it does not.
 
             >>> b = AdaptiveBudget(CostModel([1, 8], [0.010, 0.017]), VerifyPolicy())
             >>> b.one_request_slope() is None
@@ -314,29 +322,31 @@ class AdaptiveBudget:
             0.01
         """
         w, sx, sy, sxx, sxy = self._line
-        if w < self.SLOPE_MIN_WEIGHT:
-            return None
-        mx, my = sx / w, sy / w
-        var = sxx / w - mx * mx
-        if var < self.SLOPE_MIN_SPREAD:
-            return None
-        slope = (sxy / w - mx * my) / var
-        first = my + slope * (1.0 - mx)  # the line's seconds at one token
-        if first <= 0.0:
-            return None
-        return max(0.0, slope / first)
+        mx, my = sx / max(w, 1e-9), sy / max(w, 1e-9)
+        var = sxx / max(w, 1e-9) - mx * mx
+        if w >= self.SLOPE_MIN_WEIGHT and var >= self.SLOPE_MIN_SPREAD:
+            slope = (sxy / w - mx * my) / var
+            first = my + slope * (1.0 - mx)  # the line's seconds at one token
+            # A line that reaches one token at no time (steep, fitted on deep counts) is as steep as allowed.
+            self._slope = self.SLOPE_MAX if first <= 0.0 else min(self.SLOPE_MAX, max(0.0, slope / first))
+        return self._slope
 
-    def _reshaped(self) -> torch.Tensor:
-        """The start-up profile with its 1..SHARED_UP_TO shape replaced by the fitted line's
-        relative slope, equal to the profile at SHARED_UP_TO; the profile itself before the fit holds."""
+    def _reshape(self) -> None:
+        """Give the profile the fitted line's relative slope over 1..SHARED_UP_TO tokens, equal
+        to the start-up profile at SHARED_UP_TO (the start-up shape until the line holds).  The
+        correction of those counts was averaged against the old shape: it is carried over at the
+        counts that ran, so the table does not jump for the steps it takes the average to follow."""
         g = self.one_request_slope()
         if g is None:
-            return self._base
+            return
         n = self.SHARED_UP_TO
         counts = torch.arange(n + 1, dtype=torch.float64).clamp(min=1.0)
-        out = self._base.clone()
-        out[: n + 1] = self._base[n] * (1.0 + g * (counts - 1.0)) / (1.0 + g * (n - 1))
-        return out
+        new = self._base.clone()
+        new[: n + 1] = self._base[n] * (1.0 + g * (counts - 1.0)) / (1.0 + g * (n - 1))
+        if 0 in self._step_ratio:
+            at = min(n, max(1, round(2.0 ** self._range_x[0])))
+            self._step_ratio[0] *= float(self._profile[at]) / max(float(new[at]), 1e-12)
+        self._profile = new
 
     def step_table(self) -> torch.Tensor:
         """Seconds per forward pass by token count, as the budget uses it now (profile x real/profile)."""
@@ -488,7 +498,9 @@ class AdaptiveBudget:
             # The probe step (drafted to the policy's depth) verifies a lone request's whole
             # block, so one request's step cost is measured at the deep end however shallow the
             # budget verifies (see ``observe_step``).  Lossless: which step does so depends on
-            # the step count alone, never on the drafts.
+            # the step count and the batch size alone, and it verifies each block up to the
+            # policy's survival floor, the rule of fixed mode; nothing looks at what verifying
+            # these drafts will return.
             res = [int(x) for x in floor_lengths]
         self.verified_tokens += sum(res)
         self.steps += 1

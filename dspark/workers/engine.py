@@ -347,7 +347,7 @@ class Engine:
         t_fwd = time.perf_counter()
         out = self.runner.forward(plan.step_input(feature_layers))
         fwd_seconds = time.perf_counter() - t_fwd
-        self._report_step(plan.num_tokens, fwd_seconds, len(plan.fed))
+        self._report_step(plan.num_tokens, fwd_seconds, None if plan.has_prefill else len(plan.fed))
         n_rows = sum(e.num_rows for e in plan.sampling)
         if out.logits is not None and n_rows < out.logits.shape[0]:
             plan.fill_prompt_logprobs(out.logits[n_rows:])  # the rows after the sampling ones
@@ -603,8 +603,9 @@ class Engine:
         self.last_draft_seconds = time.perf_counter() - t0
         return [proposed.get(s.request_id, DraftBlock.empty()) for s in decode]
 
-    def _report_step(self, num_tokens: int, seconds: float, num_requests: int) -> None:
-        """Tell a budget that corrects its step costs by real steps what this forward took."""
+    def _report_step(self, num_tokens: int, seconds: float, num_requests: int | None) -> None:
+        """Tell a budget that corrects its step costs by real steps what this forward took
+        (``num_requests``: the decoding requests it fed; None when it ran a prompt chunk)."""
         observe = getattr(self.budget, "observe_step", None)
         if observe is not None:
             observe(num_tokens, seconds, num_requests)

@@ -266,6 +266,28 @@ def test_one_requests_steps_set_the_slope_a_lone_request_verifies_by():
     for _ in range(3):
         stalled.observe_step(8, 60.0, num_requests=1)
     assert stalled.one_request_slope() < 0.05 and stalled(blocks(conf), 7) == [7]
+    # A budget that then verifies whole blocks every step (all its steps at 8 tokens) keeps the
+    # slope it learned: it does not fall back to the profile's steep shape and stop at 4.
+    b = run(steep, 0.0, 1)
+    for _ in range(2000):
+        b.observe_step(8, 1.0, num_requests=1)
+    assert b.one_request_slope() == pytest.approx(0.0, abs=1e-6) and b(blocks(conf), 7) == [7]
+    # The line's slope is bounded: deep counts at twice the 1-token steps' time make 8 tokens
+    # at most SLOPE_MAX x 7 + 1 times one, and never a 1-token step of no time.
+    wild = AdaptiveBudget(flat, policy)
+    for i in range(96):
+        t = 1 + i % 8
+        wild.observe_step(t, 0.1 if t < 5 else 40.0, num_requests=1)
+    assert wild.one_request_slope() <= AdaptiveBudget.SLOPE_MAX and float(wild.step_table()[1]) > 0.0
+    # The correction of 1-8 tokens carries over a change of shape: when the line's flat shape
+    # replaces the steep profile, the middle counts keep costing what they were seen to cost
+    # (without the carry-over, 4 tokens would jump to 1.26 s for the next dozen steps).
+    b = AdaptiveBudget(steep, policy)
+    for i in range(AdaptiveBudget.CORRECT_EVERY * 16):
+        b.observe_step(1 + i % 8, 1.0, num_requests=1)
+        if i >= 2 * AdaptiveBudget.CORRECT_EVERY:
+            assert float(b.step_table()[4]) == pytest.approx(1.0, rel=0.08), i
+    assert b.one_request_slope() is not None
 
 
 def test_probe_steps_verify_a_lone_requests_whole_block():
@@ -288,6 +310,41 @@ def test_probe_steps_verify_a_lone_requests_whole_block():
     off = AdaptiveBudget(CostModel(token_counts=[1, 8], step_seconds=[1.0, 2.0]),
                          VerifyPolicy(budget_mode="algorithm1", max_block_len=7), learn=False)
     assert {tuple(off(blocks([0.9, 0.1, 0.1]), 7)) for _ in range(2 * AdaptiveBudget.PROBE_EVERY)} == {(1,)}
+
+
+def test_the_engine_tells_the_budget_which_steps_were_one_requests(model_fp32, prompts20):
+    """A lone request's verification steps reach the budget's line with one request; a step
+    that ran a prompt chunk does not (its count says nothing of verification); several requests'
+    steps say how many.  Output stays plain decoding's, probe steps included."""
+    from dspark.workers.drafters.autoregressive import LayerSkipDrafter
+
+    tok = model_fp32.tokenizer
+    prompts = [tok.encode_chat([{"role": "user", "content": t}]) for t in prompts20[:2]]
+    runner = LocalRunner(model_fp32.model, RunnerConfig(n_slots=2, max_seq=512))
+    params = SamplingParams(max_tokens=40)
+    plain = Engine(runner, tok, EngineConfig(max_batch=2)).generate(prompts, params)
+    seen: list[tuple[int, int | None]] = []
+
+    class Recording(AdaptiveBudget):
+        def observe_step(self, num_tokens, seconds, num_requests=None):
+            seen.append((num_tokens, num_requests))
+            super().observe_step(num_tokens, seconds, num_requests)
+
+    budget = Recording(CostModel(token_counts=[1, 8, 512], step_seconds=[1.0, 1.5, 9.0]),
+                       VerifyPolicy(budget_mode="algorithm1", max_block_len=6))
+    eng = Engine(runner, tok, EngineConfig(max_batch=1, block_len=6), drafter=LayerSkipDrafter(runner, 20), budget=budget)
+    out = eng.generate(prompts, params)
+    assert [s.output_ids for s in out] == [s.output_ids for s in plain]
+    prompt_steps = [t for t, n in seen if n is None]
+    assert len(prompt_steps) >= 2 and min(prompt_steps) > 8  # each prompt's one chunk
+    assert {n for _, n in seen if n is not None} == {1}
+    assert max(t for t, n in seen if n == 1) == 7  # a probe step verified a whole block
+    assert budget.steps > AdaptiveBudget.PROBE_EVERY
+    two = Recording(budget.costs, VerifyPolicy(budget_mode="algorithm1", max_block_len=6))
+    seen.clear()
+    eng = Engine(runner, tok, EngineConfig(max_batch=2, block_len=6), drafter=LayerSkipDrafter(runner, 20), budget=two)
+    eng.generate(prompts, SamplingParams(max_tokens=8))
+    assert 2 in {n for _, n in seen}
 
 
 def test_the_steps_fixed_overhead_makes_deeper_verification_pay():
