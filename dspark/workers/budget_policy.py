@@ -230,6 +230,8 @@ class AdaptiveBudget:
     SLOPE_MIN_SPREAD = 0.5
     SLOPE_CLIP = 2.0
     SLOPE_MAX = 1.0
+    # Whether the probe step verifies a lone request's whole block (see ``__call__``).
+    VERIFY_WHOLE_ON_PROBE = True
 
     @classmethod
     def _range_of(cls, num_tokens: int) -> int:
@@ -494,7 +496,7 @@ class AdaptiveBudget:
         self._history.append(surv)
         res = [int(x) for x in torch.minimum(out.to(torch.long), floor_lengths)]
         self._deepest.append(max(res))  # what the budget chose, which the next depths follow
-        if B == 1 and self.learn and self.steps and self.steps % self.PROBE_EVERY == 0:
+        if B == 1 and self.learn and self.VERIFY_WHOLE_ON_PROBE and self.steps and self.steps % self.PROBE_EVERY == 0:
             # The probe step (drafted to the policy's depth) verifies a lone request's whole
             # block, so one request's step cost is measured at the deep end however shallow the
             # budget verifies (see ``observe_step``).  Lossless: which step does so depends on

@@ -310,6 +310,10 @@ def test_probe_steps_verify_a_lone_requests_whole_block():
     off = AdaptiveBudget(CostModel(token_counts=[1, 8], step_seconds=[1.0, 2.0]),
                          VerifyPolicy(budget_mode="algorithm1", max_block_len=7), learn=False)
     assert {tuple(off(blocks([0.9, 0.1, 0.1]), 7)) for _ in range(2 * AdaptiveBudget.PROBE_EVERY)} == {(1,)}
+    off = AdaptiveBudget(CostModel(token_counts=[1, 8], step_seconds=[1.0, 2.0]),
+                         VerifyPolicy(budget_mode="algorithm1", max_block_len=7))
+    off.VERIFY_WHOLE_ON_PROBE = False  # the budget's choice on every step (e.g. to compare with and without)
+    assert {tuple(off(blocks([0.9, 0.1, 0.1]), 7)) for _ in range(2 * AdaptiveBudget.PROBE_EVERY)} == {(1,)}
 
 
 def test_the_engine_tells_the_budget_which_steps_were_one_requests(model_fp32, prompts20):
