@@ -197,6 +197,16 @@ def gate_figures(text: str) -> tuple[float, float, float, dict[str, dict[str, fl
     return got.get("speculative_steps", 0.0), got.get("plain_steps", 0.0), got.get("draft_depth", 0.0), rates
 
 
+def spec_share(spec_steps: float, plain_steps: float) -> float | None:
+    """The share of a stretch's steps that speculated (None when it ran none).
+
+        >>> spec_share(3.0, 97.0), spec_share(0.0, 0.0)
+        (0.03, None)
+    """
+    steps = spec_steps + plain_steps
+    return spec_steps / steps if steps else None
+
+
 def step_costs_ms(text: str) -> dict[str, float]:
     """The adaptive budget's step time by token count in a /metrics exposition, in ms: what
     decides how deep a lone request verifies.
@@ -216,8 +226,7 @@ def _gated(base: str, run) -> dict:
     s0, p0, _, _ = _gate_counts(base)
     out = run()
     s1, p1, depth, _ = _gate_counts(base)
-    steps = (s1 - s0) + (p1 - p0)
-    return {**out, "spec_step_share": (s1 - s0) / steps if steps else None, "draft_depth": depth}
+    return {**out, "spec_step_share": spec_share(s1 - s0, p1 - p0), "draft_depth": depth}
 
 
 # ------------------------------------------------------------------ interleaved on one cluster
@@ -287,6 +296,9 @@ def interleaved(cluster, names: list[str], pins: dict, levels: list[int], second
                 if pin is None:  # in the JSON, not the table: what the gate and the budget decided by after the slice
                     slice_rows[-1]["gate_rates"] = rates
                     slice_rows[-1]["step_costs_ms"] = step_costs_ms(text)
+                    # How a level's share of speculative steps came about, slice by slice (one
+                    # sweep's gate speculated in 15% of the steps at sixteen requests, the next in 4%).
+                    slice_rows[-1]["spec_step_share"] = spec_share(s1 - s0, p1 - p0)
                 if k < warmup:
                     continue
                 g = got[name]
@@ -298,10 +310,9 @@ def interleaved(cluster, names: list[str], pins: dict, levels: list[int], second
                 g["gate_rates"] = rates if pin is None else None  # the gate's averages, likewise
         for name in names:
             g = got[name]
-            steps = g["spec"] + g["plain"]
             rows.append({"config": name, "loop": "closed", "level": conc,
                          **_summarise(g["results"], g["wall"], g["window"]),
-                         "spec_step_share": g["spec"] / steps if steps else None,
+                         "spec_step_share": spec_share(g["spec"], g["plain"]),
                          "draft_depth": g["depth"], "rounds": slices,
                          **({"gate_rates": g["gate_rates"]} if g.get("gate_rates") is not None else {})})  # fmt: skip
     asyncio.run(_apply_pin(base, url, prefix, None))
