@@ -36,6 +36,7 @@ import torch
 
 from dspark.kernels.dispatch import use_triton
 from dspark.kernels.rejection_types import PLACEHOLDER_TOKEN_ID, RejectionInputs, RejectionOutput
+from dspark.kernels.sampling import row_argmax
 
 __all__ = [
     "PLACEHOLDER_TOKEN_ID",
@@ -74,7 +75,7 @@ def greedy_verify(logits: torch.Tensor, drafts: list[list[int]]) -> RejectionOut
         >>> out.output_token_ids.tolist(), out.num_accepted.tolist()
         ([[2, 0, -1]], [1])
     """
-    target = logits.argmax(-1).tolist()
+    target = row_argmax(logits).tolist()
     width = max(len(d) for d in drafts) + 1
     rows, accepted, o = [], [], 0
     for d in drafts:
@@ -186,7 +187,7 @@ def rejection_sample_torch(inputs: RejectionInputs) -> RejectionOutput:
     unsure = tok_greedy & (p_x > 0) & (p_x <= 0.5)  # [N]
     if num_drafts and bool(unsure.any()):
         s = unsure.nonzero().squeeze(1)
-        accepted[s] = draft_token_ids[s] == target_probs[tok_row[s]].argmax(1)
+        accepted[s] = draft_token_ids[s] == row_argmax(target_probs[tok_row[s]])
     # num_accepted = position of the first rejection (n_r if none): a segmented min.
     first_reject = torch.where(accepted, num_draft[tok_req], tok_pos)  # [N]
     num_accepted = num_draft.clone().scatter_reduce_(0, tok_req, first_reject, "amin", include_self=True)

@@ -18,7 +18,25 @@ from __future__ import annotations
 import torch
 
 __all__ = ["logits_to_probs", "sample_from_probs", "exponential_noise", "exponential_row", "apply_top_k_top_p",
-           "sample_proposal", "processed_logits", "token_logprobs", "LOGPROB_FLOOR", "mask_logits", "unpack_bitmask"]
+           "row_argmax", "sample_proposal", "processed_logits", "token_logprobs", "LOGPROB_FLOOR", "mask_logits",
+           "unpack_bitmask"]
+
+
+def row_argmax(x: torch.Tensor) -> torch.Tensor:
+    """``x.argmax(-1)``: per row the index of the largest entry, the lowest one on ties, a NaN's
+    if the row has one (torch's rules, and numpy's).
+
+    On the CPU a float32 matrix goes through numpy, whose argmax is vectorised: over this model's
+    49,152-entry vocabulary it takes 4 us a row against torch's 35-70 us (2.13, 2 threads), and
+    every greedy step of every request pays one (a speculative step one per verified draft).
+
+    Example:
+        >>> row_argmax(torch.tensor([[0.0, 2.0, 2.0], [5.0, 1.0, 0.0]])).tolist()
+        [1, 0]
+    """
+    if x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() >= 1 and x.shape[-1] > 0:
+        return torch.as_tensor(x.detach().numpy().argmax(-1))
+    return x.argmax(-1)
 
 
 CANDIDATES = (1024, 8192)  # top-k / top-p look for their cut among this many of a row's largest logits, in turn
@@ -170,7 +188,7 @@ def logits_to_probs(
     greedy = temperature <= 0
     probs = torch.zeros_like(logits)
     # Greedy rows are one-hot on the argmax of the raw logits; only sampled rows pay for a softmax.
-    probs.scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
+    probs.scatter_(-1, row_argmax(logits).unsqueeze(-1), 1.0)
     sampled = (~greedy).nonzero().flatten()
     if sampled.numel() == 0:
         return probs

@@ -143,6 +143,28 @@ class Engine:
         self._grammars = None  # GrammarCompiler, made on the first constrained request
         self._grammar_lock = threading.Lock()  # validate() compiles on the caller's thread
 
+    # What the drafter and the budget can do, checked once per assignment: ``isinstance`` against
+    # a runtime-checkable protocol inspects the object's members each time, some 40 us, and the
+    # step loop asks four times a step (0.16 ms of a one-request step of 15 ms).
+    @property
+    def drafter(self) -> Drafter | None:
+        return self._drafter
+
+    @drafter.setter
+    def drafter(self, drafter: Drafter | None) -> None:
+        self._drafter = drafter
+        self._async_drafter = isinstance(drafter, AsyncDrafter)
+        self._batching_drafter = isinstance(drafter, StepBatchingDrafter)
+
+    @property
+    def budget(self) -> VerifyBudget:
+        return self._budget
+
+    @budget.setter
+    def budget(self, budget: VerifyBudget) -> None:
+        self._budget = budget
+        self._depth_aware = isinstance(budget, DepthAwareBudget)
+
     @property
     def grammars(self):
         """The grammar compiler of structured outputs (its engine is imported on first use)."""
@@ -388,7 +410,7 @@ class Engine:
         self._choose_next()
         for e, feats in zip(plan.entries, plan.split_features(out.features)):
             self._observe(e, feats)
-        if isinstance(self.drafter, StepBatchingDrafter):
+        if self._batching_drafter:
             self.drafter.flush_steps()
         for e in plan.entries:
             if e.seq.leader is not None and not e.tokens:  # a follower with its prompt cached: on its own now
@@ -437,7 +459,7 @@ class Engine:
         asked again) and add the time to the next forward step's, which the gate measures.
         """
         self._next_speculate = True
-        if isinstance(self.drafter, AsyncDrafter):
+        if self._async_drafter:
             self.drafter.wait_for_blocks(0.05)
         self._awaited_seconds += time.perf_counter() - t0
         return []
@@ -577,7 +599,7 @@ class Engine:
         depth = self.last_draft_depth = self._draft_depth()
         proposed = dict(zip((s.request_id for s in want), self.drafter.propose(want, depth)))
         late = [s for s in want if proposed[s.request_id] is None]
-        if late and (len(late) < len(decode) or has_prefill) and isinstance(self.drafter, AsyncDrafter):
+        if late and (len(late) < len(decode) or has_prefill) and self._async_drafter:
             # Blocks still in flight usually land within a fraction of a step; waiting that long
             # beats making those requests sit a whole step out.  With none here, a step that runs
             # something anyway waits too (one that would run nothing waits in ``_await_blocks``):
@@ -640,13 +662,13 @@ class Engine:
         in-process drafting, or it takes each verified draft for dearer than it is."""
         observe = getattr(self.budget, "observe_drafting", None)
         if observe is not None and self.last_drafted_requests:
-            waited = self._awaited_seconds if isinstance(self.drafter, AsyncDrafter) else 0.0
+            waited = self._awaited_seconds if self._async_drafter else 0.0
             observe(self.last_drafted_requests, self.last_draft_seconds + waited)
 
     def _draft_depth(self) -> int:
         """Drafts per block for the coming step: the block length, or less when the budget would
         verify no deeper (it decides from past steps only)."""
-        if isinstance(self.budget, DepthAwareBudget):
+        if self._depth_aware:
             return max(1, min(self.cfg.block_len, self.budget.draft_depth(self.cfg.block_len)))
         return self.cfg.block_len
 

@@ -14,6 +14,7 @@ from dspark.kernels.sampling import (
     apply_top_k_top_p,
     exponential_noise,
     logits_to_probs,
+    row_argmax,
     sample_from_probs,
     sample_proposal,
 )
@@ -25,6 +26,22 @@ def kept(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Te
     """Boolean [R, V] of the entries apply_top_k_top_p leaves unmasked."""
     out = apply_top_k_top_p(logits, torch.tensor(top_k), torch.tensor(top_p, dtype=torch.float32))
     return torch.isfinite(out)
+
+
+# ------------------------------------------------------------------ row_argmax
+def test_row_argmax_matches_torch_on_ties_nans_infs_and_views():
+    """Greedy decoding's token is this argmax: numpy's path must pick torch's index in every case
+    (lowest on ties, a NaN's first, infinities, rows that are views with strides)."""
+    g = torch.Generator().manual_seed(0)
+    big = torch.randn(5, 49152, generator=g)
+    ties = torch.tensor([[1.0, 3.0, 3.0, 0.0], [2.0, 2.0, 2.0, 2.0], [NEG, NEG, NEG, NEG], [0.0, math.inf, 1.0, math.inf],
+                         [1.0, math.nan, 5.0, math.nan], [NEG, -1.0, NEG, -1.0]])
+    rounded = (torch.randn(64, 300, generator=g) * 2).round()  # many ties
+    for x in (big, ties, rounded, big[:, ::3], big.t()[:7].contiguous(), big[2], big[1:4, 100:50000]):
+        got = row_argmax(x)
+        assert got.dtype == torch.long and got.tolist() == x.argmax(-1).tolist()
+    for other in (big.bfloat16(), big.double()):  # other dtypes: torch's own argmax
+        assert row_argmax(other).tolist() == other.argmax(-1).tolist()
 
 
 # ------------------------------------------------------------------ top-k
