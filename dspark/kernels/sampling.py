@@ -15,6 +15,7 @@ caller that owns one ``torch.Generator`` per request gets reproducible, per-requ
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 __all__ = ["logits_to_probs", "sample_from_probs", "exponential_noise", "exponential_row", "apply_top_k_top_p",
@@ -35,7 +36,7 @@ def row_argmax(x: torch.Tensor) -> torch.Tensor:
         [1, 0]
     """
     if x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() >= 1 and x.shape[-1] > 0:
-        return torch.as_tensor(x.detach().numpy().argmax(-1))
+        return torch.as_tensor(x.detach().numpy().argmax(-1).astype(np.int64, copy=False))
     return x.argmax(-1)
 
 
