@@ -83,10 +83,9 @@ def _level_summary(recs: list[dict], wall: float) -> dict:
 # -------------------------------------------------------------------------------------------
 # In-process (run in a fresh process)
 # -------------------------------------------------------------------------------------------
-def in_process(cfg: dict, speculative: bool, levels: list[int], texts: list[str], max_tokens: int, min_requests: int) -> dict:
-    """The cluster's engine settings, built in this process; closed-loop users per level."""
+def in_process_engine(cfg: dict, speculative: bool):
+    """The cluster's engine settings (``_config``'s dict), built in this process: ``BuiltEngine``."""
     from dspark.workers.factory import EngineSpec, build_engine
-    from dspark.workers.request import SamplingParams
     from dspark.workers.runner import RunnerConfig
 
     spec = EngineSpec(model=cfg["model"], dtype=cfg["dtype"], weights=cfg["weights"], device=cfg["device"], tp=cfg["tp"],
@@ -94,7 +93,14 @@ def in_process(cfg: dict, speculative: bool, levels: list[int], texts: list[str]
                       runner=RunnerConfig(n_slots=cfg["n_slots"], max_seq=cfg["max_seq"], compile=cfg["compile"]),
                       max_prefill_tokens=cfg["max_prefill_tokens"], draft_options=tuple(cfg["draft_options"].items()),
                       verify_policy=cfg["verify_policy"], speculation_gate=cfg["speculation_gate"])
-    built = build_engine(spec, progress=False)
+    return build_engine(spec, progress=False)
+
+
+def in_process(cfg: dict, speculative: bool, levels: list[int], texts: list[str], max_tokens: int, min_requests: int) -> dict:
+    """The cluster's engine settings, built in this process; closed-loop users per level."""
+    from dspark.workers.request import SamplingParams
+
+    built = in_process_engine(cfg, speculative)
     eng = built.engine
     tok = built.loaded.tokenizer
     prompts = [tok.encode_chat([{"role": "user", "content": t}]) for t in texts]

@@ -37,18 +37,10 @@ def _timed(obj, name: str, totals: dict, key: str) -> None:
 
 
 def run(mode: str, prompts_text: list[str], max_tokens: int) -> dict:
-    from bench.cluster import _config
-    from dspark.workers.factory import EngineSpec, build_engine
+    from bench.cluster import _config, in_process_engine
     from dspark.workers.request import SamplingParams
-    from dspark.workers.runner import RunnerConfig
 
-    cfg = _config("hybrid", None, True, "adaptive")
-    spec = EngineSpec(model=cfg["model"], dtype=cfg["dtype"], weights=cfg["weights"], device=cfg["device"], tp=cfg["tp"],
-                      draft=cfg["draft"] if mode == "spec" else "none", block_len=cfg["block_len"],
-                      runner=RunnerConfig(n_slots=cfg["n_slots"], max_seq=cfg["max_seq"], compile=cfg["compile"]),
-                      max_prefill_tokens=cfg["max_prefill_tokens"], draft_options=tuple(cfg["draft_options"].items()),
-                      verify_policy=cfg["verify_policy"], speculation_gate=cfg["speculation_gate"])
-    built = build_engine(spec, progress=False)
+    built = in_process_engine(_config("hybrid", None, True, "adaptive"), mode == "spec")
     try:
         eng, tok = built.engine, built.loaded.tokenizer
         prompts = [tok.encode_chat([{"role": "user", "content": t}]) for t in prompts_text]
