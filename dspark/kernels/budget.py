@@ -30,14 +30,21 @@ Two ways to pick m:
   * :func:`select_budget_async` (section 5.2, production): pick the capacity by an unconstrained
     argmax of Theta over survivals from two steps ago, then admit the top-K current candidates.
 
-Every function here is a pure function of tensors; :func:`top_k_admission` has a Triton twin
-(``triton_budget.top_k_admission_triton``) chosen by ``dispatch.use_triton``.
+Every function here is a pure function of its inputs, computed on the host with numpy: a budget
+is decided over a few dozen candidates per step, where a torch operator's dispatch costs more
+than its arithmetic (a step's decision took 0.6-0.8 ms as some thirty torch calls in a verifier
+that had just run its forward pass, 3% of a lone request's step on two CPU cores).  Each takes
+numpy arrays or torch tensors and answers in the kind it was given (a tensor on the input's
+device).  :func:`top_k_admission` also runs on a device, where the survivals may already live:
+Triton on CUDA (``triton_budget.top_k_admission_triton``, chosen by ``dispatch.use_triton``), else
+:func:`top_k_admission_torch`, the torch reference both are tested against.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from dspark.kernels.dispatch import use_triton
@@ -59,57 +66,102 @@ __all__ = [
 class BudgetDecision:
     """Per-request verification budgets for one step.
 
-    lengths: [B] int64, drafts verified per request (a prefix of its block).
+    lengths: [B] int64, drafts verified per request (a prefix of its block): a numpy array, or
+      a tensor on the survivals' device when they came as a tensor.
     num_draft_tokens: K = lengths.sum().
     num_tokens: R + K, the token count of the target forward (one anchor row per request).
     expected_accepted: tau, expected emitted tokens incl. one bonus/recovered per request.
     expected_throughput: tau / (step_time[R + K] + draft_time), tokens per second.
     """
 
-    lengths: torch.Tensor
+    lengths: np.ndarray | torch.Tensor
     num_draft_tokens: int
     num_tokens: int
     expected_accepted: float
     expected_throughput: float
 
 
-def survival(confidences: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+def _rows(x) -> list:
+    """``x`` (a tensor, an array or lists) as Python lists: a budget's inputs are a few dozen numbers."""
+    return x.tolist() if isinstance(x, (torch.Tensor, np.ndarray)) else x
+
+
+def _like(out: list, ref, dtype: torch.dtype | None = None):
+    """``out`` in the kind of ``ref``: a tensor on its device (``dtype``, else ``ref``'s), an array, or lists."""
+    if isinstance(ref, torch.Tensor):
+        return torch.tensor(out, dtype=dtype or ref.dtype, device=ref.device)
+    if isinstance(ref, np.ndarray):
+        return np.asarray(out, dtype=np.int64 if dtype is torch.long else ref.dtype)
+    return out
+
+
+def _survival_rows(conf: list, lengths: list) -> list:
+    rows = []
+    for row, n in zip(conf, lengths):
+        acc, out = 1.0, []
+        for j, c in enumerate(row):
+            acc = acc * c if j < n else 0.0
+            out.append(acc)
+        rows.append(out)
+    return rows
+
+
+def survival(confidences, lengths):
     """a_{r,j} = prod_{i<=j} c_{r,i}, zero past each request's block length.
 
     confidences: [B, G] in [0, 1]; lengths: [B] int (drafts actually present, <= G).
-    Returns [B, G] in the dtype of ``confidences``, non-increasing along G.
+    Returns [B, G] in the kind and dtype of ``confidences``, non-increasing along G.
 
     Example:
         >>> survival(torch.tensor([[0.5, 0.5, 0.5], [1.0, 0.8, 0.9]]), torch.tensor([3, 1]))
         tensor([[0.5000, 0.2500, 0.1250],
                 [1.0000, 0.0000, 0.0000]])
     """
-    num_reqs, block = confidences.shape
-    a = torch.cumprod(confidences, dim=1)  # [B, G]
-    pos = torch.arange(block, device=confidences.device)  # [G]
-    return torch.where(pos.unsqueeze(0) < lengths.to(confidences.device).unsqueeze(1), a, 0.0)
+    rows = _survival_rows(_rows(confidences), _rows(lengths))
+    if isinstance(confidences, (torch.Tensor, np.ndarray)) and not rows:
+        return confidences[:0] * 1
+    return _like(rows, confidences)
 
 
-def expected_accepted(survival: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+def expected_accepted(survival, lengths):
     """Expected emitted tokens per request, 1 + sum_{j<=l_r} a_{r,j}: [B] float.
 
     Example:
         >>> expected_accepted(torch.tensor([[0.9, 0.5], [0.4, 0.1]]), torch.tensor([2, 0]))
         tensor([2.4000, 1.0000])
     """
-    pos = torch.arange(survival.shape[1], device=survival.device)  # [G]
-    taken = pos.unsqueeze(0) < lengths.to(survival.device).unsqueeze(1)  # [B, G]
-    return 1.0 + torch.where(taken, survival, 0.0).sum(1)
+    return _like([1.0 + sum(row[:n]) for row, n in zip(_rows(survival), _rows(lengths))], survival)
 
 
-def _check_table(num_reqs: int, step_time: torch.Tensor) -> int:
-    max_tokens = step_time.shape[0] - 1
-    if step_time.dim() != 1 or num_reqs > max_tokens:
+def _check_table(num_reqs: int, step_time) -> int:
+    max_tokens = len(step_time) - 1
+    if getattr(step_time, "ndim", 1) != 1 or num_reqs > max_tokens:
         raise ValueError(f"step_time must be 1-D with an entry for at least {num_reqs} tokens")
     return max_tokens
 
 
-def throughput_path(survival: torch.Tensor, step_time: torch.Tensor, draft_time: float = 0.0) -> torch.Tensor:
+def _ranked(rows: list) -> tuple[list[int], list[float]]:
+    """The candidates (row-major indices) by decreasing survival, ties in row-major order, and
+    their survivals in that order."""
+    flat = [a for row in rows for a in row]
+    order = sorted(range(len(flat)), key=flat.__getitem__, reverse=True)
+    # ``reverse`` keeps equal keys in their original order, as a stable descending sort does.
+    return order, [flat[i] for i in order]
+
+
+def _path(num_reqs: int, ranked: list[float], step_time, draft_time: float) -> list[float]:
+    """Theta_m for m = 0..M over the ranked survivals (see :func:`throughput_path`)."""
+    max_tokens = _check_table(num_reqs, step_time)
+    m_max = min(sum(1 for a in ranked if a > 0), max_tokens - num_reqs)
+    seconds = _rows(step_time[num_reqs : num_reqs + m_max + 1])
+    tau, theta = float(num_reqs), [num_reqs / (seconds[0] + draft_time)]
+    for m in range(m_max):
+        tau += ranked[m]
+        theta.append(tau / (seconds[m + 1] + draft_time))
+    return theta
+
+
+def throughput_path(survival, step_time, draft_time: float = 0.0):
     """Expected throughput Theta_m after admitting the m most likely drafts, m = 0..M: [M+1] float64.
 
     survival: [B, G]; step_time: [T+1] seconds per target step by token count; draft_time: s.
@@ -120,16 +172,29 @@ def throughput_path(survival: torch.Tensor, step_time: torch.Tensor, draft_time:
         >>> throughput_path(torch.tensor([[0.8, 0.72]]), t)
         tensor([1.0000, 0.9000, 1.1340], dtype=torch.float64)
     """
-    num_reqs = survival.shape[0]
-    max_tokens = _check_table(num_reqs, step_time)
-    a = torch.sort(survival.reshape(-1).double(), descending=True, stable=True).values  # [B*G]
-    m_max = min(int((a > 0).sum()), max_tokens - num_reqs)
-    tau = num_reqs + torch.cat([a.new_zeros(1), torch.cumsum(a[:m_max], 0)])  # [M+1]
-    seconds = step_time.to(device=a.device, dtype=torch.float64)[num_reqs : num_reqs + m_max + 1] + draft_time
-    return tau / seconds
+    rows = _rows(survival)
+    theta = _path(len(rows), _ranked(rows)[1], _float_table(step_time), draft_time)
+    return _like(theta, survival, torch.float64) if isinstance(survival, torch.Tensor) else np.asarray(theta)
 
 
-def best_capacity(survival: torch.Tensor, step_time: torch.Tensor, draft_time: float = 0.0, slack: float = 0.0) -> int:
+def _float_table(step_time):
+    """The step-time table as float64 (a tensor of another dtype rounds its path otherwise)."""
+    if isinstance(step_time, torch.Tensor):
+        return step_time.detach().to(device="cpu", dtype=torch.float64).numpy()
+    return np.asarray(step_time, dtype=np.float64)
+
+
+def _capacity(rows: list, step_time, draft_time: float, slack: float) -> int:
+    if not rows:
+        return 0
+    theta = _path(len(rows), _ranked(rows)[1], step_time, draft_time)
+    best = max(theta)
+    if slack > 0:
+        return len(rows) + max(m for m, x in enumerate(theta) if x >= (1.0 - slack) * best)
+    return len(rows) + theta.index(best)
+
+
+def best_capacity(survival, step_time, draft_time: float = 0.0, slack: float = 0.0) -> int:
     """Token count R + m maximising Theta over the whole path (no early stop; smallest m on ties).
     With ``slack`` > 0: the largest m whose Theta is within ``slack`` of the maximum (deeper
     verification at about the same throughput; see :func:`select_budget_greedy`).
@@ -141,25 +206,37 @@ def best_capacity(survival: torch.Tensor, step_time: torch.Tensor, draft_time: f
         >>> best_capacity(torch.tensor([[0.8, 0.72]]), torch.tensor([0.0, 1.0, 2.0, 1 / 0.45]))
         3
     """
-    if survival.shape[0] == 0:
-        return 0
-    theta = throughput_path(survival, step_time, draft_time)
-    if slack > 0:
-        near = (theta >= (1.0 - slack) * theta.max()).nonzero()
-        return survival.shape[0] + int(near[-1])
-    return survival.shape[0] + int(torch.argmax(theta))
+    return _capacity(_rows(survival), _float_table(step_time), draft_time, slack)
 
 
-def top_k_admission(survival: torch.Tensor, num_draft_tokens: int | torch.Tensor) -> torch.Tensor:
+def _admit(rows: list, order: list[int], ranked: list[float], k: int) -> list[int]:
+    """Prefix lengths admitting the first ``k`` ranked candidates with a > 0: one per row."""
+    width = len(rows[0]) if rows else 0
+    admitted = {i for i, a in zip(order[: max(0, k)], ranked) if a > 0}
+    lengths = []
+    for r in range(len(rows)):
+        n = 0
+        while n < width and r * width + n in admitted:
+            n += 1
+        lengths.append(n)
+    return lengths
+
+
+def top_k_admission(survival, num_draft_tokens):
     """Prefix lengths admitting the ``num_draft_tokens`` most likely drafts: [B] int64.
 
-    Triton on CUDA when available, else :func:`top_k_admission_torch` (same contract).
+    On the host for lists, arrays and CPU tensors; on a device, Triton on CUDA when available,
+    else :func:`top_k_admission_torch` (same contract, which a device-side K keeps on the device).
     """
-    if use_triton(survival):
-        from dspark.kernels.triton_budget import top_k_admission_triton
+    if isinstance(survival, torch.Tensor) and (survival.device.type != "cpu" or use_triton(survival)):
+        if use_triton(survival):  # CUDA, or CPU under the parity tests' interpreter
+            from dspark.kernels.triton_budget import top_k_admission_triton
 
-        return top_k_admission_triton(survival, num_draft_tokens)
-    return top_k_admission_torch(survival, num_draft_tokens)
+            return top_k_admission_triton(survival, num_draft_tokens)
+        return top_k_admission_torch(survival, num_draft_tokens)
+    rows = _rows(survival)
+    k = num_draft_tokens.item() if isinstance(num_draft_tokens, (torch.Tensor, np.ndarray)) else num_draft_tokens
+    return _like(_admit(rows, *_ranked(rows), int(k)), survival, torch.long)
 
 
 def top_k_admission_torch(survival: torch.Tensor, num_draft_tokens: int | torch.Tensor) -> torch.Tensor:
@@ -186,25 +263,16 @@ def top_k_admission_torch(survival: torch.Tensor, num_draft_tokens: int | torch.
     return admitted.long().cumprod(1).sum(1)
 
 
-def _decision(
-    survival: torch.Tensor, lengths: torch.Tensor, step_time: torch.Tensor, draft_time: float
-) -> BudgetDecision:
-    num_reqs = survival.shape[0]
-    k = int(lengths.sum())
-    tau = float(expected_accepted(survival.double(), lengths).sum())
+def _decision(rows: list, lengths: list[int], step_time, draft_time: float, ref) -> BudgetDecision:
+    num_reqs = len(rows)
+    k = sum(lengths)
+    tau = float(num_reqs + sum(sum(row[:n]) for row, n in zip(rows, lengths)))
     seconds = float(step_time[num_reqs + k]) + draft_time if num_reqs else float("inf")
-    return BudgetDecision(
-        lengths=lengths,
-        num_draft_tokens=k,
-        num_tokens=num_reqs + k,
-        expected_accepted=tau,
-        expected_throughput=tau / seconds,
-    )
+    return BudgetDecision(lengths=_like(lengths, ref, torch.long), num_draft_tokens=k, num_tokens=num_reqs + k,
+                          expected_accepted=tau, expected_throughput=tau / seconds)
 
 
-def select_budget_greedy(
-    survival: torch.Tensor, step_time: torch.Tensor, draft_time: float = 0.0, slack: float = 0.0
-) -> BudgetDecision:
+def select_budget_greedy(survival, step_time, draft_time: float = 0.0, slack: float = 0.0) -> BudgetDecision:
     """Algorithm 1: admit drafts by decreasing survival while expected throughput improves.
 
     survival: [B, G] of the blocks about to be verified; step_time: [T+1] seconds by token
@@ -242,24 +310,21 @@ def select_budget_greedy(
         >>> [select_budget_greedy(torch.tensor([[0.9, 0.5], [0.6, 0.0]]), t, slack=x).lengths.tolist() for x in (0, 0.05)]
         [[1, 1], [2, 1]]
     """
-    if survival.shape[0] == 0:
-        return _decision(survival, torch.zeros(0, dtype=torch.long, device=survival.device), step_time, draft_time)
-    theta = throughput_path(survival, step_time, draft_time)  # [M+1]
-    if slack > 0:
-        improving = theta[1:] >= (1.0 - slack) * torch.cummax(theta[:-1], 0).values  # [M]
-    else:
-        improving = theta[1:] > theta[:-1]  # [M]
-    k = int(improving.long().cumprod(0).sum())  # the length of the first improving run
-    return _decision(survival, top_k_admission(survival, k), step_time, draft_time)
+    rows, t = _rows(survival), _float_table(step_time)
+    if not rows:
+        return _decision(rows, [], t, draft_time, survival)
+    order, ranked = _ranked(rows)
+    theta = _path(len(rows), ranked, t, draft_time)  # [M+1]
+    k, best = 0, theta[0]  # the length of the first improving run
+    for m in range(1, len(theta)):
+        if not (theta[m] >= (1.0 - slack) * best if slack > 0 else theta[m] > theta[m - 1]):
+            break
+        k, best = m, max(best, theta[m])
+    return _decision(rows, _admit(rows, order, ranked, k), t, draft_time, survival)
 
 
-def select_budget_async(
-    stale_survival: torch.Tensor,
-    survival: torch.Tensor,
-    step_time: torch.Tensor,
-    draft_time: float = 0.0,
-    slack: float = 0.0,
-) -> BudgetDecision:
+def select_budget_async(stale_survival, survival, step_time, draft_time: float = 0.0,
+                        slack: float = 0.0) -> BudgetDecision:  # fmt: skip
     """Section 5.2: capacity from survivals two steps old, then top-K over current survivals.
 
     stale_survival: [B', G'] survivals the scheduler saw two steps ago (the batch may have
@@ -285,8 +350,8 @@ def select_budget_async(
         >>> select_budget_async(torch.tensor([[0.8, 0.72]]), torch.tensor([[0.9, 0.3, 0.2]]), t).lengths
         tensor([2])
     """
-    num_reqs = survival.shape[0]
-    max_tokens = _check_table(num_reqs, step_time)
-    capacity = best_capacity(stale_survival, step_time, draft_time, slack)
-    k = max(0, min(capacity, max_tokens) - num_reqs)
-    return _decision(survival, top_k_admission(survival, k), step_time, draft_time)
+    rows, t = _rows(survival), _float_table(step_time)
+    max_tokens = _check_table(len(rows), t)
+    capacity = _capacity(_rows(stale_survival), t, draft_time, slack)
+    k = max(0, min(capacity, max_tokens) - len(rows))
+    return _decision(rows, _admit(rows, *_ranked(rows), k), t, draft_time, survival)

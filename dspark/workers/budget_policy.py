@@ -467,34 +467,33 @@ class AdaptiveBudget:
         B = len(blocks)
         if B == 0 or G == 0:
             return [0] * B
-        lengths = torch.tensor([min(len(b.token_ids), G) for b in blocks])
-        conf = torch.zeros(B, G, dtype=torch.float64)
-        for r, b in enumerate(blocks):
-            n = int(lengths[r])
-            if n:
-                conf[r, :n] = torch.tensor(b.confidence[:n], dtype=torch.float64).clamp(0.0, 1.0)
-        surv = survival(conf, lengths)  # [B, G], zero past each block
+        lengths = [min(len(b.token_ids), G) for b in blocks]
+        # Confidences clipped to [0, 1]; an undefined one (NaN) counts as no chance.
+        conf = [[min(1.0, max(0.0, c)) if c == c else 0.0 for c in b.confidence[:n]] + [0.0] * (G - n)
+                for b, n in zip(blocks, lengths)]
+        surv = survival(conf, lengths)  # [B][G], zero past each block
         if pol.survival_floor > 0:
-            surv = torch.where(surv >= pol.survival_floor, surv, torch.zeros_like(surv))
-        floor_lengths = (surv > 0).sum(dim=1)
+            surv = [[a if a >= pol.survival_floor else 0.0 for a in row] for row in surv]
+        floor_lengths = [sum(1 for a in row if a > 0) for row in surv]
         # What every step pays whatever it verifies: drafting (by the requests that drafted) and the
         # engine's work outside the forward pass.
         draft_seconds = self.drafting_seconds(sum(1 for b in blocks if b.token_ids)) + self.overhead_seconds(B)
         slack = self.slack if B > 1 else 0.0  # one request: its speed is the throughput, nothing to trade
+        table = self._table.numpy()  # the table's own memory (CPU float64): the budget slices what it needs
         if pol.budget_mode == "fixed":
             out = floor_lengths
         elif pol.budget_mode == "algorithm1":
-            out = select_budget_greedy(surv, self._table, draft_seconds, slack).lengths
+            out = select_budget_greedy(surv, table, draft_seconds, slack).lengths
         elif len(self._history) < 2:
             # No settled survivals from two steps ago yet (a fresh verifier, or one that was
             # just switched to this mode).  The 5.2 capacity search must never look at the
             # block being verified (Appendix A: an argmax over its own survivals biases the
             # output), so the first steps use the lossless early-stop walk instead.
-            out = select_budget_greedy(surv, self._table, draft_seconds, slack).lengths
+            out = select_budget_greedy(surv, table, draft_seconds, slack).lengths
         else:
-            out = select_budget_async(self._history[0], surv, self._table, draft_seconds, slack).lengths
+            out = select_budget_async(self._history[0], surv, table, draft_seconds, slack).lengths
         self._history.append(surv)
-        res = [int(x) for x in torch.minimum(out.to(torch.long), floor_lengths)]
+        res = [min(int(x), f) for x, f in zip(out, floor_lengths)]
         self._deepest.append(max(res))  # what the budget chose, which the next depths follow
         if B == 1 and self.learn and self.VERIFY_WHOLE_ON_PROBE and self.steps and self.steps % self.PROBE_EVERY == 0:
             # The probe step (drafted to the policy's depth) verifies a lone request's whole
@@ -503,7 +502,7 @@ class AdaptiveBudget:
             # the step count and the batch size alone, and it verifies each block up to the
             # policy's survival floor, the rule of fixed mode; nothing looks at what verifying
             # these drafts will return.
-            res = [int(x) for x in floor_lengths]
+            res = floor_lengths
         self.verified_tokens += sum(res)
         self.steps += 1
         return res

@@ -298,3 +298,42 @@ def test_slack_verifies_deeper_at_about_the_same_throughput(seed):
     cap = best_capacity(surv, flat, slack=0.05)
     assert cap >= best_capacity(surv, flat)
     assert float(throughput_path(surv, flat)[cap - 4]) >= 0.95 * float(throughput_path(surv, flat).max())
+
+
+# ------------------------------------------------------------------ inputs: lists, arrays, tensors
+
+
+def _torch_reference(a: torch.Tensor, t: torch.Tensor, slack: float) -> tuple[list[int], int]:
+    """Algorithm 1 and the global capacity straight from their definitions, in torch: the path
+    by a stable descending sort, the first improving run, the top-K admission by rank."""
+    flat = torch.sort(a.reshape(-1).double(), descending=True, stable=True).values
+    m_max = min(int((flat > 0).sum()), t.shape[0] - 1 - a.shape[0])
+    path = (a.shape[0] + torch.cat([flat.new_zeros(1), torch.cumsum(flat[:m_max], 0)])) / t[a.shape[0]: a.shape[0] + m_max + 1]
+    k = 0
+    while k + 1 < path.shape[0] and (path[k + 1] >= (1 - slack) * path[: k + 1].max() if slack else path[k + 1] > path[k]):
+        k += 1
+    near = (path >= (1 - slack) * path.max()).nonzero()[-1] if slack else torch.argmax(path)
+    return top_k_admission_torch(a, k).tolist(), a.shape[0] + int(near)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_the_host_budget_matches_a_torch_reference_in_every_input_kind(seed):
+    # Confidences drawn from a few levels, so survivals tie across requests and positions
+    # (the rank order's tie rule decides the admission there).
+    g = torch.Generator().manual_seed(1000 + seed)
+    b, gamma = int(torch.randint(1, 9, (1,), generator=g)), int(torch.randint(1, 8, (1,), generator=g))
+    c = torch.tensor([0.0, 0.5, 0.8, 1.0], dtype=torch.float64)[torch.randint(0, 4, (b, gamma), generator=g)]
+    a = survival(c, torch.randint(0, gamma + 1, (b,), generator=g))
+    t = torch.cat([torch.zeros(1), torch.cumsum(torch.rand(b * gamma + b + 2, generator=g) ** 3, 0) + 0.5]).double()
+    for slack in (0.0, 0.05):
+        lengths, capacity = _torch_reference(a, t, slack)
+        for kind in (lambda x: x, lambda x: x.numpy(), lambda x: x.tolist()):
+            d = select_budget_greedy(kind(a), kind(t), slack=slack)
+            assert [int(x) for x in d.lengths] == lengths
+            assert best_capacity(kind(a), kind(t), slack=slack) == capacity
+            k = max(0, min(capacity, t.shape[0] - 1) - b)
+            assert [int(x) for x in select_budget_async(kind(a), kind(a), kind(t), slack=slack).lengths] == \
+                top_k_admission_torch(a, k).tolist()
+    assert isinstance(select_budget_greedy(a, t).lengths, torch.Tensor)
+    assert isinstance(select_budget_greedy(a.numpy(), t.numpy()).lengths, np.ndarray)
+    assert isinstance(select_budget_greedy(a.tolist(), t).lengths, list)

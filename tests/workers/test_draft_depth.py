@@ -220,3 +220,13 @@ def test_adaptive_budget_verifies_deeper_where_throughput_is_flat():
     assert sum(AdaptiveBudget(flat, policy, learn=False)(blocks, 7)) > sum(strict(blocks, 7))
     # A lone request's speed is the throughput: nothing to trade, the strict optimum.
     assert AdaptiveBudget(flat, policy, learn=False)(blocks[:1], 7) == strict(blocks[:1], 7)
+
+
+def test_adaptive_budget_reads_an_undefined_confidence_as_no_chance():
+    """A confidence outside [0, 1] is clipped, and a NaN one (a drafter's numerical fault) is no
+    chance: it ends the block's verified prefix instead of ranking anywhere in the admission."""
+    flat = CostModel(token_counts=[1, 64], step_seconds=[0.020, 0.020])  # every draft is free
+    policy = VerifyPolicy(budget_mode="algorithm1", max_block_len=7)
+    budget = AdaptiveBudget(flat, policy, learn=False)
+    blocks = _blocks([[1.5, 0.9, float("nan"), 0.9], [0.9, -0.5, 0.9, 0.9]])
+    assert budget(blocks, 7) == [2, 1]
