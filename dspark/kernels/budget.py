@@ -30,14 +30,15 @@ Two ways to pick m:
   * :func:`select_budget_async` (section 5.2, production): pick the capacity by an unconstrained
     argmax of Theta over survivals from two steps ago, then admit the top-K current candidates.
 
-Every function here is a pure function of its inputs, computed on the host with numpy: a budget
-is decided over a few dozen candidates per step, where a torch operator's dispatch costs more
-than its arithmetic (a step's decision took 0.6-0.8 ms as some thirty torch calls in a verifier
-that had just run its forward pass, 3% of a lone request's step on two CPU cores).  Each takes
-numpy arrays or torch tensors and answers in the kind it was given (a tensor on the input's
-device).  :func:`top_k_admission` also runs on a device, where the survivals may already live:
-Triton on CUDA (``triton_budget.top_k_admission_triton``, chosen by ``dispatch.use_triton``), else
-:func:`top_k_admission_torch`, the torch reference both are tested against.
+Every function here is a pure function of its inputs, computed on the host in plain Python: a
+budget is decided over a few dozen candidates per step, where an operator call costs more than
+its arithmetic (as some thirty torch operators, a lone request's decision took 0.6-0.8 ms in a
+verifier that had just run its forward pass, 1-3% of its step on two CPU cores; in plain Python,
+about 0.1 ms).  Each takes lists, numpy arrays or torch tensors and answers in the kind it was
+given (a tensor on the input's device).  :func:`top_k_admission` also runs on a device, where the
+survivals may already live: Triton on CUDA (``triton_budget.top_k_admission_triton``, chosen by
+``dispatch.use_triton``), else :func:`top_k_admission_torch`, the torch reference both are tested
+against.
 """
 
 from __future__ import annotations
@@ -66,15 +67,15 @@ __all__ = [
 class BudgetDecision:
     """Per-request verification budgets for one step.
 
-    lengths: [B] int64, drafts verified per request (a prefix of its block): a numpy array, or
-      a tensor on the survivals' device when they came as a tensor.
+    lengths: [B] int64, drafts verified per request (a prefix of its block), in the kind the
+      survivals came in: a list, a numpy array, or a tensor on their device.
     num_draft_tokens: K = lengths.sum().
     num_tokens: R + K, the token count of the target forward (one anchor row per request).
     expected_accepted: tau, expected emitted tokens incl. one bonus/recovered per request.
     expected_throughput: tau / (step_time[R + K] + draft_time), tokens per second.
     """
 
-    lengths: np.ndarray | torch.Tensor
+    lengths: list[int] | np.ndarray | torch.Tensor
     num_draft_tokens: int
     num_tokens: int
     expected_accepted: float
@@ -118,9 +119,8 @@ def survival(confidences, lengths):
                 [1.0000, 0.0000, 0.0000]])
     """
     rows = _survival_rows(_rows(confidences), _rows(lengths))
-    if isinstance(confidences, (torch.Tensor, np.ndarray)) and not rows:
-        return confidences[:0] * 1
-    return _like(rows, confidences)
+    out = _like(rows, confidences)
+    return out.reshape(len(rows), confidences.shape[1]) if hasattr(out, "reshape") else out  # [0, G] stays 2-D
 
 
 def expected_accepted(survival, lengths):
