@@ -43,6 +43,7 @@ against.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -69,7 +70,7 @@ class BudgetDecision:
 
     lengths: [B] int64, drafts verified per request (a prefix of its block), in the kind the
       survivals came in: a list, a numpy array, or a tensor on their device.
-    num_draft_tokens: K = lengths.sum().
+    num_draft_tokens: K, the sum of ``lengths``.
     num_tokens: R + K, the token count of the target forward (one anchor row per request).
     expected_accepted: tau, expected emitted tokens incl. one bonus/recovered per request.
     expected_throughput: tau / (step_time[R + K] + draft_time), tokens per second.
@@ -87,12 +88,16 @@ def _rows(x) -> list:
     return x.tolist() if isinstance(x, (torch.Tensor, np.ndarray)) else x
 
 
+_NUMPY_DTYPES = {torch.long: np.int64, torch.float64: np.float64}
+
+
 def _like(out: list, ref, dtype: torch.dtype | None = None):
-    """``out`` in the kind of ``ref``: a tensor on its device (``dtype``, else ``ref``'s), an array, or lists."""
+    """``out`` in the kind of ``ref``: a tensor on its device or an array (of ``dtype``, one of
+    ``torch.long`` and ``torch.float64``, else of ``ref``'s), or lists as they are."""
     if isinstance(ref, torch.Tensor):
         return torch.tensor(out, dtype=dtype or ref.dtype, device=ref.device)
     if isinstance(ref, np.ndarray):
-        return np.asarray(out, dtype=np.int64 if dtype is torch.long else ref.dtype)
+        return np.asarray(out, dtype=_NUMPY_DTYPES[dtype] if dtype is not None else ref.dtype)
     return out
 
 
@@ -119,8 +124,9 @@ def survival(confidences, lengths):
                 [1.0000, 0.0000, 0.0000]])
     """
     rows = _survival_rows(_rows(confidences), _rows(lengths))
-    out = _like(rows, confidences)
-    return out.reshape(len(rows), confidences.shape[1]) if hasattr(out, "reshape") else out  # [0, G] stays 2-D
+    if not rows and isinstance(confidences, (torch.Tensor, np.ndarray)):
+        return confidences[:0].clone() if isinstance(confidences, torch.Tensor) else confidences[:0].copy()  # [0, G]
+    return _like(rows, confidences)
 
 
 def expected_accepted(survival, lengths):
@@ -130,7 +136,7 @@ def expected_accepted(survival, lengths):
         >>> expected_accepted(torch.tensor([[0.9, 0.5], [0.4, 0.1]]), torch.tensor([2, 0]))
         tensor([2.4000, 1.0000])
     """
-    return _like([1.0 + sum(row[:n]) for row, n in zip(_rows(survival), _rows(lengths))], survival)
+    return _like([1.0 + sum(row[: max(0, int(n))]) for row, n in zip(_rows(survival), _rows(lengths))], survival)
 
 
 def _check_table(num_reqs: int, step_time) -> int:
@@ -142,11 +148,18 @@ def _check_table(num_reqs: int, step_time) -> int:
 
 def _ranked(rows: list) -> tuple[list[int], list[float]]:
     """The candidates (row-major indices) by decreasing survival, ties in row-major order, and
-    their survivals in that order."""
-    flat = [a for row in rows for a in row]
+    their survivals in that order.  A NaN survival ranks as 0: never admitted."""
+    flat = [a if a == a else 0.0 for row in rows for a in row]
     order = sorted(range(len(flat)), key=flat.__getitem__, reverse=True)
     # ``reverse`` keeps equal keys in their original order, as a stable descending sort does.
     return order, [flat[i] for i in order]
+
+
+def _ratio(tau: float, seconds: float) -> float:
+    """tau / seconds, as a float division of arrays gives it (a hand-made table may hold a 0)."""
+    if seconds:
+        return tau / seconds
+    return math.copysign(math.inf, tau) if tau else math.nan
 
 
 def _path(num_reqs: int, ranked: list[float], step_time, draft_time: float) -> list[float]:
@@ -154,10 +167,12 @@ def _path(num_reqs: int, ranked: list[float], step_time, draft_time: float) -> l
     max_tokens = _check_table(num_reqs, step_time)
     m_max = min(sum(1 for a in ranked if a > 0), max_tokens - num_reqs)
     seconds = _rows(step_time[num_reqs : num_reqs + m_max + 1])
-    tau, theta = float(num_reqs), [num_reqs / (seconds[0] + draft_time)]
+    # tau_m = R + (a_1 + ... + a_m), the running sum added to R last: Theta's comparisons along a
+    # flat stretch of the table turn on its last bit.
+    total, theta = 0.0, [_ratio(float(num_reqs), seconds[0] + draft_time)]
     for m in range(m_max):
-        tau += ranked[m]
-        theta.append(tau / (seconds[m + 1] + draft_time))
+        total += ranked[m]
+        theta.append(_ratio(num_reqs + total, seconds[m + 1] + draft_time))
     return theta
 
 
@@ -173,8 +188,7 @@ def throughput_path(survival, step_time, draft_time: float = 0.0):
         tensor([1.0000, 0.9000, 1.1340], dtype=torch.float64)
     """
     rows = _rows(survival)
-    theta = _path(len(rows), _ranked(rows)[1], _float_table(step_time), draft_time)
-    return _like(theta, survival, torch.float64) if isinstance(survival, torch.Tensor) else np.asarray(theta)
+    return _like(_path(len(rows), _ranked(rows)[1], _float_table(step_time), draft_time), survival, torch.float64)
 
 
 def _float_table(step_time):
@@ -210,26 +224,28 @@ def best_capacity(survival, step_time, draft_time: float = 0.0, slack: float = 0
 
 
 def _admit(rows: list, order: list[int], ranked: list[float], k: int) -> list[int]:
-    """Prefix lengths admitting the first ``k`` ranked candidates with a > 0: one per row."""
-    width = len(rows[0]) if rows else 0
+    """Prefix lengths admitting the first ``k`` ranked candidates with a > 0: one per row (rows
+    may differ in length; ``order`` indexes them flattened in row-major order)."""
     admitted = {i for i, a in zip(order[: max(0, k)], ranked) if a > 0}
-    lengths = []
-    for r in range(len(rows)):
+    lengths, start = [], 0
+    for row in rows:
         n = 0
-        while n < width and r * width + n in admitted:
+        while n < len(row) and start + n in admitted:
             n += 1
         lengths.append(n)
+        start += len(row)
     return lengths
 
 
 def top_k_admission(survival, num_draft_tokens):
-    """Prefix lengths admitting the ``num_draft_tokens`` most likely drafts: [B] int64.
+    """Prefix lengths admitting the ``num_draft_tokens`` most likely drafts: [B] int64 (a list
+    for lists).
 
     On the host for lists, arrays and CPU tensors; on a device, Triton on CUDA when available,
     else :func:`top_k_admission_torch` (same contract, which a device-side K keeps on the device).
     """
     if isinstance(survival, torch.Tensor) and (survival.device.type != "cpu" or use_triton(survival)):
-        if use_triton(survival):  # CUDA, or CPU under the parity tests' interpreter
+        if survival.device.type == "cpu" or use_triton(survival):  # CPU: the parity tests' interpreter
             from dspark.kernels.triton_budget import top_k_admission_triton
 
             return top_k_admission_triton(survival, num_draft_tokens)
@@ -266,10 +282,10 @@ def top_k_admission_torch(survival: torch.Tensor, num_draft_tokens: int | torch.
 def _decision(rows: list, lengths: list[int], step_time, draft_time: float, ref) -> BudgetDecision:
     num_reqs = len(rows)
     k = sum(lengths)
-    tau = float(num_reqs + sum(sum(row[:n]) for row, n in zip(rows, lengths)))
+    tau = float(num_reqs + sum(sum(row[:n]) for row, n in zip(rows, lengths)))  # lengths >= 0 here
     seconds = float(step_time[num_reqs + k]) + draft_time if num_reqs else float("inf")
     return BudgetDecision(lengths=_like(lengths, ref, torch.long), num_draft_tokens=k, num_tokens=num_reqs + k,
-                          expected_accepted=tau, expected_throughput=tau / seconds)
+                          expected_accepted=tau, expected_throughput=_ratio(tau, seconds))
 
 
 def select_budget_greedy(survival, step_time, draft_time: float = 0.0, slack: float = 0.0) -> BudgetDecision:
@@ -315,16 +331,18 @@ def select_budget_greedy(survival, step_time, draft_time: float = 0.0, slack: fl
         return _decision(rows, [], t, draft_time, survival)
     order, ranked = _ranked(rows)
     theta = _path(len(rows), ranked, t, draft_time)  # [M+1]
-    k, best = 0, theta[0]  # the length of the first improving run
+    k, best = 0, theta[0]  # k: the length of the first improving run; best: the largest Theta in it
     for m in range(1, len(theta)):
-        if not (theta[m] >= (1.0 - slack) * best if slack > 0 else theta[m] > theta[m - 1]):
+        improving = theta[m] >= (1.0 - slack) * best if slack > 0 else theta[m] > theta[m - 1]
+        if not improving:
             break
         k, best = m, max(best, theta[m])
     return _decision(rows, _admit(rows, order, ranked, k), t, draft_time, survival)
 
 
-def select_budget_async(stale_survival, survival, step_time, draft_time: float = 0.0,
-                        slack: float = 0.0) -> BudgetDecision:  # fmt: skip
+def select_budget_async(
+    stale_survival, survival, step_time, draft_time: float = 0.0, slack: float = 0.0
+) -> BudgetDecision:
     """Section 5.2: capacity from survivals two steps old, then top-K over current survivals.
 
     stale_survival: [B', G'] survivals the scheduler saw two steps ago (the batch may have

@@ -468,9 +468,12 @@ class AdaptiveBudget:
         if B == 0 or G == 0:
             return [0] * B
         lengths = [min(len(b.token_ids), G) for b in blocks]
-        # Confidences clipped to [0, 1]; an undefined one (NaN) counts as no chance.
-        conf = [[min(1.0, max(0.0, c)) if c == c else 0.0 for c in b.confidence[:n]] + [0.0] * (G - n)
-                for b, n in zip(blocks, lengths)]
+        # Confidences clipped to [0, 1]; an undefined one (NaN), or a draft without one, counts as
+        # no chance.  Every row holds G.
+        conf = []
+        for b, n in zip(blocks, lengths):
+            row = [min(1.0, max(0.0, c)) if c == c else 0.0 for c in b.confidence[:n]]
+            conf.append(row + [0.0] * (G - len(row)))
         surv = survival(conf, lengths)  # [B][G], zero past each block
         if pol.survival_floor > 0:
             surv = [[a if a >= pol.survival_floor else 0.0 for a in row] for row in surv]

@@ -337,3 +337,42 @@ def test_the_host_budget_matches_a_torch_reference_in_every_input_kind(seed):
     assert isinstance(select_budget_greedy(a, t).lengths, torch.Tensor)
     assert isinstance(select_budget_greedy(a.numpy(), t.numpy()).lengths, np.ndarray)
     assert isinstance(select_budget_greedy(a.tolist(), t).lengths, list)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_the_host_budget_matches_the_reference_where_the_table_clamps_and_drafting_costs(seed):
+    # A table too short for every candidate (the capacity clamps), a drafting time, float32
+    # survivals and a stale batch other than the current one.
+    g = torch.Generator().manual_seed(2000 + seed)
+    b, gamma = 1 + seed % 4, 7
+    a = survival(torch.rand(b, gamma, generator=g) ** 0.3, torch.randint(0, gamma + 1, (b,), generator=g)).float()
+    stale = survival(torch.rand(b + 1, gamma, generator=g) ** 0.3, torch.full((b + 1,), gamma))
+    t = torch.cat([torch.zeros(1), 0.01 + 0.001 * torch.arange(b + 5)]).double()  # b + 5 tokens at most
+    draft = 0.004
+    lengths, _ = _torch_reference(a, t + draft, 0.0)
+    assert select_budget_greedy(a.tolist(), t, draft_time=draft).lengths == lengths
+    cap = best_capacity(stale, t, draft_time=draft)
+    assert cap == _torch_reference(stale, t + draft, 0.0)[1]
+    d = select_budget_async(stale.tolist(), a.tolist(), t.numpy(), draft_time=draft)
+    assert d.lengths == top_k_admission_torch(a, max(0, min(cap, t.shape[0] - 1) - b)).tolist()
+    assert d.num_tokens == b + sum(d.lengths)
+    assert d.expected_accepted == pytest.approx(float(expected_accepted(a.double(), torch.tensor(d.lengths)).sum()))
+
+
+def test_the_path_adds_the_survivals_before_the_anchors():
+    """Along a flat table Theta improves by a survival's worth: a tiny one decides by the last bit
+    of tau, which the running sum of survivals added to the anchors gets as the reference does."""
+    a = [[0.8955753946414917, 8.881784197001253e-17]]
+    t = [0.0, 0.02, 0.02, 0.02]
+    as_tensors = (torch.tensor(a, dtype=torch.float64), torch.tensor(t, dtype=torch.float64))
+    assert select_budget_greedy(a, t).lengths == select_budget_greedy(*as_tensors).lengths.tolist() == [2]
+    ref = 1 + torch.cumsum(torch.tensor(a[0], dtype=torch.float64), 0)
+    assert throughput_path(a, t)[1:] == (ref / 0.02).tolist()
+
+
+def test_uneven_rows_nan_survivals_and_a_zero_in_the_table():
+    ones = [0.0] + [1.0] * 10
+    assert select_budget_greedy([[0.9], [0.8, 0.7], [0.6]], ones).lengths == [1, 2, 1]
+    assert top_k_admission([[0.9, 0.8], [float("nan"), 0.0]], 1) == [1, 0]  # NaN: never admitted
+    assert expected_accepted([[0.9, 0.5]], [-1]) == [1.0]
+    assert best_capacity([[0.5]], [0.0, 0.0, 1.0, 1.0, 1.0]) == 1  # Theta_0 = 1 / 0: infinite, as arrays give it
