@@ -244,12 +244,13 @@ def top_k_admission(survival, num_draft_tokens):
     On the host for lists, arrays and CPU tensors; on a device, Triton on CUDA when available,
     else :func:`top_k_admission_torch` (same contract, which a device-side K keeps on the device).
     """
-    if isinstance(survival, torch.Tensor) and (survival.device.type != "cpu" or use_triton(survival)):
-        if survival.device.type == "cpu" or use_triton(survival):  # CPU: the parity tests' interpreter
+    if isinstance(survival, torch.Tensor):
+        if use_triton(survival):  # CUDA, or CPU under the parity tests' interpreter
             from dspark.kernels.triton_budget import top_k_admission_triton
 
             return top_k_admission_triton(survival, num_draft_tokens)
-        return top_k_admission_torch(survival, num_draft_tokens)
+        if survival.device.type != "cpu":
+            return top_k_admission_torch(survival, num_draft_tokens)
     rows = _rows(survival)
     k = num_draft_tokens.item() if isinstance(num_draft_tokens, (torch.Tensor, np.ndarray)) else num_draft_tokens
     return _like(_admit(rows, *_ranked(rows), int(k)), survival, torch.long)
