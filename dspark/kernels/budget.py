@@ -198,20 +198,37 @@ def _float_table(step_time):
     return np.asarray(step_time, dtype=np.float64)
 
 
-def _capacity(rows: list, step_time, draft_time: float, slack: float) -> int:
+def _plain_theta(num_reqs: int, step_time, plain_seconds: float | None) -> float:
+    """Plain decoding's expected throughput: ``num_reqs`` tokens in a step of ``num_reqs`` tokens
+    that drafted nothing and takes ``plain_seconds`` beyond its forward pass (None: 0, no floor)."""
+    if plain_seconds is None or not num_reqs:
+        return 0.0
+    return _ratio(float(num_reqs), float(step_time[num_reqs]) + plain_seconds)
+
+
+def _slack_bar(best: float, slack: float, plain: float) -> float:
+    """The lowest Theta the depth slack accepts: within ``slack`` of ``best``, and never below
+    ``plain`` (plain decoding's expected throughput) unless ``best`` itself is."""
+    return max((1.0 - slack) * best, min(best, plain))
+
+
+def _capacity(rows: list, step_time, draft_time: float, slack: float, plain_seconds: float | None = None) -> int:
     if not rows:
         return 0
     theta = _path(len(rows), _ranked(rows)[1], step_time, draft_time)
     best = max(theta)
     if slack > 0:
-        return len(rows) + max(m for m, x in enumerate(theta) if x >= (1.0 - slack) * best)
+        bar = _slack_bar(best, slack, _plain_theta(len(rows), step_time, plain_seconds))
+        return len(rows) + max(m for m, x in enumerate(theta) if x >= bar)
     return len(rows) + theta.index(best)
 
 
-def best_capacity(survival, step_time, draft_time: float = 0.0, slack: float = 0.0) -> int:
+def best_capacity(survival, step_time, draft_time: float = 0.0, slack: float = 0.0,
+                  plain_seconds: float | None = None) -> int:  # fmt: skip
     """Token count R + m maximising Theta over the whole path (no early stop; smallest m on ties).
-    With ``slack`` > 0: the largest m whose Theta is within ``slack`` of the maximum (deeper
-    verification at about the same throughput; see :func:`select_budget_greedy`).
+    With ``slack`` > 0: the largest m whose Theta is within ``slack`` of the maximum and, given
+    ``plain_seconds``, not below plain decoding's unless the maximum is (deeper verification at
+    about the same throughput; see :func:`select_budget_greedy`).
 
     Lossy if applied to the survivals of the block being verified (Appendix A); section 5.2
     applies it to survivals from two steps ago.  Returns 0 for an empty batch.
@@ -220,7 +237,7 @@ def best_capacity(survival, step_time, draft_time: float = 0.0, slack: float = 0
         >>> best_capacity(torch.tensor([[0.8, 0.72]]), torch.tensor([0.0, 1.0, 2.0, 1 / 0.45]))
         3
     """
-    return _capacity(_rows(survival), _float_table(step_time), draft_time, slack)
+    return _capacity(_rows(survival), _float_table(step_time), draft_time, slack, plain_seconds)
 
 
 def _admit(rows: list, order: list[int], ranked: list[float], k: int) -> list[int]:
@@ -289,7 +306,8 @@ def _decision(rows: list, lengths: list[int], step_time, draft_time: float, ref)
                           expected_accepted=tau, expected_throughput=_ratio(tau, seconds))
 
 
-def select_budget_greedy(survival, step_time, draft_time: float = 0.0, slack: float = 0.0) -> BudgetDecision:
+def select_budget_greedy(survival, step_time, draft_time: float = 0.0, slack: float = 0.0,
+                         plain_seconds: float | None = None) -> BudgetDecision:  # fmt: skip
     """Algorithm 1: admit drafts by decreasing survival while expected throughput improves.
 
     survival: [B, G] of the blocks about to be verified; step_time: [T+1] seconds by token
@@ -314,6 +332,14 @@ def select_budget_greedy(survival, step_time, draft_time: float = 0.0, slack: fl
     for the requests whose drafts are accepted.  Still a stopping rule on the path in rank
     order, so as lossless as the strict walk.
 
+    ``plain_seconds``: what a plain decoding step takes beyond its forward pass.  Given, the
+    slack never walks below plain decoding's expected throughput, R / (step_time[R] +
+    plain_seconds), unless the best Theta so far is below it too.  Deeper verification trades
+    throughput for the speed of the requests whose drafts are accepted; where speculation barely
+    beats plain decoding (a busy verifier) that trade made the speculative step slower than a
+    plain one, and the speculation gate kept it for being within its margin.  The floor depends
+    on the table and the batch size alone, so it keeps the walk lossless.
+
     Returns a :class:`BudgetDecision`.
 
     Example (Appendix A: Theta drops from 1.0 to 0.9 at m = 1, so nothing is admitted even
@@ -326,15 +352,19 @@ def select_budget_greedy(survival, step_time, draft_time: float = 0.0, slack: fl
         >>> t = torch.tensor([1.0, 1, 1, 1, 1.2, 1.4])  # Theta 3.5 / 1.2 = 2.92 at m = 2, 4.0 / 1.4 = 2.86 at m = 3
         >>> [select_budget_greedy(torch.tensor([[0.9, 0.5], [0.6, 0.0]]), t, slack=x).lengths.tolist() for x in (0, 0.05)]
         [[1, 1], [2, 1]]
+        >>> t, a = torch.tensor([0.0, 0.8, 1.2, 1.45]), torch.tensor([[0.5, 0.25]])  # Theta 1.15, 1.13 at m = 1, 2
+        >>> [select_budget_greedy(a, t, 0.1, slack=0.05, plain_seconds=x).lengths.tolist() for x in (None, 0.0)]
+        [[2], [1]]
     """
     rows, t = _rows(survival), _float_table(step_time)
     if not rows:
         return _decision(rows, [], t, draft_time, survival)
     order, ranked = _ranked(rows)
     theta = _path(len(rows), ranked, t, draft_time)  # [M+1]
+    plain = _plain_theta(len(rows), t, plain_seconds)
     k, best = 0, theta[0]  # k: the length of the first improving run; best: the largest Theta in it
     for m in range(1, len(theta)):
-        improving = theta[m] >= (1.0 - slack) * best if slack > 0 else theta[m] > theta[m - 1]
+        improving = theta[m] >= _slack_bar(best, slack, plain) if slack > 0 else theta[m] > theta[m - 1]
         if not improving:
             break
         k, best = m, max(best, theta[m])
@@ -342,7 +372,8 @@ def select_budget_greedy(survival, step_time, draft_time: float = 0.0, slack: fl
 
 
 def select_budget_async(
-    stale_survival, survival, step_time, draft_time: float = 0.0, slack: float = 0.0
+    stale_survival, survival, step_time, draft_time: float = 0.0, slack: float = 0.0,
+    plain_seconds: float | None = None,
 ) -> BudgetDecision:
     """Section 5.2: capacity from survivals two steps old, then top-K over current survivals.
 
@@ -371,6 +402,6 @@ def select_budget_async(
     """
     rows, t = _rows(survival), _float_table(step_time)
     max_tokens = _check_table(len(rows), t)
-    capacity = _capacity(_rows(stale_survival), t, draft_time, slack)
+    capacity = _capacity(_rows(stale_survival), t, draft_time, slack, plain_seconds)
     k = max(0, min(capacity, max_tokens) - len(rows))
     return _decision(rows, _admit(rows, *_ranked(rows), k), t, draft_time, survival)

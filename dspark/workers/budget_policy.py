@@ -164,7 +164,9 @@ class AdaptiveBudget:
     # requests whose drafts are accepted finish sooner.  Through the cluster at four requests,
     # fixed depth 4 led this budget (2.4-2.9 drafts verified a step) by 6% per user in every
     # sweep, while within 2% of it in aggregate.  Not for a lone request, whose speed is the
-    # throughput.
+    # throughput, and never below plain decoding's expected throughput: at sixteen requests
+    # speculation and plain decoding were within a few percent, and the slack took speculative
+    # steps below plain ones (see ``select_budget_greedy``'s ``plain_seconds``).
     DEPTH_SLACK = 0.05
 
     def __init__(self, costs: CostModel, policy: VerifyPolicy, learn: bool = True) -> None:
@@ -482,19 +484,22 @@ class AdaptiveBudget:
         # engine's work outside the forward pass.
         draft_seconds = self.drafting_seconds(sum(1 for b in blocks if b.token_ids)) + self.overhead_seconds(B)
         slack = self.slack if B > 1 else 0.0  # one request: its speed is the throughput, nothing to trade
+        # The slack goes no lower than plain decoding's throughput (a plain step pays the same
+        # overhead outside its forward pass, and no drafting).
+        plain_seconds = self.overhead_seconds(B)
         table = self._table.numpy()  # the table's own memory (CPU float64): the budget slices what it needs
         if pol.budget_mode == "fixed":
             out = floor_lengths
         elif pol.budget_mode == "algorithm1":
-            out = select_budget_greedy(surv, table, draft_seconds, slack).lengths
+            out = select_budget_greedy(surv, table, draft_seconds, slack, plain_seconds).lengths
         elif len(self._history) < 2:
             # No settled survivals from two steps ago yet (a fresh verifier, or one that was
             # just switched to this mode).  The 5.2 capacity search must never look at the
             # block being verified (Appendix A: an argmax over its own survivals biases the
             # output), so the first steps use the lossless early-stop walk instead.
-            out = select_budget_greedy(surv, table, draft_seconds, slack).lengths
+            out = select_budget_greedy(surv, table, draft_seconds, slack, plain_seconds).lengths
         else:
-            out = select_budget_async(self._history[0], surv, table, draft_seconds, slack).lengths
+            out = select_budget_async(self._history[0], surv, table, draft_seconds, slack, plain_seconds).lengths
         self._history.append(surv)
         res = [min(int(x), f) for x, f in zip(out, floor_lengths)]
         self._deepest.append(max(res))  # what the budget chose, which the next depths follow

@@ -236,11 +236,14 @@ def test_appendix_a_early_stop_is_lossless_global_search_is_not():
     def async_slack(a):
         return select_budget_async(torch.tensor([[0.8, 0.72]]), a, APPENDIX_A_TABLE, slack=0.2).lengths[0]
 
+    def greedy_slack_above_plain(a):  # plain decoding's throughput (1.0) as the slack's floor
+        return select_budget_greedy(a, APPENDIX_A_TABLE, slack=0.2, plain_seconds=0.0).lengths[0]
+
     counts, pval = _first_token_law(global_search)
     assert pval < 1e-3
     assert counts[0] / counts.sum() == pytest.approx(0.85, abs=0.005)  # the paper's biased law
     assert greedy_slack(torch.tensor([[0.8, 0.72]])) == 2 and greedy_slack(torch.tensor([[0.8, 0.0]])) == 1
-    for policy in (greedy, async_stale, greedy_slack, async_slack):
+    for policy in (greedy, async_stale, greedy_slack, async_slack, greedy_slack_above_plain):
         counts, pval = _first_token_law(policy)
         assert pval > 1e-3, (policy.__name__, counts)
 
@@ -300,19 +303,60 @@ def test_slack_verifies_deeper_at_about_the_same_throughput(seed):
     assert float(throughput_path(surv, flat)[cap - 4]) >= 0.95 * float(throughput_path(surv, flat).max())
 
 
+@pytest.mark.parametrize("seed", range(20))
+def test_the_slack_stops_at_plain_decodings_throughput(seed):
+    """With ``plain_seconds`` the slack never walks (or searches) below plain decoding's expected
+    throughput, R / (step_time[R] + plain_seconds), unless the best Theta is below it: then the
+    choice is the strict one's depth or deeper, never a Theta under the best.  Where the floor
+    lies between the best Theta and the slack's own bar, the budget verifies less than the slack
+    alone would."""
+    g = torch.Generator().manual_seed(seed)
+    conf = torch.rand(4, 7, generator=g) * 0.6 + 0.3
+    surv = survival(conf, torch.full((4,), 7))
+    steep = torch.tensor([0.0] + [0.020 + 0.0012 * n for n in range(1, 64)], dtype=torch.float64)
+    draft = 0.02  # speculation a little above plain decoding, as a busy verifier sees it
+    path = throughput_path(surv, steep, draft)
+    best = float(path.max())
+    free = select_budget_greedy(surv, steep, draft, slack=0.05)
+    strict = select_budget_greedy(surv, steep, draft)
+    assert free.num_draft_tokens > strict.num_draft_tokens  # the slack alone goes deeper here
+    for below in (0.04, 0.02, 0.0, -0.02):  # plain decoding 4% below the best Theta ... 2% above it
+        plain = best * (1 - below)
+        plain_seconds = 4 / plain - float(steep[4])
+        floor = max(0.95 * best, min(best, plain))
+        d = select_budget_greedy(surv, steep, draft, slack=0.05, plain_seconds=plain_seconds)
+        assert d.expected_throughput >= floor * (1 - 1e-9)
+        assert strict.num_draft_tokens <= d.num_draft_tokens <= free.num_draft_tokens
+        if below <= 0.02:
+            assert d.num_draft_tokens < free.num_draft_tokens
+        cap = best_capacity(surv, steep, draft, slack=0.05, plain_seconds=plain_seconds)
+        assert float(path[cap - 4]) >= floor * (1 - 1e-9)
+        assert best_capacity(surv, steep, draft) <= cap <= best_capacity(surv, steep, draft, slack=0.05)
+        lengths, capacity = _torch_reference(surv, steep, 0.05, 4 / (float(steep[4]) + plain_seconds), draft)
+        assert [int(x) for x in d.lengths] == lengths
+        assert cap == capacity
+
+
 # ------------------------------------------------------------------ inputs: lists, arrays, tensors
 
 
-def _torch_reference(a: torch.Tensor, t: torch.Tensor, slack: float) -> tuple[list[int], int]:
+def _torch_reference(a: torch.Tensor, t: torch.Tensor, slack: float, plain: float = 0.0,
+                     draft: float = 0.0) -> tuple[list[int], int]:  # fmt: skip
     """Algorithm 1 and the global capacity straight from their definitions, in torch: the path
-    by a stable descending sort, the first improving run, the top-K admission by rank."""
+    by a stable descending sort, the first improving run, the top-K admission by rank.  ``plain``:
+    the Theta the slack may not go below unless the best one is below it; ``draft``: seconds
+    added to every step."""
     flat = torch.sort(a.reshape(-1).double(), descending=True, stable=True).values
     m_max = min(int((flat > 0).sum()), t.shape[0] - 1 - a.shape[0])
-    path = (a.shape[0] + torch.cat([flat.new_zeros(1), torch.cumsum(flat[:m_max], 0)])) / t[a.shape[0]: a.shape[0] + m_max + 1]
+    path = (a.shape[0] + torch.cat([flat.new_zeros(1), torch.cumsum(flat[:m_max], 0)])) / (t[a.shape[0]: a.shape[0] + m_max + 1] + draft)
+
+    def bar(best):
+        return max((1 - slack) * best, min(best, plain))
+
     k = 0
-    while k + 1 < path.shape[0] and (path[k + 1] >= (1 - slack) * path[: k + 1].max() if slack else path[k + 1] > path[k]):
+    while k + 1 < path.shape[0] and (path[k + 1] >= bar(path[: k + 1].max()) if slack else path[k + 1] > path[k]):
         k += 1
-    near = (path >= (1 - slack) * path.max()).nonzero()[-1] if slack else torch.argmax(path)
+    near = (path >= bar(path.max())).nonzero()[-1] if slack else torch.argmax(path)
     return top_k_admission_torch(a, k).tolist(), a.shape[0] + int(near)
 
 
