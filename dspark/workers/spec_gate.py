@@ -19,7 +19,12 @@ and how often the drafts are accepted for today's traffic.  So the gate measures
   for every request's block at once (measured through the cluster at 16 requests: 11 tokens/s
   against 59 in steady state), which is the cost of switching, not of either arm;
 * each step it keeps the arm with the higher tokens per second, switching only when the other
-  is ahead by ``confirm_margin`` (a switch costs a settling step).  Exploration takes the other
+  is ahead by the bucket's margin (a switch costs a settling step): two standard errors of the
+  difference of the two averages, from the spread of the steps they average, between
+  ``min_margin`` (2%) and ``confirm_margin`` (10%).  A lone request's speculative steps emit 1
+  to 8 tokens and keep the 10%; sixty-four requests' steps vary by a few percent, and a fixed
+  10% held speculation there at 0.94x of plain decoding by the gate's own figures, for whole
+  slices (adaptive at 0.93x of plain per user).  Exploration takes the other
   arm for a run of ``explore_run`` steps (one settling, the rest measured; their mean replaces
   that arm's old average) every ``explore_every``-th step of a bucket.  A run whose arm came out
   clearly behind (by ``confirm_margin``) lengthens that interval, up to ``max_explore_every``, so
@@ -90,6 +95,8 @@ class _Arm:
     seconds: float = 0.0  # EMA of wall seconds per step
     steps: int = 0  # steps measured in all
     fresh: int = 0  # steps measured since the average (re)started
+    step_rate: float = 0.0  # EMA of each step's own tokens per second
+    step_rate_sq: float = 0.0  # EMA of its square: the spread of single steps' rates
 
     def add(self, tokens: float, seconds: float, decay: float) -> None:
         """The mean of the steps since the (re)start until there are 1 / (1 - decay), then the EMA."""
@@ -97,11 +104,28 @@ class _Arm:
         w = max(1 - decay, 1 / self.fresh)
         self.tokens += w * (tokens - self.tokens)
         self.seconds += w * (seconds - self.seconds)
+        r = tokens / seconds
+        self.step_rate += w * (r - self.step_rate)
+        self.step_rate_sq += w * (r * r - self.step_rate_sq)
         self.steps += 1
 
     @property
     def rate(self) -> float:
         return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+    def relative_variance(self, decay: float) -> float | None:
+        """The variance of this average relative to its square, from the spread of the steps it
+        averages (None with fewer than ``MIN_SPREAD_STEPS`` steps): the mean of n steps while
+        there are fewer than 1 / (1 - decay), then the EMA's, w / (2 - w) of a step's."""
+        if self.fresh < MIN_SPREAD_STEPS or self.step_rate <= 0:
+            return None
+        n = self.fresh
+        spread = max(0.0, self.step_rate_sq - self.step_rate**2) * n / (n - 1)  # unbiased while a mean
+        w = 1 - decay
+        return spread / self.step_rate**2 * max(1 / n, w / (2 - w))
+
+
+MIN_SPREAD_STEPS = 4  # steps an average needs before its spread sets the margin (a run measures 4)
 
 
 @dataclass
@@ -134,15 +158,18 @@ class SpeculationGate:
     """
 
     def __init__(self, explore_every: int = 16, decay: float = 0.97, warmup_steps: int = 3,
-                 explore_run: int = 5, max_explore_every: int = 256, confirm_margin: float = 0.1) -> None:  # fmt: skip
+                 explore_run: int = 5, max_explore_every: int = 256, confirm_margin: float = 0.1,
+                 min_margin: float = 0.02, noise_z: float = 2.0) -> None:  # fmt: skip
         if (explore_every < 2 or not 0 <= decay < 1 or warmup_steps < 1 or explore_run < 2
-                or not 0 < confirm_margin < 1):  # fmt: skip
-            raise ValueError("explore_every >= 2, 0 <= decay < 1, warmup_steps >= 1, explore_run >= 2 and "
-                             "0 < confirm_margin < 1 are required")
+                or not 0 < confirm_margin < 1 or not 0 < min_margin <= confirm_margin or noise_z < 0):  # fmt: skip
+            raise ValueError("explore_every >= 2, 0 <= decay < 1, warmup_steps >= 1, explore_run >= 2, "
+                             "0 < min_margin <= confirm_margin < 1 and noise_z >= 0 are required")
         self.explore_every = explore_every
         self.max_explore_every = max(explore_every, max_explore_every)
         self.explore_run = explore_run  # one settling step, then measured ones
-        self.confirm_margin = confirm_margin  # lead a switch needs; how far behind a run's arm backs probes off
+        self.confirm_margin = confirm_margin  # largest lead a switch needs; how far behind a run's arm backs probes off
+        self.min_margin = min_margin  # smallest lead a switch needs, however steady the steps
+        self.noise_z = noise_z  # a switch needs a lead of this many standard errors of the arms' difference
         self.decay = decay
         self.warmup_steps = warmup_steps
         self._arms: dict[tuple[int, bool], _Arm] = {}
@@ -222,12 +249,43 @@ class SpeculationGate:
                 return ratio[0] + (ratio[1] - ratio[0]) * (b - lo) / (hi - lo), 1.0
         return self._rate(src, True), self._rate(src, False)
 
-    def _incumbent(self, best: bool | None, spec_rate: float, plain_rate: float) -> bool:
-        """The arm to keep: ``best`` unless the other arm leads by the margin (a switch costs a
-        settling step, and a small lead is mostly noise); the leader when there is no ``best``."""
-        if best is None or abs(spec_rate - plain_rate) > self.confirm_margin * max(spec_rate, plain_rate):
+    def _incumbent(self, best: bool | None, spec_rate: float, plain_rate: float, margin: float | None = None) -> bool:
+        """The arm to keep: ``best`` unless the other arm leads by ``margin`` (a fraction of the
+        larger rate; default ``confirm_margin``): a switch costs a settling step, and a small lead
+        may be noise.  The leader when there is no ``best``."""
+        margin = self.confirm_margin if margin is None else margin
+        if best is None or abs(spec_rate - plain_rate) > margin * max(spec_rate, plain_rate):
             return spec_rate >= plain_rate
         return best
+
+    def margin(self, b: int) -> float:
+        """The lead bucket ``b``'s own figures need for a switch: ``noise_z`` standard errors of
+        the difference of its arms' averages, from the spread of the steps they average, between
+        ``min_margin`` and ``confirm_margin``; ``confirm_margin`` while an arm has too few steps.
+
+        A fixed 10% margin kept whichever arm a bucket held while the other led by less: at
+        sixty-four requests through the cluster the gate held speculation at 0.94x of plain
+        decoding by its own figures, whose steps varied by a few percent (64 tokens each, 8-12%
+        in time), for whole slices.  A lone request's speculative steps emit 1 to 8 tokens: their
+        average is noisy, and the margin stays at its largest there.
+
+            >>> g = SpeculationGate()
+            >>> for arm in (True, False):  # the first step of each arm settles, the rest are averaged
+            ...     for k in range(41):
+            ...         g.record(64, arm, 64.0, 0.30 + 0.01 * (k % 3))
+            >>> round(g.margin(7), 3), g.margin(1)  # 64 tokens, 3% in time; one request: nothing yet
+            (0.02, 0.1)
+            >>> for k in range(41):  # 1 to 8 tokens a step
+            ...     g.record(1, True, 1 + k % 8, 0.05)
+            >>> for k in range(41):
+            ...     g.record(1, False, 1.0, 0.03)
+            >>> g.margin(1)
+            0.1
+        """
+        rv = [self._arms.get((b, arm), _Arm()).relative_variance(self.decay) for arm in (True, False)]
+        if None in rv:
+            return self.confirm_margin
+        return min(self.confirm_margin, max(self.min_margin, self.noise_z * (rv[0] + rv[1]) ** 0.5))
 
     def _rate(self, b: int, speculated: bool) -> float:
         return self._arms.get((b, speculated), _Arm()).rate
@@ -252,6 +310,7 @@ class SpeculationGate:
             p.left -= 1
             p.judge = p.left == 0
             return p.arm
+        lead = self.margin(b) if own else self.confirm_margin  # the lead a switch needs (see ``margin``)
         margin = self.confirm_margin * max(spec_rate, plain_rate)
         ran = self._arms.get((b, p.arm))
         ended = p.judge  # a run ended with the last step (judged below if it measured its arm)
@@ -260,7 +319,7 @@ class SpeculationGate:
         if p.judge:  # the run just ended: behind or close backs off, ahead is confirmed
             p.judge = False
             explored, other = (spec_rate, plain_rate) if p.arm else (plain_rate, spec_rate)
-            if explored - other > margin and not p.extended and p.best is not None:
+            if explored - other > lead * max(spec_rate, plain_rate) and not p.extended and p.best is not None:
                 # Ahead on a short sample: measure as many steps again (the arm's average goes
                 # on from the run's steps) before paying for a switch.
                 p.extended, p.left, p.judge = True, self.explore_run - 2, self.explore_run == 2
@@ -270,7 +329,7 @@ class SpeculationGate:
                 p.every = min(self._backoff(explored, other) * p.every, self.max_explore_every)
             elif abs(explored - other) <= margin:  # close: the run could not move the choice
                 p.every = min(2 * p.every, self.max_explore_every)
-        best = self._incumbent(p.best, spec_rate, plain_rate)
+        best = self._incumbent(p.best, spec_rate, plain_rate, lead)
         if best != p.best and p.best is not None and own and not ended:
             # The incumbent's average, which follows the host from step to step, fell behind the
             # other arm's, measured at its last run: a slower spell of the whole host looks the

@@ -289,6 +289,27 @@ def test_arms_within_the_margin_are_probed_less_and_less():
         assert arms.count(True) < 0.05 * len(arms), (seed, arms.count(True))
 
 
+def test_steady_steps_switch_on_a_lead_inside_the_fixed_margin():
+    """Sixty-four requests through the cluster: speculation settled in first (plain decoding slow
+    for a stretch), then plain decoding at 1.05x of it, on steps that vary by 3-4%.  With a fixed
+    10% margin the gate kept speculation for good (a close second, probed less and less); the
+    margin now follows the steps' spread, and plain decoding takes over at its first probe."""
+    for seed in range(3):
+        rng = random.Random(seed)
+
+        def cost(arm: bool, prev: bool | None, step: int) -> tuple[float, float]:
+            if not arm:
+                return 64.0, rng.gauss(0.32 if step < 200 else 0.26, 0.01)  # 200, then 246 tok/s
+            return 70.0, rng.gauss(0.30, 0.012) if prev else 0.45  # 233 tok/s; the first waits for every block
+
+        g = SpeculationGate()
+        arms = _simulate(g, 1500, cost)
+        assert arms[100:200].count(True) > 90, (seed, arms[100:200].count(True))
+        assert arms[500:].count(True) < 0.05 * len(arms[500:]), (seed, arms[500:].count(True))
+        assert g.margin(1) < 0.05
+    # A lone request's noisy steps keep the full margin (see test_gate_holds_a_noisy_lead).
+
+
 def test_gate_confirms_a_lucky_run_before_switching():
     """Plain leads (80 tok/s against speculation's 60), but one exploration run of speculation
     happens to measure 100 tok/s.  A run that comes out ahead is extended by as many steps, whose
