@@ -482,11 +482,11 @@ class AdaptiveBudget:
         floor_lengths = [sum(1 for a in row if a > 0) for row in surv]
         # What every step pays whatever it verifies: drafting (by the requests that drafted) and the
         # engine's work outside the forward pass.
-        draft_seconds = self.drafting_seconds(sum(1 for b in blocks if b.token_ids)) + self.overhead_seconds(B)
-        slack = self.slack if B > 1 else 0.0  # one request: its speed is the throughput, nothing to trade
-        # The slack goes no lower than plain decoding's throughput (a plain step pays the same
-        # overhead outside its forward pass, and no drafting).
+        # The slack goes no lower than plain decoding's throughput: a plain step pays the same
+        # overhead outside its forward pass, and no drafting.
         plain_seconds = self.overhead_seconds(B)
+        draft_seconds = self.drafting_seconds(sum(1 for b in blocks if b.token_ids)) + plain_seconds
+        slack = self.slack if B > 1 else 0.0  # one request: its speed is the throughput, nothing to trade
         table = self._table.numpy()  # the table's own memory (CPU float64): the budget slices what it needs
         if pol.budget_mode == "fixed":
             out = floor_lengths

@@ -86,6 +86,7 @@ step t, so it cannot bias which drafts get verified (the condition of the paper'
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 
@@ -362,8 +363,8 @@ class SpeculationGate:
         settling, self._last = self._last != speculated, speculated
         if settling:
             self.settling_steps += 1
-        if settling or not measured or seconds <= 0:
-            return
+        if settling or not measured or not (0 < seconds < math.inf) or not math.isfinite(tokens):
+            return  # a NaN would stay in the averages for good (and take the margin to its floor)
         self._arms.setdefault((self.bucket(num_requests), speculated), _Arm()).add(float(tokens), seconds, self.decay)
 
     @staticmethod

@@ -244,14 +244,20 @@ def test_adaptive_budget_trades_depth_for_no_less_than_plain_decodings_throughpu
     tau = 4 + sum(0.6 ** (j + 1) for n in lengths for j in range(n))
     assert tau / (float(table[4 + sum(lengths)]) + 0.020) >= 4 / float(table[4])
     # Plain decoding pays the step's overhead outside the forward pass too: the floor counts it.
-    loaded = AdaptiveBudget(costs, policy)
+    # Drafting 21 ms and 0.5 ms of overhead: the slack alone verifies 28 drafts, a floor without
+    # the overhead 20, the floor with it 25.
+    loaded = AdaptiveBudget(CostModel(costs.token_counts, costs.step_seconds, draft_seconds=0.021), policy)
     for _ in range(3):
-        loaded.observe_overhead(4, 0.004)
+        loaded.observe_overhead(4, 0.0005)
     ovh = loaded.overhead_seconds(4)
-    assert ovh > 0
-    want = select_budget_greedy(surv, loaded.step_table(), loaded.drafting_seconds(4) + ovh,
-                                slack=AdaptiveBudget.DEPTH_SLACK, plain_seconds=ovh)
-    assert loaded(_blocks(conf), 7) == [int(x) for x in want.lengths]
+    assert ovh == pytest.approx(0.0005)
+
+    def drafts(plain_seconds):
+        return select_budget_greedy(surv, loaded.step_table(), 0.021 + ovh, slack=AdaptiveBudget.DEPTH_SLACK,
+                                    plain_seconds=plain_seconds).num_draft_tokens
+
+    assert (drafts(None), drafts(0.0), drafts(ovh)) == (28, 20, 25)
+    assert sum(loaded(_blocks(conf), 7)) == 25
 
 
 def test_adaptive_budget_reads_an_undefined_confidence_as_no_chance():

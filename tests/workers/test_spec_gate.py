@@ -310,6 +310,17 @@ def test_steady_steps_switch_on_a_lead_inside_the_fixed_margin():
     # A lone request's noisy steps keep the full margin (see test_gate_holds_a_noisy_lead).
 
 
+def test_a_step_without_a_finite_measure_is_not_averaged():
+    """A NaN or infinite step would stay in an arm's averages for good."""
+    g = SpeculationGate()
+    for _ in range(6):
+        g.record(4, True, 8.0, 0.1)
+    before = g.rates()[3]
+    for tokens, seconds in ((float("nan"), 0.1), (8.0, float("nan")), (8.0, float("inf")), (float("inf"), 0.1)):
+        g.record(4, True, tokens, seconds)
+    assert g.rates()[3] == before and g._arms[(3, True)].steps == 5
+
+
 def test_gate_confirms_a_lucky_run_before_switching():
     """Plain leads (80 tok/s against speculation's 60), but one exploration run of speculation
     happens to measure 100 tok/s.  A run that comes out ahead is extended by as many steps, whose
