@@ -74,6 +74,7 @@ struct Cache {
 struct Request {
   const int64_t* pages;  // its block table (one entry: its slot, for the slot layout)
   int64_t start, q_len, first;
+  int64_t end;  // > 0: every row sees keys up to end (a draft block attends both ways); 0: causal
 };
 
 // Softmax of row s over [lo, hi) in place, zeros elsewhere in [0, n); returns 1 / sum.
@@ -120,9 +121,11 @@ void attend_group(const T* q, int64_t q_tok, const Cache& c, const Request& r, i
   const T* kc = static_cast<const T*>(c.k);
   const T* vc = static_cast<const T*>(c.v);
   const int64_t rows = r.q_len * n_rep;
-  // Row i (token i / n_rep) sees keys [lo, hi): causal, and the window's latest when set.
+  // Row i (token i / n_rep) sees keys [lo, hi): causal, and the window's latest when set; or
+  // every row up to the request's end.
   auto lo_of = [&](int64_t j) { return window > 0 ? std::max<int64_t>(0, r.start + j + 1 - window) : 0; };
-  const int64_t lo = lo_of(0), hi = r.start + r.q_len, n = hi - lo, blocks = (n + 15) / 16;
+  auto hi_of = [&](int64_t j) { return r.end > 0 ? r.end : r.start + j + 1; };
+  const int64_t lo = lo_of(0), hi = hi_of(r.q_len - 1), n = hi - lo, blocks = (n + 15) / 16;
   const bool staged = (rows + RC - 1) / RC > 1;  // several passes over the values: widen them once
   buf.resize(rows * hd + rows * blocks * 16 + 16 * hd + (staged ? n * hd : 0) + rows);
   where.resize(n);
@@ -161,7 +164,7 @@ void attend_group(const T* q, int64_t q_tok, const Cache& c, const Request& r, i
   }
   for (int64_t i = 0; i < rows; ++i) {
     const int64_t j = i / n_rep;
-    inv[i] = softmax_row(s + i * stride, stride, lo_of(j) - lo, r.start + j + 1 - lo);
+    inv[i] = softmax_row(s + i * stride, stride, lo_of(j) - lo, hi_of(j) - lo);
   }
   if (staged)
     for (int64_t p = lo; p < hi; ++p) {
@@ -172,7 +175,7 @@ void attend_group(const T* q, int64_t q_tok, const Cache& c, const Request& r, i
   // they are, so a row sums the same terms in the same order whichever rows share its pass.
   for (int64_t i0 = 0; i0 < rows; i0 += RC) {
     const int nr = static_cast<int>(std::min<int64_t>(RC, rows - i0));
-    const int64_t p0 = lo_of(i0 / n_rep), p1 = r.start + (i0 + nr - 1) / n_rep + 1;
+    const int64_t p0 = lo_of(i0 / n_rep), p1 = hi_of((i0 + nr - 1) / n_rep);
     __m512 acc[RC][NC];
     for (int a = 0; a < RC; ++a)
       for (int ch = 0; ch < NC; ++ch) acc[a][ch] = _mm512_setzero_ps();
@@ -217,7 +220,7 @@ void run(const at::Tensor& q, const Cache& c, const std::vector<Request>& whole,
     const int64_t parts = std::min<int64_t>(r.q_len, std::max<int64_t>(1, (want + have - 1) / have));
     for (int64_t i = 0; i < parts; ++i) {
       const int64_t j0 = r.q_len * i / parts, j1 = r.q_len * (i + 1) / parts;
-      reqs.push_back({r.pages, r.start + j0, j1 - j0, r.first + j0});
+      reqs.push_back({r.pages, r.start + j0, j1 - j0, r.first + j0, r.end});
     }
   }
   const int64_t items = static_cast<int64_t>(reqs.size()) * n_kv;
@@ -263,8 +266,10 @@ std::vector<Request> check_step(int64_t T, int64_t n_pages, int64_t block, const
     TORCH_CHECK(t->scalar_type() == at::kLong && t->is_contiguous(), "short_attention: index tensors int64, contiguous");
   TORCH_CHECK(write_page.dim() == 1 && write_page.size(0) == T && write_pos.sizes() == write_page.sizes(),
               "short_attention: one write page and position per token");
-  TORCH_CHECK(reqs.dim() == 2 && reqs.size(1) == 3 && tables.dim() == 2 && tables.size(0) == reqs.size(0),
-              "short_attention: reqs [R, 3] (start, q_len, first token), tables [R, pages]");
+  TORCH_CHECK(reqs.dim() == 2 && (reqs.size(1) == 3 || reqs.size(1) == 4) && tables.dim() == 2 &&
+                  tables.size(0) == reqs.size(0),
+              "short_attention: reqs [R, 3] (start, q_len, first token) or [R, 4] (and 1: every row sees the "
+              "whole request), tables [R, pages]");
   const int64_t* wp = write_page.data_ptr<int64_t>();
   const int64_t* wq = write_pos.data_ptr<int64_t>();
   for (int64_t t = 0; t < T; ++t)
@@ -273,15 +278,17 @@ std::vector<Request> check_step(int64_t T, int64_t n_pages, int64_t block, const
   const int64_t* tb = tables.data_ptr<int64_t>();
   const int64_t width = tables.size(1);
   std::vector<Request> list;
+  const int64_t cols = reqs.size(1);
   for (int64_t i = 0; i < reqs.size(0); ++i) {
-    const int64_t start = rq[3 * i], q_len = rq[3 * i + 1], first = rq[3 * i + 2];
+    const int64_t start = rq[cols * i], q_len = rq[cols * i + 1], first = rq[cols * i + 2];
+    const bool whole = cols == 4 && rq[cols * i + 3] != 0;
     TORCH_CHECK(start >= 0 && q_len >= 1 && first >= 0 && first + q_len <= T && start <= width * block,
                 "short_attention: a request outside the step or past its table");
     const int64_t used = (start + q_len + block - 1) / block;
     TORCH_CHECK(used <= width, "short_attention: a request past its table");
     for (int64_t j = 0; j < used; ++j)
       TORCH_CHECK(tb[i * width + j] >= 0 && tb[i * width + j] < n_pages, "short_attention: a table names no page");
-    list.push_back({tb + i * width, start, q_len, first});
+    list.push_back({tb + i * width, start, q_len, first, whole ? start + q_len : 0});
   }
   return list;
 }

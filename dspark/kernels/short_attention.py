@@ -149,6 +149,45 @@ def _op():
     return torch.ops.dspark_attn.short_attention
 
 
+@dataclass(frozen=True)
+class BlockSpans:
+    """Draft blocks attending in one kernel call per layer, in place in a slot cache (the DSpark
+    drafter's): request b's G block tokens are written after its n_b context positions, and
+    every one of them sees the whole context and the whole block (the block attends both ways,
+    as the head was trained: a request row of four columns, the last 1).  Rows are computed on
+    their own, so a request's bits do not depend on what shares the call.
+
+    write_slots, write_pos: [B G] where each block token's key and value go; reqs: [B, 4];
+    tables: [B, 1] (the kernel's request rows and tables, see ``ShortPlan``).
+    """
+
+    write_slots: torch.Tensor
+    write_pos: torch.Tensor
+    reqs: torch.Tensor
+    tables: torch.Tensor
+
+    @classmethod
+    def of(cls, slots: list[int], context_lens: list[int], block: int) -> "BlockSpans":
+        """Blocks of ``block`` tokens after each slot's ``context_lens`` positions."""
+        G = block
+        lens, sl = torch.tensor(context_lens, dtype=torch.long), torch.tensor(slots, dtype=torch.long)
+        j = torch.arange(G)
+        write_pos = (lens.unsqueeze(1) + j).flatten()
+        first = torch.arange(len(slots), dtype=torch.long) * G
+        reqs = torch.stack([lens, torch.full_like(lens, G), first, torch.ones_like(lens)], dim=1)
+        return cls(sl.repeat_interleave(G), write_pos, reqs, sl.view(-1, 1))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+               v_cache: torch.Tensor, n_rep: int, scale: float) -> torch.Tensor:
+        """q: [B G, heads, hd]; k/v: [B G, kv heads, hd]; caches: one layer, [S, kv heads,
+        capacity, hd] with room for every block.  Returns [B G, heads, hd]."""
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        out = torch.empty_like(q)
+        _op()(q, k, v, k_cache, v_cache, self.write_slots, self.write_pos, self.reqs, self.tables, False,
+              n_rep, scale, -1, out)
+        return out
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
            batch) -> torch.Tensor:  # fmt: skip
     """Write the step's keys/values into one layer's cache and attend: the short queries in the

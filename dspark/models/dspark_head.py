@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dspark.kernels.short_attention import BlockSpans
 from dspark.models.gemma_config import AttentionKind, embed_scale
 from dspark.models.gemma_draft_layer import Gemma4DraftLayer
 from dspark.models.int8_weights import BlockInt8Linear, Int8Linear, int8_supported
@@ -153,13 +154,22 @@ class DraftLayer(nn.Module):
 
         ctx_k/ctx_v may also be lists of B per-request contexts [1, nkv, S_b, hd] (views of the
         drafter's cache, no mask): each request then attends in a call of its own, to the bits
-        it gets alone (a masked batch rounds otherwise), while the products stay batched."""
+        it gets alone (a masked batch rounds otherwise), while the products stay batched.  Or
+        ctx_k the layer's (k, v) slot caches and ctx_v a ``BlockSpans``: the whole batch attends
+        in one call of our kernel, in place, each request again to the bits it gets alone."""
         B, Q, _ = x.shape
         nh, nkv, hd = self.nh, self.nkv, self.hd
         q, k, v = self.wqkv(self.attention_norm(x)).split([nh * hd, nkv * hd, nkv * hd], dim=-1)
-        q = apply_rope(self._norm(self.q_norm, q.view(B, Q, nh, hd)), cos, sin).transpose(1, 2)  # [B, nh, Q, hd]
-        k = apply_rope(self._norm(self.k_norm, k.view(B, Q, nkv, hd)), cos, sin).transpose(1, 2)  # [B, nkv, Q, hd]
-        v = v.view(B, Q, nkv, hd).transpose(1, 2)
+        q = apply_rope(self._norm(self.q_norm, q.view(B, Q, nh, hd)), cos, sin)  # [B, Q, nh, hd]
+        k = apply_rope(self._norm(self.k_norm, k.view(B, Q, nkv, hd)), cos, sin)  # [B, Q, nkv, hd]
+        v = v.view(B, Q, nkv, hd)
+        if isinstance(ctx_v, BlockSpans):  # in place in the drafter's cache, ctx_k = (k, v) of this layer
+            out = ctx_v.attend(q.reshape(B * Q, nh, hd), k.reshape(B * Q, nkv, hd), v.reshape(B * Q, nkv, hd),
+                               ctx_k[0], ctx_k[1], nh // nkv, hd**-0.5)
+            h = x + self.wo(out.view(B, Q, nh * hd))
+            gate, up = self.w13(self.ffn_norm(h)).split(self.inter, dim=-1)
+            return h + self.w2(F.silu(gate) * up)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, Q, hd]
         if isinstance(ctx_k, (list, tuple)):
             out = torch.cat([
                 F.scaled_dot_product_attention(q[b : b + 1], torch.cat([ctx_k[b], k[b : b + 1]], dim=2),

@@ -192,6 +192,55 @@ def test_the_drafter_projects_requests_together_to_the_bits_it_projects_them_alo
             assert torch.equal(h1[0], h[i]) and torch.equal(base1[0], base[i])
 
 
+@needs_amx
+def test_the_drafters_blocks_attend_in_place_as_torch_attends_them():
+    """The serving head's blocks attend in our kernel, written after each request's context in
+    its own slot: hidden states as torch's attention of the same keys gives them (to bf16's
+    rounding), and the block's keys left in the slot change nothing later: a request that
+    drafted, then heard more tokens, drafts the bits of one that heard them all without drafting."""
+    from dspark.kernels.short_attention import kernel_chosen
+    from dspark.train.features import target_features
+    from dspark.workers.drafters.dspark import DSparkDrafter
+    from helpers.engines import shipped_serving_head
+    from helpers.tiny_models import make_seq
+
+    if not kernel_chosen():
+        pytest.skip("torch's attention chosen for this process")
+    loaded, head = shipped_serving_head()
+    texts = ["def add(a, b):\n    return a + b\n", "The capital of France is Paris.", "Once upon a time there was"]
+    prompts = [loaded.tokenizer.encode(t) for t in texts]
+    feats = [next(iter(target_features(loaded.model, [p], head.cfg.feature_layers)))[0] for p in prompts]
+    anchors = torch.tensor([p[-1] for p in prompts])
+
+    def drafter_at(cut: int, in_place: bool) -> tuple[DSparkDrafter, list]:
+        d = DSparkDrafter(head, n_slots=3, max_seq=64)
+        d._kernel = in_place
+        seqs = [make_seq(f"r{i}", p[: cut - 1 if cut < 0 else -1], anchor=p[cut - 1 if cut < 0 else -1])
+                for i, p in enumerate(prompts)]
+        with torch.inference_mode():
+            for s, f in zip(seqs, feats):
+                d.observe(s, s.prompt_ids, f[: len(s.prompt_ids)])
+        return d, seqs
+
+    with torch.inference_mode():
+        d, seqs = drafter_at(0, True)
+        h, base = d.block_logits(seqs, anchors, 7)
+        d_torch, seqs_torch = drafter_at(0, False)
+        h_torch, base_torch = d_torch.block_logits(seqs_torch, anchors, 7)
+        # Hidden states reach a few hundred inside the layers, where bf16's spacing is 1 or 2.
+        cos = torch.nn.functional.cosine_similarity(h.float(), h_torch.float(), dim=-1)
+        assert cos.min() > 0.998 and (h.float() - h_torch.float()).norm() < 0.05 * h_torch.float().norm()
+        assert torch.nn.functional.cosine_similarity(base, base_torch, dim=-1).min() > 0.998
+        # Drafted three tokens early, then heard them: the bits of never having drafted early.
+        early, seqs_e = drafter_at(-3, True)
+        early.block_logits(seqs_e, torch.tensor([p[-4] for p in prompts]), 7)
+        for s, p, f in zip(seqs_e, prompts, feats):
+            s.prompt_ids, s.num_cached = list(p[:-1]), len(p) - 1
+            early.observe(s, p[-4:-1], f[len(p) - 4 : len(p) - 1])
+        h_late, base_late = early.block_logits(seqs_e, anchors, 7)
+        assert torch.equal(h_late, h) and torch.equal(base_late, base)
+
+
 def test_commands_refuse_a_bad_int8_kernel_choice_in_one_line(monkeypatch):
     """`generate` as a usage error, `serve` / `demo` before Ray starts."""
     import click

@@ -35,9 +35,12 @@ def op(*args):
 
 
 def reference(q, kc, vc, reqs, tables, paged, scale, window):
-    """Each short query's attention in float64 over the keys it sees (causal, windowed)."""
+    """Each short query's attention in float64 over the keys it sees (causal, windowed; a request
+    row with a fourth column 1: every query sees the whole request)."""
     out = torch.zeros(q.shape, dtype=torch.float64)
-    for (start, q_len, first), table in zip(reqs, tables):
+    for row, table in zip(reqs, tables):
+        start, q_len, first = row[:3]
+        whole = len(row) == 4 and row[3]
         n = start + q_len
         if paged:
             block = kc.shape[2]
@@ -47,8 +50,8 @@ def reference(q, kc, vc, reqs, tables, paged, scale, window):
         else:
             keys, vals = kc[table[0], :, :n].double(), vc[table[0], :, :n].double()
         for j in range(q_len):
-            hi = start + j + 1
-            lo = max(0, hi - window) if window > 0 else 0
+            hi = n if whole else start + j + 1
+            lo = max(0, start + j + 1 - window) if window > 0 else 0
             for h in range(q.shape[1]):
                 p = torch.softmax(keys[h // REP, lo:hi] @ q[first + j, h].double() * scale, 0)
                 out[first + j, h] = p @ vals[h // REP, lo:hi]
@@ -100,6 +103,39 @@ def test_the_kernel_computes_the_attention_rule(dtype, hd, paged, window):
             assert torch.equal(got, new[t]), t
     tol = 1e-2 if dtype == torch.bfloat16 else 2e-6
     assert (out.double() - reference(q, kc, vc, reqs, tables, paged, scale, window)).abs().max() < tol
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("paged", [False, True], ids=["slot", "paged"])
+def test_every_row_of_a_whole_request_sees_all_of_it(dtype, paged):
+    """Request rows of four columns, the last 1 (a DSpark draft block, which attends both ways):
+    every query of the request sees its context and all of its own tokens; rows of three
+    columns, or a 0, stay causal.  Each row's bits are the same with the request alone, and
+    split into parts on two threads."""
+    q, k, v, kc, vc, pages, at, reqs, tables = make_step(dtype, 64, paged)
+    rows = [(*r, i % 2) for i, r in enumerate(reqs)]  # (7, 4) and (63, 16) whole, the others causal
+    scale = 64**-0.5
+    out = torch.full_like(q, float("nan"))
+    op(q, k, v, kc, vc, pages, at, torch.tensor(rows), torch.tensor(tables), paged, REP, scale, -1, out)
+    tol = 1e-2 if dtype == torch.bfloat16 else 2e-6
+    assert (out.double() - reference(q, kc, vc, rows, tables, paged, scale, -1)).abs().max() < tol
+    causal = reference(q, kc, vc, reqs, tables, paged, scale, -1)
+    first, n = rows[1][2], rows[1][1]
+    assert (out[first : first + n - 1].double() - causal[first : first + n - 1]).abs().max() > 10 * tol  # not causal
+    threads = torch.get_num_threads()
+    try:
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            for row, table in zip(rows, tables):
+                alone = torch.full_like(q, float("nan"))
+                op(q, k, v, kc, vc, pages, at, torch.tensor([row]), torch.tensor([table]), paged, REP, scale, -1, alone)
+                f, n = row[2], row[1]
+                assert torch.equal(alone[f : f + n], out[f : f + n]), (t, row)
+    finally:
+        torch.set_num_threads(threads)
+    with pytest.raises(RuntimeError, match="reqs"):
+        op(q, k, v, kc, vc, pages, at, torch.tensor([(*r, 1, 0) for r in reqs]), torch.tensor(tables), paged, REP,
+           scale, -1, out)
 
 
 @pytest.mark.parametrize("paged", [False, True], ids=["slot", "paged"])

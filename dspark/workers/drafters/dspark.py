@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 from dspark.kernels.markov import MarkovMix, markov_block_sample, markov_latent, masked_position_sample, pack_w2
+from dspark.kernels.short_attention import BlockSpans, kernel_for
 from dspark.models.deepspec_format import is_deepspec_checkpoint, load_deepspec_head, read_deepspec_config
 from dspark.models.dspark_head import (DraftLayer, DSparkHead, DSparkHeadConfig, block_attention_mask, default_head_path,
                                        load_head)
@@ -86,6 +87,8 @@ class DSparkDrafter:
         self.traces: list[BlockTrace] = []
         dev, dtype = head.fc.weight.device, head.fc.weight.dtype
         self.cache = KVCache(cfg.n_layers, n_slots, cfg.n_kv_heads, max_seq, cfg.head_dim, dtype, dev)
+        # Blocks attend in our kernel where it runs (see ``block_logits``).
+        self._kernel = kernel_for(dev, dtype, cfg.head_dim)
         self._slot: dict[str, int] = {}
         # Features observed but not yet projected into the slot, per request (see ``flush_context``).
         self._backlog: dict[str, list[tuple[int, torch.Tensor]]] = {}
@@ -199,8 +202,17 @@ class DSparkDrafter:
         ctx_lens = torch.tensor(lens, device=dev)  # [B]
         S = max(lens)
         G = max(block_len, self.cfg.block_len)  # block positions are never cached: no room needed
-        per_request = len(batch) > 1 and getattr(self.head, "rows_independent", False) and isinstance(self.head.layers[0], DraftLayer)
-        if len(batch) == 1:  # one request: its slot as a view, no gather
+        rows_independent = getattr(self.head, "rows_independent", False) and isinstance(self.head.layers[0], DraftLayer)
+        per_request = len(batch) > 1 and rows_independent
+        spans = None
+        if rows_independent and self._kernel and S + G <= self.cache.max_seq:
+            # Every request's block in one kernel call per layer, written after its context in
+            # its own slot (positions the next context tokens overwrite).  Alone or batched, a
+            # request's rows are the same bits.
+            self.cache.reserve(S + G)
+            spans = BlockSpans.of(slot_ids, lens, G)
+            ctx_kv = [((self.cache.k[i], self.cache.v[i]), spans) for i in range(self.cfg.n_layers)]
+        elif len(batch) == 1:  # one request: its slot as a view, no gather
             ctx_kv = [(self.cache.k[i][slot_ids[0] : slot_ids[0] + 1, :, :S],
                        self.cache.v[i][slot_ids[0] : slot_ids[0] + 1, :, :S]) for i in range(self.cfg.n_layers)]
         elif per_request:  # each request attends to its own slot's view, alone; the products stay batched
@@ -215,7 +227,8 @@ class DSparkDrafter:
         # One block per request, anchored at position ctx_lens: it sees the whole cached context
         # (all of it precedes the anchor) and the whole block; the mask training uses.  When
         # every context is S long that mask is all True, and attention runs without one.
-        mask = None if min(lens) == S or per_request else block_attention_mask(ctx_lens, ctx_lens.unsqueeze(1), G, S)  # [B, G, S + G]
+        mask = None if min(lens) == S or per_request or spans is not None else block_attention_mask(
+            ctx_lens, ctx_lens.unsqueeze(1), G, S)  # [B, G, S + G]
         h = head.backbone(x, qpos, ctx_kv, mask)[:, :block_len]
         return h, head.base_logits(h)
 
