@@ -197,7 +197,8 @@ def test_the_drafters_blocks_attend_in_place_as_torch_attends_them():
     """The serving head's blocks attend in our kernel, written after each request's context in
     its own slot: hidden states as torch's attention of the same keys gives them (to bf16's
     rounding), and the block's keys left in the slot change nothing later: a request that
-    drafted, then heard more tokens, drafts the bits of one that heard them all without drafting."""
+    drafted, then heard more tokens, drafts the bits of one that heard them all without drafting;
+    a request near the drafter's max_seq does not change how its batch-mates attend."""
     from dspark.kernels.short_attention import kernel_chosen
     from dspark.train.features import target_features
     from dspark.workers.drafters.dspark import DSparkDrafter
@@ -239,6 +240,16 @@ def test_the_drafters_blocks_attend_in_place_as_torch_attends_them():
             early.observe(s, p[-4:-1], f[len(p) - 4 : len(p) - 1])
         h_late, base_late = early.block_logits(seqs_e, anchors, 7)
         assert torch.equal(h_late, h) and torch.equal(base_late, base)
+        # The longest request four positions short of the drafter's max_seq, asked a block of 4
+        # (the head runs its trained 7): batched, every request gets the bits it gets alone.
+        near = DSparkDrafter(head, n_slots=3, max_seq=max(len(p) for p in prompts) - 1 + 4)
+        seqs_n = [make_seq(f"r{i}", p[:-1], anchor=p[-1]) for i, p in enumerate(prompts)]
+        for s, f in zip(seqs_n, feats):
+            near.observe(s, s.prompt_ids, f[: len(s.prompt_ids)])
+        h4, base4 = near.block_logits(seqs_n, anchors, 4)
+        for i, s in enumerate(seqs_n):
+            h1, base1 = near.block_logits([s], anchors[i : i + 1], 4)
+            assert torch.equal(h1[0], h4[i]) and torch.equal(base1[0], base4[i]), i
 
 
 def test_commands_refuse_a_bad_int8_kernel_choice_in_one_line(monkeypatch):

@@ -86,7 +86,11 @@ class DSparkDrafter:
         self.grammar_mask = grammar_mask  # draw a constrained request's drafts among what its grammar allows
         self.traces: list[BlockTrace] = []
         dev, dtype = head.fc.weight.device, head.fc.weight.dtype
-        self.cache = KVCache(cfg.n_layers, n_slots, cfg.n_kv_heads, max_seq, cfg.head_dim, dtype, dev)
+        # Contexts of up to max_seq positions, and room past the longest for one trained block:
+        # the kernel path writes each block after its context (``block_logits``), and it must
+        # serve every ready request, or a request's bits would depend on who shares its batch.
+        self.max_seq = max_seq
+        self.cache = KVCache(cfg.n_layers, n_slots, cfg.n_kv_heads, max_seq + cfg.block_len, cfg.head_dim, dtype, dev)
         # Blocks attend in our kernel where it runs (see ``block_logits``).
         self._kernel = kernel_for(dev, dtype, cfg.head_dim)
         self._slot: dict[str, int] = {}
@@ -132,7 +136,7 @@ class DSparkDrafter:
         if rid not in self._slot:
             self._slot[rid] = self.cache.allocate()
         start, n = self.context_len(rid), len(token_ids)
-        if start + n > self.cache.max_seq:
+        if start + n > self.max_seq:
             return  # past the drafter's context: propose() falls back to empty blocks
         # A copy: ``features`` is usually a view of the whole step's features, which a request that
         # drafts nothing for many steps would otherwise keep alive, step after step.
@@ -201,14 +205,15 @@ class DSparkDrafter:
         lens = [s.num_cached for s in batch]  # anchor positions
         ctx_lens = torch.tensor(lens, device=dev)  # [B]
         S = max(lens)
-        G = max(block_len, self.cfg.block_len)  # block positions are never cached: no room needed
+        G = max(block_len, self.cfg.block_len)  # the cache holds max_seq + the trained block (see __init__)
         rows_independent = getattr(self.head, "rows_independent", False) and isinstance(self.head.layers[0], DraftLayer)
         per_request = len(batch) > 1 and rows_independent
         spans = None
-        if rows_independent and self._kernel and S + G <= self.cache.max_seq:
+        if rows_independent and self._kernel:
             # Every request's block in one kernel call per layer, written after its context in
             # its own slot (positions the next context tokens overwrite).  Alone or batched, a
-            # request's rows are the same bits.
+            # request's rows are the same bits.  Room: a ready request has num_cached +
+            # block_len <= max_seq, so S + G <= max_seq + the trained block length.
             self.cache.reserve(S + G)
             spans = BlockSpans.of(slot_ids, lens, G)
             ctx_kv = [((self.cache.k[i], self.cache.v[i]), spans) for i in range(self.cfg.n_layers)]
@@ -239,7 +244,7 @@ class DSparkDrafter:
         # Requests whose context is complete: everything before the anchor has been observed.
         ready = [i for i, s in enumerate(seqs)
                  if s.request_id in self._slot and self.context_len(s.request_id) == s.num_cached
-                 and s.num_cached + block_len <= self.cache.max_seq]
+                 and s.num_cached + block_len <= self.max_seq]
         if block_len <= 0 or not ready:
             return out
         G, dev, head = block_len, self.device, self.head
