@@ -6,6 +6,8 @@ the rest go to the worker; the output is plain decoding's either way."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from dspark.workers.draft_worker import DraftWorkerServer
@@ -14,6 +16,7 @@ from dspark.workers.drafters.remote import RemoteDrafter, RemoteDrafterConfig
 from dspark.workers.engine import Engine, EngineConfig
 from dspark.workers.request import SamplingParams
 from dspark.workers.runner import LocalRunner, RunnerConfig
+from helpers.tiny_models import make_seq
 
 PROMPTS = ["List the days of the week, then list them again.", "Count from one to twelve in words."]
 PARAMS = SamplingParams(max_tokens=40, ignore_eos=True)
@@ -169,3 +172,32 @@ def test_a_local_drafter_reading_other_features_is_refused():
 
     with pytest.raises(ValueError, match="one step's features must serve both"):
         RemoteDrafter([], RemoteDrafterConfig(kind="ngram"), block_len=4, local=Featured())
+
+
+def test_a_block_for_an_old_context_is_never_served(setup):
+    """A request that moved on without its block (a plain step after the block was asked for, or
+    a step it took part in while its block was late) drops the block drafted for its old context:
+    served at its next speculative step, it would be checked at the wrong position, and nothing
+    would be drafted for the new one."""
+    _, _, prompts, _, server, _ = setup
+    drafter = RemoteDrafter([server.address], RemoteDrafterConfig(kind="ngram"), block_len=4, local_below=0)
+    try:
+        seq = make_seq("old-block", prompts[0], prompts[0][1])
+        drafter.observe(seq, prompts[0], None)  # its prompt is cached; it wants a block (the default)
+        drafter.flush_steps()
+        r = drafter._reqs["old-block"]
+        deadline = time.monotonic() + 10
+        while r.block is None and time.monotonic() < deadline:
+            drafter.wait_for_blocks(0.1)
+        assert r.block is not None
+        seq.output_ids.append(prompts[0][2])  # a plain step went by: its anchor is cached, no block asked
+        seq.num_cached += 1
+        seq.wants_block = False
+        drafter.observe(seq, [seq.output_ids[-2]], None)
+        assert drafter.propose([seq], 4) == [None]  # the old block is gone; a new one is asked for
+        deadline = time.monotonic() + 10
+        while (blk := drafter.propose([seq], 4)[0]) is None and time.monotonic() < deadline:
+            drafter.wait_for_blocks(0.1)
+        assert blk is not None
+    finally:
+        drafter.close()

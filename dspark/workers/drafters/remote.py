@@ -251,6 +251,12 @@ class RemoteDrafter:
                 self.requests_drafted["remote"] += 1
             if r.failed:
                 return
+            if token_ids:
+                # The request moved on: a block drafted (or still in flight) for its old context
+                # would be served at its next speculative step and verified at the wrong position.
+                # That is a block a plain step left unused: the gate chose plain decoding after
+                # the step it was asked for (it came late, and its request sat that step out).
+                r.block, r.awaiting = None, 0
             r.pending_tokens.extend(token_ids)
             if features is not None:
                 # A copy (``to`` returns the view itself when device and dtype match): pending
