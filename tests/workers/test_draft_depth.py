@@ -268,3 +268,33 @@ def test_adaptive_budget_reads_an_undefined_confidence_as_no_chance():
     budget = AdaptiveBudget(flat, policy, learn=False)
     blocks = _blocks([[1.5, 0.9, float("nan"), 0.9], [0.9, -0.5, 0.9, 0.9]])
     assert budget(blocks, 7) == [2, 1]
+
+
+def test_a_step_asks_the_worker_for_one_block_length(setup, model_fp32):
+    """Every request of a step is asked for the same number of drafts, so the worker drafts
+    them in one batch: a request near its end used to be asked for no more than it may emit,
+    and the worker drafts each block length apart (its head runs the trained block whatever
+    is asked).  The verifier trims each block to what its request may emit."""
+    from dspark.workers.draft_worker import DraftWorkerServer
+    from dspark.workers.drafters.remote import RemoteDrafter, RemoteDrafterConfig
+
+    _, tok, prompt, plain = setup
+    runner = LocalRunner(model_fp32.model, RunnerConfig(n_slots=3, max_seq=256))
+    scripts: list[_Script] = []
+
+    def factory() -> _Script:
+        scripts.append(_Script(plain))
+        return scripts[-1]
+
+    server = DraftWorkerServer(factory).start()
+    drafter = RemoteDrafter([server.address], RemoteDrafterConfig(kind="ngram"), block_len=4)
+    try:
+        eng = Engine(runner, tok, EngineConfig(max_batch=3, block_len=4), drafter=drafter)
+        seqs = eng.generate([prompt] * 3, [SamplingParams(max_tokens=n, ignore_eos=True) for n in (9, 14, 19)])
+        for s, n in zip(seqs, (9, 14, 19)):
+            assert s.output_ids == plain[:n]
+        asked = [n for s in scripts for n in s.asked]
+        assert asked and set(asked) == {4}, asked
+    finally:
+        drafter.close()
+        server.stop()

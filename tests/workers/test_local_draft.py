@@ -51,8 +51,20 @@ def setup(model_fp32):
     server.stop()
 
 
+def _released(server) -> None:
+    """Wait until the worker holds no request of an earlier test's engine.  Request ids restart
+    with each engine (req-0, req-1, ...) and the worker releases a stream's requests only after
+    the stream ends, on its drafter thread: until then it refuses the same ids from a new stream
+    as in use, and those requests decode plainly (one run in three or so, depending on timing)."""
+    deadline = time.monotonic() + 10
+    while server.servicer.active and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not server.servicer.active, sorted(server.servicer.active)
+
+
 def _engine(setup, local_below: int, local: NgramDrafter | None = None) -> tuple[Engine, Recording, RemoteDrafter]:
     runner, tok, _, _, server, workers = setup
+    _released(server)
     for w in workers:  # the worker's drafter outlives each test; request ids restart with each engine
         w.drafted.clear()
     local = local or Recording()
@@ -112,6 +124,7 @@ def test_a_steps_message_is_split_where_it_would_pass_its_byte_budget(setup):
     message: the Steps are split where a message would pass ``steps_batch_bytes`` (here so small
     that every Step goes alone), and drafting goes on as before."""
     runner, tok, prompts, plain, server, workers = setup
+    _released(server)
     drafter = RemoteDrafter([server.address], RemoteDrafterConfig(kind="ngram", steps_batch_bytes=1), block_len=4)
     eng = Engine(runner, tok, EngineConfig(max_batch=2, block_len=4), drafter=drafter)
     before = server.servicer.step_messages
