@@ -6,6 +6,7 @@ the rest go to the worker; the output is plain decoding's either way."""
 
 from __future__ import annotations
 
+import itertools
 import time
 
 import pytest
@@ -51,26 +52,26 @@ def setup(model_fp32):
     server.stop()
 
 
-def _released(server) -> None:
-    """Wait until the worker holds no request of an earlier test's engine.  Request ids restart
-    with each engine (req-0, req-1, ...) and the worker releases a stream's requests only after
-    the stream ends, on its drafter thread: until then it refuses the same ids from a new stream
-    as in use, and those requests decode plainly (one run in three or so, depending on timing)."""
-    deadline = time.monotonic() + 10
-    while server.servicer.active and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert not server.servicer.active, sorted(server.servicer.active)
+_ENGINES = itertools.count(1)
+
+
+def _own_ids(eng: Engine) -> Engine:
+    """Request ids of this engine's own (req-1000, ... for the first; an engine counts from
+    req-0): the worker outlives each test and releases a closed stream's requests on its own
+    time, and it refuses an id another stream still holds as in use, so a test reusing the last
+    one's req-0 found that request decoding plainly, now and then."""
+    eng._ids = itertools.count(1000 * next(_ENGINES))
+    return eng
 
 
 def _engine(setup, local_below: int, local: NgramDrafter | None = None) -> tuple[Engine, Recording, RemoteDrafter]:
     runner, tok, _, _, server, workers = setup
-    _released(server)
-    for w in workers:  # the worker's drafter outlives each test; request ids restart with each engine
+    for w in workers:  # the worker's drafter outlives each test
         w.drafted.clear()
     local = local or Recording()
     drafter = RemoteDrafter([server.address], RemoteDrafterConfig(kind="ngram"), block_len=4,
                             local=local, local_below=local_below)
-    return Engine(runner, tok, EngineConfig(max_batch=2, block_len=4), drafter=drafter), local, drafter
+    return _own_ids(Engine(runner, tok, EngineConfig(max_batch=2, block_len=4), drafter=drafter)), local, drafter
 
 
 def test_the_first_request_drafts_here_the_second_on_the_worker(setup):
@@ -124,9 +125,8 @@ def test_a_steps_message_is_split_where_it_would_pass_its_byte_budget(setup):
     message: the Steps are split where a message would pass ``steps_batch_bytes`` (here so small
     that every Step goes alone), and drafting goes on as before."""
     runner, tok, prompts, plain, server, workers = setup
-    _released(server)
     drafter = RemoteDrafter([server.address], RemoteDrafterConfig(kind="ngram", steps_batch_bytes=1), block_len=4)
-    eng = Engine(runner, tok, EngineConfig(max_batch=2, block_len=4), drafter=drafter)
+    eng = _own_ids(Engine(runner, tok, EngineConfig(max_batch=2, block_len=4), drafter=drafter))
     before = server.servicer.step_messages
     try:
         seqs = eng.generate(prompts, PARAMS)
@@ -212,5 +212,19 @@ def test_a_block_for_an_old_context_is_never_served(setup):
         while (blk := drafter.propose([seq], 4)[0]) is None and time.monotonic() < deadline:
             drafter.wait_for_blocks(0.1)
         assert blk is not None
+
+        # Still in flight when the request moves on: its answer, when it comes, is not kept.
+        seq = make_seq("in-flight", prompts[1], prompts[1][1])
+        drafter.observe(seq, prompts[1], None)  # the Step is queued, not sent yet
+        seq.output_ids.append(prompts[1][2])
+        seq.num_cached += 1
+        seq.wants_block = False
+        drafter.observe(seq, [seq.output_ids[-2]], None)
+        drafter.flush_steps()  # the first Step goes out now and is answered
+        r = drafter._reqs["in-flight"]
+        deadline = time.monotonic() + 1.0
+        while r.block is None and time.monotonic() < deadline:
+            drafter.wait_for_blocks(0.1)
+        assert r.block is None and drafter.propose([seq], 4) == [None]
     finally:
         drafter.close()
