@@ -188,10 +188,10 @@ def test_a_local_drafter_reading_other_features_is_refused():
 
 
 def test_a_block_for_an_old_context_is_never_served(setup):
-    """A request that moved on without its block (a plain step after the block was asked for, or
-    a step it took part in while its block was late) drops the block drafted for its old context:
-    served at its next speculative step, it would be checked at the wrong position, and nothing
-    would be drafted for the new one."""
+    """A request that moved on without using its block (its block came late, it sat the
+    speculative step out, and the next step was plain) drops the block drafted for its old
+    context, arrived or still in flight: served at its next speculative step, it would be checked
+    at the wrong position, and nothing would be drafted for the new one."""
     _, _, prompts, _, server, _ = setup
     drafter = RemoteDrafter([server.address], RemoteDrafterConfig(kind="ngram"), block_len=4, local_below=0)
     try:
