@@ -310,6 +310,42 @@ def test_steady_steps_switch_on_a_lead_inside_the_fixed_margin():
     # A lone request's noisy steps keep the full margin (see test_gate_holds_a_noisy_lead).
 
 
+def _sixty_four(ratio: float, seed: int):
+    """Sixty-four requests' steps (8% spread in time): plain decoding 64 tokens in 228 ms,
+    speculation 92 tokens at ``ratio`` times plain decoding's rate, its first step after a plain
+    stretch half as long again (it waits for every block)."""
+    rng = random.Random(seed)
+    spec_seconds = 92.0 / (ratio * 64 / 0.228)
+
+    def cost(arm: bool, prev: bool | None, step: int) -> tuple[float, float]:
+        if not arm:
+            return 64.0, rng.gauss(0.228, 0.018)
+        return rng.gauss(92.0, 4.0), rng.gauss(spec_seconds, 0.08 * spec_seconds) * (1.0 if prev else 1.5)
+
+    return cost
+
+
+@pytest.mark.parametrize("edge, most", [(0.0, False), (0.03, True)])
+def test_a_tie_goes_to_plain_decoding(edge, most):
+    """Sixty-four requests through the cluster: the gate measured the arms within a few percent of
+    each other and speculated in 87% of the steps, while the clients got 0.94x-1.01x of plain
+    decoding's throughput (speculation's drafting runs on cores the gate does not time).  With
+    speculation's rate discounted by ``spec_edge`` a tie goes to plain decoding; without the
+    discount the gate keeps speculating."""
+    for seed in range(3):
+        arms = _simulate(SpeculationGate(spec_edge=edge), 1500, _sixty_four(1.0, seed))[200:]
+        plain = arms.count(False)
+        assert (plain > 0.6 * len(arms)) == most, (seed, plain)
+
+
+def test_a_clear_lead_of_speculation_still_speculates():
+    """The discount costs little where speculation leads: at 1.06x of plain decoding the gate
+    speculates in nearly every step."""
+    for seed in range(3):
+        arms = _simulate(SpeculationGate(), 1500, _sixty_four(1.06, seed))[200:]
+        assert arms.count(True) > 0.9 * len(arms), (seed, arms.count(True))
+
+
 def test_a_step_without_a_finite_measure_is_not_averaged():
     """A NaN or infinite step would stay in an arm's averages for good."""
     g = SpeculationGate()
@@ -455,7 +491,8 @@ def test_engine_judges_a_short_dip_by_the_batch_before(model_fp32):
 def test_gate_backs_off_faster_the_further_behind_the_probed_arm_is():
     """64 requests through the cluster: speculation at 0.69x of plain.  After the first run the
     interval grows 8x (a gap of three margins), not 2x: the next run comes 128 steps later
-    instead of 32, 64 and 128 steps later in turn.  At 0.85x (a gap of 1.5 margins) it doubles."""
+    instead of 32, 64 and 128 steps later in turn.  At 0.87x (0.845x after the discount of
+    speculation's rate, a gap of 1.5 margins) it doubles."""
 
     def starts(ratio: float) -> list[int]:
         def cost(arm: bool, prev: bool | None, step: int) -> tuple[float, float]:
@@ -466,7 +503,7 @@ def test_gate_backs_off_faster_the_further_behind_the_probed_arm_is():
         arms = _simulate(SpeculationGate(), 700, cost)
         return [i for i in range(10, len(arms)) if arms[i] and not arms[i - 1]]
 
-    far, near = starts(0.69), starts(0.85)  # a run of 5 steps, then the interval (its last step starts the next)
+    far, near = starts(0.69), starts(0.87)  # a run of 5 steps, then the interval (its last step starts the next)
     assert [b - a for a, b in zip(far, far[1:])] == [4 + 128, 4 + 256, 4 + 256], far  # the cap
     assert [b - a for a, b in zip(near, near[1:])][:3] == [4 + 32, 4 + 64, 4 + 128], near
 
@@ -478,6 +515,8 @@ def test_gate_refuses_bad_settings():
         SpeculationGate(explore_run=1)  # a run of one step is all settling: nothing measured
     with pytest.raises(ValueError):
         SpeculationGate(confirm_margin=0.0)  # the back-off is measured in margins
+    with pytest.raises(ValueError):
+        SpeculationGate(spec_edge=-0.01)  # a premium on speculation, not a discount
 
 
 def test_gate_doctests():
