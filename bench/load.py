@@ -86,6 +86,9 @@ def _summarise(results: list[dict], wall: float, window: tuple[float, float] | N
     errors = len(results) - len(ok)
     itl = sorted(x for r in ok for x in r["itl"])
     pct = lambda q: itl[min(len(itl) - 1, int(q * len(itl)))] if itl else None  # noqa: E731
+    # Time to first token: a wave of prompts arriving at once is prefilled in chunks that share
+    # steps with the requests already decoding, and what those steps cost shows here.
+    ttft = sorted(r["ttft"] for r in ok if r.get("ttft") is not None)
     drafts = sum(r["spec"].get("num_drafts", 0) for r in ok)
     dtoks = sum(r["spec"].get("num_draft_tokens", 0) for r in ok)
     acc = sum(r["spec"].get("num_accepted_tokens", 0) for r in ok)
@@ -95,6 +98,7 @@ def _summarise(results: list[dict], wall: float, window: tuple[float, float] | N
         "aggregate_tok_s": sum(r["tokens"] for r in ok) / wall,
         "window_tok_s": window[0] / window[1] if window and window[1] > 0 else None,
         "itl_p50_ms": 1000 * pct(0.5) if itl else None, "itl_p99_ms": 1000 * pct(0.99) if itl else None,
+        "ttft_p50_ms": 1000 * ttft[len(ttft) // 2] if ttft else None,
         "verified_per_step": dtoks / drafts if drafts else 0.0,
         "acceptance_length": 1 + acc / drafts if drafts else 1.0,
     }
@@ -401,7 +405,7 @@ def main(levels, rates, seconds, max_tokens, depths, draft, slots, dtype, compil
         rows = combine_rounds(raw)
     cols = ["config", "loop", "level", "requests", "errors", "per_user_tok_s", "aggregate_tok_s", "window_tok_s",
             "itl_p50_ms",
-            "itl_p99_ms", "verified_per_step", "acceptance_length", "spec_step_share", "draft_depth"]
+            "itl_p99_ms", "ttft_p50_ms", "verified_per_step", "acceptance_length", "spec_step_share", "draft_depth"]
     click.echo(table(rows, cols))
     lines = verdict(rows, levels_l, raw if interleave else None)
     if interleave and warmup_rounds:

@@ -20,6 +20,15 @@ def test_rounds_are_averaged_and_counted():
     assert doctest.testmod(load).failed == 0
 
 
+def test_a_level_reports_its_median_time_to_first_token():
+    def req(ttft):
+        return {"tokens": 4, "seconds": 1.0, "ttft": ttft, "itl": [0.1, 0.1, 0.1], "finish": "length", "spec": {}}
+
+    got = load._summarise([req(0.3), req(0.1), req(None), req(0.2), {"error": 500}], wall=2.0)
+    assert got["ttft_p50_ms"] == 200.0 and got["requests"] == 4 and got["errors"] == 1  # no first token: left out
+    assert load._summarise([req(None)], wall=1.0)["ttft_p50_ms"] is None
+
+
 def test_plain_counts_among_the_others():
     """At high load plain decoding is often the best configuration: adaptive is judged against it
     too, and per user against the best per-user figure, which may be another configuration."""
