@@ -86,11 +86,7 @@ and how often the drafts are accepted for today's traffic.  So the gate measures
   judged only on the bucket's own measurements: the eight-to-fifteen requests of a sixteen-request
   closed loop's ramp and drain had their first run fall on steps that all shared a prompt chunk,
   were judged on the smaller bucket's rates, backed off 128 steps and never measured plain
-  decoding there.  A run that measured fewer than ``explore_run - 1`` steps (the rest shared a
-  prompt chunk or came in a dip) is lengthened by as many, twice at most, before its verdict: at
-  sixty-four requests through the cluster a run of plain decoding began in one slice's drain,
-  was judged on the next slice's first two steps, slowed by the wave of prompts just prefilled
-  (178 tok/s against 203-221 in its other runs), and pushed the next run 64 steps away.
+  decoding there.
 
 Lossless: the choice for step t depends only on steps before t, never on the tokens drafted at
 step t, so it cannot bias which drafts get verified (the condition of the paper's Appendix A).
@@ -138,7 +134,6 @@ class _Arm:
         return spread / self.step_rate**2 * max(1 / n, w / (2 - w))
 
 
-MAX_STRETCHES = 2  # a run lengthened this many times at most for its unmeasured steps
 MIN_SPREAD_STEPS = 4  # steps an average needs before its spread sets the margin (a run measures 4)
 
 
@@ -155,7 +150,6 @@ class _Probe:
     best: bool | None = None  # the incumbent arm (None: none yet)
     guess: bool = False  # ``best`` was borrowed from another bucket as a guess (see ``_new_probe``)
     probe_now: bool = False  # start a run at the next choice (a bucket that borrows another's figures)
-    stretched: int = 0  # times the current run was lengthened for steps it could not measure
 
 
 class SpeculationGate:
@@ -333,13 +327,6 @@ class SpeculationGate:
         margin = self.confirm_margin * max(spec_rate, plain_rate)
         ran = self._arms.get((b, p.arm))
         ended = p.judge  # a run ended with the last step (judged below if it measured its arm)
-        if p.judge and own and ran is not None and 0 < ran.fresh < self.explore_run - 1 and p.stretched < MAX_STRETCHES:
-            # Some of the run's steps shared a prompt chunk or came in a dip (a wave of prompts,
-            # the drain of a slice): measure as many again before judging on two or three steps.
-            p.stretched += 1
-            p.left = self.explore_run - 2 - ran.fresh
-            p.judge = p.left == 0
-            return p.arm
         if p.judge and not (own and ran is not None and ran.fresh):  # the run measured nothing: no verdict
             p.judge = p.extended = False
         if p.judge:  # the run just ended: behind or close backs off, ahead is confirmed
@@ -368,7 +355,7 @@ class SpeculationGate:
         p.tick += 1
         if p.tick < p.every and not p.probe_now:
             return best
-        p.tick, p.arm, p.left, p.probe_now, p.stretched = 0, not best, self.explore_run - 1, False, 0
+        p.tick, p.arm, p.left, p.probe_now = 0, not best, self.explore_run - 1, False
         self._arms.setdefault((b, p.arm), _Arm()).fresh = 0  # measured long ago: the run's steps replace it
         return p.arm
 
