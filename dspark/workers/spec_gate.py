@@ -57,8 +57,8 @@ and how often the drafts are accepted for today's traffic.  So the gate measures
   drafting runs on cores the verifier's clock does not see (a draft worker sharing the host with
   the HTTP proxy, the router and the clients), so a tie goes to plain decoding.  At sixty-four
   requests through the cluster the gate measured the two arms within a few percent of each other
-  and speculated in 87% of the steps, while the clients received 0.94x, 0.96x and 1.01x of plain
-  decoding's throughput in three runs of the same code.  Simulated with steady steps (8% spread)
+  and speculated in 87% of the steps, while the clients received 0.94x and 1.01x of plain
+  decoding's throughput in two runs of the same code.  Simulated with steady steps (8% spread)
   and speculation at 1.00x of plain decoding, the gate speculates in a quarter of the steps
   instead of 85%; at 1.03x it still does in 85% (1.02x of plain), and from 1.06x as before.
 * the engine asks and reports with the largest of the step's batch size and the last few
