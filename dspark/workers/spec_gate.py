@@ -32,11 +32,15 @@ and how often the drafts are accepted for today's traffic.  So the gate measures
   three margins, since the further behind an arm is the more each probe costs and the less
   likely the next one is to change the choice (at 64 requests through the cluster speculation
   ran at 0.7x of plain, and doubling from 16 took some 240 steps, a minute and a half there, to
-  reach the longest interval).  A run whose arm came out ahead is extended once
-  by as many measured steps, and the gate switches only if the longer sample still leads: four
-  steps are a noisy sample (a speculative step emits 1 to 8 tokens), and through the cluster at
-  4 requests, with speculation at 0.77x of plain, a lucky run switched the gate to speculation
-  for some 150 steps.  A bucket on its own rates switches only at the end of a run, on figures
+  reach the longest interval).  A run whose arm came out ahead is extended by as many steps,
+  and again while it stays ahead (``max_extensions`` times at most); the gate switches only if
+  the longer sample leads by the margin: four steps are a noisy sample (a speculative step
+  emits 1 to 8 tokens), and through the cluster at 4 requests, with speculation at 0.77x of
+  plain, a lucky run switched the gate to speculation for some 150 steps.  Runs of an arm that
+  read ahead inside the margin used to end after their four steps: at sixty-four requests
+  through the cluster the margin held speculation (its steps emit 75 to 119 tokens) while
+  plain decoding's runs led it by 5-15%, so plain decoding ran in only 12-23% of the steps;
+  a run now goes on while its arm reads ahead, up to 17 steps.  A bucket on its own rates switches only at the end of a run, on figures
   of both arms from the same stretch: when the incumbent's own average falls behind the other's
   by the margin, the gate runs the other arm at once (``explore_every`` steps after the last
   run at the soonest) instead of switching (a bucket deciding by another's rates, or a run
@@ -47,7 +51,11 @@ and how often the drafts are accepted for today's traffic.  So the gate measures
   the gate switched to speculation, back three steps later and ran it again 16 steps on (two
   stretches, four settling steps); now it runs speculation once and stays on plain decoding.
   A switch starts the new incumbent's probes at ``explore_every`` again.  A close run
-  (the arms within the margin, so it could not have moved the choice) doubles the interval:
+  (the arms within the margin, so it could not have moved the choice) that measured
+  ``MIN_SPREAD_STEPS`` steps of its arm doubles the interval (one that measured fewer leaves
+  it: at sixty-four requests a run of plain decoding fell into a slice's drain, was judged on
+  its one step at the bucket's batch size, and the doubled interval held speculation at 0.9x
+  of plain through the next slice):
   resetting on every close sample kept a clear but moderate lead (plain at 0.8x speculation at 4
   requests through the cluster) probing every 16 steps, 18% of all steps; keeping the interval
   kept arms that stay within the margin probing every 16 steps for good, and each run of the
@@ -146,7 +154,7 @@ class _Probe:
     left: int = 0  # steps of the current run still to take
     arm: bool = False  # the arm the current run explores
     judge: bool = False  # a run ended: compare the arms at the next step
-    extended: bool = False  # the current run was extended once to confirm a lead
+    extended: int = 0  # times the current run was extended (its arm kept leading)
     best: bool | None = None  # the incumbent arm (None: none yet)
     guess: bool = False  # ``best`` was borrowed from another bucket as a guess (see ``_new_probe``)
     probe_now: bool = False  # start a run at the next choice (a bucket that borrows another's figures)
@@ -168,12 +176,13 @@ class SpeculationGate:
 
     def __init__(self, explore_every: int = 16, decay: float = 0.97, warmup_steps: int = 3,
                  explore_run: int = 5, max_explore_every: int = 256, confirm_margin: float = 0.1,
-                 min_margin: float = 0.02, noise_z: float = 2.0, spec_edge: float = 0.03) -> None:  # fmt: skip
+                 min_margin: float = 0.02, noise_z: float = 2.0, spec_edge: float = 0.03,
+                 max_extensions: int = 3) -> None:  # fmt: skip
         if (explore_every < 2 or not 0 <= decay < 1 or warmup_steps < 1 or explore_run < 2
                 or not 0 < confirm_margin < 1 or not 0 < min_margin <= confirm_margin or noise_z < 0
-                or not 0 <= spec_edge < 1):  # fmt: skip
+                or not 0 <= spec_edge < 1 or max_extensions < 1):  # fmt: skip
             raise ValueError("explore_every >= 2, 0 <= decay < 1, warmup_steps >= 1, explore_run >= 2, "
-                             "0 < min_margin <= confirm_margin < 1, noise_z >= 0 and 0 <= spec_edge < 1 are required")
+                             "0 < min_margin <= confirm_margin < 1, noise_z >= 0, 0 <= spec_edge < 1 and max_extensions >= 1 are required")
         self.explore_every = explore_every
         self.max_explore_every = max(explore_every, max_explore_every)
         self.explore_run = explore_run  # one settling step, then measured ones
@@ -181,6 +190,7 @@ class SpeculationGate:
         self.min_margin = min_margin  # smallest lead a switch needs, however steady the steps
         self.noise_z = noise_z  # a switch needs a lead of this many standard errors of the arms' difference
         self.spec_edge = spec_edge  # speculation's rate is discounted by this fraction (see ``_rate``)
+        self.max_extensions = max_extensions  # a run whose arm keeps leading goes on at most this many times
         self.decay = decay
         self.warmup_steps = warmup_steps
         self._arms: dict[tuple[int, bool], _Arm] = {}
@@ -328,19 +338,20 @@ class SpeculationGate:
         ran = self._arms.get((b, p.arm))
         ended = p.judge  # a run ended with the last step (judged below if it measured its arm)
         if p.judge and not (own and ran is not None and ran.fresh):  # the run measured nothing: no verdict
-            p.judge = p.extended = False
+            p.judge, p.extended = False, 0
         if p.judge:  # the run just ended: behind or close backs off, ahead is confirmed
             p.judge = False
             explored, other = (spec_rate, plain_rate) if p.arm else (plain_rate, spec_rate)
-            if explored - other > lead * max(spec_rate, plain_rate) and not p.extended and p.best is not None:
+            clear = explored - other > lead * max(spec_rate, plain_rate)
+            if explored > other and p.best is not None and p.extended < self.max_extensions and not (clear and p.extended):
                 # Ahead on a short sample: measure as many steps again (the arm's average goes
                 # on from the run's steps) before paying for a switch.
-                p.extended, p.left, p.judge = True, self.explore_run - 2, self.explore_run == 2
+                p.extended, p.left, p.judge = p.extended + 1, self.explore_run - 2, self.explore_run == 2
                 return p.arm
-            p.extended = False
+            p.extended = 0
             if explored < (1 - self.confirm_margin) * other:
                 p.every = min(self._backoff(explored, other) * p.every, self.max_explore_every)
-            elif abs(explored - other) <= margin:  # close: the run could not move the choice
+            elif abs(explored - other) <= margin and ran.fresh >= MIN_SPREAD_STEPS:  # close: it could not move the choice
                 p.every = min(2 * p.every, self.max_explore_every)
         best = self._incumbent(p.best, spec_rate, plain_rate, lead)
         if best != p.best and p.best is not None and own and not ended:

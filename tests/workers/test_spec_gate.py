@@ -378,6 +378,59 @@ def test_gate_confirms_a_lucky_run_before_switching():
     assert max(map(len, runs)) == 9, runs  # no stretch of speculation beyond a run and its extension
 
 
+def _runs_of(arms: list[bool], arm: bool) -> list[tuple[int, int]]:
+    """(start, length) of each stretch of ``arm`` in ``arms``."""
+    out, i = [], 0
+    while i < len(arms):
+        if arms[i] == arm:
+            j = i
+            while j < len(arms) and arms[j] == arm:
+                j += 1
+            out.append((i, j - i))
+            i = j
+        else:
+            i += 1
+    return out
+
+
+def test_a_run_whose_arm_keeps_leading_goes_on():
+    """Sixty-four requests through the cluster: speculation held by the margin while plain
+    decoding's runs came out ahead of it, inside the margin (a run's few steps against the
+    incumbent's long average), and each such run lasted five steps and doubled the interval to
+    the next.  A run whose arm is ahead is now extended while it stays ahead, up to
+    ``max_extensions`` times, so the arm that reads faster gets the steps."""
+    def cost(arm: bool, prev: bool | None, step: int) -> tuple[float, float]:
+        if arm:
+            return 10.0, 0.1  # 100 tok/s
+        return 10.0, 0.2 if step < 30 else 10.0 / 107  # slow at first (speculation settles in), then 107
+
+    for ext in (1, 3):
+        g = SpeculationGate(warmup_steps=1, min_margin=0.1, spec_edge=0.0, max_extensions=ext)
+        arms = _simulate(g, 200, cost)
+        later = [run for run in _runs_of(arms, False) if run[0] > 30]
+        assert later and later[0][1] == g.explore_run + ext * (g.explore_run - 1), (ext, later)
+        assert arms[-50:].count(True) > 25  # a lead inside the margin does not switch the gate
+
+
+def test_a_close_run_on_few_measured_steps_keeps_the_interval():
+    """At sixty-four requests a slice's drain fell into a run of plain decoding: its steps, but
+    one, were taken with fewer decoding requests than the bucket's, so unmeasured, and the run was
+    judged on that one step, came out close and doubled the interval to the next (speculation was
+    then held at 0.9x of plain for the next whole slice).  A close run that measured fewer than
+    ``MIN_SPREAD_STEPS`` steps of its arm now leaves the interval as it was."""
+    g = SpeculationGate(warmup_steps=1, spec_edge=0.0)
+    arms, prev, plain_seen = [], None, 0
+    for i in range(300):
+        arm = g.speculate(64)
+        plain_seen += not arm
+        measured = arm or i < 10 or plain_seen % 4 == 0  # after the warm-up, one plain step in four
+        g.record(64, arm, 64.0 * (1.2 if arm else 1.0), 0.3 if arm else 0.25 / 0.97, measured=measured)
+        arms.append(prev := arm)
+    starts = [s for s, _ in _runs_of(arms, False) if s > 10]
+    gaps = {b - a for a, b in zip(starts, starts[1:])}
+    assert len(starts) > 10 and gaps == {g.explore_every + g.explore_run - 1}, (starts, gaps)
+
+
 def test_gate_probes_the_old_arm_soon_after_its_own_average_flips_it():
     """The incumbent (plain) slows down for a stretch until it falls behind the other arm's old
     average: the gate measures speculation again (a run, extended to confirm the lead), switches
