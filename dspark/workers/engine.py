@@ -48,11 +48,11 @@ from dspark.workers.step_plan import Scheduled, StepPlan
 # them: single speculative steps among plain ones, each costing a settling step each way.
 # Eight steps bridge those; a lasting change of load is judged by its own size eight steps
 # later (half a second at 16 requests).  A dip's steps that fall into a smaller bucket are
-# measured in that bucket: their few requests' tokens, charged to the bucket of the full batch,
-# read as that arm's slowness (traced through the cluster at 16 requests: plain steps of a dip
-# ran at 221 tok/s against 284 for steps of 16, which made the arm that ran more dips look
-# slower), and left unmeasured they starved the buckets a closed loop's ramp and drain pass
-# through: at 64 requests, 3 of 23 speculative and 9 of 19 plain steps of 32-63 requests were
+# measured in that bucket, not the full batch's.  Charged to the full batch's bucket, their few
+# requests' tokens read as that arm's slowness (traced through the cluster at 16 requests: plain
+# steps of a dip ran at 221 tok/s against 284 for steps of 16, which made the arm that ran more
+# dips look slower); left unmeasured, they starved the buckets a closed loop's ramp and drain
+# pass through: at 64 requests, 3 of 23 speculative and 9 of 19 plain steps of 32-63 requests were
 # measured in one level, and the gate speculated there at about 0.8x of plain decoding.
 GATE_WINDOW = 8
 

@@ -40,8 +40,9 @@ and how often the drafts are accepted for today's traffic.  So the gate measures
   read ahead inside the margin used to end after their four steps: at sixty-four requests
   through the cluster the margin held speculation (its steps emit 75 to 119 tokens) while
   plain decoding's runs led it by 5-15%, so plain decoding ran in only 12-23% of the steps;
-  a run now goes on while its arm reads ahead, up to 17 steps.  A bucket on its own rates switches only at the end of a run, on figures
-  of both arms from the same stretch: when the incumbent's own average falls behind the other's
+  a run now goes on while its arm reads ahead (up to 17 steps with the defaults).  A bucket
+  on its own rates switches only at the end of a run, on figures of both arms from the same
+  stretch: when the incumbent's own average falls behind the other's
   by the margin, the gate runs the other arm at once (``explore_every`` steps after the last
   run at the soonest) instead of switching (a bucket deciding by another's rates, or a run
   that measured nothing, switches on the figures as they stand).  The incumbent's average
@@ -69,11 +70,12 @@ and how often the drafts are accepted for today's traffic.  So the gate measures
   decoding's throughput in two runs of the same code.  Simulated with steady steps (8% spread)
   and speculation at 1.00x of plain decoding, the gate speculates in a quarter of the steps
   instead of 85%; at 1.03x it still does in 85% (1.02x of plain), and from 1.06x as before.
-* the engine asks and reports with the largest of the step's batch size and the last few
-  steps' (``engine.GATE_WINDOW``), so a batch that shrinks for a step or two keeps its bucket.
-  Under a closed loop a finished request is replaced two steps later, and at 4 requests those
-  dips to 3 were decided by the 2-3 bucket (mostly unmeasured steps), each one a switch to the
-  other arm and back: two settling steps.
+* the engine asks with the largest of the step's batch size and the last few steps'
+  (``engine.GATE_WINDOW``), so a batch that shrinks for a step or two keeps its bucket's
+  choice; it reports such a step under the bucket of the batch it ran.  Under a closed loop a
+  finished request is replaced two steps later, and at 4 requests those dips to 3 were decided
+  by the 2-3 bucket (mostly unmeasured steps), each one a switch to the other arm and back:
+  two settling steps.
 * a bucket not yet measured on both arms decides from the nearest one that is, and its own
   exploration runs measure it (batch sizes seen only for a step or two while finished requests
   are replaced never completed a warm-up: their steps are mostly settling steps or share a
@@ -343,15 +345,18 @@ class SpeculationGate:
             p.judge = False
             explored, other = (spec_rate, plain_rate) if p.arm else (plain_rate, spec_rate)
             clear = explored - other > lead * max(spec_rate, plain_rate)
-            if explored > other and p.best is not None and p.extended < self.max_extensions and not (clear and p.extended):
+            more = p.extended < self.max_extensions and not (clear and p.extended)
+            if explored > other and p.best is not None and more:
                 # Ahead on a short sample: measure as many steps again (the arm's average goes
-                # on from the run's steps) before paying for a switch.
+                # on from the run's steps) before paying for a switch, and again while it stays
+                # ahead inside the margin; a clear lead confirmed by one extension switches.
                 p.extended, p.left, p.judge = p.extended + 1, self.explore_run - 2, self.explore_run == 2
                 return p.arm
             p.extended = 0
             if explored < (1 - self.confirm_margin) * other:
                 p.every = min(self._backoff(explored, other) * p.every, self.max_explore_every)
-            elif abs(explored - other) <= margin and ran.fresh >= MIN_SPREAD_STEPS:  # close: it could not move the choice
+            elif abs(explored - other) <= margin and ran.fresh >= MIN_SPREAD_STEPS:
+                # Close on enough steps: the run could not have moved the choice.
                 p.every = min(2 * p.every, self.max_explore_every)
         best = self._incumbent(p.best, spec_rate, plain_rate, lead)
         if best != p.best and p.best is not None and own and not ended:
