@@ -532,8 +532,8 @@ class Engine:
             room = self._draft_room(s) if s.draft_enabled else 0
             s.wants_block = self._next_speculate is not False and room > 0
             # Not min(depth, room): a request near its end asked for fewer drafts was a second
-            # batch on the worker, whose head runs the whole trained block for any length (at
-            # sixty-four requests through the cluster most steps had one such request).
+            # batch on the worker, which drafts each block length apart (at sixty-four requests
+            # through the cluster most steps had one such request).
             s.draft_len = depth
 
     def _copy_to_followers(self, plan: StepPlan) -> None:

@@ -189,12 +189,14 @@ def test_remote_worker_is_asked_for_the_budgets_depth(setup):
 
 
 def test_dspark_head_shorter_block_keeps_the_first_drafts():
+    """With ``short_block=0`` the backbone runs the whole trained block, so a shorter block's
+    drafts are the first drafts of the trained block."""
     from dspark.workers.drafters.dspark import DSparkDrafter
 
     target = tiny_target()
     head = tiny_head(target)  # trained block length 4
     feats = torch.randn(9, head.cfg.dim * len(head.cfg.feature_layers), generator=torch.Generator().manual_seed(2))
-    drafter = DSparkDrafter(head, n_slots=1, max_seq=32)
+    drafter = DSparkDrafter(head, n_slots=1, max_seq=32, short_block=False)
     seq = make_seq("r0", list(range(1, 10)), anchor=7)
     with torch.no_grad():
         drafter.observe(seq, seq.prompt_ids, feats)
@@ -205,6 +207,35 @@ def test_dspark_head_shorter_block_keeps_the_first_drafts():
     assert h2.shape[1] == 2 and torch.allclose(h2, h4[:, :2], atol=1e-6) and torch.allclose(base2, base4[:, :2], atol=1e-6)
     assert short.token_ids == full.token_ids[:2]
     assert torch.allclose(torch.tensor(short.confidence), torch.tensor(full.confidence[:2]), atol=1e-6)
+
+
+def test_dspark_head_short_block_runs_only_its_own_positions():
+    """The default: a block shorter than the trained one is drafted as a head trained at that
+    length would draft it (the draft layers see only the block's own positions), so its drafts
+    may differ from the trained block's first ones; a block of the trained length is unchanged."""
+    import dataclasses
+
+    from dspark.workers.drafters.dspark import DSparkDrafter
+
+    target = tiny_target()
+    head = tiny_head(target)  # trained block length 4
+    feats = torch.randn(9, head.cfg.dim * len(head.cfg.feature_layers), generator=torch.Generator().manual_seed(2))
+    seq = make_seq("r0", list(range(1, 10)), anchor=7)
+    short = DSparkDrafter(head, n_slots=1, max_seq=32)
+    trained = DSparkDrafter(head, n_slots=1, max_seq=32, short_block=False)
+    as_if_trained_at_2 = DSparkDrafter(head, n_slots=1, max_seq=32, short_block=False)
+    as_if_trained_at_2.cfg = dataclasses.replace(head.cfg, block_len=2)
+    anchor = torch.tensor([7])
+    with torch.no_grad():
+        for d in (short, trained, as_if_trained_at_2):
+            d.observe(seq, seq.prompt_ids, feats)
+        h2, base2 = short.block_logits([seq], anchor, 2)
+        ref2, ref_base2 = as_if_trained_at_2.block_logits([seq], anchor, 2)
+        h4_rows, _ = trained.block_logits([seq], anchor, 2)
+        assert h2.shape[1] == 2 and torch.equal(h2, ref2) and torch.equal(base2, ref_base2)
+        assert not torch.allclose(h2, h4_rows, atol=1e-4)  # the trained block's rows see positions 2 and 3
+        full_short, full_trained = short.propose([seq], 4)[0], trained.propose([seq], 4)[0]
+    assert full_short.token_ids == full_trained.token_ids and full_short.confidence == full_trained.confidence
 
 
 def test_adaptive_budget_verifies_deeper_where_throughput_is_flat():

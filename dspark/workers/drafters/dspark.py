@@ -72,7 +72,8 @@ class DSparkDrafter:
     name = "dspark"
 
     def __init__(self, head: DSparkHead, n_slots: int, max_seq: int, proposal_top_k: int = 8,
-                 markov: bool = True, calibrated: bool = True, trace: bool = False, grammar_mask: bool = True) -> None:
+                 markov: bool = True, calibrated: bool = True, trace: bool = False, grammar_mask: bool = True,
+                 short_block: bool = True) -> None:
         if proposal_top_k < 1:
             raise ValueError(f"proposal_top_k must be >= 1 (got {proposal_top_k})")
         cfg = head.cfg
@@ -84,6 +85,9 @@ class DSparkDrafter:
         self.calibrated = calibrated
         self.trace = trace
         self.grammar_mask = grammar_mask  # draw a constrained request's drafts among what its grammar allows
+        # The backbone runs only the positions a block drafts, not the whole trained block (see
+        # ``block_logits``): cheaper when the budget verifies shallow; another q, as exact.
+        self.short_block = short_block
         self.traces: list[BlockTrace] = []
         dev, dtype = head.fc.weight.device, head.fc.weight.dtype
         # Contexts of up to max_seq positions, and room past the longest for one trained block:
@@ -194,10 +198,12 @@ class DSparkDrafter:
     def block_logits(self, batch: list[Sequence], anchors: torch.Tensor, block_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The parallel stage for requests whose context is cached: (h [B, G, D], base logits [B, G, N]).
 
-        The block positions attend to each other, so the backbone always runs the block length the
-        head was trained for (as in training) and a shorter ``block_len`` keeps its first rows: the
-        first drafts do not change with how many are asked for, only the output layer and the
-        Markov steps of the positions nobody will verify are skipped.
+        The block positions attend to each other.  By default (``short_block``) the backbone runs
+        the ``block_len`` positions asked for, as a head trained at that length would: at two
+        drafts of a block of 7 that halved drafting at 64 requests (48 to 21 ms a block batch on
+        one thread) and held-out acceptance stayed level (docs/BENCHMARKS.md).  With
+        ``short_block=0`` it runs the trained length and a shorter block keeps its first rows:
+        the first drafts do not change with how many are asked for.
         """
         dev, head = self.device, self.head
         self.flush_context(batch)
@@ -205,7 +211,8 @@ class DSparkDrafter:
         lens = [s.num_cached for s in batch]  # anchor positions
         ctx_lens = torch.tensor(lens, device=dev)  # [B]
         S = max(lens)
-        G = max(block_len, self.cfg.block_len)  # the cache holds max_seq + the trained block (see __init__)
+        # The cache holds max_seq + the trained block (see __init__).
+        G = block_len if self.short_block else max(block_len, self.cfg.block_len)
         rows_independent = getattr(self.head, "rows_independent", False) and isinstance(self.head.layers[0], DraftLayer)
         per_request = len(batch) > 1 and rows_independent
         spans = None
@@ -401,6 +408,7 @@ def make_dspark_drafter(loaded, opts: dict, spec) -> DSparkDrafter:
         calibrated=flag(opts.get("calibrated", True)),
         trace=flag(opts.get("trace", False)),
         grammar_mask=flag(opts.get("grammar_mask", True)),
+        short_block=flag(opts.get("short_block", True)),
     )
 
 
@@ -467,6 +475,8 @@ HEAD_OPTIONS = (
                 "CPU (half the bytes a draft reads); float: the head's dtype, packed as the target's"),
     DraftOption("grammar_mask", flag, True, "0: under a grammar, draft unconstrained (the verifier then rejects "
                 "what the grammar forbids) instead of drawing drafts among the allowed tokens"),
+    DraftOption("short_block", flag, True, "a block shorter than the trained one runs the draft layers over its own "
+                "positions only (cheaper at shallow depths); 0: over the whole trained block, keeping its first rows"),
 )
 
 KIND = DrafterKind(
