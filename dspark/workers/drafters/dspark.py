@@ -24,7 +24,8 @@ folder with a config.json is read as a DeepSpec checkpoint, ``dspark.models.deep
 with ``speculators_model_type`` in it, as a speculators one, ``dspark.models.speculators_format``),
 draft_vocab=N (draft over the map's first N ids; 0 = the full vocabulary; default: the head's
 config), proposal_top_k=8, markov=1 (0: drop the Markov bias, DFlash-style ablation with the same
-weights), calibrated=1 (0: raw confidences), trace=0 (1: keep per-block confidence/acceptance records).
+weights), calibrated=1 (0: raw confidences), trace=0 (1: keep per-block confidence/acceptance records),
+short_block=1 (0: the draft layers run the whole trained block for a shorter one; see ``block_logits``).
 """
 
 from __future__ import annotations
