@@ -38,8 +38,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 DRAFTERS = {
     "dspark": ("dspark", ()),
     "dspark-nomarkov": ("dspark", (("markov", 0),)),
-    # The draft layers over the whole trained block however few positions are drafted (as before).
-    "dspark-trained": ("dspark", (("short_block", 0),)),
+    # The draft layers over the drafted positions only, not the whole trained block.
+    "dspark-short": ("dspark", (("short_block", 1),)),
     "layerskip": ("layerskip", ()),
     "ngram": ("ngram", ()),
     "hybrid": ("hybrid", ()),
@@ -55,15 +55,15 @@ def vocab_variants(sizes: list[int]) -> dict:
 
 
 def draft_timing(prompts: list[list[int]], sizes: list[int], batches: list[int], block: int, dtype: str = "bf16",
-                 context: int = 256, reps: int = 20, decode_tokens: int = 64, trained_too: bool = False) -> dict:
+                 context: int = 256, reps: int = 20, decode_tokens: int = 64, short_too: bool = False) -> dict:
     """Milliseconds per drafted block (one ``propose`` for the whole batch) for each N and batch.
 
     Every request has ``context`` observed tokens (held-out prompts, cycled and cut); greedy rows
     draft with K = 1, temperature-1 rows with the default top-8 proposal.  Median of ``reps``
     calls after 3 warm-up calls (and the minimum), the cases interleaved so that load from other
     processes falls on all alike.  Also times a plain decode step at batch 1, so a block can be
-    read as a share of one decode step.  ``trained_too``: also each N with ``short_block=0`` (the
-    draft layers over the whole trained block however short ``block`` is), labelled ``N/trained``.
+    read as a share of one decode step.  ``short_too``: also each N with ``short_block=1`` (the
+    draft layers over the ``block`` positions only, not the whole trained block), labelled ``N/short``.
     """
     import statistics
 
@@ -94,7 +94,7 @@ def draft_timing(prompts: list[list[int]], sizes: list[int], batches: list[int],
     cases = []  # (N label, "B=..,T=..", drafter, seqs)
     for n, head in heads.items():
         head.pack_for_inference(weights="int8")  # as the serving drafter does by default (make_dspark_drafter)
-        variants = (True, False) if trained_too else (True,)
+        variants = (False, True) if short_too else (False,)
         for B, temp, short in ((B, t, sh) for B in batches for t in (0.0, 1.0) for sh in variants):
             drafter = DSparkDrafter(head, n_slots=B, max_seq=context + block + 8, short_block=short)
             seqs = []
@@ -105,7 +105,7 @@ def draft_timing(prompts: list[list[int]], sizes: list[int], batches: list[int],
                 s.num_cached = context
                 drafter.observe(s, s.prompt_ids, feats[i])
                 seqs.append(s)
-            label = ("full" if n == 0 else str(n)) + ("" if short else "/trained")
+            label = ("full" if n == 0 else str(n)) + ("/short" if short else "")
             cases.append((label, f"B={B},T={temp:g}", drafter, seqs))
     # Interleaved: every repetition times every case once, so load from other processes hits all alike.
     times: dict = {(c[0], c[1]): [] for c in cases}
@@ -345,8 +345,8 @@ def plot(results: dict, path: Path, block: int) -> None:
 @click.option("--timing", is_flag=True, help="time one drafted block per N and batch size (see --timing-batches)")
 @click.option("--timing-batches", default="1,8,64", show_default=True)
 @click.option("--timing-threads", type=int, default=2, show_default=True, help="torch threads for --timing")
-@click.option("--timing-trained", is_flag=True, help="--timing: also with the draft layers over the whole trained "
-              "block (short_block=0), for a --block shorter than the trained one")
+@click.option("--timing-short", is_flag=True, help="--timing: also with the draft layers over the drafted positions "
+              "only (short_block=1), for a --block shorter than the trained one")
 @click.option("--interleave", is_flag=True, help="speed: all engines built at once, prompts run on each in turn "
               "(fairer on a shared host; no adaptive variant)")
 @click.option("--temperatures", default="0,1", show_default=True)
@@ -355,7 +355,7 @@ def plot(results: dict, path: Path, block: int) -> None:
 @click.option("--concurrency", type=int, default=8, show_default=True, help="batch of the acceptance runs")
 @click.option("--threads", type=int, default=1, show_default=True, help="torch threads (1 is fastest on a shared host)")
 def main(prompts_file, json_out, plot_out, max_prompts, max_tokens, speed_prompts, drafters, draft_vocabs, timing,
-         timing_batches, timing_threads, timing_trained, interleave, temperatures, block, dtype, concurrency, threads):
+         timing_batches, timing_threads, timing_short, interleave, temperatures, block, dtype, concurrency, threads):
     """Acceptance, calibration and speedup of the drafters on held-out prompts."""
     import torch
 
@@ -367,7 +367,7 @@ def main(prompts_file, json_out, plot_out, max_prompts, max_tokens, speed_prompt
     DRAFTERS.update(vocab_variants(sizes))
     if drafters is None:
         drafters = "" if sizes else ",".join(d for d in DRAFTERS if not d.startswith("dspark-v") and d != "dspark-full"
-                                             and not d.endswith(("-bf16", "-trained")))
+                                             and not d.endswith(("-bf16", "-short")))
     names = [d.strip() for d in drafters.split(",") if d.strip()] + list(vocab_variants(sizes))
     unknown = set(names) - set(DRAFTERS)
     if unknown:
@@ -383,7 +383,7 @@ def main(prompts_file, json_out, plot_out, max_prompts, max_tokens, speed_prompt
         torch.set_num_threads(timing_threads)
         timing_prompts = _prompt_ids(tok, prompts_file, head_meta, 8)[0]
         timing_out = draft_timing(timing_prompts, sizes or [0], [int(b) for b in timing_batches.split(",")], block,
-                                  trained_too=timing_trained)
+                                  short_too=timing_short)
         torch.set_num_threads(threads)
         if max_prompts == 0:
             temps = []

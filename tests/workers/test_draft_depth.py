@@ -5,7 +5,8 @@ with a scripted drafter whose second and later drafts are hopeless (confidence 0
 and through a draft worker over gRPC on loopback: after the first step the drafter is asked for
 two drafts per block instead of eight, and the output stays plain decoding's.  Also the DSpark
 head: a shorter block keeps the first drafts of the trained block (its positions attend to each
-other, so the backbone always runs the trained length).
+other, so the backbone runs the trained length), or with ``short_block`` is drafted as a head
+trained at its length would draft it.
 """
 
 from __future__ import annotations
@@ -189,14 +190,14 @@ def test_remote_worker_is_asked_for_the_budgets_depth(setup):
 
 
 def test_dspark_head_shorter_block_keeps_the_first_drafts():
-    """With ``short_block=0`` the backbone runs the whole trained block, so a shorter block's
-    drafts are the first drafts of the trained block."""
+    """The default: the backbone runs the whole trained block, so a shorter block's drafts are
+    the first drafts of the trained block."""
     from dspark.workers.drafters.dspark import DSparkDrafter
 
     target = tiny_target()
     head = tiny_head(target)  # trained block length 4
     feats = torch.randn(9, head.cfg.dim * len(head.cfg.feature_layers), generator=torch.Generator().manual_seed(2))
-    drafter = DSparkDrafter(head, n_slots=1, max_seq=32, short_block=False)
+    drafter = DSparkDrafter(head, n_slots=1, max_seq=32)
     seq = make_seq("r0", list(range(1, 10)), anchor=7)
     with torch.no_grad():
         drafter.observe(seq, seq.prompt_ids, feats)
@@ -210,7 +211,7 @@ def test_dspark_head_shorter_block_keeps_the_first_drafts():
 
 
 def test_dspark_head_short_block_runs_only_its_own_positions():
-    """The default: a block shorter than the trained one is drafted as a head trained at that
+    """``short_block``: a block shorter than the trained one is drafted as a head trained at that
     length would draft it (the draft layers see only the block's own positions), so its drafts
     may differ from the trained block's first ones; a block of the trained length is unchanged."""
     import dataclasses
@@ -221,8 +222,8 @@ def test_dspark_head_short_block_runs_only_its_own_positions():
     head = tiny_head(target)  # trained block length 4
     feats = torch.randn(9, head.cfg.dim * len(head.cfg.feature_layers), generator=torch.Generator().manual_seed(2))
     seq = make_seq("r0", list(range(1, 10)), anchor=7)
-    short = DSparkDrafter(head, n_slots=1, max_seq=32)
-    trained = DSparkDrafter(head, n_slots=1, max_seq=32, short_block=False)
+    short = DSparkDrafter(head, n_slots=1, max_seq=32, short_block=True)
+    trained = DSparkDrafter(head, n_slots=1, max_seq=32)
     as_if_trained_at_2 = DSparkDrafter(head, n_slots=1, max_seq=32, short_block=False)
     as_if_trained_at_2.cfg = dataclasses.replace(head.cfg, block_len=2)
     anchor = torch.tensor([7])

@@ -1,8 +1,9 @@
 """The losslessness matrix: every drafter x every budget policy, greedy and sampled.
 
-For each drafter (ngram, layerskip, draft_model, dspark, and hybrid, the cluster's default) and each way of choosing how much of a
-block to verify (fixed depth, adaptive Algorithm 1, adaptive production mode from a fresh
-budget, so its first steps are included):
+For each drafter (ngram, layerskip, draft_model, dspark, dspark with short blocks, and hybrid,
+the cluster's default) and each way of choosing how much of a block to verify (fixed depth,
+adaptive Algorithm 1, adaptive production mode from a fresh budget, so its first steps are
+included):
 
 * greedy, fp32: output token-identical to plain decoding on the real default model;
 * sampled, T = 1: the first token that comes out of a speculative step is distributed as the
@@ -33,6 +34,8 @@ DRAFTERS = {
     "layerskip": (("layers", 20),),
     "draft_model": (("draft_layers", 12),),
     "dspark": (),
+    # Blocks shorter than the trained one (BLOCK < 7) through the draft layers over their own positions.
+    "dspark-short": (("short_block", 1),),
     # Head drafting counted as free, so the head's blocks are proposed wherever they are expected
     # to be longer, whatever this machine's timing (tests/workers/test_hybrid_drafter.py).
     "hybrid": (("head_cost", 0),),
@@ -53,7 +56,7 @@ def _budget(policy: str):
 
 @pytest.fixture(scope="module", params=list(DRAFTERS))
 def built(request):
-    b = build_engine(EngineSpec(dtype="fp32", draft=request.param, block_len=BLOCK, draft_options=DRAFTERS[request.param],
+    b = build_engine(EngineSpec(dtype="fp32", draft=request.param.removesuffix("-short"), block_len=BLOCK, draft_options=DRAFTERS[request.param],
                                 runner=RunnerConfig(n_slots=N_SLOTS, max_seq=256)), progress=False)
     b.kind = request.param
     yield b

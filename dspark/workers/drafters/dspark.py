@@ -25,7 +25,7 @@ with ``speculators_model_type`` in it, as a speculators one, ``dspark.models.spe
 draft_vocab=N (draft over the map's first N ids; 0 = the full vocabulary; default: the head's
 config), proposal_top_k=8, markov=1 (0: drop the Markov bias, DFlash-style ablation with the same
 weights), calibrated=1 (0: raw confidences), trace=0 (1: keep per-block confidence/acceptance records),
-short_block=1 (0: the draft layers run the whole trained block for a shorter one; see ``block_logits``).
+short_block=0 (1: a shorter block runs the draft layers over its own positions only; see ``block_logits``).
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ class DSparkDrafter:
 
     def __init__(self, head: DSparkHead, n_slots: int, max_seq: int, proposal_top_k: int = 8,
                  markov: bool = True, calibrated: bool = True, trace: bool = False, grammar_mask: bool = True,
-                 short_block: bool = True) -> None:
+                 short_block: bool = False) -> None:
         if proposal_top_k < 1:
             raise ValueError(f"proposal_top_k must be >= 1 (got {proposal_top_k})")
         cfg = head.cfg
@@ -199,12 +199,15 @@ class DSparkDrafter:
     def block_logits(self, batch: list[Sequence], anchors: torch.Tensor, block_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The parallel stage for requests whose context is cached: (h [B, G, D], base logits [B, G, N]).
 
-        The block positions attend to each other.  By default (``short_block``) the backbone runs
-        the ``block_len`` positions asked for, as a head trained at that length would: at two
-        drafts of a block of 7 that halved drafting at 64 requests (48 to 21 ms a block batch on
-        one thread) and held-out acceptance stayed level (docs/BENCHMARKS.md).  With
-        ``short_block=0`` it runs the trained length and a shorter block keeps its first rows:
-        the first drafts do not change with how many are asked for.
+        The block positions attend to each other, so the backbone runs the block length the head
+        was trained for (as in training) and a shorter ``block_len`` keeps its first rows: the
+        first drafts do not change with how many are asked for, only the output layer and the
+        Markov steps of the positions nobody will verify are skipped.  With ``short_block`` it
+        runs the ``block_len`` positions asked for, as a head trained at that length would: at
+        two drafts for sixty-four requests that halves drafting, at the same held-out acceptance
+        and at the same speed at one request (docs/DRAFTER.md).  It is off by default: through
+        the cluster it has not measured ahead, and the confidences' calibration and published
+        checkpoints were fitted on whole blocks.
         """
         dev, head = self.device, self.head
         self.flush_context(batch)
@@ -409,7 +412,7 @@ def make_dspark_drafter(loaded, opts: dict, spec) -> DSparkDrafter:
         calibrated=flag(opts.get("calibrated", True)),
         trace=flag(opts.get("trace", False)),
         grammar_mask=flag(opts.get("grammar_mask", True)),
-        short_block=flag(opts.get("short_block", True)),
+        short_block=flag(opts.get("short_block", False)),
     )
 
 
@@ -476,8 +479,9 @@ HEAD_OPTIONS = (
                 "CPU (half the bytes a draft reads); float: the head's dtype, packed as the target's"),
     DraftOption("grammar_mask", flag, True, "0: under a grammar, draft unconstrained (the verifier then rejects "
                 "what the grammar forbids) instead of drawing drafts among the allowed tokens"),
-    DraftOption("short_block", flag, True, "a block shorter than the trained one runs the draft layers over its own "
-                "positions only (cheaper at shallow depths); 0: over the whole trained block, keeping its first rows"),
+    DraftOption("short_block", flag, False, "1: a block shorter than the trained one runs the draft layers over its "
+                "own positions only (cheaper for many requests at shallow depths; other drafts than the trained "
+                "block's first ones)"),
 )
 
 KIND = DrafterKind(
