@@ -86,8 +86,8 @@ class DSparkDrafter:
         self.calibrated = calibrated
         self.trace = trace
         self.grammar_mask = grammar_mask  # draw a constrained request's drafts among what its grammar allows
-        # The backbone runs only the positions a block drafts, not the whole trained block (see
-        # ``block_logits``): cheaper when the budget verifies shallow; another q, as exact.
+        # Whether the backbone runs only the positions a block drafts, not the whole trained
+        # block (see ``block_logits``): cheaper when the budget verifies shallow; another q, as exact.
         self.short_block = short_block
         self.traces: list[BlockTrace] = []
         dev, dtype = head.fc.weight.device, head.fc.weight.dtype
