@@ -90,7 +90,8 @@ def in_process_engine(cfg: dict, speculative: bool):
 
     spec = EngineSpec(model=cfg["model"], dtype=cfg["dtype"], weights=cfg["weights"], device=cfg["device"], tp=cfg["tp"],
                       draft=cfg["draft"] if speculative else "none", block_len=cfg["block_len"],
-                      runner=RunnerConfig(n_slots=cfg["n_slots"], max_seq=cfg["max_seq"], compile=cfg["compile"]),
+                      runner=RunnerConfig(n_slots=cfg["n_slots"], max_seq=cfg["max_seq"], compile=cfg["compile"],
+                                          deterministic=cfg["deterministic"]),
                       max_prefill_tokens=cfg["max_prefill_tokens"], draft_options=tuple(cfg["draft_options"].items()),
                       verify_policy=cfg["verify_policy"], speculation_gate=cfg["speculation_gate"])
     return build_engine(spec, progress=False)

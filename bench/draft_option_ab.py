@@ -10,7 +10,7 @@ row-invariant kernels (``--deterministic``, as the cluster serves by default), s
 engine's greedy output must equal plain decoding's: the bench stops if one does not.  Prints
 after each prompt the running tokens/s of each; at the end the ratio of the two settings, the
 steps, drafts verified and accepted of each, and the milliseconds of each engine's forward pass
-and drafting per call.  The OpenMP wait policy is the in-process benchmarks' spin
+and drafting per step.  The OpenMP wait policy is the in-process benchmarks' spin
 (``GOMP_SPINCOUNT=10000``) unless set otherwise.
 
 The engine built first ran its forward pass 1-5% slower than the second in all five runs on this
@@ -24,20 +24,7 @@ import argparse
 import os
 import time
 
-
-def _timed(obj, name: str, totals: dict, key: tuple) -> None:
-    """Wrap ``obj.name`` so its calls and wall seconds add up in ``totals[key]``."""
-    f = getattr(obj, name)
-
-    def wrapper(*a, **k):
-        t0 = time.perf_counter()
-        try:
-            return f(*a, **k)
-        finally:
-            calls, seconds = totals.get(key, (0, 0.0))
-            totals[key] = (calls + 1, seconds + time.perf_counter() - t0)
-
-    setattr(obj, name, wrapper)
+from bench.step_split import _timed
 
 
 def main() -> None:
@@ -57,25 +44,15 @@ def main() -> None:
 
     import torch
 
-    from bench.cluster import _config, _texts
-    from dspark.workers.factory import EngineSpec, build_engine
+    from bench.cluster import _config, _texts, in_process_engine
     from dspark.workers.request import SamplingParams
-    from dspark.workers.runner import RunnerConfig
 
     torch.set_num_threads(args.threads)
-    cfg = _config(args.draft, None, True, "adaptive")
-
-    def build(draft: str, options: dict):
-        return build_engine(EngineSpec(
-            model=cfg["model"], dtype=cfg["dtype"], weights=cfg["weights"], device=cfg["device"], tp=cfg["tp"],
-            draft=draft, block_len=cfg["block_len"], draft_options=tuple(options.items()),
-            runner=RunnerConfig(n_slots=cfg["n_slots"], max_seq=cfg["max_seq"], compile=True, deterministic=True),
-            max_prefill_tokens=cfg["max_prefill_tokens"], verify_policy=cfg["verify_policy"],
-            speculation_gate=cfg["speculation_gate"]), progress=False)
-
+    cfg = dict(_config(args.draft, None, True, "adaptive"), deterministic=True)
     labels = [f"{args.option}={v}" for v in values]
-    built = {label: build(cfg["draft"], dict(cfg["draft_options"], **{args.option: v})) for label, v in zip(labels, values)}
-    built["plain"] = build("none", {})
+    built = {label: in_process_engine(dict(cfg, draft_options=dict(cfg["draft_options"], **{args.option: v})), True)
+             for label, v in zip(labels, values)}
+    built["plain"] = in_process_engine(cfg, False)
     totals: dict = {}
     for label, b in built.items():
         _timed(b.engine.runner, "forward", totals, (label, "forward"))
@@ -109,8 +86,8 @@ def main() -> None:
         for label in labels:
             m, eng = built[label].engine.metrics, built[label].engine
             print(f"{label}: {eng.num_steps} steps, {m.num_draft_tokens} drafts verified, {m.num_accepted_tokens} accepted")
-        for (label, part), (calls, secs) in sorted(totals.items()):
-            print(f"{label} {part}: {calls} calls, {1e3 * secs / calls:.2f} ms each")
+        for (label, part), secs in sorted(totals.items()):
+            print(f"{label} {part}: {1e3 * secs / built[label].engine.num_steps:.2f} ms a step")
     finally:
         for b in built.values():
             b.close()
